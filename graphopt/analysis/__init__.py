@@ -1,0 +1,1 @@
+"""Read-only questions about a graph: MACs and parameters, channel groups."""

@@ -1,0 +1,74 @@
+"""Per-sample cost: multiply-accumulates (MACs) and parameters.
+
+MACs count batch-1 multiply-accumulates of Conv, ConvTranspose (with groups), Gemm and MatMul:
+- Conv:          prod(output[1:]) * Cin/groups * prod(kernel)
+- ConvTranspose: prod(input[1:]) * Cout/groups * prod(kernel)
+- Gemm/MatMul:   prod(output) * K
+Shapes come from ONNX shape inference with the inputs fixed; where inference leaves a needed shape
+unknown, one batch-1 onnxruntime run on zeros supplies it. Parameters count the elements of all
+floating-point initializers and Constant-node tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from graphopt.ir.shapes import tensor_shapes, with_fixed_inputs
+
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass
+class CostReport:
+    macs: int
+    params: int
+    per_node: dict[str, int] = field(default_factory=dict)
+    op_histogram: dict[str, int] = field(default_factory=dict)
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    weight = shapes[node.input[1]]
+    if node.op_type == "Conv":
+        return math.prod(shapes[node.output[0]][1:]) * weight[1] * math.prod(weight[2:])
+    if node.op_type == "ConvTranspose":  # weight is [Cin, Cout/groups, k...]
+        return math.prod(shapes[node.input[0]][1:]) * weight[1] * math.prod(weight[2:])
+    a_shape = shapes[node.input[0]]
+    if node.op_type == "Gemm":
+        inner = a_shape[0] if attrs.get("transA", 0) else a_shape[-1]
+    else:
+        inner = a_shape[-1] if len(a_shape) > 1 else a_shape[0]
+    return math.prod(shapes[node.output[0]]) * inner
+
+
+def _needed(node: onnx.NodeProto) -> list[str]:
+    names = [node.input[0], node.input[1], node.output[0]]
+    return [n for n in names if n]
+
+
+def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> CostReport:
+    fixed = with_fixed_inputs(model, input_shapes)
+    shapes = tensor_shapes(fixed)
+    counted = [n for n in fixed.graph.node if n.op_type in _COUNTED]
+    missing = sorted({name for node in counted for name in _needed(node) if name not in shapes})
+    if missing:
+        from graphopt.calibration.data import input_specs
+        from graphopt.calibration.session import observed_shapes
+
+        feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in input_specs(model)}
+        shapes.update(observed_shapes(fixed, feed, missing))
+    per_node = {}
+    for index, node in enumerate(counted):
+        per_node[node.name or f"{node.op_type}_{index}"] = int(_node_macs(node, shapes))
+    constants = [*model.graph.initializer,
+                 *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
+    params = sum(math.prod(t.dims) for t in constants
+                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
+    histogram = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+                        for n in model.graph.node)
+    return CostReport(sum(per_node.values()), int(params), per_node, dict(sorted(histogram.items())))

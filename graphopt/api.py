@@ -1,0 +1,98 @@
+"""The Python API; the CLI is a thin shell over it.
+
+`optimize` loads the model, resolves batch-1 input shapes, runs the pre-passes and the chosen method
+through the pass manager, re-infers shapes, checks the result with the ONNX checker, measures MACs,
+parameters and fidelity against the original (on the calibration data, or on seeded random inputs),
+and saves atomically when an output path is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from graphopt.analysis.macs import count_cost
+from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.errors import OptionError
+from graphopt.evaluate import random_feed, verify
+from graphopt.ir import graph as ir
+from graphopt.ir.io import input_files, load_model, save_model
+from graphopt.ir.shapes import resolve_input_shapes
+from graphopt.passes import PREPASSES, PassContext, PassManager, get_pass, names
+
+log = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def methods() -> list[str]:
+    """Names accepted by `optimize(method=...)`: "none" runs only the pre-passes."""
+    return ["none", *names("method")]
+
+
+def as_model(source: ModelSource) -> onnx.ModelProto:
+    return source if isinstance(source, onnx.ModelProto) else load_model(source)
+
+
+def resolve_shapes(model: onnx.ModelProto, dataset: Dataset | None,
+                   input_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, tuple[int, ...]]:
+    observed = dataset.first_sample_shapes() if dataset is not None else None
+    return resolve_input_shapes(model, input_shapes, observed)
+
+
+def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | None = None,
+             target_macs: float | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
+             output: str | os.PathLike[str] | None = None, batch_size: int = 32, progress: bool = False,
+             **options: Any) -> OptimizeResult:
+    """Optimize `model` with `method`; return the new model and a JSON-ready report."""
+    if method not in methods():
+        raise OptionError(f"unknown method '{method}' (choose from {', '.join(methods())})")
+    if target_macs is not None and not 0.0 < target_macs <= 1.0:
+        raise OptionError(f"--target-macs must be in (0, 1], got {target_macs}")
+    protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
+    if output is not None and Path(output).resolve() in protected:
+        raise OptionError(f"refusing to overwrite the input model: {output}")
+    original = as_model(model)
+    dataset = load_data(calib, original) if calib is not None else None
+    shapes = resolve_shapes(original, dataset, input_shapes)
+    before = count_cost(original, shapes)
+
+    graph = ir.import_graph(original)
+    ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
+                      options={"target_macs": target_macs, "batch_size": batch_size, **options})
+    sequence = [get_pass(name) for name in PREPASSES]
+    if method != "none":
+        sequence.append(get_pass(method))
+    records = PassManager(sequence).run(graph, ctx)
+    optimized = ir.export_model(graph, original)
+    onnx.checker.check_model(optimized)
+    after = count_cost(optimized, shapes)
+
+    fidelity_data = dataset if dataset is not None else [random_feed(original, {k: (8, *v[1:]) for k, v in shapes.items()})]
+    fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
+    report: dict[str, Any] = {
+        "method": method,
+        "macs_before": before.macs, "macs_after": after.macs,
+        "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+        "params_before": before.params, "params_after": after.params,
+        "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
+        "passes": [record.to_json() for record in records],
+    }
+    if output is not None:
+        save_model(optimized, output, protected=protected)
+        report["output"] = str(output)
+        report["bytes_after"] = Path(output).stat().st_size
+    return OptimizeResult(optimized, report)

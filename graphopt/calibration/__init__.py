@@ -1,0 +1,1 @@
+"""onnxruntime sessions, data sources and statistics gathered from calibration runs."""

@@ -1,0 +1,132 @@
+"""Calibration and evaluation data: loading, validation against a model, batching.
+
+A data source is an .npz path (one array per graph input keyed by input name, samples on axis 0; a
+single-input model accepts a single array under any key), a dict of arrays, or an iterable of feed
+dicts. Arrays are never unpickled. Validation refuses, with one clear line: unknown or missing input
+names, dtypes that differ from the model's, ranks or static dimensions that differ, unequal sample
+counts, and NaN/Inf values.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Union
+
+import numpy as np
+import onnx
+
+from graphopt.errors import DataError
+
+DataSource = Union[str, os.PathLike, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The model's real inputs (initializers that double as inputs are excluded)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)), dims))
+    return specs
+
+
+def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz of numeric arrays: {exc}") from exc
+
+
+def _check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    if array.dtype != spec.dtype:
+        raise DataError(f"{where}: input '{spec.name}' expects {spec.dtype}, data has {array.dtype}")
+    if array.ndim != len(spec.shape):
+        raise DataError(f"{where}: input '{spec.name}' expects rank {len(spec.shape)} "
+                        f"{_shape_text(spec.shape)}, data has shape {list(array.shape)}")
+    for axis, (want, have) in enumerate(zip(spec.shape, array.shape)):
+        if axis > 0 and isinstance(want, int) and want > 0 and want != have:
+            raise DataError(f"{where}: input '{spec.name}' axis {axis} must be {want}, data has {have}")
+    if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+        raise DataError(f"{where}: input '{spec.name}' contains NaN or Inf")
+
+
+def _shape_text(shape: tuple[int | str | None, ...]) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, 0) else "?" for d in shape) + "]"
+
+
+def bind_arrays(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], where: str = "data") -> dict[str, np.ndarray]:
+    """Match named arrays to the model's inputs and validate them; samples lie on axis 0."""
+    specs = input_specs(model)
+    if len(specs) == 1 and len(arrays) == 1:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    wanted = {s.name for s in specs}
+    unknown = sorted(set(arrays) - wanted)
+    missing = sorted(wanted - set(arrays))
+    if unknown or missing:
+        raise DataError(f"{where}: keys do not match the model inputs {sorted(wanted)}"
+                        + (f"; unknown: {unknown}" if unknown else "") + (f"; missing: {missing}" if missing else ""))
+    bound = {s.name: np.asarray(arrays[s.name]) for s in specs}
+    for spec in specs:
+        _check_array(spec, bound[spec.name], where)
+    counts = {name: a.shape[0] for name, a in bound.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{where}: inputs have different sample counts {counts}")
+    if next(iter(counts.values()), 0) == 0:
+        raise DataError(f"{where}: no samples")
+    return bound
+
+
+@dataclass
+class Dataset:
+    """Validated data: either whole arrays (sliced into batches) or a stream of feed dicts."""
+
+    arrays: dict[str, np.ndarray] | None
+    feeds: Iterable[Mapping[str, np.ndarray]] | None
+    model: onnx.ModelProto
+
+    @property
+    def num_samples(self) -> int | None:
+        return next(iter(self.arrays.values())).shape[0] if self.arrays is not None else None
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        if self.arrays is not None:
+            total = self.num_samples or 0
+            for start in range(0, total, batch_size):
+                yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
+            return
+        for index, feed in enumerate(self.feeds or ()):
+            yield bind_arrays(self.model, feed, where=f"feed {index}")
+
+    def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-input shapes of one sample (batch 1), from the first batch."""
+        first = next(iter(self.batches(1)))
+        return {name: (1, *array.shape[1:]) for name, array in first.items()}
+
+
+def load_data(source: DataSource, model: onnx.ModelProto) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return Dataset(bind_arrays(model, load_npz(source), where=str(source)), None, model)
+    if isinstance(source, Mapping):
+        return Dataset(bind_arrays(model, source), None, model)
+    if iter(source) is source:  # a one-shot iterator: keep it so several passes can read it
+        source = list(source)
+    return Dataset(None, source, model)

@@ -1,0 +1,70 @@
+"""onnxruntime sessions for graphopt: exact reference runs, benchmarks, and exposed intermediates.
+
+`make_session(model, optimize=False)` disables every graph optimisation, so the rewritten model is
+compared with the original on exactly the arithmetic the graph states; benchmarks use full
+optimisation, as a deployment would. onnxruntime is imported lazily so that `onnxruntime` and
+`onnxruntime-gpu` are interchangeable (they install the same `onnxruntime` module).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from graphopt.errors import GraphoptError, ModelLoadError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+log = logging.getLogger(__name__)
+
+
+def runtime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise GraphoptError("onnxruntime is not installed: pip install 'graphopt[cpu]' "
+                            "(or 'graphopt[gpu]' for onnxruntime-gpu)") from exc
+    return onnxruntime
+
+
+def providers(device: str = "cpu") -> list[str]:
+    """Execution providers for `device` ("cpu" or "cuda"); CUDA falls back to CPU with a warning."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise GraphoptError(f"unknown device '{device}' (use cpu or cuda)")
+    available = runtime().get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        log.warning("CUDA requested but onnxruntime offers %s; running on CPU", available)
+        return ["CPUExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device: str = "cpu",
+                 threads: int = 0) -> "onnxruntime.InferenceSession":
+    ort = runtime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    source = model if isinstance(model, str) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(source, options, providers=providers(device))
+    except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"onnxruntime cannot load the model: {first_line}") from exc
+
+
+def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Run `model` once on `feed` with `names` exposed as outputs; return their concrete shapes."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    session = make_session(exposed)
+    values = session.run(names, feed)
+    return {name: tuple(value.shape) for name, value in zip(names, values)}

@@ -1,0 +1,193 @@
+"""Command-line interface: argument parsing and printing only; the work lives in the library.
+
+Exit codes: 0 success; 2 bad usage or bad input (one line on stderr, nothing written); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from graphopt import __version__
+from graphopt.errors import GraphoptError
+
+log = logging.getLogger("graphopt")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass did and skipped")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def _add_shapes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
+                        help="resolve dynamic input dimensions (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from graphopt.api import methods
+
+    parser = _Parser(prog="graphopt", description="Structured compression of ONNX models.")
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    inspect = commands.add_parser("inspect", help="MACs, parameters, op histogram, inputs and outputs")
+    inspect.add_argument("model", type=Path)
+    _add_shapes(inspect)
+    _add_common(inspect)
+
+    verify = commands.add_parser("verify", help="compare a candidate model with a reference on data")
+    verify.add_argument("reference", type=Path)
+    verify.add_argument("candidate", type=Path)
+    verify.add_argument("--data", type=Path, required=True, help=".npz with one array per input")
+    verify.add_argument("--batch-size", type=int, default=32)
+    _add_common(verify)
+
+    bench = commands.add_parser("bench", help="latency in onnxruntime (full graph optimisation)")
+    bench.add_argument("model", type=Path)
+    bench.add_argument("--data", type=Path, help="inputs to time on (default: seeded random inputs)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeat", type=int, default=50)
+    bench.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _add_common(bench)
+
+    optimize = commands.add_parser("optimize", help="run the pre-passes and a compression method")
+    optimize.add_argument("model", type=Path)
+    optimize.add_argument("-o", "--output", type=Path, required=True)
+    optimize.add_argument("--method", choices=methods(), required=True,
+                          help="'none' runs only the normalising pre-passes")
+    optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
+    optimize.add_argument("--target-macs", type=float, help="keep about this fraction of per-sample MACs")
+    optimize.add_argument("--report", type=Path, help="write a JSON report here")
+    optimize.add_argument("--batch-size", type=int, default=32)
+    optimize.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
+    optimize.add_argument("--norm", choices=["l1", "l2"], default="l1", help="magnitude importance norm")
+    optimize.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    _add_shapes(optimize)
+    _add_common(optimize)
+    return parser
+
+
+def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    from graphopt.ir.shapes import parse_input_shape
+
+    return dict(parse_input_shape(text) for text in args.input_shape)
+
+
+def _print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=False, default=str))
+
+
+def _fmt(value: float | None, spec: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from graphopt.inspect import inspect_model
+
+    info = inspect_model(args.model, input_shapes=_shapes(args))
+    if args.json:
+        _print_json(info)
+        return
+    print(f"{args.model}: opset {info['opsets']}, {info['nodes']} nodes")
+    print(f"  MACs/sample {info['macs']:,}   params {info['params']:,}")
+    for io in ("inputs", "outputs"):
+        for entry in info[io]:
+            print(f"  {io[:-1]:6s} {entry['name']}: {entry['dtype']} {entry['shape']}")
+    print("  ops: " + ", ".join(f"{op} x{count}" for op, count in info["op_histogram"].items()))
+    if info["metadata_props"]:
+        print("  metadata: " + ", ".join(sorted(info["metadata_props"])))
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from graphopt.api import as_model
+    from graphopt.evaluate import verify
+
+    report = verify(as_model(args.reference), as_model(args.candidate), args.data,
+                    batch_size=args.batch_size, progress=not args.quiet).to_json()
+    if args.json:
+        _print_json(report)
+        return
+    print(f"max_abs {_fmt(report['max_abs'])}  rel_l2 {_fmt(report['rel_l2'])}  "
+          f"cosine {_fmt(report['cosine'], '.6f')}  top1_agreement {_fmt(report['top1_agreement'], '.4f')}"
+          f"  ({report['samples']} samples)")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from graphopt.api import as_model
+    from graphopt.evaluate import bench
+
+    result = bench(as_model(args.model), data=args.data, batch=args.batch, repeat=args.repeat,
+                   threads=args.threads, device=args.device, progress=not args.quiet)
+    if args.json:
+        _print_json(result)
+        return
+    print(f"median {result['median_ms']:.3f} ms  p10 {result['p10_ms']:.3f}  p90 {result['p90_ms']:.3f}  "
+          f"(batch {result['batch']}, {result['repeat']} runs, {', '.join(result['providers'])})")
+
+
+def cmd_optimize(args: argparse.Namespace) -> None:
+    from graphopt.api import optimize
+
+    result = optimize(args.model, method=args.method, calib=args.calib, target_macs=args.target_macs,
+                      input_shapes=_shapes(args), output=args.output, batch_size=args.batch_size,
+                      progress=not args.quiet, round_to=args.round_to, norm=args.norm, seed=args.seed)
+    report = result.report
+    if args.report is not None:
+        from graphopt.ir.io import input_files
+
+        if args.report.resolve() in input_files(args.model):
+            raise GraphoptError(f"refusing to overwrite the input model with the report: {args.report}")
+        args.report.write_text(json.dumps(report, indent=2, default=str))
+    if args.json:
+        _print_json(report)
+        return
+    fidelity = report["fidelity"]
+    print(f"MACs   {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.1%})")
+    print(f"params {report['params_before']:,} -> {report['params_after']:,}")
+    print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
+          f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
+    print(f"wrote {report['output']}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench, "optimize": cmd_optimize,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="graphopt: %(levelname)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except GraphoptError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so in one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"graphopt: internal error: {type(exc).__name__}: {exc}"
+              + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Fidelity and latency of models in onnxruntime.
+
+`verify` runs a reference and a candidate with graph optimisations disabled on the same batches and
+compares the first output (and reports every shared output): max |a - b|, relative L2 error
+||a - b|| / ||a||, cosine similarity of the flattened outputs, and top-1 agreement (argmax over the
+last axis, per row). Statistics accumulate in float64 across batches.
+`bench` times batch inference with full graph optimisation (as deployed), after warm-up, and reports
+the median and percentiles of repeated runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from graphopt.calibration.data import Dataset, DataSource, input_specs, load_data
+from graphopt.calibration.session import make_session
+from graphopt.errors import DataError
+from graphopt.ir.shapes import resolve_input_shapes
+
+
+@dataclass
+class _Agreement:
+    """Running sums for one output pair."""
+
+    max_abs: float = 0.0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    dot: float = 0.0
+    top1_same: int = 0
+    rows: int = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        a, b = ref.astype(np.float64), cand.astype(np.float64)
+        diff = a - b
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))) if diff.size else 0.0)
+        self.diff_sq += float(np.sum(diff * diff))
+        self.ref_sq += float(np.sum(a * a))
+        self.cand_sq += float(np.sum(b * b))
+        self.dot += float(np.sum(a * b))
+        if a.ndim >= 2 and a.shape[-1] > 1:
+            self.top1_same += int(np.sum(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+            self.rows += int(np.prod(a.shape[:-1]))
+
+    def summary(self) -> dict[str, float | None]:
+        norm = np.sqrt(self.ref_sq * self.cand_sq)
+        return {
+            "max_abs": self.max_abs,
+            "rel_l2": float(np.sqrt(self.diff_sq / self.ref_sq)) if self.ref_sq > 0 else float(np.sqrt(self.diff_sq)),
+            "cosine": float(self.dot / norm) if norm > 0 else (1.0 if self.diff_sq == 0 else 0.0),
+            "top1_agreement": self.top1_same / self.rows if self.rows else None,
+        }
+
+
+@dataclass
+class VerifyReport:
+    first: dict[str, float | None]
+    outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    samples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.first, "samples": self.samples, "outputs": self.outputs}
+
+
+def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource | Dataset, *,
+           batch_size: int = 32, progress: bool = False) -> VerifyReport:
+    dataset = load_data(data, reference)
+    ref_session, cand_session = make_session(reference), make_session(candidate)
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    cand_names = {o.name for o in cand_session.get_outputs()}
+    if ref_names[0] not in cand_names:
+        raise DataError(f"candidate has no output '{ref_names[0]}' (it has {sorted(cand_names)})")
+    shared = [n for n in ref_names if n in cand_names]
+    cand_inputs = {i.name for i in cand_session.get_inputs()}
+    agreements = {name: _Agreement() for name in shared}
+    samples = 0
+    for feed in tqdm(dataset.batches(batch_size), desc="verify", unit="batch", disable=not progress,
+                     total=_batch_count(dataset, batch_size), leave=False):
+        ref_out = ref_session.run(shared, feed)
+        cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
+        for name, ref_value, cand_value in zip(shared, ref_out, cand_out):
+            if ref_value.shape != cand_value.shape:
+                raise DataError(f"output '{name}' shape differs: {ref_value.shape} vs {cand_value.shape}")
+            agreements[name].add(ref_value, cand_value)
+        samples += next(iter(feed.values())).shape[0]
+    outputs = {name: agreement.summary() for name, agreement in agreements.items()}
+    return VerifyReport(outputs[shared[0]], outputs, samples)
+
+
+def _batch_count(dataset: Dataset, batch_size: int) -> int | None:
+    total = dataset.num_samples
+    return None if total is None else -(-total // batch_size)
+
+
+def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal floats, small non-negative integers, random booleans."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in input_specs(model):
+        shape = shapes[spec.name]
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            feed[spec.name] = rng.random(shape) < 0.5
+        else:
+            feed[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return feed
+
+
+def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
+          warmup: int = 5, threads: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    if data is not None:
+        dataset = load_data(data, model)
+        feed = next(dataset.batches(batch))
+        if next(iter(feed.values())).shape[0] < batch:
+            raise DataError(f"data has fewer than --batch {batch} samples")
+    else:
+        shapes = resolve_input_shapes(model)
+        feed = random_feed(model, {k: (batch, *v[1:]) for k, v in shapes.items()})
+    session = make_session(model, optimize=True, device=device, threads=threads)
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in tqdm(range(repeat), desc="bench", unit="run", disable=not progress, leave=False):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    median = statistics.median(times)
+    return {
+        "median_ms": median,
+        "p10_ms": times[int(0.1 * (len(times) - 1))],
+        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "batch": batch,
+        "repeat": repeat,
+        "samples_per_s": batch * 1e3 / median if median > 0 else None,
+        "providers": session.get_providers(),
+    }

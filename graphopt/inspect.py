@@ -1,0 +1,41 @@
+"""`graphopt inspect`: a model's cost, interface and op histogram as a JSON-ready dict."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnx
+
+from graphopt.analysis.macs import count_cost
+from graphopt.calibration.data import input_specs
+from graphopt.ir.io import load_model
+from graphopt.ir.shapes import resolve_input_shapes
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor_type = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).name if tensor_type.elem_type else "?"
+    return {"name": value.name, "dtype": dtype, "shape": dims}
+
+
+def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
+                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    shapes = resolve_input_shapes(proto, input_shapes)
+    cost = count_cost(proto, shapes)
+    real_inputs = {s.name for s in input_specs(proto)}
+    return {
+        "macs": cost.macs,
+        "params": cost.params,
+        "nodes": len(proto.graph.node),
+        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "inputs": [_value_info(v) for v in proto.graph.input if v.name in real_inputs],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "op_histogram": cost.op_histogram,
+        "macs_per_node": cost.per_node,
+        "metadata_props": {p.key: p.value for p in proto.metadata_props},
+        "functions": [f"{f.domain}::{f.name}" for f in proto.functions],
+    }

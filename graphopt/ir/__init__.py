@@ -1,0 +1,1 @@
+"""The graph IR: safe load/save, onnx-graphsurgeon helpers, shape resolution."""

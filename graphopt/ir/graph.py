@@ -1,0 +1,175 @@
+"""Graph helpers over onnx-graphsurgeon.
+
+This module (with io.py) is the only place that knows onnx-graphsurgeon's quirks. Passes work on a
+`gs.Graph` and use these helpers for anything that touches constants, producers/consumers or shapes.
+
+Invariants:
+- `export_model` keeps everything of the original model that a pass did not mean to change:
+  ir_version, opset imports, producer, domain, model_version, doc strings, metadata_props and
+  model-local functions.
+- `set_input_array` never edits an initializer shared with another consumer: it writes a new one.
+- Shapes of intermediate tensors are dropped on export and re-inferred by ONNX shape inference,
+  so a pass that changes a channel count never leaves a stale shape behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger(__name__)
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are ours to word
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """The model's main graph as an editable `gs.Graph`."""
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = True) -> onnx.ModelProto:
+    """Turn `graph` back into a model carrying `template`'s model-level fields."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]  # re-inferred below; a stale shape would contradict new weights
+    model.ir_version = template.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(template.opset_import)
+    known = {o.domain for o in model.opset_import}
+    for node in itertools.chain(model.graph.node, *(f.node for f in model.functions)):
+        if node.domain not in known and node.domain not in ("", "ai.onnx"):
+            model.opset_import.append(onnx.helper.make_opsetid(node.domain, 1))
+            known.add(node.domain)
+    for field in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(model, field, getattr(template, field))
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    del model.training_info[:]
+    model.training_info.extend(template.training_info)
+    exported_functions = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in template.functions if (f.domain, f.name) not in exported_functions)
+    model.graph.doc_string = template.graph.doc_string
+    return infer_shapes(model) if infer else model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference; a model it cannot handle is returned unchanged (with a debug log)."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # e.g. > 2 GiB or unknown op
+        log.debug("shape inference skipped: %s", exc)
+        return model
+
+
+def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant tensor (initializer), or None for a variable."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    return None
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def is_graph_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in itertools.chain(graph.inputs, graph.outputs))
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    taken = graph.tensors().keys()
+    for index in itertools.count():
+        candidate = f"{base}_{index}" if index else base
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def set_input_array(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> gs.Constant:
+    """Give `node` input `index` the constant `values`, copying the initializer if it is shared."""
+    current = node.inputs[index]
+    shared = isinstance(current, gs.Constant) and (
+        len(current.outputs) > 1 or is_graph_io(graph, current)
+    )
+    if isinstance(current, gs.Constant) and not shared:
+        current.values = np.ascontiguousarray(values)
+        return current
+    base = current.name if current.name else f"{node.name}_in{index}"
+    replacement = gs.Constant(unique_name(graph, base), np.ascontiguousarray(values))
+    node.inputs[index] = replacement
+    return replacement
+
+
+def cleanup(graph: gs.Graph) -> gs.Graph:
+    """Remove dead nodes and unused initializers (graph inputs stay), then sort topologically."""
+    graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    return graph
+
+
+def apply_inferred_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
+    """Fill dtypes and shapes of `graph`'s variables from ONNX shape inference; return how many."""
+    model = export_model(graph, template)
+    typed = {v.name: v for v in itertools.chain(model.graph.value_info, model.graph.output)}
+    count = 0
+    for name, tensor in graph.tensors().items():
+        info = typed.get(name)
+        if isinstance(tensor, gs.Variable) and info is not None and info.type.HasField("tensor_type"):
+            tensor_type = info.type.tensor_type
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type else None
+            if tensor_type.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in tensor_type.shape.dim]
+            count += 1
+    return count
+
+
+def fold_constants(graph: gs.Graph) -> int:
+    """Evaluate every node whose inputs are all constant; return how many nodes were replaced."""
+    before = len(graph.nodes)
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    graph.fold_constants(recurse_subgraphs=False, flatten_subgraphs=False, recurse_functions=False,
+                         error_ok=True)
+    cleanup(graph)
+    return max(0, before - len(graph.nodes))
+
+
+def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every reader of `old` read `new` instead, including subgraphs that capture it by name."""
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                _replace_captured(attr, old.name, new)
+
+
+def _replace_captured(subgraph: gs.Graph, name: str, new: gs.Tensor) -> None:
+    for node in subgraph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name == name and tensor is not new:
+                node.inputs[index] = new
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                _replace_captured(attr, name, new)
+
+
+def replace_output(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make `node` write `new` where it wrote `old`."""
+    for index, tensor in enumerate(node.outputs):
+        if tensor is old:
+            node.outputs[index] = new
+
+
+def detach(node: gs.Node) -> None:
+    """Disconnect a node so that cleanup removes it."""
+    node.inputs.clear()
+    node.outputs.clear()

@@ -1,0 +1,88 @@
+"""Concrete shapes for a batch-1 sample.
+
+Dynamic input dimensions are resolved from, in order: explicit `name=1x3x224x224` overrides, the data
+file's sample shape, and (for axis 0 only) batch 1. Intermediate shapes then come from ONNX shape
+inference on a copy of the model whose inputs are fixed to those shapes.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from graphopt.errors import OptionError
+from graphopt.ir.graph import infer_shapes
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'name=1x3x224x224' -> ('name', (1, 3, 224, 224))."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise OptionError(f"--input-shape expects NAME=D1xD2x..., got '{text}'")
+    return name, shape
+
+
+def resolve_input_shapes(model: onnx.ModelProto, explicit: dict[str, tuple[int, ...]] | None = None,
+                         observed: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
+    from graphopt.calibration.data import input_specs
+
+    specs = input_specs(model)
+    known = {s.name for s in specs}
+    for name in explicit or {}:
+        if name not in known:
+            raise OptionError(f"--input-shape names '{name}', which is not a model input {sorted(known)}")
+    resolved: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        if explicit and spec.name in explicit:
+            shape = explicit[spec.name]
+            if len(shape) != len(spec.shape):
+                raise OptionError(f"--input-shape for '{spec.name}' has rank {len(shape)}, model says {len(spec.shape)}")
+            resolved[spec.name] = shape
+            continue
+        if observed and spec.name in observed:
+            resolved[spec.name] = observed[spec.name]
+            continue
+        dims = []
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim > 0:
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(1)
+            else:
+                raise OptionError(f"input '{spec.name}' has dynamic axis {axis} ('{dim}'): "
+                                  f"give --input-shape {spec.name}=... or a data file")
+        resolved[spec.name] = tuple(dims)
+    return resolved
+
+
+def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of `model` with input shapes fixed and all intermediate shapes inferred."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for value in fixed.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = size
+    return infer_shapes(fixed)
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Fully static shapes recorded in a model's value_info, inputs and outputs."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    graph = model.graph
+    for value in (*graph.value_info, *graph.input, *graph.output):
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+        if all(d > 0 for d in dims) or not dims:
+            shapes[value.name] = tuple(dims)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes

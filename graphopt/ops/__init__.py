@@ -1,0 +1,1 @@
+"""graphopt's custom ONNX operators."""

@@ -1,0 +1,38 @@
+"""Graph passes. Each module registers its passes on import; `load_all` imports them all.
+
+`PREPASSES` is the normalising sequence every method runs first.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from graphopt.passes.base import REGISTRY, Pass, PassContext, PassResult, get_pass, names, register
+from graphopt.passes.manager import PassManager, PassRecord
+
+PREPASSES = [
+    "normalize_constants",
+    "remove_identity",
+    "constant_fold",
+    "fold_batchnorm",
+    "dead_code",
+    "shape_inference",
+]
+
+_MODULES = [
+    "normalize_constants",
+    "remove_identity",
+    "constant_fold",
+    "fold_batchnorm",
+    "dead_code",
+    "shape_inference",
+]
+
+
+def load_all() -> None:
+    for module in _MODULES:
+        importlib.import_module(f"graphopt.passes.{module}")
+
+
+__all__ = ["PREPASSES", "REGISTRY", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
+           "get_pass", "load_all", "names", "register"]

@@ -1,0 +1,90 @@
+"""The pass interface, its result object, the context passes share, and the registry.
+
+A pass has a `name` (its CLI name and registry key), a `kind` ("prepass" for the normalising passes
+every method runs first, "method" for what `optimize --method` selects) and `run(graph, ctx)`.
+Unsupported patterns are not errors: a pass declines, records why in `PassResult.skipped`, and moves
+on. It raises only for broken invariants (a bug) or bad user input (a `GraphoptError`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, TypeVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    modified: bool
+    stats: dict[str, int | float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"modified": self.modified, "stats": dict(self.stats), "skipped": list(self.skipped)}
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the graph.
+
+    `template` is the model the graph came from (for model-level fields and shape inference);
+    `input_shapes` resolves dynamic input dimensions (batch 1); `data` is calibration data as an
+    iterable of feed dicts, or None; `options` holds method options from the CLI or API.
+    """
+
+    template: onnx.ModelProto
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    data: Iterable[dict[str, np.ndarray]] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def option(self, key: str, default: Any = None) -> Any:
+        value = self.options.get(key)
+        return default if value is None else value
+
+
+class Pass:
+    name: ClassVar[str]
+    kind: ClassVar[str] = "prepass"
+    description: ClassVar[str] = ""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+PassT = TypeVar("PassT", bound=type[Pass])
+REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: PassT) -> PassT:
+    """Class decorator adding a pass to the registry; duplicate names are refused."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"a pass named '{cls.name}' is already registered ({REGISTRY[cls.name].__module__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_pass(name: str) -> Pass:
+    from graphopt.passes import load_all  # passes register themselves on import
+
+    load_all()
+    if name not in REGISTRY:
+        from graphopt.errors import OptionError
+
+        raise OptionError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]()
+
+
+def names(kind: str) -> list[str]:
+    from graphopt.passes import load_all
+
+    load_all()
+    return sorted(name for name, cls in REGISTRY.items() if cls.kind == kind)
+
+

@@ -1,0 +1,21 @@
+"""Constant folding: every node whose inputs are all constant is evaluated and replaced.
+
+Exact: values are computed by onnxruntime on the node itself. If/Loop subgraphs are left untouched.
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+
+
+@register
+class ConstantFold(Pass):
+    name = "constant_fold"
+    description = "evaluate nodes whose inputs are all constant"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        folded = ir.fold_constants(graph)
+        return PassResult(modified=folded > 0, stats={"nodes_folded": folded})
