@@ -15,10 +15,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
-from graphopt.ir.shapes import tensor_shapes, with_fixed_inputs
+from graphopt.analysis.shapes import batch1_shapes
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -52,16 +51,8 @@ def _needed(node: onnx.NodeProto) -> list[str]:
 
 
 def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> CostReport:
-    fixed = with_fixed_inputs(model, input_shapes)
-    shapes = tensor_shapes(fixed)
-    counted = [n for n in fixed.graph.node if n.op_type in _COUNTED]
-    missing = sorted({name for node in counted for name in _needed(node) if name not in shapes})
-    if missing:
-        from graphopt.calibration.data import input_specs
-        from graphopt.calibration.session import observed_shapes
-
-        feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in input_specs(model)}
-        shapes.update(observed_shapes(fixed, feed, missing))
+    counted = [n for n in model.graph.node if n.op_type in _COUNTED]
+    shapes = batch1_shapes(model, input_shapes, {name for node in counted for name in _needed(node)})
     per_node = {}
     for index, node in enumerate(counted):
         per_node[node.name or f"{node.op_type}_{index}"] = int(_node_macs(node, shapes))

@@ -132,6 +132,9 @@ def apply_inferred_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
 
 def fold_constants(graph: gs.Graph) -> int:
     """Evaluate every node whose inputs are all constant; return how many nodes were replaced."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # its optimiser's notes on folded subgraphs are noise here
     before = len(graph.nodes)
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     graph.fold_constants(recurse_subgraphs=False, flatten_subgraphs=False, recurse_functions=False,

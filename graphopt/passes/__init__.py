@@ -26,6 +26,7 @@ _MODULES = [
     "fold_batchnorm",
     "dead_code",
     "shape_inference",
+    "prune_magnitude",
 ]
 
 

@@ -1,6 +1,8 @@
 """Constant folding: every node whose inputs are all constant is evaluated and replaced.
 
-Exact: values are computed by onnxruntime on the node itself. If/Loop subgraphs are left untouched.
+Exact: values are computed by onnxruntime on the node itself. Shapes are inferred first, so that
+`Shape` of a tensor whose queried dimensions are static (channel counts behind a dynamic batch) folds
+too. If/Loop subgraphs are left untouched.
 """
 
 from __future__ import annotations
@@ -17,5 +19,6 @@ class ConstantFold(Pass):
     description = "evaluate nodes whose inputs are all constant"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        ir.apply_inferred_shapes(graph, ctx.template)  # static dims let Shape->Gather chains fold
         folded = ir.fold_constants(graph)
         return PassResult(modified=folded > 0, stats={"nodes_folded": folded})

@@ -1,0 +1,156 @@
+"""Channel rules for Reshape and Flatten, the ops that re-lay channels out.
+
+With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod(in[:c]):
+- kept:    an output axis j with prod(out[:j]) = pre and out[j] = D carries the channels unchanged;
+- flatten: out[j] = D * prod(in[c+1:c+1+k]) carries each channel as a contiguous block (factor grows);
+- split:   out[j] * out[j+1] = D, heads x head_dim: the head_dim atoms are coupled across heads (the
+           same indices are kept in every head), and axis j+1 carries one head's atoms;
+- merge:   in[c-1] * in[c] = out[j], heads x head_dim back to one axis: the atoms repeat per head.
+The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused. An
+explicit shape entry that must change is rewritten by the engine; it has to be a constant (or a
+constant piece of a Concat of one-element pieces). A shape computed at run time only from `Shape`
+outputs (x.view(b, g, c // g, h, w) in exporters' graphs) follows the pruned sizes by itself and is
+left alone; the optimised model is run afterwards, so a wrong guess fails loudly. Any other shape
+source blocks the group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.groups import Analysis
+
+
+def shape_entry(node: gs.Node, position: int) -> tuple[gs.Node, int, int] | None:
+    """(node, input index, element index) of the constant holding Reshape shape entry `position`."""
+    shape = node.inputs[1]
+    if isinstance(shape, gs.Constant):
+        return node, 1, position
+    concat = shape.inputs[0] if shape.inputs else None
+    if concat is None or concat.op != "Concat":
+        return None
+    sizes = [int(np.prod(t.shape)) if t.shape is not None and all(isinstance(d, int) for d in t.shape) else -1
+             for t in concat.inputs]
+    if any(s != 1 for s in sizes) or position >= len(concat.inputs):
+        return None
+    if not isinstance(concat.inputs[position], gs.Constant):
+        return None
+    return concat, position, 0
+
+
+def _entry_value(node: gs.Node, position: int) -> int | None:
+    located = shape_entry(node, position)
+    if located is None:
+        return None
+    holder, index, element = located
+    return int(np.asarray(holder.inputs[index].values).reshape(-1)[element])
+
+
+_SHAPE_ARITHMETIC = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Div", "Mul", "Add", "Sub", "Cast",
+                     "Slice", "Concat", "Constant", "Identity"}
+
+
+def _from_runtime_shapes(tensor: gs.Tensor) -> bool:
+    """True when `tensor` is computed only from `Shape` outputs and constants (so it follows pruning)."""
+    stack, seen, reads_shape = [tensor], set(), False
+    while stack:
+        current = stack.pop()
+        if isinstance(current, gs.Constant) or current.name in seen:
+            continue
+        seen.add(current.name)
+        producer = current.inputs[0] if current.inputs else None
+        if producer is None or producer.op not in _SHAPE_ARITHMETIC:
+            return False
+        if producer.op == "Shape":
+            reads_shape = True
+            continue
+        stack.extend(producer.inputs)
+    return reads_shape
+
+
+def _needs_edit(node: gs.Node, position: int) -> bool | None:
+    """False: entry is -1, copies the input, or is computed from run-time shapes; True: an editable
+    explicit entry; None: not editable."""
+    located = shape_entry(node, position)
+    if located is None:
+        return False if _from_runtime_shapes(node.inputs[1]) else None
+    value = _entry_value(node, position)
+    if value == -1 or (value == 0 and not node.attrs.get("allowzero", 0)):
+        return False
+    return True
+
+
+def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: ChannelState) -> tuple[str, int, int] | None:
+    c = state.axis
+    dim, pre = in_shape[c], math.prod(in_shape[:c])
+    for j in range(len(out_shape)):
+        if math.prod(out_shape[:j]) != pre or (c > 0 and (j == 0 or out_shape[0] != in_shape[0])):
+            continue
+        if out_shape[j] == dim and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1:]):
+            return "kept", j, 1
+        for k in range(1, len(in_shape) - c):
+            block = math.prod(in_shape[c + 1:c + 1 + k])
+            if out_shape[j] == dim * block and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1 + k:]):
+                return "flatten", j, block
+        if j + 1 < len(out_shape) and out_shape[j] * out_shape[j + 1] == dim and out_shape[j] > 1:
+            return "split", j + 1, out_shape[j]
+    if c > 1:
+        heads = in_shape[c - 1]
+        for j in range(1, len(out_shape)):
+            if math.prod(out_shape[:j]) == math.prod(in_shape[:c - 1]) and out_shape[j] == heads * dim \
+                    and out_shape[0] == in_shape[0]:
+                return "merge", j, heads
+    return None
+
+
+def reshape_rule(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
+    layout = _layout(in_shape, out_shape, state) if in_shape and out_shape else None
+    if layout is None:
+        a.block(state, f"{node.name} (Reshape): channel layout not recognised")
+        return
+    kind, axis, amount = layout
+    if kind in ("split", "merge") and state.factor != 1:
+        a.block(state, f"{node.name} (Reshape): heads of flattened channels")
+        return
+    if kind == "kept":
+        out = ChannelState(axis, state.atoms, state.factor)
+    elif kind == "flatten":
+        out = ChannelState(axis, state.atoms, state.factor * amount)
+    elif kind == "split":
+        head_dim = a.size(state) // amount
+        heads = [a.atoms.slice(state.atoms, h * head_dim, (h + 1) * head_dim) for h in range(amount)]
+        for other in heads[1:]:
+            a.atoms.unify(heads[0], other)
+        out = ChannelState(axis, heads[0])
+    else:
+        out = ChannelState(axis, state.atoms * amount)
+    edit = _needs_edit(node, axis)
+    if edit is None:
+        a.block(state, f"{node.name} (Reshape): shape is computed at run time")
+        return
+    if edit:
+        a.site("shape", node, out, index=1, axis=axis)
+    a.set_state(node.outputs[0], out)
+
+
+def flatten_rule(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    in_shape = a.shape(node.inputs[0])
+    start = int(node.attrs.get("axis", 1))
+    start = start + len(in_shape) if in_shape is not None and start < 0 else start
+    if in_shape is None or start == 0 or state.axis < start or math.prod(in_shape[start:state.axis]) != 1:
+        a.block(state, f"{node.name} (Flatten): channels do not lead the flattened block")
+        return
+    block = math.prod(in_shape[state.axis + 1:])
+    a.set_state(node.outputs[0], ChannelState(1, state.atoms, state.factor * block))
+

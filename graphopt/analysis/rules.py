@@ -1,0 +1,436 @@
+"""Channel rules, one per op type: adding an op is adding one rule.
+
+A rule reads the channel states of a node's inputs, sets the states of its outputs, couples atoms and
+records sites (see graphopt.analysis.groups). Rules never change the graph. Any input state a rule does
+not explicitly handle must be blocked with a reason: silence would let the engine cut a tensor whose
+reader it does not know how to rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.groups import Analysis, constant_values
+from graphopt.analysis.reshape_rules import flatten_rule, reshape_rule
+
+Rule = Callable[[gs.Node, Analysis], None]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*ops: str) -> Callable[[Rule], Rule]:
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            if op in RULES:
+                raise ValueError(f"duplicate channel rule for {op}")
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def no_rule(node: gs.Node, a: Analysis) -> None:
+    a.block_inputs(node, "no channel rule for this op")
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# -- producers and consumers ------------------------------------------------------------------
+
+@rule("Conv")
+def conv(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    x, y = node.inputs[0], node.outputs[0]
+    incoming = a.state(x)
+    if weight is None:
+        a.block_inputs(node, "weight is not constant")
+        return
+    groups = int(node.attrs.get("group", 1))
+    if incoming is not None and incoming.axis != 1:
+        a.block(incoming, f"{node.name} (Conv): input channels are not on axis 1")
+        incoming = None
+    if groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1:  # depthwise: in and out coupled
+        if incoming is None:
+            return
+        a.site("weight", node, incoming, index=1, axis=0, role="param")
+        if len(node.inputs) > 2:
+            a.site("weight", node, incoming, index=2, axis=0, role="param")
+        a.site("group", node, incoming)
+        a.set_state(y, incoming)
+        a.cost(node, incoming)
+        return
+    out = a.new_state(1, weight.shape[0])
+    if groups > 1:
+        reason = f"{node.name} (Conv): grouped convolution (groups={groups})"
+        a.block(incoming, reason)
+        a.block(out, reason)
+        incoming = None
+    elif incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=1, role="consumer")
+    a.site("weight", node, out, index=1, axis=0, role="producer")
+    if len(node.inputs) > 2:
+        a.site("weight", node, out, index=2, axis=0, role="param")
+    a.set_state(y, out)
+    a.cost(node, incoming, out)
+
+
+@rule("ConvTranspose")
+def conv_transpose(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    incoming = a.state(node.inputs[0])
+    if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape"):
+        a.block_inputs(node, "ConvTranspose with groups, output_shape or a non-constant weight")
+        return
+    if incoming is not None and incoming.axis != 1:
+        a.block(incoming, f"{node.name} (ConvTranspose): input channels are not on axis 1")
+        incoming = None
+    if incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=0, role="consumer")
+    out = a.new_state(1, weight.shape[1])
+    a.site("weight", node, out, index=1, axis=1, role="producer")
+    if len(node.inputs) > 2:
+        a.site("weight", node, out, index=2, axis=0, role="param")
+    a.set_state(node.outputs[0], out)
+    a.cost(node, incoming, out)
+
+
+@rule("Gemm")
+def gemm(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    incoming = a.state(node.inputs[0])
+    if weight is None or node.attrs.get("transA", 0):
+        a.block_inputs(node, "Gemm with transA or a non-constant B")
+        return
+    trans_b = bool(node.attrs.get("transB", 0))
+    if incoming is not None:
+        if incoming.axis != 1:
+            a.block(incoming, f"{node.name} (Gemm): input features are not on axis 1")
+            incoming = None
+        else:
+            a.site("weight", node, incoming, index=1, axis=1 if trans_b else 0, role="consumer")
+    out = a.new_state(1, weight.shape[0] if trans_b else weight.shape[1])
+    a.site("weight", node, out, index=1, axis=0 if trans_b else 1, role="producer")
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = constant_values(node.inputs[2])
+        if bias is None or bias.ndim == 0 or (bias.shape[-1] != 1 and bias.shape[-1] != a.size(out)) \
+                or math.prod(bias.shape[:-1]) != 1:
+            a.block(out, f"{node.name} (Gemm): bias C is not a per-output constant")
+        elif bias.shape[-1] != 1:
+            a.site("weight", node, out, index=2, axis=bias.ndim - 1, role="param")
+    a.set_state(node.outputs[0], out)
+    a.cost(node, incoming, out)
+
+
+@rule("MatMul")
+def matmul(node: gs.Node, a: Analysis) -> None:
+    left, right = node.inputs
+    rank_l, rank_r, rank_y = a.rank(left), a.rank(right), a.rank(node.outputs[0])
+    left_state, right_state = a.state(left), a.state(right)
+    if rank_l is None or rank_r is None or rank_y is None or rank_l < 2 or rank_r < 2:
+        a.block_inputs(node, "MatMul operands of unknown or vector rank")
+        return
+    if isinstance(left, gs.Constant):
+        a.block_inputs(node, "MatMul with a constant left operand")
+        return
+    weight = constant_values(right)
+    contracted = left_state if left_state is not None and left_state.axis == rank_l - 1 else None
+    if left_state is not None and contracted is None and left_state.axis != rank_l - 2:
+        a.block(left_state, f"{node.name} (MatMul): channels on a batch axis")
+    if weight is not None:
+        if rank_r != 2:
+            a.block(left_state, f"{node.name} (MatMul): constant weight of rank {rank_r}")
+            return
+        if contracted is not None:
+            a.site("weight", node, contracted, index=1, axis=0, role="consumer")
+        out = a.new_state(rank_y - 1, weight.shape[1])
+        a.site("weight", node, out, index=1, axis=1, role="producer")
+        a.set_state(node.outputs[0], out)
+        a.cost(node, contracted, out)
+        return
+    # two variables (attention): the contracted axes are coupled; rows and columns carry through
+    right_contracted = right_state if right_state is not None and right_state.axis == rank_r - 2 else None
+    if (contracted is None) != (right_contracted is None):
+        a.block(contracted or right_contracted, f"{node.name} (MatMul): only one side of the contraction is tracked")
+    elif contracted is not None and right_contracted is not None:
+        a.unify(contracted, right_contracted, node)
+    columns = right_state if right_state is not None and right_state.axis == rank_r - 1 else None
+    if right_state is not None and right_state not in (columns, right_contracted):
+        a.block(right_state, f"{node.name} (MatMul): channels on a batch axis")
+    if columns is not None:
+        a.set_state(node.outputs[0], ChannelState(rank_y - 1, columns.atoms, columns.factor))
+    if left_state is not None and left_state.axis == rank_l - 2:
+        a.block(left_state, f"{node.name} (MatMul): channels on the row axis")
+    a.cost(node, contracted, columns)
+
+
+# -- per-channel and elementwise --------------------------------------------------------------
+
+def _broadcast(node: gs.Node, a: Analysis) -> None:
+    """Elementwise ops with numpy broadcasting: variables merge, constants are sliced per channel."""
+    out_rank = a.rank(node.outputs[0])
+    tracked = [(t, a.state(t)) for t in node.inputs if a.state(t) is not None]
+    if out_rank is None:
+        a.block_inputs(node, "output rank unknown")
+        return
+    axes = {out_rank - a.rank(t) + s.axis for t, s in tracked}
+    if len(axes) != 1:
+        a.block_inputs(node, "inputs carry channels on different axes")
+        return
+    axis = axes.pop()
+    first = tracked[0][1]
+    channels = a.size(first)
+    merged = ChannelState(axis, first.atoms, first.factor)
+    for _, state in tracked[1:]:
+        if not a.unify(first, state, node):
+            return
+    for index, tensor in enumerate(node.inputs):
+        if a.state(tensor) is not None or not tensor.name:
+            continue
+        shape = a.shape(tensor)
+        aligned = len(shape) - (out_rank - axis) if shape is not None else -1
+        if shape is None or (aligned >= 0 and shape[aligned] not in (1, channels * first.factor)):
+            a.block(merged, f"{node.name} ({node.op}): operand '{tensor.name}' does not broadcast per channel")
+            return
+        if aligned >= 0 and shape[aligned] != 1:
+            if not isinstance(tensor, gs.Constant):
+                a.block(merged, f"{node.name} ({node.op}): untracked variable operand '{tensor.name}'")
+                return
+            a.site("weight", node, merged, index=index, axis=aligned, role="param")
+    for output in node.outputs[:1]:
+        a.set_state(output, merged)
+
+
+rule("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu", "Where",
+     "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod")(_broadcast)
+
+
+@rule("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Erf", "LeakyRelu", "Tanh", "Elu",
+      "Selu", "Celu", "Softplus", "Softsign", "Mish", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal",
+      "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "ThresholdedRelu", "Cast", "Identity",
+      "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "IsNaN",
+      "CastLike", "QuickGelu", "Swish")
+def unary(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    for tensor in node.inputs[1:]:
+        if a.state(tensor) is not None:
+            a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
+    if state is not None:
+        a.set_state(node.outputs[0], state)
+
+
+@rule("BatchNormalization", "InstanceNormalization")
+def norm_per_channel(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    if state.axis != 1 or any(constant_values(t) is None for t in node.inputs[1:]):
+        a.block(state, f"{node.name} ({node.op}): channels not on axis 1 or non-constant parameters")
+        return
+    for index in range(1, len(node.inputs)):
+        a.site("weight", node, state, index=index, axis=0, role="param")
+    a.set_state(node.outputs[0], state)
+
+
+@rule("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization",
+      "MeanVarianceNormalization", "GroupNormalization", "RMSNormalization")
+def normalising(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    rank = a.rank(node.inputs[0])
+    for tensor in node.inputs[1:]:
+        a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
+    if state is None or rank is None:
+        return
+    default = -1 if node.op in ("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax",
+                                "LpNormalization", "RMSNormalization") else 1
+    start = _axis(int(node.attrs.get("axis", default)), rank)
+    covered = state.axis >= start if node.op in ("LayerNormalization", "RMSNormalization") else \
+        state.axis == start or node.op in ("MeanVarianceNormalization", "GroupNormalization")
+    if covered:
+        a.block(state, f"{node.name} ({node.op}): normalises over the channel axis")
+        return
+    a.set_state(node.outputs[0], state)
+
+
+@rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+      "ReduceSumSquare", "ReduceLogSumExp", "ArgMax", "ArgMin")
+def reduce(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = constant_values(node.inputs[1])
+    if node.op in ("ArgMax", "ArgMin"):
+        axes = [node.attrs.get("axis", 0)]
+    if axes is None or rank is None:
+        a.block(state, f"{node.name} ({node.op}): reduces over all axes")
+        return
+    axes = sorted(_axis(int(x), rank) for x in list(axes))
+    if state.axis in axes:
+        a.block(state, f"{node.name} ({node.op}): reduces over the channel axis")
+        return
+    keep = int(node.attrs.get("keepdims", 1))
+    shift = 0 if keep else sum(1 for x in axes if x < state.axis)
+    a.set_state(node.outputs[0], ChannelState(state.axis - shift, state.atoms, state.factor))
+
+
+@rule("Shape", "Size")
+def shape_of(node: gs.Node, a: Analysis) -> None:
+    """Reads only the (run-time) shape: pruning changes the value it computes, consistently."""
+
+
+@rule("Transpose")
+def transpose(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    perm = list(node.attrs.get("perm", range(rank - 1, -1, -1) if rank else []))
+    a.set_state(node.outputs[0], ChannelState(perm.index(state.axis), state.atoms, state.factor))
+
+
+@rule("Concat")
+def concat(node: gs.Node, a: Analysis) -> None:
+    rank = a.rank(node.outputs[0])
+    if rank is None:
+        a.block_inputs(node, "output rank unknown")
+        return
+    axis = _axis(int(node.attrs["axis"]), rank)
+    states = [a.state(t) for t in node.inputs]
+    if all(s is None for s in states):
+        return
+    if any(s is not None and s.axis != axis for s in states):
+        others = [s for s in states if s is not None]
+        if len(others) == len(states) and all(s.axis == others[0].axis for s in others):
+            for state in others[1:]:
+                a.unify(others[0], state, node)
+            a.set_state(node.outputs[0], others[0])
+        else:
+            a.block_inputs(node, "concatenates along an axis other than the channel axis")
+        return
+    if any(s is not None and s.factor != 1 for s in states):
+        a.block_inputs(node, "concatenates flattened channels")
+        return
+    atoms: list[int] = []
+    for tensor, state in zip(node.inputs, states):
+        if state is None:  # a fixed segment (graph input, constant): its channels stay
+            shape = a.shape(tensor)
+            if shape is None:
+                a.block_inputs(node, f"size of untracked input '{tensor.name}' unknown")
+                return
+            fixed = a.new_state(axis, shape[axis])
+            a.block(fixed, f"{node.name} (Concat): segment from '{tensor.name}' is not prunable")
+            state = fixed
+        atoms.extend(state.atoms)
+    a.set_state(node.outputs[0], ChannelState(axis, tuple(atoms)))
+
+
+def _split_sizes(node: gs.Node, a: Analysis, total: int) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        sizes = constant_values(node.inputs[1])
+        return None if sizes is None else [int(s) for s in sizes]
+    if node.attrs.get("split") is not None:
+        return [int(s) for s in node.attrs["split"]]
+    count = len(node.outputs)
+    return [total // count] * count if total % count == 0 else None
+
+
+@rule("Split")
+def split(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    axis = _axis(int(node.attrs.get("axis", 0)), rank)
+    if axis != state.axis:
+        for output in node.outputs:
+            a.set_state(output, state)
+        return
+    sizes = _split_sizes(node, a, a.size(state))
+    if sizes is None or state.factor != 1:
+        a.block(state, f"{node.name} (Split): split sizes are not constant")
+        return
+    outputs, start = [], 0
+    for output, size in zip(node.outputs, sizes):
+        piece = ChannelState(axis, a.atoms.slice(state.atoms, start, start + size))
+        a.set_state(output, piece)
+        outputs.append(piece)
+        start += size
+    a.site("split", node, state, outputs=outputs)
+
+
+@rule("Slice")
+def slice_(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    values = [constant_values(t) if t.name else None for t in node.inputs[1:]]
+    if len(values) < 2 or values[0] is None or values[1] is None:
+        a.block(state, f"{node.name} (Slice): bounds are not constant")
+        return
+    axes = values[2] if len(values) > 2 and values[2] is not None else range(len(values[0]))
+    axes = [_axis(int(x), rank) for x in axes]
+    if state.axis not in axes:
+        a.set_state(node.outputs[0], state)
+        return
+    position = axes.index(state.axis)
+    steps = values[3] if len(values) > 3 and values[3] is not None else None
+    size = a.size(state) * state.factor
+    start, stop = (min(max(int(v[position]) + (size if int(v[position]) < 0 else 0), 0), size)
+                   for v in values[:2])
+    if state.factor != 1 or (steps is not None and int(steps[position]) != 1) or stop <= start:
+        a.block(state, f"{node.name} (Slice): strided, empty or flattened channel slice")
+        return
+    a.set_state(node.outputs[0], ChannelState(state.axis, a.atoms.slice(state.atoms, start, stop)))
+    a.site("slice", node, state, axis=position)
+
+
+@rule("Pad")
+def pad(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    pads = node.attrs.get("pads") if len(node.inputs) < 2 else constant_values(node.inputs[1])
+    if pads is None or len(node.inputs) > 3 or int(pads[state.axis]) or int(pads[state.axis + rank]):
+        a.block(state, f"{node.name} (Pad): pads the channel axis or pads are not constant")
+        return
+    a.set_state(node.outputs[0], state)
+
+
+@rule("Resize", "Upsample")
+def resize(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    scales = None
+    for tensor in node.inputs[1:]:
+        values = constant_values(tensor) if tensor.name else None
+        if values is not None and values.size == a.rank(node.inputs[0]) and values.dtype.kind == "f":
+            scales = values
+    if scales is None or float(scales[state.axis]) != 1.0:
+        a.block(state, f"{node.name} ({node.op}): channel scale is not a constant 1 (sizes are not supported)")
+        return
+    a.set_state(node.outputs[0], state)
+
+
+rule("Reshape")(reshape_rule)
+rule("Flatten")(flatten_rule)
+
+
+@rule("Squeeze", "Unsqueeze")
+def squeeze(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
+    if in_shape is None or out_shape is None:
+        a.block(state, f"{node.name} ({node.op}): shapes unknown")
+        return
+    before = math.prod(in_shape[:state.axis])
+    for axis in range(len(out_shape)):
+        if math.prod(out_shape[:axis]) == before and out_shape[axis] == in_shape[state.axis]:
+            a.set_state(node.outputs[0], ChannelState(axis, state.atoms, state.factor))
+            return
+    a.block(state, f"{node.name} ({node.op}): removes the channel axis")

@@ -1,0 +1,85 @@
+"""The structured pruning engine: given the kept indices of every channel group, rewrite the graph.
+
+For each site recorded by the channel analysis (graphopt.analysis.groups) the engine computes the
+kept positions along the site's axis (atoms laid end to end, each atom's kept indices shifted by its
+offset, each channel expanded to `factor` features) and rewrites: weight/parameter constants are
+sliced (through `set_input_array`, so shared initializers are copied, never edited for one user),
+depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed. Removing
+channels whose values are identically zero everywhere they flow is exact; anything else is as exact
+as the importance criterion that chose them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import AtomTable, ChannelState
+from graphopt.analysis.groups import Analysis, Site
+from graphopt.analysis.reshape_rules import shape_entry
+from graphopt.ir import graph as ir
+
+
+def kept_positions(atoms: AtomTable, state: ChannelState, kept: dict[int, np.ndarray]) -> np.ndarray:
+    """Positions along a tensor axis that survive, given kept indices per group root."""
+    pieces, offset = [], 0
+    for leaf in atoms.leaves(state.atoms):
+        size = atoms.sizes[leaf]
+        root = atoms.find(leaf)
+        indices = kept[root] if root in kept else np.arange(size)
+        pieces.append(offset + indices)
+        offset += size
+    channels = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    if state.factor == 1:
+        return channels
+    return (channels[:, None] * state.factor + np.arange(state.factor)[None, :]).reshape(-1)
+
+
+def _int_array(values: list[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
+
+
+def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]) -> None:
+    positions = kept_positions(a.atoms, site.state, kept)
+    node = site.node
+    if site.kind == "weight":
+        values = np.asarray(node.inputs[site.index].values)
+        if positions.size != values.shape[site.axis]:
+            ir.set_input_array(graph, node, site.index, np.take(values, positions, axis=site.axis))
+    elif site.kind == "group":
+        node.attrs["group"] = int(positions.size)
+    elif site.kind == "split":
+        sizes = _int_array([kept_positions(a.atoms, out, kept).size for out in site.outputs])
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            ir.set_input_array(graph, node, 1, sizes)
+        elif graph.opset >= 13:
+            node.attrs.pop("num_outputs", None)
+            node.attrs.pop("split", None)
+            node.inputs.append(gs.Constant(ir.unique_name(graph, f"{node.name}_split"), sizes))
+        else:
+            node.attrs["split"] = [int(s) for s in sizes]
+    elif site.kind == "slice":
+        total = a.size(site.state)
+        bounds = []
+        for index in (1, 2):
+            values = np.asarray(node.inputs[index].values).copy()
+            raw = int(values[site.axis])
+            bound = min(max(raw + total if raw < 0 else raw, 0), total)
+            values[site.axis] = int(np.searchsorted(positions, bound))
+            bounds.append(values)
+        for index, values in zip((1, 2), bounds):
+            ir.set_input_array(graph, node, index, values.astype(np.asarray(node.inputs[index].values).dtype))
+    elif site.kind == "shape":
+        holder, index, element = shape_entry(node, site.axis)
+        values = np.asarray(holder.inputs[index].values).copy()
+        flat = values.reshape(-1)
+        flat[element] = positions.size
+        ir.set_input_array(graph, holder, index, flat.reshape(values.shape))
+    else:
+        raise AssertionError(f"unknown site kind {site.kind}")
+
+
+def apply_kept(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.ndarray]) -> None:
+    """Rewrite every site; `kept` maps group roots to sorted kept indices (absent: keep all)."""
+    for site in analysis.sites:
+        _apply(graph, site, analysis, kept)

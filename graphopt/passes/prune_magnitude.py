@@ -1,0 +1,109 @@
+"""Magnitude and random structured pruning to a MAC target.
+
+Importance of channel i of a group (magnitude): the L1 (or L2) norm of every producer weight slice
+that writes channel i, summed over all producers coupled in the group (residual streams, head-split
+projections, ...). Random: seeded uniform scores. Both need no calibration data. The global budget
+(graphopt.passes.prune_budget) picks per-group counts; the engine (graphopt.passes.prune_engine)
+rewrites the graph. Channels whose producers are all zero score 0 and go first: removing them is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Group, find_groups
+from graphopt.analysis.macs import count_cost
+from graphopt.analysis.shapes import batch1_shapes
+from graphopt.errors import OptionError
+from graphopt.ir import graph as ir
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.prune_budget import MacModel, choose_counts, top_indices
+from graphopt.passes.prune_engine import apply_kept
+
+log = logging.getLogger(__name__)
+
+
+def analyse(graph: gs.Graph, ctx: PassContext) -> tuple[Analysis, dict[str, int]]:
+    """Channel groups of `graph` and per-node batch-1 MACs (node names are made unique first)."""
+    model = ir.export_model(graph, ctx.template)
+    analysis = find_groups(graph, batch1_shapes(model, ctx.input_shapes))
+    return analysis, count_cost(ir.export_model(graph, ctx.template), ctx.input_shapes).per_node
+
+
+def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict[int, np.ndarray]:
+    atoms = analysis.atoms
+    scores = {g.root: np.zeros(g.size) for g in groups}
+    for site in analysis.sites:
+        if site.role != "producer":
+            continue
+        weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
+        rows = np.moveaxis(weight, site.axis, 0).reshape(weight.shape[site.axis], -1)
+        per_row = np.abs(rows).sum(axis=1) if norm == "l1" else np.sqrt((rows * rows).sum(axis=1))
+        offset = 0
+        for leaf in atoms.leaves(site.state.atoms):
+            size = atoms.sizes[leaf]
+            root = atoms.find(leaf)
+            if root in scores:
+                scores[root] += per_row[offset:offset + size]
+            offset += size
+    return scores
+
+
+class _ChannelPruning(Pass):
+    kind = "method"
+
+    def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        target = ctx.option("target_macs")
+        if target is None:
+            raise OptionError(f"--method {self.name} needs --target-macs")
+        round_to = int(ctx.option("round_to", 1))
+        if round_to < 1:
+            raise OptionError(f"--round-to must be >= 1, got {round_to}")
+        analysis, per_node = analyse(graph, ctx)
+        groups = analysis.groups()
+        prunable = [g for g in groups if g.prunable]
+        result = PassResult(modified=False)
+        result.skipped.extend(f"group {g.root} ({g.size} channels): {g.describe()['reason']}"
+                              for g in groups if not g.prunable)
+        mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
+        scores = self.scores(analysis, prunable, ctx)
+        counts = choose_counts(scores, mac_model, target, round_to)
+        kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
+        apply_kept(graph, analysis, kept)
+        removed = sum(g.size - counts[g.root] for g in prunable)
+        result.modified = bool(kept)
+        result.stats = {
+            "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(kept),
+            "channels_prunable": sum(g.size for g in prunable), "channels_removed": removed,
+            "target_macs": target, "estimated_macs_ratio": mac_model.macs(counts) / mac_model.total
+            if mac_model.total else 1.0,
+        }
+        return result
+
+
+@register
+class MagnitudePruning(_ChannelPruning):
+    name = "magnitude"
+    description = "structured pruning by producer weight norms (L1 or L2), global MAC budget"
+
+    def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
+        norm = ctx.option("norm", "l1")
+        if norm not in ("l1", "l2"):
+            raise OptionError(f"--norm must be l1 or l2, got {norm}")
+        return magnitude_scores(analysis, groups, norm)
+
+
+@register
+class RandomPruning(_ChannelPruning):
+    name = "random"
+    description = "structured pruning with seeded random importance, global MAC budget"
+
+    def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
+        rng = np.random.default_rng(int(ctx.option("seed", 0)))
+        return {g.root: rng.random(g.size) for g in sorted(groups, key=lambda g: g.root)}
