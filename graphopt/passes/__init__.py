@@ -27,6 +27,7 @@ _MODULES = [
     "dead_code",
     "shape_inference",
     "prune_magnitude",
+    "snp",
 ]
 
 
