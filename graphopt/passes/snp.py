@@ -6,7 +6,10 @@ per-channel ops. A group's covariance sums, over those tensors and over each pla
 them (heads, flattened blocks), the covariance of its units; graphopt.passes.snp_math orders the units
 (unnormalised ZCA, or the consumers' output error with `criterion="output"`) and gives the LDLᵀ
 variances D. Budget: one global cut V on cumulative retained variance sum(D[:k]) / sum(D) applies to
-every group (`keep_variance`), or V is searched so MACs meet `target_macs`.
+every group (`keep_variance`; a tail adding less than 1e-6 of the variance counts as redundant, so
+V = 1 removes exactly the units that are affine in the others), or V is searched so MACs meet
+`target_macs`, after which the budget left over goes, unit by unit, to the groups whose next units
+add the largest variance fraction.
 
 Reconstruction is per consumer, on the whole tensor it reads (all groups at once): with P the pruned
 and K the kept positions, W[:, K] += W[:, P] C at every kernel tap and the consumer's bias gains
@@ -37,6 +40,8 @@ from graphopt.passes.prune_magnitude import analyse
 from graphopt.passes.snp_math import ldl_diagonal, output_order, reconstruction, zca_order
 
 log = logging.getLogger(__name__)
+
+REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
 
 
 @dataclass
@@ -92,7 +97,7 @@ def _counts(orderings: dict[int, _Ordering], keep: float, round_to: int) -> dict
     counts = {}
     for root, ordering in orderings.items():
         cumulative = np.cumsum(ordering.fraction)
-        count = int(np.searchsorted(cumulative, keep - 1e-12)) + 1
+        count = int(np.searchsorted(cumulative, keep - REDUNDANT)) + 1
         count = min(max(count, 1), ordering.order.size)
         if round_to > 1:
             count = min(ordering.order.size, -(-count // round_to) * round_to)
@@ -113,6 +118,28 @@ def _variance_for_target(orderings: dict[int, _Ordering], model: MacModel, targe
         else:
             high = middle
     return low
+
+
+def _fill(counts: dict[int, int], orderings: dict[int, _Ordering], model: MacModel, target: float,
+          round_to: int, limit: int = 4096) -> dict[int, int]:
+    """Spend what the variance cut left of the MAC budget: add, one step at a time, the next unit
+    (or `round_to` units) of the group whose next units add the most variance, while MACs fit."""
+    budget = target * model.total
+    counts = dict(counts)
+    for _ in range(limit):
+        best, best_gain = None, 0.0
+        for root, ordering in orderings.items():
+            count = counts[root]
+            step = min(round_to, ordering.order.size - count)
+            if step <= 0:
+                continue
+            gain = float(ordering.fraction[count:count + step].sum())
+            if gain > best_gain and model.macs({**counts, root: count + step}) <= budget:
+                best, best_gain = root, gain
+        if best is None:
+            break
+        counts[best] = min(orderings[best].order.size, counts[best] + max(round_to, 1))
+    return counts
 
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
@@ -208,6 +235,8 @@ class SubspaceNodePruning(Pass):
         mac_model = MacModel(analysis, per_node, set(orderings))
         variance = float(keep) if keep is not None else _variance_for_target(orderings, mac_model, float(target), round_to)
         counts = _counts(orderings, variance, round_to)
+        if target is not None:
+            counts = _fill(counts, orderings, mac_model, float(target), round_to)
         kept = {root: np.sort(orderings[root].order[:count]) for root, count in counts.items()
                 if count < orderings[root].order.size}
         pending: list[tuple[gs.Node, np.ndarray]] = []

@@ -3,7 +3,9 @@
 Let Σ be the covariance of a layer's units over calibration rows and μ their mean (the Gram of [A; 1]
 carries exactly this: regressing on the constant row removes the mean).
 - Importance ("unnormalised ZCA"): unit i scores 1 / (Σ⁻¹)ᵢᵢ, the variance left in unit i after
-  projecting out every other unit (and the constant). Units are ordered most unique first.
+  projecting out every other unit (and the constant). Units are ordered most unique first, applying
+  the score recursively (backward elimination): of two duplicate units both score 0 at first, but once
+  one is ranked last the other is unique again, so only one of them lands in the prunable tail.
 - Orthogonal subspace: the LDLᵀ (Cholesky) factorisation of Σ in that order; Dᵢᵢ is the variance unit
   i adds beyond the units before it. sum(D) is the total unique variance; pruning the tail of the order
   keeps sum(D[:k]) of it.
@@ -29,10 +31,23 @@ def regularised(cov: np.ndarray) -> np.ndarray:
 
 
 def zca_order(cov: np.ndarray) -> np.ndarray:
-    """Unit indices from most to least unique (1 / (Σ⁻¹)ᵢᵢ descending; ties keep index order)."""
+    """Unit indices from most to least unique, by backward elimination on 1 / (Σ⁻¹)ᵢᵢ.
+
+    The least unique unit is ranked last and removed; removing unit j updates the precision of the
+    rest by the Schur complement Q ← Q − Q[:, j] Q[j, :] / Q[j, j] (the precision of the remaining
+    units' covariance), and the next least unique unit is found among them. Ties go to the lower index.
+    """
     precision = np.linalg.inv(regularised(cov))
-    unique = 1.0 / np.maximum(np.diag(precision), 1e-300)
-    return np.argsort(-unique, kind="stable")
+    remaining = list(range(cov.shape[0]))
+    eliminated: list[int] = []
+    while len(remaining) > 1:
+        unique = 1.0 / np.maximum(np.diag(precision), 1e-300)
+        worst = int(np.argmin(unique))
+        column = precision[:, worst].copy()
+        precision = precision - np.outer(column, column) / precision[worst, worst]
+        precision = np.delete(np.delete(precision, worst, axis=0), worst, axis=1)
+        eliminated.append(remaining.pop(worst))
+    return np.array(remaining + eliminated[::-1], dtype=np.int64)
 
 
 def ldl_diagonal(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
