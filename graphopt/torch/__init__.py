@@ -1,0 +1,1 @@
+"""Optional torch helpers (test-model zoo, ONNX export); these modules require torch."""
