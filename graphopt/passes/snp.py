@@ -2,14 +2,8 @@
 
 For every channel group (graphopt.analysis.groups) the statistics come from the tensors at which
 channel-mixing consumers (Conv, Gemm, MatMul with a constant weight) read the group, after any
-per-channel ops. A group's covariance sums, over those tensors and over each place the group occurs in
-them (heads, flattened blocks), the covariance of its units; graphopt.passes.snp_math orders the units
-(unnormalised ZCA, or the consumers' output error with `criterion="output"`) and gives the LDLᵀ
-variances D. Budget: one global cut V on cumulative retained variance sum(D[:k]) / sum(D) applies to
-every group (`keep_variance`; a tail adding less than 1e-6 of the variance counts as redundant, so
-V = 1 removes exactly the units that are affine in the others), or V is searched so MACs meet
-`target_macs`, after which the budget left over goes, unit by unit, to the groups whose next units
-add the largest variance fraction.
+per-channel ops; graphopt.passes.snp_plan orders each group's units and decides how many stay
+(one global retained-variance cut, `keep_variance`, or a MAC target, `target_macs`).
 
 Reconstruction is per consumer, on the whole tensor it reads (all groups at once): with P the pruned
 and K the kept positions, W[:, K] += W[:, P] C at every kernel tap and the consumer's bias gains
@@ -18,17 +12,19 @@ least-squares optimum for that consumer; for Conv the constant term is also adde
 means the pruned units were 0, so border outputs carry a small extra error. ConvTranspose consumers
 and bilinear reads (q·kᵀ) are pruned without reconstruction. Groups no linear consumer reads are left
 alone, with the reason recorded.
+
+With `sequential`, the counts are decided once on the original model, then groups are pruned one at a
+time in graph order, each ordered and reconstructed on statistics of the model with the earlier groups
+already pruned (as SparseGPT and SliceGPT do), so later layers see the errors of earlier ones.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.errors import OptionError
@@ -37,109 +33,10 @@ from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.prune_budget import MacModel
 from graphopt.passes.prune_engine import apply_kept, kept_positions
 from graphopt.passes.prune_magnitude import analyse
-from graphopt.passes.snp_math import ldl_diagonal, output_order, reconstruction, zca_order
+from graphopt.passes.snp_math import reconstruction
+from graphopt.passes.snp_plan import counts, fill, orderings, variance_for_target
 
 log = logging.getLogger(__name__)
-
-REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
-
-
-@dataclass
-class _Ordering:
-    order: np.ndarray       # unit indices, most important first
-    fraction: np.ndarray    # D in that order, normalised to sum 1
-
-
-def _occurrences(a: Analysis, state: ChannelState, root: int) -> list[np.ndarray]:
-    """Feature positions of group `root` along `state`'s axis, one array per occurrence."""
-    found, offset = [], 0
-    for leaf in a.atoms.leaves(state.atoms):
-        size = a.atoms.sizes[leaf]
-        if a.atoms.find(leaf) == root:
-            channels = offset + np.arange(size)
-            found.extend(channels * state.factor + k for k in range(state.factor))
-        offset += size
-    return found
-
-
-def _readout(site: Site) -> np.ndarray:
-    """WᵀW over the consumer's outputs and taps, features x features."""
-    weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
-    rows = np.moveaxis(weight, site.axis, -1).reshape(-1, weight.shape[site.axis])
-    return rows.T @ rows
-
-
-def _orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
-               criterion: str, result: PassResult) -> dict[int, _Ordering]:
-    orderings = {}
-    for group in groups:
-        cov, readout = np.zeros((group.size, group.size)), np.zeros((group.size, group.size))
-        for site in consumers:
-            tensor_stats = stats.get(site.node.inputs[0].name)
-            if tensor_stats is None:
-                continue
-            full_cov = tensor_stats.covariance()
-            full_readout = _readout(site) if criterion == "output" else None
-            for positions in _occurrences(a, site.state, group.root):
-                cov += full_cov[np.ix_(positions, positions)]
-                if full_readout is not None:
-                    readout += full_readout[np.ix_(positions, positions)]
-        if not cov.any():
-            result.skipped.append(f"group {group.root} ({group.size} channels): no linear consumer with statistics")
-            continue
-        order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
-        added = ldl_diagonal(cov, order)
-        orderings[group.root] = _Ordering(order, added / max(float(added.sum()), 1e-300))
-    return orderings
-
-
-def _counts(orderings: dict[int, _Ordering], keep: float, round_to: int) -> dict[int, int]:
-    counts = {}
-    for root, ordering in orderings.items():
-        cumulative = np.cumsum(ordering.fraction)
-        count = int(np.searchsorted(cumulative, keep - REDUNDANT)) + 1
-        count = min(max(count, 1), ordering.order.size)
-        if round_to > 1:
-            count = min(ordering.order.size, -(-count // round_to) * round_to)
-        counts[root] = count
-    return counts
-
-
-def _variance_for_target(orderings: dict[int, _Ordering], model: MacModel, target: float, round_to: int) -> float:
-    """The largest global retained-variance cut whose MACs stay within the target."""
-    budget = target * model.total
-    if model.macs(_counts(orderings, 0.0, round_to)) > budget:
-        return 0.0
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        middle = 0.5 * (low + high)
-        if model.macs(_counts(orderings, middle, round_to)) <= budget:
-            low = middle
-        else:
-            high = middle
-    return low
-
-
-def _fill(counts: dict[int, int], orderings: dict[int, _Ordering], model: MacModel, target: float,
-          round_to: int, limit: int = 4096) -> dict[int, int]:
-    """Spend what the variance cut left of the MAC budget: add, one step at a time, the next unit
-    (or `round_to` units) of the group whose next units add the most variance, while MACs fit."""
-    budget = target * model.total
-    counts = dict(counts)
-    for _ in range(limit):
-        best, best_gain = None, 0.0
-        for root, ordering in orderings.items():
-            count = counts[root]
-            step = min(round_to, ordering.order.size - count)
-            if step <= 0:
-                continue
-            gain = float(ordering.fraction[count:count + step].sum())
-            if gain > best_gain and model.macs({**counts, root: count + step}) <= budget:
-                best, best_gain = root, gain
-        if best is None:
-            break
-        counts[best] = min(orderings[best].order.size, counts[best] + max(round_to, 1))
-    return counts
 
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
@@ -197,6 +94,45 @@ def _add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{node.name}_shift"), inputs=[inner, offset], outputs=[out]))
 
 
+def _linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
+    usable = []
+    for site in analysis.sites:
+        if site.kind != "weight" or site.role != "consumer":
+            continue
+        features = analysis.size(site.state) * site.state.factor
+        if site.node.op == "ConvTranspose" or features > max_features:
+            if result is not None:
+                result.skipped.append(f"{site.node.name}: no reconstruction ({site.node.op}, {features} input features)")
+        else:
+            usable.append(site)
+    return usable
+
+
+def _statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site]) -> dict[str, TensorStats]:
+    requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}), s.state.axis)
+                for s in sites}
+    return ctx.statistics(list(requests.values()), model=graph) if requests else {}
+
+
+def _prune(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
+           kept: dict[int, np.ndarray], reconstruct: bool) -> int:
+    """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
+    pending: list[tuple[gs.Node, np.ndarray]] = []
+    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], pending) for s in sites) \
+        if reconstruct else 0
+    out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
+    apply_kept(graph, analysis, kept)
+    for node, shift in pending:
+        state = out_states.get(node.name)
+        _add_bias(graph, node, shift[kept_positions(analysis.atoms, state, kept)] if state is not None else shift)
+    return folded
+
+
+def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int], ...]:
+    """Names a group across re-analyses of an edited graph: its producer weights."""
+    return tuple(sorted((s.node.name, s.index) for s in group.sites if s.role == "producer"))
+
+
 @register
 class SubspaceNodePruning(Pass):
     name = "snp"
@@ -212,7 +148,7 @@ class SubspaceNodePruning(Pass):
         criterion = ctx.option("criterion", "variance")
         if criterion not in ("variance", "output"):
             raise OptionError(f"--criterion must be variance or output, got {criterion}")
-        round_to = int(ctx.option("round_to", 1))
+        round_to, reconstruct = int(ctx.option("round_to", 1)), bool(ctx.option("reconstruct", True))
         max_features = int(ctx.option("snp_max_features", 4096))
         analysis, per_node = analyse(graph, ctx)
         groups = analysis.groups()
@@ -220,39 +156,45 @@ class SubspaceNodePruning(Pass):
         result = PassResult(modified=False)
         result.skipped.extend(f"group {g.root} ({g.size} channels): {g.describe()['reason']}"
                               for g in groups if not g.prunable)
-        consumers = [s for s in analysis.sites if s.kind == "weight" and s.role == "consumer"]
-        usable = []
-        for site in consumers:
-            features = analysis.size(site.state) * site.state.factor
-            if site.node.op == "ConvTranspose" or features > max_features:
-                result.skipped.append(f"{site.node.name}: no reconstruction ({site.node.op}, {features} input features)")
-            else:
-                usable.append(site)
-        requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}),
-                                                       s.state.axis) for s in usable}
-        stats = ctx.statistics(list(requests.values()), model=graph) if requests else {}
-        orderings = _orderings(analysis, prunable, usable, stats, criterion, result)
-        mac_model = MacModel(analysis, per_node, set(orderings))
-        variance = float(keep) if keep is not None else _variance_for_target(orderings, mac_model, float(target), round_to)
-        counts = _counts(orderings, variance, round_to)
+        sites = _linear_consumers(analysis, max_features, result)
+        stats = _statistics(ctx, graph, sites)
+        ranked = orderings(analysis, prunable, sites, stats, criterion, result)
+        mac_model = MacModel(analysis, per_node, set(ranked))
+        variance = float(keep) if keep is not None else variance_for_target(ranked, mac_model, float(target), round_to)
+        chosen = counts(ranked, variance, round_to)
         if target is not None:
-            counts = _fill(counts, orderings, mac_model, float(target), round_to)
-        kept = {root: np.sort(orderings[root].order[:count]) for root, count in counts.items()
-                if count < orderings[root].order.size}
-        pending: list[tuple[gs.Node, np.ndarray]] = []
-        folded = 0
-        if ctx.option("reconstruct", True):
-            folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], pending) for s in usable)
-        out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
-        apply_kept(graph, analysis, kept)
-        for node, shift in pending:
-            state = out_states.get(node.name)
-            _add_bias(graph, node, shift[kept_positions(analysis.atoms, state, kept)] if state is not None else shift)
-        result.modified = bool(kept)
+            chosen = fill(chosen, ranked, mac_model, float(target), round_to)
+        cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size}
+        if ctx.option("sequential", False):
+            folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct)
+        else:
+            kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
+            folded = _prune(graph, analysis, sites, stats, kept, reconstruct)
+        result.modified = bool(cut)
         result.stats = {
-            "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(kept),
-            "channels_removed": sum(orderings[r].order.size - c for r, c in counts.items()),
+            "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
+            "channels_removed": sum(ranked[r].order.size - c for r, c in chosen.items()),
             "consumers_reconstructed": int(folded), "retained_variance_cut": variance,
-            "estimated_macs_ratio": mac_model.macs(counts) / mac_model.total if mac_model.total else 1.0,
+            "estimated_macs_ratio": mac_model.macs(chosen) / mac_model.total if mac_model.total else 1.0,
         }
         return result
+
+    def _sequential(self, graph: gs.Graph, ctx: PassContext, first: Analysis, cut: dict[int, int],
+                    criterion: str, max_features: int, reconstruct: bool) -> int:
+        """Prune group by group in graph order, re-measuring statistics on the partly pruned graph."""
+        position = {node.name: index for index, node in enumerate(graph.nodes)}
+        by_root = {g.root: g for g in first.groups()}
+        plan = sorted(((_key(first, by_root[root]), count) for root, count in cut.items()),
+                      key=lambda item: min(position[name] for name, _ in item[0]))
+        folded = 0
+        for key, count in plan:
+            analysis, _ = analyse(graph, ctx)
+            group = next(g for g in analysis.groups() if g.prunable and _key(analysis, g) == key)
+            sites = [s for s in _linear_consumers(analysis, max_features, None)
+                     if any(analysis.atoms.find(leaf) == group.root for leaf in analysis.atoms.leaves(s.state.atoms))]
+            stats = _statistics(ctx, graph, sites)
+            ranked = orderings(analysis, [group], sites, stats, criterion, PassResult(modified=False))
+            kept = {group.root: np.sort(ranked[group.root].order[:count])}
+            folded += _prune(graph, analysis, sites, stats, kept, reconstruct)
+            ir.cleanup(graph)
+        return folded

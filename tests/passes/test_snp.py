@@ -147,3 +147,39 @@ def test_zoo_blocks_reconstruction_beats_plain_pruning(name: str, exporter: str,
     assert abs(with_reconstruction.report["macs_ratio"] - 0.7) < 0.03
     onnx.checker.check_model(with_reconstruction.model)
     assert with_reconstruction.report["fidelity"]["rel_l2"] < without.report["fidelity"]["rel_l2"]
+
+
+def _deep_redundant_mlp() -> onnx.ModelProto:
+    """64 -> 24 -> 24 -> 10 with ReLUs; in each hidden layer units 20..23 duplicate units 0..3."""
+    rng = np.random.default_rng(3)
+    layers, nodes, inits, width = [], [], [], 64
+    for index, out in enumerate((24, 24)):
+        weight, bias = rng.standard_normal((out, width)) * 0.3, rng.standard_normal(out) * 0.1 + 0.3
+        weight[20:24], bias[20:24] = weight[0:4], bias[0:4]
+        layers.append((weight, bias))
+        width = out
+    layers.append((rng.standard_normal((10, width)), rng.standard_normal(10)))
+    source = "x"
+    for index, (weight, bias) in enumerate(layers):
+        inits += [numpy_helper.from_array(weight.astype(np.float32), f"w{index}"),
+                  numpy_helper.from_array(bias.astype(np.float32), f"b{index}")]
+        nodes.append(helper.make_node("Gemm", [source, f"w{index}", f"b{index}"], [f"h{index}"], name=f"fc{index}", transB=1))
+        source = f"h{index}"
+        if index < 2:
+            nodes.append(helper.make_node("Relu", [source], [f"a{index}"], name=f"act{index}"))
+            source = f"a{index}"
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", 1, ["N", 64])],
+                              [helper.make_tensor_value_info(source, 1, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_deep_network_duplicates_removed_exactly(sequential: bool) -> None:
+    model = _deep_redundant_mlp()
+    data = _digits()
+    before = count_cost(model, {"x": (1, 64)}).macs
+    target = (64 * 20 + 20 * 20 + 20 * 10) / before
+    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential)
+    assert result.report["macs_ratio"] == pytest.approx(target)
+    error = np.max(np.abs(run_ort(result.model, data)["h2"] - run_ort(model, data)["h2"]))
+    assert error < 1e-4

@@ -1,0 +1,124 @@
+"""SNP planning: per-group unit orderings and how many units each group keeps.
+
+A group's covariance sums, over the tensors where linear consumers read it and over each place the
+group occurs in them (heads, flattened blocks), the covariance of its units; its readout (for the
+output criterion) sums WᵀW of those consumers the same way. `orderings` ranks the units
+(graphopt.passes.snp_math) and normalises the LDLᵀ variances D to fractions of the group's unique
+variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
+(a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
+others); `variance_for_target` bisects V for a MAC target and `fill` spends what is left of the
+budget on the groups whose next units add the most variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.calibration.stats import TensorStats
+from graphopt.passes.base import PassResult
+from graphopt.passes.prune_budget import MacModel
+from graphopt.passes.snp_math import ldl_diagonal, output_order, zca_order
+
+REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
+
+
+@dataclass
+class Ordering:
+    order: np.ndarray       # unit indices, most important first
+    fraction: np.ndarray    # D in that order, normalised to sum 1
+
+
+def occurrences(a: Analysis, state: ChannelState, root: int) -> list[np.ndarray]:
+    """Feature positions of group `root` along `state`'s axis, one array per occurrence."""
+    found, offset = [], 0
+    for leaf in a.atoms.leaves(state.atoms):
+        size = a.atoms.sizes[leaf]
+        if a.atoms.find(leaf) == root:
+            channels = offset + np.arange(size)
+            found.extend(channels * state.factor + k for k in range(state.factor))
+        offset += size
+    return found
+
+
+def _readout(site: Site) -> np.ndarray:
+    """WᵀW over the consumer's outputs and taps, features x features."""
+    weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
+    rows = np.moveaxis(weight, site.axis, -1).reshape(-1, weight.shape[site.axis])
+    return rows.T @ rows
+
+
+def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
+               criterion: str, result: PassResult) -> dict[int, Ordering]:
+    found = {}
+    for group in groups:
+        cov, readout = np.zeros((group.size, group.size)), np.zeros((group.size, group.size))
+        for site in consumers:
+            tensor_stats = stats.get(site.node.inputs[0].name)
+            if tensor_stats is None:
+                continue
+            full_cov = tensor_stats.covariance()
+            full_readout = _readout(site) if criterion == "output" else None
+            for positions in occurrences(a, site.state, group.root):
+                cov += full_cov[np.ix_(positions, positions)]
+                if full_readout is not None:
+                    readout += full_readout[np.ix_(positions, positions)]
+        if not cov.any():
+            result.skipped.append(f"group {group.root} ({group.size} channels): no linear consumer with statistics")
+            continue
+        order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
+        added = ldl_diagonal(cov, order)
+        found[group.root] = Ordering(order, added / max(float(added.sum()), 1e-300))
+    return found
+
+
+def counts(orderings: dict[int, Ordering], keep: float, round_to: int) -> dict[int, int]:
+    kept = {}
+    for root, ordering in orderings.items():
+        cumulative = np.cumsum(ordering.fraction)
+        count = int(np.searchsorted(cumulative, keep - REDUNDANT)) + 1
+        count = min(max(count, 1), ordering.order.size)
+        if round_to > 1:
+            count = min(ordering.order.size, -(-count // round_to) * round_to)
+        kept[root] = count
+    return kept
+
+
+def variance_for_target(orderings: dict[int, Ordering], model: MacModel, target: float, round_to: int) -> float:
+    """The largest global retained-variance cut whose MACs stay within the target."""
+    budget = target * model.total
+    if model.macs(counts(orderings, 0.0, round_to)) > budget:
+        return 0.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        if model.macs(counts(orderings, middle, round_to)) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel, target: float,
+          round_to: int, limit: int = 4096) -> dict[int, int]:
+    """Spend what the variance cut left of the MAC budget: add, one step at a time, the next unit
+    (or `round_to` units) of the group whose next units add the most variance, while MACs fit."""
+    budget = target * model.total
+    chosen = dict(start)
+    for _ in range(limit):
+        best, best_gain = None, 0.0
+        for root, ordering in orderings.items():
+            count = chosen[root]
+            step = min(round_to, ordering.order.size - count)
+            if step <= 0:
+                continue
+            gain = float(ordering.fraction[count:count + step].sum())
+            if gain > best_gain and model.macs({**chosen, root: count + step}) <= budget:
+                best, best_gain = root, gain
+        if best is None:
+            break
+        chosen[best] = min(orderings[best].order.size, chosen[best] + max(round_to, 1))
+    return chosen
