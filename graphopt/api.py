@@ -4,6 +4,8 @@
 through the pass manager, re-infers shapes, checks the result with the ONNX checker, measures MACs,
 parameters and fidelity against the original (on the calibration data, or on seeded random inputs),
 and saves atomically when an output path is given.
+`calibrate` takes activation statistics on the same pre-passed graph and saves them for
+`optimize(..., stats=path)`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 import onnx
 
 from graphopt.analysis.macs import count_cost
+from graphopt.calibration.capture import linear_inputs, request_for
+from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.errors import OptionError
 from graphopt.evaluate import random_feed, verify
 from graphopt.ir import graph as ir
@@ -51,6 +56,35 @@ def resolve_shapes(model: onnx.ModelProto, dataset: Dataset | None,
     return resolve_input_shapes(model, input_shapes, observed)
 
 
+def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike[str] | None = None,
+              tensors: list[str] | None = None, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
+              device: str = "cpu", threads: int = 0, mask_input: str | None = None,
+              input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False) -> StatsFile:
+    """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
+    with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
+    `optimize(..., stats=...)` can reuse them. Saved to `output` when given."""
+    protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
+    if isinstance(data, (str, os.PathLike)):
+        protected.add(Path(data).resolve())
+    if output is not None and Path(output).resolve() in protected:
+        raise OptionError(f"refusing to overwrite an input file: {output}")
+    original = as_model(model)
+    dataset = load_data(data, original)
+    shapes = resolve_shapes(original, dataset, input_shapes)
+    graph = ir.import_graph(original)
+    ctx = PassContext(template=original, input_shapes=shapes, progress=progress)
+    PassManager([get_pass(name) for name in PREPASSES]).run(graph, ctx)
+    normalized = ir.export_model(graph, original)
+    requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
+    calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
+                            threads=threads, progress=progress, mask_input=mask_input)
+    stats_file = StatsFile.build(normalized, calibrator.statistics(normalized, requests), dataset, mask_input)
+    if output is not None:
+        save_stats(stats_file, output, protected=protected)
+        stats_file.source = str(output)
+    return stats_file
+
+
 def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | None = None,
              target_macs: float | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
              output: str | os.PathLike[str] | None = None, batch_size: int = 32, progress: bool = False,
@@ -79,7 +113,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     onnx.checker.check_model(optimized)
     after = count_cost(optimized, shapes)
 
-    fidelity_data = dataset if dataset is not None else [random_feed(original, {k: (8, *v[1:]) for k, v in shapes.items()})]
+    fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
     fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
     report: dict[str, Any] = {
         "method": method,

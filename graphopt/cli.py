@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="MACs, parameters, op histogram, inputs and outputs")
     inspect.add_argument("model", type=Path)
+    inspect.add_argument("--groups", action="store_true",
+                         help="list channel groups: size, members, prunable or why not")
     _add_shapes(inspect)
     _add_common(inspect)
 
@@ -76,9 +78,39 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
     optimize.add_argument("--norm", choices=["l1", "l2"], default="l1", help="magnitude importance norm")
     optimize.add_argument("--seed", type=int, default=0, help="seed for --method random")
+    optimize.add_argument("--keep-variance", type=float,
+                          help="snp: keep this fraction of every group's unique variance (instead of --target-macs)")
+    optimize.add_argument("--criterion", choices=["variance", "output"], default="variance",
+                          help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
+    optimize.add_argument("--sequential", action="store_true",
+                          help="snp: prune group by group, re-measuring statistics on the partly pruned model")
+    optimize.add_argument("--no-reconstruct", action="store_true",
+                          help="snp: prune in the SNP order without folding the least-squares reconstruction")
+    optimize.add_argument("--stats", type=Path, help="statistics from `graphopt calibrate` (else measured on --calib)")
+    _add_calibration(optimize)
     _add_shapes(optimize)
     _add_common(optimize)
+
+    calibrate = commands.add_parser("calibrate", help="activation statistics for optimize --stats")
+    calibrate.add_argument("model", type=Path)
+    calibrate.add_argument("--data", type=Path, required=True, help=".npz with one array per input")
+    calibrate.add_argument("-o", "--output", type=Path, required=True, help="statistics file (.npz)")
+    calibrate.add_argument("--tensors", nargs="+", metavar="NAME",
+                           help="tensors to measure (default: the input of every Conv/Gemm/MatMul with a "
+                                "constant weight)")
+    calibrate.add_argument("--batch-size", type=int, default=32)
+    _add_calibration(calibrate)
+    _add_shapes(calibrate)
+    _add_common(calibrate)
     return parser
+
+
+def _add_calibration(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib-memory", default="2GB", metavar="SIZE",
+                        help="bound on what calibration holds at once, e.g. 512MB (default 2GB)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnxruntime device for calibration")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
+    parser.add_argument("--mask-input", metavar="NAME", help="attention-mask input: token statistics skip padding")
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
@@ -98,7 +130,7 @@ def _fmt(value: float | None, spec: str = ".3g") -> str:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from graphopt.inspect import inspect_model
 
-    info = inspect_model(args.model, input_shapes=_shapes(args))
+    info = inspect_model(args.model, input_shapes=_shapes(args), groups=args.groups)
     if args.json:
         _print_json(info)
         return
@@ -110,6 +142,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print("  ops: " + ", ".join(f"{op} x{count}" for op, count in info["op_histogram"].items()))
     if info["metadata_props"]:
         print("  metadata: " + ", ".join(sorted(info["metadata_props"])))
+    for group in info.get("groups", []):
+        status = "prunable" if group["prunable"] else f"blocked: {group['reason']}"
+        print(f"  group {group['id']}: {group['size']} channels, {status}")
+        print("    " + ", ".join(group["members"]))
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -141,16 +177,23 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> None:
     from graphopt.api import optimize
+    from graphopt.calibration.collect import parse_bytes
 
-    result = optimize(args.model, method=args.method, calib=args.calib, target_macs=args.target_macs,
-                      input_shapes=_shapes(args), output=args.output, batch_size=args.batch_size,
-                      progress=not args.quiet, round_to=args.round_to, norm=args.norm, seed=args.seed)
-    report = result.report
-    if args.report is not None:
+    if args.report is not None:  # checked before anything is written
         from graphopt.ir.io import input_files
 
-        if args.report.resolve() in input_files(args.model):
-            raise GraphoptError(f"refusing to overwrite the input model with the report: {args.report}")
+        if args.report.resolve() in input_files(args.model) | {args.output.resolve()}:
+            raise GraphoptError(f"refusing to overwrite the input model or the output with the report: {args.report}")
+        if not args.report.parent.is_dir():
+            raise GraphoptError(f"report directory does not exist: {args.report.parent}")
+    result = optimize(args.model, method=args.method, calib=args.calib, target_macs=args.target_macs,
+                      input_shapes=_shapes(args), output=args.output, batch_size=args.batch_size,
+                      progress=not args.quiet, round_to=args.round_to, norm=args.norm, seed=args.seed,
+                      stats=args.stats, calib_memory=parse_bytes(args.calib_memory), device=args.device,
+                      threads=args.threads, mask_input=args.mask_input, keep_variance=args.keep_variance,
+                      criterion=args.criterion, reconstruct=not args.no_reconstruct, sequential=args.sequential)
+    report = result.report
+    if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2, default=str))
     if args.json:
         _print_json(report)
@@ -163,8 +206,31 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     print(f"wrote {report['output']}")
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    import time
+
+    from graphopt.api import calibrate
+    from graphopt.calibration.collect import parse_bytes
+
+    start = time.perf_counter()
+    stats_file = calibrate(args.model, args.data, output=args.output, tensors=args.tensors,
+                           batch_size=args.batch_size, memory_limit=parse_bytes(args.calib_memory),
+                           device=args.device, threads=args.threads, mask_input=args.mask_input,
+                           input_shapes=_shapes(args), progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    report = {"output": str(args.output), "tensors": len(stats_file.stats), "samples": stats_file.samples,
+              "seconds": seconds, "model_fingerprint": stats_file.model_fingerprint,
+              "data_fingerprint": stats_file.data_fingerprint}
+    if args.json:
+        _print_json(report)
+        return
+    print(f"statistics of {report['tensors']} tensors over {report['samples']} samples in {seconds:.1f} s")
+    print(f"wrote {args.output}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench, "optimize": cmd_optimize,
+    "calibrate": cmd_calibrate,
 }
 
 

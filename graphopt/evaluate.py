@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from graphopt.calibration.data import Dataset, DataSource, input_specs, load_data
+from graphopt.calibration.data import Dataset, DataSource, fixed_batch, input_specs, load_data
 from graphopt.calibration.session import make_session
-from graphopt.errors import DataError
+from graphopt.errors import DataError, OptionError
 from graphopt.ir.shapes import resolve_input_shapes
 
 
@@ -89,22 +89,29 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
             if ref_value.shape != cand_value.shape:
                 raise DataError(f"output '{name}' shape differs: {ref_value.shape} vs {cand_value.shape}")
             agreements[name].add(ref_value, cand_value)
-        samples += next(iter(feed.values())).shape[0]
+        samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
     outputs = {name: agreement.summary() for name, agreement in agreements.items()}
     return VerifyReport(outputs[shared[0]], outputs, samples)
 
 
 def _batch_count(dataset: Dataset, batch_size: int) -> int | None:
     total = dataset.num_samples
-    return None if total is None else -(-total // batch_size)
+    return None if total is None else -(-total // (dataset.fixed_batch or batch_size))
 
 
-def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded inputs: standard normal floats, small non-negative integers, random booleans."""
+def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0,
+                batch: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded inputs: standard normal floats, small non-negative integers, random booleans.
+
+    `batch` replaces axis 0 of the inputs whose axis 0 is dynamic; a fixed batch (or a scalar) stays.
+    """
     rng = np.random.default_rng(seed)
     feed = {}
     for spec in input_specs(model):
         shape = shapes[spec.name]
+        fixed = not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0)
+        if batch is not None and not fixed:
+            shape = (batch, *shape[1:])
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
@@ -122,8 +129,10 @@ def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int 
         if next(iter(feed.values())).shape[0] < batch:
             raise DataError(f"data has fewer than --batch {batch} samples")
     else:
-        shapes = resolve_input_shapes(model)
-        feed = random_feed(model, {k: (batch, *v[1:]) for k, v in shapes.items()})
+        fixed = fixed_batch(model)
+        if fixed is not None and fixed != batch:
+            raise OptionError(f"the model's batch axis is fixed to {fixed}; --batch {batch} cannot apply")
+        feed = random_feed(model, resolve_input_shapes(model), batch=batch)
     session = make_session(model, optimize=True, device=device, threads=threads)
     for _ in range(warmup):
         session.run(None, feed)

@@ -20,12 +20,26 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": dims}
 
 
+def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The channel groups structured methods see: found after the normalising pre-passes."""
+    from graphopt.ir import graph as ir
+    from graphopt.passes import PREPASSES, PassContext, PassManager, get_pass
+    from graphopt.passes.prune_magnitude import analyse
+
+    graph = ir.import_graph(model)
+    ctx = PassContext(template=model, input_shapes=input_shapes, progress=False)
+    PassManager([get_pass(name) for name in PREPASSES]).run(graph, ctx)
+    analysis, _ = analyse(graph, ctx)
+    return [group.describe() for group in analysis.groups()]
+
+
 def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
-                  input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+                  input_shapes: dict[str, tuple[int, ...]] | None = None, groups: bool = False) -> dict[str, Any]:
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     shapes = resolve_input_shapes(proto, input_shapes)
     cost = count_cost(proto, shapes)
     real_inputs = {s.name for s in input_specs(proto)}
+    extra = {"groups": channel_groups(proto, shapes)} if groups else {}
     return {
         "macs": cost.macs,
         "params": cost.params,
@@ -38,4 +52,5 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
         "macs_per_node": cost.per_node,
         "metadata_props": {p.key: p.value for p in proto.metadata_props},
         "functions": [f"{f.domain}::{f.name}" for f in proto.functions],
+        **extra,
     }

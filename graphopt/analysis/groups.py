@@ -155,13 +155,11 @@ def subgraph_reads(graph: gs.Graph) -> set[str]:
     return names
 
 
-def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis:
-    from graphopt.analysis.rules import RULES, no_rule
-
-    analysis = Analysis(graph, shapes)
+def name_nodes(graph: gs.Graph) -> None:
+    """Give every node a distinct name (sites, reports and MAC counts refer to nodes by name)."""
     taken = {n.name for n in graph.nodes}
     seen: set[str] = set()
-    for index, node in enumerate(graph.nodes):  # sites and reports need a distinct name per node
+    for index, node in enumerate(graph.nodes):
         if not node.name or node.name in seen:
             candidate = f"{node.op}_{index}"
             while candidate in taken:
@@ -169,6 +167,13 @@ def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis
             node.name = candidate
             taken.add(candidate)
         seen.add(node.name)
+
+
+def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis:
+    from graphopt.analysis.rules import RULES, no_rule
+
+    analysis = Analysis(graph, shapes)
+    name_nodes(graph)
     captured = subgraph_reads(graph)
     for node in graph.nodes:
         RULES.get(node.op, no_rule)(node, analysis)

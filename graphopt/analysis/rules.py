@@ -39,6 +39,16 @@ def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+def _constant_or_absent(node: gs.Node, index: int) -> bool:
+    return len(node.inputs) <= index or not node.inputs[index].name or constant_values(node.inputs[index]) is not None
+
+
+def _extra_outputs_read(node: gs.Node, a: Analysis) -> bool:
+    """True when an output after the first (Dropout's mask, MaxPool's indices) is read or is a graph output."""
+    outputs = {t.name for t in a.graph.outputs}
+    return any(t.name and (t.outputs or t.name in outputs) for t in node.outputs[1:])
+
+
 # -- producers and consumers ------------------------------------------------------------------
 
 @rule("Conv")
@@ -46,8 +56,8 @@ def conv(node: gs.Node, a: Analysis) -> None:
     weight = constant_values(node.inputs[1])
     x, y = node.inputs[0], node.outputs[0]
     incoming = a.state(x)
-    if weight is None:
-        a.block_inputs(node, "weight is not constant")
+    if weight is None or not _constant_or_absent(node, 2):
+        a.block_inputs(node, "weight or bias is not constant")
         return
     groups = int(node.attrs.get("group", 1))
     if incoming is not None and incoming.axis != 1:
@@ -57,7 +67,7 @@ def conv(node: gs.Node, a: Analysis) -> None:
         if incoming is None:
             return
         a.site("weight", node, incoming, index=1, axis=0, role="param")
-        if len(node.inputs) > 2:
+        if len(node.inputs) > 2 and node.inputs[2].name:
             a.site("weight", node, incoming, index=2, axis=0, role="param")
         a.site("group", node, incoming)
         a.set_state(y, incoming)
@@ -72,7 +82,7 @@ def conv(node: gs.Node, a: Analysis) -> None:
     elif incoming is not None:
         a.site("weight", node, incoming, index=1, axis=1, role="consumer")
     a.site("weight", node, out, index=1, axis=0, role="producer")
-    if len(node.inputs) > 2:
+    if len(node.inputs) > 2 and node.inputs[2].name:
         a.site("weight", node, out, index=2, axis=0, role="param")
     a.set_state(y, out)
     a.cost(node, incoming, out)
@@ -82,8 +92,9 @@ def conv(node: gs.Node, a: Analysis) -> None:
 def conv_transpose(node: gs.Node, a: Analysis) -> None:
     weight = constant_values(node.inputs[1])
     incoming = a.state(node.inputs[0])
-    if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape"):
-        a.block_inputs(node, "ConvTranspose with groups, output_shape or a non-constant weight")
+    if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape") \
+            or not _constant_or_absent(node, 2):
+        a.block_inputs(node, "ConvTranspose with groups, output_shape or a non-constant weight or bias")
         return
     if incoming is not None and incoming.axis != 1:
         a.block(incoming, f"{node.name} (ConvTranspose): input channels are not on axis 1")
@@ -92,7 +103,7 @@ def conv_transpose(node: gs.Node, a: Analysis) -> None:
         a.site("weight", node, incoming, index=1, axis=0, role="consumer")
     out = a.new_state(1, weight.shape[1])
     a.site("weight", node, out, index=1, axis=1, role="producer")
-    if len(node.inputs) > 2:
+    if len(node.inputs) > 2 and node.inputs[2].name:
         a.site("weight", node, out, index=2, axis=0, role="param")
     a.set_state(node.outputs[0], out)
     a.cost(node, incoming, out)
@@ -144,6 +155,8 @@ def matmul(node: gs.Node, a: Analysis) -> None:
         if rank_r != 2:
             a.block(left_state, f"{node.name} (MatMul): constant weight of rank {rank_r}")
             return
+        if left_state is not None and left_state.axis == rank_l - 2:  # a tensor tracks one channel axis
+            a.block(left_state, f"{node.name} (MatMul): channels on the row axis")
         if contracted is not None:
             a.site("weight", node, contracted, index=1, axis=0, role="consumer")
         out = a.new_state(rank_y - 1, weight.shape[1])
@@ -218,8 +231,16 @@ def unary(node: gs.Node, a: Analysis) -> None:
     for tensor in node.inputs[1:]:
         if a.state(tensor) is not None:
             a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
-    if state is not None:
-        a.set_state(node.outputs[0], state)
+    if state is None:
+        return
+    if node.op == "Dropout":  # the mask has the data's layout
+        for output in node.outputs:
+            a.set_state(output, state)
+        return
+    if _extra_outputs_read(node, a):
+        a.block(state, f"{node.name} ({node.op}): a second output (flat indices) is read")
+        return
+    a.set_state(node.outputs[0], state)
 
 
 @rule("BatchNormalization", "InstanceNormalization")

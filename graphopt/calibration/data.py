@@ -43,10 +43,19 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model fixes on axis 0 of every input, or None where axis 0 is dynamic."""
+    sizes = {s.shape[0] if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 else None
+             for s in input_specs(model)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would return a bare array for an .npy file
+        raise DataError(f"{path} is not an .npz archive (save data with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -85,7 +94,7 @@ def bind_arrays(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], where:
     bound = {s.name: np.asarray(arrays[s.name]) for s in specs}
     for spec in specs:
         _check_array(spec, bound[spec.name], where)
-    counts = {name: a.shape[0] for name, a in bound.items()}
+    counts = {name: a.shape[0] for name, a in bound.items() if a.ndim}  # a scalar input has no sample axis
     if len(set(counts.values())) > 1:
         raise DataError(f"{where}: inputs have different sample counts {counts}")
     if next(iter(counts.values()), 0) == 0:
@@ -103,13 +112,22 @@ class Dataset:
 
     @property
     def num_samples(self) -> int | None:
-        return next(iter(self.arrays.values())).shape[0] if self.arrays is not None else None
+        return next((a.shape[0] for a in self.arrays.values() if a.ndim), 1) if self.arrays is not None else None
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return fixed_batch(self.model)
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Slices of `batch_size` samples (of the model's fixed batch size, where it has one)."""
         if self.arrays is not None:
             total = self.num_samples or 0
+            batch_size = self.fixed_batch or batch_size
+            if total % batch_size and self.fixed_batch:
+                raise DataError(f"the model's batch axis is fixed to {batch_size}: "
+                                f"{total} samples are not a multiple of it")
             for start in range(0, total, batch_size):
-                yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
+                yield {k: v[start:start + batch_size] if v.ndim else v for k, v in self.arrays.items()}
             return
         for index, feed in enumerate(self.feeds or ()):
             yield bind_arrays(self.model, feed, where=f"feed {index}")
@@ -117,7 +135,7 @@ class Dataset:
     def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-input shapes of one sample (batch 1), from the first batch."""
         first = next(iter(self.batches(1)))
-        return {name: (1, *array.shape[1:]) for name, array in first.items()}
+        return {name: (1, *array.shape[1:]) if array.ndim else () for name, array in first.items()}
 
 
 def load_data(source: DataSource, model: onnx.ModelProto) -> Dataset:

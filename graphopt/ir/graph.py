@@ -34,6 +34,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
     """Turn `graph` back into a model carrying `template`'s model-level fields."""
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # re-inferred below; a stale shape would contradict new weights
+    _drop_captured_copies(model.graph, set())
     model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
@@ -51,7 +52,39 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
     exported_functions = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in template.functions if (f.domain, f.name) not in exported_functions)
     model.graph.doc_string = template.graph.doc_string
+    _restore_annotations(model.graph, template.graph)
     return infer_shapes(model) if infer else model
+
+
+def _drop_captured_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """onnx-graphsurgeon writes every constant a subgraph reads into that subgraph's initializers, even
+    when an enclosing graph holds it: drop those copies (names are unique across scopes, so same name,
+    same tensor) or each If branch and Loop body would carry its own copy of the outer weights."""
+    visible = outer | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for attr in node.attribute:
+            for subgraph in [attr.g] if attr.HasField("g") else attr.graphs:
+                own = [t for t in subgraph.initializer if t.name not in visible]
+                if len(own) != len(subgraph.initializer):
+                    del subgraph.initializer[:]
+                    subgraph.initializer.extend(own)
+                _drop_captured_copies(subgraph, visible)
+
+
+def _restore_annotations(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
+    """onnx-graphsurgeon drops doc strings and metadata_props of graph inputs/outputs and of nodes:
+    take them back from the template, values by name and nodes by (name, op_type)."""
+    values = {v.name: v for v in itertools.chain(template.input, template.output)}
+    nodes = {(n.name, n.op_type): n for n in template.node if n.name}
+    pairs = [*((v, values.get(v.name)) for v in itertools.chain(graph.input, graph.output)),
+             *((n, nodes.get((n.name, n.op_type))) for n in graph.node)]
+    for item, original in pairs:
+        if original is None:
+            continue
+        if original.doc_string:
+            item.doc_string = original.doc_string
+        if getattr(original, "metadata_props", None) and not item.metadata_props:  # onnx >= 1.16
+            item.metadata_props.extend(original.metadata_props)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -138,9 +171,14 @@ def fold_constants(graph: gs.Graph) -> int:
     before = len(graph.nodes)
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
     graph.fold_constants(recurse_subgraphs=False, flatten_subgraphs=False, recurse_functions=False,
-                         error_ok=True)
+                         error_ok=True, should_exclude_node=lambda node: node.op in _NONDETERMINISTIC)
     cleanup(graph)
     return max(0, before - len(graph.nodes))
+
+
+# folding these would freeze one draw of a random number generator into a constant
+_NONDETERMINISTIC = frozenset({"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike",
+                               "Multinomial", "Bernoulli"})
 
 
 def replace_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:

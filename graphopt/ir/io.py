@@ -102,7 +102,11 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not model.HasField("graph") or not model.opset_import:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no graph or opset)")
     if _external_files(model, path.parent):
-        onnx.load_external_data_for_model(model, str(path.parent))
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # e.g. onnx refuses any symlink
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{path}: cannot load its external data: {first_line}") from exc
     try:
         onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(path))
     except onnx.checker.ValidationError as exc:
@@ -119,6 +123,14 @@ def input_files(path: str | os.PathLike[str]) -> set[Path]:
     except Exception:  # an unreadable input has no external files to protect
         return {path.resolve()}
     return {path.resolve()} | _external_files(header, path.parent)
+
+
+def _to_raw_data(model: onnx.ModelProto) -> None:
+    """Store initializers held in typed fields (float_data, ...) as raw_data: onnx moves only raw_data out."""
+    for tensor in model.graph.initializer:
+        if (tensor.data_location != onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data")
+                and tensor.data_type != onnx.TensorProto.STRING):
+            tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
@@ -152,6 +164,7 @@ def save_model(
         if external:
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
+            _to_raw_data(to_save)
             onnx.save_model(to_save, str(staged), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
             os.replace(staging / data_name, path.parent / data_name)

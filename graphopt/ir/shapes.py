@@ -40,6 +40,10 @@ def resolve_input_shapes(model: onnx.ModelProto, explicit: dict[str, tuple[int, 
             shape = explicit[spec.name]
             if len(shape) != len(spec.shape):
                 raise OptionError(f"--input-shape for '{spec.name}' has rank {len(shape)}, model says {len(spec.shape)}")
+            for axis, (fixed, given) in enumerate(zip(spec.shape, shape)):
+                if isinstance(fixed, int) and fixed > 0 and fixed != given:
+                    raise OptionError(f"--input-shape for '{spec.name}' sets axis {axis} to {given}, "
+                                      f"the model fixes it to {fixed}")
             resolved[spec.name] = shape
             continue
         if observed and spec.name in observed:

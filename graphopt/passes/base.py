@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from graphopt.calibration.stats import StatRequest, TensorStats
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,29 @@ class PassContext:
     data: Iterable[dict[str, np.ndarray]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    _calibrator: Any = field(default=None, init=False, repr=False, compare=False)
 
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)
         return default if value is None else value
+
+    def statistics(self, requests: Iterable[StatRequest],
+                   model: onnx.ModelProto | gs.Graph | None = None) -> dict[str, TensorStats]:
+        """Activation statistics of `model` (a graph, a model, or by default the template).
+
+        Served from `options["stats"]` (a file from `graphopt calibrate`) where still valid, else
+        measured on `data`; a `GraphoptError` says to give --calib when neither can answer. One
+        calibrator per context caches results, so a pass calling again on a partly rewritten graph
+        (sequential mode) re-measures only the tensors downstream of its changes.
+        """
+        from graphopt.calibration.collect import context_calibrator
+        from graphopt.ir.graph import export_model
+
+        if self._calibrator is None:
+            self._calibrator = context_calibrator(self)
+        if isinstance(model, gs.Graph):
+            model = export_model(model, self.template)
+        return self._calibrator.statistics(model if model is not None else self.template, requests)
 
 
 class Pass:

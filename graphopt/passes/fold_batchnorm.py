@@ -41,12 +41,15 @@ def _fold_conv(graph: gs.Graph, conv: gs.Node, s: np.ndarray, t: np.ndarray) -> 
         per_group = w.shape[1]
         grouped = w.reshape(groups, w.shape[0] // groups, per_group, *w.shape[2:])
         w = (grouped * s.reshape(groups, 1, per_group, *([1] * (w.ndim - 2)))).reshape(w.shape)
-    bias = ir.constant_array(conv.inputs[2]).astype(np.float64) if len(conv.inputs) > 2 else 0.0
+    has_bias = len(conv.inputs) > 2 and conv.inputs[2].name  # an empty name is an omitted bias
+    bias = ir.constant_array(conv.inputs[2]).astype(np.float64) if has_bias else 0.0
     ir.set_input_array(graph, conv, 1, w.astype(weight.dtype))
     new_bias = (bias * s + t).astype(weight.dtype)
-    if len(conv.inputs) > 2:
+    if has_bias:
         ir.set_input_array(graph, conv, 2, new_bias)
     else:
+        while len(conv.inputs) > 2:
+            conv.inputs.pop()
         conv.inputs.append(gs.Constant(ir.unique_name(graph, f"{conv.name or 'conv'}_bias"), new_bias))
 
 
@@ -59,7 +62,8 @@ def _fold_gemm(graph: gs.Graph, gemm: gs.Node, s: np.ndarray, t: np.ndarray) -> 
     bias = 0.0
     if len(gemm.inputs) > 2 and gemm.inputs[2].name:
         c = ir.constant_array(gemm.inputs[2])
-        if c is None or c.size not in (1, s.size):
+        # C broadcasts to [M, N]; only a scalar or a row ([N], [1, N]) is per output column ([N, 1] is not)
+        if c is None or not (c.size == 1 or c.size == c.shape[-1] == s.size):
             return "Gemm bias C is not a constant of shape [N]"
         bias = float(gemm.attrs.get("beta", 1.0)) * c.astype(np.float64).reshape(-1)
     ir.set_input_array(graph, gemm, 1, w.astype(weight.dtype))
@@ -68,7 +72,8 @@ def _fold_gemm(graph: gs.Graph, gemm: gs.Node, s: np.ndarray, t: np.ndarray) -> 
     if len(gemm.inputs) > 2 and gemm.inputs[2].name:
         ir.set_input_array(graph, gemm, 2, new_bias)
     else:
-        del gemm.inputs[2:]
+        while len(gemm.inputs) > 2:  # an empty optional C; gs lists cannot delete slices
+            gemm.inputs.pop()
         gemm.inputs.append(gs.Constant(ir.unique_name(graph, f"{gemm.name or 'gemm'}_bias"), new_bias))
     return None
 
@@ -83,6 +88,9 @@ def _match(graph: gs.Graph, bn: gs.Node) -> gs.Node | str:
         return f"{producer.op} output is also read elsewhere"
     if ir.constant_array(producer.inputs[1]) is None:
         return f"{producer.op} weight is not constant"
+    if (producer.op in ("Conv", "ConvTranspose") and len(producer.inputs) > 2 and producer.inputs[2].name
+            and ir.constant_array(producer.inputs[2]) is None):
+        return f"{producer.op} bias is not constant"
     if producer.op == "MatMul":
         if x.shape is None or len(x.shape) != 2 or ir.constant_array(producer.inputs[1]).ndim != 2:
             return "MatMul output is not known to be rank 2"

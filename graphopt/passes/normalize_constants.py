@@ -1,7 +1,8 @@
 """Turn every weight representation into initializers.
 
 Exporters write weights as initializers, `Constant` nodes, or small constant subgraphs
-(`ConstantOfShape` of a constant shape, `Identity`/`Cast` chains over constants). This pass evaluates
+(`ConstantOfShape` of a constant shape, `Identity`/`Cast` chains over constants, `CastLike` of a
+constant to a tensor whose dtype is known: its second input gives only the dtype). This pass evaluates
 those few op types in numpy and replaces their outputs by initializers, so later passes see one
 representation. Exact: the values are bit-for-bit what the nodes produce. Outputs that are graph
 outputs stay produced by their node (an initializer cannot be renamed into a graph output).
@@ -39,6 +40,10 @@ def _evaluate(node: gs.Node) -> np.ndarray | str | None:
     """Evaluate a constant-producing node in numpy; None when its inputs are not all constant."""
     if node.op == "Constant":
         return _constant_value(node)
+    if node.op == "CastLike":
+        value, like = ir.constant_array(node.inputs[0]), node.inputs[1].dtype
+        known = isinstance(like, (type, np.dtype))  # None (not inferred) or a type numpy lacks
+        return value.astype(like) if value is not None and known else None
     inputs = [ir.constant_array(t) for t in node.inputs]
     if not inputs or any(value is None for value in inputs):
         return None
@@ -53,17 +58,19 @@ def _evaluate(node: gs.Node) -> np.ndarray | str | None:
     return None
 
 
+_EVALUATED = ("Constant", "Identity", "Cast", "CastLike", "ConstantOfShape")
+
+
 @register
 class NormalizeConstants(Pass):
     name = "normalize_constants"
-    description = "Constant nodes and constant ConstantOfShape/Identity/Cast chains become initializers"
+    description = "Constant nodes and constant ConstantOfShape/Identity/Cast/CastLike chains become initializers"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         outputs = {t.name for t in graph.outputs}
-        graph.toposort(recurse_subgraphs=False, recurse_functions=False)
-        for node in list(graph.nodes):
-            if node.op not in ("Constant", "Identity", "Cast", "ConstantOfShape") or len(node.outputs) != 1:
+        for node in list(graph.nodes):  # already in topological order (ONNX requires it; the manager keeps it)
+            if node.op not in _EVALUATED or len(node.outputs) != 1:
                 continue
             out = node.outputs[0]
             if out.name in outputs:

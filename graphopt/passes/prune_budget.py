@@ -4,9 +4,14 @@ MACs of every Conv/ConvTranspose/Gemm/MatMul are bilinear in the kept fractions 
 output channel axes, so with k_g channels kept in group g the model's MACs are, exactly,
     MACs(k) = fixed + sum_nodes base_n * prod_{axes of n} (sum_g m_{a,g} k_g) / (sum_g m_{a,g} size_g)
 where m_{a,g} counts how often group g's atoms appear along axis a. Importance scores are normalised
-by their group mean so groups compare; one global threshold t keeps, in every prunable group, the
-channels scoring >= t (at least one, rounded up to a multiple of `round_to`). The smallest t whose
-MACs do not exceed the target is found by bisection over the sorted scores (MACs fall as t rises).
+by their group mean so groups compare. All removable channels (every channel but the best of its
+group) are laid in one global removal order: lowest normalised score first; ties go first to the
+channel ranked lowest within its group relative to the group size (so equal scores prune groups
+evenly, whatever their sizes), then by group and index. Removing the first m channels of that order
+(rounding each group's count up to a multiple of `round_to`) gives MACs that never rise with m; the
+smallest m within the target is found by bisection. What the last step left of the budget is then
+spent greedily: removed channels are put back, most important first, wherever they still fit.
+Within a group, kept channels are always its highest-scoring ones (ties: lower index first).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class MacModel:
         self.fixed = float(sum(m for name, m in per_node.items() if name not in counted))
         self.terms = [(float(per_node.get(name, 0)), axes) for name, axes in terms]
 
+    def ratio(self, counts: dict[int, int]) -> float:
+        return self.macs(counts) / self.total if self.total else 1.0
+
     def macs(self, counts: dict[int, int]) -> float:
         result = self.fixed
         for base, axes in self.terms:
@@ -65,13 +73,65 @@ class MacModel:
         return result
 
 
-def _counts(normalised: dict[int, np.ndarray], threshold: float, round_to: int) -> dict[int, int]:
-    counts = {}
-    for root, scores in normalised.items():
-        keep = max(1, int(np.count_nonzero(scores >= threshold)))
-        if round_to > 1:
-            keep = min(scores.size, -(-keep // round_to) * round_to)
-        counts[root] = keep
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of each channel within its group: 0 for the best (highest score, then lowest index)."""
+    ranks = np.empty(scores.size, dtype=np.int64)
+    ranks[np.argsort(-scores, kind="stable")] = np.arange(scores.size)
+    return ranks
+
+
+class _RemovalOrder:
+    """Every removable channel of every group, in global removal order."""
+
+    def __init__(self, scores: dict[int, np.ndarray], round_to: int) -> None:
+        self.roots = sorted(scores)
+        self.sizes = np.array([scores[r].size for r in self.roots], dtype=np.int64)
+        self.round_to = round_to
+        group, score, spread = [], [], []
+        for position, root in enumerate(self.roots):
+            values = scores[root].astype(np.float64)
+            normalised = values / max(float(np.mean(values)), 1e-30) if values.size else values
+            ranks = _ranks(normalised)
+            removable = ranks > 0  # the best channel of a group always stays
+            group.append(np.full(int(removable.sum()), position, dtype=np.int64))
+            score.append(normalised[removable])
+            spread.append(-ranks[removable] / max(values.size, 1))
+        self.group = np.concatenate(group) if group else np.zeros(0, dtype=np.int64)
+        score_all = np.concatenate(score) if score else np.zeros(0)
+        spread_all = np.concatenate(spread) if spread else np.zeros(0)
+        self.order = np.lexsort((np.arange(self.group.size), spread_all, score_all))
+
+    def __len__(self) -> int:
+        return int(self.order.size)
+
+    def counts(self, removed: int) -> dict[int, int]:
+        gone = np.bincount(self.group[self.order[:removed]], minlength=len(self.roots))
+        keep = self.sizes - gone
+        if self.round_to > 1:
+            keep = np.minimum(self.sizes, -(-keep // self.round_to) * self.round_to)
+        return {root: int(k) for root, k in zip(self.roots, keep)}
+
+
+def minimum_counts(scores: dict[int, np.ndarray], round_to: int = 1) -> dict[int, int]:
+    """The fewest channels every group may keep: one, rounded up to a multiple of `round_to`."""
+    return {root: min(s.size, max(round_to, 1)) for root, s in scores.items()}
+
+
+def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: MacModel,
+          budget: float) -> dict[int, int]:
+    """Put back removed channels, most important first, while MACs stay within the budget."""
+    counts = dict(counts)
+    full: set[int] = set()
+    for index in removal.order[:removed][::-1]:
+        position = int(removal.group[index])
+        root = removal.roots[position]
+        if root in full or counts[root] >= removal.sizes[position]:
+            continue
+        grown = min(int(removal.sizes[position]), counts[root] + removal.round_to)
+        if model.macs({**counts, root: grown}) <= budget:
+            counts[root] = grown
+        else:  # adding to this group only costs more once others have grown
+            full.add(root)
     return counts
 
 
@@ -79,19 +139,21 @@ def choose_counts(scores: dict[int, np.ndarray], model: MacModel, target: float,
                   round_to: int = 1) -> dict[int, int]:
     """Kept channels per group so that MACs come as close to `target` (a fraction) without exceeding it,
     when that is reachable; otherwise the fewest channels the constraints allow."""
-    normalised = {r: s / max(float(np.mean(s)), 1e-30) for r, s in scores.items()}
-    candidates = np.unique(np.concatenate([s for s in normalised.values()] + [np.zeros(1)]))
+    round_to = max(round_to, 1)
+    removal = _RemovalOrder(scores, round_to)
     budget = target * model.total
-    low, high = 0, candidates.size - 1  # invariant: the answer lies in candidates[low..high]
-    if model.macs(_counts(normalised, candidates[high], round_to)) > budget:
-        return _counts(normalised, np.inf, round_to)
+    if model.macs(removal.counts(0)) <= budget:
+        return removal.counts(0)
+    if model.macs(removal.counts(len(removal))) > budget:
+        return minimum_counts(scores, round_to)
+    low, high = 1, len(removal)  # invariant: the smallest removal within budget lies in [low, high]
     while low < high:
         middle = (low + high) // 2
-        if model.macs(_counts(normalised, candidates[middle], round_to)) <= budget:
+        if model.macs(removal.counts(middle)) <= budget:
             high = middle
         else:
             low = middle + 1
-    return _counts(normalised, candidates[low], round_to)
+    return _fill(removal.counts(low), removal, low, model, budget)
 
 
 def top_indices(scores: np.ndarray, count: int) -> np.ndarray:

@@ -55,7 +55,11 @@ def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
         elif graph.opset >= 13:
             node.attrs.pop("num_outputs", None)
             node.attrs.pop("split", None)
-            node.inputs.append(gs.Constant(ir.unique_name(graph, f"{node.name}_split"), sizes))
+            constant = gs.Constant(ir.unique_name(graph, f"{node.name}_split"), sizes)
+            if len(node.inputs) > 1:  # an omitted optional input (empty name) holds the place
+                node.inputs[1] = constant
+            else:
+                node.inputs.append(constant)
         else:
             node.attrs["split"] = [int(s) for s in sizes]
     elif site.kind == "slice":

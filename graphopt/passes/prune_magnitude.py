@@ -14,13 +14,13 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.groups import Analysis, Group, find_groups
+from graphopt.analysis.groups import Analysis, Group, find_groups, name_nodes
 from graphopt.analysis.macs import count_cost
 from graphopt.analysis.shapes import batch1_shapes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.prune_budget import MacModel, choose_counts, top_indices
+from graphopt.passes.prune_budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.prune_engine import apply_kept
 
 log = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 def analyse(graph: gs.Graph, ctx: PassContext) -> tuple[Analysis, dict[str, int]]:
     """Channel groups of `graph` and per-node batch-1 MACs (node names are made unique first)."""
+    name_nodes(graph)  # MACs are keyed by node name, sites by node: both need the same unique names
     model = ir.export_model(graph, ctx.template)
     analysis = find_groups(graph, batch1_shapes(model, ctx.input_shapes))
-    return analysis, count_cost(ir.export_model(graph, ctx.template), ctx.input_shapes).per_node
+    return analysis, count_cost(model, ctx.input_shapes).per_node
 
 
 def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict[int, np.ndarray]:
@@ -39,9 +40,12 @@ def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict
     for site in analysis.sites:
         if site.role != "producer":
             continue
-        weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
+        weight = np.asarray(site.node.inputs[site.index].values)
         rows = np.moveaxis(weight, site.axis, 0).reshape(weight.shape[site.axis], -1)
-        per_row = np.abs(rows).sum(axis=1) if norm == "l1" else np.sqrt((rows * rows).sum(axis=1))
+        if norm == "l1":  # accumulate in float64 without a float64 copy of the weight
+            per_row = np.abs(rows).sum(axis=1, dtype=np.float64)
+        else:
+            per_row = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
         offset = 0
         for leaf in atoms.leaves(site.state.atoms):
             size = atoms.sizes[leaf]
@@ -81,8 +85,9 @@ class _ChannelPruning(Pass):
         result.stats = {
             "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(kept),
             "channels_prunable": sum(g.size for g in prunable), "channels_removed": removed,
-            "target_macs": target, "estimated_macs_ratio": mac_model.macs(counts) / mac_model.total
-            if mac_model.total else 1.0,
+            "target_macs": target, "estimated_macs_ratio": mac_model.ratio(counts),
+            # the lowest ratio these groups can reach: above the target, the target is out of reach
+            "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)),
         }
         return result
 

@@ -18,7 +18,7 @@ def _removable(graph: gs.Graph, node: gs.Node) -> str | None:
     """None when the node can go, else why not."""
     label = node.name or node.outputs[0].name
     if node.op == "Dropout":
-        if len(node.outputs) > 1 and node.outputs[1].outputs:
+        if len(node.outputs) > 1 and (node.outputs[1].outputs or ir.is_graph_io(graph, node.outputs[1])):
             return f"{label}: Dropout mask is consumed"
         if len(node.inputs) > 2 and node.inputs[2].name:
             mode = ir.constant_array(node.inputs[2])
@@ -46,6 +46,8 @@ class RemoveIdentity(Pass):
             if ir.is_graph_io(graph, out):
                 upstream = ir.producer(source)
                 if upstream is None or ir.is_graph_io(graph, source) or len(source.outputs) != 1:
+                    result.skipped.append(f"{node.name or out.name}: kept, its input '{source.name}' is an "
+                                          "initializer, a graph input or output, or read elsewhere")
                     continue
                 ir.detach(node)
                 ir.replace_output(upstream, source, out)

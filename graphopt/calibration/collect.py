@@ -1,0 +1,253 @@
+"""Statistics of intermediate tensors from onnxruntime runs over calibration data, in bounded memory.
+
+`Calibrator` owns the data and run settings and answers `statistics(model, requests)`:
+1. requests on the same tensor merge (union of kinds); two channel axes for one tensor are refused;
+2. a cache keyed by each tensor's cone fingerprint (capture.py) answers every request whose axis
+   and kinds an entry covers, whatever the tensor is called now; so a pass calling again on a model
+   where only later layers changed (sequential mode: layer k measured on the model with layers < k
+   rewritten, as SparseGPT and SliceGPT do) reruns only the tensors downstream of its change, and a
+   statistics file preloads the cache;
+3. the misses are planned into rounds (capture.py) under `memory_limit` bytes, which covers the
+   accumulators (C² float64 per Gram), the captured activations of one batch and the float64 working
+   chunks; each round runs only the cone of its tensors in onnxruntime over every batch and feeds
+   each captured tensor into its `TensorStats` at once, so no activation outlives its batch.
+Sessions use full graph optimisation: exposing post-activation tensors (the inputs of Conv/Gemm/MatMul)
+leaves Conv+activation fusions intact, and on ResNet-18 the exposed cone ran within ~5% of plain
+inference at that level, while the unoptimised or basic levels ran ~1.8x slower.
+Data given as a stream of feed dicts is taken one feed per batch, as given: the bound then holds for
+feeds of at most the planned batch size.
+Results depend only on the model, the data and its order, the batch size and the memory limit (which
+fixes rounds and batch sizes), not on timing: the same call gives bit-identical statistics.
+`collect` is the one-shot form; `context_calibrator` builds the calibrator a `PassContext` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, exposing_model, plan_rounds
+from graphopt.calibration.data import Dataset, DataSource, input_specs, load_data
+from graphopt.calibration.session import make_session
+from graphopt.calibration.stats import (StatRequest, TensorStats, chunk_rows, mask_applies, row_blocks,
+                                        single_threaded_blas)
+from graphopt.errors import DataError, OptionError
+
+if TYPE_CHECKING:
+    from graphopt.calibration.store import StatsFile
+    from graphopt.passes.base import PassContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEMORY = 2 * 1024**3
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(value: int | str) -> int:
+    """2147483648, '2GB', '512MiB', '1.5g' -> bytes (binary units)."""
+    if isinstance(value, int):
+        amount = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise OptionError(f"--calib-memory expects a size such as 2GB or 512MB, got '{value}'")
+        amount = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if amount <= 0:
+        raise OptionError(f"--calib-memory must be positive, got '{value}'")
+    return amount
+
+
+class Calibrator:
+    """Cached, memory-bounded statistics over one data set; see the module docstring."""
+
+    def __init__(self, data: Dataset | None, *, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
+                 device: str = "cpu", threads: int = 0, progress: bool = False,
+                 mask_input: str | None = None) -> None:
+        if batch_size < 1:
+            raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+        if threads < 0:
+            raise OptionError(f"--threads must be 0 (onnxruntime's default) or more, got {threads}")
+        if mask_input is not None and data is not None and mask_input not in {s.name for s in input_specs(data.model)}:
+            raise OptionError(f"mask input '{mask_input}' is not a model input")
+        self.data = data
+        self.batch_size, self.memory_limit = batch_size, parse_bytes(memory_limit)
+        self.device, self.threads, self.progress, self.mask_input = device, threads, progress, mask_input
+        self.workers = threads or _available_cores()  # accumulation threads, one tensor each
+        self.cache: dict[str, list[TensorStats]] = {}  # cone fingerprint -> statistics measured on it
+        self.cones: dict[str, str] = {}  # tensor name -> cone fingerprint of the last model asked about
+        self.computed = 0  # tensors measured by running the model (cache misses), for logs and tests
+        self.preloaded: dict[str, str] = {}  # tensor name -> statistics file it was loaded from
+        self._data_fingerprint: str | None = None
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        if self._data_fingerprint is None and self.data is not None:
+            from graphopt.calibration.store import data_fingerprint
+
+            self._data_fingerprint = data_fingerprint(self.data)
+        return self._data_fingerprint
+
+    def preload(self, stats_file: StatsFile) -> None:
+        """Seed the cache from a statistics file (computed on this data, when this calibrator has data)."""
+        from graphopt.calibration.store import StaleStatsError
+
+        if self.data is not None and stats_file.data_fingerprint != self.data_fingerprint:
+            raise StaleStatsError(f"{stats_file.source} was computed on other calibration data than the data "
+                                  "given now; recompute it with `graphopt calibrate` or drop --stats")
+        if (stats_file.mask_input or None) != self.mask_input:
+            raise StaleStatsError(f"{stats_file.source} was computed with mask input {stats_file.mask_input!r}, "
+                                  f"not {self.mask_input!r}")
+        for name, stats in stats_file.stats.items():
+            self.cache.setdefault(stats_file.cones[name], []).append(stats)
+            self.preloaded[name] = stats_file.source
+
+    def statistics(self, model: onnx.ModelProto, requests: Iterable[StatRequest]) -> dict[str, TensorStats]:
+        """Statistics for `requests` on `model`, keyed by tensor name (shared with the cache: read-only)."""
+        merged = _merge_requests(requests)
+        self.cones = cone_fingerprints(model)
+        missing = [name for name in merged if name not in self.cones]
+        if missing:
+            raise OptionError(f"no tensor named '{missing[0]}' in the model's main graph")
+        found: dict[str, TensorStats] = {}
+        wanted: dict[str, StatRequest] = {}
+        for name, request in merged.items():
+            hit = next((s for s in self.cache.get(self.cones[name], []) if s.covers(request)), None)
+            if hit is not None:
+                found[name] = replace(hit, tensor=name)
+            else:
+                wanted[name] = request
+        if wanted:
+            found.update(self._measure(model, wanted))
+        return {name: found[name] for name in merged}
+
+    def _measure(self, model: onnx.ModelProto, wanted: dict[str, StatRequest]) -> dict[str, TensorStats]:
+        if self.data is None:
+            name = next(iter(wanted))
+            if name in self.preloaded:
+                from graphopt.calibration.store import StaleStatsError
+
+                raise StaleStatsError(f"statistics of tensor '{name}' in {self.preloaded[name]} are stale (the graph "
+                                      "above it changed, or other kinds or axis were asked): give --calib to recompute")
+            raise DataError(f"statistics of tensor '{name}' need calibration data: give --calib DATA.npz "
+                            "(or --stats STATS.npz from `graphopt calibrate` on this model)")
+        sample = next(iter(self.data.batches(1)))
+        infos = describe(model, list(wanted), sample)
+        stats = {name: _empty(infos[name], wanted[name], self.mask_input is not None) for name in wanted}
+        accumulators = sum(s.shifted_square.nbytes + 4 * s.shifted_sum.nbytes for s in stats.values())
+        budget = self.memory_limit - accumulators
+        if budget <= 0:
+            raise OptionError(f"the requested statistics alone need {accumulators / 2**20:.0f} MiB, more than "
+                              f"--calib-memory {self.memory_limit / 2**20:.0f} MiB: request fewer tensors or kinds")
+        order = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
+        ordered = sorted(infos.values(), key=lambda info: order.get(info.name, -1))
+        rounds = plan_rounds(ordered, self.batch_size, budget, self.workers)
+        total = self.data.num_samples
+        with tqdm(total=total * len(rounds) if total is not None else None, desc="calibrate", unit="sample",
+                  disable=not self.progress, leave=False, dynamic_ncols=True) as bar, \
+                ThreadPoolExecutor(self.workers, thread_name_prefix="calibrate") as pool, single_threaded_blas():
+            for index, planned in enumerate(rounds):
+                bar.set_postfix_str(f"round {index + 1}/{len(rounds)}")
+                self._run_round(model, planned.tensors, planned.batch_size, infos, stats, bar, pool)
+        for name, result in stats.items():
+            self.cache.setdefault(self.cones[name], []).append(result)
+        self.computed += len(stats)
+        log.info("calibration: %d tensors in %d rounds over %s samples", len(stats), len(rounds), total)
+        return stats
+
+    def _run_round(self, model: onnx.ModelProto, names: list[str], batch_size: int, infos: dict[str, TensorInfo],
+                   stats: dict[str, TensorStats], bar: tqdm, pool: ThreadPoolExecutor) -> None:
+        """Run the round's cone batch by batch; each tensor is accumulated by one worker task (so in
+        the same order whatever the threads), and dropped as soon as its task is done."""
+        computed = [name for name in names if not infos[name].is_input]
+        run = self._runner(model, computed, infos)
+        for batch in self.data.batches(batch_size):
+            values = run(batch)
+            values.update({name: batch[name] for name in names if infos[name].is_input})
+            mask = batch.get(self.mask_input) if self.mask_input is not None else None
+            # largest first: the pool balances better; popped, so each activation dies with its task
+            order = sorted(names, key=lambda name: -values[name].size)
+            list(pool.map(lambda name: _accumulate(stats[name], values.pop(name), mask), order))
+            bar.update(next(iter(batch.values())).shape[0])
+
+    def _runner(self, model: onnx.ModelProto, computed: list[str],
+                infos: dict[str, TensorInfo]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        """A function from a batch to the `computed` tensors, running only their cone."""
+        if not computed:
+            return lambda batch: {}
+        exposed = exposing_model(model, computed, {n: infos[n].elem_type for n in computed})
+        session = make_session(exposed, optimize=True, device=self.device, threads=self.threads)
+        del exposed
+        feeds = {i.name for i in session.get_inputs()}
+        return lambda batch: dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}),
+                                      strict=True))
+
+
+def _available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _accumulate(stats: TensorStats, value: np.ndarray, mask: np.ndarray | None) -> None:
+    if stats.masked and not mask_applies(value, stats.channel_axis, mask):
+        log.info("tensor '%s' (shape %s) has no row per mask entry: all its rows count",
+                 stats.tensor, list(value.shape))
+        stats.masked = False
+    for rows in row_blocks(value, stats.channel_axis, mask if stats.masked else None, chunk_rows(stats.channels)):
+        stats.update(rows)
+
+
+def _empty(info: TensorInfo, request: StatRequest, masked: bool) -> TensorStats:
+    rank = len(info.sample_shape)
+    if not -rank <= request.channel_axis < rank:
+        raise OptionError(f"channel axis {request.channel_axis} is out of range for tensor '{info.name}' "
+                          f"of rank {rank}")
+    axis = request.channel_axis % rank
+    return TensorStats.empty(info.name, request.kinds, axis, rank, info.sample_shape[axis], masked)
+
+
+def _merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
+    merged: dict[str, StatRequest] = {}
+    for request in requests:
+        previous = merged.get(request.tensor)
+        if previous is not None and previous.channel_axis != request.channel_axis:
+            raise OptionError(f"tensor '{request.tensor}' requested with channel axes "
+                              f"{previous.channel_axis} and {request.channel_axis}")
+        kinds = request.kinds | (previous.kinds if previous is not None else frozenset())
+        merged[request.tensor] = StatRequest(request.tensor, kinds, request.channel_axis)
+    return merged
+
+
+def collect(model: onnx.ModelProto, data: DataSource | Dataset, requests: list[StatRequest], *,
+            batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY, device: str = "cpu", threads: int = 0,
+            progress: bool = False, mask_input: str | None = None) -> dict[str, TensorStats]:
+    """One-shot statistics: `Calibrator(...).statistics(model, requests)`."""
+    calibrator = Calibrator(load_data(data, model), batch_size=batch_size, memory_limit=memory_limit,
+                            device=device, threads=threads, progress=progress, mask_input=mask_input)
+    return calibrator.statistics(model, requests)
+
+
+def context_calibrator(ctx: PassContext) -> Calibrator:
+    """The calibrator behind `PassContext.statistics`: ctx.data, and `stats`, `calib_memory`, `device`,
+    `threads`, `batch_size` and `mask_input` from ctx.options."""
+    from graphopt.calibration.store import StatsFile, load_stats
+
+    source: Any = ctx.option("stats")
+    stats_file = source if isinstance(source, StatsFile) or source is None else load_stats(source)
+    data = ctx.data if ctx.data is None or isinstance(ctx.data, Dataset) else load_data(ctx.data, ctx.template)
+    mask_input = ctx.option("mask_input", stats_file.mask_input if stats_file is not None else None)
+    calibrator = Calibrator(data, batch_size=int(ctx.option("batch_size", 32)),
+                            memory_limit=ctx.option("calib_memory", DEFAULT_MEMORY), device=ctx.option("device", "cpu"),
+                            threads=int(ctx.option("threads", 0)), progress=ctx.progress, mask_input=mask_input)
+    if stats_file is not None:
+        calibrator.preload(stats_file)
+    return calibrator

@@ -1,0 +1,113 @@
+"""verify: metrics equal a direct numpy computation over several batches; bench: its report and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.errors import DataError, OptionError
+from graphopt.evaluate import bench, random_feed, verify
+from tests.conftest import init, run_ort, tiny, weights
+
+NOISE = weights(8, 6, seed=7) * 0.4
+
+
+def _model(w: np.ndarray, extra: str = "") -> object:
+    return tiny(f"y = MatMul (x, w)\n z = Relu (x){extra}", inputs="float[N, 8] x",
+                outputs="float[N, 6] y, float[N, 8] z", inits=init("w", w))
+
+
+def _numpy_metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return {
+        "max_abs": float(np.abs(a - b).max()),
+        "rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+        "cosine": float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b))),
+        "top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [3, 64])
+def test_verify_metrics_match_numpy(batch_size):
+    reference, candidate = _model(weights(8, 6)), _model(weights(8, 6) + NOISE)
+    data = {"x": weights(50, 8, seed=11)}
+    report = verify(reference, candidate, data, batch_size=batch_size)
+    ref, cand = run_ort(reference, data)["y"], run_ort(candidate, data)["y"]
+    expected = _numpy_metrics(ref, cand)
+    assert 0.2 < expected["top1_agreement"] < 1.0 and 0.0 < expected["rel_l2"] < 1.0  # a discriminating case
+    for key, value in expected.items():
+        assert report.first[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert report.samples == 50
+    assert set(report.outputs) == {"y", "z"} and report.outputs["z"]["max_abs"] == 0.0
+    payload = report.to_json()
+    assert {"max_abs", "rel_l2", "cosine", "top1_agreement", "samples", "outputs"} <= set(payload)
+
+
+def test_identical_models_agree_exactly():
+    model = _model(weights(8, 6))
+    report = verify(model, model, {"x": weights(7, 8)}, batch_size=2)
+    assert report.first == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": pytest.approx(1.0), "top1_agreement": 1.0}
+
+
+def test_top1_is_none_for_single_column_outputs():
+    model = tiny("y = ReduceSum <keepdims = 1> (x, axes)", inputs="float[N, 8] x", outputs="float[N, 1] y",
+                 inits="int64[1] axes = {1}")
+    assert verify(model, model, {"x": weights(4, 8)}).first["top1_agreement"] is None
+
+
+def test_verify_iterable_of_feeds():
+    reference, candidate = _model(weights(8, 6)), _model(weights(8, 6) + NOISE)
+    feeds = [{"x": weights(n, 8, seed=n)} for n in (3, 5, 2)]
+    report = verify(reference, candidate, iter(feeds))
+    data = {"x": np.concatenate([f["x"] for f in feeds])}
+    expected = _numpy_metrics(run_ort(reference, data)["y"], run_ort(candidate, data)["y"])
+    assert report.samples == 10
+    assert report.first["rel_l2"] == pytest.approx(expected["rel_l2"], rel=1e-9)
+    assert report.first["top1_agreement"] == pytest.approx(expected["top1_agreement"])
+
+
+def test_candidate_without_the_first_output_is_refused():
+    candidate = tiny("other = MatMul (x, w)", inputs="float[N, 8] x", outputs="float[N, 6] other",
+                     inits=init("w", weights(8, 6)))
+    with pytest.raises(DataError, match="candidate has no output 'y'"):
+        verify(_model(weights(8, 6)), candidate, {"x": weights(2, 8)})
+
+
+def test_output_shape_mismatch_is_refused():
+    candidate = tiny("y = MatMul (x, w)", inputs="float[N, 8] x", outputs="float[N, 5] y",
+                     inits=init("w", weights(8, 5)))
+    with pytest.raises(DataError, match="output 'y' shape differs"):
+        verify(_model(weights(8, 6)), candidate, {"x": weights(2, 8)})
+
+
+def test_bench_reports_ordered_percentiles():
+    model = _model(weights(8, 6))
+    result = bench(model, batch=4, repeat=7, warmup=1)
+    assert {"median_ms", "p10_ms", "p90_ms", "batch", "repeat", "samples_per_s", "providers"} <= set(result)
+    assert 0 < result["p10_ms"] <= result["median_ms"] <= result["p90_ms"]
+    assert result["batch"] == 4 and result["repeat"] == 7 and result["providers"] == ["CPUExecutionProvider"]
+    assert result["samples_per_s"] == pytest.approx(4e3 / result["median_ms"])
+
+
+def test_bench_with_too_little_data_is_refused():
+    with pytest.raises(DataError, match="fewer than --batch 8 samples"):
+        bench(_model(weights(8, 6)), data={"x": weights(3, 8)}, batch=8, repeat=1, warmup=0)
+
+
+def test_random_feed_is_seeded_and_typed():
+    model = tiny("y = Cast <to = 1> (i)\n z = Not (b)\n w = Relu (x)",
+                 inputs="float[N, 3] x, int64[N, 2] i, bool[N] b", outputs="float[N, 2] y, bool[N] z, float[N, 3] w")
+    shapes = {"x": (4, 3), "i": (4, 2), "b": (4,)}
+    first, again = random_feed(model, shapes, seed=3), random_feed(model, shapes, seed=3)
+    assert {k: (v.dtype, v.shape) for k, v in first.items()} == {
+        "x": (np.float32, (4, 3)), "i": (np.int64, (4, 2)), "b": (np.bool_, (4,))}
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+    assert not np.array_equal(first["x"], random_feed(model, shapes, seed=4)["x"])
+
+
+def test_bench_on_a_fixed_batch_model():
+    model = tiny("y = Relu (x)", inputs="float[1, 3] x", outputs="float[1, 3] y")
+    assert bench(model, batch=1, repeat=2, warmup=0)["batch"] == 1
+    with pytest.raises(OptionError, match="fixed to 1; --batch 4 cannot apply"):
+        bench(model, batch=4, repeat=2, warmup=0)
