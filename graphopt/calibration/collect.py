@@ -16,8 +16,10 @@ leaves Conv+activation fusions intact, and on ResNet-18 the exposed cone ran wit
 inference at that level, while the unoptimised or basic levels ran ~1.8x slower.
 Data given as a stream of feed dicts is taken one feed per batch, as given: the bound then holds for
 feeds of at most the planned batch size.
-Results depend only on the model, the data and its order, the batch size and the memory limit (which
-fixes rounds and batch sizes), not on timing: the same call gives bit-identical statistics.
+Accumulation runs on `threads` workers (default: the available cores), one tensor per task with BLAS
+single-threaded, so each tensor sees its batches in order whatever the thread count. Results depend
+only on the model, the data and its order, the batch size and the memory limit (which fixes rounds and
+batch sizes), and onnxruntime's kernels, not on timing: the same call gives bit-identical statistics.
 `collect` is the one-shot form; `context_calibrator` builds the calibrator a `PassContext` uses.
 """
 
@@ -28,6 +30,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
@@ -37,8 +40,14 @@ from tqdm.auto import tqdm
 from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, exposing_model, plan_rounds
 from graphopt.calibration.data import Dataset, DataSource, input_specs, load_data
 from graphopt.calibration.session import make_session
-from graphopt.calibration.stats import (StatRequest, TensorStats, chunk_rows, mask_applies, row_blocks,
-                                        single_threaded_blas)
+from graphopt.calibration.stats import (
+    StatRequest,
+    TensorStats,
+    chunk_rows,
+    mask_applies,
+    row_blocks,
+    single_threaded_blas,
+)
 from graphopt.errors import DataError, OptionError
 
 if TYPE_CHECKING:
@@ -67,7 +76,19 @@ def parse_bytes(value: int | str) -> int:
 
 
 class Calibrator:
-    """Cached, memory-bounded statistics over one data set; see the module docstring."""
+    """Cached, memory-bounded statistics over one data set; see the module docstring.
+
+    Sequential mode is repeated calls on the model as it is being rewritten::
+
+        calibrator = Calibrator(load_data(data, model))
+        for layer in layers_in_graph_order:
+            stats = calibrator.statistics(model, [StatRequest(layer.input, frozenset({"mean", "gram"}))])
+            model = rewrite(model, layer, stats[layer.input])  # later layers see this one rewritten
+
+    Each call runs only the cone of the tensors not cached for the current graph, so L layers cost
+    about L²/2 layer evaluations over the data (not L full-model runs); statistics of tensors above
+    every rewrite so far are reused as they are.
+    """
 
     def __init__(self, data: Dataset | None, *, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
                  device: str = "cpu", threads: int = 0, progress: bool = False,
@@ -175,8 +196,8 @@ class Calibrator:
             mask = batch.get(self.mask_input) if self.mask_input is not None else None
             # largest first: the pool balances better; popped, so each activation dies with its task
             order = sorted(names, key=lambda name: -values[name].size)
-            list(pool.map(lambda name: _accumulate(stats[name], values.pop(name), mask), order))
-            bar.update(next(iter(batch.values())).shape[0])
+            list(pool.map(partial(_accumulate_popped, stats, values, mask), order))
+            bar.update(next((value.shape[0] for value in batch.values() if value.ndim), 1))  # scalars: no axis
 
     def _runner(self, model: onnx.ModelProto, computed: list[str],
                 infos: dict[str, TensorInfo]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -195,6 +216,11 @@ def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _accumulate_popped(stats: dict[str, TensorStats], values: dict[str, np.ndarray], mask: np.ndarray | None,
+                       name: str) -> None:
+    _accumulate(stats[name], values.pop(name), mask)
 
 
 def _accumulate(stats: TensorStats, value: np.ndarray, mask: np.ndarray | None) -> None:

@@ -104,7 +104,7 @@ def chunk_rows(channels: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, channels))
 
 
-@dataclass
+@dataclass(eq=False)  # arrays inside: compare with to_arrays()
 class TensorStats:
     """Running statistics of one tensor; see the module docstring for the maths."""
 

@@ -177,13 +177,14 @@ def test_rounds_under_a_small_memory_limit_give_the_same_statistics(monkeypatch:
         np.testing.assert_allclose(bounded[name].var, whole[name].var, rtol=1e-10)
 
 
-def test_results_are_deterministic() -> None:
+def test_results_are_deterministic_whatever_the_number_of_threads() -> None:
     model, data = conv_model(), conv_data()
-    requests = [StatRequest("c"), StatRequest("y")]
-    first, second = (collect(model, data, requests, batch_size=4) for _ in range(2))
+    requests = [StatRequest("x"), StatRequest("c"), StatRequest("r"), StatRequest("y")]
+    first, again, threaded = (collect(model, data, requests, batch_size=4, threads=threads) for threads in (1, 1, 3))
     for name in first:
         for key, value in first[name].to_arrays().items():
-            np.testing.assert_array_equal(second[name].to_arrays()[key], value)
+            np.testing.assert_array_equal(again[name].to_arrays()[key], value)
+            np.testing.assert_array_equal(threaded[name].to_arrays()[key], value)
 
 
 def test_plan_rounds_packs_in_order_and_shrinks_batches_for_large_tensors() -> None:
