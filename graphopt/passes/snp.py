@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import StatRequest, TensorStats
+from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded_blas
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
@@ -158,7 +158,8 @@ class SubspaceNodePruning(Pass):
                               for g in groups if not g.prunable)
         sites = _linear_consumers(analysis, max_features, result)
         stats = _statistics(ctx, graph, sites)
-        ranked = orderings(analysis, prunable, sites, stats, criterion, result)
+        with single_threaded_blas():  # small dense factorisations: BLAS threads only contend
+            ranked = orderings(analysis, prunable, sites, stats, criterion, result)
         mac_model = MacModel(analysis, per_node, set(ranked))
         variance = float(keep) if keep is not None else variance_for_target(ranked, mac_model, float(target), round_to)
         chosen = counts(ranked, variance, round_to)
@@ -169,7 +170,8 @@ class SubspaceNodePruning(Pass):
             folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct)
         else:
             kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
-            folded = _prune(graph, analysis, sites, stats, kept, reconstruct)
+            with single_threaded_blas():
+                folded = _prune(graph, analysis, sites, stats, kept, reconstruct)
         result.modified = bool(cut)
         result.stats = {
             "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
@@ -193,8 +195,9 @@ class SubspaceNodePruning(Pass):
             sites = [s for s in _linear_consumers(analysis, max_features, None)
                      if any(analysis.atoms.find(leaf) == group.root for leaf in analysis.atoms.leaves(s.state.atoms))]
             stats = _statistics(ctx, graph, sites)
-            ranked = orderings(analysis, [group], sites, stats, criterion, PassResult(modified=False))
-            kept = {group.root: np.sort(ranked[group.root].order[:count])}
-            folded += _prune(graph, analysis, sites, stats, kept, reconstruct)
+            with single_threaded_blas():
+                ranked = orderings(analysis, [group], sites, stats, criterion, PassResult(modified=False))
+                kept = {group.root: np.sort(ranked[group.root].order[:count])}
+                folded += _prune(graph, analysis, sites, stats, kept, reconstruct)
             ir.cleanup(graph)
         return folded
