@@ -27,6 +27,7 @@ from graphopt.errors import OptionError
 from graphopt.evaluate import random_feed, verify
 from graphopt.ir import graph as ir
 from graphopt.ir.io import input_files, load_model, save_model
+from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
 from graphopt.ir.shapes import resolve_input_shapes
 from graphopt.passes import PREPASSES, PassContext, PassManager, get_pass, names
 
@@ -56,6 +57,16 @@ def resolve_shapes(model: onnx.ModelProto, dataset: Dataset | None,
     return resolve_input_shapes(model, input_shapes, observed)
 
 
+def _protected(model: ModelSource, data: Any, output: str | os.PathLike[str] | None) -> set[Path]:
+    """Files the user gave as inputs (model, its external data, a data file); refuses `output` among them."""
+    protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
+    if isinstance(data, (str, os.PathLike)):
+        protected.add(Path(data).resolve())
+    if output is not None and Path(output).resolve() in protected:
+        raise OptionError(f"refusing to overwrite the input model or data: {output}")
+    return protected
+
+
 def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike[str] | None = None,
               tensors: list[str] | None = None, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
               device: str = "cpu", threads: int = 0, mask_input: str | None = None,
@@ -63,11 +74,7 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
     with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
     `optimize(..., stats=...)` can reuse them. Saved to `output` when given."""
-    protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
-    if isinstance(data, (str, os.PathLike)):
-        protected.add(Path(data).resolve())
-    if output is not None and Path(output).resolve() in protected:
-        raise OptionError(f"refusing to overwrite an input file: {output}")
+    protected = _protected(model, data, output)
     original = as_model(model)
     dataset = load_data(data, original)
     shapes = resolve_shapes(original, dataset, input_shapes)
@@ -94,9 +101,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         raise OptionError(f"unknown method '{method}' (choose from {', '.join(methods())})")
     if target_macs is not None and not 0.0 < target_macs <= 1.0:
         raise OptionError(f"--target-macs must be in (0, 1], got {target_macs}")
-    protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
-    if output is not None and Path(output).resolve() in protected:
-        raise OptionError(f"refusing to overwrite the input model: {output}")
+    protected = _protected(model, calib, output)
     original = as_model(model)
     dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
@@ -125,8 +130,35 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
         "passes": [record.to_json() for record in records],
     }
+    report["weight_sparsity"] = weight_sparsity(optimized)
+    report["bytes_before"] = sum(p.stat().st_size for p in protected) if protected else original.ByteSize()
+    stored = optimized
+    if options.get("sparse_storage"):
+        stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
     if output is not None:
-        save_model(optimized, output, protected=protected)
+        save_model(stored, output, protected=protected)
         report["output"] = str(output)
         report["bytes_after"] = Path(output).stat().st_size
     return OptimizeResult(optimized, report)
+
+
+def _sparse_storage(original: onnx.ModelProto, optimized: onnx.ModelProto,
+                    shapes: dict[str, tuple[int, ...]]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The model to save under `sparse_storage`: sparse initializers where the file gets smaller and
+    onnxruntime loads it with the same outputs (bit-identical weights), else the dense model and why."""
+    sparse, moved = to_sparse_initializers(optimized)
+    info: dict[str, Any] = {"used": False, "tensors": moved, "bytes_dense": optimized.ByteSize(),
+                            "bytes_sparse": sparse.ByteSize()}
+    if not moved or sparse.ByteSize() >= optimized.ByteSize():
+        info["reason"] = "no weight is sparse enough to store smaller (needs < 1/3 nonzero for float32)"
+        return optimized, info
+    try:
+        check = verify(optimized, sparse, [random_feed(original, shapes, batch=2)], batch_size=2, progress=False)
+    except Exception as exc:  # onnxruntime refusing the file is an answer here, not a bug
+        info["reason"] = f"onnxruntime cannot run the sparse file: {type(exc).__name__}: {exc}"
+        return optimized, info
+    if not check.max_abs == 0.0:
+        info["reason"] = f"outputs differ from the dense model (max_abs {check.max_abs})"
+        return optimized, info
+    info["used"] = True
+    return sparse, info

@@ -233,3 +233,13 @@ def test_output_onto_the_input_data_file_is_refused(tmp_path):
     with pytest.raises(OptionError, match="refusing to overwrite the input model"):
         graphopt.optimize(path, output=tmp_path / "weights.bin")
     assert (tmp_path / "weights.bin").read_bytes() == before
+
+
+def test_output_onto_the_calibration_file_is_refused(tmp_path):
+    model = conv_bn_model()
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, x=random_inputs(model, batch=4)["x"])
+    before = data_path.read_bytes()
+    with pytest.raises(OptionError, match="refusing to overwrite the input model or data"):
+        graphopt.optimize(model, calib=data_path, output=data_path)
+    assert data_path.read_bytes() == before
