@@ -50,9 +50,12 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [n for n in names if n]
 
 
-def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> CostReport:
+def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+               shapes: dict[str, tuple[int, ...]] | None = None) -> CostReport:
+    """MACs and parameters; `shapes` (batch-1 tensor shapes) saves a shape inference when known."""
     counted = [n for n in model.graph.node if n.op_type in _COUNTED]
-    shapes = batch1_shapes(model, input_shapes, {name for node in counted for name in _needed(node)})
+    if shapes is None:
+        shapes = batch1_shapes(model, input_shapes, {name for node in counted for name in _needed(node)})
     per_node = {}
     for index, node in enumerate(counted):
         per_node[node.name or f"{node.op_type}_{index}"] = int(_node_macs(node, shapes))

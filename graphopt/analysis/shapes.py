@@ -24,5 +24,5 @@ def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     missing = sorted((produced if wanted is None else wanted & produced) - set(shapes))
     if missing:
         feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in input_specs(model)}
-        shapes.update(observed_shapes(fixed, feed, missing))
+        shapes.update(observed_shapes(model, feed, missing))
     return shapes

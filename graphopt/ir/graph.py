@@ -53,6 +53,10 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
     model.functions.extend(f for f in template.functions if (f.domain, f.name) not in exported_functions)
     model.graph.doc_string = template.graph.doc_string
     _restore_annotations(model.graph, template.graph)
+    if model.ir_version < 4:  # before IR 4 every initializer must also be listed as a graph input
+        listed = {v.name for v in model.graph.input}
+        model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                 for t in model.graph.initializer if t.name not in listed)
     return infer_shapes(model) if infer else model
 
 
@@ -214,3 +218,12 @@ def detach(node: gs.Node) -> None:
     """Disconnect a node so that cleanup removes it."""
     node.inputs.clear()
     node.outputs.clear()
+
+
+def add_function(graph: gs.Graph, function: onnx.FunctionProto) -> None:
+    """Make model-local `function` part of `graph` (exported with it), unless one of that name exists."""
+    if any(f.domain == function.domain and f.name == function.name for f in graph.functions):
+        return
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    graph.functions.append(OnnxImporter.import_function(function))

@@ -7,6 +7,8 @@ inference on a copy of the model whose inputs are fixed to those shapes.
 
 from __future__ import annotations
 
+import math
+
 import onnx
 
 from graphopt.errors import OptionError
@@ -62,11 +64,27 @@ def resolve_input_shapes(model: onnx.ModelProto, explicit: dict[str, tuple[int, 
     return resolved
 
 
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: large floating-point initializers keep their dims but not their data
+    (inference reads only their shapes; copying and scanning hundreds of MB would dominate)."""
+    graph = onnx.GraphProto(name=model.graph.name)
+    for field in ("node", "input", "output", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        large_float = tensor.data_type in _FLOAT_TYPES and math.prod(tensor.dims) > 64
+        graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                                 if large_float else tensor)
+    light = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
+    light.ir_version = max(model.ir_version, 4)
+    return light
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """A copy of `model` with input shapes fixed and all intermediate shapes inferred."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    del fixed.graph.value_info[:]
+    """A weightless copy of `model` with input shapes fixed and all intermediate shapes inferred."""
+    fixed = _without_weights(model)
     for value in fixed.graph.input:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 def analyse(graph: gs.Graph, ctx: PassContext) -> tuple[Analysis, dict[str, int]]:
     """Channel groups of `graph` and per-node batch-1 MACs (node names are made unique first)."""
     name_nodes(graph)  # MACs are keyed by node name, sites by node: both need the same unique names
-    model = ir.export_model(graph, ctx.template)
-    analysis = find_groups(graph, batch1_shapes(model, ctx.input_shapes))
-    return analysis, count_cost(model, ctx.input_shapes).per_node
+    model = ir.export_model(graph, ctx.template, infer=False)  # batch1_shapes infers, with inputs fixed
+    shapes = batch1_shapes(model, ctx.input_shapes)
+    return find_groups(graph, shapes), count_cost(model, ctx.input_shapes, shapes).per_node
 
 
 def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict[int, np.ndarray]:
