@@ -31,7 +31,8 @@ from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.prune_budget import MacModel
-from graphopt.passes.prune_engine import apply_kept, kept_positions
+from graphopt.passes.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.prune_engine import kept_positions
 from graphopt.passes.prune_magnitude import analyse
 from graphopt.passes.snp_math import reconstruction
 from graphopt.passes.snp_plan import counts, fill, orderings, variance_for_target
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
-          pending: list[tuple[gs.Node, np.ndarray]]) -> bool:
+          shifts: Shifts) -> bool:
     """Fold the least-squares reconstruction of the pruned positions into one consumer's weights."""
     features = a.size(site.state) * site.state.factor
     keep_pos = kept_positions(a.atoms, site.state, kept)
@@ -49,49 +50,13 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
         return False
     coupling, constant = reconstruction(tensor_stats.covariance(), tensor_stats.mean, keep_pos, pruned_pos)
     weight = np.asarray(site.node.inputs[site.index].values)
+    values = np.zeros(features)
+    values[pruned_pos] = constant
+    add_shift(shifts, site.node, consumer_shift(site, values, weight))
     moved = np.moveaxis(weight.astype(np.float64), site.axis, -1)
-    lost = moved[..., pruned_pos]
-    moved[..., keep_pos] += lost @ coupling
+    moved[..., keep_pos] += moved[..., pruned_pos] @ coupling
     ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(weight.dtype))
-    out_axis = _output_axis(site)
-    shift = lost @ constant  # weight shape without the input axis
-    out_in_shift = out_axis - (1 if out_axis > site.axis else 0)
-    per_output = np.moveaxis(shift, out_in_shift, 0).reshape(shift.shape[out_in_shift], -1).sum(axis=1)
-    if np.any(per_output):
-        pending.append((site.node, per_output))
     return True
-
-
-def _output_axis(site: Site) -> int:
-    node = site.node
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return 1 if node.op == "MatMul" else 0
-
-
-def _add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Add a per-output-channel shift to a consumer's bias (creating the bias where there is none)."""
-    weight = np.asarray(node.inputs[1].values)
-    if node.op in ("Conv", "Gemm"):
-        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        bias = ir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        if bias is not None and bias.size == shift.size and scale != 0.0:
-            new_bias = bias.astype(np.float64) + shift.reshape(bias.shape) / scale
-            ir.set_input_array(graph, node, 2, new_bias.astype(bias.dtype))
-            return
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(weight.dtype))
-            del node.inputs[2:]
-            node.inputs.append(constant)
-            if node.op == "Gemm":
-                node.attrs["beta"] = 1.0
-            return
-    out = node.outputs[0]
-    inner = gs.Variable(ir.unique_name(graph, f"{out.name}_unbiased"), dtype=out.dtype)
-    ir.replace_output(node, out, inner)
-    shape = (shift.size,) + (1,) * (weight.ndim - 2) if node.op == "Conv" else (shift.size,)
-    offset = gs.Constant(ir.unique_name(graph, f"{node.name}_shift"), shift.astype(weight.dtype).reshape(shape))
-    graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{node.name}_shift"), inputs=[inner, offset], outputs=[out]))
 
 
 def _linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
@@ -117,14 +82,10 @@ def _statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site]) -> dict[st
 def _prune(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
            kept: dict[int, np.ndarray], reconstruct: bool) -> int:
     """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
-    pending: list[tuple[gs.Node, np.ndarray]] = []
-    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], pending) for s in sites) \
+    shifts: Shifts = {}
+    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], shifts) for s in sites) \
         if reconstruct else 0
-    out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
-    apply_kept(graph, analysis, kept)
-    for node, shift in pending:
-        state = out_states.get(node.name)
-        _add_bias(graph, node, shift[kept_positions(analysis.atoms, state, kept)] if state is not None else shift)
+    apply_with_shifts(graph, analysis, kept, shifts)
     return folded
 
 

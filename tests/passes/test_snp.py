@@ -16,7 +16,7 @@ from tests.conftest import run_ort
 
 
 def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, relu: bool = True,
-         dtype: type = np.float32) -> onnx.ModelProto:
+         dtype: type = np.float32, alpha: float = 1.0) -> onnx.ModelProto:
     """x[N, 64] -> Gemm(transB) -> [Relu] -> Gemm(transB) -> y[N, 10]."""
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1)]
@@ -24,7 +24,7 @@ def _mlp(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, relu: b
     if relu:
         nodes.append(helper.make_node("Relu", ["h"], ["a"], name="act"))
         hidden = "a"
-    nodes.append(helper.make_node("Gemm", [hidden, "w2", "b2"], ["y"], name="fc2", transB=1))
+    nodes.append(helper.make_node("Gemm", [hidden, "w2", "b2"], ["y"], name="fc2", transB=1, alpha=alpha))
     inits = [numpy_helper.from_array(v.astype(dtype), n) for n, v in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))]
     graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["N", 64])],
                               [helper.make_tensor_value_info("y", elem, ["N", 10])], inits)
@@ -67,12 +67,13 @@ def test_snp_removes_duplicate_and_dead_units_exactly_where_magnitude_cannot() -
     assert {p.key: p.value for p in snp.model.metadata_props} == {"vocab": "0-9"}
 
 
-def test_reconstruction_is_exact_for_affine_and_constant_units() -> None:
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_reconstruction_is_exact_for_affine_and_constant_units(alpha: float) -> None:
     rng = np.random.default_rng(1)
     w1, b1 = rng.standard_normal((16, 64)) * 0.3, rng.standard_normal(16)
     w1[14], b1[14] = 2.0 * w1[0] - w1[1], 2.0 * b1[0] - b1[1] + 3.0   # h14 = 2 h0 - h1 + 3
     w1[15], b1[15] = 0.0, 5.0                                          # h15 = 5
-    model = _mlp(w1, b1, rng.standard_normal((10, 16)), rng.standard_normal(10), relu=False)
+    model = _mlp(w1, b1, rng.standard_normal((10, 16)), rng.standard_normal(10), relu=False, alpha=alpha)
     data = _digits()
     result = graphopt.optimize(model, method="snp", target_macs=_target(model, 14), calib=data)
     reference, pruned = run_ort(model, data)["y"], run_ort(result.model, data)["y"]

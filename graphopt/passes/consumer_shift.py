@@ -1,0 +1,82 @@
+"""Fold what removed input channels contributed into a linear consumer's bias.
+
+When input features P of a Conv/Gemm/MatMul consumer are removed and they carried values v_P (a
+constant, or the constant part of a reconstruction), the consumer loses, per output channel o,
+    shift[o] = alpha * sum over taps of W[o, P, taps] · v_P
+(alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
+`apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
+bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
+(Conv, Gemm) or a following Add (MatMul). For Conv consumers this is exact only without zero padding:
+at padded positions the removed channels were 0, not v_P.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Site
+from graphopt.ir import graph as ir
+from graphopt.passes.prune_engine import apply_kept, kept_positions
+
+Shifts = dict[str, tuple[gs.Node, np.ndarray]]
+
+
+def output_axis(node: gs.Node) -> int:
+    """The output-channel axis of a consumer's weight."""
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    return 1 if node.op in ("MatMul", "ConvTranspose") else 0
+
+
+def consumer_shift(site: Site, values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """Per-output-channel shift of `site`'s consumer from input features carrying `values` (0 where
+    nothing was removed); `weight` overrides the consumer's current weight."""
+    weight = np.asarray(site.node.inputs[site.index].values if weight is None else weight, dtype=np.float64)
+    shift = np.moveaxis(weight, site.axis, -1) @ values  # weight shape without the input axis
+    axis = output_axis(site.node)
+    axis -= 1 if axis > site.axis else 0
+    per_output = np.moveaxis(shift, axis, 0).reshape(shift.shape[axis], -1).sum(axis=1)
+    if site.node.op == "Gemm":
+        per_output *= float(site.node.attrs.get("alpha", 1.0))
+    return per_output
+
+
+def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray) -> None:
+    if np.any(shift):
+        previous = shifts.get(node.name, (node, 0.0))[1]
+        shifts[node.name] = (node, previous + shift)
+
+
+def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
+    """Add a per-output-channel shift to a consumer's output (its bias, created where missing)."""
+    weight = np.asarray(node.inputs[1].values)
+    if node.op in ("Conv", "Gemm"):
+        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        bias = ir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        if bias is not None and bias.size == shift.size and scale != 0.0:
+            new_bias = bias.astype(np.float64) + shift.reshape(bias.shape) / scale
+            ir.set_input_array(graph, node, 2, new_bias.astype(bias.dtype))
+            return
+        if len(node.inputs) < 3 or not node.inputs[2].name:
+            constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(weight.dtype))
+            del node.inputs[2:]
+            node.inputs.append(constant)
+            if node.op == "Gemm":
+                node.attrs["beta"] = 1.0
+            return
+    out = node.outputs[0]
+    inner = gs.Variable(ir.unique_name(graph, f"{out.name}_unbiased"), dtype=out.dtype)
+    ir.replace_output(node, out, inner)
+    shape = (shift.size,) + (1,) * (weight.ndim - 2) if node.op == "Conv" else (shift.size,)
+    offset = gs.Constant(ir.unique_name(graph, f"{node.name}_shift"), shift.astype(weight.dtype).reshape(shape))
+    graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{node.name}_shift"), inputs=[inner, offset], outputs=[out]))
+
+
+def apply_with_shifts(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.ndarray], shifts: Shifts) -> None:
+    """Cut the graph to `kept`, then add each consumer's shift on the output channels it keeps."""
+    out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
+    apply_kept(graph, analysis, kept)
+    for name, (node, shift) in shifts.items():
+        state = out_states.get(name)
+        add_bias(graph, node, shift[kept_positions(analysis.atoms, state, kept)] if state is not None else shift)
