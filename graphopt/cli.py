@@ -79,13 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--norm", choices=["l1", "l2"], default="l1", help="magnitude importance norm")
     optimize.add_argument("--seed", type=int, default=0, help="seed for --method random")
     optimize.add_argument("--keep-variance", type=float,
-                          help="snp: keep this fraction of every group's unique variance (instead of --target-macs)")
+                          help="snp: keep this fraction of every group's unique variance (instead of --target-macs); "
+                               "cob: of every subspace's rotated energy")
     optimize.add_argument("--criterion", choices=["variance", "output"], default="variance",
                           help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
     optimize.add_argument("--sequential", action="store_true",
                           help="snp: prune group by group, re-measuring statistics on the partly pruned model")
     optimize.add_argument("--no-reconstruct", action="store_true",
                           help="snp: prune in the SNP order without folding the least-squares reconstruction")
+    optimize.add_argument("--sparsity", type=float, help="omp: fraction of weights to zero")
+    optimize.add_argument("--omp-scope", choices=["global", "layer"], default="global",
+                          help="omp: one magnitude threshold over all layers, or the same sparsity in each")
+    optimize.add_argument("--keep-first-last", action="store_true",
+                          help="omp: leave the first and last weighted layers dense")
+    optimize.add_argument("--sparse-storage", action="store_true",
+                          help="save weights as ONNX sparse initializers where that makes the file smaller")
+    optimize.add_argument("--rotation", choices=["pca", "l1pca"], default="pca",
+                          help="cob: rotation from calibration data (PCA of the Gram, or L1-PCA by sign-power iteration)")
+    optimize.add_argument("--zscore", type=float, metavar="Z",
+                          help="cob: keep rotated coordinates whose amplitude z-score within their subspace is >= Z")
     optimize.add_argument("--stats", type=Path, help="statistics from `graphopt calibrate` (else measured on --calib)")
     _add_calibration(optimize)
     _add_shapes(optimize)
@@ -191,7 +203,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                       progress=not args.quiet, round_to=args.round_to, norm=args.norm, seed=args.seed,
                       stats=args.stats, calib_memory=parse_bytes(args.calib_memory), device=args.device,
                       threads=args.threads, mask_input=args.mask_input, keep_variance=args.keep_variance,
-                      criterion=args.criterion, reconstruct=not args.no_reconstruct, sequential=args.sequential)
+                      criterion=args.criterion, reconstruct=not args.no_reconstruct, sequential=args.sequential,
+                      sparsity=args.sparsity, omp_scope=args.omp_scope, keep_first_last=args.keep_first_last,
+                      sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore)
     report = result.report
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2, default=str))
@@ -203,6 +217,11 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
+    print(f"weight sparsity {report['weight_sparsity']['overall']:.1%}   "
+          f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
+    if "sparse_storage" in report:
+        sparse = report["sparse_storage"]
+        print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
     print(f"wrote {report['output']}")
 
 

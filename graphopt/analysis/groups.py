@@ -27,7 +27,8 @@ class Site:
 
     kinds: "weight" (slice constant input `index` along `axis`; `role` producer/consumer/param),
     "split" (recompute split sizes from `outputs`), "slice" (recompute bounds on `axis`),
-    "shape" (entry `axis` of the shape constant at input `index`), "group" (depthwise group count).
+    "shape" (entry `axis` of the shape constant at input `index`), "group" (depthwise group count),
+    "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split).
     """
 
     kind: str

@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, constant_values
+from graphopt.analysis.function_rules import rms_norm_rule, tsra_rule
 from graphopt.analysis.reshape_rules import flatten_rule, reshape_rule
 
 Rule = Callable[[gs.Node, Analysis], None]
@@ -438,6 +439,8 @@ def resize(node: gs.Node, a: Analysis) -> None:
 
 rule("Reshape")(reshape_rule)
 rule("Flatten")(flatten_rule)
+rule("TSRA")(tsra_rule)  # graphopt function ops (graphopt.ops)
+rule("RMSNorm")(rms_norm_rule)
 
 
 @rule("Squeeze", "Unsqueeze")

@@ -19,16 +19,8 @@ PREPASSES = [
     "shape_inference",
 ]
 
-_MODULES = [
-    "normalize_constants",
-    "remove_identity",
-    "constant_fold",
-    "fold_batchnorm",
-    "dead_code",
-    "shape_inference",
-    "prune_magnitude",
-    "snp",
-]
+# every pre-pass lives in a module of its own name
+_MODULES = [*PREPASSES, "prune_magnitude", "snp", "dead_units", "omp", "cob"]
 
 
 def load_all() -> None:

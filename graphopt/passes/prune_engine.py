@@ -48,6 +48,8 @@ def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
             ir.set_input_array(graph, node, site.index, np.take(values, positions, axis=site.axis))
     elif site.kind == "group":
         node.attrs["group"] = int(positions.size)
+    elif site.kind == "count":  # an integer attribute (`role`) that counts the channels of the state
+        node.attrs[site.role] = int(positions.size)
     elif site.kind == "split":
         sizes = _int_array([kept_positions(a.atoms, out, kept).size for out in site.outputs])
         if len(node.inputs) > 1 and node.inputs[1].name:

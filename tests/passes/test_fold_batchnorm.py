@@ -155,7 +155,7 @@ def test_unfoldable_batchnorm_is_left_with_reason(body, inputs, inits, reason):
 
 
 def test_batchnorm_with_runtime_scale_is_left_with_reason():
-    model = tiny(f"c = Conv <pads = [1, 1, 1, 1]> (x, w)\n y = BatchNormalization (c, scale, bn_bias, bn_mean, bn_var)",
+    model = tiny("c = Conv <pads = [1, 1, 1, 1]> (x, w)\n y = BatchNormalization (c, scale, bn_bias, bn_mean, bn_var)",
                  inputs="float[N, 4, 6, 6] x, float[4] scale", outputs="float[N, 4, 6, 6] y",
                  inits=", ".join([init("w", weights(4, 4, 3, 3)), bn_params("bn", 4)]))
     folded, result = run_pass(model, "fold_batchnorm")

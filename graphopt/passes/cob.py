@@ -1,0 +1,182 @@
+"""CoB: change-of-basis pruning (Ning and Rangaraju, arXiv 2511.16061) on TSRA / RMS-norm networks.
+
+1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
+   (graphopt.passes.cob_patterns); exact up to float rounding.
+2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob_chains);
+   illegal ones are reported with the offending op.
+3. Per chain and per subspace (TSRA splits), a rotation from calibration data is folded into the
+   weights (graphopt.passes.cob_rotation): PCA of the Gram of the tensors the consumers read, or L1-PCA
+   on a bounded row sample (graphopt.calibration.sample). Rotation alone is exact: the model computes
+   the same function (to float rounding of the rotated weights).
+4. With a budget, the trailing rotated coordinates of every subspace are dropped through the channel
+   group engine (the TSRA rule keeps the split consistent): `keep_variance` keeps in every subspace
+   the shortest prefix holding that fraction of its energy (1.0 drops exactly the zero-energy tail, with
+   no output change); `target_macs` bisects one global energy cut for a MAC target and fills what is
+   left of the budget; `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
+   their subspace. Pruning is approximate: the error is the energy dropped, as seen by the consumers.
+Without a budget only steps 1-3 run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis
+from graphopt.calibration.stats import StatRequest
+from graphopt.errors import DataError, OptionError
+from graphopt.ir import graph as ir
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.cob_chains import Chain, find_chains
+from graphopt.passes.cob_patterns import canonicalise
+from graphopt.passes.cob_rotation import fold, l1pca_basis, pca_basis
+from graphopt.passes.prune_budget import MacModel
+from graphopt.passes.prune_engine import apply_kept
+from graphopt.passes.prune_magnitude import analyse
+from graphopt.passes.snp_plan import Ordering, counts, fill, variance_for_target
+
+log = logging.getLogger(__name__)
+
+
+def block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+    size = sum(b.shape[0] for b in blocks)
+    out, offset = np.zeros((size, size)), 0
+    for block in blocks:
+        out[offset:offset + block.shape[0], offset:offset + block.shape[0]] = block
+        offset += block.shape[0]
+    return out
+
+
+def _budget(ctx: PassContext) -> tuple[str | None, float | None]:
+    given = {key: ctx.option(key) for key in ("target_macs", "keep_variance", "zscore")}
+    given = {key: float(value) for key, value in given.items() if value is not None}
+    if len(given) > 1:
+        raise OptionError("--method cob takes at most one of --target-macs, --keep-variance, --zscore")
+    if "keep_variance" in given and not 0.0 < given["keep_variance"] <= 1.0:
+        raise OptionError(f"--keep-variance must be in (0, 1], got {given['keep_variance']}")
+    return next(iter(given.items()), (None, None))
+
+
+def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: str) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Per chain: Q (blockdiag over its subspaces) and the energies of each subspace's rotated coordinates."""
+    reads = {name: axis for chain in chains for name, axis in chain.reads.items()}
+    stats = ctx.statistics([StatRequest(n, frozenset({"mean", "gram"}), a) for n, a in reads.items()], model=graph)
+    samples: dict[str, np.ndarray] = {}
+    if method == "l1pca":
+        if ctx.data is None:
+            raise DataError("--rotation l1pca needs the activations themselves: give --calib DATA.npz")
+        from graphopt.calibration.sample import sample_rows
+
+        samples = sample_rows(ir.export_model(graph, ctx.template), ctx.data, reads,
+                              max_rows=int(ctx.option("l1pca_rows", 4096)),
+                              batch_size=int(ctx.option("batch_size", 32)), seed=int(ctx.option("seed", 0)))
+    found = []
+    for chain in chains:
+        gram = sum(stats[name].gram() for name in chain.reads)
+        blocks, energies = [], []
+        for low, high in chain.subspaces:
+            block = gram[low:high, low:high]
+            if method == "l1pca":
+                rows = np.concatenate([samples[name][:, low:high] for name in chain.reads])
+                rotation, energy = l1pca_basis(rows, block, int(ctx.option("l1pca_iterations", 30)))
+            else:
+                rotation, energy = pca_basis(block)
+            blocks.append(rotation)
+            energies.append(energy)
+        found.append((block_diag(blocks), energies))
+    return found
+
+
+def _subspace_groups(analysis: Analysis, chain: Chain) -> dict[int, int] | str:
+    """Group root of each subspace (by index), or why the chain's groups cannot be pruned."""
+    site = next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is chain.producer
+                 and s.index == 1), None)
+    if site is None:
+        return "producer has no channel group"
+    groups = {g.root: g for g in analysis.groups()}
+    leaves = analysis.atoms.leaves(site.state.atoms)
+    bounds = np.cumsum([0] + [analysis.atoms.sizes[leaf] for leaf in leaves])
+    found: dict[int, int] = {}
+    for index, (low, high) in enumerate(chain.subspaces):
+        covering = [leaf for leaf, start, stop in zip(leaves, bounds, bounds[1:]) if low <= start and stop <= high]
+        if len(covering) != 1 or analysis.atoms.sizes[covering[0]] != high - low:
+            return f"subspace [{low}, {high}) is not one channel group"
+        group = groups[analysis.atoms.find(covering[0])]
+        if not group.prunable or group.root in found.values():
+            return f"subspace [{low}, {high}): {group.describe()['reason'] or 'coupled with another subspace'}"
+        found[index] = group.root
+    return found
+
+
+def _zscore_kept(energy: np.ndarray, cutoff: float) -> np.ndarray:
+    amplitude = np.sqrt(np.maximum(energy, 0.0))
+    spread = float(amplitude.std())
+    if spread == 0.0:
+        return np.arange(amplitude.size)
+    kept = np.flatnonzero((amplitude - amplitude.mean()) / spread >= cutoff)
+    return kept if kept.size else np.array([int(np.argmax(amplitude))])
+
+
+def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: list[list[np.ndarray]],
+           kind: str, value: float, result: PassResult) -> tuple[int, float]:
+    """Drop trailing rotated coordinates; returns (channels removed, estimated MAC ratio)."""
+    analysis, per_node = analyse(graph, ctx)
+    orderings: dict[int, Ordering] = {}
+    energy_of: dict[int, np.ndarray] = {}
+    for chain, chain_energies in zip(chains, energies):
+        roots = _subspace_groups(analysis, chain)
+        if isinstance(roots, str):
+            result.skipped.append(f"{chain.producer.name}: not pruned, {roots}")
+            continue
+        for index, root in roots.items():
+            energy = np.maximum(chain_energies[index], 0.0)
+            orderings[root] = Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
+            energy_of[root] = energy
+    round_to = int(ctx.option("round_to", 1))
+    model = MacModel(analysis, per_node, set(orderings))
+    if kind == "zscore":
+        kept = {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}
+    else:
+        keep = value if kind == "keep_variance" else variance_for_target(orderings, model, value, round_to)
+        chosen = counts(orderings, keep, round_to)
+        if kind == "target_macs":
+            chosen = fill(chosen, orderings, model, value, round_to)
+        kept = {root: np.arange(count) for root, count in chosen.items()}
+    kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
+    apply_kept(graph, analysis, kept)
+    sizes = {root: o.order.size for root, o in orderings.items()}
+    removed = sum(sizes[root] - indices.size for root, indices in kept.items())
+    return removed, model.ratio({root: (kept[root].size if root in kept else sizes[root]) for root in sizes})
+
+
+@register
+class ChangeOfBasisPruning(Pass):
+    name = "cob"
+    kind = "method"
+    description = "change-of-basis pruning: PCA / L1-PCA rotations folded into weights (TSRA, RMS norm), then pruning"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        kind, value = _budget(ctx)
+        method = ctx.option("rotation", "pca")
+        if method not in ("pca", "l1pca"):
+            raise OptionError(f"--rotation must be pca or l1pca, got {method}")
+        rms, tsra = canonicalise(graph)
+        chains, reasons = find_chains(graph)
+        result = PassResult(modified=bool(rms or tsra), skipped=reasons)
+        rotated = 0
+        rotations = _rotations(ctx, graph, chains, method) if chains else []
+        for chain, (rotation, _) in zip(chains, rotations):
+            if not np.array_equal(rotation, np.eye(rotation.shape[0])):
+                fold(graph, chain, rotation)
+                rotated += 1
+        log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
+        removed, ratio = 0, 1.0
+        if kind is not None and chains:
+            removed, ratio = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
+        result.modified = result.modified or bool(rotated or removed)
+        result.stats = {"rms_norms_recognised": rms, "tsra_recognised": tsra, "chains": len(chains),
+                        "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
+                        "estimated_macs_ratio": ratio}
+        return result

@@ -1,0 +1,170 @@
+"""Where a change of basis is legal: chains producer -> equivariant ops -> linear consumers.
+
+A chain starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
+follows its output through ops that commute with an orthogonal Q on the channel axis:
+Identity, Dropout (mask unread), AveragePool / GlobalAveragePool (NCHW), Flatten (or Reshape to
+[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm (any Q) and
+graphopt.TSRA (Q = blockdiag over its split only; the chain's cut points are the union of its TSRAs'
+splits), until linear consumers (Conv group 1 / Gemm / MatMul reading it
+as the data operand, constant weight). Rotating such a chain is exact: producer W' = Q W, b' = Q b on
+its output channels, every consumer W' = W Qᵀ on its input channels (at every Conv tap; zero padding
+is rotation invariant). Anything else on the way (ReLU, BatchNorm, MaxPool, bias Add, ...) or a
+graph output makes the chain illegal; the reason names the op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
+from graphopt.ops.functions import DOMAIN
+
+_NONLINEAR = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSwish", "HardSigmoid",
+              "Clip", "Mish", "Swish", "PRelu", "Abs", "Exp", "Log", "Sqrt", "Erf"}
+_WHY = {"BatchNormalization": "per-channel scale (BatchNorm)", "InstanceNormalization": "per-channel scale",
+        "MaxPool": "max pooling is not equivariant to rotations", "GlobalMaxPool": "max pooling is not equivariant",
+        "Add": "per-channel bias add", "Sub": "per-channel bias add", "Mul": "per-channel scale",
+        "Div": "per-channel scale"}
+
+
+@dataclass
+class Chain:
+    producer: gs.Node
+    out_axis: int                     # output-channel axis of the producer's weight
+    channels: int
+    consumers: list[tuple[gs.Node, int]] = field(default_factory=list)  # (node, input-channel axis of weight)
+    reads: dict[str, int] = field(default_factory=dict)                 # tensor a consumer reads -> channel axis
+    cuts: set[int] = field(default_factory=set)                         # TSRA split points
+
+    @property
+    def subspaces(self) -> list[tuple[int, int]]:
+        bounds = [0, *sorted(c for c in self.cuts if 0 < c < self.channels), self.channels]
+        return list(zip(bounds, bounds[1:]))
+
+
+def _constant_weight(node: gs.Node) -> bool:
+    return len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant)
+
+
+def producer_axis(node: gs.Node) -> int | None:
+    """Output-channel axis of the weight of a rotatable producer, else None."""
+    if not _constant_weight(node):
+        return None
+    weight = node.inputs[1].values
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
+        return 0
+    if node.op == "Gemm" and not node.attrs.get("transA", 0):
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul" and weight.ndim == 2:
+        return 1
+    return None
+
+
+def _consumer_axis(node: gs.Node, tensor: gs.Tensor, axis: int, rank: int | None) -> int | None:
+    if not _constant_weight(node) or node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
+        return None
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and axis == 1:
+        return 1
+    if node.op == "Gemm" and not node.attrs.get("transA", 0) and axis == 1:
+        return 1 if node.attrs.get("transB", 0) else 0
+    if node.op == "MatMul" and node.inputs[1].values.ndim == 2 and rank is not None and axis == rank - 1:
+        return 0
+    return None
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return None if tensor.shape is None else len(tensor.shape)
+
+
+def _squeezes_unit_map(tensor: gs.Tensor, output: gs.Tensor) -> bool:
+    """A Reshape of [N, C, 1, ..., 1] to [N, C] (a Flatten of a 1x1 map, as the dynamo exporter writes it)."""
+    before, after = tensor.shape, output.shape
+    if before is None or after is None or len(after) != 2 or len(before) < 2:
+        return False
+    return all(isinstance(d, int) and d == 1 for d in before[2:]) and after[1] == before[1]
+
+
+def _spatial_axes(node: gs.Node, tensor: gs.Tensor, axis: int) -> bool:
+    """A keepdims reduction over constant axes that leave the channel axis alone (per-channel linear)."""
+    rank = _rank(tensor)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.reshape(-1).tolist()
+    if rank is None or not axes or not int(node.attrs.get("keepdims", 1)):
+        return False
+    return axis not in {int(a) % rank for a in axes}
+
+
+def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
+    """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why)."""
+    if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
+        return -1, "reads the channels twice or as a parameter"
+    op = node.op
+    if op == "Identity" or (op == "Dropout" and not any(t.outputs for t in node.outputs[1:])):
+        return axis, None
+    if op in ("AveragePool", "GlobalAveragePool") and axis == 1:
+        return axis, None
+    if op == "Flatten" and axis == 1 and int(node.attrs.get("axis", 1)) == 1:
+        shape = tensor.shape
+        if shape is not None and all(isinstance(d, int) and d == 1 for d in shape[2:]):
+            return 1, None
+        return -1, "Flatten of a map larger than 1x1 mixes positions into features"
+    if op == "Reshape" and axis == 1 and _squeezes_unit_map(tensor, node.outputs[0]):
+        return 1, None
+    if op in ("ReduceMean", "ReduceSum") and _spatial_axes(node, tensor, axis):  # e.g. a global average pool
+        return axis, None
+    if node.domain == DOMAIN and op in ("RMSNorm", "TSRA") and axis == 1:
+        return 1, None
+    if op in _NONLINEAR:
+        return -1, "elementwise nonlinearity is not equivariant to rotations"
+    return -1, _WHY.get(op, "not equivariant to a rotation of the channels")
+
+
+def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
+    """The legal chain starting at `producer`, or the reason there is none."""
+    axis_w = producer_axis(producer)
+    if axis_w is None:
+        return f"{producer.name} ({producer.op}): not a rotatable producer"
+    output = producer.outputs[0]
+    rank = _rank(output)
+    chain = Chain(producer, axis_w, int(producer.inputs[1].values.shape[axis_w]))
+    outputs = {t.name for t in graph.outputs}
+    pending = [(output, 1 if producer.op != "MatMul" or rank is None else rank - 1)]
+    seen: set[str] = set()
+    while pending:
+        tensor, axis = pending.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if tensor.name in outputs:
+            return f"{producer.name} -> graph output '{tensor.name}'"
+        for node in ir.consumers(tensor):
+            consumer = _consumer_axis(node, tensor, axis, _rank(tensor))
+            if consumer is not None:
+                chain.consumers.append((node, consumer))
+                chain.reads[tensor.name] = axis
+                continue
+            next_axis, why = _passes(node, tensor, axis)
+            if why is not None:
+                return f"{producer.name} -> {node.name} ({node.op}): {why}"
+            if node.op == "TSRA":
+                chain.cuts.add(int(node.attrs["split"]))
+            pending.append((node.outputs[0], next_axis))
+    if not chain.consumers:
+        return f"{producer.name} ({producer.op}): no linear consumer"
+    return chain
+
+
+def find_chains(graph: gs.Graph) -> tuple[list[Chain], list[str]]:
+    chains, reasons = [], []
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul"):
+            continue
+        found = find_chain(graph, node)
+        if isinstance(found, str):
+            reasons.append(found)
+        else:
+            chains.append(found)
+    return chains, reasons

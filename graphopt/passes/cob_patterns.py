@@ -1,0 +1,323 @@
+"""Recognise decomposed TSRA and weightless RMS normalisation and replace them with graphopt functions.
+
+Exporters write these activations as chains of standard ops whose exact form varies (Pow or Mul for a
+square, Div(1, ·) or Reciprocal, ReduceMean or ReduceSum, constants shared or not). Matching is
+therefore semantic, not syntactic:
+- anchors: an RMS norm ends in y = x·d or x/d where d is computed from x alone; a TSRA ends in
+  Concat([g_U·x[:, :k], g_V·x[:, k:]], axis=1) where the gains are computed from x alone;
+- the region between the anchor and x (only elementwise ops, Slice/Split and reductions, constants
+  read from the graph) is evaluated in float64 on seeded probe inputs whose norms span 1e-4..1e2 and
+  whose subspace ratios span (0, 1);
+- the parameters are read off the probe: eps is chosen among the scalar constants the region adds
+  (or 0), TSRA's alpha and beta by a least-squares fit of logit(g) against r; the match is accepted
+  only if the formula with those parameters reproduces the region to 1e-7 on every probe.
+A match is replaced by one graphopt.RMSNorm / graphopt.TSRA node (graphopt.ops) and the region is left
+to dead-code cleanup. Replacing is exact up to float rounding of the reassociated arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
+from graphopt.ops.functions import DOMAIN
+from graphopt.ops.rms_norm import build_rms_norm_function
+from graphopt.ops.tsra import build_tsra_function
+
+log = logging.getLogger(__name__)
+
+_ELEMENTWISE = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide, "Pow": np.power,
+                "Max": np.maximum, "Min": np.minimum}
+_UNARY = {"Sqrt": np.sqrt, "Reciprocal": lambda v: 1.0 / v, "Neg": np.negative, "Exp": np.exp, "Abs": np.abs,
+          "Sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "Identity": lambda v: v, "Cast": lambda v: v}
+_REDUCE = {"ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2"}
+_ALLOWED = set(_ELEMENTWISE) | set(_UNARY) | _REDUCE | {"Slice", "Split"}
+MAX_REGION = 64
+TOLERANCE = 1e-7
+
+
+def _constant(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    source = ir.producer(tensor)
+    if source is not None and source.op == "Constant" and "value" in source.attrs:
+        return np.asarray(source.attrs["value"].values)
+    return None
+
+
+def region(targets: list[gs.Tensor], source: gs.Tensor) -> list[gs.Node] | None:
+    """Nodes computing `targets` from `source` and constants only, in topological order; None if the
+    targets read anything else or use an op outside the evaluator's set."""
+    found: dict[int, gs.Node] = {}
+    order: list[gs.Node] = []
+    stack = [t for t in targets if t is not source]
+    visiting: set[int] = set()
+
+    def visit(tensor: gs.Tensor) -> bool:
+        if tensor is source or _constant(tensor) is not None or not tensor.name:
+            return True
+        node = ir.producer(tensor)
+        if node is None or node.op not in _ALLOWED or node.op == "Constant":
+            return False
+        if id(node) in found:
+            return True
+        if id(node) in visiting or len(found) >= MAX_REGION:
+            return False
+        visiting.add(id(node))
+        if not all(visit(t) for t in node.inputs):
+            return False
+        found[id(node)] = node
+        order.append(node)
+        return True
+
+    return order if all(visit(t) for t in stack) else None
+
+
+def _reduce(node: gs.Node, values: np.ndarray, axes_input: np.ndarray | None) -> np.ndarray:
+    axes = node.attrs.get("axes")
+    axes = tuple(int(a) for a in (axes if axes is not None else (axes_input if axes_input is not None else [])))
+    axes = axes or tuple(range(values.ndim))
+    keep = bool(node.attrs.get("keepdims", 1))
+    if node.op == "ReduceSum":
+        return values.sum(axis=axes, keepdims=keep)
+    if node.op == "ReduceMean":
+        return values.mean(axis=axes, keepdims=keep)
+    squares = (values * values).sum(axis=axes, keepdims=keep)
+    return squares if node.op == "ReduceSumSquare" else np.sqrt(squares)
+
+
+def _slice(values: np.ndarray, bounds: list[np.ndarray | None]) -> np.ndarray:
+    starts, ends = bounds[0], bounds[1]
+    axes = bounds[2] if len(bounds) > 2 and bounds[2] is not None else np.arange(starts.size)
+    steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else np.ones(starts.size, dtype=np.int64)
+    index = [slice(None)] * values.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        index[int(axis)] = slice(int(start), int(min(end, np.iinfo(np.int64).max // 2)), int(step))
+    return values[tuple(index)]
+
+
+def evaluate(nodes: list[gs.Node], source: gs.Tensor, probe: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Values of every tensor of `nodes` in float64 with `source` = `probe`; None on an unsupported form."""
+    values: dict[str, np.ndarray] = {source.name: probe}
+
+    def read(tensor: gs.Tensor) -> np.ndarray | None:
+        if not tensor.name:
+            return None
+        if tensor.name in values:
+            return values[tensor.name]
+        constant = _constant(tensor)
+        return None if constant is None else constant.astype(np.float64) if constant.dtype.kind == "f" else constant
+
+    with np.errstate(all="ignore"):
+        for node in nodes:
+            inputs = [read(t) for t in node.inputs]
+            if inputs[0] is None or (node.op in _ELEMENTWISE and inputs[1] is None):
+                return None
+            if node.op in _ELEMENTWISE:
+                outputs = [_ELEMENTWISE[node.op](inputs[0], inputs[1])]
+            elif node.op in _UNARY:
+                outputs = [_UNARY[node.op](inputs[0])]
+            elif node.op in _REDUCE:
+                outputs = [_reduce(node, inputs[0], inputs[1] if len(inputs) > 1 else None)]
+            elif node.op == "Slice":
+                if any(v is None for v in inputs[1:3]):
+                    return None
+                outputs = [_slice(inputs[0], inputs[1:])]
+            else:  # Split
+                axis = int(node.attrs.get("axis", 0))
+                sizes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else node.attrs.get("split")
+                if sizes is None:
+                    outputs = np.array_split(inputs[0], len(node.outputs), axis=axis)
+                else:
+                    outputs = np.split(inputs[0], np.cumsum(np.asarray(sizes))[:-1], axis=axis)
+            for tensor, value in zip(node.outputs, outputs):
+                values[tensor.name] = np.asarray(value, dtype=np.float64) if np.asarray(value).dtype.kind == "f" \
+                    else np.asarray(value)
+    return values
+
+
+def _eps_candidates(nodes: list[gs.Node]) -> list[float]:
+    found = {0.0}
+    for node in nodes:
+        if node.op in ("Add", "Max"):
+            for tensor in node.inputs:
+                constant = _constant(tensor)
+                if constant is not None and constant.size == 1 and constant.dtype.kind == "f":
+                    found.add(float(constant.reshape(-1)[0]))
+    return sorted(v for v in found if 0.0 <= v < 1e-1)
+
+
+def _probe(channels: int, rank: int, split: int | None, seed: int = 0) -> np.ndarray:
+    """Seeded inputs [P, C, 1, ...]: norms log-uniform in 1e-4..1e2, subspace ratios spanning (0, 1)."""
+    rng = np.random.default_rng(seed)
+    count = 192
+    rows = rng.standard_normal((count, channels))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    if split is not None and 0 < split < channels:
+        angle = rng.uniform(0.02, np.pi / 2 - 0.02, count)
+        u = rows[:, :split] / np.linalg.norm(rows[:, :split], axis=1, keepdims=True)
+        v = rows[:, split:] / np.linalg.norm(rows[:, split:], axis=1, keepdims=True)
+        rows = np.concatenate([u * np.cos(angle)[:, None], v * np.sin(angle)[:, None]], axis=1)
+    rows *= 10.0 ** rng.uniform(-4, 2, count)[:, None]
+    return rows.reshape(count, channels, *([1] * (rank - 2)))
+
+
+def _channels(tensor: gs.Tensor) -> tuple[int, int] | None:
+    shape = tensor.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int) or shape[1] <= 0:
+        return None
+    return int(shape[1]), len(shape)
+
+
+@dataclass
+class RmsMatch:
+    node: gs.Node
+    source: gs.Tensor
+    channels: int
+    eps: float
+
+
+@dataclass
+class TsraMatch:
+    node: gs.Node
+    source: gs.Tensor
+    split: int
+    params: dict[str, float]
+
+
+def match_rms(node: gs.Node) -> RmsMatch | None:
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2 or node.domain not in ("", None):
+        return None
+    pairs = [(node.inputs[0], node.inputs[1])] + ([(node.inputs[1], node.inputs[0])] if node.op == "Mul" else [])
+    for source, scale in pairs:
+        layout = _channels(source)
+        if layout is None or scale is source or _constant(scale) is not None or _constant(source) is not None:
+            continue
+        nodes = region([scale], source)
+        if not nodes:
+            continue
+        probe = _probe(*layout, None)
+        values = evaluate(nodes, source, probe)
+        if values is None or scale.name not in values:
+            continue
+        factor = values[scale.name] if node.op == "Mul" else 1.0 / values[scale.name]
+        if factor.shape != (probe.shape[0], 1, *probe.shape[2:]):
+            continue
+        mean_square = (probe * probe).mean(axis=1, keepdims=True)
+        for eps in _eps_candidates(nodes):
+            expected = 1.0 / np.sqrt(mean_square + eps)
+            if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
+                return RmsMatch(node, source, layout[0], eps)
+    return None
+
+
+def _pieces(node: gs.Node) -> tuple[gs.Tensor, list[tuple[gs.Tensor, gs.Tensor]]] | None:
+    """For Concat(axis 1) of two products gain·piece with pieces sliced from one tensor: (x, [(gain, piece)])."""
+    if int(node.attrs.get("axis", 0)) != 1 or len(node.inputs) != 2:
+        return None
+    parts, source = [], None
+    for tensor in node.inputs:
+        mul = ir.producer(tensor)
+        if mul is None or mul.op != "Mul" or len(mul.inputs) != 2:
+            return None
+        for gain, piece in ((mul.inputs[0], mul.inputs[1]), (mul.inputs[1], mul.inputs[0])):
+            cut = ir.producer(piece)
+            if cut is not None and cut.op in ("Slice", "Split") and (source is None or cut.inputs[0] is source):
+                source = cut.inputs[0]
+                parts.append((gain, piece))
+                break
+        else:
+            return None
+    return source, parts
+
+
+def match_tsra(node: gs.Node) -> TsraMatch | None:
+    if node.op != "Concat":
+        return None
+    found = _pieces(node)
+    if found is None:
+        return None
+    source, parts = found
+    layout = _channels(source)
+    if layout is None:
+        return None
+    channels, rank = layout
+    index = np.arange(channels, dtype=np.float64).reshape(1, channels, *([1] * (rank - 2)))
+    pieces = evaluate(region([p for _, p in parts], source) or [], source, index)
+    if pieces is None:
+        return None
+    got = [pieces[p.name].reshape(-1) for _, p in parts if p.name in pieces]
+    split = got[0].size if len(got) == 2 else 0
+    if not (0 < split < channels and np.array_equal(np.concatenate(got), np.arange(channels))):
+        return None
+    nodes = region([g for g, _ in parts], source)
+    probe = _probe(channels, rank, split)
+    values = evaluate(nodes or [], source, probe) if nodes else None
+    if values is None or any(g.name not in values for g, _ in parts):
+        return None
+    gains = [np.broadcast_to(values[g.name], (probe.shape[0], 1, *probe.shape[2:])).reshape(-1) for g, _ in parts]
+    return _fit_tsra(node, source, split, probe, gains, _eps_candidates(nodes))
+
+
+def _fit_tsra(node: gs.Node, source: gs.Tensor, split: int, probe: np.ndarray, gains: list[np.ndarray],
+              candidates: list[float]) -> TsraMatch | None:
+    rows = probe.reshape(probe.shape[0], probe.shape[1])
+    su = np.linalg.norm(rows[:, :split], axis=1)
+    total = np.sqrt(su ** 2 + np.linalg.norm(rows[:, split:], axis=1) ** 2)
+    for eps in candidates:
+        ratio = su / (total + eps)
+        params: dict[str, float] = {"eps": eps}
+        for part, gain in zip(("u", "v"), gains):
+            usable = (gain > 1e-9) & (gain < 1 - 1e-9)
+            if usable.sum() < 8:
+                return None
+            logit = np.log(gain[usable] / (1.0 - gain[usable]))
+            slope, intercept = np.linalg.lstsq(np.stack([ratio[usable], np.ones(usable.sum())], axis=1),
+                                               logit, rcond=None)[0]
+            if abs(slope) < 1e-12:
+                break
+            alpha, beta = float(np.float32(slope)), float(np.float32(-intercept / slope))
+            if np.max(np.abs(1.0 / (1.0 + np.exp(-alpha * (ratio - beta))) - gain)) > 1e-6:
+                break
+            params[f"alpha_{part}"], params[f"beta_{part}"] = alpha, beta
+        else:
+            return TsraMatch(node, source, split, params)
+    return None
+
+
+def canonicalise(graph: gs.Graph) -> tuple[int, int]:
+    """Replace every recognised RMS norm and TSRA by a graphopt function node; returns their counts."""
+    from graphopt.ops.rms_norm import make_rms_norm_node
+    from graphopt.ops.tsra import make_tsra_node
+
+    counts = [0, 0]
+    for kind, matcher in ((0, match_rms), (1, match_tsra)):
+        for node in list(graph.nodes):
+            if not node.outputs or not node.inputs:
+                continue
+            match = matcher(node)
+            if match is None:
+                continue
+            output = node.outputs[0]
+            name = ir.unique_name(graph, f"{node.name}_{'rms' if kind == 0 else 'tsra'}")
+            if kind == 0:
+                proto = make_rms_norm_node("x", "y", match.channels, match.eps)
+            else:
+                proto = make_tsra_node("x", "y", match.split, **match.params)
+            attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}
+            ir.detach(node)
+            graph.nodes.append(gs.Node(proto.op_type, name, attrs=attrs, inputs=[match.source], outputs=[output],
+                                       domain=DOMAIN))
+            counts[kind] += 1
+    if counts[0]:
+        ir.add_function(graph, build_rms_norm_function(graph.opset))
+    if counts[1]:
+        ir.add_function(graph, build_tsra_function(graph.opset))
+    if any(counts):
+        ir.cleanup(graph)
+        log.info("cob: %d RMS norms and %d TSRA activations recognised", counts[0], counts[1])
+    return counts[0], counts[1]

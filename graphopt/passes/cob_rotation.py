@@ -1,0 +1,90 @@
+"""Rotations for change-of-basis pruning, and folding them into weights.
+
+PCA: for the Gram G = Σ h hᵀ (uncentred second moments, float64) of one subspace, Q's rows are G's
+eigenvectors by decreasing eigenvalue, each signed so its largest-magnitude entry is positive; the
+importance of rotated coordinate j is its energy λ_j = q_jᵀ G q_j. A Gram that is already diagonal
+(off-diagonals below 1e-6 of the geometric mean of the diagonals) with non-increasing diagonal gives
+Q = I, so rotating a rotated model changes nothing.
+L1-PCA (sign-power iteration, after Kwak and Markopoulos et al.): from the PCA basis, iterate
+B = sign(X Q), Q = polar(Xᵀ B) (the U Vᵀ of its SVD) `iterations` times on sample rows X, then QR
+to a clean orthonormal basis; coordinates are ordered by mean |x·q_j| and importance is still energy.
+Folding (exact in exact arithmetic; weights are rotated in float64 and cast back to their dtype):
+producer W' = Q W and b' = Q b along the output-channel axis, consumers W' = W Qᵀ along the
+input-channel axis — both are "apply Q along that axis": W'[..d..] = Σ_c Q[d, c] W[..c..].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
+from graphopt.passes.cob_chains import Chain
+
+DIAGONAL = 1e-6
+
+
+def _signed(rows: np.ndarray) -> np.ndarray:
+    peak = np.argmax(np.abs(rows), axis=1)
+    signs = np.sign(rows[np.arange(rows.shape[0]), peak])
+    return rows * np.where(signs == 0, 1.0, signs)[:, None]
+
+
+def already_diagonal(gram: np.ndarray) -> bool:
+    diagonal = np.diag(gram)
+    scale = np.sqrt(np.outer(np.abs(diagonal), np.abs(diagonal))) + 1e-300
+    off = np.abs(gram - np.diag(diagonal)) / scale
+    return bool(np.all(off <= DIAGONAL) and np.all(np.diff(diagonal) <= DIAGONAL * (np.abs(diagonal[:-1]) + 1e-300)))
+
+
+def pca_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, energies): Q's rows are the principal directions of `gram`, most energy first."""
+    if already_diagonal(gram):
+        return np.eye(gram.shape[0]), np.diag(gram).copy()
+    values, vectors = np.linalg.eigh(gram)
+    order = np.argsort(-values, kind="stable")
+    rotation = _signed(vectors[:, order].T)
+    return rotation, np.einsum("ij,jk,ik->i", rotation, gram, rotation)
+
+
+def l1pca_basis(rows: np.ndarray, gram: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, energies) by sign-power iteration on sample `rows` (n x d), ordered by L1 importance."""
+    start, _ = pca_basis(gram)
+    if rows.shape[0] == 0:
+        return start, np.einsum("ij,jk,ik->i", start, gram, start)
+    data = rows.astype(np.float64)
+    basis = start.T  # columns
+    for _ in range(iterations):
+        signs = np.sign(data @ basis)
+        signs[signs == 0] = 1.0
+        left, _, right = np.linalg.svd(data.T @ signs, full_matrices=False)
+        updated = left @ right
+        if np.allclose(updated, basis, atol=1e-12):
+            break
+        basis = updated
+    basis, _ = np.linalg.qr(basis)
+    importance = np.abs(data @ basis).mean(axis=0)
+    rotation = _signed(basis[:, np.argsort(-importance, kind="stable")].T)
+    if np.allclose(rotation, np.eye(rotation.shape[0]), atol=1e-9):
+        rotation = np.eye(rotation.shape[0])
+    return rotation, np.einsum("ij,jk,ik->i", rotation, gram, rotation)
+
+
+def apply_along(values: np.ndarray, axis: int, rotation: np.ndarray) -> np.ndarray:
+    """W'[..d..] = Σ_c Q[d, c] W[..c..] along `axis`, in float64, cast back to W's dtype."""
+    rotated = np.tensordot(rotation, values.astype(np.float64), axes=([1], [axis]))
+    return np.moveaxis(rotated, 0, axis).astype(values.dtype)
+
+
+def fold(graph: gs.Graph, chain: Chain, rotation: np.ndarray) -> None:
+    """Rotate the chain's producer outputs (weight and bias) and every consumer's inputs by Q."""
+    producer = chain.producer
+    ir.set_input_array(graph, producer, 1, apply_along(np.asarray(producer.inputs[1].values), chain.out_axis, rotation))
+    if len(producer.inputs) > 2 and producer.inputs[2].name:
+        bias = np.asarray(producer.inputs[2].values)
+        full = np.broadcast_to(bias, (*bias.shape[:-1], chain.channels)) if bias.ndim else \
+            np.full(chain.channels, bias, dtype=bias.dtype)
+        ir.set_input_array(graph, producer, 2, apply_along(np.ascontiguousarray(full), full.ndim - 1, rotation))
+    for consumer, axis in chain.consumers:
+        weight = np.asarray(consumer.inputs[1].values)
+        ir.set_input_array(graph, consumer, 1, apply_along(weight, axis, rotation))

@@ -1,0 +1,180 @@
+"""Dead and constant unit elimination: remove channels that cannot change any output.
+
+Over the channel groups of graphopt.analysis.groups (only whole groups shrink, so a channel of a
+residual stream goes only if it is removable in every member):
+
+- dead: every consumer weight slice that reads the channel is zero. Removing it is exact.
+- constant: every producer weight slice that writes it is zero, so it holds its bias, mapped through the
+  per-channel ops between producer and consumer (graphopt.passes.dead_units_values evaluates those it
+  can, exactly). Each consumer gets W[:, c] * value (summed over kernel taps; times alpha for Gemm)
+  added to its bias, then the channel is removed. Exact everywhere except where a consumer pads the
+  channel with zeros (Conv with padding, ConvTranspose): there the constant is folded only when it is 0.
+
+Channels of a group read by a two-variable MatMul (attention) are never treated as dead: that read has
+no weight to inspect. A group keeps at least one channel. The pass repeats until nothing changes (a
+removal can make units of the next layer constant), so running it twice changes nothing the second time.
+Every constant channel left in place is reported with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.ir import graph as ir
+from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.dead_units_values import Values, channel_constants, leaf_positions, nonzero_rows
+from graphopt.passes.prune_magnitude import analyse
+
+log = logging.getLogger(__name__)
+
+MAX_ROUNDS = 32
+
+
+def _zero_channels(a: Analysis, groups: dict[int, Group], role: str) -> dict[int, np.ndarray]:
+    """Per root: channels whose every `role` weight slice is zero (roots without such sites absent)."""
+    zero: dict[int, np.ndarray] = {}
+    for site in a.sites:
+        if site.kind != "weight" or site.role != role:
+            continue
+        live = nonzero_rows(np.asarray(site.node.inputs[site.index].values), site.axis)
+        for root, positions in leaf_positions(a.atoms, site.state):
+            if root in groups:
+                dead = ~np.any(live[positions], axis=1)
+                zero[root] = dead & zero[root] if root in zero else dead
+    return zero
+
+
+def _producer_values(a: Analysis, groups: dict[int, Group]) -> dict[str, Values]:
+    """The constant each producer writes on channels whose weights it zeroed (NaN where it does not)."""
+    values: dict[str, Values] = {}
+    for site in a.sites:
+        if site.kind != "weight" or site.role != "producer":
+            continue
+        node = site.node
+        live = nonzero_rows(np.asarray(node.inputs[site.index].values), site.axis)
+        bias = np.zeros(live.size)
+        if node.op != "MatMul" and len(node.inputs) > 2 and node.inputs[2].name:
+            stored = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
+            scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+            bias = scale * (np.full(live.size, stored[0]) if stored.size == 1 else stored)
+        values[node.name] = {root: np.where(live[positions[:, 0]], np.nan, bias[positions[:, 0]])
+                             for root, positions in leaf_positions(a.atoms, site.state) if root in groups}
+    return values
+
+
+def _pads_with_zeros(node: gs.Node) -> bool:
+    if node.op == "ConvTranspose":
+        return True
+    return any(node.attrs.get("pads", [])) or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+
+
+def _bilinear_roots(a: Analysis) -> set[int]:
+    roots: set[int] = set()
+    for node in a.graph.nodes:
+        if node.op == "MatMul" and not any(isinstance(t, gs.Constant) for t in node.inputs):
+            for tensor in node.inputs:
+                state = a.state(tensor)
+                if state is not None:
+                    roots |= {root for root, _ in leaf_positions(a.atoms, state)}
+    return roots
+
+
+def _consumer_sites(a: Analysis, root: int) -> list[tuple[Site, np.ndarray]]:
+    return [(site, positions) for site in a.sites if site.kind == "weight" and site.role == "consumer"
+            for leaf_root, positions in leaf_positions(a.atoms, site.state) if leaf_root == root]
+
+
+Plan = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, Values]]
+
+
+def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
+    """Per root: channels to remove, those among them to fold, and the known constants by tensor."""
+    dead_out = _zero_channels(a, groups, "consumer")
+    dead_in = _zero_channels(a, groups, "producer")
+    unsupported: dict[int, set[str]] = {}
+    known = channel_constants(a, a.graph, _producer_values(a, groups), unsupported)
+    bilinear = _bilinear_roots(a)
+    removed, folded = {}, {}
+    for root, group in groups.items():
+        if root not in dead_out:
+            continue  # no consumer weights read this group: nothing to inspect
+        if root in bilinear:
+            if np.any(dead_out[root]) or np.any(dead_in.get(root, False)):
+                result.skipped.append(f"group {root}: read by a two-variable MatMul, zero units left alone")
+            continue
+        constant = np.where(dead_in.get(root, np.zeros(group.size, bool)), 0.0, np.nan)
+        foldable = np.isfinite(constant)
+        for site, _ in _consumer_sites(a, root):
+            value = known.get(site.node.inputs[0].name, {}).get(root, np.full(group.size, np.nan))
+            ok = np.isfinite(value) & ((value == 0) | (not _pads_with_zeros(site.node)))
+            lost = foldable & ~ok & ~dead_out[root]
+            if np.any(lost):
+                why = f"zero padding in {site.node.op} and a nonzero constant" if np.any(np.isfinite(value[lost])) \
+                    else f"value not evaluated through {', '.join(sorted(unsupported.get(root, {'?'})))}"
+                result.skipped.append(f"group {root}: {int(lost.sum())} constant channels kept at "
+                                      f"{site.node.name}: {why}")
+            foldable &= ok
+        remove = dead_out[root] | foldable
+        if remove.all():
+            remove[np.argmax(dead_out[root]) if dead_out[root].any() else 0] = False
+        if remove.any():
+            removed[root] = remove
+            folded[root] = remove & foldable & ~dead_out[root]
+    return removed, folded, known
+
+
+def _shifts(a: Analysis, folded: dict[int, np.ndarray], known: dict[str, Values]) -> Shifts:
+    """Bias shift of every consumer that reads a removed constant channel (full output length): each
+    consumer folds the value the channel has where that consumer reads it."""
+    shifts: Shifts = {}
+    for site in a.sites:
+        if site.kind != "weight" or site.role != "consumer":
+            continue
+        features = a.size(site.state) * site.state.factor
+        value = np.zeros(features)
+        for root, positions in leaf_positions(a.atoms, site.state):
+            if root in folded and folded[root].any():
+                constant = known[site.node.inputs[0].name][root]
+                value[positions] = np.where(folded[root], constant, 0.0)[:, None]
+        if not np.any(value):
+            continue
+        add_shift(shifts, site.node, consumer_shift(site, value))
+    return shifts
+
+
+def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
+    """Remove dead and constant units until none is left; adds counts to `result.stats`."""
+    removed_total = folded_total = rounds = 0
+    for rounds in range(1, MAX_ROUNDS + 1):
+        ir.cleanup(graph)
+        analysis, _ = analyse(graph, ctx)
+        groups = {g.root: g for g in analysis.groups() if g.prunable}
+        round_result = PassResult(modified=False)
+        removed, folded, known = _plan(analysis, groups, round_result)
+        if not removed:
+            result.skipped.extend(round_result.skipped)
+            break
+        shifts = _shifts(analysis, folded, known)
+        apply_with_shifts(graph, analysis, {root: np.flatnonzero(~mask) for root, mask in removed.items()}, shifts)
+        removed_total += sum(int(mask.sum()) for mask in removed.values())
+        folded_total += sum(int(mask.sum()) for mask in folded.values())
+        result.modified = True
+    ir.cleanup(graph)
+    result.stats.update({"units_removed": removed_total, "constants_folded": folded_total, "rounds": rounds})
+
+
+@register
+class DeadUnitElimination(Pass):
+    name = "dead-units"
+    kind = "method"
+    description = "remove channels with all-zero outgoing weights; fold constant ones (zero incoming) into consumers"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        result = PassResult(modified=False)
+        eliminate(graph, ctx, result)
+        return result

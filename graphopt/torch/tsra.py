@@ -1,0 +1,45 @@
+"""Torch modules for TSRA networks: `TSRA` and weightless `RMSNorm` over the channel axis (axis 1).
+
+Both are written in plain tensor ops, so either torch exporter writes them as standard ONNX ops;
+`graphopt --method cob` recognises those decomposed forms (graphopt.passes.cob_patterns) and turns
+them into the model-local functions graphopt.TSRA and graphopt.RMSNorm (graphopt.ops). The formulas
+are those of graphopt.ops.tsra and graphopt.ops.rms_norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TSRA(nn.Module):
+    """Two-subspace radial activation on axis 1: U = the first `split` channels, V = the rest."""
+
+    def __init__(self, split: int, alpha_u: float = 5.0, alpha_v: float = 5.0, beta_u: float = 0.5,
+                 beta_v: float = 0.7, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.split, self.eps = int(split), float(eps)
+        self.alpha_u, self.alpha_v, self.beta_u, self.beta_v = float(alpha_u), float(alpha_v), float(beta_u), float(beta_v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = x[:, :self.split], x[:, self.split:]
+        su2 = (u * u).sum(dim=1, keepdim=True)
+        sv2 = (v * v).sum(dim=1, keepdim=True)
+        r = torch.sqrt(su2) / (torch.sqrt(su2 + sv2) + self.eps)
+        gate_u = torch.sigmoid(self.alpha_u * (r - self.beta_u))
+        gate_v = torch.sigmoid(self.alpha_v * (r - self.beta_v))
+        return torch.cat([gate_u * u, gate_v * v], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"split={self.split}"
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean_c x² + eps) over axis 1, without learned weights."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)

@@ -1,0 +1,155 @@
+"""omp: sparsity reached (global and per layer), --keep-first-last, the dead-unit cleanup after pruning
+is exact (same outputs as the merely zeroed model), option refusals, a shared weight declined, the
+magnitude masks are idempotent, --sparse-storage, and a model from each torch exporter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import graphopt
+from graphopt import cli
+from graphopt.errors import GraphoptError
+from graphopt.passes.omp import magnitude_masks
+from tests.conftest import assert_equivalent, init, random_inputs, run_ort, tiny, weights
+
+try:
+    import torch
+    from torch import nn
+
+    from graphopt.torch.export import export_onnx
+except ImportError:
+    torch = None  # type: ignore[assignment]
+
+LAYERS = [("w1", (32, 16)), ("w2", (32, 32)), ("w3", (32, 32)), ("w4", (4, 32))]
+
+
+def mlp() -> onnx.ModelProto:
+    """Four Gemm layers with weights of different scales, so global and per-layer pruning differ."""
+    inits, body, source = [], [], "x"
+    for index, (name, shape) in enumerate(LAYERS):
+        inits += [init(name, weights(*shape, seed=index) * (index + 1)), init(f"b{index}", weights(shape[0], seed=9 + index))]
+        out = "y" if index == len(LAYERS) - 1 else f"a{index}"
+        body.append(f"h{index} = Gemm <transB = 1> ({source}, {name}, b{index})")
+        if out != "y":
+            body.append(f"{out} = Relu (h{index})")
+        else:
+            body[-1] = body[-1].replace(f"h{index} =", "y =")
+        source = out
+    return tiny("\n".join(body), inputs="float[N, 16] x", outputs="float[N, 4] y", inits=", ".join(inits))
+
+
+def optimize(model: onnx.ModelProto, **options):
+    return graphopt.optimize(model, method="omp", **options)
+
+
+def zeroed_reference(model: onnx.ModelProto, sparsity: float, scope: str, spared: set[str]) -> onnx.ModelProto:
+    """The original model with the OMP zeros written in and nothing removed."""
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    tensors = {t.name: t for t in reference.graph.initializer}
+    arrays = {name: numpy_helper.to_array(tensors[name]) for name, _ in LAYERS if name not in spared}
+    for name, mask in magnitude_masks(arrays, sparsity, scope).items():
+        tensors[name].CopyFrom(numpy_helper.from_array(np.where(mask, arrays[name], 0).astype(np.float32), name))
+    return reference
+
+
+def stats(result) -> dict:
+    return result.report["passes"][-1]["stats"]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_sparsity_reached_and_cleanup_exact(scope: str, sparsity: float) -> None:
+    model = mlp()
+    result = optimize(model, sparsity=sparsity, omp_scope=scope)
+    found = stats(result)
+    assert found["sparsity_pruned_layers"] == pytest.approx(sparsity, abs=1e-3)
+    per_layer = [value for key, value in found.items() if key.startswith("sparsity:")]
+    assert len(per_layer) == len(LAYERS)
+    if scope == "layer":
+        assert all(value == pytest.approx(sparsity, abs=1 / 128) for value in per_layer)
+    else:  # one threshold: the layer with the largest weights keeps the most
+        assert max(per_layer) - min(per_layer) > 0.2
+    assert_equivalent(zeroed_reference(model, sparsity, scope, set()), result.model, random_inputs(model, batch=6))
+    if sparsity == 0.9:
+        assert found["units_removed"] > 0 and result.report["params_after"] < result.report["params_before"]
+
+
+def test_keep_first_last() -> None:
+    model = mlp()
+    result = optimize(model, sparsity=0.8, keep_first_last=True)
+    arrays = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = result.report["weight_sparsity"]["layers"]
+    assert list(layers.values())[0] == 0.0 and list(layers.values())[-1] == 0.0
+    assert np.count_nonzero(arrays["w4"]) == original["w4"].size  # the last layer is dense (columns may go)
+    assert stats(result)["sparsity_pruned_layers"] == pytest.approx(0.8, abs=1e-3)
+    assert_equivalent(zeroed_reference(model, 0.8, "global", {"w1", "w4"}), result.model, random_inputs(model, batch=4))
+    assert sum("first or last layer" in reason for reason in result.report["passes"][-1]["skipped"]) == 2
+
+
+def test_masks_idempotent() -> None:
+    arrays = {name: weights(*shape, seed=index) for index, (name, shape) in enumerate(LAYERS)}
+    for scope in ("global", "layer"):
+        masks = magnitude_masks(arrays, 0.7, scope)
+        pruned = {name: np.where(masks[name], value, 0) for name, value in arrays.items()}
+        again = magnitude_masks(pruned, 0.7, scope)
+        assert all(np.array_equal(np.where(again[n], pruned[n], 0), pruned[n]) for n in pruned)
+
+
+@pytest.mark.parametrize("options", [{}, {"sparsity": 1.0}, {"sparsity": 0.5, "omp_scope": "tensor"}])
+def test_bad_options_refused(options: dict) -> None:
+    with pytest.raises(GraphoptError):
+        optimize(mlp(), **options)
+
+
+def test_shared_weight_declined() -> None:
+    w = weights(8, 8)
+    body = "h = MatMul (x, w)\na = Relu (h)\ny = MatMul (a, w)"
+    model = tiny(body, inputs="float[N, 8] x", outputs="float[N, 8] y", inits=init("w", w))
+    result = optimize(model, sparsity=0.5)
+    assert any("shared" in reason for reason in result.report["passes"][-1]["skipped"])
+    assert result.report["weight_sparsity"]["overall"] == 0.0
+    assert_equivalent(model, result.model, random_inputs(model, batch=2))
+
+
+@pytest.mark.parametrize(("sparsity", "used"), [(0.9, True), (0.2, False)])
+def test_sparse_storage(sparsity: float, used: bool, tmp_path: Path) -> None:
+    source, dense, sparse = tmp_path / "mlp.onnx", tmp_path / "dense.onnx", tmp_path / "sparse.onnx"
+    onnx.save(mlp(), str(source))
+    common = [str(source), "--method", "omp", "--sparsity", str(sparsity), "--quiet"]
+    assert cli.main(["optimize", *common, "-o", str(dense)]) == 0
+    report_path = tmp_path / "report.json"
+    assert cli.main(["optimize", *common, "-o", str(sparse), "--sparse-storage", "--report", str(report_path)]) == 0
+    stored = onnx.load(str(sparse))
+    assert bool(stored.graph.sparse_initializer) == used
+    if used:
+        assert sparse.stat().st_size < dense.stat().st_size
+    else:
+        assert "1/3" in __import__("json").loads(report_path.read_text())["sparse_storage"]["reason"]
+    feeds = random_inputs(mlp(), batch=3)
+    expected = run_ort(onnx.load(str(dense)), feeds)
+    session = ort.InferenceSession(str(sparse), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], expected["y"])
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_torch_exported(exporter: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(8 * 36, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    path = export_onnx(module, torch.randn(1, 3, 6, 6), tmp_path / "net.onnx", exporter=exporter, opset=17, fold_bn=True)
+    model = onnx.load(str(path))
+    result = optimize(model, sparsity=0.9, omp_scope="layer")
+    found = stats(result)
+    assert found["layers_pruned"] == 4 and found["sparsity_pruned_layers"] == pytest.approx(0.9, abs=2e-3)
+    assert result.report["fidelity"]["samples"] > 0
+    assert result.report["weight_sparsity"]["overall"] > 0.8
