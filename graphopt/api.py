@@ -131,7 +131,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         "passes": [record.to_json() for record in records],
     }
     report["weight_sparsity"] = weight_sparsity(optimized)
-    report["bytes_before"] = sum(p.stat().st_size for p in protected) if protected else original.ByteSize()
+    report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
+                              else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
     if options.get("sparse_storage"):
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)

@@ -217,8 +217,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
-    print(f"weight sparsity {report['weight_sparsity']['overall']:.1%}   "
-          f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
+    sparsity = report["weight_sparsity"]["overall"]
+    print((f"weight sparsity {sparsity:.1%}   " if sparsity else "")
+          + f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
     if "sparse_storage" in report:
         sparse = report["sparse_storage"]
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))

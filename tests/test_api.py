@@ -243,3 +243,12 @@ def test_output_onto_the_calibration_file_is_refused(tmp_path):
     with pytest.raises(OptionError, match="refusing to overwrite the input model or data"):
         graphopt.optimize(model, calib=data_path, output=data_path)
     assert data_path.read_bytes() == before
+
+
+def test_report_file_sizes_count_the_model_only(tmp_path):
+    model_path = save_model(conv_bn_model(), tmp_path / "in.onnx")
+    data_path = tmp_path / "calib.npz"
+    np.savez(data_path, x=random_inputs(conv_bn_model(), batch=4)["x"])
+    report = graphopt.optimize(model_path, calib=data_path, output=tmp_path / "out.onnx").report
+    assert report["bytes_before"] == model_path.stat().st_size
+    assert report["bytes_after"] == (tmp_path / "out.onnx").stat().st_size
