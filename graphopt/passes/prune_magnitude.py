@@ -34,6 +34,14 @@ def analyse(graph: gs.Graph, ctx: PassContext) -> tuple[Analysis, dict[str, int]
     return find_groups(graph, shapes), count_cost(model, ctx.input_shapes, shapes).per_node
 
 
+def split_groups(analysis: Analysis, result: PassResult) -> tuple[list[Group], list[Group]]:
+    """All groups and the prunable ones; each blocked group's reason goes to `result.skipped`."""
+    groups = analysis.groups()
+    result.skipped.extend(f"group {g.root} ({g.size} channels): {g.describe()['reason']}"
+                          for g in groups if not g.prunable)
+    return groups, [g for g in groups if g.prunable]
+
+
 def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict[int, np.ndarray]:
     atoms = analysis.atoms
     scores = {g.root: np.zeros(g.size) for g in groups}
@@ -70,11 +78,8 @@ class _ChannelPruning(Pass):
         if round_to < 1:
             raise OptionError(f"--round-to must be >= 1, got {round_to}")
         analysis, per_node = analyse(graph, ctx)
-        groups = analysis.groups()
-        prunable = [g for g in groups if g.prunable]
         result = PassResult(modified=False)
-        result.skipped.extend(f"group {g.root} ({g.size} channels): {g.describe()['reason']}"
-                              for g in groups if not g.prunable)
+        groups, prunable = split_groups(analysis, result)
         mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
         scores = self.scores(analysis, prunable, ctx)
         counts = choose_counts(scores, mac_model, target, round_to)

@@ -33,7 +33,7 @@ from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.prune_budget import MacModel
 from graphopt.passes.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.prune_engine import kept_positions
-from graphopt.passes.prune_magnitude import analyse
+from graphopt.passes.prune_magnitude import analyse, split_groups
 from graphopt.passes.snp_math import reconstruction
 from graphopt.passes.snp_plan import counts, fill, orderings, variance_for_target
 
@@ -112,11 +112,8 @@ class SubspaceNodePruning(Pass):
         round_to, reconstruct = int(ctx.option("round_to", 1)), bool(ctx.option("reconstruct", True))
         max_features = int(ctx.option("snp_max_features", 4096))
         analysis, per_node = analyse(graph, ctx)
-        groups = analysis.groups()
-        prunable = [g for g in groups if g.prunable]
         result = PassResult(modified=False)
-        result.skipped.extend(f"group {g.root} ({g.size} channels): {g.describe()['reason']}"
-                              for g in groups if not g.prunable)
+        groups, prunable = split_groups(analysis, result)
         sites = _linear_consumers(analysis, max_features, result)
         stats = _statistics(ctx, graph, sites)
         with single_threaded_blas():  # small dense factorisations: BLAS threads only contend
