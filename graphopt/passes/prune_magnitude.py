@@ -19,6 +19,7 @@ from graphopt.analysis.macs import count_cost
 from graphopt.analysis.shapes import batch1_shapes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
+from graphopt.passes.cob_patterns import canonicalise
 from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.prune_budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.prune_engine import apply_kept
@@ -27,7 +28,13 @@ log = logging.getLogger(__name__)
 
 
 def analyse(graph: gs.Graph, ctx: PassContext) -> tuple[Analysis, dict[str, int]]:
-    """Channel groups of `graph` and per-node batch-1 MACs (node names are made unique first)."""
+    """Channel groups of `graph` and per-node batch-1 MACs (node names are made unique first).
+
+    Decomposed RMS norms and TSRA activations are first replaced by graphopt's function ops (an exact
+    rewrite, checked numerically when matched), so that their channels can be analysed at all.
+    """
+    if any(canonicalise(graph)):
+        ir.cleanup(graph)
     name_nodes(graph)  # MACs are keyed by node name, sites by node: both need the same unique names
     model = ir.export_model(graph, ctx.template, infer=False)  # batch1_shapes infers, with inputs fixed
     shapes = batch1_shapes(model, ctx.input_shapes)

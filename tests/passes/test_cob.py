@@ -225,3 +225,15 @@ def test_pruning_exported_tsra_cnn_reaches_the_target(exporter: str, tmp_path) -
     onnx.checker.check_model(result.model)
     assert 0.5 < result.report["macs_ratio"] <= 0.6
     assert result.report["fidelity"]["rel_l2"] < 0.3
+
+
+@pytest.mark.parametrize("method", ["magnitude", "snp"])
+def test_other_channel_methods_prune_exported_tsra_networks(method: str, tmp_path) -> None:
+    from graphopt.torch.export import export_onnx
+
+    module, data = _torch_models()["cnn"]
+    path = export_onnx(module, data[:2], tmp_path / "cnn.onnx", exporter="legacy", opset=17)
+    result = graphopt.optimize(path, method=method, calib={"input": data.numpy()}, target_macs=0.6)
+    onnx.checker.check_model(result.model)
+    assert _last_pass(result)["stats"]["prunable_groups"] >= 3
+    assert 0.55 < result.report["macs_ratio"] <= 0.6

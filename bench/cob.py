@@ -1,0 +1,463 @@
+"""CoB (change-of-basis) pruning against magnitude pruning, without fine-tuning, on TSRA networks trained here.
+
+Four models are trained in this script, seeded and offline, on scikit-learn's digits (70/30 stratified split):
+
+- tsra-cnn:  Conv(1->C) RMSNorm TSRA, Conv(C->C) RMSNorm TSRA, AvgPool 2, Conv(C->2C) RMSNorm TSRA,
+             global average pool, Linear(2C->10), built as the paper's networks are (weightless RMS norm instead
+             of BatchNorm, average instead of max pooling; TSRA split at half the channels);
+- relu-cnn:  the same shape with BatchNorm + ReLU in place of RMSNorm + TSRA (BN folded at export);
+- tsra-mlp:  64 -> H RMSNorm TSRA -> H RMSNorm TSRA -> 10 on the standardised 64 pixel features;
+- relu-mlp:  the same shape with BatchNorm1d + ReLU.
+
+Each is exported with the legacy torch exporter (opset 17) and pruned to each MAC target, no retraining, by:
+
+- cob-pca:      graphopt.optimize(method="cob", rotation="pca", target_macs=T) on the TSRA model;
+- cob-l1pca:    the same with rotation="l1pca";
+- magnitude:    method="magnitude" on the same TSRA model, no rotation. `magnitude` on the exported graph prunes
+                nothing (the decomposed RMS norm's ReduceMean over channels blocks every group; see the report),
+                so this baseline runs on the graph after graphopt's pre-passes with the RMS norms and TSRAs
+                replaced by graphopt function ops (graphopt.passes.cob_patterns.canonicalise) — exactly the
+                graph `cob` itself prunes, minus the rotation;
+- relu-magnitude: method="magnitude" on the ReLU+BN control.
+
+All four run side by side at each target (the order rotates between repeats; times are medians). Calibration
+data are the first --calib training samples; accuracy is measured with onnxruntime on the test split. The
+"reliable range" of a method is the smallest MACs ratio it reached such that at that target and every less
+aggressive one the accuracy drop against its own dense model is <= 1 point (the paper's frontier is in
+parameters; both ratios are reported).
+
+    python bench/cob.py            # full run (~3-5 min on 2 cores), results in bench/results/cob.{json,png}
+    python bench/cob.py --quick    # smoke run: targets 0.7,0.5, one repeat, fewer epochs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import sklearn
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+import graphopt
+from graphopt.ir import graph as ir
+from graphopt.passes.cob_patterns import canonicalise
+from graphopt.torch.export import export_onnx
+from graphopt.torch.tsra import TSRA, RMSNorm
+
+TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+# method -> (which model it prunes, optimize options)
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
+    "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
+    "magnitude": ("tsra-canonical", {"method": "magnitude"}),
+    "relu-magnitude": ("relu", {"method": "magnitude"}),
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+RELIABLE_DROP = 0.01
+
+
+@dataclass
+class Family:
+    """A TSRA network and its ReLU control, trained on the same split."""
+    name: str
+    description: str
+    models: dict[str, onnx.ModelProto]
+    calib: dict[str, dict[str, np.ndarray]]
+    test: dict[str, np.ndarray]
+    labels: np.ndarray
+    train_seconds: dict[str, float]
+    dense_accuracy: dict[str, float] = field(default_factory=dict)
+    dense_logits: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- models
+
+
+def norm_act(kind: str, channels: int, conv: bool) -> list[nn.Module]:
+    if kind == "tsra":
+        return [RMSNorm(), TSRA(channels // 2)]
+    return [nn.BatchNorm2d(channels) if conv else nn.BatchNorm1d(channels), nn.ReLU()]
+
+
+def digits_cnn(kind: str, width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 1, 1), *norm_act(kind, width, True),
+        nn.Conv2d(width, width, 3, 1, 1), *norm_act(kind, width, True),
+        nn.AvgPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, 1, 1), *norm_act(kind, 2 * width, True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
+
+
+def digits_mlp(kind: str, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), *norm_act(kind, hidden, False),
+                         nn.Linear(hidden, hidden), *norm_act(kind, hidden, False), nn.Linear(hidden, 10))
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
+          seed: int, weight_decay: float = 1e-4) -> float:
+    """AdamW with cosine decay and cross-entropy; returns the seconds it took. Leaves `module` in eval mode."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(x) // batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for first in range(0, len(x), batch):
+            chosen = order[first:first + batch]
+            loss = nn.functional.cross_entropy(module(inputs[chosen]), targets[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    module.eval()
+    return time.perf_counter() - start
+
+
+def canonical(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """The graph after graphopt's pre-passes with RMS norms and TSRAs as graphopt function ops (no rotation)."""
+    base = graphopt.optimize(model, method="none", calib=calib).model
+    graph = ir.import_graph(base)
+    rms, tsra = canonicalise(graph)
+    if not rms or not tsra:
+        raise RuntimeError(f"canonicalise recognised {rms} RMS norms and {tsra} TSRAs")
+    return ir.export_model(graph, base)
+
+
+def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
+    data = load_digits()
+    if name == "cnn":
+        x = (data.images / 16.0).reshape(-1, 1, 8, 8)
+    else:
+        x = data.data
+    x_train, x_test, y_train, y_test = train_test_split(x, data.target, test_size=0.3, stratify=data.target,
+                                                        random_state=args.seed)
+    if name == "mlp":
+        mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
+    y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+    calib = {"input": x_train[:args.calib]}
+    models, seconds = {}, {}
+    for kind in ("tsra", "relu"):
+        torch.manual_seed(args.seed)
+        if name == "cnn":
+            module = digits_cnn(kind, args.width)
+            options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3)
+        else:
+            module = digits_mlp(kind, args.hidden)
+            options = dict(epochs=max(1, round(args.mlp_epochs * args.epoch_scale)), batch=64, lr=2e-3)
+        seconds[kind] = train(module, x_train, y_train, seed=args.seed, **options)
+        path = export_onnx(module, torch.from_numpy(x_train[:2]), workdir / f"{name}-{kind}.onnx",
+                           exporter="legacy", opset=17, fold_bn=True)
+        models[kind] = onnx.load(path)
+    models["tsra-canonical"] = canonical(models["tsra"], calib)
+    if name == "cnn":
+        w = args.width
+        description = (f"CNN conv{w}-conv{w}-avgpool-conv{2 * w}-GAP-fc10 on digits 8x8 "
+                       f"(TSRA: RMSNorm+TSRA split C/2; control: BN+ReLU), {options['epochs']} epochs")
+    else:
+        h = args.hidden
+        description = (f"MLP 64-{h}-{h}-10 on digits features (TSRA: RMSNorm+TSRA split {h // 2}; "
+                       f"control: BN+ReLU), {options['epochs']} epochs")
+    return Family(name, description, models, {k: calib for k in models}, {"input": x_test}, y_test, seconds)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0].astype(np.float64)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def run_one(family: Family, method: str, target: float, threads: int) -> tuple[dict[str, Any], float]:
+    which, options = METHODS[method]
+    start = time.perf_counter()
+    result = graphopt.optimize(family.models[which], target_macs=target, calib=family.calib[which],
+                               threads=threads, **options)
+    seconds = time.perf_counter() - start
+    logits = predict(result.model, family.test)
+    report = result.report
+    stats = report["passes"][-1].get("stats", {})
+    dense_key = "relu" if which == "relu" else "tsra"
+    dense = family.dense_logits[dense_key]
+    row = {
+        "model": family.name, "method": method, "network": dense_key, "target": target,
+        "accuracy": accuracy(logits, family.labels),
+        "drop": family.dense_accuracy[dense_key] - accuracy(logits, family.labels),
+        "macs_ratio": report["macs_ratio"],
+        "params_ratio": report["params_after"] / report["params_before"],
+        "test_rel_l2": float(np.linalg.norm(logits - dense) / np.linalg.norm(dense)),
+        "calib_rel_l2": report["fidelity"].get("rel_l2"),
+        "channels_removed": stats.get("channels_removed"),
+        "skipped": report["passes"][-1].get("skipped", []),
+    }
+    return row, seconds
+
+
+def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads: int) -> None:
+    for kind in ("tsra", "relu", "tsra-canonical"):
+        family.dense_logits[kind] = predict(family.models[kind], family.test)
+        family.dense_accuracy[kind] = accuracy(family.dense_logits[kind], family.labels)
+    if family.dense_accuracy["tsra-canonical"] != family.dense_accuracy["tsra"]:
+        raise RuntimeError("canonicalised TSRA model changed the dense accuracy")
+    names = list(METHODS)
+    for target in targets:
+        rows: dict[str, dict[str, Any]] = {}
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for repeat in range(repeats):
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                row, seconds = run_one(family, name, target, threads)
+                if name in rows and rows[name]["accuracy"] != row["accuracy"]:
+                    raise RuntimeError(f"{family.name} {name} @ {target}: accuracy differs between repeats")
+                rows[name] = row
+                times[name].append(seconds)
+        for name in names:
+            rows[name].update(seconds=statistics.median(times[name]), seconds_all=times[name])
+            family.rows.append(rows[name])
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def lookup(family: Family, method: str, target: float) -> dict[str, Any]:
+    return next(r for r in family.rows if r["method"] == method and r["target"] == target)
+
+
+def reliable(family: Family, method: str, targets: tuple[float, ...]) -> dict[str, Any]:
+    """Walk the targets from the least aggressive; stop at the first drop > 1 point."""
+    best = None
+    for target in sorted(targets, reverse=True):
+        row = lookup(family, method, target)
+        if row["drop"] > RELIABLE_DROP + 1e-12:
+            break
+        best = row
+    # also the loosest reading: the smallest MACs ratio anywhere with drop <= 1 point
+    anywhere = [lookup(family, method, t) for t in targets if lookup(family, method, t)["drop"] <= RELIABLE_DROP + 1e-12]
+    loose = min(anywhere, key=lambda r: r["macs_ratio"]) if anywhere else None
+    return {"macs_ratio": best["macs_ratio"] if best else None, "params_ratio": best["params_ratio"] if best else None,
+            "target": best["target"] if best else None,
+            "loose_macs_ratio": loose["macs_ratio"] if loose else None,
+            "loose_params_ratio": loose["params_ratio"] if loose else None}
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "none" if value is None else f"{value:.{digits}f}"
+
+
+def print_tables(family: Family, targets: tuple[float, ...], repeats: int) -> None:
+    names = list(METHODS)
+    print(f"\n## {family.name}: {family.description}")
+    print(f"dense test accuracy: TSRA {family.dense_accuracy['tsra']:.4f}, ReLU+BN {family.dense_accuracy['relu']:.4f} "
+          f"(gap TSRA - ReLU {100 * (family.dense_accuracy['tsra'] - family.dense_accuracy['relu']):+.2f} points) "
+          f"on {len(family.labels)} test samples; trained in "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in family.train_seconds.items()))
+    print("test accuracy (MACs ratio reached / params ratio reached)")
+    print("target | " + " | ".join(f"{n:>22s}" for n in names))
+    for target in targets:
+        cells = [f"{r['accuracy']:.4f} ({r['macs_ratio']:.3f}/{r['params_ratio']:.3f})"
+                 for r in (lookup(family, n, target) for n in names)]
+        print(f"{target:6.2f} | " + " | ".join(f"{c:>22s}" for c in cells))
+    print("accuracy drop against its own dense model, points")
+    print("target | " + " | ".join(f"{n:>14s}" for n in names))
+    for target in targets:
+        cells = [f"{100 * lookup(family, n, target)['drop']:+.2f}" for n in names]
+        print(f"{target:6.2f} | " + " | ".join(f"{c:>14s}" for c in cells))
+    print("relative L2 error of the test logits against the dense model")
+    print("target | " + " | ".join(f"{n:>14s}" for n in names))
+    for target in targets:
+        cells = [f"{lookup(family, n, target)['test_rel_l2']:.4f}" for n in names]
+        print(f"{target:6.2f} | " + " | ".join(f"{c:>14s}" for c in cells))
+    print(f"optimize wall time, s (median of {repeats})")
+    print("target | " + " | ".join(f"{n:>14s}" for n in names))
+    for target in targets:
+        cells = [f"{lookup(family, n, target)['seconds']:.3f}" for n in names]
+        print(f"{target:6.2f} | " + " | ".join(f"{c:>14s}" for c in cells))
+    print("reliable range (drop <= 1 point at this target and every less aggressive one): "
+          "smallest MACs ratio / params ratio; [loose: smallest anywhere]")
+    for name in names:
+        r = reliable(family, name, targets)
+        print(f"  {name:>14s}: MACs {fmt(r['macs_ratio'])} / params {fmt(r['params_ratio'])}  "
+              f"[loose: MACs {fmt(r['loose_macs_ratio'])} / params {fmt(r['loose_params_ratio'])}]")
+
+
+def summary(families: list[Family], targets: tuple[float, ...]) -> dict[str, Any]:
+    return {f.name: {"dense_accuracy": f.dense_accuracy,
+                     "tsra_minus_relu_points": 100 * (f.dense_accuracy["tsra"] - f.dense_accuracy["relu"]),
+                     "reliable": {m: reliable(f, m, targets) for m in METHODS},
+                     "median_seconds": {m: statistics.median(lookup(f, m, t)["seconds"] for t in targets)
+                                        for m in METHODS}}
+            for f in families}
+
+
+def readme_table(families: list[Family], targets: tuple[float, ...]) -> str:
+    names = list(METHODS)
+    lines = ["| model | dense TSRA / ReLU | reliable MACs (params) ratio: " + " | ".join(names[1:]) + " |"]
+    lines = ["| model | dense TSRA / ReLU | " + " | ".join(f"{n} reliable" for n in names)
+             + " | " + " | ".join(f"{n} @0.5" for n in names) + " |",
+             "|---|---|" + "---|" * (2 * len(names))]
+    for f in families:
+        cells = []
+        for n in names:
+            r = reliable(f, n, targets)
+            cells.append("none" if r["macs_ratio"] is None else f"{r['macs_ratio']:.2f} ({r['params_ratio']:.2f})")
+        at = [f"{100 * lookup(f, n, 0.5)['accuracy']:.1f}" if 0.5 in targets else "-" for n in names]
+        lines.append(f"| {f.name} | {100 * f.dense_accuracy['tsra']:.1f} / {100 * f.dense_accuracy['relu']:.1f} | "
+                     + " | ".join(cells) + " | " + " | ".join(at) + " |")
+    return "\n".join(lines)
+
+
+def plot(families: list[Family], path: Path) -> None:
+    """Test accuracy against the MACs ratio (top) and the parameter ratio (bottom) reached."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "magnitude": "--", "relu-magnitude": ":"}
+    for column, family in enumerate(families):
+        for row, key in enumerate(("macs_ratio", "params_ratio")):
+            axis = axes[row][column]
+            for name in METHODS:
+                rows = sorted((r for r in family.rows if r["method"] == name), key=lambda r: r[key])
+                axis.plot([r[key] for r in rows], [r["accuracy"] for r in rows], styles[name], marker="o",
+                          markersize=3, label=name)
+            axis.axhline(family.dense_accuracy["tsra"], color="C0", linewidth=0.7, alpha=0.6, label="dense TSRA")
+            axis.axhline(family.dense_accuracy["relu"], color="C3", linewidth=0.7, alpha=0.6, label="dense ReLU")
+            axis.axhspan(family.dense_accuracy["tsra"] - RELIABLE_DROP, family.dense_accuracy["tsra"],
+                         color="C0", alpha=0.08)
+            axis.set_xlabel("MACs kept (reached)" if key == "macs_ratio" else "parameters kept (reached)")
+            axis.set_title(f"{family.name}", fontsize=10)
+            axis.grid(alpha=0.3)
+            axis.invert_xaxis()
+        axes[0][column].set_ylabel("test accuracy (no fine-tuning)")
+        axes[1][column].set_ylabel("test accuracy (no fine-tuning)")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
+            "graphopt": graphopt.__version__, "graphopt_tree": _source_tree()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _source_tree() -> str | None:
+    root = Path(graphopt.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(root)], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of cnn, mlp")
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
+    parser.add_argument("--repeats", type=int, default=3, help="optimize calls per method and target (median time)")
+    parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
+    parser.add_argument("--width", type=int, default=16, help="CNN width C (C, C, 2C channels)")
+    parser.add_argument("--hidden", type=int, default=128, help="MLP hidden width")
+    parser.add_argument("--cnn-epochs", type=int, default=30)
+    parser.add_argument("--mlp-epochs", type=int, default=60)
+    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads for calibration")
+    parser.add_argument("--blas-threads", type=int, default=1, help="BLAS threads (0 = library default)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for cob.json / cob.png")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: targets 0.7,0.5, one repeat, epoch scale 0.3")
+    args = parser.parse_args()
+    if args.quick:
+        args.targets, args.repeats, args.epoch_scale = "0.7,0.5", 1, 0.3
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.blas_threads:
+        threadpool_limits(args.blas_threads, user_api="blas")
+    targets = tuple(float(t) for t in args.targets.split(","))
+    info = machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"threads: torch training {args.threads}, onnxruntime calibration {args.ort_threads or 'default'}, "
+          f"BLAS {args.blas_threads or 'default'}")
+    start = time.perf_counter()
+    families = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models.split(","):
+            family = build_family(name, args, Path(workdir))
+            run_family(family, targets, args.repeats, args.ort_threads)
+            print_tables(family, targets, args.repeats)
+            families.append(family)
+    result = summary(families, targets)
+    table = readme_table(families, targets)
+    print("\n## README table (reliable range = smallest MACs (params) ratio with drop <= 1 point at it and every "
+          "less aggressive target; test accuracy % at 0.5 MACs)\n" + table)
+    total = time.perf_counter() - start
+    print(f"\ntotal runtime {total:.1f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(families, args.out / "cob.png")
+    payload = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "total_seconds": total,
+               "methods": {k: {"model": m, **o} for k, (m, o) in METHODS.items()}, "targets": targets,
+               "summary": result, "readme_table": table,
+               "models": [{"name": f.name, "description": f.description, "dense_accuracy": f.dense_accuracy,
+                           "test_samples": len(f.labels), "train_seconds": f.train_seconds, "rows": f.rows}
+                          for f in families]}
+    (args.out / "cob.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.out / 'cob.json'} and {args.out / 'cob.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
