@@ -13,14 +13,13 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 
 - cob-pca:      graphopt.optimize(method="cob", rotation="pca", target_macs=T) on the TSRA model;
 - cob-l1pca:    the same with rotation="l1pca";
-- magnitude:    method="magnitude" on the same TSRA model, no rotation. `magnitude` on the exported graph prunes
-                nothing (the decomposed RMS norm's ReduceMean over channels blocks every group; see the report),
-                so this baseline runs on the graph after graphopt's pre-passes with the RMS norms and TSRAs
-                replaced by graphopt function ops (graphopt.passes.cob_patterns.canonicalise) — exactly the
-                graph `cob` itself prunes, minus the rotation;
+- cob-pca-snp:  cob-pca followed by SNP's least-squares reconstruction of the cut coordinates (cob_reconstruct);
+- magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
+                pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.cob_patterns.
+                canonicalise), exactly the graph `cob` itself prunes, minus the rotation;
 - relu-magnitude: method="magnitude" on the ReLU+BN control.
 
-All four run side by side at each target (the order rotates between repeats; times are medians). Calibration
+All five run side by side at each target (the order rotates between repeats; times are medians). Calibration
 data are the first --calib training samples; accuracy is measured with onnxruntime on the test split. The
 "reliable range" of a method is the smallest MACs ratio it reached such that at that target and every less
 aggressive one the accuracy drop against its own dense model is <= 1 point (the paper's frontier is in
@@ -66,6 +65,7 @@ TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
+    "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
@@ -344,7 +344,8 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "magnitude": "--", "relu-magnitude": ":"}
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "magnitude": "--",
+              "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):
             axis = axes[row][column]

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis
-from graphopt.calibration.stats import StatRequest
+from graphopt.calibration.stats import StatRequest, single_threaded_blas
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
@@ -35,6 +35,7 @@ from graphopt.passes.cob_rotation import fold, l1pca_basis, pca_basis
 from graphopt.passes.prune_budget import MacModel
 from graphopt.passes.prune_engine import apply_kept
 from graphopt.passes.prune_magnitude import analyse
+from graphopt.passes.snp import consumer_statistics, linear_consumers, prune_reconstructed
 from graphopt.passes.snp_plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,13 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
             chosen = fill(chosen, orderings, model, value, round_to)
         kept = {root: np.arange(count) for root, count in chosen.items()}
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
-    apply_kept(graph, analysis, kept)
+    if ctx.option("cob_reconstruct", False):  # SNP's least-squares reconstruction of what was cut
+        sites = [site for site in linear_consumers(analysis, int(ctx.option("snp_max_features", 4096)), result)
+                 if any(analysis.atoms.find(leaf) in kept for leaf in analysis.atoms.leaves(site.state.atoms))]
+        with single_threaded_blas():
+            prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)
+    else:
+        apply_kept(graph, analysis, kept)
     sizes = {root: o.order.size for root, o in orderings.items()}
     removed = sum(sizes[root] - indices.size for root, indices in kept.items())
     return removed, model.ratio({root: (kept[root].size if root in kept else sizes[root]) for root in sizes})

@@ -59,7 +59,7 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     return True
 
 
-def _linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
+def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
     usable = []
     for site in analysis.sites:
         if site.kind != "weight" or site.role != "consumer":
@@ -73,13 +73,13 @@ def _linear_consumers(analysis: Analysis, max_features: int, result: PassResult 
     return usable
 
 
-def _statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site]) -> dict[str, TensorStats]:
+def consumer_statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site]) -> dict[str, TensorStats]:
     requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}), s.state.axis)
                 for s in sites}
     return ctx.statistics(list(requests.values()), model=graph) if requests else {}
 
 
-def _prune(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
+def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
            kept: dict[int, np.ndarray], reconstruct: bool) -> int:
     """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
     shifts: Shifts = {}
@@ -114,8 +114,8 @@ class SubspaceNodePruning(Pass):
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
         groups, prunable = split_groups(analysis, result)
-        sites = _linear_consumers(analysis, max_features, result)
-        stats = _statistics(ctx, graph, sites)
+        sites = linear_consumers(analysis, max_features, result)
+        stats = consumer_statistics(ctx, graph, sites)
         with single_threaded_blas():  # small dense factorisations: BLAS threads only contend
             ranked = orderings(analysis, prunable, sites, stats, criterion, result)
         mac_model = MacModel(analysis, per_node, set(ranked))
@@ -129,7 +129,7 @@ class SubspaceNodePruning(Pass):
         else:
             kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
             with single_threaded_blas():
-                folded = _prune(graph, analysis, sites, stats, kept, reconstruct)
+                folded = prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct)
         result.modified = bool(cut)
         result.stats = {
             "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
@@ -150,12 +150,12 @@ class SubspaceNodePruning(Pass):
         for key, count in plan:
             analysis, _ = analyse(graph, ctx)
             group = next(g for g in analysis.groups() if g.prunable and _key(analysis, g) == key)
-            sites = [s for s in _linear_consumers(analysis, max_features, None)
+            sites = [s for s in linear_consumers(analysis, max_features, None)
                      if any(analysis.atoms.find(leaf) == group.root for leaf in analysis.atoms.leaves(s.state.atoms))]
-            stats = _statistics(ctx, graph, sites)
+            stats = consumer_statistics(ctx, graph, sites)
             with single_threaded_blas():
                 ranked = orderings(analysis, [group], sites, stats, criterion, PassResult(modified=False))
                 kept = {group.root: np.sort(ranked[group.root].order[:count])}
-                folded += _prune(graph, analysis, sites, stats, kept, reconstruct)
+                folded += prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct)
             ir.cleanup(graph)
         return folded

@@ -237,3 +237,15 @@ def test_other_channel_methods_prune_exported_tsra_networks(method: str, tmp_pat
     onnx.checker.check_model(result.model)
     assert _last_pass(result)["stats"]["prunable_groups"] >= 3
     assert 0.55 < result.report["macs_ratio"] <= 0.6
+
+
+def test_snp_reconstruction_after_rotation_lowers_the_error(tmp_path) -> None:
+    from graphopt.torch.export import export_onnx
+
+    module, data = _torch_models()["cnn"]
+    path = export_onnx(module, data[:2], tmp_path / "cnn.onnx", exporter="legacy", opset=17)
+    calib = {"input": data.numpy()}
+    plain = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5)
+    rebuilt = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5, cob_reconstruct=True)
+    assert rebuilt.report["macs_ratio"] == pytest.approx(plain.report["macs_ratio"])
+    assert rebuilt.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
