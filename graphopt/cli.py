@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
     optimize.add_argument("--sequential", action="store_true",
                           help="snp: prune group by group, re-measuring statistics on the partly pruned model")
+    optimize.add_argument("--cob-reconstruct", action="store_true",
+                          help="cob: fold SNP's least-squares reconstruction of the pruned rotated coordinates")
     optimize.add_argument("--no-reconstruct", action="store_true",
                           help="snp: prune in the SNP order without folding the least-squares reconstruction")
     optimize.add_argument("--sparsity", type=float, help="omp: fraction of weights to zero")
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--zscore", type=float, metavar="Z",
                           help="cob: keep rotated coordinates whose amplitude z-score within their subspace is >= Z")
     optimize.add_argument("--stats", type=Path, help="statistics from `graphopt calibrate` (else measured on --calib)")
+    optimize.add_argument("--exprune-probe", type=float, default=0.25, metavar="F",
+                          help="exprune: probe length as a fraction of each layer's input size (default 0.25)")
+    optimize.add_argument("--exprune-fnr", type=float, default=0.01, metavar="R",
+                          help="exprune: false-negative rate allowed per neuron on calibration data (default 0.01)")
     _add_calibration(optimize)
     _add_shapes(optimize)
     _add_common(optimize)
@@ -114,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration(calibrate)
     _add_shapes(calibrate)
     _add_common(calibrate)
+
+    ops = commands.add_parser("ops", help="graphopt's custom ops: build the native kernels")
+    ops_commands = ops.add_subparsers(dest="ops_command", required=True, parser_class=_Parser)
+    build = ops_commands.add_parser("build", help="compile the native kernels into a shared library (g++)")
+    build.add_argument("-o", "--output", type=Path, help="library path (default: the user cache directory)")
+    build.add_argument("--ort-include", type=Path, metavar="DIR",
+                       help="onnxruntime headers (default: $ORT_INCLUDE_DIR, else Debian's libonnxruntime-dev)")
+    _add_common(build)
     return parser
 
 
@@ -204,8 +218,10 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                       stats=args.stats, calib_memory=parse_bytes(args.calib_memory), device=args.device,
                       threads=args.threads, mask_input=args.mask_input, keep_variance=args.keep_variance,
                       criterion=args.criterion, reconstruct=not args.no_reconstruct, sequential=args.sequential,
+                      cob_reconstruct=args.cob_reconstruct,
                       sparsity=args.sparsity, omp_scope=args.omp_scope, keep_first_last=args.keep_first_last,
-                      sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore)
+                      sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore,
+                      exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr)
     report = result.report
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2, default=str))
@@ -248,9 +264,22 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_ops(args: argparse.Namespace) -> None:
+    from graphopt.ops.build import build_library
+
+    built = build_library(output=args.output, ort_include=args.ort_include)
+    if args.json:
+        _print_json(built.to_json())
+        return
+    if built.library is None:
+        print(f"native kernels not built: {built.reason}")
+        return
+    print(f"built {built.library} (headers: {built.include_dir})")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench, "optimize": cmd_optimize,
-    "calibrate": cmd_calibrate,
+    "calibrate": cmd_calibrate, "ops": cmd_ops,
 }
 
 

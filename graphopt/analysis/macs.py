@@ -4,6 +4,8 @@ MACs count batch-1 multiply-accumulates of Conv, ConvTranspose (with groups), Ge
 - Conv:          prod(output[1:]) * Cin/groups * prod(kernel)
 - ConvTranspose: prod(input[1:]) * Cout/groups * prod(kernel)
 - Gemm/MatMul:   prod(output) * K
+- graphopt.ExPruneLinearRelu: prod(output) * K, its dense cost (what it skips depends on the input; the
+  exprune pass reports the fraction skipped on calibration data)
 Shapes come from ONNX shape inference with the inputs fixed; where inference leaves a needed shape
 unknown, one batch-1 onnxruntime run on zeros supplies it. Parameters count the elements of all
 floating-point initializers and Constant-node tensors.
@@ -19,7 +21,7 @@ import onnx
 
 from graphopt.analysis.shapes import batch1_shapes
 
-_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu")
 
 
 @dataclass

@@ -51,12 +51,22 @@ def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    _register_kernels(options, model)
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
         return ort.InferenceSession(source, options, providers=providers(device))
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line}") from exc
+
+
+def _register_kernels(options: Any, model: onnx.ModelProto | str) -> None:
+    """Load graphopt's native kernel library where the model has graphopt ops and it has been built."""
+    from graphopt.ops.native import register, uses_graphopt_ops
+
+    proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
+    if uses_graphopt_ops(proto) and register(options):
+        log.info("graphopt native kernels registered")
 
 
 def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ PREPASSES = [
 ]
 
 # every pre-pass lives in a module of its own name
-_MODULES = [*PREPASSES, "prune_magnitude", "snp", "dead_units", "omp", "cob"]
+_MODULES = [*PREPASSES, "prune_magnitude", "snp", "dead_units", "omp", "cob", "exprune"]
 
 
 def load_all() -> None:

@@ -1,0 +1,64 @@
+"""Loading graphopt's native kernel library into onnxruntime sessions.
+
+The library is the one `graphopt ops build` wrote: $GRAPHOPT_OPS_LIBRARY if set, else the user-cache
+path of the current kernel sources (graphopt.ops.build.default_library). When it is absent every model
+still runs, through the graphopt functions' standard-op bodies. When registered, onnxruntime (checked
+on 1.32) runs the kernel instead of the model-local function body of the same domain and name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from graphopt.ops.functions import DOMAIN
+
+log = logging.getLogger(__name__)
+
+
+def library_path() -> Path | None:
+    """The built kernel library, or None."""
+    configured = os.environ.get("GRAPHOPT_OPS_LIBRARY")
+    if configured:
+        return Path(configured) if Path(configured).is_file() else None
+    from graphopt.ops.build import default_library
+
+    path = default_library()
+    return path if path.is_file() else None
+
+
+def uses_graphopt_ops(model: onnx.ModelProto) -> bool:
+    return any(node.domain == DOMAIN for node in model.graph.node)
+
+
+_loaded: dict[str, Any] = {}
+
+
+def register(options: Any, library: Path | None = None) -> bool:
+    """Register the kernel library (default: `library_path()`) on onnxruntime SessionOptions; whether it was.
+
+    The library is also opened once here and never closed, so it stays mapped however onnxruntime
+    releases the handle it takes with the SessionOptions."""
+    library = library or library_path()
+    if library is None:
+        return False
+    if str(library) not in _loaded:
+        import ctypes
+
+        _loaded[str(library)] = ctypes.CDLL(str(library))
+    options.register_custom_ops_library(str(library))
+    return True
+
+
+def session_options(library: Path | None = None) -> Any:
+    """onnxruntime SessionOptions with graphopt's kernel library registered where it has been built."""
+    from graphopt.calibration.session import runtime
+
+    options = runtime().SessionOptions()
+    if not register(options, library):
+        log.info("graphopt kernels not built (graphopt ops build): graphopt ops run as function bodies")
+    return options

@@ -1,0 +1,135 @@
+"""The exprune pass: replacement of linear+ReLU chains, the calibrated false-negative rate, torch exports,
+the negative case, idempotence and preserved metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt.calibration.data import load_data
+from graphopt.ir import graph as ir
+from graphopt.passes import PassContext, get_pass
+from tests.conftest import op_types, run_ort, run_pass
+
+
+def _gemm_relu(d: int = 32, n: int = 40, relu: bool = True, trans_b: int = 1, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((n, d) if trans_b else (d, n)) / np.sqrt(d)).astype(np.float32)
+    bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h" if relu else "y"], name="fc", transB=trans_b)]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h"], ["y"], name="relu"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.producer_name = "exprune-test"
+    model.metadata_props.add(key="origin", value="tests")
+    return model
+
+
+def _data(model: onnx.ModelProto, rows: int = 600, d: int = 32, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # correlated, non-centred inputs: a few dims carry most of the energy, as in trained networks
+    mix = rng.standard_normal((d, d)) * np.exp(-np.arange(d) / 6.0)[:, None]
+    return {"x": (rng.standard_normal((rows, d)) @ mix + 0.3).astype(np.float32)}
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("fnr", [0.0, 0.01, 0.05])
+def test_false_negative_rate_on_calibration_data_is_respected(trans_b: int, fnr: float) -> None:
+    model = _gemm_relu(trans_b=trans_b)
+    data = _data(model)
+    rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": fnr})
+    assert op_types(rewritten) == ["ExPruneLinearRelu"]
+    want, got = run_ort(model, data)["y"], run_ort(rewritten, data)["y"]
+    positive = want > 0
+    missed = (want > 1e-6) & (got == 0)  # float64 calibration vs float32 runtime may disagree on tinier values
+    assert missed.sum() <= fnr * positive.sum(axis=0).sum() + 1e-9  # per neuron ≤ fnr, so in total too
+    assert np.all(missed.sum(axis=0) <= np.floor(fnr * positive.sum(axis=0)))
+    kept = ~missed
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-5, atol=1e-5)  # every other output is exact
+    assert result.stats["fc.fnr"] <= fnr
+    assert result.stats["fc.skip_rate"] > 0.05
+    assert result.stats["fc.m"] == 8
+    assert 0 < result.stats["macs_skipped_fraction"] < 0.75
+
+
+def test_gemm_without_relu_is_left_alone_with_the_reason() -> None:
+    model = _gemm_relu(relu=False)
+    rewritten, result = run_pass(model, "exprune", data=load_data(_data(model), model))
+    assert not result.modified
+    assert op_types(rewritten) == ["Gemm"]
+    assert result.skipped == ["fc: output is not read by a Relu alone"]
+
+
+def test_second_run_finds_nothing_and_metadata_survives() -> None:
+    model = _gemm_relu()
+    data = load_data(_data(model), model)
+    once, first = run_pass(model, "exprune", data=data)
+    twice, second = run_pass(once, "exprune", data=data)
+    assert first.modified and not second.modified
+    assert op_types(twice) == op_types(once)
+    for name in ("fc_tau", "fc_perm"):
+        got = next(t for t in twice.graph.initializer if t.name == name)
+        want = next(t for t in once.graph.initializer if t.name == name)
+        np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
+    assert twice.producer_name == "exprune-test"
+    assert [(p.key, p.value) for p in twice.metadata_props] == [("origin", "tests")]
+    assert [(f.domain, f.name) for f in twice.functions] == [("graphopt", "ExPruneLinearRelu")]
+
+
+def test_needs_calibration_data() -> None:
+    model = _gemm_relu()
+    graph = ir.import_graph(model)
+    with pytest.raises(graphopt.errors.DataError, match="--calib"):
+        get_pass("exprune").run(graph, PassContext(template=model, progress=False))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_torch_mlp_within_the_calibrated_error(tmp_path, exporter: str) -> None:
+    torch = pytest.importorskip("torch")
+    export = pytest.importorskip("graphopt.torch.export")
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10)).eval()
+    digits = (load_digits().data[:400] / 16.0).astype(np.float32)
+    path = tmp_path / f"mlp_{exporter}.onnx"
+    export.export_onnx(mlp, torch.from_numpy(digits[:2]), path, exporter=exporter, opset=17)
+    model = onnx.load(str(path))
+    feeds = {model.graph.input[0].name: digits}
+    exact = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.0)
+    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.01)
+    assert op_types(exact.model).count("ExPruneLinearRelu") == 2, op_types(exact.model)
+    stats = [result.report["passes"][-1]["stats"] for result in (exact, loose)]
+    assert [s["layers"] for s in stats] == [2, 2]
+    assert 0.05 < stats[0]["macs_skipped_fraction"] < stats[1]["macs_skipped_fraction"]
+    assert all(s[key] <= fnr for s, fnr in zip(stats, (0.0, 0.01)) for key in s if key.endswith(".fnr"))
+    # no positive activation skipped on the calibration data: the outputs there are unchanged
+    assert exact.report["fidelity"]["max_abs"] < 1e-5
+    # each layer drops at most 1% of each neuron's positive activations: the argmax rarely moves
+    assert loose.report["fidelity"]["top1_agreement"] >= 0.97
+    assert loose.report["fidelity"]["rel_l2"] < 0.1
+
+
+def test_matmul_add_relu_on_token_rows() -> None:
+    rng = np.random.default_rng(3)
+    d, n = 32, 24
+    weight = (rng.standard_normal((d, n)) / np.sqrt(d)).astype(np.float32)  # MatMul weight is [d, n]
+    bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Add", ["b", "h"], ["z"], name="add"),
+             helper.make_node("Relu", ["z"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, n])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = {"x": _data(model, rows=400, d=d)["x"].reshape(80, 5, d)}
+    rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0})
+    assert op_types(rewritten) == ["ExPruneLinearRelu"] and result.stats["mm.skip_rate"] > 0.05
+    np.testing.assert_allclose(run_ort(rewritten, data)["y"], run_ort(model, data)["y"], rtol=1e-5, atol=1e-5)
