@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 import graphopt
+from common import BasicBlock
 from graphopt.calibration.capture import linear_inputs
 from graphopt.calibration.collect import Calibrator
 from graphopt.calibration.data import load_data
@@ -38,22 +39,6 @@ from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import KINDS, StatRequest
 
 MIB = 1024**2
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.down = None if stride == 1 and inputs == outputs else nn.Sequential(
-            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
 
 
 def resnet18(classes: int = 1000) -> nn.Module:

@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +44,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
-import sklearn
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -55,6 +51,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import graphopt
+from common import machine
 from graphopt.ir import graph as ir
 from graphopt.passes.cob_patterns import canonicalise
 from graphopt.torch.export import export_onnx
@@ -367,35 +364,6 @@ def plot(families: list[Family], path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
-            "graphopt": graphopt.__version__, "graphopt_tree": _source_tree()}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _source_tree() -> str | None:
-    root = Path(graphopt.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(root)], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def parse_args() -> argparse.Namespace:

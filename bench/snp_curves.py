@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +33,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime
-import sklearn
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
@@ -44,6 +40,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import graphopt
+from common import BasicBlock, machine
 from graphopt.torch.export import export_onnx
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -73,22 +70,6 @@ class Task:
 
 
 # ---------------------------------------------------------------- models
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(outputs)
-        self.down = None if stride == 1 and inputs == outputs else nn.Sequential(
-            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
 
 
 def digits_resnet(width: int) -> nn.Module:
@@ -414,35 +395,6 @@ def plot(tasks: list[Task], path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
-
-
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
-            "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
-            "graphopt": graphopt.__version__, "graphopt_tree": _source_tree()}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _source_tree() -> str | None:
-    """The commit the package was run from, with '+dirty' when its working tree has changes."""
-    root = Path(graphopt.__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", str(root)], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
 
 
 def parse_args() -> argparse.Namespace:
