@@ -35,7 +35,7 @@ def test_proactive_init_scale() -> None:
     iunet.proactive_init(model, kappa=0.125)
     weight = model.body[0].weight
     assert float(weight.detach().std()) == pytest.approx(iunet.kaiming_std(weight, 0.125), rel=0.05)
-    assert float(model.body[0].bias.abs().sum()) == 0.0
+    assert float(model.body[0].bias.detach().abs().sum()) == 0.0
 
 
 def data(count: int = 64) -> tuple:
