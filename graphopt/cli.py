@@ -239,6 +239,12 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     if "sparse_storage" in report:
         sparse = report["sparse_storage"]
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
+    method_pass = report["passes"][-1]
+    if report["method"] != "none" and not method_pass["modified"]:
+        reasons = method_pass["skipped"]
+        print(f"{report['method']} changed nothing"
+              + (f": {reasons[0]}" + (f" (+{len(reasons) - 1} more in --report or -v)" if len(reasons) > 1 else "")
+                 if reasons else ""))
     print(f"wrote {report['output']}")
 
 

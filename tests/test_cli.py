@@ -244,3 +244,10 @@ def test_bench_on_data(files, capfd):
     code, _, err = _call(capfd, "bench", files["model"], "--data", files["data"], "--batch", "64", "--repeat", "3")
     assert code == 2
     _assert_one_error_line(err, "fewer than --batch 64 samples")
+
+
+def test_a_method_that_changes_nothing_says_why(files, capfd):
+    code, out, _ = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out.onnx", "--method", "cob",
+                         "--calib", files["data"], "--quiet")
+    assert code == 0
+    assert "cob changed nothing: " in out and "(Relu)" in out
