@@ -43,15 +43,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 import graphopt
-from common import machine
+from common import accuracy, add_thread_arguments, predict, start_run, train
 from graphopt.ir import graph as ir
 from graphopt.passes.cob_patterns import canonicalise
 from graphopt.torch.export import export_onnx
@@ -111,29 +109,6 @@ def digits_mlp(kind: str, hidden: int) -> nn.Module:
 # ---------------------------------------------------------------- training
 
 
-def train(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
-          seed: int, weight_decay: float = 1e-4) -> float:
-    """AdamW with cosine decay and cross-entropy; returns the seconds it took. Leaves `module` in eval mode."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * -(-len(x) // batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    module.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for first in range(0, len(x), batch):
-            chosen = order[first:first + batch]
-            loss = nn.functional.cross_entropy(module(inputs[chosen]), targets[chosen])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    module.eval()
-    return time.perf_counter() - start
-
-
 def canonical(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> onnx.ModelProto:
     """The graph after graphopt's pre-passes with RMS norms and TSRAs as graphopt function ops (no rotation)."""
     base = graphopt.optimize(model, method="none", calib=calib).model
@@ -163,10 +138,12 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         torch.manual_seed(args.seed)
         if name == "cnn":
             module = digits_cnn(kind, args.width)
-            options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3)
+            options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3,
+                           weight_decay=1e-4)
         else:
             module = digits_mlp(kind, args.hidden)
-            options = dict(epochs=max(1, round(args.mlp_epochs * args.epoch_scale)), batch=64, lr=2e-3)
+            options = dict(epochs=max(1, round(args.mlp_epochs * args.epoch_scale)), batch=64, lr=2e-3,
+                           weight_decay=1e-4)
         seconds[kind] = train(module, x_train, y_train, seed=args.seed, **options)
         path = export_onnx(module, torch.from_numpy(x_train[:2]), workdir / f"{name}-{kind}.onnx",
                            exporter="legacy", opset=17, fold_bn=True)
@@ -184,17 +161,6 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0].astype(np.float64)
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 def run_one(family: Family, method: str, target: float, threads: int) -> tuple[dict[str, Any], float]:
@@ -378,9 +344,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mlp-epochs", type=int, default=60)
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
-    parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads for calibration")
-    parser.add_argument("--blas-threads", type=int, default=1, help="BLAS threads (0 = library default)")
+    add_thread_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for cob.json / cob.png")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: targets 0.7,0.5, one repeat, epoch scale 0.3")
@@ -392,15 +356,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    if args.blas_threads:
-        threadpool_limits(args.blas_threads, user_api="blas")
     targets = tuple(float(t) for t in args.targets.split(","))
-    info = machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print(f"threads: torch training {args.threads}, onnxruntime calibration {args.ort_threads or 'default'}, "
-          f"BLAS {args.blas_threads or 'default'}")
+    info = start_run(args)
     start = time.perf_counter()
     families = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -1,11 +1,15 @@
-"""Pieces the benchmark scripts share: the machine and versions they print with their numbers, and a
-ResNet basic block for the torch models they build."""
+"""Pieces the benchmark scripts share: the machine and versions they print with their numbers, thread
+options and the run header, training of the small torch models they build (and a ResNet basic block for
+them), and accuracy of exported models in onnxruntime."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ import onnx
 import onnxruntime
 import sklearn
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 import graphopt
@@ -65,3 +70,61 @@ class BasicBlock(nn.Module):
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for training (1 is steadiest on a shared machine)")
+    parser.add_argument("--ort-threads", type=int, default=1,
+                        help="onnxruntime threads for calibration (optimize's `threads`; 0 = all cores)")
+    parser.add_argument("--blas-threads", type=int, default=1,
+                        help="BLAS threads (0 = library default); multithreaded BLAS on small matrices stalls on a "
+                             "busy machine")
+
+
+def start_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Apply the thread options and print the run header (machine, command, threads); returns the machine."""
+    torch.set_num_threads(args.threads)
+    if args.blas_threads:
+        threadpool_limits(args.blas_threads, user_api="blas")
+    info = machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"threads: torch training {args.threads}, onnxruntime calibration {args.ort_threads or 'default'}, "
+          f"BLAS {args.blas_threads or 'default'}")
+    return info
+
+
+def train(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
+          seed: int, weight_decay: float = 0.0) -> float:
+    """AdamW with cosine decay and cross-entropy; returns the seconds it took. Leaves `module` in eval mode."""
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * -(-len(x) // batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for first in range(0, len(x), batch):
+            chosen = order[first:first + batch]
+            loss = nn.functional.cross_entropy(module(inputs[chosen]), targets[chosen])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    module.eval()
+    return time.perf_counter() - start
+
+
+def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output of `model` on `inputs` in onnxruntime (one thread), as float64."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0].astype(np.float64)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))

@@ -32,15 +32,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime
 import torch
 from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 import graphopt
-from common import BasicBlock, machine
+from common import BasicBlock, accuracy, add_thread_arguments, predict, start_run, train
 from graphopt.torch.export import export_onnx
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -137,29 +135,6 @@ def sequence_task(samples: int, tokens: int, vocab: int, seed: int) -> tuple[np.
     return ids, labels
 
 
-def train(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
-          seed: int, weight_decay: float = 0.0) -> float:
-    """Adam with cosine decay and cross-entropy; returns the seconds it took. Leaves `module` in eval mode."""
-    start = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * -(-len(x) // batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    module.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for first in range(0, len(x), batch):
-            chosen = order[first:first + batch]
-            loss = nn.functional.cross_entropy(module(inputs[chosen]), targets[chosen])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    module.eval()
-    return time.perf_counter() - start
-
-
 def standardised_split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, ...]:
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, stratify=y, random_state=seed)
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8
@@ -217,17 +192,6 @@ def build_task(name: str, args: argparse.Namespace, workdir: Path) -> Task:
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0].astype(np.float64)
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 def run_one(task: Task, method: str, target: float, threads: int) -> tuple[dict[str, Any], float]:
@@ -406,13 +370,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
     parser.add_argument("--seq-train", type=int, default=6000, help="training sequences for the transformer")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for training (1 is steadiest on a shared machine)")
-    parser.add_argument("--ort-threads", type=int, default=1,
-                        help="onnxruntime threads for calibration (optimize's `threads`; 0 = all cores)")
-    parser.add_argument("--blas-threads", type=int, default=1,
-                        help="BLAS threads (0 = library default); multithreaded BLAS on small matrices stalls on a "
-                             "busy machine and dominates SNP's time")
+    add_thread_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for snp_curves.json / .png")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run (~20 s): targets 0.7,0.5, one repeat, epoch scale 0.3, 2000 sequences")
@@ -424,15 +382,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    if args.blas_threads:
-        threadpool_limits(args.blas_threads, user_api="blas")
     targets = tuple(float(t) for t in args.targets.split(","))
-    info = machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
-    print(f"threads: torch training {args.threads}, onnxruntime calibration {args.ort_threads or 'default'}, "
-          f"BLAS {args.blas_threads or 'default'}")
+    info = start_run(args)
     start = time.perf_counter()
     tasks = []
     with tempfile.TemporaryDirectory() as workdir:

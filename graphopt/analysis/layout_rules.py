@@ -154,9 +154,6 @@ def resize(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], state)
 
 
-
-
-
 @rule("Squeeze", "Unsqueeze")
 def squeeze(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
