@@ -23,10 +23,15 @@ PREPASSES = [
 _MODULES = [*PREPASSES, "prune_magnitude", "snp", "dead_units", "omp", "cob", "exprune"]
 
 
+def prepasses() -> list[Pass]:
+    """Fresh instances of the normalising pre-passes, in order."""
+    return [get_pass(name) for name in PREPASSES]
+
+
 def load_all() -> None:
     for module in _MODULES:
         importlib.import_module(f"graphopt.passes.{module}")
 
 
 __all__ = ["PREPASSES", "REGISTRY", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
-           "get_pass", "load_all", "names", "register"]
+           "get_pass", "load_all", "names", "prepasses", "register"]
