@@ -19,8 +19,8 @@ MIN_OPSET = 13
 
 
 def constant_attr(output: str, attribute: str, kind: int) -> onnx.NodeProto:
-    """A Constant node whose value is the function attribute `attribute` (value_float or value_int)."""
-    name = "value_float" if kind == onnx.AttributeProto.FLOAT else "value_int"
+    """A Constant node whose value is the function attribute `attribute` (value_float, value_int or value_ints)."""
+    name = {onnx.AttributeProto.FLOAT: "value_float", onnx.AttributeProto.INTS: "value_ints"}.get(kind, "value_int")
     node = helper.make_node("Constant", [], [output])
     ref = onnx.AttributeProto(name=name, ref_attr_name=attribute, type=kind)
     node.attribute.append(ref)

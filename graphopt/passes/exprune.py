@@ -151,7 +151,7 @@ def _replace(graph: gs.Graph, layer: Layer, found: Calibrated) -> None:
     for node in layer.nodes:
         ir.detach(node)
     graph.nodes.append(gs.Node(NAME, ir.unique_name(graph, f"{base}_exprune"),
-                               attrs={"m": found.m, "rule": "threshold"},
+                               attrs={"m": found.m, "rule": "threshold", "checkpoints": [found.m]},
                                inputs=[layer.source, *constants], outputs=[layer.output], domain=DOMAIN))
 
 

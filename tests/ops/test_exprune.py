@@ -26,8 +26,10 @@ def _layer(seed: int = 0, tau: np.ndarray | None = None) -> dict[str, np.ndarray
             "Perm": rng.permutation(D).astype(np.int64)}
 
 
-def _model(params: dict[str, np.ndarray], shape: list[int | str], m: int = M, opset: int = 17) -> onnx.ModelProto:
-    node = make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", m)
+def _model(params: dict[str, np.ndarray], shape: list[int | str], m: int = M, opset: int = 17,
+           checkpoints: list[int] | None = None) -> onnx.ModelProto:
+    rule = "threshold" if checkpoints is None else "sequential"
+    node = make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", m, rule=rule, checkpoints=checkpoints)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], N])],
                               [numpy_helper.from_array(v, k) for k, v in params.items()])
@@ -77,9 +79,37 @@ def test_thresholds_that_never_fire_give_dense_relu() -> None:
     np.testing.assert_allclose(got, np.maximum(x @ original.T + params["B"], 0), rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_rule_is_refused() -> None:
+def test_unknown_rule_and_bad_checkpoints_are_refused() -> None:
     with pytest.raises(ValueError, match="rule"):
-        make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", M, rule="sequential")
+        make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", M, rule="wald")
+    with pytest.raises(ValueError, match="single checkpoint"):
+        make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", M, checkpoints=[M, 2 * M])
+    with pytest.raises(ValueError, match="increase strictly"):
+        make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", M, rule="sequential", checkpoints=[M, M])
+
+
+SEQUENTIAL = [M, 2 * M, 3 * M]
+
+
+@pytest.mark.parametrize("shape", [(1, D), (7, D), (2, 3, D)])
+@pytest.mark.parametrize("opset", [15, 18])
+def test_sequential_body_matches_reference(shape: tuple[int, ...], opset: int) -> None:
+    params = _layer(tau=-np.abs(np.random.default_rng(3).standard_normal(N)) * 2)
+    x = _inputs("random", shape)
+    got = run_ort(_model(params, ["N", *shape[1:]], opset=opset, checkpoints=SEQUENTIAL), {"x": x})["y"]
+    want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], M, SEQUENTIAL)
+    first_only = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], M)[1]
+    assert skipped.sum() > first_only.sum()  # later checkpoints fire where the first did not
+    assert np.all(skipped >= first_only)  # f_1 = 1: the first checkpoint is the threshold rule
+    np.testing.assert_array_equal(got == 0, want == 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sequential_boundary_factors_shrink_to_the_standard_error() -> None:
+    from graphopt.ops.exprune import boundary_factors
+
+    factors = boundary_factors(100, [25, 50, 75])
+    np.testing.assert_allclose(factors, [1.0, np.sqrt(50 * 25 / (50 * 75)), np.sqrt(25 * 25 / (75 * 75))], rtol=1e-6)
 
 
 # --- native kernel ---------------------------------------------------------------------------------
