@@ -49,11 +49,12 @@ def ensure_function(model: onnx.ModelProto, name: str, build: Callable[[int], on
 def ensure_functions(model: onnx.ModelProto) -> None:
     """Install the function of every graphopt op the main graph uses but the model does not define."""
     from graphopt.ops.exprune import build_exprune_function
+    from graphopt.ops.exprune_conv import build_exprune_conv_function
     from graphopt.ops.rms_norm import build_rms_norm_function
     from graphopt.ops.tsra import build_tsra_function
 
     builders = {"TSRA": build_tsra_function, "RMSNorm": build_rms_norm_function,
-                "ExPruneLinearRelu": build_exprune_function}
+                "ExPruneLinearRelu": build_exprune_function, "ExPruneConvRelu": build_exprune_conv_function}
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     for op in sorted(used & builders.keys()):
         ensure_function(model, op, builders[op])
