@@ -47,6 +47,18 @@ def methods() -> list[str]:
     return ["none", *names("method")]
 
 
+def parse_methods(method: str) -> list[str]:
+    """The method names of `method` ("none", one name, or a comma-separated pipeline), in order."""
+    names_given = [part.strip() for part in str(method).split(",")]
+    unknown = [n for n in names_given if n not in methods()]
+    if unknown or not all(names_given):
+        raise OptionError(f"unknown method '{method}' (choose from {', '.join(methods())}, "
+                          "or a comma-separated pipeline such as snp,exprune)")
+    if "none" in names_given and len(names_given) > 1:
+        raise OptionError(f"'none' cannot be part of a pipeline: '{method}'")
+    return [n for n in names_given if n != "none"]
+
+
 def as_model(source: ModelSource) -> onnx.ModelProto:
     return source if isinstance(source, onnx.ModelProto) else load_model(source)
 
@@ -96,9 +108,11 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
              target_macs: float | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
              output: str | os.PathLike[str] | None = None, batch_size: int = 32, progress: bool = False,
              **options: Any) -> OptimizeResult:
-    """Optimize `model` with `method`; return the new model and a JSON-ready report."""
-    if method not in methods():
-        raise OptionError(f"unknown method '{method}' (choose from {', '.join(methods())})")
+    """Optimize `model` with `method`; return the new model and a JSON-ready report.
+
+    `method` is one method name or a comma-separated pipeline run in order ("snp,exprune": static then
+    dynamic pruning); the options apply to every method that reads them."""
+    pipeline = parse_methods(method)
     if target_macs is not None and not 0.0 < target_macs <= 1.0:
         raise OptionError(f"--target-macs must be in (0, 1], got {target_macs}")
     protected = _protected(model, calib, output)
@@ -111,8 +125,10 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
                       options={"target_macs": target_macs, "batch_size": batch_size, **options})
     sequence = prepasses()
-    if method != "none":
-        sequence.append(get_pass(method))
+    for index, name in enumerate(pipeline):
+        if index:  # the next method sees shapes of the graph the previous one rewrote
+            sequence.append(get_pass("shape_inference"))
+        sequence.append(get_pass(name))
     records = PassManager(sequence).run(graph, ctx)
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
@@ -121,7 +137,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
     fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
     report: dict[str, Any] = {
-        "method": method,
+        "method": ",".join(pipeline) or "none",
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,
         "params_before": before.params, "params_after": after.params,
@@ -130,6 +146,13 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
         "passes": [record.to_json() for record in records],
     }
+    dynamic = [r.result.stats for r in records if r.name == "exprune" and r.result.modified]
+    if dynamic and after.macs:  # per-input skipping: the static count above does not see it
+        stats = dynamic[-1]
+        skipped = stats.get("held_out_macs_skipped_per_sample", stats["macs_skipped_per_sample"])
+        report["exprune_macs_skipped"] = {"fraction_of_model": skipped / after.macs,
+                                          "data": "held-out" if "held_out_macs_skipped_per_sample" in stats
+                                          else "calibration"}
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))

@@ -24,6 +24,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _method(text: str) -> str:
+    from graphopt.api import parse_methods
+
+    try:
+        return ",".join(parse_methods(text)) or "none"
+    except GraphoptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tolerance(text: str) -> str:
+    from graphopt.calibration.heldout import Tolerance
+
+    try:
+        return str(Tolerance.parse(text))
+    except GraphoptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -69,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     optimize = commands.add_parser("optimize", help="run the pre-passes and a compression method")
     optimize.add_argument("model", type=Path)
     optimize.add_argument("-o", "--output", type=Path, required=True)
-    optimize.add_argument("--method", choices=methods(), required=True,
-                          help="'none' runs only the normalising pre-passes")
+    optimize.add_argument("--method", type=_method, required=True, metavar="|".join(methods()),
+                          help="'none' runs only the normalising pre-passes; a comma-separated list runs "
+                               "methods in order (snp,exprune: static then dynamic pruning)")
     optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
     optimize.add_argument("--target-macs", type=float, help="keep about this fraction of per-sample MACs")
     optimize.add_argument("--report", type=Path, help="write a JSON report here")
@@ -101,10 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--zscore", type=float, metavar="Z",
                           help="cob: keep rotated coordinates whose amplitude z-score within their subspace is >= Z")
     optimize.add_argument("--stats", type=Path, help="statistics from `graphopt calibrate` (else measured on --calib)")
-    optimize.add_argument("--exprune-probe", type=float, default=0.25, metavar="F",
-                          help="exprune: probe length as a fraction of each layer's input size (default 0.25)")
-    optimize.add_argument("--exprune-fnr", type=float, default=0.01, metavar="R",
-                          help="exprune: false-negative rate allowed per neuron on calibration data (default 0.01)")
+    optimize.add_argument("--exprune-probe", type=float, metavar="F",
+                          help="exprune: probe length as a fraction of each layer's input size "
+                               "(default: chosen per layer from 1/16, 1/8, 1/4, 1/2)")
+    optimize.add_argument("--exprune-fnr", type=float, metavar="R",
+                          help="exprune: false-negative rate allowed per neuron on calibration data "
+                               "(default: the largest rate within --tolerance on held-out calibration samples)")
+    optimize.add_argument("--exprune-rule", choices=["threshold", "sequential"], default="threshold",
+                          help="exprune: one test on the probe, or tests at doubling probe lengths")
+    optimize.add_argument("--tolerance", type=_tolerance, metavar="top1=A|rel_l2=E",
+                          help="exprune: fidelity to keep on held-out calibration samples "
+                               "(default top1=0.99 for class scores, else rel_l2=0.01)")
+    optimize.add_argument("--exprune-held-out", type=float, default=0.25, metavar="F",
+                          help="exprune: fraction of the calibration samples held out for --tolerance (default 0.25)")
     _add_calibration(optimize)
     _add_shapes(optimize)
     _add_common(optimize)
@@ -221,7 +249,9 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                       cob_reconstruct=args.cob_reconstruct,
                       sparsity=args.sparsity, omp_scope=args.omp_scope, keep_first_last=args.keep_first_last,
                       sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore,
-                      exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr)
+                      exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr,
+                      exprune_rule=args.exprune_rule, tolerance=args.tolerance,
+                      exprune_held_out=args.exprune_held_out)
     report = result.report
     if args.report is not None:
         args.report.write_text(json.dumps(report, indent=2, default=str))
@@ -233,18 +263,23 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
+    if "exprune_macs_skipped" in report:
+        dynamic = report["exprune_macs_skipped"]
+        print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
+              f"(measured on the {dynamic['data']} samples)")
     sparsity = report["weight_sparsity"]["overall"]
     print((f"weight sparsity {sparsity:.1%}   " if sparsity else "")
           + f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
     if "sparse_storage" in report:
         sparse = report["sparse_storage"]
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
-    method_pass = report["passes"][-1]
-    if report["method"] != "none" and not method_pass["modified"]:
-        reasons = method_pass["skipped"]
-        print(f"{report['method']} changed nothing"
-              + (f": {reasons[0]}" + (f" (+{len(reasons) - 1} more in --report or -v)" if len(reasons) > 1 else "")
-                 if reasons else ""))
+    methods_run = report["method"].split(",")
+    for method_pass in report["passes"]:
+        if method_pass["pass"] in methods_run and not method_pass["modified"]:
+            reasons = method_pass["skipped"]
+            print(f"{method_pass['pass']} changed nothing"
+                  + (f": {reasons[0]}" + (f" (+{len(reasons) - 1} more in --report or -v)" if len(reasons) > 1
+                                          else "") if reasons else ""))
     print(f"wrote {report['output']}")
 
 

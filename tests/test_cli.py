@@ -202,7 +202,11 @@ def test_bad_input_in_a_real_process(files, case):
 
 
 def test_usage_errors_exit_2_with_one_line(files, capfd):
-    for argv in (["optimize", str(files["model"]), "-o", "x.onnx", "--method", "bogus"], ["inspect"], ["frobnicate"]):
+    for argv in (["optimize", str(files["model"]), "-o", "x.onnx", "--method", "bogus"],
+                 ["optimize", str(files["model"]), "-o", "x.onnx", "--method", "snp,,exprune"],
+                 ["optimize", str(files["model"]), "-o", "x.onnx", "--method", "none,snp"],
+                 ["optimize", str(files["model"]), "-o", "x.onnx", "--method", "exprune", "--tolerance", "top1=2"],
+                 ["inspect"], ["frobnicate"]):
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2
@@ -251,3 +255,15 @@ def test_a_method_that_changes_nothing_says_why(files, capfd):
                          "--calib", files["data"], "--quiet")
     assert code == 0
     assert "cob changed nothing: " in out and "(Relu)" in out
+
+
+def test_pipeline_names_each_method_that_changed_nothing(files, capfd):
+    code, out, _ = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out.onnx", "--method", "cob,exprune",
+                         "--calib", files["data"], "--quiet", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["method"] == "cob,exprune" and [p["pass"] for p in report["passes"]][-3:] == \
+        ["cob", "shape_inference", "exprune"]
+    code, out, _ = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out2.onnx", "--method", "cob,exprune",
+                         "--calib", files["data"], "--quiet")
+    assert "cob changed nothing: " in out

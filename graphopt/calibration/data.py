@@ -132,6 +132,27 @@ class Dataset:
         for index, feed in enumerate(self.feeds or ()):
             yield bind_arrays(self.model, feed, where=f"feed {index}")
 
+    def split(self, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """(fit, held-out): a seeded random `fraction` of the samples (of the feeds, for a stream) held out;
+        both parts keep at least one sample. Arrays are split per sample, streams per feed."""
+        if self.arrays is not None:
+            total = self.num_samples or 0
+            unit = self.fixed_batch or 1
+            groups = max(1, total // unit)
+            order = np.random.default_rng(seed).permutation(groups)
+            held = min(groups - 1, max(1, round(fraction * groups))) if groups > 1 else 0
+            parts = []
+            for chosen in (np.sort(order[held:]), np.sort(order[:held])):
+                index = (chosen[:, None] * unit + np.arange(unit)[None]).reshape(-1)
+                parts.append(Dataset({k: v[index] if v.ndim else v for k, v in self.arrays.items()}, None, self.model))
+            return parts[0], parts[1]
+        feeds = list(self.feeds or ())
+        order = np.random.default_rng(seed).permutation(len(feeds))
+        held = min(len(feeds) - 1, max(1, round(fraction * len(feeds)))) if len(feeds) > 1 else 0
+        chosen = set(order[:held].tolist())
+        return (Dataset(None, [f for i, f in enumerate(feeds) if i not in chosen], self.model),
+                Dataset(None, [f for i, f in enumerate(feeds) if i in chosen], self.model))
+
     def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-input shapes of one sample (batch 1), from the first batch."""
         first = next(iter(self.batches(1)))

@@ -1,158 +1,164 @@
 """ExPrune: per-input dynamic neuron pruning of linear+ReLU layers (graphopt.ops.exprune).
 
-Matches Gemm (transA = 0, constant B, optional constant C broadcast to [n]) and MatMul (constant [d, n]
-weight, optional Add of a constant [n] bias) whose only reader is a Relu, in float32. Per layer:
+Every matched layer (graphopt.passes.exprune_linear) becomes one `graphopt.ExPruneLinearRelu` op whose
+thresholds are calibrated on data (graphopt.passes.exprune_calib). Two modes:
 
-- probe order: input dims ranked by E[x_i²] · ||W[:, i]||² on sampled calibration rows (the expected
-  energy of term i), largest first; W's columns are permuted into that order, the op gathers X by it;
-- m = round(exprune_probe · d) (at least 1);
-- thresholds: on the sampled rows, neuron j's truly positive rows (pre-activation > 0) have scores
-  s = partial · d/m + b_j; τ_j is the (k+1)-th smallest of them with k = floor(exprune_fnr · #positive),
-  so at most a fraction exprune_fnr of the positive rows is predicted negative (the false-negative rate
-  on calibration data, measured and reported); τ_j sits 1e-4 · max|s| below that score, so that float32
-  rounding of the partial sum by another summation order cannot skip the row it was chosen to keep. A neuron never positive there gets τ_j = max s, so
-  new inputs that score above everything seen are still computed.
+- fixed (`exprune_fnr` given): every neuron keeps at most that false-negative rate on the sampled
+  calibration rows; the probe length is `exprune_probe`, or chosen per layer as below;
+- tolerance (default): a seeded `exprune_held_out` fraction of the calibration samples is held out;
+  thresholds are fitted on the rest for a grid of false-negative rates, and per layer and rate the
+  probe length from PROBES skipping the most MACs on the fitted rows is taken; the largest rate whose
+  model stays within `tolerance` of the unpruned model on the held-out samples is kept (bisection over
+  the grid, assuming fidelity falls as the rate rises). Tolerance: `top1=A` (arg-max agreement >= A;
+  default 0.99 for class-score outputs) or `rel_l2=E` (default 0.01 otherwise). When even rate 0 misses
+  it (held-out rows scoring below everything seen), nothing is replaced and the reason is recorded.
 
 Approximate: an output differs from ReLU(Wx + b) only where a positive neuron was predicted negative,
-and then by exactly its value. Layers are calibrated on the original model's activations (not
-sequentially). Calibration memory is bounded by `exprune_rows` rows per layer input
-(graphopt.calibration.sample). Reports per layer m, the skip rate and the fraction of the layer's MACs
-skipped on the sampled rows, i.e. skip · (d − m) / d.
+and then by exactly its value. Layers are calibrated on the input model's activations (not
+sequentially). Memory is bounded by `exprune_rows` sampled rows per layer input. Reported per layer:
+m, checkpoints, skip rate, false-negative rate and fraction of its MACs skipped on the fitted rows
+(and, in tolerance mode, on the held-out rows); in total the MAC-weighted fraction skipped.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from tqdm.auto import tqdm
 
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
-from graphopt.ops.exprune import MIN_OPSET, NAME, build_exprune_function, probe_scale
-from graphopt.ops.functions import DOMAIN
+from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.exprune_calib import Calibrated
+from graphopt.passes.exprune_linear import LinearLayer, LinearScoring, match_linear, replace_linear
 
 log = logging.getLogger(__name__)
 
+GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+PROBES = (0.0625, 0.125, 0.25, 0.5)
 
-@dataclass
-class Layer:
-    """One linear+ReLU chain: `nodes` are replaced by one op reading `source`, writing `output`."""
-
-    nodes: list[gs.Node]
-    source: gs.Tensor
-    output: gs.Tensor
-    weight: np.ndarray  # [n, d], neuron-major, float32
-    bias: np.ndarray  # [n], float32
-
-    @property
-    def name(self) -> str:
-        return self.nodes[0].name
+Choice = tuple[LinearScoring, Calibrated]
 
 
-def _only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
-    readers = ir.consumers(tensor)
-    return readers[0] if len(readers) == 1 and not ir.is_graph_io(graph, tensor) else None
+def _options(ctx: PassContext) -> dict[str, Any]:
+    probe, fnr = ctx.option("exprune_probe"), ctx.option("exprune_fnr")
+    rule = str(ctx.option("exprune_rule", "threshold"))
+    held_out = float(ctx.option("exprune_held_out", 0.25))
+    if probe is not None and not 0.0 < float(probe) < 1.0:
+        raise OptionError(f"--exprune-probe must be in (0, 1), got {probe}")
+    if fnr is not None and not 0.0 <= float(fnr) < 1.0:
+        raise OptionError(f"--exprune-fnr must be in [0, 1), got {fnr}")
+    if rule not in RULES:
+        raise OptionError(f"--exprune-rule must be one of {', '.join(RULES)}, got '{rule}'")
+    if not 0.0 < held_out < 1.0:
+        raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+    from graphopt.calibration.heldout import Tolerance
+
+    tolerance = ctx.option("tolerance")
+    return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
+            "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None}
 
 
-def _vector(values: np.ndarray | None, n: int) -> np.ndarray | None:
-    """`values` broadcast to [n] (a per-neuron bias), or None when it is not one."""
-    if values is None or values.size not in (1, n) or (values.ndim and values.shape[-1] not in (1, n)):
+def _discover(graph: gs.Graph) -> tuple[list[LinearLayer], list[str]]:
+    layers, skipped = [], []
+    for node in list(graph.nodes):
+        if node.op in ("Gemm", "MatMul"):
+            found = match_linear(graph, node)
+            if isinstance(found, str):
+                skipped.append(f"{node.name}: {found}")
+            else:
+                layers.append(found)
+    return layers, skipped
+
+
+def _best(scorings: list[LinearScoring], fnr: float) -> Choice:
+    """The probe length skipping the largest fraction of the layer's MACs at this rate."""
+    calibrated = [(s, s.calibrate(fnr)) for s in scorings]
+    return max(calibrated, key=lambda pair: pair[1].macs_skipped)
+
+
+def _candidate(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]) -> onnx.ModelProto:
+    """`model` with the layers whose output is in `choices` replaced (the pass's graph is untouched)."""
+    graph = ir.import_graph(model)
+    for node in list(graph.nodes):
+        if node.op in ("Gemm", "MatMul"):
+            found = match_linear(graph, node)
+            if isinstance(found, LinearLayer) and found.output.name in choices:
+                replace_linear(graph, found, choices[found.output.name], rule)
+    ir.add_function(graph, build_exprune_function(graph.opset))
+    ir.cleanup(graph)
+    return ir.export_model(graph, model)
+
+
+def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], options: dict[str, Any],
+            fit: Any, held: Any, result: PassResult) -> list[Choice] | None:
+    """Per-layer choices at the largest grid rate within tolerance on `held`, or None."""
+    from graphopt.calibration.heldout import HeldOut
+
+    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)))
+    tolerance = options["tolerance"] or check.default_tolerance()
+    scorings = _scorings(ctx, model, layers, options, fit)
+    measured: dict[int, dict[str, float | None]] = {}
+
+    def passes(index: int) -> bool:
+        if index not in measured:
+            choices = {layer.output.name: _best(s, GRID[index])[1] for layer, s in zip(layers, scorings)}
+            measured[index] = check.measure(_candidate(model, options["rule"], choices))
+            log.info("exprune: fnr %g -> %s", GRID[index], measured[index])
+        return tolerance.met(measured[index])
+
+    bar = tqdm(total=int(np.ceil(np.log2(len(GRID)))) + 1, desc="exprune tolerance", disable=not ctx.progress,
+               leave=False)
+    lo, hi = -1, len(GRID)  # GRID[lo] passes (or none yet), GRID[hi] fails (or beyond the grid)
+    while hi - lo > 1:
+        mid = 0 if lo < 0 else (lo + hi) // 2
+        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
+        bar.update(1)
+        if lo < 0:
+            break
+    bar.close()
+    result.stats.update({"tolerance": str(tolerance), "held_out_samples": check.samples})
+    if lo < 0:
+        result.skipped.append(f"even false-negative rate 0 misses {tolerance} on {check.samples} held-out samples "
+                              f"(measured {measured[0]}); nothing replaced")
         return None
-    return np.broadcast_to(values.reshape(-1), (n,)).astype(np.float32)
+    result.stats.update({"fnr_level": GRID[lo], **{f"held_out_{k}": v for k, v in measured[lo].items()}})
+    chosen = [_best(s, GRID[lo]) for s in scorings]
+    _report_held_out(ctx, model, layers, chosen, held, result)
+    return chosen
 
 
-def _linear(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """(weight [n, d], bias [n]) of a Gemm/MatMul with a constant weight, or why not."""
-    weight = ir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if weight is None or weight.ndim != 2:
-        return "weight is not a constant matrix"
-    if weight.dtype != np.float32:
-        return f"weight dtype {weight.dtype} (the op is float32)"
-    if node.op == "MatMul":
-        return np.ascontiguousarray(weight.T), np.zeros(weight.shape[1], dtype=np.float32)
-    if node.attrs.get("transA", 0):
-        return "Gemm with transA"
-    neuron_major = weight if node.attrs.get("transB", 0) else weight.T
-    neuron_major = (neuron_major * np.float32(node.attrs.get("alpha", 1.0))).astype(np.float32)
-    n = neuron_major.shape[0]
-    if len(node.inputs) < 3 or node.inputs[2].name == "":
-        return np.ascontiguousarray(neuron_major), np.zeros(n, dtype=np.float32)
-    bias = _vector(ir.constant_array(node.inputs[2]), n)
-    if bias is None:
-        return "Gemm bias is not a constant per-neuron vector"
-    return np.ascontiguousarray(neuron_major), bias * np.float32(node.attrs.get("beta", 1.0))
+def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], options: dict[str, Any],
+              data: Any) -> list[list[LinearScoring]]:
+    samples = _sample(ctx, model, layers, data)
+    return [[LinearScoring(samples[layer.source.name], layer, probe, options["rule"]) for probe in options["probes"]]
+            for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False)]
 
 
-def _match(graph: gs.Graph, node: gs.Node) -> Layer | str:
-    found = _linear(node)
-    if isinstance(found, str):
-        return found
-    weight, bias = found
-    nodes, tail = [node], node.outputs[0]
-    reader = _only_reader(graph, tail)
-    if node.op == "MatMul" and reader is not None and reader.op == "Add":
-        other = next((t for t in reader.inputs if t is not tail), None)
-        added = _vector(ir.constant_array(other), weight.shape[0]) if other is not None else None
-        if added is None:
-            return "Add after MatMul is not a constant per-neuron bias"
-        bias = bias + added
-        nodes.append(reader)
-        tail = reader.outputs[0]
-        reader = _only_reader(graph, tail)
-    if reader is None or reader.op != "Relu":
-        return "output is not read by a Relu alone"
-    nodes.append(reader)
-    return Layer(nodes, node.inputs[0], reader.outputs[0], weight, bias)
+def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], data: Any) -> dict[str, np.ndarray]:
+    from graphopt.calibration.sample import sample_rows
+
+    return sample_rows(model, data, {layer.source.name: -1 for layer in layers},
+                       max_rows=int(ctx.option("exprune_rows", 4096)),
+                       batch_size=int(ctx.option("batch_size", 32)), seed=int(ctx.option("seed", 0)))
 
 
-@dataclass
-class Calibrated:
-    perm: np.ndarray
-    m: int
-    tau: np.ndarray
-    skip_rate: float
-    fnr: float
-    macs_skipped: float  # fraction of the layer's MACs
-
-
-def calibrate_layer(rows: np.ndarray, weight: np.ndarray, bias: np.ndarray, probe: float, fnr: float) -> Calibrated:
-    """Probe order, m and thresholds for one layer from sampled input rows (rows x d)."""
-    n, d = weight.shape
-    energy = np.mean(rows * rows, axis=0) * np.sum(weight.astype(np.float64) ** 2, axis=0)
-    perm = np.argsort(-energy, kind="stable").astype(np.int64)
-    m = int(min(d, max(1, round(probe * d))))
-    permuted, w = rows[:, perm], weight[:, perm].astype(np.float64)
-    partial = (permuted[:, :m] @ w[:, :m].T).astype(np.float32)
-    score = partial * probe_scale(d, m) + bias
-    positive = (rows @ weight.T.astype(np.float64) + bias) > 0
-    tau = np.empty(n, dtype=np.float32)
-    for j in range(n):
-        scores = np.sort(score[positive[:, j], j])
-        if scores.size == 0:
-            tau[j] = score[:, j].max() if score.shape[0] else -np.inf
-        else:  # a margin below the score kept, so onnxruntime's rounding of the partial sum cannot skip it
-            kept = scores[int(np.floor(fnr * scores.size))]
-            tau[j] = kept - 1e-4 * max(abs(float(kept)), float(np.abs(scores).max()), 1e-30)
-    skipped = score < tau
-    false_negatives = int(np.sum(skipped & positive))
-    skip_rate = float(skipped.mean()) if skipped.size else 0.0
-    return Calibrated(perm, m, tau, skip_rate, false_negatives / max(1, int(positive.sum())),
-                      skip_rate * (d - m) / d)
-
-
-def _replace(graph: gs.Graph, layer: Layer, found: Calibrated) -> None:
-    base = layer.name or "exprune"
-    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{suffix}"), np.ascontiguousarray(values))
-                 for suffix, values in (("w", layer.weight[:, found.perm]), ("b", layer.bias),
-                                        ("tau", found.tau), ("perm", found.perm))]
-    for node in layer.nodes:
-        ir.detach(node)
-    graph.nodes.append(gs.Node(NAME, ir.unique_name(graph, f"{base}_exprune"),
-                               attrs={"m": found.m, "rule": "threshold", "checkpoints": [found.m]},
-                               inputs=[layer.source, *constants], outputs=[layer.output], domain=DOMAIN))
+def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], chosen: list[Choice],
+                     held: Any, result: PassResult) -> None:
+    rows = _sample(ctx, model, layers, held)
+    total = skipped = 0.0
+    for layer, (scoring, found) in zip(layers, chosen):
+        skip, false_negative, saved = scoring.measure(rows[layer.source.name], found.tau)
+        result.stats.update({f"{layer.name}.held_out_skip_rate": skip, f"{layer.name}.held_out_fnr": false_negative,
+                             f"{layer.name}.held_out_macs_skipped": saved})
+        total, skipped = total + layer.macs_per_sample(), skipped + layer.macs_per_sample() * saved
+    result.stats["held_out_macs_skipped_fraction"] = skipped / total if total else 0.0
+    result.stats["held_out_macs_skipped_per_sample"] = skipped
 
 
 @register
@@ -162,20 +168,11 @@ class ExPrune(Pass):
     description = "ExPrune: linear+ReLU neurons predicted negative from a calibrated partial sum are skipped"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        probe, fnr = float(ctx.option("exprune_probe", 0.25)), float(ctx.option("exprune_fnr", 0.01))
-        if not 0.0 < probe <= 1.0:
-            raise OptionError(f"--exprune-probe must be in (0, 1], got {probe}")
-        if not 0.0 <= fnr < 1.0:
-            raise OptionError(f"--exprune-fnr must be in [0, 1), got {fnr}")
+        from graphopt.calibration.data import load_data
+
+        options = _options(ctx)
         result = PassResult(modified=False)
-        layers = []
-        for node in list(graph.nodes):
-            if node.op in ("Gemm", "MatMul"):
-                found = _match(graph, node)
-                if isinstance(found, str):
-                    result.skipped.append(f"{node.name}: {found}")
-                else:
-                    layers.append(found)
+        layers, result.skipped = _discover(graph)
         if layers and graph.opset < MIN_OPSET:
             result.skipped.extend(f"{layer.name}: model opset {graph.opset} < {MIN_OPSET}" for layer in layers)
             layers = []
@@ -183,24 +180,36 @@ class ExPrune(Pass):
             return result
         if ctx.data is None:
             raise DataError("--method exprune calibrates thresholds on data: give --calib DATA.npz")
-        from graphopt.calibration.sample import sample_rows
+        model = ir.export_model(graph, ctx.template)
+        dataset = load_data(ctx.data, model)
+        if options["fnr"] is not None:
+            chosen = [_best(s, options["fnr"]) for s in _scorings(ctx, model, layers, options, dataset)]
+        else:
+            fit, held = dataset.split(options["held_out"], seed=int(ctx.option("seed", 0)))
+            if held.num_samples == 0 or (held.arrays is None and not held.feeds):
+                raise DataError("--method exprune needs at least 2 calibration samples to hold some out "
+                                "(or give --exprune-fnr)")
+            chosen = _search(ctx, model, layers, options, fit, held, result)
+            if chosen is None:
+                return result
+        self._apply(graph, layers, chosen, options["rule"], result)
+        return result
 
-        samples = sample_rows(ir.export_model(graph, ctx.template), ctx.data,
-                              {layer.source.name: -1 for layer in layers},
-                              max_rows=int(ctx.option("exprune_rows", 4096)),
-                              batch_size=int(ctx.option("batch_size", 32)), seed=int(ctx.option("seed", 0)))
-        total_macs = skipped_macs = 0.0
-        for layer in layers:
-            found = calibrate_layer(samples[layer.source.name], layer.weight, layer.bias, probe, fnr)
-            _replace(graph, layer, found)
-            macs = float(layer.weight.size)
-            total_macs, skipped_macs = total_macs + macs, skipped_macs + macs * found.macs_skipped
-            result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.skip_rate": found.skip_rate,
-                                 f"{layer.name}.fnr": found.fnr, f"{layer.name}.macs_skipped": found.macs_skipped})
+    @staticmethod
+    def _apply(graph: gs.Graph, layers: list[LinearLayer], chosen: list[Choice], rule: str,
+               result: PassResult) -> None:
+        total = skipped = 0.0
+        for layer, (_, found) in zip(layers, chosen):
+            replace_linear(graph, layer, found, rule)
+            macs = layer.macs_per_sample()
+            total, skipped = total + macs, skipped + macs * found.macs_skipped
+            result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
+                                 f"{layer.name}.skip_rate": found.skip_rate, f"{layer.name}.fnr": found.fnr,
+                                 f"{layer.name}.macs_skipped": found.macs_skipped})
             log.info("exprune %s: m=%d/%d skip %.1f%% fnr %.3f, %.1f%% of its MACs skipped", layer.name, found.m,
-                     layer.weight.shape[1], 100 * found.skip_rate, found.fnr, 100 * found.macs_skipped)
+                     layer.terms, 100 * found.skip_rate, found.fnr, 100 * found.macs_skipped)
         ir.add_function(graph, build_exprune_function(graph.opset))
         ir.cleanup(graph)
         result.modified = True
-        result.stats.update({"layers": len(layers), "macs_skipped_fraction": skipped_macs / total_macs})
-        return result
+        result.stats.update({"layers": len(layers), "macs_skipped_fraction": skipped / total if total else 0.0,
+                             "macs_skipped_per_sample": skipped})

@@ -157,3 +157,25 @@ def test_fixed_batch_models_get_batches_of_their_size():
     with pytest.raises(DataError, match="fixed to 2: 5 samples are not a multiple"):
         list(load_data({"x": weights(5, 3)}, model).batches(32))
     assert load_data({"x": weights(5, 3, 7, 5)}, _one_input()).fixed_batch is None
+
+
+def test_split_holds_out_a_seeded_fraction_of_samples() -> None:
+    model = _two_inputs()
+    arrays = {"image": weights(40, 4), "bias": weights(40, 3)}
+    fit, held = load_data(arrays, model).split(0.25, seed=3)
+    assert fit.num_samples == 30 and held.num_samples == 10
+    rows = np.concatenate([fit.arrays["image"], held.arrays["image"]])
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, arrays["image"]))  # disjoint, nothing lost
+    again = load_data(arrays, model).split(0.25, seed=3)[1]
+    np.testing.assert_array_equal(again.arrays["image"], held.arrays["image"])
+    pairs = {tuple(r): tuple(b) for r, b in zip(arrays["image"], arrays["bias"])}
+    assert all(pairs[tuple(r)] == tuple(b) for r, b in zip(held.arrays["image"], held.arrays["bias"]))
+
+
+def test_split_of_a_stream_and_of_a_single_sample() -> None:
+    model = _two_inputs()
+    feeds = [{"image": weights(2, 4), "bias": weights(2, 3)} for _ in range(8)]
+    fit, held = load_data(feeds, model).split(0.25)
+    assert len(list(fit.batches(2))) == 6 and len(list(held.batches(2))) == 2
+    fit, held = load_data({"image": weights(1, 4), "bias": weights(1, 3)}, model).split(0.5)
+    assert fit.num_samples == 1 and held.num_samples == 0

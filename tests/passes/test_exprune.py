@@ -43,7 +43,8 @@ def _data(model: onnx.ModelProto, rows: int = 600, d: int = 32, seed: int = 1) -
 def test_false_negative_rate_on_calibration_data_is_respected(trans_b: int, fnr: float) -> None:
     model = _gemm_relu(trans_b=trans_b)
     data = _data(model)
-    rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": fnr})
+    rewritten, result = run_pass(model, "exprune", data=load_data(data, model),
+                                 options={"exprune_fnr": fnr, "exprune_probe": 0.25})
     assert op_types(rewritten) == ["ExPruneLinearRelu"]
     want, got = run_ort(model, data)["y"], run_ort(rewritten, data)["y"]
     positive = want > 0
@@ -133,3 +134,98 @@ def test_matmul_add_relu_on_token_rows() -> None:
     rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0})
     assert op_types(rewritten) == ["ExPruneLinearRelu"] and result.stats["mm.skip_rate"] > 0.05
     np.testing.assert_allclose(run_ort(rewritten, data)["y"], run_ort(model, data)["y"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("probe", [0.125, 0.25])
+def test_sequential_rule_respects_the_rate_and_skips_more_than_one_test(probe: float) -> None:
+    model = _gemm_relu(d=64, n=48)
+    data = _data(model, rows=800, d=64)
+    stats = {}
+    for rule in ("threshold", "sequential"):
+        rewritten, result = run_pass(model, "exprune", data=load_data(data, model),
+                                     options={"exprune_fnr": 0.05, "exprune_probe": probe, "exprune_rule": rule})
+        want, got = run_ort(model, data)["y"], run_ort(rewritten, data)["y"]
+        missed = (want > 1e-6) & (got == 0)
+        assert np.all(missed.sum(axis=0) <= np.floor(0.05 * (want > 0).sum(axis=0)))  # per neuron
+        np.testing.assert_allclose(got[~missed], want[~missed], rtol=1e-5, atol=1e-5)
+        node = next(n for n in rewritten.graph.node if n.op_type == "ExPruneLinearRelu")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["rule"].decode() == rule and attrs["checkpoints"][0] == attrs["m"]
+        stats[rule] = result.stats
+    assert stats["sequential"]["fc.checkpoints"] > 1 == stats["threshold"]["fc.checkpoints"]
+    assert stats["sequential"]["fc.macs_skipped"] > stats["threshold"]["fc.macs_skipped"] + 0.01
+
+
+def _digits_mlp(tmp_path, exporter: str = "legacy") -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    torch = pytest.importorskip("torch")
+    export = pytest.importorskip("graphopt.torch.export")
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    x, y = (digits.data / 16.0).astype(np.float32), digits.target
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(mlp.parameters(), lr=1e-2)
+    for _ in range(60):  # a short full-batch fit: the layers' sign patterns are those of a trained model
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(mlp(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+        optimizer.step()
+    path = tmp_path / f"mlp_{exporter}.onnx"
+    export.export_onnx(mlp.eval(), torch.from_numpy(x[:2]), path, exporter=exporter, opset=17)
+    model = onnx.load(str(path))
+    return model, {model.graph.input[0].name: x[:800]}
+
+
+def test_tolerance_search_keeps_top1_on_the_held_out_samples(tmp_path) -> None:
+    model, feeds = _digits_mlp(tmp_path)
+    result = graphopt.optimize(model, method="exprune", calib=feeds)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["tolerance"] == "top1=0.99" and stats["held_out_samples"] == 200
+    assert stats["fnr_level"] > 0 and stats["held_out_top1"] >= 0.99
+    assert stats["held_out_macs_skipped_fraction"] > 0.1
+    # the same held-out split, measured independently: the search's number is the real one
+    _, held = load_data(feeds, model).split(0.25, seed=0)
+    name = model.graph.output[0].name
+    want, got = run_ort(model, held.arrays)[name], run_ort(result.model, held.arrays)[name]
+    agreement = float(np.mean(np.argmax(want, -1) == np.argmax(got, -1)))
+    assert agreement >= 0.99 and abs(agreement - stats["held_out_top1"]) <= 1 / 200
+    assert result.report["exprune_macs_skipped"]["data"] == "held-out"
+    assert 0 < result.report["exprune_macs_skipped"]["fraction_of_model"] < stats["held_out_macs_skipped_fraction"]
+
+
+def test_relative_error_tolerance_and_one_that_cannot_be_met() -> None:
+    model = _gemm_relu(d=48, n=40)
+    data = load_data(_data(model, rows=800, d=48), model)
+    loose, found = run_pass(model, "exprune", data=data, options={"tolerance": "rel_l2=0.05"})
+    assert found.modified and found.stats["tolerance"] == "rel_l2=0.05"
+    assert 0 < found.stats["held_out_rel_l2"] <= 0.05 and found.stats["fnr_level"] > 0
+    _, held = data.split(0.25, seed=0)
+    want, got = run_ort(model, held.arrays)["y"], run_ort(loose, held.arrays)["y"]
+    rel = np.linalg.norm(got.astype(np.float64) - want) / np.linalg.norm(want)
+    assert rel <= 0.05 and rel == pytest.approx(found.stats["held_out_rel_l2"], rel=1e-3)
+    # nothing but bit-exact outputs: the re-ordered dot products already round differently, so no rate passes
+    untouched, strict = run_pass(model, "exprune", data=data, options={"tolerance": "rel_l2=0"})
+    assert not strict.modified and op_types(untouched) == ["Gemm", "Relu"]
+    assert any("misses rel_l2=0" in reason for reason in strict.skipped)
+
+
+@pytest.mark.parametrize("text", ["top1=1.5", "rel_l2=-1", "accuracy=0.9", "top1", "rel_l2=x"])
+def test_bad_tolerance_is_refused(text: str) -> None:
+    model = _gemm_relu()
+    with pytest.raises(graphopt.errors.GraphoptError, match="--tolerance"):
+        run_pass(model, "exprune", data=load_data(_data(model), model), options={"tolerance": text})
+
+
+def test_pipeline_snp_then_exprune(tmp_path) -> None:
+    model, feeds = _digits_mlp(tmp_path)
+    result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6)
+    assert result.report["method"] == "snp,exprune"
+    ran = [p["pass"] for p in result.report["passes"]]
+    assert ran.index("snp") < ran.index("exprune") and all(p["modified"] for p in result.report["passes"]
+                                                             if p["pass"] in ("snp", "exprune"))
+    assert result.report["macs_ratio"] == pytest.approx(0.6, abs=0.03)
+    assert op_types(result.model).count("ExPruneLinearRelu") == 2
+    widths = sorted(numpy_helper.to_array(t).shape[0] for t in result.model.graph.initializer if t.name.endswith("_w"))
+    assert widths[-1] < 128  # the ExPrune ops read the SNP-shrunk weights
+    assert result.report["fidelity"]["top1_agreement"] >= 0.95

@@ -1,0 +1,66 @@
+"""Per-neuron ExPrune thresholds from calibration scores, shared by the linear and convolution layers.
+
+For one layer, `scores` [r, n, c] holds score_jk (graphopt.ops.exprune) of every sampled row (an input
+row of a linear layer, an output position of a convolution) at every checkpoint k, and `positive`
+[r, n] whether the full pre-activation is > 0. A row is skipped iff score_jk < Tau_j · f_k at some k;
+f_k > 0, so that is min_k score_jk / f_k < Tau_j: the thresholds are order statistics of that ratio.
+
+- τ_j is the (q+1)-th smallest ratio over neuron j's positive rows, q = floor(fnr · #positive), so at
+  most a fraction fnr of them is predicted negative (the false-negative rate on the sampled rows);
+  τ_j sits 1e-4 · max|ratio| below it so that float32 rounding of the partial sums in another
+  summation order (onnxruntime, the native kernel) cannot skip the row it was chosen to keep;
+- a neuron never positive on the sample gets τ_j = the largest ratio seen (only as confident as the
+  calibration data allows: a new input scoring above everything seen is still computed);
+- the work saved by a skipped row is the terms after the first checkpoint that fires: (d − k) / d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MARGIN = 1e-4
+
+
+@dataclass
+class Calibrated:
+    perm: np.ndarray
+    m: int
+    checkpoints: list[int]
+    tau: np.ndarray
+    skip_rate: float      # fraction of (row, neuron) pairs predicted negative
+    fnr: float            # fraction of positive (row, neuron) pairs predicted negative
+    macs_skipped: float   # fraction of the layer's MACs not computed
+
+
+def ratios(scores: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """min_k score_jk / f_k: [r, n]."""
+    return np.min(scores / factors.astype(np.float32), axis=-1)
+
+
+def thresholds(ratio: np.ndarray, positive: np.ndarray, fnr: float) -> np.ndarray:
+    """τ [n] (float32) from the ratios [r, n] and positive mask [r, n], as the module docstring says."""
+    n = ratio.shape[1]
+    tau = np.empty(n, dtype=np.float32)
+    for j in range(n):
+        kept_scores = np.sort(ratio[positive[:, j], j])
+        if kept_scores.size == 0:
+            tau[j] = ratio[:, j].max() if ratio.shape[0] else -np.inf
+            continue
+        kept = kept_scores[int(np.floor(fnr * kept_scores.size))]
+        tau[j] = kept - MARGIN * max(abs(float(kept)), float(np.abs(kept_scores).max()), 1e-30)
+    return tau
+
+
+def outcome(scores: np.ndarray, factors: np.ndarray, tau: np.ndarray, positive: np.ndarray, d: int,
+            checkpoints: list[int]) -> tuple[float, float, float]:
+    """(skip rate, false-negative rate, fraction of MACs skipped) of thresholds `tau` on these rows."""
+    fires = scores < (tau[:, None] * factors[None, :])[None]          # [r, n, c]
+    skipped = fires.any(axis=-1)
+    first = np.argmax(fires, axis=-1)                                   # first checkpoint that fires
+    saved = np.where(skipped, (d - np.asarray(checkpoints))[first] / d, 0.0)
+    positives = int(positive.sum())
+    return (float(skipped.mean()) if skipped.size else 0.0,
+            int(np.sum(skipped & positive)) / max(1, positives),
+            float(saved.mean()) if saved.size else 0.0)
