@@ -149,3 +149,27 @@ def test_function_needs_opset_15() -> None:
 
     with pytest.raises(ValueError, match="opset >= 15"):
         build_exprune_conv_function(13)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_function_body_runs_beside_the_native_library(optimize: bool) -> None:
+    """The native library registers the graphopt domain without a conv kernel: onnxruntime must still
+    expand this op's function body."""
+    import onnxruntime as ort
+
+    from graphopt.ops import session_options
+    from graphopt.ops.build import default_library
+
+    if not default_library().is_file():
+        pytest.skip("native library not built (graphopt ops build)")
+    options = session_options(default_library())
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    params, x = _layer(), _inputs("random", 2)
+    model = _model(params, "same", SEQUENTIAL)
+    got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    want, _ = _reference(x, params, "same", SEQUENTIAL)
+    np.testing.assert_array_equal(got == 0, want == 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
