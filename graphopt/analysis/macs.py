@@ -4,8 +4,8 @@ MACs count batch-1 multiply-accumulates of Conv, ConvTranspose (with groups), Ge
 - Conv:          prod(output[1:]) * Cin/groups * prod(kernel)
 - ConvTranspose: prod(input[1:]) * Cout/groups * prod(kernel)
 - Gemm/MatMul:   prod(output) * K
-- graphopt.ExPruneLinearRelu: prod(output) * K, its dense cost (what it skips depends on the input; the
-  exprune pass reports the fraction skipped on calibration data)
+- graphopt.ExPruneLinearRelu / ExPruneConvRelu: as MatMul / Conv, their dense cost (what they skip
+  depends on the input; the exprune pass reports the fraction skipped on calibration data)
 Shapes come from ONNX shape inference with the inputs fixed; where inference leaves a needed shape
 unknown, one batch-1 onnxruntime run on zeros supplies it. Parameters count the elements of all
 floating-point initializers and Constant-node tensors.
@@ -21,7 +21,7 @@ import onnx
 
 from graphopt.analysis.shapes import batch1_shapes
 
-_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu")
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CostReport:
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     weight = shapes[node.input[1]]
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "ExPruneConvRelu"):
         return math.prod(shapes[node.output[0]][1:]) * weight[1] * math.prod(weight[2:])
     if node.op_type == "ConvTranspose":  # weight is [Cin, Cout/groups, k...]
         return math.prod(shapes[node.input[0]][1:]) * weight[1] * math.prod(weight[2:])

@@ -1,7 +1,9 @@
-"""ExPrune: per-input dynamic neuron pruning of linear+ReLU layers (graphopt.ops.exprune).
+"""ExPrune: per-input dynamic neuron pruning of linear+ReLU and Conv+ReLU layers (graphopt.ops.exprune*).
 
-Every matched layer (graphopt.passes.exprune_linear) becomes one `graphopt.ExPruneLinearRelu` op whose
-thresholds are calibrated on data (graphopt.passes.exprune_calib). Two modes:
+Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune_linear) or
+`graphopt.ExPruneConvRelu` (graphopt.passes.exprune_conv) op whose thresholds are calibrated on data
+(graphopt.passes.exprune_calib): rows of sampled layer inputs for linear layers, every output position
+of the first `exprune_maps` sampled input maps for convolutions. Two modes:
 
 - fixed (`exprune_fnr` given): every neuron keeps at most that false-negative rate on the sampled
   calibration rows; the probe length is `exprune_probe`, or chosen per layer as below;
@@ -35,6 +37,7 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.exprune_calib import Calibrated
+from graphopt.passes.exprune_conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune_linear import LinearLayer, LinearScoring, match_linear, replace_linear
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,9 @@ log = logging.getLogger(__name__)
 GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PROBES = (0.0625, 0.125, 0.25, 0.5)
 
-Choice = tuple[LinearScoring, Calibrated]
+Layer = LinearLayer | ConvLayer
+Scoring = LinearScoring | ConvScoring
+Choice = tuple[Scoring, Calibrated]
 
 
 def _options(ctx: PassContext) -> dict[str, Any]:
@@ -64,19 +69,38 @@ def _options(ctx: PassContext) -> dict[str, Any]:
             "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None}
 
 
-def _discover(graph: gs.Graph) -> tuple[list[LinearLayer], list[str]]:
+def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
+    if node.op in ("Gemm", "MatMul"):
+        return match_linear(graph, node)
+    if node.op == "Conv":
+        return match_conv(graph, node)
+    return None
+
+
+def _discover(graph: gs.Graph) -> tuple[list[Layer], list[str]]:
     layers, skipped = [], []
     for node in list(graph.nodes):
-        if node.op in ("Gemm", "MatMul"):
-            found = match_linear(graph, node)
-            if isinstance(found, str):
-                skipped.append(f"{node.name}: {found}")
-            else:
-                layers.append(found)
+        found = _match(graph, node)
+        if isinstance(found, str):
+            skipped.append(f"{node.name}: {found}")
+        elif found is not None:
+            layers.append(found)
     return layers, skipped
 
 
-def _best(scorings: list[LinearScoring], fnr: float) -> Choice:
+def _replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> None:
+    if isinstance(layer, ConvLayer):
+        replace_conv(graph, layer, found, rule)
+    else:
+        replace_linear(graph, layer, found, rule)
+
+
+def _macs(scorings: list[Scoring], layer: Layer) -> float:
+    """MACs per sample of the layer (a convolution's from its sampled maps' size)."""
+    return scorings[0].macs_per_sample if isinstance(layer, ConvLayer) else layer.macs_per_sample()
+
+
+def _best(scorings: list[Scoring], fnr: float) -> Choice:
     """The probe length skipping the largest fraction of the layer's MACs at this rate."""
     calibrated = [(s, s.calibrate(fnr)) for s in scorings]
     return max(calibrated, key=lambda pair: pair[1].macs_skipped)
@@ -86,18 +110,18 @@ def _candidate(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]
     """`model` with the layers whose output is in `choices` replaced (the pass's graph is untouched)."""
     graph = ir.import_graph(model)
     for node in list(graph.nodes):
-        if node.op in ("Gemm", "MatMul"):
-            found = match_linear(graph, node)
-            if isinstance(found, LinearLayer) and found.output.name in choices:
-                replace_linear(graph, found, choices[found.output.name], rule)
-    ir.add_function(graph, build_exprune_function(graph.opset))
+        found = _match(graph, node)
+        if found is not None and not isinstance(found, str) and found.output.name in choices:
+            _replace(graph, found, choices[found.output.name], rule)
+            if isinstance(found, LinearLayer):
+                ir.add_function(graph, build_exprune_function(graph.opset))
     ir.cleanup(graph)
     return ir.export_model(graph, model)
 
 
-def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], options: dict[str, Any],
-            fit: Any, held: Any, result: PassResult) -> list[Choice] | None:
-    """Per-layer choices at the largest grid rate within tolerance on `held`, or None."""
+def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
+            fit: Any, held: Any, result: PassResult) -> tuple[list[list[Scoring]], list[Choice]] | None:
+    """Scorings and per-layer choices at the largest grid rate within tolerance on `held`, or None."""
     from graphopt.calibration.heldout import HeldOut
 
     check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)))
@@ -129,34 +153,43 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer],
         return None
     result.stats.update({"fnr_level": GRID[lo], **{f"held_out_{k}": v for k, v in measured[lo].items()}})
     chosen = [_best(s, GRID[lo]) for s in scorings]
-    _report_held_out(ctx, model, layers, chosen, held, result)
-    return chosen
+    _report_held_out(ctx, model, layers, scorings, chosen, held, result)
+    return scorings, chosen
 
 
-def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], options: dict[str, Any],
-              data: Any) -> list[list[LinearScoring]]:
+def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
+              data: Any) -> list[list[Scoring]]:
     samples = _sample(ctx, model, layers, data)
-    return [[LinearScoring(samples[layer.source.name], layer, probe, options["rule"]) for probe in options["probes"]]
+    seed, positions = int(ctx.option("seed", 0)), int(ctx.option("exprune_rows", 4096)) * 4
+    return [[ConvScoring(samples[layer.source.name], layer, probe, options["rule"], max_positions=positions, seed=seed)
+             if isinstance(layer, ConvLayer) else LinearScoring(samples[layer.source.name], layer, probe, options["rule"])
+             for probe in options["probes"]]
             for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False)]
 
 
-def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], data: Any) -> dict[str, np.ndarray]:
+def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data: Any) -> dict[str, np.ndarray]:
+    """Input rows of linear layers and whole input maps of convolutions (float64)."""
+    from graphopt.calibration.maps import sample_maps
     from graphopt.calibration.sample import sample_rows
 
-    return sample_rows(model, data, {layer.source.name: -1 for layer in layers},
-                       max_rows=int(ctx.option("exprune_rows", 4096)),
-                       batch_size=int(ctx.option("batch_size", 32)), seed=int(ctx.option("seed", 0)))
+    batch_size, seed = int(ctx.option("batch_size", 32)), int(ctx.option("seed", 0))
+    rows = sample_rows(model, data, {layer.source.name: -1 for layer in layers if isinstance(layer, LinearLayer)},
+                       max_rows=int(ctx.option("exprune_rows", 4096)), batch_size=batch_size, seed=seed)
+    maps = sample_maps(model, data, [layer.source.name for layer in layers if isinstance(layer, ConvLayer)],
+                       max_items=int(ctx.option("exprune_maps", 64)), batch_size=batch_size)
+    return {**rows, **{name: values.astype(np.float64) for name, values in maps.items()}}
 
 
-def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[LinearLayer], chosen: list[Choice],
-                     held: Any, result: PassResult) -> None:
+def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], scorings: list[list[Scoring]],
+                     chosen: list[Choice], held: Any, result: PassResult) -> None:
     rows = _sample(ctx, model, layers, held)
     total = skipped = 0.0
-    for layer, (scoring, found) in zip(layers, chosen):
+    for layer, options, (scoring, found) in zip(layers, scorings, chosen):
         skip, false_negative, saved = scoring.measure(rows[layer.source.name], found.tau)
         result.stats.update({f"{layer.name}.held_out_skip_rate": skip, f"{layer.name}.held_out_fnr": false_negative,
                              f"{layer.name}.held_out_macs_skipped": saved})
-        total, skipped = total + layer.macs_per_sample(), skipped + layer.macs_per_sample() * saved
+        macs = _macs(options, layer)
+        total, skipped = total + macs, skipped + macs * saved
     result.stats["held_out_macs_skipped_fraction"] = skipped / total if total else 0.0
     result.stats["held_out_macs_skipped_per_sample"] = skipped
 
@@ -165,7 +198,7 @@ def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Line
 class ExPrune(Pass):
     name = "exprune"
     kind = "method"
-    description = "ExPrune: linear+ReLU neurons predicted negative from a calibrated partial sum are skipped"
+    description = "ExPrune: ReLU units predicted negative from a calibrated partial sum are skipped per input"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from graphopt.calibration.data import load_data
@@ -183,32 +216,35 @@ class ExPrune(Pass):
         model = ir.export_model(graph, ctx.template)
         dataset = load_data(ctx.data, model)
         if options["fnr"] is not None:
-            chosen = [_best(s, options["fnr"]) for s in _scorings(ctx, model, layers, options, dataset)]
+            scorings = _scorings(ctx, model, layers, options, dataset)
+            chosen = [_best(s, options["fnr"]) for s in scorings]
         else:
             fit, held = dataset.split(options["held_out"], seed=int(ctx.option("seed", 0)))
             if held.num_samples == 0 or (held.arrays is None and not held.feeds):
                 raise DataError("--method exprune needs at least 2 calibration samples to hold some out "
                                 "(or give --exprune-fnr)")
-            chosen = _search(ctx, model, layers, options, fit, held, result)
-            if chosen is None:
+            found = _search(ctx, model, layers, options, fit, held, result)
+            if found is None:
                 return result
-        self._apply(graph, layers, chosen, options["rule"], result)
+            scorings, chosen = found
+        self._apply(graph, layers, scorings, chosen, options["rule"], result)
         return result
 
     @staticmethod
-    def _apply(graph: gs.Graph, layers: list[LinearLayer], chosen: list[Choice], rule: str,
+    def _apply(graph: gs.Graph, layers: list[Layer], scorings: list[list[Scoring]], chosen: list[Choice], rule: str,
                result: PassResult) -> None:
         total = skipped = 0.0
-        for layer, (_, found) in zip(layers, chosen):
-            replace_linear(graph, layer, found, rule)
-            macs = layer.macs_per_sample()
+        for layer, options, (_, found) in zip(layers, scorings, chosen):
+            _replace(graph, layer, found, rule)
+            macs = _macs(options, layer)
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
                                  f"{layer.name}.skip_rate": found.skip_rate, f"{layer.name}.fnr": found.fnr,
                                  f"{layer.name}.macs_skipped": found.macs_skipped})
             log.info("exprune %s: m=%d/%d skip %.1f%% fnr %.3f, %.1f%% of its MACs skipped", layer.name, found.m,
                      layer.terms, 100 * found.skip_rate, found.fnr, 100 * found.macs_skipped)
-        ir.add_function(graph, build_exprune_function(graph.opset))
+        if any(isinstance(layer, LinearLayer) for layer in layers):
+            ir.add_function(graph, build_exprune_function(graph.opset))
         ir.cleanup(graph)
         result.modified = True
         result.stats.update({"layers": len(layers), "macs_skipped_fraction": skipped / total if total else 0.0,

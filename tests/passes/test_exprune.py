@@ -229,3 +229,25 @@ def test_pipeline_snp_then_exprune(tmp_path) -> None:
     widths = sorted(numpy_helper.to_array(t).shape[0] for t in result.model.graph.initializer if t.name.endswith("_w"))
     assert widths[-1] < 128  # the ExPrune ops read the SNP-shrunk weights
     assert result.report["fidelity"]["top1_agreement"] >= 0.95
+
+
+def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "samples"
+    model = onnx.load(str(root / "digits_cnn.onnx"))
+    calib = dict(np.load(root / "digits_calib.npz"))
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential")
+    stats = result.report["passes"][-1]["stats"]
+    assert sorted(op_types(result.model)).count("ExPruneConvRelu") == 2  # the 1-channel first conv is declined
+    assert op_types(result.model).count("ExPruneLinearRelu") == 1
+    assert any("one input channel" in reason for reason in result.report["passes"][-1]["skipped"])
+    assert result.report["macs_after"] == result.report["macs_before"]  # counted at their dense cost
+    convs = [key for key in stats if key.endswith("Conv.held_out_macs_skipped")]
+    assert len(convs) == 2 and all(stats[key] > 0.05 for key in convs)
+    _, held = load_data(calib, model).split(0.25, seed=0)
+    name = model.graph.output[0].name
+    want, got = run_ort(model, held.arrays)[name], run_ort(result.model, held.arrays)[name]
+    assert np.mean(np.argmax(want, -1) == np.argmax(got, -1)) >= 0.99
+    skipped = result.report["exprune_macs_skipped"]["fraction_of_model"]
+    assert 0.05 < skipped == pytest.approx(stats["held_out_macs_skipped_per_sample"] / result.report["macs_after"])
