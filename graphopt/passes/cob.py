@@ -2,14 +2,17 @@
 
 1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
    (graphopt.passes.cob_patterns); exact up to float rounding.
-2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob_chains);
+2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob_chains),
+   channels on axis 1 or last (token-major), per head through attention (graphopt.passes.cob_heads);
    illegal ones are reported with the offending op.
-3. Per chain and per subspace (TSRA splits), a rotation from calibration data is folded into the
-   weights (graphopt.passes.cob_rotation): PCA of the Gram of the tensors the consumers read, or L1-PCA
+3. Per chain and per subspace (TSRA splits, attention heads), a rotation from calibration data is
+   folded into the weights (graphopt.passes.cob_rotation): PCA of the Gram of the tensors the consumers
+   read (for heads: the merged, token-mixed values that the output projection reads), or L1-PCA
    on a bounded row sample (graphopt.calibration.sample). Rotation alone is exact: the model computes
    the same function (to float rounding of the rotated weights).
 4. With a budget, the trailing rotated coordinates of every subspace are dropped through the channel
-   group engine (the TSRA rule keeps the split consistent): `keep_variance` keeps in every subspace
+   group engine (the TSRA rule keeps the split consistent; attention heads are one group, so every
+   head keeps the same count, ranked by energy summed over heads): `keep_variance` keeps in every subspace
    the shortest prefix holding that fraction of its energy (1.0 drops exactly the zero-energy tail, with
    no output change); `target_macs` bisects one global energy cut for a MAC target and fills what is
    left of the budget; `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
@@ -105,9 +108,12 @@ def _subspace_groups(analysis: Analysis, chain: Chain) -> dict[int, int] | str:
         if len(covering) != 1 or analysis.atoms.sizes[covering[0]] != high - low:
             return f"subspace [{low}, {high}) is not one channel group"
         group = groups[analysis.atoms.find(covering[0])]
-        if not group.prunable or group.root in found.values():
+        tied = chain.heads > 1  # heads share one group: the same coordinates are kept in every head
+        if not group.prunable or (group.root in found.values() and not tied):
             return f"subspace [{low}, {high}): {group.describe()['reason'] or 'coupled with another subspace'}"
         found[index] = group.root
+    if chain.heads > 1 and len(set(found.values())) != 1:
+        return "attention heads are not coupled into one group"
     return found
 
 
@@ -126,15 +132,17 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     analysis, per_node = analyse(graph, ctx)
     orderings: dict[int, Ordering] = {}
     energy_of: dict[int, np.ndarray] = {}
+    copies: dict[int, int] = {}  # how many times a group's channels occur in its producer (heads)
     for chain, chain_energies in zip(chains, energies):
         roots = _subspace_groups(analysis, chain)
         if isinstance(roots, str):
             result.skipped.append(f"{chain.producer.name}: not pruned, {roots}")
             continue
-        for index, root in roots.items():
-            energy = np.maximum(chain_energies[index], 0.0)
-            orderings[root] = Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
-            energy_of[root] = energy
+        for index, root in roots.items():  # tied heads: coordinate j's energy summed over the heads
+            energy_of[root] = energy_of.get(root, 0.0) + np.maximum(chain_energies[index], 0.0)
+            copies[root] = copies.get(root, 0) + 1
+    for root, energy in energy_of.items():
+        orderings[root] = Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
     round_to = int(ctx.option("round_to", 1))
     model = MacModel(analysis, per_node, set(orderings))
     if kind == "zscore":
@@ -154,7 +162,7 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     else:
         apply_kept(graph, analysis, kept)
     sizes = {root: o.order.size for root, o in orderings.items()}
-    removed = sum(sizes[root] - indices.size for root, indices in kept.items())
+    removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     return removed, model.ratio({root: (kept[root].size if root in kept else sizes[root]) for root in sizes})
 
 

@@ -10,6 +10,14 @@ as the data operand, constant weight). Rotating such a chain is exact: producer 
 its output channels, every consumer W' = W Qᵀ on its input channels (at every Conv tap; zero padding
 is rotation invariant). Anything else on the way (ReLU, BatchNorm, MaxPool, bias Add, ...) or a
 graph output makes the chain illegal; the reason names the op.
+
+The channel axis is 1 for Conv/Gemm producers and the last axis for MatMul producers (token-major
+[N, T, C] activations; statistics then take every leading position as a row); Transpose moves it.
+A constant bias Add that is the producer's only reader (how exporters write nn.Linear on [N, T, C])
+belongs to the producer: its vector is rotated as b' = Q b. A Reshape splitting a last channel axis
+into attention heads [H, dh] hands over to graphopt.passes.cob_heads, which follows the heads through
+the token mixing to the Reshape merging them back; the rotation is then block-diagonal per head
+(`heads` > 1, cut points every dh channels) and pruning keeps the same count in every head.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
+from graphopt.passes.cob_heads import head_split, through_heads
 
 _NONLINEAR = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSwish", "HardSigmoid",
               "Clip", "Mish", "Swish", "PRelu", "Abs", "Exp", "Log", "Sqrt", "Erf"}
@@ -36,7 +45,9 @@ class Chain:
     channels: int
     consumers: list[tuple[gs.Node, int]] = field(default_factory=list)  # (node, input-channel axis of weight)
     reads: dict[str, int] = field(default_factory=dict)                 # tensor a consumer reads -> channel axis
-    cuts: set[int] = field(default_factory=set)                         # TSRA split points
+    cuts: set[int] = field(default_factory=set)                         # TSRA split points, head bounds
+    bias: tuple[gs.Node, int] | None = None                             # (Add, index of its constant input)
+    heads: int = 1                                                      # > 1: rotated per attention head
 
     @property
     def subspaces(self) -> list[tuple[int, int]]:
@@ -99,11 +110,18 @@ def _spatial_axes(node: gs.Node, tensor: gs.Tensor, axis: int) -> bool:
 
 def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
     """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why)."""
+    if node.op in _WHY and any(t is not tensor and not isinstance(t, gs.Constant) for t in node.inputs):
+        return -1, "combines the channels with another variable tensor (a residual add or a gate)"
     if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
         return -1, "reads the channels twice or as a parameter"
     op = node.op
     if op == "Identity" or (op == "Dropout" and not any(t.outputs for t in node.outputs[1:])):
         return axis, None
+    if op == "Transpose":
+        perm, rank = node.attrs.get("perm"), _rank(tensor)
+        if perm is None and rank is None:
+            return -1, "Transpose of unknown rank"
+        return [int(p) for p in (perm if perm is not None else range(rank - 1, -1, -1))].index(axis), None
     if op in ("AveragePool", "GlobalAveragePool") and axis == 1:
         return axis, None
     if op == "Flatten" and axis == 1 and int(node.attrs.get("axis", 1)) == 1:
@@ -122,6 +140,42 @@ def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | Non
     return -1, _WHY.get(op, "not equivariant to a rotation of the channels")
 
 
+def bias_add(graph: gs.Graph, producer: gs.Node, axis: int, channels: int) -> tuple[gs.Node, int] | None:
+    """(Add, constant index) when the producer's only reader adds a constant vector along `axis`, the
+    last axis, alone (a bias on channels that are not last stays an illegal per-channel Add)."""
+    output = producer.outputs[0]
+    readers = ir.consumers(output)
+    rank = _rank(output)
+    if len(readers) != 1 or readers[0].op != "Add" or rank is None or axis != rank - 1 \
+            or ir.is_graph_io(graph, output):
+        return None
+    add = readers[0]
+    if len(add.inputs) != 2 or sum(t is output for t in add.inputs) != 1:
+        return None
+    index = 1 if add.inputs[0] is output else 0
+    constant = add.inputs[index]
+    if not isinstance(constant, gs.Constant) or constant.values.ndim > rank:
+        return None
+    shape = (1,) * (rank - constant.values.ndim) + tuple(constant.values.shape)
+    if shape[axis] not in (1, channels) or any(d != 1 for i, d in enumerate(shape) if i != axis):
+        return None
+    return add, index
+
+
+def _split_heads(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor,
+                 axis: int) -> list[gs.Tensor] | str | None:
+    """Merged tensors after the attention heads that Reshape `node` opens (None: not a head split)."""
+    split = head_split(node, tensor, axis)
+    if split is None:
+        return None
+    heads, head_dim = split
+    if heads * head_dim != chain.channels or chain.heads not in (1, heads):
+        return f"{chain.producer.name} -> {node.name} (Reshape): heads do not tile the producer's channels"
+    chain.heads = heads
+    chain.cuts.update(range(head_dim, chain.channels, head_dim))
+    return through_heads(graph, node, heads, head_dim)
+
+
 def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
     """The legal chain starting at `producer`, or the reason there is none."""
     axis_w = producer_axis(producer)
@@ -131,7 +185,12 @@ def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
     rank = _rank(output)
     chain = Chain(producer, axis_w, int(producer.inputs[1].values.shape[axis_w]))
     outputs = {t.name for t in graph.outputs}
-    pending = [(output, 1 if producer.op != "MatMul" or rank is None else rank - 1)]
+    start = 1 if producer.op != "MatMul" or rank is None else rank - 1
+    has_bias = len(producer.inputs) > 2 and producer.inputs[2].name
+    chain.bias = None if has_bias else bias_add(graph, producer, start, chain.channels)
+    if chain.bias is not None:
+        output = chain.bias[0].outputs[0]
+    pending = [(output, start)]
     seen: set[str] = set()
     while pending:
         tensor, axis = pending.pop()
@@ -145,6 +204,12 @@ def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
             if consumer is not None:
                 chain.consumers.append((node, consumer))
                 chain.reads[tensor.name] = axis
+                continue
+            merged = _split_heads(graph, chain, node, tensor, axis) if node.op == "Reshape" else None
+            if isinstance(merged, str):
+                return merged
+            if merged is not None:
+                pending.extend((t, len(t.shape) - 1) for t in merged)
                 continue
             next_axis, why = _passes(node, tensor, axis)
             if why is not None:

@@ -9,7 +9,8 @@ L1-PCA (sign-power iteration, after Kwak and Markopoulos et al.): from the PCA b
 B = sign(X Q), Q = polar(Xᵀ B) (the U Vᵀ of its SVD) `iterations` times on sample rows X, then QR
 to a clean orthonormal basis; coordinates are ordered by mean |x·q_j| and importance is still energy.
 Folding (exact in exact arithmetic; weights are rotated in float64 and cast back to their dtype):
-producer W' = Q W and b' = Q b along the output-channel axis, consumers W' = W Qᵀ along the
+producer W' = Q W and b' = Q b along the output-channel axis (b also when it is a constant Add right
+after the producer), consumers W' = W Qᵀ along the
 input-channel axis — both are "apply Q along that axis": W'[..d..] = Σ_c Q[d, c] W[..c..].
 """
 
@@ -85,6 +86,12 @@ def fold(graph: gs.Graph, chain: Chain, rotation: np.ndarray) -> None:
         full = np.broadcast_to(bias, (*bias.shape[:-1], chain.channels)) if bias.ndim else \
             np.full(chain.channels, bias, dtype=bias.dtype)
         ir.set_input_array(graph, producer, 2, apply_along(np.ascontiguousarray(full), full.ndim - 1, rotation))
+    if chain.bias is not None:  # a bias Add right after the producer: b' = Q b, broadcast to full length
+        add, index = chain.bias
+        bias = np.asarray(add.inputs[index].values)
+        shape = (*bias.shape[:-1], chain.channels) if bias.ndim else (chain.channels,)
+        full = np.ascontiguousarray(np.broadcast_to(bias, shape))
+        ir.set_input_array(graph, add, index, apply_along(full, full.ndim - 1, rotation))
     for consumer, axis in chain.consumers:
         weight = np.asarray(consumer.inputs[1].values)
         ir.set_input_array(graph, consumer, 1, apply_along(weight, axis, rotation))

@@ -249,3 +249,32 @@ def test_snp_reconstruction_after_rotation_lowers_the_error(tmp_path) -> None:
     rebuilt = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5, cob_reconstruct=True)
     assert rebuilt.report["macs_ratio"] == pytest.approx(plain.report["macs_ratio"])
     assert rebuilt.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_token_major_linear_pairs_rotate_exactly_and_prune_planted_dims(exporter: str, tmp_path) -> None:
+    """x[N, T, 16] -> Linear (MatMul + bias Add) -> Dropout -> Linear: channels on the last axis."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from graphopt.torch.export import export_onnx
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 24), nn.Dropout(0.1), nn.Linear(24, 8)).eval()
+    rng = np.random.default_rng(8)
+    tokens = (rng.standard_normal((32, 6, 16)) * np.linspace(2.0, 0.1, 16)).astype(np.float32)
+    feeds = {"input": tokens}
+    for rank in (None, 7):  # full rank: rotation only; rank 7: 17 rotated dims carry no energy
+        if rank is not None:
+            with torch.no_grad():
+                basis = torch.randn(24, rank)
+                module[0].weight.copy_(basis @ torch.randn(rank, 16) * 0.3)
+                module[0].bias.copy_(basis @ torch.randn(rank) * 0.1)
+        path = export_onnx(module, torch.tensor(tokens[:2]), tmp_path / f"{rank}.onnx", exporter=exporter, opset=17)
+        model = onnx.load(path)
+        budget = {} if rank is None else {"keep_variance": 1.0}
+        result = graphopt.optimize(model, method="cob", calib=feeds, **budget)
+        stats = _last_pass(result)["stats"]
+        assert stats["chains_rotated"] == 1, _last_pass(result)["skipped"]
+        assert stats["channels_removed"] == (0 if rank is None else 24 - rank)
+        assert_equivalent(model, result.model, feeds)
