@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -268,3 +268,20 @@ def request_for(model: onnx.ModelProto, name: str) -> StatRequest:
     """All kinds of `name`, over the last axis when a MatMul reads it (token features), else axis 1."""
     read_by_matmul = any(node.op_type == "MatMul" and name in node.input for node in model.graph.node)
     return StatRequest(name, KINDS, -1 if read_by_matmul else 1)
+
+
+def tensor_batches(model: onnx.ModelProto, data: Any, names: list[str], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Per batch of `data` (a graphopt.calibration.data.Dataset), the values of `names`: graph inputs read
+    from the batch itself, every other tensor computed by running only the cone that produces it."""
+    graph_inputs = {v.name for v in model.graph.input}
+    computed = [n for n in names if n not in graph_inputs]
+    session, feeds = None, set()
+    if computed:
+        infos = describe(model, computed, next(iter(data.batches(1))))
+        session = make_session(exposing_model(model, computed, {n: infos[n].elem_type for n in computed}))
+        feeds = {i.name for i in session.get_inputs()}
+    for batch in data.batches(batch_size):
+        values = dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}))) \
+            if session is not None else {}
+        values.update({n: np.asarray(batch[n]) for n in names if n in graph_inputs})
+        yield values

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graphopt.calibration.capture import describe, exposing_model
+from graphopt.calibration.capture import tensor_batches
 from graphopt.calibration.data import Dataset
-from graphopt.calibration.session import make_session
 
 
 def sample_maps(model: onnx.ModelProto, data: Dataset, names: list[str], max_items: int = 64,
@@ -24,19 +23,9 @@ def sample_maps(model: onnx.ModelProto, data: Dataset, names: list[str], max_ite
     names = sorted(set(names))
     if not names:
         return {}
-    graph_inputs = {v.name for v in model.graph.input}
-    computed = [n for n in names if n not in graph_inputs]  # graph inputs are read from the data itself
-    session, feeds = None, set()
-    if computed:
-        infos = describe(model, computed, next(iter(data.batches(1))))
-        session = make_session(exposing_model(model, computed, {n: infos[n].elem_type for n in computed}))
-        feeds = {i.name for i in session.get_inputs()}
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     held = 0
-    for batch in data.batches(min(batch_size, max_items)):
-        values = dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}))) \
-            if session is not None else {}
-        values.update({n: np.asarray(batch[n]) for n in names if n in graph_inputs})
+    for values in tensor_batches(model, data, names, min(batch_size, max_items)):
         take = min(max_items - held, next(iter(values.values())).shape[0])
         for name in names:
             parts[name].append(np.array(values[name][:take]))

@@ -13,9 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graphopt.calibration.capture import describe, exposing_model
+from graphopt.calibration.capture import tensor_batches
 from graphopt.calibration.data import Dataset
-from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import channel_rows
 
 
@@ -25,19 +24,9 @@ def sample_rows(model: onnx.ModelProto, data: Dataset, tensors: dict[str, int], 
     names = sorted(tensors)
     if not names:
         return {}
-    graph_inputs = {v.name for v in model.graph.input}
-    computed = [n for n in names if n not in graph_inputs]  # graph inputs are read from the data itself
-    session, feeds = None, set()
-    if computed:
-        infos = describe(model, computed, next(iter(data.batches(1))))
-        session = make_session(exposing_model(model, computed, {n: infos[n].elem_type for n in computed}))
-        feeds = {i.name for i in session.get_inputs()}
     rng = np.random.default_rng(seed)
     kept: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for batch in data.batches(batch_size):
-        values = dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}))) \
-            if session is not None else {}
-        values.update({n: np.asarray(batch[n]) for n in names if n in graph_inputs})
+    for values in tensor_batches(model, data, names, batch_size):
         for name in names:
             value = values[name]
             rows, _ = channel_rows(value, tensors[name], None)

@@ -19,8 +19,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
 
 MARGIN = 1e-4
+
+
+@dataclass
+class ChainLayer:
+    """A linear or convolution layer followed by its Relu: `nodes` are replaced by one ExPrune op reading
+    `source` and writing `output`."""
+
+    nodes: list[gs.Node]
+    source: gs.Tensor
+    output: gs.Tensor
+    weight: np.ndarray  # float32, output units first
+    bias: np.ndarray  # [units], float32
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].name
+
+
+def only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The single node reading `tensor` (which is not a graph input or output), else None."""
+    readers = ir.consumers(tensor)
+    return readers[0] if len(readers) == 1 and not ir.is_graph_io(graph, tensor) else None
 
 
 @dataclass

@@ -35,7 +35,7 @@ from graphopt.ops.exprune import boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
                                        output_size, prefix_sums)
 from graphopt.ops.functions import DOMAIN
-from graphopt.passes.exprune_calib import Calibrated, outcome, ratios, thresholds
+from graphopt.passes.exprune_calib import Calibrated, ChainLayer, only_reader, outcome, ratios, thresholds
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,12 @@ CHUNK_VALUES = 1 << 24  # float64 receptive-field values held at once during cal
 
 
 @dataclass
-class ConvLayer:
-    """One Conv+Relu chain: `nodes` are replaced by one op reading `source`, writing `output`."""
+class ConvLayer(ChainLayer):
+    """Conv+Relu; `weight` is [M, C, kh, kw]."""
 
-    nodes: list[gs.Node]
-    source: gs.Tensor
-    output: gs.Tensor
-    weight: np.ndarray  # [M, C, kh, kw], float32
-    bias: np.ndarray  # [M], float32
     strides: list[int]
     pads: list[int]  # [top, left, bottom, right]
     dilations: list[int]
-
-    @property
-    def name(self) -> str:
-        return self.nodes[0].name
 
     @property
     def terms(self) -> int:
@@ -81,11 +72,6 @@ class ConvLayer:
         if shape is None or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape[2:]):
             raise ValueError(f"{self.name}: input spatial size unknown (use ConvScoring.macs_per_sample)")
         return float(self.macs(shape[2], shape[3]))
-
-
-def _only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
-    readers = ir.consumers(tensor)
-    return readers[0] if len(readers) == 1 and not ir.is_graph_io(graph, tensor) else None
 
 
 def _same_pads(node: gs.Node, kernel: tuple[int, int], strides: list[int], dilations: list[int]) -> list[int] | str:
@@ -147,7 +133,7 @@ def match_conv(graph: gs.Graph, node: gs.Node) -> ConvLayer | str:
     geometry = _geometry(node, (int(weight.shape[2]), int(weight.shape[3])))
     if isinstance(geometry, str):
         return geometry
-    reader = _only_reader(graph, node.outputs[0])
+    reader = only_reader(graph, node.outputs[0])
     if reader is None or reader.op != "Relu":
         return "output is not read by a Relu alone"
     strides, pads, dilations = geometry

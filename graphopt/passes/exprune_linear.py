@@ -22,22 +22,12 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
 from graphopt.ops.functions import DOMAIN
-from graphopt.passes.exprune_calib import Calibrated, outcome, ratios, thresholds
+from graphopt.passes.exprune_calib import Calibrated, ChainLayer, only_reader, outcome, ratios, thresholds
 
 
 @dataclass
-class LinearLayer:
-    """One linear+ReLU chain: `nodes` are replaced by one op reading `source`, writing `output`."""
-
-    nodes: list[gs.Node]
-    source: gs.Tensor
-    output: gs.Tensor
-    weight: np.ndarray  # [n, d], neuron-major, float32
-    bias: np.ndarray  # [n], float32
-
-    @property
-    def name(self) -> str:
-        return self.nodes[0].name
+class LinearLayer(ChainLayer):
+    """Gemm/MatMul(+Add)+Relu; `weight` is [n, d], neuron-major."""
 
     @property
     def terms(self) -> int:
@@ -48,11 +38,6 @@ class LinearLayer:
         shape = self.source.shape or []
         positions = np.prod([s for s in shape[1:-1] if isinstance(s, int)]) if len(shape) > 2 else 1
         return float(self.weight.size * positions)
-
-
-def _only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
-    readers = ir.consumers(tensor)
-    return readers[0] if len(readers) == 1 and not ir.is_graph_io(graph, tensor) else None
 
 
 def _vector(values: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -69,7 +54,8 @@ def _linear(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
         return "weight is not a constant matrix"
     if weight.dtype != np.float32:
         return f"weight dtype {weight.dtype} (the op is float32)"
-    if weight.shape[0 if node.op == "MatMul" else int(not node.attrs.get("transB", 0))] < 2:
+    inputs_axis = 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0
+    if weight.shape[inputs_axis] < 2:
         return "fewer than 2 inputs: nothing to probe"
     if node.op == "MatMul":
         return np.ascontiguousarray(weight.T), np.zeros(weight.shape[1], dtype=np.float32)
@@ -92,7 +78,7 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearLayer | str:
         return found
     weight, bias = found
     nodes, tail = [node], node.outputs[0]
-    reader = _only_reader(graph, tail)
+    reader = only_reader(graph, tail)
     if node.op == "MatMul" and reader is not None and reader.op == "Add":
         other = next((t for t in reader.inputs if t is not tail), None)
         added = _vector(ir.constant_array(other), weight.shape[0]) if other is not None else None
@@ -101,7 +87,7 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearLayer | str:
         bias = bias + added
         nodes.append(reader)
         tail = reader.outputs[0]
-        reader = _only_reader(graph, tail)
+        reader = only_reader(graph, tail)
     if reader is None or reader.op != "Relu":
         return "output is not read by a Relu alone"
     nodes.append(reader)

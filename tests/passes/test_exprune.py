@@ -251,3 +251,15 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     assert np.mean(np.argmax(want, -1) == np.argmax(got, -1)) >= 0.99
     skipped = result.report["exprune_macs_skipped"]["fraction_of_model"]
     assert 0.05 < skipped == pytest.approx(stats["held_out_macs_skipped_per_sample"] / result.report["macs_after"])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_single_input_has_nothing_to_probe(trans_b: int) -> None:
+    model = _gemm_relu(d=1, n=6, trans_b=trans_b)
+    data = {"x": np.random.default_rng(0).standard_normal((50, 1)).astype(np.float32)}
+    _, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0})
+    assert not result.modified and result.skipped == ["fc: fewer than 2 inputs: nothing to probe"]
+    single = _gemm_relu(d=6, n=1, trans_b=trans_b)
+    rows = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
+    _, wide = run_pass(single, "exprune", data=load_data({"x": rows}, single), options={"exprune_fnr": 0.0})
+    assert wide.modified  # one neuron with six inputs is fine
