@@ -31,7 +31,7 @@ def _model(params: dict[str, np.ndarray], shape: list[int | str], m: int = M, op
     rule = "threshold" if checkpoints is None else "sequential"
     node = make_exprune_node(["x", "W", "B", "Tau", "Perm"], "y", m, rule=rule, checkpoints=checkpoints)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*shape[:-1], len(params["W"])])],
                               [numpy_helper.from_array(v, k) for k, v in params.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     ensure_functions(model)
@@ -126,10 +126,11 @@ def kernel_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built.library
 
 
-def _kernel_session(model: onnx.ModelProto, library: Path, optimize: bool) -> ort.InferenceSession:
+def _kernel_session(model: onnx.ModelProto, library: Path, optimize: bool, threads: int = 0) -> ort.InferenceSession:
     from graphopt.ops import session_options
 
     options = session_options(library)
+    options.intra_op_num_threads = threads
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3
@@ -170,6 +171,111 @@ def test_make_session_loads_the_kernel_for_graphopt_models(kernel_library: Path,
     before = library.graphopt_exprune_calls()
     make_session(_model(_layer(), ["N", D])).run(None, {"x": _inputs("random", (1, D))})
     assert library.graphopt_exprune_calls() - before == 1
+
+
+# Integer-valued weights and inputs (times a power of two): every partial sum is exact in float32 whatever
+# the summation order, so the kernel and the function body see the same scores and must decide alike
+# on every one of thousands of decisions (float data would leave the odd near-tie to rounding).
+
+def _exact_layer(d: int, n: int, kind: str, seed: int = 5) -> tuple[dict[str, np.ndarray], float]:
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-8, 9, (n, d)).astype(np.float32)
+    b = rng.integers(-40, 41, n).astype(np.float32)
+    if kind == "all_positive":
+        w, b = np.abs(w), np.abs(b)
+    unit = 1024.0 if kind == "extreme" else 1.0  # a power of two keeps the sums exact
+    spread = 4.0 * np.sqrt(d) * unit  # about the standard deviation of a score
+    tau = (rng.standard_normal(n) * spread).astype(np.float32)
+    return {"W": w * np.float32(unit), "B": b * np.float32(unit), "Tau": tau,
+            "Perm": rng.permutation(d).astype(np.int64)}, unit
+
+
+def _exact_inputs(kind: str, shape: tuple[int, ...], unit: float, seed: int = 6) -> np.ndarray:
+    values = np.random.default_rng(seed).integers(-8, 9, shape).astype(np.float32)
+    if kind == "all_negative":
+        values = -np.abs(values) - 1
+    if kind == "all_positive":
+        values = np.abs(values)
+    return values * np.float32(unit)
+
+
+def _exact_model(params: dict[str, np.ndarray], d: int, checkpoints: list[int]) -> onnx.ModelProto:
+    return _model(params, ["N", d], m=checkpoints[0], checkpoints=None if len(checkpoints) == 1 else checkpoints)
+
+
+# d not a multiple of the vector width, n not a multiple of the neuron tile, rows beyond the row block
+@pytest.mark.parametrize("d,n,rows", [(45, 23, 1), (45, 23, 37), (301, 531, 1), (301, 67, 70)])
+@pytest.mark.parametrize("kind", ["random", "all_negative", "all_positive", "extreme"])
+def test_kernel_sequential_decides_as_the_function_body(kernel_library: Path, d: int, n: int, rows: int,
+                                                        kind: str) -> None:
+    from graphopt.ops.exprune import checkpoint_scores, doubling_checkpoints
+
+    ks = doubling_checkpoints(d, d // 5) + [d - 3]
+    params, unit = _exact_layer(d, n, kind)
+    if kind == "all_negative":  # every neuron negative and fired at the first checkpoint
+        params["W"], params["B"] = np.abs(params["W"]), -np.abs(params["B"])
+    x = _exact_inputs(kind, (rows, d), unit)
+    model = _exact_model(params, d, ks)
+    body = run_ort(model, {"x": x})["y"]
+    want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], ks[0], ks)
+    np.testing.assert_array_equal(body == 0, want == 0)
+    outputs = [_kernel_session(model, kernel_library, optimize=True, threads=threads).run(None, {"x": x})[0]
+               for threads in (1, 2)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # neuron chunks on the pool change nothing
+    np.testing.assert_array_equal(outputs[0] == 0, body == 0)  # the same skip decisions
+    np.testing.assert_allclose(outputs[0], body, rtol=1e-6, atol=0)  # exact sums: equal up to the scaling
+    if kind == "random":  # the later checkpoints do fire: the test exercises the continued dot products
+        scores = checkpoint_scores(x[:, params["Perm"]], params["W"], params["B"], ks)
+        first = scores[..., 0] < params["Tau"]
+        assert skipped.sum() > first.sum() > 0 and not skipped.all()
+    if kind == "all_negative":
+        assert skipped.all()
+    if kind == "all_positive":
+        assert not skipped.any()
+
+
+@pytest.mark.parametrize("rows", [1, 6, 33])
+def test_kernel_threshold_rule_matches_the_function_body_exactly(kernel_library: Path, rows: int) -> None:
+    params, unit = _exact_layer(77, 45, "random", seed=rows)
+    x = _exact_inputs("random", (rows, 77), unit, seed=rows + 1)
+    model = _exact_model(params, 77, [19])
+    body = run_ort(model, {"x": x})["y"]
+    kernel = _kernel_session(model, kernel_library, optimize=False, threads=2).run(None, {"x": x})[0]
+    assert 0 < np.mean(kernel == 0) < 1
+    np.testing.assert_array_equal(kernel == 0, body == 0)
+    np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 13])
+def test_kernel_with_thresholds_that_never_fire_is_dense(kernel_library: Path, rows: int) -> None:
+    d, n = 301, 67
+    params = _layer_with(d, n, tau=np.full(n, -np.inf, dtype=np.float32))
+    x = np.random.default_rng(2).standard_normal((rows, d)).astype(np.float32)
+    model = _model(params, ["N", d], m=37, checkpoints=[37, 74, 148])
+    kernel = _kernel_session(model, kernel_library, optimize=True, threads=2).run(None, {"x": x})[0]
+    original = np.empty_like(params["W"])
+    original[:, params["Perm"]] = params["W"]
+    np.testing.assert_allclose(kernel, np.maximum(x.astype(np.float64) @ original.T + params["B"], 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_reads_a_model_without_the_checkpoints_attribute_as_threshold(kernel_library: Path) -> None:
+    params = _layer()
+    model = _model(params, ["N", D])
+    attributes = model.graph.node[0].attribute
+    del attributes[[a.name for a in attributes].index("checkpoints")]  # as written before the attribute existed
+    x = _inputs("random", (3, D))
+    kernel = _kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
+    want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], M)
+    assert 0 < skipped.mean() < 1
+    np.testing.assert_array_equal(kernel == 0, want == 0)
+    np.testing.assert_allclose(kernel, want, rtol=1e-5, atol=1e-5)
+
+
+def _layer_with(d: int, n: int, tau: np.ndarray, seed: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"W": rng.standard_normal((n, d)).astype(np.float32), "B": rng.standard_normal(n).astype(np.float32),
+            "Tau": tau.astype(np.float32), "Perm": rng.permutation(d).astype(np.int64)}
 
 
 def test_build_without_headers_says_why(tmp_path: Path) -> None:
