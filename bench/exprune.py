@@ -1,32 +1,40 @@
 """Wall-clock of graphopt.ExPruneLinearRelu's native kernel against onnxruntime's dense MatMul+Add+Relu and
 against the op's own function body (what stock onnxruntime runs), at several skip rates.
 
-Per shape and batch, the three sessions (full graph optimisation, the same intra-op thread count; the
-kernel itself is single-threaded) run interleaved, `--repeat` rounds of `--inner`
-calls each; the median per call is reported with ratios against dense. The skip rate is imposed exactly:
-Tau = +inf on a random subset of neurons (always skipped, after the probe), -inf on the rest.
+Per shape, batch, rule and intra-op thread count, the three sessions (full graph optimisation, the same
+thread count for all three) run interleaved: `--repeat` rounds of `--inner` calls each, in a rotating
+order; the median per call is reported with ratios against dense (above 1: the kernel is faster).
 
-    graphopt ops build && python bench/exprune.py                     # 4096->11008, 384->1536, 768->3072
-    python bench/exprune.py --shapes 768x3072 --batches 1 32 --skips 0 0.5 0.9
+The skip rate is imposed on the benchmark's own input: one threshold t for every neuron (Tau = t), set by
+bisection so that the fraction of (row, neuron) decisions that skip is the target (skip 0: Tau = -inf,
+nothing fires). So every row decides for itself, as real inputs do; with the sequential rule (checkpoints
+m, 2m, 4m, ... below d) some neurons fire only at a later checkpoint. `skipped` is the realised fraction
+and `read` the fraction of the weight multiply-adds the kernel performs (probes, continued probes and the
+tails of kept rows), both from the numpy reference.
+
+    graphopt ops build && python bench/exprune.py                     # the README table
+    python bench/exprune.py --shapes 768x3072 --batches 1 --skips 0 0.5 --threads 1 --rules threshold
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.ops.exprune import make_exprune_node
-from graphopt.ops.functions import ensure_functions
-from graphopt.ops.native import library_path, register
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from graphopt.ops.exprune import boundary_factors, checkpoint_scores, doubling_checkpoints, make_exprune_node  # noqa: E402
+from graphopt.ops.functions import ensure_functions  # noqa: E402
+from graphopt.ops.native import library_path, register  # noqa: E402
 
 
 def _dense(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
@@ -39,10 +47,11 @@ def _dense(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _exprune(w: np.ndarray, b: np.ndarray, tau: np.ndarray, m: int) -> onnx.ModelProto:
+def _exprune(w: np.ndarray, b: np.ndarray, tau: np.ndarray, ks: list[int]) -> onnx.ModelProto:
     n, d = w.shape
     params = {"W": w, "B": b, "Tau": tau, "Perm": np.arange(d, dtype=np.int64)}
-    graph = helper.make_graph([make_exprune_node(["x", *params], "y", m)], "exprune",
+    rule = "threshold" if len(ks) == 1 else "sequential"
+    graph = helper.make_graph([make_exprune_node(["x", *params], "y", ks[0], rule=rule, checkpoints=ks)], "exprune",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
                               [numpy_helper.from_array(v, k) for k, v in params.items()])
@@ -61,6 +70,29 @@ def _session(model: onnx.ModelProto, threads: int, kernel: bool) -> ort.Inferenc
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _decisions(scores: np.ndarray, factors: np.ndarray, t: float) -> np.ndarray:
+    """Index of the first checkpoint that fires per (row, neuron); len(factors) where none does."""
+    fired = scores < np.float32(t) * factors
+    return np.where(fired.any(-1), fired.argmax(-1), len(factors))
+
+
+def _threshold(scores: np.ndarray, factors: np.ndarray, skip: float) -> float:
+    """The common Tau that skips a fraction `skip` of the decisions (-inf for 0)."""
+    if skip <= 0:
+        return -np.inf
+    low, high = float(scores.min()) - 1.0, float(scores.max()) + 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if np.mean(_decisions(scores, factors, middle) < len(factors)) < skip else (low, middle)
+    return high
+
+
+def _work(decisions: np.ndarray, ks: list[int], d: int) -> tuple[float, float]:
+    """(fraction of decisions skipped, fraction of the weight multiply-adds performed)."""
+    stops = np.array([*ks, d], dtype=np.float64)
+    return float(np.mean(decisions < len(ks))), float(np.mean(stops[decisions]) / d)
+
+
 def _time(session: ort.InferenceSession, feed: dict[str, np.ndarray], inner: int) -> float:
     start = time.perf_counter()
     for _ in range(inner):
@@ -68,51 +100,67 @@ def _time(session: ort.InferenceSession, feed: dict[str, np.ndarray], inner: int
     return (time.perf_counter() - start) / inner
 
 
-def bench(d: int, n: int, batch: int, skip: float, probe: float, args: argparse.Namespace) -> dict[str, float]:
+def bench(d: int, n: int, batch: int, rule: str, skip: float, threads: int, args: argparse.Namespace) -> dict[str, float]:
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float32)
     b = (rng.standard_normal(n) * 0.1).astype(np.float32)
-    tau = np.full(n, -np.inf, dtype=np.float32)
-    tau[rng.permutation(n)[: int(round(skip * n))]] = np.inf
-    m = max(1, int(round(probe * d)))
-    exprune = _exprune(w, b, tau, m)
-    sessions = {"dense": _session(_dense(w, b), args.threads, False),
-                "body": _session(exprune, args.threads, False), "kernel": _session(exprune, args.threads, True)}
-    feed = {"x": rng.standard_normal((batch, d)).astype(np.float32)}
-    reference = sessions["body"].run(None, feed)[0]
-    np.testing.assert_allclose(sessions["kernel"].run(None, feed)[0], reference, rtol=1e-4, atol=1e-4)
+    x = rng.standard_normal((batch, d)).astype(np.float32)
+    m = max(1, int(round(args.probe * d)))
+    ks = [m] if rule == "threshold" else doubling_checkpoints(d, m)
+    scores, factors = checkpoint_scores(x, w, b, ks), boundary_factors(d, ks)
+    t = _threshold(scores, factors, skip)
+    skipped, read = _work(_decisions(scores, factors, t), ks, d)
+    exprune = _exprune(w, b, np.full(n, t, dtype=np.float32), ks)
+    sessions = {"dense": _session(_dense(w, b), threads, False), "kernel": _session(exprune, threads, True)}
+    if not args.no_body:
+        sessions["body"] = _session(exprune, threads, False)
+    feed = {"x": x}
+    reference = sessions["dense"].run(None, feed)[0]
+    got = sessions["kernel"].run(None, feed)[0]
+    kept = got != 0
+    np.testing.assert_allclose(got[kept], reference[kept], rtol=1e-4, atol=1e-4)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for name, session in sessions.items():  # warm-up
-        _time(session, feed, 2)
-    for _ in range(args.repeat):
-        for name, session in sessions.items():
-            times[name].append(_time(session, feed, args.inner))
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    for session in sessions.values():  # warm-up
+        _time(session, feed, 3)
+    order = list(sessions)
+    for repeat in range(args.repeat):
+        for name in order[repeat % len(order):] + order[:repeat % len(order)]:
+            times[name].append(_time(sessions[name], feed, args.inner))
+    result = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {**result, "skipped": skipped, "read": read}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["4096x11008", "384x1536", "768x3072"], help="DxN")
+    parser.add_argument("--shapes", nargs="+", default=["384x1536", "768x3072", "4096x11008"], help="DxN")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--skips", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 0.9])
+    parser.add_argument("--skips", nargs="+", type=float, default=[0.0, 0.4, 0.5, 0.9])
+    parser.add_argument("--rules", nargs="+", choices=["threshold", "sequential"], default=["threshold", "sequential"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="onnxruntime intra-op threads")
     parser.add_argument("--probe", type=float, default=0.25, help="m as a fraction of d")
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--inner", type=int, default=10)
+    parser.add_argument("--no-body", action="store_true", help="leave the function body out (it is slow)")
     args = parser.parse_args()
     if library_path() is None:
         raise SystemExit("the native kernel is not built: run `graphopt ops build` first")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
-          f"onnxruntime {ort.__version__}, threads {args.threads}, probe {args.probe}, median of {args.repeat}x{args.inner}")
-    print("| d->n | batch | skip | dense ms | body ms | kernel ms | dense/kernel | body/kernel |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"probe {args.probe}, median of {args.repeat} rounds x {args.inner} calls, interleaved")
+    print("| d->n | batch | rule | threads | skipped | read | dense ms | body ms | kernel ms | dense/kernel | body/kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         d, n = (int(v) for v in shape.lower().split("x"))
         for batch in args.batches:
-            for skip in args.skips:
-                t = bench(d, n, batch, skip, args.probe, args)
-                print(f"| {d}->{n} | {batch} | {skip:.2f} | {t['dense']:.3f} | {t['body']:.3f} | {t['kernel']:.3f} | "
-                      f"{t['dense'] / t['kernel']:.2f}x | {t['body'] / t['kernel']:.2f}x |", flush=True)
+            for rule in args.rules:
+                for threads in args.threads:
+                    for skip in args.skips:
+                        t = bench(d, n, batch, rule, skip, threads, args)
+                        body = f"{t['body']:.3f} | {t['body'] / t['kernel']:.2f}x" if "body" in t else "- | -"
+                        body_ms, body_ratio = body.split(" | ")
+                        print(f"| {d}->{n} | {batch} | {rule} | {threads} | {t['skipped']:.2f} | {t['read']:.2f} | "
+                              f"{t['dense']:.3f} | {body_ms} | {t['kernel']:.3f} | {t['dense'] / t['kernel']:.2f}x | "
+                              f"{body_ratio} |", flush=True)
 
 
 if __name__ == "__main__":
