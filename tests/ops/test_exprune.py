@@ -283,3 +283,23 @@ def test_build_without_headers_says_why(tmp_path: Path) -> None:
 
     built = build_library(tmp_path / "lib.so", ort_include=tmp_path)
     assert built.library is None and "onnxruntime_cxx_api.h" in built.reason
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_kernel_with_w_fed_at_run_time_decides_as_the_function_body(kernel_library: Path, rows: int) -> None:
+    # a W that is not a constant cannot be packed when the kernel is created: the row-wise path runs
+    from graphopt.ops.exprune import doubling_checkpoints
+
+    d, n = 301, 131
+    ks = doubling_checkpoints(d, 37)
+    params, unit = _exact_layer(d, n, "random", seed=11)
+    model = _exact_model(params, d, ks)
+    weight = next(t for t in model.graph.initializer if t.name == "W")
+    model.graph.initializer.remove(weight)
+    model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [n, d]))
+    feed = {"x": _exact_inputs("random", (rows, d), unit, seed=12), "W": params["W"]}
+    body = run_ort(model, feed)["y"]
+    kernel = _kernel_session(model, kernel_library, optimize=False, threads=1).run(None, feed)[0]
+    assert 0 < np.mean(kernel == 0) < 1
+    np.testing.assert_array_equal(kernel == 0, body == 0)
+    np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)

@@ -13,11 +13,13 @@
 // keep). The score and the boundary are single float32 operations, unfused: the library is built with
 // -ffp-contract=off, so they round as the function body's Mul, Add and Mul do.
 //
-// Paths: batch 1 walks the neurons in order, each row from its prefix on (a kept neuron's tail and the next
-// probe continue one stream), and prefetches the probe prefixes a few neurons ahead (a skipped tail breaks
-// the hardware prefetcher's stream). Measured on a 2-core Zen 4 and kept because nothing else beat it there:
-// probing a block of neurons first and then streaming only the kept tails (with prefetch of each next kept
-// tail), and two or four neurons sharing each load of x, were both slower. Batch > 1 takes blocks of up to
+// Paths: batch 1 with a constant W (an initializer, as the exprune pass writes it) packs the probe prefixes
+// once, when the kernel is created, into panels of kLanes neurons stored transposed (m · n floats beside W):
+// the probes of kPanels panels then cost one broadcast of x' per kPanels FMAs over contiguous memory, like
+// onnxruntime's packed GEMV, instead of a load of x' per FMA; the neurons a checkpoint keeps are continued
+// four at a time from W's own rows, sharing each load of x'. Without a constant W, batch 1 walks the neurons
+// in order, each row from its prefix on, prefetching the probe prefixes a few neurons ahead (a skipped tail
+// breaks the hardware prefetcher's stream). Batch > 1 takes blocks of up to
 // kRowBlock rows and kTile neurons: register tiles of kTile neurons x kTile rows (8 loads feed 16 FMAs)
 // over the rows and neurons still undecided, so a tail is read only while some row needs it. Neurons are
 // split in chunks over onnxruntime's intra-op thread pool (KernelContext_ParallelFor; serial with one
@@ -59,6 +61,8 @@ inline vec vload_part(const float* p, int64_t count) {
 inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+inline vec vset1(float v) { return _mm512_set1_ps(v); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 constexpr int64_t kLanes = 8;
@@ -75,6 +79,8 @@ inline float vsum(vec a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+inline vec vset1(float v) { return _mm256_set1_ps(v); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 #else
 typedef float vec __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
@@ -96,11 +102,18 @@ inline float vsum(vec a) {
   for (int64_t i = 0; i < kLanes; ++i) s += a[i];
   return s;
 }
+inline vec vset1(float v) {
+  vec r;
+  for (int64_t i = 0; i < kLanes; ++i) r[i] = v;
+  return r;
+}
+inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
 #endif
 
 constexpr int kTile = 4;        // batch > 1: neurons x rows per micro-kernel call (8 loads feed 16 FMAs)
 constexpr int kRowBlock = 32;   // batch > 1: rows whose accumulators a block of kTile neurons keeps at once
-constexpr int64_t kPrefetchAhead = 4;  // batch 1: neurons ahead whose probe prefix is prefetched
+constexpr int64_t kPrefetchAhead = 4;  // batch 1, W not constant: neurons ahead whose probe prefix is prefetched
+constexpr int64_t kPanels = 4;         // batch 1: probe panels of kLanes neurons computed together
 
 // acc[q * kTile + r] += w[q][a:b) . x[r][a:b) for Q neurons and R rows: each weight load feeds R FMAs and
 // each row load Q. With a single row and neuron, four independent accumulators hide the FMA latency (they
@@ -182,6 +195,7 @@ inline void prefetch_lines(const float* p, int64_t count) {
 struct Problem {
   const float* x;  // gathered rows x' [rows, d]
   const float* w;
+  const float* panel;  // packed probe prefixes (see ProbePanel), or nullptr
   const float* bias;
   const float* tau;
   float* y;        // [rows, n]
@@ -205,7 +219,121 @@ inline float relu_output(float total, float bias) {
   return pre > 0.0f ? pre : 0.0f;
 }
 
-// Batch 1: neurons in order, each row read from its prefix on, so that a kept neuron's probe and tail and
+// Batch 1 with packed probes: the probe prefixes of kPanels * kLanes neurons are stored transposed, panel by
+// panel (panel[(j / kLanes) * m + i][j % kLanes] = W[j, i]), so one broadcast of x'[i] feeds kPanels FMAs over
+// contiguous weights, as onnxruntime's packed GEMV does; the rows that survive a checkpoint are then read in
+// groups of four, from W itself, sharing each load of x'.
+template <int Q>
+inline void panel_probe(const float* panel, const float* x, int64_t m, int64_t panel0, float* out) {
+  vec even[Q], odd[Q];
+  for (int q = 0; q < Q; ++q) even[q] = odd[q] = vzero();
+  const float* base = panel + panel0 * m * kLanes;
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) {
+    const vec x0 = vset1(x[i]), x1 = vset1(x[i + 1]);
+    for (int q = 0; q < Q; ++q) {
+      const float* weights = base + (q * m + i) * kLanes;
+      even[q] = vfma(vload(weights), x0, even[q]);
+      odd[q] = vfma(vload(weights + kLanes), x1, odd[q]);
+    }
+  }
+  if (i < m) {
+    const vec x0 = vset1(x[i]);
+    for (int q = 0; q < Q; ++q) even[q] = vfma(vload(base + (q * m + i) * kLanes), x0, even[q]);
+  }
+  for (int q = 0; q < Q; ++q) vstore(out + q * kLanes, vadd(even[q], odd[q]));
+}
+
+inline void panel_probe_any(int panels, const float* panel, const float* x, int64_t m, int64_t panel0, float* out) {
+  switch (panels) {
+    case 1: return panel_probe<1>(panel, x, m, panel0, out);
+    case 2: return panel_probe<2>(panel, x, m, panel0, out);
+    case 3: return panel_probe<3>(panel, x, m, panel0, out);
+    default: return panel_probe<kPanels>(panel, x, m, panel0, out);
+  }
+}
+
+// sums[k] += w[k][a:b) . x[a:b) for K rows of W and one row x (two or four accumulators per row of W).
+template <int K>
+inline void dot_rows(const float* const* w, const float* x, int64_t a, int64_t b, float* sums) {
+  constexpr int U = K <= 2 ? 4 : 2;
+  vec acc[U][K];
+  for (int u = 0; u < U; ++u)
+    for (int k = 0; k < K; ++k) acc[u][k] = vzero();
+  int64_t i = a;
+  for (; i + U * kLanes <= b; i += U * kLanes)
+    for (int u = 0; u < U; ++u) {
+      const vec xv = in_register(vload(x + i + u * kLanes));
+      for (int k = 0; k < K; ++k) acc[u][k] = vfma(vload(w[k] + i + u * kLanes), xv, acc[u][k]);
+    }
+  for (; i + kLanes <= b; i += kLanes) {
+    const vec xv = vload(x + i);
+    for (int k = 0; k < K; ++k) acc[0][k] = vfma(vload(w[k] + i), xv, acc[0][k]);
+  }
+  if (i < b) {
+    const vec xv = vload_part(x + i, b - i);
+    for (int k = 0; k < K; ++k) acc[0][k] = vfma(vload_part(w[k] + i, b - i), xv, acc[0][k]);
+  }
+  for (int k = 0; k < K; ++k) {
+    vec total = acc[0][k];
+    for (int u = 1; u < U; ++u) total = vadd(total, acc[u][k]);
+    sums[k] += vsum(total);
+  }
+}
+
+inline void dot_rows_any(int count, const float* const* w, const float* x, int64_t a, int64_t b, float* sums) {
+  switch (count) {
+    case 1: return dot_rows<1>(w, x, a, b, sums);
+    case 2: return dot_rows<2>(w, x, a, b, sums);
+    case 3: return dot_rows<3>(w, x, a, b, sums);
+    default: return dot_rows<4>(w, x, a, b, sums);
+  }
+}
+
+void single_row_packed(const Problem& p, int64_t first, int64_t last) {
+  constexpr int64_t kBlock = kPanels * kLanes;
+  float partial[kBlock];
+  int64_t live[kBlock];
+  for (int64_t j0 = first; j0 < last; j0 += kBlock) {
+    const int64_t count = std::min(kBlock, last - j0);
+    panel_probe_any(static_cast<int>((count + kLanes - 1) / kLanes), p.panel, p.x, p.ks[0], j0 / kLanes, partial);
+    int64_t alive = 0;
+    for (int64_t k = 0; k < count; ++k) {
+      if (fires(p, 0, partial[k], j0 + k)) {
+        p.y[j0 + k] = 0.0f;
+      } else {
+        live[alive++] = k;
+      }
+    }
+    int64_t done = p.ks[0];
+    for (int64_t c = 1; c <= p.count && alive > 0; ++c) {
+      const int64_t until = c < p.count ? p.ks[c] : p.d;
+      for (int64_t a = 0; a < alive; a += 4) {
+        const int group = static_cast<int>(std::min<int64_t>(4, alive - a));
+        const float* rows[4];
+        float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int k = 0; k < group; ++k) rows[k] = p.w + (j0 + live[a + k]) * p.d;
+        dot_rows_any(group, rows, p.x, done, until, sums);
+        for (int k = 0; k < group; ++k) partial[live[a + k]] += sums[k];
+      }
+      done = until;
+      int64_t kept = 0;
+      for (int64_t a = 0; a < alive; ++a) {
+        const int64_t k = live[a];
+        if (c == p.count) {
+          p.y[j0 + k] = relu_output(partial[k], p.bias[j0 + k]);
+        } else if (fires(p, c, partial[k], j0 + k)) {
+          p.y[j0 + k] = 0.0f;
+        } else {
+          live[kept++] = k;
+        }
+      }
+      alive = c == p.count ? 0 : kept;
+    }
+  }
+}
+
+// Batch 1 without packed probes (W not a constant): neurons in order, each row read from its prefix on, so that a kept neuron's probe and tail and
 // the next neuron's probe are one contiguous stream; the probe prefix kPrefetchAhead neurons ahead is
 // prefetched, since a skipped tail breaks the hardware prefetcher's stream.
 void single_row(const Problem& p, int64_t first, int64_t last) {
@@ -302,23 +430,42 @@ void run_chunk(void* data, size_t index) {
   const Problem& p = *static_cast<const Problem*>(data);
   const int64_t first = static_cast<int64_t>(index) * p.chunk;
   const int64_t last = std::min(p.n, first + p.chunk);
-  if (p.rows == 1) return single_row(p, first, last);
+  if (p.rows == 1) return p.panel != nullptr ? single_row_packed(p, first, last) : single_row(p, first, last);
   for (int64_t r0 = 0; r0 < p.rows; r0 += kRowBlock)
     row_block(p, first, last, r0, static_cast<int>(std::min<int64_t>(kRowBlock, p.rows - r0)));
 }
 
 // Neurons per task: tasks of at least ~64K multiply-adds (below that the pool's hand-off costs more than
-// it saves), at most 64 tasks, whole multiples of 8 neurons.
+// it saves), at most 64 tasks, whole multiples of one probe block (kPanels panels of kLanes neurons).
 int64_t chunk_size(int64_t rows, int64_t n, int64_t d) {
+  constexpr int64_t kBlock = kPanels * kLanes;
   const int64_t per_neuron = std::max<int64_t>(1, rows * d);
-  int64_t chunk = std::max<int64_t>(8, (int64_t{1} << 16) / per_neuron);
+  int64_t chunk = std::max<int64_t>(kBlock, (int64_t{1} << 16) / per_neuron);
   chunk = std::max(chunk, (n + 63) / 64);
-  return (chunk + 7) / 8 * 8;
+  return (chunk + kBlock - 1) / kBlock * kBlock;
 }
+
+// The probe prefixes of a constant W, packed once when the kernel is created (m · n floats beside W).
+struct ProbePanel {
+  std::vector<float> values;
+  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panel
+  int64_t n = 0, d = 0;
+
+  void pack(const float* w, int64_t rows, int64_t columns, int64_t m) {
+    const int64_t panels = (rows + kLanes - 1) / kLanes;
+    values.assign(static_cast<size_t>(panels * m * kLanes), 0.0f);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t i = 0; i < m; ++i) values[((j / kLanes) * m + i) * kLanes + j % kLanes] = w[j * columns + i];
+    source = w;
+    n = rows;
+    d = columns;
+  }
+};
 
 struct ExPruneKernel {
   int64_t m_;
   std::vector<int64_t> checkpoints_;
+  ProbePanel panel_;
 
   ExPruneKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -337,6 +484,13 @@ struct ExPruneKernel {
     bool valid = checkpoints_[0] == m_ && m_ >= 1;
     for (size_t c = 1; c < checkpoints_.size(); ++c) valid = valid && checkpoints_[c] > checkpoints_[c - 1];
     if (!valid) ORT_CXX_API_THROW("ExPruneLinearRelu: checkpoints must increase strictly from m", ORT_INVALID_ARGUMENT);
+    int is_constant = 0;
+    Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
+    if (is_constant) {
+      const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.size() == 2 && checkpoints_.back() < shape[1])
+        panel_.pack(weight.GetTensorData<float>(), shape[0], shape[1], m_);
+    }
   }
 
   void Compute(OrtKernelContext* raw_context) {
@@ -374,7 +528,10 @@ struct ExPruneKernel {
       const float denominator = k * first_rest;
       factor[c] = std::sqrt(numerator / denominator);
     }
-    Problem problem{gathered.data(), w_value.GetTensorData<float>(), context.GetInput(2).GetTensorData<float>(),
+    const float* w = w_value.GetTensorData<float>();
+    const bool packed = rows == 1 && w == panel_.source && n == panel_.n && d == panel_.d;
+    Problem problem{gathered.data(), w, packed ? panel_.values.data() : nullptr,
+                    context.GetInput(2).GetTensorData<float>(),
                     context.GetInput(3).GetTensorData<float>(), y, rows, n, d, checkpoints_.data(), scale.data(),
                     factor.data(), static_cast<int64_t>(count), chunk_size(rows, n, d)};
     const size_t tasks = static_cast<size_t>((n + problem.chunk - 1) / problem.chunk);
