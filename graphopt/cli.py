@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--tolerance", type=_tolerance, metavar="top1=A|rel_l2=E",
                           help="exprune: fidelity to keep on held-out calibration samples "
                                "(default top1=0.99 for class scores, else rel_l2=0.01)")
+    optimize.add_argument("--exprune-layers", choices=["all", "linear", "conv"], default="all",
+                          help="exprune: which ReLU layers to replace (conv ops have no native kernel yet)")
     optimize.add_argument("--exprune-held-out", type=float, default=0.25, metavar="F",
                           help="exprune: fraction of the calibration samples held out for --tolerance (default 0.25)")
     _add_calibration(optimize)
@@ -250,7 +252,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                       sparsity=args.sparsity, omp_scope=args.omp_scope, keep_first_last=args.keep_first_last,
                       sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore,
                       exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr,
-                      exprune_rule=args.exprune_rule, tolerance=args.tolerance,
+                      exprune_rule=args.exprune_rule, tolerance=args.tolerance, exprune_layers=args.exprune_layers,
                       exprune_held_out=args.exprune_held_out)
     report = result.report
     if args.report is not None:
@@ -267,6 +269,11 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         dynamic = report["exprune_macs_skipped"]
         print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
               f"(measured on the {dynamic['data']} samples)")
+        convs = next((p["stats"].get("conv_layers", 0) for p in report["passes"] if p["pass"] == "exprune"), 0)
+        if convs:
+            print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu, which has no native kernel "
+                  "yet: they skip MACs but run slower than the convolutions they replace "
+                  "(--exprune-layers linear leaves them alone)")
     sparsity = report["weight_sparsity"]["overall"]
     print((f"weight sparsity {sparsity:.1%}   " if sparsity else "")
           + f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")

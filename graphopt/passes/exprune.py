@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PROBES = (0.0625, 0.125, 0.25, 0.5)
+LAYER_KINDS = ("all", "linear", "conv")
 
 Layer = LinearLayer | ConvLayer
 Scoring = LinearScoring | ConvScoring
@@ -62,11 +63,15 @@ def _options(ctx: PassContext) -> dict[str, Any]:
         raise OptionError(f"--exprune-rule must be one of {', '.join(RULES)}, got '{rule}'")
     if not 0.0 < held_out < 1.0:
         raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+    kinds = str(ctx.option("exprune_layers", "all"))
+    if kinds not in LAYER_KINDS:
+        raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
     from graphopt.calibration.heldout import Tolerance
 
     tolerance = ctx.option("tolerance")
     return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
-            "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None}
+            "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None,
+            "kinds": kinds}
 
 
 def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
@@ -77,9 +82,11 @@ def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
     return None
 
 
-def _discover(graph: gs.Graph) -> tuple[list[Layer], list[str]]:
+def _discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
     layers, skipped = [], []
     for node in list(graph.nodes):
+        if kinds != "all" and (node.op == "Conv") != (kinds == "conv"):
+            continue
         found = _match(graph, node)
         if isinstance(found, str):
             skipped.append(f"{node.name}: {found}")
@@ -205,7 +212,7 @@ class ExPrune(Pass):
 
         options = _options(ctx)
         result = PassResult(modified=False)
-        layers, result.skipped = _discover(graph)
+        layers, result.skipped = _discover(graph, options["kinds"])
         if layers and graph.opset < MIN_OPSET:
             result.skipped.extend(f"{layer.name}: model opset {graph.opset} < {MIN_OPSET}" for layer in layers)
             layers = []
@@ -247,5 +254,6 @@ class ExPrune(Pass):
             ir.add_function(graph, build_exprune_function(graph.opset))
         ir.cleanup(graph)
         result.modified = True
-        result.stats.update({"layers": len(layers), "macs_skipped_fraction": skipped / total if total else 0.0,
+        result.stats.update({"layers": len(layers), "conv_layers": sum(isinstance(l, ConvLayer) for l in layers),
+                             "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})

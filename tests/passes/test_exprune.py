@@ -263,3 +263,17 @@ def test_a_single_input_has_nothing_to_probe(trans_b: int) -> None:
     rows = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
     _, wide = run_pass(single, "exprune", data=load_data({"x": rows}, single), options={"exprune_fnr": 0.0})
     assert wide.modified  # one neuron with six inputs is fine
+
+
+@pytest.mark.parametrize("kinds,want", [("linear", {"ExPruneLinearRelu": 1}), ("conv", {"ExPruneConvRelu": 2})])
+def test_layer_kinds_can_be_chosen(kinds: str, want: dict[str, int]) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "samples"
+    model = onnx.load(str(root / "digits_cnn.onnx"))
+    calib = dict(np.load(root / "digits_calib.npz"))
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_layers=kinds, exprune_fnr=0.0)
+    ops = op_types(result.model)
+    assert {op: ops.count(op) for op in ("ExPruneLinearRelu", "ExPruneConvRelu") if op in ops} == want
+    assert result.report["passes"][-1]["stats"]["conv_layers"] == want.get("ExPruneConvRelu", 0)
+    assert result.report["fidelity"]["max_abs"] < 1e-4  # fnr 0: the calibration outputs are unchanged
