@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default top1=0.99 for class scores, else rel_l2=0.01)")
     optimize.add_argument("--exprune-layers", choices=["all", "linear", "conv"], default="all",
                           help="exprune: which ReLU layers to replace (conv ops have no native kernel yet)")
+    optimize.add_argument("--exprune-rows", type=int, default=4096, metavar="N",
+                          help="exprune: sampled input rows per linear layer for calibration (default 4096)")
+    optimize.add_argument("--exprune-maps", type=int, default=64, metavar="N",
+                          help="exprune: input maps per convolution scored at every position (default 64)")
     optimize.add_argument("--exprune-held-out", type=float, default=0.25, metavar="F",
                           help="exprune: fraction of the calibration samples held out for --tolerance (default 0.25)")
     _add_calibration(optimize)
@@ -253,6 +257,7 @@ def cmd_optimize(args: argparse.Namespace) -> None:
                       sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore,
                       exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr,
                       exprune_rule=args.exprune_rule, tolerance=args.tolerance, exprune_layers=args.exprune_layers,
+                      exprune_rows=args.exprune_rows, exprune_maps=args.exprune_maps,
                       exprune_held_out=args.exprune_held_out)
     report = result.report
     if args.report is not None:

@@ -63,6 +63,9 @@ def _options(ctx: PassContext) -> dict[str, Any]:
         raise OptionError(f"--exprune-rule must be one of {', '.join(RULES)}, got '{rule}'")
     if not 0.0 < held_out < 1.0:
         raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+    for key in ("exprune_rows", "exprune_maps"):
+        if int(ctx.option(key, 1)) < 1:
+            raise OptionError(f"--{key.replace('_', '-')} must be at least 1, got {ctx.option(key)}")
     kinds = str(ctx.option("exprune_layers", "all"))
     if kinds not in LAYER_KINDS:
         raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
