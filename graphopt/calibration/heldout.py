@@ -64,6 +64,7 @@ class HeldOut:
             self.reference.append(session.run([self.output], feed)[0])
             taken += next((v.shape[0] for v in feed.values() if v.ndim), 1)
         self.samples = taken
+        self.rows = sum(int(np.prod(r.shape[:-1])) for r in self.reference) if self.classifier else 0
 
     @property
     def classifier(self) -> bool:

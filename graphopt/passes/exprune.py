@@ -157,6 +157,12 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
             break
     bar.close()
     result.stats.update({"tolerance": str(tolerance), "held_out_samples": check.samples})
+    if tolerance.measure == "top1" and check.rows:  # how coarse the held-out check is
+        allowed = int(np.floor((1.0 - tolerance.bound) * check.rows + 1e-9))
+        result.stats["held_out_disagreements_allowed"] = allowed
+        if allowed == 0 and tolerance.bound < 1.0:
+            log.warning("exprune: %d held-out predictions cannot resolve %s (not one disagreement allowed); "
+                        "more calibration samples or --exprune-held-out give a finer check", check.rows, tolerance)
     if lo < 0:
         result.skipped.append(f"even false-negative rate 0 misses {tolerance} on {check.samples} held-out samples "
                               f"(measured {measured[0]}); nothing replaced")
