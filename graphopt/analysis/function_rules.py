@@ -1,12 +1,17 @@
 """Channel rules for graphopt's function ops (graphopt.ops): TSRA and weightless RMSNorm.
 
-- RMSNorm (graphopt domain) normalises by the sum of squares over axis 1 divided by its `channels`
-  attribute, which pruning leaves alone: the channel state passes through unchanged and nothing is
-  coupled (removing identically-zero channels is exact; removing others changes the norm slightly).
+- RMSNorm (graphopt domain) normalises by the sum of squares over its `axis` (attribute, default 1;
+  negative counts from the end) divided by its `channels` attribute, which pruning leaves alone.
+  When the tracked channels lie on the normalised axis (axis 1 of NCHW / [N, C], or the last axis of
+  token-major [N, T, C]) the channel state passes through unchanged and nothing is coupled: removing
+  identically-zero channels is exact (the sum of squares and the divisor are unchanged); removing
+  others changes the norm slightly. Channels on any other axis block their group: conservative (such
+  a norm acts on each channel separately and could pass them; no model needs it yet).
 - TSRA cuts its input atoms at `split` into U and V (like a Split), so each subspace is its own group;
   the output lays U then V end to end, as the input did, and a "count" site keeps the `split`
-  attribute equal to the number of kept U channels.
-A node of either name in another domain, or with channels off axis 1, blocks its input.
+  attribute equal to the number of kept U channels. TSRA normalises over axis 1 only.
+A node of either name in another domain, with a Flatten factor, or with channels off its normalised
+axis blocks its input.
 """
 
 from __future__ import annotations
@@ -18,24 +23,34 @@ from graphopt.analysis.groups import Analysis
 from graphopt.ops.functions import DOMAIN
 
 
-def _graphopt_input(node: gs.Node, a: Analysis) -> ChannelState | None:
+def normalised_axis(node: gs.Node, rank: int | None) -> int | None:
+    """The non-negative axis a graphopt.RMSNorm normalises (attribute `axis`, default 1), or None if
+    the rank is needed but unknown or the axis is out of range."""
+    axis = int(node.attrs.get("axis", 1))
+    if axis >= 0:
+        return axis if rank is None or axis < rank else None
+    return None if rank is None or axis < -rank else axis + rank
+
+
+def _graphopt_input(node: gs.Node, a: Analysis, axis: int | None) -> ChannelState | None:
     state = a.state(node.inputs[0])
     if state is None:
         return None
-    if node.domain != DOMAIN or state.axis != 1 or state.factor != 1:
-        a.block(state, f"{node.name} ({node.op}): not the graphopt op, or channels off axis 1")
+    if node.domain != DOMAIN or axis is None or state.axis != axis or state.factor != 1:
+        where = "its normalised axis" if node.op == "RMSNorm" else "axis 1"
+        a.block(state, f"{node.name} ({node.op}): not the graphopt op, or channels off {where}")
         return None
     return state
 
 
 def rms_norm_rule(node: gs.Node, a: Analysis) -> None:
-    state = _graphopt_input(node, a)
+    state = _graphopt_input(node, a, normalised_axis(node, a.rank(node.inputs[0])))
     if state is not None:
         a.set_state(node.outputs[0], state)
 
 
 def tsra_rule(node: gs.Node, a: Analysis) -> None:
-    state = _graphopt_input(node, a)
+    state = _graphopt_input(node, a, 1)
     if state is None:
         return
     split, total = int(node.attrs.get("split", 0)), a.size(state)

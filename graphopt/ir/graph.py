@@ -221,9 +221,15 @@ def detach(node: gs.Node) -> None:
 
 
 def add_function(graph: gs.Graph, function: onnx.FunctionProto) -> None:
-    """Make model-local `function` part of `graph` (exported with it), unless one of that name exists."""
-    if any(f.domain == function.domain and f.name == function.name for f in graph.functions):
+    """Make model-local `function` part of `graph` (exported with it), unless one of that name exists
+    that accepts every attribute `function` declares; an older copy lacking one is replaced (new
+    attributes carry defaults that keep the old meaning)."""
+    declared = set(function.attribute) | {a.name for a in function.attribute_proto}
+    same = [f for f in graph.functions if f.domain == function.domain and f.name == function.name]
+    if any(declared <= set(f.attrs) for f in same):
         return
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
+    for stale in same:
+        graph.functions.remove(stale)
     graph.functions.append(OnnxImporter.import_function(function))

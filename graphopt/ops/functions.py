@@ -38,10 +38,23 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def declared_attributes(function: onnx.FunctionProto) -> set[str]:
+    """Attribute names a function accepts: required ones and those with a default."""
+    return set(function.attribute) | {a.name for a in function.attribute_proto}
+
+
 def ensure_function(model: onnx.ModelProto, name: str, build: Callable[[int], onnx.FunctionProto]) -> None:
-    """Add graphopt function `name` (built for the model's opset) and the domain import, if missing."""
-    if not any(f.domain == DOMAIN and f.name == name for f in model.functions):
-        model.functions.append(build(default_opset(model)))
+    """Add graphopt function `name` (built for the model's opset) and the domain import, if missing.
+
+    A copy written by an older graphopt that lacks an attribute the current body declares (e.g.
+    RMSNorm's `axis`) is replaced: new attributes come with defaults that keep the old meaning."""
+    current = build(default_opset(model))
+    existing = [i for i, f in enumerate(model.functions) if f.domain == DOMAIN and f.name == name]
+    stale = [i for i in existing if not declared_attributes(current) <= declared_attributes(model.functions[i])]
+    for index in reversed(stale):
+        del model.functions[index]
+    if len(stale) == len(existing):
+        model.functions.append(current)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 

@@ -1,10 +1,22 @@
-"""Weightless RMS normalisation over channels as a model-local ONNX function `graphopt.RMSNorm`.
+"""Weightless RMS normalisation over one axis as a model-local ONNX function `graphopt.RMSNorm`.
 
-    y = x / sqrt(Σ_c x_c² / channels + eps)      (sum over axis 1, per position)
-`channels` is an attribute, not the run-time channel count: when pruning removes channels, it keeps the
-original divisor, so removing channels that are identically zero leaves y exactly unchanged (a
-ReduceMean would rescale the output by sqrt(C_kept / C)). The norm depends on x only through ||x||₂,
-so y is equivariant to every orthogonal Q on the channel axis: RMSNorm(Q x) = Q RMSNorm(x).
+    y = x / sqrt(Σ_c x_c² / channels + eps)      (sum over `axis`, per position of the other axes)
+Attributes: `channels` (int, required), `eps` (float, required), `axis` (int, default 1: the channel
+axis of NCHW / [N, C] tensors; -1 is the last axis of token-major [N, T, C] activations; a negative
+axis counts from the end, as in ReduceSum). A node without `axis` normalises over axis 1, so models
+written before the attribute existed keep their meaning (the default is a function-attribute
+default, `FunctionProto.attribute_proto`, which onnx and onnxruntime honour; an older copy of the
+function without `axis` is replaced when a node needs it, see graphopt.ops.functions).
+`channels` is an attribute, not the run-time size of `axis`: when pruning removes channels, it keeps
+the original divisor, so removing channels that are identically zero leaves y exactly unchanged (a
+ReduceMean would rescale the output by sqrt(C_kept / C)). The norm depends on x only through the
+Euclidean norm over `axis`, so y is equivariant to every orthogonal Q on that axis:
+RMSNorm(Q x) = Q RMSNorm(x) (Q acting on `axis` alone, the same at every position); a rotation of
+any other axis does not commute with it.
+In the body the sum over `axis` is the last entry of CumSum along `axis` (Gather(·, [-1], axis)):
+both ops take the axis from the attribute while keeping every shape inferable by ONNX shape
+inference (a ReduceSum would need the axis as a computed tensor, which hides the output's rank).
+The running sum accumulates in the input dtype, like ReduceSum.
 """
 
 from __future__ import annotations
@@ -16,26 +28,42 @@ from onnx import helper
 from graphopt.ops.functions import DOMAIN, MIN_OPSET, constant_attr, like
 
 NAME = "RMSNorm"
+DEFAULT_AXIS = 1
 
 
-def rms_norm_reference(x: np.ndarray, channels: int | None = None, eps: float = 1e-6) -> np.ndarray:
+def rms_norm_reference(x: np.ndarray, channels: int | None = None, eps: float = 1e-6,
+                       axis: int = DEFAULT_AXIS) -> np.ndarray:
+    """RMS normalisation of `x` over `axis` in float64 (divisor `channels`, default the size of `axis`)."""
     x = np.asarray(x, dtype=np.float64)
-    channels = x.shape[1] if channels is None else channels
-    return x / np.sqrt((x * x).sum(axis=1, keepdims=True) / channels + eps)
+    channels = x.shape[axis] if channels is None else channels
+    return x / np.sqrt((x * x).sum(axis=axis, keepdims=True) / channels + eps)
 
 
-def make_rms_norm_node(x: str, y: str, channels: int, eps: float = 1e-6, name: str = "") -> onnx.NodeProto:
+def make_rms_norm_node(x: str, y: str, channels: int, eps: float = 1e-6, name: str = "",
+                       axis: int = DEFAULT_AXIS) -> onnx.NodeProto:
+    """A `graphopt.RMSNorm` node; `axis` is written only when it differs from the default 1."""
+    extra = {} if int(axis) == DEFAULT_AXIS else {"axis": int(axis)}
     return helper.make_node(NAME, [x], [y], name=name or None, domain=DOMAIN, channels=int(channels),
-                            eps=float(eps))
+                            eps=float(eps), **extra)
+
+
+def _gather_axis(inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
+    """Gather along the function attribute `axis` (an attribute reference, so shapes stay inferable)."""
+    node = helper.make_node("Gather", inputs, outputs)
+    node.attribute.append(onnx.AttributeProto(name="axis", ref_attr_name="axis", type=onnx.AttributeProto.INT))
+    return node
 
 
 def build_rms_norm_function(opset: int) -> onnx.FunctionProto:
+    """The function body (standard ops only) for a model whose default-domain opset is `opset`."""
     if opset < MIN_OPSET:
         raise ValueError(f"graphopt.RMSNorm needs opset >= {MIN_OPSET}, the model has {opset}")
     nodes = [
-        helper.make_node("Constant", [], ["axes"], value_ints=[1]),
+        constant_attr("axis_scalar", "axis", onnx.AttributeProto.INT),
+        helper.make_node("Constant", [], ["last"], value_ints=[-1]),
         helper.make_node("Mul", ["X", "X"], ["squares"]),
-        helper.make_node("ReduceSum", ["squares", "axes"], ["total"], keepdims=1),
+        helper.make_node("CumSum", ["squares", "axis_scalar"], ["running"]),
+        _gather_axis(["running", "last"], ["total"]),
         constant_attr("channels_i", "channels", onnx.AttributeProto.INT),
         helper.make_node("Cast", ["channels_i"], ["channels_f"], to=onnx.TensorProto.FLOAT),
         like("channels_f", "X", "channels_c", opset),
@@ -47,7 +75,7 @@ def build_rms_norm_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Div", ["X", "rms"], ["Y"]),
     ]
     function = helper.make_function(DOMAIN, NAME, ["X"], ["Y"], nodes, [helper.make_opsetid("", opset)],
-                                    attributes=["channels", "eps"])
-    function.doc_string = "Weightless RMS normalisation over axis 1; see graphopt.ops.rms_norm."
+                                    attributes=["channels", "eps"],
+                                    attribute_protos=[helper.make_attribute("axis", DEFAULT_AXIS)])
+    function.doc_string = "Weightless RMS normalisation over `axis` (default 1); see graphopt.ops.rms_norm."
     return function
-

@@ -3,13 +3,14 @@
 A chain starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
 follows its output through ops that commute with an orthogonal Q on the channel axis:
 Identity, Dropout (mask unread), AveragePool / GlobalAveragePool (NCHW), Flatten (or Reshape to
-[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm (any Q) and
-graphopt.TSRA (Q = blockdiag over its split only; the chain's cut points are the union of its TSRAs'
-splits), until linear consumers (Conv group 1 / Gemm / MatMul reading it
-as the data operand, constant weight). Rotating such a chain is exact: producer W' = Q W, b' = Q b on
-its output channels, every consumer W' = W Qᵀ on its input channels (at every Conv tap; zero padding
-is rotation invariant). Anything else on the way (ReLU, BatchNorm, MaxPool, bias Add, ...) or a
-graph output makes the chain illegal; the reason names the op.
+[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm over the
+chain's channel axis (any Q; `axis` 1 or the last axis of token-major tensors; one over another axis
+is not equivariant and ends the chain) and graphopt.TSRA on axis 1 (Q = blockdiag over its split
+only; the chain's cut points are the union of its TSRAs' splits), until linear consumers (Conv
+group 1 / Gemm / MatMul reading it as the data operand, constant weight). Rotating such a chain is
+exact: producer W' = Q W, b' = Q b on its output channels, every consumer W' = W Qᵀ on its input
+channels (at every Conv tap; zero padding is rotation invariant). Anything else on the way (ReLU,
+BatchNorm, MaxPool, bias Add, ...) or a graph output makes the chain illegal; the reason names the op.
 
 The channel axis is 1 for Conv/Gemm producers and the last axis for MatMul producers (token-major
 [N, T, C] activations; statistics then take every leading position as a row); Transpose moves it.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
+from graphopt.analysis.function_rules import normalised_axis
 from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
 from graphopt.passes.cob_heads import head_split, through_heads
@@ -108,6 +110,16 @@ def _spatial_axes(node: gs.Node, tensor: gs.Tensor, axis: int) -> bool:
     return axis not in {int(a) % rank for a in axes}
 
 
+def _through_rms_norm(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
+    """graphopt.RMSNorm commutes with any Q on the axis it normalises, and with no rotation of another."""
+    normalised = normalised_axis(node, _rank(tensor))
+    if normalised is None:
+        return -1, f"RMSNorm axis {node.attrs.get('axis', 1)} with unknown or smaller rank"
+    if normalised != axis:
+        return -1, f"RMSNorm over axis {normalised}, not the chain's channel axis {axis}: not equivariant"
+    return axis, None
+
+
 def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
     """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why)."""
     if node.op in _WHY and any(t is not tensor and not isinstance(t, gs.Constant) for t in node.inputs):
@@ -133,8 +145,10 @@ def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | Non
         return 1, None
     if op in ("ReduceMean", "ReduceSum") and _spatial_axes(node, tensor, axis):  # e.g. a global average pool
         return axis, None
-    if node.domain == DOMAIN and op in ("RMSNorm", "TSRA") and axis == 1:
-        return 1, None
+    if node.domain == DOMAIN and op == "RMSNorm":
+        return _through_rms_norm(node, tensor, axis)
+    if node.domain == DOMAIN and op == "TSRA":
+        return (1, None) if axis == 1 else (-1, "TSRA splits axis 1, not the chain's channel axis")
     if op in _NONLINEAR:
         return -1, "elementwise nonlinearity is not equivariant to rotations"
     return -1, _WHY.get(op, "not equivariant to a rotation of the channels")

@@ -3,16 +3,18 @@
 Exporters write these activations as chains of standard ops whose exact form varies (Pow or Mul for a
 square, Div(1, ·) or Reciprocal, ReduceMean or ReduceSum, constants shared or not). Matching is
 therefore semantic, not syntactic:
-- anchors: an RMS norm ends in y = x·d or x/d where d is computed from x alone; a TSRA ends in
+- anchors: an RMS norm ends in y = x·d or x/d where d is computed from x alone (normalising over axis
+  1, or over the last axis of a token-major [N, T, C] tensor: tried in that order); a TSRA ends in
   Concat([g_U·x[:, :k], g_V·x[:, k:]], axis=1) where the gains are computed from x alone;
 - the region between the anchor and x (only elementwise ops, Slice/Split and reductions, constants
   read from the graph) is evaluated in float64 on seeded probe inputs whose norms span 1e-4..1e2 and
-  whose subspace ratios span (0, 1);
+  whose subspace ratios span (0, 1) (RMS probes put two positions on every non-batch axis but the
+  candidate one, so a reduction over more than the candidate axis is told apart);
 - the parameters are read off the probe: eps is chosen among the scalar constants the region adds
   (or 0), TSRA's alpha and beta by a least-squares fit of logit(g) against r; the match is accepted
   only if the formula with those parameters reproduces the region to 1e-7 on every probe.
-A match is replaced by one graphopt.RMSNorm / graphopt.TSRA node (graphopt.ops) and the region is left
-to dead-code cleanup. Replacing is exact up to float rounding of the reassociated arithmetic.
+A match is replaced by one graphopt.RMSNorm (axis 1 or -1) / graphopt.TSRA node (graphopt.ops) and the
+region is left to dead-code cleanup. Replacing is exact up to float rounding of the reassociated arithmetic.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _UNARY = {"Sqrt": np.sqrt, "Reciprocal": lambda v: 1.0 / v, "Neg": np.negative, 
 _REDUCE = {"ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2"}
 _ALLOWED = set(_ELEMENTWISE) | set(_UNARY) | _REDUCE | {"Slice", "Split"}
 MAX_REGION = 64
+MAX_PROBE_RANK = 8  # the 192 probe rows tile two positions on up to 6 non-batch, non-channel axes
 TOLERANCE = 1e-7
 
 
@@ -179,6 +182,7 @@ class RmsMatch:
     source: gs.Tensor
     channels: int
     eps: float
+    axis: int                 # 1, or -1 for the last axis of a token-major tensor
 
 
 @dataclass
@@ -189,29 +193,45 @@ class TsraMatch:
     params: dict[str, float]
 
 
+def _rms_candidates(source: gs.Tensor) -> list[tuple[int, int, int]]:
+    """(axis as written, channels, rank) to try: axis 1, then the last axis of a rank >= 3 tensor."""
+    shape = source.shape
+    if shape is None or not 2 <= len(shape) <= MAX_PROBE_RANK:
+        return []
+    found = [(axis, dim) for axis, dim in ((1, shape[1]), (-1, shape[-1])) if isinstance(dim, int) and dim > 0]
+    return [(axis, dim, len(shape)) for axis, dim in found if axis == 1 or len(shape) >= 3]
+
+
+def _rms_probe(channels: int, rank: int, axis: int) -> np.ndarray:
+    """The probe rows with `channels` on `axis` (1 or -1) and two positions on every other non-batch
+    axis, so a reduction over more than the candidate axis changes the factor's shape."""
+    grid = _probe(channels, 2, None).reshape(-1, *(2,) * (rank - 2), channels)
+    return grid if axis == -1 else np.moveaxis(grid, -1, 1)
+
+
 def match_rms(node: gs.Node) -> RmsMatch | None:
     if node.op not in ("Mul", "Div") or len(node.inputs) != 2 or node.domain not in ("", None):
         return None
     pairs = [(node.inputs[0], node.inputs[1])] + ([(node.inputs[1], node.inputs[0])] if node.op == "Mul" else [])
     for source, scale in pairs:
-        layout = _channels(source)
-        if layout is None or scale is source or _constant(scale) is not None or _constant(source) is not None:
+        if scale is source or _constant(scale) is not None or _constant(source) is not None:
             continue
-        nodes = region([scale], source)
+        nodes = region([scale], source) if _rms_candidates(source) else None
         if not nodes:
             continue
-        probe = _probe(*layout, None)
-        values = evaluate(nodes, source, probe)
-        if values is None or scale.name not in values:
-            continue
-        factor = values[scale.name] if node.op == "Mul" else 1.0 / values[scale.name]
-        if factor.shape != (probe.shape[0], 1, *probe.shape[2:]):
-            continue
-        mean_square = (probe * probe).mean(axis=1, keepdims=True)
-        for eps in _eps_candidates(nodes):
-            expected = 1.0 / np.sqrt(mean_square + eps)
-            if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
-                return RmsMatch(node, source, layout[0], eps)
+        for axis, channels, rank in _rms_candidates(source):
+            probe = _rms_probe(channels, rank, axis)
+            values = evaluate(nodes, source, probe)
+            if values is None or scale.name not in values:
+                continue
+            factor = values[scale.name] if node.op == "Mul" else 1.0 / values[scale.name]
+            mean_square = (probe * probe).mean(axis=axis, keepdims=True)
+            if factor.shape != mean_square.shape:
+                continue
+            for eps in _eps_candidates(nodes):
+                expected = 1.0 / np.sqrt(mean_square + eps)
+                if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
+                    return RmsMatch(node, source, channels, eps, axis)
     return None
 
 
@@ -305,7 +325,7 @@ def canonicalise(graph: gs.Graph) -> tuple[int, int]:
             output = node.outputs[0]
             name = ir.unique_name(graph, f"{node.name}_{'rms' if kind == 0 else 'tsra'}")
             if kind == 0:
-                proto = make_rms_norm_node("x", "y", match.channels, match.eps)
+                proto = make_rms_norm_node("x", "y", match.channels, match.eps, axis=match.axis)
             else:
                 proto = make_tsra_node("x", "y", match.split, **match.params)
             attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}

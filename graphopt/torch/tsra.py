@@ -1,4 +1,5 @@
-"""Torch modules for TSRA networks: `TSRA` and weightless `RMSNorm` over the channel axis (axis 1).
+"""Torch modules for TSRA networks: `TSRA` (channel axis 1) and weightless `RMSNorm` (axis 1 by default,
+`dim=-1` for token-major [N, T, C] activations).
 
 Both are written in plain tensor ops, so either torch exporter writes them as standard ONNX ops;
 `graphopt --method cob` recognises those decomposed forms (graphopt.passes.cob_patterns) and turns
@@ -35,11 +36,15 @@ class TSRA(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean_c x² + eps) over axis 1, without learned weights."""
+    """x / sqrt(mean_c x² + eps) over axis `dim` (1: channels of NCHW / [N, C]; -1: the last axis of
+    token-major [N, T, C]), without learned weights. TSRA has no such option: it splits axis 1 only."""
 
-    def __init__(self, eps: float = 1e-6) -> None:
+    def __init__(self, eps: float = 1e-6, dim: int = 1) -> None:
         super().__init__()
-        self.eps = float(eps)
+        self.eps, self.dim = float(eps), int(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return x * torch.rsqrt(x.pow(2).mean(dim=self.dim, keepdim=True) + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}"
