@@ -65,6 +65,8 @@ def _session(model: onnx.ModelProto, threads: int, kernel: bool) -> ort.Inferenc
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # interleaved sessions each own a pool: spinning workers of an idle session would steal the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if kernel and not register(options):
         raise SystemExit("the native kernel is not built: run `graphopt ops build` first")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
