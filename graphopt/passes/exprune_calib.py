@@ -1,4 +1,5 @@
-"""Per-neuron ExPrune thresholds from calibration scores, shared by the linear and convolution layers.
+"""What the ExPrune linear and convolution layers share: the layer record and its replacement by an op
+(`ChainLayer`, `swap_in`), and per-neuron thresholds from calibration scores.
 
 For one layer, `scores` [r, n, c] holds score_jk (graphopt.ops.exprune) of every sampled row (an input
 row of a linear layer, an output position of a convolution) at every checkpoint k, and `positive`
@@ -40,6 +41,23 @@ class ChainLayer:
     @property
     def name(self) -> str:
         return self.nodes[0].name
+
+
+def swap_in(graph: gs.Graph, layer: ChainLayer, found: Calibrated, op: str, attrs: dict) -> gs.Node:
+    """Replace the layer's nodes by one graphopt `op` node reading [source, W permuted on its input axis 1,
+    B, Tau, Perm] with `attrs` (new initializers named after the layer)."""
+    from graphopt.ops.functions import DOMAIN
+
+    base = layer.name or "exprune"
+    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{suffix}"), np.ascontiguousarray(values))
+                 for suffix, values in (("w", layer.weight[:, found.perm]), ("b", layer.bias),
+                                        ("tau", found.tau), ("perm", found.perm))]
+    for node in layer.nodes:
+        ir.detach(node)
+    node = gs.Node(op, ir.unique_name(graph, f"{base}_exprune"), attrs=attrs, inputs=[layer.source, *constants],
+                   outputs=[layer.output], domain=DOMAIN)
+    graph.nodes.append(node)
+    return node
 
 
 def only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:

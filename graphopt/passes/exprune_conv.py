@@ -34,8 +34,8 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
                                        output_size, prefix_sums)
-from graphopt.ops.functions import DOMAIN
-from graphopt.passes.exprune_calib import Calibrated, ChainLayer, only_reader, outcome, ratios, thresholds
+from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, ratios, swap_in,
+                                           thresholds)
 
 log = logging.getLogger(__name__)
 
@@ -213,17 +213,9 @@ def replace_conv(graph: gs.Graph, layer: ConvLayer, calibrated: Calibrated, rule
     Without `rule`, the rule attribute is "threshold" for a single checkpoint and "sequential"
     otherwise (a sequential rule with one checkpoint decides as the threshold rule does).
     """
-    base = layer.name or "exprune_conv"
-    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{suffix}"), np.ascontiguousarray(values))
-                 for suffix, values in (("w", layer.weight[:, calibrated.perm]), ("b", layer.bias),
-                                        ("tau", calibrated.tau), ("perm", calibrated.perm))]
-    for node in layer.nodes:
-        ir.detach(node)
     rule = rule or ("threshold" if len(calibrated.checkpoints) == 1 else "sequential")
     attrs = {"m": int(calibrated.m), "rule": rule, "checkpoints": [int(k) for k in calibrated.checkpoints],
              "strides": list(layer.strides), "pads": list(layer.pads), "dilations": list(layer.dilations)}
-    node = gs.Node(NAME, ir.unique_name(graph, f"{base}_exprune"), attrs=attrs,
-                   inputs=[layer.source, *constants], outputs=[layer.output], domain=DOMAIN)
-    graph.nodes.append(node)
+    node = swap_in(graph, layer, calibrated, NAME, attrs)
     ir.add_function(graph, build_exprune_conv_function(graph.opset))
     return node

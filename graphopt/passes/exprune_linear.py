@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
-from graphopt.ops.functions import DOMAIN
-from graphopt.passes.exprune_calib import Calibrated, ChainLayer, only_reader, outcome, ratios, thresholds
+from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, ratios, swap_in,
+                                           thresholds)
 
 
 @dataclass
@@ -134,12 +134,4 @@ class LinearScoring:
 
 
 def replace_linear(graph: gs.Graph, layer: LinearLayer, found: Calibrated, rule: str) -> None:
-    base = layer.name or "exprune"
-    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{suffix}"), np.ascontiguousarray(values))
-                 for suffix, values in (("w", layer.weight[:, found.perm]), ("b", layer.bias),
-                                        ("tau", found.tau), ("perm", found.perm))]
-    for node in layer.nodes:
-        ir.detach(node)
-    graph.nodes.append(gs.Node(NAME, ir.unique_name(graph, f"{base}_exprune"),
-                               attrs={"m": found.m, "rule": rule, "checkpoints": list(found.checkpoints)},
-                               inputs=[layer.source, *constants], outputs=[layer.output], domain=DOMAIN))
+    swap_in(graph, layer, found, NAME, {"m": found.m, "rule": rule, "checkpoints": list(found.checkpoints)})
