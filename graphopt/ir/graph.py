@@ -222,12 +222,13 @@ def detach(node: gs.Node) -> None:
 
 def add_function(graph: gs.Graph, function: onnx.FunctionProto) -> None:
     """Make model-local `function` part of `graph` (exported with it), unless one of that name exists
-    that accepts every attribute `function` declares; an older copy lacking one is replaced (new
-    attributes carry defaults that keep the old meaning)."""
-    declared = set(function.attribute) | {a.name for a in function.attribute_proto}
+    that accepts every attribute `function` declares; an older copy lacking only attributes that
+    `function` gives defaults (which keep the old meaning) is replaced."""
+    defaults = {a.name for a in function.attribute_proto}
+    declared = set(function.attribute) | defaults
     same = [f for f in graph.functions if f.domain == function.domain and f.name == function.name]
-    if any(declared <= set(f.attrs) for f in same):
-        return
+    if any(declared <= set(f.attrs) or not declared - set(f.attrs) <= defaults for f in same):
+        return  # up to date, or an older copy whose nodes would lose meaning without it
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
     for stale in same:

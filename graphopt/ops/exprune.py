@@ -3,7 +3,8 @@
 Inputs X [..., d], W [n, d] (neuron-major, columns already permuted so the probe terms come first),
 B [n], Tau [n] and Perm [d] (int64, the input permutation). Attributes: m (first probe length,
 1 <= m < d), rule ("threshold" or "sequential") and checkpoints (strictly increasing probe lengths
-k_1 = m < k_2 < ... < d; exactly [m] for the threshold rule). With x' = X[..., Perm]:
+k_1 = m < k_2 < ... < d; exactly [m] for the threshold rule; absent, as in models written before it
+existed, it means [m]: the body's default [0] is dropped). With x' = X[..., Perm]:
 
     S_jk    = Σ_{i<k} W[j, i] x'_i                (the first k exchangeable terms of neuron j)
     score_jk = S_jk · (d / k) + B_j               (the estimate of the full pre-activation)
@@ -106,9 +107,18 @@ def make_exprune_node(inputs: list[str], output: str, m: int, rule: str = "thres
 
 
 def _checkpoint_nodes() -> list[onnx.NodeProto]:
-    """ks [c] (int64), scale [c, 1] = d / k and f [c, 1] in float32, mask [c, d] = (i < k) in float32."""
+    """ks [c] (int64), scale [c, 1] = d / k and f [c, 1] in float32, mask [c, d] = (i < k) in float32.
+
+    ks = the positive entries of [m, *checkpoints]: `checkpoints` already starts with m when written, and
+    testing the first checkpoint twice changes nothing; a node written before the attribute existed
+    gets its default [0], so ks = [m]."""
     return [
-        constant_attr("ks", "checkpoints", onnx.AttributeProto.INTS),
+        constant_attr("m_scalar", "m", onnx.AttributeProto.INT),
+        helper.make_node("Unsqueeze", ["m_scalar", "zero_1d"], ["m_1d"]),
+        constant_attr("written", "checkpoints", onnx.AttributeProto.INTS),
+        helper.make_node("Concat", ["m_1d", "written"], ["ks_all"], axis=0),
+        helper.make_node("Greater", ["ks_all", "zero_1d"], ["ks_valid"]),
+        helper.make_node("Compress", ["ks_all", "ks_valid"], ["ks"], axis=0),
         helper.make_node("Shape", ["W"], ["w_shape"]),
         helper.make_node("Gather", ["w_shape", "one_1d"], ["d_1d"], axis=0),
         helper.make_node("Unsqueeze", ["ks", "one_1d"], ["ks_col"]),
@@ -168,6 +178,7 @@ def build_exprune_function(opset: int) -> onnx.FunctionProto:
     ]
     nodes.insert(0, helper.make_node("Constant", [], ["last2"], value_ints=[-2]))
     function = helper.make_function(DOMAIN, NAME, ["X", "W", "B", "Tau", "Perm"], ["Y"], nodes,
-                                    [helper.make_opsetid("", opset)], attributes=["m", "rule", "checkpoints"])
+                                    [helper.make_opsetid("", opset)], attributes=["m", "rule"],
+                                    attribute_protos=[helper.make_attribute("checkpoints", [0])])
     function.doc_string = "ExPrune dynamic neuron pruning before a ReLU; see graphopt.ops.exprune."
     return function

@@ -46,11 +46,15 @@ def declared_attributes(function: onnx.FunctionProto) -> set[str]:
 def ensure_function(model: onnx.ModelProto, name: str, build: Callable[[int], onnx.FunctionProto]) -> None:
     """Add graphopt function `name` (built for the model's opset) and the domain import, if missing.
 
-    A copy written by an older graphopt that lacks an attribute the current body declares (e.g.
-    RMSNorm's `axis`) is replaced: new attributes come with defaults that keep the old meaning."""
+    A copy written by an older graphopt that lacks an attribute the current body declares with a
+    default (RMSNorm's `axis`, ExPrune's `checkpoints`) is replaced: those defaults keep the old
+    meaning, so the nodes it served still compute what they did."""
     current = build(default_opset(model))
+    defaults = {a.name for a in current.attribute_proto}
     existing = [i for i, f in enumerate(model.functions) if f.domain == DOMAIN and f.name == name]
-    stale = [i for i in existing if not declared_attributes(current) <= declared_attributes(model.functions[i])]
+    stale = [i for i in existing
+             if not declared_attributes(current) <= declared_attributes(model.functions[i])
+             and declared_attributes(current) - declared_attributes(model.functions[i]) <= defaults]
     for index in reversed(stale):
         del model.functions[index]
     if len(stale) == len(existing):

@@ -303,3 +303,26 @@ def test_kernel_with_w_fed_at_run_time_decides_as_the_function_body(kernel_libra
     assert 0 < np.mean(kernel == 0) < 1
     np.testing.assert_array_equal(kernel == 0, body == 0)
     np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)
+
+
+def test_a_node_written_before_checkpoints_existed_keeps_the_threshold_rule() -> None:
+    from graphopt.ops.exprune import build_exprune_function
+
+    params = _layer()
+    x = _inputs("random", (7, D))
+    model = _model(params, ["N", D])
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "checkpoints"]
+    del node.attribute[:]
+    node.attribute.extend(kept)  # as the first release wrote it: m and rule only
+    older = build_exprune_function(17)
+    del older.attribute_proto[:]  # what the first release declared: m and rule
+    del model.functions[:]
+    model.functions.append(older)
+    ensure_functions(model)  # the copy lacks only a defaulted attribute: it is upgraded
+    assert [len(f.attribute_proto) for f in model.functions] == [1]
+    got = run_ort(model, {"x": x})["y"]
+    want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], M)
+    assert 0 < skipped.mean() < 1
+    np.testing.assert_array_equal(got == 0, want == 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
