@@ -7,9 +7,12 @@
   identically-zero channels is exact (the sum of squares and the divisor are unchanged); removing
   others changes the norm slightly. Channels on any other axis block their group: conservative (such
   a norm acts on each channel separately and could pass them; no model needs it yet).
-- TSRA cuts its input atoms at `split` into U and V (like a Split), so each subspace is its own group;
-  the output lays U then V end to end, as the input did, and a "count" site keeps the `split`
-  attribute equal to the number of kept U channels. TSRA normalises over axis 1 only.
+- TSRA (graphopt domain) splits its `axis` (attribute, default 1, as RMSNorm's) at `split` into U and V.
+  With the tracked channels on that axis it cuts their atoms at `split` (like a Split), so each
+  subspace is its own group; the output lays U then V end to end on the same axis, as the input did,
+  and a "count" site keeps the `split` attribute equal to the number of kept U channels, so U stays
+  the first `split` channels after pruning (removing identically-zero channels of either subspace
+  leaves s_U, s_V and so every gain unchanged: exact).
 A node of either name in another domain, with a Flatten factor, or with channels off its normalised
 axis blocks its input.
 """
@@ -24,8 +27,8 @@ from graphopt.ops.functions import DOMAIN
 
 
 def normalised_axis(node: gs.Node, rank: int | None) -> int | None:
-    """The non-negative axis a graphopt.RMSNorm normalises (attribute `axis`, default 1), or None if
-    the rank is needed but unknown or the axis is out of range."""
+    """The non-negative axis a graphopt.RMSNorm or graphopt.TSRA normalises (attribute `axis`, default
+    1), or None if the rank is needed but unknown or the axis is out of range."""
     axis = int(node.attrs.get("axis", 1))
     if axis >= 0:
         return axis if rank is None or axis < rank else None
@@ -37,8 +40,7 @@ def _graphopt_input(node: gs.Node, a: Analysis, axis: int | None) -> ChannelStat
     if state is None:
         return None
     if node.domain != DOMAIN or axis is None or state.axis != axis or state.factor != 1:
-        where = "its normalised axis" if node.op == "RMSNorm" else "axis 1"
-        a.block(state, f"{node.name} ({node.op}): not the graphopt op, or channels off {where}")
+        a.block(state, f"{node.name} ({node.op}): not the graphopt op, or channels off its normalised axis")
         return None
     return state
 
@@ -50,7 +52,7 @@ def rms_norm_rule(node: gs.Node, a: Analysis) -> None:
 
 
 def tsra_rule(node: gs.Node, a: Analysis) -> None:
-    state = _graphopt_input(node, a, 1)
+    state = _graphopt_input(node, a, normalised_axis(node, a.rank(node.inputs[0])))
     if state is None:
         return
     split, total = int(node.attrs.get("split", 0)), a.size(state)
@@ -59,5 +61,5 @@ def tsra_rule(node: gs.Node, a: Analysis) -> None:
         return
     first = a.atoms.slice(state.atoms, 0, split)
     second = a.atoms.slice(state.atoms, split, total)
-    a.site("count", node, ChannelState(1, first), role="split")
-    a.set_state(node.outputs[0], ChannelState(1, first + second))
+    a.site("count", node, ChannelState(state.axis, first), role="split")
+    a.set_state(node.outputs[0], ChannelState(state.axis, first + second))

@@ -3,10 +3,10 @@
 A chain starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
 follows its output through ops that commute with an orthogonal Q on the channel axis:
 Identity, Dropout (mask unread), AveragePool / GlobalAveragePool (NCHW), Flatten (or Reshape to
-[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm over the
-chain's channel axis (any Q; `axis` 1 or the last axis of token-major tensors; one over another axis
-is not equivariant and ends the chain) and graphopt.TSRA on axis 1 (Q = blockdiag over its split
-only; the chain's cut points are the union of its TSRAs' splits), until linear consumers (Conv
+[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm (any Q) and
+graphopt.TSRA (Q = blockdiag over its split only; the chain's cut points are the union of its TSRAs'
+splits) over the chain's channel axis (`axis` 1, or the last axis of token-major tensors; either op
+over another axis is not equivariant and ends the chain), until linear consumers (Conv
 group 1 / Gemm / MatMul reading it as the data operand, constant weight). Rotating such a chain is
 exact: producer W' = Q W, b' = Q b on its output channels, every consumer W' = W Qᵀ on its input
 channels (at every Conv tap; zero padding is rotation invariant). Anything else on the way (ReLU,
@@ -110,13 +110,14 @@ def _spatial_axes(node: gs.Node, tensor: gs.Tensor, axis: int) -> bool:
     return axis not in {int(a) % rank for a in axes}
 
 
-def _through_rms_norm(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
-    """graphopt.RMSNorm commutes with any Q on the axis it normalises, and with no rotation of another."""
+def _through_norm(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
+    """graphopt.RMSNorm (any Q) and graphopt.TSRA (Q block-diagonal over its split) commute with
+    rotations of the axis they normalise, and with no rotation of another."""
     normalised = normalised_axis(node, _rank(tensor))
     if normalised is None:
-        return -1, f"RMSNorm axis {node.attrs.get('axis', 1)} with unknown or smaller rank"
+        return -1, f"{node.op} axis {node.attrs.get('axis', 1)} with unknown or smaller rank"
     if normalised != axis:
-        return -1, f"RMSNorm over axis {normalised}, not the chain's channel axis {axis}: not equivariant"
+        return -1, f"{node.op} over axis {normalised}, not the chain's channel axis {axis}: not equivariant"
     return axis, None
 
 
@@ -145,10 +146,8 @@ def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | Non
         return 1, None
     if op in ("ReduceMean", "ReduceSum") and _spatial_axes(node, tensor, axis):  # e.g. a global average pool
         return axis, None
-    if node.domain == DOMAIN and op == "RMSNorm":
-        return _through_rms_norm(node, tensor, axis)
-    if node.domain == DOMAIN and op == "TSRA":
-        return (1, None) if axis == 1 else (-1, "TSRA splits axis 1, not the chain's channel axis")
+    if node.domain == DOMAIN and op in ("RMSNorm", "TSRA"):
+        return _through_norm(node, tensor, axis)
     if op in _NONLINEAR:
         return -1, "elementwise nonlinearity is not equivariant to rotations"
     return -1, _WHY.get(op, "not equivariant to a rotation of the channels")

@@ -5,15 +5,17 @@ square, Div(1, ·) or Reciprocal, ReduceMean or ReduceSum, constants shared or n
 therefore semantic, not syntactic:
 - anchors: an RMS norm ends in y = x·d or x/d where d is computed from x alone (normalising over axis
   1, or over the last axis of a token-major [N, T, C] tensor: tried in that order); a TSRA ends in
-  Concat([g_U·x[:, :k], g_V·x[:, k:]], axis=1) where the gains are computed from x alone;
+  Concat([g_U·x_U, g_V·x_V]) on axis 1 or the last axis, with x_U, x_V sliced from x on that axis
+  (tiling it in order, checked by evaluating the slices on the channel index) and the gains computed
+  from x alone;
 - the region between the anchor and x (only elementwise ops, Slice/Split and reductions, constants
   read from the graph) is evaluated in float64 on seeded probe inputs whose norms span 1e-4..1e2 and
-  whose subspace ratios span (0, 1) (RMS probes put two positions on every non-batch axis but the
+  whose subspace ratios span (0, 1) (probes put two positions on every non-batch axis but the
   candidate one, so a reduction over more than the candidate axis is told apart);
 - the parameters are read off the probe: eps is chosen among the scalar constants the region adds
   (or 0), TSRA's alpha and beta by a least-squares fit of logit(g) against r; the match is accepted
   only if the formula with those parameters reproduces the region to 1e-7 on every probe.
-A match is replaced by one graphopt.RMSNorm (axis 1 or -1) / graphopt.TSRA node (graphopt.ops) and the
+A match is replaced by one graphopt.RMSNorm / graphopt.TSRA node (axis 1 or -1; graphopt.ops) and the
 region is left to dead-code cleanup. Replacing is exact up to float rounding of the reassociated arithmetic.
 """
 
@@ -169,13 +171,6 @@ def _probe(channels: int, rank: int, split: int | None, seed: int = 0) -> np.nda
     return rows.reshape(count, channels, *([1] * (rank - 2)))
 
 
-def _channels(tensor: gs.Tensor) -> tuple[int, int] | None:
-    shape = tensor.shape
-    if shape is None or len(shape) < 2 or not isinstance(shape[1], int) or shape[1] <= 0:
-        return None
-    return int(shape[1]), len(shape)
-
-
 @dataclass
 class RmsMatch:
     node: gs.Node
@@ -191,6 +186,7 @@ class TsraMatch:
     source: gs.Tensor
     split: int
     params: dict[str, float]
+    axis: int = 1             # 1, or -1 for the last axis of a token-major tensor
 
 
 def _rms_candidates(source: gs.Tensor) -> list[tuple[int, int, int]]:
@@ -202,10 +198,10 @@ def _rms_candidates(source: gs.Tensor) -> list[tuple[int, int, int]]:
     return [(axis, dim, len(shape)) for axis, dim in found if axis == 1 or len(shape) >= 3]
 
 
-def _rms_probe(channels: int, rank: int, axis: int) -> np.ndarray:
+def _layout_probe(channels: int, rank: int, axis: int, split: int | None = None) -> np.ndarray:
     """The probe rows with `channels` on `axis` (1 or -1) and two positions on every other non-batch
     axis, so a reduction over more than the candidate axis changes the factor's shape."""
-    grid = _probe(channels, 2, None).reshape(-1, *(2,) * (rank - 2), channels)
+    grid = _probe(channels, 2, split).reshape(-1, *(2,) * (rank - 2), channels)
     return grid if axis == -1 else np.moveaxis(grid, -1, 1)
 
 
@@ -220,7 +216,7 @@ def match_rms(node: gs.Node) -> RmsMatch | None:
         if not nodes:
             continue
         for axis, channels, rank in _rms_candidates(source):
-            probe = _rms_probe(channels, rank, axis)
+            probe = _layout_probe(channels, rank, axis)
             values = evaluate(nodes, source, probe)
             if values is None or scale.name not in values:
                 continue
@@ -235,9 +231,22 @@ def match_rms(node: gs.Node) -> RmsMatch | None:
     return None
 
 
+def _concat_axis(node: gs.Node, source: gs.Tensor) -> int | None:
+    """The axis as a graphopt node writes it (1, or -1 for the last axis of a rank >= 3 tensor) that a
+    TSRA anchor concatenates `source`'s pieces on, or None."""
+    shape = source.shape
+    if shape is None or not 2 <= len(shape) <= MAX_PROBE_RANK:
+        return None
+    rank, axis = len(shape), int(node.attrs.get("axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 1:
+        return 1
+    return -1 if axis == rank - 1 else None
+
+
 def _pieces(node: gs.Node) -> tuple[gs.Tensor, list[tuple[gs.Tensor, gs.Tensor]]] | None:
-    """For Concat(axis 1) of two products gain·piece with pieces sliced from one tensor: (x, [(gain, piece)])."""
-    if int(node.attrs.get("axis", 0)) != 1 or len(node.inputs) != 2:
+    """For Concat of two products gain·piece with pieces sliced from one tensor: (x, [(gain, piece)])."""
+    if len(node.inputs) != 2:
         return None
     parts, source = [], None
     for tensor in node.inputs:
@@ -255,6 +264,19 @@ def _pieces(node: gs.Node) -> tuple[gs.Tensor, list[tuple[gs.Tensor, gs.Tensor]]
     return source, parts
 
 
+def _split_of(parts: list[tuple[gs.Tensor, gs.Tensor]], source: gs.Tensor, channels: int, rank: int,
+              axis: int) -> int:
+    """Where the two pieces cut `source`'s `axis` when they tile it in order (U then V), else 0."""
+    index = np.moveaxis(np.arange(channels, dtype=np.float64).reshape(*(1,) * (rank - 1), channels), -1, axis)
+    pieces = evaluate(region([p for _, p in parts], source) or [], source, index)
+    if pieces is None:
+        return 0
+    got = [pieces[p.name].reshape(-1) for _, p in parts if p.name in pieces]
+    split = got[0].size if len(got) == 2 else 0
+    tiled = 0 < split < channels and np.array_equal(np.concatenate(got), np.arange(channels))
+    return split if tiled else 0
+
+
 def match_tsra(node: gs.Node) -> TsraMatch | None:
     if node.op != "Concat":
         return None
@@ -262,30 +284,35 @@ def match_tsra(node: gs.Node) -> TsraMatch | None:
     if found is None:
         return None
     source, parts = found
-    layout = _channels(source)
-    if layout is None:
+    axis = _concat_axis(node, source)
+    channels = None if axis is None else source.shape[axis]
+    if not isinstance(channels, int) or channels <= 0:
         return None
-    channels, rank = layout
-    index = np.arange(channels, dtype=np.float64).reshape(1, channels, *([1] * (rank - 2)))
-    pieces = evaluate(region([p for _, p in parts], source) or [], source, index)
-    if pieces is None:
-        return None
-    got = [pieces[p.name].reshape(-1) for _, p in parts if p.name in pieces]
-    split = got[0].size if len(got) == 2 else 0
-    if not (0 < split < channels and np.array_equal(np.concatenate(got), np.arange(channels))):
+    rank = len(source.shape)
+    split = _split_of(parts, source, channels, rank, axis)
+    if not split:
         return None
     nodes = region([g for g, _ in parts], source)
-    probe = _probe(channels, rank, split)
+    probe = _layout_probe(channels, rank, axis, split)
     values = evaluate(nodes or [], source, probe) if nodes else None
     if values is None or any(g.name not in values for g, _ in parts):
         return None
-    gains = [np.broadcast_to(values[g.name], (probe.shape[0], 1, *probe.shape[2:])).reshape(-1) for g, _ in parts]
-    return _fit_tsra(node, source, split, probe, gains, _eps_candidates(nodes))
+    rows = np.moveaxis(probe, axis, -1)
+    reduced = (*rows.shape[:-1], 1)
+    gains = []
+    for gain, _ in parts:  # a gain reduced over more than `axis` has the wrong shape
+        value = np.moveaxis(values[gain.name], axis, -1) if values[gain.name].ndim == rank else None
+        if value is None or any(d not in (1, r) for d, r in zip(value.shape, reduced)):
+            return None
+        gains.append(np.broadcast_to(value, reduced).reshape(-1))
+    match = _fit_tsra(node, source, split, rows.reshape(-1, channels), gains, _eps_candidates(nodes))
+    if match is not None:
+        match.axis = axis
+    return match
 
 
-def _fit_tsra(node: gs.Node, source: gs.Tensor, split: int, probe: np.ndarray, gains: list[np.ndarray],
+def _fit_tsra(node: gs.Node, source: gs.Tensor, split: int, rows: np.ndarray, gains: list[np.ndarray],
               candidates: list[float]) -> TsraMatch | None:
-    rows = probe.reshape(probe.shape[0], probe.shape[1])
     su = np.linalg.norm(rows[:, :split], axis=1)
     total = np.sqrt(su ** 2 + np.linalg.norm(rows[:, split:], axis=1) ** 2)
     for eps in candidates:
@@ -327,7 +354,7 @@ def canonicalise(graph: gs.Graph) -> tuple[int, int]:
             if kind == 0:
                 proto = make_rms_norm_node("x", "y", match.channels, match.eps, axis=match.axis)
             else:
-                proto = make_tsra_node("x", "y", match.split, **match.params)
+                proto = make_tsra_node("x", "y", match.split, axis=match.axis, **match.params)
             attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}
             ir.detach(node)
             graph.nodes.append(gs.Node(proto.op_type, name, attrs=attrs, inputs=[match.source], outputs=[output],

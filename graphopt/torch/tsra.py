@@ -1,5 +1,5 @@
-"""Torch modules for TSRA networks: `TSRA` (channel axis 1) and weightless `RMSNorm` (axis 1 by default,
-`dim=-1` for token-major [N, T, C] activations).
+"""Torch modules for TSRA networks: `TSRA` and weightless `RMSNorm`, over axis 1 by default (channels
+of NCHW / [N, C]) or `dim=-1` (the last axis of token-major [N, T, C] activations).
 
 Both are written in plain tensor ops, so either torch exporter writes them as standard ONNX ops;
 `graphopt --method cob` recognises those decomposed forms (graphopt.passes.cob_patterns) and turns
@@ -14,30 +14,37 @@ from torch import nn
 
 
 class TSRA(nn.Module):
-    """Two-subspace radial activation on axis 1: U = the first `split` channels, V = the rest."""
+    """Two-subspace radial activation on axis `dim` (1 by default; -1 for token-major [N, T, C]):
+    U = the first `split` channels along `dim`, V = the rest."""
 
     def __init__(self, split: int, alpha_u: float = 5.0, alpha_v: float = 5.0, beta_u: float = 0.5,
-                 beta_v: float = 0.7, eps: float = 1e-6) -> None:
+                 beta_v: float = 0.7, eps: float = 1e-6, dim: int = 1) -> None:
         super().__init__()
-        self.split, self.eps = int(split), float(eps)
+        self.split, self.eps, self.dim = int(split), float(eps), int(dim)
         self.alpha_u, self.alpha_v, self.beta_u, self.beta_v = float(alpha_u), float(alpha_v), float(beta_u), float(beta_v)
 
+    def _part(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        """x[..., part, ...] on `dim` as a static slice (exporters write one Slice; no Shape ops)."""
+        if self.dim >= 0:
+            return x[(slice(None),) * self.dim + (part,)]
+        return x[(Ellipsis, part) + (slice(None),) * (-self.dim - 1)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u, v = x[:, :self.split], x[:, self.split:]
-        su2 = (u * u).sum(dim=1, keepdim=True)
-        sv2 = (v * v).sum(dim=1, keepdim=True)
+        u, v = self._part(x, slice(None, self.split)), self._part(x, slice(self.split, None))
+        su2 = (u * u).sum(dim=self.dim, keepdim=True)
+        sv2 = (v * v).sum(dim=self.dim, keepdim=True)
         r = torch.sqrt(su2) / (torch.sqrt(su2 + sv2) + self.eps)
         gate_u = torch.sigmoid(self.alpha_u * (r - self.beta_u))
         gate_v = torch.sigmoid(self.alpha_v * (r - self.beta_v))
-        return torch.cat([gate_u * u, gate_v * v], dim=1)
+        return torch.cat([gate_u * u, gate_v * v], dim=self.dim)
 
     def extra_repr(self) -> str:
-        return f"split={self.split}"
+        return f"split={self.split}, dim={self.dim}"
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean_c x² + eps) over axis `dim` (1: channels of NCHW / [N, C]; -1: the last axis of
-    token-major [N, T, C]), without learned weights. TSRA has no such option: it splits axis 1 only."""
+    token-major [N, T, C]), without learned weights."""
 
     def __init__(self, eps: float = 1e-6, dim: int = 1) -> None:
         super().__init__()

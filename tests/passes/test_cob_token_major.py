@@ -1,7 +1,5 @@
-"""CoB on token-major [N, T, C] networks: Linear -> RMSNorm over the last axis -> Linear, from both exporters.
-
-TSRA stays on axis 1 (graphopt.TSRA splits axis 1 only), so token-major TSRA networks are not covered.
-"""
+"""CoB on token-major [N, T, C] networks: Linear -> RMSNorm or TSRA over the last axis -> Linear, from
+both exporters."""
 
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from graphopt.torch.export import export_onnx  # noqa: E402
-from graphopt.torch.tsra import RMSNorm  # noqa: E402
+from graphopt.torch.tsra import TSRA, RMSNorm  # noqa: E402
 
 TOKENS, DIM, HIDDEN, MIDDLE, OUT = 6, 16, 24, 12, 8
 
@@ -144,3 +142,66 @@ def test_the_probe_tells_the_normalised_axes_apart(tokens: int, axes: str, expec
     assert _rms_axes(exported) == expected
     feeds = {"x": np.random.default_rng(0).standard_normal((3, tokens, 16)).astype(np.float32)}
     assert_equivalent(model, exported, feeds)
+
+
+SPLIT = 10  # TSRA(dim=-1) splits the HIDDEN = 24 channels into U = 10 and V = 14
+
+
+def _tsra_block(seed: int = 0, ranks: tuple[int, int] | None = None, dim: int = -1,
+                split: int = SPLIT) -> nn.Sequential:
+    """Linear -> TSRA(dim) -> Linear -> RMSNorm(-1) -> Linear; `ranks` = (U, V) plants a first producer
+    whose outputs (and bias) span `ranks[0]` directions in U and `ranks[1]` in V."""
+    torch.manual_seed(seed)
+    block = nn.Sequential(nn.Linear(DIM, HIDDEN), TSRA(split, dim=dim), nn.Linear(HIDDEN, MIDDLE),
+                          RMSNorm(dim=-1), nn.Linear(MIDDLE, OUT)).eval()
+    if ranks is not None:
+        with torch.no_grad():
+            for rows, rank in zip((slice(0, split), slice(split, HIDDEN)), ranks):
+                size = rows.stop - rows.start
+                basis = torch.randn(size, rank)
+                block[0].weight[rows] = basis @ torch.randn(rank, DIM) * 0.3
+                block[0].bias[rows] = basis @ torch.randn(rank) * 0.1
+    return block
+
+
+def _tsra_nodes(model: onnx.ModelProto) -> list[dict[str, int]]:
+    return [{a.name: a.i for a in n.attribute if a.name in ("axis", "split")} for n in model.graph.node
+            if n.op_type == "TSRA"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("rotation", ["pca", "l1pca"])
+def test_last_axis_tsra_is_recognised_and_rotation_is_exact(exporter: str, rotation: str, tmp_path) -> None:
+    model = _export(_tsra_block(), exporter, tmp_path)
+    result, passed = _cob(model, rotation=rotation)
+    assert passed["stats"]["tsra_recognised"] == 1 and passed["stats"]["rms_norms_recognised"] == 1
+    assert _tsra_nodes(result.model) == [{"axis": -1, "split": SPLIT}]
+    assert passed["stats"]["chains_rotated"] == 2, passed["skipped"]
+    assert_equivalent(model, result.model, {"input": _tokens()}, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_planted_zero_variance_in_both_subspaces_is_pruned_exactly(exporter: str, tmp_path) -> None:
+    model = _export(_tsra_block(seed=1, ranks=(4, 6)), exporter, tmp_path)
+    result, passed = _cob(model, keep_variance=1.0)
+    # the TSRA's output spans the 4 + 6 directions, so the middle Linear's spans 10 and its bias: 11
+    assert passed["stats"]["channels_removed"] == (HIDDEN - 4 - 6) + (MIDDLE - 11), passed["skipped"]
+    assert _tsra_nodes(result.model) == [{"axis": -1, "split": 4}]  # U keeps its 4 directions, first
+    shapes = sorted(tuple(i.dims) for i in result.model.graph.initializer if len(i.dims) == 2)
+    assert shapes == sorted([(DIM, 10), (10, 11), (11, OUT)])
+    assert_equivalent(model, result.model, {"input": _tokens()})
+    _, again = _cob(result.model, keep_variance=1.0)
+    assert again["stats"]["channels_removed"] == 0 and again["modified"] is False
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_tsra_over_the_token_axis_declines_the_chain(exporter: str, tmp_path) -> None:
+    model = _export(_tsra_block(dim=1, split=2), exporter, tmp_path)
+    result, passed = _cob(model, keep_variance=0.9)
+    assert passed["stats"]["tsra_recognised"] == 1 and _tsra_nodes(result.model) == [{"split": 2}]
+    assert any("TSRA over axis 1, not the chain's channel axis 2" in r for r in passed["skipped"]), passed["skipped"]
+    assert passed["stats"]["chains"] == 1  # the chain behind the RMS norm; the first ends at the TSRA
+    assert (DIM, HIDDEN) in {tuple(i.dims) for i in result.model.graph.initializer}
+    magnitude = graphopt.optimize(model, method="magnitude", calib={"input": _tokens()}, target_macs=0.9)
+    skipped = magnitude.report["passes"][-1]["skipped"]  # the channel rule blocks that group too
+    assert any(f"({HIDDEN} channels)" in r and "channels off its normalised axis" in r for r in skipped), skipped
