@@ -31,145 +31,10 @@ from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
 from graphopt.ops.rms_norm import build_rms_norm_function
 from graphopt.ops.tsra import build_tsra_function
+from graphopt.passes.cob_region import (MAX_PROBE_RANK, TOLERANCE, constant_value, eps_candidates, evaluate,
+                                        probe_rows, region)
 
 log = logging.getLogger(__name__)
-
-_ELEMENTWISE = {"Mul": np.multiply, "Add": np.add, "Sub": np.subtract, "Div": np.divide, "Pow": np.power,
-                "Max": np.maximum, "Min": np.minimum}
-_UNARY = {"Sqrt": np.sqrt, "Reciprocal": lambda v: 1.0 / v, "Neg": np.negative, "Exp": np.exp, "Abs": np.abs,
-          "Sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v)), "Identity": lambda v: v, "Cast": lambda v: v}
-_REDUCE = {"ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2"}
-_ALLOWED = set(_ELEMENTWISE) | set(_UNARY) | _REDUCE | {"Slice", "Split"}
-MAX_REGION = 64
-MAX_PROBE_RANK = 8  # the 192 probe rows tile two positions on up to 6 non-batch, non-channel axes
-TOLERANCE = 1e-7
-
-
-def _constant(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    source = ir.producer(tensor)
-    if source is not None and source.op == "Constant" and "value" in source.attrs:
-        return np.asarray(source.attrs["value"].values)
-    return None
-
-
-def region(targets: list[gs.Tensor], source: gs.Tensor) -> list[gs.Node] | None:
-    """Nodes computing `targets` from `source` and constants only, in topological order; None if the
-    targets read anything else or use an op outside the evaluator's set."""
-    found: dict[int, gs.Node] = {}
-    order: list[gs.Node] = []
-    stack = [t for t in targets if t is not source]
-    visiting: set[int] = set()
-
-    def visit(tensor: gs.Tensor) -> bool:
-        if tensor is source or _constant(tensor) is not None or not tensor.name:
-            return True
-        node = ir.producer(tensor)
-        if node is None or node.op not in _ALLOWED or node.op == "Constant":
-            return False
-        if id(node) in found:
-            return True
-        if id(node) in visiting or len(found) >= MAX_REGION:
-            return False
-        visiting.add(id(node))
-        if not all(visit(t) for t in node.inputs):
-            return False
-        found[id(node)] = node
-        order.append(node)
-        return True
-
-    return order if all(visit(t) for t in stack) else None
-
-
-def _reduce(node: gs.Node, values: np.ndarray, axes_input: np.ndarray | None) -> np.ndarray:
-    axes = node.attrs.get("axes")
-    axes = tuple(int(a) for a in (axes if axes is not None else (axes_input if axes_input is not None else [])))
-    axes = axes or tuple(range(values.ndim))
-    keep = bool(node.attrs.get("keepdims", 1))
-    if node.op == "ReduceSum":
-        return values.sum(axis=axes, keepdims=keep)
-    if node.op == "ReduceMean":
-        return values.mean(axis=axes, keepdims=keep)
-    squares = (values * values).sum(axis=axes, keepdims=keep)
-    return squares if node.op == "ReduceSumSquare" else np.sqrt(squares)
-
-
-def _slice(values: np.ndarray, bounds: list[np.ndarray | None]) -> np.ndarray:
-    starts, ends = bounds[0], bounds[1]
-    axes = bounds[2] if len(bounds) > 2 and bounds[2] is not None else np.arange(starts.size)
-    steps = bounds[3] if len(bounds) > 3 and bounds[3] is not None else np.ones(starts.size, dtype=np.int64)
-    index = [slice(None)] * values.ndim
-    for start, end, axis, step in zip(starts, ends, axes, steps):
-        index[int(axis)] = slice(int(start), int(min(end, np.iinfo(np.int64).max // 2)), int(step))
-    return values[tuple(index)]
-
-
-def evaluate(nodes: list[gs.Node], source: gs.Tensor, probe: np.ndarray) -> dict[str, np.ndarray] | None:
-    """Values of every tensor of `nodes` in float64 with `source` = `probe`; None on an unsupported form."""
-    values: dict[str, np.ndarray] = {source.name: probe}
-
-    def read(tensor: gs.Tensor) -> np.ndarray | None:
-        if not tensor.name:
-            return None
-        if tensor.name in values:
-            return values[tensor.name]
-        constant = _constant(tensor)
-        return None if constant is None else constant.astype(np.float64) if constant.dtype.kind == "f" else constant
-
-    with np.errstate(all="ignore"):
-        for node in nodes:
-            inputs = [read(t) for t in node.inputs]
-            if inputs[0] is None or (node.op in _ELEMENTWISE and inputs[1] is None):
-                return None
-            if node.op in _ELEMENTWISE:
-                outputs = [_ELEMENTWISE[node.op](inputs[0], inputs[1])]
-            elif node.op in _UNARY:
-                outputs = [_UNARY[node.op](inputs[0])]
-            elif node.op in _REDUCE:
-                outputs = [_reduce(node, inputs[0], inputs[1] if len(inputs) > 1 else None)]
-            elif node.op == "Slice":
-                if any(v is None for v in inputs[1:3]):
-                    return None
-                outputs = [_slice(inputs[0], inputs[1:])]
-            else:  # Split
-                axis = int(node.attrs.get("axis", 0))
-                sizes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else node.attrs.get("split")
-                if sizes is None:
-                    outputs = np.array_split(inputs[0], len(node.outputs), axis=axis)
-                else:
-                    outputs = np.split(inputs[0], np.cumsum(np.asarray(sizes))[:-1], axis=axis)
-            for tensor, value in zip(node.outputs, outputs):
-                values[tensor.name] = np.asarray(value, dtype=np.float64) if np.asarray(value).dtype.kind == "f" \
-                    else np.asarray(value)
-    return values
-
-
-def _eps_candidates(nodes: list[gs.Node]) -> list[float]:
-    found = {0.0}
-    for node in nodes:
-        if node.op in ("Add", "Max"):
-            for tensor in node.inputs:
-                constant = _constant(tensor)
-                if constant is not None and constant.size == 1 and constant.dtype.kind == "f":
-                    found.add(float(constant.reshape(-1)[0]))
-    return sorted(v for v in found if 0.0 <= v < 1e-1)
-
-
-def _probe(channels: int, rank: int, split: int | None, seed: int = 0) -> np.ndarray:
-    """Seeded inputs [P, C, 1, ...]: norms log-uniform in 1e-4..1e2, subspace ratios spanning (0, 1)."""
-    rng = np.random.default_rng(seed)
-    count = 192
-    rows = rng.standard_normal((count, channels))
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    if split is not None and 0 < split < channels:
-        angle = rng.uniform(0.02, np.pi / 2 - 0.02, count)
-        u = rows[:, :split] / np.linalg.norm(rows[:, :split], axis=1, keepdims=True)
-        v = rows[:, split:] / np.linalg.norm(rows[:, split:], axis=1, keepdims=True)
-        rows = np.concatenate([u * np.cos(angle)[:, None], v * np.sin(angle)[:, None]], axis=1)
-    rows *= 10.0 ** rng.uniform(-4, 2, count)[:, None]
-    return rows.reshape(count, channels, *([1] * (rank - 2)))
-
 
 @dataclass
 class RmsMatch:
@@ -201,7 +66,7 @@ def _rms_candidates(source: gs.Tensor) -> list[tuple[int, int, int]]:
 def _layout_probe(channels: int, rank: int, axis: int, split: int | None = None) -> np.ndarray:
     """The probe rows with `channels` on `axis` (1 or -1) and two positions on every other non-batch
     axis, so a reduction over more than the candidate axis changes the factor's shape."""
-    grid = _probe(channels, 2, split).reshape(-1, *(2,) * (rank - 2), channels)
+    grid = probe_rows(channels, 2, split).reshape(-1, *(2,) * (rank - 2), channels)
     return grid if axis == -1 else np.moveaxis(grid, -1, 1)
 
 
@@ -210,7 +75,7 @@ def match_rms(node: gs.Node) -> RmsMatch | None:
         return None
     pairs = [(node.inputs[0], node.inputs[1])] + ([(node.inputs[1], node.inputs[0])] if node.op == "Mul" else [])
     for source, scale in pairs:
-        if scale is source or _constant(scale) is not None or _constant(source) is not None:
+        if scale is source or constant_value(scale) is not None or constant_value(source) is not None:
             continue
         nodes = region([scale], source) if _rms_candidates(source) else None
         if not nodes:
@@ -224,7 +89,7 @@ def match_rms(node: gs.Node) -> RmsMatch | None:
             mean_square = (probe * probe).mean(axis=axis, keepdims=True)
             if factor.shape != mean_square.shape:
                 continue
-            for eps in _eps_candidates(nodes):
+            for eps in eps_candidates(nodes):
                 expected = 1.0 / np.sqrt(mean_square + eps)
                 if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
                     return RmsMatch(node, source, channels, eps, axis)
@@ -305,7 +170,7 @@ def match_tsra(node: gs.Node) -> TsraMatch | None:
         if value is None or any(d not in (1, r) for d, r in zip(value.shape, reduced)):
             return None
         gains.append(np.broadcast_to(value, reduced).reshape(-1))
-    match = _fit_tsra(node, source, split, rows.reshape(-1, channels), gains, _eps_candidates(nodes))
+    match = _fit_tsra(node, source, split, rows.reshape(-1, channels), gains, eps_candidates(nodes))
     if match is not None:
         match.axis = axis
     return match
