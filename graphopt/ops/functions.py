@@ -34,6 +34,31 @@ def like(name: str, reference: str, output: str, opset: int) -> onnx.NodeProto:
     return helper.make_node("Cast", [name], [output], to=onnx.TensorProto.FLOAT)
 
 
+def axis_dispatch(output: str, branch: Callable[[str, int | None], tuple[list[onnx.NodeProto], str]]) -> list[
+        onnx.NodeProto]:
+    """Nodes computing `output` by the body for the function attribute `axis`: `branch(prefix, axis)`
+    returns (nodes, their output) for a static axis (1 or -1: ReduceSum, Slice and Concat on that axis,
+    as fast as a hand-written graph) or for None (any axis, read from the attribute with ops that take
+    it as an attribute reference or a tensor). An If on axis == 1, then on axis == -1, picks the branch
+    at run time; every branch keeps the input's shape, so shape inference keeps it too. Branches read
+    the outer values (X, constants) by name; their own names carry the prefix."""
+    def graph(prefix: str, axis: int | None) -> onnx.GraphProto:
+        nodes, result = branch(prefix, axis)
+        return helper.make_graph(nodes, f"{prefix}body", [], [onnx.ValueInfoProto(name=result)])
+
+    other = helper.make_graph([helper.make_node("If", ["axis_is_last"], ["other_out"], then_branch=graph("last_", -1),
+                                                else_branch=graph("any_", None))],
+                              "other_axis", [], [onnx.ValueInfoProto(name="other_out")])
+    return [
+        constant_attr("axis_scalar", "axis", onnx.AttributeProto.INT),
+        helper.make_node("Constant", [], ["axis_one"], value_int=1),
+        helper.make_node("Constant", [], ["axis_minus_one"], value_int=-1),
+        helper.make_node("Equal", ["axis_scalar", "axis_one"], ["axis_is_one"]),
+        helper.make_node("Equal", ["axis_scalar", "axis_minus_one"], ["axis_is_last"]),
+        helper.make_node("If", ["axis_is_one"], [output], then_branch=graph("first_", 1), else_branch=other),
+    ]
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 

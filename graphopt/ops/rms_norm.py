@@ -13,10 +13,10 @@ ReduceMean would rescale the output by sqrt(C_kept / C)). The norm depends on x 
 Euclidean norm over `axis`, so y is equivariant to every orthogonal Q on that axis:
 RMSNorm(Q x) = Q RMSNorm(x) (Q acting on `axis` alone, the same at every position); a rotation of
 any other axis does not commute with it.
-In the body the sum over `axis` is the last entry of CumSum along `axis` (Gather(·, [-1], axis)):
-both ops take the axis from the attribute while keeping every shape inferable by ONNX shape
-inference (a ReduceSum would need the axis as a computed tensor, which hides the output's rank).
-The running sum accumulates in the input dtype, like ReduceSum.
+The body picks, at run time, a branch for axis 1 or -1 (a ReduceSum over that static axis, as fast as a
+hand-written graph) or, for any other axis, the last entry of a CumSum along the attribute's axis
+(Gather(·, [-1], axis)); every branch keeps every shape inferable by ONNX shape inference
+(graphopt.ops.functions.axis_dispatch). The sums accumulate in the input dtype.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.ops.functions import DOMAIN, MIN_OPSET, constant_attr, like
+from graphopt.ops.functions import DOMAIN, MIN_OPSET, axis_dispatch, constant_attr, like
 
 NAME = "RMSNorm"
 DEFAULT_AXIS = 1
@@ -54,25 +54,37 @@ def _gather_axis(inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
     return node
 
 
+def _branch(prefix: str, axis: int | None) -> tuple[list[onnx.NodeProto], str]:
+    """y for a static `axis` (ReduceSum) or for the attribute's axis (None: CumSum, last entry)."""
+    p = prefix
+    nodes = [helper.make_node("Mul", ["X", "X"], [f"{p}squares"])]
+    if axis is None:
+        nodes += [helper.make_node("CumSum", [f"{p}squares", "axis_scalar"], [f"{p}running"]),
+                  _gather_axis([f"{p}running", "last"], [f"{p}total"])]
+    else:
+        nodes += [helper.make_node("Constant", [], [f"{p}axes"], value_ints=[axis]),
+                  helper.make_node("ReduceSum", [f"{p}squares", f"{p}axes"], [f"{p}total"], keepdims=1)]
+    nodes += [
+        helper.make_node("Div", [f"{p}total", "channels_c"], [f"{p}mean"]),
+        helper.make_node("Add", [f"{p}mean", "eps_c"], [f"{p}shifted"]),
+        helper.make_node("Sqrt", [f"{p}shifted"], [f"{p}rms"]),
+        helper.make_node("Div", ["X", f"{p}rms"], [f"{p}y"]),
+    ]
+    return nodes, f"{p}y"
+
+
 def build_rms_norm_function(opset: int) -> onnx.FunctionProto:
     """The function body (standard ops only) for a model whose default-domain opset is `opset`."""
     if opset < MIN_OPSET:
         raise ValueError(f"graphopt.RMSNorm needs opset >= {MIN_OPSET}, the model has {opset}")
     nodes = [
-        constant_attr("axis_scalar", "axis", onnx.AttributeProto.INT),
         helper.make_node("Constant", [], ["last"], value_ints=[-1]),
-        helper.make_node("Mul", ["X", "X"], ["squares"]),
-        helper.make_node("CumSum", ["squares", "axis_scalar"], ["running"]),
-        _gather_axis(["running", "last"], ["total"]),
         constant_attr("channels_i", "channels", onnx.AttributeProto.INT),
         helper.make_node("Cast", ["channels_i"], ["channels_f"], to=onnx.TensorProto.FLOAT),
         like("channels_f", "X", "channels_c", opset),
         constant_attr("eps_f", "eps", onnx.AttributeProto.FLOAT),
         like("eps_f", "X", "eps_c", opset),
-        helper.make_node("Div", ["total", "channels_c"], ["mean"]),
-        helper.make_node("Add", ["mean", "eps_c"], ["shifted"]),
-        helper.make_node("Sqrt", ["shifted"], ["rms"]),
-        helper.make_node("Div", ["X", "rms"], ["Y"]),
+        *axis_dispatch("Y", _branch),
     ]
     function = helper.make_function(DOMAIN, NAME, ["X"], ["Y"], nodes, [helper.make_opsetid("", opset)],
                                     attributes=["channels", "eps"],

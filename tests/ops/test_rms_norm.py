@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.ir import graph as ir
-from graphopt.ops.functions import declared_attributes, ensure_functions
+from graphopt.ops.functions import constant_attr, declared_attributes, ensure_functions, like
 from graphopt.ops.rms_norm import build_rms_norm_function, make_rms_norm_node, rms_norm_reference
 from tests.conftest import run_ort
 
@@ -26,17 +26,22 @@ def _model(node: onnx.NodeProto, opset: int = 17) -> onnx.ModelProto:
 
 def _stale_function(opset: int) -> onnx.FunctionProto:
     """The body graphopt wrote before `axis` existed: ReduceSum over the constant axes [1]."""
-    current = build_rms_norm_function(opset)
-    function = onnx.FunctionProto()
-    function.CopyFrom(current)
-    del function.attribute_proto[:]
-    del function.node[:]
-    function.node.extend([helper.make_node("Constant", [], ["axes"], value_ints=[1]),
-                          helper.make_node("Mul", ["X", "X"], ["squares"]),
-                          helper.make_node("ReduceSum", ["squares", "axes"], ["total"], keepdims=1),
-                          *[n for n in current.node if n.output[0] not in
-                            ("axis_scalar", "last", "squares", "running", "total")]])
-    return function
+    nodes = [
+        helper.make_node("Constant", [], ["axes"], value_ints=[1]),
+        helper.make_node("Mul", ["X", "X"], ["squares"]),
+        helper.make_node("ReduceSum", ["squares", "axes"], ["total"], keepdims=1),
+        constant_attr("channels_i", "channels", onnx.AttributeProto.INT),
+        helper.make_node("Cast", ["channels_i"], ["channels_f"], to=onnx.TensorProto.FLOAT),
+        like("channels_f", "X", "channels_c", opset),
+        constant_attr("eps_f", "eps", onnx.AttributeProto.FLOAT),
+        like("eps_f", "X", "eps_c", opset),
+        helper.make_node("Div", ["total", "channels_c"], ["mean"]),
+        helper.make_node("Add", ["mean", "eps_c"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["rms"]),
+        helper.make_node("Div", ["X", "rms"], ["Y"]),
+    ]
+    return helper.make_function("graphopt", "RMSNorm", ["X"], ["Y"], nodes, [helper.make_opsetid("", opset)],
+                                attributes=["channels", "eps"])
 
 
 @pytest.mark.parametrize("opset", [13, 17, 18])
