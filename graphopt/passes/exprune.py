@@ -2,8 +2,9 @@
 
 Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune_linear) or
 `graphopt.ExPruneConvRelu` (graphopt.passes.exprune_conv) op whose thresholds are calibrated on data
-(graphopt.passes.exprune_calib): rows of sampled layer inputs for linear layers, every output position
-of the first `exprune_maps` sampled input maps for convolutions. Two modes:
+(graphopt.passes.exprune_calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
+output positions of the first `exprune_maps` input maps for convolutions (a seeded subset of at most
+POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held). Two modes:
 
 - fixed (`exprune_fnr` given): every neuron keeps at most that false-negative rate on the sampled
   calibration rows; the probe length is `exprune_probe`, or chosen per layer as below;
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PROBES = (0.0625, 0.125, 0.25, 0.5)
 LAYER_KINDS = ("all", "linear", "conv")
+POSITIONS_PER_ROW = 4  # convolution output positions scored per linear-layer row allowed
 
 Layer = LinearLayer | ConvLayer
 Scoring = LinearScoring | ConvScoring
@@ -176,7 +178,7 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
 def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
               data: Any) -> list[list[Scoring]]:
     samples = _sample(ctx, model, layers, data)
-    seed, positions = int(ctx.option("seed", 0)), int(ctx.option("exprune_rows", 4096)) * 4
+    seed, positions = int(ctx.option("seed", 0)), int(ctx.option("exprune_rows", 4096)) * POSITIONS_PER_ROW
     return [[ConvScoring(samples[layer.source.name], layer, probe, options["rule"], max_positions=positions, seed=seed)
              if isinstance(layer, ConvLayer) else LinearScoring(samples[layer.source.name], layer, probe, options["rule"])
              for probe in options["probes"]]
