@@ -106,8 +106,10 @@ def make_exprune_node(inputs: list[str], output: str, m: int, rule: str = "thres
                             checkpoints=ks)
 
 
-def _checkpoint_nodes() -> list[onnx.NodeProto]:
-    """ks [c] (int64), scale [c, 1] = d / k and f [c, 1] in float32, mask [c, d] = (i < k) in float32.
+def checkpoint_nodes() -> list[onnx.NodeProto]:
+    """ks [c] (int64), and in float32 scale_f [c] = d / k, f_f [c] (the boundary factors) and mask_f [c, d]
+    = (i < k), with d = W's axis-1 size (inputs of a linear op, input channels of a convolution). Reads the
+    constants zero_1d, one_1d, zero_s and one_s the body defines.
 
     ks = the positive entries of [m, *checkpoints]: `checkpoints` already starts with m when written, and
     testing the first checkpoint twice changes nothing; a node written before the attribute existed
@@ -121,13 +123,12 @@ def _checkpoint_nodes() -> list[onnx.NodeProto]:
         helper.make_node("Compress", ["ks_all", "ks_valid"], ["ks"], axis=0),
         helper.make_node("Shape", ["W"], ["w_shape"]),
         helper.make_node("Gather", ["w_shape", "one_1d"], ["d_1d"], axis=0),
-        helper.make_node("Unsqueeze", ["ks", "one_1d"], ["ks_col"]),
         helper.make_node("Gather", ["ks", "zero_1d"], ["k1_1d"], axis=0),
         helper.make_node("Cast", ["d_1d"], ["d_f"], to=onnx.TensorProto.FLOAT),
-        helper.make_node("Cast", ["ks_col"], ["k_f"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Cast", ["ks"], ["k_f"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Cast", ["k1_1d"], ["k1_f"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Div", ["d_f", "k_f"], ["scale_f"]),
-        helper.make_node("Sub", ["d_1d", "ks_col"], ["rest"]),
+        helper.make_node("Sub", ["d_1d", "ks"], ["rest"]),
         helper.make_node("Sub", ["d_1d", "k1_1d"], ["rest1"]),
         helper.make_node("Cast", ["rest"], ["rest_f"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Cast", ["rest1"], ["rest1_f"], to=onnx.TensorProto.FLOAT),
@@ -137,6 +138,7 @@ def _checkpoint_nodes() -> list[onnx.NodeProto]:
         helper.make_node("Sqrt", ["f_sq"], ["f_f"]),
         helper.make_node("Squeeze", ["d_1d", "zero_1d"], ["d_scalar"]),
         helper.make_node("Range", ["zero_s", "d_scalar", "one_s"], ["positions"]),
+        helper.make_node("Unsqueeze", ["ks", "one_1d"], ["ks_col"]),
         helper.make_node("Less", ["positions", "ks_col"], ["mask_b"]),
         helper.make_node("Cast", ["mask_b"], ["mask_f"], to=onnx.TensorProto.FLOAT),
     ]
@@ -152,11 +154,13 @@ def build_exprune_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Constant", [], ["zero_s"], value_int=0),
         helper.make_node("Constant", [], ["one_s"], value_int=1),
         helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
-        *_checkpoint_nodes(),
+        *checkpoint_nodes(),
         helper.make_node("Gather", ["X", "Perm"], ["xp"], axis=-1),
         like("mask_f", "X", "mask", opset),
-        like("scale_f", "X", "scale", opset),
-        like("f_f", "X", "f", opset),
+        helper.make_node("Unsqueeze", ["scale_f", "one_1d"], ["scale_col_f"]),  # [c, 1]: over the neurons
+        helper.make_node("Unsqueeze", ["f_f", "one_1d"], ["f_col_f"]),
+        like("scale_col_f", "X", "scale", opset),
+        like("f_col_f", "X", "f", opset),
         # probes [..., c, d] -> partial sums [..., c, n]
         helper.make_node("Unsqueeze", ["xp", "last2"], ["xp_c"]),
         helper.make_node("Mul", ["xp_c", "mask"], ["probes"]),

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from graphopt.ops.exprune import boundary_factors, probe_scale, validate_checkpoints
-from graphopt.ops.functions import DOMAIN, constant_attr, like
+from graphopt.ops.exprune import boundary_factors, checkpoint_nodes, probe_scale, validate_checkpoints
+from graphopt.ops.functions import DOMAIN, like
 
 NAME = "ExPruneConvRelu"
 MIN_OPSET = 15  # CastLike and Shape's start/end
@@ -133,34 +133,6 @@ def _ints(output: str, values: list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [output], value_ints=values)
 
 
-def _checkpoint_nodes() -> list[onnx.NodeProto]:
-    """mask_f [c, C] = (channel < k), scale_f [c] = C / k and f_f [c], all float32."""
-    float_type = onnx.TensorProto.FLOAT
-    return [
-        constant_attr("ks", "checkpoints", onnx.AttributeProto.INTS),
-        helper.make_node("Shape", ["W"], ["w_shape"]),
-        helper.make_node("Gather", ["w_shape", "one_1d"], ["c_1d"], axis=0),
-        helper.make_node("Gather", ["ks", "zero_1d"], ["k1_1d"], axis=0),
-        helper.make_node("Cast", ["c_1d"], ["c_f"], to=float_type),
-        helper.make_node("Cast", ["ks"], ["k_f"], to=float_type),
-        helper.make_node("Cast", ["k1_1d"], ["k1_f"], to=float_type),
-        helper.make_node("Div", ["c_f", "k_f"], ["scale_f"]),
-        helper.make_node("Sub", ["c_1d", "ks"], ["rest"]),
-        helper.make_node("Sub", ["c_1d", "k1_1d"], ["rest1"]),
-        helper.make_node("Cast", ["rest"], ["rest_f"], to=float_type),
-        helper.make_node("Cast", ["rest1"], ["rest1_f"], to=float_type),
-        helper.make_node("Mul", ["rest_f", "k1_f"], ["f_num"]),
-        helper.make_node("Mul", ["k_f", "rest1_f"], ["f_den"]),
-        helper.make_node("Div", ["f_num", "f_den"], ["f_sq"]),
-        helper.make_node("Sqrt", ["f_sq"], ["f_f"]),
-        helper.make_node("Squeeze", ["c_1d", "zero_1d"], ["c_scalar"]),
-        helper.make_node("Range", ["zero_s", "c_scalar", "one_s"], ["channels"]),
-        helper.make_node("Unsqueeze", ["ks", "one_1d"], ["ks_col"]),
-        helper.make_node("Less", ["channels", "ks_col"], ["mask_b"]),
-        helper.make_node("Cast", ["mask_b"], ["mask_f"], to=float_type),
-    ]
-
-
 def _decision_nodes(opset: int) -> list[onnx.NodeProto]:
     """skipped [N, M, H', W'] (bool) from the stacked probe convolution."""
     reduce = (helper.make_node("ReduceMax", ["fires_f"], ["any_f"], axes=[1], keepdims=0) if opset < 18
@@ -206,7 +178,7 @@ def build_exprune_conv_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Constant", [], ["zero_s"], value_int=0),
         helper.make_node("Constant", [], ["one_s"], value_int=1),
         helper.make_node("Constant", [], ["zero_f"], value_float=0.0),
-        *_checkpoint_nodes(),
+        *checkpoint_nodes(),  # with d = C: ks, scale_f, f_f [c], mask_f [c, C]
         helper.make_node("Gather", ["X", "Perm"], ["xp"], axis=1),
         *_decision_nodes(opset),
         _conv(["xp", "W", "B"], "pre"),
