@@ -107,11 +107,6 @@ def _replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> Non
         replace_linear(graph, layer, found, rule)
 
 
-def _macs(scorings: list[Scoring], layer: Layer) -> float:
-    """MACs per sample of the layer (a convolution's from its sampled maps' size)."""
-    return scorings[0].macs_per_sample if isinstance(layer, ConvLayer) else layer.macs_per_sample()
-
-
 def _best(scorings: list[Scoring], fnr: float) -> Choice:
     """The probe length skipping the largest fraction of the layer's MACs at this rate."""
     calibrated = [(s, s.calibrate(fnr)) for s in scorings]
@@ -132,19 +127,21 @@ def _candidate(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]
 
 
 def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
-            fit: Any, held: Any, result: PassResult) -> tuple[list[list[Scoring]], list[Choice]] | None:
-    """Scorings and per-layer choices at the largest grid rate within tolerance on `held`, or None."""
+            fit: Any, held: Any, result: PassResult) -> list[Choice] | None:
+    """Per-layer choices at the largest grid rate within tolerance on `held`, or None."""
     from graphopt.calibration.heldout import HeldOut
 
     check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)))
     tolerance = options["tolerance"] or check.default_tolerance()
     scorings = _scorings(ctx, model, layers, options, fit)
     measured: dict[int, dict[str, float | None]] = {}
+    choices: dict[int, list[Choice]] = {}
 
     def passes(index: int) -> bool:
         if index not in measured:
-            choices = {layer.output.name: _best(s, GRID[index])[1] for layer, s in zip(layers, scorings)}
-            measured[index] = check.measure(_candidate(model, options["rule"], choices))
+            choices[index] = [_best(s, GRID[index]) for s in scorings]
+            replaced = {layer.output.name: found for layer, (_, found) in zip(layers, choices[index])}
+            measured[index] = check.measure(_candidate(model, options["rule"], replaced))
             log.info("exprune: fnr %g -> %s", GRID[index], measured[index])
         return tolerance.met(measured[index])
 
@@ -170,9 +167,8 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
                               f"(measured {measured[0]}); nothing replaced")
         return None
     result.stats.update({"fnr_level": GRID[lo], **{f"held_out_{k}": v for k, v in measured[lo].items()}})
-    chosen = [_best(s, GRID[lo]) for s in scorings]
-    _report_held_out(ctx, model, layers, scorings, chosen, held, result)
-    return scorings, chosen
+    _report_held_out(ctx, model, layers, choices[lo], held, result)
+    return choices[lo]
 
 
 def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
@@ -198,16 +194,15 @@ def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data:
     return {**rows, **{name: values.astype(np.float64) for name, values in maps.items()}}
 
 
-def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], scorings: list[list[Scoring]],
-                     chosen: list[Choice], held: Any, result: PassResult) -> None:
+def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], chosen: list[Choice], held: Any,
+                     result: PassResult) -> None:
     rows = _sample(ctx, model, layers, held)
     total = skipped = 0.0
-    for layer, options, (scoring, found) in zip(layers, scorings, chosen):
+    for layer, (scoring, found) in zip(layers, chosen):
         skip, false_negative, saved = scoring.measure(rows[layer.source.name], found.tau)
         result.stats.update({f"{layer.name}.held_out_skip_rate": skip, f"{layer.name}.held_out_fnr": false_negative,
                              f"{layer.name}.held_out_macs_skipped": saved})
-        macs = _macs(options, layer)
-        total, skipped = total + macs, skipped + macs * saved
+        total, skipped = total + scoring.macs_per_sample, skipped + scoring.macs_per_sample * saved
     result.stats["held_out_macs_skipped_fraction"] = skipped / total if total else 0.0
     result.stats["held_out_macs_skipped_per_sample"] = skipped
 
@@ -234,27 +229,24 @@ class ExPrune(Pass):
         model = ir.export_model(graph, ctx.template)
         dataset = load_data(ctx.data, model)
         if options["fnr"] is not None:
-            scorings = _scorings(ctx, model, layers, options, dataset)
-            chosen = [_best(s, options["fnr"]) for s in scorings]
+            chosen = [_best(s, options["fnr"]) for s in _scorings(ctx, model, layers, options, dataset)]
         else:
             fit, held = dataset.split(options["held_out"], seed=int(ctx.option("seed", 0)))
             if held.num_samples == 0 or (held.arrays is None and not held.feeds):
                 raise DataError("--method exprune needs at least 2 calibration samples to hold some out "
                                 "(or give --exprune-fnr)")
-            found = _search(ctx, model, layers, options, fit, held, result)
-            if found is None:
+            chosen = _search(ctx, model, layers, options, fit, held, result)
+            if chosen is None:
                 return result
-            scorings, chosen = found
-        self._apply(graph, layers, scorings, chosen, options["rule"], result)
+        self._apply(graph, layers, chosen, options["rule"], result)
         return result
 
     @staticmethod
-    def _apply(graph: gs.Graph, layers: list[Layer], scorings: list[list[Scoring]], chosen: list[Choice], rule: str,
-               result: PassResult) -> None:
+    def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str, result: PassResult) -> None:
         total = skipped = 0.0
-        for layer, options, (_, found) in zip(layers, scorings, chosen):
+        for layer, (scoring, found) in zip(layers, chosen):
             _replace(graph, layer, found, rule)
-            macs = _macs(options, layer)
+            macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
                                  f"{layer.name}.skip_rate": found.skip_rate, f"{layer.name}.fnr": found.fnr,

@@ -77,6 +77,11 @@ class Calibrated:
     macs_skipped: float   # fraction of the layer's MACs not computed
 
 
+def probe_length(probe: float, d: int) -> int:
+    """m = round(probe · d), clamped to [1, d − 1]."""
+    return int(min(d - 1, max(1, round(probe * d))))
+
+
 def ratios(scores: np.ndarray, factors: np.ndarray) -> np.ndarray:
     """min_k score_jk / f_k: [r, n]."""
     return np.min(scores / factors.astype(np.float32), axis=-1)

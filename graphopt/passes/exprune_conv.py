@@ -31,15 +31,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.ops.exprune import boundary_factors, doubling_checkpoints
+from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
                                        output_size, prefix_sums)
-from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, ratios, swap_in,
-                                           thresholds)
+from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+                                           swap_in, thresholds)
 
 log = logging.getLogger(__name__)
 
-RULES = ("threshold", "sequential")
 CHUNK_VALUES = 1 << 24  # float64 receptive-field values held at once during calibration (128 MiB)
 
 
@@ -160,7 +159,7 @@ class ConvScoring:
                   * np.sum(np.square(layer.weight, dtype=np.float64), axis=(0, 2, 3)))
         self.layer, self.rule = layer, rule
         self.perm = np.argsort(-energy, kind="stable").astype(np.int64)
-        self.m = int(min(channels - 1, max(1, round(probe * channels))))
+        self.m = probe_length(probe, channels)
         self.checkpoints = [self.m] if rule == "threshold" else doubling_checkpoints(channels, self.m)
         self.factors = boundary_factors(channels, self.checkpoints)
         self.macs_per_sample = float(layer.macs(*maps.shape[2:]))

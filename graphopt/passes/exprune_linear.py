@@ -21,8 +21,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
-from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, ratios, swap_in,
-                                           thresholds)
+from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+                                           swap_in, thresholds)
 
 
 @dataclass
@@ -94,10 +94,6 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearLayer | str:
     return LinearLayer(nodes, node.inputs[0], reader.outputs[0], weight, bias)
 
 
-def probe_length(probe: float, d: int) -> int:
-    return int(min(d - 1, max(1, round(probe * d))))
-
-
 class LinearScoring:
     """Scores of sampled rows (rows x d) for one layer, one probe length and one rule."""
 
@@ -112,6 +108,7 @@ class LinearScoring:
         self.factors = boundary_factors(d, self.checkpoints)
         self.scores = self.score(rows)
         self.positive = (rows @ weight.T + layer.bias) > 0
+        self.macs_per_sample = layer.macs_per_sample()
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return checkpoint_scores(rows[:, self.perm], self.layer.weight[:, self.perm], self.layer.bias,
