@@ -220,15 +220,21 @@ def detach(node: gs.Node) -> None:
     node.outputs.clear()
 
 
-def add_function(graph: gs.Graph, function: onnx.FunctionProto) -> None:
-    """Make model-local `function` part of `graph` (exported with it), unless one of that name exists
-    that accepts every attribute `function` declares; an older copy lacking only attributes that
-    `function` gives defaults (which keep the old meaning) is replaced."""
+def supersedes(function: onnx.FunctionProto, attributes: set[str]) -> bool:
+    """Whether `function` should replace a copy of itself that declares `attributes`: it declares more,
+    and every attribute the copy lacks has a default in `function` (which keeps the copy's meaning for
+    the nodes it served)."""
     defaults = {a.name for a in function.attribute_proto}
-    declared = set(function.attribute) | defaults
+    missing = (set(function.attribute) | defaults) - attributes
+    return bool(missing) and missing <= defaults
+
+
+def add_function(graph: gs.Graph, function: onnx.FunctionProto) -> None:
+    """Make model-local `function` part of `graph` (exported with it), unless a copy of that name exists
+    that `function` does not supersede; the copies it supersedes are replaced."""
     same = [f for f in graph.functions if f.domain == function.domain and f.name == function.name]
-    if any(declared <= set(f.attrs) or not declared - set(f.attrs) <= defaults for f in same):
-        return  # up to date, or an older copy whose nodes would lose meaning without it
+    if any(not supersedes(function, set(f.attrs)) for f in same):
+        return
     from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
 
     for stale in same:

@@ -14,6 +14,8 @@ from typing import Callable
 import onnx
 from onnx import helper
 
+from graphopt.ir.graph import supersedes
+
 DOMAIN = "graphopt"
 MIN_OPSET = 13
 
@@ -37,8 +39,8 @@ def like(name: str, reference: str, output: str, opset: int) -> onnx.NodeProto:
 def axis_dispatch(output: str, branch: Callable[[str, int | None], tuple[list[onnx.NodeProto], str]]) -> list[
         onnx.NodeProto]:
     """Nodes computing `output` by the body for the function attribute `axis`: `branch(prefix, axis)`
-    returns (nodes, their output) for a static axis (1 or -1: ReduceSum, Slice and Concat on that axis,
-    as fast as a hand-written graph) or for None (any axis, read from the attribute with ops that take
+    returns (nodes, their output) for a static axis (1 or -1: reductions over that axis, as fast as a
+    hand-written graph) or for None (any axis, read from the attribute with ops that take
     it as an attribute reference or a tensor). An If on axis == 1, then on axis == -1, picks the branch
     at run time; every branch keeps the input's shape, so shape inference keeps it too. Branches read
     the outer values (X, constants) by name; their own names carry the prefix."""
@@ -75,11 +77,8 @@ def ensure_function(model: onnx.ModelProto, name: str, build: Callable[[int], on
     default (RMSNorm's `axis`, ExPrune's `checkpoints`) is replaced: those defaults keep the old
     meaning, so the nodes it served still compute what they did."""
     current = build(default_opset(model))
-    defaults = {a.name for a in current.attribute_proto}
     existing = [i for i, f in enumerate(model.functions) if f.domain == DOMAIN and f.name == name]
-    stale = [i for i in existing
-             if not declared_attributes(current) <= declared_attributes(model.functions[i])
-             and declared_attributes(current) - declared_attributes(model.functions[i]) <= defaults]
+    stale = [i for i in existing if supersedes(current, declared_attributes(model.functions[i]))]
     for index in reversed(stale):
         del model.functions[index]
     if len(stale) == len(existing):
