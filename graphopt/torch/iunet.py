@@ -32,7 +32,22 @@ Augment = Callable[[torch.Tensor], torch.Tensor]
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
-class MLP(nn.Module):
+class _Classifier(nn.Module):
+    """features(x), then the linear head `out`: the NT-Xent term of the loss reads the features."""
+
+    out: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MLP(_Classifier):
     def __init__(self, inputs: int, hidden: list[int], classes: int) -> None:
         super().__init__()
         sizes = [inputs, *hidden]
@@ -42,14 +57,8 @@ class MLP(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-class SmallCNN(nn.Module):
+class SmallCNN(_Classifier):
     """Two 3x3 conv layers (padding 1) on 1x8x8 images, 2x2 max-pool, one hidden Linear."""
 
     def __init__(self, channels: int = 16, hidden: int = 64, classes: int = 10, size: int = 8) -> None:
@@ -61,12 +70,6 @@ class SmallCNN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
-
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def proactive_init(model: nn.Module, kappa: float = 0.125) -> None:
