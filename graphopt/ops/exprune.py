@@ -111,15 +111,18 @@ def checkpoint_nodes() -> list[onnx.NodeProto]:
     = (i < k), with d = W's axis-1 size (inputs of a linear op, input channels of a convolution). Reads the
     constants zero_1d, one_1d, zero_s and one_s the body defines.
 
-    ks = the positive entries of [m, *checkpoints]: `checkpoints` already starts with m when written, and
-    testing the first checkpoint twice changes nothing; a node written before the attribute existed
-    gets its default [0], so ks = [m]."""
+    ks = `checkpoints` as written (it starts with m); a node written before the attribute existed gets its
+    default [0], and then ks = [m]: ks is [m, *checkpoints] compressed by [checkpoints[0] < 1,
+    *(checkpoints > 0)], so no checkpoint is probed twice."""
     return [
         constant_attr("m_scalar", "m", onnx.AttributeProto.INT),
         helper.make_node("Unsqueeze", ["m_scalar", "zero_1d"], ["m_1d"]),
         constant_attr("written", "checkpoints", onnx.AttributeProto.INTS),
         helper.make_node("Concat", ["m_1d", "written"], ["ks_all"], axis=0),
-        helper.make_node("Greater", ["ks_all", "zero_1d"], ["ks_valid"]),
+        helper.make_node("Gather", ["written", "zero_1d"], ["written_first"], axis=0),
+        helper.make_node("Less", ["written_first", "one_1d"], ["m_needed"]),
+        helper.make_node("Greater", ["written", "zero_1d"], ["written_valid"]),
+        helper.make_node("Concat", ["m_needed", "written_valid"], ["ks_valid"], axis=0),
         helper.make_node("Compress", ["ks_all", "ks_valid"], ["ks"], axis=0),
         helper.make_node("Shape", ["W"], ["w_shape"]),
         helper.make_node("Gather", ["w_shape", "one_1d"], ["d_1d"], axis=0),

@@ -326,3 +326,24 @@ def test_a_node_written_before_checkpoints_existed_keeps_the_threshold_rule() ->
     assert 0 < skipped.mean() < 1
     np.testing.assert_array_equal(got == 0, want == 0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("written,want", [([M], [M]), ([M, 2 * M, 3 * M], [M, 2 * M, 3 * M]), (None, [M])])
+def test_the_body_probes_each_checkpoint_once(written: list[int] | None, want: list[int]) -> None:
+    from graphopt.ops.exprune import checkpoint_nodes
+    from graphopt.ops.functions import DOMAIN
+
+    constants = [helper.make_node("Constant", [], [name], **value) for name, value in
+                 (("zero_1d", {"value_ints": [0]}), ("one_1d", {"value_ints": [1]}), ("zero_s", {"value_int": 0}),
+                  ("one_s", {"value_int": 1}))]
+    function = helper.make_function(DOMAIN, "Checkpoints", ["W"], ["ks"], [*constants, *checkpoint_nodes()],
+                                    [helper.make_opsetid("", 17)], attributes=["m"],
+                                    attribute_protos=[helper.make_attribute("checkpoints", [0])])
+    attrs = {"m": M} if written is None else {"m": M, "checkpoints": written}  # None: a first-release node
+    graph = helper.make_graph([helper.make_node("Checkpoints", ["W"], ["ks"], domain=DOMAIN, **attrs)], "g",
+                              [helper.make_tensor_value_info("W", TensorProto.FLOAT, [N, D])],
+                              [helper.make_tensor_value_info("ks", TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)],
+                              functions=[function])
+    got = run_ort(model, {"W": np.zeros((N, D), np.float32)})["ks"]
+    assert got.tolist() == want
