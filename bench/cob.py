@@ -15,7 +15,7 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 - cob-l1pca:    the same with rotation="l1pca";
 - cob-pca-snp:  cob-pca followed by SNP's least-squares reconstruction of the cut coordinates (cob_reconstruct);
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
-                pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.cob_patterns.
+                pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.channels.function_patterns.
                 canonicalise), exactly the graph `cob` itself prunes, minus the rotation;
 - relu-magnitude: method="magnitude" on the ReLU+BN control.
 
@@ -51,7 +51,7 @@ from torch import nn
 import graphopt
 from common import accuracy, add_thread_arguments, predict, start_run, train
 from graphopt.ir import graph as ir
-from graphopt.passes.cob_patterns import canonicalise
+from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.torch.export import export_onnx
 from graphopt.torch.tsra import TSRA, RMSNorm
 

@@ -56,7 +56,7 @@ from common import accuracy, add_thread_arguments, start_run, train  # noqa: E40
 from graphopt.analysis.macs import count_cost  # noqa: E402
 from graphopt.ops import exprune as linear_op  # noqa: E402
 from graphopt.ops import exprune_conv as conv_op  # noqa: E402
-from graphopt.passes.exprune_calib import outcome  # noqa: E402
+from graphopt.passes.exprune.calib import outcome  # noqa: E402
 from graphopt.torch.export import export_onnx  # noqa: E402
 
 FNRS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)

@@ -45,9 +45,9 @@ from graphopt.analysis.macs import count_cost
 from graphopt.analysis.shapes import batch1_shapes
 from graphopt.ir import graph as ir
 from graphopt.passes import PREPASSES, PassContext, PassManager, get_pass
-from graphopt.passes.prune_budget import MacModel, choose_counts, top_indices
-from graphopt.passes.prune_engine import apply_kept
-from graphopt.passes.prune_magnitude import magnitude_scores
+from graphopt.passes.channels.budget import MacModel, choose_counts, top_indices
+from graphopt.passes.channels.engine import apply_kept
+from graphopt.passes.channels.magnitude import magnitude_scores
 from graphopt.torch.export import export_onnx
 
 PHASES = ("shapes", "groups", "rules", "macs", "budget", "engine", "pass")

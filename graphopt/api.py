@@ -29,7 +29,7 @@ from graphopt.ir import graph as ir
 from graphopt.ir.io import input_files, load_model, save_model
 from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
 from graphopt.ir.shapes import resolve_input_shapes
-from graphopt.passes import PassContext, PassManager, get_pass, names, prepasses
+from graphopt.passes import PassContext, PassManager, get_pass, names, normalising_passes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     shapes = resolve_shapes(original, dataset, input_shapes)
     graph = ir.import_graph(original)
     ctx = PassContext(template=original, input_shapes=shapes, progress=progress)
-    PassManager(prepasses()).run(graph, ctx)
+    PassManager(normalising_passes()).run(graph, ctx)
     normalized = ir.export_model(graph, original)
     requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
     calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
@@ -124,7 +124,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     graph = ir.import_graph(original)
     ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
                       options={"target_macs": target_macs, "batch_size": batch_size, **options})
-    sequence = prepasses()
+    sequence = normalising_passes()
     for index, name in enumerate(pipeline):
         if index:  # the next method sees shapes of the graph the previous one rewrote
             sequence.append(get_pass("shape_inference"))

@@ -23,12 +23,12 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
 def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
     """The channel groups structured methods see: found after the normalising pre-passes."""
     from graphopt.ir import graph as ir
-    from graphopt.passes import PassContext, PassManager, prepasses
-    from graphopt.passes.prune_magnitude import analyse
+    from graphopt.passes import PassContext, PassManager, normalising_passes
+    from graphopt.passes.channels.magnitude import analyse
 
     graph = ir.import_graph(model)
     ctx = PassContext(template=model, input_shapes=input_shapes, progress=False)
-    PassManager(prepasses()).run(graph, ctx)
+    PassManager(normalising_passes()).run(graph, ctx)
     analysis, _ = analyse(graph, ctx)
     return [group.describe() for group in analysis.groups()]
 

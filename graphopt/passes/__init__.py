@@ -19,11 +19,12 @@ PREPASSES = [
     "shape_inference",
 ]
 
-# every pre-pass lives in a module of its own name
-_MODULES = [*PREPASSES, "prune_magnitude", "snp", "dead_units", "omp", "cob", "exprune"]
+# the modules that register passes (each pre-pass lives in a module of its own name)
+_MODULES = [*(f"prepasses.{name}" for name in PREPASSES), "channels.magnitude", "snp.prune", "sparse.dead_units",
+            "sparse.omp", "cob.prune", "exprune.prune"]
 
 
-def prepasses() -> list[Pass]:
+def normalising_passes() -> list[Pass]:
     """Fresh instances of the normalising pre-passes, in order."""
     return [get_pass(name) for name in PREPASSES]
 
@@ -34,4 +35,4 @@ def load_all() -> None:
 
 
 __all__ = ["PREPASSES", "REGISTRY", "Pass", "PassContext", "PassManager", "PassRecord", "PassResult",
-           "get_pass", "load_all", "names", "prepasses", "register"]
+           "get_pass", "load_all", "names", "normalising_passes", "register"]

@@ -6,7 +6,7 @@
    augmented views (SimCLR's loss, temperature tau): for 2N embeddings z (L2-normalised),
    loss = mean_i -log( exp(z_i.z_p(i)/tau) / sum_{k != i} exp(z_i.z_k/tau) ), p(i) the other view of i.
 3. One-shot global magnitude pruning of the trained weights (`magnitude_masks`, the same rule as the
-   graph pass graphopt.passes.omp), rewinding the kept weights to their initial values.
+   graph pass graphopt.passes.sparse.omp), rewinding the kept weights to their initial values.
 4. Fine-tuning with cross-entropy under the mask (masked weights and their gradients held at zero).
 5. Export to ONNX and graphopt's dead-unit elimination (exact), so the file physically shrinks.
 
@@ -120,7 +120,7 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def magnitude_masks(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
     """Global one-shot magnitude masks (True: kept) over every Linear/Conv weight."""
-    from graphopt.passes.omp import magnitude_masks as graph_masks
+    from graphopt.passes.sparse.omp import magnitude_masks as graph_masks
 
     arrays = {name: weight.detach().cpu().numpy() for name, weight in prunable_weights(model).items()}
     return {name: torch.from_numpy(mask) for name, mask in graph_masks(arrays, sparsity, "global").items()}

@@ -2,7 +2,7 @@
 of NCHW / [N, C]) or `dim=-1` (the last axis of token-major [N, T, C] activations).
 
 Both are written in plain tensor ops, so either torch exporter writes them as standard ONNX ops;
-`graphopt --method cob` recognises those decomposed forms (graphopt.passes.cob_patterns) and turns
+`graphopt --method cob` recognises those decomposed forms (graphopt.passes.channels.function_patterns) and turns
 them into the model-local functions graphopt.TSRA and graphopt.RMSNorm (graphopt.ops). The formulas
 are those of graphopt.ops.tsra and graphopt.ops.rms_norm.
 """

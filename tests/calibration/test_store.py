@@ -20,7 +20,7 @@ from graphopt.calibration.store import StaleStatsError, StatsFile, load_stats, s
 from graphopt.cli import main
 from graphopt.errors import DataError, OutputPathError
 from graphopt.ir import graph as ir
-from graphopt.passes import PassContext, PassManager, prepasses
+from graphopt.passes import PassContext, PassManager, normalising_passes
 
 
 def bn_model(second_weight_scale: float = 1.0) -> onnx.ModelProto:
@@ -54,7 +54,7 @@ def bn_data(seed: int = 1, count: int = 10) -> dict[str, np.ndarray]:
 
 def prepassed(model: onnx.ModelProto, ctx: PassContext) -> object:
     graph = ir.import_graph(model)
-    PassManager(prepasses()).run(graph, ctx)
+    PassManager(normalising_passes()).run(graph, ctx)
     return graph
 
 

@@ -8,7 +8,7 @@ weight, optional Add of a constant [n] bias) whose only reader is a Relu, in flo
   first; W's columns are permuted into that order, the op gathers X by it;
 - m = round(probe · d), 1 <= m < d; checkpoints [m] (threshold rule) or m, 2m, 4m, ... (sequential);
 - the scores of every row at every checkpoint, from which `calibrate(fnr)` sets the thresholds
-  (graphopt.passes.exprune_calib) at any false-negative rate without recomputing them.
+  (graphopt.passes.exprune.calib) at any false-negative rate without recomputing them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
-from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
 

@@ -7,7 +7,7 @@ mixed across tokens and merged back for the output projection:
     -> Transpose [N, T, H, dh] -> Reshape [N, T, H·dh] -> MatMul Wo.
 The mixing A multiplies V from the left, so it acts identically on every value channel of a head:
 for a block-diagonal Q = blockdiag(Q_1, ..., Q_H) (Q_h orthogonal, dh×dh) on the merged channel axis,
-A (V Qᵀ)_h = (A V_h) Q_hᵀ, head by head. Hence, with the convention of graphopt.passes.cob_rotation
+A (V Qᵀ)_h = (A V_h) Q_hᵀ, head by head. Hence, with the convention of graphopt.passes.cob.rotation
 (producer W' = W Qᵀ on its output columns, i.e. v' = Q v per row; b' = Q b; consumer Wo' = Q Wo on its
 input rows) the merged tensor becomes C' = C Qᵀ and C' Wo' = C Wo exactly (in exact arithmetic).
 

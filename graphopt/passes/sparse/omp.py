@@ -6,7 +6,7 @@ layers at once (`omp_scope="global"`, the IUNET/lottery-ticket setting) or withi
 (`omp_scope="layer"`). Weights already zero are the smallest, so a second run at the same S changes
 nothing. `keep_first_last` spares the first layers (no weighted layer upstream of them) and the last
 (none downstream), which also leaves them out of the global count. Zeroing is not exact (it is the
-method); the dead-unit elimination that follows (graphopt.passes.dead_units) is, so the pruned graph
+method); the dead-unit elimination that follows (graphopt.passes.sparse.dead_units) is, so the pruned graph
 and the smaller one compute the same function.
 """
 
@@ -22,7 +22,7 @@ from graphopt.analysis.groups import name_nodes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.dead_units import eliminate
+from graphopt.passes.sparse.dead_units import eliminate
 
 log = logging.getLogger(__name__)
 

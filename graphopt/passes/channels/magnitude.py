@@ -3,7 +3,7 @@
 Importance of channel i of a group (magnitude): the L1 (or L2) norm of every producer weight slice
 that writes channel i, summed over all producers coupled in the group (residual streams, head-split
 projections, ...). Random: seeded uniform scores. Both need no calibration data. The global budget
-(graphopt.passes.prune_budget) picks per-group counts; the engine (graphopt.passes.prune_engine)
+(graphopt.passes.channels.budget) picks per-group counts; the engine (graphopt.passes.channels.engine)
 rewrites the graph. Channels whose producers are all zero score 0 and go first: removing them is exact.
 """
 
@@ -19,10 +19,10 @@ from graphopt.analysis.macs import count_cost
 from graphopt.analysis.shapes import batch1_shapes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.cob_patterns import canonicalise
+from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.prune_budget import MacModel, choose_counts, minimum_counts, top_indices
-from graphopt.passes.prune_engine import apply_kept
+from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
+from graphopt.passes.channels.engine import apply_kept
 
 log = logging.getLogger(__name__)
 

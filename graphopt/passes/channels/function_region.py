@@ -1,5 +1,5 @@
 """Numerical evaluation of small regions of standard ops, for recognising decomposed activations
-(graphopt.passes.cob_patterns).
+(graphopt.passes.channels.function_patterns).
 
 `region` collects the nodes between anchor tensors and a source (only elementwise ops, Slice/Split and
 reductions, constants read from the graph, at most MAX_REGION nodes); `evaluate` runs them in float64 on

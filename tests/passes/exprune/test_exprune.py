@@ -235,7 +235,7 @@ def test_pipeline_snp_then_exprune(tmp_path) -> None:
 def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "samples"
+    root = Path(__file__).resolve().parents[3] / "samples"
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential")
@@ -270,7 +270,7 @@ def test_a_single_input_has_nothing_to_probe(trans_b: int) -> None:
 def test_layer_kinds_can_be_chosen(kinds: str, want: dict[str, int]) -> None:
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2] / "samples"
+    root = Path(__file__).resolve().parents[3] / "samples"
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_layers=kinds, exprune_fnr=0.0,

@@ -126,7 +126,7 @@ def test_the_probe_tells_the_normalised_axes_apart(tokens: int, axes: str, expec
     """x / sqrt(mean(x², axes) + eps) on [N, T, 16]: over the last axis (also with T = 1), over tokens,
     or over both (no RMS norm of one axis: left alone)."""
     from graphopt.ir import graph as ir
-    from graphopt.passes.cob_patterns import canonicalise
+    from graphopt.passes.channels.function_patterns import canonicalise
     from tests.conftest import tiny
 
     body = f"""squares = Mul(x, x)

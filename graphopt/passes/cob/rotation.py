@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.cob_chains import Chain
+from graphopt.passes.cob.chains import Chain
 
 DIAGONAL = 1e-6
 

@@ -2,7 +2,7 @@
 
 For every channel group (graphopt.analysis.groups) the statistics come from the tensors at which
 channel-mixing consumers (Conv, Gemm, MatMul with a constant weight) read the group, after any
-per-channel ops; graphopt.passes.snp_plan orders each group's units and decides how many stay
+per-channel ops; graphopt.passes.snp.plan orders each group's units and decides how many stay
 (one global retained-variance cut, `keep_variance`, or a MAC target, `target_macs`).
 
 Reconstruction is per consumer, on the whole tensor it reads (all groups at once): with P the pruned
@@ -30,12 +30,12 @@ from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.prune_budget import MacModel
-from graphopt.passes.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
-from graphopt.passes.prune_engine import kept_positions
-from graphopt.passes.prune_magnitude import analyse, split_groups
-from graphopt.passes.snp_math import reconstruction
-from graphopt.passes.snp_plan import counts, fill, orderings, variance_for_target
+from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.channels.engine import kept_positions
+from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.snp.maths import reconstruction
+from graphopt.passes.snp.plan import counts, fill, orderings, variance_for_target
 
 log = logging.getLogger(__name__)
 

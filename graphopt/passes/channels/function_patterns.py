@@ -31,7 +31,7 @@ from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
 from graphopt.ops.rms_norm import build_rms_norm_function
 from graphopt.ops.tsra import build_tsra_function
-from graphopt.passes.cob_region import (MAX_PROBE_RANK, TOLERANCE, constant_value, eps_candidates, evaluate,
+from graphopt.passes.channels.function_region import (MAX_PROBE_RANK, TOLERANCE, constant_value, eps_candidates, evaluate,
                                         probe_rows, region)
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ import pytest
 from graphopt.calibration.data import load_data
 from graphopt.calibration.maps import sample_maps
 from graphopt.ir import graph as ir
-from graphopt.passes.exprune_calib import Calibrated
-from graphopt.passes.exprune_conv import ConvLayer, ConvScoring, calibrate_conv, match_conv, replace_conv
+from graphopt.passes.exprune.calib import Calibrated
+from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, calibrate_conv, match_conv, replace_conv
 from tests.conftest import init, op_types, run_ort, tiny, weights
 
 

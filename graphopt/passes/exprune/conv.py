@@ -4,10 +4,10 @@ Matches a 2-D Conv (group 1, constant float32 weight [M, C, kh, kw], optional co
 is folded into Conv by the pre-passes) whose only reader is a Relu. auto_pad VALID becomes pads 0;
 SAME_UPPER / SAME_LOWER become explicit pads where the input's spatial size is known, and are declined
 otherwise. The exchangeable terms of one output position are its C·kh·kw input-channel × kernel-tap
-products; rows of the shared threshold calibration (graphopt.passes.exprune_calib) are output positions.
+products; rows of the shared threshold calibration (graphopt.passes.exprune.calib) are output positions.
 
 Per layer, from sampled input feature maps [r, C, H, W] (`ConvScoring`, the counterpart of
-graphopt.passes.exprune_linear.LinearScoring; `calibrate_conv` is one scoring calibrated at one rate):
+graphopt.passes.exprune.linear.LinearScoring; `calibrate_conv` is one scoring calibrated at one rate):
 - probe order: channels ranked by E[x_c²] · ||W[:, c]||² (mean over samples and positions; the sum over
   output channels and taps), largest first; W's input channels are permuted into that order;
 - m = round(probe · C), clamped to [1, C − 1]; checkpoints [m] (threshold rule) or m, 2m, 4m, ... < C
@@ -34,7 +34,7 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
                                        output_size, prefix_sums)
-from graphopt.passes.exprune_calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def match_conv(graph: gs.Graph, node: gs.Node) -> ConvLayer | str:
 class ConvScoring:
     """Scores of every output position of sampled input maps [r, C, H, W] for one layer, probe and rule.
 
-    Mirrors graphopt.passes.exprune_linear.LinearScoring: the scores are computed once, `calibrate(fnr)`
+    Mirrors graphopt.passes.exprune.linear.LinearScoring: the scores are computed once, `calibrate(fnr)`
     sets thresholds at any false-negative rate from them, `measure` evaluates thresholds on other maps.
     `max_positions` bounds memory (P · M · c float32 scores): each chunk of maps keeps a seeded uniform
     subset of its output positions, the same fraction in every chunk.

@@ -1,8 +1,8 @@
 """ExPrune: per-input dynamic neuron pruning of linear+ReLU and Conv+ReLU layers (graphopt.ops.exprune*).
 
-Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune_linear) or
-`graphopt.ExPruneConvRelu` (graphopt.passes.exprune_conv) op whose thresholds are calibrated on data
-(graphopt.passes.exprune_calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
+Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear) or
+`graphopt.ExPruneConvRelu` (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
+(graphopt.passes.exprune.calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
 output positions of the first `exprune_maps` input maps for convolutions (a seeded subset of at most
 POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held). Two modes:
 
@@ -37,9 +37,9 @@ from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.exprune_calib import Calibrated
-from graphopt.passes.exprune_conv import ConvLayer, ConvScoring, match_conv, replace_conv
-from graphopt.passes.exprune_linear import LinearLayer, LinearScoring, match_linear, replace_linear
+from graphopt.passes.exprune.calib import Calibrated
+from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
+from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
 
 log = logging.getLogger(__name__)
 

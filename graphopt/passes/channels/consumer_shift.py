@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Site
 from graphopt.ir import graph as ir
-from graphopt.passes.prune_engine import apply_kept, kept_positions
+from graphopt.passes.channels.engine import apply_kept, kept_positions
 
 Shifts = dict[str, tuple[gs.Node, np.ndarray]]
 

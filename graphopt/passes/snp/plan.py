@@ -3,7 +3,7 @@
 A group's covariance sums, over the tensors where linear consumers read it and over each place the
 group occurs in them (heads, flattened blocks), the covariance of its units; its readout (for the
 output criterion) sums WᵀW of those consumers the same way. `orderings` ranks the units
-(graphopt.passes.snp_math) and normalises the LDLᵀ variances D to fractions of the group's unique
+(graphopt.passes.snp.maths) and normalises the LDLᵀ variances D to fractions of the group's unique
 variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
 (a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
 others); `variance_for_target` bisects V for a MAC target and `fill` spends what is left of the
@@ -20,8 +20,8 @@ from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import TensorStats
 from graphopt.passes.base import PassResult
-from graphopt.passes.prune_budget import MacModel
-from graphopt.passes.snp_math import ldl_diagonal, output_order, zca_order
+from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.snp.maths import ldl_diagonal, output_order, zca_order
 
 REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
 

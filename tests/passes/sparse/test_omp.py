@@ -16,7 +16,7 @@ from onnx import numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.errors import GraphoptError
-from graphopt.passes.omp import magnitude_masks
+from graphopt.passes.sparse.omp import magnitude_masks
 from tests.conftest import assert_equivalent, init, random_inputs, run_ort, tiny, weights
 
 try:

@@ -16,7 +16,7 @@ The channel axis is 1 for Conv/Gemm producers and the last axis for MatMul produ
 [N, T, C] activations; statistics then take every leading position as a row); Transpose moves it.
 A constant bias Add that is the producer's only reader (how exporters write nn.Linear on [N, T, C])
 belongs to the producer: its vector is rotated as b' = Q b. A Reshape splitting a last channel axis
-into attention heads [H, dh] hands over to graphopt.passes.cob_heads, which follows the heads through
+into attention heads [H, dh] hands over to graphopt.passes.cob.heads, which follows the heads through
 the token mixing to the Reshape merging them back; the rotation is then block-diagonal per head
 (`heads` > 1, cut points every dh channels) and pruning keeps the same count in every head.
 """
@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.function_rules import normalised_axis
 from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
-from graphopt.passes.cob_heads import head_split, through_heads
+from graphopt.passes.cob.heads import head_split, through_heads
 
 _NONLINEAR = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSwish", "HardSigmoid",
               "Clip", "Mish", "Swish", "PRelu", "Abs", "Exp", "Log", "Sqrt", "Erf"}

@@ -1,12 +1,12 @@
 """CoB: change-of-basis pruning (Ning and Rangaraju, arXiv 2511.16061) on TSRA / RMS-norm networks.
 
 1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
-   (graphopt.passes.cob_patterns); exact up to float rounding.
-2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob_chains),
-   channels on axis 1 or last (token-major), per head through attention (graphopt.passes.cob_heads);
+   (graphopt.passes.channels.function_patterns); exact up to float rounding.
+2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob.chains),
+   channels on axis 1 or last (token-major), per head through attention (graphopt.passes.cob.heads);
    illegal ones are reported with the offending op.
 3. Per chain and per subspace (TSRA splits, attention heads), a rotation from calibration data is
-   folded into the weights (graphopt.passes.cob_rotation): PCA of the Gram of the tensors the consumers
+   folded into the weights (graphopt.passes.cob.rotation): PCA of the Gram of the tensors the consumers
    read (for heads: the merged, token-mixed values that the output projection reads), or L1-PCA
    on a bounded row sample (graphopt.calibration.sample). Rotation alone is exact: the model computes
    the same function (to float rounding of the rotated weights).
@@ -32,14 +32,14 @@ from graphopt.calibration.stats import StatRequest, single_threaded_blas
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
-from graphopt.passes.cob_chains import Chain, find_chains
-from graphopt.passes.cob_patterns import canonicalise
-from graphopt.passes.cob_rotation import fold, l1pca_basis, pca_basis
-from graphopt.passes.prune_budget import MacModel
-from graphopt.passes.prune_engine import apply_kept
-from graphopt.passes.prune_magnitude import analyse
-from graphopt.passes.snp import consumer_statistics, linear_consumers, prune_reconstructed
-from graphopt.passes.snp_plan import Ordering, counts, fill, variance_for_target
+from graphopt.passes.cob.chains import Chain, find_chains
+from graphopt.passes.channels.function_patterns import canonicalise
+from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
+from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.channels.engine import apply_kept
+from graphopt.passes.channels.magnitude import analyse
+from graphopt.passes.snp.prune import consumer_statistics, linear_consumers, prune_reconstructed
+from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)
 
