@@ -1,7 +1,7 @@
 """Channel groups: every coupled set of channels that can shrink together, and where it lives.
 
 `find_groups(graph, shapes)` walks the graph in topological order. Each op type has a rule
-(graphopt.analysis.rules) that reads the `ChannelState` of its inputs, sets those of its outputs,
+(registered once per op in graphopt.analysis.oprules) that reads the `ChannelState` of its inputs, sets those of its outputs,
 couples atoms (merges), and records *sites*: the places a pruning engine must rewrite (a weight axis
 to slice, a Split's sizes, a Reshape's shape entry, ...). An input that carries channels into an op
 without a rule blocks its group, as do graph outputs and tensors read inside subgraphs.
@@ -12,134 +12,13 @@ and, if not, why. Shapes come from a batch-1 shape inference (`shapes`, by tenso
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.channels import AtomTable, ChannelState
+from graphopt.analysis.oprules import rule_for
+from graphopt.analysis.registry import opsets_of
+from graphopt.analysis.state import Analysis, CostTerm, Group, Site, constant_values
 
-
-@dataclass
-class Site:
-    """A place to rewrite when the channels of `state` shrink.
-
-    kinds: "weight" (slice constant input `index` along `axis`; `role` producer/consumer/param),
-    "split" (recompute split sizes from `outputs`), "slice" (recompute bounds on `axis`),
-    "shape" (entry `axis` of the shape constant at input `index`), "group" (depthwise group count),
-    "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split).
-    """
-
-    kind: str
-    node: gs.Node
-    state: ChannelState
-    index: int = 0
-    axis: int = 0
-    role: str = "param"
-    outputs: list[ChannelState] = field(default_factory=list)
-
-
-@dataclass
-class CostTerm:
-    """MACs of one node scale with the kept fraction of each listed channel state."""
-
-    node: gs.Node
-    states: list[ChannelState]
-
-
-@dataclass
-class Group:
-    root: int
-    size: int
-    sites: list[Site]
-    blocked: str | None
-
-    @property
-    def prunable(self) -> bool:
-        return self.blocked is None and any(s.role == "producer" for s in self.sites)
-
-    def describe(self) -> dict[str, Any]:
-        members = sorted({f"{s.node.name}:{s.role if s.kind == 'weight' else s.kind}" for s in self.sites})
-        return {"id": self.root, "size": self.size, "prunable": self.prunable,
-                "reason": self.blocked or (None if self.prunable else "no producer weights"),
-                "members": members}
-
-
-class Analysis:
-    """State shared by the rules while walking one graph."""
-
-    def __init__(self, graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.graph = graph
-        self.shapes = shapes
-        self.atoms = AtomTable()
-        self.states: dict[str, ChannelState] = {}
-        self.sites: list[Site] = []
-        self.costs: list[CostTerm] = []
-
-    # -- states -------------------------------------------------------------------------------
-    def state(self, tensor: gs.Tensor) -> ChannelState | None:
-        return self.states.get(tensor.name) if tensor.name else None
-
-    def set_state(self, tensor: gs.Tensor, state: ChannelState | None) -> None:
-        if state is not None and tensor.name:
-            self.states[tensor.name] = state
-
-    def shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
-        if isinstance(tensor, gs.Constant):
-            return tuple(tensor.shape)
-        return self.shapes.get(tensor.name)
-
-    def rank(self, tensor: gs.Tensor) -> int | None:
-        shape = self.shape(tensor)
-        return None if shape is None else len(shape)
-
-    def size(self, state: ChannelState) -> int:
-        return self.atoms.total(self.atoms.leaves(state.atoms))
-
-    def new_state(self, axis: int, size: int) -> ChannelState:
-        return ChannelState(axis, (self.atoms.new(size),))
-
-    # -- coupling and recording ---------------------------------------------------------------
-    def block(self, state: ChannelState | None, reason: str) -> None:
-        if state is not None:
-            self.atoms.block(state.atoms, reason)
-
-    def block_inputs(self, node: gs.Node, reason: str) -> None:
-        for tensor in node.inputs:
-            self.block(self.state(tensor), f"{node.name} ({node.op}): {reason}")
-
-    def unify(self, first: ChannelState, second: ChannelState, where: gs.Node) -> bool:
-        if first.factor != second.factor or not self.atoms.unify(first.atoms, second.atoms):
-            reason = f"{where.name} ({where.op}): merges channel layouts that do not line up"
-            self.block(first, reason)
-            self.block(second, reason)
-            return False
-        return True
-
-    def site(self, kind: str, node: gs.Node, state: ChannelState, **extra: Any) -> None:
-        self.sites.append(Site(kind, node, state, **extra))
-
-    def cost(self, node: gs.Node, *states: ChannelState | None) -> None:
-        self.costs.append(CostTerm(node, [s for s in states if s is not None]))
-
-    # -- results ------------------------------------------------------------------------------
-    def leaf_sites(self) -> dict[int, list[Site]]:
-        by_root: dict[int, list[Site]] = {}
-        for site in self.sites:
-            for state in (site.state, *site.outputs):
-                for leaf in self.atoms.leaves(state.atoms):
-                    bucket = by_root.setdefault(self.atoms.find(leaf), [])
-                    if not bucket or bucket[-1] is not site:
-                        bucket.append(site)
-        return by_root
-
-    def groups(self) -> list[Group]:
-        by_root = self.leaf_sites()
-        roots = sorted({self.atoms.find(leaf) for state in self.states.values()
-                        for leaf in self.atoms.leaves(state.atoms)} | set(by_root))
-        return [Group(root, self.atoms.sizes[root], by_root.get(root, []), self.atoms.blocked.get(root))
-                for root in roots]
+__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "name_nodes", "subgraph_reads"]
 
 
 def subgraph_reads(graph: gs.Graph) -> set[str]:
@@ -171,20 +50,15 @@ def name_nodes(graph: gs.Graph) -> None:
 
 
 def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis:
-    from graphopt.analysis.rules import RULES, no_rule
-
     analysis = Analysis(graph, shapes)
     name_nodes(graph)
     captured = subgraph_reads(graph)
+    opsets = opsets_of(graph)
     for node in graph.nodes:
-        RULES.get(node.op, no_rule)(node, analysis)
+        rule_for(node, opsets).channels(node, analysis)
     for name in captured:
         state = analysis.states.get(name)
         analysis.block(state, f"tensor '{name}' is read inside a subgraph")
     for output in graph.outputs:
         analysis.block(analysis.state(output), f"graph output '{output.name}'")
     return analysis
-
-
-def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None

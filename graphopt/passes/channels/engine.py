@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable, ChannelState
 from graphopt.analysis.groups import Analysis, Site
-from graphopt.analysis.reshape_rules import shape_entry
+from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.ir import graph as ir
 
 

@@ -27,18 +27,10 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.function_rules import normalised_axis
+from graphopt.analysis.oprules import rule_for
+from graphopt.analysis.registry import opsets_of
 from graphopt.ir import graph as ir
-from graphopt.ops.functions import DOMAIN
 from graphopt.passes.cob.heads import head_split, through_heads
-
-_NONLINEAR = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "HardSwish", "HardSigmoid",
-              "Clip", "Mish", "Swish", "PRelu", "Abs", "Exp", "Log", "Sqrt", "Erf"}
-_WHY = {"BatchNormalization": "per-channel scale (BatchNorm)", "InstanceNormalization": "per-channel scale",
-        "MaxPool": "max pooling is not equivariant to rotations", "GlobalMaxPool": "max pooling is not equivariant",
-        "Add": "per-channel bias add", "Sub": "per-channel bias add", "Mul": "per-channel scale",
-        "Div": "per-channel scale"}
-
 
 @dataclass
 class Chain:
@@ -75,95 +67,54 @@ def producer_axis(node: gs.Node) -> int | None:
     return None
 
 
+def _weight_input_axis(node: gs.Node) -> tuple[int, str] | None:
+    """(input-channel axis of the weight, where the data's channels must be) of a rotatable consumer."""
+    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
+        return 1, "first"
+    if node.op == "Gemm" and not node.attrs.get("transA", 0):
+        return (1 if node.attrs.get("transB", 0) else 0), "first"
+    if node.op == "MatMul" and node.inputs[1].values.ndim == 2:
+        return 0, "last"
+    return None
+
+
 def _consumer_axis(node: gs.Node, tensor: gs.Tensor, axis: int, rank: int | None) -> int | None:
     if not _constant_weight(node) or node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
         return None
-    if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1 and axis == 1:
-        return 1
-    if node.op == "Gemm" and not node.attrs.get("transA", 0) and axis == 1:
-        return 1 if node.attrs.get("transB", 0) else 0
-    if node.op == "MatMul" and node.inputs[1].values.ndim == 2 and rank is not None and axis == rank - 1:
-        return 0
-    return None
+    found = _weight_input_axis(node)
+    if found is None:
+        return None
+    weight_axis, where = found
+    data_axis = 1 if where == "first" else (rank - 1 if rank is not None else None)
+    return weight_axis if axis == data_axis else None
 
 
 def _rank(tensor: gs.Tensor) -> int | None:
     return None if tensor.shape is None else len(tensor.shape)
 
 
-def _squeezes_unit_map(tensor: gs.Tensor, output: gs.Tensor) -> bool:
-    """A Reshape of [N, C, 1, ..., 1] to [N, C] (a Flatten of a 1x1 map, as the dynamo exporter writes it)."""
-    before, after = tensor.shape, output.shape
-    if before is None or after is None or len(after) != 2 or len(before) < 2:
-        return False
-    return all(isinstance(d, int) and d == 1 for d in before[2:]) and after[1] == before[1]
+def _passes(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> tuple[int, str | None]:
+    """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why):
+    the op's registered rotation rule (graphopt.analysis.oprules) decides."""
+    outcome = rule_for(node, opsets).rotation(node, tensor, axis)
+    return (-1, outcome) if isinstance(outcome, str) else (outcome, None)
 
 
-def _spatial_axes(node: gs.Node, tensor: gs.Tensor, axis: int) -> bool:
-    """A keepdims reduction over constant axes that leave the channel axis alone (per-channel linear)."""
-    rank = _rank(tensor)
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        axes = node.inputs[1].values.reshape(-1).tolist()
-    if rank is None or not axes or not int(node.attrs.get("keepdims", 1)):
-        return False
-    return axis not in {int(a) % rank for a in axes}
-
-
-def _through_norm(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
-    """graphopt.RMSNorm (any Q) and graphopt.TSRA (Q block-diagonal over its split) commute with
-    rotations of the axis they normalise, and with no rotation of another."""
-    normalised = normalised_axis(node, _rank(tensor))
-    if normalised is None:
-        return -1, f"{node.op} axis {node.attrs.get('axis', 1)} with unknown or smaller rank"
-    if normalised != axis:
-        return -1, f"{node.op} over axis {normalised}, not the chain's channel axis {axis}: not equivariant"
-    return axis, None
-
-
-def _passes(node: gs.Node, tensor: gs.Tensor, axis: int) -> tuple[int, str | None]:
-    """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why)."""
-    if node.op in _WHY and any(t is not tensor and not isinstance(t, gs.Constant) for t in node.inputs):
-        return -1, "combines the channels with another variable tensor (a residual add or a gate)"
-    if node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
-        return -1, "reads the channels twice or as a parameter"
-    op = node.op
-    if op == "Identity" or (op == "Dropout" and not any(t.outputs for t in node.outputs[1:])):
-        return axis, None
-    if op == "Transpose":
-        perm, rank = node.attrs.get("perm"), _rank(tensor)
-        if perm is None and rank is None:
-            return -1, "Transpose of unknown rank"
-        return [int(p) for p in (perm if perm is not None else range(rank - 1, -1, -1))].index(axis), None
-    if op in ("AveragePool", "GlobalAveragePool") and axis == 1:
-        return axis, None
-    if op == "Flatten" and axis == 1 and int(node.attrs.get("axis", 1)) == 1:
-        shape = tensor.shape
-        if shape is not None and all(isinstance(d, int) and d == 1 for d in shape[2:]):
-            return 1, None
-        return -1, "Flatten of a map larger than 1x1 mixes positions into features"
-    if op == "Reshape" and axis == 1 and _squeezes_unit_map(tensor, node.outputs[0]):
-        return 1, None
-    if op in ("ReduceMean", "ReduceSum") and _spatial_axes(node, tensor, axis):  # e.g. a global average pool
-        return axis, None
-    if node.domain == DOMAIN and op in ("RMSNorm", "TSRA"):
-        return _through_norm(node, tensor, axis)
-    if op in _NONLINEAR:
-        return -1, "elementwise nonlinearity is not equivariant to rotations"
-    return -1, _WHY.get(op, "not equivariant to a rotation of the channels")
+def _only_add_reader(graph: gs.Graph, output: gs.Tensor) -> gs.Node | None:
+    readers = ir.consumers(output)
+    if len(readers) != 1 or readers[0].op != "Add" or ir.is_graph_io(graph, output):
+        return None
+    add = readers[0]
+    return add if len(add.inputs) == 2 and sum(t is output for t in add.inputs) == 1 else None
 
 
 def bias_add(graph: gs.Graph, producer: gs.Node, axis: int, channels: int) -> tuple[gs.Node, int] | None:
     """(Add, constant index) when the producer's only reader adds a constant vector along `axis`, the
     last axis, alone (a bias on channels that are not last stays an illegal per-channel Add)."""
     output = producer.outputs[0]
-    readers = ir.consumers(output)
     rank = _rank(output)
-    if len(readers) != 1 or readers[0].op != "Add" or rank is None or axis != rank - 1 \
-            or ir.is_graph_io(graph, output):
-        return None
-    add = readers[0]
-    if len(add.inputs) != 2 or sum(t is output for t in add.inputs) != 1:
+    add = _only_add_reader(graph, output)
+    if add is None or rank is None or axis != rank - 1:
         return None
     index = 1 if add.inputs[0] is output else 0
     constant = add.inputs[index]
@@ -189,22 +140,48 @@ def _split_heads(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor
     return through_heads(graph, node, heads, head_dim)
 
 
-def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
-    """The legal chain starting at `producer`, or the reason there is none."""
-    axis_w = producer_axis(producer)
-    if axis_w is None:
-        return f"{producer.name} ({producer.op}): not a rotatable producer"
+def _start(graph: gs.Graph, producer: gs.Node, axis_w: int) -> tuple[Chain, gs.Tensor, int]:
+    """The chain's record, the tensor its walk starts from (after a bias Add it owns) and its channel axis."""
     output = producer.outputs[0]
     rank = _rank(output)
     chain = Chain(producer, axis_w, int(producer.inputs[1].values.shape[axis_w]))
-    outputs = {t.name for t in graph.outputs}
     start = 1 if producer.op != "MatMul" or rank is None else rank - 1
     has_bias = len(producer.inputs) > 2 and producer.inputs[2].name
     chain.bias = None if has_bias else bias_add(graph, producer, start, chain.channels)
     if chain.bias is not None:
         output = chain.bias[0].outputs[0]
-    pending = [(output, start)]
-    seen: set[str] = set()
+    return chain, output, start
+
+
+def _visit(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor, axis: int,
+           opsets: dict[str, int]) -> list[tuple[gs.Tensor, int]] | str:
+    """Follow the chain through one reader of `tensor`: the tensors to continue from, or why it ends."""
+    consumer = _consumer_axis(node, tensor, axis, _rank(tensor))
+    if consumer is not None:
+        chain.consumers.append((node, consumer))
+        chain.reads[tensor.name] = axis
+        return []
+    merged = _split_heads(graph, chain, node, tensor, axis) if node.op == "Reshape" else None
+    if isinstance(merged, str):
+        return merged
+    if merged is not None:
+        return [(t, len(t.shape) - 1) for t in merged]
+    next_axis, why = _passes(node, tensor, axis, opsets)
+    if why is not None:
+        return f"{chain.producer.name} -> {node.name} ({node.op}): {why}"
+    if node.op == "TSRA":
+        chain.cuts.add(int(node.attrs["split"]))
+    return [(node.outputs[0], next_axis)]
+
+
+def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
+    """The legal chain starting at `producer`, or the reason there is none."""
+    axis_w = producer_axis(producer)
+    if axis_w is None:
+        return f"{producer.name} ({producer.op}): not a rotatable producer"
+    chain, output, start = _start(graph, producer, axis_w)
+    outputs, opsets = {t.name for t in graph.outputs}, opsets_of(graph)
+    pending, seen = [(output, start)], set()
     while pending:
         tensor, axis = pending.pop()
         if tensor.name in seen:
@@ -213,23 +190,10 @@ def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
         if tensor.name in outputs:
             return f"{producer.name} -> graph output '{tensor.name}'"
         for node in ir.consumers(tensor):
-            consumer = _consumer_axis(node, tensor, axis, _rank(tensor))
-            if consumer is not None:
-                chain.consumers.append((node, consumer))
-                chain.reads[tensor.name] = axis
-                continue
-            merged = _split_heads(graph, chain, node, tensor, axis) if node.op == "Reshape" else None
-            if isinstance(merged, str):
-                return merged
-            if merged is not None:
-                pending.extend((t, len(t.shape) - 1) for t in merged)
-                continue
-            next_axis, why = _passes(node, tensor, axis)
-            if why is not None:
-                return f"{producer.name} -> {node.name} ({node.op}): {why}"
-            if node.op == "TSRA":
-                chain.cuts.add(int(node.attrs["split"]))
-            pending.append((node.outputs[0], next_axis))
+            found = _visit(graph, chain, node, tensor, axis, opsets)
+            if isinstance(found, str):
+                return found
+            pending.extend(found)
     if not chain.consumers:
         return f"{producer.name} ({producer.op}): no linear consumer"
     return chain

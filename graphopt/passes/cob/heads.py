@@ -19,7 +19,7 @@ merges [H, dh] back into one last axis. Every reader of every tensor on the way 
 these; anything else (a nonlinearity, a Softmax over the head channels, reading V as the left
 operand, a graph output) makes the chain illegal with the op named. Pruning keeps the same number
 of rotated coordinates in every head, so the reshapes stay valid (the channel-group engine couples
-the head channels across heads and rewrites the shape constants; graphopt.analysis.reshape_rules).
+the head channels across heads and rewrites the shape constants; graphopt.analysis.oprules.reshape).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ residual stream goes only if it is removable in every member):
 
 - dead: every consumer weight slice that reads the channel is zero. Removing it is exact.
 - constant: every producer weight slice that writes it is zero, so it holds its bias, mapped through the
-  per-channel ops between producer and consumer (graphopt.passes.sparse.dead_units_values evaluates those it
+  per-channel ops between producer and consumer (graphopt.analysis.constant_flow evaluates those it
   can, exactly). Each consumer gets W[:, c] * value (summed over kernel taps; times alpha for Gemm)
   added to its bias, then the channel is removed. Exact everywhere except where a consumer pads the
   channel with zeros (Conv with padding, ConvTranspose): there the constant is folded only when it is 0.
@@ -27,7 +27,9 @@ from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, register
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
-from graphopt.passes.sparse.dead_units_values import Values, channel_constants, leaf_positions, nonzero_rows
+from graphopt.analysis.constant_flow import channel_constants
+from graphopt.analysis.constants import leaf_positions, nonzero_rows
+from graphopt.analysis.registry import Values
 from graphopt.passes.channels.magnitude import analyse
 
 log = logging.getLogger(__name__)

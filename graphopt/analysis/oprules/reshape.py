@@ -1,4 +1,4 @@
-"""Channel rules for Reshape and Flatten, the ops that re-lay channels out.
+"""Rules for Reshape and Flatten, the ops that re-lay channels out.
 
 With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod(in[:c]):
 - kept:    an output axis j with prod(out[:j]) = pre and out[j] = D carries the channels unchanged;
@@ -22,7 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
-from graphopt.analysis.groups import Analysis
+from graphopt.analysis.registry import equivariant, register
+from graphopt.analysis.state import Analysis
 
 
 def shape_entry(node: gs.Node, position: int) -> tuple[gs.Node, int, int] | None:
@@ -84,27 +85,41 @@ def _needs_edit(node: gs.Node, position: int) -> bool | None:
     return True
 
 
+def _kept_or_flattened(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int,
+                       j: int) -> tuple[str, int, int] | None:
+    """Output axis j carries input channel axis c unchanged, or as leading blocks of a flattened axis."""
+    dim = in_shape[c]
+    if out_shape[j] == dim and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1:]):
+        return "kept", j, 1
+    for k in range(1, len(in_shape) - c):
+        block = math.prod(in_shape[c + 1:c + 1 + k])
+        if out_shape[j] == dim * block and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1 + k:]):
+            return "flatten", j, block
+    if j + 1 < len(out_shape) and out_shape[j] * out_shape[j + 1] == dim and out_shape[j] > 1:
+        return "split", j + 1, out_shape[j]
+    return None
+
+
+def _merged_heads(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int) -> tuple[str, int, int] | None:
+    """Heads x head_dim (input axes c-1, c) merged back into one output axis."""
+    heads = in_shape[c - 1]
+    for j in range(1, len(out_shape)):
+        if math.prod(out_shape[:j]) == math.prod(in_shape[:c - 1]) and out_shape[j] == heads * in_shape[c] \
+                and out_shape[0] == in_shape[0]:
+            return "merge", j, heads
+    return None
+
+
 def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: ChannelState) -> tuple[str, int, int] | None:
     c = state.axis
-    dim, pre = in_shape[c], math.prod(in_shape[:c])
+    pre = math.prod(in_shape[:c])
     for j in range(len(out_shape)):
         if math.prod(out_shape[:j]) != pre or (c > 0 and (j == 0 or out_shape[0] != in_shape[0])):
             continue
-        if out_shape[j] == dim and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1:]):
-            return "kept", j, 1
-        for k in range(1, len(in_shape) - c):
-            block = math.prod(in_shape[c + 1:c + 1 + k])
-            if out_shape[j] == dim * block and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1 + k:]):
-                return "flatten", j, block
-        if j + 1 < len(out_shape) and out_shape[j] * out_shape[j + 1] == dim and out_shape[j] > 1:
-            return "split", j + 1, out_shape[j]
-    if c > 1:
-        heads = in_shape[c - 1]
-        for j in range(1, len(out_shape)):
-            if math.prod(out_shape[:j]) == math.prod(in_shape[:c - 1]) and out_shape[j] == heads * dim \
-                    and out_shape[0] == in_shape[0]:
-                return "merge", j, heads
-    return None
+        found = _kept_or_flattened(in_shape, out_shape, c, j)
+        if found is not None:
+            return found
+    return _merged_heads(in_shape, out_shape, c) if c > 1 else None
 
 
 def reshape_rule(node: gs.Node, a: Analysis) -> None:
@@ -154,3 +169,25 @@ def flatten_rule(node: gs.Node, a: Analysis) -> None:
     block = math.prod(in_shape[state.axis + 1:])
     a.set_state(node.outputs[0], ChannelState(1, state.atoms, state.factor * block))
 
+
+def _unit_map(shape: tuple | None) -> bool:
+    return shape is not None and all(isinstance(d, int) and d == 1 for d in shape[2:])
+
+
+def _reshape_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    """A Reshape of [N, C, 1, ..., 1] to [N, C] (a Flatten of a 1x1 map, as the dynamo exporter writes it)."""
+    before, after = tensor.shape, node.outputs[0].shape
+    if axis == 1 and before is not None and after is not None and len(after) == 2 and len(before) >= 2 \
+            and _unit_map(before) and after[1] == before[1]:
+        return 1
+    return "not equivariant to a rotation of the channels"
+
+
+def _flatten_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    if axis != 1 or int(node.attrs.get("axis", 1)) != 1:
+        return "not equivariant to a rotation of the channels"
+    return 1 if _unit_map(tensor.shape) else "Flatten of a map larger than 1x1 mixes positions into features"
+
+
+register("Reshape", channels=reshape_rule, layout=True, rotation=equivariant(_reshape_rotation))
+register("Flatten", channels=flatten_rule, layout=True, rotation=equivariant(_flatten_rotation))

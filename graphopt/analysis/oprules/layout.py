@@ -1,5 +1,5 @@
-"""Channel rules for ops that move channels without mixing them: Transpose, Concat, Split, Slice,
-Pad, Resize/Upsample, Squeeze/Unsqueeze, and Shape (which only reads the run-time shape).
+"""Rules for ops that move channels without mixing them: Transpose, Concat, Split, Slice, Pad,
+Resize/Upsample, Squeeze/Unsqueeze, and Shape (which only reads the run-time shape).
 
 Concat lays atoms end to end (an untracked input becomes a fixed, blocked segment); Split and Slice
 cut atoms at their bounds and record sites so the engine can recompute sizes and bounds; the others
@@ -13,16 +13,15 @@ import math
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
-from graphopt.analysis.groups import Analysis, constant_values
-from graphopt.analysis.rules import positive_axis, rule
+from graphopt.analysis.constants import keeps_when, pad as pad_constant
+from graphopt.analysis.registry import equivariant, positive_axis, register
+from graphopt.analysis.state import Analysis, constant_values
 
 
-@rule("Shape", "Size")
 def shape_of(node: gs.Node, a: Analysis) -> None:
     """Reads only the (run-time) shape: pruning changes the value it computes, consistently."""
 
 
-@rule("Transpose")
 def transpose(node: gs.Node, a: Analysis) -> None:
     state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
     if state is None:
@@ -31,7 +30,32 @@ def transpose(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], ChannelState(perm.index(state.axis), state.atoms, state.factor))
 
 
-@rule("Concat")
+def _concat_other_axis(node: gs.Node, a: Analysis, states: list[ChannelState | None]) -> None:
+    """Channels on an axis other than the concatenation axis: every input must carry them alike."""
+    others = [s for s in states if s is not None]
+    if len(others) == len(states) and all(s.axis == others[0].axis for s in others):
+        for state in others[1:]:
+            a.unify(others[0], state, node)
+        a.set_state(node.outputs[0], others[0])
+    else:
+        a.block_inputs(node, "concatenates along an axis other than the channel axis")
+
+
+def _concat_segments(node: gs.Node, a: Analysis, states: list[ChannelState | None], axis: int) -> list[int] | None:
+    """The atoms laid end to end; an untracked input becomes a fixed, blocked segment (None: size unknown)."""
+    atoms: list[int] = []
+    for tensor, state in zip(node.inputs, states):
+        if state is None:  # a fixed segment (graph input, constant): its channels stay
+            shape = a.shape(tensor)
+            if shape is None:
+                a.block_inputs(node, f"size of untracked input '{tensor.name}' unknown")
+                return None
+            state = a.new_state(axis, shape[axis])
+            a.block(state, f"{node.name} (Concat): segment from '{tensor.name}' is not prunable")
+        atoms.extend(state.atoms)
+    return atoms
+
+
 def concat(node: gs.Node, a: Analysis) -> None:
     rank = a.rank(node.outputs[0])
     if rank is None:
@@ -42,29 +66,14 @@ def concat(node: gs.Node, a: Analysis) -> None:
     if all(s is None for s in states):
         return
     if any(s is not None and s.axis != axis for s in states):
-        others = [s for s in states if s is not None]
-        if len(others) == len(states) and all(s.axis == others[0].axis for s in others):
-            for state in others[1:]:
-                a.unify(others[0], state, node)
-            a.set_state(node.outputs[0], others[0])
-        else:
-            a.block_inputs(node, "concatenates along an axis other than the channel axis")
+        _concat_other_axis(node, a, states)
         return
     if any(s is not None and s.factor != 1 for s in states):
         a.block_inputs(node, "concatenates flattened channels")
         return
-    atoms: list[int] = []
-    for tensor, state in zip(node.inputs, states):
-        if state is None:  # a fixed segment (graph input, constant): its channels stay
-            shape = a.shape(tensor)
-            if shape is None:
-                a.block_inputs(node, f"size of untracked input '{tensor.name}' unknown")
-                return
-            fixed = a.new_state(axis, shape[axis])
-            a.block(fixed, f"{node.name} (Concat): segment from '{tensor.name}' is not prunable")
-            state = fixed
-        atoms.extend(state.atoms)
-    a.set_state(node.outputs[0], ChannelState(axis, tuple(atoms)))
+    atoms = _concat_segments(node, a, states, axis)
+    if atoms is not None:
+        a.set_state(node.outputs[0], ChannelState(axis, tuple(atoms)))
 
 
 def _split_sizes(node: gs.Node, a: Analysis, total: int) -> list[int] | None:
@@ -77,7 +86,6 @@ def _split_sizes(node: gs.Node, a: Analysis, total: int) -> list[int] | None:
     return [total // count] * count if total % count == 0 else None
 
 
-@rule("Split")
 def split(node: gs.Node, a: Analysis) -> None:
     state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
     if state is None:
@@ -100,7 +108,14 @@ def split(node: gs.Node, a: Analysis) -> None:
     a.site("split", node, state, outputs=outputs)
 
 
-@rule("Slice")
+def _slice_bounds(values: list, position: int, size: int) -> tuple[int, int, int | None]:
+    """(start, stop, step) of the slice along the channel axis, clamped to [0, size]."""
+    steps = values[3] if len(values) > 3 and values[3] is not None else None
+    start, stop = (min(max(int(v[position]) + (size if int(v[position]) < 0 else 0), 0), size)
+                   for v in values[:2])
+    return start, stop, None if steps is None else int(steps[position])
+
+
 def slice_(node: gs.Node, a: Analysis) -> None:
     state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
     if state is None:
@@ -115,18 +130,14 @@ def slice_(node: gs.Node, a: Analysis) -> None:
         a.set_state(node.outputs[0], state)
         return
     position = axes.index(state.axis)
-    steps = values[3] if len(values) > 3 and values[3] is not None else None
-    size = a.size(state) * state.factor
-    start, stop = (min(max(int(v[position]) + (size if int(v[position]) < 0 else 0), 0), size)
-                   for v in values[:2])
-    if state.factor != 1 or (steps is not None and int(steps[position]) != 1) or stop <= start:
+    start, stop, step = _slice_bounds(values, position, a.size(state) * state.factor)
+    if state.factor != 1 or (step is not None and step != 1) or stop <= start:
         a.block(state, f"{node.name} (Slice): strided, empty or flattened channel slice")
         return
     a.set_state(node.outputs[0], ChannelState(state.axis, a.atoms.slice(state.atoms, start, stop)))
     a.site("slice", node, state, axis=position)
 
 
-@rule("Pad")
 def pad(node: gs.Node, a: Analysis) -> None:
     state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
     if state is None:
@@ -138,7 +149,6 @@ def pad(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], state)
 
 
-@rule("Resize", "Upsample")
 def resize(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
     if state is None:
@@ -154,7 +164,6 @@ def resize(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], state)
 
 
-@rule("Squeeze", "Unsqueeze")
 def squeeze(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
     if state is None:
@@ -169,3 +178,21 @@ def squeeze(node: gs.Node, a: Analysis) -> None:
             a.set_state(node.outputs[0], ChannelState(axis, state.atoms, state.factor))
             return
     a.block(state, f"{node.name} ({node.op}): removes the channel axis")
+
+
+def _transpose_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    perm, rank = node.attrs.get("perm"), None if tensor.shape is None else len(tensor.shape)
+    if perm is None and rank is None:
+        return "Transpose of unknown rank"
+    return [int(p) for p in (perm if perm is not None else range(rank - 1, -1, -1))].index(axis)
+
+
+register("Shape", "Size", channels=shape_of)
+register("Transpose", channels=transpose, layout=True, rotation=equivariant(_transpose_rotation))
+register("Concat", channels=concat, layout=True)
+register("Split", channels=split, layout=True)
+register("Slice", channels=slice_, layout=True)
+register("Squeeze", "Unsqueeze", channels=squeeze, layout=True)
+register("Pad", channels=pad, constant=pad_constant)
+register("Resize", "Upsample", channels=resize,
+         constant=keeps_when(lambda node: node.attrs.get("mode", "nearest") in ("nearest", "linear")))

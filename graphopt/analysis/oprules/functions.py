@@ -1,4 +1,4 @@
-"""Channel rules for graphopt's function ops (graphopt.ops): TSRA and weightless RMSNorm.
+"""Rules for graphopt's function ops (graphopt.ops): TSRA and weightless RMSNorm.
 
 - RMSNorm (graphopt domain) normalises by the sum of squares over its `axis` (attribute, default 1;
   negative counts from the end) divided by its `channels` attribute, which pruning leaves alone.
@@ -22,7 +22,8 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
-from graphopt.analysis.groups import Analysis
+from graphopt.analysis.registry import equivariant, register
+from graphopt.analysis.state import Analysis
 from graphopt.ops.functions import DOMAIN
 
 
@@ -63,3 +64,18 @@ def tsra_rule(node: gs.Node, a: Analysis) -> None:
     second = a.atoms.slice(state.atoms, split, total)
     a.site("count", node, ChannelState(state.axis, first), role="split")
     a.set_state(node.outputs[0], ChannelState(state.axis, first + second))
+
+
+def norm_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    """graphopt.RMSNorm (any Q) and graphopt.TSRA (Q block-diagonal over its split) commute with
+    rotations of the axis they normalise, and with no rotation of another."""
+    normalised = normalised_axis(node, None if tensor.shape is None else len(tensor.shape))
+    if normalised is None:
+        return f"{node.op} axis {node.attrs.get('axis', 1)} with unknown or smaller rank"
+    if normalised != axis:
+        return f"{node.op} over axis {normalised}, not the chain's channel axis {axis}: not equivariant"
+    return axis
+
+
+register("RMSNorm", domain=DOMAIN, channels=rms_norm_rule, rotation=equivariant(norm_rotation))
+register("TSRA", domain=DOMAIN, channels=tsra_rule, rotation=equivariant(norm_rotation))

@@ -1,0 +1,160 @@
+"""Elementwise ops: numpy-broadcasting binaries and one-input activations.
+
+Channels: a binary merges the channel states of its variable inputs (a residual Add couples its
+branches) and slices per-channel constant operands with the channels; an activation carries its
+input's state to its output. Constants: Add/Sub/Mul/Div and the activations listed with a function
+evaluate a dead unit's constant exactly. Rotations: nonlinear activations are not equivariant; a
+per-channel bias or scale is not either, and an op combining the channels with another variable
+(a residual add, a gate) ends a change-of-basis chain with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.constants import Elementwise, attr_or_input, binary, elementwise
+from graphopt.analysis.registry import RotationRule, declines, equivariant, reads_once, register
+from graphopt.analysis.state import Analysis
+
+NONLINEAR = "elementwise nonlinearity is not equivariant to rotations"
+
+
+def gated(reason: str) -> RotationRule:
+    """Not equivariant for `reason`; combining the channels with another variable tensor says so first."""
+    def rule(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+        if any(t is not tensor and not isinstance(t, gs.Constant) for t in node.inputs):
+            return "combines the channels with another variable tensor (a residual add or a gate)"
+        return reads_once(node, tensor) or reason
+    return rule
+
+
+# -- channels ---------------------------------------------------------------------------------
+
+def _broadcast_axis(node: gs.Node, a: Analysis, out_rank: int) -> ChannelState | None:
+    """The merged state of the tracked inputs on their common output axis (None: blocked)."""
+    tracked = [(t, a.state(t)) for t in node.inputs if a.state(t) is not None]
+    axes = {out_rank - a.rank(t) + s.axis for t, s in tracked}
+    if len(axes) != 1:
+        a.block_inputs(node, "inputs carry channels on different axes")
+        return None
+    first = tracked[0][1]
+    if not all(a.unify(first, state, node) for _, state in tracked[1:]):
+        return None
+    return ChannelState(axes.pop(), first.atoms, first.factor)
+
+
+def _operand_sites(node: gs.Node, a: Analysis, merged: ChannelState, out_rank: int) -> bool:
+    """Record per-channel constant operands as sites; False (and blocked) for any other operand."""
+    width = a.size(merged) * merged.factor
+    for index, tensor in enumerate(node.inputs):
+        if a.state(tensor) is not None or not tensor.name:
+            continue
+        shape = a.shape(tensor)
+        aligned = len(shape) - (out_rank - merged.axis) if shape is not None else -1
+        if shape is None or (aligned >= 0 and shape[aligned] not in (1, width)):
+            a.block(merged, f"{node.name} ({node.op}): operand '{tensor.name}' does not broadcast per channel")
+            return False
+        if aligned >= 0 and shape[aligned] != 1:
+            if not isinstance(tensor, gs.Constant):
+                a.block(merged, f"{node.name} ({node.op}): untracked variable operand '{tensor.name}'")
+                return False
+            a.site("weight", node, merged, index=index, axis=aligned, role="param")
+    return True
+
+
+def broadcast(node: gs.Node, a: Analysis) -> None:
+    """Elementwise ops with numpy broadcasting: variables merge, constants are sliced per channel."""
+    out_rank = a.rank(node.outputs[0])
+    if out_rank is None:
+        a.block_inputs(node, "output rank unknown")
+        return
+    merged = _broadcast_axis(node, a, out_rank)
+    if merged is not None and _operand_sites(node, a, merged, out_rank):
+        a.set_state(node.outputs[0], merged)
+
+
+def extra_outputs_read(node: gs.Node, a: Analysis) -> bool:
+    """True when an output after the first (Dropout's mask, MaxPool's indices) is read or is a graph output."""
+    outputs = {t.name for t in a.graph.outputs}
+    return any(t.name and (t.outputs or t.name in outputs) for t in node.outputs[1:])
+
+
+def unary(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    for tensor in node.inputs[1:]:
+        if a.state(tensor) is not None:
+            a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
+    if state is None:
+        return
+    if node.op == "Dropout":  # the mask has the data's layout
+        for output in node.outputs:
+            a.set_state(output, state)
+        return
+    if extra_outputs_read(node, a):
+        a.block(state, f"{node.name} ({node.op}): a second output (flat indices) is read")
+        return
+    a.set_state(node.outputs[0], state)
+
+
+# -- constants --------------------------------------------------------------------------------
+
+def _fixed(function: Elementwise) -> Elementwise:
+    return lambda node: function  # type: ignore[return-value]
+
+
+def _leaky_relu(node: gs.Node) -> Elementwise:
+    slope = float(node.attrs.get("alpha", 0.01))
+    return lambda x: np.where(x >= 0, x, slope * x)
+
+
+def _clip(node: gs.Node) -> Elementwise:
+    low, high = attr_or_input(node, "min", 1, -np.inf), attr_or_input(node, "max", 2, np.inf)
+    return lambda x: np.clip(x, low, high)
+
+
+def _hard_sigmoid(node: gs.Node) -> Elementwise:
+    slope, shift = float(node.attrs.get("alpha", 0.2)), float(node.attrs.get("beta", 0.5))
+    return lambda x: np.clip(slope * x + shift, 0.0, 1.0)
+
+
+def _elu(node: gs.Node) -> Elementwise:
+    scale = float(node.attrs.get("alpha", 1.0))
+    return lambda x: np.where(x >= 0, x, scale * (np.exp(x) - 1.0))
+
+
+def _dropout_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    if any(t.outputs for t in node.outputs[1:]):
+        return "not equivariant to a rotation of the channels"
+    return axis
+
+
+# -- registrations ----------------------------------------------------------------------------
+
+register("Add", channels=broadcast, constant=binary(np.add), rotation=gated("per-channel bias add"))
+register("Sub", channels=broadcast, constant=binary(np.subtract), rotation=gated("per-channel bias add"))
+register("Mul", channels=broadcast, constant=binary(np.multiply), rotation=gated("per-channel scale"))
+register("Div", channels=broadcast, constant=binary(np.divide), rotation=gated("per-channel scale"))
+register("PRelu", channels=broadcast, rotation=declines(NONLINEAR))
+register("Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater", "LessOrEqual",
+         "GreaterOrEqual", "And", "Or", "Xor", "Mod", channels=broadcast)
+
+ACTIVATIONS: dict[str, Callable[[gs.Node], Elementwise] | None] = {
+    "Relu": _fixed(lambda x: np.maximum(x, 0.0)), "LeakyRelu": _leaky_relu, "Clip": _clip,
+    "Sigmoid": _fixed(lambda x: 1.0 / (1.0 + np.exp(-x))), "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _fixed(lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)), "Elu": _elu, "Tanh": _fixed(np.tanh),
+    "Softplus": _fixed(lambda x: np.log1p(np.exp(x))), "Abs": _fixed(np.abs),
+    "Gelu": None, "Selu": None, "Mish": None, "Swish": None, "Exp": None, "Log": None, "Sqrt": None, "Erf": None,
+}  # nonlinear: constants evaluated where a function is given; none is equivariant to rotations
+for _op, _function in ACTIVATIONS.items():
+    register(_op, channels=unary, constant=elementwise(_function) if _function else None, rotation=declines(NONLINEAR))
+register("Neg", channels=unary, constant=elementwise(_fixed(np.negative)))
+register("Celu", "Softsign", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "ThresholdedRelu",
+         "Cast", "CastLike", "IsNaN", channels=unary)
+register("Gelu", domain="com.microsoft", channels=unary, rotation=declines(NONLINEAR))  # onnxruntime's fusions
+register("QuickGelu", domain="com.microsoft", channels=unary)
+register("Identity", channels=unary, layout=True, rotation=equivariant(lambda node, tensor, axis: axis))
+register("Dropout", channels=unary, layout=True, rotation=equivariant(_dropout_rotation))

@@ -1,0 +1,98 @@
+"""Normalising and reducing ops: BatchNormalization, InstanceNormalization, LayerNormalization and the
+other normalisations, softmaxes, reductions and arg-reductions.
+
+Channels: a per-channel normalisation slices its parameters with the channels; one that normalises
+over the channel axis blocks the group (removing a channel would change every other); a reduction
+over other axes moves the channel axis as keepdims says, one over the channel axis blocks. Constants:
+BatchNormalization in inference form. Rotations: a per-channel scale is not equivariant; a keepdims
+ReduceMean/ReduceSum over axes other than the channel axis is (a global average pool).
+"""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.constants import batchnorm
+from graphopt.analysis.oprules.elementwise import gated
+from graphopt.analysis.registry import equivariant, positive_axis, register
+from graphopt.analysis.state import Analysis, constant_values
+
+
+def norm_per_channel(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    if state.axis != 1 or any(constant_values(t) is None for t in node.inputs[1:]):
+        a.block(state, f"{node.name} ({node.op}): channels not on axis 1 or non-constant parameters")
+        return
+    for index in range(1, len(node.inputs)):
+        a.site("weight", node, state, index=index, axis=0, role="param")
+    a.set_state(node.outputs[0], state)
+
+
+def normalising(node: gs.Node, a: Analysis) -> None:
+    state = a.state(node.inputs[0])
+    rank = a.rank(node.inputs[0])
+    for tensor in node.inputs[1:]:
+        a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
+    if state is None or rank is None:
+        return
+    default = -1 if node.op in ("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax",
+                                "LpNormalization", "RMSNormalization") else 1
+    start = positive_axis(int(node.attrs.get("axis", default)), rank)
+    covered = state.axis >= start if node.op in ("LayerNormalization", "RMSNormalization") else \
+        state.axis == start or node.op in ("MeanVarianceNormalization", "GroupNormalization")
+    if covered:
+        a.block(state, f"{node.name} ({node.op}): normalises over the channel axis")
+        return
+    a.set_state(node.outputs[0], state)
+
+
+def reduced_axes(node: gs.Node, rank: int | None) -> list[int] | None:
+    """The non-negative axes a reduction reduces (attribute or constant input), None if unknown or all."""
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = constant_values(node.inputs[1])
+    if node.op in ("ArgMax", "ArgMin"):
+        axes = [node.attrs.get("axis", 0)]
+    if axes is None or rank is None:
+        return None
+    return sorted(positive_axis(int(x), rank) for x in list(axes))
+
+
+def reduce(node: gs.Node, a: Analysis) -> None:
+    state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
+    if state is None:
+        return
+    axes = reduced_axes(node, rank)
+    if axes is None:
+        a.block(state, f"{node.name} ({node.op}): reduces over all axes")
+        return
+    if state.axis in axes:
+        a.block(state, f"{node.name} ({node.op}): reduces over the channel axis")
+        return
+    keep = int(node.attrs.get("keepdims", 1))
+    shift = 0 if keep else sum(1 for x in axes if x < state.axis)
+    a.set_state(node.outputs[0], ChannelState(state.axis - shift, state.atoms, state.factor))
+
+
+def _spatial_reduction(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    """A keepdims reduction over constant axes that leave the channel axis alone (per-channel linear)."""
+    rank = None if tensor.shape is None else len(tensor.shape)
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+        axes = node.inputs[1].values.reshape(-1).tolist()
+    if rank is None or not axes or not int(node.attrs.get("keepdims", 1)) or axis in {int(x) % rank for x in axes}:
+        return "not equivariant to a rotation of the channels"
+    return axis
+
+
+register("BatchNormalization", channels=norm_per_channel, constant=batchnorm,
+         rotation=gated("per-channel scale (BatchNorm)"))
+register("InstanceNormalization", channels=norm_per_channel, rotation=gated("per-channel scale"))
+register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "MeanVarianceNormalization",
+         "GroupNormalization", "RMSNormalization", channels=normalising)
+register("ReduceMean", "ReduceSum", channels=reduce, rotation=equivariant(_spatial_reduction))
+register("ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp",
+         "ArgMax", "ArgMin", channels=reduce)

@@ -1,0 +1,170 @@
+"""Channel rules of the producers and consumers of channels: Conv, ConvTranspose, Gemm, MatMul.
+
+A producer with a constant weight creates a new channel state (its output channels) and records the
+weight and bias sites a pruning engine slices; as a consumer it records the weight axis that reads the
+incoming channels. MatMul between two variables (attention) couples the contracted axes and carries
+rows and columns through. Any input state a rule does not handle is blocked with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.registry import register
+from graphopt.analysis.state import Analysis, constant_values
+
+
+def constant_or_absent(node: gs.Node, index: int) -> bool:
+    return len(node.inputs) <= index or not node.inputs[index].name or constant_values(node.inputs[index]) is not None
+
+
+def _optional_bias_site(node: gs.Node, a: Analysis, state: ChannelState) -> None:
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        a.site("weight", node, state, index=2, axis=0, role="param")
+
+
+def conv(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    x, y = node.inputs[0], node.outputs[0]
+    incoming = a.state(x)
+    if weight is None or not constant_or_absent(node, 2):
+        a.block_inputs(node, "weight or bias is not constant")
+        return
+    groups = int(node.attrs.get("group", 1))
+    if incoming is not None and incoming.axis != 1:
+        a.block(incoming, f"{node.name} (Conv): input channels are not on axis 1")
+        incoming = None
+    if groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1:  # depthwise: in and out coupled
+        if incoming is None:
+            return
+        a.site("weight", node, incoming, index=1, axis=0, role="param")
+        _optional_bias_site(node, a, incoming)
+        a.site("group", node, incoming)
+        a.set_state(y, incoming)
+        a.cost(node, incoming)
+        return
+    out = a.new_state(1, weight.shape[0])
+    if groups > 1:
+        reason = f"{node.name} (Conv): grouped convolution (groups={groups})"
+        a.block(incoming, reason)
+        a.block(out, reason)
+        incoming = None
+    elif incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=1, role="consumer")
+    a.site("weight", node, out, index=1, axis=0, role="producer")
+    _optional_bias_site(node, a, out)
+    a.set_state(y, out)
+    a.cost(node, incoming, out)
+
+
+def conv_transpose(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    incoming = a.state(node.inputs[0])
+    if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape") \
+            or not constant_or_absent(node, 2):
+        a.block_inputs(node, "ConvTranspose with groups, output_shape or a non-constant weight or bias")
+        return
+    if incoming is not None and incoming.axis != 1:
+        a.block(incoming, f"{node.name} (ConvTranspose): input channels are not on axis 1")
+        incoming = None
+    if incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=0, role="consumer")
+    out = a.new_state(1, weight.shape[1])
+    a.site("weight", node, out, index=1, axis=1, role="producer")
+    _optional_bias_site(node, a, out)
+    a.set_state(node.outputs[0], out)
+    a.cost(node, incoming, out)
+
+
+def _gemm_bias(node: gs.Node, a: Analysis, out: ChannelState) -> None:
+    """Gemm's C must be a per-output constant (or a broadcast scalar) for the outputs to be prunable."""
+    if len(node.inputs) <= 2 or not node.inputs[2].name:
+        return
+    bias = constant_values(node.inputs[2])
+    if bias is None or bias.ndim == 0 or (bias.shape[-1] != 1 and bias.shape[-1] != a.size(out)) \
+            or math.prod(bias.shape[:-1]) != 1:
+        a.block(out, f"{node.name} (Gemm): bias C is not a per-output constant")
+    elif bias.shape[-1] != 1:
+        a.site("weight", node, out, index=2, axis=bias.ndim - 1, role="param")
+
+
+def gemm(node: gs.Node, a: Analysis) -> None:
+    weight = constant_values(node.inputs[1])
+    incoming = a.state(node.inputs[0])
+    if weight is None or node.attrs.get("transA", 0):
+        a.block_inputs(node, "Gemm with transA or a non-constant B")
+        return
+    trans_b = bool(node.attrs.get("transB", 0))
+    if incoming is not None and incoming.axis != 1:
+        a.block(incoming, f"{node.name} (Gemm): input features are not on axis 1")
+        incoming = None
+    elif incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=1 if trans_b else 0, role="consumer")
+    out = a.new_state(1, weight.shape[0] if trans_b else weight.shape[1])
+    a.site("weight", node, out, index=1, axis=0 if trans_b else 1, role="producer")
+    _gemm_bias(node, a, out)
+    a.set_state(node.outputs[0], out)
+    a.cost(node, incoming, out)
+
+
+def _matmul_weight(node: gs.Node, a: Analysis, weight_rank: int, left_state: ChannelState | None,
+                   contracted: ChannelState | None, rank_l: int, rank_y: int) -> None:
+    """x @ W with a constant W: W's rows read the contracted channels, its columns produce new ones."""
+    if weight_rank != 2:
+        a.block(left_state, f"{node.name} (MatMul): constant weight of rank {weight_rank}")
+        return
+    if left_state is not None and left_state.axis == rank_l - 2:  # a tensor tracks one channel axis
+        a.block(left_state, f"{node.name} (MatMul): channels on the row axis")
+    if contracted is not None:
+        a.site("weight", node, contracted, index=1, axis=0, role="consumer")
+    out = a.new_state(rank_y - 1, constant_values(node.inputs[1]).shape[1])
+    a.site("weight", node, out, index=1, axis=1, role="producer")
+    a.set_state(node.outputs[0], out)
+    a.cost(node, contracted, out)
+
+
+def _matmul_variables(node: gs.Node, a: Analysis, left_state: ChannelState | None,
+                      contracted: ChannelState | None, rank_l: int, rank_y: int) -> None:
+    """Two variables (attention): the contracted axes are coupled; rows and columns carry through."""
+    right_state, rank_r = a.state(node.inputs[1]), a.rank(node.inputs[1])
+    right_contracted = right_state if right_state is not None and right_state.axis == rank_r - 2 else None
+    if (contracted is None) != (right_contracted is None):
+        a.block(contracted or right_contracted, f"{node.name} (MatMul): only one side of the contraction is tracked")
+    elif contracted is not None and right_contracted is not None:
+        a.unify(contracted, right_contracted, node)
+    columns = right_state if right_state is not None and right_state.axis == rank_r - 1 else None
+    if right_state is not None and right_state not in (columns, right_contracted):
+        a.block(right_state, f"{node.name} (MatMul): channels on a batch axis")
+    if columns is not None:
+        a.set_state(node.outputs[0], ChannelState(rank_y - 1, columns.atoms, columns.factor))
+    if left_state is not None and left_state.axis == rank_l - 2:
+        a.block(left_state, f"{node.name} (MatMul): channels on the row axis")
+    a.cost(node, contracted, columns)
+
+
+def matmul(node: gs.Node, a: Analysis) -> None:
+    left, right = node.inputs
+    rank_l, rank_r, rank_y = a.rank(left), a.rank(right), a.rank(node.outputs[0])
+    if rank_l is None or rank_r is None or rank_y is None or rank_l < 2 or rank_r < 2:
+        a.block_inputs(node, "MatMul operands of unknown or vector rank")
+        return
+    if isinstance(left, gs.Constant):
+        a.block_inputs(node, "MatMul with a constant left operand")
+        return
+    left_state = a.state(left)
+    contracted = left_state if left_state is not None and left_state.axis == rank_l - 1 else None
+    if left_state is not None and contracted is None and left_state.axis != rank_l - 2:
+        a.block(left_state, f"{node.name} (MatMul): channels on a batch axis")
+    if constant_values(right) is not None:
+        _matmul_weight(node, a, rank_r, left_state, contracted, rank_l, rank_y)
+    else:
+        _matmul_variables(node, a, left_state, contracted, rank_l, rank_y)
+
+
+register("Conv", channels=conv)
+register("ConvTranspose", channels=conv_transpose)
+register("Gemm", channels=gemm)
+register("MatMul", channels=matmul)
