@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from graphopt.ops.exprune import boundary_factors, checkpoint_scores, doubling_checkpoints, make_exprune_node  # noqa: E402
-from graphopt.ops.functions import ensure_functions  # noqa: E402
+from graphopt.ops.library import ensure_functions  # noqa: E402
 from graphopt.ops.native import library_path, register  # noqa: E402
 
 

@@ -20,7 +20,7 @@ the first checkpoint whose score falls below its boundary is found with graphopt
 (ops.exprune.checkpoint_scores / boundary_factors, ops.exprune_conv.im2col / prefix_sums / checkpoint_scores and
 passes.exprune_calib.outcome), and a unit skipped at checkpoint k saves (d - k)/d of its MACs (d = inputs of a
 linear layer, input channels of a conv). Those MACs are reported as a fraction of the WHOLE model's MACs
-(graphopt.analysis.macs.count_cost: every Conv/Gemm/MatMul, ExPrune nodes at their dense cost) and of the
+(graphopt.calibration.shapes.count_cost: every Conv/Gemm/MatMul, ExPrune nodes at their dense cost) and of the
 eligible (ExPrune) layers' MACs; for SNP bases also the total saved against the dense model (static +
 dynamic). The decisions are cross-checked against the node outputs of the run (a unit the reference skips
 must output 0, a unit it keeps with a pre-activation > 1e-4 must not: "mismatch" counts violations; the
@@ -53,7 +53,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
 from common import accuracy, add_thread_arguments, start_run, train  # noqa: E402
-from graphopt.analysis.macs import count_cost  # noqa: E402
+from graphopt.calibration.shapes import count_cost  # noqa: E402
 from graphopt.ops import exprune as linear_op  # noqa: E402
 from graphopt.ops import exprune_conv as conv_op  # noqa: E402
 from graphopt.passes.exprune.calib import outcome  # noqa: E402

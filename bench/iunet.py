@@ -39,7 +39,7 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from graphopt.analysis.macs import count_cost
+from graphopt.calibration.shapes import count_cost
 from graphopt.torch import iunet
 from graphopt.torch.export import export_onnx
 

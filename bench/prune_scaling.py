@@ -41,8 +41,7 @@ from torch import nn
 
 import graphopt
 from graphopt.analysis.groups import find_groups, name_nodes
-from graphopt.analysis.macs import count_cost
-from graphopt.analysis.shapes import batch1_shapes
+from graphopt.calibration.shapes import batch1_shapes, count_cost
 from graphopt.ir import graph as ir
 from graphopt.passes import PREPASSES, PassContext, PassManager, get_pass
 from graphopt.passes.channels.budget import MacModel, choose_counts, top_indices

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from graphopt.api import OptimizeResult, methods, optimize  # noqa: E402
-from graphopt.errors import GraphoptError  # noqa: E402
+from graphopt._version import __version__
+from graphopt.api import OptimizeResult, methods, optimize
+from graphopt.errors import GraphoptError
 
 __all__ = ["GraphoptError", "OptimizeResult", "__version__", "methods", "optimize"]

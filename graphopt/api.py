@@ -18,7 +18,7 @@ from typing import Any
 
 import onnx
 
-from graphopt.analysis.macs import count_cost
+from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, load_data

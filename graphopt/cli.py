@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from graphopt import __version__
+from graphopt._version import __version__
 from graphopt.errors import GraphoptError
 
 log = logging.getLogger("graphopt")

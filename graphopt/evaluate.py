@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from graphopt.calibration.data import Dataset, DataSource, fixed_batch, input_specs, load_data
+from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.session import make_session
 from graphopt.errors import DataError, OptionError
-from graphopt.ir.shapes import resolve_input_shapes
+from graphopt.ir.shapes import input_specs, resolve_input_shapes
 
 
 @dataclass
@@ -73,11 +73,7 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
            batch_size: int = 32, progress: bool = False) -> VerifyReport:
     dataset = load_data(data, reference)
     ref_session, cand_session = make_session(reference), make_session(candidate)
-    ref_names = [o.name for o in ref_session.get_outputs()]
-    cand_names = {o.name for o in cand_session.get_outputs()}
-    if ref_names[0] not in cand_names:
-        raise DataError(f"candidate has no output '{ref_names[0]}' (it has {sorted(cand_names)})")
-    shared = [n for n in ref_names if n in cand_names]
+    shared = _shared_outputs(ref_session, cand_session)
     cand_inputs = {i.name for i in cand_session.get_inputs()}
     agreements = {name: _Agreement() for name in shared}
     samples = 0
@@ -85,13 +81,27 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
                      total=_batch_count(dataset, batch_size), leave=False):
         ref_out = ref_session.run(shared, feed)
         cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
-        for name, ref_value, cand_value in zip(shared, ref_out, cand_out):
-            if ref_value.shape != cand_value.shape:
-                raise DataError(f"output '{name}' shape differs: {ref_value.shape} vs {cand_value.shape}")
-            agreements[name].add(ref_value, cand_value)
+        _add_batch(agreements, ref_out, cand_out)
         samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
     outputs = {name: agreement.summary() for name, agreement in agreements.items()}
     return VerifyReport(outputs[shared[0]], outputs, samples)
+
+
+def _shared_outputs(ref_session: Any, cand_session: Any) -> list[str]:
+    """The reference's outputs that the candidate also has, in the reference's order; the first is required."""
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    cand_names = {o.name for o in cand_session.get_outputs()}
+    if ref_names[0] not in cand_names:
+        raise DataError(f"candidate has no output '{ref_names[0]}' (it has {sorted(cand_names)})")
+    return [n for n in ref_names if n in cand_names]
+
+
+def _add_batch(agreements: dict[str, _Agreement], ref_out: list[np.ndarray], cand_out: list[np.ndarray]) -> None:
+    """One batch of the shared outputs (in `agreements`' order) into their running sums."""
+    for (name, agreement), ref_value, cand_value in zip(agreements.items(), ref_out, cand_out):
+        if ref_value.shape != cand_value.shape:
+            raise DataError(f"output '{name}' shape differs: {ref_value.shape} vs {cand_value.shape}")
+        agreement.add(ref_value, cand_value)
 
 
 def _batch_count(dataset: Dataset, batch_size: int) -> int | None:

@@ -7,10 +7,9 @@ from typing import Any
 
 import onnx
 
-from graphopt.analysis.macs import count_cost
-from graphopt.calibration.data import input_specs
+from graphopt.calibration.shapes import count_cost
 from graphopt.ir.io import load_model
-from graphopt.ir.shapes import resolve_input_shapes
+from graphopt.ir.shapes import input_specs, resolve_input_shapes
 
 
 def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:

@@ -6,9 +6,10 @@ MACs count batch-1 multiply-accumulates of Conv, ConvTranspose (with groups), Ge
 - Gemm/MatMul:   prod(output) * K
 - graphopt.ExPruneLinearRelu / ExPruneConvRelu: as MatMul / Conv, their dense cost (what they skip
   depends on the input; the exprune pass reports the fraction skipped on calibration data)
-Shapes come from ONNX shape inference with the inputs fixed; where inference leaves a needed shape
-unknown, one batch-1 onnxruntime run on zeros supplies it. Parameters count the elements of all
-floating-point initializers and Constant-node tensors.
+The counts read batch-1 tensor shapes given by the caller and never run a model
+(graphopt.calibration.shapes.count_cost infers the shapes, with one onnxruntime run where ONNX
+inference leaves a needed one unknown). Parameters count the elements of all floating-point
+initializers and Constant-node tensors.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import onnx
-
-from graphopt.analysis.shapes import batch1_shapes
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu")
 
@@ -52,19 +51,32 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     return [n for n in names if n]
 
 
-def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-               shapes: dict[str, tuple[int, ...]] | None = None) -> CostReport:
-    """MACs and parameters; `shapes` (batch-1 tensor shapes) saves a shape inference when known."""
-    counted = [n for n in model.graph.node if n.op_type in _COUNTED]
-    if shapes is None:
-        shapes = batch1_shapes(model, input_shapes, {name for node in counted for name in _needed(node)})
-    per_node = {}
-    for index, node in enumerate(counted):
-        per_node[node.name or f"{node.op_type}_{index}"] = int(_node_macs(node, shapes))
+def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type in _COUNTED]
+
+
+def needed_shapes(model: onnx.ModelProto) -> set[str]:
+    """The tensors whose shapes the MAC count reads."""
+    return {name for node in _counted(model) for name in _needed(node)}
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
     constants = [*model.graph.initializer,
                  *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
-    params = sum(math.prod(t.dims) for t in constants
-                 if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f")
+    floating = [t for t in constants if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]
+    return int(sum(math.prod(t.dims) for t in floating))
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type, custom domains as `domain::op`."""
     histogram = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
                         for n in model.graph.node)
-    return CostReport(sum(per_node.values()), int(params), per_node, dict(sorted(histogram.items())))
+    return dict(sorted(histogram.items()))
+
+
+def cost_from_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> CostReport:
+    """MACs per counted node and in all, parameters and the op histogram, on batch-1 `shapes`
+    (which must hold every tensor in `needed_shapes(model)`)."""
+    per_node = {node.name or f"{node.op_type}_{index}": int(_node_macs(node, shapes))
+                for index, node in enumerate(_counted(model))}
+    return CostReport(sum(per_node.values()), parameter_count(model), per_node, op_histogram(model))

@@ -78,33 +78,51 @@ def describe(model: onnx.ModelProto, names: list[str], sample_feed: Mapping[str,
     graph = model.graph
     weights = {t.name for t in graph.initializer}
     inputs = {v.name for v in graph.input if v.name not in weights}
+    _check_names(graph, names, weights, inputs)
+    typed = with_fixed_inputs(_skeleton(model), {k: tuple(v.shape) for k, v in sample_feed.items()})
+    values = {v.name: v for v in (*typed.graph.value_info, *typed.graph.output, *typed.graph.input)}
+    infos: dict[str, TensorInfo] = {}
+    probe: list[str] = []
+    for name in names:
+        info = _inferred(values[name], name in inputs) if name in values else None
+        if info is None:
+            probe.append(name)
+        else:
+            infos[name] = info
+    infos.update(_probe(model, probe, sample_feed, inputs))
+    for info in infos.values():
+        _check_measurable(info)
+    return {name: infos[name] for name in names}
+
+
+def _check_names(graph: onnx.GraphProto, names: list[str], weights: set[str], inputs: set[str]) -> None:
     produced = _producers(graph)
     for name in names:
         if name in weights:
             raise OptionError(f"'{name}' is a weight (initializer), not an activation")
         if name not in produced and name not in inputs:
             raise OptionError(f"no tensor named '{name}' in the model's main graph")
-    typed = with_fixed_inputs(_skeleton(model), {k: tuple(v.shape) for k, v in sample_feed.items()})
-    values = {v.name: v for v in (*typed.graph.value_info, *typed.graph.output, *typed.graph.input)}
-    infos: dict[str, TensorInfo] = {}
-    probe: list[str] = []
-    for name in names:
-        tensor_type = values[name].type.tensor_type if name in values else None
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim] if (
-            tensor_type is not None and tensor_type.HasField("shape")) else []
-        if tensor_type is None or not tensor_type.elem_type or not dims or min(dims) <= 0:
-            probe.append(name)
-            continue
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        infos[name] = TensorInfo(name, dtype, tuple(dims), tensor_type.elem_type, name in inputs)
-    infos.update(_probe(model, probe, sample_feed, inputs))
-    for info in infos.values():
-        if info.dtype.kind != "f":
-            raise OptionError(f"tensor '{info.name}' is {info.dtype}; statistics need a floating-point tensor")
-        if len(info.sample_shape) < 2:
-            raise OptionError(f"tensor '{info.name}' has shape {list(info.sample_shape)}; "
-                              "statistics need a batch axis and a channel axis")
-    return {name: infos[name] for name in names}
+
+
+def _inferred(value: onnx.ValueInfoProto, is_input: bool) -> TensorInfo | None:
+    """The tensor's dtype and fully static shape from shape inference, or None where inference left either open."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.elem_type or not tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+    if not dims or min(dims) <= 0:
+        return None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    return TensorInfo(value.name, dtype, tuple(dims), tensor_type.elem_type, is_input)
+
+
+def _check_measurable(info: TensorInfo) -> None:
+    """Statistics need a floating-point tensor with a batch axis and a channel axis."""
+    if info.dtype.kind != "f":
+        raise OptionError(f"tensor '{info.name}' is {info.dtype}; statistics need a floating-point tensor")
+    if len(info.sample_shape) < 2:
+        raise OptionError(f"tensor '{info.name}' has shape {list(info.sample_shape)}; "
+                          "statistics need a batch axis and a channel axis")
 
 
 def _skeleton(model: onnx.ModelProto, keep_elements: int = 1024) -> onnx.ModelProto:
@@ -148,6 +166,23 @@ def _probe(model: onnx.ModelProto, names: list[str], sample_feed: Mapping[str, n
 def exposing_model(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int]) -> onnx.ModelProto:
     """The ancestor cone of `names` (node outputs of the main graph) with exactly `names` as outputs."""
     graph = model.graph
+    kept = _cone(graph, names)
+    read = {name for index in kept for name in node_reads(graph.node[index])}
+    cone = onnx.GraphProto(name=graph.name)
+    cone.node.extend(graph.node[index] for index in sorted(kept))
+    cone.initializer.extend(t for t in graph.initializer if t.name in read)
+    cone.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
+    cone.input.extend(v for v in graph.input if v.name in read)
+    cone.output.extend(_output(name, elem_types.get(name, 0)) for name in names)
+    exposed = onnx.ModelProto(ir_version=model.ir_version, producer_name="graphopt-calibration")
+    exposed.opset_import.extend(model.opset_import)
+    exposed.functions.extend(model.functions)
+    exposed.graph.CopyFrom(cone)
+    return exposed
+
+
+def _cone(graph: onnx.GraphProto, names: list[str]) -> set[int]:
+    """Indices of the nodes that `names` depend on, reads from inside subgraphs included."""
     produced = _producers(graph)
     kept: set[int] = set()
     pending = [produced[name] for name in names]
@@ -157,21 +192,12 @@ def exposing_model(model: onnx.ModelProto, names: list[str], elem_types: Mapping
             continue
         kept.add(index)
         pending.extend(produced[read] for read in node_reads(graph.node[index]) if read in produced)
-    read = {name for index in kept for name in node_reads(graph.node[index])}
-    cone = onnx.GraphProto(name=graph.name)
-    cone.node.extend(graph.node[index] for index in sorted(kept))
-    cone.initializer.extend(t for t in graph.initializer if t.name in read)
-    cone.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
-    cone.input.extend(v for v in graph.input if v.name in read)
-    for name in names:
-        elem_type = elem_types.get(name, 0)
-        cone.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None) if elem_type
-                           else onnx.ValueInfoProto(name=name))
-    exposed = onnx.ModelProto(ir_version=model.ir_version, producer_name="graphopt-calibration")
-    exposed.opset_import.extend(model.opset_import)
-    exposed.functions.extend(model.functions)
-    exposed.graph.CopyFrom(cone)
-    return exposed
+    return kept
+
+
+def _output(name: str, elem_type: int) -> onnx.ValueInfoProto:
+    """A graph output typed `elem_type` (untyped where 0: onnxruntime then takes the type it computes)."""
+    return onnx.helper.make_tensor_value_info(name, elem_type, None) if elem_type else onnx.ValueInfoProto(name=name)
 
 
 def _digest(*parts: bytes | str) -> str:

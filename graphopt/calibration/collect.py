@@ -20,7 +20,7 @@ Accumulation runs on `threads` workers (default: the available cores), one tenso
 single-threaded, so each tensor sees its batches in order whatever the thread count. Results depend
 only on the model, the data and its order, the batch size and the memory limit (which fixes rounds and
 batch sizes), and onnxruntime's kernels, not on timing: the same call gives bit-identical statistics.
-`collect` is the one-shot form; `context_calibrator` builds the calibrator a `PassContext` uses.
+`context_calibrator` builds the calibrator behind a pass context's statistics from its data and options.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, exposing_model, plan_rounds
-from graphopt.calibration.data import Dataset, DataSource, input_specs, load_data
+from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import (
     StatRequest,
@@ -49,10 +49,10 @@ from graphopt.calibration.stats import (
     single_threaded_blas,
 )
 from graphopt.errors import DataError, OptionError
+from graphopt.ir.shapes import input_specs
 
 if TYPE_CHECKING:
     from graphopt.calibration.store import StatsFile
-    from graphopt.passes.base import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -253,27 +253,24 @@ def _merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
     return merged
 
 
-def collect(model: onnx.ModelProto, data: DataSource | Dataset, requests: list[StatRequest], *,
-            batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY, device: str = "cpu", threads: int = 0,
-            progress: bool = False, mask_input: str | None = None) -> dict[str, TensorStats]:
-    """One-shot statistics: `Calibrator(...).statistics(model, requests)`."""
-    calibrator = Calibrator(load_data(data, model), batch_size=batch_size, memory_limit=memory_limit,
-                            device=device, threads=threads, progress=progress, mask_input=mask_input)
-    return calibrator.statistics(model, requests)
-
-
-def context_calibrator(ctx: PassContext) -> Calibrator:
-    """The calibrator behind `PassContext.statistics`: ctx.data, and `stats`, `calib_memory`, `device`,
-    `threads`, `batch_size` and `mask_input` from ctx.options."""
+def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelProto, options: dict[str, Any],
+                       progress: bool) -> Calibrator:
+    """The calibrator behind a pass context's statistics: `data` (validated against `template`), and
+    `stats`, `calib_memory`, `device`, `threads`, `batch_size` and `mask_input` from the method `options`
+    (a None value means the default)."""
     from graphopt.calibration.store import StatsFile, load_stats
 
-    source: Any = ctx.option("stats")
+    def option(key: str, default: Any = None) -> Any:
+        value = options.get(key)
+        return default if value is None else value
+
+    source: Any = option("stats")
     stats_file = source if isinstance(source, StatsFile) or source is None else load_stats(source)
-    data = ctx.data if ctx.data is None or isinstance(ctx.data, Dataset) else load_data(ctx.data, ctx.template)
-    mask_input = ctx.option("mask_input", stats_file.mask_input if stats_file is not None else None)
-    calibrator = Calibrator(data, batch_size=int(ctx.option("batch_size", 32)),
-                            memory_limit=ctx.option("calib_memory", DEFAULT_MEMORY), device=ctx.option("device", "cpu"),
-                            threads=int(ctx.option("threads", 0)), progress=ctx.progress, mask_input=mask_input)
+    dataset = data if data is None or isinstance(data, Dataset) else load_data(data, template)
+    mask_input = option("mask_input", stats_file.mask_input if stats_file is not None else None)
+    calibrator = Calibrator(dataset, batch_size=int(option("batch_size", 32)),
+                            memory_limit=option("calib_memory", DEFAULT_MEMORY), device=option("device", "cpu"),
+                            threads=int(option("threads", 0)), progress=progress, mask_input=mask_input)
     if stats_file is not None:
         calibrator.preload(stats_file)
     return calibrator

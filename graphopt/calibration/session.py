@@ -9,11 +9,13 @@ optimisation, as a deployment would. onnxruntime is imported lazily so that `onn
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
+from graphopt.ops.native import register, uses_graphopt_ops
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -60,10 +62,17 @@ def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line}") from exc
 
 
+def session_options(library: Path | None = None) -> Any:
+    """onnxruntime SessionOptions with graphopt's kernel library (default: the one `graphopt ops build`
+    wrote) registered where it has been built."""
+    options = runtime().SessionOptions()
+    if not register(options, library):
+        log.info("graphopt kernels not built (graphopt ops build): graphopt ops run as function bodies")
+    return options
+
+
 def _register_kernels(options: Any, model: onnx.ModelProto | str) -> None:
     """Load graphopt's native kernel library where the model has graphopt ops and it has been built."""
-    from graphopt.ops.native import register, uses_graphopt_ops
-
     proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
     if uses_graphopt_ops(proto) and register(options):
         log.info("graphopt native kernels registered")

@@ -1,4 +1,4 @@
-"""Mergeable float64 accumulators for activation statistics over a channel axis.
+"""Float64 accumulators for activation statistics over a channel axis.
 
 A tensor with channel axis c is read as rows: every other axis (samples, spatial positions, tokens)
 indexes a row of C channel values, so [N,C,H,W] gives N·H·W rows and [N,T,C] gives N·T rows. With an
@@ -9,7 +9,7 @@ tensors keep every row and say so with `masked = False`.
 For n rows x_r ∈ R^C the kinds are
   mean      μ = (1/n) Σ x_r
   var       σ² = (1/n) Σ (x_r − μ)²           per channel, population variance
-  gram      XᵀX = Σ x_r x_rᵀ (C×C); also the Gram of [X 1] and the covariance
+  gram      XᵀX = Σ x_r x_rᵀ (C×C); also the covariance
   abs_mean  (1/n) Σ |x_r|                     per channel
   neg_frac  (1/n) #{r : x_r < 0}              per channel
 and the row count n is always kept.
@@ -23,10 +23,8 @@ Speed: the Gram update is BLAS syrk (the upper triangle only, half a matmul), si
 Numerics: rows are converted to float64 in chunks of at most CHUNK_ELEMENTS values and summed about a
 fixed shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x − K)ᵀ (only its diagonal
 unless gram is asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the
-cancellation of Σxxᵀ − nμμᵀ when |μ| ≫ σ. Merging (Chan, Golub and LeVeque) re-centres both parts on
-the merged mean: M = M_a + M_b + (μ_a − μ_b)(μ_a − μ_b)ᵀ n_a n_b / n; this is exact in exact arithmetic,
-so batches, rounds and workers combine in any grouping up to float64 rounding. Negative counts are
-exact integers; |x| sums are float64.
+cancellation of Σxxᵀ − nμμᵀ when |μ| ≫ σ. Negative counts (neg_frac) are exact integers, kept as
+`negatives`; |x| sums are float64.
 """
 
 from __future__ import annotations
@@ -171,27 +169,6 @@ class TensorStats:
         square = _symmetric(self.shifted_square) if self.has_gram else self.shifted_square
         return square - _outer(self.shifted_sum, self.has_gram) / self.count
 
-    def merge(self, other: TensorStats) -> TensorStats:
-        """The statistics of both parts' rows together (neither part changes)."""
-        if (self.kinds, self.channels, self.channel_axis, self.rank, self.masked) != (
-                other.kinds, other.channels, other.channel_axis, other.rank, other.masked):
-            raise ValueError(f"cannot merge statistics of '{self.tensor}' and '{other.tensor}': "
-                             "kinds, channels, channel axis or masking differ")
-        if other.count == 0 or self.count == 0:
-            source = self if other.count == 0 else other
-            return TensorStats.from_arrays(_meta(self), source.to_arrays())
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        centred = self._centred() + other._centred() + _outer(delta, self.has_gram) * (self.count * other.count / n)
-        merged = TensorStats.empty(self.tensor, self.kinds, self.channel_axis, self.rank, self.channels, self.masked)
-        merged.count, merged.shift = n, self.mean + delta * (other.count / n)
-        merged.shifted_square = np.asfortranarray(centred)
-        if merged.abs_sum is not None:
-            merged.abs_sum = self.abs_sum + other.abs_sum
-        if merged.negatives is not None:
-            merged.negatives = self.negatives + other.negatives
-        return merged
-
     def _need(self, kind: str) -> None:
         if kind not in self.kinds:
             raise ValueError(f"statistics of '{self.tensor}' were collected without '{kind}' "
@@ -216,11 +193,6 @@ class TensorStats:
         self._need("abs_mean")
         return self.abs_sum / self.count
 
-    @property
-    def neg_fraction(self) -> np.ndarray:
-        self._need("neg_frac")
-        return self.negatives / self.count
-
     def covariance(self) -> np.ndarray:
         """(1/n) Σ (x − μ)(x − μ)ᵀ, C×C."""
         self._need("gram")
@@ -230,12 +202,6 @@ class TensorStats:
         """XᵀX = Σ x xᵀ over all rows, C×C."""
         self._need("gram")
         return self._centred() + self.count * np.outer(self.mean, self.mean)
-
-    def augmented_gram(self) -> np.ndarray:
-        """The Gram of [X 1]: [[XᵀX, Xᵀ1], [1ᵀX, n]], (C+1)×(C+1); the constant row carries the mean."""
-        gram = self.gram()
-        column = self.count * self.mean
-        return np.block([[gram, column[:, None]], [column[None, :], np.array([[float(self.count)]])]])
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"count": np.array(self.count, dtype=np.int64),

@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 
-from graphopt import __version__
+from graphopt._version import __version__
 from graphopt.calibration.capture import cone_fingerprints, tensor_parts
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.stats import TensorStats

@@ -1,4 +1,4 @@
-"""Model-local ONNX functions for graphopt's custom ops, and the helpers that install them.
+"""Building blocks of the model-local ONNX functions of graphopt's custom ops (graphopt.ops.library installs them).
 
 Every graphopt op is a function in the `graphopt` domain whose body uses only standard ops, so stock
 onnxruntime runs a model that carries the function. Parameters are attributes referenced from the
@@ -13,8 +13,6 @@ from typing import Callable
 
 import onnx
 from onnx import helper
-
-from graphopt.ir.graph import supersedes
 
 DOMAIN = "graphopt"
 MIN_OPSET = 13
@@ -59,43 +57,3 @@ def axis_dispatch(output: str, branch: Callable[[str, int | None], tuple[list[on
         helper.make_node("Equal", ["axis_scalar", "axis_minus_one"], ["axis_is_last"]),
         helper.make_node("If", ["axis_is_one"], [output], then_branch=graph("first_", 1), else_branch=other),
     ]
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def declared_attributes(function: onnx.FunctionProto) -> set[str]:
-    """Attribute names a function accepts: required ones and those with a default."""
-    return set(function.attribute) | {a.name for a in function.attribute_proto}
-
-
-def ensure_function(model: onnx.ModelProto, name: str, build: Callable[[int], onnx.FunctionProto]) -> None:
-    """Add graphopt function `name` (built for the model's opset) and the domain import, if missing.
-
-    A copy written by an older graphopt that lacks an attribute the current body declares with a
-    default (RMSNorm's `axis`, ExPrune's `checkpoints`) is replaced: those defaults keep the old
-    meaning, so the nodes it served still compute what they did."""
-    current = build(default_opset(model))
-    existing = [i for i, f in enumerate(model.functions) if f.domain == DOMAIN and f.name == name]
-    stale = [i for i in existing if supersedes(current, declared_attributes(model.functions[i]))]
-    for index in reversed(stale):
-        del model.functions[index]
-    if len(stale) == len(existing):
-        model.functions.append(current)
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-
-
-def ensure_functions(model: onnx.ModelProto) -> None:
-    """Install the function of every graphopt op the main graph uses but the model does not define."""
-    from graphopt.ops.exprune import build_exprune_function
-    from graphopt.ops.exprune_conv import build_exprune_conv_function
-    from graphopt.ops.rms_norm import build_rms_norm_function
-    from graphopt.ops.tsra import build_tsra_function
-
-    builders = {"TSRA": build_tsra_function, "RMSNorm": build_rms_norm_function,
-                "ExPruneLinearRelu": build_exprune_function, "ExPruneConvRelu": build_exprune_conv_function}
-    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
-    for op in sorted(used & builders.keys()):
-        ensure_function(model, op, builders[op])

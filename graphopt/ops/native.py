@@ -1,4 +1,4 @@
-"""Loading graphopt's native kernel library into onnxruntime sessions.
+"""Loading graphopt's native kernel library into onnxruntime sessions (graphopt.calibration.session calls it).
 
 The library is the one `graphopt ops build` wrote: $GRAPHOPT_OPS_LIBRARY if set, else the user-cache
 path of the current kernel sources (graphopt.ops.build.default_library). When it is absent every model
@@ -8,7 +8,6 @@ on 1.32) runs the kernel instead of the model-local function body of the same do
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 import onnx
 
 from graphopt.ops.functions import DOMAIN
-
-log = logging.getLogger(__name__)
 
 
 def library_path() -> Path | None:
@@ -52,13 +49,3 @@ def register(options: Any, library: Path | None = None) -> bool:
         _loaded[str(library)] = ctypes.CDLL(str(library))
     options.register_custom_ops_library(str(library))
     return True
-
-
-def session_options(library: Path | None = None) -> Any:
-    """onnxruntime SessionOptions with graphopt's kernel library registered where it has been built."""
-    from graphopt.calibration.session import runtime
-
-    options = runtime().SessionOptions()
-    if not register(options, library):
-        log.info("graphopt kernels not built (graphopt ops build): graphopt ops run as function bodies")
-    return options

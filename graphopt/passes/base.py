@@ -65,7 +65,7 @@ class PassContext:
         from graphopt.ir.graph import export_model
 
         if self._calibrator is None:
-            self._calibrator = context_calibrator(self)
+            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress)
         if isinstance(model, gs.Graph):
             model = export_model(model, self.template)
         return self._calibrator.statistics(model if model is not None else self.template, requests)

@@ -149,11 +149,7 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> None:
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     shapes = {info.name: info.type.tensor_type.shape for info in graph.value_info}
-    missing = sorted({node.op_type for node in graph.node
-                      if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, opset)})
-    if missing:
-        raise ValueError(f"dynamo export uses ops that do not exist in opset {opset}: {', '.join(missing)}; "
-                         f"use opset >= {_TORCHLIB_MIN_OPSET} or the legacy exporter")
+    _require_ops(graph, opset)
     for node in graph.node:
         if node.domain in ("", "ai.onnx"):
             _downgrade_node(node, constants, shapes, opset)
@@ -165,6 +161,18 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> None:
     for opset_import in model.opset_import:
         if opset_import.domain in ("", "ai.onnx"):
             opset_import.version = opset
+    _check_expressible(model, opset)
+
+
+def _require_ops(graph: onnx.GraphProto, opset: int) -> None:
+    missing = sorted({node.op_type for node in graph.node
+                      if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, opset)})
+    if missing:
+        raise ValueError(f"dynamo export uses ops that do not exist in opset {opset}: {', '.join(missing)}; "
+                         f"use opset >= {_TORCHLIB_MIN_OPSET} or the legacy exporter")
+
+
+def _check_expressible(model: onnx.ModelProto, opset: int) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
@@ -177,20 +185,30 @@ def _downgrade_opset(model: onnx.ModelProto, opset: int) -> None:
 def _downgrade_node(node: onnx.NodeProto, constants: dict[str, np.ndarray],
                     shapes: dict[str, onnx.TensorShapeProto], opset: int) -> None:
     if node.op_type in _REDUCE_OPS_WITH_AXES_INPUT and len(node.input) > 1:
-        axes = constants.get(node.input[1]) if node.input[1] else np.array([], np.int64)
-        noop = _pop_attribute(node, "noop_with_empty_axes", 0)
-        if axes is None or (axes.size == 0 and noop):
-            raise ValueError(f"{node.name}: Reduce axes must be a non-empty constant below opset 18")
-        del node.input[1:]
-        if axes.size:
-            node.attribute.append(onnx.helper.make_attribute("axes", axes.tolist()))
+        _axes_to_attribute(node, constants)
     if node.op_type == "Split" and len(node.input) < 2 and _splits_evenly(node, shapes):
         # without ``split`` sizes, opset 13-17 Split divides the axis evenly among the outputs
         _pop_attribute(node, "num_outputs", 0)
     if node.op_type == "Reshape" and opset < 14:
-        shape = constants.get(node.input[1])
-        if _pop_attribute(node, "allowzero", 0) and shape is not None and (shape == 0).any():
-            raise ValueError(f"{node.name}: Reshape to a literal 0 dimension needs opset >= 14")
+        _drop_allowzero(node, constants)
+
+
+def _axes_to_attribute(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> None:
+    """A Reduce* node's ``axes`` input (opset 18) as the attribute of earlier opsets."""
+    axes = constants.get(node.input[1]) if node.input[1] else np.array([], np.int64)
+    noop = _pop_attribute(node, "noop_with_empty_axes", 0)
+    if axes is None or (axes.size == 0 and noop):
+        raise ValueError(f"{node.name}: Reduce axes must be a non-empty constant below opset 18")
+    del node.input[1:]
+    if axes.size:
+        node.attribute.append(onnx.helper.make_attribute("axes", axes.tolist()))
+
+
+def _drop_allowzero(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> None:
+    """Reshape below opset 14 has no ``allowzero``: dropping it is exact unless the shape has a literal 0."""
+    shape = constants.get(node.input[1])
+    if _pop_attribute(node, "allowzero", 0) and shape is not None and (shape == 0).any():
+        raise ValueError(f"{node.name}: Reshape to a literal 0 dimension needs opset >= 14")
 
 
 def _splits_evenly(node: onnx.NodeProto, shapes: dict[str, onnx.TensorShapeProto]) -> bool:

@@ -207,13 +207,13 @@ def iunet(make_model: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor,
 
 def export_cleaned(model: nn.Module, example: torch.Tensor, path: str | Path) -> dict[str, object]:
     """Export to ONNX (legacy exporter, opset 17) and run graphopt's dead-unit elimination in place."""
-    import graphopt
+    from graphopt.api import optimize
     from graphopt.torch.export import export_onnx
 
     path = Path(path)
     dense = path.with_suffix(".sparse.onnx")
     export_onnx(model.eval(), example, dense, exporter="legacy", opset=17, fold_bn=True)
-    return graphopt.optimize(dense, method="dead-units", output=path, progress=False).report
+    return optimize(dense, method="dead-units", output=path, progress=False).report
 
 
 def sparsity_of(model: nn.Module) -> float:

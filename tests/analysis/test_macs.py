@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.analysis.macs import count_cost
+from graphopt.calibration.shapes import count_cost
 from graphopt.errors import OptionError
 from graphopt.inspect import inspect_model
 from graphopt.ir.shapes import parse_input_shape, resolve_input_shapes

@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from graphopt.calibration.data import Dataset, input_specs, load_data, load_npz
+from graphopt.calibration.data import Dataset, load_data, load_npz
 from graphopt.errors import DataError
+from graphopt.ir.shapes import input_specs
 from tests.conftest import init, tiny, weights
 
 UNPICKLED: list[str] = []

@@ -18,9 +18,13 @@ LIMIT = 64 * MIB
 SCRIPT = r"""
 import ctypes, gc, json, sys
 import numpy as np, onnx.parser
-from graphopt.calibration.collect import collect
+from graphopt.calibration.collect import Calibrator
+from graphopt.calibration.data import load_data
 from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import StatRequest
+
+def collect(model, data, requests, **options):
+    return Calibrator(load_data(data, model), **options).statistics(model, requests)
 
 def status(key):
     with open("/proc/self/status") as handle:

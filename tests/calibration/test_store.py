@@ -13,7 +13,6 @@ from onnx import numpy_helper
 
 from graphopt.api import calibrate
 from graphopt.calibration.capture import linear_inputs
-from graphopt.calibration.collect import collect
 from graphopt.calibration.data import load_data
 from graphopt.calibration.stats import StatRequest
 from graphopt.calibration.store import StaleStatsError, StatsFile, load_stats, save_stats
@@ -21,6 +20,7 @@ from graphopt.cli import main
 from graphopt.errors import DataError, OutputPathError
 from graphopt.ir import graph as ir
 from graphopt.passes import PassContext, PassManager, normalising_passes
+from tests.calibration.helpers import collect
 
 
 def bn_model(second_weight_scale: float = 1.0) -> onnx.ModelProto:
@@ -79,7 +79,6 @@ def test_round_trip_keeps_every_array(tmp_path: Path) -> None:
         assert loaded.stats[name].meta() == stats[name].meta()
         for key, value in stats[name].to_arrays().items():
             np.testing.assert_array_equal(loaded.stats[name].to_arrays()[key], value)
-    np.testing.assert_array_equal(loaded.stats["r1"].augmented_gram(), stats["r1"].augmented_gram())
 
 
 def test_stale_statistics_are_refused(tmp_path: Path) -> None:

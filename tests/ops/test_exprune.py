@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ops.exprune import exprune_reference, make_exprune_node
-from graphopt.ops.functions import ensure_functions
+from graphopt.ops.library import ensure_functions
 from tests.conftest import run_ort
 
 D, N, M = 48, 24, 12
@@ -127,7 +127,7 @@ def kernel_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _kernel_session(model: onnx.ModelProto, library: Path, optimize: bool, threads: int = 0) -> ort.InferenceSession:
-    from graphopt.ops import session_options
+    from graphopt.calibration.session import session_options
 
     options = session_options(library)
     options.intra_op_num_threads = threads

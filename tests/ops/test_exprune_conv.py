@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ops.exprune import doubling_checkpoints
 from graphopt.ops.exprune_conv import exprune_conv_reference, im2col, make_exprune_conv_node
-from graphopt.ops.functions import ensure_functions
+from graphopt.ops.library import ensure_functions
 from tests.conftest import run_ort
 
 C, M, K, H, W = 12, 8, 3, 9, 10
@@ -157,7 +157,7 @@ def test_function_body_runs_beside_the_native_library(optimize: bool) -> None:
     expand this op's function body."""
     import onnxruntime as ort
 
-    from graphopt.ops import session_options
+    from graphopt.calibration.session import session_options
     from graphopt.ops.build import default_library
 
     if not default_library().is_file():

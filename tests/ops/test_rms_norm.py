@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from graphopt.ir import graph as ir
-from graphopt.ops.functions import constant_attr, declared_attributes, ensure_functions, like
+from graphopt.ops.functions import constant_attr, like
+from graphopt.ops.library import declared_attributes, ensure_functions
 from graphopt.ops.rms_norm import build_rms_norm_function, make_rms_norm_node, rms_norm_reference
 from tests.conftest import run_ort
 

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.ops.functions import DOMAIN, constant_attr, declared_attributes, ensure_functions
+from graphopt.ops.functions import DOMAIN, constant_attr
+from graphopt.ops.library import declared_attributes, ensure_functions
 from graphopt.ops.rms_norm import make_rms_norm_node, rms_norm_reference
 from graphopt.ops.tsra import DEFAULTS, make_tsra_node, tsra_reference
 from tests.conftest import run_ort

@@ -81,18 +81,26 @@ def match_rms(node: gs.Node) -> RmsMatch | None:
         if not nodes:
             continue
         for axis, channels, rank in _rms_candidates(source):
-            probe = _layout_probe(channels, rank, axis)
-            values = evaluate(nodes, source, probe)
-            if values is None or scale.name not in values:
-                continue
-            factor = values[scale.name] if node.op == "Mul" else 1.0 / values[scale.name]
-            mean_square = (probe * probe).mean(axis=axis, keepdims=True)
-            if factor.shape != mean_square.shape:
-                continue
-            for eps in eps_candidates(nodes):
-                expected = 1.0 / np.sqrt(mean_square + eps)
-                if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
-                    return RmsMatch(node, source, channels, eps, axis)
+            eps = _rms_eps(node, nodes, source, scale, _layout_probe(channels, rank, axis), axis)
+            if eps is not None:
+                return RmsMatch(node, source, channels, eps, axis)
+    return None
+
+
+def _rms_eps(node: gs.Node, nodes: list[gs.Node], source: gs.Tensor, scale: gs.Tensor, probe: np.ndarray,
+             axis: int) -> float | None:
+    """The eps for which the region makes node = x / sqrt(mean(x², axis) + eps) on the probe, or None."""
+    values = evaluate(nodes, source, probe)
+    if values is None or scale.name not in values:
+        return None
+    factor = values[scale.name] if node.op == "Mul" else 1.0 / values[scale.name]
+    mean_square = (probe * probe).mean(axis=axis, keepdims=True)
+    if factor.shape != mean_square.shape:
+        return None
+    for eps in eps_candidates(nodes):
+        expected = 1.0 / np.sqrt(mean_square + eps)
+        if np.all(np.abs(factor - expected) <= TOLERANCE * np.abs(expected)):
+            return eps
     return None
 
 
@@ -145,6 +153,31 @@ def _split_of(parts: list[tuple[gs.Tensor, gs.Tensor]], source: gs.Tensor, chann
 def match_tsra(node: gs.Node) -> TsraMatch | None:
     if node.op != "Concat":
         return None
+    layout = _tsra_layout(node)
+    if layout is None:
+        return None
+    source, parts, axis, split = layout
+    channels, rank = source.shape[axis], len(source.shape)
+    nodes = region([g for g, _ in parts], source)
+    if not nodes:
+        return None
+    probe = _layout_probe(channels, rank, axis, split)
+    values = evaluate(nodes, source, probe)
+    if values is None or any(g.name not in values for g, _ in parts):
+        return None
+    rows = np.moveaxis(probe, axis, -1)
+    gains = _gain_rows([values[g.name] for g, _ in parts], axis, rank, (*rows.shape[:-1], 1))
+    if gains is None:
+        return None
+    match = _fit_tsra(node, source, split, rows.reshape(-1, channels), gains, eps_candidates(nodes))
+    if match is not None:
+        match.axis = axis
+    return match
+
+
+def _tsra_layout(node: gs.Node) -> tuple[gs.Tensor, list[tuple[gs.Tensor, gs.Tensor]], int, int] | None:
+    """(x, [(gain, piece)], axis, split) for a Concat of gain·piece products whose pieces tile x in
+    order on axis 1 or the last axis; None otherwise."""
     found = _pieces(node)
     if found is None:
         return None
@@ -153,27 +186,19 @@ def match_tsra(node: gs.Node) -> TsraMatch | None:
     channels = None if axis is None else source.shape[axis]
     if not isinstance(channels, int) or channels <= 0:
         return None
-    rank = len(source.shape)
-    split = _split_of(parts, source, channels, rank, axis)
-    if not split:
-        return None
-    nodes = region([g for g, _ in parts], source)
-    probe = _layout_probe(channels, rank, axis, split)
-    values = evaluate(nodes or [], source, probe) if nodes else None
-    if values is None or any(g.name not in values for g, _ in parts):
-        return None
-    rows = np.moveaxis(probe, axis, -1)
-    reduced = (*rows.shape[:-1], 1)
+    split = _split_of(parts, source, channels, len(source.shape), axis)
+    return (source, parts, axis, split) if split else None
+
+
+def _gain_rows(values: list[np.ndarray], axis: int, rank: int, reduced: tuple[int, ...]) -> list[np.ndarray] | None:
+    """Each gain as one value per probe row; None for a gain reduced over more than `axis` (its shape is wrong)."""
     gains = []
-    for gain, _ in parts:  # a gain reduced over more than `axis` has the wrong shape
-        value = np.moveaxis(values[gain.name], axis, -1) if values[gain.name].ndim == rank else None
-        if value is None or any(d not in (1, r) for d, r in zip(value.shape, reduced)):
+    for value in values:
+        moved = np.moveaxis(value, axis, -1) if value.ndim == rank else None
+        if moved is None or any(d not in (1, r) for d, r in zip(moved.shape, reduced)):
             return None
-        gains.append(np.broadcast_to(value, reduced).reshape(-1))
-    match = _fit_tsra(node, source, split, rows.reshape(-1, channels), gains, eps_candidates(nodes))
-    if match is not None:
-        match.axis = axis
-    return match
+        gains.append(np.broadcast_to(moved, reduced).reshape(-1))
+    return gains
 
 
 def _fit_tsra(node: gs.Node, source: gs.Tensor, split: int, rows: np.ndarray, gains: list[np.ndarray],

@@ -88,41 +88,48 @@ def _slice(values: np.ndarray, bounds: list[np.ndarray | None]) -> np.ndarray:
 def evaluate(nodes: list[gs.Node], source: gs.Tensor, probe: np.ndarray) -> dict[str, np.ndarray] | None:
     """Values of every tensor of `nodes` in float64 with `source` = `probe`; None on an unsupported form."""
     values: dict[str, np.ndarray] = {source.name: probe}
-
-    def read(tensor: gs.Tensor) -> np.ndarray | None:
-        if not tensor.name:
-            return None
-        if tensor.name in values:
-            return values[tensor.name]
-        constant = constant_value(tensor)
-        return None if constant is None else constant.astype(np.float64) if constant.dtype.kind == "f" else constant
-
     with np.errstate(all="ignore"):
         for node in nodes:
-            inputs = [read(t) for t in node.inputs]
-            if inputs[0] is None or (node.op in _ELEMENTWISE and inputs[1] is None):
+            outputs = _apply(node, [_read(values, t) for t in node.inputs])
+            if outputs is None:
                 return None
-            if node.op in _ELEMENTWISE:
-                outputs = [_ELEMENTWISE[node.op](inputs[0], inputs[1])]
-            elif node.op in _UNARY:
-                outputs = [_UNARY[node.op](inputs[0])]
-            elif node.op in _REDUCE:
-                outputs = [_reduce(node, inputs[0], inputs[1] if len(inputs) > 1 else None)]
-            elif node.op == "Slice":
-                if any(v is None for v in inputs[1:3]):
-                    return None
-                outputs = [_slice(inputs[0], inputs[1:])]
-            else:  # Split
-                axis = int(node.attrs.get("axis", 0))
-                sizes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else node.attrs.get("split")
-                if sizes is None:
-                    outputs = np.array_split(inputs[0], len(node.outputs), axis=axis)
-                else:
-                    outputs = np.split(inputs[0], np.cumsum(np.asarray(sizes))[:-1], axis=axis)
             for tensor, value in zip(node.outputs, outputs):
-                values[tensor.name] = np.asarray(value, dtype=np.float64) if np.asarray(value).dtype.kind == "f" \
-                    else np.asarray(value)
+                value = np.asarray(value)
+                values[tensor.name] = np.asarray(value, dtype=np.float64) if value.dtype.kind == "f" else value
     return values
+
+
+def _read(values: dict[str, np.ndarray], tensor: gs.Tensor) -> np.ndarray | None:
+    """A computed value, else a constant (floats in float64), else None."""
+    if not tensor.name:
+        return None
+    if tensor.name in values:
+        return values[tensor.name]
+    constant = constant_value(tensor)
+    return None if constant is None else constant.astype(np.float64) if constant.dtype.kind == "f" else constant
+
+
+def _apply(node: gs.Node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+    """The node's output values from its input values; None where an input it needs is unknown."""
+    if inputs[0] is None or (node.op in _ELEMENTWISE and inputs[1] is None):
+        return None
+    if node.op in _ELEMENTWISE:
+        return [_ELEMENTWISE[node.op](inputs[0], inputs[1])]
+    if node.op in _UNARY:
+        return [_UNARY[node.op](inputs[0])]
+    if node.op in _REDUCE:
+        return [_reduce(node, inputs[0], inputs[1] if len(inputs) > 1 else None)]
+    if node.op == "Slice":
+        return None if any(v is None for v in inputs[1:3]) else [_slice(inputs[0], inputs[1:])]
+    return _split(node, inputs[0], inputs[1] if len(inputs) > 1 else None)
+
+
+def _split(node: gs.Node, values: np.ndarray, sizes_input: np.ndarray | None) -> list[np.ndarray]:
+    axis = int(node.attrs.get("axis", 0))
+    sizes = sizes_input if sizes_input is not None else node.attrs.get("split")
+    if sizes is None:
+        return np.array_split(values, len(node.outputs), axis=axis)
+    return np.split(values, np.cumsum(np.asarray(sizes))[:-1], axis=axis)
 
 
 def eps_candidates(nodes: list[gs.Node]) -> list[float]:

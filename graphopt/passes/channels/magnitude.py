@@ -15,8 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, find_groups, name_nodes
-from graphopt.analysis.macs import count_cost
-from graphopt.analysis.shapes import batch1_shapes
+from graphopt.calibration.shapes import batch1_shapes, count_cost
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise

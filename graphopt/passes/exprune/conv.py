@@ -7,7 +7,7 @@ otherwise. The exchangeable terms of one output position are its C·kh·kw input
 products; rows of the shared threshold calibration (graphopt.passes.exprune.calib) are output positions.
 
 Per layer, from sampled input feature maps [r, C, H, W] (`ConvScoring`, the counterpart of
-graphopt.passes.exprune.linear.LinearScoring; `calibrate_conv` is one scoring calibrated at one rate):
+graphopt.passes.exprune.linear.LinearScoring; `ConvScoring.calibrate` calibrates it at one rate):
 - probe order: channels ranked by E[x_c²] · ||W[:, c]||² (mean over samples and positions; the sum over
   output channels and taps), largest first; W's input channels are permuted into that order;
 - m = round(probe · C), clamped to [1, C − 1]; checkpoints [m] (threshold rule) or m, 2m, 4m, ... < C
@@ -199,11 +199,6 @@ class ConvScoring:
         """(skip rate, false-negative rate, MACs skipped) of thresholds `tau` on other maps."""
         scores, positive = self.score(maps)
         return outcome(scores, self.factors, tau, positive, self.layer.terms, self.checkpoints)
-
-
-def calibrate_conv(maps: np.ndarray, layer: ConvLayer, probe: float, fnr: float, rule: str) -> Calibrated:
-    """Channel order, m, checkpoints and thresholds for one layer from sampled input maps [r, C, H, W]."""
-    return ConvScoring(maps, layer, probe, rule).calibrate(fnr)
 
 
 def replace_conv(graph: gs.Graph, layer: ConvLayer, calibrated: Calibrated, rule: str | None = None) -> gs.Node:

@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 import graphopt
 from graphopt.cli import main
 from graphopt.errors import GraphoptError
-from graphopt.ops.functions import ensure_functions
+from graphopt.ops.library import ensure_functions
 from graphopt.ops.rms_norm import make_rms_norm_node
 from graphopt.ops.tsra import make_tsra_node
 from tests.conftest import assert_equivalent, run_ort

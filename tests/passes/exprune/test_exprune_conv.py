@@ -1,6 +1,6 @@
 """ExPrune on Conv+ReLU: matching (and its declines), calibration on sampled feature maps, replacement, on
 ONNX-text graphs and on a small digits CNN exported by both torch exporters. The pieces are driven
-directly: match_conv -> sample_maps -> calibrate_conv -> replace_conv -> onnxruntime."""
+directly: match_conv -> sample_maps -> ConvScoring.calibrate -> replace_conv -> onnxruntime."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from graphopt.calibration.data import load_data
 from graphopt.calibration.maps import sample_maps
 from graphopt.ir import graph as ir
 from graphopt.passes.exprune.calib import Calibrated
-from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, calibrate_conv, match_conv, replace_conv
+from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from tests.conftest import init, op_types, run_ort, tiny, weights
 
 
@@ -34,7 +34,7 @@ def _rewrite(model: onnx.ModelProto, data: dict[str, np.ndarray], fnr: float, ru
                        batch_size=64)
     calibrated = {}
     for layer in layers:
-        calibrated[layer.name] = found = calibrate_conv(maps[layer.source.name], layer, probe, fnr, rule)
+        calibrated[layer.name] = found = ConvScoring(maps[layer.source.name], layer, probe, rule).calibrate(fnr)
         replace_conv(graph, layer, found)
     ir.cleanup(graph)
     rewritten = ir.export_model(graph, model)

@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 from sklearn.datasets import load_digits
 
 import graphopt
-from graphopt.analysis.macs import count_cost
+from graphopt.calibration.shapes import count_cost
 from graphopt.errors import GraphoptError
 from graphopt.passes.snp.maths import ldl_diagonal, output_order, reconstruction, zca_order
 from tests.conftest import run_ort
