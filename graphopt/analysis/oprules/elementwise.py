@@ -126,6 +126,11 @@ def _elu(node: gs.Node) -> Elementwise:
     return lambda x: np.where(x >= 0, x, scale * (np.exp(x) - 1.0))
 
 
+def _shrink(node: gs.Node) -> Elementwise:
+    lambd, bias = float(node.attrs.get("lambd", 0.5)), float(node.attrs.get("bias", 0.0))
+    return lambda x: np.where(x < -lambd, x + bias, np.where(x > lambd, x - bias, 0.0))
+
+
 def _dropout_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
     if any(t.outputs for t in node.outputs[1:]):
         return "not equivariant to a rotation of the channels"
@@ -151,6 +156,7 @@ ACTIVATIONS: dict[str, Callable[[gs.Node], Elementwise] | None] = {
 }  # nonlinear: constants evaluated where a function is given; none is equivariant to rotations
 for _op, _function in ACTIVATIONS.items():
     register(_op, channels=unary, constant=elementwise(_function) if _function else None, rotation=declines(NONLINEAR))
+register("Shrink", channels=unary, constant=elementwise(_shrink), rotation=declines(NONLINEAR))
 register("Neg", channels=unary, constant=elementwise(_fixed(np.negative)))
 register("Celu", "Softsign", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "ThresholdedRelu",
          "Cast", "CastLike", "IsNaN", channels=unary)
