@@ -3,7 +3,8 @@
 `optimize` loads the model, resolves batch-1 input shapes, runs the pre-passes and the chosen method
 through the pass manager, re-infers shapes, checks the result with the ONNX checker, measures MACs,
 parameters and fidelity against the original (on the calibration data, or on seeded random inputs),
-and saves atomically when an output path is given.
+and saves atomically when an output path is given. Its keyword options are those the methods declare
+(graphopt.passes.methods): unknown names are refused, and the report lists the values the run used.
 `calibrate` takes activation statistics on the same pre-passed graph and saves them for
 `optimize(..., stats=path)`.
 """
@@ -18,10 +19,10 @@ from typing import Any
 
 import onnx
 
-from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.errors import OptionError
 from graphopt.evaluate import random_feed, verify
@@ -29,7 +30,8 @@ from graphopt.ir import graph as ir
 from graphopt.ir.io import input_files, load_model, save_model
 from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
 from graphopt.ir.shapes import resolve_input_shapes
-from graphopt.passes import PassContext, PassManager, get_pass, names, normalising_passes
+from graphopt.passes import METHODS, Pass, PassContext, PassManager, PassRecord, get_pass, normalising_passes
+from graphopt.passes.methods import Option, declared_options, json_value, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,13 @@ class OptimizeResult:
 
 def methods() -> list[str]:
     """Names accepted by `optimize(method=...)`: "none" runs only the pre-passes."""
-    return ["none", *names("method")]
+    return ["none", *sorted(name for name in METHODS if name != "none")]
+
+
+def method_options() -> dict[str, Option]:
+    """Every option a method declares (graphopt.passes.methods), by keyword: what `optimize` accepts
+    besides its own arguments, and what `graphopt optimize`'s flags are built from."""
+    return declared_options()
 
 
 def parse_methods(method: str) -> list[str]:
@@ -111,59 +119,78 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     """Optimize `model` with `method`; return the new model and a JSON-ready report.
 
     `method` is one method name or a comma-separated pipeline run in order ("snp,exprune": static then
-    dynamic pruning); the options apply to every method that reads them."""
+    dynamic pruning). `options` are the options the methods declare (`method_options()`); each applies to
+    every method that reads it, the methods that run validate theirs, and a name no method declares is
+    refused. The report's "options" holds every option the run read, defaults filled in."""
     pipeline = parse_methods(method)
-    if target_macs is not None and not 0.0 < target_macs <= 1.0:
-        raise OptionError(f"--target-macs must be in (0, 1], got {target_macs}")
+    resolved = resolve_options(pipeline, {"target_macs": target_macs, "batch_size": batch_size, **options})
     protected = _protected(model, calib, output)
     original = as_model(model)
     dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
-    before = count_cost(original, shapes)
 
     graph = ir.import_graph(original)
-    ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
-                      options={"target_macs": target_macs, "batch_size": batch_size, **options})
-    sequence = normalising_passes()
-    for index, name in enumerate(pipeline):
-        if index:  # the next method sees shapes of the graph the previous one rewrote
-            sequence.append(get_pass("shape_inference"))
-        sequence.append(get_pass(name))
-    records = PassManager(sequence).run(graph, ctx)
+    ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved)
+    records = PassManager(_sequence(pipeline)).run(graph, ctx)
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
-    after = count_cost(optimized, shapes)
 
-    fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
-    fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
-    report: dict[str, Any] = {
-        "method": ",".join(pipeline) or "none",
-        "macs_before": before.macs, "macs_after": after.macs,
-        "macs_ratio": after.macs / before.macs if before.macs else 1.0,
-        "params_before": before.params, "params_after": after.params,
-        "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
-        "input_shapes": {k: list(v) for k, v in shapes.items()},
-        "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
-        "passes": [record.to_json() for record in records],
-    }
-    dynamic = [r.result.stats for r in records if r.name == "exprune" and r.result.modified]
-    if dynamic and after.macs:  # per-input skipping: the static count above does not see it
-        stats = dynamic[-1]
-        skipped = stats.get("held_out_macs_skipped_per_sample", stats["macs_skipped_per_sample"])
-        report["exprune_macs_skipped"] = {"fraction_of_model": skipped / after.macs,
-                                          "data": "held-out" if "held_out_macs_skipped_per_sample" in stats
-                                          else "calibration"}
+    report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
+                              "options": {name: json_value(value) for name, value in resolved.items()},
+                              **_measure(original, optimized, shapes, dataset, batch_size, progress),
+                              "passes": [record.to_json() for record in records]}
+    dynamic = _exprune_skipped(records, report["macs_after"])
+    if dynamic is not None:
+        report["exprune_macs_skipped"] = dynamic
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
-    if options.get("sparse_storage"):
+    if resolved["sparse_storage"]:
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
     if output is not None:
         save_model(stored, output, protected=protected)
         report["output"] = str(output)
         report["bytes_after"] = Path(output).stat().st_size
     return OptimizeResult(optimized, report)
+
+
+def _sequence(pipeline: list[str]) -> list[Pass]:
+    """The normalising pre-passes, then every method's passes in order."""
+    sequence = normalising_passes()
+    for index, name in enumerate(pipeline):
+        if index:  # the next method sees shapes of the graph the previous one rewrote
+            sequence.append(get_pass("shape_inference"))
+        sequence.extend(get_pass(pass_name) for pass_name in METHODS[name].passes)
+    return sequence
+
+
+def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+             dataset: Dataset | None, batch_size: int, progress: bool) -> dict[str, Any]:
+    """MACs, parameters and nodes before and after, and the fidelity of `optimized` to `original` on the
+    calibration data (else on seeded random inputs)."""
+    before, after = count_cost(original, shapes), count_cost(optimized, shapes)
+    fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
+    fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
+    return {
+        "macs_before": before.macs, "macs_after": after.macs,
+        "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+        "params_before": before.params, "params_after": after.params,
+        "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
+    }
+
+
+def _exprune_skipped(records: list[PassRecord], macs_after: int) -> dict[str, Any] | None:
+    """The fraction of the remaining MACs ExPrune skips per input (the static count does not see it)."""
+    dynamic = [r.result.stats for r in records if r.name == "exprune" and r.result.modified]
+    if not dynamic or not macs_after:
+        return None
+    stats = dynamic[-1]
+    skipped = stats.get("held_out_macs_skipped_per_sample", stats["macs_skipped_per_sample"])
+    return {"fraction_of_model": skipped / macs_after,
+            "data": "held-out" if "held_out_macs_skipped_per_sample" in stats else "calibration"}
 
 
 def _sparse_storage(original: onnx.ModelProto, optimized: onnx.ModelProto,

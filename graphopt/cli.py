@@ -6,15 +6,18 @@ Exit codes: 0 success; 2 bad usage or bad input (one line on stderr, nothing wri
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 from graphopt._version import __version__
 from graphopt.errors import GraphoptError
+from graphopt.passes.methods import CalibrationOptions, Option, options_of
 
 log = logging.getLogger("graphopt")
 
@@ -33,13 +36,38 @@ def _method(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _tolerance(text: str) -> str:
-    from graphopt.calibration.heldout import Tolerance
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its `GraphoptError` becomes the usage error, in one line."""
 
-    try:
-        return str(Tolerance.parse(text))
-    except GraphoptError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    @functools.wraps(parse)
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except GraphoptError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
+
+
+def _text_type(declared: Option) -> Callable[[str], Any] | None:
+    """What turns a declared option's text into its value: its parser, else int or float where the
+    annotation is one of them (or None); other options stay text."""
+    if declared.parse is not None:
+        return _checked(declared.parse)
+    kinds = [kind for kind in typing.get_args(declared.type) or (declared.type,) if kind is not type(None)]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (int, float) else None
+
+
+def _add_option(parser: argparse.ArgumentParser, declared: Option) -> None:
+    """A declared method option as a flag (graphopt.passes.methods); bool options are switches."""
+    if declared.type is bool:
+        parser.add_argument(declared.flag, dest=declared.name, help=declared.help,
+                            action="store_false" if declared.default else "store_true")
+        return
+    settings = {"type": _text_type(declared), "choices": declared.choices, "metavar": declared.metavar,
+                "help": declared.help}
+    parser.add_argument(declared.flag, dest=declared.name, default=declared.default,
+                        **{key: value for key, value in settings.items() if value is not None})
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -84,64 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_common(bench)
 
-    optimize = commands.add_parser("optimize", help="run the pre-passes and a compression method")
-    optimize.add_argument("model", type=Path)
-    optimize.add_argument("-o", "--output", type=Path, required=True)
-    optimize.add_argument("--method", type=_method, required=True, metavar="|".join(methods()),
-                          help="'none' runs only the normalising pre-passes; a comma-separated list runs "
-                               "methods in order (snp,exprune: static then dynamic pruning)")
-    optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
-    optimize.add_argument("--target-macs", type=float, help="keep about this fraction of per-sample MACs")
-    optimize.add_argument("--report", type=Path, help="write a JSON report here")
-    optimize.add_argument("--batch-size", type=int, default=32)
-    optimize.add_argument("--round-to", type=int, default=1, help="keep channel counts a multiple of N")
-    optimize.add_argument("--norm", choices=["l1", "l2"], default="l1", help="magnitude importance norm")
-    optimize.add_argument("--seed", type=int, default=0, help="seed for --method random")
-    optimize.add_argument("--keep-variance", type=float,
-                          help="snp: keep this fraction of every group's unique variance (instead of --target-macs); "
-                               "cob: of every subspace's rotated energy")
-    optimize.add_argument("--criterion", choices=["variance", "output"], default="variance",
-                          help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
-    optimize.add_argument("--sequential", action="store_true",
-                          help="snp: prune group by group, re-measuring statistics on the partly pruned model")
-    optimize.add_argument("--cob-reconstruct", action="store_true",
-                          help="cob: fold SNP's least-squares reconstruction of the pruned rotated coordinates")
-    optimize.add_argument("--no-reconstruct", action="store_true",
-                          help="snp: prune in the SNP order without folding the least-squares reconstruction")
-    optimize.add_argument("--sparsity", type=float, help="omp: fraction of weights to zero")
-    optimize.add_argument("--omp-scope", choices=["global", "layer"], default="global",
-                          help="omp: one magnitude threshold over all layers, or the same sparsity in each")
-    optimize.add_argument("--keep-first-last", action="store_true",
-                          help="omp: leave the first and last weighted layers dense")
-    optimize.add_argument("--sparse-storage", action="store_true",
-                          help="save weights as ONNX sparse initializers where that makes the file smaller")
-    optimize.add_argument("--rotation", choices=["pca", "l1pca"], default="pca",
-                          help="cob: rotation from calibration data (PCA of the Gram, or L1-PCA by sign-power iteration)")
-    optimize.add_argument("--zscore", type=float, metavar="Z",
-                          help="cob: keep rotated coordinates whose amplitude z-score within their subspace is >= Z")
-    optimize.add_argument("--stats", type=Path, help="statistics from `graphopt calibrate` (else measured on --calib)")
-    optimize.add_argument("--exprune-probe", type=float, metavar="F",
-                          help="exprune: probe length as a fraction of each layer's input size "
-                               "(default: chosen per layer from 1/16, 1/8, 1/4, 1/2)")
-    optimize.add_argument("--exprune-fnr", type=float, metavar="R",
-                          help="exprune: false-negative rate allowed per neuron on calibration data "
-                               "(default: the largest rate within --tolerance on held-out calibration samples)")
-    optimize.add_argument("--exprune-rule", choices=["threshold", "sequential"], default="threshold",
-                          help="exprune: one test on the probe, or tests at doubling probe lengths")
-    optimize.add_argument("--tolerance", type=_tolerance, metavar="top1=A|rel_l2=E",
-                          help="exprune: fidelity to keep on held-out calibration samples "
-                               "(default top1=0.99 for class scores, else rel_l2=0.01)")
-    optimize.add_argument("--exprune-layers", choices=["all", "linear", "conv"], default="all",
-                          help="exprune: which ReLU layers to replace (conv ops have no native kernel yet)")
-    optimize.add_argument("--exprune-rows", type=int, default=4096, metavar="N",
-                          help="exprune: sampled input rows per linear layer for calibration (default 4096)")
-    optimize.add_argument("--exprune-maps", type=int, default=64, metavar="N",
-                          help="exprune: input maps per convolution scored at every position (default 64)")
-    optimize.add_argument("--exprune-held-out", type=float, default=0.25, metavar="F",
-                          help="exprune: fraction of the calibration samples held out for --tolerance (default 0.25)")
-    _add_calibration(optimize)
-    _add_shapes(optimize)
-    _add_common(optimize)
+    _add_optimize(commands)
 
     calibrate = commands.add_parser("calibrate", help="activation statistics for optimize --stats")
     calibrate.add_argument("model", type=Path)
@@ -165,12 +136,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# where the method options have always stood in `graphopt optimize --help` (the CLI is a contract); an
+# option declared later follows them in declaration order, before the calibration flags
+_OPTIMIZE_LAYOUT = ("round_to", "norm", "seed", "keep_variance", "criterion", "sequential", "cob_reconstruct",
+                    "reconstruct", "sparsity", "omp_scope", "keep_first_last", "sparse_storage", "rotation", "zscore",
+                    "stats", "exprune_probe", "exprune_fnr", "exprune_rule", "tolerance", "exprune_layers",
+                    "exprune_rows", "exprune_maps", "exprune_held_out")
+
+
+def _add_optimize(commands: Any) -> None:
+    """The optimize command: its own arguments, then a flag for every option a method declares."""
+    from graphopt.api import method_options, methods
+
+    declared = {name: found for name, found in method_options().items() if found.flag is not None}
+    optimize = commands.add_parser("optimize", help="run the pre-passes and a compression method")
+    optimize.add_argument("model", type=Path)
+    optimize.add_argument("-o", "--output", type=Path, required=True)
+    optimize.add_argument("--method", type=_method, required=True, metavar="|".join(methods()),
+                          help="'none' runs only the normalising pre-passes; a comma-separated list runs "
+                               "methods in order (snp,exprune: static then dynamic pruning)")
+    optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
+    _add_option(optimize, declared["target_macs"])
+    optimize.add_argument("--report", type=Path, help="write a JSON report here")
+    placed = {"target_macs", "batch_size", *options_of(CalibrationOptions)}
+    rest = [name for name in declared if name not in _OPTIMIZE_LAYOUT and name not in placed]
+    for name in ["batch_size", *(name for name in _OPTIMIZE_LAYOUT if name in declared), *rest]:
+        _add_option(optimize, declared[name])
+    _add_calibration(optimize)
+    _add_shapes(optimize)
+    _add_common(optimize)
+
+
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calib-memory", default="2GB", metavar="SIZE",
-                        help="bound on what calibration holds at once, e.g. 512MB (default 2GB)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="onnxruntime device for calibration")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
-    parser.add_argument("--mask-input", metavar="NAME", help="attention-mask input: token statistics skip padding")
+    """How statistics are measured: the same flags for optimize and calibrate."""
+    for declared in options_of(CalibrationOptions).values():
+        _add_option(parser, declared)
 
 
 def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
@@ -235,56 +235,70 @@ def cmd_bench(args: argparse.Namespace) -> None:
           f"(batch {result['batch']}, {result['repeat']} runs, {', '.join(result['providers'])})")
 
 
+def _check_report_path(args: argparse.Namespace) -> None:
+    """Refuse a --report path that is an input (model, its external data, --calib, --stats) or the output,
+    by path, symlink or hard link, before anything is written."""
+    from graphopt.ir.io import input_files, same_file
+
+    guarded = [*input_files(args.model), args.output, *(p for p in (args.calib, args.stats) if p is not None)]
+    clash = next((p for p in guarded if same_file(args.report, p)), None)
+    if clash is not None:
+        raise GraphoptError(f"refusing to overwrite the input model, data or output with the report: {args.report} "
+                            f"(the same file as {clash})")
+    if not args.report.parent.is_dir():
+        raise GraphoptError(f"report directory does not exist: {args.report.parent}")
+
+
 def cmd_optimize(args: argparse.Namespace) -> None:
-    from graphopt.api import optimize
-    from graphopt.calibration.collect import parse_bytes
+    from graphopt.api import method_options, optimize
 
-    if args.report is not None:  # checked before anything is written
-        from graphopt.ir.io import input_files
-
-        if args.report.resolve() in input_files(args.model) | {args.output.resolve()}:
-            raise GraphoptError(f"refusing to overwrite the input model or the output with the report: {args.report}")
-        if not args.report.parent.is_dir():
-            raise GraphoptError(f"report directory does not exist: {args.report.parent}")
-    result = optimize(args.model, method=args.method, calib=args.calib, target_macs=args.target_macs,
-                      input_shapes=_shapes(args), output=args.output, batch_size=args.batch_size,
-                      progress=not args.quiet, round_to=args.round_to, norm=args.norm, seed=args.seed,
-                      stats=args.stats, calib_memory=parse_bytes(args.calib_memory), device=args.device,
-                      threads=args.threads, mask_input=args.mask_input, keep_variance=args.keep_variance,
-                      criterion=args.criterion, reconstruct=not args.no_reconstruct, sequential=args.sequential,
-                      cob_reconstruct=args.cob_reconstruct,
-                      sparsity=args.sparsity, omp_scope=args.omp_scope, keep_first_last=args.keep_first_last,
-                      sparse_storage=args.sparse_storage, rotation=args.rotation, zscore=args.zscore,
-                      exprune_probe=args.exprune_probe, exprune_fnr=args.exprune_fnr,
-                      exprune_rule=args.exprune_rule, tolerance=args.tolerance, exprune_layers=args.exprune_layers,
-                      exprune_rows=args.exprune_rows, exprune_maps=args.exprune_maps,
-                      exprune_held_out=args.exprune_held_out)
+    if args.report is not None:
+        _check_report_path(args)
+    options = {name: getattr(args, name) for name, declared in method_options().items() if declared.flag is not None}
+    result = optimize(args.model, method=args.method, calib=args.calib, input_shapes=_shapes(args),
+                      output=args.output, progress=not args.quiet, **options)
     report = result.report
     if args.report is not None:
-        args.report.write_text(json.dumps(report, indent=2, default=str))
+        from graphopt.ir.io import write_atomic
+
+        write_atomic(args.report, json.dumps(report, indent=2, default=str).encode())
     if args.json:
         _print_json(report)
         return
+    _print_optimized(report)
+
+
+def _print_optimized(report: dict[str, Any]) -> None:
     fidelity = report["fidelity"]
     print(f"MACs   {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.1%})")
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
     if "exprune_macs_skipped" in report:
-        dynamic = report["exprune_macs_skipped"]
-        print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
-              f"(measured on the {dynamic['data']} samples)")
-        convs = next((p["stats"].get("conv_layers", 0) for p in report["passes"] if p["pass"] == "exprune"), 0)
-        if convs:
-            print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu, which has no native kernel "
-                  "yet: they skip MACs but run slower than the convolutions they replace "
-                  "(--exprune-layers linear leaves them alone)")
+        _print_exprune(report)
     sparsity = report["weight_sparsity"]["overall"]
     print((f"weight sparsity {sparsity:.1%}   " if sparsity else "")
           + f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
     if "sparse_storage" in report:
         sparse = report["sparse_storage"]
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
+    _print_unchanged(report)
+    print(f"wrote {report['output']}")
+
+
+def _print_exprune(report: dict[str, Any]) -> None:
+    dynamic = report["exprune_macs_skipped"]
+    print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
+          f"(measured on the {dynamic['data']} samples)")
+    convs = next((p["stats"].get("conv_layers", 0) for p in report["passes"] if p["pass"] == "exprune"), 0)
+    if convs:
+        print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu, which has no native kernel "
+              "yet: they skip MACs but run slower than the convolutions they replace "
+              "(--exprune-layers linear leaves them alone)")
+
+
+def _print_unchanged(report: dict[str, Any]) -> None:
+    """One line for every method of the run that changed nothing, with its first reason."""
     methods_run = report["method"].split(",")
     for method_pass in report["passes"]:
         if method_pass["pass"] in methods_run and not method_pass["modified"]:
@@ -292,7 +306,6 @@ def cmd_optimize(args: argparse.Namespace) -> None:
             print(f"{method_pass['pass']} changed nothing"
                   + (f": {reasons[0]}" + (f" (+{len(reasons) - 1} more in --report or -v)" if len(reasons) > 1
                                           else "") if reasons else ""))
-    print(f"wrote {report['output']}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

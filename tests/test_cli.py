@@ -166,9 +166,20 @@ BAD_INPUTS = [  # (id, argv builder, stderr fragment)
                                              "--method", "none"], "refusing to overwrite the input model"),
     ("report_is_input", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none", "--report",
                                    f["model"]], "refusing to overwrite the input model"),
+    ("report_is_calib", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none", "--calib",
+                                   f["data"], "--report", f["data"]], "refusing to overwrite the input model"),
+    ("report_is_hard_link_to_calib", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none",
+                                                "--calib", f["data"], "--report", _hard_link(f["data"])],
+     "the same file as"),
     ("bad_target_macs", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none",
                                    "--target-macs", "0"], "--target-macs must be in"),
 ]
+
+
+def _hard_link(path: Path) -> Path:
+    link = path.parent / "report_link.json"
+    os.link(path, link)
+    return link
 
 
 def _truncated(files: dict[str, Path]) -> Path:

@@ -4,6 +4,13 @@ A pass has a `name` (its CLI name and registry key), a `kind` ("prepass" for the
 every method runs first, "method" for what `optimize --method` selects) and `run(graph, ctx)`.
 Unsupported patterns are not errors: a pass declines, records why in `PassResult.skipped`, and moves
 on. It raises only for broken invariants (a bug) or bad user input (a `GraphoptError`).
+
+The contract: each pass declares, from the named graph properties of `PROPERTIES`, what it
+`requires` (without it the pass would silently decline or misjudge what the normalised graph lets it
+handle), what it `ensures` (holds after it ran, whether or not it changed anything) and what it
+`preserves` when it changes the graph; a change invalidates every other property. The manager
+(graphopt.passes.manager) tracks which properties hold and refuses a pass whose requirements do not.
+`PassResult.history` says, for every channel group a pass shrank, which channels went and why.
 """
 
 from __future__ import annotations
@@ -22,14 +29,39 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# graph properties a pass may require, ensure or preserve (the vocabulary of the pass contract)
+PROPERTIES: dict[str, str] = {
+    "constants_normalised": "weights and other constants are initializers, not Constant nodes or constant "
+                            "Identity/Cast/CastLike/ConstantOfShape chains",
+    "identities_removed": "no Identity or inference-mode Dropout node is left where removing it keeps the interface",
+    "constants_folded": "no node whose inputs are all constant is left (If/Loop bodies aside)",
+    "batchnorm_folded": "every BatchNormalization that follows a Conv/ConvTranspose/Gemm/MatMul it alone reads "
+                        "is folded into it",
+    "dead_code_removed": "every node and initializer feeds a graph output",
+    "shapes_inferred": "tensors carry the dtypes and shapes ONNX shape inference gives for the current graph",
+}
+
+
+def all_but(*names: str) -> frozenset[str]:
+    """Every property except `names` (what a pass that changes those alone preserves)."""
+    return frozenset(PROPERTIES) - frozenset(names)
+
+
 @dataclass
 class PassResult:
+    """What a pass did. `history` holds one entry per channel group it shrank (see
+    graphopt.passes.channels.engine.removal): plain JSON values, listed in the report only when present."""
+
     modified: bool
     stats: dict[str, int | float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"modified": self.modified, "stats": dict(self.stats), "skipped": list(self.skipped)}
+        found = {"modified": self.modified, "stats": dict(self.stats), "skipped": list(self.skipped)}
+        if self.history:
+            found["history"] = list(self.history)
+        return found
 
 
 @dataclass
@@ -75,6 +107,9 @@ class Pass:
     name: ClassVar[str]
     kind: ClassVar[str] = "prepass"
     description: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    ensures: ClassVar[frozenset[str]] = frozenset()
+    preserves: ClassVar[frozenset[str]] = frozenset()  # when it changes the graph; the rest is invalidated
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -88,25 +123,8 @@ def register(cls: PassT) -> PassT:
     """Class decorator adding a pass to the registry; duplicate names are refused."""
     if cls.name in REGISTRY:
         raise ValueError(f"a pass named '{cls.name}' is already registered ({REGISTRY[cls.name].__module__})")
+    unknown = sorted((cls.requires | cls.ensures | cls.preserves) - set(PROPERTIES))
+    if unknown:  # a misspelt property would silently never hold
+        raise ValueError(f"pass '{cls.name}' declares unknown properties {unknown} (known: {', '.join(PROPERTIES)})")
     REGISTRY[cls.name] = cls
     return cls
-
-
-def get_pass(name: str) -> Pass:
-    from graphopt.passes import load_all  # passes register themselves on import
-
-    load_all()
-    if name not in REGISTRY:
-        from graphopt.errors import OptionError
-
-        raise OptionError(f"unknown pass '{name}' (known: {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[name]()
-
-
-def names(kind: str) -> list[str]:
-    from graphopt.passes import load_all
-
-    load_all()
-    return sorted(name for name, cls in REGISTRY.items() if cls.kind == kind)
-
-

@@ -1,21 +1,30 @@
-"""Runs a sequence of passes.
+"""Runs a sequence of passes, holding each to its contract.
+
+Before a pass runs, every property it `requires` (graphopt.passes.base.PROPERTIES) must hold, else a
+`PassFailedError` names the pass, the property and what broke it: that is a pipeline-ordering bug, not
+bad input. A property holds once a pass that `ensures` it has run, and until a pass changes the graph
+without preserving it. The input graph is taken to have every property that no pass of the sequence
+ensures (the caller vouches for the graph it hands in, as when one pass runs alone on a prepared graph);
+a property the sequence does establish holds only from its pass on. `assume` overrides that.
 
 After a pass reports a change the manager removes dead nodes and re-sorts the graph (only then: an
-unchanged graph is left exactly as it was). Any exception names the failing pass and those that ran
-before it; bad input stays a `GraphoptError` (exit code 2), anything else is a `PassFailedError`.
+unchanged graph is left exactly as it was), so dead_code_removed holds again. Any exception names the
+failing pass and those that ran before it; bad input stays a `GraphoptError` (exit code 2), anything
+else is a `PassFailedError`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from graphopt.errors import GraphoptError, PassFailedError, PassInputError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult
+from graphopt.passes.base import PROPERTIES, REGISTRY, Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -24,30 +33,80 @@ log = logging.getLogger(__name__)
 class PassRecord:
     name: str
     result: PassResult
+    requires: frozenset[str] = field(default_factory=frozenset)
+    ensures: frozenset[str] = field(default_factory=frozenset)
 
     def to_json(self) -> dict[str, object]:
-        return {"pass": self.name, **self.result.to_json()}
+        contract = {key: sorted(values) for key, values in (("requires", self.requires), ("ensures", self.ensures))
+                    if values}
+        return {"pass": self.name, **contract, **self.result.to_json()}
+
+
+class _Properties:
+    """Which properties hold, and which pass's change invalidated each one that no longer does."""
+
+    def __init__(self, holding: Iterable[str]) -> None:
+        self.holding = set(holding)
+        self.invalidated_by: dict[str, str] = {}
+
+    def missing(self, current: Pass, before: str) -> str | None:
+        """Why `current` may not run, or None when all it requires holds."""
+        for name in sorted(current.requires - self.holding):
+            ensurers = sorted(n for n, cls in REGISTRY.items() if name in cls.ensures) or ["no registered pass"]
+            if name in self.invalidated_by:
+                why = f"'{self.invalidated_by[name]}' changed the graph without preserving it; run " \
+                      f"{' or '.join(ensurers)} after it"
+            else:
+                why = f"no earlier pass ensured it; run {' or '.join(ensurers)} before it"
+            return f"pipeline-ordering bug: pass '{current.name}' requires {name}, which does not hold " \
+                   f"(after: {before}): {why}"
+        return None
+
+    def update(self, current: Pass, result: PassResult) -> None:
+        if result.modified:
+            lost = self.holding - current.preserves - current.ensures
+            self.invalidated_by.update({name: current.name for name in lost})
+            self.holding -= lost
+            self.holding.add("dead_code_removed")  # the manager's cleanup after a change removes it
+        self.holding |= current.ensures
+        for name in current.ensures:
+            self.invalidated_by.pop(name, None)
 
 
 class PassManager:
-    def __init__(self, passes: list[Pass]) -> None:
+    def __init__(self, passes: list[Pass], assume: Iterable[str] | None = None) -> None:
         self.passes = passes
+        ensured = frozenset().union(*(p.ensures for p in passes))
+        self.assume = frozenset(PROPERTIES) - ensured if assume is None else frozenset(assume)
+        unknown = sorted(self.assume - set(PROPERTIES))
+        if unknown:
+            raise ValueError(f"unknown properties assumed: {unknown} (known: {', '.join(PROPERTIES)})")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
+        properties = _Properties(self.assume)
         for current in tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False):
             before = ", ".join(r.name for r in records) or "none"
-            try:
-                result = current.run(graph, ctx)
-                if result.modified:
-                    ir.cleanup(graph)
-            except GraphoptError as exc:
-                raise PassInputError(f"pass '{current.name}' (after: {before}): {exc}") from exc
-            except Exception as exc:
-                raise PassFailedError(
-                    f"pass '{current.name}' failed (after: {before}): {type(exc).__name__}: {exc}"
-                ) from exc
-            for reason in result.skipped:
-                log.info("%s: %s", current.name, reason)
-            records.append(PassRecord(current.name, result))
+            refusal = properties.missing(current, before)
+            if refusal:
+                raise PassFailedError(refusal)
+            result = self._run_one(current, graph, ctx, before)
+            properties.update(current, result)
+            records.append(PassRecord(current.name, result, current.requires, current.ensures))
         return records
+
+    @staticmethod
+    def _run_one(current: Pass, graph: gs.Graph, ctx: PassContext, before: str) -> PassResult:
+        try:
+            result = current.run(graph, ctx)
+            if result.modified:
+                ir.cleanup(graph)
+        except GraphoptError as exc:
+            raise PassInputError(f"pass '{current.name}' (after: {before}): {exc}") from exc
+        except Exception as exc:
+            raise PassFailedError(
+                f"pass '{current.name}' failed (after: {before}): {type(exc).__name__}: {exc}"
+            ) from exc
+        for reason in result.skipped:
+            log.info("%s: %s", current.name, reason)
+        return result

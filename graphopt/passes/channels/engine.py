@@ -7,15 +7,21 @@ sliced (through `set_input_array`, so shared initializers are copied, never edit
 depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed. Removing
 channels whose values are identically zero everywhere they flow is exact; anything else is as exact
 as the importance criterion that chose them.
+
+`removal` describes one group's cut for the pruning history of the report (PassResult.history): the
+indices removed, in the group's channel numbering before the pass, with their scores and the budget
+decision, recorded by each pass where it decides the cut.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable, ChannelState
-from graphopt.analysis.groups import Analysis, Site
+from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.ir import graph as ir
 
@@ -39,53 +45,98 @@ def _int_array(values: list[int] | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
-def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]) -> None:
-    positions = kept_positions(a.atoms, site.state, kept)
+def _weight(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    values = np.asarray(site.node.inputs[site.index].values)
+    if positions.size != values.shape[site.axis]:
+        ir.set_input_array(graph, site.node, site.index, np.take(values, positions, axis=site.axis))
+
+
+def _group(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    site.node.attrs["group"] = int(positions.size)
+
+
+def _count(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    site.node.attrs[site.role] = int(positions.size)  # an integer attribute that counts the state's channels
+
+
+def _split(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
     node = site.node
-    if site.kind == "weight":
-        values = np.asarray(node.inputs[site.index].values)
-        if positions.size != values.shape[site.axis]:
-            ir.set_input_array(graph, node, site.index, np.take(values, positions, axis=site.axis))
-    elif site.kind == "group":
-        node.attrs["group"] = int(positions.size)
-    elif site.kind == "count":  # an integer attribute (`role`) that counts the channels of the state
-        node.attrs[site.role] = int(positions.size)
-    elif site.kind == "split":
-        sizes = _int_array([kept_positions(a.atoms, out, kept).size for out in site.outputs])
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            ir.set_input_array(graph, node, 1, sizes)
-        elif graph.opset >= 13:
-            node.attrs.pop("num_outputs", None)
-            node.attrs.pop("split", None)
-            constant = gs.Constant(ir.unique_name(graph, f"{node.name}_split"), sizes)
-            if len(node.inputs) > 1:  # an omitted optional input (empty name) holds the place
-                node.inputs[1] = constant
-            else:
-                node.inputs.append(constant)
+    sizes = _int_array([kept_positions(a.atoms, out, kept).size for out in site.outputs])
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        ir.set_input_array(graph, node, 1, sizes)
+    elif graph.opset >= 13:
+        node.attrs.pop("num_outputs", None)
+        node.attrs.pop("split", None)
+        constant = gs.Constant(ir.unique_name(graph, f"{node.name}_split"), sizes)
+        if len(node.inputs) > 1:  # an omitted optional input (empty name) holds the place
+            node.inputs[1] = constant
         else:
-            node.attrs["split"] = [int(s) for s in sizes]
-    elif site.kind == "slice":
-        total = a.size(site.state)
-        bounds = []
-        for index in (1, 2):
-            values = np.asarray(node.inputs[index].values).copy()
-            raw = int(values[site.axis])
-            bound = min(max(raw + total if raw < 0 else raw, 0), total)
-            values[site.axis] = int(np.searchsorted(positions, bound))
-            bounds.append(values)
-        for index, values in zip((1, 2), bounds):
-            ir.set_input_array(graph, node, index, values.astype(np.asarray(node.inputs[index].values).dtype))
-    elif site.kind == "shape":
-        holder, index, element = shape_entry(node, site.axis)
-        values = np.asarray(holder.inputs[index].values).copy()
-        flat = values.reshape(-1)
-        flat[element] = positions.size
-        ir.set_input_array(graph, holder, index, flat.reshape(values.shape))
+            node.inputs.append(constant)
     else:
+        node.attrs["split"] = [int(s) for s in sizes]
+
+
+def _slice(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    node, total = site.node, a.size(site.state)
+    bounds = []
+    for index in (1, 2):
+        values = np.asarray(node.inputs[index].values).copy()
+        raw = int(values[site.axis])
+        bound = min(max(raw + total if raw < 0 else raw, 0), total)
+        values[site.axis] = int(np.searchsorted(positions, bound))
+        bounds.append(values)
+    for index, values in zip((1, 2), bounds):
+        ir.set_input_array(graph, node, index, values.astype(np.asarray(node.inputs[index].values).dtype))
+
+
+def _shape(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    holder, index, element = shape_entry(site.node, site.axis)
+    values = np.asarray(holder.inputs[index].values).copy()
+    flat = values.reshape(-1)
+    flat[element] = positions.size
+    ir.set_input_array(graph, holder, index, flat.reshape(values.shape))
+
+
+_REWRITES = {"weight": _weight, "group": _group, "count": _count, "split": _split, "slice": _slice, "shape": _shape}
+
+
+def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]) -> None:
+    rewrite = _REWRITES.get(site.kind)
+    if rewrite is None:
         raise AssertionError(f"unknown site kind {site.kind}")
+    rewrite(graph, site, a, kept, kept_positions(a.atoms, site.state, kept))
 
 
 def apply_kept(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.ndarray]) -> None:
     """Rewrite every site; `kept` maps group roots to sorted kept indices (absent: keep all)."""
     for site in analysis.sites:
         _apply(graph, site, analysis, kept)
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain JSON: numpy numbers become ints and floats (6 significant digits), arrays lists."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(f"{float(value):.6g}")
+    if isinstance(value, (np.ndarray, list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return value
+
+
+def removal(group: Group, by: str, kept: np.ndarray, criterion: str, scores: np.ndarray | None = None,
+            **decision: Any) -> dict[str, Any]:
+    """History entry: `by` cut `group` to `kept` (indices of its channels); the removed channels with
+    their `criterion` scores (per channel of the group; None where there are none) and the decision."""
+    removed = np.setdiff1d(np.arange(group.size), np.asarray(kept, dtype=np.int64))
+    entry: dict[str, Any] = {"by": by, "group": int(group.root), "size": int(group.size),
+                             "members": group.describe()["members"], "kept": int(group.size - removed.size),
+                             "removed": _plain(removed), "criterion": criterion}
+    if scores is not None:
+        entry["scores"] = _plain(np.asarray(scores, dtype=np.float64)[removed])
+    entry.update(_plain(decision))
+    return entry

@@ -10,6 +10,7 @@ rewrites the graph. Channels whose producers are all zero score 0 and go first: 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -19,9 +20,10 @@ from graphopt.calibration.shapes import batch1_shapes, count_cost
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
-from graphopt.passes.channels.engine import apply_kept
+from graphopt.passes.channels.engine import apply_kept, removal
+from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +72,26 @@ def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict
     return scores
 
 
+def budget_history(by: str, groups: list[Group], kept: dict[int, np.ndarray], scores: dict[int, np.ndarray],
+                   criterion: str, target: float) -> list[dict]:
+    """History of a global-budget cut: every group kept its highest scores, so each removed score is at
+    most `lowest_kept_score`; groups compare by score / `group_mean_score` (graphopt.passes.channels.budget)."""
+    return [removal(g, by, kept[g.root], criterion, scores[g.root], target_macs=target,
+                    lowest_kept_score=float(np.min(scores[g.root][kept[g.root]])),
+                    group_mean_score=float(np.mean(scores[g.root])))
+            for g in groups if g.root in kept]
+
+
 class _ChannelPruning(Pass):
     kind = "method"
+    # weights are seen only as initializers; RMSNorm/TSRA are matched on inferred shapes
+    requires = frozenset({"constants_normalised", "shapes_inferred"})
+    preserves = all_but("shapes_inferred")  # channel counts change: shapes must be inferred again
 
     def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+    def criterion(self, ctx: PassContext) -> str:
         raise NotImplementedError
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
@@ -90,6 +108,7 @@ class _ChannelPruning(Pass):
         scores = self.scores(analysis, prunable, ctx)
         counts = choose_counts(scores, mac_model, target, round_to)
         kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
+        result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), target)
         apply_kept(graph, analysis, kept)
         removed = sum(g.size - counts[g.root] for g in prunable)
         result.modified = bool(kept)
@@ -107,6 +126,11 @@ class _ChannelPruning(Pass):
 class MagnitudePruning(_ChannelPruning):
     name = "magnitude"
     description = "structured pruning by producer weight norms (L1 or L2), global MAC budget"
+    # norms judge a channel only once BatchNorm's per-channel scale is folded into its producer
+    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
+
+    def criterion(self, ctx: PassContext) -> str:
+        return f"{ctx.option('norm', 'l1')}_norm"
 
     def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
         norm = ctx.option("norm", "l1")
@@ -120,6 +144,25 @@ class RandomPruning(_ChannelPruning):
     name = "random"
     description = "structured pruning with seeded random importance, global MAC budget"
 
+    def criterion(self, ctx: PassContext) -> str:
+        return "random"
+
     def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
         rng = np.random.default_rng(int(ctx.option("seed", 0)))
         return {g.root: rng.random(g.size) for g in sorted(groups, key=lambda g: g.root)}
+
+
+@dataclass
+class MagnitudeOptions(Rounding):
+    norm: str = option("l1", choices=("l1", "l2"), help="magnitude importance norm")
+
+
+@dataclass
+class RandomOptions(Rounding, Seeded):
+    """Rounding and the seed of the scores."""
+
+
+MAGNITUDE = register_method(Method(MagnitudePruning.name, MagnitudePruning.description, needs_data=False,
+                                   passes=(MagnitudePruning.name,), options=MagnitudeOptions))
+RANDOM = register_method(Method(RandomPruning.name, RandomPruning.description, needs_data=False,
+                                passes=(RandomPruning.name,), options=RandomOptions))

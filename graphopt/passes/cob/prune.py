@@ -23,21 +23,24 @@ Without a budget only steps 1-3 run.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.groups import Analysis
+from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import StatRequest, single_threaded_blas
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.cob.chains import Chain, find_chains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
 from graphopt.passes.channels.budget import MacModel
-from graphopt.passes.channels.engine import apply_kept
+from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
+from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, Seeded, StatisticsOptions,
+                                      option, register_method)
 from graphopt.passes.snp.prune import consumer_statistics, linear_consumers, prune_reconstructed
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
@@ -93,26 +96,38 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
     return found
 
 
+def _producer_site(analysis: Analysis, chain: Chain) -> Site | None:
+    """The site where the chain's producer writes its output channels (its weight, input 1)."""
+    return next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is chain.producer
+                 and s.index == 1), None)
+
+
+def _covering_group(analysis: Analysis, groups: dict[int, Group], site: Site, low: int, high: int) -> Group | str:
+    """The group whose one atom spans the producer's channels [low, high), or why there is none."""
+    leaves = analysis.atoms.leaves(site.state.atoms)
+    bounds = np.cumsum([0] + [analysis.atoms.sizes[leaf] for leaf in leaves])
+    covering = [leaf for leaf, start, stop in zip(leaves, bounds, bounds[1:]) if low <= start and stop <= high]
+    if len(covering) != 1 or analysis.atoms.sizes[covering[0]] != high - low:
+        return f"subspace [{low}, {high}) is not one channel group"
+    return groups[analysis.atoms.find(covering[0])]
+
+
 def _subspace_groups(analysis: Analysis, chain: Chain) -> dict[int, int] | str:
     """Group root of each subspace (by index), or why the chain's groups cannot be pruned."""
-    site = next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is chain.producer
-                 and s.index == 1), None)
+    site = _producer_site(analysis, chain)
     if site is None:
         return "producer has no channel group"
     groups = {g.root: g for g in analysis.groups()}
-    leaves = analysis.atoms.leaves(site.state.atoms)
-    bounds = np.cumsum([0] + [analysis.atoms.sizes[leaf] for leaf in leaves])
+    tied = chain.heads > 1  # heads share one group: the same coordinates are kept in every head
     found: dict[int, int] = {}
     for index, (low, high) in enumerate(chain.subspaces):
-        covering = [leaf for leaf, start, stop in zip(leaves, bounds, bounds[1:]) if low <= start and stop <= high]
-        if len(covering) != 1 or analysis.atoms.sizes[covering[0]] != high - low:
-            return f"subspace [{low}, {high}) is not one channel group"
-        group = groups[analysis.atoms.find(covering[0])]
-        tied = chain.heads > 1  # heads share one group: the same coordinates are kept in every head
+        group = _covering_group(analysis, groups, site, low, high)
+        if isinstance(group, str):
+            return group
         if not group.prunable or (group.root in found.values() and not tied):
             return f"subspace [{low}, {high}): {group.describe()['reason'] or 'coupled with another subspace'}"
         found[index] = group.root
-    if chain.heads > 1 and len(set(found.values())) != 1:
+    if tied and len(set(found.values())) != 1:
         return "attention heads are not coupled into one group"
     return found
 
@@ -126,34 +141,38 @@ def _zscore_kept(energy: np.ndarray, cutoff: float) -> np.ndarray:
     return kept if kept.size else np.array([int(np.argmax(amplitude))])
 
 
-def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: list[list[np.ndarray]],
-           kind: str, value: float, result: PassResult) -> tuple[int, float]:
-    """Drop trailing rotated coordinates; returns (channels removed, estimated MAC ratio)."""
-    analysis, per_node = analyse(graph, ctx)
-    orderings: dict[int, Ordering] = {}
+def _group_energies(analysis: Analysis, chains: list[Chain], energies: list[list[np.ndarray]],
+                    result: PassResult) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+    """Per group: the energy of each rotated coordinate, and how many times the group's channels occur in
+    its producer (heads: coordinate j's energy summed over the heads); chains that cannot be pruned are
+    recorded in `result.skipped`."""
     energy_of: dict[int, np.ndarray] = {}
-    copies: dict[int, int] = {}  # how many times a group's channels occur in its producer (heads)
+    copies: dict[int, int] = {}
     for chain, chain_energies in zip(chains, energies):
         roots = _subspace_groups(analysis, chain)
         if isinstance(roots, str):
             result.skipped.append(f"{chain.producer.name}: not pruned, {roots}")
             continue
-        for index, root in roots.items():  # tied heads: coordinate j's energy summed over the heads
+        for index, root in roots.items():
             energy_of[root] = energy_of.get(root, 0.0) + np.maximum(chain_energies[index], 0.0)
             copies[root] = copies.get(root, 0) + 1
-    for root, energy in energy_of.items():
-        orderings[root] = Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
-    round_to = int(ctx.option("round_to", 1))
-    model = MacModel(analysis, per_node, set(orderings))
+    return energy_of, copies
+
+
+def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: dict[int, Ordering],
+          model: MacModel, round_to: int) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+    """Kept rotated coordinates per group under the budget `kind` = `value`, and that decision."""
     if kind == "zscore":
-        kept = {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}
-    else:
-        keep = value if kind == "keep_variance" else variance_for_target(orderings, model, value, round_to)
-        chosen = counts(orderings, keep, round_to)
-        if kind == "target_macs":
-            chosen = fill(chosen, orderings, model, value, round_to)
-        kept = {root: np.arange(count) for root, count in chosen.items()}
-    kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
+        return {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}, {kind: value}
+    keep = value if kind == "keep_variance" else variance_for_target(orderings, model, value, round_to)
+    chosen = counts(orderings, keep, round_to)
+    if kind == "target_macs":
+        chosen = fill(chosen, orderings, model, value, round_to)
+    return {root: np.arange(count) for root, count in chosen.items()}, {kind: value, "retained_variance_cut": keep}
+
+
+def _cut(graph: gs.Graph, ctx: PassContext, analysis: Analysis, kept: dict[int, np.ndarray],
+         result: PassResult) -> None:
     if ctx.option("cob_reconstruct", False):  # SNP's least-squares reconstruction of what was cut
         sites = [site for site in linear_consumers(analysis, int(ctx.option("snp_max_features", 4096)), result)
                  if any(analysis.atoms.find(leaf) in kept for leaf in analysis.atoms.leaves(site.state.atoms))]
@@ -161,6 +180,31 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
             prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)
     else:
         apply_kept(graph, analysis, kept)
+
+
+def _history(analysis: Analysis, kept: dict[int, np.ndarray], orderings: dict[int, Ordering],
+             copies: dict[int, int], decision: dict[str, float]) -> list[dict]:
+    """One entry per cut group; indices are rotated coordinates (the basis this pass folded in), scores
+    each coordinate's share of its subspace's energy (summed over heads)."""
+    groups = {g.root: g for g in analysis.groups()}
+    return [removal(groups[root], "cob", indices, "rotated_energy", orderings[root].fraction, basis="rotated",
+                    retained=float(orderings[root].fraction[indices].sum()), **decision,
+                    **({"heads": copies[root]} if copies[root] > 1 else {}))
+            for root, indices in sorted(kept.items())]
+
+
+def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: list[list[np.ndarray]],
+           kind: str, value: float, result: PassResult) -> tuple[int, float]:
+    """Drop trailing rotated coordinates; returns (channels removed, estimated MAC ratio)."""
+    analysis, per_node = analyse(graph, ctx)
+    energy_of, copies = _group_energies(analysis, chains, energies, result)
+    orderings = {root: Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
+                 for root, energy in energy_of.items()}
+    model = MacModel(analysis, per_node, set(orderings))
+    kept, decision = _kept(kind, value, energy_of, orderings, model, int(ctx.option("round_to", 1)))
+    kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
+    result.history = _history(analysis, kept, orderings, copies, decision)
+    _cut(graph, ctx, analysis, kept, result)
     sizes = {root: o.order.size for root, o in orderings.items()}
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     return removed, model.ratio({root: (kept[root].size if root in kept else sizes[root]) for root in sizes})
@@ -171,6 +215,9 @@ class ChangeOfBasisPruning(Pass):
     name = "cob"
     kind = "method"
     description = "change-of-basis pruning: PCA / L1-PCA rotations folded into weights (TSRA, RMS norm), then pruning"
+    # chains are found on inferred shapes; a BatchNorm left between producer and consumers breaks a chain
+    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
+    preserves = all_but("shapes_inferred")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         kind, value = _budget(ctx)
@@ -195,3 +242,19 @@ class ChangeOfBasisPruning(Pass):
                         "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
                         "estimated_macs_ratio": ratio}
         return result
+
+
+@dataclass
+class CobOptions(Rounding, KeepVariance, Seeded, Reconstruction, StatisticsOptions):
+    cob_reconstruct: bool = option(False, help="cob: fold SNP's least-squares reconstruction of the pruned rotated "
+                                               "coordinates")
+    rotation: str = option("pca", choices=("pca", "l1pca"), help="cob: rotation from calibration data (PCA of the "
+                                                                 "Gram, or L1-PCA by sign-power iteration)")
+    zscore: float | None = option(None, metavar="Z", help="cob: keep rotated coordinates whose amplitude z-score "
+                                                          "within their subspace is >= Z")
+    l1pca_rows: int = option(4096, cli=False, help="L1-PCA: activation rows sampled per tensor read")
+    l1pca_iterations: int = option(30, cli=False, help="L1-PCA: sign-power iterations per subspace")
+
+
+COB = register_method(Method(ChangeOfBasisPruning.name, ChangeOfBasisPruning.description, needs_data=True,
+                             passes=(ChangeOfBasisPruning.name,), options=CobOptions))

@@ -26,6 +26,7 @@ m, checkpoints, skip rate, false-negative rate and fraction of its MACs skipped 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,10 +37,11 @@ from tqdm.auto import tqdm
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.exprune.calib import Calibrated
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
+from graphopt.passes.methods import Method, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,10 @@ class ExPrune(Pass):
     name = "exprune"
     kind = "method"
     description = "ExPrune: ReLU units predicted negative from a calibrated partial sum are skipped per input"
+    # a layer is matched as Conv/Gemm/MatMul read by a Relu alone (a BatchNorm between them hides it), with
+    # constant weights, on inferred shapes
+    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
+    preserves = all_but("shapes_inferred")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from graphopt.calibration.data import load_data
@@ -260,3 +266,51 @@ class ExPrune(Pass):
         result.stats.update({"layers": len(layers), "conv_layers": sum(isinstance(l, ConvLayer) for l in layers),
                              "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})
+
+
+def tolerance_text(text: str) -> str:
+    """A --tolerance in its canonical spelling; a malformed one is refused (`OptionError`)."""
+    from graphopt.calibration.heldout import Tolerance
+
+    return str(Tolerance.parse(text))
+
+
+@dataclass
+class ExPruneOptions(Seeded):
+    exprune_probe: float | None = option(None, metavar="F", help="exprune: probe length as a fraction of each "
+                                         "layer's input size (default: chosen per layer from 1/16, 1/8, 1/4, 1/2)")
+    exprune_fnr: float | None = option(None, metavar="R", help="exprune: false-negative rate allowed per neuron on "
+                                       "calibration data (default: the largest rate within --tolerance on held-out "
+                                       "calibration samples)")
+    exprune_rule: str = option("threshold", choices=RULES,
+                               help="exprune: one test on the probe, or tests at doubling probe lengths")
+    tolerance: str | None = option(None, metavar="top1=A|rel_l2=E", parse=tolerance_text,
+                                   help="exprune: fidelity to keep on held-out calibration samples (default "
+                                        "top1=0.99 for class scores, else rel_l2=0.01)")
+    exprune_layers: str = option("all", choices=LAYER_KINDS, help="exprune: which ReLU layers to replace (conv ops "
+                                                                  "have no native kernel yet)")
+    exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "
+                                                       "calibration (default 4096)")
+    exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "
+                                                     "(default 64)")
+    exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
+                                                             "out for --tolerance (default 0.25)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        probe, fnr, held_out = self.exprune_probe, self.exprune_fnr, self.exprune_held_out
+        if probe is not None and not 0.0 < float(probe) < 1.0:
+            raise OptionError(f"--exprune-probe must be in (0, 1), got {probe}")
+        if fnr is not None and not 0.0 <= float(fnr) < 1.0:
+            raise OptionError(f"--exprune-fnr must be in [0, 1), got {fnr}")
+        if not 0.0 < float(held_out) < 1.0:
+            raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+        for flag, value in (("--exprune-rows", self.exprune_rows), ("--exprune-maps", self.exprune_maps)):
+            if int(value) < 1:
+                raise OptionError(f"{flag} must be at least 1, got {value}")
+        if self.tolerance is not None:
+            self.tolerance = tolerance_text(str(self.tolerance))
+
+
+EXPRUNE = register_method(Method(ExPrune.name, ExPrune.description, needs_data=True, passes=(ExPrune.name,),
+                                 options=ExPruneOptions))

@@ -8,13 +8,15 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 
 
 @register
 class DeadCode(Pass):
     name = "dead_code"
     description = "remove nodes and initializers that no output depends on"
+    ensures = frozenset({"dead_code_removed"})
+    preserves = all_but()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         nodes_before = len(graph.nodes)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 
 
 def _affine(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
@@ -101,6 +101,10 @@ def _match(graph: gs.Graph, bn: gs.Node) -> gs.Node | str:
 class FoldBatchNorm(Pass):
     name = "fold_batchnorm"
     description = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm/MatMul"
+    # parameters are read only from initializers, and an Identity between producer and BN hides the producer
+    requires = frozenset({"constants_normalised", "identities_removed"})
+    ensures = frozenset({"batchnorm_folded"})
+    preserves = all_but()
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False, stats={"folded": 0})

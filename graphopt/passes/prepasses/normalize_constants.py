@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 
 _SCALAR_ATTRS = {
     "value_float": np.float32,
@@ -65,6 +65,8 @@ _EVALUATED = ("Constant", "Identity", "Cast", "CastLike", "ConstantOfShape")
 class NormalizeConstants(Pass):
     name = "normalize_constants"
     description = "Constant nodes and constant ConstantOfShape/Identity/Cast/CastLike chains become initializers"
+    ensures = frozenset({"constants_normalised"})
+    preserves = all_but("batchnorm_folded")  # a BatchNormalization with Constant-node parameters becomes foldable
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)

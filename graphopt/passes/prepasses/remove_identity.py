@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 
 
 def _removable(graph: gs.Graph, node: gs.Node) -> str | None:
@@ -31,6 +31,8 @@ def _removable(graph: gs.Graph, node: gs.Node) -> str | None:
 class RemoveIdentity(Pass):
     name = "remove_identity"
     description = "drop Identity and inference-mode Dropout nodes"
+    ensures = frozenset({"identities_removed"})
+    preserves = all_but("batchnorm_folded")  # Conv -> Identity -> BatchNormalization becomes foldable
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)

@@ -7,12 +7,14 @@ output criterion) sums WᵀW of those consumers the same way. `orderings` ranks 
 variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
 (a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
 others); `variance_for_target` bisects V for a MAC target and `fill` spends what is left of the
-budget on the groups whose next units add the most variance.
+budget on the groups whose next units add the most variance. `history_entry` records a group's cut for
+the report: each removed unit's share of the group's unique variance, and the cut that removed it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import TensorStats
 from graphopt.passes.base import PassResult
 from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.channels.engine import removal
 from graphopt.passes.snp.maths import ldl_diagonal, output_order, zca_order
 
 REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
@@ -122,3 +125,12 @@ def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel,
             break
         chosen[best] = min(orderings[best].order.size, chosen[best] + max(round_to, 1))
     return chosen
+
+
+def history_entry(by: str, group: Group, ordering: Ordering, count: int, criterion: str, **decision: Any) -> dict:
+    """`group` keeps the first `count` units of `ordering`; scores are each unit's share of the group's
+    unique variance (its LDL variance given the units ranked before it), `criterion` the ranking."""
+    share = np.empty(ordering.order.size)
+    share[ordering.order] = ordering.fraction
+    return removal(group, by, ordering.order[:count], "unique_variance", share, ordering=criterion,
+                   retained=float(ordering.fraction[:count].sum()), **decision)

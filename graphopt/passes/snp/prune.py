@@ -21,6 +21,7 @@ already pruned (as SparseGPT and SliceGPT do), so later layers see the errors of
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -29,13 +30,15 @@ from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded_blas
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
+                                      register_method)
 from graphopt.passes.snp.maths import reconstruction
-from graphopt.passes.snp.plan import counts, fill, orderings, variance_for_target
+from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +97,26 @@ def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int], ...]:
     return tuple(sorted((s.node.name, s.index) for s in group.sites if s.role == "producer"))
 
 
+def _decision(target: float | None, keep: float | None, variance: float) -> dict[str, float]:
+    """The budget that decided the cut, as the history records it."""
+    budget = {"keep_variance": float(keep)} if target is None else {"target_macs": float(target)}
+    return {**budget, "retained_variance_cut": variance}
+
+
+def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dict[int, int], criterion: str,
+             decision: dict[str, float]) -> list[dict]:
+    by_root = {g.root: g for g in groups}
+    return [history_entry(by, by_root[root], ranked[root], count, criterion, **decision)
+            for root, count in sorted(cut.items())]
+
+
 @register
 class SubspaceNodePruning(Pass):
     name = "snp"
     kind = "method"
     description = "subspace node pruning: LDL ordering on calibration statistics, least-squares reconstruction"
+    requires = frozenset({"constants_normalised", "shapes_inferred"})  # as the other channel methods
+    preserves = all_but("shapes_inferred")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target, keep = ctx.option("target_macs"), ctx.option("keep_variance")
@@ -124,9 +142,12 @@ class SubspaceNodePruning(Pass):
         if target is not None:
             chosen = fill(chosen, ranked, mac_model, float(target), round_to)
         cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size}
+        decision = _decision(target, keep, variance)
         if ctx.option("sequential", False):
-            folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct)
+            folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct,
+                                      (decision, result.history))
         else:
+            result.history = _history(self.name, groups, ranked, cut, criterion, decision)
             kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
             with single_threaded_blas():
                 folded = prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct)
@@ -140,14 +161,18 @@ class SubspaceNodePruning(Pass):
         return result
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext, first: Analysis, cut: dict[int, int],
-                    criterion: str, max_features: int, reconstruct: bool) -> int:
-        """Prune group by group in graph order, re-measuring statistics on the partly pruned graph."""
+                    criterion: str, max_features: int, reconstruct: bool,
+                    recording: tuple[dict[str, float], list[dict]]) -> int:
+        """Prune group by group in graph order, re-measuring statistics on the partly pruned graph;
+        each cut goes to the history (`recording`: the budget decision and the list to append to) under
+        the group as first analysed (the channels of a group keep their numbering until it is cut)."""
+        decision, history = recording
         position = {node.name: index for index, node in enumerate(graph.nodes)}
         by_root = {g.root: g for g in first.groups()}
-        plan = sorted(((_key(first, by_root[root]), count) for root, count in cut.items()),
+        plan = sorted(((_key(first, by_root[root]), root, count) for root, count in cut.items()),
                       key=lambda item: min(position[name] for name, _ in item[0]))
         folded = 0
-        for key, count in plan:
+        for key, root, count in plan:
             analysis, _ = analyse(graph, ctx)
             group = next(g for g in analysis.groups() if g.prunable and _key(analysis, g) == key)
             sites = [s for s in linear_consumers(analysis, max_features, None)
@@ -155,7 +180,23 @@ class SubspaceNodePruning(Pass):
             stats = consumer_statistics(ctx, graph, sites)
             with single_threaded_blas():
                 ranked = orderings(analysis, [group], sites, stats, criterion, PassResult(modified=False))
+                history.append(history_entry(self.name, by_root[root], ranked[group.root], count, criterion,
+                                             **decision))
                 kept = {group.root: np.sort(ranked[group.root].order[:count])}
                 folded += prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct)
             ir.cleanup(graph)
         return folded
+
+
+@dataclass
+class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
+    criterion: str = option("variance", choices=("variance", "output"),
+                            help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
+    sequential: bool = option(False, help="snp: prune group by group, re-measuring statistics on the partly "
+                                          "pruned model")
+    reconstruct: bool = option(True, flag="--no-reconstruct",
+                               help="snp: prune in the SNP order without folding the least-squares reconstruction")
+
+
+SNP = register_method(Method(SubspaceNodePruning.name, SubspaceNodePruning.description, needs_data=True,
+                             passes=(SubspaceNodePruning.name,), options=SnpOptions))

@@ -13,7 +13,8 @@ residual stream goes only if it is removable in every member):
 Channels of a group read by a two-variable MatMul (attention) are never treated as dead: that read has
 no weight to inspect. A group keeps at least one channel. The pass repeats until nothing changes (a
 removal can make units of the next layer constant), so running it twice changes nothing the second time.
-Every constant channel left in place is reported with the reason.
+Every constant channel left in place is reported with the reason, every removed one in the history
+("dead" or "constant", in its group's numbering before the pass: later rounds map back through earlier cuts).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.channels.engine import removal
 from graphopt.analysis.constant_flow import channel_constants
 from graphopt.analysis.constants import leaf_positions, nonzero_rows
 from graphopt.analysis.registry import Values
 from graphopt.passes.channels.magnitude import analyse
+from graphopt.passes.methods import Method, register_method
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,39 @@ def _shifts(a: Analysis, folded: dict[int, np.ndarray], known: dict[str, Values]
     return shifts
 
 
+class _Removals:
+    """Channels removed per group over the rounds, numbered as before the pass. A group is named across
+    re-analyses by its producer weights (a group always keeps a channel, so they stay)."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[tuple[str, int], ...], Group] = {}
+        self.origin: dict[tuple[tuple[str, int], ...], np.ndarray] = {}  # current index -> index before
+        self.reasons: dict[tuple[tuple[str, int], ...], dict[int, str]] = {}
+
+    def add(self, groups: dict[int, Group], removed: dict[int, np.ndarray], folded: dict[int, np.ndarray]) -> None:
+        for root, mask in removed.items():
+            key = tuple(sorted((s.node.name, s.index) for s in groups[root].sites if s.role == "producer"))
+            if key not in self.first:
+                self.first[key], self.origin[key], self.reasons[key] = groups[root], np.arange(mask.size), {}
+            origin = self.origin[key]
+            self.reasons[key].update({int(origin[i]): "constant" if folded[root][i] else "dead"
+                                      for i in np.flatnonzero(mask)})
+            self.origin[key] = origin[~mask]
+
+    def history(self) -> list[dict]:
+        entries = []
+        for key, group in self.first.items():
+            gone = self.reasons[key]
+            entries.append(removal(group, "dead-units", self.origin[key], "zero_weights",
+                                   reasons=[gone[index] for index in sorted(gone)]))
+        return sorted(entries, key=lambda entry: entry["group"])
+
+
 def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
-    """Remove dead and constant units until none is left; adds counts to `result.stats`."""
+    """Remove dead and constant units until none is left; adds counts to `result.stats` and the removed
+    channels to `result.history`."""
     removed_total = folded_total = rounds = 0
+    removals = _Removals()
     for rounds in range(1, MAX_ROUNDS + 1):
         ir.cleanup(graph)
         analysis, _ = analyse(graph, ctx)
@@ -161,6 +194,7 @@ def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
         if not removed:
             result.skipped.extend(round_result.skipped)
             break
+        removals.add(groups, removed, folded)
         shifts = _shifts(analysis, folded, known)
         apply_with_shifts(graph, analysis, {root: np.flatnonzero(~mask) for root, mask in removed.items()}, shifts)
         removed_total += sum(int(mask.sum()) for mask in removed.values())
@@ -168,6 +202,7 @@ def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
         result.modified = True
     ir.cleanup(graph)
     result.stats.update({"units_removed": removed_total, "constants_folded": folded_total, "rounds": rounds})
+    result.history.extend(removals.history())
 
 
 @register
@@ -175,8 +210,14 @@ class DeadUnitElimination(Pass):
     name = "dead-units"
     kind = "method"
     description = "remove channels with all-zero outgoing weights; fold constant ones (zero incoming) into consumers"
+    requires = frozenset({"constants_normalised", "shapes_inferred"})  # as the other channel methods
+    preserves = all_but("shapes_inferred")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         eliminate(graph, ctx, result)
         return result
+
+
+DEAD_UNITS = register_method(Method(DeadUnitElimination.name, DeadUnitElimination.description, needs_data=False,
+                                    passes=(DeadUnitElimination.name,)))

@@ -13,6 +13,7 @@ and the smaller one compute the same function.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,8 +22,9 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.groups import name_nodes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, register
+from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.sparse.dead_units import eliminate
+from graphopt.passes.methods import Method, Options, option, register_method
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,9 @@ class OneShotMagnitudePruning(Pass):
     name = "omp"
     kind = "method"
     description = "one-shot magnitude pruning of Conv/Gemm/MatMul weights, then dead-unit elimination"
+    # |w| judges a weight only once BatchNorm's scale is folded in; the dead-unit step needs what dead-units does
+    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
+    preserves = all_but("shapes_inferred")
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         sparsity = ctx.option("sparsity")
@@ -128,3 +133,20 @@ class OneShotMagnitudePruning(Pass):
                              for node in layers})
         eliminate(graph, ctx, result)
         return result
+
+
+@dataclass
+class OmpOptions(Options):
+    sparsity: float | None = option(None, help="omp: fraction of weights to zero")
+    omp_scope: str = option("global", choices=("global", "layer"),
+                            help="omp: one magnitude threshold over all layers, or the same sparsity in each")
+    keep_first_last: bool = option(False, help="omp: leave the first and last weighted layers dense")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity is None or not 0.0 <= float(self.sparsity) < 1.0:
+            raise OptionError(f"--method omp needs --sparsity in [0, 1), got {self.sparsity}")
+
+
+OMP = register_method(Method(OneShotMagnitudePruning.name, OneShotMagnitudePruning.description, needs_data=False,
+                             passes=(OneShotMagnitudePruning.name,), options=OmpOptions))

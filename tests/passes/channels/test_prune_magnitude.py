@@ -23,7 +23,7 @@ from onnx import numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.errors import GraphoptError
-from tests.conftest import assert_equivalent, init, random_inputs, run_ort, tiny
+from tests.conftest import assert_equivalent, init, random_inputs, run_ort, tiny, weights
 
 try:  # torch is optional: without it the zoo and planted-channel tests skip, the rest still run
     import torch
@@ -282,6 +282,51 @@ def test_equal_scores_prune_evenly_instead_of_collapsing(tmp_path: Path) -> None
     shapes = {t.name: numpy_helper.to_array(t).shape for t in pruned.graph.initializer}
     first, second = (shapes[n.input[1]][1] for n in pruned.graph.node if n.name in ("h1", "h2"))
     assert abs(first - second) <= 1 and 1 < first < 24  # both hidden layers pruned alike
+
+
+def _kept_columns(pruned: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """Which of `original`'s columns `pruned` kept (each matched exactly, in order)."""
+    kept = [next(j for j in range(original.shape[1]) if np.array_equal(pruned[:, i], original[:, j]))
+            for i in range(pruned.shape[1])]
+    assert kept == sorted(set(kept))
+    return np.array(kept, dtype=np.int64)
+
+
+def test_history_says_which_channels_went_with_their_scores(tmp_path: Path) -> None:
+    """x[16] -> h1 (24 units) -> h2 (20 units) -> y: the removed indices are the columns missing from
+    the pruned weights, with the L1 norms that ranked them below every kept channel of their group."""
+    rng = np.random.default_rng(3)
+    values = {"w1": rng.standard_normal((16, 24)) * rng.uniform(0.2, 2.0, 24),
+              "w2": rng.standard_normal((24, 20)) * rng.uniform(0.2, 2.0, 20), "w3": rng.standard_normal((20, 4))}
+    model = tiny("[h1] h = MatMul (x, w1)\n[r1] r = Relu (h)\n[h2] k = MatMul (r, w2)\n[r2] s = Relu (k)\n"
+                 "[o] y = MatMul (s, w3)", inputs="float[N, 16] x", outputs="float[N, 4] y",
+                 inits=", ".join(init(name, value.astype(np.float32)) for name, value in values.items()))
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    pruned, report = prune_file(model, tmp_path, method="magnitude", target_macs=0.5)
+    stored = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    after = {n.name: stored[n.input[1]] for n in pruned.graph.node if n.op_type == "MatMul"}  # by node name
+    history = json.loads(json.dumps(report))["passes"][-1]["history"]
+    by_producer = {next(m for m in entry["members"] if m.endswith(":producer")): entry for entry in history}
+    assert set(by_producer) == {"h1:producer", "h2:producer"}
+    kept_1 = _kept_columns(after["h1"], original["w1"])
+    kept_2 = _kept_columns(after["h2"], original["w2"][kept_1])
+    for (name, kept), weight in zip((("h1", kept_1), ("h2", kept_2)), (original["w1"], original["w2"])):
+        entry = by_producer[f"{name}:producer"]
+        assert entry["by"] == "magnitude" and entry["criterion"] == "l1_norm" and entry["target_macs"] == 0.5
+        assert entry["size"] == weight.shape[1] and entry["kept"] == kept.size < weight.shape[1]
+        assert entry["removed"] == sorted(set(range(weight.shape[1])) - set(kept.tolist()))
+        norms = np.abs(weight.astype(np.float64)).sum(axis=0)
+        np.testing.assert_allclose(entry["scores"], norms[entry["removed"]], rtol=1e-5)
+        assert entry["lowest_kept_score"] == pytest.approx(norms[kept].min(), rel=1e-5)
+        assert max(entry["scores"]) <= entry["lowest_kept_score"]
+        assert entry["group_mean_score"] == pytest.approx(norms.mean(), rel=1e-5)
+    assert sum(len(e["removed"]) for e in history) == stats_of(report)["channels_removed"]
+
+
+def test_history_is_left_out_when_nothing_is_removed(tmp_path: Path) -> None:
+    model = tiny("[a] y = Conv <pads = [1, 1, 1, 1]> (x, w)", inits=init("w", weights(4, 3, 3, 3)))
+    _, report = prune_file(model, tmp_path, method="magnitude", target_macs=0.5)
+    assert all("history" not in record for record in report["passes"])
 
 
 # -- 5. real topologies: the light model zoo shipped inside the onnx wheel ------------------------

@@ -155,6 +155,26 @@ def test_zero_energy_rotated_dimensions_are_pruned_without_error_and_split_follo
     assert _last_pass(again)["stats"]["channels_removed"] == 0
 
 
+def test_history_lists_the_dropped_rotated_coordinates_with_their_energy() -> None:
+    rng = np.random.default_rng(4)
+    w1 = rng.standard_normal((24, 64)) * 0.3
+    w1[:16] = rng.standard_normal((16, 5)) @ rng.standard_normal((5, 64)) * 0.1  # U spans 5 dimensions
+    result = graphopt.optimize(_tsra_mlp(w1, np.zeros(24), 16), method="cob", calib=_digits(), target_macs=0.5)
+    record = _last_pass(result)
+    history = record["history"]
+    assert sum(len(e["removed"]) for e in history) == record["stats"]["channels_removed"] > 0
+    tsra = next(n for n in result.model.graph.node if n.op_type == "TSRA")
+    split = next(a.i for a in tsra.attribute if a.name == "split")
+    by_size = {e["size"]: e for e in history}
+    assert set(by_size) == {16, 8} and by_size[16]["kept"] == split == 5
+    for entry in history:  # the trailing rotated coordinates, each with its share of the subspace's energy
+        assert entry["by"] == "cob" and entry["criterion"] == "rotated_energy" and entry["basis"] == "rotated"
+        assert entry["removed"] == list(range(entry["kept"], entry["size"]))
+        assert entry["target_macs"] == 0.5 and 0.0 < entry["retained_variance_cut"] <= 1.0
+        assert entry["retained"] == pytest.approx(1.0 - sum(entry["scores"]), abs=1e-5)
+    assert max(by_size[16]["scores"]) < 1e-6 < min(by_size[8]["scores"])  # U's energy lies in 5 coordinates
+
+
 def test_pruning_after_rotation_beats_magnitude_at_the_same_macs() -> None:
     model, data = _random_mlp(hidden=32, split=20, seed=5), _digits()
     for target in (0.5, 0.7):

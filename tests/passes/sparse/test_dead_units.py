@@ -50,7 +50,7 @@ y = Gemm <transB = 1> (a2, w3, b3)"""
     return tiny(body, inputs="float[N, 4] x", outputs="float[N, 3] y", inits=inits)
 
 
-@pytest.mark.parametrize("activation", ["Relu", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu"])
+@pytest.mark.parametrize("activation", ["Relu", "Sigmoid", "Tanh", "HardSwish", "LeakyRelu", "Shrink"])
 def test_mlp_planted_units_removed_exactly(activation: str) -> None:
     model = mlp(activation)
     new, result = dead_units(model, (1, 4))
@@ -60,6 +60,43 @@ def test_mlp_planted_units_removed_exactly(activation: str) -> None:
     assert shapes["w2"] == (4, shapes["w1"][0])
     assert shapes["w3"] == (3, 4)
     assert result.stats["constants_folded"] >= 2
+
+
+def test_history_says_dead_or_constant_in_the_numbering_before_the_pass() -> None:
+    new, result = dead_units(mlp(), (1, 4))
+    by_producer = {next(m for m in e["members"] if m.endswith(":producer")): e for e in result.history}
+    gemms = [node.name for node in new.graph.node if node.op_type == "Gemm"]  # named by the pass
+    first, second = (by_producer[f"{name}:producer"] for name in gemms[:2])
+    assert (first["removed"], first["reasons"]) == ([1, 3, 4], ["constant", "dead", "constant"])
+    assert (second["removed"], second["reasons"]) == ([2], ["constant"])
+    assert all(e["by"] == "dead-units" and e["criterion"] == "zero_weights" and "scores" not in e
+               for e in result.history)
+    assert (first["size"], first["kept"], second["size"], second["kept"]) == (6, 3, 5, 4)
+
+
+def test_history_maps_later_rounds_back_to_the_original_channels() -> None:
+    """Round 1 removes hidden-1 unit 3 and hidden-2 unit 1; hidden-1 unit 5, read only by hidden-2 unit 1,
+    is dead only then (round 2, where it is unit 4)."""
+    w1, b1 = weights(6, 4, seed=1), weights(6, seed=2)
+    w2, b2 = weights(5, 6, seed=3), weights(5, seed=4)
+    w3, b3 = weights(3, 5, seed=5), weights(3, seed=6)
+    w2[:, 3] = 0
+    w2[:, 5] = 0
+    w2[1, 5] = 1.5
+    w3[:, 1] = 0
+    inits = ", ".join(init(n, v) for n, v in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2), ("w3", w3), ("b3", b3)])
+    body = """[g1] h1 = Gemm <transB = 1> (x, w1, b1)
+a1 = Tanh (h1)
+[g2] h2 = Gemm <transB = 1> (a1, w2, b2)
+a2 = Tanh (h2)
+[g3] y = Gemm <transB = 1> (a2, w3, b3)"""
+    model = tiny(body, inputs="float[N, 4] x", outputs="float[N, 3] y", inits=inits)
+    new, result = dead_units(model, (1, 4))
+    assert_equivalent(model, new, random_inputs(model, batch=5))
+    assert result.stats["rounds"] >= 3 and shapes_of(new)["w1"] == (4, 4)
+    by_producer = {next(m for m in e["members"] if m.endswith(":producer")): e for e in result.history}
+    assert (by_producer["g1:producer"]["removed"], by_producer["g1:producer"]["reasons"]) == ([3, 5], ["dead"] * 2)
+    assert (by_producer["g2:producer"]["removed"], by_producer["g2:producer"]["reasons"]) == ([1], ["dead"])
 
 
 def test_idempotent() -> None:

@@ -1,0 +1,259 @@
+"""Compression methods, each declared once: its name, whether it reads calibration data, its passes and
+its options.
+
+A method's options are a dataclass (a subclass of `Options`) whose fields are declared with `option(...)`:
+the default, the help text and how the option reads on the command line (flag, choices, metavar, a
+parser for the text). `graphopt optimize`'s flags, the keyword options of `graphopt.api.optimize` and
+the report's "options" are all built from these declarations. A name means one thing everywhere: the
+options several methods read are declared once below and composed into each method's dataclass by
+inheritance (`CalibrationOptions` and `RunOptions` hold what every run reads; `Rounding`, `Seeded`,
+`KeepVariance`, `Reconstruction` and `StatisticsOptions` what some methods share), and registering a
+method that declares a known name differently is refused, as is a second method of the same name.
+
+Validation lives in the dataclasses (`__post_init__` raises `OptionError`, one line); the choices an
+option declares are checked for every option. A run validates the options of the methods it runs and
+`RunOptions` (the "none" method's, read by every run); an option only another method declares is
+accepted and ignored, a name no method declares is refused. Checks that relate options to each other
+or to the model stay with the passes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import MISSING, Field, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, get_type_hints
+
+from graphopt.calibration.collect import parse_bytes
+from graphopt.calibration.store import StatsFile
+from graphopt.errors import OptionError
+from graphopt.passes.base import REGISTRY
+
+_SPEC = "graphopt.option"  # the dataclass field metadata key `option` writes
+
+
+@dataclass(frozen=True)
+class _Spec:
+    help: str | None
+    flag: str | None
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    parse: Callable[[str], Any] | None
+    cli: bool
+
+
+def option(default: Any, *, help: str | None = None, flag: str | None = None, choices: Iterable[str] | None = None,
+           metavar: str | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True) -> Any:
+    """A field of an options dataclass. `flag` defaults to --the-name. On the command line a bool option is
+    a switch (a True default: the flag turns it off), an int or float one (with None allowed) is converted,
+    and `parse` turns the text into the value, raising a `GraphoptError` for bad text. `cli=False` keeps a
+    tuning knob to the API."""
+    spec = _Spec(help, flag, tuple(choices) if choices is not None else None, metavar, parse, cli)
+    return field(default=default, metadata={_SPEC: spec})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option as the CLI, the API and the report see it."""
+
+    name: str
+    default: Any
+    type: Any  # the field's annotation, resolved
+    help: str | None
+    flag: str | None  # None: API only
+    choices: tuple[str, ...] | None
+    metavar: str | None
+    parse: Callable[[str], Any] | None
+
+    @property
+    def label(self) -> str:
+        """How messages name the option: its flag, else its keyword."""
+        return self.flag or self.name
+
+
+def _option(owner: type, spec_field: Field[Any], hints: dict[str, Any]) -> Option:
+    spec = spec_field.metadata.get(_SPEC)
+    if not isinstance(spec, _Spec) or spec_field.default is MISSING:
+        raise ValueError(f"option '{spec_field.name}' of {owner.__qualname__} is not declared with option(default, ...)")
+    flag = (spec.flag or "--" + spec_field.name.replace("_", "-")) if spec.cli else None
+    return Option(spec_field.name, spec_field.default, hints[spec_field.name], spec.help, flag, spec.choices,
+                  spec.metavar, spec.parse)
+
+
+def options_of(cls: type[Options]) -> dict[str, Option]:
+    """The options a dataclass declares (its own and inherited), in field order."""
+    hints = get_type_hints(cls)
+    return {spec_field.name: _option(cls, spec_field, hints) for spec_field in fields(cls)}
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+
+
+@dataclass
+class Options:
+    """Base of every method's options: checks the declared choices (None means "not given")."""
+
+    def __post_init__(self) -> None:
+        for declared in options_of(type(self)).values():
+            value = getattr(self, declared.name)
+            if declared.choices is not None and value is not None and value not in declared.choices:
+                raise OptionError(f"{declared.label} must be {_one_of(declared.choices)}, got '{value}'")
+
+
+@dataclass
+class CalibrationOptions(Options):
+    """How activation statistics are measured, by whichever method of the run measures them; `graphopt
+    calibrate` takes the same flags."""
+
+    calib_memory: int | str = option("2GB", metavar="SIZE",
+                                     help="bound on what calibration holds at once, e.g. 512MB (default 2GB)")
+    device: str = option("cpu", choices=("cpu", "cuda"), help="onnxruntime device for calibration")
+    threads: int = option(0, help="intra-op threads (0: onnxruntime's default)")
+    mask_input: str | None = option(None, metavar="NAME", help="attention-mask input: token statistics skip padding")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.calib_memory = parse_bytes(self.calib_memory)  # bytes; a bad size is refused here, in one line
+
+
+@dataclass
+class RunOptions(CalibrationOptions):
+    """What every run reads, whatever its methods: the "none" method's options."""
+
+    target_macs: float | None = option(None, help="keep about this fraction of per-sample MACs")
+    batch_size: int = option(32)
+    sparse_storage: bool = option(False, help="save weights as ONNX sparse initializers where that makes the "
+                                              "file smaller")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+
+
+@dataclass
+class Rounding(Options):
+    round_to: int = option(1, help="keep channel counts a multiple of N")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.round_to) < 1:
+            raise OptionError(f"--round-to must be >= 1, got {self.round_to}")
+
+
+@dataclass
+class Seeded(Options):
+    seed: int = option(0, help="seed for --method random")
+
+
+@dataclass
+class KeepVariance(Options):
+    keep_variance: float | None = option(
+        None, help="snp: keep this fraction of every group's unique variance (instead of --target-macs); "
+                   "cob: of every subspace's rotated energy")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep_variance is not None and not 0.0 < float(self.keep_variance) <= 1.0:
+            raise OptionError(f"--keep-variance must be in (0, 1], got {self.keep_variance}")
+
+
+@dataclass
+class Reconstruction(Options):
+    """SNP's least-squares reconstruction, which CoB can fold too."""
+
+    snp_max_features: int = option(4096, cli=False, help="consumers reading more input features than this are "
+                                                         "pruned without reconstruction")
+
+
+@dataclass
+class StatisticsOptions(Options):
+    """Methods that read activation statistics: measured on the calibration data, or read from a file."""
+
+    stats: Path | str | StatsFile | None = option(None, parse=Path, help="statistics from `graphopt calibrate` "
+                                                                         "(else measured on --calib)")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method: `passes` run in order after the normalising pre-passes."""
+
+    name: str
+    description: str
+    needs_data: bool  # reads calibration data (or, where it reads statistics, a statistics file)
+    passes: tuple[str, ...]
+    options: type[Options] = Options
+
+
+METHODS: dict[str, Method] = {}
+
+
+def declared_options() -> dict[str, Option]:
+    """Every option the registered methods declare, in the order they were first declared."""
+    found: dict[str, Option] = {}
+    for method in METHODS.values():
+        for name, declared in options_of(method.options).items():
+            found.setdefault(name, declared)
+    return found
+
+
+def _refuse_conflicts(method: Method) -> None:
+    known = declared_options()
+    flags = {declared.flag: name for name, declared in known.items() if declared.flag}
+    for name, declared in options_of(method.options).items():
+        if name in known and known[name] != declared:
+            first = next(m.name for m in METHODS.values() if name in options_of(m.options))
+            differ = (f"default {declared.default!r} vs {known[name].default!r}" if declared.default != known[name].default
+                      else "its type, help or command-line form differs")
+            raise ValueError(f"method '{method.name}' declares option '{name}' differently from method '{first}' "
+                             f"({differ}): declare it once and share it")
+        if declared.flag in flags and flags[declared.flag] != name:
+            raise ValueError(f"method '{method.name}': option '{name}' takes flag {declared.flag} of option "
+                             f"'{flags[declared.flag]}'")
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the registry; a known name, an unknown pass or a conflicting option is refused."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named '{method.name}' is already registered")
+    unknown = [name for name in method.passes if name not in REGISTRY]
+    if unknown:
+        raise ValueError(f"method '{method.name}' runs passes that are not registered: {', '.join(unknown)}")
+    _refuse_conflicts(method)
+    METHODS[method.name] = method
+    return method
+
+
+def resolve_options(pipeline: Iterable[str], given: Mapping[str, Any]) -> dict[str, Any]:
+    """The validated value of every option the run reads (`RunOptions` and the options of the methods in
+    `pipeline`), defaults filled in. A name no registered method declares is refused."""
+    known = declared_options()
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                          f"(known: {', '.join(sorted(known))})")
+    resolved: dict[str, Any] = {}
+    for method in [NONE, *(METHODS[name] for name in pipeline)]:
+        names = options_of(method.options)
+        values = method.options(**{name: value for name, value in given.items() if name in names})
+        resolved.update({name: getattr(values, name) for name in names})
+    return resolved
+
+
+def json_value(value: Any) -> Any:
+    """An option value as the report holds it: JSON scalars as they are, paths as strings, a statistics
+    file by its source."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, StatsFile):  # statistics handed over in memory: where they came from
+        return value.source
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+NONE = register_method(Method("none", "only the normalising pre-passes", needs_data=False, passes=(),
+                              options=RunOptions))
