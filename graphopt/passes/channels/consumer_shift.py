@@ -60,7 +60,8 @@ def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
             return
         if len(node.inputs) < 3 or not node.inputs[2].name:
             constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(weight.dtype))
-            del node.inputs[2:]
+            while len(node.inputs) > 2:  # an empty optional bias; onnx-graphsurgeon's input list cannot slice-delete
+                node.inputs.pop()
             node.inputs.append(constant)
             if node.op == "Gemm":
                 node.attrs["beta"] = 1.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -184,3 +186,62 @@ def test_deep_network_duplicates_removed_exactly(sequential: bool) -> None:
     assert result.report["macs_ratio"] == pytest.approx(target)
     error = np.max(np.abs(run_ort(result.model, data)["h2"] - run_ort(model, data)["h2"]))
     assert error < 1e-4
+    history = result.report["passes"][-1]["history"]
+    assert sorted(next(m for m in e["members"] if m.endswith(":producer")) for e in history) == \
+        ["fc0:producer", "fc1:producer"]
+    for entry in history:  # one unit of each duplicate pair went, adding no unique variance
+        assert entry["size"] == 24 and entry["kept"] == 20 and len(entry["removed"]) == 4
+        assert all((i in entry["removed"]) != (i + 20 in entry["removed"]) for i in range(4))
+        assert max(entry["scores"]) < 1e-6 and entry["retained"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_history_names_the_removed_units_with_their_unique_variance(sequential: bool) -> None:
+    rng = np.random.default_rng(5)
+    w1, b1 = rng.standard_normal((16, 64)) * 0.3, rng.standard_normal(16) * 0.1 + 0.2
+    model = _mlp(w1, b1, rng.standard_normal((10, 16)), rng.standard_normal(10))
+    data = _digits()
+    target = _target(model, 11)
+    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential)
+    (entry,) = json.loads(json.dumps(result.report))["passes"][-1]["history"]
+    assert entry["by"] == "snp" and entry["criterion"] == "unique_variance" and entry["ordering"] == "variance"
+    assert entry["size"] == 16 and entry["kept"] == 11 and entry["target_macs"] == pytest.approx(target)
+    assert {"fc1:producer", "fc2:consumer"} <= set(entry["members"])
+    # the removed indices are the rows missing from the pruned producer (SNP only slices it)
+    kept = np.setdiff1d(np.arange(16), entry["removed"])
+    stored = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    fc1 = next(n for n in result.model.graph.node if n.name == "fc1")
+    np.testing.assert_array_equal(stored[fc1.input[1]], w1.astype(np.float32)[kept])
+    np.testing.assert_array_equal(stored[fc1.input[2]], b1.astype(np.float32)[kept])
+    # the scores: each removed unit's share of the unique variance of the hidden activations
+    hidden = np.maximum(data["x"].astype(np.float64) @ w1.astype(np.float32).T + b1.astype(np.float32), 0.0)
+    cov = np.cov(hidden, rowvar=False, bias=True)
+    order = zca_order(cov)
+    added = ldl_diagonal(cov, order)
+    share = np.empty(16)
+    share[order] = added / added.sum()
+    assert entry["removed"] == sorted(order[11:].tolist())
+    np.testing.assert_allclose(entry["scores"], share[entry["removed"]], rtol=1e-3)
+    assert entry["retained"] == pytest.approx(1.0 - sum(entry["scores"]), abs=1e-5)
+    assert entry["retained"] >= entry["retained_variance_cut"] - 1e-6
+
+
+@pytest.mark.parametrize("consumer_bias", ["absent", "empty"])
+def test_reconstruction_creates_the_bias_of_a_consumer_that_has_none(consumer_bias: str) -> None:
+    """The removed units' mean is carried by the consumer's bias: a Gemm without C (or with an empty C)
+    gets one, and the fit beats pruning the same units without reconstruction."""
+    rng = np.random.default_rng(2)
+    w1, b1 = rng.standard_normal((32, 64)) * 0.3, rng.standard_normal(32) * 0.1 + 0.5
+    model = _mlp(w1, b1, rng.standard_normal((10, 32)), np.zeros(10))
+    fc2 = next(n for n in model.graph.node if n.name == "fc2")
+    del fc2.input[2]
+    if consumer_bias == "empty":
+        fc2.input.append("")
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "b2"))
+    data = _digits()
+    pruned = graphopt.optimize(model, method="snp", calib=data, target_macs=0.6)
+    plain = graphopt.optimize(model, method="snp", calib=data, target_macs=0.6, reconstruct=False)
+    gemm = next(n for n in pruned.model.graph.node if n.op_type == "Gemm" and n.input[0] != "x")
+    bias = next(t for t in pruned.model.graph.initializer if t.name == gemm.input[2])
+    assert numpy_helper.to_array(bias).shape == (10,) and np.any(numpy_helper.to_array(bias) != 0)
+    assert pruned.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
