@@ -18,7 +18,7 @@ base, top-1 agreement with the base, and the MACs skipped per input. For that th
 ExPrune node's input exposed; per output unit (a neuron of a row, or an output channel at one output position)
 the first checkpoint whose score falls below its boundary is found with graphopt's own helpers
 (ops.exprune.checkpoint_scores / boundary_factors, ops.exprune_conv.im2col / prefix_sums / checkpoint_scores and
-passes.exprune_calib.outcome), and a unit skipped at checkpoint k saves (d - k)/d of its MACs (d = inputs of a
+passes.exprune.calib.outcome), and a unit skipped at checkpoint k saves (d - k)/d of its MACs (d = inputs of a
 linear layer, input channels of a conv). Those MACs are reported as a fraction of the WHOLE model's MACs
 (graphopt.calibration.shapes.count_cost: every Conv/Gemm/MatMul, ExPrune nodes at their dense cost) and of the
 eligible (ExPrune) layers' MACs; for SNP bases also the total saved against the dense model (static +

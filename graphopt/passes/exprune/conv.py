@@ -13,7 +13,7 @@ graphopt.passes.exprune.linear.LinearScoring; `ConvScoring.calibrate` calibrates
 - m = round(probe · C), clamped to [1, C − 1]; checkpoints [m] (threshold rule) or m, 2m, 4m, ... < C
   (sequential rule, graphopt.ops.exprune.doubling_checkpoints);
 - score_jk of every output position of every sampled map (float64 partial sums rounded to float32, as
-  the reference), and τ_j from those through exprune_calib: at most a fraction fnr of each output
+  the reference), and τ_j from those through graphopt.passes.exprune.calib: at most a fraction fnr of each output
   channel's positive positions (pre-activation > 0) is predicted negative on the sampled maps.
 
 Approximate: an output differs from ReLU(conv + b) only at a positive position predicted negative, and
