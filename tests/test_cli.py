@@ -171,9 +171,22 @@ BAD_INPUTS = [  # (id, argv builder, stderr fragment)
     ("report_is_hard_link_to_calib", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none",
                                                 "--calib", f["data"], "--report", _hard_link(f["data"])],
      "the same file as"),
+    ("model_is_a_fifo", lambda f: ["optimize", _fifo(f["dir"]), "-o", f["dir"] / "o.onnx", "--method", "none"],
+     "is a FIFO, not a regular file"),
+    ("model_is_a_device", lambda f: ["optimize", "/dev/zero", "-o", f["dir"] / "o.onnx", "--method", "none"],
+     "is a device, not a regular file"),
+    ("model_is_a_folder", lambda f: ["inspect", f["dir"]], "is a folder, not a regular file"),
+    ("calib_is_a_fifo", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none", "--calib",
+                                   _fifo(f["dir"])], "is a FIFO, not a regular file"),
     ("bad_target_macs", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none",
                                    "--target-macs", "0"], "--target-macs must be in"),
 ]
+
+
+def _fifo(folder: Path) -> Path:
+    path = folder / "pipe.onnx"
+    os.mkfifo(path)
+    return path
 
 
 def _hard_link(path: Path) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import DataError
+from graphopt.ir.io import not_regular
 from graphopt.ir.shapes import InputSpec, input_specs
 
 DataSource = Union[str, os.PathLike, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]]]
@@ -33,6 +34,9 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path = Path(path)
+    refused = not_regular(path)
+    if refused:
+        raise DataError(refused)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     if not zipfile.is_zipfile(path):  # np.load would return a bare array for an .npy file

@@ -34,6 +34,7 @@ from graphopt.calibration.capture import cone_fingerprints, tensor_parts
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import DataError, OutputPathError
+from graphopt.ir.io import not_regular
 
 FORMAT = "graphopt-stats"
 VERSION = 1
@@ -139,6 +140,9 @@ def load_stats(path: str | os.PathLike[str], model: onnx.ModelProto | None = Non
                data: Dataset | None = None) -> StatsFile:
     """Read a statistics file; with `model` or `data`, refuse it when stale (see the module docstring)."""
     path = Path(path)
+    refused = not_regular(path)
+    if refused:
+        raise DataError(refused)
     if not path.is_file():
         raise DataError(f"statistics file not found: {path}")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -90,9 +91,26 @@ def _external_files(model: onnx.ModelProto, base_dir: Path) -> set[Path]:
     return files
 
 
+def not_regular(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing `path` must not be read (a folder, device, FIFO or socket: reading one could block
+    forever or never end), or None for a regular file or a path that does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+            if stat.S_ISSOCK(mode) else "a device")
+    return f"{path} is {kind}, not a regular file"
+
+
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
     """Load a model by path, validating and then loading its external data."""
     path = Path(path)
+    refused = not_regular(path)
+    if refused:
+        raise ModelLoadError(refused)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     try:
@@ -118,6 +136,9 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def input_files(path: str | os.PathLike[str]) -> set[Path]:
     """The model file and the external data files it references (all resolved)."""
     path = Path(path)
+    refused = not_regular(path)
+    if refused:
+        raise ModelLoadError(refused)
     try:
         header = onnx.load(str(path), load_external_data=False)
     except Exception:  # an unreadable input has no external files to protect

@@ -159,7 +159,7 @@ def test_missing_truncated_and_garbage_files_are_refused(tmp_path):
     garbage.write_bytes(b"\x00not a model at all\xff" * 10)
     with pytest.raises(ModelLoadError):
         io.load_model(garbage)
-    with pytest.raises(ModelLoadError, match="not found"):
+    with pytest.raises(ModelLoadError, match="is a folder, not a regular file"):
         io.load_model(tmp_path)
 
 
