@@ -47,6 +47,13 @@ def all_but(*names: str) -> frozenset[str]:
     return frozenset(PROPERTIES) - frozenset(names)
 
 
+# the contracts methods share: they read weights as initializers on inferred shapes (magnitude-like scores
+# also need BatchNorm's scale folded into the weights), and changing channel counts invalidates shapes
+READS_WEIGHTS = frozenset({"constants_normalised", "shapes_inferred"})
+READS_FOLDED_WEIGHTS = READS_WEIGHTS | {"batchnorm_folded"}
+CHANGES_CHANNELS = all_but("shapes_inferred")
+
+
 @dataclass
 class PassResult:
     """What a pass did. `history` holds one entry per channel group it shrank (see

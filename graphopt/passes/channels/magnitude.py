@@ -20,7 +20,8 @@ from graphopt.calibration.shapes import batch1_shapes, count_cost
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
+                                  PassResult, register)
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
@@ -85,8 +86,8 @@ def budget_history(by: str, groups: list[Group], kept: dict[int, np.ndarray], sc
 class _ChannelPruning(Pass):
     kind = "method"
     # weights are seen only as initializers; RMSNorm/TSRA are matched on inferred shapes
-    requires = frozenset({"constants_normalised", "shapes_inferred"})
-    preserves = all_but("shapes_inferred")  # channel counts change: shapes must be inferred again
+    requires = READS_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def scores(self, analysis: Analysis, groups: list[Group], ctx: PassContext) -> dict[int, np.ndarray]:
         raise NotImplementedError
@@ -127,7 +128,7 @@ class MagnitudePruning(_ChannelPruning):
     name = "magnitude"
     description = "structured pruning by producer weight norms (L1 or L2), global MAC budget"
     # norms judge a channel only once BatchNorm's per-channel scale is folded into its producer
-    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
+    requires = READS_FOLDED_WEIGHTS
 
     def criterion(self, ctx: PassContext) -> str:
         return f"{ctx.option('norm', 'l1')}_norm"

@@ -32,7 +32,7 @@ from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import StatRequest, single_threaded_blas
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.cob.chains import Chain, find_chains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
@@ -216,8 +216,8 @@ class ChangeOfBasisPruning(Pass):
     kind = "method"
     description = "change-of-basis pruning: PCA / L1-PCA rotations folded into weights (TSRA, RMS norm), then pruning"
     # chains are found on inferred shapes; a BatchNorm left between producer and consumers breaks a chain
-    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
-    preserves = all_but("shapes_inferred")
+    requires = READS_FOLDED_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         kind, value = _budget(ctx)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.exprune.calib import Calibrated
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
@@ -216,8 +216,8 @@ class ExPrune(Pass):
     description = "ExPrune: ReLU units predicted negative from a calibrated partial sum are skipped per input"
     # a layer is matched as Conv/Gemm/MatMul read by a Relu alone (a BatchNorm between them hides it), with
     # constant weights, on inferred shapes
-    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
-    preserves = all_but("shapes_inferred")
+    requires = READS_FOLDED_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         from graphopt.calibration.data import load_data

@@ -30,7 +30,7 @@ from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded_blas
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import kept_positions
@@ -115,8 +115,8 @@ class SubspaceNodePruning(Pass):
     name = "snp"
     kind = "method"
     description = "subspace node pruning: LDL ordering on calibration statistics, least-squares reconstruction"
-    requires = frozenset({"constants_normalised", "shapes_inferred"})  # as the other channel methods
-    preserves = all_but("shapes_inferred")
+    requires = READS_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target, keep = ctx.option("target_macs"), ctx.option("keep_variance")

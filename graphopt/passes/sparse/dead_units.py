@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import removal
 from graphopt.analysis.constant_flow import channel_constants
@@ -210,8 +210,8 @@ class DeadUnitElimination(Pass):
     name = "dead-units"
     kind = "method"
     description = "remove channels with all-zero outgoing weights; fold constant ones (zero incoming) into consumers"
-    requires = frozenset({"constants_normalised", "shapes_inferred"})  # as the other channel methods
-    preserves = all_but("shapes_inferred")
+    requires = READS_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.groups import name_nodes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
-from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.sparse.dead_units import eliminate
 from graphopt.passes.methods import Method, Options, option, register_method
 
@@ -99,8 +99,8 @@ class OneShotMagnitudePruning(Pass):
     kind = "method"
     description = "one-shot magnitude pruning of Conv/Gemm/MatMul weights, then dead-unit elimination"
     # |w| judges a weight only once BatchNorm's scale is folded in; the dead-unit step needs what dead-units does
-    requires = frozenset({"constants_normalised", "batchnorm_folded", "shapes_inferred"})
-    preserves = all_but("shapes_inferred")
+    requires = READS_FOLDED_WEIGHTS
+    preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         sparsity = ctx.option("sparsity")
