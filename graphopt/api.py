@@ -24,7 +24,7 @@ from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
-from graphopt.errors import OptionError
+from graphopt.errors import DataError, OptionError
 from graphopt.evaluate import random_feed, verify
 from graphopt.ir import graph as ir
 from graphopt.ir.io import input_files, load_model, save_model
@@ -124,6 +124,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     refused. The report's "options" holds every option the run read, defaults filled in."""
     pipeline = parse_methods(method)
     resolved = resolve_options(pipeline, {"target_macs": target_macs, "batch_size": batch_size, **options})
+    _require_data(pipeline, calib, resolved.get("stats"))
     protected = _protected(model, calib, output)
     original = as_model(model)
     dataset = load_data(calib, original) if calib is not None else None
@@ -153,6 +154,14 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         report["output"] = str(output)
         report["bytes_after"] = Path(output).stat().st_size
     return OptimizeResult(optimized, report)
+
+
+def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any) -> None:
+    """Refuse, before any work, a method that reads calibration data when neither data nor statistics are given."""
+    hungry = [name for name in pipeline if METHODS[name].needs_data]
+    if hungry and calib is None and stats is None:
+        raise DataError(f"--method {hungry[0]} needs calibration data: give --calib DATA.npz "
+                        "(or --stats from graphopt calibrate)")
 
 
 def _sequence(pipeline: list[str]) -> list[Pass]:

@@ -294,3 +294,14 @@ def test_every_option_a_pass_reads_is_declared_by_its_method() -> None:
         assert not undeclared, f"method '{name}' reads undeclared options {sorted(undeclared)}"
     assert {"norm", "round_to", "target_macs"} <= _reads(METHODS["magnitude"]) and "seed" not in \
         _reads(METHODS["magnitude"])
+
+
+@pytest.mark.parametrize("method", ["snp", "cob", "exprune", "magnitude,snp"])
+def test_a_method_that_reads_data_is_refused_before_any_work_without_data(method: str, tmp_path) -> None:
+    from graphopt.api import optimize
+    from graphopt.errors import DataError
+
+    first_hungry = next(name for name in method.split(",") if METHODS[name].needs_data)
+    missing_model = tmp_path / "not_there.onnx"  # refused before the model is even opened
+    with pytest.raises(DataError, match=f"--method {first_hungry} needs calibration data: give --calib"):
+        optimize(missing_model, method=method, target_macs=0.5)
