@@ -83,7 +83,6 @@ def _add_shapes(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from graphopt.api import methods
 
     parser = _Parser(prog="graphopt", description="Structured compression of ONNX models.")
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
@@ -261,7 +260,8 @@ def cmd_optimize(args: argparse.Namespace) -> None:
     if args.report is not None:
         from graphopt.ir.io import write_atomic
 
-        write_atomic(args.report, json.dumps(report, indent=2, default=str).encode())
+        text = json.dumps(report, indent=2, default=str).encode()
+        write_atomic(args.report, lambda stream: stream.write(text))
     if args.json:
         _print_json(report)
         return

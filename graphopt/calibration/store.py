@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from graphopt.calibration.capture import cone_fingerprints, tensor_parts
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import DataError, OutputPathError
-from graphopt.ir.io import not_regular
+from graphopt.ir.io import not_regular, write_atomic
 
 FORMAT = "graphopt-stats"
 VERSION = 1
@@ -123,16 +122,10 @@ def save_stats(stats_file: StatsFile, path: str | os.PathLike[str], *, protected
               "data": stats_file.data_fingerprint, "mask_input": stats_file.mask_input,
               "samples": stats_file.samples, "tensors": tensors}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    descriptor, staging = tempfile.mkstemp(prefix=".graphopt-", suffix=".npz", dir=path.parent)
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(staging, path)
+        write_atomic(path, lambda stream: np.savez(stream, **arrays))
     except OSError as exc:
         raise OutputPathError(f"cannot write {path}: {exc}") from exc
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
     return path
 
 

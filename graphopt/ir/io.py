@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -200,20 +200,19 @@ def save_model(
     return path
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder (flushed, synced, renamed), so
-    an interrupted write never leaves a half-written file or destroys the one already there."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(stream)` on a temporary file in the same folder (flushed, synced, then
+    renamed), so an interrupted write never leaves a half-written file or destroys the one already there."""
     target = Path(path)
     handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(staging, target)
-    except BaseException:
+    finally:
         Path(staging).unlink(missing_ok=True)
-        raise
 
 
 def same_file(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
