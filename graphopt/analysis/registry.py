@@ -10,14 +10,14 @@ An `OpRule` holds everything graphopt knows about one ONNX op:
 - `rotation`: whether it commutes with an orthogonal rotation of the channel axis, and onto which
   output axis the rotated channels go (change-of-basis chains); the rule returns the output axis or
   the reason it is not equivariant.
-Rules are registered by op family in graphopt.analysis.oprules; every lookup goes through `lookup`.
+Rules are registered by op family in graphopt.analysis.oprules, whose `rule_for` is the lookup by node.
 Opset ranges are inclusive; two rules for one (domain, op_type) must not overlap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -81,7 +81,8 @@ DEFAULT_RULE = OpRule("")
 _RULES: dict[tuple[str, str], list[OpRule]] = {}
 
 
-def _domain(name: str | None) -> str:
+def domain_key(name: str | None) -> str:
+    """The registry's name of a domain: "ai.onnx" and the empty name are the default domain."""
     return DEFAULT_DOMAIN if name in (None, "", "ai.onnx") else str(name)
 
 
@@ -91,7 +92,7 @@ def register(*op_types: str, domain: str = DEFAULT_DOMAIN, since: int = 1, until
     """Register one rule for each of `op_types` in `domain` over opsets [since, until]; an overlapping
     registration for the same op is refused."""
     for op_type in op_types:
-        rule = OpRule(op_type, _domain(domain), since, until, channels, layout, constant,
+        rule = OpRule(op_type, domain_key(domain), since, until, channels, layout, constant,
                       rotation if rotation is not None else declines(NOT_EQUIVARIANT))
         existing = _RULES.setdefault((rule.domain, op_type), [])
         for other in existing:
@@ -103,7 +104,7 @@ def register(*op_types: str, domain: str = DEFAULT_DOMAIN, since: int = 1, until
 
 def lookup(domain: str | None, op_type: str, opset: int) -> OpRule | None:
     """The rule for `op_type` in `domain` at `opset`, or None."""
-    return next((rule for rule in _RULES.get((_domain(domain), op_type), []) if rule.covers(opset)), None)
+    return next((rule for rule in _RULES.get((domain_key(domain), op_type), []) if rule.covers(opset)), None)
 
 
 def registered() -> list[OpRule]:
@@ -112,7 +113,7 @@ def registered() -> list[OpRule]:
 
 def opsets_of(graph: gs.Graph) -> dict[str, int]:
     """Opset version per domain of `graph` (the default domain under "")."""
-    opsets = {_domain(o.domain): int(o.version) for o in (getattr(graph, "import_domains", None) or [])}
+    opsets = {domain_key(o.domain): int(o.version) for o in (getattr(graph, "import_domains", None) or [])}
     if getattr(graph, "opset", None):
         opsets[DEFAULT_DOMAIN] = int(graph.opset)
     return opsets
@@ -120,11 +121,3 @@ def opsets_of(graph: gs.Graph) -> dict[str, int]:
 
 def positive_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
-
-
-def node_rule(node: gs.Node, opsets: Mapping[str, int]) -> OpRule:
-    """The registered rule for `node` (DEFAULT_RULE when there is none: no channel rule, no constant
-    evaluation, not equivariant). Rules must already be registered (graphopt.analysis.oprules.rule_for)."""
-    domain = _domain(node.domain)
-    found = lookup(domain, node.op, opsets.get(domain, 1 if domain != DEFAULT_DOMAIN else 10**6))
-    return found if found is not None else DEFAULT_RULE

@@ -18,15 +18,18 @@ from typing import Mapping
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.oprules import elementwise, functions, layout, normalising, pooling, producers, reshape
-from graphopt.analysis.registry import OpRule, node_rule
+from graphopt.analysis.registry import DEFAULT_DOMAIN, DEFAULT_RULE, OpRule, domain_key, lookup
 
 FAMILIES = (producers, elementwise, pooling, normalising, layout, reshape, functions)
 
 
 def rule_for(node: gs.Node, opsets: Mapping[str, int]) -> OpRule:
     """The rule registered for `node` at the graph's opsets (graphopt.analysis.registry.opsets_of),
-    or the default rule: no channel rule, no constant evaluation, not equivariant."""
-    return node_rule(node, opsets)
+    or the default rule: no channel rule, no constant evaluation, not equivariant. A domain the graph does
+    not import is looked up at its first version (the default domain at the newest)."""
+    domain = domain_key(node.domain)
+    found = lookup(domain, node.op, opsets.get(domain, 10**6 if domain == DEFAULT_DOMAIN else 1))
+    return found if found is not None else DEFAULT_RULE
 
 
 __all__ = ["FAMILIES", "rule_for"]
