@@ -21,6 +21,10 @@ single-threaded, so each tensor sees its batches in order whatever the thread co
 only on the model, the data and its order, the batch size and the memory limit (which fixes rounds and
 batch sizes), and onnxruntime's kernels, not on timing: the same call gives bit-identical statistics.
 `context_calibrator` builds the calibrator behind a pass context's statistics from its data and options.
+
+Attention masks: token tensors skip the rows of padded positions when a mask input is chosen
+(graphopt.calibration.mask: found in the model by default, `mask_input` NAME or "none" otherwise, a
+statistics file's own choice kept when none is given, so its statistics stay valid).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from tqdm.auto import tqdm
 
 from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, exposing_model, plan_rounds
 from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.mask import MaskChoice, choose_mask
 from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import (
     StatRequest,
@@ -49,7 +54,6 @@ from graphopt.calibration.stats import (
     single_threaded_blas,
 )
 from graphopt.errors import DataError, OptionError
-from graphopt.ir.shapes import input_specs
 
 if TYPE_CHECKING:
     from graphopt.calibration.store import StatsFile
@@ -92,16 +96,18 @@ class Calibrator:
 
     def __init__(self, data: Dataset | None, *, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
                  device: str = "cpu", threads: int = 0, progress: bool = False,
-                 mask_input: str | None = None) -> None:
+                 mask_input: str | MaskChoice | None = None) -> None:
         if batch_size < 1:
             raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
         if threads < 0:
             raise OptionError(f"--threads must be 0 (onnxruntime's default) or more, got {threads}")
-        if mask_input is not None and data is not None and mask_input not in {s.name for s in input_specs(data.model)}:
-            raise OptionError(f"mask input '{mask_input}' is not a model input")
+        if isinstance(mask_input, str):  # an input named directly: the graph still says which entries count
+            mask_input = choose_mask(data.model, mask_input) if data is not None else MaskChoice(mask_input, "given")
+        self.mask = mask_input if mask_input is not None else MaskChoice(None, "disabled")
+        self.mask_input = self.mask.name
         self.data = data
         self.batch_size, self.memory_limit = batch_size, parse_bytes(memory_limit)
-        self.device, self.threads, self.progress, self.mask_input = device, threads, progress, mask_input
+        self.device, self.threads, self.progress = device, threads, progress
         self.workers = threads or _available_cores()  # accumulation threads, one tensor each
         self.cache: dict[str, list[TensorStats]] = {}  # cone fingerprint -> statistics measured on it
         self.cones: dict[str, str] = {}  # tensor name -> cone fingerprint of the last model asked about
@@ -125,8 +131,12 @@ class Calibrator:
             raise StaleStatsError(f"{stats_file.source} was computed on other calibration data than the data "
                                   "given now; recompute it with `graphopt calibrate` or drop --stats")
         if (stats_file.mask_input or None) != self.mask_input:
-            raise StaleStatsError(f"{stats_file.source} was computed with mask input {stats_file.mask_input!r}, "
-                                  f"not {self.mask_input!r}")
+            def described(name: str | None) -> str:
+                return f"mask input '{name}'" if name else "no mask"
+
+            raise StaleStatsError(f"{stats_file.source} was computed with {described(stats_file.mask_input)}, this run "
+                                  f"uses {described(self.mask_input)}: recompute it with `graphopt calibrate` or drop "
+                                  "--mask-input")
         for name, stats in stats_file.stats.items():
             self.cache.setdefault(stats_file.cones[name], []).append(stats)
             self.preloaded[name] = stats_file.source
@@ -193,7 +203,7 @@ class Calibrator:
         for batch in self.data.batches(batch_size):
             values = run(batch)
             values.update({name: batch[name] for name in names if infos[name].is_input})
-            mask = batch.get(self.mask_input) if self.mask_input is not None else None
+            mask = self.mask.kept(batch[self.mask_input]) if self.mask_input is not None else None
             # largest first: the pool balances better; popped, so each activation dies with its task
             order = sorted(names, key=lambda name: -values[name].size)
             list(pool.map(partial(_accumulate_popped, stats, values, mask), order))
@@ -257,7 +267,8 @@ def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelPr
                        progress: bool) -> Calibrator:
     """The calibrator behind a pass context's statistics: `data` (validated against `template`), and
     `stats`, `calib_memory`, `device`, `threads`, `batch_size` and `mask_input` from the method `options`
-    (a None value means the default)."""
+    (a None value means the default; for `mask_input`: the statistics file's mask, else the one found in
+    the model)."""
     from graphopt.calibration.store import StatsFile, load_stats
 
     def option(key: str, default: Any = None) -> Any:
@@ -267,10 +278,13 @@ def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelPr
     source: Any = option("stats")
     stats_file = source if isinstance(source, StatsFile) or source is None else load_stats(source)
     dataset = data if data is None or isinstance(data, Dataset) else load_data(data, template)
-    mask_input = option("mask_input", stats_file.mask_input if stats_file is not None else None)
+    mask = choose_mask(template, options.get("mask_input"), from_file=stats_file is not None,
+                       inherited=stats_file.mask_input if stats_file is not None else None)
+    if mask.how != "disabled" or mask.name is not None:
+        log.info("calibration mask: %s (%s) %s", mask.name, mask.how, mask.detail)
     calibrator = Calibrator(dataset, batch_size=int(option("batch_size", 32)),
                             memory_limit=option("calib_memory", DEFAULT_MEMORY), device=option("device", "cpu"),
-                            threads=int(option("threads", 0)), progress=progress, mask_input=mask_input)
+                            threads=int(option("threads", 0)), progress=progress, mask_input=mask)
     if stats_file is not None:
         calibrator.preload(stats_file)
     return calibrator

@@ -2,8 +2,12 @@
 
 ONNX shape inference runs first on a copy with the inputs fixed; shapes it leaves unknown (a Reshape
 whose target is computed from `Shape` at run time, for instance) come from one onnxruntime run on
-zeros with those tensors exposed as outputs. The MAC and parameter formulas live in
-graphopt.analysis.macs, which reads shapes and never runs a model.
+zeros with those tensors exposed as outputs. Inside If/Loop/Scan bodies inference sees only what the
+bodies declare, so each body's declared inputs are pinned to the shapes of the outer values they stand
+for (loop-carried values at their initial shape, scanned inputs without the scanned axis) and inference
+runs again, once per nesting level; body tensors it still cannot shape stay unknown (onnxruntime cannot
+expose them). The MAC and parameter formulas live in graphopt.analysis.macs, which reads shapes and
+never runs a model.
 """
 
 from __future__ import annotations
@@ -11,14 +15,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from graphopt.analysis.macs import CostReport, cost_from_shapes, needed_shapes
+from graphopt.analysis.macs import CostReport, bodies, cost_from_shapes, needed_shapes
 from graphopt.calibration.session import observed_shapes
+from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import input_specs, tensor_shapes, with_fixed_inputs
 
 
 def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
                   wanted: set[str] | None = None) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor (or of `wanted` at least) with the inputs at `input_shapes`."""
+    """Shapes of every tensor (or of `wanted` at least) with the inputs at `input_shapes`, those inside
+    control-flow bodies included where inference can reach them."""
     fixed = with_fixed_inputs(model, input_shapes)
     shapes = tensor_shapes(fixed)
     produced = {name for node in fixed.graph.node for name in node.output if name}
@@ -26,12 +32,92 @@ def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     if missing:
         feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in input_specs(model)}
         shapes.update(observed_shapes(model, feed, missing))
+    if any(bodies(node) for node in fixed.graph.node):
+        shapes.update(_body_shapes(fixed, shapes))
+    return shapes
+
+
+def _static(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim)
+    return dims if all(d > 0 for d in dims) else None
+
+
+def _inner_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """Static shapes declared or inferred inside every body of `graph`, nested ones included."""
+    found: dict[str, tuple[int, ...]] = {}
+    for node in graph.node:
+        for body in bodies(node).values():
+            for value in (*body.input, *body.value_info, *body.output):
+                shape = _static(value)
+                if shape is not None:
+                    found[value.name] = shape
+            found.update({t.name: tuple(t.dims) for t in body.initializer})
+            found.update(_inner_shapes(body))
+    return found
+
+
+def _outer_shapes(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, ...] | None]:
+    """For each declared input of `node`'s body (Loop, Scan), the shape of the outer value it stands for."""
+    if node.op_type == "Loop":
+        return [(), (), *(shapes.get(name) for name in node.input[2:])]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    scanned = int(attrs.get("num_scan_inputs", 0))
+    states = [shapes.get(name) for name in node.input[:len(node.input) - scanned]]
+    axes = list(attrs.get("scan_input_axes", [0] * scanned))
+    sliced = []
+    for name, axis in zip(node.input[len(node.input) - scanned:], axes):
+        shape = shapes.get(name)
+        sliced.append(None if not shape else shape[:axis % len(shape)] + shape[axis % len(shape) + 1:])
+    return [*states, *sliced]
+
+
+def _pin(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> bool:
+    """Set `value`'s unknown dims from `shape`; whether anything changed (known dims are never touched)."""
+    tensor_type = value.type.tensor_type
+    dims = tensor_type.shape.dim
+    if (tensor_type.HasField("shape") and len(dims) != len(shape)) or any(size <= 0 for size in shape):
+        return False
+    if not tensor_type.HasField("shape"):
+        tensor_type.shape.SetInParent()
+        dims.extend(onnx.TensorShapeProto.Dimension() for _ in shape)
+    changed = False
+    for dim, size in zip(dims, shape):
+        if not dim.HasField("dim_value") or dim.dim_value <= 0:
+            dim.Clear()
+            dim.dim_value = size
+            changed = True
+    return changed
+
+
+def _pin_body_inputs(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], scan: bool) -> bool:
+    changed = False
+    for node in graph.node:
+        for body in bodies(node).values():
+            if node.op_type == "Loop" or (node.op_type == "Scan" and scan):
+                for value, shape in zip(body.input, _outer_shapes(node, shapes)):
+                    if shape is not None and value.type.HasField("tensor_type"):
+                        changed = _pin(value, shape) or changed
+            changed = _pin_body_inputs(body, shapes, scan) or changed
+    return changed
+
+
+def _body_shapes(fixed: onnx.ModelProto, known: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes inside control-flow bodies; `fixed` (a weightless copy) has its body inputs pinned."""
+    scan = next((o.version for o in fixed.opset_import if o.domain in ("", "ai.onnx")), 0) >= 9
+    shapes = {**known, **_inner_shapes(fixed.graph)}
+    while _pin_body_inputs(fixed.graph, shapes, scan):  # each round reaches one nesting level deeper
+        fixed = infer_shapes(fixed)
+        shapes.update(_inner_shapes(fixed.graph))
     return shapes
 
 
 def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
                shapes: dict[str, tuple[int, ...]] | None = None) -> CostReport:
-    """MACs and parameters; `shapes` (batch-1 tensor shapes) saves a shape inference when known."""
+    """MACs and parameters per sample (graphopt.analysis.macs says what is counted); `shapes` (tensor
+    shapes at `input_shapes`) saves a shape inference when known."""
     if shapes is None:
-        shapes = batch1_shapes(model, input_shapes, needed_shapes(model))
+        shapes = batch1_shapes(model, input_shapes, needed_shapes(model, input_shapes))
     return cost_from_shapes(model, shapes)

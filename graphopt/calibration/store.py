@@ -12,7 +12,8 @@ the saved one (so rewriting layers after it does not invalidate it), and for dat
 fingerprints are equal. `load_stats` given a model or data refuses a file with any stale tensor
 (`StaleStatsError`, one line); a `Calibrator` preloaded with a file serves the valid entries and
 recomputes the stale ones, or refuses them when it has no data.
-Writing is atomic (temporary file beside the destination, then os.replace) and never overwrites an input.
+Writing is atomic (graphopt.ir.files.write_atomic: a killed write leaves the previous file intact) and
+never overwrites an input, also through a symlink or hard link (check_outputs).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from graphopt._version import __version__
 from graphopt.calibration.capture import cone_fingerprints, tensor_parts
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.stats import TensorStats
-from graphopt.errors import DataError, OutputPathError
-from graphopt.ir.io import not_regular, write_atomic
+from graphopt.errors import DataError
+from graphopt.ir.io import check_outputs, not_regular, write_atomic
 
 FORMAT = "graphopt-stats"
 VERSION = 1
@@ -106,14 +107,10 @@ def data_fingerprint(data: Dataset) -> str:
 
 
 def save_stats(stats_file: StatsFile, path: str | os.PathLike[str], *, protected: Iterable[Path] = ()) -> Path:
-    """Write `stats_file` to exactly `path` (no suffix added), atomically."""
+    """Write `stats_file` to exactly `path` (no suffix added), atomically (graphopt.ir.files.write_atomic);
+    refuse a path that is the same file as one in `protected` (by path, symlink or hard link)."""
     path = Path(path)
-    if path.resolve() in {Path(p).resolve() for p in protected}:
-        raise OutputPathError(f"refusing to overwrite an input file: {path}")
-    if path.is_dir():
-        raise OutputPathError(f"output path is a directory: {path}")
-    if not path.parent.is_dir():
-        raise OutputPathError(f"output directory does not exist: {path.parent}")
+    check_outputs([path], protected)
     tensors, arrays = [], {}
     for index, (name, stats) in enumerate(stats_file.stats.items()):
         tensors.append({**stats.meta(), "tensor": name, "cone": stats_file.cones[name], "key": f"t{index}"})
@@ -122,10 +119,7 @@ def save_stats(stats_file: StatsFile, path: str | os.PathLike[str], *, protected
               "data": stats_file.data_fingerprint, "mask_input": stats_file.mask_input,
               "samples": stats_file.samples, "tensors": tensors}
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    try:
-        write_atomic(path, lambda stream: np.savez(stream, **arrays))
-    except OSError as exc:
-        raise OutputPathError(f"cannot write {path}: {exc}") from exc
+    write_atomic(path, lambda stream: np.savez(stream, **arrays))
     return path
 
 

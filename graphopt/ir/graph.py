@@ -8,6 +8,8 @@ Invariants:
   ir_version, opset imports, producer, domain, model_version, doc strings, metadata_props and
   model-local functions.
 - `set_input_array` never edits an initializer shared with another consumer: it writes a new one.
+- Graph inputs and outputs keep the dims the template declares (symbolic, unnamed or fixed) unless a
+  pass changed a fixed size or a rank on purpose (graphopt.ir.interface).
 - Shapes of intermediate tensors are dropped on export and re-inferred by ONNX shape inference,
   so a pass that changes a channel count never leaves a stale shape behind.
 """
@@ -16,10 +18,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from graphopt.ir.interface import keep_declared
 
 log = logging.getLogger(__name__)
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are ours to word
@@ -30,8 +35,10 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = True) -> onnx.ModelProto:
-    """Turn `graph` back into a model carrying `template`'s model-level fields."""
+def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = True,
+                 declared: bool = True) -> onnx.ModelProto:
+    """Turn `graph` back into a model carrying `template`'s model-level fields and (with `declared`) the
+    dims its graph inputs and outputs declare (graphopt.ir.interface)."""
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # re-inferred below; a stale shape would contradict new weights
     _drop_captured_copies(model.graph, set())
@@ -57,7 +64,15 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
         listed = {v.name for v in model.graph.input}
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in model.graph.initializer if t.name not in listed)
-    return infer_shapes(model) if infer else model
+    return _inferred(model, template, infer, declared)
+
+
+def _inferred(model: onnx.ModelProto, template: onnx.ModelProto, infer: bool, declared: bool) -> onnx.ModelProto:
+    """`model` with inferred shapes (`infer`) and `template`'s declared interface dims (`declared`)."""
+    model = infer_shapes(model) if infer else model
+    if declared:
+        keep_declared(model, template)
+    return model
 
 
 def _drop_captured_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
@@ -152,7 +167,7 @@ def cleanup(graph: gs.Graph) -> gs.Graph:
 
 def apply_inferred_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
     """Fill dtypes and shapes of `graph`'s variables from ONNX shape inference; return how many."""
-    model = export_model(graph, template)
+    model = export_model(graph, template, declared=False)  # the passes read the inferred dims
     typed = {v.name: v for v in itertools.chain(model.graph.value_info, model.graph.output)}
     count = 0
     for name, tensor in graph.tensors().items():
@@ -167,15 +182,20 @@ def apply_inferred_shapes(graph: gs.Graph, template: onnx.ModelProto) -> int:
     return count
 
 
-def fold_constants(graph: gs.Graph) -> int:
-    """Evaluate every node whose inputs are all constant; return how many nodes were replaced."""
+def fold_constants(graph: gs.Graph, exclude: Callable[[gs.Node], bool] | None = None) -> int:
+    """Evaluate every node whose inputs are all constant, except those `exclude` names (asked in
+    topological order, with inferred shapes on the tensors); return how many nodes were replaced."""
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # its optimiser's notes on folded subgraphs are noise here
     before = len(graph.nodes)
     graph.toposort(recurse_subgraphs=False, recurse_functions=False)
-    graph.fold_constants(recurse_subgraphs=False, flatten_subgraphs=False, recurse_functions=False,
-                         error_ok=True, should_exclude_node=lambda node: node.op in _NONDETERMINISTIC)
+
+    def excluded(node: gs.Node) -> bool:
+        return node.op in _NONDETERMINISTIC or (exclude is not None and exclude(node))
+
+    graph.fold_constants(recurse_subgraphs=False, flatten_subgraphs=False, recurse_functions=False, error_ok=True,
+                         should_exclude_node=excluded)
     cleanup(graph)
     return max(0, before - len(graph.nodes))
 

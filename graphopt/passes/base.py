@@ -34,7 +34,8 @@ PROPERTIES: dict[str, str] = {
     "constants_normalised": "weights and other constants are initializers, not Constant nodes or constant "
                             "Identity/Cast/CastLike/ConstantOfShape chains",
     "identities_removed": "no Identity or inference-mode Dropout node is left where removing it keeps the interface",
-    "constants_folded": "no node whose inputs are all constant is left (If/Loop bodies aside)",
+    "constants_folded": "no node whose inputs are all constant is left (If/Loop bodies and results above the "
+                        "folding size limit aside)",
     "batchnorm_folded": "every BatchNormalization that follows a Conv/ConvTranspose/Gemm/MatMul it alone reads "
                         "is folded into it",
     "dead_code_removed": "every node and initializer feeds a graph output",
@@ -90,6 +91,10 @@ class PassContext:
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)
         return default if value is None else value
+
+    def calibration_mask(self) -> dict[str, Any] | None:
+        """Which input masked the token statistics and how it was chosen, once statistics were asked for."""
+        return self._calibrator.mask.to_json() if self._calibrator is not None else None
 
     def statistics(self, requests: Iterable[StatRequest],
                    model: onnx.ModelProto | gs.Graph | None = None) -> dict[str, TensorStats]:

@@ -7,6 +7,7 @@ import pytest
 from graphopt.calibration.shapes import count_cost
 from graphopt.errors import OptionError
 from graphopt.inspect import inspect_model
+from graphopt.ir.io import load_model
 from graphopt.ir.shapes import parse_input_shape, resolve_input_shapes
 from tests.conftest import init, tiny, weights
 
@@ -129,3 +130,157 @@ def test_parse_input_shape(text, expected):
 def test_parse_input_shape_refuses_bad_text(text):
     with pytest.raises(OptionError, match="--input-shape expects NAME=D1xD2x..."):
         parse_input_shape(text)
+
+
+# -- per sample: a static batch divides out -----------------------------------------------------
+
+STATIC_BATCH = dict(body="c = Conv <pads = [1, 1, 1, 1]> (x, w)\n f = Flatten (c)\n y = Gemm <transB = 1> (f, fc)",
+                    outputs="float[{b}, 5] y", inits=", ".join([init("w", weights(4, 3, 3, 3)),
+                                                                  init("fc", weights(5, 4 * 64))]))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_a_static_batch_counts_per_sample(batch):
+    model = tiny(STATIC_BATCH["body"], inputs=f"float[{batch}, 3, 8, 8] x",
+                 outputs=STATIC_BATCH["outputs"].format(b=batch), inits=STATIC_BATCH["inits"])
+    report = count_cost(model, resolve_input_shapes(model))
+    assert report.macs == 4 * 64 * 27 + 5 * 4 * 64
+    assert sorted(report.per_node.values()) == [5 * 4 * 64, 4 * 64 * 27]
+
+
+def test_a_dynamic_batch_given_as_eight_counts_per_sample():
+    model = tiny(STATIC_BATCH["body"], inputs="float[N, 3, 8, 8] x", outputs=STATIC_BATCH["outputs"].format(b="N"),
+                 inits=STATIC_BATCH["inits"])
+    assert count_cost(model, {"x": (8, 3, 8, 8)}).macs == 4 * 64 * 27 + 5 * 4 * 64
+
+
+@pytest.mark.parametrize("inputs,outputs,body,macs", [
+    # no batch axis: the output does not carry the inputs' first axis, nothing is divided
+    ("float[3, 8] x", "float[4] y", "m = MatMul (x, w)\n y = ReduceSum <keepdims = 0> (m, axes)", 3 * 4 * 8),
+    # two inputs whose first axes differ
+    ("float[3, 8] x, float[2, 4] z", "float[3, 4] y, float[2, 4] v", "y = MatMul (x, w)\n v = Relu (z)", 3 * 4 * 8),
+])
+def test_no_shared_batch_counts_the_inputs_as_given(inputs, outputs, body, macs):
+    model = tiny(body, inputs=inputs, outputs=outputs,
+                 inits=", ".join([init("w", weights(8, 4)), init("axes", [0], dtype="int64")]))
+    assert count_cost(model, resolve_input_shapes(model)).macs == macs
+
+
+# -- control flow: If, Loop and Scan bodies ------------------------------------------------------
+
+IF_BODY = """cond = Greater (s, zero)
+             y = If (cond) <then_branch = then_g () => (float[N, 5] t) {
+                   t = MatMul (x, w)
+                 }, else_branch = else_g () => (float[N, 5] e) {
+                   h = MatMul (x, w2)
+                   e = MatMul (h, w3)
+                 }>"""
+IF_INITS = ", ".join([init("zero", [0.0]), init("w", weights(8, 5)), init("w2", weights(8, 16)),
+                      init("w3", weights(16, 5))])
+
+
+def test_if_counts_its_larger_branch():
+    model = tiny(IF_BODY, inputs="float[N, 8] x, float s", outputs="float[N, 5] y", inits=IF_INITS)
+    report = count_cost(model, resolve_input_shapes(model))
+    assert report.macs == 8 * 16 + 16 * 5 and report.per_node == {"If_1": 8 * 16 + 16 * 5}
+    assert report.uncounted == []
+    # the scalar input has no batch axis to share, so four rows count as given
+    assert count_cost(model, {"x": (4, 8), "s": ()}).macs == 4 * (8 * 16 + 16 * 5)
+
+
+def _loop(trip: str, declared: str = "float[N, 8] h") -> str:
+    return f"""{trip}
+               cond = Constant <value = bool {{1}}> ()
+               y, ys = Loop (trip, cond, x) <body = body (int64 i, bool c, {declared}) => (bool c_out,
+                                                          float[N, 8] h_out, float[N, 8] scan) {{
+                   c_out = Identity (c)
+                   h_out = MatMul (h, w)
+                   scan = Identity (h_out)
+                 }}>"""
+
+
+@pytest.mark.parametrize("trip,inputs,iterations", [
+    ("trip = Constant <value = int64 {3}> ()", "float[N, 8] x", 3),
+    ("trip = Constant <value = int64 {9223372036854775807}> ()", "float[N, 8] x", 1),  # a while loop's marker
+    ("trip = Identity (t)", "float[N, 8] x, int64 t", 1),  # known only at run time
+])
+def test_loop_counts_its_body_per_constant_iteration(trip, inputs, iterations):
+    model = tiny(_loop(trip), inputs=inputs, outputs="float[N, 8] y, float[M, N, 8] ys",
+                 inits=init("w", weights(8, 8)))
+    report = count_cost(model, resolve_input_shapes(model))
+    assert report.macs == iterations * 8 * 8 and report.uncounted == []
+
+
+def test_loop_body_with_unknown_rank_inputs_is_shaped_from_the_outer_values():
+    model = tiny(_loop("trip = Constant <value = int64 {2}> ()", declared="float[?, ?] h"),
+                 inputs="float[N, 8] x", outputs="float[N, 8] y, float[M, N, 8] ys", inits=init("w", weights(8, 8)))
+    assert count_cost(model, {"x": (1, 8)}).macs == 2 * 8 * 8
+
+
+def test_scan_counts_its_body_once_per_scanned_step():
+    model = tiny("""final, outs = Scan <num_scan_inputs = 1, body = step (float[1, 4] state, float[3] row)
+                                                                => (float[1, 4] next, float[1, 4] out) {
+                      shape = Constant <value = int64[2] {1, 3}> ()
+                      r = Reshape (row, shape)
+                      p = MatMul (r, w)
+                      next = Add (state, p)
+                      out = Identity (next)
+                    }> (s0, x)""", inputs="float[1, 4] s0, float[7, 3] x",
+                 outputs="float[1, 4] final, float[7, 1, 4] outs",
+                 inits=init("w", weights(3, 4)))
+    report = count_cost(model, resolve_input_shapes(model))
+    assert report.macs == 7 * 3 * 4 and report.per_node == {"Scan_0": 7 * 3 * 4}
+
+
+def test_nested_control_flow_multiplies():
+    # Loop x4 { If (sum(h) > 0) { MatMul 8x8 } else { Identity } }: 4 times the larger branch
+    model = tiny("""trip = Constant <value = int64 {4}> ()
+                    cond = Constant <value = bool {1}> ()
+                    y, ys = Loop (trip, cond, x) <body = body (int64 i, bool c, float[N, 8] h) => (bool c_out,
+                                                               float[N, 8] h_out, float[N, 8] scan) {
+                        c_out = Identity (c)
+                        total = ReduceSum <keepdims = 0> (h)
+                        positive = Greater (total, zero)
+                        h_out = If (positive) <then_branch = a () => (float[N, 8] ta) {
+                                   ta = MatMul (h, w)
+                               }, else_branch = b () => (float[N, 8] tb) {
+                                   tb = Identity (h)
+                               }>
+                        scan = Identity (h_out)
+                    }>""", inputs="float[N, 8] x", outputs="float[N, 8] y, float[M, N, 8] ys",
+                 inits=", ".join([init("w", weights(8, 8)), "float zero = {0.0}"]))
+    report = count_cost(model, resolve_input_shapes(model))
+    assert report.macs == 4 * 8 * 8 and report.uncounted == []
+
+
+def test_a_body_node_inference_cannot_shape_is_named_as_uncounted():
+    # inside the branch the Reshape target is a run-time value: the MatMul after it cannot be counted
+    model = tiny("""cond = Greater (s, zero)
+                    y = If (cond) <then_branch = then_g () => (float[N, 5] t) {
+                          r = Reshape (x, target)
+                          t = MatMul (r, w)
+                        }, else_branch = else_g () => (float[N, 5] e) {
+                          e = MatMul (x, w)
+                        }>""",
+                 inputs="float[N, 8] x, float s, int64[2] target", outputs="float[N, 5] y",
+                 inits=", ".join([init("zero", [0.0]), init("w", weights(8, 5))]))
+    report = inspect_model(model)
+    assert report["macs"] == 8 * 5  # the else branch, the one whose cost is known
+    assert report["macs_uncounted"] == ["MatMul_1: shape of 'r' unknown"]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_torch_export_with_a_static_batch_of_8_counts_what_batch_1_does(exporter, tmp_path):
+    torch = pytest.importorskip("torch")
+    from graphopt.torch.export import export_onnx
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 36, 5)).eval()
+    counts = []
+    for batch in (1, 8):
+        path = export_onnx(module, torch.randn(batch, 3, 6, 6), tmp_path / f"b{batch}.onnx", exporter=exporter,
+                           dynamic_batch=False)
+        model = load_model(path)
+        assert resolve_input_shapes(model)[model.graph.input[0].name][0] == batch
+        counts.append(count_cost(model, resolve_input_shapes(model)).macs)
+    assert counts == [4 * 36 * 27 + 5 * 4 * 36] * 2

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +14,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from graphopt.errors import ModelLoadError, OutputPathError, UnsafeExternalDataError
-from graphopt.ir import io
+from graphopt.errors import ModelLoadError, OptionError, OutputPathError, UnsafeExternalDataError
+from graphopt.ir import files, io
 from tests.conftest import assert_equivalent, init, random_inputs, tiny, weights, with_raw_data
 
 
@@ -70,10 +74,11 @@ def _external_reference(model: onnx.ModelProto, location: str, offset: int | str
 
 @pytest.fixture
 def no_reading(monkeypatch):
-    """Fail the test if onnx is asked to read any external data."""
+    """Fail the test if any external data is read (by graphopt's reader or onnx's)."""
     def refuse(*args, **kwargs):
         raise AssertionError("external data was read before validation")
 
+    monkeypatch.setattr(io, "_load_external", refuse)
     monkeypatch.setattr(onnx, "load_external_data_for_model", refuse)
     monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", refuse)
     monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_tensor", refuse)
@@ -123,13 +128,35 @@ def test_symlinked_directory_escaping_is_refused(tmp_path, no_reading):
         io.load_model(path)
 
 
-def test_symlink_inside_the_directory_is_a_load_error(tmp_path):
-    # our check lets it through; onnx itself refuses symlinked data files: still one clear error
+def test_symlink_inside_the_directory_is_followed(tmp_path):
+    # the link resolves inside the model's directory, so it is as safe as naming the file itself
     path = _write_model_with_reference(tmp_path, location="alias.bin", length=64 * 32 * 4)
     os.symlink(path.parent / "weights.bin", path.parent / "alias.bin")
-    with pytest.raises(ModelLoadError, match="cannot load its external data") as info:
+    loaded = io.load_model(path)
+    np.testing.assert_array_equal(_initializers(loaded)["w"], weights(64, 32))
+    assert io.input_files(path) == {path.resolve(), (path.parent / "weights.bin").resolve()}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_external_data_that_is_not_a_regular_file_is_refused(tmp_path, no_reading, kind):
+    path = _write_model_with_reference(tmp_path, location="special", length=16)
+    os.mkfifo(path.parent / "special") if kind == "fifo" else (path.parent / "special").mkdir()
+    with pytest.raises(UnsafeExternalDataError, match=f"is a {kind.replace('fifo', 'FIFO')}, not a regular file"):
         io.load_model(path)
-    assert "\n" not in str(info.value)
+
+
+def test_external_data_that_shrank_after_the_check_is_refused(tmp_path, monkeypatch):
+    path = _write_model_with_reference(tmp_path, location="weights.bin", length=64 * 32 * 4)
+    checked = io._external_extents
+
+    def shrink_after_checking(model, base_dir):
+        extents = checked(model, base_dir)
+        (path.parent / "weights.bin").write_bytes(b"\0" * 100)
+        return extents
+
+    monkeypatch.setattr(io, "_external_extents", shrink_after_checking)
+    with pytest.raises(UnsafeExternalDataError, match="is now 100 bytes, shorter than offset 0 \\+ length 8192"):
+        io.load_model(path)
 
 
 def test_unsafe_reference_in_a_constant_attribute_is_refused(tmp_path, no_reading):
@@ -189,12 +216,11 @@ def test_failed_save_leaves_the_previous_file_and_no_debris(tmp_path, monkeypatc
     out = io.save_model(_model(), tmp_path / "out.onnx")
     before = out.read_bytes()
 
-    def half_write(model, path, *args, **kwargs):
-        Path(path).write_bytes(b"partial")
-        raise OSError("disk full")
+    def disk_full(handle):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", half_write)
-    with pytest.raises(OutputPathError, match="disk full"):
+    monkeypatch.setattr(os, "fsync", disk_full)  # the new bytes are written but never made durable
+    with pytest.raises(OutputPathError, match="cannot write .*out.onnx: No space left on device"):
         io.save_model(_model(), out)
     assert out.read_bytes() == before
     assert _listing(tmp_path) == ["out.onnx"]
@@ -238,3 +264,127 @@ def test_bad_output_locations(tmp_path):
         io.save_model(_model(), tmp_path / "missing" / "out.onnx")
     with pytest.raises(OutputPathError, match="is a directory"):
         io.save_model(_model(), tmp_path)
+
+
+def test_zero_byte_model_is_refused(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a valid ONNX model \\(no graph or opset\\)"):
+        io.load_model(tmp_path / "empty.onnx")
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "pipe.onnx")  # nobody writes: a blocking open or read would never return
+    monkeypatch.setattr(files, "not_regular", lambda path: None)  # as if it was a regular file when checked
+    with pytest.raises(ModelLoadError, match="pipe.onnx is a FIFO, not a regular file"):
+        io.load_model(tmp_path / "pipe.onnx")
+
+
+def test_reads_stop_at_the_size_on_disk(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_model(), str(path))
+    assert files.read_regular(path) == path.read_bytes() == _model().SerializeToString()
+    with pytest.raises(ModelLoadError, match="is a device, not a regular file"):
+        files.read_regular("/dev/zero")
+
+
+def _clash_cases(folder: Path) -> dict[str, tuple[list[Path], str]]:
+    source = folder / "in.onnx"
+    source.write_bytes(b"model")
+    os.link(source, folder / "hard.onnx")
+    os.symlink(source, folder / "soft.onnx")
+    (folder / "sub").mkdir()
+    return {
+        "same_path": ([source], "output .*in.onnx is the same file as input .*in.onnx"),
+        "respelled": ([folder / "sub" / ".." / "in.onnx"], "is the same file as input"),
+        "hard_link": ([folder / "hard.onnx"], "output .*hard.onnx is the same file as input .*in.onnx"),
+        "symlink": ([folder / "soft.onnx"], "output .*soft.onnx is the same file as input"),
+        "two_outputs": ([folder / "a.json", folder / "sub" / ".." / "a.json"], "two outputs to one file"),
+        "folder": ([folder / "sub"], "output path is a directory"),
+        "device": ([Path("/dev/null")], "refusing to replace /dev/null: it is a device, not a regular file"),
+        "missing_folder": ([folder / "nowhere" / "o.onnx"], "output directory does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["same_path", "respelled", "hard_link", "symlink", "two_outputs", "folder", "device",
+                                  "missing_folder"])
+def test_check_outputs_refuses(tmp_path, case):
+    outputs, message = _clash_cases(tmp_path)[case]
+    with pytest.raises(OutputPathError, match=message):
+        io.check_outputs(outputs, [tmp_path / "in.onnx"])
+
+
+def test_check_outputs_accepts_new_and_earlier_outputs(tmp_path):
+    (tmp_path / "old.onnx").write_bytes(b"an earlier output")
+    io.check_outputs([tmp_path / "old.onnx", tmp_path / "new.json"], [])
+    with pytest.raises(OptionError, match="refusing to overwrite"):  # the caller picks the error type of a clash
+        io.check_outputs([tmp_path / "old.onnx"], [tmp_path / "old.onnx"], clash=OptionError)
+
+
+def test_atomic_write_follows_a_symlinked_destination_and_keeps_permissions(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "report.json"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    os.symlink(target, tmp_path / "link.json")
+    io.write_atomic(tmp_path / "link.json", lambda stream: stream.write(b"new"))
+    assert (tmp_path / "link.json").is_symlink() and target.read_bytes() == b"new"
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert _listing(tmp_path) == ["link.json", "real", "real/report.json"]
+    umask = os.umask(0o027)
+    try:
+        io.write_atomic(tmp_path / "fresh.json", lambda stream: stream.write(b"{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o640
+
+
+def without_documented_temporaries(listing: list[str], folder: Path) -> list[str]:
+    """`listing` of `folder` less the hidden `.NAME.XXXXXXXX.tmp` files a killed write may leave where the
+    filesystem has no anonymous files (O_TMPFILE); where it has them, nothing may be left."""
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+        return listing
+    except (AttributeError, OSError):
+        return [name for name in listing if not re.fullmatch(r"\..+\.\w{8,}\.tmp", Path(name).name)]
+
+
+_STALLED_WRITER = """
+import os, sys
+import onnx
+from graphopt.ir import io
+destination, source, how = sys.argv[1:]
+
+def stall(*args):  # the new bytes are (partly) written: wait here until killed
+    print("stalled", flush=True)
+    sys.stdin.read()
+
+if how == "write_atomic":
+    def write(stream):
+        stream.write(b"new" * 500_000)
+        stall()
+    io.write_atomic(destination, write)
+else:
+    os.fsync = stall
+    io.save_model(onnx.load(source), destination, external_threshold=1000 if how == "external" else 2**40)
+"""
+
+
+@pytest.mark.parametrize("how", ["write_atomic", "save_model", "external"])
+def test_a_write_killed_midway_leaves_the_previous_file_and_nothing_else(tmp_path, how):
+    (tmp_path / "out").mkdir()
+    destination = io.save_model(_model(), tmp_path / "out" / "model.onnx")
+    before = destination.read_bytes()
+    changed = _model()
+    changed.graph.initializer[0].CopyFrom(numpy_helper.from_array(weights(64, 32, seed=7), "w"))
+    onnx.save_model(changed, str(tmp_path / "new.onnx"))
+    child = subprocess.Popen([sys.executable, "-c", _STALLED_WRITER, str(destination), str(tmp_path / "new.onnx"),
+                              how], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert child.stdout.readline() == "stalled\n", child.stderr.read()
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert destination.read_bytes() == before
+    assert without_documented_temporaries(_listing(tmp_path / "out"), tmp_path / "out") == ["model.onnx"]

@@ -11,10 +11,9 @@ POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held). Two modes:
 - tolerance (default): a seeded `exprune_held_out` fraction of the calibration samples is held out;
   thresholds are fitted on the rest for a grid of false-negative rates, and per layer and rate the
   probe length from PROBES skipping the most MACs on the fitted rows is taken; the largest rate whose
-  model stays within `tolerance` of the unpruned model on the held-out samples is kept (bisection over
-  the grid, assuming fidelity falls as the rate rises). Tolerance: `top1=A` (arg-max agreement >= A;
-  default 0.99 for class-score outputs) or `rel_l2=E` (default 0.01 otherwise). When even rate 0 misses
-  it (held-out rows scoring below everything seen), nothing is replaced and the reason is recorded.
+  model keeps `tolerance` against the unpruned model on the held-out samples, with confidence
+  `exprune_confidence`, is kept (graphopt.passes.exprune.search). When even rate 0 fails, nothing is
+  replaced and the reason is recorded.
 
 Approximate: an output differs from ReLU(Wx + b) only where a positive neuron was predicted negative,
 and then by exactly its value. Layers are calibrated on the input model's activations (not
@@ -41,11 +40,11 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.exprune.calib import Calibrated
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
+from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, tolerance_search
 from graphopt.passes.methods import Method, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
 
-GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 PROBES = (0.0625, 0.125, 0.25, 0.5)
 LAYER_KINDS = ("all", "linear", "conv")
 POSITIONS_PER_ROW = 4  # convolution output positions scored per linear-layer row allowed
@@ -67,6 +66,9 @@ def _options(ctx: PassContext) -> dict[str, Any]:
         raise OptionError(f"--exprune-rule must be one of {', '.join(RULES)}, got '{rule}'")
     if not 0.0 < held_out < 1.0:
         raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+    confidence = float(ctx.option("exprune_confidence", DEFAULT_CONFIDENCE))
+    if not 0.0 <= confidence < 1.0:
+        raise OptionError(f"--exprune-confidence must be in [0, 1), got {confidence}")
     for key in ("exprune_rows", "exprune_maps"):
         if int(ctx.option(key, 1)) < 1:
             raise OptionError(f"--{key.replace('_', '-')} must be at least 1, got {ctx.option(key)}")
@@ -78,7 +80,7 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     tolerance = ctx.option("tolerance")
     return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
             "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None,
-            "kinds": kinds}
+            "kinds": kinds, "confidence": confidence}
 
 
 def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
@@ -130,47 +132,23 @@ def _candidate(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]
 
 def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
             fit: Any, held: Any, result: PassResult) -> list[Choice] | None:
-    """Per-layer choices at the largest grid rate within tolerance on `held`, or None."""
+    """Per-layer choices at the largest grid rate within tolerance on `held` (graphopt.passes.exprune.search),
+    or None."""
     from graphopt.calibration.heldout import HeldOut
 
-    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)))
-    tolerance = options["tolerance"] or check.default_tolerance()
+    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)), confidence=options["confidence"])
     scorings = _scorings(ctx, model, layers, options, fit)
-    measured: dict[int, dict[str, float | None]] = {}
-    choices: dict[int, list[Choice]] = {}
 
-    def passes(index: int) -> bool:
-        if index not in measured:
-            choices[index] = [_best(s, GRID[index]) for s in scorings]
-            replaced = {layer.output.name: found for layer, (_, found) in zip(layers, choices[index])}
-            measured[index] = check.measure(_candidate(model, options["rule"], replaced))
-            log.info("exprune: fnr %g -> %s", GRID[index], measured[index])
-        return tolerance.met(measured[index])
+    def candidate(rate: float) -> tuple[list[Choice], onnx.ModelProto]:
+        choices = [_best(s, rate) for s in scorings]
+        replaced = {layer.output.name: found for layer, (_, found) in zip(layers, choices)}
+        return choices, _candidate(model, options["rule"], replaced)
 
-    bar = tqdm(total=int(np.ceil(np.log2(len(GRID)))) + 1, desc="exprune tolerance", disable=not ctx.progress,
-               leave=False)
-    lo, hi = -1, len(GRID)  # GRID[lo] passes (or none yet), GRID[hi] fails (or beyond the grid)
-    while hi - lo > 1:
-        mid = 0 if lo < 0 else (lo + hi) // 2
-        lo, hi = (mid, hi) if passes(mid) else (lo, mid)
-        bar.update(1)
-        if lo < 0:
-            break
-    bar.close()
-    result.stats.update({"tolerance": str(tolerance), "held_out_samples": check.samples})
-    if tolerance.measure == "top1" and check.rows:  # how coarse the held-out check is
-        allowed = int(np.floor((1.0 - tolerance.bound) * check.rows + 1e-9))
-        result.stats["held_out_disagreements_allowed"] = allowed
-        if allowed == 0 and tolerance.bound < 1.0:
-            log.warning("exprune: %d held-out predictions cannot resolve %s (not one disagreement allowed); "
-                        "more calibration samples or --exprune-held-out give a finer check", check.rows, tolerance)
-    if lo < 0:
-        result.skipped.append(f"even false-negative rate 0 misses {tolerance} on {check.samples} held-out samples "
-                              f"(measured {measured[0]}); nothing replaced")
-        return None
-    result.stats.update({"fnr_level": GRID[lo], **{f"held_out_{k}": v for k, v in measured[lo].items()}})
-    _report_held_out(ctx, model, layers, choices[lo], held, result)
-    return choices[lo]
+    chosen = tolerance_search(check, options["tolerance"] or check.default_tolerance(), candidate, result,
+                              ctx.progress)
+    if chosen is not None:
+        _report_held_out(ctx, model, layers, chosen, held, result)
+    return chosen
 
 
 def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
@@ -295,6 +273,9 @@ class ExPruneOptions(Seeded):
                                                      "(default 64)")
     exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
                                                              "out for --tolerance (default 0.25)")
+    exprune_confidence: float = option(DEFAULT_CONFIDENCE, metavar="C",
+                                       help="exprune: confidence that --tolerance holds on new data like the held-out "
+                                            "samples (one-sided bound; default 0.95; 0: the held-out value itself)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -305,6 +286,8 @@ class ExPruneOptions(Seeded):
             raise OptionError(f"--exprune-fnr must be in [0, 1), got {fnr}")
         if not 0.0 < float(held_out) < 1.0:
             raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
+        if not 0.0 <= float(self.exprune_confidence) < 1.0:
+            raise OptionError(f"--exprune-confidence must be in [0, 1), got {self.exprune_confidence}")
         for flag, value in (("--exprune-rows", self.exprune_rows), ("--exprune-maps", self.exprune_maps)):
             if int(value) < 1:
                 raise OptionError(f"{flag} must be at least 1, got {value}")

@@ -70,8 +70,8 @@ def test_gemm_without_relu_is_left_alone_with_the_reason() -> None:
 def test_second_run_finds_nothing_and_metadata_survives() -> None:
     model = _gemm_relu()
     data = load_data(_data(model), model)
-    once, first = run_pass(model, "exprune", data=data)
-    twice, second = run_pass(once, "exprune", data=data)
+    once, first = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.01})
+    twice, second = run_pass(once, "exprune", data=data, options={"exprune_fnr": 0.01})
     assert first.modified and not second.modified
     assert op_types(twice) == op_types(once)
     for name in ("fc_tau", "fc_perm"):
@@ -156,7 +156,7 @@ def test_sequential_rule_respects_the_rate_and_skips_more_than_one_test(probe: f
     assert stats["sequential"]["fc.macs_skipped"] > stats["threshold"]["fc.macs_skipped"] + 0.01
 
 
-def _digits_mlp(tmp_path, exporter: str = "legacy") -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def _digits_mlp(tmp_path, exporter: str = "legacy", samples: int = 800) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     torch = pytest.importorskip("torch")
     export = pytest.importorskip("graphopt.torch.export")
     from sklearn.datasets import load_digits
@@ -174,25 +174,48 @@ def _digits_mlp(tmp_path, exporter: str = "legacy") -> tuple[onnx.ModelProto, di
     path = tmp_path / f"mlp_{exporter}.onnx"
     export.export_onnx(mlp.eval(), torch.from_numpy(x[:2]), path, exporter=exporter, opset=17)
     model = onnx.load(str(path))
-    return model, {model.graph.input[0].name: x[:800]}
+    return model, {model.graph.input[0].name: x[:samples]}
 
 
-def test_tolerance_search_keeps_top1_on_the_held_out_samples(tmp_path) -> None:
-    model, feeds = _digits_mlp(tmp_path)
+def test_tolerance_search_keeps_top1_on_the_held_out_samples_with_a_margin(tmp_path) -> None:
+    model, feeds = _digits_mlp(tmp_path, samples=1600)
     result = graphopt.optimize(model, method="exprune", calib=feeds)
     stats = result.report["passes"][-1]["stats"]
-    assert stats["tolerance"] == "top1=0.99" and stats["held_out_samples"] == 200
-    assert stats["held_out_disagreements_allowed"] == 2
-    assert stats["fnr_level"] > 0 and stats["held_out_top1"] >= 0.99
+    assert stats["tolerance"] == "top1=0.99" and stats["held_out_samples"] == 400 and stats["confidence"] == 0.95
+    # 400 rows: one disagreement already puts the 95% Clopper-Pearson bound below 0.99 (1 - 0.0118)
+    assert stats["held_out_disagreements_allowed"] == 0
+    assert stats["fnr_level"] > 0 and stats["held_out_top1_lower_bound"] >= 0.99
+    assert stats["held_out_top1_lower_bound"] == pytest.approx(0.05 ** (1 / 400), rel=1e-9)  # no disagreement
+    # the scan stopped at the next grid rate, whose bound fell below the tolerance
+    assert stats["fnr_rejected"] > stats["fnr_level"] and stats["rejected_top1_lower_bound"] < 0.99
     assert stats["held_out_macs_skipped_fraction"] > 0.1
     # the same held-out split, measured independently: the search's number is the real one
     _, held = load_data(feeds, model).split(0.25, seed=0)
     name = model.graph.output[0].name
     want, got = run_ort(model, held.arrays)[name], run_ort(result.model, held.arrays)[name]
     agreement = float(np.mean(np.argmax(want, -1) == np.argmax(got, -1)))
-    assert agreement >= 0.99 and abs(agreement - stats["held_out_top1"]) <= 1 / 200
+    assert agreement == stats["held_out_top1"] == 1.0
     assert result.report["exprune_macs_skipped"]["data"] == "held-out"
     assert 0 < result.report["exprune_macs_skipped"]["fraction_of_model"] < stats["held_out_macs_skipped_fraction"]
+    # without the margin the point estimate alone decides: a rate at least as high, with some disagreements
+    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_confidence=0.0)
+    loose_stats = loose.report["passes"][-1]["stats"]
+    assert loose_stats["held_out_disagreements_allowed"] == 4
+    assert loose_stats["fnr_level"] >= stats["fnr_level"] and loose_stats["held_out_top1"] >= 0.99
+    assert loose_stats["held_out_top1_lower_bound"] == loose_stats["held_out_top1"]
+
+
+def test_too_few_held_out_rows_to_certify_the_tolerance_replace_nothing_and_say_so(tmp_path) -> None:
+    model, feeds = _digits_mlp(tmp_path, samples=800)
+    result = graphopt.optimize(model, method="exprune", calib=feeds)
+    record = result.report["passes"][-1]
+    assert not record["modified"] and record["stats"]["held_out_rows_needed"] == 299  # 0.99^299 <= 0.05
+    assert "held_out_disagreements_allowed" not in record["stats"]
+    assert "200 held-out predictions are too few to certify it (at least 299)" in record["skipped"][0]  # first
+    assert op_types(result.model).count("ExPruneLinearRelu") == 0
+    # a larger held-out share of the same data reaches the 299 rows (400 here)
+    wider = graphopt.optimize(model, method="exprune", calib=feeds, exprune_held_out=0.5)
+    assert wider.report["passes"][-1]["modified"] and wider.report["passes"][-1]["stats"]["held_out_samples"] == 400
 
 
 def test_relative_error_tolerance_and_one_that_cannot_be_met() -> None:
@@ -220,7 +243,7 @@ def test_bad_tolerance_is_refused(text: str) -> None:
 
 def test_pipeline_snp_then_exprune(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path)
-    result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6)
+    result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6, exprune_fnr=0.02)
     assert result.report["method"] == "snp,exprune"
     ran = [p["pass"] for p in result.report["passes"]]
     assert ran.index("snp") < ran.index("exprune") and all(p["modified"] for p in result.report["passes"]
@@ -238,7 +261,8 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     root = Path(__file__).resolve().parents[3] / "samples"
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
-    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential")
+    # 64 held-out images cannot certify top1=0.99 with a margin: the held-out value itself decides here
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential", exprune_confidence=0)
     stats = result.report["passes"][-1]["stats"]
     assert sorted(op_types(result.model)).count("ExPruneConvRelu") == 2  # the 1-channel first conv is declined
     assert op_types(result.model).count("ExPruneLinearRelu") == 1
@@ -279,3 +303,32 @@ def test_layer_kinds_can_be_chosen(kinds: str, want: dict[str, int]) -> None:
     assert {op: ops.count(op) for op in ("ExPruneLinearRelu", "ExPruneConvRelu") if op in ops} == want
     assert result.report["passes"][-1]["stats"]["conv_layers"] == want.get("ExPruneConvRelu", 0)
     assert result.report["fidelity"]["max_abs"] < 1e-4  # fnr 0 on every sample: the outputs are unchanged
+
+
+def test_the_search_stops_at_the_first_rate_that_fails_even_if_a_later_one_passes() -> None:
+    """Fixed-sequence testing: a rate is kept only when every lower grid rate passed too, so one bound at
+    the chosen confidence covers the whole search (no monotonicity assumed)."""
+    from graphopt.calibration.heldout import HeldOut, Tolerance
+    from graphopt.passes.base import PassResult
+    from graphopt.passes.exprune.search import GRID, tolerance_search
+
+    model = _gemm_relu(d=16, n=12)
+    data = load_data(_data(model, rows=400, d=16), model)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    bias = next(t for t in broken.graph.initializer if t.name == "b")
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(3.0) * np.arange(12, dtype=np.float32),
+                                          "b"))
+    tested = []
+
+    def candidate(rate: float) -> tuple[list[float], onnx.ModelProto]:
+        tested.append(rate)
+        return [rate], broken if rate == GRID[4] else model
+
+    result = PassResult(modified=False)
+    chosen = tolerance_search(HeldOut(model, data, confidence=0.95), Tolerance.parse("top1=0.99"), candidate, result,
+                              progress=False)
+    assert chosen == [GRID[3]] and tested == list(GRID[:5])
+    assert result.stats["fnr_level"] == GRID[3] and result.stats["fnr_rejected"] == GRID[4]
+    assert result.stats["held_out_top1"] == 1.0 and result.stats["rejected_top1"] < 0.99
+    assert result.stats["held_out_disagreements_allowed"] == 0 and result.stats["held_out_samples"] == 400

@@ -35,3 +35,15 @@ def test_exported_model_records_shapes_and_computes_the_same():
               for v in typed.graph.value_info}
     assert shapes["c"] == ["N", 4, 4, 4] and shapes["f"] == ["N", 64]
     assert_equivalent(model, typed, random_inputs(model))
+
+
+def test_the_passes_see_inferred_output_dims_but_the_export_keeps_the_declared_ones():
+    model = tiny(MODEL_BODY, inputs="float[N, 3, 8, 8] x", outputs="float[N, MatMuloutput_dim_1] y",
+                 inits=", ".join([init("w", weights(4, 3, 3, 3)), init("m", weights(64, 5))]))
+    graph = ir.import_graph(model)
+    get_pass("shape_inference").run(graph, PassContext(template=model, progress=False))
+    assert graph.outputs[0].shape == ["N", 5]
+    exported = ir.export_model(graph, model)
+    assert [d.dim_param or d.dim_value for d in exported.graph.output[0].type.tensor_type.shape.dim] == \
+        ["N", "MatMuloutput_dim_1"]
+    assert_equivalent(model, exported, random_inputs(model))
