@@ -39,6 +39,7 @@ def channel_constants(a: Analysis, graph: gs.Graph, producers: dict[str, Values]
         if result is None:
             _unsupported(node, inputs, unsupported)
             continue
+        _lost(node, inputs, result, unsupported)
         for output in node.outputs:
             if output.name and a.state(output) is not None:
                 known[output.name] = result
@@ -49,4 +50,13 @@ def _unsupported(node: gs.Node, inputs: list[Values], unsupported: dict[int, set
     for values in inputs:
         for root, array in values.items():
             if np.any(np.isfinite(array)):
+                unsupported.setdefault(root, set()).add(node.op)
+
+
+def _lost(node: gs.Node, inputs: list[Values], result: Values, unsupported: dict[int, set[str]]) -> None:
+    """Name `node` for the roots whose known values it turned unknown (a BatchNorm over flattened channels
+    whose per-feature parameters spread one constant over several values)."""
+    for values in inputs:
+        for root, array in values.items():
+            if root in result and np.any(np.isfinite(array) & ~np.isfinite(result[root])):
                 unsupported.setdefault(root, set()).add(node.op)

@@ -32,6 +32,13 @@ def leaf_positions(atoms: AtomTable, state: ChannelState) -> list[tuple[int, np.
     return pieces
 
 
+def agree(result: Values, root: int, values: np.ndarray) -> None:
+    """Record `values` for `root`. A root met again in the same tensor (channels coupled across heads, each
+    head a leaf of the same group) keeps a value only where every occurrence has it: its channels are folded
+    or removed as one."""
+    result[root] = values if root not in result else np.where(result[root] == values, values, np.nan)
+
+
 def nonzero_rows(values: np.ndarray, axis: int) -> np.ndarray:
     """For each index along `axis`: does any entry of that slice differ from zero?"""
     rows = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
@@ -49,11 +56,18 @@ def attr_or_input(node: gs.Node, attr: str, index: int, default: float) -> float
 
 
 def merge_inputs(a: Analysis, node: gs.Node, known: dict[str, Values], inputs: list[Values]) -> Values:
-    """Values that pass unchanged (layout ops, pooling of a constant): where inputs disagree, unknown."""
+    """Values that pass unchanged (layout ops, pooling of a constant): unknown where inputs disagree, and
+    where an input carries a root's channels without known values (Concat of a constant with what a
+    convolution made of it)."""
     merged: Values = {}
     for values in inputs:
         for root, array in values.items():
-            merged[root] = array if root not in merged else np.where(merged[root] == array, array, np.nan)
+            agree(merged, root, array)
+    for tensor in node.inputs:
+        state = a.state(tensor)
+        for root, _ in leaf_positions(a.atoms, state) if state is not None else []:
+            if root in merged and root not in known.get(tensor.name, {}):
+                merged[root] = np.full(merged[root].shape, np.nan)
     return merged
 
 
@@ -89,7 +103,7 @@ def _per_channel_operand(a: Analysis, node: gs.Node, tensor: gs.Tensor, state: C
     for root, positions in leaf_positions(a.atoms, state):
         per_position = vector[positions] if vector.size > 1 else np.full(positions.shape, vector[0])
         uniform = np.all(per_position == per_position[:, :1], axis=1)
-        result[root] = np.where(uniform, per_position[:, 0], np.nan)
+        agree(result, root, np.where(uniform, per_position[:, 0], np.nan))
     return result
 
 
@@ -113,7 +127,8 @@ def binary(function: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Constant
 
 
 def batchnorm(a: Analysis, node: gs.Node, known: dict[str, Values], inputs: list[Values]) -> Values | None:
-    """BatchNormalization in inference form, per channel."""
+    """BatchNormalization in inference form, per channel. On flattened channels (a factor above 1) its
+    parameters are per feature: a channel stays a known constant only where they map it to one value."""
     state = a.state(node.outputs[0])
     if state is None or node.inputs[0].name not in known:
         return None
@@ -123,8 +138,10 @@ def batchnorm(a: Analysis, node: gs.Node, known: dict[str, Values], inputs: list
     result: Values = {}
     for root, positions in leaf_positions(a.atoms, state):
         if root in values:
-            index = positions[:, 0]
-            result[root] = (values[root] - mean[index]) / np.sqrt(var[index] + epsilon) * scale[index] + bias[index]
+            per_feature = (values[root][:, None] - mean[positions]) / np.sqrt(var[positions] + epsilon) \
+                * scale[positions] + bias[positions]
+            uniform = np.all(per_feature == per_feature[:, :1], axis=1)
+            agree(result, root, np.where(uniform, per_feature[:, 0], np.nan))
     return result
 
 

@@ -6,6 +6,11 @@ couples atoms (merges), and records *sites*: the places a pruning engine must re
 to slice, a Split's sizes, a Reshape's shape entry, ...). An input that carries channels into an op
 without a rule blocks its group, as do graph outputs and tensors read inside subgraphs.
 
+A reduction over the channel axis (a linear consumer, a sum being a row of ones) marks its output as a
+*statistic* over those channels, and so is everything computed from it alone; an elementwise op that
+broadcasts a statistic back onto the channels it is over normalises over them (a decomposed LayerNorm:
+x - mean(x)) and blocks their group, as the normalisation ops do.
+
 The result lists each group (a class of coupled atoms): its size, its sites, whether it is prunable
 and, if not, why. Shapes come from a batch-1 shape inference (`shapes`, by tensor name).
 """
@@ -49,6 +54,16 @@ def name_nodes(graph: gs.Graph) -> None:
         seen.add(node.name)
 
 
+def _carry_statistics(node: gs.Node, analysis: Analysis) -> None:
+    """What is computed from a statistic over channels (and carries no channels itself) is one too."""
+    sources = tuple(dict.fromkeys(source for tensor in node.inputs  # each once, however often combined
+                                  for source in analysis.statistics.get(tensor.name, ())))
+    if sources:
+        for output in node.outputs:
+            if analysis.state(output) is None and output.name:
+                analysis.statistics.setdefault(output.name, sources)
+
+
 def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis:
     analysis = Analysis(graph, shapes)
     name_nodes(graph)
@@ -56,6 +71,7 @@ def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis
     opsets = opsets_of(graph)
     for node in graph.nodes:
         rule_for(node, opsets).channels(node, analysis)
+        _carry_statistics(node, analysis)
     for name in captured:
         state = analysis.states.get(name)
         analysis.block(state, f"tensor '{name}' is read inside a subgraph")

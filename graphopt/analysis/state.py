@@ -19,7 +19,9 @@ class Site:
     kinds: "weight" (slice constant input `index` along `axis`; `role` producer/consumer/param),
     "split" (recompute split sizes from `outputs`), "slice" (recompute bounds on `axis`),
     "shape" (entry `axis` of the shape constant at input `index`), "group" (depthwise group count),
-    "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split).
+    "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split),
+    "reduce" (a ReduceSum/ReduceMean over the channel axis `axis`, role "consumer": a linear consumer whose
+    weight is a row of ones, or of 1/n; graphopt.passes.channels.reduction gives it that weight).
     """
 
     kind: str
@@ -67,6 +69,9 @@ class Analysis:
         self.states: dict[str, ChannelState] = {}
         self.sites: list[Site] = []
         self.costs: list[CostTerm] = []
+        # tensor -> the channel states it is a statistic over (a reduction over their channel axis, and what
+        # is computed from it alone): broadcasting one back onto those channels normalises over them
+        self.statistics: dict[str, tuple[ChannelState, ...]] = {}
 
     # -- states -------------------------------------------------------------------------------
     def state(self, tensor: gs.Tensor) -> ChannelState | None:
@@ -107,6 +112,15 @@ class Analysis:
             self.block(second, reason)
             return False
         return True
+
+    def coupled(self, first: ChannelState, second: ChannelState) -> bool:
+        """Whether the two states share a channel group."""
+        roots = {self.atoms.find(leaf) for leaf in self.atoms.leaves(first.atoms)}
+        return any(self.atoms.find(leaf) in roots for leaf in self.atoms.leaves(second.atoms))
+
+    def statistic_over(self, tensor: gs.Tensor, state: ChannelState) -> bool:
+        """Whether `tensor` is a statistic over channels coupled with `state`'s."""
+        return any(self.coupled(source, state) for source in self.statistics.get(tensor.name, ()))
 
     def site(self, kind: str, node: gs.Node, state: ChannelState, **extra: Any) -> None:
         self.sites.append(Site(kind, node, state, **extra))

@@ -17,10 +17,11 @@ from typing import Mapping
 
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.oprules import elementwise, functions, layout, normalising, pooling, producers, reshape
+from graphopt.analysis.oprules import (elementwise, functions, layout, normalising, pooling, producers, quantized,
+                                       reshape)
 from graphopt.analysis.registry import DEFAULT_DOMAIN, DEFAULT_RULE, OpRule, domain_key, lookup
 
-FAMILIES = (producers, elementwise, pooling, normalising, layout, reshape, functions)
+FAMILIES = (producers, elementwise, pooling, normalising, layout, reshape, functions, quantized)
 
 
 def rule_for(node: gs.Node, opsets: Mapping[str, int]) -> OpRule:

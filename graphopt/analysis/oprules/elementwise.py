@@ -1,8 +1,9 @@
 """Elementwise ops: numpy-broadcasting binaries and one-input activations.
 
 Channels: a binary merges the channel states of its variable inputs (a residual Add couples its
-branches) and slices per-channel constant operands with the channels; an activation carries its
-input's state to its output. Constants: Add/Sub/Mul/Div and the activations listed with a function
+branches) and slices per-channel constant operands with the channels (an operand that is a statistic
+over those very channels, mean(x) in x - mean(x), blocks: that normalises over them); an activation
+carries its input's state to its output. Constants: Add/Sub/Mul/Div and the activations listed with a function
 evaluate a dead unit's constant exactly. Rotations: nonlinear activations are not equivariant; a
 per-channel bias or scale is not either, and an op combining the channels with another variable
 (a residual add, a gate) ends a change-of-basis chain with that reason.
@@ -53,6 +54,10 @@ def _operand_sites(node: gs.Node, a: Analysis, merged: ChannelState, out_rank: i
     for index, tensor in enumerate(node.inputs):
         if a.state(tensor) is not None or not tensor.name:
             continue
+        if a.statistic_over(tensor, merged):
+            a.block(merged, f"{node.name} ({node.op}): combines channels with a statistic over them "
+                            f"('{tensor.name}'): normalises over the channel axis")
+            return False
         shape = a.shape(tensor)
         aligned = len(shape) - (out_rank - merged.axis) if shape is not None else -1
         if shape is None or (aligned >= 0 and shape[aligned] not in (1, width)):

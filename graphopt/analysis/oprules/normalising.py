@@ -3,13 +3,16 @@ other normalisations, softmaxes, reductions and arg-reductions.
 
 Channels: a per-channel normalisation slices its parameters with the channels; one that normalises
 over the channel axis blocks the group (removing a channel would change every other); a reduction
-over other axes moves the channel axis as keepdims says, one over the channel axis blocks. Constants:
+over other axes moves the channel axis as keepdims says. A ReduceSum or ReduceMean over the channel axis
+alone is a linear consumer (a "reduce" site: a row of ones, or of 1/n, over the channels) whose output is a
+statistic over them (graphopt.analysis.groups); any other reduction over the channel axis blocks. Constants:
 BatchNormalization in inference form. Rotations: a per-channel scale is not equivariant; a keepdims
 ReduceMean/ReduceSum over axes other than the channel axis is (a global average pool).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
@@ -17,6 +20,8 @@ from graphopt.analysis.constants import batchnorm
 from graphopt.analysis.oprules.elementwise import gated
 from graphopt.analysis.registry import equivariant, positive_axis, register
 from graphopt.analysis.state import Analysis, constant_values
+
+LINEAR_REDUCTIONS = ("ReduceSum", "ReduceMean")
 
 
 def norm_per_channel(node: gs.Node, a: Analysis) -> None:
@@ -61,6 +66,17 @@ def reduced_axes(node: gs.Node, rank: int | None) -> list[int] | None:
     return sorted(positive_axis(int(x), rank) for x in list(axes))
 
 
+def _linear_reduction(node: gs.Node, state: ChannelState, axes: list[int]) -> str | None:
+    """Why a reduction over the channel axis is not a linear consumer of the channels, or None when it
+    is: a ReduceSum/ReduceMean of a float tensor over that axis alone, behind the batch axis."""
+    if node.op not in LINEAR_REDUCTIONS or axes != [state.axis] or state.axis == 0:
+        return "reduces over the channel axis"
+    dtype = node.inputs[0].dtype
+    if dtype is not None and not (isinstance(dtype, (type, np.dtype)) and np.dtype(dtype).kind == "f"):
+        return "reduces integer channels"
+    return None
+
+
 def reduce(node: gs.Node, a: Analysis) -> None:
     state, rank = a.state(node.inputs[0]), a.rank(node.inputs[0])
     if state is None:
@@ -70,7 +86,12 @@ def reduce(node: gs.Node, a: Analysis) -> None:
         a.block(state, f"{node.name} ({node.op}): reduces over all axes")
         return
     if state.axis in axes:
-        a.block(state, f"{node.name} ({node.op}): reduces over the channel axis")
+        why = _linear_reduction(node, state, axes)
+        if why is not None:
+            a.block(state, f"{node.name} ({node.op}): {why}")
+            return
+        a.site("reduce", node, state, axis=state.axis, role="consumer")
+        a.statistics[node.outputs[0].name] = (state,)
         return
     keep = int(node.attrs.get("keepdims", 1))
     shift = 0 if keep else sum(1 for x in axes if x < state.axis)

@@ -3,7 +3,8 @@
 A producer with a constant weight creates a new channel state (its output channels) and records the
 weight and bias sites a pruning engine slices; as a consumer it records the weight axis that reads the
 incoming channels. MatMul between two variables (attention) couples the contracted axes and carries
-rows and columns through. Any input state a rule does not handle is blocked with a reason.
+rows and columns through. Any input state a rule does not handle is blocked with a reason. A layer
+whose weight is dequantized from stored integers (QDQ) is left alone (graphopt.analysis.oprules.quantized).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
+from graphopt.analysis.oprules.quantized import dequantized, left_alone
 from graphopt.analysis.registry import register
 from graphopt.analysis.state import Analysis, constant_values
 
@@ -26,7 +28,27 @@ def _optional_bias_site(node: gs.Node, a: Analysis, state: ChannelState) -> None
         a.site("weight", node, state, index=2, axis=0, role="param")
 
 
+def _quantized(node: gs.Node, a: Analysis) -> bool:
+    """A layer whose weight is dequantized from stored integers is left alone (graphopt.analysis.oprules.quantized)."""
+    stored = dequantized(node.inputs[1])
+    if stored is None:
+        return False
+    rank = a.rank(node.outputs[0])
+    if node.op == "Conv":
+        channels, axis = stored.shape[0], 1
+    elif node.op == "ConvTranspose":
+        channels, axis = stored.shape[1] * int(node.attrs.get("group", 1)), 1
+    elif node.op == "Gemm":
+        channels, axis = stored.shape[0 if node.attrs.get("transB", 0) else 1], 1
+    else:
+        channels, axis = stored.shape[-1], None if rank is None else rank - 1
+    left_alone(node, a, int(channels), axis)
+    return True
+
+
 def conv(node: gs.Node, a: Analysis) -> None:
+    if _quantized(node, a):
+        return
     weight = constant_values(node.inputs[1])
     x, y = node.inputs[0], node.outputs[0]
     incoming = a.state(x)
@@ -61,6 +83,8 @@ def conv(node: gs.Node, a: Analysis) -> None:
 
 
 def conv_transpose(node: gs.Node, a: Analysis) -> None:
+    if _quantized(node, a):
+        return
     weight = constant_values(node.inputs[1])
     incoming = a.state(node.inputs[0])
     if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape") \
@@ -92,6 +116,8 @@ def _gemm_bias(node: gs.Node, a: Analysis, out: ChannelState) -> None:
 
 
 def gemm(node: gs.Node, a: Analysis) -> None:
+    if _quantized(node, a):
+        return
     weight = constant_values(node.inputs[1])
     incoming = a.state(node.inputs[0])
     if weight is None or node.attrs.get("transA", 0):
@@ -146,6 +172,8 @@ def _matmul_variables(node: gs.Node, a: Analysis, left_state: ChannelState | Non
 
 
 def matmul(node: gs.Node, a: Analysis) -> None:
+    if _quantized(node, a):
+        return
     left, right = node.inputs
     rank_l, rank_r, rank_y = a.rank(left), a.rank(right), a.rank(node.outputs[0])
     if rank_l is None or rank_r is None or rank_y is None or rank_l < 2 or rank_r < 2:

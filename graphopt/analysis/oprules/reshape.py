@@ -6,17 +6,19 @@ With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod
 - split:   out[j] * out[j+1] = D, heads x head_dim: the head_dim atoms are coupled across heads (the
            same indices are kept in every head), and axis j+1 carries one head's atoms;
 - merge:   in[c-1] * in[c] = out[j], heads x head_dim back to one axis: the atoms repeat per head.
-The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused. An
-explicit shape entry that must change is rewritten by the engine; it has to be a constant (or a
-constant piece of a Concat of one-element pieces). A shape computed at run time only from `Shape`
-outputs (x.view(b, g, c // g, h, w) in exporters' graphs) follows the pruned sizes by itself and is
-left alone; the optimised model is run afterwards, so a wrong guess fails loudly. Any other shape
-source blocks the group.
+The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
+keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
+back) may fold it into the rows. An explicit shape entry that must change is rewritten by the engine;
+it has to be a constant (or a constant piece of the Concat that builds the shape, the other pieces'
+lengths known). A shape computed at run time only from `Shape` outputs (x.view(b, g, c // g, h, w) in
+exporters' graphs) follows the pruned sizes by itself and is left alone; the optimised model is run
+afterwards, so a wrong guess fails loudly. Any other shape source blocks the group.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -26,25 +28,42 @@ from graphopt.analysis.registry import equivariant, register
 from graphopt.analysis.state import Analysis
 
 
-def shape_entry(node: gs.Node, position: int) -> tuple[gs.Node, int, int] | None:
-    """(node, input index, element index) of the constant holding Reshape shape entry `position`."""
+ShapeOf = Callable[[gs.Tensor], "tuple[int, ...] | None"]
+
+
+def _length(piece: gs.Tensor, shape_of: ShapeOf | None) -> int | None:
+    """Entries of a rank-1 shape piece, None when unknown."""
+    if isinstance(piece, gs.Constant):
+        return int(np.asarray(piece.values).size)
+    shape = shape_of(piece) if shape_of is not None else piece.shape
+    if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+        return None
+    return int(shape[0])
+
+
+def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None) -> tuple[gs.Node, int, int] | None:
+    """(node, input index, element index) of the constant holding Reshape shape entry `position`: the
+    shape itself, or a constant piece of the Concat that builds it (`shape_of` gives the other pieces'
+    lengths; the tensors' own shapes by default)."""
     shape = node.inputs[1]
     if isinstance(shape, gs.Constant):
         return node, 1, position
     concat = shape.inputs[0] if shape.inputs else None
     if concat is None or concat.op != "Concat":
         return None
-    sizes = [int(np.prod(t.shape)) if t.shape is not None and all(isinstance(d, int) for d in t.shape) else -1
-             for t in concat.inputs]
-    if any(s != 1 for s in sizes) or position >= len(concat.inputs):
-        return None
-    if not isinstance(concat.inputs[position], gs.Constant):
-        return None
-    return concat, position, 0
+    offset = 0
+    for index, piece in enumerate(concat.inputs):
+        length = _length(piece, shape_of)
+        if length is None:
+            return None
+        if offset <= position < offset + length:
+            return (concat, index, position - offset) if isinstance(piece, gs.Constant) else None
+        offset += length
+    return None
 
 
-def _entry_value(node: gs.Node, position: int) -> int | None:
-    located = shape_entry(node, position)
+def _entry_value(node: gs.Node, position: int, shape_of: ShapeOf) -> int | None:
+    located = shape_entry(node, position, shape_of)
     if located is None:
         return None
     holder, index, element = located
@@ -73,13 +92,13 @@ def _from_runtime_shapes(tensor: gs.Tensor) -> bool:
     return reads_shape
 
 
-def _needs_edit(node: gs.Node, position: int) -> bool | None:
+def _needs_edit(node: gs.Node, position: int, shape_of: ShapeOf) -> bool | None:
     """False: entry is -1, copies the input, or is computed from run-time shapes; True: an editable
     explicit entry; None: not editable."""
-    located = shape_entry(node, position)
+    located = shape_entry(node, position, shape_of)
     if located is None:
         return False if _from_runtime_shapes(node.inputs[1]) else None
-    value = _entry_value(node, position)
+    value = _entry_value(node, position, shape_of)
     if value == -1 or (value == 0 and not node.attrs.get("allowzero", 0)):
         return False
     return True
@@ -114,7 +133,9 @@ def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: Channe
     c = state.axis
     pre = math.prod(in_shape[:c])
     for j in range(len(out_shape)):
-        if math.prod(out_shape[:j]) != pre or (c > 0 and (j == 0 or out_shape[0] != in_shape[0])):
+        rows_only = c == len(in_shape) - 1 and j == len(out_shape) - 1  # channels last in both: rows re-laid
+        batch_kept = out_shape[0] == in_shape[0] or rows_only
+        if math.prod(out_shape[:j]) != pre or (c > 0 and (j == 0 or not batch_kept)):
             continue
         found = _kept_or_flattened(in_shape, out_shape, c, j)
         if found is not None:
@@ -147,7 +168,7 @@ def reshape_rule(node: gs.Node, a: Analysis) -> None:
         out = ChannelState(axis, heads[0])
     else:
         out = ChannelState(axis, state.atoms * amount)
-    edit = _needs_edit(node, axis)
+    edit = _needs_edit(node, axis, a.shape)
     if edit is None:
         a.block(state, f"{node.name} (Reshape): shape is computed at run time")
         return

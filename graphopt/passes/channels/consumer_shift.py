@@ -6,7 +6,7 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 (alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
-(Conv, Gemm) or a following Add (MatMul). For Conv consumers this is exact only without zero padding:
+(Conv, Gemm) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum). For Conv consumers this is exact only without zero padding:
 at padded positions the removed channels were 0, not v_P.
 """
 
@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.groups import Analysis, Site
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.engine import apply_kept, kept_positions
+from graphopt.passes.channels.reduction import reader
 
 Shifts = dict[str, tuple[gs.Node, np.ndarray]]
 
@@ -66,11 +67,18 @@ def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
             if node.op == "Gemm":
                 node.attrs["beta"] = 1.0
             return
+    if node.op == "Mul":  # a reduction's row of weights (graphopt.passes.channels.reduction): shift the sum
+        node = reader(node)
+    shape = (shift.size,) + (1,) * (weight.ndim - 2) if node.op == "Conv" else (shift.size,)
+    _add_after(graph, node, shift.astype(weight.dtype).reshape(shape))
+
+
+def _add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray) -> None:
+    """Make `node` write an inner tensor and add the constant `values` to it where it wrote its output."""
     out = node.outputs[0]
     inner = gs.Variable(ir.unique_name(graph, f"{out.name}_unbiased"), dtype=out.dtype)
     ir.replace_output(node, out, inner)
-    shape = (shift.size,) + (1,) * (weight.ndim - 2) if node.op == "Conv" else (shift.size,)
-    offset = gs.Constant(ir.unique_name(graph, f"{node.name}_shift"), shift.astype(weight.dtype).reshape(shape))
+    offset = gs.Constant(ir.unique_name(graph, f"{node.name}_shift"), values)
     graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{node.name}_shift"), inputs=[inner, offset], outputs=[out]))
 
 

@@ -4,9 +4,10 @@ For each site recorded by the channel analysis (graphopt.analysis.groups) the en
 kept positions along the site's axis (atoms laid end to end, each atom's kept indices shifted by its
 offset, each channel expanded to `factor` features) and rewrites: weight/parameter constants are
 sliced (through `set_input_array`, so shared initializers are copied, never edited for one user),
-depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed. Removing
-channels whose values are identically zero everywhere they flow is exact; anything else is as exact
-as the importance criterion that chose them.
+depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed, and a
+ReduceMean over the channel axis becomes the weighted sum it is (graphopt.passes.channels.reduction).
+Removing channels whose values are identically zero everywhere they flow is exact; anything else is as
+exact as the importance criterion that chose them.
 
 `removal` describes one group's cut for the pruning history of the report (PassResult.history): the
 indices removed, in the group's channel numbering before the pass, with their scores and the budget
@@ -24,6 +25,7 @@ from graphopt.analysis.channels import AtomTable, ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.ir import graph as ir
+from graphopt.passes.channels.reduction import as_linear
 
 
 def kept_positions(atoms: AtomTable, state: ChannelState, kept: dict[int, np.ndarray]) -> np.ndarray:
@@ -90,14 +92,21 @@ def _slice(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
 
 
 def _shape(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
-    holder, index, element = shape_entry(site.node, site.axis)
+    holder, index, element = shape_entry(site.node, site.axis, a.shape)
     values = np.asarray(holder.inputs[index].values).copy()
     flat = values.reshape(-1)
     flat[element] = positions.size
     ir.set_input_array(graph, holder, index, flat.reshape(values.shape))
 
 
-_REWRITES = {"weight": _weight, "group": _group, "count": _count, "split": _split, "slice": _slice, "shape": _shape}
+def _reduce(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    if site.node.op == "ReduceMean" and positions.size != a.size(site.state) * site.state.factor:
+        _weight(graph, as_linear(graph, a, site), a, kept, positions)  # keeps dividing by the full count
+    # a ReduceSum of the kept channels is what the sliced row of ones computes: nothing to rewrite
+
+
+_REWRITES = {"weight": _weight, "group": _group, "count": _count, "split": _split, "slice": _slice, "shape": _shape,
+             "reduce": _reduce}
 
 
 def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]) -> None:

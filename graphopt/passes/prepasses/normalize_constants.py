@@ -4,11 +4,14 @@ Exporters write weights as initializers, `Constant` nodes, or small constant sub
 (`ConstantOfShape` of a constant shape, `Identity`/`Cast` chains over constants, `CastLike` of a
 constant to a tensor whose dtype is known: its second input gives only the dtype). This pass evaluates
 those few op types in numpy and replaces their outputs by initializers, so later passes see one
-representation. Exact: the values are bit-for-bit what the nodes produce. Outputs that are graph
-outputs stay produced by their node (an initializer cannot be renamed into a graph output).
+representation. Exact: the values are bit-for-bit what the nodes produce. Outputs that are graph outputs
+stay produced by their node (an initializer cannot be renamed into a graph output), and a ConstantOfShape
+whose result is above constant folding's size limit (constant_fold.too_large) stays a node.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -16,6 +19,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.passes.base import Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.prepasses.constant_fold import too_large
 
 _SCALAR_ATTRS = {
     "value_float": np.float32,
@@ -52,10 +56,18 @@ def _evaluate(node: gs.Node) -> np.ndarray | str | None:
     if node.op == "Cast":
         return inputs[0].astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
     if node.op == "ConstantOfShape":
-        fill = node.attrs.get("value")
-        fill_value = np.asarray(fill.values).reshape(-1)[0] if isinstance(fill, gs.Constant) else np.float32(0)
-        return np.full(tuple(int(d) for d in inputs[0]), fill_value, dtype=np.asarray(fill_value).dtype)
+        return _constant_of_shape(node, inputs[0])
     return None
+
+
+def _constant_of_shape(node: gs.Node, dims: np.ndarray) -> np.ndarray | str:
+    fill = node.attrs.get("value")
+    fill_value = np.asarray(fill.values).reshape(-1)[0] if isinstance(fill, gs.Constant) else np.float32(0)
+    shape = tuple(int(d) for d in dims)
+    if too_large(math.prod(shape) * np.asarray(fill_value).itemsize, dims.nbytes):
+        return f"{node.name or node.outputs[0].name}: ConstantOfShape to {list(shape)} is above the folding limit, " \
+               "left as a node"
+    return np.full(shape, fill_value, dtype=np.asarray(fill_value).dtype)
 
 
 _EVALUATED = ("Constant", "Identity", "Cast", "CastLike", "ConstantOfShape")

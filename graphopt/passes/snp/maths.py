@@ -14,8 +14,10 @@ carries exactly this: regressing on the constant row removes the mean).
   functions of the kept ones, including constant units.
 - Output criterion: a consumer with weights W sees, after reconstruction, the error
   trace(W_P S W_Pᵀ) with S = Σ_PP − Σ_PK Σ_KK⁻¹ Σ_KP = ((Σ⁻¹)_PP)⁻¹. `output_order` grows P greedily, each
-  step adding the unit that raises this error least (block-inverse update, all candidates at once).
-A ridge of `RIDGE` times the mean diagonal keeps rank-deficient Σ (duplicate or dead units) solvable.
+  step adding the unit that raises this error least (Schur-complement updates, all candidates at once).
+A ridge of `RIDGE` times the mean diagonal keeps rank-deficient Σ (duplicate or dead units) solvable. When
+a group has far more units than calibration rows, Cholesky's rounding (about n² ε ‖Σ‖) can exceed that
+ridge; `ldl_diagonal` then retries with a ridge 100 times larger, up to `_MAX_RIDGE`.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from __future__ import annotations
 import numpy as np
 
 RIDGE = 1e-8
+_BLOCK = 64  # removals per block of `zca_order`
+_MAX_RIDGE = 1e-4  # ldl_diagonal raises the ridge up to this where the factorisation fails at RIDGE
 
 
-def regularised(cov: np.ndarray) -> np.ndarray:
+def regularised(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
     scale = float(np.mean(np.diag(cov))) if cov.size else 0.0
-    return cov + np.eye(cov.shape[0]) * RIDGE * max(scale, 1e-30)
+    return cov + np.eye(cov.shape[0]) * ridge * max(scale, 1e-30)
 
 
 def zca_order(cov: np.ndarray) -> np.ndarray:
@@ -36,25 +40,45 @@ def zca_order(cov: np.ndarray) -> np.ndarray:
     The least unique unit is ranked last and removed; removing unit j updates the precision of the
     rest by the Schur complement Q ← Q − Q[:, j] Q[j, :] / Q[j, j] (the precision of the remaining
     units' covariance), and the next least unique unit is found among them. Ties go to the lower index.
+    The updates are applied in blocks (as a pivoted Cholesky factorisation does): within a block of
+    `_BLOCK` removals only the diagonal and the removed units' columns are brought up to date, and the
+    rest of the precision is updated once per block by one matrix product.
     """
     precision = np.linalg.inv(regularised(cov))
-    remaining = list(range(cov.shape[0]))
+    units = np.arange(cov.shape[0])  # the units of `precision`'s rows, in ascending order
     eliminated: list[int] = []
-    while len(remaining) > 1:
-        unique = 1.0 / np.maximum(np.diag(precision), 1e-300)
-        worst = int(np.argmin(unique))
-        column = precision[:, worst].copy()
-        precision = precision - np.outer(column, column) / precision[worst, worst]
-        precision = np.delete(np.delete(precision, worst, axis=0), worst, axis=1)
-        eliminated.append(remaining.pop(worst))
-    return np.array(remaining + eliminated[::-1], dtype=np.int64)
+    while units.size > 1:
+        size = units.size
+        steps = min(_BLOCK, size - 1)
+        diagonal = np.diag(precision).copy()
+        columns = np.zeros((size, steps))  # the removed units' up-to-date columns
+        pivots = np.ones(steps)
+        alive = np.ones(size, dtype=bool)
+        for step in range(steps):
+            unique = np.where(alive, 1.0 / np.maximum(diagonal, 1e-300), np.inf)
+            worst = int(np.argmin(unique))  # the first of equals: the lowest unit
+            column = precision[:, worst] - columns[:, :step] @ (columns[worst, :step] / pivots[:step])
+            columns[:, step], pivots[step] = column, column[worst]
+            diagonal -= column * column / column[worst]
+            alive[worst] = False
+            eliminated.append(int(units[worst]))
+        kept = columns[alive]
+        precision = precision[np.ix_(alive, alive)] - kept @ (kept / pivots).T
+        units = units[alive]
+    return np.array([*units.tolist(), *eliminated[::-1]], dtype=np.int64)
 
 
 def ldl_diagonal(cov: np.ndarray, order: np.ndarray) -> np.ndarray:
     """D of the LDLᵀ factorisation of Σ permuted into `order` (variance each unit adds, in order)."""
-    permuted = regularised(cov)[np.ix_(order, order)]
-    factor = np.linalg.cholesky(permuted)
-    return np.diag(factor) ** 2
+    permuted = cov[np.ix_(order, order)]
+    ridge = RIDGE
+    while True:
+        try:
+            return np.diag(np.linalg.cholesky(regularised(permuted, ridge))) ** 2
+        except np.linalg.LinAlgError:  # rounding beats the ridge: many more units than rows (rank n << units)
+            if ridge >= _MAX_RIDGE:
+                raise
+            ridge *= 100.0
 
 
 def reconstruction(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray,
@@ -71,30 +95,41 @@ def output_order(cov: np.ndarray, readout: np.ndarray) -> np.ndarray:
     """Unit indices from most to least important for the consumer error trace(W_P S W_Pᵀ).
 
     `readout` is WᵀW over the consumer's outputs (units x units). Pruned units are chosen greedily
-    (the cheapest first), so the returned order is that choice reversed.
+    (the cheapest first; ties go to the lower index), so the returned order is that choice reversed.
+    With Q = Σ⁻¹ and P the units chosen so far, candidate j's least-squares coefficients are
+    u_j = (Q_PP)⁻¹ Q_Pj, and adding j to P raises the error by ‖z_j‖² / s_j, where z_j = w_j − W_P u_j is
+    what the consumer loses of unit j and s_j = Q_jj − Q_Pjᵀ u_j. Two matrices carry all of it: S, the
+    Schur complement of Q after eliminating P (diagonal s), and G with G_ij = z_iᵀ z_j (G = B at first).
+    Choosing unit k eliminates it from S (S ← S − S_k S_kᵀ / s_k) and, with r = S_k / s_k and
+    g = G_k, updates G ← G − r gᵀ − g rᵀ + G_kk r rᵀ (z_j ← z_j − r_j z_k). As in `zca_order`, within a
+    block of `_BLOCK` choices only the diagonals and the chosen rows are brought up to date; the rest
+    of S and G is updated once per block by matrix products.
     """
-    n = cov.shape[0]
-    precision = np.linalg.inv(regularised(cov))
+    schur = np.linalg.inv(regularised(cov))
+    residual = np.array(readout, dtype=np.float64)
+    units = np.arange(cov.shape[0])  # the units of the rows of `schur` and `residual`, in ascending order
     pruned: list[int] = []
-    inverse = np.zeros((0, 0))  # ((Σ⁻¹)_PP)⁻¹
-    remaining = list(range(n))
-    while len(remaining) > 1:
-        candidates = np.array(remaining)
-        q_pj = precision[np.ix_(pruned, candidates)]
-        u = inverse @ q_pj
-        schur = np.diag(precision)[candidates] - np.sum(q_pj * u, axis=0)
-        b_pp = readout[np.ix_(pruned, pruned)]
-        t_quad = np.sum(u * (b_pp @ u), axis=0)
-        t_cross = np.sum(u * readout[np.ix_(pruned, candidates)], axis=0)
-        increase = (t_quad - 2.0 * t_cross + np.diag(readout)[candidates]) / np.maximum(schur, 1e-300)
-        pick = int(np.argmin(increase))
-        j, u_j, s_j = int(candidates[pick]), u[:, pick], float(schur[pick])
-        size = len(pruned)
-        grown = np.empty((size + 1, size + 1))
-        grown[:size, :size] = inverse + np.outer(u_j, u_j) / s_j
-        grown[:size, size] = grown[size, :size] = -u_j / s_j
-        grown[size, size] = 1.0 / s_j
-        inverse = grown
-        pruned.append(j)
-        remaining.remove(j)
-    return np.array(remaining + pruned[::-1], dtype=np.int64)
+    while units.size > 1:
+        size, steps = units.size, min(_BLOCK, units.size - 1)
+        s_diag, g_diag = np.diag(schur).copy(), np.diag(residual).copy()
+        s_rows, pivots = np.zeros((size, steps)), np.ones(steps)  # the chosen units' up-to-date S rows
+        r_rows, g_rows, g_kk = np.zeros((size, steps)), np.zeros((size, steps)), np.zeros(steps)
+        alive = np.ones(size, dtype=bool)
+        for step in range(steps):
+            k = int(np.argmin(np.where(alive, g_diag / np.maximum(s_diag, 1e-300), np.inf)))
+            s_row = schur[k] - s_rows[:, :step] @ (s_rows[k, :step] / pivots[:step])
+            r, g_old = r_rows[:, :step], g_rows[:, :step]
+            g_row = residual[k] - (r @ g_old[k] + g_old @ r[k] - r @ (g_kk[:step] * r[k]))
+            ratio = s_row / s_row[k]
+            s_rows[:, step], pivots[step] = s_row, s_row[k]
+            r_rows[:, step], g_rows[:, step], g_kk[step] = ratio, g_row, g_row[k]
+            s_diag -= s_row * ratio
+            g_diag -= 2.0 * ratio * g_row - g_row[k] * ratio * ratio
+            alive[k] = False
+            pruned.append(int(units[k]))
+        s_kept, r_kept, g_kept = s_rows[alive], r_rows[alive], g_rows[alive]
+        schur = schur[np.ix_(alive, alive)] - s_kept @ (s_kept / pivots).T
+        residual = (residual[np.ix_(alive, alive)] - r_kept @ g_kept.T - g_kept @ r_kept.T
+                    + (r_kept * g_kk) @ r_kept.T)
+        units = units[alive]
+    return np.array([*units.tolist(), *pruned[::-1]], dtype=np.int64)

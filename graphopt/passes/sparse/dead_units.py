@@ -10,8 +10,9 @@ residual stream goes only if it is removable in every member):
   added to its bias, then the channel is removed. Exact everywhere except where a consumer pads the
   channel with zeros (Conv with padding, ConvTranspose): there the constant is folded only when it is 0.
 
-Channels of a group read by a two-variable MatMul (attention) are never treated as dead: that read has
-no weight to inspect. A group keeps at least one channel. The pass repeats until nothing changes (a
+Channels of a group read by a two-variable MatMul (attention) or by a ReduceSum/ReduceMean over the
+channel axis are never treated as dead: those reads have no weight to inspect (nor a bias to fold into).
+A group keeps at least one channel. The pass repeats until nothing changes (a
 removal can make units of the next layer constant), so running it twice changes nothing the second time.
 Every constant channel left in place is reported with the reason, every removed one in the history
 ("dead" or "constant", in its group's numbering before the pass: later rounds map back through earlier cuts).
@@ -24,13 +25,14 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.analysis.channels import AtomTable
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import removal
 from graphopt.analysis.constant_flow import channel_constants
-from graphopt.analysis.constants import leaf_positions, nonzero_rows
+from graphopt.analysis.constants import agree, leaf_positions, nonzero_rows
 from graphopt.analysis.registry import Values
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import Method, register_method
@@ -67,8 +69,11 @@ def _producer_values(a: Analysis, groups: dict[int, Group]) -> dict[str, Values]
             stored = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
             scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
             bias = scale * (np.full(live.size, stored[0]) if stored.size == 1 else stored)
-        values[node.name] = {root: np.where(live[positions[:, 0]], np.nan, bias[positions[:, 0]])
-                             for root, positions in leaf_positions(a.atoms, site.state) if root in groups}
+        written: Values = {}
+        for root, positions in leaf_positions(a.atoms, site.state):
+            if root in groups:
+                agree(written, root, np.where(live[positions[:, 0]], np.nan, bias[positions[:, 0]]))
+        values[node.name] = written
     return values
 
 
@@ -89,9 +94,26 @@ def _bilinear_roots(a: Analysis) -> set[int]:
     return roots
 
 
+def _weightless_readers(a: Analysis) -> dict[int, str]:
+    """Roots read without a weight to inspect or a bias to fold into, with what reads them."""
+    readers = {root: "a reduction over its channels" for site in a.sites if site.kind == "reduce"
+               for root, _ in leaf_positions(a.atoms, site.state)}
+    readers.update((root, "a two-variable MatMul") for root in _bilinear_roots(a))
+    return readers
+
+
 def _consumer_sites(a: Analysis, root: int) -> list[tuple[Site, np.ndarray]]:
     return [(site, positions) for site in a.sites if site.kind == "weight" and site.role == "consumer"
             for leaf_root, positions in leaf_positions(a.atoms, site.state) if leaf_root == root]
+
+
+def _why_kept(site: Site, value: np.ndarray, ops: set[str] | None) -> str:
+    """Why constant channels whose values are `value` where `site` reads them cannot be folded there."""
+    if np.any(np.isfinite(value)):
+        return f"zero padding in {site.node.op} and a nonzero constant"
+    if ops:
+        return f"value not evaluated through {', '.join(sorted(ops))}"
+    return "the channels coupled with it (across heads or reshapes) hold different constants"
 
 
 Plan = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, Values]]
@@ -103,14 +125,14 @@ def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
     dead_in = _zero_channels(a, groups, "producer")
     unsupported: dict[int, set[str]] = {}
     known = channel_constants(a, a.graph, _producer_values(a, groups), unsupported)
-    bilinear = _bilinear_roots(a)
+    weightless = _weightless_readers(a)
     removed, folded = {}, {}
     for root, group in groups.items():
         if root not in dead_out:
             continue  # no consumer weights read this group: nothing to inspect
-        if root in bilinear:
+        if root in weightless:
             if np.any(dead_out[root]) or np.any(dead_in.get(root, False)):
-                result.skipped.append(f"group {root}: read by a two-variable MatMul, zero units left alone")
+                result.skipped.append(f"group {root}: read by {weightless[root]}, zero units left alone")
             continue
         constant = np.where(dead_in.get(root, np.zeros(group.size, bool)), 0.0, np.nan)
         foldable = np.isfinite(constant)
@@ -119,10 +141,8 @@ def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
             ok = np.isfinite(value) & ((value == 0) | (not _pads_with_zeros(site.node)))
             lost = foldable & ~ok & ~dead_out[root]
             if np.any(lost):
-                why = f"zero padding in {site.node.op} and a nonzero constant" if np.any(np.isfinite(value[lost])) \
-                    else f"value not evaluated through {', '.join(sorted(unsupported.get(root, {'?'})))}"
                 result.skipped.append(f"group {root}: {int(lost.sum())} constant channels kept at "
-                                      f"{site.node.name}: {why}")
+                                      f"{site.node.name}: {_why_kept(site, value[lost], unsupported.get(root))}")
             foldable &= ok
         remove = dead_out[root] | foldable
         if remove.all():
@@ -152,18 +172,26 @@ def _shifts(a: Analysis, folded: dict[int, np.ndarray], known: dict[str, Values]
     return shifts
 
 
+def _group_key(atoms: AtomTable, group: Group) -> tuple[tuple[str, int, int], ...]:
+    """A group's name across re-analyses: its producer weights and which of their pieces it holds (a Split
+    cuts one producer's channels into several groups; every piece keeps a channel, so the pieces stay)."""
+    return tuple(sorted((site.node.name, site.index, piece) for site in group.sites if site.role == "producer"
+                        for piece, leaf in enumerate(atoms.leaves(site.state.atoms)) if atoms.find(leaf) == group.root))
+
+
 class _Removals:
     """Channels removed per group over the rounds, numbered as before the pass. A group is named across
-    re-analyses by its producer weights (a group always keeps a channel, so they stay)."""
+    re-analyses by `_group_key` (a group always keeps a channel, so its producers stay)."""
 
     def __init__(self) -> None:
-        self.first: dict[tuple[tuple[str, int], ...], Group] = {}
-        self.origin: dict[tuple[tuple[str, int], ...], np.ndarray] = {}  # current index -> index before
-        self.reasons: dict[tuple[tuple[str, int], ...], dict[int, str]] = {}
+        self.first: dict[tuple[tuple[str, int, int], ...], Group] = {}
+        self.origin: dict[tuple[tuple[str, int, int], ...], np.ndarray] = {}  # current index -> index before
+        self.reasons: dict[tuple[tuple[str, int, int], ...], dict[int, str]] = {}
 
-    def add(self, groups: dict[int, Group], removed: dict[int, np.ndarray], folded: dict[int, np.ndarray]) -> None:
+    def add(self, atoms: AtomTable, groups: dict[int, Group], removed: dict[int, np.ndarray],
+            folded: dict[int, np.ndarray]) -> None:
         for root, mask in removed.items():
-            key = tuple(sorted((s.node.name, s.index) for s in groups[root].sites if s.role == "producer"))
+            key = _group_key(atoms, groups[root])
             if key not in self.first:
                 self.first[key], self.origin[key], self.reasons[key] = groups[root], np.arange(mask.size), {}
             origin = self.origin[key]
@@ -194,7 +222,7 @@ def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
         if not removed:
             result.skipped.extend(round_result.skipped)
             break
-        removals.add(groups, removed, folded)
+        removals.add(analysis.atoms, groups, removed, folded)
         shifts = _shifts(analysis, folded, known)
         apply_with_shifts(graph, analysis, {root: np.flatnonzero(~mask) for root, mask in removed.items()}, shifts)
         removed_total += sum(int(mask.sum()) for mask in removed.values())

@@ -338,15 +338,33 @@ LIGHT = sorted(path for path in glob.glob(os.path.join(os.path.dirname(onnx.__fi
 SLOW_LIGHT = {"light_bvlc_alexnet.onnx"}  # 240 MB of weights: about 11 s
 
 
+# What each model is expected to give at --target-macs 0.7: pruned to the target, or held at a floor above it
+# because the named reasons (from any pass) block every group but a few; none of them is refused outright.
+# The light models store their weights as ConstantOfShape fills: alexnet's fc6 weight (144 MiB from a 16-byte
+# shape) is above the constant-folding limit, so it stays a node and fc6's channels are not prunable.
+LIGHT_FLOORS = {
+    "light_bvlc_alexnet": (0.968, ["(Conv): grouped convolution (groups=2)", "(LRN): no channel rule for this op",
+                                   "fc6_w_0: ConstantOfShape to [4096, 9216] is above the folding limit"]),
+    "light_shufflenet": (1.0, ["(Conv): grouped convolution (groups=4)"]),
+}
+
+
 @pytest.mark.parametrize("path", [pytest.param(p, id=Path(p).stem, marks=(pytest.mark.slow,) if Path(p).name in
                                                SLOW_LIGHT else ()) for p in LIGHT])
-def test_light_model_zoo_prunes_or_is_refused_cleanly(path: str, tmp_path: Path) -> None:
-    try:
-        pruned, report = prune_file(path, tmp_path, method="magnitude", target_macs=0.7)
-    except GraphoptError as refusal:
-        assert str(refusal)
-        return
+def test_light_model_zoo_prunes_to_the_target_or_its_named_floor(path: str, tmp_path: Path) -> None:
+    pruned, report = prune_file(path, tmp_path, method="magnitude", target_macs=0.7)
+    stats, skipped = stats_of(report), [line for record in report["passes"] for line in record["skipped"]]
+    floor, reasons = LIGHT_FLOORS.get(Path(path).stem, (None, []))
     assert_reaches(report, 0.7)
-    stats = stats_of(report)
-    assert stats["channels_removed"] > 0 or stats["min_macs_ratio"] == 1.0
-    assert_same_interface(onnx.load(path), pruned, batch=1)
+    if floor is None:
+        assert stats["min_macs_ratio"] <= 0.7 and 0.7 - TOLERANCE <= report["macs_ratio"] <= 0.7, stats
+        assert stats["channels_removed"] > 0
+    else:
+        assert stats["min_macs_ratio"] == pytest.approx(floor, abs=0.005), stats
+        for reason in reasons:
+            assert any(reason in line for line in skipped), (reason, skipped[:5])
+    if floor == 1.0:  # nothing prunable: the model comes back computing exactly what it did
+        assert stats["prunable_groups"] == 0 and stats["channels_removed"] == 0
+        assert_equivalent(onnx.load(path), pruned, random_inputs(onnx.load(path), batch=1))
+    else:
+        assert_same_interface(onnx.load(path), pruned, batch=1)

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 import graphopt
 from graphopt.calibration.shapes import count_cost
 from graphopt.errors import GraphoptError
-from graphopt.passes.snp.maths import ldl_diagonal, output_order, reconstruction, zca_order
+from graphopt.passes.snp.maths import RIDGE, ldl_diagonal, output_order, reconstruction, regularised, zca_order
 from tests.conftest import run_ort
 
 
@@ -132,6 +132,52 @@ def test_math_orders_duplicates_last_and_output_order_is_a_permutation() -> None
     assert np.allclose(coupling, [[1, 0, 0, 0, 0]], atol=1e-6) and abs(constant[0]) < 1e-6
     readout = rng.standard_normal((3, 6))
     assert sorted(output_order(cov, readout.T @ readout).tolist()) == list(range(6))
+
+
+def _eliminate_by_definition(cov: np.ndarray) -> list[int]:
+    """Backward elimination on 1 / (Σ⁻¹)ᵢᵢ, inverting the remaining units' covariance at every step."""
+    remaining, eliminated = list(range(cov.shape[0])), []
+    while len(remaining) > 1:
+        precision = np.linalg.inv(regularised(cov)[np.ix_(remaining, remaining)])
+        eliminated.append(remaining.pop(int(np.argmin(1.0 / np.diag(precision)))))
+    return remaining + eliminated[::-1]
+
+
+def _greedy_by_definition(cov: np.ndarray, readout: np.ndarray) -> list[int]:
+    """Prune, one at a time, the unit whose addition to P gives the least trace(B_PP ((Σ⁻¹)_PP)⁻¹)."""
+    precision, pruned = np.linalg.inv(regularised(cov)), []
+    remaining = list(range(cov.shape[0]))
+    while len(remaining) > 1:
+        def error(j: int) -> float:
+            chosen = pruned + [j]
+            return float(np.trace(readout[np.ix_(chosen, chosen)] @ np.linalg.inv(precision[np.ix_(chosen, chosen)])))
+        best = min(remaining, key=error)
+        pruned.append(best)
+        remaining.remove(best)
+    return remaining + pruned[::-1]
+
+
+def test_orderings_match_their_definitions_across_update_blocks() -> None:
+    rng = np.random.default_rng(5)
+    units = rng.standard_normal((400, 150)) * rng.uniform(0.2, 2.0, 150)  # more units than one block of 64
+    cov = np.cov(units, rowvar=False, bias=True)
+    assert zca_order(cov).tolist() == _eliminate_by_definition(cov)
+    small = np.cov(units[:, :30], rowvar=False, bias=True)
+    weights = rng.standard_normal((8, 30))
+    assert output_order(small, weights.T @ weights).tolist() == _greedy_by_definition(small, weights.T @ weights)
+
+
+def test_ldl_diagonal_survives_rounding_below_the_ridge() -> None:
+    # a covariance whose rounding error reaches below -RIDGE: Cholesky fails at RIDGE, the retry succeeds
+    rng = np.random.default_rng(6)
+    basis, _ = np.linalg.qr(rng.standard_normal((40, 40)))
+    spectrum = np.concatenate([rng.uniform(0.5, 2.0, 10), np.zeros(29), [-3 * RIDGE]])
+    cov = (basis * spectrum) @ basis.T
+    with pytest.raises(np.linalg.LinAlgError):
+        np.linalg.cholesky(regularised(cov))
+    added = ldl_diagonal(cov, np.arange(40))
+    assert np.all(np.isfinite(added)) and np.all(added > 0)
+    assert np.allclose(added, np.diag(np.linalg.cholesky(regularised(cov, 100 * RIDGE))) ** 2)  # one retry
 
 
 @pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2", "se_hardswish"])

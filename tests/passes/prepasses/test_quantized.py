@@ -1,0 +1,232 @@
+"""Quantized models: the pre-passes keep them valid and exact, and the methods leave quantized layers
+alone with the reason.
+
+A small CRNN (two Conv+ReLU+MaxPool blocks, a bidirectional GRU over the columns, a Linear per step) is
+exported by torch and quantized by onnxruntime.quantization: dynamically (ConvInteger and
+MatMulInteger behind DynamicQuantizeLinear), statically in QDQ form (QuantizeLinear/DequantizeLinear
+around float Conv and MatMul, weights dequantized from int8), and dynamically with only the MatMul
+quantized (the convolutions stay float and prunable). Each passes `onnx.checker` with the full check.
+
+`--method none` must write a model that passes the full check and computes exactly what the quantized
+model does (onnxruntime, graph optimisations disabled). magnitude and snp exit 0 with a valid model:
+every group a quantized layer touches is blocked with the reason, in `inspect --groups` and in the
+pass's skipped list, and the quantized layers are unchanged; float layers beside them are pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt import cli
+from tests.conftest import assert_equivalent, init, parse, random_inputs, run_ort, weights
+
+torch = pytest.importorskip("torch")
+quantization = pytest.importorskip("onnxruntime.quantization")
+from torch import nn  # noqa: E402
+
+INPUT = (1, 16, 24)  # channels, height, width of one sample
+REASON = "quantized layer: its integer weights, scales and zero points are left alone"
+
+
+class CRNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d((2, 1))
+        self.rnn = nn.GRU(16 * 4, 24, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        batch, channels, height, width = x.shape
+        steps, _ = self.rnn(x.permute(0, 3, 1, 2).reshape(batch, width, channels * height))
+        return self.fc(steps)
+
+
+class _Reader(quantization.CalibrationDataReader):
+    def __init__(self) -> None:
+        self.batches = iter([{"input": _samples(4, seed)} for seed in range(4)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def _samples(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, *INPUT)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The float CRNN and its quantized forms, by name."""
+    folder = tmp_path_factory.mktemp("quantized")
+    torch.manual_seed(0)
+    float_model = folder / "crnn.onnx"
+    with warnings.catch_warnings():  # the tracer's notes on the GRU's batch size
+        warnings.simplefilter("ignore")
+        torch.onnx.export(CRNN().eval(), (torch.from_numpy(_samples(2, 0)),), str(float_model), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    paths = {"dynamic": folder / "crnn_dynamic.onnx", "qdq": folder / "crnn_qdq.onnx",
+             "matmul_only": folder / "crnn_matmul_only.onnx"}
+    quantization.quantize_dynamic(str(float_model), str(paths["dynamic"]))
+    quantization.quantize_static(str(float_model), str(paths["qdq"]), _Reader(),
+                                 quant_format=quantization.QuantFormat.QDQ, per_channel=True)
+    quantization.quantize_dynamic(str(float_model), str(paths["matmul_only"]), op_types_to_quantize=["MatMul"])
+    for path in paths.values():
+        onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return paths
+
+
+def _ops(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def _outputs(path: Path) -> dict[str, np.ndarray]:
+    return run_ort(onnx.load(str(path)), {"input": _samples(3, 9)})
+
+
+def test_the_models_are_quantized_as_onnxruntime_writes_them(quantized: dict[str, Path]) -> None:
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= _ops(quantized["dynamic"])
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "MatMul"} <= _ops(quantized["qdq"])
+    assert "MatMulInteger" in _ops(quantized["matmul_only"]) and "ConvInteger" not in _ops(quantized["matmul_only"])
+
+
+@pytest.mark.parametrize("name", ["dynamic", "qdq", "matmul_only"])
+def test_method_none_keeps_a_quantized_model_valid_and_exact(name: str, quantized: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    output = tmp_path / "none.onnx"
+    assert cli.main(["optimize", str(quantized[name]), "-o", str(output), "--method", "none", "--quiet"]) == 0
+    onnx.checker.check_model(str(output), full_check=True)
+    expected, actual = _outputs(quantized[name]), _outputs(output)
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(actual[key], value)
+    integer_ops = {"ConvInteger", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+    assert _ops(output) & integer_ops == _ops(quantized[name]) & integer_ops
+
+
+def _quantized_nodes(path: Path) -> set[str]:
+    """Names of the layers whose weights are stored as integers."""
+    model = onnx.load(str(path))
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name for n in model.graph.node if n.op_type in ("ConvInteger", "MatMulInteger")
+            or (n.op_type in ("Conv", "MatMul") and n.input[1] in dequantized)}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "snp"])
+@pytest.mark.parametrize("name", ["dynamic", "qdq"])
+def test_methods_leave_quantized_layers_alone_with_the_reason(name: str, method: str, quantized: dict[str, Path],
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, input=_samples(16, 1))
+    output, report = tmp_path / f"{method}.onnx", tmp_path / "report.json"
+    argv = ["optimize", str(quantized[name]), "-o", str(output), "--method", method, "--target-macs", "0.5",
+            "--report", str(report), "--quiet"] + (["--calib", str(calibration)] if method == "snp" else [])
+    assert cli.main(argv) == 0
+    onnx.checker.check_model(str(output), full_check=True)
+    expected, actual = _outputs(quantized[name]), _outputs(output)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(actual[key], value)  # nothing prunable: the model is unchanged
+    assert len(_quantized_nodes(quantized[name])) == 3  # two convolutions and the Linear
+    written = json.loads(report.read_text())
+    assert written["target_reached"] is False
+    skipped = "\n".join(written["passes"][-1]["skipped"])
+    for layer in _quantized_nodes(quantized[name]):
+        assert f"{layer} (" in skipped and REASON in skipped, layer
+    capsys.readouterr()
+    assert cli.main(["inspect", str(quantized[name]), "--groups", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    blocked = [g for g in groups if g["reason"] and REASON in g["reason"]]
+    assert {g["reason"].split(" (")[0] for g in blocked} == _quantized_nodes(quantized[name])
+    assert not any(g["prunable"] for g in groups)
+
+
+def test_float_layers_beside_a_quantized_one_are_pruned(quantized: dict[str, Path], tmp_path: Path) -> None:
+    path = quantized["matmul_only"]
+    output = tmp_path / "snp.onnx"
+    result = graphopt.optimize(path, method="snp", target_macs=0.8, calib={"input": _samples(32, 1)}, output=output)
+    onnx.checker.check_model(str(output), full_check=True)
+    snp = result.report["passes"][-1]
+    assert snp["stats"]["channels_removed"] > 0 and result.report["macs_ratio"] < 1.0
+    assert any(REASON in line for line in snp["skipped"])
+    before = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    after = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(output)).graph.initializer}
+    for name, value in before.items():
+        if value.dtype.kind in "iu" and value.ndim == 2:  # the quantized Linear's weight is untouched
+            np.testing.assert_array_equal(after[name], value)
+    outputs = _outputs(output)
+    assert outputs["logits"].shape == _outputs(path)["logits"].shape and np.all(np.isfinite(outputs["logits"]))
+
+
+# -- QuantizeLinear/DequantizeLinear of activations ------------------------------------------------
+
+def _qdq_activations(per_channel: bool) -> onnx.ModelProto:
+    """Conv (two zero units) -> Relu -> QuantizeLinear/DequantizeLinear -> Conv."""
+    first = weights(6, 3, 3, 3, seed=1)
+    first[[1, 4]] = 0.0
+    bias = np.where(np.isin(np.arange(6), [1, 4]), 0.0, 0.1).astype(np.float32)
+    if per_channel:
+        quantizer = f"{init('s', np.linspace(0.02, 0.05, 6).astype(np.float32))}, uint8[6] z = {{0, 0, 0, 0, 0, 0}}"
+    else:
+        quantizer = "float s = {0.03}, uint8 z = {0}"  # scalars
+    inits = ", ".join([init("w1", first), init("b1", bias), init("w2", weights(5, 6, 1, 1, seed=2)), quantizer])
+    axis = " <axis = 1>" if per_channel else ""
+    return parse(f'''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 6, 6] x) => (float[N, 5, 6, 6] y) <{inits}> {{
+            h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            r = Relu (h)
+            q = QuantizeLinear{axis} (r, s, z)
+            d = DequantizeLinear{axis} (q, s, z)
+            y = Conv (d, w2)
+        }}''')
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_quantized_activations_pass_channels_and_slice_their_scales(per_channel: bool, tmp_path: Path) -> None:
+    model = _qdq_activations(per_channel)
+    source = tmp_path / "qdq.onnx"
+    onnx.save(model, str(source))
+    output = tmp_path / "pruned.onnx"
+    report = graphopt.optimize(source, method="magnitude", target_macs=4 / 6, round_to=1, output=output).report
+    assert report["passes"][-1]["stats"]["channels_removed"] == 2
+    onnx.checker.check_model(str(output), full_check=True)
+    pruned = onnx.load(str(output))
+    scales = [onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name.startswith("s")]
+    assert all(s.size == (4 if per_channel else 1) for s in scales) and scales
+    assert_equivalent(model, pruned, random_inputs(model, batch=3))
+
+
+def test_quantization_per_another_axis_blocks_with_the_reason(tmp_path: Path) -> None:
+    scale = init("s", np.full(6, 0.03, np.float32))
+    model = parse(f'''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 6, 6] x) => (float[N, 5, 6, 6] y) <{init("w1", weights(6, 3, 3, 3))}, {scale},
+                                                          {init("w2", weights(5, 6, 1, 1, seed=2))}> {{
+            h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            t = Transpose <perm = [0, 2, 3, 1]> (h)
+            q = QuantizeLinear <axis = 1> (t, s)
+            d = DequantizeLinear <axis = 1> (q, s)
+            b = Transpose <perm = [0, 3, 1, 2]> (d)
+            y = Conv (b, w2)
+        }}''')
+    groups = graphopt.inspect.channel_groups(model, {"x": (1, 3, 6, 6)})
+    (group,) = [g for g in groups if g["size"] == 6]
+    assert not group["prunable"] and "quantizes per axis, not per tensor or per channel" in group["reason"]
+
+
+def test_rules_are_registered_for_the_quantized_ops() -> None:
+    from graphopt.analysis.oprules import rule_for
+    from graphopt.analysis.registry import DEFAULT_RULE
+    import onnx_graphsurgeon as gs
+
+    for op, domain in (("ConvInteger", ""), ("MatMulInteger", ""), ("QLinearConv", ""), ("QLinearMatMul", ""),
+                       ("DynamicQuantizeLinear", ""), ("QuantizeLinear", ""), ("DequantizeLinear", ""),
+                       ("DynamicQuantizeLSTM", "com.microsoft"), ("QLinearAdd", "com.microsoft")):
+        assert rule_for(gs.Node(op, domain=domain), {"": 17}) is not DEFAULT_RULE, op

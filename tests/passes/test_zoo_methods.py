@@ -1,0 +1,313 @@
+"""Every method on every kind of graph: each run ends in a valid model with the original interface that
+reaches its target, or in a clean refusal that names the reason. Nothing else is acceptable.
+
+`outcome` runs one method on one model file and says which of these it was:
+
+- ``pruned-on-target``: the written model passes `onnx.checker` (full check, by path), has the original's
+  input and output names, dtypes and declared dims, runs in onnxruntime (graph optimisations disabled)
+  with finite outputs of the original's dtypes and shapes, and reaches the target: MACs as the report's
+  `target_reached` counts it (at most 2% above `--target-macs`, relative; a smaller model is fine, and
+  the detail says when it is more than 2% smaller), weight sparsity within 2 points of `--sparsity`
+  (omp). Methods without a target (exprune, dead-units) are ``pruned`` (changed) or ``unchanged``
+  (nothing to remove; the reasons the passes give are in the detail).
+- ``refused-with-reason``: a `GraphoptError` with a message, or a valid model that stops short of the
+  target while the method's passes say why (what they skipped or declined; a pass that reports the floor
+  its prunable groups allow, `min_macs_ratio`, must put that floor above the target).
+- ``FAIL:<kind>``: an internal error (``crash``), an empty refusal (``silent-refusal``), a model the
+  checker rejects (``invalid``), onnxruntime cannot run (``ort``), a changed interface (``interface``),
+  non-finite outputs (``nonfinite``), a pass whose MAC estimate disagrees with the count of the written
+  model (``mac-model``), or a target missed without a reason (``missed-target``).
+
+The CI slice: every architecture of the torch zoo (residual, bottleneck, depthwise, SE with hard-swish,
+dense concat, inception, channel shuffle, UNet, C2f split, flatten into Gemm, attention, MLP) runs every
+method once, the exporter and the target rotating so that each architecture and each method meets both
+exporters and both targets; every method on the committed samples at both targets; a few runs on the
+onnx package's light model zoo. `bench/zoo.py` runs the full sweep (every architecture x method x target,
+the light zoo whole, ImageNet-sized architectures) and prints the table the README holds.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.errors import GraphoptError
+from graphopt.passes.methods import METHODS
+from tests.conftest import init, run_ort, tiny, weights
+from tests.passes.channels.test_prune_magnitude import zoo, zoo_path  # noqa: F401
+
+TOLERANCE = 0.02  # MACs: relative, above the target; sparsity: absolute, either side
+TARGETS = (0.7, 0.5)
+CALIBRATION_SAMPLES = 16
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One method configuration: `target` says what the run's target sets (MACs, sparsity or nothing)."""
+
+    id: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    target: str = "macs"  # "macs" | "sparsity" | "none"
+
+    def keywords(self, target: float | None) -> dict[str, Any]:
+        if self.target == "macs":
+            return {"target_macs": target, **self.options}
+        if self.target == "sparsity":  # the same share of the model: 0.7 of the MACs kept -> 0.3 sparsity
+            return {"sparsity": round(1.0 - float(target), 6), **self.options}  # type: ignore[arg-type]
+        return dict(self.options)
+
+
+RUNS = {run.id: run for run in (
+    Run("magnitude", "magnitude"),
+    Run("random", "random"),
+    Run("snp", "snp"),
+    Run("snp-no-reconstruct", "snp", {"reconstruct": False}),
+    Run("snp-output", "snp", {"criterion": "output"}),
+    Run("snp-sequential", "snp", {"sequential": True}),
+    Run("cob", "cob"),
+    Run("omp", "omp", target="sparsity"),
+    Run("dead-units", "dead-units", target="none"),
+    Run("exprune", "exprune", target="none"),
+    Run("snp,exprune", "snp,exprune"),
+)}
+
+
+@dataclass
+class Outcome:
+    kind: str
+    detail: str = ""
+    macs_ratio: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.kind.startswith("FAIL")
+
+
+def calibration(model: onnx.ModelProto, samples: int = CALIBRATION_SAMPLES, seed: int = 1) -> dict[str, np.ndarray]:
+    """Seeded feeds of `samples` samples: Gaussian floats, small non-negative integers (ids), random bools.
+    Axis 0 holds the samples (`samples` times a fixed batch); other symbolic dims are `samples` too."""
+    rng = np.random.default_rng(seed)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = [samples * (dim.dim_value or 1) if axis == 0 else dim.dim_value or samples
+                 for axis, dim in enumerate(tensor.shape.dim)]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        feeds[value.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else
+                             rng.random(shape) < 0.5 if dtype.kind == "b" else rng.integers(0, 3, shape).astype(dtype))
+    return feeds
+
+
+def _declared(values: Any) -> list[tuple[str, int, tuple[int | str, ...]]]:
+    return [(v.name, v.type.tensor_type.elem_type,
+             tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim))
+            for v in values]
+
+
+def _interface_change(original: onnx.ModelProto, written: onnx.ModelProto) -> str | None:
+    initializers = {t.name for t in original.graph.initializer}
+    inputs = [v for v in original.graph.input if v.name not in initializers]
+    kept = {t.name for t in written.graph.initializer}
+    for kind, before, after in (("inputs", _declared(inputs),
+                                 _declared(v for v in written.graph.input if v.name not in kept)),
+                                ("outputs", _declared(original.graph.output), _declared(written.graph.output))):
+        if before != after:
+            return f"{kind} {before} became {after}"
+    return None
+
+
+def _run_difference(original: onnx.ModelProto, written: onnx.ModelProto) -> tuple[str, str] | None:
+    """(FAIL kind, detail) when `written` does not run like `original` on the same feeds, else None."""
+    fixed = any(v.type.tensor_type.shape.dim[:1] and v.type.tensor_type.shape.dim[0].dim_value
+                for v in original.graph.input)
+    feeds = calibration(original, samples=1 if fixed else 2, seed=2)
+    expected = run_ort(original, feeds)
+    try:
+        actual = run_ort(written, feeds)
+    except Exception as error:  # onnxruntime refusing the written model is the finding
+        return "FAIL:ort", f"{type(error).__name__}: {str(error)[:300]}"
+    if list(actual) != list(expected):
+        return "FAIL:interface", f"outputs {list(expected)} became {list(actual)}"
+    for name, value in expected.items():
+        if (actual[name].dtype, actual[name].shape) != (value.dtype, value.shape):
+            return "FAIL:interface", f"{name}: {value.dtype}{value.shape} became {actual[name].dtype}{actual[name].shape}"
+        if actual[name].dtype.kind == "f" and np.isfinite(value).all() and not np.isfinite(actual[name]).all():
+            return "FAIL:nonfinite", name
+    return None
+
+
+def _reached(run: Run, target: float, report: dict[str, Any], records: list[dict[str, Any]]) -> tuple[bool, float, float]:
+    """(reached, what was reached, what was asked). MACs: the report's `target_reached` (at most 2% above
+    the target, relative; a smaller model is fine); sparsity (before dead units are removed): within 2 points."""
+    if run.target == "macs":
+        reached = report.get("target_reached")
+        if reached is None:  # a report without the key: the same rule
+            reached = report["macs_ratio"] <= target * (1 + TOLERANCE)
+        return bool(reached), report["macs_ratio"], target
+    sparsity = float(records[0]["stats"].get("sparsity_all_layers", 0.0))
+    return abs(sparsity - (1.0 - target)) <= TOLERANCE, sparsity, 1.0 - target
+
+
+def _target_outcome(run: Run, target: float | None, report: dict[str, Any]) -> Outcome:
+    methods = {name for method in run.method.split(",") for name in METHODS[method].passes}
+    records = [record for record in report["passes"] if record["pass"] in methods]
+    reasons = [reason for record in records for reason in record["skipped"]]
+    if run.target == "none":
+        changed = any(record["modified"] for record in records)
+        return Outcome("pruned" if changed else "unchanged", "; ".join(reasons[:3]))
+    estimates = [record["stats"]["estimated_macs_ratio"] for record in records if "estimated_macs_ratio" in record["stats"]]
+    if estimates and abs(estimates[-1] - report["macs_ratio"]) > 1e-6:  # the pass planned on wrong MACs
+        return Outcome("FAIL:mac-model", f"planned {estimates[-1]:.6f}, counted {report['macs_ratio']:.6f}")
+    reached, value, wanted = _reached(run, float(target), report, records)  # type: ignore[arg-type]
+    if reached:
+        below = f"below the target ({value:.3f}); " if value < wanted * (1 - TOLERANCE) else ""
+        return Outcome("pruned-on-target", below + "; ".join(reasons[:3]))
+    floors = [record["stats"]["min_macs_ratio"] for record in records if "min_macs_ratio" in record["stats"]]
+    if reasons and all(floor > wanted * (1 + TOLERANCE) for floor in floors):
+        return Outcome("refused-with-reason", f"reached {value:.3f}: " + "; ".join(reasons[:3]))
+    return Outcome("FAIL:missed-target", f"reached {value:.3f} for {wanted:.3f}, floors {floors}, "
+                                         f"reasons {reasons[:3]}")
+
+
+def outcome(source: Path | str, run: Run, target: float | None, folder: Path,
+            samples: int = CALIBRATION_SAMPLES) -> Outcome:
+    """Run `run` on the model file `source` at `target` (a MAC fraction; None for untargeted runs) with
+    `samples` calibration samples, write the result into `folder` and classify what came out."""
+    original = onnx.load(str(source))
+    written = folder / f"{Path(source).stem}-{run.id}-{target}.onnx"
+    start = time.perf_counter()
+    try:
+        result = graphopt.optimize(source, method=run.method, output=written, calib=calibration(original, samples),
+                                   **run.keywords(target))
+    except GraphoptError as refusal:
+        kind = "refused-with-reason" if str(refusal).strip() else "FAIL:silent-refusal"
+        return Outcome(kind, f"{type(refusal).__name__}: {refusal}", seconds=time.perf_counter() - start)
+    except Exception as error:  # an internal error: the finding this sweep exists for
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        cause = error.__cause__ or error
+        return Outcome("FAIL:crash", f"{type(cause).__name__}: {str(cause)[:300]} ({Path(where.filename).name}:"
+                                     f"{where.lineno})", seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    found = _check_written(original, written)
+    if found is None:
+        found = _target_outcome(run, target, result.report)
+    found.macs_ratio, found.seconds = result.report["macs_ratio"], seconds
+    return found
+
+
+def _check_written(original: onnx.ModelProto, written: Path) -> Outcome | None:
+    try:
+        onnx.checker.check_model(str(written), full_check=True)
+    except Exception as error:  # the checker's own exception types vary
+        return Outcome("FAIL:invalid", f"{type(error).__name__}: {str(error)[:300]}")
+    model = onnx.load(str(written))
+    change = _interface_change(original, model)
+    if change is not None:
+        return Outcome("FAIL:interface", change)
+    difference = _run_difference(original, model)
+    return None if difference is None else Outcome(*difference)
+
+
+# -- the classifier says FAIL when it should ---------------------------------------------------------
+
+def _saved(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def test_the_classifier_names_each_failure(tmp_path: Path) -> None:
+    original = tiny("y = Relu(x)", outputs="float[N, 3, 8, 8] y")
+    assert _check_written(original, _saved(original, tmp_path / "same.onnx")) is None
+    renamed = tiny("z = Relu(x)", outputs="float[N, 3, 8, 8] z")
+    fixed = tiny("y = Relu(x)", outputs="float[2, 3, 8, 8] y")
+    nan = tiny("y = Log(x)", outputs="float[N, 3, 8, 8] y")
+    broken = tiny("y = Relu(x)", outputs="float[N, 3, 8, 8] y")
+    broken.graph.node[0].input[0] = "missing"
+    found = {label: _check_written(original, _saved(model, tmp_path / f"{label}.onnx"))
+             for label, model in (("renamed", renamed), ("fixed", fixed), ("nan", nan), ("broken", broken))}
+    assert {label: o.kind for label, o in found.items() if o is not None} == {
+        "renamed": "FAIL:interface", "fixed": "FAIL:interface", "nan": "FAIL:nonfinite", "broken": "FAIL:invalid"}
+    assert found["fixed"].detail.startswith("outputs") and "2, 3, 8, 8" in found["fixed"].detail
+
+
+def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> None:
+    # one convolution writing the graph output: no channel can go, and the pass says why
+    model = tiny("y = Conv(x, w)", inits=init("w", weights(4, 3, 1, 1)), outputs="float[N, 4, 8, 8] y")
+    found = outcome(_saved(model, tmp_path / "single.onnx"), RUNS["magnitude"], 0.5, tmp_path)
+    assert found.kind == "refused-with-reason" and "graph output" in found.detail
+    missing = outcome(_saved(model, tmp_path / "single.onnx"), Run("omp-without-sparsity", "omp", target="none"),
+                      None, tmp_path)
+    assert missing.kind == "refused-with-reason" and "--sparsity" in missing.detail
+
+
+# -- the CI slice ----------------------------------------------------------------------------------
+
+EXPORTERS = ("legacy", "dynamo")
+NAMES = list(zoo.ZOO) if zoo is not None else []
+CHANNELS = ("magnitude", "random", "snp", "snp-no-reconstruct", "snp-output", "snp-sequential", "snp,exprune")
+# what each run may end in on graphs it applies to; FAIL is never acceptable
+EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
+            "cob": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
+            "exprune": {"pruned", "unchanged"}}
+ACCEPTABLE = {"pruned-on-target", "refused-with-reason", "pruned", "unchanged"}
+
+
+def _rotation() -> list[Any]:
+    """Every architecture runs every method once; the exporter and the target rotate with the pair's
+    position, so every architecture and every method meets both exporters and both targets."""
+    cases = []
+    for a, name in enumerate(NAMES):
+        for r, run in enumerate(RUNS.values()):
+            exporter = EXPORTERS[(a + r) % 2]
+            target = None if run.target == "none" else TARGETS[(a + r // 2) % 2]
+            cases.append(pytest.param(name, exporter, run.id, target, id=f"{name}-{exporter}-{run.id}-{target}"))
+    return cases
+
+
+def _assert(found: Outcome, expected: set[str]) -> None:
+    assert found.kind in expected, f"{found.kind}: {found.detail}"
+
+
+@pytest.mark.parametrize("name,exporter,run_id,target", _rotation())
+def test_every_method_on_every_zoo_architecture(name: str, exporter: str, run_id: str, target: float | None,
+                                                zoo_path, tmp_path: Path) -> None:
+    _assert(outcome(zoo_path(name, exporter, 17, False), RUNS[run_id], target, tmp_path), EXPECTED[run_id])
+
+
+SAMPLES = sorted(glob.glob(str(REPO / "samples" / "*.onnx")))
+
+
+@pytest.mark.parametrize("run_id", list(RUNS))
+@pytest.mark.parametrize("path", SAMPLES, ids=[Path(p).stem for p in SAMPLES])
+def test_every_method_on_the_shipped_samples(path: str, run_id: str, tmp_path: Path) -> None:
+    run = RUNS[run_id]
+    for target in TARGETS if run.target != "none" else (None,):
+        _assert(outcome(path, run, target, tmp_path), EXPECTED[run_id])
+
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+# the light zoo's weights are constant fills; the small topologies keep this under a few seconds a run
+LIGHT_SLICE = [("light_squeezenet.onnx", "snp"), ("light_squeezenet.onnx", "omp"),
+               ("light_shufflenet.onnx", "snp-output"), ("light_inception_v1.onnx", "cob")]
+
+
+@pytest.mark.parametrize("file,run_id", LIGHT_SLICE, ids=[f"{f.removesuffix('.onnx')}-{r}" for f, r in LIGHT_SLICE])
+def test_methods_on_the_light_model_zoo(file: str, run_id: str, tmp_path: Path) -> None:
+    if not (LIGHT / file).exists():
+        pytest.skip(f"onnx {onnx.__version__} does not ship {file}")
+    _assert(outcome(LIGHT / file, RUNS[run_id], 0.5, tmp_path), ACCEPTABLE)
