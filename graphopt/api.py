@@ -5,6 +5,8 @@ through the pass manager, re-infers shapes, checks the result with the ONNX chec
 parameters and fidelity against the original (on the calibration data, or on seeded random inputs),
 and saves atomically when an output path is given. Its keyword options are those the methods declare
 (graphopt.passes.methods): unknown names are refused, and the report lists the values the run used.
+Asked for `target_macs`, the report says whether the model reached it (`target_reached`, within
+`TARGET_TOLERANCE`); a missed target is reported, not raised.
 `calibrate` takes activation statistics on the same pre-passed graph and saves them for
 `optimize(..., stats=path)`.
 """
@@ -21,13 +23,15 @@ import onnx
 
 from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
-from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
+from graphopt.calibration.mask import choose_mask
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.errors import DataError, OptionError
-from graphopt.evaluate import random_feed, verify
+from graphopt.evaluate import compare_latency, random_feed, verify
 from graphopt.ir import graph as ir
-from graphopt.ir.io import input_files, load_model, save_model
+from graphopt.ir.interface import interface_changes
+from graphopt.ir.io import check_outputs, input_files, load_model, model_outputs, save_model
 from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
 from graphopt.ir.shapes import resolve_input_shapes
 from graphopt.passes import METHODS, Pass, PassContext, PassManager, PassRecord, get_pass, normalising_passes
@@ -36,6 +40,8 @@ from graphopt.passes.methods import Option, declared_options, json_value, resolv
 log = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+TARGET_TOLERANCE = 0.02  # a MAC target counts as reached up to 2% (relative) above it
 
 
 @dataclass
@@ -77,13 +83,12 @@ def resolve_shapes(model: onnx.ModelProto, dataset: Dataset | None,
     return resolve_input_shapes(model, input_shapes, observed)
 
 
-def _protected(model: ModelSource, data: Any, output: str | os.PathLike[str] | None) -> set[Path]:
-    """Files the user gave as inputs (model, its external data, a data file); refuses `output` among them."""
+def _protected(model: ModelSource, inputs: list[Any], outputs: list[Path]) -> set[Path]:
+    """Files the user gave as inputs (the model, its external data, the data and statistics files among
+    `inputs`); refuses, before any work, `outputs` that would overwrite one of them or cannot be written."""
     protected = input_files(model) if not isinstance(model, onnx.ModelProto) else set()
-    if isinstance(data, (str, os.PathLike)):
-        protected.add(Path(data).resolve())
-    if output is not None and Path(output).resolve() in protected:
-        raise OptionError(f"refusing to overwrite the input model or data: {output}")
+    protected |= {Path(source).resolve() for source in inputs if isinstance(source, (str, os.PathLike))}
+    check_outputs(outputs, protected, clash=OptionError)
     return protected
 
 
@@ -94,7 +99,7 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
     with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
     `optimize(..., stats=...)` can reuse them. Saved to `output` when given."""
-    protected = _protected(model, data, output)
+    protected = _protected(model, [data], [Path(output)] if output is not None else [])
     original = as_model(model)
     dataset = load_data(data, original)
     shapes = resolve_shapes(original, dataset, input_shapes)
@@ -103,9 +108,10 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     PassManager(normalising_passes()).run(graph, ctx)
     normalized = ir.export_model(graph, original)
     requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
+    mask = choose_mask(original, mask_input)  # None: found in the model; "none": no mask
     calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
-                            threads=threads, progress=progress, mask_input=mask_input)
-    stats_file = StatsFile.build(normalized, calibrator.statistics(normalized, requests), dataset, mask_input)
+                            threads=threads, progress=progress, mask_input=mask)
+    stats_file = StatsFile.build(normalized, calibrator.statistics(normalized, requests), dataset, mask.name)
     if output is not None:
         save_stats(stats_file, output, protected=protected)
         stats_file.source = str(output)
@@ -125,7 +131,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     pipeline = parse_methods(method)
     resolved = resolve_options(pipeline, {"target_macs": target_macs, "batch_size": batch_size, **options})
     _require_data(pipeline, calib, resolved.get("stats"))
-    protected = _protected(model, calib, output)
+    outputs = model_outputs(output) if output is not None else []
+    protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
     dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
@@ -136,24 +143,51 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
 
+    measured = _measure(original, optimized, shapes, dataset, batch_size, progress)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
-                              **_measure(original, optimized, shapes, dataset, batch_size, progress),
+                              **measured, "target_reached": target_reached(resolved["target_macs"],
+                                                                           measured["macs_ratio"]),
                               "passes": [record.to_json() for record in records]}
+    if ctx.calibration_mask() is not None:
+        report["mask_input"] = ctx.calibration_mask()
     dynamic = _exprune_skipped(records, report["macs_after"])
     if dynamic is not None:
         report["exprune_macs_skipped"] = dynamic
+    report["interface_changes"] = interface_changes(original, optimized)  # declared dims a pass changed
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
     if resolved["sparse_storage"]:
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
+    if resolved["bench"]:
+        report["latency"] = measure_latency(original, optimized, shapes, resolved, progress)
     if output is not None:
         save_model(stored, output, protected=protected)
         report["output"] = str(output)
         report["bytes_after"] = Path(output).stat().st_size
     return OptimizeResult(optimized, report)
+
+
+def target_reached(target: float | None, macs_ratio: float) -> bool | None:
+    """Whether a run that asked for `target` (a fraction of the MACs) got it: a MAC ratio at most
+    `TARGET_TOLERANCE` above the target, relative (0.5 accepts up to 0.51); a model smaller than asked is
+    fine. None when no target was asked."""
+    return None if target is None else macs_ratio <= target * (1 + TARGET_TOLERANCE)
+
+
+def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                    options: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """The optimized model's speedup over the original, timed side by side (interleaved rounds, the same
+    threads and seeded inputs) at batch 1 and at `bench_batch` (where the batch axis is free); `slower`
+    lists the batches where the result is slower than the original."""
+    batches = [1] if fixed_batch(original) is not None else sorted({1, int(options["bench_batch"])})
+    timings = {f"batch_{batch}": compare_latency(original, optimized, batch=batch, shapes=shapes,
+                                                 threads=int(options.get("threads") or 0),
+                                                 device=options.get("device") or "cpu", progress=progress)
+               for batch in batches}
+    return {**timings, "slower": [timing["batch"] for timing in timings.values() if timing["speedup"] < 1.0]}
 
 
 def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any) -> None:

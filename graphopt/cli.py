@@ -1,6 +1,11 @@
 """Command-line interface: argument parsing and printing only; the work lives in the library.
 
-Exit codes: 0 success; 2 bad usage or bad input (one line on stderr, nothing written); 1 internal error.
+Exit codes: 0 success; 2 bad usage or bad input (one line on stderr, nothing written, inputs untouched);
+1 internal error (one line; `--debug` prints the traceback, with the exceptions it was raised from);
+3 `optimize --strict` missed `--target-macs` by more than 2% (relative; the output is still written).
+Without `--strict` a missed target is a warning on stderr and exit code 0. Every command that writes
+checks all its outputs against all its inputs, and against each other, before any work
+(`_check_outputs`).
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_shapes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x3x224x224",
-                        help="resolve dynamic input dimensions (repeatable)")
+                        help="resolve dynamic input dimensions (repeatable): INPUT=1x3x224x224 for one input, "
+                             "or DIM=N for a dimension symbol wherever it appears (sequence=128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--batch-size", type=int, default=32)
     _add_common(verify)
 
-    bench = commands.add_parser("bench", help="latency in onnxruntime (full graph optimisation)")
+    bench = commands.add_parser("bench", help="latency in onnxruntime (full graph optimisation); with two models, "
+                                              "the speedup of the second over the first, timed side by side")
     bench.add_argument("model", type=Path)
+    bench.add_argument("candidate", type=Path, nargs="?",
+                       help="a second model: both are timed in interleaved rounds and the ratio is reported")
     bench.add_argument("--data", type=Path, help="inputs to time on (default: seeded random inputs)")
     bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--repeat", type=int, default=50)
+    bench.add_argument("--repeat", type=int, default=50, help="timed runs (with two models: interleaved rounds, "
+                                                              "3 runs of each model per round)")
     bench.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     _add_common(bench)
@@ -156,6 +166,9 @@ def _add_optimize(commands: Any) -> None:
                                "methods in order (snp,exprune: static then dynamic pruning)")
     optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
     _add_option(optimize, declared["target_macs"])
+    optimize.add_argument("--strict", action="store_true",
+                          help="exit with code 3 when the model misses --target-macs by more than 2%% (relative); "
+                               "the output is still written")
     optimize.add_argument("--report", type=Path, help="write a JSON report here")
     placed = {"target_macs", "batch_size", *options_of(CalibrationOptions)}
     rest = [name for name in declared if name not in _OPTIMIZE_LAYOUT and name not in placed]
@@ -180,6 +193,10 @@ def _shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 
 def _print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=2, sort_keys=False, default=str))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
 
 
 def _fmt(value: float | None, spec: str = ".3g") -> str:
@@ -225,6 +242,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from graphopt.api import as_model
     from graphopt.evaluate import bench
 
+    if args.candidate is not None:
+        _bench_pair(args)
+        return
     result = bench(as_model(args.model), data=args.data, batch=args.batch, repeat=args.repeat,
                    threads=args.threads, device=args.device, progress=not args.quiet)
     if args.json:
@@ -234,25 +254,50 @@ def cmd_bench(args: argparse.Namespace) -> None:
           f"(batch {result['batch']}, {result['repeat']} runs, {', '.join(result['providers'])})")
 
 
-def _check_report_path(args: argparse.Namespace) -> None:
-    """Refuse a --report path that is an input (model, its external data, --calib, --stats) or the output,
-    by path, symlink or hard link, before anything is written."""
-    from graphopt.ir.io import input_files, same_file
+def _bench_pair(args: argparse.Namespace) -> None:
+    from graphopt.api import as_model
+    from graphopt.evaluate import compare_latency
 
-    guarded = [*input_files(args.model), args.output, *(p for p in (args.calib, args.stats) if p is not None)]
-    clash = next((p for p in guarded if same_file(args.report, p)), None)
-    if clash is not None:
-        raise GraphoptError(f"refusing to overwrite the input model, data or output with the report: {args.report} "
-                            f"(the same file as {clash})")
-    if not args.report.parent.is_dir():
-        raise GraphoptError(f"report directory does not exist: {args.report.parent}")
+    if args.batch < 1 or args.repeat < 2:
+        raise GraphoptError("--batch must be >= 1 and --repeat >= 2")
+    result = compare_latency(as_model(args.model), as_model(args.candidate), data=args.data, batch=args.batch,
+                             rounds=args.repeat, threads=args.threads, device=args.device, progress=not args.quiet)
+    result = {"reference": str(args.model), "candidate": str(args.candidate), **result}
+    if args.json:
+        _print_json(result)
+        return
+    print(f"{args.candidate} vs {args.model}: {_speedup(result)}  ({result['candidate_ms']:.3f} ms vs "
+          f"{result['reference_ms']:.3f} ms median, batch {result['batch']}, {result['rounds']} interleaved rounds, "
+          f"{', '.join(result['providers'])})")
 
 
-def cmd_optimize(args: argparse.Namespace) -> None:
+def _speedup(timing: dict[str, Any]) -> str:
+    """'1.32x faster (p10 1.25x, p90 1.40x)' from a side-by-side timing."""
+    ratio = timing["speedup"]
+    word = "faster" if ratio >= 1.0 else "SLOWER"
+    return f"{ratio:.2f}x {word} (p10 {timing['speedup_p10']:.2f}x, p90 {timing['speedup_p90']:.2f}x)"
+
+
+def _check_outputs(outputs: list[Path], inputs: list[Path | None], model: Path) -> None:
+    """Refuse, before any work, an input file that is not a regular file, and an output that is the same
+    file as an input (the model, its external data files, the other inputs) or as another output, by path,
+    symlink or hard link, or that cannot be written (graphopt.ir.files.check_outputs)."""
+    from graphopt.errors import DataError
+    from graphopt.ir.io import check_outputs, input_files, not_regular
+
+    given = [path for path in inputs if path is not None]
+    refused = next((reason for reason in map(not_regular, given) if reason), None)
+    if refused:
+        raise DataError(refused)
+    check_outputs(outputs, [*input_files(model), *given])
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.api import method_options, optimize
+    from graphopt.ir.io import model_outputs
 
-    if args.report is not None:
-        _check_report_path(args)
+    _check_outputs([*model_outputs(args.output), *([args.report] if args.report is not None else [])],
+                   [args.calib, args.stats], args.model)
     options = {name: getattr(args, name) for name, declared in method_options().items() if declared.flag is not None}
     result = optimize(args.model, method=args.method, calib=args.calib, input_shapes=_shapes(args),
                       output=args.output, progress=not args.quiet, **options)
@@ -264,8 +309,42 @@ def cmd_optimize(args: argparse.Namespace) -> None:
         write_atomic(args.report, lambda stream: stream.write(text))
     if args.json:
         _print_json(report)
-        return
-    _print_optimized(report)
+    else:
+        _print_optimized(report)
+    for batch in report.get("latency", {}).get("slower", []):
+        timing = report["latency"][f"batch_{batch}"]
+        print(f"graphopt: warning: the optimized model is slower than the original at batch {batch}: "
+              f"{_speedup(timing)}", file=sys.stderr)
+    missed = _target_missed(report)
+    if missed is None:
+        return 0
+    if args.strict:
+        print(f"graphopt: error: {missed}; the output was still written to {report['output']}", file=sys.stderr)
+        return 3
+    print(f"graphopt: warning: {missed} (--strict makes this exit code 3)", file=sys.stderr)
+    return 0
+
+
+def _target_missed(report: dict[str, Any]) -> str | None:
+    """Why the written model misses --target-macs (report["target_reached"] is False), in one line with the
+    main reasons the methods gave, or None when the target was reached or none was asked."""
+    if report.get("target_reached") is not False:
+        return None
+    methods_run = report["method"].split(",")
+    target = report["options"]["target_macs"]
+    text = (f"--target-macs {target} not reached: the model keeps {_percent(report['macs_ratio'])} of its MACs, "
+            f"more than 2% above the {_percent(target)} asked")
+    floors = [found["stats"]["min_macs_ratio"] for found in report["passes"] if "min_macs_ratio" in found["stats"]]
+    if floors:
+        text += f"; the smallest reachable is {_percent(min(floors))}"
+    reasons = [f"{found['pass']}: {reason}" for found in report["passes"] if found["pass"] in methods_run
+               for reason in found["skipped"]]
+    if report["method"] == "none":
+        text += "; --method none runs only the pre-passes"
+    elif reasons:
+        more = len(reasons) - 2
+        text += "; " + "; ".join(reasons[:2]) + (f" (+{more} more in --report or -v)" if more > 0 else "")
+    return text
 
 
 def _print_optimized(report: dict[str, Any]) -> None:
@@ -276,6 +355,13 @@ def _print_optimized(report: dict[str, Any]) -> None:
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
     if "exprune_macs_skipped" in report:
         _print_exprune(report)
+    mask = report.get("mask_input") or {}
+    if mask.get("name") is not None:
+        print(f"token statistics masked by input '{mask['name']}' ({mask['how']})")
+    latency = report.get("latency")
+    if latency:
+        print("latency: " + ", ".join(f"{_speedup(timing)} at batch {timing['batch']}"
+                                      for key, timing in latency.items() if key.startswith("batch_")))
     sparsity = report["weight_sparsity"]["overall"]
     print((f"weight sparsity {sparsity:.1%}   " if sparsity else "")
           + f"file {report['bytes_before']:,} -> {report['bytes_after']:,} bytes")
@@ -314,6 +400,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from graphopt.api import calibrate
     from graphopt.calibration.collect import parse_bytes
 
+    _check_outputs([args.output], [args.data], args.model)
     start = time.perf_counter()
     stats_file = calibrate(args.model, args.data, output=args.output, tensors=args.tensors,
                            batch_size=args.batch_size, memory_limit=parse_bytes(args.calib_memory),
@@ -322,11 +409,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     report = {"output": str(args.output), "tensors": len(stats_file.stats), "samples": stats_file.samples,
               "seconds": seconds, "model_fingerprint": stats_file.model_fingerprint,
-              "data_fingerprint": stats_file.data_fingerprint}
+              "data_fingerprint": stats_file.data_fingerprint, "mask_input": stats_file.mask_input,
+              "mask_found_automatically": args.mask_input is None and stats_file.mask_input is not None}
     if args.json:
         _print_json(report)
         return
     print(f"statistics of {report['tensors']} tensors over {report['samples']} samples in {seconds:.1f} s")
+    if report["mask_input"] is not None:
+        print(f"token rows masked by input '{report['mask_input']}'"
+              + (" (found automatically)" if report["mask_found_automatically"] else ""))
     print(f"wrote {args.output}")
 
 
@@ -343,7 +434,7 @@ def cmd_ops(args: argparse.Namespace) -> None:
     print(f"built {built.library} (headers: {built.include_dir})")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench, "optimize": cmd_optimize,
     "calibrate": cmd_calibrate, "ops": cmd_ops,
 }
@@ -354,8 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="graphopt: %(levelname)s: %(message)s")
     try:
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except GraphoptError as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"graphopt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -367,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphopt: internal error: {type(exc).__name__}: {exc}"
               + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ compares the first output (and reports every shared output): max |a - b|, relati
 ||a - b|| / ||a||, cosine similarity of the flattened outputs, and top-1 agreement (argmax over the
 last axis, per row). Statistics accumulate in float64 across batches.
 `bench` times batch inference with full graph optimisation (as deployed), after warm-up, and reports
-the median and percentiles of repeated runs.
+the median and percentiles of repeated runs; `compare_latency` times two models side by side in
+interleaved rounds and reports the speedup as a per-round ratio with its spread.
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ from tqdm.auto import tqdm
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.session import make_session
 from graphopt.errors import DataError, OptionError
-from graphopt.ir.shapes import input_specs, resolve_input_shapes
+from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
+
+
+def input_names(model: onnx.ModelProto) -> list[str]:
+    return [spec.name for spec in input_specs(model)]
 
 
 @dataclass
@@ -82,7 +87,7 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
         ref_out = ref_session.run(shared, feed)
         cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
         _add_batch(agreements, ref_out, cand_out)
-        samples += next((v.shape[0] for v in feed.values() if v.ndim), 1)
+        samples += dataset.feed_samples(feed)
     outputs = {name: agreement.summary() for name, agreement in agreements.items()}
     return VerifyReport(outputs[shared[0]], outputs, samples)
 
@@ -113,15 +118,17 @@ def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed
                 batch: int | None = None) -> dict[str, np.ndarray]:
     """Seeded inputs: standard normal floats, small non-negative integers, random booleans.
 
-    `batch` replaces axis 0 of the inputs whose axis 0 is dynamic; a fixed batch (or a scalar) stays.
+    `batch` replaces the dynamic batch axis of each input (graphopt.ir.shapes.batch_axis, wherever it sits);
+    a fixed batch (or a scalar) stays.
     """
     rng = np.random.default_rng(seed)
+    axes = batch_axes(model)
     feed = {}
     for spec in input_specs(model):
         shape = shapes[spec.name]
-        fixed = not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 0)
-        if batch is not None and not fixed:
-            shape = (batch, *shape[1:])
+        axis = axes[spec.name]
+        if batch is not None and axis is not None:
+            shape = (*shape[:axis], batch, *shape[axis + 1:])
         if spec.dtype.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b":
@@ -131,18 +138,30 @@ def random_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed
     return feed
 
 
-def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
-          warmup: int = 5, threads: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
+               shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """One batch of `batch` samples to time on: the first of `data`, else seeded random inputs."""
     if data is not None:
         dataset = load_data(data, model)
         feed = next(dataset.batches(batch))
         if next(iter(feed.values())).shape[0] < batch:
             raise DataError(f"data has fewer than --batch {batch} samples")
-    else:
-        fixed = fixed_batch(model)
-        if fixed is not None and fixed != batch:
-            raise OptionError(f"the model's batch axis is fixed to {fixed}; --batch {batch} cannot apply")
-        feed = random_feed(model, resolve_input_shapes(model), batch=batch)
+        return feed
+    fixed = fixed_batch(model)
+    if fixed is not None and fixed != batch:
+        raise OptionError(f"the model's batch axis is fixed to {fixed}; --batch {batch} cannot apply")
+    return random_feed(model, shapes or resolve_input_shapes(model), batch=batch)
+
+
+def _spread(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    return {"median": statistics.median(ordered), "p10": ordered[int(0.1 * (len(ordered) - 1))],
+            "p90": ordered[int(0.9 * (len(ordered) - 1))]}
+
+
+def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
+          warmup: int = 5, threads: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
+    feed = bench_feed(model, data, batch)
     session = make_session(model, optimize=True, device=device, threads=threads)
     for _ in range(warmup):
         session.run(None, feed)
@@ -151,14 +170,52 @@ def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int 
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    median = statistics.median(times)
+    spread = _spread(times)
     return {
-        "median_ms": median,
-        "p10_ms": times[int(0.1 * (len(times) - 1))],
-        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "median_ms": spread["median"],
+        "p10_ms": spread["p10"],
+        "p90_ms": spread["p90"],
         "batch": batch,
         "repeat": repeat,
-        "samples_per_s": batch * 1e3 / median if median > 0 else None,
+        "samples_per_s": batch * 1e3 / spread["median"] if spread["median"] > 0 else None,
         "providers": session.get_providers(),
     }
+
+
+def _timed(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    return (time.perf_counter() - start) * 1e3 / runs
+
+
+def compare_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, data: DataSource | None = None,
+                    batch: int = 1, rounds: int = 30, runs: int = 3, warmup: int = 3, threads: int = 0,
+                    device: str = "cpu", shapes: dict[str, tuple[int, ...]] | None = None,
+                    progress: bool = False) -> dict[str, Any]:
+    """Both models timed in one run, interleaved: each round times `runs` inferences of each, alternating
+    which goes first, on the same batch and with the same threads (full graph optimisation, as deployed).
+
+    `speedup` is the median over rounds of reference time / candidate time (> 1: the candidate is faster),
+    with the 10th and 90th percentiles of the per-round ratios: a ratio from the same rounds cancels most of
+    the drift a noisy machine adds to two separate timings. Idle threads do not spin, so neither session
+    takes CPU from the other."""
+    feed = bench_feed(reference, data, batch, shapes)
+    cand_inputs = set(input_names(candidate))
+    sessions = [make_session(model, optimize=True, device=device, threads=threads, spinning=False)
+                for model in (reference, candidate)]
+    feeds = [feed, {name: value for name, value in feed.items() if name in cand_inputs}]
+    for session, model_feed in zip(sessions, feeds):
+        _timed(session, model_feed, warmup)
+    times: list[list[float]] = [[], []]
+    for round_index in tqdm(range(rounds), desc=f"latency batch {batch}", unit="round", disable=not progress,
+                            leave=False):
+        order = (0, 1) if round_index % 2 == 0 else (1, 0)
+        for which in order:
+            times[which].append(_timed(sessions[which], feeds[which], runs))
+    ratios = [ref / cand for ref, cand in zip(*times) if cand > 0]
+    reference_ms, candidate_ms, speedup = _spread(times[0]), _spread(times[1]), _spread(ratios)
+    return {"batch": batch, "rounds": rounds, "runs_per_round": runs, "threads": threads,
+            "providers": sessions[0].get_providers(),
+            "reference_ms": reference_ms["median"], "candidate_ms": candidate_ms["median"],
+            "speedup": speedup["median"], "speedup_p10": speedup["p10"], "speedup_p90": speedup["p90"]}

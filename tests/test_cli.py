@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -61,10 +62,12 @@ def _assert_one_error_line(err: str, fragment: str) -> None:
 def test_version_by_module_and_entry_point():
     result = _run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"graphopt {__version__}"
+    (declared,) = importlib.metadata.entry_points(group="console_scripts", name="graphopt")
+    assert declared.value == "graphopt.cli:main"
     entry = Path(sys.executable).with_name("graphopt")
-    if entry.exists():
-        assert subprocess.run([str(entry), "--version"], capture_output=True, text=True).stdout.strip() == \
-            f"graphopt {__version__}"
+    assert entry.exists(), f"no graphopt console script next to {sys.executable}: run pip install -e ."
+    completed = subprocess.run([str(entry), "--version"], capture_output=True, text=True)
+    assert completed.returncode == 0 and completed.stdout.strip() == f"graphopt {__version__}", completed.stderr
 
 
 def test_inspect_json(files, capfd):
@@ -155,8 +158,8 @@ BAD_INPUTS = [  # (id, argv builder, stderr fragment)
     ("wrong_npz_shape", lambda f: ["verify", f["model"], f["model"], "--data",
                                    _bad_npz(f["dir"], "s", x=weights(2, 3, 8, 9))], "axis 3 must be 8"),
     ("wrong_npz_dtype", lambda f: ["optimize", f["model"], "-o", f["dir"] / "o.onnx", "--method", "none", "--calib",
-                                   _bad_npz(f["dir"], "d", x=weights(2, 3, 8, 8).astype(np.float64))],
-     "expects float32"),
+                                   _bad_npz(f["dir"], "d", x=np.ones((2, 3, 8, 8), np.int64))],
+     "expects float32, data has int64"),
     ("missing_npz", lambda f: ["verify", f["model"], f["model"], "--data", f["dir"] / "none.npz"], "not found"),
     ("bad_input_shape", lambda f: ["inspect", f["model"], "--input-shape", "x=1x3xbad"], "--input-shape expects"),
     ("unknown_input_shape_name", lambda f: ["inspect", f["model"], "--input-shape", "z=1x3"], "not a model input"),
@@ -291,3 +294,152 @@ def test_pipeline_names_each_method_that_changed_nothing(files, capfd):
     code, out, _ = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out2.onnx", "--method", "cob,exprune",
                          "--calib", files["data"], "--quiet")
     assert "cob changed nothing: " in out
+
+
+def test_a_missed_target_warns_and_strict_exits_3_with_the_output_written(files, capfd):
+    out, report_path = files["dir"] / "out.onnx", files["dir"] / "report.json"
+    # one Conv of 4 channels feeding the graph output's Gemm: keeping 1 channel is the smallest model (1/4)
+    code, stdout, err = _call(capfd, "optimize", files["model"], "-o", out, "--method", "magnitude", "--target-macs",
+                              "0.1", "--report", report_path, "--quiet")
+    assert code == 0 and "wrote" in stdout
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: warning: --target-macs 0.1 not reached: the model "
+                                                   "keeps 25% of its MACs, more than 2% above the 10% asked; "
+                                                   "the smallest reachable is 25%; magnitude: group")
+    assert "graph output 'y'" in lines[0] and lines[0].endswith("(--strict makes this exit code 3)")
+    report = json.loads(report_path.read_text())
+    assert report["target_reached"] is False and report["macs_ratio"] == (64 * 27 + 5) / (4 * 64 * 27 + 20) == 0.25
+    out.unlink()
+    code, stdout, err = _call(capfd, "optimize", files["model"], "-o", out, "--method", "magnitude", "--target-macs",
+                              "0.1", "--strict", "--json", "--quiet")
+    assert code == 3 and json.loads(stdout)["target_reached"] is False
+    assert err.startswith("graphopt: error: --target-macs 0.1 not reached") and err.count("\n") == 1
+    assert err.strip().endswith(f"the output was still written to {out}")
+    assert_equivalent(load_model(out), load_model(out), random_inputs(load_model(out)))  # a valid model
+
+
+@pytest.mark.parametrize("method,target,reached", [("magnitude", "0.5", True), ("magnitude", "0.25", True),
+                                                   ("magnitude", "0.245", False), ("none", "0.9", False),
+                                                   ("none", None, None)])
+def test_target_reached_in_the_report(files, capfd, method, target, reached):
+    # the smallest model keeps 1 of 4 channels: 25% of the MACs, within 2% of 0.25 (relative) but not of 0.245
+    extra = ["--target-macs", target] if target is not None else []
+    code, stdout, err = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "o.onnx", "--method", method,
+                              *extra, "--strict", "--json", "--quiet")
+    assert json.loads(stdout)["target_reached"] is reached
+    assert (code, err == "") == ((3, False) if reached is False else (0, True))
+
+
+def _exploding_inner_frame() -> None:
+    raise ValueError("inner failure")
+
+
+def test_debug_shows_the_frames_inside_a_failing_pass(files, capfd, monkeypatch):
+    from graphopt.passes.base import REGISTRY
+
+    def run(self, graph, ctx):
+        _exploding_inner_frame()
+
+    monkeypatch.setattr(REGISTRY["magnitude"], "run", run)
+    argv = ["optimize", files["model"], "-o", files["dir"] / "o.onnx", "--method", "magnitude", "--target-macs", "0.5",
+            "--quiet"]
+    code, _, err = _call(capfd, *argv)
+    assert code == 1 and err.count("\n") == 1 and "_exploding_inner_frame" not in err
+    assert "internal error: PassFailedError: pass 'magnitude' failed" in err and "ValueError: inner failure" in err
+    code, _, err = _call(capfd, *argv, "--debug")
+    assert code == 1
+    inner = err.index('in _exploding_inner_frame\n    raise ValueError("inner failure")')
+    assert inner < err.index("The above exception was the direct cause of the following exception")
+    assert err.strip().splitlines()[-1].startswith("graphopt: internal error: PassFailedError")
+    assert not (files["dir"] / "o.onnx").exists()
+
+
+def test_debug_on_bad_input_adds_the_traceback_above_the_error_line(files, capfd):
+    code, _, err = _call(capfd, "inspect", files["dir"] / "nope.onnx", "--debug")
+    assert code == 2 and "Traceback" in err and "ModelLoadError" in err
+    assert err.strip().splitlines()[-1] == f"graphopt: error: model file not found: {files['dir'] / 'nope.onnx'}"
+
+
+def _bert_like() -> onnx.ModelProto:
+    """Token embeddings, a masked two-layer MLP; three inputs sharing `batch` and `sequence`."""
+    return tiny("""e = Gather (emb, input_ids)
+                   t = Gather (types, token_type_ids)
+                   m = Cast <to = 1> (attention_mask)
+                   mu = Unsqueeze (m, last)
+                   s = Add (e, t)
+                   h = Mul (s, mu)
+                   a = MatMul (h, w1)
+                   r = Relu (a)
+                   y = MatMul (r, w2)""",
+                inputs="int64[batch, sequence] input_ids, int64[batch, sequence] attention_mask, "
+                       "int64[batch, sequence] token_type_ids", outputs="float[batch, sequence, 16] y",
+                inits=", ".join([init("emb", weights(30, 16)), init("types", weights(2, 16, seed=1)),
+                                 init("last", np.array([-1]), dtype="int64"), init("w1", weights(16, 32, seed=2)),
+                                 init("w2", weights(32, 16, seed=3))]))
+
+
+def test_input_shape_binds_a_dimension_symbol_across_inputs(tmp_path, capfd):
+    path = tmp_path / "bert.onnx"
+    onnx.save_model(_bert_like(), str(path))
+    code, _, err = _call(capfd, "inspect", path)
+    assert code == 2
+    _assert_one_error_line(err, "dynamic axis 1 ('sequence'): give --input-shape sequence=N or")
+    code, out, _ = _call(capfd, "inspect", path, "--json", "--input-shape", "sequence=128")
+    info = json.loads(out)
+    assert code == 0 and info["macs"] == 128 * 2 * 16 * 32
+    assert info["input_shapes"] == {name: [1, 128] for name in ("input_ids", "attention_mask", "token_type_ids")}
+    code, out, _ = _call(capfd, "inspect", path, "--json", "--input-shape", "input_ids=1x64", "--input-shape",
+                         "batch=1")
+    assert code == 0 and json.loads(out)["input_shapes"]["token_type_ids"] == [1, 64]
+    code, _, err = _call(capfd, "inspect", path, "--input-shape", "seq=128")
+    assert code == 2
+    _assert_one_error_line(err, "symbols: ['batch', 'sequence']")
+    report = tmp_path / "report.json"
+    code, _, _ = _call(capfd, "optimize", path, "-o", tmp_path / "out.onnx", "--method", "magnitude",
+                       "--target-macs", "0.5", "--input-shape", "sequence=16", "--report", report, "--quiet")
+    written = json.loads(report.read_text())
+    assert code == 0 and written["macs_before"] == 16 * 2 * 16 * 32 and written["macs_ratio"] <= 0.51
+    assert written["input_shapes"]["attention_mask"] == [1, 16] and written["interface_changes"] == []
+    output = load_model(tmp_path / "out.onnx").graph.output[0]
+    assert [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim] == ["batch", "sequence", 16]
+
+
+def _check_timing(timing: dict, batch: int, rounds: int) -> None:
+    assert timing["batch"] == batch and timing["rounds"] == rounds
+    assert timing["reference_ms"] > 0 and timing["candidate_ms"] > 0
+    assert 0 < timing["speedup_p10"] <= timing["speedup"] <= timing["speedup_p90"]
+
+
+def test_bench_two_models_reports_the_speedup_of_the_second_from_interleaved_rounds(capfd, files) -> None:
+    pruned = files["dir"] / "pruned.onnx"
+    assert _call(capfd, "optimize", files["model"], "-o", pruned, "--method", "magnitude", "--target-macs", "0.5",
+                 "--quiet")[0] == 0
+    code, out, err = _call(capfd, "bench", files["model"], pruned, "--batch", "4", "--repeat", "6", "--json",
+                           "--quiet")
+    assert code == 0, err
+    result = json.loads(out)
+    _check_timing(result, batch=4, rounds=6)
+    assert result["reference"] == str(files["model"]) and result["candidate"] == str(pruned)
+    code, out, _ = _call(capfd, "bench", files["model"], pruned, "--repeat", "4", "--quiet")
+    assert code == 0 and ("x faster (p10" in out or "x SLOWER (p10" in out)
+    assert "4 interleaved rounds" in out
+    code, _, err = _call(capfd, "bench", files["model"], files["dir"] / "missing.onnx", "--quiet")
+    assert code == 2 and "missing.onnx" in err
+
+
+def test_optimize_bench_times_original_and_result_at_batch_one_and_the_bench_batch(capfd, files) -> None:
+    report = files["dir"] / "report.json"
+    code, out, err = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out.onnx", "--method", "magnitude",
+                           "--target-macs", "0.5", "--bench", "--bench-batch", "3", "--report", report, "--quiet")
+    assert code == 0, err
+    latency = json.loads(report.read_text())["latency"]
+    assert set(latency) == {"batch_1", "batch_3", "slower"}
+    _check_timing(latency["batch_1"], batch=1, rounds=30)
+    _check_timing(latency["batch_3"], batch=3, rounds=30)
+    assert latency["slower"] == [t["batch"] for t in (latency["batch_1"], latency["batch_3"]) if t["speedup"] < 1]
+    assert "latency: " in out and "at batch 3" in out
+    # a slower result is said on stderr, once per batch where it is slower
+    assert err.count("slower than the original") == len(latency["slower"])
+    code, _, err = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out2.onnx", "--method", "none",
+                         "--bench-batch", "0", "--quiet")
+    assert code == 2 and "--bench-batch" in err

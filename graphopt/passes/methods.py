@@ -28,6 +28,7 @@ from graphopt.calibration.collect import parse_bytes
 from graphopt.calibration.store import StatsFile
 from graphopt.errors import OptionError
 from graphopt.passes.base import REGISTRY
+from graphopt.passes.channels.alignment import parse_round_to
 
 _SPEC = "graphopt.option"  # the dataclass field metadata key `option` writes
 
@@ -110,7 +111,8 @@ class CalibrationOptions(Options):
                                      help="bound on what calibration holds at once, e.g. 512MB (default 2GB)")
     device: str = option("cpu", choices=("cpu", "cuda"), help="onnxruntime device for calibration")
     threads: int = option(0, help="intra-op threads (0: onnxruntime's default)")
-    mask_input: str | None = option(None, metavar="NAME", help="attention-mask input: token statistics skip padding")
+    mask_input: str | None = option(None, metavar="NAME|none", help="attention-mask input: token statistics skip "
+                                    "padding (default: found in the model; none: no mask)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,21 +127,29 @@ class RunOptions(CalibrationOptions):
     batch_size: int = option(32)
     sparse_storage: bool = option(False, help="save weights as ONNX sparse initializers where that makes the "
                                               "file smaller")
+    bench: bool = option(False, help="time the original and the result side by side in onnxruntime "
+                                     "(interleaved rounds, --threads) at batch 1 and --bench-batch; the speedup "
+                                     "goes into the report")
+    bench_batch: int = option(8, metavar="N", help="the second batch size --bench times (default 8)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if int(self.bench_batch) < 1:
+            raise OptionError(f"--bench-batch must be >= 1, got {self.bench_batch}")
 
 
 @dataclass
 class Rounding(Options):
-    round_to: int = option(1, help="keep channel counts a multiple of N")
+    round_to: str | int = option(1, metavar="auto|N", parse=parse_round_to,
+                                 help="keep channel counts a multiple of N; auto (default): the block the "
+                                      "execution provider computes in (16 on AVX-512 CPUs, 8 on AVX2 and CUDA; "
+                                      "4 for groups under two blocks); 1: exact counts")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if int(self.round_to) < 1:
-            raise OptionError(f"--round-to must be >= 1, got {self.round_to}")
+        self.round_to = parse_round_to(str(self.round_to))
 
 
 @dataclass

@@ -28,8 +28,8 @@ from graphopt.passes.methods import (CalibrationOptions, KeepVariance, Reconstru
 from tests.conftest import init, tiny, weights
 
 # what every run reads, defaults filled in (the "none" method's options)
-RUN = {"target_macs": None, "batch_size": 32, "sparse_storage": False, "calib_memory": 2 * 1024**3, "device": "cpu",
-       "threads": 0, "mask_input": None}
+RUN = {"target_macs": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
+       "calib_memory": 2 * 1024**3, "device": "cpu", "threads": 0, "mask_input": None}
 SHARED = (RunOptions, Rounding, Seeded, KeepVariance, Reconstruction, CalibrationOptions, StatisticsOptions)
 
 # the optimize flags in the order --help has always listed them (new options may come in between)

@@ -8,19 +8,34 @@ by their group mean so groups compare. All removable channels (every channel but
 group) are laid in one global removal order: lowest normalised score first; ties go first to the
 channel ranked lowest within its group relative to the group size (so equal scores prune groups
 evenly, whatever their sizes), then by group and index. Removing the first m channels of that order
-(rounding each group's count up to a multiple of `round_to`) gives MACs that never rise with m; the
-smallest m within the target is found by bisection. What the last step left of the budget is then
-spent greedily: removed channels are put back, most important first, wherever they still fit.
+(rounding each group's count up to its multiple: `round_to`, one number for all groups or one per group)
+gives MACs that never rise with m; the smallest m within the target is found by bisection. What the
+last step left of the budget is then spent greedily: removed channels are put back, most important
+first, wherever they still fit.
 Within a group, kept channels are always its highest-scoring ones (ties: lower index first).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from graphopt.analysis.groups import Analysis
+
+
+RoundTo = int | Mapping[int, int]
+
+
+def multiple_of(round_to: RoundTo, root: int) -> int:
+    """The multiple group `root` rounds its kept count to (at least 1)."""
+    return max(int(round_to.get(root, 1) if isinstance(round_to, Mapping) else round_to), 1)
+
+
+def round_up(count: int, size: int, multiple: int) -> int:
+    """`count` rounded up to a multiple of `multiple`, at most the group's `size`."""
+    return min(size, -(-count // multiple) * multiple) if multiple > 1 else count
 
 
 @dataclass
@@ -83,10 +98,10 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 class _RemovalOrder:
     """Every removable channel of every group, in global removal order."""
 
-    def __init__(self, scores: dict[int, np.ndarray], round_to: int) -> None:
+    def __init__(self, scores: dict[int, np.ndarray], round_to: RoundTo) -> None:
         self.roots = sorted(scores)
         self.sizes = np.array([scores[r].size for r in self.roots], dtype=np.int64)
-        self.round_to = round_to
+        self.multiples = np.array([multiple_of(round_to, r) for r in self.roots], dtype=np.int64)
         group, score, spread = [], [], []
         for position, root in enumerate(self.roots):
             values = scores[root].astype(np.float64)
@@ -106,15 +121,13 @@ class _RemovalOrder:
 
     def counts(self, removed: int) -> dict[int, int]:
         gone = np.bincount(self.group[self.order[:removed]], minlength=len(self.roots))
-        keep = self.sizes - gone
-        if self.round_to > 1:
-            keep = np.minimum(self.sizes, -(-keep // self.round_to) * self.round_to)
+        keep = np.minimum(self.sizes, -(-(self.sizes - gone) // self.multiples) * self.multiples)
         return {root: int(k) for root, k in zip(self.roots, keep)}
 
 
-def minimum_counts(scores: dict[int, np.ndarray], round_to: int = 1) -> dict[int, int]:
-    """The fewest channels every group may keep: one, rounded up to a multiple of `round_to`."""
-    return {root: min(s.size, max(round_to, 1)) for root, s in scores.items()}
+def minimum_counts(scores: dict[int, np.ndarray], round_to: RoundTo = 1) -> dict[int, int]:
+    """The fewest channels every group may keep: one, rounded up to the group's multiple."""
+    return {root: min(s.size, multiple_of(round_to, root)) for root, s in scores.items()}
 
 
 def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: MacModel,
@@ -127,7 +140,7 @@ def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: M
         root = removal.roots[position]
         if root in full or counts[root] >= removal.sizes[position]:
             continue
-        grown = min(int(removal.sizes[position]), counts[root] + removal.round_to)
+        grown = min(int(removal.sizes[position]), counts[root] + int(removal.multiples[position]))
         if model.macs({**counts, root: grown}) <= budget:
             counts[root] = grown
         else:  # adding to this group only costs more once others have grown
@@ -136,10 +149,9 @@ def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: M
 
 
 def choose_counts(scores: dict[int, np.ndarray], model: MacModel, target: float,
-                  round_to: int = 1) -> dict[int, int]:
+                  round_to: RoundTo = 1) -> dict[int, int]:
     """Kept channels per group so that MACs come as close to `target` (a fraction) without exceeding it,
     when that is reachable; otherwise the fewest channels the constraints allow."""
-    round_to = max(round_to, 1)
     removal = _RemovalOrder(scores, round_to)
     budget = target * model.total
     if model.macs(removal.counts(0)) <= budget:

@@ -22,6 +22,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
                                   PassResult, register)
+from graphopt.passes.channels.alignment import pass_multiples
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
@@ -99,12 +100,10 @@ class _ChannelPruning(Pass):
         target = ctx.option("target_macs")
         if target is None:
             raise OptionError(f"--method {self.name} needs --target-macs")
-        round_to = int(ctx.option("round_to", 1))
-        if round_to < 1:
-            raise OptionError(f"--round-to must be >= 1, got {round_to}")
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
         groups, prunable = split_groups(analysis, result)
+        round_to = pass_multiples(ctx.option("round_to"), prunable, ctx.option("device"))
         mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
         scores = self.scores(analysis, prunable, ctx)
         counts = choose_counts(scores, mac_model, target, round_to)

@@ -36,6 +36,7 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.cob.chains import Chain, find_chains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
+from graphopt.passes.channels.alignment import pass_multiples
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
@@ -160,7 +161,7 @@ def _group_energies(analysis: Analysis, chains: list[Chain], energies: list[list
 
 
 def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: dict[int, Ordering],
-          model: MacModel, round_to: int) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+          model: MacModel, round_to: dict[int, int]) -> tuple[dict[int, np.ndarray], dict[str, float]]:
     """Kept rotated coordinates per group under the budget `kind` = `value`, and that decision."""
     if kind == "zscore":
         return {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}, {kind: value}
@@ -201,7 +202,9 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     orderings = {root: Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
                  for root, energy in energy_of.items()}
     model = MacModel(analysis, per_node, set(orderings))
-    kept, decision = _kept(kind, value, energy_of, orderings, model, int(ctx.option("round_to", 1)))
+    round_to = pass_multiples(ctx.option("round_to"), [g for g in analysis.groups() if g.root in orderings],
+                              ctx.option("device"))
+    kept, decision = _kept(kind, value, energy_of, orderings, model, round_to)
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
     result.history = _history(analysis, kept, orderings, copies, decision)
     _cut(graph, ctx, analysis, kept, result)

@@ -1,7 +1,8 @@
 """SNP planning: per-group unit orderings and how many units each group keeps.
 
 A group's covariance sums, over the tensors where linear consumers read it and over each place the
-group occurs in them (heads, flattened blocks), the covariance of its units; its readout (for the
+group occurs in them (heads, flattened blocks), the covariance of its units as the consumer reads them
+(a zero-padded Conv also reads the padding's zeros: graphopt.passes.snp.padding); its readout (for the
 output criterion) sums WᵀW of those consumers the same way. `orderings` ranks the units
 (graphopt.passes.snp.maths) and normalises the LDLᵀ variances D to fractions of the group's unique
 variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
@@ -22,9 +23,11 @@ from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import TensorStats
 from graphopt.passes.base import PassResult
-from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.channels.budget import MacModel, RoundTo, multiple_of, round_up
 from graphopt.passes.channels.engine import removal
+from graphopt.passes.channels.reduction import weights
 from graphopt.passes.snp.maths import ldl_diagonal, output_order, zca_order
+from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
 
@@ -47,30 +50,47 @@ def occurrences(a: Analysis, state: ChannelState, root: int) -> list[np.ndarray]
     return found
 
 
-def _readout(site: Site) -> np.ndarray:
-    """WᵀW over the consumer's outputs and taps, features x features."""
+def _readout(site: Site, features: int) -> np.ndarray:
+    """WᵀW over the consumer's outputs and taps, features x features (a reduction's W is one row)."""
+    if site.kind == "reduce":
+        row = weights(site, features)
+        return np.outer(row, row)
     weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
     rows = np.moveaxis(weight, site.axis, -1).reshape(-1, weight.shape[site.axis])
     return rows.T @ rows
 
 
+def _group_moments(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
+                   criterion: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per group: its covariance and readout summed over the consumers that read it. Each consumer's
+    moments are formed once, however many groups it reads (forming them per group and consumer made the
+    planning quadratic in the layer count)."""
+    sums = {g.root: (np.zeros((g.size, g.size)), np.zeros((g.size, g.size))) for g in groups}
+    for site in consumers:
+        tensor_stats = stats.get(site.node.inputs[0].name)
+        places = [(root, positions) for root in sums for positions in occurrences(a, site.state, root)]
+        if tensor_stats is None or not places:
+            continue
+        full_cov, _ = read_moments(tensor_stats, inside_fraction(a, site))
+        full_readout = _readout(site, full_cov.shape[0]) if criterion == "output" else None
+        for root, positions in places:
+            cov, readout = sums[root]
+            cov += full_cov[np.ix_(positions, positions)]
+            if full_readout is not None:
+                readout += full_readout[np.ix_(positions, positions)]
+    return sums
+
+
 def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
                criterion: str, result: PassResult) -> dict[int, Ordering]:
     found = {}
+    moments = _group_moments(a, groups, consumers, stats, criterion)
     for group in groups:
-        cov, readout = np.zeros((group.size, group.size)), np.zeros((group.size, group.size))
-        for site in consumers:
-            tensor_stats = stats.get(site.node.inputs[0].name)
-            if tensor_stats is None:
-                continue
-            full_cov = tensor_stats.covariance()
-            full_readout = _readout(site) if criterion == "output" else None
-            for positions in occurrences(a, site.state, group.root):
-                cov += full_cov[np.ix_(positions, positions)]
-                if full_readout is not None:
-                    readout += full_readout[np.ix_(positions, positions)]
+        cov, readout = moments[group.root]
         if not cov.any():
-            result.skipped.append(f"group {group.root} ({group.size} channels): no linear consumer with statistics")
+            producers = ", ".join(sorted({s.node.name for s in group.sites if s.role == "producer"}))
+            result.skipped.append(f"group {group.root} ({group.size} channels, produced by {producers}): "
+                                  "no linear consumer with statistics")
             continue
         order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
         added = ldl_diagonal(cov, order)
@@ -78,19 +98,19 @@ def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: di
     return found
 
 
-def counts(orderings: dict[int, Ordering], keep: float, round_to: int) -> dict[int, int]:
+def counts(orderings: dict[int, Ordering], keep: float, round_to: RoundTo) -> dict[int, int]:
+    """Units each group keeps to retain `keep` of its variance, rounded up to the group's multiple."""
     kept = {}
     for root, ordering in orderings.items():
         cumulative = np.cumsum(ordering.fraction)
         count = int(np.searchsorted(cumulative, keep - REDUNDANT)) + 1
         count = min(max(count, 1), ordering.order.size)
-        if round_to > 1:
-            count = min(ordering.order.size, -(-count // round_to) * round_to)
-        kept[root] = count
+        kept[root] = round_up(count, ordering.order.size, multiple_of(round_to, root))
     return kept
 
 
-def variance_for_target(orderings: dict[int, Ordering], model: MacModel, target: float, round_to: int) -> float:
+def variance_for_target(orderings: dict[int, Ordering], model: MacModel, target: float,
+                        round_to: RoundTo) -> float:
     """The largest global retained-variance cut whose MACs stay within the target."""
     budget = target * model.total
     if model.macs(counts(orderings, 0.0, round_to)) > budget:
@@ -106,16 +126,16 @@ def variance_for_target(orderings: dict[int, Ordering], model: MacModel, target:
 
 
 def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel, target: float,
-          round_to: int, limit: int = 4096) -> dict[int, int]:
+          round_to: RoundTo, limit: int = 4096) -> dict[int, int]:
     """Spend what the variance cut left of the MAC budget: add, one step at a time, the next unit
-    (or `round_to` units) of the group whose next units add the most variance, while MACs fit."""
+    (or the group's multiple of units) of the group whose next units add the most variance, while MACs fit."""
     budget = target * model.total
     chosen = dict(start)
     for _ in range(limit):
         best, best_gain = None, 0.0
         for root, ordering in orderings.items():
             count = chosen[root]
-            step = min(round_to, ordering.order.size - count)
+            step = min(multiple_of(round_to, root), ordering.order.size - count)
             if step <= 0:
                 continue
             gain = float(ordering.fraction[count:count + step].sum())
@@ -123,7 +143,7 @@ def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel,
                 best, best_gain = root, gain
         if best is None:
             break
-        chosen[best] = min(orderings[best].order.size, chosen[best] + max(round_to, 1))
+        chosen[best] = min(orderings[best].order.size, chosen[best] + multiple_of(round_to, best))
     return chosen
 
 

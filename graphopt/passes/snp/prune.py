@@ -1,17 +1,20 @@
 """SNP: subspace node pruning with least-squares reconstruction folded into the consumers.
 
 For every channel group (graphopt.analysis.groups) the statistics come from the tensors at which
-channel-mixing consumers (Conv, Gemm, MatMul with a constant weight) read the group, after any
-per-channel ops; graphopt.passes.snp.plan orders each group's units and decides how many stay
-(one global retained-variance cut, `keep_variance`, or a MAC target, `target_macs`).
+channel-mixing consumers (Conv, Gemm, MatMul with a constant weight, ReduceSum/ReduceMean over the
+channel axis) read the group, after any per-channel ops; graphopt.passes.snp.plan orders each group's
+units and decides how many stay (one global retained-variance cut, `keep_variance`, or a MAC target,
+`target_macs`). A reduction over channels that lose units gets its row of weights written as a Mul in
+front of the sum (graphopt.passes.channels.reduction), and its reconstruction folds into that row.
 
 Reconstruction is per consumer, on the whole tensor it reads (all groups at once): with P the pruned
 and K the kept positions, W[:, K] += W[:, P] C at every kernel tap and the consumer's bias gains
 W[:, P] c₀ (summed over taps). Exact when pruned units are affine in kept ones, otherwise the
-least-squares optimum for that consumer; for Conv the constant term is also added where zero padding
-means the pruned units were 0, so border outputs carry a small extra error. ConvTranspose consumers
-and bilinear reads (q·kᵀ) are pruned without reconstruction. Groups no linear consumer reads are left
-alone, with the reason recorded.
+least-squares optimum for that consumer. A zero-padded Conv reads zeros at the border, where the bias
+still adds c₀: the fit is over its reads, padding included (graphopt.passes.snp.padding), so units that
+are linear in the kept ones stay exact, while a constant unit is not redundant to it (removing one
+leaves a border error). ConvTranspose consumers and bilinear reads (q·kᵀ) are pruned without
+reconstruction. Groups no linear consumer reads are left alone, with the reason recorded.
 
 With `sequential`, the counts are decided once on the original model, then groups are pruned one at a
 time in graph order, each ordered and reconstructed on statistics of the model with the earlier groups
@@ -31,13 +34,16 @@ from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
+from graphopt.passes.channels.alignment import pass_multiples
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
 from graphopt.passes.snp.maths import reconstruction
+from graphopt.passes.snp.padding import inside_fraction, read_moments
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
 
 log = logging.getLogger(__name__)
@@ -51,7 +57,8 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     pruned_pos = np.setdiff1d(np.arange(features), keep_pos)
     if pruned_pos.size == 0:
         return False
-    coupling, constant = reconstruction(tensor_stats.covariance(), tensor_stats.mean, keep_pos, pruned_pos)
+    cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
+    coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
     weight = np.asarray(site.node.inputs[site.index].values)
     values = np.zeros(features)
     values[pruned_pos] = constant
@@ -65,7 +72,7 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
 def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
     usable = []
     for site in analysis.sites:
-        if site.kind != "weight" or site.role != "consumer":
+        if site.kind not in ("weight", "reduce") or site.role != "consumer":
             continue
         features = analysis.size(site.state) * site.state.factor
         if site.node.op == "ConvTranspose" or features > max_features:
@@ -86,6 +93,8 @@ def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], 
            kept: dict[int, np.ndarray], reconstruct: bool) -> int:
     """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
     shifts: Shifts = {}
+    if reconstruct:  # a reduction over channels that lose units becomes the weighted sum the fit folds into
+        sites = linear_sites(graph, analysis, sites, set(kept))
     folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], shifts) for s in sites) \
         if reconstruct else 0
     apply_with_shifts(graph, analysis, kept, shifts)
@@ -127,7 +136,7 @@ class SubspaceNodePruning(Pass):
         criterion = ctx.option("criterion", "variance")
         if criterion not in ("variance", "output"):
             raise OptionError(f"--criterion must be variance or output, got {criterion}")
-        round_to, reconstruct = int(ctx.option("round_to", 1)), bool(ctx.option("reconstruct", True))
+        reconstruct = bool(ctx.option("reconstruct", True))
         max_features = int(ctx.option("snp_max_features", 4096))
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
@@ -137,6 +146,7 @@ class SubspaceNodePruning(Pass):
         with single_threaded_blas():  # small dense factorisations: BLAS threads only contend
             ranked = orderings(analysis, prunable, sites, stats, criterion, result)
         mac_model = MacModel(analysis, per_node, set(ranked))
+        round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
         variance = float(keep) if keep is not None else variance_for_target(ranked, mac_model, float(target), round_to)
         chosen = counts(ranked, variance, round_to)
         if target is not None:

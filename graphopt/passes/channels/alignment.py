@@ -1,0 +1,89 @@
+"""Channel counts onnxruntime runs fastest: the multiple each group's kept count is rounded to.
+
+`--round-to auto` (the default of every channel-pruning method) rounds each group to the block its
+execution provider computes in; `--round-to N` forces N for every group, `--round-to 1` keeps exact counts.
+What the blocks are, measured with onnxruntime 1.32 on CPU (`python bench/alignment.py`, table in README):
+
+- Convolutions on x86 run in the NCHWc layout, blocked by 16 channels with AVX-512 and by 8 with AVX2: a
+  convolution's time steps with its output channels rounded up to the block, so kept channels between two
+  blocks cost MACs and buy no speed.
+- A convolution (depthwise above all) whose channel count is not a multiple of 4 leaves the blocked layout
+  and gets reorders around it: about 3x slower measured on a depthwise 3x3 with 95 channels against 96.
+- MatMul/Gemm: MLAS packs the weight in panels of 16 columns; time is nearly linear in the width, so the
+  block costs little there and keeps widths on the packing boundary.
+- CUDA: multiples of 8 (fp16 tensor cores).
+
+A group smaller than two blocks would have no choice left but all or one block, so it rounds to 4, the
+blocked layout's own requirement, instead: small layers can still be pruned.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+from graphopt.analysis.state import Group
+from graphopt.errors import OptionError
+
+# the blocked layout's own requirement, and the rounding of groups too small for a whole block
+MIN_BLOCK = 4
+CUDA_BLOCK = 8
+
+
+def parse_round_to(text: str) -> str | int:
+    """'auto' or a positive integer, as `--round-to` takes it."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise OptionError(f"--round-to expects 'auto' or a positive integer, got '{text}'") from None
+    if value < 1:
+        raise OptionError(f"--round-to must be >= 1, got {value}")
+    return value
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    return set(line.partition(":")[2].split())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_block() -> int:
+    """The NCHWc block of this CPU: 16 with AVX-512, 8 with AVX2, else the minimum of 4."""
+    flags = _cpu_flags()
+    if "avx512f" in flags:
+        return 16
+    if "avx2" in flags or platform.machine().lower() in ("x86_64", "amd64") and not flags:
+        return 8
+    return MIN_BLOCK
+
+
+def provider_block(device: str) -> int:
+    """The block of the execution provider the model is meant for."""
+    return CUDA_BLOCK if device == "cuda" else cpu_block()
+
+
+def group_block(group: Group, block: int) -> int:
+    """The multiple `group` rounds to: the provider's block, or 4 where the group is smaller than two blocks."""
+    return block if group.size >= 2 * block else min(MIN_BLOCK, group.size)
+
+
+def group_multiples(round_to: str | int, groups: list[Group], device: str = "cpu") -> dict[int, int]:
+    """The multiple each group's kept count is rounded to under `round_to` ('auto' or N)."""
+    if round_to == "auto":
+        block = provider_block(device)
+        return {group.root: group_block(group, block) for group in groups}
+    step = parse_round_to(str(round_to))
+    assert isinstance(step, int)
+    return {group.root: step for group in groups}
+
+
+def pass_multiples(option: str | int | None, groups: list[Group], device: str | None) -> dict[int, int]:
+    """`group_multiples` from a pass's options (no `round_to` given: exact counts)."""
+    return group_multiples(1 if option is None else option, groups, device or "cpu")

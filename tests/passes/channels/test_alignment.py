@@ -1,0 +1,125 @@
+"""--round-to: the multiple each group's kept channel count is rounded to (auto: the provider's block)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.analysis.state import Group
+from graphopt.errors import OptionError
+from graphopt.passes.channels import alignment
+from graphopt.passes.channels.budget import choose_counts, minimum_counts
+from graphopt.passes.snp.plan import Ordering, counts, fill
+from tests.conftest import init, tiny, weights
+
+
+def _group(root: int, size: int) -> Group:
+    return Group(root=root, size=size, sites=[], blocked=None)
+
+
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), ("8", 8), (" 16 ", 16)])
+def test_round_to_parses_auto_or_a_positive_integer(text: str, value: object) -> None:
+    assert alignment.parse_round_to(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-8", "eight", "8.5", ""])
+def test_round_to_refuses_anything_else(text: str) -> None:
+    with pytest.raises(OptionError, match="--round-to"):
+        alignment.parse_round_to(text)
+
+
+@pytest.mark.parametrize("flags, block", [({"avx512f", "avx2", "fma"}, 16), ({"avx2", "fma"}, 8),
+                                          ({"sse4_2"}, 4), ({"asimd", "fp"}, 4)])
+def test_cpu_block_follows_the_instruction_set(monkeypatch: pytest.MonkeyPatch, flags: set[str], block: int) -> None:
+    monkeypatch.setattr(alignment, "_cpu_flags", lambda: flags)
+    alignment.cpu_block.cache_clear()
+    try:
+        assert alignment.cpu_block() == block
+        assert alignment.provider_block("cuda") == alignment.CUDA_BLOCK
+    finally:
+        alignment.cpu_block.cache_clear()
+
+
+def test_auto_gives_the_block_to_large_groups_and_four_to_small_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(alignment, "cpu_block", lambda: 16)
+    groups = [_group(0, 512), _group(1, 32), _group(2, 31), _group(3, 10), _group(4, 3)]
+    assert alignment.group_multiples("auto", groups) == {0: 16, 1: 16, 2: 4, 3: 4, 4: 3}
+    assert alignment.group_multiples("auto", groups, device="cuda") == {0: 8, 1: 8, 2: 8, 3: 4, 4: 3}
+    assert alignment.group_multiples(8, groups) == {root: 8 for root in range(5)}
+    assert alignment.pass_multiples(None, groups, None) == {root: 1 for root in range(5)}
+
+
+def _linear_mac_model(sizes: dict[int, int]):
+    """MACs proportional to the kept channels of each group (a sum of independent layers)."""
+
+    class Linear:
+        total = float(sum(sizes.values()))
+
+        def macs(self, kept: dict[int, int]) -> float:
+            return float(sum(kept.values()))
+
+        def ratio(self, kept: dict[int, int]) -> float:
+            return self.macs(kept) / self.total
+
+    return Linear()
+
+
+def test_budget_rounds_each_group_to_its_own_multiple_and_stays_within_the_target() -> None:
+    rng = np.random.default_rng(0)
+    sizes = {0: 64, 1: 48, 2: 12}
+    scores = {root: rng.random(size) for root, size in sizes.items()}
+    multiples = {0: 16, 1: 8, 2: 4}
+    model = _linear_mac_model(sizes)
+    for target in (0.9, 0.7, 0.5, 0.3):
+        kept = choose_counts(scores, model, target, multiples)  # type: ignore[arg-type]
+        assert model.ratio(kept) <= target + 1e-12
+        for root, count in kept.items():
+            assert count % multiples[root] == 0 or count == sizes[root], (target, root, count)
+        # one more block anywhere would break the budget (the leftover was spent)
+        assert all(model.ratio({**kept, root: kept[root] + multiples[root]}) > target
+                   for root in kept if kept[root] < sizes[root])
+    assert minimum_counts(scores, multiples) == {0: 16, 1: 8, 2: 4}
+
+
+def test_snp_plan_rounds_each_group_to_its_own_multiple() -> None:
+    sizes = {0: 64, 1: 24}
+    orderings = {root: Ordering(np.arange(size), np.full(size, 1.0 / size)) for root, size in sizes.items()}
+    multiples = {0: 16, 1: 4}
+    assert counts(orderings, 0.5, multiples) == {0: 32, 1: 12}
+    assert counts(orderings, 0.51, multiples) == {0: 48, 1: 16}
+    model = _linear_mac_model(sizes)
+    filled = fill({0: 16, 1: 4}, orderings, model, 0.6, multiples)  # type: ignore[arg-type]
+    assert all(filled[root] % multiples[root] == 0 for root in filled)
+    assert model.ratio(filled) <= 0.6 and model.ratio({**filled, 1: filled[1] + 4}) > 0.6
+
+
+def _two_convs() -> onnx.ModelProto:
+    inits = ", ".join([init("w1", weights(64, 8, 3, 3, seed=1)), init("b1", weights(64, seed=2)),
+                       init("w2", weights(48, 64, 3, 3, seed=3)), init("b2", weights(48, seed=4)),
+                       init("w3", weights(4, 48, 1, 1, seed=5))])
+    body = """
+        h1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        r1 = Relu (h1)
+        h2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+        r2 = Relu (h2)
+        y = Conv (r2, w3)
+    """
+    return tiny(body, inputs="float[N, 8, 8, 8] x", inits=inits)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random", "snp"])
+def test_auto_rounding_keeps_every_group_on_its_block_and_reaches_the_target(monkeypatch: pytest.MonkeyPatch,
+                                                                                method: str) -> None:
+    monkeypatch.setattr(alignment, "cpu_block", lambda: 16)
+    model = _two_convs()
+    calib = {"x": np.random.default_rng(0).standard_normal((64, 8, 8, 8)).astype(np.float32)}
+    result = graphopt.optimize(model, method=method, target_macs=0.6, round_to="auto",
+                               calib=calib if method == "snp" else None)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    produced = sorted(stored[n.input[1]].shape[0] for n in result.model.graph.node if n.op_type == "Conv")
+    assert produced[0] == 4  # the graph output's producer is not pruned
+    assert all(width % 16 == 0 for width in produced[1:]), produced
+    assert result.report["macs_ratio"] <= 0.6
+    assert result.report["options"]["round_to"] == "auto"
