@@ -11,7 +11,6 @@ interleaved rounds and reports the speedup as a per-round ratio with its spread.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,9 +153,10 @@ def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
 
 
 def _spread(times: list[float]) -> dict[str, float]:
-    ordered = sorted(times)
-    return {"median": statistics.median(ordered), "p10": ordered[int(0.1 * (len(ordered) - 1))],
-            "p90": ordered[int(0.9 * (len(ordered) - 1))]}
+    """Median and the 10th/90th percentiles (linear interpolation between order statistics, so that
+    p10 <= median <= p90 for any number of samples)."""
+    p10, median, p90 = np.percentile(np.asarray(times, dtype=np.float64), [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
 
 
 def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,

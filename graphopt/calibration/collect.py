@@ -207,7 +207,7 @@ class Calibrator:
             # largest first: the pool balances better; popped, so each activation dies with its task
             order = sorted(names, key=lambda name: -values[name].size)
             list(pool.map(partial(_accumulate_popped, stats, values, mask), order))
-            bar.update(next((value.shape[0] for value in batch.values() if value.ndim), 1))  # scalars: no axis
+            bar.update(self.data.feed_samples(batch))
 
     def _runner(self, model: onnx.ModelProto, computed: list[str],
                 infos: dict[str, TensorInfo]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:

@@ -28,7 +28,7 @@ import onnx
 
 from graphopt.calibration.layout import Layout, check_symbols, fixed_unit, layout_of, runs
 from graphopt.errors import DataError
-from graphopt.ir.io import not_regular
+from graphopt.ir.io import open_regular
 from graphopt.ir.shapes import InputSpec, batch_axes, batch_symbols, input_specs
 
 log = logging.getLogger(__name__)
@@ -45,18 +45,15 @@ def fixed_batch(model: onnx.ModelProto) -> int | None:
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     path = Path(path)
-    refused = not_regular(path)
-    if refused:
-        raise DataError(refused)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if not zipfile.is_zipfile(path):  # np.load would return a bare array for an .npy file
-        raise DataError(f"{path} is not an .npz archive (save data with numpy.savez)")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz of numeric arrays: {exc}") from exc
+    with open_regular(path, DataError, "data file") as handle:  # regular files only, checked on the descriptor
+        if not zipfile.is_zipfile(handle):  # np.load would return a bare array for an .npy file
+            raise DataError(f"{path} is not an .npz archive (save data with numpy.savez)")
+        handle.seek(0)
+        try:
+            with np.load(handle, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise DataError(f"{path} is not a readable .npz of numeric arrays: {exc}") from exc
 
 
 def _converted(spec: InputSpec, array: np.ndarray, where: str) -> np.ndarray:

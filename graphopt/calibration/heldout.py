@@ -158,7 +158,7 @@ class HeldOut:
                 break
             self.feeds.append(feed)
             self.reference.append(reference)
-            taken += next((v.shape[0] for v in feed.values() if v.ndim), 1)
+            taken += data.feed_samples(feed)
         self.samples = taken
         self.rows = sum(int(np.prod(r.shape[:-1])) for r in self.reference) if self.classifier else 0
 

@@ -34,7 +34,7 @@ from graphopt.calibration.capture import cone_fingerprints, tensor_parts
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import DataError
-from graphopt.ir.io import check_outputs, not_regular, write_atomic
+from graphopt.ir.io import check_outputs, open_regular, write_atomic
 
 FORMAT = "graphopt-stats"
 VERSION = 1
@@ -127,16 +127,12 @@ def load_stats(path: str | os.PathLike[str], model: onnx.ModelProto | None = Non
                data: Dataset | None = None) -> StatsFile:
     """Read a statistics file; with `model` or `data`, refuse it when stale (see the module docstring)."""
     path = Path(path)
-    refused = not_regular(path)
-    if refused:
-        raise DataError(refused)
-    if not path.is_file():
-        raise DataError(f"statistics file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open_regular(path, DataError, "statistics file") as handle, \
+                np.load(handle, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
         header = json.loads(arrays.pop("header").tobytes().decode()) if "header" in arrays else {}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, OSError, zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not a readable statistics file: {exc}") from exc
     if header.get("format") != FORMAT:
         raise DataError(f"{path} is not a graphopt statistics file (make one with `graphopt calibrate`)")

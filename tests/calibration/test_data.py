@@ -378,3 +378,12 @@ def test_a_recurrent_model_optimizes_on_stacked_state_data():
     feed = random_feed(model, resolve_input_shapes(model), batch=8)  # random inputs batch the state's axis 1
     assert feed["x"].shape == (1, 8, 4) and feed["h0"].shape == (2, 8, 3)
     assert graphopt.optimize(model).report["fidelity"]["samples"] == 8
+
+
+def test_samples_are_counted_along_the_batch_axis_where_it_is_not_first():
+    import graphopt
+
+    model = tiny("z = Relu (x)", inputs="float[5, ?, 4] x", outputs="float[5, ?, 4] z")  # time-major
+    dataset = load_data({"x": weights(5, 6, 4)}, model)
+    assert [dataset.feed_samples(b) for b in dataset.batches(4)] == [4, 2]
+    assert graphopt.optimize(model, calib={"x": weights(5, 6, 4)}).report["fidelity"]["samples"] == 6

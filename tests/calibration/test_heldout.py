@@ -114,3 +114,9 @@ def test_held_out_batches_are_kept_within_the_memory_bound() -> None:
     bounded = HeldOut(reference, data, batch_size=50, max_bytes=3 * per_batch)
     assert bounded.samples == 150 and bounded.rows == 150
     assert HeldOut(reference, data, batch_size=50, max_bytes=1).samples == 50  # at least one batch
+
+
+def test_held_out_samples_are_counted_along_a_batch_axis_that_is_not_first() -> None:
+    model = tiny("z = Relu (x)", inputs="float[5, ?, 4] x", outputs="float[5, ?, 4] z")  # time-major
+    held = HeldOut(model, load_data({"x": weights(5, 6, 4)}, model), batch_size=4)
+    assert held.samples == 6 and len(held.feeds) == 2
