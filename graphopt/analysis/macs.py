@@ -24,7 +24,8 @@ What is counted, per sample:
 The counts read tensor shapes given by the caller and never run a model
 (graphopt.calibration.shapes.count_cost infers the shapes, with one onnxruntime run where ONNX
 inference leaves a needed one unknown). Parameters count the elements of all floating-point
-initializers and Constant-node tensors of the main graph.
+initializers and Constant-node tensors of the main graph, and of the (integer) constants a
+DequantizeLinear reads as its data; quantization scales and zero points are not parameters.
 """
 
 from __future__ import annotations
@@ -195,10 +196,17 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def parameter_count(model: onnx.ModelProto) -> int:
-    constants = [*model.graph.initializer,
-                 *(a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value")]
-    floating = [t for t in constants if onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]
-    return int(sum(math.prod(t.dims) for t in floating))
+    constants = {**{t.name: t for t in model.graph.initializer}, **_constant_nodes(model.graph)}
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    scales = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+              for name in n.input[1:]}
+    counted = [t for name, t in constants.items() if name in quantized or name not in scales
+               and onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]
+    return int(sum(math.prod(t.dims) for t in counted))
+
+
+def _constant_nodes(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {n.output[0]: a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
 
 
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -6,7 +6,7 @@ This module (with io.py) is the only place that knows onnx-graphsurgeon's quirks
 Invariants:
 - `export_model` keeps everything of the original model that a pass did not mean to change:
   ir_version, opset imports, producer, domain, model_version, doc strings, metadata_props and
-  model-local functions.
+  model-local functions. The default domain's opset rises only where a pass raised `graph.opset`.
 - `set_input_array` never edits an initializer shared with another consumer: it writes a new one.
 - Graph inputs and outputs keep the dims the template declares (symbolic, unnamed or fixed) unless a
   pass changed a fixed size or a rank on purpose (graphopt.ir.interface).
@@ -35,6 +35,17 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+def replace_graph(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Give `graph` the nodes, interface, initializers, opset and functions of `model`'s main graph, in place:
+    for passes that hand the whole model to a tool that rewrites models (a quantizer). The graph keeps its
+    name; `export_model` still takes the model-level fields from its template."""
+    rewritten = gs.import_onnx(model)
+    graph.nodes, graph.inputs, graph.outputs = rewritten.nodes, rewritten.inputs, rewritten.outputs
+    graph.opset, graph.import_domains = rewritten.opset, rewritten.import_domains
+    graph.ir_version = rewritten.ir_version
+    graph.functions = rewritten.functions
+
+
 def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = True,
                  declared: bool = True) -> onnx.ModelProto:
     """Turn `graph` back into a model carrying `template`'s model-level fields and (with `declared`) the
@@ -45,6 +56,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
     model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
+    _raised_opset(model, graph)
     known = {o.domain for o in model.opset_import}
     for node in itertools.chain(model.graph.node, *(f.node for f in model.functions)):
         if node.domain not in known and node.domain not in ("", "ai.onnx"):
@@ -65,6 +77,15 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
         model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                  for t in model.graph.initializer if t.name not in listed)
     return _inferred(model, template, infer, declared)
+
+
+def _raised_opset(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """The default domain at `graph.opset` where a pass converted the graph to a newer opset, with the IR
+    version the converted graph carries."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and graph.opset is not None and int(graph.opset) > opset.version:
+            opset.version = int(graph.opset)
+            model.ir_version = max(model.ir_version, int(graph.ir_version or 0))
 
 
 def _inferred(model: onnx.ModelProto, template: onnx.ModelProto, infer: bool, declared: bool) -> onnx.ModelProto:

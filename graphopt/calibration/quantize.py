@@ -1,0 +1,201 @@
+"""Static INT8 quantization in the QDQ format, by onnxruntime's quantizer, on graphopt's calibration data.
+
+Every quantized tensor x is stored or simulated as q = clamp(round(x / s) + z, qmin, qmax) and read back
+as s (q - z): weights as int8 constants behind DequantizeLinear (one scale per output channel by
+default, symmetric, z = 0), activations through QuantizeLinear/DequantizeLinear pairs whose scale and
+zero point come from the calibration batches (min/max, entropy or percentile of each tensor's values,
+as onnxruntime's calibrators measure them). The rounding error is at most s/2 per element (values inside
+the calibrated range); outside it, values saturate. Nothing here is exact: the caller measures fidelity.
+
+onnxruntime's CPU provider runs DQ -> Conv/MatMul/Gemm -> Q as integer kernels (QLinearConv,
+MatMulIntegerToFloat, ...), so the saved model is a plain ONNX model any onnxruntime runs.
+Types: int8 weights and int8 activations (S8S8) by default, the combination onnxruntime's quantization
+guide names as the first choice for the QDQ format on CPU; uint8 activations (U8S8) are the fallback it
+names when accuracy drops. On x86 CPUs without VNNI, per-channel int8 weights can saturate the
+u8*s8 multiply-add; `reduce_range` (7-bit weights) is the guide's remedy there.
+
+Invariants: a model that already holds quantized ops is refused (`QuantizeError`), never quantized
+twice; a model below opset 13 (per-axis QDQ) is converted to opset 13 by ONNX's version converter, not
+merely relabelled; graph input and output names are those of the model given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import onnx.version_converter
+
+from graphopt.calibration.data import Dataset
+from graphopt.calibration.session import runtime
+from graphopt.errors import GraphoptError
+
+log = logging.getLogger(__name__)
+
+QDQ_OPSET = 13  # QuantizeLinear/DequantizeLinear with an `axis` (per-channel scales)
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = ("int8", "uint8")
+
+# ops that mean the model is quantized already (ONNX's own and onnxruntime's com.microsoft kernels)
+_QUANTIZED = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+              "MatMulIntegerToFloat", "MatMulNBits", "QGemm", "QAttention", "QEmbedLayerNormalization"}
+_QUANTIZED_PREFIXES = ("QLinear", "DynamicQuantize")
+
+
+class QuantizeError(GraphoptError):
+    """The model cannot be quantized as given (already quantized, or refused by the quantizer)."""
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """What `quantize_qdq` asks onnxruntime's quantizer for."""
+
+    calibration: str = "minmax"
+    per_channel: bool = True
+    activations: str = "int8"
+    reduce_range: bool = False
+    exclude: tuple[str, ...] = ()  # op types left in float
+    batch_size: int = 32
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Count of each quantized op type in the model's graph (subgraphs included)."""
+    found: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        if node.op_type in _QUANTIZED or node.op_type.startswith(_QUANTIZED_PREFIXES):
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Raise `QuantizeError` naming the quantized ops when the model already has some."""
+    found = quantized_ops(model)
+    if found:
+        listed = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+        raise QuantizeError(f"the model is already quantized ({listed}): quantizing it again would stack "
+                            "scales on integer weights; quantize the float model instead")
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _all_nodes(subgraph)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _at_qdq_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at opset >= 13: converted by ONNX's version converter where it is lower."""
+    if default_opset(model) >= QDQ_OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as exc:  # the converter raises its own types for ops it cannot convert
+        raise QuantizeError(f"the model is at opset {default_opset(model)}; QDQ per-channel quantization needs "
+                            f"opset {QDQ_OPSET} and ONNX's converter refused: {exc}") from exc
+    log.info("opset raised from %d to %d for QDQ quantization", default_opset(model), QDQ_OPSET)
+    return converted
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with a unique name on every main-graph node (the quantizer excludes nodes by name)."""
+    if all(node.name for node in model.graph.node) and len({n.name for n in model.graph.node}) == len(model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for index, node in enumerate(named.graph.node):
+        node.name = f"{node.op_type}_{index}_graphopt"
+    return named
+
+
+def _reader(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> Any:
+    """An onnxruntime CalibrationDataReader over the dataset's batches (the inputs `model` reads)."""
+    base = runtime().quantization.CalibrationDataReader
+    names = {value.name for value in model.graph.input}
+
+    class BatchReader(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.batches = iter(dataset.batches(batch_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            feed = next(self.batches, None)
+            return None if feed is None else {k: v for k, v in feed.items() if k in names}
+
+    return BatchReader()
+
+
+def quantize_qdq(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSettings) -> onnx.ModelProto:
+    """`model` with static QDQ quantization calibrated on `dataset` (see the module docstring)."""
+    refuse_quantized(model)
+    import onnxruntime.quantization as quantization  # after runtime(): a missing onnxruntime reads as one line
+
+    runtime()
+    prepared = _named(_at_qdq_opset(model))
+    methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
+               "percentile": quantization.CalibrationMethod.Percentile}
+    activation = quantization.QuantType.QInt8 if settings.activations == "int8" else quantization.QuantType.QUInt8
+    excluded = [node.name for node in prepared.graph.node if node.op_type in settings.exclude and node.name]
+    with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as folder, _Quiet():
+        output = Path(folder) / "quantized.onnx"
+        try:
+            quantization.quantize_static(
+                prepared, output, _reader(dataset, prepared, settings.batch_size),
+                quant_format=quantization.QuantFormat.QDQ, per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range, activation_type=activation,
+                weight_type=quantization.QuantType.QInt8, nodes_to_exclude=excluded,
+                calibrate_method=methods[settings.calibration],
+                extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False})
+        except GraphoptError:
+            raise
+        except Exception as exc:  # the quantizer raises plain exceptions for models it cannot handle
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QuantizeError(f"onnxruntime's quantizer refused the model: {first}") from exc
+        quantized = onnx.load(str(output))
+    _check_interface(model, quantized)
+    return quantized
+
+
+class _Quiet(logging.Filter):
+    """While the quantizer runs: its progress prints go to the debug log, not stdout (where `--json`
+    writes), and its advice to run its pre-processing (shape inference, BatchNorm and constant folding)
+    is dropped: graphopt's pre-passes did that, so the advice would only mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "out-of-range for weight" in message:  # per-channel asked of a 1-D weight (a norm's): per-tensor
+            log.debug("quantizer: %s", message)
+            return False
+        return "pre-processing" not in message
+
+    def __enter__(self) -> None:
+        self.printed = io.StringIO()
+        self.redirect = contextlib.redirect_stdout(self.printed)
+        self.redirect.__enter__()
+        logging.getLogger().addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
+        self.redirect.__exit__(None, None, None)
+        if self.printed.getvalue().strip():
+            log.debug("quantizer: %s", self.printed.getvalue().strip())
+
+
+def _check_interface(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
+    """The quantizer keeps graph input and output names; a change would break every caller of the model."""
+    before = ([v.name for v in model.graph.input], [v.name for v in model.graph.output])
+    after = ([v.name for v in quantized.graph.input], [v.name for v in quantized.graph.output])
+    if before != after:
+        raise RuntimeError(f"quantization changed the graph interface: {before} -> {after}")

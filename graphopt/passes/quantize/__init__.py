@@ -1,0 +1,1 @@
+"""Static INT8 quantization (QDQ) as the last step of a pipeline, calibrated on the run's data."""

@@ -1,0 +1,68 @@
+"""The quantize method: static INT8 QDQ quantization of the current graph, the last step of a pipeline.
+
+The pass exports the graph, hands it with the run's calibration data to graphopt.calibration.quantize
+(onnxruntime's quantizer: int8 weights with per-channel scales, activation ranges calibrated by min/max,
+entropy or percentile) and takes the quantized graph back in place. Model-level fields (metadata_props,
+doc strings, producer) come from the template on export; graph input and output names are kept; the
+opset rises to 13 only where it was lower (per-axis QDQ needs it), and the pass says so in its stats.
+A model that already holds quantized ops is refused with the reason. Pruning after quantization is not
+offered: pruning passes leave quantized layers alone (graphopt.analysis.oprules.quantized).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_graphsurgeon as gs
+
+from graphopt.calibration.data import load_data
+from graphopt.calibration.quantize import (QuantizeError, QuantizeSettings, default_opset, quantize_qdq,
+                                           quantized_ops)
+from graphopt.ir import graph as ir
+from graphopt.passes.base import READS_WEIGHTS, Pass, PassContext, PassResult, all_but, register
+from graphopt.passes.methods import Method, QuantizeOptions, register_method
+
+log = logging.getLogger(__name__)
+
+
+def settings_from(ctx: PassContext) -> QuantizeSettings:
+    """The quantizer's settings from the run's options (defaults where an option is not given)."""
+    excluded = ctx.option("quant_exclude")
+    per_channel = ctx.options.get("quant_per_channel")
+    return QuantizeSettings(calibration=ctx.option("quant_calibration", "minmax"),
+                            per_channel=True if per_channel is None else bool(per_channel),
+                            activations=ctx.option("quant_activations", "int8"),
+                            reduce_range=bool(ctx.option("quant_reduce_range", False)),
+                            exclude=tuple(str(excluded).split(",")) if excluded else (),
+                            batch_size=int(ctx.option("batch_size", 32)))
+
+
+@register
+class QuantizeQDQ(Pass):
+    name = "quantize"
+    kind = "method"
+    description = "static INT8 QDQ quantization by onnxruntime, calibrated on --calib (the last step of a pipeline)"
+    requires = READS_WEIGHTS
+    preserves = all_but("constants_folded")  # DequantizeLinear of constant weights is left for the runtime to fold
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if ctx.data is None:
+            raise QuantizeError("--method quantize needs calibration data: give --calib DATA.npz "
+                                "(a statistics file holds no activation ranges)")
+        dataset = load_data(ctx.data, ctx.template)
+        model = ir.export_model(graph, ctx.template)
+        settings = settings_from(ctx)
+        quantized = quantize_qdq(model, dataset, settings)
+        ir.replace_graph(graph, quantized)
+        ops = quantized_ops(quantized)
+        stats: dict[str, int | float] = {"quantize_linear": ops.get("QuantizeLinear", 0),
+                                         "dequantize_linear": ops.get("DequantizeLinear", 0),
+                                         "opset": default_opset(quantized)}
+        if default_opset(quantized) > default_opset(model):
+            stats["opset_raised_from"] = default_opset(model)
+        skipped = [f"op type {op} left in float (--quant-exclude)" for op in settings.exclude]
+        return PassResult(modified=True, stats=stats, skipped=skipped)
+
+
+QUANTIZE = register_method(Method(QuantizeQDQ.name, QuantizeQDQ.description, needs_data=True,
+                                  passes=(QuantizeQDQ.name,), options=QuantizeOptions))

@@ -1,0 +1,131 @@
+"""The quantize method: static INT8 QDQ by onnxruntime's quantizer, alone and after pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from graphopt.api import optimize
+from graphopt.calibration.quantize import quantized_ops
+from graphopt.cli import main
+from graphopt.errors import GraphoptError, OptionError
+from tests.conftest import init, tiny, weights
+
+SAMPLES = Path(__file__).resolve().parents[3] / "samples"
+MODEL, CALIB = SAMPLES / "digits_cnn.onnx", SAMPLES / "digits_calib.npz"
+
+
+def _stock_top1(original: onnx.ModelProto, candidate: Path) -> float:
+    """Top-1 agreement of `candidate` (run as deployed: stock onnxruntime, full optimisation) with `original`."""
+    images = np.load(CALIB)["input"]
+    reference = ort.InferenceSession(original.SerializeToString(), providers=["CPUExecutionProvider"])
+    deployed = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+    expected = reference.run(None, {"input": images})[0]
+    got = deployed.run(None, {"input": images})[0]
+    return float(np.mean(np.argmax(expected, axis=1) == np.argmax(got, axis=1)))
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    output = tmp_path_factory.mktemp("quantize") / "digits_int8.onnx"
+    return output, optimize(MODEL, method="quantize", calib=CALIB, output=output, progress=False).report
+
+
+def test_quantize_alone_writes_a_smaller_qdq_model_stock_onnxruntime_runs(quantized: tuple[Path, dict]) -> None:
+    output, report = quantized
+    model, original = onnx.load(str(output)), onnx.load(str(MODEL))
+    ops = quantized_ops(model)
+    assert ops.get("QuantizeLinear", 0) >= 3 and ops.get("DequantizeLinear", 0) >= 6
+    weights_int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(weights_int8) == 5  # three Conv and two Gemm weights
+    assert _stock_top1(original, output) >= 0.95
+    assert report["fidelity"]["top1_agreement"] >= 0.95
+    assert report["bytes_after"] < 0.6 * report["bytes_before"]
+    assert report["macs_ratio"] == pytest.approx(1.0)
+    assert report["params_after"] == report["steps"][0]["params"]  # int8 weights still count as parameters
+
+
+def test_quantize_keeps_interface_metadata_doc_strings_and_opset(quantized: tuple[Path, dict]) -> None:
+    output, _ = quantized
+    model, original = onnx.load(str(output)), onnx.load(str(MODEL))
+    assert [(p.key, p.value) for p in model.metadata_props] == [(p.key, p.value) for p in original.metadata_props]
+    assert [v.name for v in model.graph.input] == [v.name for v in original.graph.input]
+    assert [v.name for v in model.graph.output] == [v.name for v in original.graph.output]
+    assert (model.doc_string, model.graph.doc_string) == (original.doc_string, original.graph.doc_string)
+    assert [(o.domain, o.version) for o in model.opset_import] == [(o.domain, o.version) for o in original.opset_import]
+
+
+def test_snp_then_quantize_keeps_the_pruned_macs_and_reports_both_steps(tmp_path: Path) -> None:
+    report = optimize(MODEL, method="snp,quantize", calib=CALIB, target_macs=0.7, output=tmp_path / "m.onnx",
+                      progress=False).report
+    pruned, quantized = report["steps"]
+    assert (pruned["step"], quantized["step"]) == ("snp", "quantize")
+    assert report["macs_ratio"] <= 0.72 and quantized["macs_ratio"] == pytest.approx(pruned["macs_ratio"])
+    assert pruned["fidelity"]["top1_agreement"] is not None and quantized["fidelity"]["top1_agreement"] >= 0.9
+    assert 0 < pruned["fidelity"]["rel_l2"] < quantized["fidelity"]["rel_l2"]  # each step measured on its own
+    assert quantized["bytes"] < 0.6 * pruned["bytes"] and pruned["bytes"] < report["bytes_before"]
+    assert quantized["fidelity"] == report["fidelity"]
+    assert quantized_ops(onnx.load(str(tmp_path / "m.onnx"))).get("QuantizeLinear", 0) > 0
+
+
+def test_an_already_quantized_model_is_refused_with_the_reason(quantized: tuple[Path, dict]) -> None:
+    output, _ = quantized
+    with pytest.raises(GraphoptError, match="already quantized .*QuantizeLinear"):
+        optimize(output, method="quantize", calib=CALIB, progress=False)
+
+
+def test_quantize_must_be_last_and_needs_data() -> None:
+    with pytest.raises(OptionError, match="last method"):
+        optimize(MODEL, method="quantize,magnitude", calib=CALIB, target_macs=0.7, progress=False)
+    with pytest.raises(GraphoptError, match="needs calibration data"):
+        optimize(MODEL, method="quantize", progress=False)
+
+
+@pytest.mark.parametrize("calibration", ["minmax", "entropy", "percentile"])
+def test_each_calibration_method_is_accepted(tmp_path: Path, calibration: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["optimize", str(MODEL), "--method", "quantize", "--calib", str(CALIB), "--quant-calibration",
+                 calibration, "-o", str(tmp_path / "m.onnx"), "--json", "--quiet"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)  # the quantizer's own prints stay off stdout
+    assert report["options"]["quant_calibration"] == calibration
+    assert report["steps"][-1]["fidelity"]["top1_agreement"] >= 0.95
+    assert _stock_top1(onnx.load(str(MODEL)), tmp_path / "m.onnx") >= 0.95
+
+
+def test_a_bad_calibration_method_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", str(MODEL), "--method", "quantize", "--calib", str(CALIB), "--quant-calibration",
+              "median", "-o", str(tmp_path / "m.onnx")])
+    assert info.value.code == 2 and "median" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="--quant-calibration"):
+        optimize(MODEL, method="quantize", calib=CALIB, quant_calibration="median", progress=False)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_per_tensor_and_excluded_op_types(tmp_path: Path) -> None:
+    per_tensor = optimize(MODEL, method="quantize", calib=CALIB, quant_per_channel=False, progress=False)
+    scales = [t for t in per_tensor.model.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(len(t.dims) == 0 or int(np.prod(t.dims)) == 1 for t in scales)
+    kept = optimize(MODEL, method="quantize", calib=CALIB, quant_exclude="Gemm", progress=False)
+    gemm_weights = [node.input[1] for node in kept.model.graph.node if node.op_type == "Gemm"]
+    floats = {t.name for t in kept.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert gemm_weights and all(name in floats for name in gemm_weights)
+    assert "op type Gemm left in float" in " ".join(kept.report["passes"][-1]["skipped"])
+
+
+def test_an_opset_11_model_is_converted_to_opset_13_not_relabelled() -> None:
+    model = tiny("h = Conv(x, w)\ny = Relu(h)", outputs="float[N, 4, 8, 8] y", opset=11,
+                 inits=init("w", weights(4, 3, 1, 1)))
+    calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    result = optimize(model, method="quantize", calib=calib, progress=False)
+    opsets = {o.domain: o.version for o in result.model.opset_import}
+    assert opsets[""] == 13
+    assert result.report["passes"][-1]["stats"]["opset_raised_from"] == 11
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.report["fidelity"]["cosine"] > 0.999
