@@ -6,7 +6,8 @@ parameters and fidelity against the original (on the calibration data, or on see
 and saves atomically when an output path is given. Its keyword options are those the methods declare
 (graphopt.passes.methods): unknown names are refused, and the report lists the values the run used.
 Asked for `target_macs`, the report says whether the model reached it (`target_reached`, within
-`TARGET_TOLERANCE`); a missed target is reported, not raised.
+`TARGET_TOLERANCE`); a missed target is reported, not raised. Asked for `target_latency`, the report's
+`latency_target` holds the target, the latency the method predicted and the one the result measures.
 `calibrate` takes activation statistics on the same pre-passed graph and saves them for
 `optimize(..., stats=path)`.
 """
@@ -17,9 +18,10 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
@@ -129,6 +131,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     every method that reads it, the methods that run validate theirs, and a name no method declares is
     refused. The report's "options" holds every option the run read, defaults filled in."""
     pipeline = parse_methods(method)
+    pruning, quantizing = _split_quantize(pipeline)
     resolved = resolve_options(pipeline, {"target_macs": target_macs, "batch_size": batch_size, **options})
     _require_data(pipeline, calib, resolved.get("stats"))
     outputs = model_outputs(output) if output is not None else []
@@ -139,7 +142,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
 
     graph = ir.import_graph(original)
     ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved)
-    records = PassManager(_sequence(pipeline)).run(graph, ctx)
+    records, pruned = _run_steps(graph, ctx, pruning, quantizing)
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
 
@@ -156,6 +159,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         report["exprune_macs_skipped"] = dynamic
     report["interface_changes"] = interface_changes(original, optimized)  # declared dims a pass changed
     report["weight_sparsity"] = weight_sparsity(optimized)
+    report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,
+                             lambda model: _measure(original, model, shapes, dataset, batch_size, progress))
     report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
@@ -163,6 +168,9 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
     if resolved["bench"]:
         report["latency"] = measure_latency(original, optimized, shapes, resolved, progress)
+    if resolved["target_latency"] is not None:
+        report["latency_target"] = latency_target(original, optimized, shapes, resolved, records,
+                                                  report.get("latency"), progress)
     if output is not None:
         save_model(stored, output, protected=protected)
         report["output"] = str(output)
@@ -178,20 +186,76 @@ def target_reached(target: float | None, macs_ratio: float) -> bool | None:
 
 
 def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                    options: dict[str, Any], progress: bool = False) -> dict[str, Any]:
-    """The optimized model's speedup over the original, timed side by side (interleaved rounds, the same
-    threads and seeded inputs) at batch 1 and at `bench_batch` (where the batch axis is free); `slower`
-    lists the batches where the result is slower than the original."""
+                    options: dict[str, Any], progress: bool = False, rounds: int = 30) -> dict[str, Any]:
+    """The optimized model's speedup over the original, timed side by side (`rounds` interleaved rounds,
+    the same threads and seeded inputs) at batch 1 and at `bench_batch` (where the batch axis is free);
+    `slower` lists the batches where the result is slower than the original."""
     batches = [1] if fixed_batch(original) is not None else sorted({1, int(options["bench_batch"])})
-    timings = {f"batch_{batch}": compare_latency(original, optimized, batch=batch, shapes=shapes,
+    timings = {f"batch_{batch}": compare_latency(original, optimized, batch=batch, shapes=shapes, rounds=rounds,
                                                  threads=int(options.get("threads") or 0),
                                                  device=options.get("device") or "cpu", progress=progress)
                for batch in batches}
     return {**timings, "slower": [timing["batch"] for timing in timings.values() if timing["speedup"] < 1.0]}
 
 
+def latency_target(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                   options: dict[str, Any], records: list[PassRecord], latency: dict[str, Any] | None,
+                   progress: bool = False) -> dict[str, Any]:
+    """`--target-latency` against the latency the method predicted (per-layer tables) and the latency the
+    optimized model measures, as fractions of the original's at `bench_batch`: timed side by side with
+    the original (interleaved rounds, the same threads), or taken from `--bench`'s timing when it ran."""
+    batch = fixed_batch(original) or int(options["bench_batch"])
+    timing = (latency or {}).get(f"batch_{batch}") or compare_latency(
+        original, optimized, batch=batch, shapes=shapes, rounds=20, threads=int(options.get("threads") or 0),
+        device=options.get("device") or "cpu", progress=progress)
+    stats = next((r.result.stats for r in reversed(records) if "predicted_latency_ratio" in r.result.stats), {})
+    return {"target": options["target_latency"], "predicted": stats.get("predicted_latency_ratio"),
+            "measured": 1.0 / timing["speedup"] if timing["speedup"] else None, "batch": batch,
+            "reference_ms": timing["reference_ms"], "candidate_ms": timing["candidate_ms"],
+            "table_cache_hits": int(stats.get("latency_table_hits", 0)),
+            "table_entries": int(stats.get("latency_table_entries", 0)),
+            "table_build_s": float(stats.get("latency_table_build_s", 0.0))}
+
+
+def _split_quantize(pipeline: list[str]) -> tuple[list[str], list[str]]:
+    """(the methods before quantization, ["quantize"] or []): quantization is the last step of a pipeline,
+    since pruning leaves quantized layers alone."""
+    if "quantize" in pipeline[:-1]:
+        raise OptionError(f"quantize must be the last method of a pipeline (pruning leaves quantized layers "
+                          f"alone): '{','.join(pipeline)}'")
+    return (pipeline[:-1], ["quantize"]) if pipeline[-1:] == ["quantize"] else (pipeline, [])
+
+
+def _run_steps(graph: gs.Graph, ctx: PassContext, pruning: list[str],
+               quantizing: list[str]) -> tuple[list[PassRecord], onnx.ModelProto | None]:
+    """Run the pre-passes and `pruning`, then `quantizing` as a step of its own; with the records, the
+    model before quantization (None without it), which the report measures too."""
+    records = PassManager(_sequence(pruning)).run(graph, ctx)
+    if not quantizing:
+        return records, None
+    pruned = ir.export_model(graph, ctx.template)
+    after = [get_pass("shape_inference")] if pruning else []
+    return records + PassManager([*after, get_pass("quantize")]).run(graph, ctx), pruned
+
+
+def _steps(pruning: list[str], quantizing: list[str], models: list[onnx.ModelProto | None],
+           measured: dict[str, Any], measure: Callable[[onnx.ModelProto], dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps of the run as the report lists them, each with its cost against the original model: the
+    methods before quantization (the pre-passes alone: "none"), then quantization where it ran. `bytes` is
+    the serialized model, the size of its file."""
+    pruned, optimized = models
+    named = [(",".join(pruning) or "none", pruned, None)] if pruned is not None else []
+    named.append((",".join(quantizing or pruning) or "none", optimized, measured))
+    return [{"step": name, "macs_ratio": found["macs_ratio"], "params": found["params_after"],
+             "nodes": found["nodes_after"], "bytes": model.ByteSize(), "fidelity": found["fidelity"]}
+            for name, model, known in named for found in [known or measure(model)]]
+
+
 def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any) -> None:
     """Refuse, before any work, a method that reads calibration data when neither data nor statistics are given."""
+    if "quantize" in pipeline and calib is None:
+        raise DataError("--method quantize needs calibration data: give --calib DATA.npz "
+                        "(a statistics file holds no activation ranges)")
     hungry = [name for name in pipeline if METHODS[name].needs_data]
     if hungry and calib is None and stats is None:
         raise DataError(f"--method {hungry[0]} needs calibration data: give --calib DATA.npz "

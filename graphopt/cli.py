@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench)
 
     _add_optimize(commands)
+    _add_sweep(commands)
 
     calibrate = commands.add_parser("calibrate", help="activation statistics for optimize --stats")
     calibrate.add_argument("model", type=Path)
@@ -177,6 +178,37 @@ def _add_optimize(commands: Any) -> None:
     _add_calibration(optimize)
     _add_shapes(optimize)
     _add_common(optimize)
+
+
+def _add_sweep(commands: Any) -> None:
+    """The sweep command: methods x targets, one table (graphopt.sweep)."""
+    from graphopt.api import method_options
+    from graphopt.sweep import parse_alternatives, parse_targets
+
+    declared = method_options()
+    sweep = commands.add_parser("sweep", help="compare methods over a range of targets: MACs, size, measured "
+                                              "speedup and held-out fidelity in one table, JSON and plot")
+    sweep.add_argument("model", type=Path)
+    sweep.add_argument("--calib", type=Path, required=True, help="calibration .npz (a held-out part scores fidelity)")
+    sweep.add_argument("--method", type=_checked(parse_alternatives), required=True, metavar="M[,M...]",
+                       help="the methods compared, separated by commas; a pipeline joins methods with '+' "
+                            "(snp,magnitude,snp+exprune)")
+    targets = sweep.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--targets", type=_checked(parse_targets), metavar="F[,F...]",
+                         help="fractions of the original's MACs, e.g. 0.9,0.8,0.7,0.6,0.5")
+    if "target_latency" in declared:
+        targets.add_argument("--latency-targets", type=_checked(parse_targets), metavar="F[,F...]",
+                             help="fractions of the original's latency at --bench-batch (--target-latency)")
+    sweep.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR",
+                       help="folder for sweep.json and sweep.png (created if missing)")
+    sweep.add_argument("--held-out", type=float, default=0.25, metavar="F",
+                       help="fraction of the calibration samples held out to score fidelity (default 0.25)")
+    sweep.add_argument("--repeat", type=int, default=30, help="interleaved timing rounds per batch (default 30)")
+    sweep.add_argument("--no-bench", action="store_true", help="skip the timings (a quick sweep)")
+    for name in ("bench_batch", "threads", "round_to"):
+        _add_option(sweep, declared[name])
+    _add_shapes(sweep)
+    _add_common(sweep)
 
 
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
@@ -353,11 +385,17 @@ def _print_optimized(report: dict[str, Any]) -> None:
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
+    if len(report.get("steps", [])) > 1:
+        for step in report["steps"]:
+            print(f"  after {step['step']}: MACs {step['macs_ratio']:.1%}  {step['bytes']:,} bytes  rel_l2 "
+                  f"{_fmt(step['fidelity']['rel_l2'])}  top1_agreement {_fmt(step['fidelity']['top1_agreement'], '.4f')}")
     if "exprune_macs_skipped" in report:
         _print_exprune(report)
     mask = report.get("mask_input") or {}
     if mask.get("name") is not None:
         print(f"token statistics masked by input '{mask['name']}' ({mask['how']})")
+    if "latency_target" in report:
+        _print_latency_target(report["latency_target"])
     latency = report.get("latency")
     if latency:
         print("latency: " + ", ".join(f"{_speedup(timing)} at batch {timing['batch']}"
@@ -370,6 +408,14 @@ def _print_optimized(report: dict[str, Any]) -> None:
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
     _print_unchanged(report)
     print(f"wrote {report['output']}")
+
+
+def _print_latency_target(target: dict[str, Any]) -> None:
+    cached = (f"{target['table_cache_hits']} of {target['table_entries']} layer tables cached, "
+              f"built in {target['table_build_s']:.1f} s")
+    print(f"latency target {_percent(target['target'])} at batch {target['batch']}: predicted "
+          f"{_percent(target['predicted']) if target['predicted'] is not None else 'n/a'}, measured "
+          f"{_percent(target['measured']) if target['measured'] is not None else 'n/a'} of the original ({cached})")
 
 
 def _print_exprune(report: dict[str, Any]) -> None:
@@ -421,6 +467,27 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from graphopt.sweep import sweep, table
+
+    latency = getattr(args, "latency_targets", None)
+    report = sweep(args.model, args.calib, methods=args.method, targets=latency or args.targets,
+                   kind="latency" if latency else "macs", output_dir=args.output, held_out=args.held_out,
+                   bench=not args.no_bench, bench_batch=args.bench_batch, threads=args.threads, repeat=args.repeat,
+                   input_shapes=_shapes(args), progress=not args.quiet, round_to=args.round_to)
+    if args.json:
+        _print_json(report)
+    else:
+        print("\n".join(table(report)))
+        print(f"wrote {report['output']}" + (f" and {report['plot']}" if report["plot"] else ""))
+    if report.get("plot_skipped"):
+        print(f"graphopt: warning: plot skipped: {report['plot_skipped']}", file=sys.stderr)
+    failed = [row for row in report["rows"] if row["failed"]]
+    for row in failed:
+        print(f"graphopt: error: {row['method']} at {row['target']:g} failed: {row['reason']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_ops(args: argparse.Namespace) -> None:
     from graphopt.ops.build import build_library
 
@@ -436,7 +503,7 @@ def cmd_ops(args: argparse.Namespace) -> None:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench, "optimize": cmd_optimize,
-    "calibrate": cmd_calibrate, "ops": cmd_ops,
+    "calibrate": cmd_calibrate, "ops": cmd_ops, "sweep": cmd_sweep,
 }
 
 

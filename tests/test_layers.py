@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "graphopt.evaluate": 6,
     "graphopt.inspect": 6,
     "graphopt.api": 6,
+    "graphopt.sweep": 6,
     "graphopt.cli": 7,
     "graphopt.torch": 7,
     # the front door imports the library; nothing inside the library imports it back

@@ -14,6 +14,7 @@ from graphopt.passes.exprune import prune as exprune  # noqa: F401
 from graphopt.passes.prepasses import (constant_fold, dead_code, fold_batchnorm,  # noqa: F401
                                        normalize_constants, remove_identity, shape_inference)
 from graphopt.passes.snp import prune as snp  # noqa: F401
+from graphopt.passes.quantize import qdq as quantize  # noqa: F401
 from graphopt.passes.sparse import dead_units, omp  # noqa: F401
 
 PREPASSES = [

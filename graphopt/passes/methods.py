@@ -7,8 +7,9 @@ parser for the text). `graphopt optimize`'s flags, the keyword options of `graph
 the report's "options" are all built from these declarations. A name means one thing everywhere: the
 options several methods read are declared once below and composed into each method's dataclass by
 inheritance (`CalibrationOptions` and `RunOptions` hold what every run reads; `Rounding`, `Seeded`,
-`KeepVariance`, `Reconstruction` and `StatisticsOptions` what some methods share), and registering a
-method that declares a known name differently is refused, as is a second method of the same name.
+`KeepVariance`, `Reconstruction` and `StatisticsOptions` what some methods share; `QuantizeOptions` the
+quantize method's), and registering a method that declares a known name differently is refused, as is a
+second method of the same name.
 
 Validation lives in the dataclasses (`__post_init__` raises `OptionError`, one line); the choices an
 option declares are checked for every option. A run validates the options of the methods it runs and
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, get_type_hints
 
 from graphopt.calibration.collect import parse_bytes
+from graphopt.calibration.quantize import ACTIVATIONS, CALIBRATIONS
 from graphopt.calibration.store import StatsFile
 from graphopt.errors import OptionError
 from graphopt.passes.base import REGISTRY
@@ -124,6 +126,9 @@ class RunOptions(CalibrationOptions):
     """What every run reads, whatever its methods: the "none" method's options."""
 
     target_macs: float | None = option(None, help="keep about this fraction of per-sample MACs")
+    target_latency: float | None = option(None, metavar="F", help="keep about this fraction of the original's "
+                                          "latency measured in onnxruntime at --bench-batch with --threads "
+                                          "(per-layer latency tables, cached; instead of --target-macs)")
     batch_size: int = option(32)
     sparse_storage: bool = option(False, help="save weights as ONNX sparse initializers where that makes the "
                                               "file smaller")
@@ -136,13 +141,17 @@ class RunOptions(CalibrationOptions):
         super().__post_init__()
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs}")
+        if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
+            raise OptionError(f"--target-latency must be in (0, 1], got {self.target_latency}")
+        if self.target_latency is not None and self.target_macs is not None:
+            raise OptionError("give one of --target-macs or --target-latency, not both")
         if int(self.bench_batch) < 1:
             raise OptionError(f"--bench-batch must be >= 1, got {self.bench_batch}")
 
 
 @dataclass
 class Rounding(Options):
-    round_to: str | int = option(1, metavar="auto|N", parse=parse_round_to,
+    round_to: str | int = option("auto", metavar="auto|N", parse=parse_round_to,
                                  help="keep channel counts a multiple of N; auto (default): the block the "
                                       "execution provider computes in (16 on AVX-512 CPUs, 8 on AVX2 and CUDA; "
                                       "4 for groups under two blocks); 1: exact counts")
@@ -183,6 +192,37 @@ class StatisticsOptions(Options):
 
     stats: Path | str | StatsFile | None = option(None, parse=Path, help="statistics from `graphopt calibrate` "
                                                                          "(else measured on --calib)")
+
+
+def parse_op_types(text: str) -> str:
+    """A comma-separated list of ONNX op types ("Softmax,Add"), checked; kept as text for the report."""
+    names = [name.strip() for name in str(text).split(",") if name.strip()]
+    bad = [name for name in names if not name.isidentifier()]
+    if bad or not names:
+        raise OptionError(f"--quant-exclude expects op types such as Softmax,Add, got '{text}'")
+    return ",".join(names)
+
+
+@dataclass
+class QuantizeOptions(Options):
+    """Static INT8 QDQ quantization (graphopt.calibration.quantize), calibrated on --calib."""
+
+    quant_calibration: str = option("minmax", choices=CALIBRATIONS,
+                                    help="quantize: how activation ranges are calibrated (default minmax)")
+    quant_per_channel: bool = option(True, flag="--no-quant-per-channel",
+                                     help="quantize: one weight scale per tensor instead of per output channel")
+    quant_activations: str = option("int8", choices=ACTIVATIONS,
+                                    help="quantize: activation type; int8 weights always (default int8: S8S8, "
+                                         "onnxruntime's first choice for QDQ on CPU; uint8 if accuracy drops)")
+    quant_reduce_range: bool = option(False, help="quantize: 7-bit weights (for x86 CPUs without VNNI, where "
+                                                  "int8 per-channel weights can saturate)")
+    quant_exclude: str | None = option(None, metavar="OP[,OP...]", parse=parse_op_types,
+                                       help="quantize: op types left in float, e.g. Softmax,Add")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.quant_exclude is not None:
+            self.quant_exclude = parse_op_types(self.quant_exclude)
 
 
 @dataclass(frozen=True)

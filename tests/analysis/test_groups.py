@@ -69,10 +69,12 @@ def conv_macs(pixels: int, cin: int, cout: int, k: int = 3) -> int:
 
 def prune(model: onnx.ModelProto, target: float, tmp_path: Path, method: str = "magnitude",
           **options: Any) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
-    """Prune through the API, check the saved file by path; (model, report, method pass record)."""
+    """Prune through the API with exact channel counts (round_to 1: the expected counts below are exact),
+    check the saved file by path; (model, report, method pass record)."""
     source = save(model, tmp_path / "source.onnx")
     output = tmp_path / "pruned.onnx"
-    result = graphopt.optimize(source, method=method, target_macs=target, output=output, **options)
+    result = graphopt.optimize(source, method=method, target_macs=target, output=output,
+                               **{"round_to": 1, **options})
     onnx.checker.check_model(str(output), full_check=True)
     return onnx.load(str(output)), result.report, result.report["passes"][-1]
 

@@ -175,7 +175,7 @@ def check_magnitude(example: Example) -> Outcome:
     except Exception as error:  # noqa: BLE001
         return crash("magnitude", error)
     target = min(1.0, target * (1 + 1e-9))
-    outcome = optimize(example, "magnitude", exact=True, target_macs=target)
+    outcome = optimize(example, "magnitude", exact=True, target_macs=target, round_to=1)  # exactly those channels
     if outcome.failure is None and outcome.report is not None:
         # the target is a fraction of the pre-passed graph's MACs (dead code already gone), as is the estimate
         estimated = outcome.report["passes"][-1]["stats"]["estimated_macs_ratio"]

@@ -28,7 +28,7 @@ from graphopt.passes.methods import (CalibrationOptions, KeepVariance, Reconstru
 from tests.conftest import init, tiny, weights
 
 # what every run reads, defaults filled in (the "none" method's options)
-RUN = {"target_macs": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
+RUN = {"target_macs": None, "target_latency": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
        "calib_memory": 2 * 1024**3, "device": "cpu", "threads": 0, "mask_input": None}
 SHARED = (RunOptions, Rounding, Seeded, KeepVariance, Reconstruction, CalibrationOptions, StatisticsOptions)
 
@@ -83,10 +83,11 @@ def throwaway() -> Iterator[Method]:
 
 
 def test_methods_come_from_the_registry() -> None:
-    assert api_methods() == ["none", "cob", "dead-units", "exprune", "magnitude", "omp", "random", "snp"]
+    assert api_methods() == ["none", "cob", "dead-units", "exprune", "magnitude", "omp", "quantize", "random",
+                             "snp"]
     assert {name: METHODS[name].needs_data for name in api_methods()} == {
         "none": False, "cob": True, "dead-units": False, "exprune": True, "magnitude": False, "omp": False,
-        "random": False, "snp": True}
+        "quantize": True, "random": False, "snp": True}
     assert all(REGISTRY[p].kind == "method" for name in api_methods() for p in METHODS[name].passes)
     assert METHODS["none"].passes == () and METHODS["snp"].passes == ("snp",)
 
@@ -105,7 +106,7 @@ class _RoundsToTwo(Options):
 
 @dataclass
 class _RoundsWithOtherHelp(Options):
-    round_to: int = option(1, help="round channel counts")
+    round_to: int = option("auto", help="round channel counts")
 
 
 @dataclass
@@ -119,7 +120,7 @@ class _Undeclared(Options):
 
 
 @pytest.mark.parametrize("options, passes, message", [
-    (_RoundsToTwo, ("dead-units",), "declares option 'round_to' differently from method 'magnitude' \\(default 2 vs 1\\)"),
+    (_RoundsToTwo, ("dead-units",), "declares option 'round_to' differently from method 'magnitude' \\(default 2 vs 'auto'\\)"),
     (_RoundsWithOtherHelp, ("dead-units",), "declares option 'round_to' differently .*help or command-line form"),
     (_StealsAFlag, ("dead-units",), "option 'no_reconstruct' takes flag --no-reconstruct of option 'reconstruct'"),
     (_Undeclared, ("dead-units",), "option 'strength' of _Undeclared is not declared with option"),
@@ -222,7 +223,7 @@ def test_an_unknown_option_is_refused_naming_it_and_the_known_ones() -> None:
 
 def test_the_report_carries_the_resolved_options(tmp_path: Path) -> None:
     result = graphopt.optimize(_mlp(), method="magnitude", target_macs=0.8, norm="l2", output=tmp_path / "out.onnx")
-    assert result.report["options"] == {**RUN, "target_macs": 0.8, "round_to": 1, "norm": "l2"}
+    assert result.report["options"] == {**RUN, "target_macs": 0.8, "round_to": "auto", "norm": "l2"}
     pipeline = graphopt.optimize(_mlp(), method="omp,dead-units", sparsity=0.5, keep_first_last=True).report
     assert pipeline["options"] == {**RUN, "sparsity": 0.5, "omp_scope": "global", "keep_first_last": True}
     resolved = resolve_options(["snp"], {"stats": Path("stats/run.npz"), "calib_memory": "1MB"})

@@ -15,6 +15,11 @@ What the blocks are, measured with onnxruntime 1.32 on CPU (`python bench/alignm
 
 A group smaller than two blocks would have no choice left but all or one block, so it rounds to 4, the
 blocked layout's own requirement, instead: small layers can still be pruned.
+
+Rounding never costs the target: under `auto`, when the block-rounded counts miss a MAC or latency target
+by more than `TARGET_TOLERANCE` (coarse steps on a small model cut too far, or cannot cut enough), the multiples are
+capped at 8, 4, 2 and finally 1 and the budget solved again; the coarsest that reaches the target is kept
+(`coarsest_meeting`). A forced `--round-to N` is kept as given.
 """
 
 from __future__ import annotations
@@ -22,13 +27,21 @@ from __future__ import annotations
 import functools
 import platform
 from pathlib import Path
+from typing import Callable, Iterator, TypeVar
 
 from graphopt.analysis.state import Group
+from graphopt.passes.channels.budget import CostModel
 from graphopt.errors import OptionError
 
 # the blocked layout's own requirement, and the rounding of groups too small for a whole block
 MIN_BLOCK = 4
 CUDA_BLOCK = 8
+# a MAC or latency target counts as reached within 2% (relative) of it
+TARGET_TOLERANCE = 0.02
+# the caps tried, in order, when block-rounded counts miss the target
+FINER_CAPS = (8, 4, 2, 1)
+
+Solution = TypeVar("Solution")
 
 
 def parse_round_to(text: str) -> str | int:
@@ -87,3 +100,47 @@ def group_multiples(round_to: str | int, groups: list[Group], device: str = "cpu
 def pass_multiples(option: str | int | None, groups: list[Group], device: str | None) -> dict[int, int]:
     """`group_multiples` from a pass's options (no `round_to` given: exact counts)."""
     return group_multiples(1 if option is None else option, groups, device or "cpu")
+
+
+def finer_multiples(multiples: dict[int, int]) -> Iterator[dict[int, int]]:
+    """`multiples`, then the same capped at each of `FINER_CAPS` (each distinct step once, down to exact counts)."""
+    last = dict(multiples)
+    yield last
+    for cap in FINER_CAPS:
+        step = {root: min(multiple, cap) for root, multiple in multiples.items()}
+        if step != last:
+            yield step
+            last = step
+
+
+def coarsest_meeting(option: str | int | None, multiples: dict[int, int], solve: Callable[[dict[int, int]], Solution],
+                     ratio: Callable[[Solution], float], target: float) -> tuple[Solution, dict[int, int]]:
+    """The budget solved (`solve(multiples)`) under the coarsest multiples whose cost `ratio` lies within
+    `TARGET_TOLERANCE` of `target` (relative, either side: coarse minimum counts can also stay above it),
+    with those multiples; when none does, the closest solution. Only
+    `--round-to auto` is relaxed: a forced N is solved once, as given."""
+    if option != "auto":
+        return solve(multiples), multiples
+    closest: tuple[Solution, dict[int, int], float] | None = None
+    for step in finer_multiples(multiples):
+        solution = solve(step)
+        reached = ratio(solution)
+        miss = abs(reached - target) / target if target > 0 else reached
+        if miss <= TARGET_TOLERANCE:
+            return solution, step
+        if closest is None or miss < closest[2]:
+            closest = (solution, step, miss)
+    assert closest is not None
+    return closest[0], closest[1]
+
+
+def cost_ratio(model: CostModel, counts: dict[int, int]) -> float:
+    """The cost of `counts` as a fraction of the unpruned cost (1.0 for a model that costs nothing)."""
+    return model.cost(counts) / model.total if model.total else 1.0
+
+
+def multiple_stats(multiples: dict[int, int]) -> dict[str, int]:
+    """What a pass reports of the multiples its counts were rounded to (largest and smallest over groups)."""
+    if not multiples:
+        return {}
+    return {"channel_multiple_max": max(multiples.values()), "channel_multiple_min": min(multiples.values())}

@@ -1,4 +1,8 @@
-"""Global channel budget: how many channels each group keeps to reach a MAC target.
+"""Global channel budget: how many channels each group keeps to reach a MAC or latency target.
+
+The budget is a cost model (`CostModel`: `total`, the unpruned cost, and `cost(counts)`): the exact
+MACs below, or predicted latency (graphopt.passes.channels.latency). The solver only needs the cost
+never to rise when channels are removed.
 
 MACs of every Conv/ConvTranspose/Gemm/MatMul are bilinear in the kept fractions of its input and
 output channel axes, so with k_g channels kept in group g the model's MACs are, exactly,
@@ -9,7 +13,7 @@ group) are laid in one global removal order: lowest normalised score first; ties
 channel ranked lowest within its group relative to the group size (so equal scores prune groups
 evenly, whatever their sizes), then by group and index. Removing the first m channels of that order
 (rounding each group's count up to its multiple: `round_to`, one number for all groups or one per group)
-gives MACs that never rise with m; the smallest m within the target is found by bisection. What the
+gives a cost that never rises with m; the smallest m within the target is found by bisection. What the
 last step left of the budget is then spent greedily: removed channels are put back, most important
 first, wherever they still fit.
 Within a group, kept channels are always its highest-scoring ones (ties: lower index first).
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis
 
 
@@ -38,31 +44,42 @@ def round_up(count: int, size: int, multiple: int) -> int:
     return min(size, -(-count // multiple) * multiple) if multiple > 1 else count
 
 
+class CostModel(Protocol):
+    """What the solver budgets: `cost(counts)` never rises when a count falls; `total` is the unpruned cost."""
+
+    total: float
+
+    def cost(self, counts: dict[int, int]) -> float: ...
+
+
 @dataclass
-class _Axis:
+class Axis:
+    """Features along one channel axis of a node: fixed + sum_g weights[g] * k_g (k_g: kept in group g)."""
+
     weights: dict[int, float]   # root -> multiplicity * factor
     fixed: float                 # features from atoms whose group is not pruned
     total: float
 
+    def features(self, counts: dict[int, int]) -> float:
+        return self.fixed + sum(w * counts[r] for r, w in self.weights.items())
 
-def _axes(analysis: Analysis, prunable: set[int]) -> list[tuple[float, list[_Axis]]]:
+
+def channel_axis(analysis: Analysis, state: ChannelState, prunable: set[int]) -> Axis:
     atoms = analysis.atoms
-    terms = []
-    for term in analysis.costs:
-        axes = []
-        for state in term.states:
-            weights: dict[int, float] = {}
-            fixed = 0.0
-            for leaf in atoms.leaves(state.atoms):
-                root = atoms.find(leaf)
-                if root in prunable:
-                    weights[root] = weights.get(root, 0.0) + state.factor
-                else:
-                    fixed += atoms.sizes[leaf] * state.factor
-            total = fixed + sum(w * atoms.sizes[r] for r, w in weights.items())
-            axes.append(_Axis(weights, fixed, total))
-        terms.append((term.node.name, axes))
-    return terms
+    weights: dict[int, float] = {}
+    fixed = 0.0
+    for leaf in atoms.leaves(state.atoms):
+        root = atoms.find(leaf)
+        if root in prunable:
+            weights[root] = weights.get(root, 0.0) + state.factor
+        else:
+            fixed += atoms.sizes[leaf] * state.factor
+    return Axis(weights, fixed, fixed + sum(w * atoms.sizes[r] for r, w in weights.items()))
+
+
+def _axes(analysis: Analysis, prunable: set[int]) -> list[tuple[str, list[Axis]]]:
+    return [(term.node.name, [channel_axis(analysis, state, prunable) for state in term.states])
+            for term in analysis.costs]
 
 
 class MacModel:
@@ -83,9 +100,11 @@ class MacModel:
         for base, axes in self.terms:
             for axis in axes:
                 if axis.total:
-                    base *= (axis.fixed + sum(w * counts[r] for r, w in axis.weights.items())) / axis.total
+                    base *= axis.features(counts) / axis.total
             result += base
         return result
+
+    cost = macs
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:
@@ -130,9 +149,9 @@ def minimum_counts(scores: dict[int, np.ndarray], round_to: RoundTo = 1) -> dict
     return {root: min(s.size, multiple_of(round_to, root)) for root, s in scores.items()}
 
 
-def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: MacModel,
+def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: CostModel,
           budget: float) -> dict[int, int]:
-    """Put back removed channels, most important first, while MACs stay within the budget."""
+    """Put back removed channels, most important first, while the cost stays within the budget."""
     counts = dict(counts)
     full: set[int] = set()
     for index in removal.order[:removed][::-1]:
@@ -141,27 +160,27 @@ def _fill(counts: dict[int, int], removal: _RemovalOrder, removed: int, model: M
         if root in full or counts[root] >= removal.sizes[position]:
             continue
         grown = min(int(removal.sizes[position]), counts[root] + int(removal.multiples[position]))
-        if model.macs({**counts, root: grown}) <= budget:
+        if model.cost({**counts, root: grown}) <= budget:
             counts[root] = grown
         else:  # adding to this group only costs more once others have grown
             full.add(root)
     return counts
 
 
-def choose_counts(scores: dict[int, np.ndarray], model: MacModel, target: float,
+def choose_counts(scores: dict[int, np.ndarray], model: CostModel, target: float,
                   round_to: RoundTo = 1) -> dict[int, int]:
-    """Kept channels per group so that MACs come as close to `target` (a fraction) without exceeding it,
-    when that is reachable; otherwise the fewest channels the constraints allow."""
+    """Kept channels per group so that the cost comes as close to `target` (a fraction of `model.total`)
+    without exceeding it, when that is reachable; otherwise the fewest channels the constraints allow."""
     removal = _RemovalOrder(scores, round_to)
     budget = target * model.total
-    if model.macs(removal.counts(0)) <= budget:
+    if model.cost(removal.counts(0)) <= budget:
         return removal.counts(0)
-    if model.macs(removal.counts(len(removal))) > budget:
+    if model.cost(removal.counts(len(removal))) > budget:
         return minimum_counts(scores, round_to)
     low, high = 1, len(removal)  # invariant: the smallest removal within budget lies in [low, high]
     while low < high:
         middle = (low + high) // 2
-        if model.macs(removal.counts(middle)) <= budget:
+        if model.cost(removal.counts(middle)) <= budget:
             high = middle
         else:
             low = middle + 1

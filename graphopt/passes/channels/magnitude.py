@@ -1,9 +1,10 @@
-"""Magnitude and random structured pruning to a MAC target.
+"""Magnitude and random structured pruning to a MAC or latency target.
 
 Importance of channel i of a group (magnitude): the L1 (or L2) norm of every producer weight slice
 that writes channel i, summed over all producers coupled in the group (residual streams, head-split
 projections, ...). Random: seeded uniform scores. Both need no calibration data. The global budget
-(graphopt.passes.channels.budget) picks per-group counts; the engine (graphopt.passes.channels.engine)
+(graphopt.passes.channels.budget) picks per-group counts under the MACs, or under the latency predicted
+by per-layer tables (graphopt.passes.channels.latency); the engine (graphopt.passes.channels.engine)
 rewrites the graph. Channels whose producers are all zero score 0 and go first: removing them is exact.
 """
 
@@ -22,9 +23,10 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
                                   PassResult, register)
-from graphopt.passes.channels.alignment import pass_multiples
+from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
+from graphopt.passes.channels.latency import Budget, channel_budget
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
@@ -75,10 +77,10 @@ def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict
 
 
 def budget_history(by: str, groups: list[Group], kept: dict[int, np.ndarray], scores: dict[int, np.ndarray],
-                   criterion: str, target: float) -> list[dict]:
+                   criterion: str, budget: Budget) -> list[dict]:
     """History of a global-budget cut: every group kept its highest scores, so each removed score is at
     most `lowest_kept_score`; groups compare by score / `group_mean_score` (graphopt.passes.channels.budget)."""
-    return [removal(g, by, kept[g.root], criterion, scores[g.root], target_macs=target,
+    return [removal(g, by, kept[g.root], criterion, scores[g.root], **{budget.kind: budget.target},
                     lowest_kept_score=float(np.min(scores[g.root][kept[g.root]])),
                     group_mean_score=float(np.mean(scores[g.root])))
             for g in groups if g.root in kept]
@@ -98,26 +100,30 @@ class _ChannelPruning(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         target = ctx.option("target_macs")
-        if target is None:
-            raise OptionError(f"--method {self.name} needs --target-macs")
+        if target is None and ctx.option("target_latency") is None:
+            raise OptionError(f"--method {self.name} needs --target-macs or --target-latency")
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
         groups, prunable = split_groups(analysis, result)
         round_to = pass_multiples(ctx.option("round_to"), prunable, ctx.option("device"))
         mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
         scores = self.scores(analysis, prunable, ctx)
-        counts = choose_counts(scores, mac_model, target, round_to)
+        budget = channel_budget(graph, ctx, analysis, mac_model, round_to)
+        counts, round_to = coarsest_meeting(
+            ctx.option("round_to"), round_to, lambda step: choose_counts(scores, budget.model, budget.target, step),
+            lambda chosen: cost_ratio(budget.model, chosen), budget.target)
         kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
-        result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), target)
+        result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), budget)
         apply_kept(graph, analysis, kept)
         removed = sum(g.size - counts[g.root] for g in prunable)
         result.modified = bool(kept)
         result.stats = {
             "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(kept),
             "channels_prunable": sum(g.size for g in prunable), "channels_removed": removed,
-            "target_macs": target, "estimated_macs_ratio": mac_model.ratio(counts),
+            **({"target_macs": target} if target is not None else {}), "estimated_macs_ratio": mac_model.ratio(counts),
             # the lowest ratio these groups can reach: above the target, the target is out of reach
-            "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)),
+            "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)), **budget.stats(counts),
+            **multiple_stats(round_to),
         }
         return result
 

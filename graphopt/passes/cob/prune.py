@@ -15,7 +15,7 @@
    head keeps the same count, ranked by energy summed over heads): `keep_variance` keeps in every subspace
    the shortest prefix holding that fraction of its energy (1.0 drops exactly the zero-energy tail, with
    no output change); `target_macs` bisects one global energy cut for a MAC target and fills what is
-   left of the budget; `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
+   left of the budget (`target_latency`: the same under predicted latency, graphopt.passes.channels.latency); `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
    their subspace. Pruning is approximate: the error is the energy dropped, as seen by the consumers.
 Without a budget only steps 1-3 run.
 """
@@ -36,8 +36,9 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.cob.chains import Chain, find_chains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
-from graphopt.passes.channels.alignment import pass_multiples
-from graphopt.passes.channels.budget import MacModel
+from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
+from graphopt.passes.channels.budget import CostModel, MacModel
+from graphopt.passes.channels.latency import channel_budget
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, Seeded, StatisticsOptions,
@@ -58,10 +59,11 @@ def block_diag(blocks: list[np.ndarray]) -> np.ndarray:
 
 
 def _budget(ctx: PassContext) -> tuple[str | None, float | None]:
-    given = {key: ctx.option(key) for key in ("target_macs", "keep_variance", "zscore")}
+    given = {key: ctx.option(key) for key in ("target_macs", "target_latency", "keep_variance", "zscore")}
     given = {key: float(value) for key, value in given.items() if value is not None}
     if len(given) > 1:
-        raise OptionError("--method cob takes at most one of --target-macs, --keep-variance, --zscore")
+        raise OptionError("--method cob takes at most one of --target-macs, --target-latency, --keep-variance, "
+                          "--zscore")
     if "keep_variance" in given and not 0.0 < given["keep_variance"] <= 1.0:
         raise OptionError(f"--keep-variance must be in (0, 1], got {given['keep_variance']}")
     return next(iter(given.items()), (None, None))
@@ -161,13 +163,13 @@ def _group_energies(analysis: Analysis, chains: list[Chain], energies: list[list
 
 
 def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: dict[int, Ordering],
-          model: MacModel, round_to: dict[int, int]) -> tuple[dict[int, np.ndarray], dict[str, float]]:
+          model: CostModel, round_to: dict[int, int]) -> tuple[dict[int, np.ndarray], dict[str, float]]:
     """Kept rotated coordinates per group under the budget `kind` = `value`, and that decision."""
     if kind == "zscore":
         return {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}, {kind: value}
     keep = value if kind == "keep_variance" else variance_for_target(orderings, model, value, round_to)
     chosen = counts(orderings, keep, round_to)
-    if kind == "target_macs":
+    if kind in ("target_macs", "target_latency"):
         chosen = fill(chosen, orderings, model, value, round_to)
     return {root: np.arange(count) for root, count in chosen.items()}, {kind: value, "retained_variance_cut": keep}
 
@@ -195,8 +197,8 @@ def _history(analysis: Analysis, kept: dict[int, np.ndarray], orderings: dict[in
 
 
 def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: list[list[np.ndarray]],
-           kind: str, value: float, result: PassResult) -> tuple[int, float]:
-    """Drop trailing rotated coordinates; returns (channels removed, estimated MAC ratio)."""
+           kind: str, value: float, result: PassResult) -> tuple[int, float, dict[str, float]]:
+    """Drop trailing rotated coordinates; returns (channels removed, estimated MAC ratio, latency budget stats)."""
     analysis, per_node = analyse(graph, ctx)
     energy_of, copies = _group_energies(analysis, chains, energies, result)
     orderings = {root: Ordering(np.arange(energy.size), energy / max(float(energy.sum()), 1e-300))
@@ -204,13 +206,19 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     model = MacModel(analysis, per_node, set(orderings))
     round_to = pass_multiples(ctx.option("round_to"), [g for g in analysis.groups() if g.root in orderings],
                               ctx.option("device"))
-    kept, decision = _kept(kind, value, energy_of, orderings, model, round_to)
+    budget = channel_budget(graph, ctx, analysis, model, round_to) if kind == "target_latency" else None
+    cost = budget.model if budget else model
+    (kept, decision), round_to = coarsest_meeting(
+        ctx.option("round_to") if kind in ("target_macs", "target_latency") else None, round_to,
+        lambda step: _kept(kind, value, energy_of, orderings, cost, step),
+        lambda planned: cost_ratio(cost, {root: idx.size for root, idx in planned[0].items()}), value)
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
     result.history = _history(analysis, kept, orderings, copies, decision)
     _cut(graph, ctx, analysis, kept, result)
     sizes = {root: o.order.size for root, o in orderings.items()}
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
-    return removed, model.ratio({root: (kept[root].size if root in kept else sizes[root]) for root in sizes})
+    counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
+    return removed, model.ratio(counts), {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to)}
 
 
 @register
@@ -237,13 +245,13 @@ class ChangeOfBasisPruning(Pass):
                 fold(graph, chain, rotation)
                 rotated += 1
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
-        removed, ratio = 0, 1.0
+        removed, ratio, budget_stats = 0, 1.0, {}
         if kind is not None and chains:
-            removed, ratio = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
+            removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
         result.stats = {"rms_norms_recognised": rms, "tsra_recognised": tsra, "chains": len(chains),
                         "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
-                        "estimated_macs_ratio": ratio}
+                        "estimated_macs_ratio": ratio, **budget_stats}
         return result
 
 

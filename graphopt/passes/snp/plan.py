@@ -7,9 +7,10 @@ output criterion) sums WᵀW of those consumers the same way. `orderings` ranks 
 (graphopt.passes.snp.maths) and normalises the LDLᵀ variances D to fractions of the group's unique
 variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
 (a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
-others); `variance_for_target` bisects V for a MAC target and `fill` spends what is left of the
-budget on the groups whose next units add the most variance. `history_entry` records a group's cut for
-the report: each removed unit's share of the group's unique variance, and the cut that removed it.
+others); `variance_for_target` bisects V for a MAC or latency target (a budget cost model) and `fill`
+spends what is left of the budget on the groups whose next units add the most variance. `history_entry`
+records a group's cut for the report: each removed unit's share of the group's unique variance, and the
+cut that removed it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.stats import TensorStats
 from graphopt.passes.base import PassResult
-from graphopt.passes.channels.budget import MacModel, RoundTo, multiple_of, round_up
+from graphopt.passes.channels.budget import CostModel, RoundTo, multiple_of, round_up
 from graphopt.passes.channels.engine import removal
 from graphopt.passes.channels.reduction import weights
 from graphopt.passes.snp.maths import ldl_diagonal, output_order, zca_order
@@ -109,26 +110,26 @@ def counts(orderings: dict[int, Ordering], keep: float, round_to: RoundTo) -> di
     return kept
 
 
-def variance_for_target(orderings: dict[int, Ordering], model: MacModel, target: float,
+def variance_for_target(orderings: dict[int, Ordering], model: CostModel, target: float,
                         round_to: RoundTo) -> float:
-    """The largest global retained-variance cut whose MACs stay within the target."""
+    """The largest global retained-variance cut whose cost (MACs or predicted latency) stays within the target."""
     budget = target * model.total
-    if model.macs(counts(orderings, 0.0, round_to)) > budget:
+    if model.cost(counts(orderings, 0.0, round_to)) > budget:
         return 0.0
     low, high = 0.0, 1.0
     for _ in range(60):
         middle = 0.5 * (low + high)
-        if model.macs(counts(orderings, middle, round_to)) <= budget:
+        if model.cost(counts(orderings, middle, round_to)) <= budget:
             low = middle
         else:
             high = middle
     return low
 
 
-def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel, target: float,
+def fill(start: dict[int, int], orderings: dict[int, Ordering], model: CostModel, target: float,
           round_to: RoundTo, limit: int = 4096) -> dict[int, int]:
-    """Spend what the variance cut left of the MAC budget: add, one step at a time, the next unit
-    (or the group's multiple of units) of the group whose next units add the most variance, while MACs fit."""
+    """Spend what the variance cut left of the budget: add, one step at a time, the next unit (or the
+    group's multiple of units) of the group whose next units add the most variance, while the cost fits."""
     budget = target * model.total
     chosen = dict(start)
     for _ in range(limit):
@@ -139,7 +140,7 @@ def fill(start: dict[int, int], orderings: dict[int, Ordering], model: MacModel,
             if step <= 0:
                 continue
             gain = float(ordering.fraction[count:count + step].sum())
-            if gain > best_gain and model.macs({**chosen, root: count + step}) <= budget:
+            if gain > best_gain and model.cost({**chosen, root: count + step}) <= budget:
                 best, best_gain = root, gain
         if best is None:
             break

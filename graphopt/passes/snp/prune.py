@@ -3,9 +3,10 @@
 For every channel group (graphopt.analysis.groups) the statistics come from the tensors at which
 channel-mixing consumers (Conv, Gemm, MatMul with a constant weight, ReduceSum/ReduceMean over the
 channel axis) read the group, after any per-channel ops; graphopt.passes.snp.plan orders each group's
-units and decides how many stay (one global retained-variance cut, `keep_variance`, or a MAC target,
-`target_macs`). A reduction over channels that lose units gets its row of weights written as a Mul in
-front of the sum (graphopt.passes.channels.reduction), and its reconstruction folds into that row.
+units and decides how many stay (one global retained-variance cut, `keep_variance`, a MAC target,
+`target_macs`, or a latency target, `target_latency`, under per-layer latency tables). A reduction over
+channels that lose units gets its row of weights written as a Mul in front of the sum
+(graphopt.passes.channels.reduction), and its reconstruction folds into that row.
 
 Reconstruction is per consumer, on the whole tensor it reads (all groups at once): with P the pruned
 and K the kept positions, W[:, K] += W[:, P] C at every kernel tap and the consumer's bias gains
@@ -34,10 +35,11 @@ from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.channels.alignment import pass_multiples
+from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import kept_positions
+from graphopt.passes.channels.latency import Budget, channel_budget
 from graphopt.passes.channels.magnitude import analyse, split_groups
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
@@ -106,10 +108,33 @@ def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int], ...]:
     return tuple(sorted((s.node.name, s.index) for s in group.sites if s.role == "producer"))
 
 
-def _decision(target: float | None, keep: float | None, variance: float) -> dict[str, float]:
+def _checked_options(ctx: PassContext) -> tuple[float | None, str]:
+    """(--keep-variance, --criterion), after checking that exactly one budget is given."""
+    keep = ctx.option("keep_variance")
+    if sum(ctx.option(name) is not None for name in ("target_macs", "target_latency", "keep_variance")) != 1:
+        raise OptionError("--method snp needs exactly one of --target-macs, --target-latency or --keep-variance")
+    if keep is not None and not 0.0 < float(keep) <= 1.0:
+        raise OptionError(f"--keep-variance must be in (0, 1], got {keep}")
+    criterion = ctx.option("criterion", "variance")
+    if criterion not in ("variance", "output"):
+        raise OptionError(f"--criterion must be variance or output, got {criterion}")
+    return keep, criterion
+
+
+def _plan(ranked: dict[int, Ordering], budget: Budget | None, keep: float | None,
+          round_to: dict[int, int]) -> tuple[float, dict[int, int]]:
+    """The retained-variance cut and the units each group keeps: at `keep`, else the most variance the
+    budget (MACs or predicted latency) allows."""
+    if budget is None:
+        return float(keep), counts(ranked, float(keep), round_to)
+    variance = variance_for_target(ranked, budget.model, budget.target, round_to)
+    return variance, fill(counts(ranked, variance, round_to), ranked, budget.model, budget.target, round_to)
+
+
+def _decision(budget: Budget | None, keep: float | None, variance: float) -> dict[str, float]:
     """The budget that decided the cut, as the history records it."""
-    budget = {"keep_variance": float(keep)} if target is None else {"target_macs": float(target)}
-    return {**budget, "retained_variance_cut": variance}
+    given = {"keep_variance": float(keep)} if budget is None else {budget.kind: budget.target}
+    return {**given, "retained_variance_cut": variance}
 
 
 def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dict[int, int], criterion: str,
@@ -128,14 +153,7 @@ class SubspaceNodePruning(Pass):
     preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        target, keep = ctx.option("target_macs"), ctx.option("keep_variance")
-        if (target is None) == (keep is None):
-            raise OptionError("--method snp needs exactly one of --target-macs or --keep-variance")
-        if keep is not None and not 0.0 < float(keep) <= 1.0:
-            raise OptionError(f"--keep-variance must be in (0, 1], got {keep}")
-        criterion = ctx.option("criterion", "variance")
-        if criterion not in ("variance", "output"):
-            raise OptionError(f"--criterion must be variance or output, got {criterion}")
+        keep, criterion = _checked_options(ctx)
         reconstruct = bool(ctx.option("reconstruct", True))
         max_features = int(ctx.option("snp_max_features", 4096))
         analysis, per_node = analyse(graph, ctx)
@@ -147,12 +165,13 @@ class SubspaceNodePruning(Pass):
             ranked = orderings(analysis, prunable, sites, stats, criterion, result)
         mac_model = MacModel(analysis, per_node, set(ranked))
         round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
-        variance = float(keep) if keep is not None else variance_for_target(ranked, mac_model, float(target), round_to)
-        chosen = counts(ranked, variance, round_to)
-        if target is not None:
-            chosen = fill(chosen, ranked, mac_model, float(target), round_to)
+        budget = channel_budget(graph, ctx, analysis, mac_model, round_to) if keep is None else None
+        (variance, chosen), round_to = coarsest_meeting(
+            ctx.option("round_to") if budget is not None else None, round_to,
+            lambda step: _plan(ranked, budget, keep, step),
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0)
         cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size}
-        decision = _decision(target, keep, variance)
+        decision = _decision(budget, keep, variance)
         if ctx.option("sequential", False):
             folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct,
                                       (decision, result.history))
@@ -167,6 +186,7 @@ class SubspaceNodePruning(Pass):
             "channels_removed": sum(ranked[r].order.size - c for r, c in chosen.items()),
             "consumers_reconstructed": int(folded), "retained_variance_cut": variance,
             "estimated_macs_ratio": mac_model.macs(chosen) / mac_model.total if mac_model.total else 1.0,
+            **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to),
         }
         return result
 

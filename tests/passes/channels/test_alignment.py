@@ -60,6 +60,8 @@ def _linear_mac_model(sizes: dict[int, int]):
         def macs(self, kept: dict[int, int]) -> float:
             return float(sum(kept.values()))
 
+        cost = macs
+
         def ratio(self, kept: dict[int, int]) -> float:
             return self.macs(kept) / self.total
 
@@ -110,16 +112,54 @@ def _two_convs() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random", "snp"])
-def test_auto_rounding_keeps_every_group_on_its_block_and_reaches_the_target(monkeypatch: pytest.MonkeyPatch,
-                                                                                method: str) -> None:
+def test_auto_rounding_keeps_every_group_on_a_multiple_and_reaches_the_target(monkeypatch: pytest.MonkeyPatch,
+                                                                               method: str) -> None:
+    """Two groups (64 and 48 channels) on 16-channel blocks miss 0.6 of the MACs by more than 2%: auto relaxes
+    to the coarsest multiple that reaches it (the report says which), a forced 16 is kept as given."""
     monkeypatch.setattr(alignment, "cpu_block", lambda: 16)
     model = _two_convs()
     calib = {"x": np.random.default_rng(0).standard_normal((64, 8, 8, 8)).astype(np.float32)}
-    result = graphopt.optimize(model, method=method, target_macs=0.6, round_to="auto",
-                               calib=calib if method == "snp" else None)
-    stored = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
-    produced = sorted(stored[n.input[1]].shape[0] for n in result.model.graph.node if n.op_type == "Conv")
-    assert produced[0] == 4  # the graph output's producer is not pruned
-    assert all(width % 16 == 0 for width in produced[1:]), produced
-    assert result.report["macs_ratio"] <= 0.6
-    assert result.report["options"]["round_to"] == "auto"
+    for rounding in ("auto", 16):
+        result = graphopt.optimize(model, method=method, target_macs=0.6, round_to=rounding,
+                                   calib=calib if method == "snp" else None)
+        stored = {i.name: onnx.numpy_helper.to_array(i) for i in result.model.graph.initializer}
+        produced = sorted(stored[n.input[1]].shape[0] for n in result.model.graph.node if n.op_type == "Conv")
+        stats = result.report["passes"][-1]["stats"]
+        assert produced[0] == 4  # the graph output's producer is not pruned
+        assert all(width % stats["channel_multiple_max"] == 0 for width in produced[1:]), produced
+        assert result.report["options"]["round_to"] == rounding
+        if rounding == "auto":
+            assert 0.6 * (1 - alignment.TARGET_TOLERANCE) <= result.report["macs_ratio"] <= 0.6
+            for coarser in (16, 8, 4, 2):  # each coarser multiple, forced, misses the target
+                if coarser > stats["channel_multiple_max"]:
+                    forced = graphopt.optimize(model, method=method, target_macs=0.6, round_to=coarser,
+                                               calib=calib if method == "snp" else None)
+                    assert forced.report["macs_ratio"] < 0.6 * (1 - alignment.TARGET_TOLERANCE), coarser
+        else:
+            assert stats["channel_multiple_max"] == 16 and result.report["macs_ratio"] < 0.6 * 0.95
+
+
+def test_finer_multiples_cap_each_group_down_to_exact_counts() -> None:
+    steps = list(alignment.finer_multiples({1: 16, 2: 4}))
+    assert steps == [{1: 16, 2: 4}, {1: 8, 2: 4}, {1: 4, 2: 4}, {1: 2, 2: 2}, {1: 1, 2: 1}]
+    assert list(alignment.finer_multiples({1: 1})) == [{1: 1}]
+
+
+def test_auto_rounding_relaxes_only_as_far_as_the_target_needs() -> None:
+    """A fake budget whose reachable ratio is the multiple's fraction of a step: coarse steps undershoot."""
+    reached = {16: 0.5, 8: 0.6, 4: 0.69, 2: 0.7, 1: 0.7}
+    tried: list[int] = []
+
+    def solve(step: dict[int, int]) -> int:
+        tried.append(step[1])
+        return step[1]
+
+    solution, step = alignment.coarsest_meeting("auto", {1: 16}, solve, lambda s: reached[s], 0.7)
+    assert solution == 4 and step == {1: 4} and tried == [16, 8, 4]  # 0.69 is within 2% of 0.7
+    tried.clear()
+    solution, step = alignment.coarsest_meeting(16, {1: 16}, solve, lambda s: reached[s], 0.7)
+    assert solution == 16 and tried == [16]  # a forced multiple is kept as given
+    tried.clear()
+    solution, _ = alignment.coarsest_meeting("auto", {1: 16}, solve, lambda s: {16: 0.3, 8: 0.5}.get(s, 0.4), 0.9)
+    assert solution == 8 and tried == [16, 8, 4, 2, 1]  # none reaches: the closest
+

@@ -71,7 +71,7 @@ def _export(module: nn.Module, exporter: str, tmp_path) -> onnx.ModelProto:
 
 
 def _cob(model: onnx.ModelProto, data: np.ndarray, **options: object) -> tuple[graphopt.api.OptimizeResult, dict]:
-    result = graphopt.optimize(model, method="cob", calib={"input": data}, **options)
+    result = graphopt.optimize(model, method="cob", calib={"input": data}, **{"round_to": 1, **options})  # exact counts: planted dims
     return result, result.report["passes"][-1]
 
 

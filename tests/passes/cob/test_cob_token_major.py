@@ -54,7 +54,7 @@ def _export(module: nn.Module, exporter: str, tmp_path) -> onnx.ModelProto:
 
 
 def _cob(model: onnx.ModelProto, **options: object) -> tuple[graphopt.api.OptimizeResult, dict]:
-    result = graphopt.optimize(model, method="cob", calib={"input": _tokens()}, **options)
+    result = graphopt.optimize(model, method="cob", calib={"input": _tokens()}, **{"round_to": 1, **options})  # exact counts: planted dims
     return result, result.report["passes"][-1]
 
 

@@ -58,8 +58,8 @@ def test_snp_removes_duplicate_and_dead_units_exactly_where_magnitude_cannot() -
     model, redundant = _redundant_mlp()
     data = _digits()
     target = _target(model, 32 - redundant)
-    snp = graphopt.optimize(model, method="snp", target_macs=target, calib=data)
-    magnitude = graphopt.optimize(model, method="magnitude", target_macs=target, calib=data)
+    snp = graphopt.optimize(model, method="snp", target_macs=target, calib=data, round_to=1)
+    magnitude = graphopt.optimize(model, method="magnitude", target_macs=target, calib=data, round_to=1)
     assert snp.report["macs_ratio"] == pytest.approx(target)
     reference = run_ort(model, data)["y"]
     snp_error = np.max(np.abs(run_ort(snp.model, data)["y"] - reference))
@@ -77,20 +77,21 @@ def test_reconstruction_is_exact_for_affine_and_constant_units(alpha: float) -> 
     w1[15], b1[15] = 0.0, 5.0                                          # h15 = 5
     model = _mlp(w1, b1, rng.standard_normal((10, 16)), rng.standard_normal(10), relu=False, alpha=alpha)
     data = _digits()
-    result = graphopt.optimize(model, method="snp", target_macs=_target(model, 14), calib=data)
+    result = graphopt.optimize(model, method="snp", target_macs=_target(model, 14), calib=data, round_to=1)
     reference, pruned = run_ort(model, data)["y"], run_ort(result.model, data)["y"]
     assert np.max(np.abs(pruned - reference)) < 1e-4
-    without = graphopt.optimize(model, method="snp", target_macs=_target(model, 14), calib=data, reconstruct=False)
+    without = graphopt.optimize(model, method="snp", target_macs=_target(model, 14), calib=data, reconstruct=False,
+                                round_to=1)
     assert np.max(np.abs(run_ort(without.model, data)["y"] - reference)) > 1.0
 
 
 def test_keep_variance_one_prunes_only_redundant_units_and_is_idempotent() -> None:
     model, redundant = _redundant_mlp()
     data = _digits()
-    first = graphopt.optimize(model, method="snp", keep_variance=1.0, calib=data)
+    first = graphopt.optimize(model, method="snp", keep_variance=1.0, calib=data, round_to=1)
     hidden = {i.name: numpy_helper.to_array(i).shape for i in first.model.graph.initializer}
     assert 32 - redundant <= hidden["w2"][1] < 32
-    second = graphopt.optimize(first.model, method="snp", keep_variance=1.0, calib=data)
+    second = graphopt.optimize(first.model, method="snp", keep_variance=1.0, calib=data, round_to=1)
     assert second.report["passes"][-1]["modified"] is False
     assert second.report["macs_after"] == first.report["macs_after"]
 
@@ -228,7 +229,8 @@ def test_deep_network_duplicates_removed_exactly(sequential: bool) -> None:
     data = _digits()
     before = count_cost(model, {"x": (1, 64)}).macs
     target = (64 * 20 + 20 * 20 + 20 * 10) / before
-    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential)
+    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential,
+                               round_to=1)
     assert result.report["macs_ratio"] == pytest.approx(target)
     error = np.max(np.abs(run_ort(result.model, data)["h2"] - run_ort(model, data)["h2"]))
     assert error < 1e-4
@@ -248,7 +250,8 @@ def test_history_names_the_removed_units_with_their_unique_variance(sequential: 
     model = _mlp(w1, b1, rng.standard_normal((10, 16)), rng.standard_normal(10))
     data = _digits()
     target = _target(model, 11)
-    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential)
+    result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential,
+                               round_to=1)
     (entry,) = json.loads(json.dumps(result.report))["passes"][-1]["history"]
     assert entry["by"] == "snp" and entry["criterion"] == "unique_variance" and entry["ordering"] == "variance"
     assert entry["size"] == 16 and entry["kept"] == 11 and entry["target_macs"] == pytest.approx(target)
