@@ -394,6 +394,7 @@ class Setting:
     rounds: int
     threads: int
     round_ms: float
+    latency_targets: list[float]
 
 
 def inference_seconds(model: onnx.ModelProto, data: dict[str, np.ndarray], threads: int, batch: int = 32) -> float:
@@ -428,12 +429,17 @@ def reference(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dic
 
 
 def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[str, np.ndarray], method: str,
-            target: float, rounding: str, setting: Setting, runs: dict[int, int]) -> dict[str, Any]:
-    """Optimize, then fidelity on held-out samples and speed against the original at every batch."""
-    record: dict[str, Any] = {"method": method, "target": target, "round_to": rounding}
+            target: float, rounding: str, setting: Setting, runs: dict[int, int],
+            latency: bool = False) -> dict[str, Any]:
+    """Optimize (to a MAC target, or with `latency` to a fraction of the measured latency at the second
+    batch), then fidelity on held-out samples and speed against the original at every batch."""
+    record: dict[str, Any] = {"method": method, "target": target, "round_to": rounding,
+                              "budget": "target_latency" if latency else "target_macs"}
     start = time.perf_counter()
+    budget = ({"target_latency": target, "bench_batch": max(setting.batches)} if latency
+              else {"target_macs": target})
     try:
-        result = graphopt.optimize(model, method=method, target_macs=target, round_to=rounding,
+        result = graphopt.optimize(model, method=method, round_to=rounding, **budget,
                                    calib=calib if METHODS[method].needs_data else None, threads=setting.threads)
     except Exception as error:  # a method that fails on an architecture is a result to report, not a crash
         traceback.print_exc()
@@ -442,6 +448,8 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
     report = result.report
     record.update(macs_ratio=report["macs_ratio"], params_ratio=report["params_after"] / report["params_before"],
                   target_reached=report["target_reached"])
+    if latency:
+        record["latency_target"] = report.get("latency_target")
     fidelity = verify(model, result.model, heldout, batch_size=32).first
     record["fidelity"] = {key: fidelity[key] for key in ("cosine", "rel_l2", "top1_agreement")}
     record["latency"] = {}
@@ -455,7 +463,8 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
 
 
 def _progress(record: dict[str, Any]) -> str:
-    head = f"  {record['method']:>9} target {record['target']:.2f} round {record['round_to']:>4}: "
+    budget = " latency" if record.get("budget") == "target_latency" else ""
+    head = f"  {record['method']:>9} target {record['target']:.2f}{budget} round {record['round_to']:>4}: "
     if "error" in record:
         return head + f"ERROR {record['error']}"
     speed = ", ".join(f"b{t['batch']} {t['speedup']:.2f}x (eff {t['efficiency']:.2f})"
@@ -490,6 +499,11 @@ def run_architecture(name: str, exporter: str, setting: Setting, tiny: bool, sam
                 record = run_one(model, calib, heldout, method, target, rounding, setting, entry["runs_per_round"])
                 print(_progress(record), flush=True, file=sys.stderr if record.get("slower") else sys.stdout)
                 entry["runs"].append(record)
+        for target in setting.latency_targets if arch.kind in ("cnn", "mobile") else []:
+            record = run_one(model, calib, heldout, method, target, "auto", setting, entry["runs_per_round"],
+                             latency=True)
+            print(_progress(record), flush=True, file=sys.stderr if record.get("slower") else sys.stdout)
+            entry["runs"].append(record)
     entry["wall_s"] = time.perf_counter() - started
     return entry
 
@@ -505,7 +519,8 @@ def _speed_cell(timing: dict[str, Any]) -> str:
 
 
 def _run_row(entry: dict[str, Any], record: dict[str, Any], batches: list[int]) -> list[str]:
-    head = [entry["arch"], entry["exporter"], record["method"], f"{record['target']:.2f}", record["round_to"]]
+    budget = " latency" if record.get("budget") == "target_latency" else ""
+    head = [entry["arch"], entry["exporter"], record["method"], f"{record['target']:.2f}{budget}", record["round_to"]]
     if "error" in record:
         return head + ["error: " + record["error"][:80]] + [""] * (2 * len(batches) + 5)
     timings = [record["latency"][f"batch_{b}"] for b in batches]
@@ -570,6 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--round-ms", type=float, default=100.0,
                         help="inferences per round chosen so that a round of the original lasts about this long")
     parser.add_argument("--batch", type=int, default=8, help="the batch timed besides batch 1")
+    parser.add_argument("--latency-targets", type=lambda text: [float(t) for t in _list(text)], default=[0.6],
+                        help="--target-latency runs (round auto) on the CNNs, as fractions of the latency at --batch "
+                             "(default 0.6; empty to skip)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 64)")
     parser.add_argument("--heldout-samples", type=int, default=None, help="held-out samples (default 16)")
@@ -623,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     setting = Setting(args.targets, args.roundings, args.methods, sorted({1, args.batch}), args.rounds,
-                      args.threads, args.round_ms)
+                      args.threads, args.round_ms, args.latency_targets)
     started, entries, total = time.perf_counter(), [], 0.0
     with tempfile.TemporaryDirectory() as folder:
         for name in args.archs:
