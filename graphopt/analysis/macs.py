@@ -6,6 +6,10 @@ MACs count the multiply-accumulates of Conv, ConvTranspose (with groups), Gemm a
 - Gemm/MatMul:   prod(output) * K
 - graphopt.ExPruneLinearRelu / ExPruneConvRelu: as MatMul / Conv, their dense cost (what they skip
   depends on the input; the exprune pass reports the fraction skipped on calibration data)
+- the integer forms ConvInteger / QLinearConv and MatMulInteger / QLinearMatMul: as Conv / MatMul (one
+  integer multiply-accumulate counts as one MAC), com.microsoft QGemm as Gemm; in the QDQ format the float
+  Conv/MatMul is counted itself. Parameters: float constants, and the integer weights these ops (or a
+  DequantizeLinear) read; scales and zero points are not parameters
 
 What is counted, per sample:
 - The shapes are those of the inputs as resolved (a dynamic batch axis at 1). When every real input and
@@ -41,7 +45,11 @@ from onnx import numpy_helper
 
 from graphopt.ir.shapes import input_specs
 
-_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu")
+_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
+            "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm")
+# where the data and weight inputs sit, for the ops whose operands are not inputs 0 and 1
+_OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
+_CONVOLUTIONS = ("Conv", "ExPruneConvRelu", "ConvInteger", "QLinearConv")
 CONTROL_FLOW = ("If", "Loop", "Scan")
 _UNBOUNDED_TRIPS = 2**31  # torch writes INT64_MAX as the trip count of a while loop
 
@@ -84,7 +92,8 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     elif node.op_type == "If":
         names = []
     else:
-        names = [node.input[0], node.input[1], node.output[0]]
+        data, weight = _OPERANDS.get(node.op_type, (0, 1))
+        names = [node.input[data], node.input[weight], node.output[0]]
     return [n for n in names if n]
 
 
@@ -182,13 +191,14 @@ class _MacCounter:
 
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    weight = shapes[node.input[1]]
-    if node.op_type in ("Conv", "ExPruneConvRelu"):
+    data, weight_index = _OPERANDS.get(node.op_type, (0, 1))
+    weight = shapes[node.input[weight_index]]
+    if node.op_type in _CONVOLUTIONS:
         return math.prod(shapes[node.output[0]]) * weight[1] * math.prod(weight[2:])
     if node.op_type == "ConvTranspose":  # weight is [Cin, Cout/groups, k...]
         return math.prod(shapes[node.input[0]]) * weight[1] * math.prod(weight[2:])
-    a_shape = shapes[node.input[0]]
-    if node.op_type == "Gemm":
+    a_shape = shapes[node.input[data]]
+    if node.op_type in ("Gemm", "QGemm"):
         inner = a_shape[0] if attrs.get("transA", 0) else a_shape[-1]
     else:
         inner = a_shape[-1] if len(a_shape) > 1 else a_shape[0]
@@ -198,6 +208,8 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
 def parameter_count(model: onnx.ModelProto) -> int:
     constants = {**{t.name: t for t in model.graph.initializer}, **_constant_nodes(model.graph)}
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    quantized |= {n.input[_OPERANDS.get(n.op_type, (0, 1))[1]] for n in model.graph.node
+                  if n.op_type in _COUNTED[6:] and len(n.input) > 1}  # the integer ops' weights
     scales = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
               for name in n.input[1:]}
     counted = [t for name, t in constants.items() if name in quantized or name not in scales

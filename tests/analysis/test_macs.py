@@ -284,3 +284,39 @@ def test_a_torch_export_with_a_static_batch_of_8_counts_what_batch_1_does(export
         assert resolve_input_shapes(model)[model.graph.input[0].name][0] == batch
         counts.append(count_cost(model, resolve_input_shapes(model)).macs)
     assert counts == [4 * 36 * 27 + 5 * 4 * 36] * 2
+
+
+@pytest.mark.parametrize("form", ["integer", "qlinear"])
+def test_integer_convolutions_and_matmuls_count_as_their_float_originals(form, tmp_path):
+    """ConvInteger/MatMulInteger (dynamic quantization) and QLinearConv/QLinearMatMul (static, operator
+    format) are counted as the Conv/MatMul they replace: the same MACs as the float model."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+    from pathlib import Path
+
+    import numpy as np
+    import onnx
+
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    source, target = str(samples / "digits_cnn.onnx"), str(tmp_path / "q.onnx")
+    if form == "integer":
+        quantization.quantize_dynamic(source, target, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+        wanted = {"ConvInteger", "MatMulInteger"}
+    else:
+        images = np.load(samples / "digits_calib.npz")["input"][:16]
+
+        class Reader(quantization.CalibrationDataReader):
+            def __init__(self) -> None:
+                self.feeds = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        quantization.quantize_static(source, target, Reader(), quant_format=quantization.QuantFormat.QOperator)
+        wanted = {"QLinearConv", "QGemm"}
+    quantized = onnx.load(target)
+    ops = {node.op_type for node in quantized.graph.node}
+    assert wanted <= ops and "Conv" not in ops
+    before, after = count_cost(onnx.load(source), {"input": (1, 1, 8, 8)}), count_cost(quantized, {"input": (1, 1, 8, 8)})
+    assert after.macs == before.macs
+    # every weight is counted once, integer or float (a few float rescaling constants come in, int32 biases go)
+    assert abs(after.params - before.params) <= 0.01 * before.params
