@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from graphopt.ir.files import not_regular
+
 log = logging.getLogger(__name__)
 
 HEADER = "onnxruntime_cxx_api.h"
@@ -133,17 +135,27 @@ def find_headers(ort_include: Path | None = None, *, download: bool = True) -> t
 def build_library(output: Path | None = None, ort_include: Path | None = None, *,
                   download: bool = True) -> BuildResult:
     """Compile every kernel source into `output` (default: `default_library()`)."""
+    target = Path(output) if output is not None else default_library()
+    refused = not_regular(target)
+    if refused:
+        return BuildResult(None, None, f"cannot write the library: {refused}")
     compiler = os.environ.get("CXX") or shutil.which("g++")
     if compiler is None:
         return BuildResult(None, None, "no C++ compiler (g++ or $CXX)")
     include, reason = find_headers(ort_include, download=download)
     if include is None:
         return BuildResult(None, None, reason)
-    target = Path(output) if output is not None else default_library()
     target.parent.mkdir(parents=True, exist_ok=True)
-    command = [compiler, *FLAGS, f"-I{include}", *map(str, sources()), "-o", str(target)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        return BuildResult(None, include, f"compiling failed: {_last_line(done.stderr)}")
+    # compiled beside the target, then renamed over it: a failed or interrupted build never leaves a partial
+    # library, and a process that has the old one loaded keeps its (unlinked) copy
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    command = [compiler, *FLAGS, f"-I{include}", *map(str, sources()), "-o", str(staging)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            return BuildResult(None, include, f"compiling failed: {_last_line(done.stderr)}")
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
     log.info("built %s", target)
     return BuildResult(target, include)
