@@ -12,6 +12,8 @@ Calibration data are seeded Gaussian samples (16 by default). Sets:
 - light: the onnx package's light model zoo (onnx/backend/test/data/light: ImageNet topologies at 224 px
   with constant-filled weights, opset 9), where the installed wheel ships it;
 - samples: samples/*.onnx;
+- tf2onnx: the graphs tests/passes/test_tf2onnx_graphs.py writes the way tf2onnx and Paddle export them
+  (NHWC transposes around convolutions, Tensordot reshapes, channel reductions, decomposed LayerNorm);
 - large: ImageNet-sized architectures written in bench/zoo_architectures.py (random init, 224 px), both
   exporters; by default only the runs --large-runs names at --large-targets (magnitude and snp at 0.5 of
   the MACs), which keeps the whole sweep near half an hour on 2 cores.
@@ -60,7 +62,7 @@ from zoo_architectures import ARCHITECTURES, build  # noqa: E402
 
 MIB = 1024**2
 RESULTS = REPO / "bench" / "results"
-SETS = ("samples", "tiny", "large", "light")
+SETS = ("samples", "tiny", "large", "light", "tf2onnx")
 
 
 def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
@@ -82,6 +84,13 @@ def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
         found += [("light", path.stem.removeprefix("light_"), path) for path in paths]
     if "samples" in sets:
         found += [("samples", Path(path).name, Path(path)) for path in sorted(glob.glob(str(REPO / "samples" / "*.onnx")))]
+    if "tf2onnx" in sets:
+        from tests.passes.test_tf2onnx_graphs import GRAPHS
+
+        for name, builder in GRAPHS.items():
+            path = folder / f"{name}.onnx"
+            onnx.save(builder(), path)
+            found.append(("tf2onnx", name, path))
     return found
 
 
