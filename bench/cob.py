@@ -1,13 +1,17 @@
 """CoB (change-of-basis) pruning against magnitude pruning, without fine-tuning, on TSRA networks trained here.
 
-Four models are trained in this script, seeded and offline, on scikit-learn's digits (70/30 stratified split):
+Six models are trained in this script, seeded and offline, on scikit-learn's digits (70/30 stratified split):
 
 - tsra-cnn:  Conv(1->C) RMSNorm TSRA, Conv(C->C) RMSNorm TSRA, AvgPool 2, Conv(C->2C) RMSNorm TSRA,
              global average pool, Linear(2C->10), built as the paper's networks are (weightless RMS norm instead
              of BatchNorm, average instead of max pooling; TSRA split at half the channels);
 - relu-cnn:  the same shape with BatchNorm + ReLU in place of RMSNorm + TSRA (BN folded at export);
 - tsra-mlp:  64 -> H RMSNorm TSRA -> H RMSNorm TSRA -> 10 on the standardised 64 pixel features;
-- relu-mlp:  the same shape with BatchNorm1d + ReLU.
+- relu-mlp:  the same shape with BatchNorm1d + ReLU;
+- tsra-rescnn: Conv(1->C) RMSNorm TSRA, two residual blocks x + Conv(TSRA(RMSNorm(Conv(x)))) joined by Add,
+             RMSNorm on the stream, global average pooling written as a mean over H and W, Linear(C->10)
+             (the residual stream is one change-of-basis group with three writers and three readers);
+- relu-rescnn: the same with BatchNorm + ReLU.
 
 Each is exported with the legacy torch exporter (opset 17) and pruned to each MAC target, no retraining, by:
 
@@ -17,9 +21,10 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
                 pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.channels.function_patterns.
                 canonicalise), exactly the graph `cob` itself prunes, minus the rotation;
+- snp:          method="snp" (subspace node pruning with its least-squares reconstruction) on the TSRA model;
 - relu-magnitude: method="magnitude" on the ReLU+BN control.
 
-All five run side by side at each target (the order rotates between repeats; times are medians). Calibration
+All six run side by side at each target (the order rotates between repeats; times are medians). Calibration
 data are the first --calib training samples; accuracy is measured with onnxruntime on the test split. The
 "reliable range" of a method is the smallest MACs ratio it reached such that at that target and every less
 aggressive one the accuracy drop against its own dense model is <= 1 point (the paper's frontier is in
@@ -27,6 +32,7 @@ parameters; both ratios are reported).
 
     python bench/cob.py            # full run (~3-5 min on 2 cores), results in bench/results/cob.{json,png}
     python bench/cob.py --quick    # smoke run: targets 0.7,0.5, one repeat, fewer epochs
+    python bench/cob.py --models rescnn --targets 0.7,0.5 --repeats 1   # the residual CNN alone
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
+    "snp": ("tsra", {"method": "snp"}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,6 +108,33 @@ def digits_cnn(kind: str, width: int) -> nn.Module:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10))
 
 
+class ResidualBlock(nn.Module):
+    """x + Conv(act(Conv(x))): two 3x3 convolutions joined to the stream by Add."""
+
+    def __init__(self, kind: str, width: int) -> None:
+        super().__init__()
+        self.inner = nn.Conv2d(width, width, 3, 1, 1)
+        self.act = nn.Sequential(*norm_act(kind, width, True))
+        self.outer = nn.Conv2d(width, width, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.outer(self.act(self.inner(x)))
+
+
+class ResidualCnn(nn.Module):
+    """stem Conv -> norm+act -> residual blocks -> norm -> mean over H, W -> Linear."""
+
+    def __init__(self, kind: str, width: int, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1), *norm_act(kind, width, True))
+        self.blocks = nn.Sequential(*[ResidualBlock(kind, width) for _ in range(blocks)])
+        self.norm = RMSNorm() if kind == "tsra" else nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.stem(x))).mean(dim=(2, 3)))
+
+
 def digits_mlp(kind: str, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), *norm_act(kind, hidden, False),
                          nn.Linear(hidden, hidden), *norm_act(kind, hidden, False), nn.Linear(hidden, 10))
@@ -121,7 +155,7 @@ def canonical(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> onnx.Mode
 
 def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
     data = load_digits()
-    if name == "cnn":
+    if name in ("cnn", "rescnn"):
         x = (data.images / 16.0).reshape(-1, 1, 8, 8)
     else:
         x = data.data
@@ -136,8 +170,8 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
     models, seconds = {}, {}
     for kind in ("tsra", "relu"):
         torch.manual_seed(args.seed)
-        if name == "cnn":
-            module = digits_cnn(kind, args.width)
+        if name in ("cnn", "rescnn"):
+            module = digits_cnn(kind, args.width) if name == "cnn" else ResidualCnn(kind, args.width)
             options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3,
                            weight_decay=1e-4)
         else:
@@ -153,6 +187,11 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         w = args.width
         description = (f"CNN conv{w}-conv{w}-avgpool-conv{2 * w}-GAP-fc10 on digits 8x8 "
                        f"(TSRA: RMSNorm+TSRA split C/2; control: BN+ReLU), {options['epochs']} epochs")
+    elif name == "rescnn":
+        w = args.width
+        description = (f"residual CNN conv{w}, 2 blocks x+conv{w}(act(conv{w}(x))), norm, mean over H,W, fc10 on "
+                       f"digits 8x8 (TSRA: RMSNorm+TSRA split C/2, weightless RMSNorm on the stream; "
+                       f"control: BN+ReLU), {options['epochs']} epochs")
     else:
         h = args.hidden
         description = (f"MLP 64-{h}-{h}-10 on digits features (TSRA: RMSNorm+TSRA split {h // 2}; "
@@ -163,11 +202,12 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
 # ---------------------------------------------------------------- measuring
 
 
-def run_one(family: Family, method: str, target: float, threads: int) -> tuple[dict[str, Any], float]:
+def run_one(family: Family, method: str, target: float, threads: int,
+            round_to: str = "auto") -> tuple[dict[str, Any], float]:
     which, options = METHODS[method]
     start = time.perf_counter()
     result = graphopt.optimize(family.models[which], target_macs=target, calib=family.calib[which],
-                               threads=threads, **options)
+                               threads=threads, round_to=round_to, **options)
     seconds = time.perf_counter() - start
     logits = predict(result.model, family.test)
     report = result.report
@@ -188,7 +228,7 @@ def run_one(family: Family, method: str, target: float, threads: int) -> tuple[d
     return row, seconds
 
 
-def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads: int) -> None:
+def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads: int, round_to: str = "auto") -> None:
     for kind in ("tsra", "relu", "tsra-canonical"):
         family.dense_logits[kind] = predict(family.models[kind], family.test)
         family.dense_accuracy[kind] = accuracy(family.dense_logits[kind], family.labels)
@@ -200,7 +240,7 @@ def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads
         times: dict[str, list[float]] = {name: [] for name in names}
         for repeat in range(repeats):
             for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-                row, seconds = run_one(family, name, target, threads)
+                row, seconds = run_one(family, name, target, threads, round_to)
                 if name in rows and rows[name]["accuracy"] != row["accuracy"]:
                     raise RuntimeError(f"{family.name} {name} @ {target}: accuracy differs between repeats")
                 rows[name] = row
@@ -307,7 +347,7 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "magnitude": "--",
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "magnitude": "--", "snp": "--",
               "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):
@@ -334,7 +374,7 @@ def plot(families: list[Family], path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="cnn,mlp", help="comma-separated subset of cnn, mlp")
+    parser.add_argument("--models", default="cnn,rescnn,mlp", help="comma-separated subset of cnn, rescnn, mlp")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
     parser.add_argument("--repeats", type=int, default=3, help="optimize calls per method and target (median time)")
     parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
@@ -344,6 +384,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--mlp-epochs", type=int, default=60)
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--round-to", default="auto", help="channel multiple for every method (auto, or N; 1: exact "
+                                                           "counts)")
     add_thread_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for cob.json / cob.png")
     parser.add_argument("--quick", action="store_true",
@@ -363,7 +405,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             family = build_family(name, args, Path(workdir))
-            run_family(family, targets, args.repeats, args.ort_threads)
+            run_family(family, targets, args.repeats, args.ort_threads, args.round_to)
             print_tables(family, targets, args.repeats)
             families.append(family)
     result = summary(families, targets)

@@ -7,9 +7,14 @@ An `OpRule` holds everything graphopt knows about one ONNX op:
   concatenation, identities), so a per-channel constant passes through it unchanged;
 - `constant`: how a per-channel constant (a dead unit's bias) is evaluated through it
   (graphopt.analysis.constant_flow); None stops the evaluation there, unless the op is `layout`;
-- `rotation`: whether it commutes with an orthogonal rotation of the channel axis, and onto which
-  output axis the rotated channels go (change-of-basis chains); the rule returns the output axis or
-  the reason it is not equivariant.
+- `rotation`: whether it commutes with an orthogonal rotation Q of the channel axis, and onto which
+  output axis the rotated channels go (change-of-basis chains); the rule returns the output axis (or a
+  `Carried`: several outputs, or other variable inputs that must carry the same rotation, as the
+  branches of a residual Add do) or the reason it is not equivariant. Ops that are linear and treat
+  every channel alike state which axes they mix (`Mixing`, ruled by `linear`): such an op f acts on
+  each channel slice by one linear map, f(x)[.., c, ..] = L(x[.., c, ..]), so f(Q x) = Q f(x) exactly
+  when the channel axis is not among the axes L combines or re-lays (a pooling window, a reduction, a
+  padded, sliced, resized or reshaped axis).
 Rules are registered by op family in graphopt.analysis.oprules, whose `rule_for` is the lookup by node.
 Opset ranges are inclusive; two rules for one (domain, op_type) must not overlap.
 """
@@ -28,10 +33,36 @@ if TYPE_CHECKING:
 Values = dict[int, np.ndarray]  # group root -> per-channel constant (NaN: unknown)
 ChannelRule = Callable[[gs.Node, "Analysis"], None]
 ConstantRule = Callable[["Analysis", gs.Node, dict[str, Values], list[Values]], "Values | None"]
-RotationRule = Callable[[gs.Node, gs.Tensor, int], "int | str"]
+RotationRule = Callable[[gs.Node, gs.Tensor, int], "int | Carried | str"]
 
 DEFAULT_DOMAIN = ""
 NOT_EQUIVARIANT = "not equivariant to a rotation of the channels"
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Where a rotation of the input's channel axis goes through an op: onto `axis` of each output in
+    `outputs`, provided every (input index, channel axis) in `joins` carries the same rotation (the
+    other branches of a residual Add, the other pieces of a Concat on another axis)."""
+
+    axis: int
+    outputs: tuple[int, ...] = (0,)
+    joins: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """What a linear op that treats every channel alike does to its first input's axes: `mixes` are the
+    input axes it combines or re-lays (values along them move or add up), `moved[i]` is the output axis
+    input axis i becomes (None: reduced away or merged), `outputs` the outputs that carry them."""
+
+    mixes: frozenset[int]
+    moved: tuple[int | None, ...]
+    outputs: tuple[int, ...] = (0,)
+
+
+def rank_of(tensor: gs.Tensor) -> int | None:
+    return None if tensor.shape is None else len(tensor.shape)
 
 
 def no_rule(node: gs.Node, a: Analysis) -> None:
@@ -60,6 +91,19 @@ def equivariant(rule: RotationRule) -> RotationRule:
         why = reads_once(node, tensor)
         return why if why is not None else rule(node, tensor, axis)
     return checked
+
+
+def linear(mixing: Callable[[gs.Node, gs.Tensor], "Mixing | str"]) -> RotationRule:
+    """A rotation rule for a linear op that treats every channel alike and mixes the axes `mixing`
+    states (or says why it cannot tell): rotations of any other axis pass, onto the axis it moves to."""
+    def rule(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | Carried | str:
+        found = mixing(node, tensor)
+        if isinstance(found, str):
+            return found
+        if axis in found.mixes or axis >= len(found.moved) or found.moved[axis] is None:
+            return f"mixes the channel axis {axis}"
+        return Carried(int(found.moved[axis]), found.outputs) if found.outputs != (0,) else int(found.moved[axis])
+    return equivariant(rule)
 
 
 @dataclass(frozen=True)

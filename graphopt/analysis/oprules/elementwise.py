@@ -4,9 +4,10 @@ Channels: a binary merges the channel states of its variable inputs (a residual 
 branches) and slices per-channel constant operands with the channels (an operand that is a statistic
 over those very channels, mean(x) in x - mean(x), blocks: that normalises over them); an activation
 carries its input's state to its output. Constants: Add/Sub/Mul/Div and the activations listed with a function
-evaluate a dead unit's constant exactly. Rotations: nonlinear activations are not equivariant; a
-per-channel bias or scale is not either, and an op combining the channels with another variable
-(a residual add, a gate) ends a change-of-basis chain with that reason.
+evaluate a dead unit's constant exactly. Rotations: nonlinear activations are not equivariant, nor is
+a per-channel bias, scale or gate; a product or quotient by a factor constant along the channels (a
+scalar, a per-position gate [N, 1, H, W]) is, as are Identity, Dropout and float Casts; Add, Sub, Sum
+and Mean of variables (a residual join) pass a rotation only when every input carries it (`Carried.joins`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.constants import Elementwise, attr_or_input, binary, elementwise
-from graphopt.analysis.registry import RotationRule, declines, equivariant, reads_once, register
+from graphopt.analysis.registry import Carried, RotationRule, declines, equivariant, rank_of, reads_once, register
 from graphopt.analysis.state import Analysis
 
 NONLINEAR = "elementwise nonlinearity is not equivariant to rotations"
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 def gated(reason: str) -> RotationRule:
@@ -142,14 +145,68 @@ def _dropout_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
     return axis
 
 
+def _float_cast(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    """A cast between float types changes no value beyond rounding; to an integer type it is nonlinear."""
+    return axis if int(node.attrs.get("to", 0)) in FLOAT_TYPES else "casts to a type that is not float"
+
+
+def _aligned(node: gs.Node, tensor: gs.Tensor, axis: int, other: gs.Tensor) -> tuple[int, int] | str:
+    """(output channel axis, the axis of `other` broadcast against it: negative when `other` has none)."""
+    rank, out_rank, other_rank = rank_of(tensor), rank_of(node.outputs[0]), rank_of(other)
+    if rank is None or out_rank is None or other_rank is None:
+        return "ranks unknown"
+    out_axis = axis + out_rank - rank
+    return out_axis, out_axis - (out_rank - other_rank)
+
+
+def _joined(node: gs.Node, tensor: gs.Tensor, axis: int) -> Carried | str:
+    """A sum of variables (a residual Add) passes a rotation that every input carries on the channels."""
+    if sum(t is tensor for t in node.inputs) != 1:
+        return "reads the channels twice"
+    found = _aligned(node, tensor, axis, tensor)
+    if isinstance(found, str):
+        return found
+    joins = []
+    for index, other in enumerate(node.inputs):
+        if other is tensor:
+            continue
+        if isinstance(other, gs.Constant):
+            return f"adds a constant ({'per-channel bias add' if other.values.size > 1 else 'a scalar'})"
+        aligned = _aligned(node, tensor, axis, other)
+        if isinstance(aligned, str):
+            return aligned
+        if aligned[1] < 0 or other.shape[aligned[1]] != tensor.shape[axis]:
+            return "adds a tensor that does not carry the channels"
+        joins.append((index, aligned[1]))
+    return Carried(found[0], joins=tuple(joins))
+
+
+def _scaled(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
+    """x·g and x/g pass a rotation when g is constant along the channels (a scalar, a per-position gate)."""
+    if len(node.inputs) != 2 or sum(t is tensor for t in node.inputs) != 1:
+        return "reads the channels twice"
+    if node.op == "Div" and node.inputs[0] is not tensor:
+        return "divides by the channels"
+    other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+    found = _aligned(node, tensor, axis, other)
+    if isinstance(found, str):
+        return found
+    if found[1] >= 0 and other.shape[found[1]] != 1:
+        if isinstance(other, gs.Constant):
+            return "per-channel scale"
+        return "combines the channels with another variable tensor (a per-channel gate)"
+    return found[0]
+
+
 # -- registrations ----------------------------------------------------------------------------
 
-register("Add", channels=broadcast, constant=binary(np.add), rotation=gated("per-channel bias add"))
-register("Sub", channels=broadcast, constant=binary(np.subtract), rotation=gated("per-channel bias add"))
-register("Mul", channels=broadcast, constant=binary(np.multiply), rotation=gated("per-channel scale"))
-register("Div", channels=broadcast, constant=binary(np.divide), rotation=gated("per-channel scale"))
+register("Add", channels=broadcast, constant=binary(np.add), rotation=_joined)
+register("Sub", channels=broadcast, constant=binary(np.subtract), rotation=_joined)
+register("Sum", "Mean", channels=broadcast, rotation=_joined)
+register("Mul", channels=broadcast, constant=binary(np.multiply), rotation=_scaled)
+register("Div", channels=broadcast, constant=binary(np.divide), rotation=_scaled)
 register("PRelu", channels=broadcast, rotation=declines(NONLINEAR))
-register("Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less", "Greater", "LessOrEqual",
+register("Pow", "Max", "Min", "Where", "Equal", "Less", "Greater", "LessOrEqual",
          "GreaterOrEqual", "And", "Or", "Xor", "Mod", channels=broadcast)
 
 ACTIVATIONS: dict[str, Callable[[gs.Node], Elementwise] | None] = {
@@ -164,7 +221,8 @@ for _op, _function in ACTIVATIONS.items():
 register("Shrink", channels=unary, constant=elementwise(_shrink), rotation=declines(NONLINEAR))
 register("Neg", channels=unary, constant=elementwise(_fixed(np.negative)))
 register("Celu", "Softsign", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Not", "ThresholdedRelu",
-         "Cast", "CastLike", "IsNaN", channels=unary)
+         "CastLike", "IsNaN", channels=unary)
+register("Cast", channels=unary, rotation=equivariant(_float_cast))
 register("Gelu", domain="com.microsoft", channels=unary, rotation=declines(NONLINEAR))  # onnxruntime's fusions
 register("QuickGelu", domain="com.microsoft", channels=unary)
 register("Identity", channels=unary, layout=True, rotation=equivariant(lambda node, tensor, axis: axis))

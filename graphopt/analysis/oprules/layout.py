@@ -4,17 +4,21 @@ Resize/Upsample, Squeeze/Unsqueeze, and Shape (which only reads the run-time sha
 Concat lays atoms end to end (an untracked input becomes a fixed, blocked segment); Split and Slice
 cut atoms at their bounds and record sites so the engine can recompute sizes and bounds; the others
 carry the channel state to its new axis or block it when they touch the channel axis.
+Rotations: each op states the axes it mixes (cuts, pads, interpolates along, splits) and passes a
+rotation of any other axis; Concat on another axis passes one that all its inputs carry alike.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.constants import keeps_when, pad as pad_constant
-from graphopt.analysis.registry import equivariant, positive_axis, register
+from graphopt.analysis.oprules.reshape import relaid
+from graphopt.analysis.registry import Carried, Mixing, linear, positive_axis, rank_of, register
 from graphopt.analysis.state import Analysis, constant_values
 
 
@@ -180,19 +184,132 @@ def squeeze(node: gs.Node, a: Analysis) -> None:
     a.block(state, f"{node.name} ({node.op}): removes the channel axis")
 
 
-def _transpose_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
-    perm, rank = node.attrs.get("perm"), None if tensor.shape is None else len(tensor.shape)
+# -- rotations: each op states the axes it mixes (graphopt.analysis.registry.linear) -------------
+
+def _same_axes(rank: int, mixes: set[int] | frozenset[int], outputs: tuple[int, ...] = (0,)) -> Mixing:
+    return Mixing(frozenset(mixes), tuple(range(rank)), outputs)
+
+
+def _transpose_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    perm, rank = node.attrs.get("perm"), rank_of(tensor)
     if perm is None and rank is None:
         return "Transpose of unknown rank"
-    return [int(p) for p in (perm if perm is not None else range(rank - 1, -1, -1))].index(axis)
+    order = [int(p) for p in (perm if perm is not None else range(rank - 1, -1, -1))]
+    return Mixing(frozenset(), tuple(order.index(i) for i in range(len(order))))
+
+
+def _split_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    rank = rank_of(tensor)
+    if rank is None:
+        return "rank unknown"
+    return _same_axes(rank, {positive_axis(int(node.attrs.get("axis", 0)), rank)}, tuple(range(len(node.outputs))))
+
+
+def _slice_values(node: gs.Node) -> list:
+    """[starts, ends, axes, steps] of a Slice (attributes before opset 10, constant inputs after; None
+    where absent or not constant)."""
+    if node.attrs.get("starts") is not None:
+        return [node.attrs.get(k) for k in ("starts", "ends", "axes")] + [None]
+    return ([constant_values(t) if t.name else None for t in node.inputs[1:5]] + [None] * 4)[:4]
+
+
+def _whole(start: int, end: int, step: int, size: int | str) -> bool:
+    """True when [start:end:step] keeps every position of an axis of `size`."""
+    if not isinstance(size, int) or step != 1:
+        return False
+    return max(start + size if start < 0 else start, 0) == 0 and (end + size if end < 0 else end) >= size
+
+
+def _slice_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    """Mixes (cuts) every axis it does not keep whole: start 0, end at or past the size, step 1."""
+    rank, shape = rank_of(tensor), tensor.shape
+    starts, ends, axes, steps = _slice_values(node)
+    if rank is None or starts is None or ends is None:
+        return "bounds are not constant"
+    axes = range(len(starts)) if axes is None else axes
+    cut = {axis for k, axis in enumerate(positive_axis(int(x), rank) for x in axes)
+           if not _whole(int(starts[k]), int(ends[k]), 1 if steps is None else int(steps[k]), shape[axis])}
+    return _same_axes(rank, cut)
+
+
+def _pads_zeros(node: gs.Node) -> bool:
+    """Constant padding writes zeros (Q·0 = 0); reflect, edge and wrap copy values within each channel."""
+    if node.attrs.get("mode", "constant") != "constant":
+        return True
+    value = node.attrs.get("value", 0.0) if len(node.inputs) < 3 or not node.inputs[2].name \
+        else constant_values(node.inputs[2])
+    return value is not None and not np.any(np.asarray(value) != 0)
+
+
+def _pad_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    """Mixes (extends) the padded axes; padding must add zeros or copies."""
+    rank = rank_of(tensor)
+    pads = node.attrs.get("pads") if len(node.inputs) < 2 else constant_values(node.inputs[1])
+    if rank is None or pads is None:
+        return "pads are not constant"
+    if not _pads_zeros(node):
+        return "pads with a constant that is not zero"
+    axes = range(rank) if len(node.inputs) < 4 or not node.inputs[3].name else constant_values(node.inputs[3])
+    if axes is None:
+        return "padded axes are not constant"
+    axes = [positive_axis(int(x), rank) for x in axes]
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    return _same_axes(rank, {axis for k, axis in enumerate(axes) if pads[k] or pads[k + len(axes)]})
+
+
+def _resize_factors(node: gs.Node, count: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(scales, sizes) of a Resize or Upsample over `count` axes, whichever is a constant."""
+    if node.attrs.get("scales") is not None:  # Upsample-7
+        return np.asarray(node.attrs["scales"], dtype=np.float64), None
+    scales = sizes = None
+    for tensor in node.inputs[1:]:
+        values = constant_values(tensor) if tensor.name else None
+        if values is not None and values.size == count:
+            if values.dtype.kind == "f":
+                scales = values.reshape(-1)
+            else:
+                sizes = values.reshape(-1)
+    return scales, sizes
+
+
+def _resize_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    """Mixes (interpolates along) every axis whose scale is not 1 or whose size changes."""
+    rank, shape = rank_of(tensor), tensor.shape
+    if rank is None:
+        return "rank unknown"
+    if node.attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        return "crops by a region of interest"
+    axes = [positive_axis(int(x), rank) for x in node.attrs.get("axes", range(rank))]
+    scales, sizes = _resize_factors(node, len(axes))
+    if scales is not None:
+        return _same_axes(rank, {axis for k, axis in enumerate(axes) if float(scales[k]) != 1.0})
+    if sizes is not None:
+        return _same_axes(rank, {axis for k, axis in enumerate(axes) if int(sizes[k]) != shape[axis]})
+    return "scales and sizes are not constant"
+
+
+def _concat_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> Carried | str:
+    """Concatenating along another axis passes a rotation that every input carries alike."""
+    rank = rank_of(tensor)
+    if rank is None:
+        return "rank unknown"
+    if positive_axis(int(node.attrs["axis"]), rank) == axis:
+        return "concatenates along the channel axis"
+    if any(isinstance(t, gs.Constant) for t in node.inputs):
+        return "concatenates a constant with the channels"
+    return Carried(axis, joins=tuple((i, axis) for i, t in enumerate(node.inputs) if t is not tensor))
+
+
+def _reshaped(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    return relaid(tensor.shape, node.outputs[0].shape)
 
 
 register("Shape", "Size", channels=shape_of)
-register("Transpose", channels=transpose, layout=True, rotation=equivariant(_transpose_rotation))
-register("Concat", channels=concat, layout=True)
-register("Split", channels=split, layout=True)
-register("Slice", channels=slice_, layout=True)
-register("Squeeze", "Unsqueeze", channels=squeeze, layout=True)
-register("Pad", channels=pad, constant=pad_constant)
-register("Resize", "Upsample", channels=resize,
+register("Transpose", channels=transpose, layout=True, rotation=linear(_transpose_mixing))
+register("Concat", channels=concat, layout=True, rotation=_concat_rotation)
+register("Split", channels=split, layout=True, rotation=linear(_split_mixing))
+register("Slice", channels=slice_, layout=True, rotation=linear(_slice_mixing))
+register("Squeeze", "Unsqueeze", channels=squeeze, layout=True, rotation=linear(_reshaped))
+register("Pad", channels=pad, constant=pad_constant, rotation=linear(_pad_mixing))
+register("Resize", "Upsample", channels=resize, rotation=linear(_resize_mixing),
          constant=keeps_when(lambda node: node.attrs.get("mode", "nearest") in ("nearest", "linear")))

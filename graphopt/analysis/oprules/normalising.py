@@ -6,8 +6,8 @@ over the channel axis blocks the group (removing a channel would change every ot
 over other axes moves the channel axis as keepdims says. A ReduceSum or ReduceMean over the channel axis
 alone is a linear consumer (a "reduce" site: a row of ones, or of 1/n, over the channels) whose output is a
 statistic over them (graphopt.analysis.groups); any other reduction over the channel axis blocks. Constants:
-BatchNormalization in inference form. Rotations: a per-channel scale is not equivariant; a keepdims
-ReduceMean/ReduceSum over axes other than the channel axis is (a global average pool).
+BatchNormalization in inference form. Rotations: a per-channel scale is not equivariant; a ReduceMean or
+ReduceSum mixes the axes it reduces and passes a rotation of any other (a global average pool over H, W).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.constants import batchnorm
 from graphopt.analysis.oprules.elementwise import gated
-from graphopt.analysis.registry import equivariant, positive_axis, register
+from graphopt.analysis.registry import Mixing, linear, positive_axis, rank_of, register
 from graphopt.analysis.state import Analysis, constant_values
 
 LINEAR_REDUCTIONS = ("ReduceSum", "ReduceMean")
@@ -98,15 +98,18 @@ def reduce(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], ChannelState(state.axis - shift, state.atoms, state.factor))
 
 
-def _spatial_reduction(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
-    """A keepdims reduction over constant axes that leave the channel axis alone (per-channel linear)."""
-    rank = None if tensor.shape is None else len(tensor.shape)
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        axes = node.inputs[1].values.reshape(-1).tolist()
-    if rank is None or not axes or not int(node.attrs.get("keepdims", 1)) or axis in {int(x) % rank for x in axes}:
-        return "not equivariant to a rotation of the channels"
-    return axis
+def _reduction_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    """A sum or mean mixes the axes it reduces; keepdims=0 drops them from the output's axes."""
+    rank = rank_of(tensor)
+    axes = reduced_axes(node, rank)
+    if rank is None:
+        return "rank unknown"
+    if axes is None or (not axes and not int(node.attrs.get("noop_with_empty_axes", 0))):
+        return "reduces over all axes or over axes that are not constant"
+    if int(node.attrs.get("keepdims", 1)):
+        return Mixing(frozenset(axes), tuple(range(rank)))
+    kept = [i for i in range(rank) if i not in axes]
+    return Mixing(frozenset(axes), tuple(kept.index(i) if i in kept else None for i in range(rank)))
 
 
 register("BatchNormalization", channels=norm_per_channel, constant=batchnorm,
@@ -114,6 +117,6 @@ register("BatchNormalization", channels=norm_per_channel, constant=batchnorm,
 register("InstanceNormalization", channels=norm_per_channel, rotation=gated("per-channel scale"))
 register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "MeanVarianceNormalization",
          "GroupNormalization", "RMSNormalization", channels=normalising)
-register("ReduceMean", "ReduceSum", channels=reduce, rotation=equivariant(_spatial_reduction))
+register("ReduceMean", "ReduceSum", channels=reduce, rotation=linear(_reduction_mixing))
 register("ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp",
          "ArgMax", "ArgMin", channels=reduce)

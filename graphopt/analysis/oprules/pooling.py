@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.constants import keeps_when, merge_inputs
 from graphopt.analysis.oprules.elementwise import gated, unary
-from graphopt.analysis.registry import equivariant, register
+from graphopt.analysis.registry import Mixing, linear, rank_of, register
 
 
 def _average_keeps(node: gs.Node) -> bool:
@@ -20,12 +20,14 @@ def _average_keeps(node: gs.Node) -> bool:
         or not node.attrs.get("count_include_pad", 0)
 
 
-def _channels_first(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
-    return axis if axis == 1 else "not equivariant to a rotation of the channels"
+def _spatial(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    """Average pooling mixes the spatial axes of NCHW (every axis behind axis 1), each channel alike."""
+    rank = rank_of(tensor)
+    return "rank unknown" if rank is None else Mixing(frozenset(range(2, rank)), tuple(range(rank)))
 
 
 register("MaxPool", channels=unary, constant=merge_inputs, rotation=gated("max pooling is not equivariant to rotations"))
 register("GlobalMaxPool", channels=unary, constant=merge_inputs, rotation=gated("max pooling is not equivariant"))
-register("GlobalAveragePool", channels=unary, constant=merge_inputs, rotation=equivariant(_channels_first))
-register("AveragePool", channels=unary, constant=keeps_when(_average_keeps), rotation=equivariant(_channels_first))
+register("GlobalAveragePool", channels=unary, constant=merge_inputs, rotation=linear(_spatial))
+register("AveragePool", channels=unary, constant=keeps_when(_average_keeps), rotation=linear(_spatial))
 register("LpPool", channels=unary)

@@ -13,6 +13,8 @@ it has to be a constant (or a constant piece of the Concat that builds the shape
 lengths known). A shape computed at run time only from `Shape` outputs (x.view(b, g, c // g, h, w) in
 exporters' graphs) follows the pruned sizes by itself and is left alone; the optimised model is run
 afterwards, so a wrong guess fails loudly. Any other shape source blocks the group.
+Rotations (`relaid`): a Reshape, Flatten, Squeeze or Unsqueeze passes a rotation of an axis it keeps whole
+(the same size, and as many elements behind it before and after), onto the axis it becomes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
-from graphopt.analysis.registry import equivariant, register
+from graphopt.analysis.registry import Mixing, linear, register
 from graphopt.analysis.state import Analysis
 
 
@@ -191,24 +193,40 @@ def flatten_rule(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], ChannelState(1, state.atoms, state.factor * block))
 
 
-def _unit_map(shape: tuple | None) -> bool:
-    return shape is not None and all(isinstance(d, int) and d == 1 for d in shape[2:])
+def _static_product(dims: tuple | list) -> int | None:
+    return math.prod(dims) if all(isinstance(d, int) and d >= 0 for d in dims) else None
 
 
-def _reshape_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
-    """A Reshape of [N, C, 1, ..., 1] to [N, C] (a Flatten of a 1x1 map, as the dynamo exporter writes it)."""
-    before, after = tensor.shape, node.outputs[0].shape
-    if axis == 1 and before is not None and after is not None and len(after) == 2 and len(before) >= 2 \
-            and _unit_map(before) and after[1] == before[1]:
-        return 1
-    return "not equivariant to a rotation of the channels"
+def relaid(before: tuple | list | None, after: tuple | list | None) -> Mixing | str:
+    """The axes a row-major re-layout of `before` into `after` keeps whole: input axis i becomes output
+    axis j when after[j] = before[i] and the axes behind them hold as many elements
+    (prod(after[j+1:]) = prod(before[i+1:])); since both hold the same elements, the axes in front of
+    them do too, so every slice along i is the slice along j, re-laid but never mixed with another.
+    Every other input axis is mixed (split, merged or moved into another)."""
+    if before is None or after is None:
+        return "shapes unknown"
+    moved: list[int | None] = []
+    for i, dim in enumerate(before):
+        behind = _static_product(before[i + 1:])
+        found = None if not isinstance(dim, int) or behind is None else next(
+            (j for j, out in enumerate(after) if out == dim and _static_product(after[j + 1:]) == behind), None)
+        moved.append(found)
+    return Mixing(frozenset(i for i, j in enumerate(moved) if j is None), tuple(moved))
 
 
-def _flatten_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> int | str:
-    if axis != 1 or int(node.attrs.get("axis", 1)) != 1:
-        return "not equivariant to a rotation of the channels"
-    return 1 if _unit_map(tensor.shape) else "Flatten of a map larger than 1x1 mixes positions into features"
+def _reshape_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    return relaid(tensor.shape, node.outputs[0].shape)
 
 
-register("Reshape", channels=reshape_rule, layout=True, rotation=equivariant(_reshape_rotation))
-register("Flatten", channels=flatten_rule, layout=True, rotation=equivariant(_flatten_rotation))
+def _flatten_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
+    before = tensor.shape
+    if before is None:
+        return "shapes unknown"
+    start = int(node.attrs.get("axis", 1))
+    start = start + len(before) if start < 0 else start
+    head, tail = _static_product(before[:start]), _static_product(before[start:])
+    return relaid(before, ["N" if head is None else head, "M" if tail is None else tail])
+
+
+register("Reshape", channels=reshape_rule, layout=True, rotation=linear(_reshape_mixing))
+register("Flatten", channels=flatten_rule, layout=True, rotation=linear(_flatten_mixing))

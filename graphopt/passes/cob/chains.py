@@ -1,16 +1,22 @@
-"""Where a change of basis is legal: chains producer -> equivariant ops -> linear consumers.
+"""Where a change of basis is legal: groups writers -> equivariant ops -> linear consumers.
 
-A chain starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
-follows its output through ops that commute with an orthogonal Q on the channel axis:
-Identity, Dropout (mask unread), AveragePool / GlobalAveragePool (NCHW), Flatten (or Reshape to
-[N, C]) of a 1x1 map, keepdims ReduceMean/ReduceSum over spatial axes, graphopt.RMSNorm (any Q) and
-graphopt.TSRA (Q = blockdiag over its split only; the chain's cut points are the union of its TSRAs'
-splits) over the chain's channel axis (`axis` 1, or the last axis of token-major tensors; either op
-over another axis is not equivariant and ends the chain), until linear consumers (Conv
-group 1 / Gemm / MatMul reading it as the data operand, constant weight). Rotating such a chain is
-exact: producer W' = Q W, b' = Q b on its output channels, every consumer W' = W Qᵀ on its input
-channels (at every Conv tap; zero padding is rotation invariant). Anything else on the way (ReLU,
-BatchNorm, MaxPool, bias Add, ...) or a graph output makes the chain illegal; the reason names the op.
+A group starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
+follows its output through ops that commute with an orthogonal Q on the channel axis, as each op's
+rule in graphopt.analysis.oprules says (the axes it mixes: average pooling and ReduceMean/ReduceSum
+over other axes, Resize, zero Pad, Slice/Split/Concat on other axes, Transpose and Reshape keeping the
+channel axis whole, products by factors constant along the channels, Identity/Dropout/float Cast,
+graphopt.RMSNorm (any Q) and graphopt.TSRA (Q = blockdiag over its split only; the group's cut points
+are the union of its TSRAs' splits) over the channel axis), until linear consumers (Conv group 1 /
+Gemm / MatMul reading it as the data operand, constant weight).
+A join (a residual Add, Sub, Sum, Mean; a Concat on another axis) passes a rotation only when every
+input carries the same one: the walk then goes back from the other inputs, through equivariant ops,
+to the producers writing them, which join the group as writers, and forward again from every tensor
+it reaches, so every reader of the stream (each branch, the next residual Add, the head) is in it.
+Rotating a group is exact: every writer W' = Q W, b' = Q b on its output channels, every consumer
+W' = W Qᵀ on its input channels (at every Conv tap; zero padding is rotation invariant), so every
+tensor of the group holds Q h instead of h and every consumer computes what it did. Anything else
+on the way (ReLU, BatchNorm, MaxPool, a per-channel bias or gate, ...), a graph input or constant
+joined in, or a graph output makes the group illegal; the reason names the op.
 
 The channel axis is 1 for Conv/Gemm producers and the last axis for MatMul producers (token-major
 [N, T, C] activations; statistics then take every leading position as a row); Transpose moves it.
@@ -28,20 +34,30 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.oprules import rule_for
-from graphopt.analysis.registry import opsets_of
+from graphopt.analysis.registry import Carried, opsets_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.heads import head_split, through_heads
 
 @dataclass
+class Writer:
+    node: gs.Node
+    out_axis: int                                                       # output-channel axis of its weight
+    bias: tuple[gs.Node, int] | None = None                             # (Add, index of its constant input)
+
+
+@dataclass
 class Chain:
-    producer: gs.Node
-    out_axis: int                     # output-channel axis of the producer's weight
+    writers: list[Writer]
     channels: int
     consumers: list[tuple[gs.Node, int]] = field(default_factory=list)  # (node, input-channel axis of weight)
     reads: dict[str, int] = field(default_factory=dict)                 # tensor a consumer reads -> channel axis
     cuts: set[int] = field(default_factory=set)                         # TSRA split points, head bounds
-    bias: tuple[gs.Node, int] | None = None                             # (Add, index of its constant input)
     heads: int = 1                                                      # > 1: rotated per attention head
+
+    @property
+    def producer(self) -> gs.Node:
+        """The writer the group was found from (the first one)."""
+        return self.writers[0].node
 
     @property
     def subspaces(self) -> list[tuple[int, int]]:
@@ -78,7 +94,9 @@ def _weight_input_axis(node: gs.Node) -> tuple[int, str] | None:
     return None
 
 
-def _consumer_axis(node: gs.Node, tensor: gs.Tensor, axis: int, rank: int | None) -> int | None:
+def consumer_axis(node: gs.Node, tensor: gs.Tensor, axis: int, rank: int | None) -> int | None:
+    """The input-channel axis of `node`'s weight when it is a linear consumer reading `tensor` (of
+    `rank`) with its channels on `axis`, else None."""
     if not _constant_weight(node) or node.inputs[0] is not tensor or any(t is tensor for t in node.inputs[1:]):
         return None
     found = _weight_input_axis(node)
@@ -93,11 +111,17 @@ def _rank(tensor: gs.Tensor) -> int | None:
     return None if tensor.shape is None else len(tensor.shape)
 
 
-def _passes(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> tuple[int, str | None]:
-    """(output channel axis, None) when `node` commutes with a rotation of `tensor`'s axis, else (-1, why):
-    the op's registered rotation rule (graphopt.analysis.oprules) decides."""
+def _data_axis(producer: gs.Node) -> int | None:
+    """The axis of the producer's output that holds its channels (last for MatMul, else 1)."""
+    rank = _rank(producer.outputs[0])
+    return 1 if producer.op != "MatMul" else (None if rank is None else rank - 1)
+
+
+def _passes(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> Carried | str:
+    """Where a rotation of `tensor`'s `axis` goes through `node`, or why it does not: the op's registered
+    rotation rule (graphopt.analysis.oprules) decides."""
     outcome = rule_for(node, opsets).rotation(node, tensor, axis)
-    return (-1, outcome) if isinstance(outcome, str) else (outcome, None)
+    return Carried(outcome) if isinstance(outcome, int) else outcome
 
 
 def _only_add_reader(graph: gs.Graph, output: gs.Tensor) -> gs.Node | None:
@@ -126,6 +150,24 @@ def bias_add(graph: gs.Graph, producer: gs.Node, axis: int, channels: int) -> tu
     return add, index
 
 
+def _writer(graph: gs.Graph, tensor: gs.Tensor, axis: int) -> Writer | None:
+    """The rotatable producer writing `tensor` with its channels on `axis` (itself, or through the bias
+    Add it owns), else None."""
+    node = ir.producer(tensor)
+    if node is not None and node.op == "Add":
+        for source in node.inputs:
+            owner = ir.producer(source)
+            out_axis = None if owner is None else producer_axis(owner)
+            if out_axis is None or _data_axis(owner) != axis or (len(owner.inputs) > 2 and owner.inputs[2].name):
+                continue
+            bias = bias_add(graph, owner, axis, int(owner.inputs[1].values.shape[out_axis]))
+            if bias is not None and bias[0] is node:
+                return Writer(owner, out_axis, bias)
+        return None
+    out_axis = None if node is None else producer_axis(node)
+    return None if out_axis is None or _data_axis(node) != axis else Writer(node, out_axis)
+
+
 def _split_heads(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor,
                  axis: int) -> list[gs.Tensor] | str | None:
     """Merged tensors after the attention heads that Reshape `node` opens (None: not a head split)."""
@@ -140,23 +182,26 @@ def _split_heads(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor
     return through_heads(graph, node, heads, head_dim)
 
 
+Step = tuple[gs.Tensor, int, bool]  # (tensor, channel axis, whether its writer is known to pass the rotation)
+
+
 def _start(graph: gs.Graph, producer: gs.Node, axis_w: int) -> tuple[Chain, gs.Tensor, int]:
-    """The chain's record, the tensor its walk starts from (after a bias Add it owns) and its channel axis."""
+    """The group's record, the tensor its walk starts from (after a bias Add it owns) and its channel axis."""
     output = producer.outputs[0]
-    rank = _rank(output)
-    chain = Chain(producer, axis_w, int(producer.inputs[1].values.shape[axis_w]))
-    start = 1 if producer.op != "MatMul" or rank is None else rank - 1
+    chain = Chain([Writer(producer, axis_w)], int(producer.inputs[1].values.shape[axis_w]))
+    start = _data_axis(producer)
     has_bias = len(producer.inputs) > 2 and producer.inputs[2].name
-    chain.bias = None if has_bias else bias_add(graph, producer, start, chain.channels)
-    if chain.bias is not None:
-        output = chain.bias[0].outputs[0]
+    bias = None if has_bias or start is None else bias_add(graph, producer, start, chain.channels)
+    if bias is not None:
+        chain.writers[0].bias = bias
+        output = bias[0].outputs[0]
     return chain, output, start
 
 
 def _visit(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor, axis: int,
-           opsets: dict[str, int]) -> list[tuple[gs.Tensor, int]] | str:
-    """Follow the chain through one reader of `tensor`: the tensors to continue from, or why it ends."""
-    consumer = _consumer_axis(node, tensor, axis, _rank(tensor))
+           opsets: dict[str, int]) -> list[Step] | str:
+    """Follow the group through one reader of `tensor`: the tensors it reaches, or why it ends."""
+    consumer = consumer_axis(node, tensor, axis, _rank(tensor))
     if consumer is not None:
         chain.consumers.append((node, consumer))
         chain.reads[tensor.name] = axis
@@ -165,48 +210,102 @@ def _visit(graph: gs.Graph, chain: Chain, node: gs.Node, tensor: gs.Tensor, axis
     if isinstance(merged, str):
         return merged
     if merged is not None:
-        return [(t, len(t.shape) - 1) for t in merged]
-    next_axis, why = _passes(node, tensor, axis, opsets)
-    if why is not None:
-        return f"{chain.producer.name} -> {node.name} ({node.op}): {why}"
+        return [(t, len(t.shape) - 1, True) for t in merged]
+    carried = _passes(node, tensor, axis, opsets)
+    if isinstance(carried, str):
+        return f"{chain.producer.name} -> {node.name} ({node.op}): {carried}"
     if node.op == "TSRA":
         chain.cuts.add(int(node.attrs["split"]))
-    return [(node.outputs[0], next_axis)]
+    return [(node.outputs[i], carried.axis, True) for i in carried.outputs] + \
+        [(node.inputs[i], joined, False) for i, joined in carried.joins]
 
 
-def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
-    """The legal chain starting at `producer`, or the reason there is none."""
-    axis_w = producer_axis(producer)
-    if axis_w is None:
-        return f"{producer.name} ({producer.op}): not a rotatable producer"
-    chain, output, start = _start(graph, producer, axis_w)
-    outputs, opsets = {t.name for t in graph.outputs}, opsets_of(graph)
-    pending, seen = [(output, start)], set()
+def _source(graph: gs.Graph, chain: Chain, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> list[Step] | str:
+    """Go back from a tensor a join needs rotated: its writer joins the group, or the input of the
+    equivariant op writing it is rotated in its place; else why the join cannot be rotated."""
+    node = ir.producer(tensor)
+    if node is None or isinstance(tensor, gs.Constant):
+        return f"{chain.producer.name}: a join reads '{tensor.name}', which no rotatable layer writes"
+    writer = _writer(graph, tensor, axis)
+    if writer is not None:
+        if int(writer.node.inputs[1].values.shape[writer.out_axis]) != chain.channels:
+            return f"{chain.producer.name}: writer {writer.node.name} has another number of channels"
+        chain.writers.append(writer)
+        return []
+    found = _back_through(node, tensor, axis, opsets)
+    return found if isinstance(found, list) else f"{chain.producer.name} <- {node.name} ({node.op}) writes a joined tensor: {found}"
+
+
+def _back_through(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> list[Step] | str:
+    """The input (and its channel axis) whose rotation `node` carries onto `axis` of `tensor`, or why none."""
+    index = next((i for i, t in enumerate(node.outputs) if t is tensor), 0)
+    why = "passes no rotation back to its inputs"
+    for source in (t for t in node.inputs if not isinstance(t, gs.Constant)):
+        for source_axis in range(_rank(source) or 0):
+            carried = _passes(node, source, source_axis, opsets)
+            if not isinstance(carried, str) and carried.axis == axis and index in carried.outputs:
+                return [(source, source_axis, False)]
+            why = carried if isinstance(carried, str) and source_axis == axis and source is node.inputs[0] else why
+    return why
+
+
+def _grow(graph: gs.Graph, chain: Chain, start: gs.Tensor, axis: int, opsets: dict[str, int]) -> str | None:
+    """Walk the group from its first writer's output; None when every tensor reached is legal."""
+    outputs = {t.name for t in graph.outputs}
+    axes: dict[str, int] = {}
+    sourced: set[str] = set()
+    pending: list[Step] = [(start, axis, True)]
     while pending:
-        tensor, axis = pending.pop()
-        if tensor.name in seen:
+        tensor, axis, known = pending.pop()
+        if axes.get(tensor.name, axis) != axis:
+            return f"{chain.producer.name}: '{tensor.name}' would be rotated on two axes"
+        if not known and tensor.name not in sourced:
+            found = _source(graph, chain, tensor, axis, opsets)
+            if isinstance(found, str):
+                return found
+            pending.extend(found)
+        sourced.add(tensor.name)
+        if tensor.name in axes:
             continue
-        seen.add(tensor.name)
+        axes[tensor.name] = axis
         if tensor.name in outputs:
-            return f"{producer.name} -> graph output '{tensor.name}'"
+            return f"{chain.producer.name} -> graph output '{tensor.name}'"
         for node in ir.consumers(tensor):
             found = _visit(graph, chain, node, tensor, axis, opsets)
             if isinstance(found, str):
                 return found
             pending.extend(found)
+    return None
+
+
+def find_chain(graph: gs.Graph, producer: gs.Node) -> Chain | str:
+    """The legal group starting at `producer` (with every writer joined to it), or the reason there is none."""
+    axis_w = producer_axis(producer)
+    if axis_w is None:
+        return f"{producer.name} ({producer.op}): not a rotatable producer"
+    chain, output, start = _start(graph, producer, axis_w)
+    if start is None:
+        return f"{producer.name} ({producer.op}): output rank unknown"
+    why = _grow(graph, chain, output, start, opsets_of(graph))
+    if why is not None:
+        return why
     if not chain.consumers:
         return f"{producer.name} ({producer.op}): no linear consumer"
     return chain
 
 
 def find_chains(graph: gs.Graph) -> tuple[list[Chain], list[str]]:
-    chains, reasons = [], []
+    """Every legal group (each found once, from its first writer in graph order) and the reasons for
+    the producers that start none."""
+    chains, reasons, claimed = [], [], set()
     for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul"):
+        if node.op not in ("Conv", "Gemm", "MatMul") or id(node) in claimed:
             continue
         found = find_chain(graph, node)
         if isinstance(found, str):
-            reasons.append(found)
-        else:
-            chains.append(found)
+            if found not in reasons:
+                reasons.append(found)
+            continue
+        chains.append(found)
+        claimed.update(id(writer.node) for writer in found.writers)
     return chains, reasons

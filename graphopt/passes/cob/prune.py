@@ -1,10 +1,12 @@
 """CoB: change-of-basis pruning (Ning and Rangaraju, arXiv 2511.16061) on TSRA / RMS-norm networks.
 
 1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
-   (graphopt.passes.channels.function_patterns); exact up to float rounding.
-2. Legal chains producer -> equivariant ops -> linear consumers are found (graphopt.passes.cob.chains),
+   (graphopt.passes.channels.function_patterns); exact up to float rounding. A weighted norm's gain
+   is folded into its linear readers (graphopt.passes.cob.gains), so the norm alone stays in the group.
+2. Legal groups writers -> equivariant ops -> linear consumers are found (graphopt.passes.cob.chains),
    channels on axis 1 or last (token-major), per head through attention (graphopt.passes.cob.heads);
-   illegal ones are reported with the offending op.
+   a residual stream is one group: every writer into its Add joins shares one rotation, folded into all
+   of them and into every reader. Illegal ones are reported with the offending op.
 3. Per chain and per subspace (TSRA splits, attention heads), a rotation from calibration data is
    folded into the weights (graphopt.passes.cob.rotation): PCA of the Gram of the tensors the consumers
    read (for heads: the merged, token-mixed values that the output projection reads), or L1-PCA
@@ -34,6 +36,7 @@ from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.cob.chains import Chain, find_chains
+from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
@@ -77,9 +80,9 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
     if method == "l1pca":
         if ctx.data is None:
             raise DataError("--rotation l1pca needs the activations themselves: give --calib DATA.npz")
-        from graphopt.calibration.sample import sample_rows
+        from graphopt.calibration.distributed import gather_rows
 
-        samples = sample_rows(ir.export_model(graph, ctx.template), ctx.data, reads,
+        samples = gather_rows(ctx.cluster, ir.export_model(graph, ctx.template), ctx.data, reads,
                               max_rows=int(ctx.option("l1pca_rows", 4096)),
                               batch_size=int(ctx.option("batch_size", 32)), seed=int(ctx.option("seed", 0)))
     found = []
@@ -99,9 +102,9 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
     return found
 
 
-def _producer_site(analysis: Analysis, chain: Chain) -> Site | None:
-    """The site where the chain's producer writes its output channels (its weight, input 1)."""
-    return next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is chain.producer
+def _producer_site(analysis: Analysis, producer: gs.Node) -> Site | None:
+    """The site where a writer of the chain writes its output channels (its weight, input 1)."""
+    return next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is producer
                  and s.index == 1), None)
 
 
@@ -115,11 +118,22 @@ def _covering_group(analysis: Analysis, groups: dict[int, Group], site: Site, lo
     return groups[analysis.atoms.find(covering[0])]
 
 
+def _writers_site(analysis: Analysis, chain: Chain) -> Site | str:
+    """The first writer's producer site, when every writer's output channels share its channel groups."""
+    sites = [_producer_site(analysis, writer.node) for writer in chain.writers]
+    if any(site is None for site in sites):
+        return "a writer has no channel group"
+    roots = [{analysis.atoms.find(leaf) for leaf in analysis.atoms.leaves(site.state.atoms)} for site in sites]
+    if any(other != roots[0] for other in roots[1:]):
+        return "the writers' channels are not one channel group"
+    return sites[0]
+
+
 def _subspace_groups(analysis: Analysis, chain: Chain) -> dict[int, int] | str:
     """Group root of each subspace (by index), or why the chain's groups cannot be pruned."""
-    site = _producer_site(analysis, chain)
-    if site is None:
-        return "producer has no channel group"
+    site = _writers_site(analysis, chain)
+    if isinstance(site, str):
+        return site
     groups = {g.root: g for g in analysis.groups()}
     tied = chain.heads > 1  # heads share one group: the same coordinates are kept in every head
     found: dict[int, int] = {}
@@ -236,8 +250,9 @@ class ChangeOfBasisPruning(Pass):
         if method not in ("pca", "l1pca"):
             raise OptionError(f"--rotation must be pca or l1pca, got {method}")
         rms, tsra = canonicalise(graph)
+        gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
-        result = PassResult(modified=bool(rms or tsra), skipped=reasons)
+        result = PassResult(modified=bool(rms or tsra or gains), skipped=reasons)
         rotated = 0
         rotations = _rotations(ctx, graph, chains, method) if chains else []
         for chain, (rotation, _) in zip(chains, rotations):
@@ -249,8 +264,9 @@ class ChangeOfBasisPruning(Pass):
         if kind is not None and chains:
             removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
-        result.stats = {"rms_norms_recognised": rms, "tsra_recognised": tsra, "chains": len(chains),
-                        "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
+        result.stats = {"rms_norms_recognised": rms, "rms_gains_folded": gains, "tsra_recognised": tsra,
+                        "chains": len(chains),
+                        "residual_groups": sum(len(chain.writers) > 1 for chain in chains), "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
                         "estimated_macs_ratio": ratio, **budget_stats}
         return result
 

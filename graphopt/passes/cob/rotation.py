@@ -9,9 +9,9 @@ L1-PCA (sign-power iteration, after Kwak and Markopoulos et al.): from the PCA b
 B = sign(X Q), Q = polar(Xᵀ B) (the U Vᵀ of its SVD) `iterations` times on sample rows X, then QR
 to a clean orthonormal basis; coordinates are ordered by mean |x·q_j| and importance is still energy.
 Folding (exact in exact arithmetic; weights are rotated in float64 and cast back to their dtype):
-producer W' = Q W and b' = Q b along the output-channel axis (b also when it is a constant Add right
-after the producer), consumers W' = W Qᵀ along the
-input-channel axis — both are "apply Q along that axis": W'[..d..] = Σ_c Q[d, c] W[..c..].
+every writer of the group W' = Q W and b' = Q b along the output-channel axis (b also when it is a
+constant Add right after the writer), consumers W' = W Qᵀ along the input-channel axis; both are
+"apply Q along that axis": W'[..d..] = Σ_c Q[d, c] W[..c..].
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.cob.chains import Chain
+from graphopt.passes.cob.chains import Chain, Writer
 
 DIAGONAL = 1e-6
 
@@ -77,21 +77,26 @@ def apply_along(values: np.ndarray, axis: int, rotation: np.ndarray) -> np.ndarr
     return np.moveaxis(rotated, 0, axis).astype(values.dtype)
 
 
-def fold(graph: gs.Graph, chain: Chain, rotation: np.ndarray) -> None:
-    """Rotate the chain's producer outputs (weight and bias) and every consumer's inputs by Q."""
-    producer = chain.producer
-    ir.set_input_array(graph, producer, 1, apply_along(np.asarray(producer.inputs[1].values), chain.out_axis, rotation))
+def _fold_writer(graph: gs.Graph, writer: Writer, channels: int, rotation: np.ndarray) -> None:
+    producer = writer.node
+    ir.set_input_array(graph, producer, 1, apply_along(np.asarray(producer.inputs[1].values), writer.out_axis, rotation))
     if len(producer.inputs) > 2 and producer.inputs[2].name:
         bias = np.asarray(producer.inputs[2].values)
-        full = np.broadcast_to(bias, (*bias.shape[:-1], chain.channels)) if bias.ndim else \
-            np.full(chain.channels, bias, dtype=bias.dtype)
+        full = np.broadcast_to(bias, (*bias.shape[:-1], channels)) if bias.ndim else \
+            np.full(channels, bias, dtype=bias.dtype)
         ir.set_input_array(graph, producer, 2, apply_along(np.ascontiguousarray(full), full.ndim - 1, rotation))
-    if chain.bias is not None:  # a bias Add right after the producer: b' = Q b, broadcast to full length
-        add, index = chain.bias
+    if writer.bias is not None:  # a bias Add right after the producer: b' = Q b, broadcast to full length
+        add, index = writer.bias
         bias = np.asarray(add.inputs[index].values)
-        shape = (*bias.shape[:-1], chain.channels) if bias.ndim else (chain.channels,)
+        shape = (*bias.shape[:-1], channels) if bias.ndim else (channels,)
         full = np.ascontiguousarray(np.broadcast_to(bias, shape))
         ir.set_input_array(graph, add, index, apply_along(full, full.ndim - 1, rotation))
+
+
+def fold(graph: gs.Graph, chain: Chain, rotation: np.ndarray) -> None:
+    """Rotate every writer's outputs (weight and bias) and every consumer's inputs by Q."""
+    for writer in chain.writers:
+        _fold_writer(graph, writer, chain.channels, rotation)
     for consumer, axis in chain.consumers:
         weight = np.asarray(consumer.inputs[1].values)
         ir.set_input_array(graph, consumer, 1, apply_along(weight, axis, rotation))

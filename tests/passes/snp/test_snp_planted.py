@@ -57,6 +57,7 @@ class Planted:
     refused: list[tuple[tuple[nn.Module, ...], str]] = field(default_factory=list)
     untouched: list[nn.Module] = field(default_factory=list)  # further producers that keep every output channel
     cob_removes: int = 0  # zero-variance directions CoB removes (where a rotatable chain reads them)
+    cob_chains: int = 1   # the chains (residual streams included) that CoB rotates to remove them
 
     def add(self, layer: nn.Module, relations: tuple[Relation, ...], period: int = 0, repeat: int = 1) -> None:
         plant(layer, relations, period, repeat)
@@ -93,7 +94,10 @@ def _residual() -> Planted:
     planted.groups.append((module.stem, stream))
     planted.add(module.expand[0], (Zero(0), Copy(4, 2), Copy(6, 3, 2.0), Constant(8, 0.7)))  # after ReLU
     planted.add(module.head, (Zero(10), Combination(11, 0, 1, 1.0, -0.5)))
-    planted.cob_removes = 2  # head -> GlobalAveragePool -> Flatten -> Gemm is a rotatable chain
+    # the linear stream is one rotatable group (stem and both projections write it, the expands, the next
+    # Add and the head read it): its zero, two copies and combination go; head -> GlobalAveragePool ->
+    # Flatten -> Gemm is a rotatable chain too
+    planted.cob_removes, planted.cob_chains = 4 + 2, 2
     return planted
 
 
@@ -382,7 +386,7 @@ def test_cob_removes_planted_zero_variance_directions_where_a_chain_exists(name:
     cob = result.report["passes"][-1]
     assert cob["stats"]["channels_removed"] == planted.cob_removes, cob
     if planted.cob_removes:
-        assert cob["stats"]["chains_rotated"] == 1
+        assert cob["stats"]["chains_rotated"] == planted.cob_chains
         assert _max_error(model, result.model, _inputs(planted.input_shape, CHECK, 1)) < TOLERANCE
     else:  # no chain: every producer's reason names the op that ends it
         assert cob["stats"]["chains"] == 0 and result.report["macs_ratio"] == 1.0
