@@ -1,4 +1,5 @@
-"""Calibration cost against plain onnxruntime inference, on a ResNet-18-sized CNN and a BERT-base-sized encoder.
+"""Calibration cost against plain onnxruntime inference, on a ResNet-18-sized CNN and a BERT-base-sized encoder;
+with --workers N, calibration in one process against calibration sharded over N Ray workers.
 
 For each model: build it in torch (random weights), export with torch.onnx.export(dynamo=False), then
 interleave, per repeat, plain inference over all samples (a new session with full graph optimisation,
@@ -8,6 +9,13 @@ time of each, samples/s, the ratio, and the peak RSS each adds (Linux: VmHWM aft
 
     python bench/calibration.py                                  # 256 samples, full sizes
     python bench/calibration.py --samples 64 --seq-len 64        # quicker on small machines
+    python bench/calibration.py --models resnet50 --samples 512 --workers 2   # 1 process vs 2 Ray workers
+
+With --workers N (needs graphopt[ray]): a local Ray instance with N CPUs is started once (its start-up
+time is printed apart), then each repeat times, interleaved, the same statistics measured in one process
+(onnxruntime and accumulation threads: --threads, default all cores) and on N shard tasks (one thread
+each; a fresh `Cluster` per repeat, so shipping the data shards to the object store is timed too).
+Reports the medians, their ratio, and the largest relative difference between the two results.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import logging
 import os
 import platform
 import statistics
@@ -86,6 +95,35 @@ class Encoder(nn.Module):
         return torch.tanh(self.pooler(x[:, 0]))
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1 reduce, 3x3 (strided), 1x1 expand (x4), BatchNorm, projection shortcut."""
+
+    def __init__(self, inputs: int, width: int, stride: int) -> None:
+        super().__init__()
+        outputs = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, outputs, 1, bias=False), nn.BatchNorm2d(outputs))
+        self.down = None if stride == 1 and inputs == outputs else nn.Sequential(
+            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
+
+
+def resnet50(classes: int = 1000) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                               nn.MaxPool2d(3, 2, 1)]
+    inputs = 64
+    for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+        for index in range(blocks):
+            layers.append(Bottleneck(inputs, width, stride if index == 0 else 1))
+            inputs = 4 * width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, classes)]
+    return nn.Sequential(*layers)
+
+
 def export(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path) -> onnx.ModelProto:
     module.eval()
     axes = {name: {0: "batch"} for name in names}
@@ -147,9 +185,56 @@ def measure(name: str, model: onnx.ModelProto, data: dict[str, np.ndarray], args
           f"{peak['calibrate'] / max(peak['infer'], 1):5.2f}x peak RSS added")
 
 
+def compare_workers(name: str, model: onnx.ModelProto, data: dict[str, np.ndarray], args: argparse.Namespace,
+                    mask_input: str | None) -> None:
+    """One process against --workers Ray shard tasks on the same statistics (see the module docstring)."""
+    import ray
+
+    from graphopt.calibration.cluster import Cluster
+
+    dataset = load_data(data, model)
+    kinds = KINDS if args.kinds == "all" else KINDS - {"gram"}
+    requests = [StatRequest(r.tensor, kinds, r.channel_axis) for r in linear_inputs(model)]
+
+    def calibrate(cluster: Cluster | None, on: object = dataset) -> dict:
+        return Calibrator(on, batch_size=args.batch_size, memory_limit=args.calib_memory, threads=args.threads,
+                          mask_input=mask_input, cluster=cluster).statistics(model, requests)
+
+    start = time.perf_counter()
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    startup = time.perf_counter() - start
+    with Cluster(args.workers, None) as cluster:  # warm-up: worker processes start and import graphopt once
+        first = {name: array[:args.workers * args.batch_size] for name, array in data.items()}
+        calibrate(cluster, load_data(first, model))
+    timings: dict[str, list[float]] = {"one process": [], f"{args.workers} workers": []}
+    worst = 0.0
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        single = calibrate(None)
+        timings["one process"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with Cluster(args.workers, None) as cluster:
+            sharded = calibrate(cluster)
+        timings[f"{args.workers} workers"].append(time.perf_counter() - start)
+        for tensor, stats in single.items():
+            expected = stats.gram() if stats.has_gram else stats.var
+            got = sharded[tensor].gram() if stats.has_gram else sharded[tensor].var
+            worst = max(worst, float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-300)))
+    ray.shutdown()
+    median = {key: statistics.median(values) for key, values in timings.items()}
+    samples = dataset.num_samples or 0
+    print(f"\n{name}: {samples} samples, batch {args.batch_size}, {len(requests)} tensors, {args.repeats} repeats "
+          f"(median); Ray start-up {startup:.1f} s and a warm-up run "
+          "of the workers not included")
+    for key, seconds in median.items():
+        print(f"  {key:12s} {seconds:8.2f} s  {samples / seconds:8.1f} samples/s")
+    print(f"  ratio        {median[f'{args.workers} workers'] / median['one process']:8.2f}x time   "
+          f"largest relative difference {worst:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet18,bert", help="comma-separated: resnet18, bert")
+    parser.add_argument("--models", default="resnet18,bert", help="comma-separated: resnet18, resnet50, bert")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -159,6 +244,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--calib-memory", default="2GB")
     parser.add_argument("--kinds", choices=["all", "no-gram"], default="all")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="compare one process with this many Ray workers (needs graphopt[ray]) instead of "
+                             "calibration with inference")
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -166,11 +254,13 @@ def main() -> None:
           f"{platform.release()}; python {platform.python_version()}, numpy {np.__version__}, onnx {onnx.__version__}, "
           f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, graphopt {graphopt.__version__}")
     with tempfile.TemporaryDirectory() as workdir:
-        if "resnet18" in args.models:
-            size = args.image_size
-            model = export(resnet18(), (torch.randn(1, 3, size, size),), ["image"], Path(workdir) / "resnet18.onnx")
-            images = rng.standard_normal((args.samples, 3, size, size)).astype(np.float32)
-            measure(f"ResNet-18 {size}x{size}", model, {"image": images}, args, None)
+        run = compare_workers if args.workers else measure
+        size = args.image_size
+        for label, builder in [("resnet18", resnet18), ("resnet50", resnet50)]:
+            if label in args.models.split(","):
+                model = export(builder(), (torch.randn(1, 3, size, size),), ["image"], Path(workdir) / f"{label}.onnx")
+                images = rng.standard_normal((args.samples, 3, size, size)).astype(np.float32)
+                run(f"{label.replace('resnet', 'ResNet-')} {size}x{size}", model, {"image": images}, args, None)
         if "bert" in args.models:
             tokens = args.seq_len
             encoder = Encoder(args.layers, 768, 12, 3072, 30522, tokens)
@@ -179,7 +269,7 @@ def main() -> None:
             lengths = rng.integers(tokens // 2, tokens + 1, size=args.samples)
             data = {"ids": rng.integers(0, 30522, size=(args.samples, tokens)).astype(np.int64),
                     "mask": (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)}
-            measure(f"BERT-base-sized encoder ({args.layers} layers, {tokens} tokens)", model, data, args, "mask")
+            run(f"BERT-base-sized encoder ({args.layers} layers, {tokens} tokens)", model, data, args, "mask")
 
 
 if __name__ == "__main__":

@@ -191,3 +191,18 @@ def torch_export(tmp_path_factory: pytest.TempPathFactory) -> TorchExport:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with 2 CPUs, started once per test session (starting one takes seconds) and
+    shut down at its end; graphopt's --workers uses a Ray runtime the process already started as it is."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'graphopt[ray]')")
+    import logging
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield ray
+    if started:
+        ray.shutdown()

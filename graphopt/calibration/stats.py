@@ -25,6 +25,12 @@ fixed shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x −
 unless gram is asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the
 cancellation of Σxxᵀ − nμμᵀ when |μ| ≫ σ. Negative counts (neg_frac) are exact integers, kept as
 `negatives`; |x| sums are float64.
+
+Merging (`merge`, for statistics of disjoint row sets measured apart, e.g. data shards): rows measured
+about shift K' (sums s', S', count n') enter statistics about K with d = K' − K as
+  Σ (x − K) = s' + n' d,   Σ (x − K)(x − K)ᵀ = S' + s' dᵀ + d s'ᵀ + n' d dᵀ,
+counts, |x| sums and negative counts add. The identity is exact; in floating point the merged
+statistics differ from one pass over all rows by summation order only (float64 rounding).
 """
 
 from __future__ import annotations
@@ -162,6 +168,32 @@ class TensorStats:
         else:
             self.shifted_square += np.einsum("ij,ij->j", chunk, chunk)
 
+    def merge(self, other: TensorStats) -> None:
+        """Add the statistics of other rows of the same tensor, in place (see the module docstring)."""
+        if (other.kinds, other.channel_axis, other.channels, other.has_gram) != \
+                (self.kinds, self.channel_axis, self.channels, self.has_gram):
+            raise ValueError(f"statistics of '{self.tensor}' and '{other.tensor}' were taken differently: "
+                             "only statistics of the same kinds, axis and channels merge")
+        self.masked = self.masked and other.masked
+        if other.count == 0:
+            return
+        if self.count == 0 or self.shift is None:
+            self.shift = np.array(other.shift, dtype=np.float64)
+        delta = np.asarray(other.shift, dtype=np.float64) - self.shift
+        weighted = other.count * delta
+        if self.has_gram:  # both upper triangles are authoritative: add them, then the rank-2 term
+            self.shifted_square += other.shifted_square
+            if np.any(delta):
+                _syr2_update(self.shifted_square, delta, other.shifted_sum + 0.5 * weighted)
+        else:
+            self.shifted_square += other.shifted_square + 2.0 * other.shifted_sum * delta + weighted * delta
+        self.shifted_sum += other.shifted_sum + weighted
+        self.count += other.count
+        if self.abs_sum is not None:
+            self.abs_sum += other.abs_sum
+        if self.negatives is not None:
+            self.negatives += other.negatives
+
     def _centred(self) -> np.ndarray:
         """M = Σ (x − μ)(x − μ)ᵀ (or its diagonal)."""
         if self.count == 0:
@@ -257,6 +289,20 @@ def _syrk_update(square: np.ndarray, chunk: np.ndarray) -> None:
         square += chunk.T @ chunk
         return
     dsyrk(1.0, chunk.T, beta=1.0, c=square, trans=0, lower=0, overwrite_c=1)
+
+
+def _syr2_update(square: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    """square += x yᵀ + y xᵀ on the upper triangle, in place (BLAS syr2); with y = s' + n'd/2 and x = d
+    this is the merge's s' dᵀ + d s'ᵀ + n' d dᵀ."""
+    try:
+        from scipy.linalg.blas import dsyr2
+    except ImportError:  # scipy is optional
+        cross = np.outer(x, y)
+        square += cross + cross.T
+        return
+    updated = dsyr2(1.0, x, y, lower=0, a=square, overwrite_a=1)
+    if updated is not square:  # not Fortran-ordered: f2py worked on a copy
+        square[...] = updated
 
 
 def single_threaded_blas() -> ContextManager[Any]:

@@ -8,7 +8,7 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from graphopt.calibration import collect as collect_module
+from graphopt.calibration import accumulate as accumulate_module
 from graphopt.calibration.capture import TensorInfo, exposing_model, linear_inputs, plan_rounds
 from graphopt.calibration.collect import Calibrator, parse_bytes
 from graphopt.calibration.data import load_data
@@ -148,13 +148,13 @@ def test_rounds_under_a_small_memory_limit_give_the_same_statistics(monkeypatch:
     requests = [StatRequest(n) for n in ["x", "c", "r", "y"]]
     whole = collect(model, data, requests, batch_size=11)
     sessions: list[int] = []
-    real_make_session = collect_module.make_session
+    real_make_session = accumulate_module.make_session
 
     def counting_make_session(*args: object, **kwargs: object) -> object:
         sessions.append(1)
         return real_make_session(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(collect_module, "make_session", counting_make_session)
+    monkeypatch.setattr(accumulate_module, "make_session", counting_make_session)
     bounded = collect(model, data, requests, batch_size=11, memory_limit=40_000)
     assert len(sessions) == 3  # c, r and y each in a round of their own; x comes from the data
     for name in ["x", "c", "r", "y"]:
