@@ -7,7 +7,8 @@ synthetic sequence task (label = [count(a) > count(b)] XOR [count(c) > count(d)]
 and the FFN must solve together). Each is exported with the legacy torch exporter (BN kept as nodes;
 graphopt's pre-passes fold it) and pruned to each MAC target by every method, interleaved per target
 (the method order rotates between repeats): random (seed 0), magnitude (L1), snp (ZCA ordering + LDL
-cut + least-squares reconstruction), snp without reconstruction, and snp with the output criterion.
+cut + least-squares reconstruction of each consumer's own units, --reconstruct-target self), snp without
+reconstruction, and snp with the output criterion (bench/quality.py compares the reconstruction targets).
 Calibration data are the first --calib samples of the training split; accuracy is measured on the
 held-out test split with onnxruntime. Reported per call: test accuracy, the MACs actually reached
 (report macs_ratio) and the median wall time of `graphopt.optimize`.
@@ -44,9 +45,9 @@ from graphopt.torch.export import export_onnx
 METHODS: dict[str, dict[str, Any]] = {
     "random": {"method": "random", "seed": 0},
     "magnitude": {"method": "magnitude"},
-    "snp": {"method": "snp"},
+    "snp": {"method": "snp", "reconstruct_target": "self"},
     "snp-norecon": {"method": "snp", "reconstruct": False},
-    "snp-output": {"method": "snp", "criterion": "output"},
+    "snp-output": {"method": "snp", "criterion": "output", "reconstruct_target": "self"},
 }
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 MODELS = ("mlp-cancer", "mlp-wine", "resnet-digits", "transformer")

@@ -21,6 +21,13 @@ single-threaded, so each tensor sees its batches in order whatever the thread co
 only on the model, the data and its order, the batch size and the memory limit (which fixes rounds and
 batch sizes), and onnxruntime's kernels, not on timing: the same call gives bit-identical statistics.
 `context_calibrator` builds the calibrator behind a pass context's statistics from its data and options.
+`paired(reference, model, requests)` measures moments tying a tensor of a reference model to a tensor of a
+rewritten one on the same samples (graphopt.calibration.paired), under the same bound; never cached.
+
+With a `cluster` (graphopt.calibration.cluster, `--workers` / `--ray-address`), the planned rounds run on
+Ray tasks, one per shard of the data, and their statistics are merged in shard order
+(graphopt.calibration.distributed); caching, preloading and planning stay here, so sequential mode
+measures each stage on the cluster. The memory bound then holds per task.
 
 Attention masks: token tensors skip the rows of padded positions when a mask input is chosen
 (graphopt.calibration.mask: found in the model by default, `mask_input` NAME or "none" otherwise, a
@@ -32,30 +39,23 @@ from __future__ import annotations
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, exposing_model, plan_rounds
+from graphopt.calibration.accumulate import RunSettings, run_rounds
+from graphopt.calibration.capture import TensorInfo, cone_fingerprints, describe, plan_rounds
 from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.distributed import gather_statistics
 from graphopt.calibration.mask import MaskChoice, choose_mask
-from graphopt.calibration.session import make_session
-from graphopt.calibration.stats import (
-    StatRequest,
-    TensorStats,
-    chunk_rows,
-    mask_applies,
-    row_blocks,
-    single_threaded_blas,
-)
+from graphopt.calibration.paired import PairedStats, PairRequest, paired_statistics
+from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.errors import DataError, OptionError
 
 if TYPE_CHECKING:
+    from graphopt.calibration.cluster import Cluster
     from graphopt.calibration.store import StatsFile
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Calibrator:
 
     def __init__(self, data: Dataset | None, *, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
                  device: str = "cpu", threads: int = 0, progress: bool = False,
-                 mask_input: str | MaskChoice | None = None) -> None:
+                 mask_input: str | MaskChoice | None = None, cluster: Cluster | None = None) -> None:
         if batch_size < 1:
             raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
         if threads < 0:
@@ -109,6 +109,7 @@ class Calibrator:
         self.batch_size, self.memory_limit = batch_size, parse_bytes(memory_limit)
         self.device, self.threads, self.progress = device, threads, progress
         self.workers = threads or _available_cores()  # accumulation threads, one tensor each
+        self.cluster = cluster  # None: measured in this process
         self.cache: dict[str, list[TensorStats]] = {}  # cone fingerprint -> statistics measured on it
         self.cones: dict[str, str] = {}  # tensor name -> cone fingerprint of the last model asked about
         self.computed = 0  # tensors measured by running the model (cache misses), for logs and tests
@@ -160,6 +161,17 @@ class Calibrator:
             found.update(self._measure(model, wanted))
         return {name: found[name] for name in merged}
 
+    def paired(self, reference: onnx.ModelProto, model: onnx.ModelProto,
+               requests: Iterable[PairRequest]) -> dict[PairRequest, PairedStats]:
+        """Paired statistics of tensors of `reference` beside tensors of `model` (graphopt.calibration.paired),
+        measured on this calibrator's data with its batch size, memory bound, device, threads and mask."""
+        if self.data is None:
+            raise DataError("error-correcting reconstruction runs the pruned model beside the original: "
+                            "give --calib DATA.npz (a statistics file cannot answer it)")
+        return paired_statistics(self.data, reference, model, list(requests), batch_size=self.batch_size,
+                                 memory_limit=self.memory_limit, device=self.device, threads=self.threads,
+                                 mask=self.mask if self.mask_input is not None else None)
+
     def _measure(self, model: onnx.ModelProto, wanted: dict[str, StatRequest]) -> dict[str, TensorStats]:
         if self.data is None:
             name = next(iter(wanted))
@@ -182,64 +194,24 @@ class Calibrator:
         ordered = sorted(infos.values(), key=lambda info: order.get(info.name, -1))
         rounds = plan_rounds(ordered, self.batch_size, budget, self.workers)
         total = self.data.num_samples
-        with tqdm(total=total * len(rounds) if total is not None else None, desc="calibrate", unit="sample",
-                  disable=not self.progress, leave=False, dynamic_ncols=True) as bar, \
-                ThreadPoolExecutor(self.workers, thread_name_prefix="calibrate") as pool, single_threaded_blas():
-            for index, planned in enumerate(rounds):
-                bar.set_postfix_str(f"round {index + 1}/{len(rounds)}")
-                self._run_round(model, planned.tensors, planned.batch_size, infos, stats, bar, pool)
+        settings = RunSettings(self.device, self.threads, self.workers, self.mask)
+        if self.cluster is not None:
+            gather_statistics(self.cluster, model, self.data, rounds, infos, stats, settings, self.batch_size)
+        else:
+            with tqdm(total=total * len(rounds) if total is not None else None, desc="calibrate", unit="sample",
+                      disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
+                run_rounds(model, self.data, rounds, infos, stats, settings, bar)
         for name, result in stats.items():
             self.cache.setdefault(self.cones[name], []).append(result)
         self.computed += len(stats)
         log.info("calibration: %d tensors in %d rounds over %s samples", len(stats), len(rounds), total)
         return stats
 
-    def _run_round(self, model: onnx.ModelProto, names: list[str], batch_size: int, infos: dict[str, TensorInfo],
-                   stats: dict[str, TensorStats], bar: tqdm, pool: ThreadPoolExecutor) -> None:
-        """Run the round's cone batch by batch; each tensor is accumulated by one worker task (so in
-        the same order whatever the threads), and dropped as soon as its task is done."""
-        computed = [name for name in names if not infos[name].is_input]
-        run = self._runner(model, computed, infos)
-        for batch in self.data.batches(batch_size):
-            values = run(batch)
-            values.update({name: batch[name] for name in names if infos[name].is_input})
-            mask = self.mask.kept(batch[self.mask_input]) if self.mask_input is not None else None
-            # largest first: the pool balances better; popped, so each activation dies with its task
-            order = sorted(names, key=lambda name: -values[name].size)
-            list(pool.map(partial(_accumulate_popped, stats, values, mask), order))
-            bar.update(self.data.feed_samples(batch))
-
-    def _runner(self, model: onnx.ModelProto, computed: list[str],
-                infos: dict[str, TensorInfo]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-        """A function from a batch to the `computed` tensors, running only their cone."""
-        if not computed:
-            return lambda batch: {}
-        exposed = exposing_model(model, computed, {n: infos[n].elem_type for n in computed})
-        session = make_session(exposed, optimize=True, device=self.device, threads=self.threads)
-        del exposed
-        feeds = {i.name for i in session.get_inputs()}
-        return lambda batch: dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}),
-                                      strict=True))
-
 
 def _available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
-
-
-def _accumulate_popped(stats: dict[str, TensorStats], values: dict[str, np.ndarray], mask: np.ndarray | None,
-                       name: str) -> None:
-    _accumulate(stats[name], values.pop(name), mask)
-
-
-def _accumulate(stats: TensorStats, value: np.ndarray, mask: np.ndarray | None) -> None:
-    if stats.masked and not mask_applies(value, stats.channel_axis, mask):
-        log.info("tensor '%s' (shape %s) has no row per mask entry: all its rows count",
-                 stats.tensor, list(value.shape))
-        stats.masked = False
-    for rows in row_blocks(value, stats.channel_axis, mask if stats.masked else None, chunk_rows(stats.channels)):
-        stats.update(rows)
 
 
 def _empty(info: TensorInfo, request: StatRequest, masked: bool) -> TensorStats:
@@ -264,7 +236,7 @@ def _merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
 
 
 def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelProto, options: dict[str, Any],
-                       progress: bool) -> Calibrator:
+                       progress: bool, cluster: Cluster | None = None) -> Calibrator:
     """The calibrator behind a pass context's statistics: `data` (validated against `template`), and
     `stats`, `calib_memory`, `device`, `threads`, `batch_size` and `mask_input` from the method `options`
     (a None value means the default; for `mask_input`: the statistics file's mask, else the one found in
@@ -284,7 +256,8 @@ def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelPr
         log.info("calibration mask: %s (%s) %s", mask.name, mask.how, mask.detail)
     calibrator = Calibrator(dataset, batch_size=int(option("batch_size", 32)),
                             memory_limit=option("calib_memory", DEFAULT_MEMORY), device=option("device", "cpu"),
-                            threads=int(option("threads", 0)), progress=progress, mask_input=mask)
+                            threads=int(option("threads", 0)), progress=progress, mask_input=mask,
+                            cluster=cluster)
     if stats_file is not None:
         calibrator.preload(stats_file)
     return calibrator

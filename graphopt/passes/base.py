@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
+    from graphopt.calibration.paired import PairedStats, PairRequest
     from graphopt.calibration.stats import StatRequest, TensorStats
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ class PassContext:
 
     `template` is the model the graph came from (for model-level fields and shape inference);
     `input_shapes` resolves dynamic input dimensions (batch 1); `data` is calibration data as an
-    iterable of feed dicts, or None; `options` holds method options from the CLI or API.
+    iterable of feed dicts, or None; `options` holds method options from the CLI or API; `cluster`
+    (graphopt.calibration.cluster) runs calibration on Ray when the run was given --workers or
+    --ray-address (None: in this process).
     """
 
     template: onnx.ModelProto
@@ -86,6 +89,7 @@ class PassContext:
     data: Iterable[dict[str, np.ndarray]] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    cluster: Any = None
     _calibrator: Any = field(default=None, init=False, repr=False, compare=False)
 
     def option(self, key: str, default: Any = None) -> Any:
@@ -109,10 +113,25 @@ class PassContext:
         from graphopt.ir.graph import export_model
 
         if self._calibrator is None:
-            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress)
+            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
+                                                  self.cluster)
         if isinstance(model, gs.Graph):
             model = export_model(model, self.template)
         return self._calibrator.statistics(model if model is not None else self.template, requests)
+
+    def paired_statistics(self, requests: Iterable[PairRequest], reference: onnx.ModelProto | gs.Graph,
+                          model: onnx.ModelProto | gs.Graph) -> dict[PairRequest, PairedStats]:
+        """Paired statistics (graphopt.calibration.paired) of tensors of `reference` beside tensors of
+        `model`, on the calibration data (never answered from a statistics file)."""
+        from graphopt.calibration.collect import context_calibrator
+        from graphopt.ir.graph import export_model
+
+        if self._calibrator is None:
+            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
+                                                  self.cluster)
+        reference, model = (export_model(m, self.template) if isinstance(m, gs.Graph) else m
+                            for m in (reference, model))
+        return self._calibrator.paired(reference, model, requests)
 
 
 class Pass:

@@ -6,8 +6,10 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 (alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
-(Conv, Gemm) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum). For Conv consumers this is exact only without zero padding:
-at padded positions the removed channels were 0, not v_P.
+(Conv, Gemm) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum); a
+MatMul whose only reader is an Add of a per-output constant (a Linear's bias) has the shift folded into
+that constant. For Conv consumers this is exact only without zero padding: at padded positions the
+removed channels were 0, not v_P.
 """
 
 from __future__ import annotations
@@ -52,25 +54,49 @@ def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray) -> None:
 def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     """Add a per-output-channel shift to a consumer's output (its bias, created where missing)."""
     weight = np.asarray(node.inputs[1].values)
-    if node.op in ("Conv", "Gemm"):
-        scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        bias = ir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-        if bias is not None and bias.size == shift.size and scale != 0.0:
-            new_bias = bias.astype(np.float64) + shift.reshape(bias.shape) / scale
-            ir.set_input_array(graph, node, 2, new_bias.astype(bias.dtype))
-            return
-        if len(node.inputs) < 3 or not node.inputs[2].name:
-            constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(weight.dtype))
-            while len(node.inputs) > 2:  # an empty optional bias; onnx-graphsurgeon's input list cannot slice-delete
-                node.inputs.pop()
-            node.inputs.append(constant)
-            if node.op == "Gemm":
-                node.attrs["beta"] = 1.0
-            return
+    if node.op in ("Conv", "Gemm") and _into_own_bias(graph, node, shift, weight.dtype):
+        return
+    if node.op == "MatMul" and _fold_into_bias_add(graph, node, shift):
+        return
     if node.op == "Mul":  # a reduction's row of weights (graphopt.passes.channels.reduction): shift the sum
         node = reader(node)
     shape = (shift.size,) + (1,) * (weight.ndim - 2) if node.op == "Conv" else (shift.size,)
     _add_after(graph, node, shift.astype(weight.dtype).reshape(shape))
+
+
+def _into_own_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> bool:
+    """Add `shift` to a Conv's or Gemm's bias input, created where absent; False where it cannot (a bias of
+    another shape, or a Gemm with beta 0)."""
+    scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+    bias = ir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if bias is not None and bias.size == shift.size and scale != 0.0:
+        new_bias = bias.astype(np.float64) + shift.reshape(bias.shape) / scale
+        ir.set_input_array(graph, node, 2, new_bias.astype(bias.dtype))
+        return True
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(dtype))
+        while len(node.inputs) > 2:  # an empty optional bias; onnx-graphsurgeon's input list cannot slice-delete
+            node.inputs.pop()
+        node.inputs.append(constant)
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        return True
+    return False
+
+
+def _fold_into_bias_add(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> bool:
+    """Add `shift` to the constant of the Add that alone reads a MatMul's output, where that constant is
+    one value per output channel (shape [O] or [1, ..., 1, O]); False where there is no such Add."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out in graph.outputs or out.outputs[0].op != "Add":
+        return False
+    add = out.outputs[0]
+    index = 1 if add.inputs[0] is out else 0
+    bias = ir.constant_array(add.inputs[index]) if len(add.inputs) == 2 else None
+    if bias is None or bias.size != shift.size or bias.shape[-1:] != (shift.size,) or bias.dtype.kind != "f":
+        return False
+    ir.set_input_array(graph, add, index, (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
+    return True
 
 
 def _add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray) -> None:

@@ -12,6 +12,9 @@ carries exactly this: regressing on the constant row removes the mean).
 - Reconstruction: for pruned P and kept K, the least-squares estimate A_P ≈ C A_K + c₀ has
   C = Σ_PK Σ_KK⁻¹ and c₀ = μ_P − C μ_K; it is exact (zero residual) when the pruned units are affine
   functions of the kept ones, including constant units.
+- Error correction: with x the original model's input to a consumer and y the partly pruned model's,
+  x ≈ M y + m₀ has M = Σ_xy Σ_yy⁻¹, m₀ = μ_x − M μ_y (`cross_reconstruction`; its ridge pulls towards
+  a prior M₀ instead of 0); W M is the least-squares fit of the original pre-activation W x from y.
 - Output criterion: a consumer with weights W sees, after reconstruction, the error
   trace(W_P S W_Pᵀ) with S = Σ_PP − Σ_PK Σ_KK⁻¹ Σ_KP = ((Σ⁻¹)_PP)⁻¹. `output_order` grows P greedily, each
   step adding the unit that raises this error least (Schur-complement updates, all candidates at once).
@@ -89,6 +92,22 @@ def reconstruction(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray,
     cov_kk = regularised(cov[np.ix_(kept, kept)])
     coupling = np.linalg.solve(cov_kk, cov[np.ix_(kept, pruned)]).T
     return coupling, mean[pruned] - coupling @ mean[kept]
+
+
+def cross_reconstruction(cross: np.ndarray, cov: np.ndarray, reference_mean: np.ndarray, mean: np.ndarray,
+                         prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(M, m₀) with x ≈ M y + m₀ in the least-squares sense over paired rows (x: the original model's
+    input to a consumer, y: the pruned model's), ridge-regularised towards `prior` M₀ (zero if None):
+    M = (Σ_xy + λ M₀)(Σ_yy + λI)⁻¹, m₀ = μ_x − M μ_y, with λ = `RIDGE` times the mean variance of y.
+    M is |x| x |y|. Directions of y the rows do not excite (Σ_yy v = 0, hence Σ_xy v = 0) get
+    M v = M₀ v. With y = x_K (nothing upstream changed) this is `reconstruction` with the kept rows the
+    identity."""
+    if mean.size == 0:
+        return np.zeros((reference_mean.size, 0)), reference_mean.copy()
+    ridge = RIDGE * max(float(np.mean(np.diag(cov))), 1e-30)
+    target = cross if prior is None else cross + ridge * prior
+    coupling = np.linalg.solve(cov + ridge * np.eye(cov.shape[0]), target.T).T
+    return coupling, reference_mean - coupling @ mean
 
 
 def output_order(cov: np.ndarray, readout: np.ndarray) -> np.ndarray:

@@ -14,6 +14,9 @@ w (1 − w) c²: it is not redundant, and removing it costs the border error its
 reconstruction fitted on these moments is the least-squares fit over the consumer's reads, the
 constant term included (the consumer's bias adds it at every read, padded or not). w = 1 for every
 other consumer, for a Conv without padding, and where the input's spatial size is unknown.
+Paired reads (the original model's input x beside the pruned model's y, graphopt.calibration.paired)
+land in the padding at the same places, where both are 0: μ'_x = w μ_x, μ'_y = w μ_y and
+Σ'_xy = w Σ_xy + w (1 − w) μ_x μ_yᵀ.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import math
 import numpy as np
 
 from graphopt.analysis.groups import Analysis, Site
+from graphopt.calibration.paired import PairedStats
 from graphopt.calibration.stats import TensorStats
 
 
@@ -80,3 +84,13 @@ def read_moments(stats: TensorStats, inside: float) -> tuple[np.ndarray, np.ndar
     if inside >= 1.0:
         return cov, mean
     return inside * cov + inside * (1.0 - inside) * np.outer(mean, mean), inside * mean
+
+
+def paired_read_moments(stats: PairedStats, inside: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(Σ'_xy, Σ'_yy, μ'_x, μ'_y) of paired reads landing inside the input a fraction `inside`."""
+    cross, cov, reference_mean, mean = stats.cross_covariance(), stats.covariance(), stats.reference_mean, stats.mean
+    if inside >= 1.0:
+        return cross, cov, reference_mean, mean
+    border = inside * (1.0 - inside)
+    return (inside * cross + border * np.outer(reference_mean, mean), inside * cov + border * np.outer(mean, mean),
+            inside * reference_mean, inside * mean)

@@ -1,0 +1,211 @@
+"""Paired statistics: a tensor of a reference model beside a tensor of a rewritten model, on the same samples.
+
+Error-correcting reconstruction fits a layer of a partly pruned model to reproduce what the reference
+(unpruned) model computes there, so it needs moments that tie the two models' activations row by row.
+A `PairRequest` names tensor x of the reference and tensor y of the model, both read as rows along
+their channel axis (stats.py); the two tensors must agree on every other axis (the same samples and
+positions), which holds for a channel-pruned copy of the reference. For n rows (x_r, y_r) the
+accumulators give
+
+    μ_x, μ_y,   Σ_xy = (1/n) Σ (x_r − μ_x)(y_r − μ_y)ᵀ  (C_x × C_y),   Σ_yy = (1/n) Σ (y_r − μ_y)(y_r − μ_y)ᵀ,
+
+summed in float64 about fixed shifts (the first chunk's means, as in stats.py), so the centring does not
+cancel when |μ| ≫ σ. Σ_xx is not formed. With an attention mask, both tensors keep the same rows.
+
+Memory: per round, the accumulators of its pairs (C_x·C_y + C_y² float64 each), one batch of both
+models' captured tensors and the float64 working chunks stay within `memory_limit`; pairs are packed into
+rounds greedily in the given order, and a round whose single pair does not fit runs with a smaller batch
+(down to one sample, with a warning). Each round runs only the cones of its tensors, once per model, over
+every batch; results depend only on the models, the data, its order and the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from graphopt.calibration.capture import TensorInfo, describe, exposing_model, round_bytes
+from graphopt.calibration.data import Dataset
+from graphopt.calibration.mask import MaskChoice
+from graphopt.calibration.session import make_session
+from graphopt.calibration.stats import _syrk_update, _symmetric, chunk_rows, row_blocks, single_threaded_blas
+from graphopt.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """Tensor `reference` of the reference model beside tensor `tensor` of the model, both reduced over
+    every axis but `channel_axis` (negative counts from the end)."""
+
+    reference: str
+    tensor: str
+    channel_axis: int = 1
+
+
+@dataclass(eq=False)  # arrays inside
+class PairedStats:
+    """Running paired moments of one `PairRequest`; see the module docstring."""
+
+    request: PairRequest
+    reference_channels: int
+    channels: int
+    count: int = 0
+    reference_shift: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    reference_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    shifted_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    cross: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))   # Σ (x − Kx)(y − Ky)ᵀ
+    square: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # Σ (y − Ky)(y − Ky)ᵀ, upper triangle
+
+    @classmethod
+    def empty(cls, request: PairRequest, reference_channels: int, channels: int) -> PairedStats:
+        return cls(request, reference_channels, channels, reference_sum=np.zeros(reference_channels),
+                   shifted_sum=np.zeros(channels), cross=np.zeros((reference_channels, channels)),
+                   square=np.zeros((channels, channels), order="F"))
+
+    @property
+    def nbytes(self) -> int:
+        return self.cross.nbytes + self.square.nbytes
+
+    def update(self, reference_rows: np.ndarray, rows: np.ndarray) -> None:
+        """Add aligned (rows, C_x) and (rows, C_y) blocks, in float64 chunks."""
+        if reference_rows.shape[0] != rows.shape[0] or reference_rows.shape[1] != self.reference_channels \
+                or rows.shape[1] != self.channels:
+            raise ValueError(f"'{self.request.reference}' / '{self.request.tensor}': rows of shapes "
+                             f"{reference_rows.shape} and {rows.shape} do not pair")
+        step = chunk_rows(self.reference_channels + self.channels)
+        for start in range(0, rows.shape[0], step):
+            x = np.array(reference_rows[start:start + step], dtype=np.float64)
+            y = np.array(rows[start:start + step], dtype=np.float64)
+            if x.shape[0]:
+                self._update_chunk(x, y)
+
+    def _update_chunk(self, x: np.ndarray, y: np.ndarray) -> None:
+        if self.shift is None:
+            self.reference_shift, self.shift = x.mean(axis=0), y.mean(axis=0)
+        x -= self.reference_shift
+        y -= self.shift
+        self.count += x.shape[0]
+        self.reference_sum += x.sum(axis=0)
+        self.shifted_sum += y.sum(axis=0)
+        self.cross += x.T @ y
+        _syrk_update(self.square, y)
+
+    def _check(self) -> None:
+        if self.count == 0:
+            raise ValueError(f"paired statistics of '{self.request.tensor}' have no rows")
+
+    @property
+    def reference_mean(self) -> np.ndarray:
+        self._check()
+        return self.reference_shift + self.reference_sum / self.count
+
+    @property
+    def mean(self) -> np.ndarray:
+        self._check()
+        return self.shift + self.shifted_sum / self.count
+
+    def cross_covariance(self) -> np.ndarray:
+        """Σ_xy, C_x × C_y."""
+        self._check()
+        return (self.cross - np.outer(self.reference_sum, self.shifted_sum) / self.count) / self.count
+
+    def covariance(self) -> np.ndarray:
+        """Σ_yy, C_y × C_y."""
+        self._check()
+        return (_symmetric(self.square) - np.outer(self.shifted_sum, self.shifted_sum) / self.count) / self.count
+
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _runner(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInfo], device: str,
+            threads: int) -> Runner:
+    """A function from a batch to the values of `names` (graph inputs read from the batch)."""
+    computed = [name for name in names if not infos[name].is_input]
+    session = None
+    if computed:
+        exposed = exposing_model(model, computed, {name: infos[name].elem_type for name in computed})
+        session = make_session(exposed, optimize=True, device=device, threads=threads)
+    feeds = {i.name for i in session.get_inputs()} if session is not None else set()
+
+    def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(zip(computed, session.run(computed, {k: v for k, v in batch.items() if k in feeds}),
+                          strict=True)) if session is not None else {}
+        values.update({name: batch[name] for name in names if infos[name].is_input})
+        return values
+    return run
+
+
+def _rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dict[str, TensorInfo]],
+            accumulators: dict[PairRequest, int], batch_size: int, memory_limit: int) -> list[tuple[list[PairRequest], int]]:
+    """Pairs packed in order into rounds (pairs, batch size) that fit `memory_limit`."""
+    def cost(pairs: list[PairRequest], batch: int) -> int:
+        captured = [info for p in pairs for info in (infos[0][p.reference], infos[1][p.tensor])]
+        return sum(accumulators[p] for p in pairs) + round_bytes(captured, batch)
+
+    packed: list[list[PairRequest]] = []
+    for request in requests:
+        if packed and cost([*packed[-1], request], batch_size) <= memory_limit:
+            packed[-1].append(request)
+        else:
+            packed.append([request])
+    rounds = []
+    for pairs in packed:
+        batch = batch_size
+        while batch > 1 and cost(pairs, batch) > memory_limit:
+            batch = max(1, batch // 2)
+        if cost(pairs, batch) > memory_limit:
+            log.warning("paired statistics of '%s' need %d bytes for one sample, more than the calibration memory "
+                        "budget (%d bytes); running them one sample at a time", pairs[0].tensor, cost(pairs, 1),
+                        memory_limit)
+        rounds.append((pairs, batch))
+    return rounds
+
+
+def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.ModelProto,
+                      requests: list[PairRequest], *, batch_size: int, memory_limit: int, device: str = "cpu",
+                      threads: int = 0, mask: MaskChoice | None = None) -> dict[PairRequest, PairedStats]:
+    """Paired statistics of every request over all of `data` (see the module docstring)."""
+    requests = list(dict.fromkeys(requests))
+    if not requests:
+        return {}
+    sample = next(iter(data.batches(1)))
+    infos = (describe(reference, sorted({r.reference for r in requests}), sample),
+             describe(model, sorted({r.tensor for r in requests}), sample))
+    found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor]) for r in requests}
+    mask_name = mask.name if mask is not None else None
+    with single_threaded_blas():
+        for pairs, batch_size_used in _rounds(requests, infos, {r: s.nbytes for r, s in found.items()},
+                                              batch_size, memory_limit):
+            run_reference = _runner(reference, sorted({p.reference for p in pairs}), infos[0], device, threads)
+            run_model = _runner(model, sorted({p.tensor for p in pairs}), infos[1], device, threads)
+            for batch in data.batches(batch_size_used):
+                reference_values, values = run_reference(batch), run_model(batch)
+                kept = mask.kept(batch[mask_name]) if mask is not None and mask_name is not None else None
+                for pair in pairs:
+                    _accumulate(found[pair], reference_values[pair.reference], values[pair.tensor], kept)
+    log.info("paired calibration: %d tensor pairs over %s samples", len(requests), data.num_samples)
+    return found
+
+
+def _empty(request: PairRequest, reference: TensorInfo, info: TensorInfo) -> PairedStats:
+    rank = len(info.sample_shape)
+    if len(reference.sample_shape) != rank or not -rank <= request.channel_axis < rank:
+        raise OptionError(f"tensors '{request.reference}' and '{request.tensor}' do not pair along axis "
+                          f"{request.channel_axis}")
+    axis = request.channel_axis % rank
+    return PairedStats.empty(request, reference.sample_shape[axis], info.sample_shape[axis])
+
+
+def _accumulate(stats: PairedStats, reference: np.ndarray, values: np.ndarray, kept: np.ndarray | None) -> None:
+    axis = stats.request.channel_axis
+    rows = chunk_rows(stats.reference_channels + stats.channels)
+    for x, y in zip(row_blocks(reference, axis, kept, rows), row_blocks(values, axis, kept, rows), strict=True):
+        stats.update(x, y)

@@ -1,0 +1,171 @@
+"""Error-correcting reconstruction: the pruned model's consumers refitted to reproduce the ORIGINAL model.
+
+Let x be the original model's input to a linear consumer (Conv, Gemm, MatMul with a constant weight; F
+features per read) and y the pruned model's input to the same consumer (its kept features, computed by
+the pruned model with every consumer upstream already refitted). On paired calibration reads
+(graphopt.calibration.paired, both models on the same samples) the least-squares estimate
+x ≈ M y + m₀ has M = (Σ_xy + λM₀)(Σ_yy + λI)⁻¹ and m₀ = μ_x − M μ_y (graphopt.passes.snp.maths), and
+the consumer gets W' = W M at every kernel tap and bias b + W m₀ (summed over taps), W being the
+original weights over the output channels the consumer keeps. The ridge λ pulls M towards the one-shot
+self reconstruction M₀ (identity on the kept features, the fit C of graphopt.passes.snp.maths on the
+pruned ones, from the original model's statistics) rather than towards 0, so directions of y that the
+calibration rows do not excite (fewer rows than features, as in a Gemm after pooling) keep the one-shot
+map instead of being dropped. For Gemm and MatMul this is the least-squares fit of the original
+pre-activation W x + b from y; for Conv it fits the input map read by read (the patch-level fit would
+need moments of F·k² features). It is exact wherever x is affine in y (planted duplicates and constant
+units pruned upstream exactly keep y = x_K), and where nothing upstream changed (y = x_K) it is the
+one-shot self reconstruction.
+
+The self modes (one-shot and `sequential`) fit x_P from x_K of the model they measure; this fits the
+original from the pruned model, so each consumer also corrects what pruning upstream changed, including
+consumers whose own input kept every channel. Zero-padded Conv reads use the padded moments
+(graphopt.passes.snp.padding). Consumers are refitted stage by stage in topological order: a wave is
+every pending consumer whose input depends on no pending consumer, measured in one paired calibration
+run; a consumer whose input is computed exactly as in the original (same cone fingerprint) keeps its
+weights. L waves cost about L²/2 layer evaluations per model over the data, like the sequential mode.
+A consumer whose paired rows number fewer than `MIN_ROWS_PER_FEATURE` per feature keeps the self fit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Site
+from graphopt.calibration.capture import cone_fingerprints
+from graphopt.calibration.paired import PairedStats, PairRequest
+from graphopt.calibration.stats import TensorStats, single_threaded_blas
+from graphopt.ir import graph as ir
+from graphopt.passes.base import PassContext
+from graphopt.passes.channels.consumer_shift import add_bias, consumer_shift, output_axis
+from graphopt.passes.channels.engine import kept_positions
+from graphopt.passes.snp.maths import cross_reconstruction, reconstruction
+from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
+
+log = logging.getLogger(__name__)
+
+# a consumer is refitted only from at least this many paired rows per input feature: with fewer, the fit
+# reproduces the calibration rows and generalises worse than the self fit (a Gemm after global pooling
+# reads one row per sample)
+MIN_ROWS_PER_FEATURE = 8
+
+
+@dataclass
+class Target:
+    """A consumer to refit: its site (a live node of the graph being pruned), its original weights over
+    the output channels it keeps, its input in the original model (name and statistics), the input
+    features it keeps (ascending: the pruned model's features in order) and its inside fraction."""
+
+    site: Site
+    weight: np.ndarray
+    reference_input: str
+    reference_stats: TensorStats
+    kept_inputs: np.ndarray
+    inside: float
+
+    def prior(self) -> np.ndarray:
+        """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features."""
+        return self.self_fit()[0]
+
+    def self_fit(self) -> tuple[np.ndarray, np.ndarray]:
+        """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics."""
+        features = self.reference_stats.channels
+        prior, constant = np.zeros((features, self.kept_inputs.size)), np.zeros(features)
+        prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
+        pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
+        if pruned.size:
+            cov, mean = read_moments(self.reference_stats, self.inside)
+            prior[pruned], constant[pruned] = reconstruction(cov, mean, self.kept_inputs, pruned)
+        return prior, constant
+
+
+def targets(analysis: Analysis, sites: list[Site], kept: dict[int, np.ndarray],
+            stats: dict[str, TensorStats]) -> dict[str, Target]:
+    """The weight consumers among `sites` (`stats`: the original model's statistics of their inputs),
+    captured before the cut, by node name."""
+    out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
+    found: dict[str, Target] = {}
+    for site in sites:
+        if site.kind != "weight" or site.node.name in found:
+            continue
+        weight = np.array(site.node.inputs[site.index].values)
+        state = out_states.get(site.node.name)
+        if state is not None:
+            weight = np.take(weight, kept_positions(analysis.atoms, state, kept), axis=output_axis(site.node))
+        name = site.node.inputs[0].name
+        found[site.node.name] = Target(site, weight, name, stats[name], kept_positions(analysis.atoms, site.state, kept),
+                                       inside_fraction(analysis, site))
+    return found
+
+
+def _upstream(found: dict[str, Target]) -> dict[str, set[str]]:
+    """Per target, the other targets its input depends on (main graph)."""
+    by_node = {id(t.site.node): name for name, t in found.items()}
+    upstream: dict[str, set[str]] = {}
+    for name, target in found.items():
+        seen: set[int] = set()
+        pending: list[gs.Tensor] = [target.site.node.inputs[0]]
+        reached: set[str] = set()
+        while pending:
+            for node in pending.pop().inputs:
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if id(node) in by_node:
+                    reached.add(by_node[id(node)])
+                pending.extend(t for t in node.inputs if isinstance(t, gs.Variable))
+        upstream[name] = reached
+    return upstream
+
+
+def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:
+    """Refit `target` on `paired`; False when the paired rows are too few for the features they fit
+    (`MIN_ROWS_PER_FEATURE`): the consumer then gets the one-shot self reconstruction instead."""
+    refit = paired.count >= MIN_ROWS_PER_FEATURE * max(paired.channels, 1)
+    if refit or target.kept_inputs.size != paired.channels:
+        cross, cov, reference_mean, mean = paired_read_moments(paired, target.inside)
+        prior = target.prior() if target.kept_inputs.size == paired.channels else None
+        coupling, constant = cross_reconstruction(cross, cov, reference_mean, mean, prior)
+        refit = True
+    else:
+        coupling, constant = target.self_fit()
+    site = target.site
+    moved = np.moveaxis(target.weight.astype(np.float64), site.axis, -1) @ coupling
+    ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(target.weight.dtype))
+    shift = consumer_shift(site, constant, target.weight)
+    if np.any(shift):
+        add_bias(graph, site.node, shift)
+    return refit
+
+
+def correct(graph: gs.Graph, ctx: PassContext, reference: onnx.ModelProto, found: dict[str, Target]) -> int:
+    """Refit every target whose input differs from the original's, wave by wave; returns how many."""
+    upstream = _upstream(found)
+    reference_cones = cone_fingerprints(reference)
+    pending, corrected, waves = dict(found), 0, 0
+    while pending:
+        model = ir.export_model(graph, ctx.template)
+        cones = cone_fingerprints(model)
+        wave = [name for name in pending if not upstream[name] & pending.keys()] or list(pending)
+        requests: dict[str, PairRequest] = {}
+        for name in wave:
+            target = pending.pop(name)
+            current = target.site.node.inputs[0].name
+            if cones.get(current) != reference_cones.get(target.reference_input):
+                requests[name] = PairRequest(target.reference_input, current, target.site.state.axis)
+        if not requests:
+            continue
+        paired = ctx.paired_statistics(list(requests.values()), reference, model)
+        waves += 1
+        with single_threaded_blas():
+            refitted = [name for name, request in requests.items() if _refit(graph, found[name], paired[request])]
+        corrected += len(refitted)
+        for name in requests.keys() - set(refitted):
+            log.info("error correction: %s keeps the self fit (%d paired rows for %d features)", name,
+                     paired[requests[name]].count, paired[requests[name]].channels)
+    log.info("error correction: %d consumers refitted to the original model in %d waves", corrected, waves)
+    return corrected
