@@ -32,6 +32,10 @@ class OptionError(GraphoptError):
     """An option value is out of range or inconsistent with the model."""
 
 
+class MetricError(GraphoptError):
+    """A user's metric could not be loaded, raised, or returned something other than named numbers."""
+
+
 class PassInputError(GraphoptError):
     """A pass refused the user's input; the message names the pass."""
 

@@ -1,9 +1,12 @@
 """Fidelity and latency of models in onnxruntime.
 
 `verify` runs a reference and a candidate with graph optimisations disabled on the same batches and
-compares the first output (and reports every shared output): max |a - b|, relative L2 error
-||a - b|| / ||a||, cosine similarity of the flattened outputs, and top-1 agreement (argmax over the
-last axis, per row). Statistics accumulate in float64 across batches.
+compares every output they share (the first is required, and its measures head the report): max |a - b|,
+relative L2 error ||a - b|| / ||a|| and cosine similarity of the flattened outputs, always; then what the
+output's kind (graphopt.calibration.fidelity) makes meaningful: top-1 agreement for class scores [N, C],
+position and greedy-CTC sequence agreement for sequences [N, T, C], nothing more for other outputs (their
+`top1_agreement` is None). Sums accumulate in float64 (counts as integers) across batches. A user's
+metric (graphopt.calibration.metric) is averaged over the batches, weighted by their samples.
 `bench` times batch inference with full graph optimisation (as deployed), after warm-up, and reports
 the median and percentiles of repeated runs; `compare_latency` times two models side by side in
 interleaved rounds and reports the speedup as a per-round ratio with its spread.
@@ -13,13 +16,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
+from graphopt.calibration.fidelity import OutputKind, compare, output_kinds
+from graphopt.calibration.metric import Metric, MetricMean, as_metric
 from graphopt.calibration.session import make_session
 from graphopt.errors import DataError, OptionError
 from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
@@ -31,15 +36,19 @@ def input_names(model: onnx.ModelProto) -> list[str]:
 
 @dataclass
 class _Agreement:
-    """Running sums for one output pair."""
+    """Running sums for one output pair of kind `kind`."""
 
+    kind: OutputKind
+    blank: int = 0
     max_abs: float = 0.0
     diff_sq: float = 0.0
     ref_sq: float = 0.0
     cand_sq: float = 0.0
     dot: float = 0.0
-    top1_same: int = 0
+    rows_same: int = 0
     rows: int = 0
+    sequences_same: int = 0
+    sequences: int = 0
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         a, b = ref.astype(np.float64), cand.astype(np.float64)
@@ -49,46 +58,77 @@ class _Agreement:
         self.ref_sq += float(np.sum(a * a))
         self.cand_sq += float(np.sum(b * b))
         self.dot += float(np.sum(a * b))
-        if a.ndim >= 2 and a.shape[-1] > 1:
-            self.top1_same += int(np.sum(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
-            self.rows += int(np.prod(a.shape[:-1]))
+        if self.kind.kind != "values":
+            counts = compare(ref, cand, self.kind, self.blank)
+            self.rows_same += int(counts.same.sum())
+            self.rows += int(counts.rows.sum())
+            if counts.sequence_same is not None:
+                self.sequences_same += int(counts.sequence_same.sum())
+                self.sequences += counts.sequence_same.size
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, Any]:
         norm = np.sqrt(self.ref_sq * self.cand_sq)
-        return {
+        agreement = self.rows_same / self.rows if self.rows else None
+        sequence = self.kind.kind == "sequence"
+        summary: dict[str, Any] = {
             "max_abs": self.max_abs,
             "rel_l2": float(np.sqrt(self.diff_sq / self.ref_sq)) if self.ref_sq > 0 else float(np.sqrt(self.diff_sq)),
             "cosine": float(self.dot / norm) if norm > 0 else (1.0 if self.diff_sq == 0 else 0.0),
-            "top1_agreement": self.top1_same / self.rows if self.rows else None,
+            "top1_agreement": agreement if self.kind.kind == "classes" else None,
+            "kind": self.kind.kind,
+            "position_agreement": agreement if sequence else None,
+            "sequence_agreement": self.sequences_same / self.sequences if sequence and self.sequences else None,
         }
+        if sequence:
+            summary["ctc_blank"] = self.blank
+        return summary
 
 
 @dataclass
 class VerifyReport:
-    first: dict[str, float | None]
-    outputs: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    first: dict[str, Any]
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: int = 0
+    metric: dict[str, float] | None = None
+    metric_name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.first, "samples": self.samples, "outputs": self.outputs}
+        found = {**self.first, "samples": self.samples, "outputs": self.outputs}
+        if self.metric is not None:
+            found.update({"metric": self.metric, "metric_name": self.metric_name})
+        return found
 
 
 def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource | Dataset, *,
-           batch_size: int = 32, progress: bool = False) -> VerifyReport:
+           batch_size: int = 32, progress: bool = False, metric: Metric | Callable[..., Any] | str | None = None,
+           ctc_blank: int = 0) -> VerifyReport:
+    """The candidate's outputs against the reference's on `data` (module docstring); `metric` (a callable,
+    graphopt.calibration.metric) adds its averaged values; `ctc_blank` is the blank label of sequences."""
+    user_metric = as_metric(metric)
     dataset = load_data(data, reference)
     ref_session, cand_session = make_session(reference), make_session(candidate)
     shared = _shared_outputs(ref_session, cand_session)
     cand_inputs = {i.name for i in cand_session.get_inputs()}
-    agreements = {name: _Agreement() for name in shared}
+    agreements: dict[str, _Agreement] = {}
+    mean = MetricMean(user_metric) if user_metric is not None else None
     samples = 0
     for feed in tqdm(dataset.batches(batch_size), desc="verify", unit="batch", disable=not progress,
                      total=_batch_count(dataset, batch_size), leave=False):
         ref_out = ref_session.run(shared, feed)
         cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
+        if not agreements:
+            kinds = output_kinds(reference, {name: value.shape for name, value in zip(shared, ref_out)})
+            agreements = {name: _Agreement(kinds[name], ctc_blank) for name in shared}
         _add_batch(agreements, ref_out, cand_out)
-        samples += dataset.feed_samples(feed)
+        count = dataset.feed_samples(feed)
+        if mean is not None:
+            mean.add(dict(zip(shared, ref_out)), dict(zip(shared, cand_out)), feed, count)
+        samples += count
+    if not agreements:
+        raise DataError("no data to verify on: the data holds no samples")
     outputs = {name: agreement.summary() for name, agreement in agreements.items()}
-    return VerifyReport(outputs[shared[0]], outputs, samples)
+    return VerifyReport(outputs[shared[0]], outputs, samples, mean.summary() if mean is not None else None,
+                        user_metric.name if user_metric is not None else None)
 
 
 def _shared_outputs(ref_session: Any, cand_session: Any) -> list[str]:

@@ -1,12 +1,15 @@
-"""verify: metrics equal a direct numpy computation over several batches; bench: its report and refusals."""
+"""verify: metrics equal a direct numpy computation over several batches, the measures each kind of output gets
+(class scores, CTC sequences, detector boxes) and a user's metric; bench: its report and refusals."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from graphopt.errors import DataError, OptionError
+from graphopt.errors import DataError, MetricError, OptionError
 from graphopt.evaluate import bench, random_feed, verify
+from tests.calibration.test_fidelity import (CANDIDATE, MOVED_POSITIONS, MOVED_SEQUENCES, REFERENCE, sequence_data,
+                                             sequence_models)
 from tests.conftest import init, run_ort, tiny, weights
 
 NOISE = weights(8, 6, seed=7) * 0.4
@@ -46,13 +49,87 @@ def test_verify_metrics_match_numpy(batch_size):
 def test_identical_models_agree_exactly():
     model = _model(weights(8, 6))
     report = verify(model, model, {"x": weights(7, 8)}, batch_size=2)
-    assert report.first == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": pytest.approx(1.0), "top1_agreement": 1.0}
+    assert report.first == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": pytest.approx(1.0), "top1_agreement": 1.0,
+                            "kind": "classes", "position_agreement": None, "sequence_agreement": None}
+    assert report.outputs["z"]["kind"] == "classes"  # Relu of [N, 8]: class scores by the shape rule
 
 
 def test_top1_is_none_for_single_column_outputs():
     model = tiny("y = ReduceSum <keepdims = 1> (x, axes)", inputs="float[N, 8] x", outputs="float[N, 1] y",
                  inits="int64[1] axes = {1}")
-    assert verify(model, model, {"x": weights(4, 8)}).first["top1_agreement"] is None
+    first = verify(model, model, {"x": weights(4, 8)}).first
+    assert first["top1_agreement"] is None and first["kind"] == "values"
+
+
+@pytest.mark.parametrize("time_major", [False, True])
+@pytest.mark.parametrize("batch_size", [2, 32])
+def test_sequence_outputs_get_position_and_ctc_sequence_agreement(time_major, batch_size):
+    reference, candidate = sequence_models(time_major)
+    data = sequence_data()
+    if time_major:
+        data = {name: np.ascontiguousarray(value.transpose(1, 0, 2)) for name, value in data.items()}
+    first = verify(reference, candidate, data, batch_size=batch_size).first
+    assert first["kind"] == "sequence" and first["top1_agreement"] is None and first["ctc_blank"] == 0
+    assert first["position_agreement"] == pytest.approx(1 - MOVED_POSITIONS / 25)  # 21 of 25 positions
+    assert first["sequence_agreement"] == pytest.approx(1 - MOVED_SEQUENCES / 5)  # 3 of 5 decodings
+
+
+def _decode(labels: list[int], blank: int) -> list[int]:
+    out: list[int] = []
+    for index, label in enumerate(labels):
+        if label != blank and (index == 0 or label != labels[index - 1]):
+            out.append(label)
+    return out
+
+
+@pytest.mark.parametrize("blank", [1, 2, 3])
+def test_the_blank_label_can_be_named(blank):
+    reference, candidate = sequence_models()
+    want = np.mean([_decode(a, blank) == _decode(b, blank) for a, b in zip(REFERENCE, CANDIDATE)])
+    assert verify(reference, candidate, sequence_data(), ctc_blank=blank).first["sequence_agreement"] == want
+
+
+def test_a_detector_output_gets_no_arg_max_measure():
+    body = "s = Sigmoid (logits)\n boxes = Concat <axis = 2> (xywh, s)"
+    reference = tiny(body, inputs="float[N, 6, 4] xywh, float[N, 6, 80] logits", outputs="float[N, 6, 84] boxes")
+    candidate = tiny("moved = Mul (logits, half)\n " + body.replace("(logits)", "(moved)"),
+                     inputs="float[N, 6, 4] xywh, float[N, 6, 80] logits", outputs="float[N, 6, 84] boxes",
+                     inits="float[1] half = {0.5}")
+    data = {"xywh": weights(5, 6, 4) * 100, "logits": weights(5, 6, 80, seed=1)}
+    first = verify(reference, candidate, data).first
+    assert first["kind"] == "values" and 0 < first["rel_l2"] < 1
+    assert first["top1_agreement"] is None and first["position_agreement"] is None
+    assert first["sequence_agreement"] is None
+
+
+def test_a_metric_is_averaged_over_batches_by_samples():
+    reference, candidate = _model(weights(8, 6)), _model(weights(8, 6) + NOISE)
+    seen = []
+
+    def agreement(ref, cand, inputs):
+        seen.append((sorted(ref), sorted(cand), sorted(inputs), len(inputs["x"])))
+        return {"agree": float(np.mean(ref["y"].argmax(-1) == cand["y"].argmax(-1))), "one": 1}
+
+    report = verify(reference, candidate, {"x": weights(50, 8, seed=11)}, batch_size=16, metric=agreement)
+    assert [batch for *_, batch in seen] == [16, 16, 16, 2]
+    assert seen[0][:3] == (["y", "z"], ["y", "z"], ["x"])
+    assert report.metric == {"agree": pytest.approx(report.first["top1_agreement"]), "one": 1.0}
+    payload = report.to_json()
+    assert payload["metric"] == report.metric and payload["metric_name"].endswith("agreement")
+
+
+def test_a_metric_that_raises_or_returns_nonsense_is_named_in_one_line():
+    model = _model(weights(8, 6))
+
+    def broken(ref, cand, inputs):
+        raise ValueError("no boxes")
+
+    with pytest.raises(MetricError, match=r"^metric .*broken raised ValueError: no boxes$"):
+        verify(model, model, {"x": weights(4, 8)}, metric=broken)
+    with pytest.raises(MetricError, match="must return a non-empty dict"):
+        verify(model, model, {"x": weights(4, 8)}, metric=lambda ref, cand, inputs: 0.5)
+    with pytest.raises(MetricError, match="must return numbers"):
+        verify(model, model, {"x": weights(4, 8)}, metric=lambda ref, cand, inputs: {"f1": "high"})
 
 
 def test_verify_iterable_of_feeds():

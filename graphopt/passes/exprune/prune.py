@@ -75,12 +75,22 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     kinds = str(ctx.option("exprune_layers", "all"))
     if kinds not in LAYER_KINDS:
         raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
-    from graphopt.calibration.heldout import Tolerance
-
-    tolerance = ctx.option("tolerance")
     return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
-            "rule": rule, "held_out": held_out, "tolerance": Tolerance.parse(tolerance) if tolerance else None,
-            "kinds": kinds, "confidence": confidence}
+            "rule": rule, "held_out": held_out, "kinds": kinds, "confidence": confidence, **_fidelity(ctx)}
+
+
+def _fidelity(ctx: PassContext) -> dict[str, Any]:
+    """The tolerance, the user's metric and the CTC blank label the held-out check reads; a tolerance on a
+    metric's key without a metric is refused before any work."""
+    from graphopt.calibration.heldout import MEASURES, Tolerance
+    from graphopt.calibration.metric import as_metric
+
+    tolerance = Tolerance.parse(ctx.option("tolerance")) if ctx.option("tolerance") else None
+    metric = as_metric(ctx.option("metric"))
+    if tolerance is not None and not tolerance.builtin and metric is None:
+        raise OptionError(f"--tolerance {tolerance} names no built-in measure ({', '.join(MEASURES)}) and no "
+                          "--metric is given")
+    return {"tolerance": tolerance, "metric": metric, "ctc_blank": int(ctx.option("ctc_blank", 0))}
 
 
 def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
@@ -136,7 +146,8 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     or None."""
     from graphopt.calibration.heldout import HeldOut
 
-    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)), confidence=options["confidence"])
+    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)), confidence=options["confidence"],
+                    metric=options["metric"], ctc_blank=options["ctc_blank"])
     scorings = _scorings(ctx, model, layers, options, fit)
 
     def candidate(rate: float) -> tuple[list[Choice], onnx.ModelProto]:
@@ -163,14 +174,16 @@ def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], opt
 
 def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data: Any) -> dict[str, np.ndarray]:
     """Input rows of linear layers and whole input maps of convolutions (float64)."""
-    from graphopt.calibration.maps import sample_maps
-    from graphopt.calibration.sample import sample_rows
+    from graphopt.calibration.distributed import gather_maps, gather_rows
 
     batch_size, seed = int(ctx.option("batch_size", 32)), int(ctx.option("seed", 0))
-    rows = sample_rows(model, data, {layer.source.name: -1 for layer in layers if isinstance(layer, LinearLayer)},
-                       max_rows=int(ctx.option("exprune_rows", 4096)), batch_size=batch_size, seed=seed)
-    maps = sample_maps(model, data, [layer.source.name for layer in layers if isinstance(layer, ConvLayer)],
-                       max_items=int(ctx.option("exprune_maps", 64)), batch_size=batch_size)
+    linear = {layer.source.name: -1 for layer in layers if isinstance(layer, LinearLayer)}
+    conv = [layer.source.name for layer in layers if isinstance(layer, ConvLayer)]
+    # on the run's Ray cluster when it has one (--workers, --ray-address): the same rows and maps
+    rows = gather_rows(ctx.cluster, model, data, linear, max_rows=int(ctx.option("exprune_rows", 4096)),
+                       batch_size=batch_size, seed=seed)
+    maps = gather_maps(ctx.cluster, model, data, conv, max_items=int(ctx.option("exprune_maps", 64)),
+                       batch_size=batch_size)
     return {**rows, **{name: values.astype(np.float64) for name, values in maps.items()}}
 
 
@@ -262,9 +275,10 @@ class ExPruneOptions(Seeded):
                                        "calibration samples)")
     exprune_rule: str = option("threshold", choices=RULES,
                                help="exprune: one test on the probe, or tests at doubling probe lengths")
-    tolerance: str | None = option(None, metavar="top1=A|rel_l2=E", parse=tolerance_text,
+    tolerance: str | None = option(None, metavar="top1=A|sequence=A|position=A|rel_l2=E|KEY=V", parse=tolerance_text,
                                    help="exprune: fidelity to keep on held-out calibration samples (default "
-                                        "top1=0.99 for class scores, else rel_l2=0.01)")
+                                        "top1=0.99 for class scores, sequence=0.99 for sequences, else "
+                                        "rel_l2=0.01); KEY=V (>= V) or KEY<=V reads a key --metric returns")
     exprune_layers: str = option("all", choices=LAYER_KINDS, help="exprune: which ReLU layers to replace (conv ops "
                                                                   "have no native kernel yet)")
     exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "

@@ -1,10 +1,13 @@
 """ExPrune's tolerance search: the largest false-negative rate on a grid whose model keeps a fidelity
 tolerance on held-out calibration samples, with a confidence margin.
 
-Tolerance: `top1=A` (arg-max agreement with the unpruned model >= A; default 0.99 for class-score
-outputs) or `rel_l2=E` (default 0.01 otherwise), checked against a one-sided confidence bound at
+Tolerance: `top1=A` (arg-max agreement with the unpruned model >= A; default 0.99 for class scores
+[N, C]), `sequence=A` (greedy CTC decodings that match; default 0.99 for sequences [N, T, C]),
+`position=A` (per-position arg-max agreement of a sequence), `rel_l2=E` (default 0.01 otherwise) or a
+key of the user's metric (`KEY=V`: >= V, `KEY<=V`), checked against a one-sided confidence bound at
 `exprune_confidence` c (default 0.95; graphopt.calibration.heldout: Clopper-Pearson on the held-out
-disagreements, a normal bound for rel_l2), so that it holds with probability at least c on new data
+disagreements, a normal bound for rel_l2, the held-out value itself for a metric's key), so that it
+holds with probability at least c on new data
 drawn like the held-out samples (calibration data from another distribution, such as the training set
 of an over-fitted model, carries no such promise). The rates are tested in increasing order and the
 search stops at the first that fails (fixed-sequence testing: only the first rate whose true fidelity
@@ -40,7 +43,9 @@ def tolerance_search(check: HeldOut, tolerance: Tolerance,
                      candidate: Callable[[float], tuple[list[Any], onnx.ModelProto]], result: PassResult,
                      progress: bool) -> list[Any] | None:
     """The choices `candidate(rate)` returns at the largest grid rate passed in an upward scan stopped at
-    the first failure; None (with the reason in `result.skipped`) when rate 0 fails."""
+    the first failure; None (with the reason in `result.skipped`) when rate 0 fails. A tolerance the check
+    cannot measure is refused (`OptionError`)."""
+    check.require(tolerance)
     _describe_check(check, tolerance, result)
     passed: tuple[float, dict[str, float | None], list[Any]] | None = None
     measured: dict[str, float | None] = {}
@@ -61,12 +66,14 @@ def tolerance_search(check: HeldOut, tolerance: Tolerance,
 
 
 def _describe_check(check: HeldOut, tolerance: Tolerance, result: PassResult) -> None:
-    """The tolerance, the held-out size and, for top-1, how many disagreements the check can accept."""
+    """The tolerance, the held-out size and, for an agreement of independent rows (top-1 of class scores,
+    whole sequences), how many disagreements the check can accept."""
     result.stats.update({"tolerance": str(tolerance), "confidence": check.confidence,
                          "held_out_samples": check.samples})
-    if tolerance.measure != "top1" or not check.rows:
+    rows = check.trials(tolerance.measure) if tolerance.measure in ("top1", "sequence") else 0
+    if not rows:
         return
-    allowed = disagreements_allowed(check.rows, tolerance, check.confidence)
+    allowed = disagreements_allowed(rows, tolerance, check.confidence)
     if allowed >= 0:
         result.stats["held_out_disagreements_allowed"] = allowed
         return
@@ -76,20 +83,21 @@ def _describe_check(check: HeldOut, tolerance: Tolerance, result: PassResult) ->
         return
     result.stats["held_out_rows_needed"] = needed
     log.warning("exprune: %d held-out predictions cannot certify %s at confidence %g (%d needed); more "
-                "calibration samples or --exprune-held-out give a finer check", check.rows, tolerance,
+                "calibration samples or --exprune-held-out give a finer check", rows, tolerance,
                 check.confidence, needed)
 
 
 def _nothing_passed(check: HeldOut, tolerance: Tolerance, measured: dict[str, float | None]) -> str:
-    bound = measured["top1_lower_bound" if tolerance.measure == "top1" else "rel_l2_upper_bound"]
-    value = measured[tolerance.measure]
+    bound = measured.get(tolerance.key)
+    value = measured.get(tolerance.measure if tolerance.builtin else tolerance.key)
     text = (f"even false-negative rate 0 misses {tolerance} on {check.samples} held-out samples (measured "
             f"{tolerance.measure} {value if value is None else f'{value:.4g}'}, bound at confidence "
             f"{check.confidence:g}: {bound if bound is None else f'{bound:.4g}'}); nothing replaced")
-    if tolerance.measure == "top1" and check.rows and check.confidence > 0 and tolerance.bound < 1.0:
+    rows = check.trials(tolerance.measure) if tolerance.measure in ("top1", "sequence") else 0
+    if rows and check.confidence > 0 and tolerance.bound < 1.0:
         needed = rows_needed(tolerance, check.confidence)
-        if needed is not None and check.rows < needed:
-            text += (f"; {check.rows} held-out predictions are too few to certify it (at least {needed}): give "
+        if needed is not None and rows < needed:
+            text += (f"; {rows} held-out predictions are too few to certify it (at least {needed}): give "
                      "more calibration data, a larger --exprune-held-out, a lower --exprune-confidence, or "
                      "--exprune-fnr")
     return text

@@ -1,0 +1,119 @@
+"""What agreement between a reference and a candidate output means, decided per output from its shape and
+the op that produces it, and the agreement counts that follow.
+
+Each output gets one kind (`output_kinds`), from the shape of its first batch, its declared dimensions
+and its producer:
+- "classes": rank 2 [N, C] with C > 1: class scores; top-1 agreement is the fraction of rows whose
+  arg-max matches the reference's;
+- "sequence": rank 3 with C > 1 on the last axis, produced by a classifier head: Softmax or LogSoftmax,
+  or a linear layer (MatMul, Gemm, Conv, or the Add of its bias), seen through layout-only ops
+  (Transpose, Reshape, Squeeze, Unsqueeze, Identity, Cast). Read batch-first [N, T, C], or time-major
+  [T, N, C] when the declared second dimension is the inputs' batch symbol and the first is not.
+  Position agreement: the fraction of the N·T positions whose arg-max matches; sequence agreement: the
+  fraction of the N samples whose greedy CTC decoding matches exactly (arg-max per position, repeats
+  collapsed, the blank label, index 0 unless told, dropped);
+- "values": anything else, [N, 1] included (a single score or regression value), a detector's decoded
+  boxes [N, B, 4 + classes] (Concat of coordinates and scores) and hidden states [N, T, D]: no arg-max
+  measure is meaningful, only the distances (cosine, relative L2 error) apply.
+A dynamic dimension takes the size it has in the data. Counts are exact integers, per sample, so that
+callers can sum them over batches or bound them (graphopt.calibration.heldout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from graphopt.ir.shapes import batch_symbols, input_specs
+
+KINDS = ("classes", "sequence", "values")
+LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast"}
+HEAD_OPS = {"Softmax", "LogSoftmax", "MatMul", "Gemm", "Conv"}
+LINEAR_OPS = {"MatMul", "Gemm", "Conv"}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """How one output is compared: `kind` (one of KINDS) and, for a sequence, which axis holds the samples."""
+
+    kind: str
+    batch_axis: int = 0
+
+
+@dataclass
+class Counts:
+    """Agreement of one batch, per sample: `rows` arg-max rows (1 for class scores, T positions for a
+    sequence, 0 for values), `same` the rows that agree, `sequence_same` whether the decoded sequence
+    agrees (None unless a sequence)."""
+
+    rows: np.ndarray
+    same: np.ndarray
+    sequence_same: np.ndarray | None = None
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output if output}
+
+
+def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `name` comes from a classifier head, through layout-only ops (module docstring)."""
+    node = producers.get(name)
+    while node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx"):
+        node = producers.get(node.input[0]) if node.input else None
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Add":
+        return any(producers.get(term) is not None and producers[term].op_type in LINEAR_OPS for term in node.input)
+    return node.op_type in HEAD_OPS
+
+
+def _declared_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
+    dims = {}
+    for value in model.graph.output:
+        shape = value.type.tensor_type.shape
+        dims[value.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+    return dims
+
+
+def output_kinds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, OutputKind]:
+    """The kind of each output in `shapes` (name -> the shape it has in the data), by the rule above."""
+    producers, declared = _producers(model), _declared_dims(model)
+    batch = batch_symbols(input_specs(model))
+    kinds = {}
+    for name, shape in shapes.items():
+        if len(shape) == 2 and shape[1] > 1:
+            kinds[name] = OutputKind("classes")
+        elif len(shape) == 3 and shape[2] > 1 and _is_head(name, producers):
+            dims = declared.get(name) or [None, None, None]
+            time_major = len(dims) == 3 and dims[1] in batch and dims[0] not in batch
+            kinds[name] = OutputKind("sequence", 1 if time_major else 0)
+        else:
+            kinds[name] = OutputKind("values")
+    return kinds
+
+
+def ctc_decode(labels: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of per-position labels [N, T]: repeats collapsed, then `blank` dropped."""
+    if labels.shape[1] == 0:
+        return [() for _ in range(labels.shape[0])]
+    new = np.ones(labels.shape, dtype=bool)
+    new[:, 1:] = labels[:, 1:] != labels[:, :-1]
+    kept = new & (labels != blank)
+    return [tuple(int(label) for label in row[keep]) for row, keep in zip(labels, kept)]
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, kind: OutputKind, blank: int = 0) -> Counts:
+    """Per-sample agreement counts of one batch of one output (shapes already checked equal)."""
+    if kind.kind == "classes":
+        same = np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)
+        return Counts(np.ones(same.shape[0], dtype=np.int64), same.astype(np.int64))
+    if kind.kind == "sequence":
+        want = np.argmax(np.moveaxis(reference, kind.batch_axis, 0), axis=-1)
+        got = np.argmax(np.moveaxis(candidate, kind.batch_axis, 0), axis=-1)
+        decoded = zip(ctc_decode(want, blank), ctc_decode(got, blank))
+        return Counts(np.full(want.shape[0], want.shape[1], dtype=np.int64), np.sum(want == got, axis=1),
+                      np.array([a == b for a, b in decoded], dtype=bool))
+    samples = reference.shape[0] if reference.ndim else 1
+    return Counts(np.zeros(samples, dtype=np.int64), np.zeros(samples, dtype=np.int64))

@@ -1,0 +1,107 @@
+"""Output kinds and their agreement measures (graphopt/calibration/fidelity.py), held-out sequence measures
+and tolerances on them (graphopt/calibration/heldout.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphopt.calibration.data import load_data
+from graphopt.calibration.fidelity import ctc_decode, output_kinds
+from graphopt.calibration.heldout import HeldOut, Tolerance, binomial_upper
+from graphopt.errors import OptionError
+from tests.conftest import init, tiny, weights
+
+# per-position labels of 5 samples x 5 positions, and a candidate that moves 4 positions: two of the moves
+# leave the greedy CTC decoding as it was (a repeat, a blank next to a repeat), two change it
+REFERENCE = [[1, 1, 0, 2, 2], [3, 0, 3, 3, 0], [0, 0, 0, 0, 0], [2, 1, 2, 1, 0], [1, 2, 3, 0, 0]]
+CANDIDATE = [[1, 0, 0, 2, 2], [3, 3, 3, 3, 0], [0, 0, 0, 0, 0], [2, 1, 2, 1, 1], [1, 2, 1, 0, 0]]
+MOVED_POSITIONS, MOVED_SEQUENCES = 4, 2  # s1 decodes (3, 3) -> (3,), s4 (1, 2, 3) -> (1, 2, 1)
+
+
+def scores(labels: list[list[int]], classes: int = 4) -> np.ndarray:
+    """One-hot logits (5 at the label) for [N, T] labels: [N, T, C] float32."""
+    return (5.0 * np.eye(classes, dtype=np.float32)[np.asarray(labels)]).astype(np.float32)
+
+
+def sequence_models(time_major: bool = False) -> tuple[object, object]:
+    """Softmax(x) and Softmax(x + e): the perturbation `e` is an input, so the data decides what moves."""
+    shape = "float[5, N, 4]" if time_major else "float[N, 5, 4]"
+    io = {"inputs": f"{shape} x, {shape} e", "outputs": f"{shape} y"}
+    reference = tiny("s = Mul (e, zero)\n t = Add (x, s)\n y = Softmax <axis = -1> (t)", **io,
+                     inits="float[1] zero = {0.0}")
+    candidate = tiny("t = Add (x, e)\n y = Softmax <axis = -1> (t)", **io)
+    return reference, candidate
+
+
+def sequence_data() -> dict[str, np.ndarray]:
+    x = scores(REFERENCE)
+    return {"x": x, "e": scores(CANDIDATE) * 2.0 - x * 2.0}  # the candidate's label wins by 5 wherever it moved
+
+
+def test_ctc_decoding_collapses_repeats_then_drops_the_blank() -> None:
+    assert ctc_decode(np.array(REFERENCE)) == [(1, 2), (3, 3), (), (2, 1, 2, 1), (1, 2, 3)]
+    assert ctc_decode(np.array(CANDIDATE)) == [(1, 2), (3,), (), (2, 1, 2, 1), (1, 2, 1)]
+    assert ctc_decode(np.array([[3, 0, 3, 3, 1]]), blank=3) == [(0, 1)]
+
+
+def test_kinds_follow_the_shape_rule_and_the_producer() -> None:
+    model = tiny("""c = Gemm <transB = 1> (v, w)
+                    one = ReduceSum <keepdims = 1> (v, axes)
+                    h = MatMul (t, m)
+                    p = Transpose <perm = [0, 2, 1]> (h)
+                    q = Transpose <perm = [0, 2, 1]> (p)
+                    boxes = Concat <axis = 2> (b, s)
+                    hidden = Relu (t)""",
+                 inputs="float[N, 6] v, float[N, 5, 8] t, float[N, 7, 4] b, float[N, 7, 80] s",
+                 outputs="float[N, 3] c, float[N, 1] one, float[N, 5, 4] q, float[N, 7, 84] boxes, "
+                         "float[N, 5, 8] hidden",
+                 inits=", ".join([init("w", weights(3, 6)), init("m", weights(8, 4)), "int64[1] axes = {1}"]))
+    shapes = {"c": (2, 3), "one": (2, 1), "q": (2, 5, 4), "boxes": (2, 7, 84), "hidden": (2, 5, 8)}
+    kinds = {name: found.kind for name, found in output_kinds(model, shapes).items()}
+    assert kinds == {"c": "classes", "one": "values", "q": "sequence", "boxes": "values", "hidden": "values"}
+    assert output_kinds(model, {"q": (2, 5, 1)})["q"].kind == "values"  # one class per position: no arg-max
+
+
+def test_a_time_major_sequence_is_read_along_its_batch_axis() -> None:
+    reference, _ = sequence_models(time_major=True)
+    kind = output_kinds(reference, {"y": (5, 3, 4)})["y"]
+    assert kind.kind == "sequence" and kind.batch_axis == 1
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.9])
+def test_held_out_sequence_measures_match_the_hand_count(confidence: float) -> None:
+    reference, candidate = sequence_models()
+    check = HeldOut(reference, load_data(sequence_data(), reference), batch_size=2, confidence=confidence)
+    assert not check.classifier and check.trials("sequence") == 5 and check.trials("position") == 25
+    assert check.default_tolerance() == Tolerance("sequence", 0.99)
+    measured = check.measure(candidate)
+    assert measured["top1"] is None and measured["top1_lower_bound"] is None
+    assert measured["position"] == pytest.approx(1 - MOVED_POSITIONS / 25)
+    assert measured["sequence"] == pytest.approx(1 - MOVED_SEQUENCES / 5)
+    assert measured["sequence_disagreements"] == MOVED_SEQUENCES
+    assert measured["sequence_lower_bound"] == pytest.approx(1 - binomial_upper(MOVED_SEQUENCES, 5, confidence))
+    same = check.measure(reference)
+    assert same["position"] == same["sequence"] == 1.0 and same["sequence_disagreements"] == 0
+
+
+def test_tolerances_the_output_has_no_meaning_for_are_refused() -> None:
+    reference, _ = sequence_models()
+    check = HeldOut(reference, load_data(sequence_data(), reference))
+    with pytest.raises(OptionError, match="top1=0.9 applies to class scores .* use sequence=A, position=A"):
+        check.require(Tolerance.parse("top1=0.9"))
+    with pytest.raises(OptionError, match="no --metric is given"):
+        check.require(Tolerance.parse("f1=0.9"))
+    check.require(Tolerance.parse("sequence=0.5"))
+    check.require(Tolerance.parse("rel_l2<=0.1"))
+
+
+def test_tolerance_spellings() -> None:
+    assert Tolerance.parse("f1=0.9") == Tolerance("f1", 0.9, True) and str(Tolerance.parse("f1>=0.9")) == "f1=0.9"
+    loss = Tolerance.parse("loss<=0.25")
+    assert str(loss) == "loss<=0.25" and loss.key == "metric_loss"
+    assert loss.met({"metric_loss": 0.2}) and not loss.met({"metric_loss": 0.3})
+    assert Tolerance.parse("rel_l2=0.01") == Tolerance("rel_l2", 0.01, False) == Tolerance.parse("rel_l2<=0.01")
+    for text in ("top1<=0.9", "rel_l2>=0.1", "sequence=1.5", "f 1=0.2", "=0.3", "f1=nan"):
+        with pytest.raises(OptionError, match="--tolerance"):
+            Tolerance.parse(text)
