@@ -2,8 +2,9 @@
 
 `optimize` loads the model, resolves batch-1 input shapes, runs the pre-passes and the chosen method
 through the pass manager, re-infers shapes, checks the result with the ONNX checker, measures MACs,
-parameters and fidelity against the original (on the calibration data, or on seeded random inputs),
-and saves atomically when an output path is given. Its keyword options are those the methods declare
+parameters and fidelity against the original (on the calibration data, or on seeded random inputs;
+`verify`: per output cosine, rel_l2 and the agreements its kind makes meaningful, with the user's
+`metric`), and saves atomically when an output path is given. Its keyword options are those the methods declare
 (graphopt.passes.methods): unknown names are refused, and the report lists the values the run used.
 Asked for `target_macs`, the report says whether the model reached it (`target_reached`, within
 `TARGET_TOLERANCE`); a missed target is reported, not raised. Asked for `target_latency`, the report's
@@ -24,13 +25,16 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.calibration.capture import linear_inputs, request_for
+from graphopt.calibration.cluster import open_cluster
 from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.mask import choose_mask
+from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.errors import DataError, OptionError
-from graphopt.evaluate import compare_latency, random_feed, verify
+from graphopt.evaluate import VerifyReport, compare_latency, random_feed
+from graphopt.evaluate import verify as compare_outputs
 from graphopt.ir import graph as ir
 from graphopt.ir.interface import interface_changes
 from graphopt.ir.io import check_outputs, input_files, load_model, model_outputs, save_model
@@ -97,10 +101,12 @@ def _protected(model: ModelSource, inputs: list[Any], outputs: list[Path]) -> se
 def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike[str] | None = None,
               tensors: list[str] | None = None, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
               device: str = "cpu", threads: int = 0, mask_input: str | None = None,
-              input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False) -> StatsFile:
+              input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
+              workers: int | None = None, ray_address: str | None = None) -> StatsFile:
     """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
     with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
-    `optimize(..., stats=...)` can reuse them. Saved to `output` when given."""
+    `optimize(..., stats=...)` can reuse them. Saved to `output` when given. `workers` and `ray_address`
+    shard the data over Ray tasks (graphopt.calibration.cluster)."""
     protected = _protected(model, [data], [Path(output)] if output is not None else [])
     original = as_model(model)
     dataset = load_data(data, original)
@@ -111,13 +117,27 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     normalized = ir.export_model(graph, original)
     requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
     mask = choose_mask(original, mask_input)  # None: found in the model; "none": no mask
-    calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
-                            threads=threads, progress=progress, mask_input=mask)
-    stats_file = StatsFile.build(normalized, calibrator.statistics(normalized, requests), dataset, mask.name)
+    with open_cluster(workers, ray_address) as cluster:
+        calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
+                                threads=threads, progress=progress, mask_input=mask, cluster=cluster)
+        stats = calibrator.statistics(normalized, requests)
+    stats_file = StatsFile.build(normalized, stats, dataset, mask.name)
     if output is not None:
         save_stats(stats_file, output, protected=protected)
         stats_file.source = str(output)
     return stats_file
+
+
+def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, batch_size: int = 32,
+           metric: Metric | Callable[..., Any] | str | None = None, ctc_blank: int = 0,
+           progress: bool = False) -> VerifyReport:
+    """The candidate's fidelity to the reference on `data` (graphopt.evaluate.verify): per output cosine and
+    rel_l2, the agreements its kind makes meaningful, and `metric`'s values (a callable
+    `metric(reference_outputs, candidate_outputs, inputs) -> dict[str, float]`, or 'module:function')."""
+    if int(ctc_blank) < 0:
+        raise OptionError(f"--ctc-blank must be >= 0, got {ctc_blank}")
+    return compare_outputs(as_model(reference), as_model(candidate), data, batch_size=batch_size, progress=progress,
+                           metric=metric, ctc_blank=int(ctc_blank))
 
 
 def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | None = None,
@@ -141,12 +161,15 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     shapes = resolve_shapes(original, dataset, input_shapes)
 
     graph = ir.import_graph(original)
-    ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved)
-    records, pruned = _run_steps(graph, ctx, pruning, quantizing)
+    with open_cluster(resolved["workers"], resolved["ray_address"]) as cluster:  # Ray: only where asked for
+        ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved,
+                          cluster=cluster)
+        records, pruned = _run_steps(graph, ctx, pruning, quantizing)
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
 
-    measured = _measure(original, optimized, shapes, dataset, batch_size, progress)
+    check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"])}
+    measured = _measure(original, optimized, shapes, dataset, batch_size, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
                               **measured, "target_reached": target_reached(resolved["target_macs"],
@@ -160,7 +183,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     report["interface_changes"] = interface_changes(original, optimized)  # declared dims a pass changed
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,
-                             lambda model: _measure(original, model, shapes, dataset, batch_size, progress))
+                             lambda model: _measure(original, model, shapes, dataset, batch_size, progress, **check))
     report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
@@ -273,12 +296,14 @@ def _sequence(pipeline: list[str]) -> list[Pass]:
 
 
 def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-             dataset: Dataset | None, batch_size: int, progress: bool) -> dict[str, Any]:
+             dataset: Dataset | None, batch_size: int, progress: bool, metric: Metric | None = None,
+             ctc_blank: int = 0) -> dict[str, Any]:
     """MACs, parameters and nodes before and after, and the fidelity of `optimized` to `original` on the
-    calibration data (else on seeded random inputs)."""
+    calibration data (else on seeded random inputs), with the user's `metric` where given."""
     before, after = count_cost(original, shapes), count_cost(optimized, shapes)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
-    fidelity = verify(original, optimized, fidelity_data, batch_size=batch_size, progress=progress)
+    fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
+                               metric=metric, ctc_blank=ctc_blank)
     return {
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,
@@ -311,7 +336,8 @@ def _sparse_storage(original: onnx.ModelProto, optimized: onnx.ModelProto,
         info["reason"] = "no weight is sparse enough to store smaller (needs < 1/3 nonzero for float32)"
         return optimized, info
     try:
-        check = verify(optimized, sparse, [random_feed(original, shapes, batch=2)], batch_size=2, progress=False)
+        check = compare_outputs(optimized, sparse, [random_feed(original, shapes, batch=2)], batch_size=2,
+                                progress=False)
     except Exception as exc:  # onnxruntime refusing the file is an answer here, not a bug
         info["reason"] = f"onnxruntime cannot run the sparse file: {type(exc).__name__}: {exc}"
         return optimized, info

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("candidate", type=Path)
     verify.add_argument("--data", type=Path, required=True, help=".npz with one array per input")
     verify.add_argument("--batch-size", type=int, default=32)
+    _add_fidelity(verify)
     _add_common(verify)
 
     bench = commands.add_parser("bench", help="latency in onnxruntime (full graph optimisation); with two models, "
@@ -205,10 +206,20 @@ def _add_sweep(commands: Any) -> None:
                        help="fraction of the calibration samples held out to score fidelity (default 0.25)")
     sweep.add_argument("--repeat", type=int, default=30, help="interleaved timing rounds per batch (default 30)")
     sweep.add_argument("--no-bench", action="store_true", help="skip the timings (a quick sweep)")
-    for name in ("bench_batch", "threads", "round_to"):
+    for name in ("bench_batch", "threads", "round_to", *(["tolerance"] if "tolerance" in declared else [])):
         _add_option(sweep, declared[name])
+    _add_fidelity(sweep)
     _add_shapes(sweep)
     _add_common(sweep)
+
+
+def _add_fidelity(parser: argparse.ArgumentParser) -> None:
+    """--metric and --ctc-blank, as optimize declares them, for the commands that measure fidelity."""
+    from graphopt.api import method_options
+
+    declared = method_options()
+    for name in ("metric", "ctc_blank"):
+        _add_option(parser, declared[name])
 
 
 def _add_calibration(parser: argparse.ArgumentParser) -> None:
@@ -257,17 +268,27 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from graphopt.api import as_model
-    from graphopt.evaluate import verify
+    from graphopt.api import verify
 
-    report = verify(as_model(args.reference), as_model(args.candidate), args.data,
-                    batch_size=args.batch_size, progress=not args.quiet).to_json()
+    report = verify(args.reference, args.candidate, args.data, batch_size=args.batch_size, metric=args.metric,
+                    ctc_blank=args.ctc_blank, progress=not args.quiet).to_json()
     if args.json:
         _print_json(report)
         return
     print(f"max_abs {_fmt(report['max_abs'])}  rel_l2 {_fmt(report['rel_l2'])}  "
           f"cosine {_fmt(report['cosine'], '.6f')}  top1_agreement {_fmt(report['top1_agreement'], '.4f')}"
-          f"  ({report['samples']} samples)")
+          f"{_agreements(report)}  ({report['samples']} samples)")
+
+
+def _agreements(fidelity: dict[str, Any]) -> str:
+    """The sequence agreements and the user's metric of a fidelity report, as the end of its line."""
+    text = ""
+    if fidelity.get("kind") == "sequence":
+        text += (f"  position_agreement {_fmt(fidelity['position_agreement'], '.4f')}  "
+                 f"sequence_agreement {_fmt(fidelity['sequence_agreement'], '.4f')}")
+    for key, value in (fidelity.get("metric") or {}).items():
+        text += f"  {key} {_fmt(value, '.4g')}"
+    return text
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -384,7 +405,8 @@ def _print_optimized(report: dict[str, Any]) -> None:
     print(f"MACs   {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.1%})")
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
-          f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}")
+          f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}"
+          f"{_agreements(fidelity)}")
     if len(report.get("steps", [])) > 1:
         for step in report["steps"]:
             print(f"  after {step['step']}: MACs {step['macs_ratio']:.1%}  {step['bytes']:,} bytes  rel_l2 "
@@ -451,7 +473,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     stats_file = calibrate(args.model, args.data, output=args.output, tensors=args.tensors,
                            batch_size=args.batch_size, memory_limit=parse_bytes(args.calib_memory),
                            device=args.device, threads=args.threads, mask_input=args.mask_input,
-                           input_shapes=_shapes(args), progress=not args.quiet)
+                           input_shapes=_shapes(args), progress=not args.quiet, workers=args.workers,
+                           ray_address=args.ray_address)
     seconds = time.perf_counter() - start
     report = {"output": str(args.output), "tensors": len(stats_file.stats), "samples": stats_file.samples,
               "seconds": seconds, "model_fingerprint": stats_file.model_fingerprint,
@@ -474,7 +497,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     report = sweep(args.model, args.calib, methods=args.method, targets=latency or args.targets,
                    kind="latency" if latency else "macs", output_dir=args.output, held_out=args.held_out,
                    bench=not args.no_bench, bench_batch=args.bench_batch, threads=args.threads, repeat=args.repeat,
-                   input_shapes=_shapes(args), progress=not args.quiet, round_to=args.round_to)
+                   input_shapes=_shapes(args), progress=not args.quiet, round_to=args.round_to,
+                   **_fidelity_options(args))
     if args.json:
         _print_json(report)
     else:
@@ -488,17 +512,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_ops(args: argparse.Namespace) -> None:
+def _fidelity_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The fidelity options a sweep hands to every run: --metric, --ctc-blank and --tolerance where given."""
+    given = {"metric": args.metric, "tolerance": getattr(args, "tolerance", None), "ctc_blank": args.ctc_blank or None}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def cmd_ops(args: argparse.Namespace) -> int | None:
     from graphopt.ops.build import build_library
 
     built = build_library(output=args.output, ort_include=args.ort_include)
     if args.json:
         _print_json(built.to_json())
-        return
-    if built.library is None:
-        print(f"native kernels not built: {built.reason}")
-        return
+        return 1 if built.library is None else None
+    if built.library is None:  # a failed build is an error (exit 1): scripts and CI must see it
+        print(f"graphopt: error: native kernels not built: {built.reason}", file=sys.stderr)
+        return 1
     print(f"built {built.library} (headers: {built.include_dir})")
+    return None
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {

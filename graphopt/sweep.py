@@ -9,8 +9,9 @@ held-out calibration samples and whether the target was reached.
 Data: the calibration samples are split once, seeded (`Dataset.split`), into a fit part and a held-out
 `held_out` fraction. Activation statistics are measured once on the fit part (`api.calibrate`) and
 handed to every run of a method that reads data, so every target of every method sees the same
-statistics; fidelity (`graphopt.evaluate.verify`: cosine, rel_l2 and top-1 agreement of the first
-output) is measured on the held-out samples, which no run calibrated on.
+statistics; fidelity (`graphopt.evaluate.verify`: cosine and rel_l2 of the first output, with the
+agreements its kind makes meaningful, and the values of a user's `metric`) is measured on the held-out
+samples, which no run calibrated on.
 
 Targets are fractions of the original's MACs (`target_macs`: reached within `api.TARGET_TOLERANCE`,
 relative) or of its measured latency at `bench_batch` (`target_latency`: reached when the measured
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from graphopt import api
 from graphopt.calibration.data import Dataset, DataSource, load_data
+from graphopt.calibration.metric import as_metric
 from graphopt.calibration.store import StatsFile
 from graphopt.errors import GraphoptError, OptionError, OutputPathError, PassFailedError
 from graphopt.evaluate import verify
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_TOLERANCE = 0.10  # a latency target counts as reached up to 10% (relative) above it
 KINDS = {"macs": "target_macs", "latency": "target_latency"}
+FIDELITY_KEYS = ("cosine", "rel_l2", "top1_agreement", "max_abs", "samples", "kind", "position_agreement",
+                 "sequence_agreement", "metric", "metric_name")
 
 
 def parse_alternatives(text: str) -> list[str]:
@@ -99,6 +103,7 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
     "latency") and return the report: the settings and one row per run (module docstring). With
     `output_dir`, sweep.json and the plot (`plot`) are written there. `options` (optimize's keyword
     options) go to every run."""
+    options = _with_metric(options)
     _check_settings(methods, targets, kind, held_out, repeat, options)
     files = output_files(output_dir, model, calib) if output_dir is not None else None
     original = api.as_model(model)
@@ -131,6 +136,11 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
         text = json.dumps(report, indent=2, default=str).encode()
         write_atomic(files[0], lambda stream: stream.write(text))
     return report
+
+
+def _with_metric(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with a given metric as a `Metric`, which the report names."""
+    return {**options, "metric": as_metric(options["metric"])} if options.get("metric") is not None else options
 
 
 def _check_settings(methods: list[str], targets: list[float], kind: str, held_out: float, repeat: int,
@@ -181,8 +191,9 @@ def _run(original: onnx.ModelProto, method: str, target: float, kind: str, optio
     row.update({"macs_ratio": report["macs_ratio"],
                 "params_ratio": report["params_after"] / report["params_before"] if report["params_before"] else 1.0,
                 "bytes": optimized.ByteSize(), "bytes_ratio": optimized.ByteSize() / original.ByteSize()})
-    fidelity = verify(original, optimized, held, batch_size=int(options["batch_size"])).to_json()
-    row["fidelity"] = {key: fidelity[key] for key in ("cosine", "rel_l2", "top1_agreement", "max_abs", "samples")}
+    fidelity = verify(original, optimized, held, batch_size=int(options["batch_size"]), metric=options.get("metric"),
+                      ctc_blank=int(options.get("ctc_blank") or 0)).to_json()
+    row["fidelity"] = {key: fidelity.get(key) for key in FIDELITY_KEYS if key in fidelity}
     if timing is not None:
         shapes = options["input_shapes"]
         row["latency"] = api.measure_latency(original, optimized, shapes, timing, rounds=repeat)
@@ -260,15 +271,16 @@ def _speedup(timing: dict[str, Any] | None) -> str:
 
 
 def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> str | None:
-    """Fidelity (top-1 agreement, else cosine) against speedup, one line per method through its targets in
-    order, one panel per timed batch (without timings: against the MAC reduction), written atomically to
-    `path` as PNG. Returns why the plot was skipped (matplotlib missing), else None."""
+    """Fidelity (top-1 agreement, else sequence agreement, else cosine) against speedup, one line per method
+    through its targets in order, one panel per timed batch (without timings: against the MAC reduction),
+    written atomically to `path` as PNG. Returns why the plot was skipped (matplotlib missing), else None."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed (pip install 'graphopt[plot]')"
     rows = [row for row in report["rows"] if row["fidelity"] is not None]
-    measure = "top1_agreement" if any(row["fidelity"]["top1_agreement"] is not None for row in rows) else "cosine"
+    measure = next((key for key in ("top1_agreement", "sequence_agreement")
+                    if any(row["fidelity"].get(key) is not None for row in rows)), "cosine")
     bench = report["bench"]
     panels = [f"batch_{b}" for b in sorted({1, int(bench["bench_batch"])})] if bench else [None]
     figure = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, get_type_hints
 
 from graphopt.calibration.collect import parse_bytes
+from graphopt.calibration.metric import Metric, as_metric, load_metric
 from graphopt.calibration.quantize import ACTIVATIONS, CALIBRATIONS
 from graphopt.calibration.store import StatsFile
 from graphopt.errors import OptionError
@@ -115,10 +116,18 @@ class CalibrationOptions(Options):
     threads: int = option(0, help="intra-op threads (0: onnxruntime's default)")
     mask_input: str | None = option(None, metavar="NAME|none", help="attention-mask input: token statistics skip "
                                     "padding (default: found in the model; none: no mask)")
+    workers: int | None = option(None, metavar="N", help="shard calibration over N Ray tasks on a local Ray "
+                                 "instance graphopt starts and stops (with --ray-address: N shards on that "
+                                 "cluster); --calib-memory then bounds each task; needs graphopt[ray]")
+    ray_address: str | None = option(None, metavar="ADDR", help="run the calibration shards on an existing Ray "
+                                     "cluster (host:port, ray://host:port or auto), which is left running; "
+                                     "needs graphopt[ray]")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.calib_memory = parse_bytes(self.calib_memory)  # bytes; a bad size is refused here, in one line
+        if self.workers is not None and int(self.workers) < 1:
+            raise OptionError(f"--workers must be at least 1, got {self.workers}")
 
 
 @dataclass
@@ -136,9 +145,18 @@ class RunOptions(CalibrationOptions):
                                      "(interleaved rounds, --threads) at batch 1 and --bench-batch; the speedup "
                                      "goes into the report")
     bench_batch: int = option(8, metavar="N", help="the second batch size --bench times (default 8)")
+    metric: Metric | None = option(None, metavar="MODULE:FUNCTION", parse=load_metric,
+                                   help="your own fidelity metric, function(reference_outputs, candidate_outputs, "
+                                        "inputs) -> dict of name -> number: reported with the fidelity, and "
+                                        "--tolerance KEY=V reads its keys")
+    ctc_blank: int = option(0, metavar="N", help="blank label of sequence outputs [N, T, C] for the greedy CTC "
+                                                 "decoding whose agreement fidelity reports (default 0)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.metric = as_metric(self.metric)
+        if int(self.ctc_blank) < 0:
+            raise OptionError(f"--ctc-blank must be >= 0, got {self.ctc_blank}")
         if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
             raise OptionError(f"--target-macs must be in (0, 1], got {self.target_macs}")
         if self.target_latency is not None and not 0.0 < self.target_latency <= 1.0:
@@ -211,9 +229,10 @@ class QuantizeOptions(Options):
                                     help="quantize: how activation ranges are calibrated (default minmax)")
     quant_per_channel: bool = option(True, flag="--no-quant-per-channel",
                                      help="quantize: one weight scale per tensor instead of per output channel")
-    quant_activations: str = option("int8", choices=ACTIVATIONS,
-                                    help="quantize: activation type; int8 weights always (default int8: S8S8, "
-                                         "onnxruntime's first choice for QDQ on CPU; uint8 if accuracy drops)")
+    quant_activations: str = option("uint8", choices=ACTIVATIONS,
+                                    help="quantize: activation type; int8 weights always (default uint8: U8S8, "
+                                         "the fast integer kernels on x86: 2.3-2.9x faster than int8 activations "
+                                         "measured on a ResNet-50)")
     quant_reduce_range: bool = option(False, help="quantize: 7-bit weights (for x86 CPUs without VNNI, where "
                                                   "int8 per-channel weights can saturate)")
     quant_exclude: str | None = option(None, metavar="OP[,OP...]", parse=parse_op_types,

@@ -29,7 +29,9 @@ from tests.conftest import init, tiny, weights
 
 # what every run reads, defaults filled in (the "none" method's options)
 RUN = {"target_macs": None, "target_latency": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
-       "calib_memory": 2 * 1024**3, "device": "cpu", "threads": 0, "mask_input": None}
+       "calib_memory": 2 * 1024**3, "device": "cpu", "threads": 0, "mask_input": None, "workers": None,
+       "ray_address": None, "metric": None,
+       "ctc_blank": 0}
 SHARED = (RunOptions, Rounding, Seeded, KeepVariance, Reconstruction, CalibrationOptions, StatisticsOptions)
 
 # the optimize flags in the order --help has always listed them (new options may come in between)
