@@ -156,7 +156,9 @@ def is_graph_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:
-    taken = graph.tensors().keys()
+    """`base`, or `base_N` with the smallest N that names no tensor and no node of `graph` (one helper for
+    both: node names must be unique too, and a fallback base such as "exprune" can be used twice)."""
+    taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
     for index in itertools.count():
         candidate = f"{base}_{index}" if index else base
         if candidate not in taken:

@@ -332,3 +332,14 @@ def test_the_search_stops_at_the_first_rate_that_fails_even_if_a_later_one_passe
     assert result.stats["fnr_level"] == GRID[3] and result.stats["fnr_rejected"] == GRID[4]
     assert result.stats["held_out_top1"] == 1.0 and result.stats["rejected_top1"] < 0.99
     assert result.stats["held_out_disagreements_allowed"] == 0 and result.stats["held_out_samples"] == 400
+
+
+def test_layers_of_a_model_without_node_names_get_unique_op_names() -> None:
+    """Two unnamed MatMul+Relu layers both fall back to the base name: the nodes must still be unique."""
+    from tests.calibration.test_collect import mlp_model
+
+    x = np.random.default_rng(0).standard_normal((64, 5)).astype(np.float32)
+    result = graphopt.optimize(mlp_model(), method="exprune", calib={"x": x}, exprune_fnr=0.05)
+    names = [node.name for node in result.model.graph.node]
+    assert sum(node.op_type.startswith("ExPrune") for node in result.model.graph.node) == 2
+    assert len(names) == len(set(names))
