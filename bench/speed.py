@@ -65,6 +65,7 @@ from graphopt.torch.zoo import randomize_norm_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
+from zoo_architectures import _cbn, _divisible, _Residual, _SqueezeExcite  # noqa: E402  (shared building blocks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIT_LAYERS = 6  # of ViT-S's 12: keeps the default run near 20 minutes on 2 cores
@@ -73,39 +74,6 @@ Sampler = Callable[[int, int], dict[str, np.ndarray]]  # (count, seed) -> inputs
 
 
 # ----------------------------------------------------------------------------------------------- modules
-def _cbn(cin: int, cout: int, kernel: int = 3, stride: int | tuple[int, int] = 1, groups: int = 1,
-         act: Callable[[], nn.Module] | None = nn.ReLU) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, *([act()] if act is not None else []))
-
-
-class _Residual(nn.Module):
-    """act(body(x) + shortcut(x))."""
-
-    def __init__(self, body: nn.Module, shortcut: nn.Module | None = None, act: nn.Module | None = None) -> None:
-        super().__init__()
-        self.body, self.shortcut, self.act = body, shortcut or nn.Identity(), act or nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
-
-
-class _SqueezeExcite(nn.Module):
-    def __init__(self, channels: int, squeezed: int, act: Callable[[], nn.Module],
-                 gate: Callable[[], nn.Module]) -> None:
-        super().__init__()
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, squeezed, 1), act(),
-                                  nn.Conv2d(squeezed, channels, 1), gate())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(x)
-
-
-def _divisible(value: float, by: int = 8) -> int:
-    return max(by, int(value + by / 2) // by * by)
-
-
 def _inverted(cin: int, hidden: int, cout: int, kernel: int, stride: int, act: Callable[[], nn.Module],
               excite: nn.Module | None = None) -> nn.Module:
     """MobileNet block: 1x1 expand (unless hidden == cin), depthwise, optional SE, linear 1x1 projection."""

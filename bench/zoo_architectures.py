@@ -20,7 +20,7 @@ from torch import nn
 IMAGE = (3, 224, 224)
 
 
-def _cbn(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1,
+def _cbn(cin: int, cout: int, kernel: int = 3, stride: int | tuple[int, int] = 1, groups: int = 1,
          act: Callable[[], nn.Module] | None = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
                                nn.BatchNorm2d(cout)]

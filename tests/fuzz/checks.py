@@ -25,6 +25,7 @@ from graphopt.ir.shapes import resolve_input_shapes
 from graphopt.passes import PassContext, PassManager, normalising_passes
 from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.magnitude import analyse, magnitude_scores
+from tests.conftest import run_ort as run
 from tests.fuzz.builder import Example
 
 EXACT = 1e-4  # rtol and atol of an exact rewrite
@@ -39,20 +40,6 @@ class Outcome:
     failure: tuple[str, str] | None = None
     refusal: str | None = None
     report: dict | None = None
-
-
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
