@@ -418,6 +418,7 @@ def _print_optimized(report: dict[str, Any]) -> None:
         print(f"token statistics masked by input '{mask['name']}' ({mask['how']})")
     if "latency_target" in report:
         _print_latency_target(report["latency_target"])
+    _print_relaxed_rounding(report)
     latency = report.get("latency")
     if latency:
         print("latency: " + ", ".join(f"{_speedup(timing)} at batch {timing['batch']}"
@@ -430,6 +431,15 @@ def _print_optimized(report: dict[str, Any]) -> None:
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
     _print_unchanged(report)
     print(f"wrote {report['output']}")
+
+
+def _print_relaxed_rounding(report: dict[str, Any]) -> None:
+    """One note when auto rounding left the provider's blocks to reach the target (see alignment.py)."""
+    relaxed = [p["stats"] for p in report["passes"] if p.get("stats", {}).get("rounding_relaxed")]
+    if relaxed:
+        print(f"note: to reach the target, channel counts were rounded to multiples of "
+              f"{min(stats['channel_multiple_min'] for stats in relaxed)} instead of the execution provider's "
+              "blocks; such counts can run slower than the original (measure with --bench)")
 
 
 def _print_latency_target(target: dict[str, Any]) -> None:

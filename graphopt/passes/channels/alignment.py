@@ -139,8 +139,11 @@ def cost_ratio(model: CostModel, counts: dict[int, int]) -> float:
     return model.cost(counts) / model.total if model.total else 1.0
 
 
-def multiple_stats(multiples: dict[int, int]) -> dict[str, int]:
-    """What a pass reports of the multiples its counts were rounded to (largest and smallest over groups)."""
+def multiple_stats(multiples: dict[int, int], blocks: dict[int, int]) -> dict[str, int | bool]:
+    """What a pass reports of the multiples its counts were rounded to (largest and smallest over groups),
+    and whether auto rounding had to relax them below `blocks` (the multiples it started from) to reach
+    the target: counts off the provider's blocks can run slower than the original."""
     if not multiples:
         return {}
-    return {"channel_multiple_max": max(multiples.values()), "channel_multiple_min": min(multiples.values())}
+    return {"channel_multiple_max": max(multiples.values()), "channel_multiple_min": min(multiples.values()),
+            "rounding_relaxed": multiples != blocks}

@@ -109,6 +109,7 @@ class _ChannelPruning(Pass):
         mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
         scores = self.scores(analysis, prunable, ctx)
         budget = channel_budget(graph, ctx, analysis, mac_model, round_to)
+        blocks = round_to  # before any relaxation
         counts, round_to = coarsest_meeting(
             ctx.option("round_to"), round_to, lambda step: choose_counts(scores, budget.model, budget.target, step),
             lambda chosen: cost_ratio(budget.model, chosen), budget.target)
@@ -123,7 +124,7 @@ class _ChannelPruning(Pass):
             **({"target_macs": target} if target is not None else {}), "estimated_macs_ratio": mac_model.ratio(counts),
             # the lowest ratio these groups can reach: above the target, the target is out of reach
             "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)), **budget.stats(counts),
-            **multiple_stats(round_to),
+            **multiple_stats(round_to, blocks),
         }
         return result
 

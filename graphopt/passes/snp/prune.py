@@ -201,6 +201,7 @@ class SubspaceNodePruning(Pass):
         mac_model = MacModel(analysis, per_node, set(ranked))
         round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
         budget = channel_budget(graph, ctx, analysis, mac_model, round_to) if keep is None else None
+        blocks = round_to  # before any relaxation
         (variance, chosen), round_to = coarsest_meeting(
             ctx.option("round_to") if budget is not None else None, round_to,
             lambda step: _plan(ranked, budget, keep, step),
@@ -226,7 +227,7 @@ class SubspaceNodePruning(Pass):
             "consumers_reconstructed": int(folded + corrected), "consumers_error_corrected": int(corrected),
             "retained_variance_cut": variance,
             "estimated_macs_ratio": mac_model.macs(chosen) / mac_model.total if mac_model.total else 1.0,
-            **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to),
+            **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
         }
         return result
 
