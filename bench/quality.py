@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 import graphopt
-from common import accuracy, add_thread_arguments, predict, start_run
-from snp_curves import RESULTS, Task, build_task
+from common import accuracy, predict, start_run
+from snp_curves import RESULTS, Task, add_task_arguments, build_task, quick_training
 
 METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
@@ -98,16 +98,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
-    parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
-    parser.add_argument("--seq-train", type=int, default=6000, help="training sequences for the transformer")
-    parser.add_argument("--seed", type=int, default=0)
-    add_thread_arguments(parser)
+    add_task_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for quality.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: epoch scale 0.3, 2000 sequences")
     args = parser.parse_args()
     if args.quick:
-        args.epoch_scale, args.seq_train = 0.3, 2000
+        quick_training(args)
     return args
 
 

@@ -42,8 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("original", "pruned", "quantized", "pruned+quantized")
 
 
-def build_models(arch: str, tiny: bool, calib_count: int, held_count: int, target: float,
-                 folder: Path) -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray], dict[str, float]]:
+def build_models(arch: str, tiny: bool, calib_count: int, held_count: int, target: float, folder: Path,
+                 activations: str = "uint8") -> tuple[dict[str, onnx.ModelProto], dict[str, np.ndarray], dict[str, float]]:
     """The four variants of `arch`, the held-out samples, and the seconds each optimize took."""
     module, sampler = _seeded(ARCHS[arch], tiny)
     original = export(module, sampler(2, 0), "legacy", folder)
@@ -51,7 +51,8 @@ def build_models(arch: str, tiny: bool, calib_count: int, held_count: int, targe
     models, seconds = {"original": original}, {}
     for name, method in (("pruned", "snp"), ("quantized", "quantize"), ("pruned+quantized", "snp,quantize")):
         start = time.perf_counter()
-        models[name] = optimize(original, method=method, calib=calib, target_macs=target, progress=False).model
+        models[name] = optimize(original, method=method, calib=calib, target_macs=target, progress=False,
+                                quant_activations=activations).model
         seconds[name] = time.perf_counter() - start
     return models, heldout, seconds
 
@@ -96,7 +97,8 @@ def goal(latency: dict[str, dict[str, dict[str, float]]], fidelity: dict[str, di
 
 def run_arch(arch: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
-        models, heldout, seconds = build_models(arch, args.quick, args.calib, args.heldout, args.target, Path(folder))
+        models, heldout, seconds = build_models(arch, args.quick, args.calib, args.heldout, args.target, Path(folder),
+                                                args.quant_activations)
     fidelity = {name: verify(models["original"], model, heldout, batch_size=8).first
                 for name, model in models.items() if name != "original"}
     latency = {}
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 20; quick 5)")
     parser.add_argument("--runs", type=int, default=3, help="inferences per model per round")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--quant-activations", choices=("uint8", "int8"), default="uint8",
+                        help="activation type of the quantized models (int8: S8S8)")
     parser.add_argument("--output", type=Path, default=RESULTS / "quantize.json")
     args = parser.parse_args(argv)
     args.calib = args.calib or (16 if args.quick else 64)

