@@ -160,13 +160,13 @@ def measure(name: str, model: onnx.ModelProto, data: dict[str, np.ndarray], args
     samples = dataset.num_samples or 0
 
     def infer() -> None:  # a fresh session, as calibration makes its own: both peaks include one
-        session = make_session(model, optimize=True, threads=args.threads)
+        session = make_session(model, optimize=True, threads=args.threads, device=args.device)
         for batch in dataset.batches(args.batch_size):
             session.run(None, batch)
 
     def calibrate() -> None:
         calibrator = Calibrator(dataset, batch_size=args.batch_size, memory_limit=args.calib_memory,
-                                threads=args.threads, mask_input=mask_input)
+                                threads=args.threads, mask_input=mask_input, device=args.device)
         calibrator.statistics(model, requests)
 
     infer()  # warm-up
@@ -176,7 +176,7 @@ def measure(name: str, model: onnx.ModelProto, data: dict[str, np.ndarray], args
         timings["calibrate"].append(peak_added(calibrate))
     median = {k: statistics.median(t for t, _ in v) for k, v in timings.items()}
     peak = {k: max(p for _, p in v) for k, v in timings.items()}
-    print(f"\n{name}: {samples} samples, batch {args.batch_size}, {len(requests)} tensors "
+    print(f"\n{name} ({args.device}): {samples} samples, batch {args.batch_size}, {len(requests)} tensors "
           f"({'all kinds' if args.kinds == 'all' else 'all kinds but gram'}), {args.repeats} repeats (median)")
     for key in ("infer", "calibrate"):
         print(f"  {key:9s} {median[key]:8.2f} s  {samples / median[key]:8.1f} samples/s  "
@@ -242,6 +242,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=12, help="encoder layers")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="onnxruntime device of inference and calibration (cuda: onnxruntime-gpu)")
     parser.add_argument("--calib-memory", default="2GB")
     parser.add_argument("--kinds", choices=["all", "no-gram"], default="all")
     parser.add_argument("--workers", type=int, default=0,

@@ -30,7 +30,22 @@ def machine() -> dict[str, Any]:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": platform.python_version(), "numpy": np.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "scikit-learn": sklearn.__version__,
-            "graphopt": graphopt.__version__, "graphopt_tree": _source_tree()}
+            "graphopt": graphopt.__version__, "graphopt_tree": _source_tree(),
+            "onnxruntime_providers": onnxruntime.get_available_providers(), "gpu": _gpu_name()}
+
+
+def _gpu_name() -> str | None:
+    """The NVIDIA GPU's name and driver (nvidia-smi), None where there is none."""
+    import shutil
+    import subprocess
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        found = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.splitlines()[0] if found else None
 
 
 def _cpu_model() -> str:

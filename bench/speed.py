@@ -353,12 +353,14 @@ class Setting:
     threads: int
     round_ms: float
     latency_targets: list[float]
+    device: str = "cpu"
 
 
-def inference_seconds(model: onnx.ModelProto, data: dict[str, np.ndarray], threads: int, batch: int = 32) -> float:
+def inference_seconds(model: onnx.ModelProto, data: dict[str, np.ndarray], threads: int, batch: int = 32,
+                      device: str = "cpu") -> float:
     """Plain inference over `data` (full optimisation, `batch` samples a run), session creation included."""
     start = time.perf_counter()
-    session = make_session(model, optimize=True, threads=threads)
+    session = make_session(model, optimize=True, threads=threads, device=device)
     count = len(next(iter(data.values())))
     for first in range(0, count, batch):
         session.run(None, {name: value[first:first + batch] for name, value in data.items()})
@@ -374,15 +376,17 @@ def reference(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dic
     inference over the calibration samples; and how much the output depends on the input on the held-out
     samples, ||y - mean over samples of y|| / ||y|| (near 0, cosine and rel_l2 would say little)."""
     cost = count_cost(model, resolve_input_shapes(model))
-    latency = {batch: bench(model, data=heldout, batch=batch, repeat=3, warmup=1, threads=setting.threads)["median_ms"]
+    latency = {batch: bench(model, data=heldout, batch=batch, repeat=3, warmup=1, threads=setting.threads,
+                            device=setting.device)["median_ms"]
                for batch in setting.batches}
     runs = {batch: min(20, max(1, round(setting.round_ms / ms))) for batch, ms in latency.items()}
     control = {f"batch_{batch}": compare_latency(model, model, data=heldout, batch=batch, rounds=setting.rounds,
-                                                 runs=runs[batch], threads=setting.threads)
+                                                 runs=runs[batch], threads=setting.threads, device=setting.device)
                for batch in setting.batches}
-    outputs = make_session(model).run(None, heldout)[0].astype(np.float64)
+    outputs = make_session(model, device=setting.device).run(None, heldout)[0].astype(np.float64)
     return {"macs": cost.macs, "params": cost.params, "latency_ms": latency, "runs_per_round": runs,
-            "control": control, "inference_calib_s": inference_seconds(model, calib, setting.threads),
+            "control": control, "inference_calib_s": inference_seconds(model, calib, setting.threads,
+                                                                        device=setting.device),
             "output_variation": float(np.linalg.norm(outputs - outputs.mean(axis=0)) / np.linalg.norm(outputs))}
 
 
@@ -398,7 +402,8 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
               else {"target_macs": target})
     try:
         result = graphopt.optimize(model, method=method, round_to=rounding, **budget,
-                                   calib=calib if METHODS[method].needs_data else None, threads=setting.threads)
+                                   calib=calib if METHODS[method].needs_data else None, threads=setting.threads,
+                                   device=setting.device)
     except Exception as error:  # a method that fails on an architecture is a result to report, not a crash
         traceback.print_exc()
         return {**record, "error": f"{type(error).__name__}: {error}"}
@@ -408,12 +413,12 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
                   target_reached=report["target_reached"])
     if latency:
         record["latency_target"] = report.get("latency_target")
-    fidelity = verify(model, result.model, heldout, batch_size=32).first
+    fidelity = verify(model, result.model, heldout, batch_size=32, device=setting.device).first
     record["fidelity"] = {key: fidelity[key] for key in ("cosine", "rel_l2", "top1_agreement")}
     record["latency"] = {}
     for batch in setting.batches:
         timing = compare_latency(model, result.model, data=heldout, batch=batch, rounds=setting.rounds,
-                                 runs=runs[batch], threads=setting.threads)
+                                 runs=runs[batch], threads=setting.threads, device=setting.device)
         timing["efficiency"] = timing["speedup"] * record["macs_ratio"]
         record["latency"][f"batch_{batch}"] = timing
     record["slower"] = [b for b in setting.batches if record["latency"][f"batch_{b}"]["speedup"] < 1.0]
@@ -547,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="--target-latency runs (round auto) on the CNNs, as fractions of the latency at --batch "
                              "(default 0.6; empty to skip)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where calibration, fidelity and timings run (cuda: onnxruntime-gpu's CUDA provider)")
     parser.add_argument("--calib-samples", type=int, default=None, help="calibration samples (default 64)")
     parser.add_argument("--heldout-samples", type=int, default=None, help="held-out samples (default 16)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny widths and inputs, one architecture "
@@ -599,7 +606,7 @@ def main(argv: list[str] | None = None) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     setting = Setting(args.targets, args.roundings, args.methods, sorted({1, args.batch}), args.rounds,
-                      args.threads, args.round_ms, args.latency_targets)
+                      args.threads, args.round_ms, args.latency_targets, args.device)
     started, entries, total = time.perf_counter(), [], 0.0
     with tempfile.TemporaryDirectory() as folder:
         for name in args.archs:

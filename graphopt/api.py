@@ -130,14 +130,14 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
 
 def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, batch_size: int = 32,
            metric: Metric | Callable[..., Any] | str | None = None, ctc_blank: int = 0,
-           progress: bool = False) -> VerifyReport:
+           progress: bool = False, device: str = "cpu") -> VerifyReport:
     """The candidate's fidelity to the reference on `data` (graphopt.evaluate.verify): per output cosine and
     rel_l2, the agreements its kind makes meaningful, and `metric`'s values (a callable
     `metric(reference_outputs, candidate_outputs, inputs) -> dict[str, float]`, or 'module:function')."""
     if int(ctc_blank) < 0:
         raise OptionError(f"--ctc-blank must be >= 0, got {ctc_blank}")
     return compare_outputs(as_model(reference), as_model(candidate), data, batch_size=batch_size, progress=progress,
-                           metric=metric, ctc_blank=int(ctc_blank))
+                           metric=metric, ctc_blank=int(ctc_blank), device=device)
 
 
 def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | None = None,
@@ -168,7 +168,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     optimized = ir.export_model(graph, original)
     onnx.checker.check_model(optimized)
 
-    check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"])}
+    check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
+             "device": resolved.get("device") or "cpu"}
     measured = _measure(original, optimized, shapes, dataset, batch_size, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
@@ -297,13 +298,13 @@ def _sequence(pipeline: list[str]) -> list[Pass]:
 
 def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
              dataset: Dataset | None, batch_size: int, progress: bool, metric: Metric | None = None,
-             ctc_blank: int = 0) -> dict[str, Any]:
+             ctc_blank: int = 0, device: str = "cpu") -> dict[str, Any]:
     """MACs, parameters and nodes before and after, and the fidelity of `optimized` to `original` on the
     calibration data (else on seeded random inputs), with the user's `metric` where given."""
     before, after = count_cost(original, shapes), count_cost(optimized, shapes)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
     fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
-                               metric=metric, ctc_blank=ctc_blank)
+                               metric=metric, ctc_blank=ctc_blank, device=device)
     return {
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,

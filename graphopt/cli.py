@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("candidate", type=Path)
     verify.add_argument("--data", type=Path, required=True, help=".npz with one array per input")
     verify.add_argument("--batch-size", type=int, default=32)
+    verify.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="onnxruntime device both models run on (cuda: onnxruntime-gpu's CUDA provider)")
     _add_fidelity(verify)
     _add_common(verify)
 
@@ -271,7 +273,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from graphopt.api import verify
 
     report = verify(args.reference, args.candidate, args.data, batch_size=args.batch_size, metric=args.metric,
-                    ctc_blank=args.ctc_blank, progress=not args.quiet).to_json()
+                    ctc_blank=args.ctc_blank, progress=not args.quiet, device=args.device).to_json()
     if args.json:
         _print_json(report)
         return

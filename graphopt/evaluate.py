@@ -101,12 +101,13 @@ class VerifyReport:
 
 def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource | Dataset, *,
            batch_size: int = 32, progress: bool = False, metric: Metric | Callable[..., Any] | str | None = None,
-           ctc_blank: int = 0) -> VerifyReport:
+           ctc_blank: int = 0, device: str = "cpu") -> VerifyReport:
     """The candidate's outputs against the reference's on `data` (module docstring); `metric` (a callable,
-    graphopt.calibration.metric) adds its averaged values; `ctc_blank` is the blank label of sequences."""
+    graphopt.calibration.metric) adds its averaged values; `ctc_blank` is the blank label of sequences.
+    Both models run on `device` ("cuda": onnxruntime's CUDA provider) with graph optimisations disabled."""
     user_metric = as_metric(metric)
     dataset = load_data(data, reference)
-    ref_session, cand_session = make_session(reference), make_session(candidate)
+    ref_session, cand_session = make_session(reference, device=device), make_session(candidate, device=device)
     shared = _shared_outputs(ref_session, cand_session)
     cand_inputs = {i.name for i in cand_session.get_inputs()}
     agreements: dict[str, _Agreement] = {}

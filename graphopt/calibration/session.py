@@ -45,6 +45,13 @@ def providers(device: str = "cpu") -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def _with_options(names: list[str], exact: bool) -> list[Any]:
+    """`names` with provider options: an exact session (no graph optimisation: reference runs, fidelity
+    checks) computes in full float32 on CUDA, where onnxruntime would otherwise use TF32 tensor cores
+    (10-bit mantissa products, about 1e-3 relative error) for MatMul and Conv."""
+    return [(name, {"use_tf32": "0"}) if exact and name == "CUDAExecutionProvider" else name for name in names]
+
+
 def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device: str = "cpu",
                  threads: int = 0, spinning: bool = True) -> "onnxruntime.InferenceSession":
     """An onnxruntime session; `spinning=False` stops idle intra-op threads from busy-waiting (two sessions
@@ -60,7 +67,7 @@ def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device
     _register_kernels(options, model)
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
-        return ort.InferenceSession(source, options, providers=providers(device))
+        return ort.InferenceSession(source, options, providers=_with_options(providers(device), exact=not optimize))
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line}") from exc
