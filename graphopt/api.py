@@ -36,6 +36,7 @@ from graphopt.errors import DataError, OptionError
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
 from graphopt.evaluate import verify as compare_outputs
 from graphopt.ir import graph as ir
+from graphopt.ir import weights
 from graphopt.ir.interface import interface_changes
 from graphopt.ir.io import check_outputs, input_files, load_model, model_outputs, save_model
 from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
@@ -166,7 +167,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
                           cluster=cluster)
         records, pruned = _run_steps(graph, ctx, pruning, quantizing)
     optimized = ir.export_model(graph, original)
-    onnx.checker.check_model(optimized)
+    _check(optimized)
 
     check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
              "device": resolved.get("device") or "cpu"}
@@ -185,7 +186,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,
                              lambda model: _measure(original, model, shapes, dataset, batch_size, progress, **check))
-    report["bytes_before"] = (original.ByteSize() if isinstance(model, onnx.ModelProto)
+    report["bytes_before"] = (weights.model_bytes(original) if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized
     if resolved["sparse_storage"]:
@@ -196,10 +197,23 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         report["latency_target"] = latency_target(original, optimized, shapes, resolved, records,
                                                   report.get("latency"), progress)
     if output is not None:
-        save_model(stored, output, protected=protected)
-        report["output"] = str(output)
-        report["bytes_after"] = Path(output).stat().st_size
+        report.update(_save(stored, output, protected))
     return OptimizeResult(optimized, report)
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """The ONNX checker on the result; a model held by reference (graphopt.ir.weights) is checked once saved."""
+    if not any(True for _ in weights.referenced(model.graph)):
+        onnx.checker.check_model(model)
+
+
+def _save(model: onnx.ModelProto, output: str | os.PathLike[str], protected: set[Path]) -> dict[str, Any]:
+    """Write the result; a model held by reference (graphopt.ir.weights) is checked as the file it became.
+    `bytes_after` counts the model file and its external data."""
+    save_model(model, output, protected=protected)
+    if any(True for _ in weights.referenced(model.graph)):
+        onnx.checker.check_model(str(output))
+    return {"output": str(output), "bytes_after": sum(p.stat().st_size for p in input_files(output))}
 
 
 def target_reached(target: float | None, macs_ratio: float) -> bool | None:
@@ -271,7 +285,7 @@ def _steps(pruning: list[str], quantizing: list[str], models: list[onnx.ModelPro
     named = [(",".join(pruning) or "none", pruned, None)] if pruned is not None else []
     named.append((",".join(quantizing or pruning) or "none", optimized, measured))
     return [{"step": name, "macs_ratio": found["macs_ratio"], "params": found["params_after"],
-             "nodes": found["nodes_after"], "bytes": model.ByteSize(), "fidelity": found["fidelity"]}
+             "nodes": found["nodes_after"], "bytes": weights.model_bytes(model), "fidelity": found["fidelity"]}
             for name, model, known in named for found in [known or measure(model)]]
 
 
@@ -331,9 +345,9 @@ def _sparse_storage(original: onnx.ModelProto, optimized: onnx.ModelProto,
     """The model to save under `sparse_storage`: sparse initializers where the file gets smaller and
     onnxruntime loads it with the same outputs (bit-identical weights), else the dense model and why."""
     sparse, moved = to_sparse_initializers(optimized)
-    info: dict[str, Any] = {"used": False, "tensors": moved, "bytes_dense": optimized.ByteSize(),
-                            "bytes_sparse": sparse.ByteSize()}
-    if not moved or sparse.ByteSize() >= optimized.ByteSize():
+    dense_bytes, sparse_bytes = weights.model_bytes(optimized), weights.model_bytes(sparse)
+    info: dict[str, Any] = {"used": False, "tensors": moved, "bytes_dense": dense_bytes, "bytes_sparse": sparse_bytes}
+    if not moved or sparse_bytes >= dense_bytes:
         info["reason"] = "no weight is sparse enough to store smaller (needs < 1/3 nonzero for float32)"
         return optimized, info
     try:

@@ -41,6 +41,7 @@ from graphopt.calibration.store import StatsFile
 from graphopt.errors import GraphoptError, OptionError, OutputPathError, PassFailedError
 from graphopt.evaluate import verify
 from graphopt.ir.files import check_outputs, same_file, write_atomic
+from graphopt.ir import weights
 from graphopt.ir.io import input_files
 from graphopt.passes import METHODS
 from graphopt.passes.methods import json_value, resolve_options
@@ -128,7 +129,7 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
                            "fit_samples": fit.num_samples},
               "bench": {**timing, "rounds": repeat} if timing else None,
               "options": {name: json_value(value) for name, value in options.items()},
-              "bytes_before": original.ByteSize(), "rows": rows}
+              "bytes_before": weights.model_bytes(original), "rows": rows}
     if files is not None:
         skipped = plot(report, files[1])
         report.update({"plot": None if skipped else str(files[1]), "plot_skipped": skipped})
@@ -190,7 +191,8 @@ def _run(original: onnx.ModelProto, method: str, target: float, kind: str, optio
     report, optimized = result.report, result.model
     row.update({"macs_ratio": report["macs_ratio"],
                 "params_ratio": report["params_after"] / report["params_before"] if report["params_before"] else 1.0,
-                "bytes": optimized.ByteSize(), "bytes_ratio": optimized.ByteSize() / original.ByteSize()})
+                "bytes": weights.model_bytes(optimized),
+                "bytes_ratio": weights.model_bytes(optimized) / weights.model_bytes(original)})
     fidelity = verify(original, optimized, held, batch_size=int(options["batch_size"]), metric=options.get("metric"),
                       ctc_blank=int(options.get("ctc_blank") or 0)).to_json()
     row["fidelity"] = {key: fidelity.get(key) for key in FIDELITY_KEYS if key in fidelity}

@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from graphopt.ir import weights
+
 # (domain, op) -> the input slot that holds an attention mask
 ATTENTION_MASK_SLOTS = {("com.microsoft", "Attention"): 3, ("com.microsoft", "MultiHeadAttention"): 4,
                         ("", "Attention"): 3}
@@ -106,7 +108,7 @@ class _Graph:
     def _uniform(self, name: str) -> float | None:
         array = None
         if name in self.initializers:
-            array = numpy_helper.to_array(self.initializers[name])
+            array = weights.array_of(self.initializers[name])
         elif name in self.producer and self.producer[name].op_type in ("Constant", "ConstantOfShape"):
             node = self.producer[name]
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -39,7 +39,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import onnx
@@ -115,6 +117,7 @@ class Calibrator:
         self.computed = 0  # tensors measured by running the model (cache misses), for logs and tests
         self.preloaded: dict[str, str] = {}  # tensor name -> statistics file it was loaded from
         self._data_fingerprint: str | None = None
+        self._spilled: tempfile.TemporaryDirectory | None = None  # Grams of calibrations measured in parts
 
     @property
     def data_fingerprint(self) -> str | None:
@@ -185,13 +188,34 @@ class Calibrator:
         sample = next(iter(self.data.batches(1)))
         infos = describe(model, list(wanted), sample)
         stats = {name: _empty(infos[name], wanted[name], self.mask_input is not None) for name in wanted}
-        accumulators = sum(s.shifted_square.nbytes + 4 * s.shifted_sum.nbytes for s in stats.values())
-        budget = self.memory_limit - accumulators
-        if budget <= 0:
-            raise OptionError(f"the requested statistics alone need {accumulators / 2**20:.0f} MiB, more than "
-                              f"--calib-memory {self.memory_limit / 2**20:.0f} MiB: request fewer tensors or kinds")
         order = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
         ordered = sorted(infos.values(), key=lambda info: order.get(info.name, -1))
+        sizes = {name: s.shifted_square.nbytes + 4 * s.shifted_sum.nbytes for name, s in stats.items()}
+        largest = max(sizes.values())
+        if largest >= self.memory_limit:
+            raise OptionError(f"the statistics of one tensor alone need {largest / 2**20:.0f} MiB, more than "
+                              f"--calib-memory {self.memory_limit / 2**20:.0f} MiB: raise --calib-memory")
+        if sum(sizes.values()) <= self.memory_limit // 2:
+            self._measure_part(model, ordered, infos, stats, self.memory_limit - sum(sizes.values()))
+        else:  # in parts that fit, each part's Grams moved to disk once measured
+            for part in _parts(ordered, sizes, self.memory_limit // 2):
+                chosen = {info.name: stats[info.name] for info in part}
+                self._measure_part(model, part, infos, chosen, self.memory_limit - sum(sizes[n] for n in chosen))
+                for result in chosen.values():
+                    result.spill(self._spill_folder())
+        for name, result in stats.items():
+            self.cache.setdefault(self.cones[name], []).append(result)
+        self.computed += len(stats)
+        return stats
+
+    def _spill_folder(self) -> Path:
+        if self._spilled is None:
+            self._spilled = tempfile.TemporaryDirectory(prefix="graphopt-stats-")
+        return Path(self._spilled.name)
+
+    def _measure_part(self, model: onnx.ModelProto, ordered: list[TensorInfo], infos: dict[str, TensorInfo],
+                      stats: dict[str, TensorStats], budget: int) -> None:
+        """Fill `stats` (the tensors of `ordered`, in graph order) in rounds under `budget` bytes."""
         rounds = plan_rounds(ordered, self.batch_size, budget, self.workers)
         total = self.data.num_samples
         settings = RunSettings(self.device, self.threads, self.workers, self.mask)
@@ -201,11 +225,20 @@ class Calibrator:
             with tqdm(total=total * len(rounds) if total is not None else None, desc="calibrate", unit="sample",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
                 run_rounds(model, self.data, rounds, infos, stats, settings, bar)
-        for name, result in stats.items():
-            self.cache.setdefault(self.cones[name], []).append(result)
-        self.computed += len(stats)
         log.info("calibration: %d tensors in %d rounds over %s samples", len(stats), len(rounds), total)
-        return stats
+
+
+def _parts(ordered: list[TensorInfo], sizes: dict[str, int], limit: int) -> list[list[TensorInfo]]:
+    """`ordered` cut, in order, into parts whose accumulators take at most `limit` bytes (one tensor at least)."""
+    parts: list[list[TensorInfo]] = [[]]
+    used = 0
+    for info in ordered:
+        if parts[-1] and used + sizes[info.name] > limit:
+            parts.append([])
+            used = 0
+        parts[-1].append(info)
+        used += sizes[info.name]
+    return parts
 
 
 def _available_cores() -> int:

@@ -32,11 +32,21 @@ from graphopt.calibration.data import Dataset
 from graphopt.calibration.maps import sample_maps
 from graphopt.calibration.sample import Keyed, finish_rows, keyed_rows, merge_rows, sample_rows
 from graphopt.calibration.stats import TensorStats
+from graphopt.errors import OptionError
+from graphopt.ir import weights
 
 if TYPE_CHECKING:
     from graphopt.calibration.cluster import Cluster, Shard
 
 log = logging.getLogger(__name__)
+
+
+def _shipped(model: onnx.ModelProto) -> bytes:
+    """The model as Ray tasks receive it: one serialized message, its weights inline (graphopt.ir.weights)."""
+    if weights.referenced_bytes(model) > weights.BY_REFERENCE_BYTES:
+        raise OptionError("--workers/--ray-address ship the model to each task as one message, which cannot hold "
+                          "a model over 1 GiB of weights: calibrate this model in one process (drop --workers)")
+    return weights.materialized(model).SerializeToString()
 
 
 def gather_statistics(cluster: Cluster, model: onnx.ModelProto, data: Dataset, rounds: list[Round],
@@ -45,7 +55,7 @@ def gather_statistics(cluster: Cluster, model: onnx.ModelProto, data: Dataset, r
     """`stats` (empty accumulators) filled from every shard of `data`, merged in shard order."""
     empty = {name: entry.meta() for name, entry in stats.items()}
     shard_settings = RunSettings(settings.device, settings.threads or 1, 1, settings.mask)
-    results = cluster.map(_shard_statistics, data, batch_size, model.SerializeToString(), rounds, infos, empty,
+    results = cluster.map(_shard_statistics, data, batch_size, _shipped(model), rounds, infos, empty,
                           shard_settings)
     for _, part in results:
         for name, entry in stats.items():
@@ -71,7 +81,7 @@ def gather_rows(cluster: Cluster | None, model: onnx.ModelProto, data: Dataset, 
     """`sample_rows` of `data`, on the cluster's shards when there is one (the same rows, in the same order)."""
     if cluster is None or not tensors:
         return sample_rows(model, data, tensors, max_rows=max_rows, batch_size=batch_size, seed=seed)
-    results = cluster.map(_shard_rows, data, batch_size, model.SerializeToString(), tensors, max_rows, batch_size,
+    results = cluster.map(_shard_rows, data, batch_size, _shipped(model), tensors, max_rows, batch_size,
                           seed)
     return finish_rows(merge_rows((part for _, part in results), max_rows))
 
@@ -87,7 +97,7 @@ def gather_maps(cluster: Cluster | None, model: onnx.ModelProto, data: Dataset, 
     """`sample_maps` of `data`, on the cluster's leading shards when there is one."""
     if cluster is None or not names:
         return sample_maps(model, data, names, max_items=max_items, batch_size=batch_size)
-    results = cluster.map(_shard_maps, data, batch_size, model.SerializeToString(), sorted(set(names)), max_items,
+    results = cluster.map(_shard_maps, data, batch_size, _shipped(model), sorted(set(names)), max_items,
                           batch_size)
     parts: dict[str, list[np.ndarray]] = {}
     for _, part in results:

@@ -9,18 +9,23 @@ optimisation, as a deployment would. onnxruntime is imported lazily so that `onn
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
+from graphopt.ir import weights
 from graphopt.ops.native import register, uses_graphopt_ops
 
 if TYPE_CHECKING:
     import onnxruntime
 
 log = logging.getLogger(__name__)
+
+_PLACEHOLDER = "graphopt-shared-weights.bin"
 
 
 def runtime() -> Any:
@@ -65,12 +70,45 @@ def make_session(model: onnx.ModelProto | str, *, optimize: bool = False, device
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     _register_kernels(options, model)
-    source = model if isinstance(model, str) else model.SerializeToString()
+    chosen = _with_options(providers(device), exact=not optimize)
     try:
-        return ort.InferenceSession(source, options, providers=_with_options(providers(device), exact=not optimize))
+        if isinstance(model, onnx.ModelProto) and any(True for _ in weights.referenced(model.graph)):
+            return _shared_weights_session(model, options, chosen)
+        source = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(source, options, providers=chosen)
     except Exception as exc:  # onnxruntime raises its own exception types for unloadable models
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"onnxruntime cannot load the model: {first_line}") from exc
+
+
+def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[Any]) -> Any:
+    """A session of a model held by reference (graphopt.ir.weights): its referenced weights are handed to
+    onnxruntime as shared initializers, which it uses in place (no copy, and no pre-packed copy: prepacking
+    is off for these sessions), and the model it parses names them as external data in a sparse
+    placeholder file that is never read."""
+    ort = runtime()
+    light = onnx.ModelProto()
+    light.CopyFrom(model)  # the references are small: this copies no weight
+    longest, shared = 0, []
+    for tensor in weights.referenced(light.graph):
+        array = np.ascontiguousarray(weights.array_of(tensor))
+        value = ort.OrtValue.ortvalue_from_numpy(array)
+        options.add_initializer(tensor.name, value)
+        shared.append((array, value))
+        length = int(next(e.value for e in tensor.external_data if e.key == "length"))
+        del tensor.external_data[:]
+        for key, text in (("location", _PLACEHOLDER), ("offset", "0"), ("length", str(length))):
+            tensor.external_data.add(key=key, value=text)
+        longest = max(longest, length)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    with tempfile.TemporaryDirectory(prefix="graphopt-session-") as folder:
+        with open(Path(folder) / _PLACEHOLDER, "wb") as placeholder:
+            placeholder.truncate(longest)  # sparse: takes no disk space
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(light.SerializeToString())
+        session = ort.InferenceSession(str(path), options, providers=chosen)
+    session._graphopt_shared_weights = shared  # onnxruntime reads these buffers for the session's lifetime
+    return session
 
 
 def session_options(library: Path | None = None) -> Any:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
 import numpy as np
@@ -108,6 +109,22 @@ def chunk_rows(channels: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, channels))
 
 
+@dataclass(frozen=True)
+class Spilled:
+    """A final accumulator kept in a .npy file (TensorStats.spill), read back for each use."""
+
+    path: Path
+    shape: tuple[int, ...]
+    nbytes: int
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def load(self) -> np.ndarray:
+        return np.load(self.path)
+
+
 @dataclass(eq=False)  # arrays inside: compare with to_arrays()
 class TensorStats:
     """Running statistics of one tensor; see the module docstring for the maths."""
@@ -138,6 +155,19 @@ class TensorStats:
     def has_gram(self) -> bool:
         return self.shifted_square.ndim == 2
 
+    def spill(self, folder: Path) -> None:
+        """Move the final Gram accumulator to a file in `folder`: each later use reads it back, so the Grams of
+        many tensors need not stay in memory together. Spilled statistics take no more rows."""
+        if isinstance(self.shifted_square, Spilled) or not self.has_gram:
+            return
+        path = folder / f"{len(list(folder.iterdir()))}.npy"
+        np.save(path, _symmetric(self.shifted_square))
+        self.shifted_square = Spilled(path, self.shifted_square.shape, self.shifted_square.nbytes)
+
+    def _square(self) -> np.ndarray:
+        square = self.shifted_square
+        return square.load() if isinstance(square, Spilled) else square
+
     def covers(self, request: StatRequest) -> bool:
         """Whether these statistics answer `request` (same axis, at least its kinds); names are not compared."""
         in_range = -self.rank <= request.channel_axis < self.rank
@@ -145,6 +175,8 @@ class TensorStats:
 
     def update(self, rows: np.ndarray) -> None:
         """Add a (rows, C) block of any float dtype, in float64 chunks."""
+        if isinstance(self.shifted_square, Spilled):
+            raise ValueError(f"statistics of '{self.tensor}' are final (spilled to disk): they take no more rows")
         if rows.ndim != 2 or rows.shape[1] != self.channels:
             raise ValueError(f"'{self.tensor}': expected rows of {self.channels} channels, got {rows.shape}")
         step = chunk_rows(self.channels)
@@ -170,6 +202,8 @@ class TensorStats:
 
     def merge(self, other: TensorStats) -> None:
         """Add the statistics of other rows of the same tensor, in place (see the module docstring)."""
+        if isinstance(self.shifted_square, Spilled) or isinstance(other.shifted_square, Spilled):
+            raise ValueError(f"statistics of '{self.tensor}' are final (spilled to disk): they merge no more")
         if (other.kinds, other.channel_axis, other.channels, other.has_gram) != \
                 (self.kinds, self.channel_axis, self.channels, self.has_gram):
             raise ValueError(f"statistics of '{self.tensor}' and '{other.tensor}' were taken differently: "
@@ -197,8 +231,8 @@ class TensorStats:
     def _centred(self) -> np.ndarray:
         """M = Σ (x − μ)(x − μ)ᵀ (or its diagonal)."""
         if self.count == 0:
-            return np.zeros_like(self.shifted_square)
-        square = _symmetric(self.shifted_square) if self.has_gram else self.shifted_square
+            return np.zeros(self.shifted_square.shape)
+        square = _symmetric(self._square()) if self.has_gram else self._square()
         return square - _outer(self.shifted_sum, self.has_gram) / self.count
 
     def _need(self, kind: str) -> None:
@@ -239,7 +273,7 @@ class TensorStats:
         arrays = {"count": np.array(self.count, dtype=np.int64),
                   "shift": self.shift if self.shift is not None else np.zeros(self.channels),
                   "shifted_sum": self.shifted_sum,
-                  "shifted_square": _symmetric(self.shifted_square) if self.has_gram else self.shifted_square}
+                  "shifted_square": _symmetric(self._square()) if self.has_gram else self._square()}
         if self.abs_sum is not None:
             arrays["abs_sum"] = self.abs_sum
         if self.negatives is not None:

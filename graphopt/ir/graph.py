@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.ir import weights
 from graphopt.ir.interface import keep_declared
 
 log = logging.getLogger(__name__)
@@ -31,15 +34,51 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # its warnings are ours 
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model's main graph as an editable `gs.Graph`."""
-    return gs.import_onnx(model)
+    """The model's main graph as an editable `gs.Graph` (referenced weights as their arrays, graphopt.ir.weights)."""
+    return _resolve_references(gs.import_onnx(model))
+
+
+_HELD = "_graphopt_by_reference"  # set on a graph imported from a model held by reference
+
+
+def _resolve_references(graph: gs.Graph) -> gs.Graph:
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)
+        if isinstance(lazy, LazyValues) and weights.is_reference(lazy.tensor):
+            tensor.values = weights.array_of(lazy.tensor)
+            tensor.data_location = None  # exported inline or as a new reference, never as the file's
+            graph.__dict__[_HELD] = True  # a pruned copy stays held by reference, however small
+    return graph
+
+
+@contextmanager
+def _as_references(graph: gs.Graph) -> Iterator[None]:
+    """While exporting a graph held by reference, its large constants stand as references to their arrays
+    (gs exports a LazyValues' TensorProto as it is), so no weight is copied into the model."""
+    constants = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    swapped: list[tuple[gs.Constant, object]] = []
+    if graph.__dict__.get(_HELD) or weights.by_reference(sum(int(t._values.nbytes) for t in constants)):
+        for constant in constants:
+            values = constant._values
+            if isinstance(values, np.ndarray) and values.nbytes >= weights.REFERENCE_MIN_BYTES:
+                if not values.flags.c_contiguous:  # the graph keeps the contiguous copy the reference names
+                    values = constant.values = np.ascontiguousarray(values)
+                swapped.append((constant, values))
+                constant._values = LazyValues(weights.reference_to(values, constant.name))
+    try:
+        yield
+    finally:
+        for constant, values in swapped:
+            constant._values = values
 
 
 def replace_graph(graph: gs.Graph, model: onnx.ModelProto) -> None:
     """Give `graph` the nodes, interface, initializers, opset and functions of `model`'s main graph, in place:
     for passes that hand the whole model to a tool that rewrites models (a quantizer). The graph keeps its
     name; `export_model` still takes the model-level fields from its template."""
-    rewritten = gs.import_onnx(model)
+    rewritten = import_graph(model)
+    if rewritten.__dict__.get(_HELD):
+        graph.__dict__[_HELD] = True
     graph.nodes, graph.inputs, graph.outputs = rewritten.nodes, rewritten.inputs, rewritten.outputs
     graph.opset, graph.import_domains = rewritten.opset, rewritten.import_domains
     graph.ir_version = rewritten.ir_version
@@ -50,7 +89,8 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
                  declared: bool = True) -> onnx.ModelProto:
     """Turn `graph` back into a model carrying `template`'s model-level fields and (with `declared`) the
     dims its graph inputs and outputs declare (graphopt.ir.interface)."""
-    model = gs.export_onnx(graph, do_type_check=False)
+    with _as_references(graph):
+        model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # re-inferred below; a stale shape would contradict new weights
     _drop_captured_copies(model.graph, set())
     model.ir_version = template.ir_version

@@ -20,15 +20,18 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import GraphoptError, ModelLoadError, OutputPathError, UnsafeExternalDataError
+from graphopt.ir import weights
 from graphopt.ir.files import (PathLike, check_outputs, not_regular, open_regular, read_regular, same_file,
                                write_atomic)
 
@@ -154,13 +157,35 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     """Load a model by path, validating and then loading its external data."""
     path = Path(path)
     model = _parse(read_regular(path, ModelLoadError, "model file"), path)
-    _load_external(_external_extents(model, path.parent))
+    extents = _external_extents(model, path.parent)
+    if weights.by_reference(sum(extent.length for _, extent in extents) + model.ByteSize()):
+        extents = _map_initializers(model, extents)
+    _load_external(extents)
     try:
-        onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else str(path))
+        in_memory = model.ByteSize() < EXTERNAL_DATA_THRESHOLD and not any(True for _ in weights.referenced(model.graph))
+        onnx.checker.check_model(model if in_memory else str(path))
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{path} fails the ONNX checker: {first_line}") from exc
     return model
+
+
+def _map_initializers(model: onnx.ModelProto,
+                      extents: list[tuple[onnx.TensorProto, _Extent]]) -> list[tuple[onnx.TensorProto, _Extent]]:
+    """Turn the main graph's external initializers into references to their (memory-mapped) files
+    (graphopt.ir.weights); return the extents still to read (tensors of subgraphs and attributes)."""
+    main = {id(tensor) for tensor in model.graph.initializer}
+    rest = []
+    for tensor, extent in extents:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if id(tensor) not in main or tensor.data_type == onnx.TensorProto.STRING:
+            rest.append((tensor, extent))
+        elif extent.length != itemsize * math.prod(tensor.dims):
+            raise UnsafeExternalDataError(f"tensor '{tensor.name}': external data length {extent.length} does not "
+                                          f"match its dims {list(tensor.dims)}")
+        else:
+            weights.reference_to_file(tensor, extent.file, extent.offset, extent.length)
+    return rest
 
 
 def input_files(path: PathLike) -> set[Path]:
@@ -185,7 +210,8 @@ def _to_raw_data(model: onnx.ModelProto) -> None:
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) for t in model_tensors(model))
+    inline = sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) for t in model_tensors(model))
+    return inline + weights.referenced_bytes(model)
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -213,13 +239,20 @@ def _save_external(model: onnx.ModelProto, data_path: Path) -> onnx.ModelProto:
     header = onnx.ModelProto()
     header.CopyFrom(model)
     _to_raw_data(header)
-    moved = [t for t in _initializers(header.graph) if len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES]
+    moved = [t for t in _initializers(header.graph)
+             if len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES or weights.is_reference(t)]
 
     def write(stream: BinaryIO) -> None:
         offset = 0
         for tensor in moved:
-            length = len(tensor.raw_data)
-            stream.write(tensor.raw_data)
+            if weights.is_reference(tensor):  # streamed from its array (a file mapping or a pass's result)
+                data = memoryview(np.ascontiguousarray(weights.array_of(tensor))).cast("B")
+                del tensor.external_data[:]
+            else:
+                data = memoryview(tensor.raw_data)
+            length = len(data)
+            stream.write(data)
+            del data
             tensor.ClearField("raw_data")  # frees the copy's bytes as they are written
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
@@ -234,11 +267,13 @@ def save_model(model: onnx.ModelProto, path: PathLike, *, protected: Iterable[Pa
                external_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write `model` to `path` atomically; refuse to overwrite any file in `protected` (`check_outputs`).
 
-    Above `external_threshold` bytes of tensor data the weights go to `<name>.data` beside the model.
+    Above `external_threshold` bytes of tensor data, and always for a model held by reference
+    (graphopt.ir.weights), the weights go to `<name>.data` beside the model.
     """
     path = Path(path)
     check_outputs(model_outputs(path), protected or ())
-    external = _payload_bytes(model) > external_threshold
+    external = (_payload_bytes(model) > external_threshold
+                or any(True for _ in weights.referenced(model.graph)))  # references are only ever written out
     try:
         stored = _save_external(model, external_data_path(path)) if external else model
         serialized = stored.SerializeToString()

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt.ir import weights
+
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -27,7 +29,7 @@ def weight_sparsity(model: onnx.ModelProto) -> dict[str, object]:
     zeros = total = 0
     for node in model.graph.node:
         if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in initializers:
-            weight = numpy_helper.to_array(initializers[node.input[1]])
+            weight = weights.array_of(initializers[node.input[1]])
             if weight.dtype.kind != "f":
                 continue
             layer_zeros = int(weight.size - np.count_nonzero(weight))
@@ -43,7 +45,7 @@ def to_sparse_initializers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
     sparse.CopyFrom(model)
     kept, moved = [], []
     for tensor in sparse.graph.initializer:
-        array = numpy_helper.to_array(tensor)
+        array = weights.array_of(tensor)
         flat = array.reshape(-1)
         nonzero = np.flatnonzero(flat)
         if array.dtype.kind != "f" or array.ndim == 0 or nonzero.size * (array.itemsize + 8) >= array.nbytes:

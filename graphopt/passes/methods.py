@@ -200,8 +200,9 @@ class KeepVariance(Options):
 class Reconstruction(Options):
     """SNP's least-squares reconstruction, which CoB can fold too."""
 
-    snp_max_features: int = option(4096, cli=False, help="consumers reading more input features than this are "
-                                                         "pruned without reconstruction")
+    snp_max_features: int = option(12288, cli=False, help="consumers reading more input features than this are "
+                                                          "pruned without reconstruction (a Gram of 12288 "
+                                                          "features takes 1.1 GiB)")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from graphopt.calibration.capture import TensorInfo, exposing_model, linear_inpu
 from graphopt.calibration.collect import Calibrator, parse_bytes
 from graphopt.calibration.data import load_data
 from graphopt.calibration.session import make_session
-from graphopt.calibration.stats import KINDS, StatRequest, TensorStats
+from graphopt.calibration.stats import KINDS, Spilled, StatRequest, TensorStats
 from graphopt.errors import GraphoptError, OptionError
 from graphopt.ir.graph import import_graph
 from graphopt.passes.base import PassContext
@@ -285,3 +285,21 @@ def test_progress_bar_reports_samples_per_second_only_when_asked(capsys: pytest.
     assert capsys.readouterr().err == ""
     collect(model, data, [StatRequest("c")], batch_size=4, progress=True)
     assert "sample/s" in capsys.readouterr().err
+
+
+def test_statistics_over_the_memory_bound_are_measured_in_parts_and_spilled() -> None:
+    """Grams that do not fit half of --calib-memory together are measured in parts, each part's moved to disk;
+    the results equal one pass's, and read back on each use."""
+    model, data = token_model(), token_data()
+    requests = [StatRequest("h", KINDS, -1), StatRequest("pooled", KINDS, -1)]
+    whole = collect(model, data, requests)
+    sizes = sum(stats.shifted_square.nbytes + 4 * stats.shifted_sum.nbytes for stats in whole.values())
+    calibrator = Calibrator(load_data(data, model), memory_limit=sizes + 64)  # half the bound holds one tensor
+    parts = calibrator.statistics(model, requests)
+    for name, stats in whole.items():
+        assert isinstance(parts[name].shifted_square, Spilled) and parts[name].shifted_square.path.is_file()
+        np.testing.assert_allclose(parts[name].covariance(), stats.covariance(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(parts[name].mean, stats.mean, rtol=1e-12, atol=1e-12)
+        assert parts[name].count == stats.count
+    with pytest.raises(ValueError, match="final"):
+        parts["h"].update(np.ones((2, 6)))  # final: spilled statistics take no more rows

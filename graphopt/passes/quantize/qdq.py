@@ -19,6 +19,7 @@ from graphopt.calibration.data import load_data
 from graphopt.calibration.quantize import (QuantizeError, QuantizeSettings, default_opset, quantize_qdq,
                                            quantized_ops)
 from graphopt.ir import graph as ir
+from graphopt.ir import weights
 from graphopt.passes.base import READS_WEIGHTS, Pass, PassContext, PassResult, all_but, register
 from graphopt.passes.methods import Method, QuantizeOptions, register_method
 
@@ -50,7 +51,7 @@ class QuantizeQDQ(Pass):
             raise QuantizeError("--method quantize needs calibration data: give --calib DATA.npz "
                                 "(a statistics file holds no activation ranges)")
         dataset = load_data(ctx.data, ctx.template)
-        model = ir.export_model(graph, ctx.template)
+        model = weights.materialized(ir.export_model(graph, ctx.template))  # the quantizer reads inline weights
         settings = settings_from(ctx)
         quantized = quantize_qdq(model, dataset, settings)
         ir.replace_graph(graph, quantized)

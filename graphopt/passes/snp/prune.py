@@ -190,7 +190,7 @@ class SubspaceNodePruning(Pass):
         reconstruct = bool(ctx.option("reconstruct", True))
         sequential = bool(ctx.option("sequential", False))
         target = _reconstruct_target(ctx, reconstruct, sequential)
-        max_features = int(ctx.option("snp_max_features", 4096))
+        max_features = int(ctx.option("snp_max_features", 12288))
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
         groups, prunable = split_groups(analysis, result)
