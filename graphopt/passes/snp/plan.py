@@ -16,7 +16,7 @@ cut that removed it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -61,42 +61,59 @@ def _readout(site: Site, features: int) -> np.ndarray:
     return rows.T @ rows
 
 
-def _group_moments(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
-                   criterion: str) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per group: its covariance and readout summed over the consumers that read it. Each consumer's
-    moments are formed once, however many groups it reads (forming them per group and consumer made the
-    planning quadratic in the layer count)."""
-    sums = {g.root: (np.zeros((g.size, g.size)), np.zeros((g.size, g.size))) for g in groups}
+def _consumer_places(a: Analysis, groups: list[Group], consumers: list[Site],
+                     stats: dict[str, TensorStats]) -> list[tuple[Site, list[tuple[int, np.ndarray]]]]:
+    """Each consumer with statistics, with the (group, feature positions) it reads."""
+    roots = [g.root for g in groups]
+    found = []
     for site in consumers:
-        tensor_stats = stats.get(site.node.inputs[0].name)
-        places = [(root, positions) for root in sums for positions in occurrences(a, site.state, root)]
-        if tensor_stats is None or not places:
-            continue
-        full_cov, _ = read_moments(tensor_stats, inside_fraction(a, site))
+        places = [(root, positions) for root in roots for positions in occurrences(a, site.state, root)]
+        if site.node.inputs[0].name in stats and places:
+            found.append((site, places))
+    return found
+
+
+def _group_moments(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
+                   criterion: str) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """Per group: its covariance and (for the output criterion) readout summed over the consumers that read
+    it, yielded as soon as its last consumer is read. Each consumer's moments are formed once, however many
+    groups it reads (forming them per group and consumer made the planning quadratic in the layer count),
+    and only the groups whose consumers are still being read hold their sums (wide layers: one or two
+    C x C matrices at a time, not one per group)."""
+    sizes = {g.root: g.size for g in groups}
+    reading = _consumer_places(a, groups, consumers, stats)
+    last = {root: index for index, (_, places) in enumerate(reading) for root, _ in places}
+    sums: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+    for index, (site, places) in enumerate(reading):
+        full_cov, _ = read_moments(stats[site.node.inputs[0].name], inside_fraction(a, site))
         full_readout = _readout(site, full_cov.shape[0]) if criterion == "output" else None
         for root, positions in places:
-            cov, readout = sums[root]
+            size = sizes[root]
+            cov, readout = sums.setdefault(root, (np.zeros((size, size)),
+                                                  np.zeros((size, size)) if criterion == "output" else None))
             cov += full_cov[np.ix_(positions, positions)]
             if full_readout is not None:
                 readout += full_readout[np.ix_(positions, positions)]
-    return sums
+        del full_cov, full_readout
+        for root in [root for root in sums if last[root] == index]:
+            yield root, *sums.pop(root)
 
 
 def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
                criterion: str, result: PassResult) -> dict[int, Ordering]:
     found = {}
-    moments = _group_moments(a, groups, consumers, stats, criterion)
-    for group in groups:
-        cov, readout = moments[group.root]
+    for root, cov, readout in _group_moments(a, groups, consumers, stats, criterion):
         if not cov.any():
-            producers = ", ".join(sorted({s.node.name for s in group.sites if s.role == "producer"}))
-            result.skipped.append(f"group {group.root} ({group.size} channels, produced by {producers}): "
-                                  "no linear consumer with statistics")
             continue
         order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
         added = ldl_diagonal(cov, order)
-        found[group.root] = Ordering(order, added / max(float(added.sum()), 1e-300))
-    return found
+        found[root] = Ordering(order, added / max(float(added.sum()), 1e-300))
+    for group in groups:
+        if group.root not in found:
+            producers = ", ".join(sorted({s.node.name for s in group.sites if s.role == "producer"}))
+            result.skipped.append(f"group {group.root} ({group.size} channels, produced by {producers}): "
+                                  "no linear consumer with statistics")
+    return {group.root: found[group.root] for group in groups if group.root in found}
 
 
 def counts(orderings: dict[int, Ordering], keep: float, round_to: RoundTo) -> dict[int, int]:
