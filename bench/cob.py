@@ -33,6 +33,9 @@ parameters; both ratios are reported).
     python bench/cob.py            # full run (~3-5 min on 2 cores), results in bench/results/cob.{json,png}
     python bench/cob.py --quick    # smoke run: targets 0.7,0.5, one repeat, fewer epochs
     python bench/cob.py --models rescnn --targets 0.7,0.5 --repeats 1   # the residual CNN alone
+    python bench/cob.py --methods cob-pca,cob-l1pca --targets 0.7,0.5,0.4,0.3 --repeats 1 --name cob-l1pca
+                                   # PCA against L1-PCA; add --corrupt 0.05 to replace 5% of the calibration
+                                   # samples by noise (--corrupt-scale 10 standard deviations)
 """
 
 from __future__ import annotations
@@ -153,6 +156,20 @@ def canonical(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> onnx.Mode
     return ir.export_model(graph, base)
 
 
+def corrupted(samples: np.ndarray, fraction: float, scale: float, seed: int) -> np.ndarray:
+    """`samples` with round(fraction * n) of them, chosen with `seed`, replaced by Gaussian noise of `scale`
+    times the samples' standard deviation (glitched inputs in the calibration set; training and test stay
+    clean)."""
+    count = int(round(fraction * samples.shape[0]))
+    if count == 0:
+        return samples
+    rng = np.random.default_rng(seed)
+    out = samples.copy()
+    chosen = rng.choice(samples.shape[0], size=count, replace=False)
+    out[chosen] = (rng.standard_normal((count, *samples.shape[1:])) * scale * samples.std()).astype(samples.dtype)
+    return out
+
+
 def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
     data = load_digits()
     if name in ("cnn", "rescnn"):
@@ -166,7 +183,7 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     x_train, x_test = x_train.astype(np.float32), x_test.astype(np.float32)
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
-    calib = {"input": x_train[:args.calib]}
+    calib = {"input": corrupted(x_train[:args.calib], args.corrupt, args.corrupt_scale, args.seed)}
     models, seconds = {}, {}
     for kind in ("tsra", "relu"):
         torch.manual_seed(args.seed)
@@ -228,13 +245,13 @@ def run_one(family: Family, method: str, target: float, threads: int,
     return row, seconds
 
 
-def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads: int, round_to: str = "auto") -> None:
+def run_family(family: Family, names: list[str], targets: tuple[float, ...], repeats: int, threads: int,
+               round_to: str = "auto") -> None:
     for kind in ("tsra", "relu", "tsra-canonical"):
         family.dense_logits[kind] = predict(family.models[kind], family.test)
         family.dense_accuracy[kind] = accuracy(family.dense_logits[kind], family.labels)
     if family.dense_accuracy["tsra-canonical"] != family.dense_accuracy["tsra"]:
         raise RuntimeError("canonicalised TSRA model changed the dense accuracy")
-    names = list(METHODS)
     for target in targets:
         rows: dict[str, dict[str, Any]] = {}
         times: dict[str, list[float]] = {name: [] for name in names}
@@ -251,6 +268,11 @@ def run_family(family: Family, targets: tuple[float, ...], repeats: int, threads
 
 
 # ---------------------------------------------------------------- reporting
+
+
+def methods(family: Family) -> list[str]:
+    """The methods run on `family`, in METHODS order."""
+    return [name for name in METHODS if any(r["method"] == name for r in family.rows)]
 
 
 def lookup(family: Family, method: str, target: float) -> dict[str, Any]:
@@ -279,7 +301,7 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def print_tables(family: Family, targets: tuple[float, ...], repeats: int) -> None:
-    names = list(METHODS)
+    names = methods(family)
     print(f"\n## {family.name}: {family.description}")
     print(f"dense test accuracy: TSRA {family.dense_accuracy['tsra']:.4f}, ReLU+BN {family.dense_accuracy['relu']:.4f} "
           f"(gap TSRA - ReLU {100 * (family.dense_accuracy['tsra'] - family.dense_accuracy['relu']):+.2f} points) "
@@ -317,15 +339,14 @@ def print_tables(family: Family, targets: tuple[float, ...], repeats: int) -> No
 def summary(families: list[Family], targets: tuple[float, ...]) -> dict[str, Any]:
     return {f.name: {"dense_accuracy": f.dense_accuracy,
                      "tsra_minus_relu_points": 100 * (f.dense_accuracy["tsra"] - f.dense_accuracy["relu"]),
-                     "reliable": {m: reliable(f, m, targets) for m in METHODS},
+                     "reliable": {m: reliable(f, m, targets) for m in methods(f)},
                      "median_seconds": {m: statistics.median(lookup(f, m, t)["seconds"] for t in targets)
-                                        for m in METHODS}}
+                                        for m in methods(f)}}
             for f in families}
 
 
 def readme_table(families: list[Family], targets: tuple[float, ...]) -> str:
-    names = list(METHODS)
-    lines = ["| model | dense TSRA / ReLU | reliable MACs (params) ratio: " + " | ".join(names[1:]) + " |"]
+    names = methods(families[0])
     lines = ["| model | dense TSRA / ReLU | " + " | ".join(f"{n} reliable" for n in names)
              + " | " + " | ".join(f"{n} @0.5" for n in names) + " |",
              "|---|---|" + "---|" * (2 * len(names))]
@@ -352,7 +373,7 @@ def plot(families: list[Family], path: Path) -> None:
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):
             axis = axes[row][column]
-            for name in METHODS:
+            for name in methods(family):
                 rows = sorted((r for r in family.rows if r["method"] == name), key=lambda r: r[key])
                 axis.plot([r[key] for r in rows], [r["accuracy"] for r in rows], styles[name], marker="o",
                           markersize=3, label=name)
@@ -376,6 +397,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cnn,rescnn,mlp", help="comma-separated subset of cnn, rescnn, mlp")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--corrupt", type=float, default=0.0,
+                        help="fraction of the calibration samples replaced by Gaussian noise (test data stay clean)")
+    parser.add_argument("--corrupt-scale", type=float, default=10.0,
+                        help="standard deviation of that noise, in units of the data's standard deviation")
     parser.add_argument("--repeats", type=int, default=3, help="optimize calls per method and target (median time)")
     parser.add_argument("--calib", type=int, default=256, help="calibration samples from the training split")
     parser.add_argument("--width", type=int, default=16, help="CNN width C (C, C, 2C channels)")
@@ -387,10 +413,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--round-to", default="auto", help="channel multiple for every method (auto, or N; 1: exact "
                                                            "counts)")
     add_thread_arguments(parser)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for cob.json / cob.png")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for NAME.json / NAME.png")
+    parser.add_argument("--name", default="cob", help="stem of the result files")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: targets 0.7,0.5, one repeat, epoch scale 0.3")
     args = parser.parse_args()
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.quick:
         args.targets, args.repeats, args.epoch_scale = "0.7,0.5", 1, 0.3
     return args
@@ -405,7 +435,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models.split(","):
             family = build_family(name, args, Path(workdir))
-            run_family(family, targets, args.repeats, args.ort_threads, args.round_to)
+            run_family(family, args.methods.split(","), targets, args.repeats, args.ort_threads, args.round_to)
             print_tables(family, targets, args.repeats)
             families.append(family)
     result = summary(families, targets)
@@ -415,15 +445,16 @@ def main() -> int:
     total = time.perf_counter() - start
     print(f"\ntotal runtime {total:.1f} s")
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(families, args.out / "cob.png")
+    plot(families, args.out / f"{args.name}.png")
     payload = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "total_seconds": total,
-               "methods": {k: {"model": m, **o} for k, (m, o) in METHODS.items()}, "targets": targets,
+               "methods": {k: {"model": m, **o} for k, (m, o) in METHODS.items() if k in args.methods.split(",")},
+               "targets": targets,
                "summary": result, "readme_table": table,
                "models": [{"name": f.name, "description": f.description, "dense_accuracy": f.dense_accuracy,
                            "test_samples": len(f.labels), "train_seconds": f.train_seconds, "rows": f.rows}
                           for f in families]}
-    (args.out / "cob.json").write_text(json.dumps(payload, indent=1))
-    print(f"wrote {args.out / 'cob.json'} and {args.out / 'cob.png'}")
+    (args.out / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.out / f'{args.name}.json'} and {args.out / f'{args.name}.png'}")
     return 0
 
 

@@ -38,7 +38,8 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.cob.chains import Chain, find_chains
 from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
-from graphopt.passes.cob.rotation import fold, l1pca_basis, pca_basis
+from graphopt.passes.cob.l1pca import l1pca_basis
+from graphopt.passes.cob.rotation import fold, pca_basis
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
 from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.channels.latency import channel_budget
@@ -93,7 +94,8 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
             block = gram[low:high, low:high]
             if method == "l1pca":
                 rows = np.concatenate([samples[name][:, low:high] for name in chain.reads])
-                rotation, energy = l1pca_basis(rows, block, int(ctx.option("l1pca_iterations", 30)))
+                rotation, energy = l1pca_basis(rows, block, int(ctx.option("l1pca_iterations", 30)),
+                                               int(ctx.option("seed", 0)))
             else:
                 rotation, energy = pca_basis(block)
             blocks.append(rotation)
@@ -281,7 +283,7 @@ class CobOptions(Rounding, KeepVariance, Seeded, Reconstruction, StatisticsOptio
     zscore: float | None = option(None, metavar="Z", help="cob: keep rotated coordinates whose amplitude z-score "
                                                           "within their subspace is >= Z")
     l1pca_rows: int = option(4096, cli=False, help="L1-PCA: activation rows sampled per tensor read")
-    l1pca_iterations: int = option(30, cli=False, help="L1-PCA: sign-power iterations per subspace")
+    l1pca_iterations: int = option(30, cli=False, help="L1-PCA: fixed-point steps per restart and component")
 
 
 COB = register_method(Method(ChangeOfBasisPruning.name, ChangeOfBasisPruning.description, needs_data=True,

@@ -5,9 +5,8 @@ eigenvectors by decreasing eigenvalue, each signed so its largest-magnitude entr
 importance of rotated coordinate j is its energy λ_j = q_jᵀ G q_j. A Gram that is already diagonal
 (off-diagonals below 1e-6 of the geometric mean of the diagonals) with non-increasing diagonal gives
 Q = I, so rotating a rotated model changes nothing.
-L1-PCA (sign-power iteration, after Kwak and Markopoulos et al.): from the PCA basis, iterate
-B = sign(X Q), Q = polar(Xᵀ B) (the U Vᵀ of its SVD) `iterations` times on sample rows X, then QR
-to a clean orthonormal basis; coordinates are ordered by mean |x·q_j| and importance is still energy.
+L1-PCA (greedy rank-1 components of sample rows, graphopt.passes.cob.l1pca) uses `signed` too; its
+importance is also energy.
 Folding (exact in exact arithmetic; weights are rotated in float64 and cast back to their dtype):
 every writer of the group W' = Q W and b' = Q b along the output-channel axis (b also when it is a
 constant Add right after the writer), consumers W' = W Qᵀ along the input-channel axis; both are
@@ -25,7 +24,8 @@ from graphopt.passes.cob.chains import Chain, Writer
 DIAGONAL = 1e-6
 
 
-def _signed(rows: np.ndarray) -> np.ndarray:
+def signed(rows: np.ndarray) -> np.ndarray:
+    """Each row times the sign of its largest-magnitude entry (so that entry is positive)."""
     peak = np.argmax(np.abs(rows), axis=1)
     signs = np.sign(rows[np.arange(rows.shape[0]), peak])
     return rows * np.where(signs == 0, 1.0, signs)[:, None]
@@ -44,30 +44,7 @@ def pca_basis(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.eye(gram.shape[0]), np.diag(gram).copy()
     values, vectors = np.linalg.eigh(gram)
     order = np.argsort(-values, kind="stable")
-    rotation = _signed(vectors[:, order].T)
-    return rotation, np.einsum("ij,jk,ik->i", rotation, gram, rotation)
-
-
-def l1pca_basis(rows: np.ndarray, gram: np.ndarray, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """(Q, energies) by sign-power iteration on sample `rows` (n x d), ordered by L1 importance."""
-    start, _ = pca_basis(gram)
-    if rows.shape[0] == 0:
-        return start, np.einsum("ij,jk,ik->i", start, gram, start)
-    data = rows.astype(np.float64)
-    basis = start.T  # columns
-    for _ in range(iterations):
-        signs = np.sign(data @ basis)
-        signs[signs == 0] = 1.0
-        left, _, right = np.linalg.svd(data.T @ signs, full_matrices=False)
-        updated = left @ right
-        if np.allclose(updated, basis, atol=1e-12):
-            break
-        basis = updated
-    basis, _ = np.linalg.qr(basis)
-    importance = np.abs(data @ basis).mean(axis=0)
-    rotation = _signed(basis[:, np.argsort(-importance, kind="stable")].T)
-    if np.allclose(rotation, np.eye(rotation.shape[0]), atol=1e-9):
-        rotation = np.eye(rotation.shape[0])
+    rotation = signed(vectors[:, order].T)
     return rotation, np.einsum("ij,jk,ik->i", rotation, gram, rotation)
 
 
