@@ -9,7 +9,9 @@ pruned to 0.7, 0.5 and 0.3 of their MACs by
   snp-original       SNP with error-correcting reconstruction (--reconstruct-target original): every consumer
                      refitted, in topological order, to the original model's pre-activation from the pruned
                      model's input;
-  snp-output-*       the same two reconstruction targets with the output criterion (--criterion output).
+  snp-output-*       the same two reconstruction targets with the output criterion (--criterion output);
+  snp-*sensitivity   snp-self and snp-original with sensitivity-aware budgets (--budget-by sensitivity): each
+                     group's cut weighed by its probed effect on the model's output.
 Channel counts use the default rounding (--round-to auto). Calibration data are the first --calib training
 samples; accuracy and the relative L2 error of the logits are measured on the held-out test split (never the
 calibration samples) in onnxruntime. Per call the wall time of `graphopt.optimize` is reported (one call per
@@ -42,6 +44,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "snp-original": {"method": "snp", "reconstruct_target": "original"},
     "snp-output-self": {"method": "snp", "criterion": "output", "reconstruct_target": "self"},
     "snp-output-original": {"method": "snp", "criterion": "output", "reconstruct_target": "original"},
+    "snp-sensitivity": {"method": "snp", "budget_by": "sensitivity"},
+    "snp-original-sensitivity": {"method": "snp", "reconstruct_target": "original", "budget_by": "sensitivity"},
 }
 MODELS = ("resnet-digits", "transformer")
 TARGETS = (0.7, 0.5, 0.3)

@@ -134,6 +134,27 @@ class PassContext:
         return self._calibrator.paired(reference, model, requests)
 
 
+    def output_probe(self, reference: onnx.ModelProto | gs.Graph, samples: int) -> Any:
+        """A probe (graphopt.calibration.probe) of how far candidates' outputs move from `reference`'s on the
+        first `samples` calibration samples."""
+        from graphopt.calibration.collect import context_calibrator
+        from graphopt.calibration.probe import OutputProbe
+        from graphopt.errors import DataError
+        from graphopt.ir.graph import export_model
+
+        if self._calibrator is None:
+            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
+                                                  self.cluster)
+        calibrator = self._calibrator
+        if calibrator.data is None:
+            raise DataError("probing each group's effect on the output runs the model on calibration data: give "
+                            "--calib DATA.npz (a statistics file cannot answer it)")
+        if isinstance(reference, gs.Graph):
+            reference = export_model(reference, self.template)
+        return OutputProbe(reference, calibrator.data, samples=samples, batch_size=calibrator.batch_size,
+                           device=calibrator.device, threads=calibrator.threads)
+
+
 class Pass:
     name: ClassVar[str]
     kind: ClassVar[str] = "prepass"

@@ -151,7 +151,7 @@ def test_every_declared_option_is_an_optimize_flag_with_its_settings() -> None:
     flags = _flags(_subparser(build_parser(), "optimize"))
     declared = method_options()
     api_only = {name for name, found in declared.items() if found.flag is None}
-    assert api_only == {"snp_max_features", "l1pca_rows", "l1pca_iterations"}
+    assert api_only == {"snp_max_features", "l1pca_rows", "l1pca_iterations", "probe_samples"}
     assert not api_only & set(flags)
     for name, found in declared.items():
         if found.flag is None:

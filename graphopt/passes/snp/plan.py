@@ -144,9 +144,10 @@ def variance_for_target(orderings: dict[int, Ordering], model: CostModel, target
 
 
 def fill(start: dict[int, int], orderings: dict[int, Ordering], model: CostModel, target: float,
-          round_to: RoundTo, limit: int = 4096) -> dict[int, int]:
+          round_to: RoundTo, limit: int = 4096, scale: dict[int, float] | None = None) -> dict[int, int]:
     """Spend what the variance cut left of the budget: add, one step at a time, the next unit (or the
-    group's multiple of units) of the group whose next units add the most variance, while the cost fits."""
+    group's multiple of units) of the group whose next units add the most variance (times the group's
+    `scale`, graphopt.passes.snp.sensitivity), while the cost fits."""
     budget = target * model.total
     chosen = dict(start)
     for _ in range(limit):
@@ -156,7 +157,7 @@ def fill(start: dict[int, int], orderings: dict[int, Ordering], model: CostModel
             step = min(multiple_of(round_to, root), ordering.order.size - count)
             if step <= 0:
                 continue
-            gain = float(ordering.fraction[count:count + step].sum())
+            gain = float(ordering.fraction[count:count + step].sum()) * (scale[root] if scale else 1.0)
             if gain > best_gain and model.cost({**chosen, root: count + step}) <= budget:
                 best, best_gain = root, gain
         if best is None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -60,6 +61,7 @@ from graphopt.passes.snp.correct import correct, targets
 from graphopt.passes.snp.maths import reconstruction
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
+from graphopt.passes.snp.sensitivity import PROBE_SAMPLES, damage_counts, damage_for_target, scales, sensitivities
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,17 @@ def prune_error_corrected(graph: gs.Graph, ctx: PassContext, analysis: Analysis,
     return folded, correct(graph, ctx, reference, found)
 
 
+def _cut(graph: gs.Graph, ctx: PassContext, measured: tuple[Analysis, list[Site], dict[str, TensorStats]],
+         ranked: dict[int, Ordering], cut: dict[int, int], target: str, reconstruct: bool) -> tuple[int, int]:
+    """Cut every group to its count with the reconstruction `target` asks for; (consumers folded, refitted)."""
+    analysis, sites, stats = measured
+    kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
+    if target == "original" and cut:
+        return prune_error_corrected(graph, ctx, analysis, sites, stats, kept)
+    with single_threaded_blas():
+        return prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct), 0
+
+
 def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int], ...]:
     """Names a group across re-analyses of an edited graph: its producer weights."""
     return tuple(sorted((s.node.name, s.index) for s in group.sites if s.role == "producer"))
@@ -155,25 +168,33 @@ def _reconstruct_target(ctx: PassContext, reconstruct: bool, sequential: bool) -
 
 
 def _plan(ranked: dict[int, Ordering], budget: Budget | None, keep: float | None,
-          round_to: dict[int, int]) -> tuple[float, dict[int, int]]:
-    """The retained-variance cut and the units each group keeps: at `keep`, else the most variance the
-    budget (MACs or predicted latency) allows."""
+          round_to: dict[int, int], scale: dict[int, float] | None = None) -> tuple[float, dict[int, int]]:
+    """The cut and the units each group keeps: at `keep`, else the most variance the budget (MACs or predicted
+    latency) allows; with `scale` (sensitivities), the least weighted lost variance: the cut is then the
+    damage threshold τ of graphopt.passes.snp.sensitivity."""
     if budget is None:
         return float(keep), counts(ranked, float(keep), round_to)
+    if scale is not None:
+        tau = damage_for_target(ranked, scale, budget.model, budget.target, round_to)
+        start = damage_counts(ranked, scale, tau, round_to)
+        return tau, fill(start, ranked, budget.model, budget.target, round_to, scale=scale)
     variance = variance_for_target(ranked, budget.model, budget.target, round_to)
     return variance, fill(counts(ranked, variance, round_to), ranked, budget.model, budget.target, round_to)
 
 
-def _decision(budget: Budget | None, keep: float | None, variance: float) -> dict[str, float]:
-    """The budget that decided the cut, as the history records it."""
+def _decision(budget: Budget | None, keep: float | None, variance: float,
+              tau: float | None = None) -> dict[str, float]:
+    """The budget that decided the cut, as the history records it (`tau`: the damage threshold of a
+    sensitivity budget; the retained-variance cut is then the uniform plan's, before probing)."""
     given = {"keep_variance": float(keep)} if budget is None else {budget.kind: budget.target}
-    return {**given, "retained_variance_cut": variance}
+    return {**given, "retained_variance_cut": variance, **({"damage_cut": tau} if tau is not None else {})}
 
 
 def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dict[int, int], criterion: str,
-             decision: dict[str, float]) -> list[dict]:
+             decision: dict[str, float], probed: dict[int, dict[str, float]] | None = None) -> list[dict]:
     by_root = {g.root: g for g in groups}
-    return [history_entry(by, by_root[root], ranked[root], count, criterion, **decision)
+    return [history_entry(by, by_root[root], ranked[root], count, criterion, **decision,
+                          **({"probe": probed[root]} if probed and root in probed else {}))
             for root, count in sorted(cut.items())]
 
 
@@ -206,20 +227,18 @@ class SubspaceNodePruning(Pass):
             ctx.option("round_to") if budget is not None else None, round_to,
             lambda step: _plan(ranked, budget, keep, step),
             lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0)
+        planning, folding = (analysis, prunable, ranked), (stats, max_features, reconstruct)
+        probed, tau, chosen, round_to = self._by_sensitivity(graph, ctx, planning, folding, (budget, keep, blocks),
+                                                             (chosen, round_to))
         cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size}
-        decision = _decision(budget, keep, variance)
+        decision = _decision(budget, keep, variance, tau)
         corrected = 0
         if sequential:
             folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct,
                                       (decision, result.history))
         else:
-            result.history = _history(self.name, groups, ranked, cut, criterion, decision)
-            kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
-            if target == "original" and cut:
-                folded, corrected = prune_error_corrected(graph, ctx, analysis, sites, stats, kept)
-            else:
-                with single_threaded_blas():
-                    folded = prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct)
+            result.history = _history(self.name, groups, ranked, cut, criterion, decision, probed)
+            folded, corrected = _cut(graph, ctx, (analysis, sites, stats), ranked, cut, target, reconstruct)
         result.modified = bool(cut)
         result.stats = {
             "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
@@ -228,8 +247,50 @@ class SubspaceNodePruning(Pass):
             "retained_variance_cut": variance,
             "estimated_macs_ratio": mac_model.macs(chosen) / mac_model.total if mac_model.total else 1.0,
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
+            **({"groups_probed": len(probed)} if probed else {}),
         }
         return result
+
+    def _by_sensitivity(self, graph: gs.Graph, ctx: PassContext,
+                        planning: tuple[Analysis, list[Group], dict[int, Ordering]],
+                        folding: tuple[dict[str, TensorStats], int, bool], budgeting: tuple[Budget | None, float | None, Any],
+                        uniform: tuple[dict[int, int], Any]) -> tuple[dict[int, dict[str, float]], float | None,
+                                                                      dict[int, int], Any]:
+        """With `--budget-by sensitivity` and a target: (probes, damage threshold, counts, rounding) of the
+        sensitivity-weighted plan; otherwise the `uniform` plan's counts and rounding, unprobed."""
+        budget, keep, blocks = budgeting
+        ranked = planning[2]
+        if budget is None or ctx.option("budget_by") != "sensitivity" or not ranked:
+            return {}, None, *uniform
+        probed = self._probe(graph, ctx, planning, uniform[0], folding)
+        scale = scales(probed, ranked)
+        (tau, chosen), round_to = coarsest_meeting(
+            ctx.option("round_to"), blocks, lambda step: _plan(ranked, budget, keep, step, scale),
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target)
+        return probed, tau, chosen, round_to
+
+    def _probe(self, graph: gs.Graph, ctx: PassContext, planning: tuple[Analysis, list[Group], dict[int, Ordering]],
+               planned: dict[int, int], folding: tuple[dict[str, TensorStats], int, bool]) -> dict[int, dict[str, float]]:
+        """Each prunable group's sensitivity (graphopt.passes.snp.sensitivity): the group alone cut and
+        reconstructed on a fresh copy of the graph, the output error measured on a few calibration samples."""
+        analysis, prunable, ranked = planning
+        stats, max_features, reconstruct = folding
+        reference = ir.export_model(graph, ctx.template)
+        probe = ctx.output_probe(reference, int(ctx.option("probe_samples", PROBE_SAMPLES)))
+        keys = {group.root: _key(analysis, group) for group in prunable if group.root in ranked}
+
+        def error_of_cut(root: int, count: int) -> float:
+            trial = ir.import_graph(reference)
+            fresh, _ = analyse(trial, ctx)
+            group = next(g for g in fresh.groups() if g.prunable and _key(fresh, g) == keys[root])
+            sites = linear_consumers(fresh, max_features, None)
+            with single_threaded_blas():
+                prune_reconstructed(trial, fresh, sites, stats, {group.root: np.sort(ranked[root].order[:count])},
+                                    reconstruct)
+            ir.cleanup(trial)
+            return probe.error(ir.export_model(trial, ctx.template))
+
+        return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut)
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext, first: Analysis, cut: dict[int, int],
                     criterion: str, max_features: int, reconstruct: bool,
@@ -263,6 +324,12 @@ class SubspaceNodePruning(Pass):
 class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
     criterion: str = option("variance", choices=("variance", "output"),
                             help="snp unit ordering: the paper's unnormalised ZCA, or the consumers' output error")
+    budget_by: str = option("variance", choices=("variance", "sensitivity"),
+                            help="snp with a MAC or latency target: variance (default) keeps the same share of "
+                                 "every group's unique variance; sensitivity first probes each group's effect on "
+                                 "the model's output (one cut and run per group, needs --calib) and cuts least "
+                                 "where the output is most sensitive")
+    probe_samples: int = option(PROBE_SAMPLES, cli=False, help="calibration samples each sensitivity probe runs")
     sequential: bool = option(False, help="snp: prune group by group, re-measuring statistics on the partly "
                                           "pruned model")
     reconstruct: bool = option(True, flag="--no-reconstruct",
