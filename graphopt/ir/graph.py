@@ -213,7 +213,10 @@ def set_input_array(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarr
         len(current.outputs) > 1 or is_graph_io(graph, current)
     )
     if isinstance(current, gs.Constant) and not shared:
+        previous = current.values
         current.values = np.ascontiguousarray(values)
+        if isinstance(previous, np.memmap):
+            weights.release(previous)  # a weight of a model held by reference, now replaced
         return current
     base = current.name if current.name else f"{node.name}_in{index}"
     replacement = gs.Constant(unique_name(graph, base), np.ascontiguousarray(values))

@@ -18,6 +18,7 @@ an ordinary ONNX model with ordinary external data.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import weakref
 from pathlib import Path
@@ -95,6 +96,22 @@ def _file_array(key: str, dtype: np.dtype, dims: tuple[int, ...]) -> np.ndarray:
     array = raw.view(dtype).reshape(dims)
     _remember(array, key)
     return array
+
+
+def release(array: np.ndarray) -> None:
+    """Drop the resident pages of a file-mapped weight that a pass has replaced (madvise DONTNEED): they stop
+    counting in the process's memory, and a later read of the same range maps them again from the file.
+    Only views of the whole-file mappings made here (offset 0) are released; anything else is left alone."""
+    root = array
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.memmap) or root.offset != 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = array.ctypes.data - root.ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the array only
+    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def array_of(tensor: onnx.TensorProto) -> np.ndarray:

@@ -169,3 +169,18 @@ def test_a_graph_held_by_reference_stays_held_when_it_shrinks(tmp_path, monkeypa
     inline = ir.export_model(ir.import_graph(weights.materialized(exported)), model)
     onnx.checker.check_model(inline)
     assert all(t.data_location == TensorProto.DEFAULT for t in inline.graph.initializer)
+
+
+def test_released_weights_read_back_unchanged(tmp_path, by_reference):
+    """A replaced file-mapped weight gives its pages back; its values (and any other view of them) stay intact,
+    and release leaves arrays that are not file mappings alone."""
+    model = load_model(mlp(tmp_path))
+    tensor = next(t for t in model.graph.initializer if t.name == "up")
+    view, again = weights.array_of(tensor), weights.array_of(tensor)
+    expected = np.array(view)
+    weights.release(view)
+    np.testing.assert_array_equal(view, expected)
+    np.testing.assert_array_equal(again, expected)
+    plain = np.ones(4096, np.float32)
+    weights.release(plain)
+    assert plain.sum() == 4096
