@@ -44,7 +44,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import StatRequest, TensorStats, single_threaded_blas
+from graphopt.calibration.stats import StatRequest, TensorStats, blas_for, single_threaded_blas
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
@@ -139,7 +139,7 @@ def _cut(graph: gs.Graph, ctx: PassContext, measured: tuple[Analysis, list[Site]
     kept = {root: np.sort(ranked[root].order[:count]) for root, count in cut.items()}
     if target == "original" and cut:
         return prune_error_corrected(graph, ctx, analysis, sites, stats, kept)
-    with single_threaded_blas():
+    with blas_for(max((ranked[root].order.size for root in cut), default=0)):
         return prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct), 0
 
 
@@ -217,7 +217,7 @@ class SubspaceNodePruning(Pass):
         groups, prunable = split_groups(analysis, result)
         sites = linear_consumers(analysis, max_features, result)
         stats = consumer_statistics(ctx, graph, sites)
-        with single_threaded_blas():  # small dense factorisations: BLAS threads only contend
+        with blas_for(max((g.size for g in prunable), default=0)):  # threads pay on wide groups only
             ranked = orderings(analysis, prunable, sites, stats, criterion, result)
         mac_model = MacModel(analysis, per_node, set(ranked))
         round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
