@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -55,6 +56,7 @@ TARGET_TOLERANCE = 0.02  # a MAC target counts as reached up to 2% (relative) ab
 class OptimizeResult:
     model: onnx.ModelProto
     report: dict[str, Any] = field(default_factory=dict)
+    weights: list[np.ndarray] = field(default_factory=list, repr=False)  # what a model held by reference names
 
 
 def methods() -> list[str]:
@@ -99,6 +101,7 @@ def _protected(model: ModelSource, inputs: list[Any], outputs: list[Path]) -> se
     return protected
 
 
+@weights.holding
 def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike[str] | None = None,
               tensors: list[str] | None = None, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
               device: str = "cpu", threads: int = 0, mask_input: str | None = None,
@@ -141,6 +144,7 @@ def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, 
                            metric=metric, ctc_blank=int(ctc_blank), device=device)
 
 
+@weights.holding
 def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | None = None,
              target_macs: float | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None,
              output: str | os.PathLike[str] | None = None, batch_size: int = 32, progress: bool = False,
@@ -198,7 +202,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
                                                   report.get("latency"), progress)
     if output is not None:
         report.update(_save(stored, output, protected))
-    return OptimizeResult(optimized, report)
+    return OptimizeResult(optimized, report, weights.arrays_of(optimized))
 
 
 def _check(model: onnx.ModelProto) -> None:

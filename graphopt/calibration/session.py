@@ -85,7 +85,8 @@ def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[A
     """A session of a model held by reference (graphopt.ir.weights): its referenced weights are handed to
     onnxruntime as shared initializers, which it uses in place (no copy, and no pre-packed copy: prepacking
     is off for these sessions), and the model it parses names them as external data in a sparse
-    placeholder file that is never read."""
+    placeholder file that is never read. Such sessions run without graph optimisation, whatever was asked:
+    onnxruntime's optimisers would fold the placeholders' zeros into the weights they rewrite."""
     ort = runtime()
     light = onnx.ModelProto()
     light.CopyFrom(model)  # the references are small: this copies no weight
@@ -101,6 +102,9 @@ def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[A
             tensor.external_data.add(key=key, value=text)
         longest = max(longest, length)
     options.add_session_config_entry("session.disable_prepacking", "1")
+    # onnxruntime's graph optimisers (Conv+BN/activation fusion, NCHWc reordering, constant folding) read
+    # initializers from the parsed model, where these weights are placeholders, not from the shared values
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory(prefix="graphopt-session-") as folder:
         with open(Path(folder) / _PLACEHOLDER, "wb") as placeholder:
             placeholder.truncate(longest)  # sparse: takes no disk space

@@ -17,18 +17,21 @@ an ordinary ONNX model with ordinary external data.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import mmap
 import os
 import weakref
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from graphopt.errors import GraphoptError
+
+T = TypeVar("T")
 
 BY_REFERENCE_BYTES = 1 << 30  # models with at least this much initializer data go by reference
 REFERENCE_MIN_BYTES = 1 << 16  # constants from this size are written as references in such models
@@ -39,6 +42,7 @@ _arrays: "weakref.WeakValueDictionary[str, np.ndarray]" = weakref.WeakValueDicti
 _counter = itertools.count()
 _mappings: "weakref.WeakValueDictionary[tuple[str, int, int], np.memmap]" = weakref.WeakValueDictionary()
 _keys: dict[int, tuple[weakref.ref, str]] = {}  # id(array) -> (the array, its key)
+_scopes: list[dict[str, np.ndarray]] = []  # arrays held for the calls in progress (`holding`)
 
 
 def _placeholder(name: str, dtype: int, dims: tuple[int, ...], key: str, length: int) -> onnx.TensorProto:
@@ -63,7 +67,30 @@ def reference_to(array: np.ndarray, name: str) -> onnx.TensorProto:
         key = f"array:{next(_counter)}"
         _arrays[key] = array
         _remember(array, key)
+    if key.startswith("array:"):  # a file range can always be mapped again; a pass's array only while held
+        for held in _scopes:
+            held[key] = array
     return _placeholder(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, key, array.nbytes)
+
+
+def holding(function: Callable[..., T]) -> Callable[..., T]:
+    """Run `function` with every array it references held alive until it returns: a model exported from a
+    graph (a snapshot: the reference model of error-correcting SNP, a probe's copy) stays valid after the
+    graph has moved on to newer arrays. What the call returns keeps alive what it needs (`arrays_of`)."""
+    @functools.wraps(function)
+    def held_call(*args: Any, **kwargs: Any) -> T:
+        scope: dict[str, np.ndarray] = {}
+        _scopes.append(scope)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _scopes.remove(scope)
+    return held_call
+
+
+def arrays_of(model: onnx.ModelProto) -> list[np.ndarray]:
+    """The arrays `model` references: holding them keeps the model valid."""
+    return [array_of(tensor) for tensor in referenced(model.graph)]
 
 
 def _remember(array: np.ndarray, key: str) -> None:

@@ -184,3 +184,41 @@ def test_released_weights_read_back_unchanged(tmp_path, by_reference):
     plain = np.ones(4096, np.float32)
     weights.release(plain)
     assert plain.sum() == 4096
+
+
+def conv_net(seed: int = 0) -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: BatchNorm folding
+    makes new arrays (held by reference in these tests), and onnxruntime's optimisers would fuse the convolutions."""
+    rng = np.random.default_rng(seed)
+    arrays = {"w1": rng.standard_normal((32, 3, 3, 3)) / 4, "g": 1 + 0.1 * rng.standard_normal(32),
+              "b": 0.1 * rng.standard_normal(32), "m": 0.1 * rng.standard_normal(32), "v": 1 + rng.random(32),
+              "w2": rng.standard_normal((32, 32, 3, 3)) / 16, "w3": rng.standard_normal((10, 32)) / 4}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"]),
+             helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("options", [{}, {"reconstruct_target": "original"}, {"sequential": True}])
+def test_snp_on_a_cnn_held_by_reference_matches_inline(monkeypatch, options):
+    """Convolutions held by reference calibrate as they do inline (their sessions skip onnxruntime's optimisers,
+    which would read the placeholders), and a snapshot of the graph (the error-correcting fit's reference)
+    stays valid after the graph has moved on."""
+    model = conv_net()
+    calib = {"x": np.random.default_rng(3).standard_normal((64, 3, 8, 8)).astype(np.float32)}
+    inline = graphopt.optimize(model, method="snp", calib=calib, target_macs=0.5, round_to=1, **options)
+    monkeypatch.setattr(weights, "BY_REFERENCE_BYTES", 0)
+    monkeypatch.setattr(weights, "REFERENCE_MIN_BYTES", 1024)
+    held = graphopt.optimize(model, method="snp", calib=calib, target_macs=0.5, round_to=1, **options)
+    assert any(True for _ in weights.referenced(held.model.graph))
+    assert held.report["macs_ratio"] == inline.report["macs_ratio"]
+    assert held.report["fidelity"]["rel_l2"] == pytest.approx(inline.report["fidelity"]["rel_l2"], rel=1e-3, abs=1e-6)
+    feed = {"x": calib["x"][:8]}
+    np.testing.assert_allclose(make_session(held.model).run(None, feed)[0],
+                               make_session(inline.model).run(None, feed)[0], rtol=1e-4, atol=1e-5)
