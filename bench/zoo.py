@@ -193,7 +193,8 @@ def tables(rows: list[dict[str, Any]], slow: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
+    parser.add_argument("--sets", nargs="+", choices=[*SETS, "none"], default=list(SETS),
+                        help="model sets to sweep ('none': only the SNP cost measurement)")
     parser.add_argument("--runs", nargs="+", default=["all"], help=f"run ids ({', '.join(RUNS)}) or all")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--large-runs", nargs="+", default=["magnitude", "snp"])
@@ -217,7 +218,7 @@ def main() -> None:
         if not args.no_cost:
             found["cost"] = cost(args, folder)
         start = time.perf_counter()
-        for kind in args.sets:  # one set at a time, its models exported when it starts
+        for kind in [kind for kind in args.sets if kind != "none"]:  # one set at a time, exported when it starts
             sweep(models([kind], folder), args, folder, found)
         found["sweep_s"] = round(time.perf_counter() - start)
     save(found, args)

@@ -7,6 +7,9 @@ output's kind (graphopt.calibration.fidelity) makes meaningful: top-1 agreement 
 position and greedy-CTC sequence agreement for sequences [N, T, C], nothing more for other outputs (their
 `top1_agreement` is None). Sums accumulate in float64 (counts as integers) across batches. A user's
 metric (graphopt.calibration.metric) is averaged over the batches, weighted by their samples.
+Given the reference's outputs already computed on the same batches (`reference_outputs`, such as those
+calibration kept: graphopt.calibration.reference, from an optimised session), only the candidate runs,
+at full graph optimisation so that both sides ran alike.
 `bench` times batch inference with full graph optimisation (as deployed), after warm-up, and reports
 the median and percentiles of repeated runs; `compare_latency` times two models side by side in
 interleaved rounds and reports the speedup as a per-round ratio with its spread.
@@ -101,21 +104,25 @@ class VerifyReport:
 
 def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSource | Dataset, *,
            batch_size: int = 32, progress: bool = False, metric: Metric | Callable[..., Any] | str | None = None,
-           ctc_blank: int = 0, device: str = "cpu") -> VerifyReport:
+           ctc_blank: int = 0, device: str = "cpu",
+           reference_outputs: list[dict[str, np.ndarray]] | None = None) -> VerifyReport:
     """The candidate's outputs against the reference's on `data` (module docstring); `metric` (a callable,
     graphopt.calibration.metric) adds its averaged values; `ctc_blank` is the blank label of sequences.
-    Both models run on `device` ("cuda": onnxruntime's CUDA provider) with graph optimisations disabled."""
+    Both models run on `device` ("cuda": onnxruntime's CUDA provider) with graph optimisations disabled;
+    with `reference_outputs` (every reference output, one dict per feed of `data.batches(batch_size)`)
+    only the candidate runs, at full graph optimisation."""
     user_metric = as_metric(metric)
     dataset = load_data(data, reference)
-    ref_session, cand_session = make_session(reference, device=device), make_session(candidate, device=device)
-    shared = _shared_outputs(ref_session, cand_session)
+    cand_session = make_session(candidate, device=device, optimize=reference_outputs is not None)
+    ref_names, reference_run = _reference_outputs(reference, reference_outputs, device)
+    shared = _shared_outputs(ref_names, cand_session)
     cand_inputs = {i.name for i in cand_session.get_inputs()}
     agreements: dict[str, _Agreement] = {}
     mean = MetricMean(user_metric) if user_metric is not None else None
     samples = 0
-    for feed in tqdm(dataset.batches(batch_size), desc="verify", unit="batch", disable=not progress,
-                     total=_batch_count(dataset, batch_size), leave=False):
-        ref_out = ref_session.run(shared, feed)
+    for index, feed in enumerate(tqdm(dataset.batches(batch_size), desc="verify", unit="batch", disable=not progress,
+                                      total=_batch_count(dataset, batch_size), leave=False)):
+        ref_out = reference_run(index, shared, feed)
         cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
         if not agreements:
             kinds = output_kinds(reference, {name: value.shape for name, value in zip(shared, ref_out)})
@@ -127,14 +134,35 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
         samples += count
     if not agreements:
         raise DataError("no data to verify on: the data holds no samples")
+    _check_covered(reference_outputs, index + 1)
     outputs = {name: agreement.summary() for name, agreement in agreements.items()}
     return VerifyReport(outputs[shared[0]], outputs, samples, mean.summary() if mean is not None else None,
                         user_metric.name if user_metric is not None else None)
 
 
-def _shared_outputs(ref_session: Any, cand_session: Any) -> list[str]:
+def _reference_outputs(reference: onnx.ModelProto, kept: list[dict[str, np.ndarray]] | None,
+                       device: str) -> tuple[list[str], Callable[[int, list[str], dict[str, np.ndarray]], list[np.ndarray]]]:
+    """The reference's output names, and a function from (feed index, names, feed) to those outputs: an
+    unoptimised session of the reference, or the given outputs of that feed."""
+    if kept is None:
+        session = make_session(reference, device=device)
+        return [o.name for o in session.get_outputs()], lambda index, names, feed: session.run(names, feed)
+
+    def given(index: int, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if index >= len(kept):
+            raise DataError(f"the reference outputs given cover {len(kept)} batches; the data has more")
+        return [kept[index][name] for name in names]
+
+    return [o.name for o in reference.graph.output], given
+
+
+def _check_covered(kept: list[dict[str, np.ndarray]] | None, batches: int) -> None:
+    if kept is not None and len(kept) != batches:
+        raise DataError(f"the reference outputs given cover {len(kept)} batches; the data has {batches}")
+
+
+def _shared_outputs(ref_names: list[str], cand_session: Any) -> list[str]:
     """The reference's outputs that the candidate also has, in the reference's order; the first is required."""
-    ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     if ref_names[0] not in cand_names:
         raise DataError(f"candidate has no output '{ref_names[0]}' (it has {sorted(cand_names)})")

@@ -6,6 +6,8 @@ only the cone of the round's tensors in onnxruntime, batch by batch, and hands e
 one accumulation task (`workers` threads, BLAS single-threaded), so each tensor sees its batches in
 order whatever the thread count, and no activation outlives its batch. The statistics depend only on
 the model, the data and its order, the rounds (tensors and batch sizes) and onnxruntime's kernels.
+Given a `KeptOutputs` (graphopt.calibration.reference), the last round also exposes the graph outputs
+and keeps them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 from graphopt.calibration.capture import Round, TensorInfo, exposing_model
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
+from graphopt.calibration.reference import KeptOutputs
 from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import TensorStats, chunk_rows, mask_applies, row_blocks, single_threaded_blas
 
@@ -41,26 +44,34 @@ class RunSettings:
 
 
 def run_rounds(model: onnx.ModelProto, data: Dataset, rounds: list[Round], infos: dict[str, TensorInfo],
-               stats: dict[str, TensorStats], settings: RunSettings, bar: tqdm | None = None) -> None:
-    """Accumulate every round's tensors over all of `data` into `stats` (see the module docstring)."""
+               stats: dict[str, TensorStats], settings: RunSettings, bar: tqdm | None = None,
+               kept: KeptOutputs | None = None) -> None:
+    """Accumulate every round's tensors over all of `data` into `stats` (see the module docstring);
+    the last round also fills `kept` with the graph outputs, where given."""
     with ThreadPoolExecutor(settings.workers, thread_name_prefix="calibrate") as pool, single_threaded_blas():
         for index, planned in enumerate(rounds):
             if bar is not None:
                 bar.set_postfix_str(f"round {index + 1}/{len(rounds)}")
-            _run_round(model, data, planned, infos, stats, settings, bar, pool)
+            _run_round(model, data, planned, infos, stats, settings, bar, pool,
+                       kept if index == len(rounds) - 1 else None)
+    if kept is not None and rounds:
+        kept.finish()
 
 
 def _run_round(model: onnx.ModelProto, data: Dataset, planned: Round, infos: dict[str, TensorInfo],
                stats: dict[str, TensorStats], settings: RunSettings, bar: tqdm | None,
-               pool: ThreadPoolExecutor) -> None:
+               pool: ThreadPoolExecutor, outputs: KeptOutputs | None = None) -> None:
     """Run the round's cone batch by batch; each tensor is accumulated by one worker task (so in
-    the same order whatever the threads), and dropped as soon as its task is done."""
+    the same order whatever the threads), and dropped as soon as its task is done. The graph outputs
+    `outputs` asks for are exposed too and handed over batch by batch."""
     names = planned.tensors
     computed = [name for name in names if not infos[name].is_input]
-    run = _runner(model, computed, infos, settings)
+    extra = [name for name in outputs.names if name not in computed] if outputs is not None else []
+    run = _runner(model, computed + extra, {**(outputs.infos if outputs is not None else {}), **infos}, settings)
     mask = settings.mask if settings.mask is not None and settings.mask.name is not None else None
     for batch in data.batches(planned.batch_size):
         values = run(batch)
+        _hand_over(outputs, values, extra, planned.batch_size)
         values.update({name: batch[name] for name in names if infos[name].is_input})
         kept = mask.kept(batch[mask.name]) if mask is not None else None
         # largest first: the pool balances better; popped, so each activation dies with its task
@@ -68,6 +79,15 @@ def _run_round(model: onnx.ModelProto, data: Dataset, planned: Round, infos: dic
         list(pool.map(partial(_accumulate_popped, stats, values, kept), order))
         if bar is not None:
             bar.update(data.feed_samples(batch))
+
+
+def _hand_over(outputs: KeptOutputs | None, values: dict[str, np.ndarray], extra: list[str], batch_size: int) -> None:
+    """Give `outputs` its values of this batch; those exposed for it alone (`extra`) leave `values`."""
+    if outputs is None:
+        return
+    outputs.add(values, batch_size)
+    for name in extra:
+        del values[name]
 
 
 def _runner(model: onnx.ModelProto, computed: list[str], infos: dict[str, TensorInfo],

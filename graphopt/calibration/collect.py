@@ -23,6 +23,9 @@ batch sizes), and onnxruntime's kernels, not on timing: the same call gives bit-
 `context_calibrator` builds the calibrator behind a pass context's statistics from its data and options.
 `paired(reference, model, requests)` measures moments tying a tensor of a reference model to a tensor of a
 rewritten one on the same samples (graphopt.calibration.paired), under the same bound; never cached.
+`keep_outputs(cones)` asks the first measurement of a model whose graph outputs have those cone
+fingerprints to keep the outputs too (graphopt.calibration.reference), for a fidelity check that then
+need not run that model again; `kept_outputs` holds them.
 
 With a `cluster` (graphopt.calibration.cluster, `--workers` / `--ray-address`), the planned rounds run on
 Ray tasks, one per shard of the data, and their statistics are merged in shard order
@@ -53,6 +56,7 @@ from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.distributed import gather_statistics
 from graphopt.calibration.mask import MaskChoice, choose_mask
 from graphopt.calibration.paired import PairedStats, PairRequest, paired_statistics
+from graphopt.calibration.reference import KeptOutputs, output_cones
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.errors import DataError, OptionError
 
@@ -118,6 +122,8 @@ class Calibrator:
         self.preloaded: dict[str, str] = {}  # tensor name -> statistics file it was loaded from
         self._data_fingerprint: str | None = None
         self._spilled: tempfile.TemporaryDirectory | None = None  # Grams of calibrations measured in parts
+        self._keep_cones: dict[str, str] | None = None  # graph output -> cone fingerprint to keep outputs of
+        self.kept_outputs: KeptOutputs | None = None
 
     @property
     def data_fingerprint(self) -> str | None:
@@ -164,6 +170,21 @@ class Calibrator:
             found.update(self._measure(model, wanted))
         return {name: found[name] for name in merged}
 
+    def keep_outputs(self, cones: dict[str, str]) -> None:
+        """Keep the graph outputs of the first measured model whose outputs have these cone fingerprints."""
+        self._keep_cones = dict(cones)
+
+    def _keeper(self, model: onnx.ModelProto) -> KeptOutputs | None:
+        """Where this measurement should keep `model`'s outputs: the model computes the outputs asked for,
+        none are kept yet, and the run is local. The kept values take at most 1/64 of the memory bound, which
+        their round's budget leaves free."""
+        if self._keep_cones is None or self.kept_outputs is not None or self.cluster is not None:
+            return None
+        if output_cones(model, self.cones) != self._keep_cones:
+            return None
+        self.kept_outputs = KeptOutputs.for_model(model, self.memory_limit // 64)
+        return self.kept_outputs
+
     def paired(self, reference: onnx.ModelProto, model: onnx.ModelProto,
                requests: Iterable[PairRequest]) -> dict[PairRequest, PairedStats]:
         """Paired statistics of tensors of `reference` beside tensors of `model` (graphopt.calibration.paired),
@@ -195,18 +216,26 @@ class Calibrator:
         if largest >= self.memory_limit:
             raise OptionError(f"the statistics of one tensor alone need {largest / 2**20:.0f} MiB, more than "
                               f"--calib-memory {self.memory_limit / 2**20:.0f} MiB: raise --calib-memory")
-        if sum(sizes.values()) <= self.memory_limit // 2:
-            self._measure_part(model, ordered, infos, stats, self.memory_limit - sum(sizes.values()))
-        else:  # in parts that fit, each part's Grams moved to disk once measured
-            for part in _parts(ordered, sizes, self.memory_limit // 2):
-                chosen = {info.name: stats[info.name] for info in part}
-                self._measure_part(model, part, infos, chosen, self.memory_limit - sum(sizes[n] for n in chosen))
-                for result in chosen.values():
-                    result.spill(self._spill_folder())
+        self._measure_parts(model, ordered, infos, stats, sizes)
         for name, result in stats.items():
             self.cache.setdefault(self.cones[name], []).append(result)
         self.computed += len(stats)
         return stats
+
+    def _measure_parts(self, model: onnx.ModelProto, ordered: list[TensorInfo], infos: dict[str, TensorInfo],
+                       stats: dict[str, TensorStats], sizes: dict[str, int]) -> None:
+        """Fill `stats` at once where their accumulators take at most half the memory bound, else in parts that
+        do, each part's Grams moved to disk once measured; the last part keeps the outputs `_keeper` asks for."""
+        kept = self._keeper(model)
+        whole = sum(sizes.values()) <= self.memory_limit // 2
+        parts = [ordered] if whole else _parts(ordered, sizes, self.memory_limit // 2)
+        for index, part in enumerate(parts):
+            chosen = {info.name: stats[info.name] for info in part}
+            keeping = kept if index == len(parts) - 1 else None
+            budget = self.memory_limit - sum(sizes[n] for n in chosen) - (keeping.limit if keeping else 0)
+            self._measure_part(model, part, infos, chosen, budget, keeping)
+            for result in chosen.values() if not whole else ():
+                result.spill(self._spill_folder())
 
     def _spill_folder(self) -> Path:
         if self._spilled is None:
@@ -214,8 +243,9 @@ class Calibrator:
         return Path(self._spilled.name)
 
     def _measure_part(self, model: onnx.ModelProto, ordered: list[TensorInfo], infos: dict[str, TensorInfo],
-                      stats: dict[str, TensorStats], budget: int) -> None:
-        """Fill `stats` (the tensors of `ordered`, in graph order) in rounds under `budget` bytes."""
+                      stats: dict[str, TensorStats], budget: int, kept: KeptOutputs | None = None) -> None:
+        """Fill `stats` (the tensors of `ordered`, in graph order) in rounds under `budget` bytes; the last
+        round also fills `kept`, where given."""
         rounds = plan_rounds(ordered, self.batch_size, budget, self.workers)
         total = self.data.num_samples
         settings = RunSettings(self.device, self.threads, self.workers, self.mask)
@@ -224,7 +254,7 @@ class Calibrator:
         else:
             with tqdm(total=total * len(rounds) if total is not None else None, desc="calibrate", unit="sample",
                       disable=not self.progress, leave=False, dynamic_ncols=True) as bar:
-                run_rounds(model, self.data, rounds, infos, stats, settings, bar)
+                run_rounds(model, self.data, rounds, infos, stats, settings, bar, kept)
         log.info("calibration: %d tensors in %d rounds over %s samples", len(stats), len(rounds), total)
 
 

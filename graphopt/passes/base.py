@@ -91,6 +91,7 @@ class PassContext:
     progress: bool = True
     cluster: Any = None
     _calibrator: Any = field(default=None, init=False, repr=False, compare=False)
+    _normalised_outputs: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)
@@ -109,43 +110,31 @@ class PassContext:
         calibrator per context caches results, so a pass calling again on a partly rewritten graph
         (sequential mode) re-measures only the tensors downstream of its changes.
         """
-        from graphopt.calibration.collect import context_calibrator
         from graphopt.ir.graph import export_model
 
-        if self._calibrator is None:
-            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
-                                                  self.cluster)
         if isinstance(model, gs.Graph):
             model = export_model(model, self.template)
-        return self._calibrator.statistics(model if model is not None else self.template, requests)
+        return self._calibration().statistics(model if model is not None else self.template, requests)
 
     def paired_statistics(self, requests: Iterable[PairRequest], reference: onnx.ModelProto | gs.Graph,
                           model: onnx.ModelProto | gs.Graph) -> dict[PairRequest, PairedStats]:
         """Paired statistics (graphopt.calibration.paired) of tensors of `reference` beside tensors of
         `model`, on the calibration data (never answered from a statistics file)."""
-        from graphopt.calibration.collect import context_calibrator
         from graphopt.ir.graph import export_model
 
-        if self._calibrator is None:
-            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
-                                                  self.cluster)
         reference, model = (export_model(m, self.template) if isinstance(m, gs.Graph) else m
                             for m in (reference, model))
-        return self._calibrator.paired(reference, model, requests)
+        return self._calibration().paired(reference, model, requests)
 
 
     def output_probe(self, reference: onnx.ModelProto | gs.Graph, samples: int) -> Any:
         """A probe (graphopt.calibration.probe) of how far candidates' outputs move from `reference`'s on the
         first `samples` calibration samples."""
-        from graphopt.calibration.collect import context_calibrator
         from graphopt.calibration.probe import OutputProbe
         from graphopt.errors import DataError
         from graphopt.ir.graph import export_model
 
-        if self._calibrator is None:
-            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
-                                                  self.cluster)
-        calibrator = self._calibrator
+        calibrator = self._calibration()
         if calibrator.data is None:
             raise DataError("probing each group's effect on the output runs the model on calibration data: give "
                             "--calib DATA.npz (a statistics file cannot answer it)")
@@ -153,6 +142,38 @@ class PassContext:
             reference = export_model(reference, self.template)
         return OutputProbe(reference, calibrator.data, samples=samples, batch_size=calibrator.batch_size,
                            device=calibrator.device, threads=calibrator.threads)
+
+    def _calibration(self) -> Any:
+        """The context's calibrator (graphopt.calibration.collect), made on first use."""
+        from graphopt.calibration.collect import context_calibrator
+
+        if self._calibrator is None:
+            self._calibrator = context_calibrator(self.data, self.template, self.options, self.progress,
+                                                  self.cluster)
+            if self._normalised_outputs:
+                self._calibrator.keep_outputs(self._normalised_outputs)
+        return self._calibrator
+
+    def note_normalised(self, graph: gs.Graph) -> None:
+        """`graph` computes the template's outputs (only normalising passes changed it): the first calibration
+        run on a model computing the same outputs keeps them (graphopt.calibration.reference), so the
+        fidelity check need not run the template again. Only the first call counts; without data it is a
+        no-op."""
+        from graphopt.calibration.capture import cone_fingerprints
+        from graphopt.calibration.reference import output_cones
+        from graphopt.ir.graph import export_model
+
+        if self.data is None or self._normalised_outputs is not None or self._calibrator is not None:
+            return
+        model = export_model(graph, self.template)
+        self._normalised_outputs = output_cones(model, cone_fingerprints(model)) or {}  # {}: none to keep
+
+    def reference_outputs(self, model: onnx.ModelProto, batch_size: int) -> list[dict[str, np.ndarray]] | None:
+        """The outputs of `model` (the template) as the normalised graph computed them over the calibration data,
+        in feeds of `batch_size` samples, kept by calibration (see `note_normalised`); None where none were kept."""
+        kept = self._calibrator.kept_outputs if self._calibrator is not None else None
+        names = [output.name for output in model.graph.output]
+        return kept.batches_for(names, batch_size) if kept is not None else None
 
 
 class Pass:

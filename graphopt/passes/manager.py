@@ -11,6 +11,8 @@ After a pass reports a change the manager removes dead nodes and re-sorts the gr
 unchanged graph is left exactly as it was), so dead_code_removed holds again. Any exception names the
 failing pass and those that ran before it; bad input stays a `GraphoptError` (exit code 2), anything
 else is a `PassFailedError`.
+Before the first method pass, while only normalising passes have changed the graph, the manager notes it on
+the context (`PassContext.note_normalised`), so calibration can keep the outputs the fidelity check needs.
 """
 
 from __future__ import annotations
@@ -85,12 +87,16 @@ class PassManager:
     def run(self, graph: gs.Graph, ctx: PassContext) -> list[PassRecord]:
         records: list[PassRecord] = []
         properties = _Properties(self.assume)
+        rewritten = False  # a method pass changed the graph
         for current in tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False):
             before = ", ".join(r.name for r in records) or "none"
             refusal = properties.missing(current, before)
             if refusal:
                 raise PassFailedError(refusal)
+            if current.kind != "prepass" and not rewritten:
+                ctx.note_normalised(graph)  # only normalising passes changed it: calibration may keep its outputs
             result = self._run_one(current, graph, ctx, before)
+            rewritten = rewritten or (current.kind != "prepass" and result.modified)
             properties.update(current, result)
             records.append(PassRecord(current.name, result, current.requires, current.ensures))
         return records
