@@ -158,7 +158,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     pipeline = parse_methods(method)
     pruning, quantizing = _split_quantize(pipeline)
     resolved = resolve_options(pipeline, {"target_macs": target_macs, "batch_size": batch_size, **options})
-    _require_data(pipeline, calib, resolved.get("stats"))
+    _require_data(pipeline, calib, resolved.get("stats"), resolved["repair"])
     outputs = model_outputs(output) if output is not None else []
     protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
@@ -169,12 +169,13 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     with open_cluster(resolved["workers"], resolved["ray_address"]) as cluster:  # Ray: only where asked for
         ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved,
                           cluster=cluster)
-        records, pruned = _run_steps(graph, ctx, pruning, quantizing)
+        records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
     optimized = ir.export_model(graph, original)
     _check(optimized)
 
     check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
-             "device": resolved.get("device") or "cpu"}
+             "device": resolved.get("device") or "cpu",
+             "reference_outputs": ctx.reference_outputs(original, batch_size)}
     measured = _measure(original, optimized, shapes, dataset, batch_size, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
@@ -187,6 +188,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     if dynamic is not None:
         report["exprune_macs_skipped"] = dynamic
     report["interface_changes"] = interface_changes(original, optimized)  # declared dims a pass changed
+    report.update(repaired)
     report["weight_sparsity"] = weight_sparsity(optimized)
     report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,
                              lambda model: _measure(original, model, shapes, dataset, batch_size, progress, **check))
@@ -269,15 +271,36 @@ def _split_quantize(pipeline: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _run_steps(graph: gs.Graph, ctx: PassContext, pruning: list[str],
-               quantizing: list[str]) -> tuple[list[PassRecord], onnx.ModelProto | None]:
-    """Run the pre-passes and `pruning`, then `quantizing` as a step of its own; with the records, the
-    model before quantization (None without it), which the report measures too."""
+               quantizing: list[str]) -> tuple[list[PassRecord], onnx.ModelProto | None, dict[str, Any]]:
+    """Run the pre-passes and `pruning`, the repair where asked, then `quantizing` as a step of its own; with
+    the records, the model before quantization (None without it), which the report measures too, and the
+    report's repair entry ({"repair": ...}, empty without a repair)."""
     records = PassManager(_sequence(pruning)).run(graph, ctx)
+    repaired = _repair(graph, ctx)
     if not quantizing:
-        return records, None
+        return records, None, repaired
     pruned = ir.export_model(graph, ctx.template)
     after = [get_pass("shape_inference")] if pruning else []
-    return records + PassManager([*after, get_pass("quantize")]).run(graph, ctx), pruned
+    return records + PassManager([*after, get_pass("quantize")]).run(graph, ctx), pruned, repaired
+
+
+def _repair(graph: gs.Graph, ctx: PassContext) -> dict[str, Any]:
+    """--repair STEPS: the pruned graph's weights distilled toward the original model's outputs on the
+    calibration data (graphopt.torch.repair, imported only here: it trains with torch), written back into the
+    graph by initializer name; the report's entry ({"repair": ...}, empty when no repair was asked for)."""
+    if not ctx.options.get("repair"):
+        return {}
+    from graphopt.torch.repair import repair
+
+    tensors = ctx.options.get("repair_tensors")
+    found = repair(ctx.template, ir.export_model(graph, ctx.template), ctx.data, steps=int(ctx.options["repair"]),
+                   lr=float(ctx.options["repair_lr"]), tensors=tensors.split(",") if tensors else (),
+                   batch_size=int(ctx.options["batch_size"]), device=ctx.option("device", "cpu"),
+                   threads=int(ctx.option("threads", 0)))
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    for name, array in found.arrays.items():
+        constants[name].values = array  # a new array: the old one may be shared or mapped read-only
+    return {"repair": found.report}
 
 
 def _steps(pruning: list[str], quantizing: list[str], models: list[onnx.ModelProto | None],
@@ -293,8 +316,12 @@ def _steps(pruning: list[str], quantizing: list[str], models: list[onnx.ModelPro
             for name, model, known in named for found in [known or measure(model)]]
 
 
-def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any) -> None:
-    """Refuse, before any work, a method that reads calibration data when neither data nor statistics are given."""
+def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, repair: int = 0) -> None:
+    """Refuse, before any work, a method that reads calibration data when neither data nor statistics are given,
+    and a repair (which trains on samples) without data."""
+    if repair and calib is None:
+        raise DataError("--repair needs calibration data: give --calib DATA.npz (it trains on the samples; a "
+                        "statistics file holds none)")
     if "quantize" in pipeline and calib is None:
         raise DataError("--method quantize needs calibration data: give --calib DATA.npz "
                         "(a statistics file holds no activation ranges)")
@@ -316,20 +343,25 @@ def _sequence(pipeline: list[str]) -> list[Pass]:
 
 def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
              dataset: Dataset | None, batch_size: int, progress: bool, metric: Metric | None = None,
-             ctc_blank: int = 0, device: str = "cpu") -> dict[str, Any]:
+             ctc_blank: int = 0, device: str = "cpu",
+             reference_outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """MACs, parameters and nodes before and after, and the fidelity of `optimized` to `original` on the
-    calibration data (else on seeded random inputs), with the user's `metric` where given."""
+    calibration data (else on seeded random inputs), with the user's `metric` where given. The original's
+    outputs on the calibration data are those calibration kept where it did (graphopt.calibration.reference:
+    the normalised graph at full optimisation, equal up to float rounding), else it runs again."""
     before, after = count_cost(original, shapes), count_cost(optimized, shapes)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
     fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
-                               metric=metric, ctc_blank=ctc_blank, device=device)
+                               metric=metric, ctc_blank=ctc_blank, device=device,
+                               reference_outputs=reference_outputs if dataset is not None else None)
     return {
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,
         "params_before": before.params, "params_after": after.params,
         "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
-        "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random"},
+        "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random",
+                     "reference_outputs": "calibration" if dataset is not None and reference_outputs else "run"},
     }
 
 

@@ -421,6 +421,7 @@ def _print_optimized(report: dict[str, Any]) -> None:
     if "latency_target" in report:
         _print_latency_target(report["latency_target"])
     _print_relaxed_rounding(report)
+    _print_repair(report)
     latency = report.get("latency")
     if latency:
         print("latency: " + ", ".join(f"{_speedup(timing)} at batch {timing['batch']}"
@@ -433,6 +434,19 @@ def _print_optimized(report: dict[str, Any]) -> None:
         print("sparse storage: " + ("used" if sparse["used"] else f"not used ({sparse['reason']})"))
     _print_unchanged(report)
     print(f"wrote {report['output']}")
+
+
+def _print_repair(report: dict[str, Any]) -> None:
+    """--repair's cost and gain: the relative output error on the held-out calibration slice and the training part."""
+    repair = report.get("repair")
+    if not repair:
+        return
+    kept = f"best at step {repair['best_step']}" if repair["best_step"] else "the starting weights kept"
+    print(f"repair: {repair['steps']} steps in {repair['seconds']:.1f} s ({kept}), error held-out "
+          f"{_fmt(repair['loss_held_out_before'])} -> {_fmt(repair['loss_held_out_after'])}, train "
+          f"{_fmt(repair['loss_train_before'])} -> {_fmt(repair['loss_train_after'])} "
+          f"({repair['samples']['held_out']} / {repair['samples']['train']} samples; matched "
+          f"{', '.join(repair['tensors'])})")
 
 
 def _print_relaxed_rounding(report: dict[str, Any]) -> None:

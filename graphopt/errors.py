@@ -42,3 +42,7 @@ class PassInputError(GraphoptError):
 
 class PassFailedError(RuntimeError):
     """A pass broke an invariant (a bug); the message names the pass and those before it."""
+
+
+class UnsupportedOpError(GraphoptError):
+    """An op, attribute or element type the torch interpreter (--repair) cannot run or train through."""

@@ -130,6 +130,30 @@ class CalibrationOptions(Options):
             raise OptionError(f"--workers must be at least 1, got {self.workers}")
 
 
+def parse_tensor_names(text: str | Iterable[str]) -> str:
+    """Tensor names, comma-separated or a list, as comma-separated text for the report."""
+    names = [name.strip() for name in (text.split(",") if isinstance(text, str) else text) if name.strip()]
+    if not names:
+        raise OptionError(f"--repair-tensors expects tensor names separated by commas, got '{text}'")
+    return ",".join(names)
+
+
+def check_repair(options: RunOptions) -> None:
+    """--repair's options; asking for a repair needs torch (graphopt.torch.repair trains with it)."""
+    if int(options.repair) < 0 or not float(options.repair_lr) > 0.0:
+        raise OptionError(f"--repair must be >= 0 and --repair-lr > 0, got {options.repair} and {options.repair_lr}")
+    if options.repair_tensors is not None:
+        options.repair_tensors = parse_tensor_names(options.repair_tensors)
+        if not options.repair:
+            raise OptionError("--repair-tensors needs --repair STEPS")
+    if options.repair:
+        try:
+            import torch  # noqa: F401  (only when a repair is asked for)
+        except ImportError as exc:
+            raise OptionError("--repair trains with torch, which is not installed: pip install 'graphopt[torch]'") \
+                from exc
+
+
 @dataclass
 class RunOptions(CalibrationOptions):
     """What every run reads, whatever its methods: the "none" method's options."""
@@ -151,9 +175,18 @@ class RunOptions(CalibrationOptions):
                                         "--tolerance KEY=V reads its keys")
     ctc_blank: int = option(0, metavar="N", help="blank label of sequence outputs [N, T, C] for the greedy CTC "
                                                  "decoding whose agreement fidelity reports (default 0)")
+    repair: int = option(0, metavar="STEPS", help="after pruning, fine-tune the weights for STEPS Adam steps to "
+                                                  "match the original's outputs on --calib (distillation; a tenth held "
+                                                  "out picks the weights kept; default 0: off); needs "
+                                                  "graphopt[torch]")
+    repair_lr: float = option(1e-3, metavar="LR", help="--repair's Adam learning rate (default 0.001)")
+    repair_tensors: str | None = option(None, metavar="NAME[,NAME...]", parse=parse_tensor_names,
+                                        help="--repair also matches these intermediate tensors (by name, where "
+                                             "both models compute them with the same shape)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_repair(self)
         self.metric = as_metric(self.metric)
         if int(self.ctc_blank) < 0:
             raise OptionError(f"--ctc-blank must be >= 0, got {self.ctc_blank}")

@@ -1,1 +1,1 @@
-"""Optional torch helpers (test-model zoo, ONNX export); these modules require torch."""
+"""Optional torch helpers (test-model zoo, ONNX export, the ONNX interpreter and --repair); they require torch."""

@@ -31,7 +31,7 @@ from tests.conftest import init, tiny, weights
 RUN = {"target_macs": None, "target_latency": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
        "calib_memory": 2 * 1024**3, "device": "cpu", "threads": 0, "mask_input": None, "workers": None,
        "ray_address": None, "metric": None,
-       "ctc_blank": 0}
+       "ctc_blank": 0, "repair": 0, "repair_lr": 1e-3, "repair_tensors": None}
 SHARED = (RunOptions, Rounding, Seeded, KeepVariance, Reconstruction, CalibrationOptions, StatisticsOptions)
 
 # the optimize flags in the order --help has always listed them (new options may come in between)

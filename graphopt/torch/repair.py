@@ -1,0 +1,262 @@
+"""Repair by distillation: fine-tune a pruned model's weights toward the original model's outputs.
+
+`repair(original, pruned, data, steps=...)` runs the original once in onnxruntime (no graph optimisation)
+over the calibration data for its float outputs and the intermediate `tensors` asked for, builds the pruned
+model as a torch module (graphopt.torch.interpreter), and trains its parameters with Adam for `steps`
+mini-batches on
+
+    L = mean over matched tensors t of  mean((ŷ_t − y_t)²) / mean(y_t²),
+
+each tensor's squared error normalised by the reference's energy on the training part. A seeded fraction
+`held_out` of the calibration samples is kept out of training; the relative error on it
+(Σ‖ŷ_t − y_t‖² / Σ‖y_t‖², averaged over t) is measured before training, every `steps // 25` steps and at
+the end, and the parameters with the lowest held-out error are returned, so the result is never worse on
+that slice than the starting weights (when no step improved it, nothing is returned). A tensor is matched
+by name: an output of both models, or a tensor asked for that nodes of both models produce, with the same
+shape at run time; the others are reported as skipped.
+
+The returned arrays keep the initializers' names, shapes and dtypes; `write_back` puts them into a copy of
+the model and touches nothing else. The module imports torch: the core reaches it only when --repair asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from graphopt.calibration.data import Dataset
+from graphopt.calibration.session import make_session
+from graphopt.errors import DataError, OptionError
+from graphopt.ir import weights
+from graphopt.torch.interpreter.module import GraphModule
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
+CHECKS = 25  # held-out evaluations over a run (plus the start and the end)
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class Repaired:
+    """The trained initializers by name (empty when the starting weights stayed best) and the report entry."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Targets:
+    feeds: list[Feed]
+    references: list[dict[str, np.ndarray]]
+
+
+def _produced(model: onnx.ModelProto) -> set[str]:
+    return {name for node in model.graph.node for name in node.output if name}
+
+
+def matched_names(original: onnx.ModelProto, pruned: onnx.ModelProto,
+                  tensors: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the tensors distilled, by name: float outputs of both models, then `tensors` both compute; why the
+    others were skipped)."""
+    pruned_outputs = {o.name for o in pruned.graph.output}
+    names, skipped = [], []
+    for output in original.graph.output:
+        if output.type.tensor_type.elem_type not in FLOAT_TYPES:
+            skipped.append(f"output '{output.name}': not a float tensor")
+        elif output.name not in pruned_outputs:
+            skipped.append(f"output '{output.name}': not an output of the pruned model")
+        else:
+            names.append(output.name)
+    in_original, in_pruned = _produced(original), _produced(pruned)
+    for name in tensors:
+        if name in names:
+            continue
+        if name not in in_original or name not in in_pruned:
+            where = "the original" if name not in in_original else "the pruned model"
+            skipped.append(f"tensor '{name}': no node of {where} produces it")
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
+    return exposed
+
+
+def _reference(original: onnx.ModelProto, data: Dataset, names: list[str], batch_size: int, device: str,
+               threads: int) -> _Targets:
+    """The original's `names` on every feed of `data`, float64."""
+    session = make_session(_exposed(original, names), device=device, threads=threads)
+    accepted = {i.name for i in session.get_inputs()}
+    feeds = [{k: v for k, v in feed.items() if k in accepted} for feed in data.batches(batch_size)]
+    references = [{n: np.asarray(v, dtype=np.float64) for n, v in zip(names, session.run(names, feed))}
+                  for feed in feeds]
+    return _Targets(feeds, references)
+
+
+def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    count = data.num_samples if data.arrays is not None else len(list(data.feeds or ()))
+    if count is not None and count < 2:
+        raise DataError("--repair keeps a part of the calibration data out of training to choose the weights it "
+                        f"returns: give at least 2 calibration samples (got {count})")
+    return data.split(fraction, seed)
+
+
+def _torch_feed(feed: Feed, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feed.items()}
+
+
+class _Distiller:
+    """The pruned module, its targets and the two losses (training batch, held-out evaluation)."""
+
+    def __init__(self, module: GraphModule, names: list[str], train: _Targets, device: torch.device) -> None:
+        self.module, self.names, self.train, self.device = module, names, train, device
+        self.energy = {n: max(float(np.mean([np.mean(np.square(r[n])) for r in train.references])), 1e-30)
+                       for n in names}
+
+    def batch_loss(self, index: int) -> torch.Tensor:
+        found = self.module(_torch_feed(self.train.feeds[index], self.device), self.names)
+        losses = [torch.mean(torch.square(found[n].double() - torch.from_numpy(self.train.references[index][n])
+                                          .to(self.device))) / self.energy[n] for n in self.names]
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def error(self, targets: _Targets) -> float:
+        """Σ‖ŷ − y‖² / Σ‖y‖² per tensor over `targets`, averaged over tensors."""
+        squared = dict.fromkeys(self.names, 0.0)
+        energy = dict.fromkeys(self.names, 0.0)
+        for feed, reference in zip(targets.feeds, targets.references):
+            found = self.module(_torch_feed(feed, self.device), self.names)
+            for n in self.names:
+                squared[n] += float(np.sum(np.square(found[n].double().cpu().numpy() - reference[n])))
+                energy[n] += float(np.sum(np.square(reference[n])))
+        return float(np.mean([squared[n] / max(energy[n], 1e-30) for n in self.names]))
+
+
+def _shape_mismatches(module: GraphModule, names: list[str], targets: _Targets,
+                      device: torch.device) -> list[str]:
+    """The names whose pruned tensor is shaped unlike the reference (on the first feed)."""
+    with torch.no_grad():
+        found = module(_torch_feed(targets.feeds[0], device), names)
+    return [n for n in names if tuple(found[n].shape) != targets.references[0][n].shape]
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("--repair: CUDA requested but torch sees no GPU; training on the CPU")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *, steps: int, lr: float = 1e-3,
+           tensors: Sequence[str] = (), batch_size: int = 32, held_out: float = 0.1, seed: int = 0,
+           device: str = "cpu", threads: int = 0) -> Repaired:
+    """Distil `pruned` toward `original` on `data` (see the module docstring)."""
+    if int(steps) < 1 or not float(lr) > 0.0:
+        raise OptionError(f"--repair needs steps >= 1 and --repair-lr > 0, got {steps} and {lr}")
+    start = time.perf_counter()
+    where = _device(device)
+    module = GraphModule(pruned).to(where)
+    if not module.parameter_names:
+        raise OptionError("--repair found no weight to train in the pruned model (float weights of Conv, Gemm, "
+                          "MatMul, their biases and normalisation scales)")
+    names, skipped = matched_names(original, pruned, tensors)
+    fit, held = _split(data, held_out, seed)
+    train = _reference(original, fit, names, batch_size, device, threads)
+    check = _reference(original, held, names, batch_size, device, threads)
+    mismatched = _shape_mismatches(module, names, train, where)
+    skipped += [f"tensor '{n}': shaped differently in the pruned model" for n in mismatched]
+    names = [n for n in names if n not in mismatched]
+    if not names:
+        raise DataError("--repair has no tensor to match between the original and the pruned model: "
+                        + "; ".join(skipped))
+    with _torch_threads(threads):
+        report = _train(_Distiller(module, names, train, where), check, int(steps), float(lr), seed)
+    trained = module.parameters_by_name().items() if report["best_step"] else ()
+    arrays = {n: p.detach().cpu().numpy().astype(_dtype_of(pruned, n)) for n, p in trained}
+    report.update(tensors=names, skipped=skipped, parameters=len(module.parameter_names),
+                  samples={"train": _count(fit, train), "held_out": _count(held, check)},
+                  seconds=time.perf_counter() - start)
+    return Repaired(arrays, report)
+
+
+def _count(data: Dataset, targets: _Targets) -> int:
+    return sum(data.feed_samples(feed) for feed in targets.feeds)
+
+
+def _dtype_of(model: onnx.ModelProto, name: str) -> np.dtype:
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int) -> dict[str, Any]:
+    """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module."""
+    module = distiller.module
+    optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
+    rng = np.random.default_rng(seed)
+    train_before, held_before = distiller.error(distiller.train), distiller.error(check)
+    best, best_step = held_before, 0
+    kept = [p.detach().clone() for p in module.parameters()]
+    every = max(1, steps // CHECKS)
+    order: list[int] = []
+    for step in range(1, steps + 1):
+        if not order:
+            order = rng.permutation(len(distiller.train.feeds)).tolist()
+        optimizer.zero_grad(set_to_none=True)
+        distiller.batch_loss(order.pop()).backward()
+        optimizer.step()
+        if step % every == 0 or step == steps:
+            error = distiller.error(check)
+            if error < best:
+                best, best_step = error, step
+                kept = [p.detach().clone() for p in module.parameters()]
+    with torch.no_grad():
+        for parameter, value in zip(module.parameters(), kept):
+            parameter.copy_(value)
+    log.info("repair: held-out error %.4g -> %.4g (best at step %d of %d)", held_before, best, best_step, steps)
+    return {"steps": steps, "lr": lr, "best_step": best_step,
+            "loss_train_before": train_before, "loss_train_after": distiller.error(distiller.train),
+            "loss_held_out_before": held_before, "loss_held_out_after": best}
+
+
+def write_back(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose initializers named in `arrays` hold those values (same name, shape and dtype);
+    nothing else changes."""
+    found = onnx.ModelProto()
+    found.CopyFrom(model)
+    for tensor in found.graph.initializer:
+        if tensor.name in arrays:
+            old = weights.array_of(tensor)
+            new = np.ascontiguousarray(arrays[tensor.name])
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise ValueError(f"write_back: '{tensor.name}' is {old.dtype}{list(old.shape)}, "
+                                 f"got {new.dtype}{list(new.shape)}")
+            doc = tensor.doc_string
+            tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
+            tensor.doc_string = doc
+    return found

@@ -1,0 +1,153 @@
+"""--repair (graphopt.torch.repair): distillation lowers the pruned model's output error on samples it did not
+train on, never returns weights worse on its held-out slice than the starting ones, changes nothing but
+weight values, and refuses clearly (an op it cannot train through, no data, no torch)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import parse, run_ort
+
+torch = pytest.importorskip("torch")
+
+from graphopt.api import optimize  # noqa: E402
+from graphopt.calibration.data import load_data  # noqa: E402
+from graphopt.cli import main  # noqa: E402
+from graphopt.errors import DataError, OptionError, UnsupportedOpError  # noqa: E402
+from graphopt.ir.weights import array_of  # noqa: E402
+from graphopt.torch.repair import repair, write_back  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, object]:
+    """The committed digits CNN, 200 calibration samples and 56 others it never trains on."""
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    images = np.load(SAMPLES / "digits_calib.npz")["input"]
+    return {"model": model, "calib": {"input": images[:200]}, "test": {"input": images[200:]}}
+
+
+@pytest.fixture(scope="module")
+def pruned(digits) -> onnx.ModelProto:
+    return optimize(digits["model"], method="snp", target_macs=0.3, calib=digits["calib"]).model
+
+
+def _error_on(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    want, got = run_ort(reference, feeds)["output"], run_ort(candidate, feeds)["output"]
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+
+def test_repair_lowers_the_output_error_on_samples_it_never_saw(digits, pruned) -> None:
+    model = digits["model"]
+    found = repair(model, pruned, load_data(digits["calib"], model), steps=150, lr=1e-3)
+    repaired = write_back(pruned, found.arrays)
+    before, after = _error_on(model, pruned, digits["test"]), _error_on(model, repaired, digits["test"])
+    assert after < 0.6 * before, (before, after)
+    report = found.report
+    assert report["loss_held_out_after"] < 0.5 * report["loss_held_out_before"]
+    assert report["loss_train_after"] < report["loss_train_before"]
+    assert report["samples"] == {"train": 180, "held_out": 20} and report["tensors"] == ["output"]
+    assert 0 < report["best_step"] <= 150 and report["parameters"] == 10
+
+
+def test_weights_worse_on_the_held_out_slice_are_never_returned(digits, pruned) -> None:
+    model = digits["model"]
+    found = repair(model, pruned, load_data(digits["calib"], model), steps=10, lr=50.0)  # diverges at once
+    assert found.report["best_step"] == 0 and found.arrays == {}
+    assert found.report["loss_held_out_after"] == found.report["loss_held_out_before"]
+    assert write_back(pruned, found.arrays) == pruned
+
+
+def test_intermediate_tensors_are_matched_by_name_where_shapes_agree(digits, pruned) -> None:
+    model = digits["model"]
+    damaged = optimize(model, method="none").model  # pre-passed: BatchNorm folded, tensor names kept
+    for tensor in damaged.graph.initializer:
+        values = array_of(tensor)
+        noise = np.random.default_rng(0).standard_normal(values.shape).astype(values.dtype)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values + 0.1 * np.std(values) * noise, tensor.name))
+    hidden = "/9/Relu_output_0"
+    found = repair(model, damaged, load_data(digits["calib"], model), steps=60, tensors=[hidden, "no_such"])
+    assert found.report["tensors"] == ["output", hidden]
+    assert found.report["skipped"] == ["tensor 'no_such': no node of the original produces it"]
+    assert found.report["loss_held_out_after"] < found.report["loss_held_out_before"]
+    narrowed = repair(model, pruned, load_data(digits["calib"], model), steps=2, tensors=[hidden])
+    assert narrowed.report["tensors"] == ["output"]
+    assert narrowed.report["skipped"] == [f"tensor '{hidden}': shaped differently in the pruned model"]
+
+
+def test_the_api_changes_weight_values_only(digits, tmp_path: Path) -> None:
+    model = onnx.ModelProto()
+    model.CopyFrom(digits["model"])
+    onnx.helper.set_model_props(model, {"owner": "repair test", "dataset": "sklearn digits"})
+    plain = optimize(model, method="snp", target_macs=0.3, calib=digits["calib"])
+    result = optimize(model, method="snp", target_macs=0.3, calib=digits["calib"], repair=40, repair_lr=2e-3,
+                      output=tmp_path / "repaired.onnx")
+    repaired, reference = result.model, plain.model
+    assert [(n.name, n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in repaired.graph.node] == \
+        [(n.name, n.op_type, list(n.input), list(n.output), list(n.attribute)) for n in reference.graph.node]
+    assert repaired.metadata_props == reference.metadata_props and len(repaired.metadata_props) == 2
+    assert repaired.graph.input == reference.graph.input and repaired.graph.output == reference.graph.output
+    before = {t.name: array_of(t) for t in reference.graph.initializer}
+    after = {t.name: array_of(t) for t in repaired.graph.initializer}
+    assert list(after) == list(before)
+    assert all(after[n].shape == before[n].shape and after[n].dtype == before[n].dtype for n in before)
+    assert sum(not np.array_equal(after[n], before[n]) for n in before) >= 5
+    entry = result.report["repair"]
+    assert entry["steps"] == 40 and entry["lr"] == 2e-3 and entry["seconds"] > 0
+    assert entry["loss_held_out_after"] < entry["loss_held_out_before"]
+    assert result.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+    assert onnx.load(str(tmp_path / "repaired.onnx")).metadata_props == repaired.metadata_props
+
+
+def test_the_cli_takes_the_repair_flags_and_reports_them(tmp_path: Path, capfd) -> None:
+    report = tmp_path / "report.json"
+    code = main(["optimize", str(SAMPLES / "digits_cnn.onnx"), "-o", str(tmp_path / "out.onnx"), "--method", "snp",
+                 "--target-macs", "0.5", "--calib", str(SAMPLES / "digits_calib.npz"), "--repair", "20",
+                 "--repair-lr", "0.002", "--repair-tensors", "output", "--report", str(report)])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    assert "repair: 20 steps in" in out and "matched output" in out
+    written = json.loads(report.read_text())
+    assert written["options"]["repair"] == 20 and written["options"]["repair_tensors"] == "output"
+    assert written["repair"]["tensors"] == ["output"] and written["repair"]["steps"] == 20
+
+
+def test_an_op_it_cannot_train_through_is_refused_naming_it(digits) -> None:
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+            <float[4, 4] w = {1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0},
+             int64 axis = {1}> {
+            h = MatMul (x, w)
+            y = CumSum (h, axis)
+        }""")
+    model.graph.node[1].name = "running_total"
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
+    with pytest.raises(UnsupportedOpError, match="op CumSum of node 'running_total' has no rule"):
+        optimize(model, method="none", calib=data, repair=5)
+
+
+def test_a_repair_without_calibration_data_is_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--repair needs calibration data: give --calib"):
+        optimize(tmp_path / "not_there.onnx", method="magnitude", target_macs=0.5, repair=10)
+    with pytest.raises(OptionError, match="--repair-tensors needs --repair STEPS"):
+        optimize(tmp_path / "not_there.onnx", method="none", repair_tensors="output")
+    with pytest.raises(OptionError, match="--repair must be >= 0"):
+        optimize(tmp_path / "not_there.onnx", method="none", repair=-1)
+
+
+def test_a_repair_without_torch_names_the_extra(monkeypatch, tmp_path: Path, capfd) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(OptionError, match=r"pip install 'graphopt\[torch\]'"):
+        optimize(tmp_path / "not_there.onnx", method="snp", calib=tmp_path / "data.npz", repair=10)
+    code = main(["optimize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--method", "snp",
+                 "--calib", str(tmp_path / "data.npz"), "--repair", "10"])
+    _, err = capfd.readouterr()
+    assert code == 2 and err.strip().count("\n") == 0 and "pip install 'graphopt[torch]'" in err
