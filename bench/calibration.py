@@ -41,6 +41,7 @@ from torch import nn
 
 import graphopt
 from common import BasicBlock
+from zoo_architectures import resnet50
 from graphopt.calibration.capture import linear_inputs
 from graphopt.calibration.collect import Calibrator
 from graphopt.calibration.data import load_data
@@ -93,35 +94,6 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x, bias)
         return torch.tanh(self.pooler(x[:, 0]))
-
-
-class Bottleneck(nn.Module):
-    """ResNet-50's block: 1x1 reduce, 3x3 (strided), 1x1 expand (x4), BatchNorm, projection shortcut."""
-
-    def __init__(self, inputs: int, width: int, stride: int) -> None:
-        super().__init__()
-        outputs = 4 * width
-        self.body = nn.Sequential(
-            nn.Conv2d(inputs, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, outputs, 1, bias=False), nn.BatchNorm2d(outputs))
-        self.down = None if stride == 1 and inputs == outputs else nn.Sequential(
-            nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + (x if self.down is None else self.down(x)))
-
-
-def resnet50(classes: int = 1000) -> nn.Module:
-    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                               nn.MaxPool2d(3, 2, 1)]
-    inputs = 64
-    for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
-        for index in range(blocks):
-            layers.append(Bottleneck(inputs, width, stride if index == 0 else 1))
-            inputs = 4 * width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, classes)]
-    return nn.Sequential(*layers)
 
 
 def export(module: nn.Module, example: tuple[torch.Tensor, ...], names: list[str], path: Path) -> onnx.ModelProto:

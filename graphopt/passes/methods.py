@@ -229,13 +229,16 @@ class KeepVariance(Options):
             raise OptionError(f"--keep-variance must be in (0, 1], got {self.keep_variance}")
 
 
+SNP_MAX_FEATURES = 12288  # a Gram of this many features takes 1.1 GiB in float64
+
+
 @dataclass
 class Reconstruction(Options):
     """SNP's least-squares reconstruction, which CoB can fold too."""
 
-    snp_max_features: int = option(12288, cli=False, help="consumers reading more input features than this are "
-                                                          "pruned without reconstruction (a Gram of 12288 "
-                                                          "features takes 1.1 GiB)")
+    snp_max_features: int = option(SNP_MAX_FEATURES, cli=False,
+                                   help="consumers reading more input features than this are pruned without "
+                                        "reconstruction (a Gram of 12288 features takes 1.1 GiB)")
 
 
 @dataclass

@@ -45,8 +45,8 @@ from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.channels.latency import channel_budget
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
-from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, Seeded, StatisticsOptions,
-                                      option, register_method)
+from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, Seeded,
+                                      StatisticsOptions, option, register_method)
 from graphopt.passes.snp.prune import consumer_statistics, linear_consumers, prune_reconstructed
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
@@ -193,7 +193,7 @@ def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: 
 def _cut(graph: gs.Graph, ctx: PassContext, analysis: Analysis, kept: dict[int, np.ndarray],
          result: PassResult) -> None:
     if ctx.option("cob_reconstruct", False):  # SNP's least-squares reconstruction of what was cut
-        sites = [site for site in linear_consumers(analysis, int(ctx.option("snp_max_features", 4096)), result)
+        sites = [site for site in linear_consumers(analysis, int(ctx.option("snp_max_features", SNP_MAX_FEATURES)), result)
                  if any(analysis.atoms.find(leaf) in kept for leaf in analysis.atoms.leaves(site.state.atoms))]
         with single_threaded_blas():
             prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)

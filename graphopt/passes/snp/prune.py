@@ -55,7 +55,7 @@ from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.latency import Budget, channel_budget
 from graphopt.passes.channels.magnitude import analyse, split_groups
 from graphopt.passes.channels.reduction import linear_sites
-from graphopt.passes.methods import (KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
+from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
 from graphopt.passes.snp.correct import correct, targets
 from graphopt.passes.snp.maths import reconstruction
@@ -211,7 +211,7 @@ class SubspaceNodePruning(Pass):
         reconstruct = bool(ctx.option("reconstruct", True))
         sequential = bool(ctx.option("sequential", False))
         target = _reconstruct_target(ctx, reconstruct, sequential)
-        max_features = int(ctx.option("snp_max_features", 12288))
+        max_features = int(ctx.option("snp_max_features", SNP_MAX_FEATURES))
         analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
         groups, prunable = split_groups(analysis, result)

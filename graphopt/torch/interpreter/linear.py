@@ -116,16 +116,26 @@ def einsum(call: Call, inputs: list[Any]) -> torch.Tensor:
     return torch.einsum(call.attr("equation"), *inputs)
 
 
+def _pool_window(call: Call, x: torch.Tensor) -> tuple[int, list[int], list[int], list[int], list[int], list[int]]:
+    """A pooling node's spatial rank, kernel, strides, dilations and pads (begins, ends)."""
+    rank = _spatial(call, x)
+    kernel = list(call.attr("kernel_shape"))
+    return (rank, kernel, *_window(call, x, kernel))
+
+
+def _torch_pads(begins: list[int], ends: list[int], kernel: list[int]) -> bool:
+    """Whether torch's pooling can pad as the node does: symmetric pads of at most half the kernel."""
+    return begins == ends and all(2 * p <= k for p, k in zip(begins, kernel))
+
+
 @rule("MaxPool")
 def max_pool(call: Call, inputs: list[Any]) -> torch.Tensor:
     x = inputs[0]
-    rank = _spatial(call, x)
-    kernel = list(call.attr("kernel_shape"))
-    strides, dilations, begins, ends = _window(call, x, kernel)
+    rank, kernel, strides, dilations, begins, ends = _pool_window(call, x)
     if call.outputs_used() > 1:
         raise call.refuse("its Indices output is not supported")
     padding: list[int] | int = begins
-    if begins != ends or any(2 * p > k for p, k in zip(begins, kernel)):
+    if not _torch_pads(begins, ends, kernel):
         x, padding = F.pad(x, _torch_pad(begins, ends), value=-math.inf), 0
     return _MAX[rank](x, kernel, strides, padding, dilations, ceil_mode=bool(call.attr("ceil_mode", 0)))
 
@@ -133,13 +143,11 @@ def max_pool(call: Call, inputs: list[Any]) -> torch.Tensor:
 @rule("AveragePool")
 def average_pool(call: Call, inputs: list[Any]) -> torch.Tensor:
     x = inputs[0]
-    rank = _spatial(call, x)
-    kernel = list(call.attr("kernel_shape"))
-    strides, dilations, begins, ends = _window(call, x, kernel)
+    rank, kernel, strides, dilations, begins, ends = _pool_window(call, x)
     if any(d != 1 for d in dilations):
         raise call.refuse("dilations other than 1")
     ceil, include = bool(call.attr("ceil_mode", 0)), bool(call.attr("count_include_pad", 0))
-    if begins == ends and all(2 * p <= k for p, k in zip(begins, kernel)):
+    if _torch_pads(begins, ends, kernel):
         return _AVG[rank](x, kernel, strides, begins, ceil_mode=ceil, count_include_pad=include)
     if ceil:
         raise call.refuse("ceil_mode with asymmetric pads")
