@@ -224,6 +224,21 @@ def set_input_array(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarr
     return replacement
 
 
+def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
+    """The node computing `reader`'s input `index`, copied first when other nodes read its output too, so that
+    editing its inputs changes what `reader` reads alone (exporters share one Reshape target between layers)."""
+    node = reader.inputs[index].inputs[0]
+    out = node.outputs[0]
+    if len(node.outputs) != 1 or len(out.outputs) == 1:
+        return node
+    target = gs.Variable(unique_name(graph, f"{out.name}_own"), dtype=out.dtype, shape=out.shape)
+    copy = gs.Node(node.op, unique_name(graph, f"{node.name}_own"), attrs=dict(node.attrs), inputs=list(node.inputs),
+                   outputs=[target], domain=node.domain)
+    graph.nodes.append(copy)
+    reader.inputs[index] = target
+    return copy
+
+
 def cleanup(graph: gs.Graph) -> gs.Graph:
     """Remove dead nodes and unused initializers (graph inputs stay), then sort topologically."""
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)

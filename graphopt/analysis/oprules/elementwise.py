@@ -225,5 +225,7 @@ register("Celu", "Softsign", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Si
 register("Cast", channels=unary, rotation=equivariant(_float_cast))
 register("Gelu", domain="com.microsoft", channels=unary, rotation=declines(NONLINEAR))  # onnxruntime's fusions
 register("QuickGelu", domain="com.microsoft", channels=unary)
+# Gelu(x + bias) with a per-channel bias, as onnxruntime's transformers optimizer fuses a Linear's bias into it
+register("BiasGelu", "FastGelu", domain="com.microsoft", channels=broadcast, rotation=declines(NONLINEAR))
 register("Identity", channels=unary, layout=True, rotation=equivariant(lambda node, tensor, axis: axis))
 register("Dropout", channels=unary, layout=True, rotation=equivariant(_dropout_rotation))

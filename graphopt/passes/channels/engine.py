@@ -93,6 +93,8 @@ def _slice(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
 
 def _shape(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
     holder, index, element = shape_entry(site.node, site.axis, a.shape)
+    if holder is not site.node:  # a Concat other reshapes may read too: they keep their target
+        holder = ir.private_producer(graph, site.node, 1)
     values = np.asarray(holder.inputs[index].values).copy()
     flat = values.reshape(-1)
     flat[element] = positions.size

@@ -44,20 +44,21 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import StatRequest, TensorStats, blas_for, single_threaded_blas
+from graphopt.calibration.stats import TensorStats, blas_for, single_threaded_blas
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
-from graphopt.passes.channels.budget import MacModel
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
 from graphopt.passes.channels.engine import kept_positions
-from graphopt.passes.channels.latency import Budget, channel_budget
-from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.channels.latency import Budget
+from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
+from graphopt.passes.heads.select import HeadPlan, apply_heads
 from graphopt.passes.snp.correct import correct, targets
+from graphopt.passes.snp.measure import consumer_statistics, costs, linear_consumers, measure
 from graphopt.passes.snp.maths import reconstruction
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
@@ -84,26 +85,6 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     moved[..., keep_pos] += moved[..., pruned_pos] @ coupling
     ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(weight.dtype))
     return True
-
-
-def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
-    usable = []
-    for site in analysis.sites:
-        if site.kind not in ("weight", "reduce") or site.role != "consumer":
-            continue
-        features = analysis.size(site.state) * site.state.factor
-        if site.node.op == "ConvTranspose" or features > max_features:
-            if result is not None:
-                result.skipped.append(f"{site.node.name}: no reconstruction ({site.node.op}, {features} input features)")
-        else:
-            usable.append(site)
-    return usable
-
-
-def consumer_statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site]) -> dict[str, TensorStats]:
-    requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}), s.state.axis)
-                for s in sites}
-    return ctx.statistics(list(requests.values()), model=graph) if requests else {}
 
 
 def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
@@ -198,6 +179,13 @@ def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dic
             for root, count in sorted(cut.items())]
 
 
+def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
+    if not heads.orderings:
+        return {}
+    return {"head_blocks": len(heads.orderings),
+            "heads_removed": sum(o.order.size - chosen.get(r, o.order.size) for r, o in heads.orderings.items())}
+
+
 @register
 class SubspaceNodePruning(Pass):
     name = "snp"
@@ -212,16 +200,11 @@ class SubspaceNodePruning(Pass):
         sequential = bool(ctx.option("sequential", False))
         target = _reconstruct_target(ctx, reconstruct, sequential)
         max_features = int(ctx.option("snp_max_features", SNP_MAX_FEATURES))
-        analysis, per_node = analyse(graph, ctx)
         result = PassResult(modified=False)
-        groups, prunable = split_groups(analysis, result)
-        sites = linear_consumers(analysis, max_features, result)
-        stats = consumer_statistics(ctx, graph, sites)
-        with blas_for(max((g.size for g in prunable), default=0)):  # threads pay on wide groups only
-            ranked = orderings(analysis, prunable, sites, stats, criterion, result)
-        mac_model = MacModel(analysis, per_node, set(ranked))
+        m = measure(graph, ctx, result, criterion, max_features)
+        analysis, prunable, ranked, stats = m.analysis, m.prunable, m.ranked, m.stats
         round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
-        budget = channel_budget(graph, ctx, analysis, mac_model, round_to) if keep is None else None
+        cost, total, budget = costs(graph, ctx, m, round_to, keep is None)
         blocks = round_to  # before any relaxation
         (variance, chosen), round_to = coarsest_meeting(
             ctx.option("round_to") if budget is not None else None, round_to,
@@ -230,22 +213,25 @@ class SubspaceNodePruning(Pass):
         planning, folding = (analysis, prunable, ranked), (stats, max_features, reconstruct)
         probed, tau, chosen, round_to = self._by_sensitivity(graph, ctx, planning, folding, (budget, keep, blocks),
                                                              (chosen, round_to))
-        cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size}
+        cut = {root: count for root, count in chosen.items() if count < ranked[root].order.size and root >= 0}
         decision = _decision(budget, keep, variance, tau)
         corrected = 0
         if sequential:
             folded = self._sequential(graph, ctx, analysis, cut, criterion, max_features, reconstruct,
                                       (decision, result.history))
         else:
-            result.history = _history(self.name, groups, ranked, cut, criterion, decision, probed)
-            folded, corrected = _cut(graph, ctx, (analysis, sites, stats), ranked, cut, target, reconstruct)
-        result.modified = bool(cut)
+            result.history = _history(self.name, m.groups, ranked, cut, criterion, decision, probed)
+            folded, corrected = _cut(graph, ctx, (analysis, m.sites, stats), ranked, cut, target, reconstruct)
+        folded_heads, head_history = apply_heads(graph, m.heads, chosen, stats, analysis.shapes, reconstruct, decision)
+        result.history.extend(head_history)
+        result.modified = bool(cut) or bool(head_history)
         result.stats = {
-            "groups": len(groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
-            "channels_removed": sum(ranked[r].order.size - c for r, c in chosen.items()),
-            "consumers_reconstructed": int(folded + corrected), "consumers_error_corrected": int(corrected),
-            "retained_variance_cut": variance,
-            "estimated_macs_ratio": mac_model.macs(chosen) / mac_model.total if mac_model.total else 1.0,
+            "groups": len(m.groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
+            "channels_removed": sum(ranked[r].order.size - c for r, c in chosen.items() if r >= 0),
+            **_head_stats(m.heads, chosen),
+            "consumers_reconstructed": int(folded + folded_heads + corrected),
+            "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
+            "estimated_macs_ratio": cost.cost(chosen) / total if total else 1.0,
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
             **({"groups_probed": len(probed)} if probed else {}),
         }
@@ -330,6 +316,9 @@ class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
                                  "the model's output (one cut and run per group, needs --calib) and cuts least "
                                  "where the output is most sensitive")
     probe_samples: int = option(PROBE_SAMPLES, cli=False, help="calibration samples each sensitivity probe runs")
+    heads: bool = option(True, flag="--no-heads",
+                         help="snp: keep every attention head (by default whole heads compete with channels in the "
+                              "budget, ranked by the output projection's error, their loss reconstructed into it)")
     sequential: bool = option(False, help="snp: prune group by group, re-measuring statistics on the partly "
                                           "pruned model")
     reconstruct: bool = option(True, flag="--no-reconstruct",

@@ -1,0 +1,91 @@
+"""The head block data: what whole-head pruning rewrites (graphopt.analysis.heads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """A constant input whose `axis` lays out `heads` blocks of `width` entries from `offset` on."""
+
+    node: gs.Node
+    index: int
+    axis: int
+    width: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class ShapeEntry:
+    """Entry `position` of a Reshape's target counts heads: it becomes (kept heads) * `per_head`."""
+
+    node: gs.Node
+    position: int
+    per_head: int
+
+
+@dataclass(frozen=True)
+class HeadConsumer:
+    """A linear consumer of the merged heads: weight input `index`, rows along `axis`, `width` per head."""
+
+    node: gs.Node
+    index: int
+    axis: int
+    width: int
+    tensor: str
+
+
+@dataclass
+class HeadBlock:
+    heads: int
+    slices: list[HeadSlice] = field(default_factory=list)
+    shapes: list[ShapeEntry] = field(default_factory=list)
+    attributes: list[gs.Node] = field(default_factory=list)  # ops with a num_heads attribute
+    consumers: list[HeadConsumer] = field(default_factory=list)
+    mixing: list[gs.Node] = field(default_factory=list)       # batched MatMuls / attention ops, 1/H of MACs per head
+    declined: str | None = None
+
+    @property
+    def name(self) -> str:
+        producers = sorted({s.node.name for s in self.slices if s.node.op in ("MatMul", "Gemm")} |
+                           {n.name for n in self.attributes})
+        return producers[0] if producers else (self.consumers[0].node.name if self.consumers else "?")
+
+    def macs_per_head(self, per_node: dict[str, int]) -> float:
+        """MACs one head costs per sample: its share of every projection, consumer and mixing op."""
+        total = 0.0
+        for cut in self.slices:
+            if cut.node.op in ("MatMul", "Gemm") and cut.index == 1:
+                columns = np.asarray(cut.node.inputs[1].values).shape[cut.axis]
+                total += per_node.get(cut.node.name, 0) * cut.width / max(columns, 1)
+        for consumer in self.consumers:
+            rows = np.asarray(consumer.node.inputs[consumer.index].values).shape[consumer.axis]
+            total += per_node.get(consumer.node.name, 0) * consumer.width / max(rows, 1)
+        total += sum(per_node.get(node.name, 0) / self.heads for node in self.mixing)
+        return total
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None for computed tensors."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = tensor.inputs[0] if tensor.inputs else None
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+
+
+def weight_slice(node: gs.Node, width: int, offset: int) -> HeadSlice | None:
+    """The output columns of a linear producer, or None when `node` is not one."""
+    if node.op == "MatMul" and constant_value(node.inputs[1]) is not None and constant_value(node.inputs[1]).ndim == 2 \
+            and constant_value(node.inputs[0]) is None:
+        return HeadSlice(node, 1, 1, width, offset)
+    if node.op == "Gemm" and constant_value(node.inputs[1]) is not None and not node.attrs.get("transA", 0):
+        return HeadSlice(node, 1, 0 if node.attrs.get("transB", 0) else 1, width, offset)
+    return None

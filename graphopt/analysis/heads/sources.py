@@ -1,0 +1,141 @@
+"""Where a head block's heads come from: the linear projections behind a head split, through per-channel
+ops and Split/Slice of a packed projection, and the projections of com.microsoft attention ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, Shapes, constant_value, weight_slice
+
+PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
+
+
+def _projection(node: gs.Node, width: int, offset: int) -> list[HeadSlice] | None:
+    """The weight (and Gemm bias) slices of a linear producer, None when `node` is not one."""
+    weight = weight_slice(node, width, offset)
+    if weight is None:
+        return None
+    bias = constant_value(node.inputs[2]) if node.op == "Gemm" and len(node.inputs) > 2 else None
+    return [weight] + ([HeadSlice(node, 2, bias.ndim - 1, width, offset)] if bias is not None and bias.size > 1 else [])
+
+
+def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
+          shapes: Shapes) -> tuple[list[HeadSlice], gs.Tensor, int] | str:
+    """One step back from `tensor` through its producer `node`: (slices, the tensor it reads, new offset)."""
+    if node.op in PER_CHANNEL and len(node.inputs) == 2:
+        step = _per_channel(node, tensor, width, offset, shapes)
+        return step if isinstance(step, str) else (step[0], step[1], offset)
+    if node.op in ("Split", "Slice"):
+        start = _split_start(node, tensor, shapes) if node.op == "Split" else _slice_start(node, shapes)
+        if start is None:
+            return f"{node.name} ({node.op}): not a constant cut of the last axis"
+        return [], node.inputs[0], offset + start
+    return f"{node.name} ({node.op}): not a linear projection"
+
+
+def producer_slices(tensor: gs.Tensor, width: int, offset: int, shapes: Shapes) -> list[HeadSlice] | str:
+    """Walk back from the tensor a split Reshape reads to the linear producer of its columns; the slices of
+    the producer's weight, bias and every per-channel constant on the way (`offset`: where the heads start
+    along the producer's columns, after a Split/Slice of a packed projection)."""
+    found: list[HeadSlice] = []
+    while True:
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None:
+            return f"{tensor.name}: not computed by a linear projection"
+        if len([r for r in tensor.outputs if r.op != "Shape"]) != 1:
+            return f"{tensor.name}: read by more than the head split"
+        projection = _projection(node, width, offset)
+        if projection is not None:
+            return found + projection
+        step = _back(node, tensor, width, offset, shapes)
+        if isinstance(step, str):
+            return step
+        found.extend(step[0])
+        tensor, offset = step[1], step[2]
+
+
+def _per_channel(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
+                 shapes: Shapes) -> tuple[list[HeadSlice], gs.Tensor] | str:
+    constants = [(i, constant_value(t)) for i, t in enumerate(node.inputs) if constant_value(t) is not None]
+    variables = [t for t in node.inputs if constant_value(t) is None]
+    if len(constants) != 1 or len(variables) != 1:
+        return f"{node.name} ({node.op}): not a per-channel constant"
+    index, value = constants[0]
+    if node.op in ("Sub", "Div") and index == 0:
+        return f"{node.name} ({node.op}): the projection is the second operand"
+    out = shapes.get(tensor.name)
+    if value.size == 1:
+        return [], variables[0]
+    if out is None or value.shape[-1] != shapes.get(variables[0].name, (0,))[-1] or value.size != value.shape[-1]:
+        return f"{node.name} ({node.op}): its constant is not one value per channel"
+    return [HeadSlice(node, index, value.ndim - 1, width, offset)], variables[0]
+
+
+def _split_start(node: gs.Node, tensor: gs.Tensor, shapes: Shapes) -> int | None:
+    """Where output `tensor` of a Split over the last axis starts along its input's last axis."""
+    source = shapes.get(node.inputs[0].name)
+    if source is None or int(node.attrs.get("axis", 0)) % len(source) != len(source) - 1:
+        return None
+    position = next(i for i, out in enumerate(node.outputs) if out is tensor)
+    return int(sum(shapes.get(out.name, (0,))[-1] for out in node.outputs[:position]))
+
+
+def _slice_start(node: gs.Node, shapes: Shapes) -> int | None:
+    """Where a Slice with step 1 over the last axis starts along its input's last axis."""
+    source = shapes.get(node.inputs[0].name)
+    starts = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 else np.array([-1])
+    steps = constant_value(node.inputs[4]) if len(node.inputs) > 4 else np.array([1])
+    if source is None or starts is None or axes is None or steps is None or starts.size != 1:
+        return None
+    if int(axes.reshape(-1)[0]) % len(source) != len(source) - 1 or int(steps.reshape(-1)[0]) != 1:
+        return None
+    start = int(starts.reshape(-1)[0])
+    return start + source[-1] if start < 0 else min(start, source[-1])
+
+
+def head_split(node: gs.Node, shapes: Shapes) -> tuple[int, int] | None:
+    """(heads, width) when Reshape `node` splits its input's last axis into [heads, width] as its last two."""
+    before, after = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+    if node.op != "Reshape" or before is None or after is None or len(after) != len(before) + 1 or len(after) < 3:
+        return None
+    if tuple(after[:-2]) != tuple(before[:-1]) or after[-2] * after[-1] != before[-1] or after[-2] < 2:
+        return None
+    return after[-2], after[-1]
+
+
+def _packed_sizes(node: gs.Node, columns: int) -> list[int]:
+    sizes = node.attrs.get("qkv_hidden_sizes")
+    return [int(s) for s in sizes] if sizes else [columns // 3] * 3
+
+
+def packed_projection(found: HeadBlock, node: gs.Node, heads: int) -> str | None:
+    weight = constant_value(node.inputs[1])
+    if weight is None or weight.ndim != 2:
+        return "its QKV weight is not a constant matrix"
+    offset = 0
+    for size in _packed_sizes(node, weight.shape[1]):
+        found.slices.append(HeadSlice(node, 1, 1, size // heads, offset))
+        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            found.slices.append(HeadSlice(node, 2, 0, size // heads, offset))
+        offset += size
+    return None
+
+
+def separate_projections(shapes: Shapes, found: HeadBlock, node: gs.Node, heads: int) -> str | None:
+    if len(node.inputs) < 3 or not node.inputs[1].name or not node.inputs[2].name:
+        return "packed query/key/value input"
+    offset = 0
+    for index in range(3):
+        columns = shapes.get(node.inputs[index].name, (0,))[-1]
+        if len(shapes.get(node.inputs[index].name, ())) != 3:
+            return "query, key and value are not [batch, sequence, channels]"
+        slices = producer_slices(node.inputs[index], columns // heads, 0, shapes)
+        if isinstance(slices, str):
+            return slices
+        found.slices.extend(slices)
+        if len(node.inputs) > 3 and constant_value(node.inputs[3]) is not None:
+            found.slices.append(HeadSlice(node, 3, 0, columns // heads, offset))
+        offset += columns
+    return None

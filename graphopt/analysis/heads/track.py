@@ -1,0 +1,285 @@
+"""Following the head axis forward from every head split to the merges (graphopt.analysis.heads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
+from graphopt.analysis.heads.sources import head_split, packed_projection, producer_slices, separate_projections
+
+UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
+         "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}
+BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Greater", "Less", "And", "Or",
+          "GreaterOrEqual", "LessOrEqual", "Mod"}
+SOFTMAX = {"Softmax", "LogSoftmax"}
+PACKED_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+
+
+def _axis(value: int, rank: int) -> int:
+    return value + rank if value < 0 else value
+
+
+class _Tracker:
+    """The head axis of every tensor computed from a head split, and the blocks (a union-find over them)."""
+
+    def __init__(self, graph: gs.Graph, shapes: Shapes) -> None:
+        self.graph, self.shapes = graph, shapes
+        self.axis: dict[str, int | None] = {}   # None: in a declined block, still followed to couple readers
+        self.block_of: dict[str, int] = {}
+        self.parent: list[int] = []
+        self.blocks: list[HeadBlock] = []
+
+    def new(self, heads: int) -> int:
+        self.parent.append(len(self.parent))
+        self.blocks.append(HeadBlock(heads))
+        return len(self.blocks) - 1
+
+    def find(self, block: int) -> int:
+        while self.parent[block] != block:
+            self.parent[block] = self.parent[self.parent[block]]
+            block = self.parent[block]
+        return block
+
+    def union(self, first: int, second: int) -> int:
+        a, b = self.find(first), self.find(second)
+        if a == b:
+            return a
+        self.parent[b] = a
+        kept, merged = self.blocks[a], self.blocks[b]
+        if kept.heads != merged.heads:
+            kept.declined = kept.declined or f"{kept.heads} and {merged.heads} heads meet"
+        kept.declined = kept.declined or merged.declined
+        for name in ("slices", "shapes", "attributes", "consumers", "mixing"):
+            getattr(kept, name).extend(getattr(merged, name))
+        return a
+
+    def block(self, tensor: gs.Tensor) -> HeadBlock:
+        return self.blocks[self.find(self.block_of[tensor.name])]
+
+    def mark(self, tensor: gs.Tensor, axis: int | None, block: int) -> None:
+        self.axis[tensor.name] = axis
+        self.block_of[tensor.name] = block
+
+    def decline(self, node: gs.Node, block: int, reason: str) -> None:
+        root = self.find(block)
+        self.blocks[root].declined = self.blocks[root].declined or f"{node.name} ({node.op}): {reason}"
+
+    def roots(self) -> list[HeadBlock]:
+        return [self.blocks[i] for i in range(len(self.blocks)) if self.find(i) == i]
+
+
+def _aligned(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int) -> int | str:
+    """The head axis of a broadcasting op's output: tracked operands must agree on it after right
+    alignment; an untracked operand must broadcast over it, or be a constant with one entry per head
+    (sliced with the heads)."""
+    rank = len(t.shapes.get(node.outputs[0].name, ()))
+    positions = {axis + rank - len(t.shapes.get(node.inputs[i].name, ())) for i, axis in tracked}
+    if len(positions) != 1:
+        return "operands hold their heads on different axes"
+    position = positions.pop()
+    heads = t.blocks[t.find(block)].heads
+    for index, tensor in enumerate(node.inputs):
+        if any(index == i for i, _ in tracked) or not tensor.name:
+            continue
+        shape = t.shapes.get(tensor.name) if constant_value(tensor) is None else constant_value(tensor).shape
+        if shape is None:
+            return f"shape of {tensor.name} unknown"
+        own = position - (rank - len(shape))
+        if own < 0 or shape[own] == 1:
+            continue
+        if constant_value(tensor) is not None and shape[own] == heads:
+            t.blocks[t.find(block)].slices.append(HeadSlice(node, index, own, 1))
+            continue
+        return f"operand {tensor.name} differs per head"
+    return position
+
+
+def _batched_matmul(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int) -> int | str:
+    rank = len(t.shapes.get(node.outputs[0].name, ()))
+    for index, axis in tracked:
+        if axis >= len(t.shapes.get(node.inputs[index].name, ())) - 2:
+            return "the heads are a matrix axis, not a batch axis"
+    position = _aligned(t, node, tracked, block)
+    if isinstance(position, int):
+        t.blocks[t.find(block)].mixing.append(node)
+    return position if isinstance(position, str) or position < rank - 2 else "heads on a matrix axis"
+
+
+def _squeezed_axis(t: _Tracker, node: gs.Node, axis: int) -> int | str:
+    """The head axis after an Unsqueeze or Squeeze."""
+    in_rank = len(t.shapes.get(node.inputs[0].name, ()))
+    out_rank = len(t.shapes.get(node.outputs[0].name, ()))
+    given = node.attrs.get("axes") if len(node.inputs) < 2 else constant_value(node.inputs[1])
+    if given is None:
+        return "axes not constant"
+    axes = sorted(_axis(int(a), out_rank if node.op == "Unsqueeze" else in_rank) for a in np.reshape(given, -1))
+    if node.op == "Squeeze":
+        return "squeezes the heads" if axis in axes else axis - sum(a < axis for a in axes)
+    position = axis
+    for inserted in axes:
+        position += inserted <= position
+    return position
+
+
+def _layout_axis(t: _Tracker, node: gs.Node, axis: int) -> int | str:
+    """The head axis after Transpose/Unsqueeze/Squeeze/Slice/Split/Concat, or why it is lost."""
+    in_rank = len(t.shapes.get(node.inputs[0].name, ()))
+    if node.op == "Transpose":
+        return list(node.attrs.get("perm", range(in_rank - 1, -1, -1))).index(axis)
+    if node.op in ("Unsqueeze", "Squeeze"):
+        return _squeezed_axis(t, node, axis)
+    if node.op == "Slice":
+        axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else np.arange(in_rank)
+        return "slices the heads" if axes is None or axis in {_axis(int(a), in_rank) for a in axes.reshape(-1)} \
+            else axis
+    return "splits or joins along the heads" if _axis(int(node.attrs.get("axis", 0)), in_rank) == axis else axis
+
+
+LAYOUT_OPS = {"Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat"}
+
+
+def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
+    """A Reshape merging [H, width] into the last axis, read only by linear consumers; None when recorded."""
+    before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
+    if before is None or after is None or axis != len(before) - 2 or len(after) != len(before) - 1 \
+            or tuple(after[:-1]) != tuple(before[:-2]) or after[-1] != before[-2] * before[-1]:
+        return "a reshape of the heads that is not their merge into the last axis"
+    width = before[-1]
+    merged = node.outputs[0]
+    if any(merged is out for out in t.graph.outputs):
+        return "the merged heads are a graph output"
+    consumers = []
+    for reader in merged.outputs:
+        weight = weight_slice(reader, width, 0) if reader.inputs[0] is merged else None
+        if weight is None:
+            return f"the merged heads are read by {reader.name} ({reader.op}), not a linear projection"
+        rows = 0 if reader.op == "MatMul" or not reader.attrs.get("transB", 0) else 1
+        consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
+    found = t.blocks[t.find(block)]
+    found.consumers.extend(consumers)
+    found.shapes.append(ShapeEntry(node, len(after) - 1, width))
+    return None
+
+
+def _step(t: _Tracker, node: gs.Node) -> None:
+    """Follow the head axis through `node`, which reads at least one tracked tensor."""
+    tracked = [(i, t.axis[x.name]) for i, x in enumerate(node.inputs) if x.name in t.axis]
+    block = t.block_of[node.inputs[tracked[0][0]].name]
+    for index, _ in tracked[1:]:
+        block = t.union(block, t.block_of[node.inputs[index].name])
+    if any(axis is None for _, axis in tracked):
+        t.decline(node, block, "reads a declined head tensor")
+        return
+    axis = tracked[0][1]
+    if node.op == "Reshape":
+        reason = _merge(t, node, axis, block) if tracked[0][0] == 0 else "a shape computed from the heads"
+        if reason is not None:
+            t.decline(node, block, reason)
+        return
+    if node.op == "Shape":
+        return
+    result = _rule(t, node, tracked, block, axis)
+    if isinstance(result, str):
+        t.decline(node, block, result)
+        return
+    for out in node.outputs:
+        t.mark(out, result, block)
+
+
+def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int, axis: int) -> int | str:
+    if node.domain not in (None, "", "ai.onnx"):
+        return "an op outside the ONNX domain reads the heads"
+    if node.op in UNARY:
+        return axis
+    if node.op in SOFTMAX:
+        rank = len(t.shapes.get(node.inputs[0].name, ()))
+        return axis if _axis(int(node.attrs.get("axis", -1)), rank) > axis else "normalises over the heads"
+    if node.op in BINARY:
+        return _aligned(t, node, tracked, block)
+    if node.op == "MatMul":
+        return _batched_matmul(t, node, tracked, block)
+    if node.op in LAYOUT_OPS:
+        moved = _layout_axis(t, node, axis)
+        if isinstance(moved, str) or node.op != "Concat":
+            return moved
+        return _aligned(t, node, tracked, block)
+    return "reads the heads"
+
+
+def _attention_op(t: _Tracker, node: gs.Node) -> None:
+    """com.microsoft Attention / MultiHeadAttention: the op mixes per head; its output holds the merged heads."""
+    heads = int(node.attrs.get("num_heads", 0))
+    block = t.new(max(heads, 1))
+    found = t.blocks[block]
+    found.attributes.append(node)
+    found.mixing.append(node)
+    extra = [i for i, x in enumerate(node.inputs) if x.name and i >= (5 if node.op == "Attention" else 4)]
+    reason = None
+    if heads < 2:
+        reason = "num_heads missing"
+    elif extra or len([o for o in node.outputs if o.name and o.outputs]) > 1:
+        reason = "past state, per-head bias or extra outputs"
+    elif node.op == "Attention":
+        reason = packed_projection(found, node, heads)
+    else:
+        reason = separate_projections(t.shapes, found, node, heads)
+    if reason is None:
+        width = t.shapes.get(node.outputs[0].name, (0,))[-1] // heads
+        reason = _merged_readers(t, node.outputs[0], width, block)
+    if reason is not None:
+        found.declined = f"{node.name} ({node.op}): {reason}"
+
+
+def _merged_readers(t: _Tracker, merged: gs.Tensor, width: int, block: int) -> str | None:
+    if any(merged is out for out in t.graph.outputs):
+        return "its output is a graph output"
+    for reader in merged.outputs:
+        weight = weight_slice(reader, width, 0) if reader.inputs[0] is merged else None
+        if weight is None:
+            return f"its output is read by {reader.name} ({reader.op}), not a linear projection"
+        rows = 0 if reader.op == "MatMul" or not reader.attrs.get("transB", 0) else 1
+        t.blocks[block].consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
+    return None
+
+
+def _start(t: _Tracker, node: gs.Node, heads: int, width: int) -> None:
+    """A head split opens a block: its projection's slices, its target entry counting heads."""
+    block = t.new(heads)
+    slices = producer_slices(node.inputs[0], width, 0, t.shapes)
+    if isinstance(slices, str):
+        t.blocks[block].declined = f"{node.name} (Reshape): {slices}"
+    else:
+        t.blocks[block].slices.extend(slices)
+    position = len(t.shapes[node.outputs[0].name]) - 2
+    t.blocks[block].shapes.append(ShapeEntry(node, position, 1))
+    t.mark(node.outputs[0], position, block)
+
+
+def _closed(t: _Tracker) -> list[HeadBlock]:
+    """The blocks, a block whose head tensor is a graph output or that nothing projects declined."""
+    for out in t.graph.outputs:
+        if out.name in t.block_of:
+            found = t.block(out)
+            found.declined = found.declined or f"{out.name}: a head tensor is a graph output"
+    blocks = t.roots()
+    for found in blocks:
+        if not found.declined and not found.consumers:
+            found.declined = "no linear projection reads the merged heads"
+    return blocks
+
+
+def find_head_blocks(graph: gs.Graph, shapes: Shapes) -> list[HeadBlock]:
+    """Every head block of `graph` (in topological order), declined ones with their reason."""
+    t = _Tracker(graph, shapes)
+    for node in graph.nodes:
+        if (node.domain, node.op) in PACKED_ATTENTION:
+            _attention_op(t, node)
+            continue
+        tracked = [x for x in node.inputs if x.name in t.axis]
+        split = head_split(node, shapes) if node.op == "Reshape" and not tracked else None
+        if split is not None:
+            _start(t, node, *split)
+        elif tracked:
+            _step(t, node)
+    return _closed(t)

@@ -1,0 +1,103 @@
+"""Which attention heads matter: an output-aware greedy order per head block, and their cost.
+
+For a block with merged-head features x (H heads of w features each) read by consumers y_c = x W_c, removing
+a set P of heads and reconstructing them from the kept ones K in the least-squares sense
+(x_P ≈ C x_K + c₀, folded into W_c by graphopt.passes.heads.prune) leaves, per consumer, the error
+    E_c(P) = tr(W_{c,P}ᵀ S_P W_{c,P}),   S_P = Σ_PP − Σ_PK Σ_KK⁻¹ Σ_KP = (Σ⁻¹)_PP⁻¹
+(S_P the covariance of x_P given x_K; Σ ridge-regularised as SNP's reconstructions are). Heads are
+removed greedily, each time the one whose removal adds the least Σ_c E_c; the order is that choice
+reversed (the most important head first). `fraction[i]` is what removing the i-th head of the order
+adds, over E(all heads) = Σ_c tr(W_cᵀ Σ W_c), so fractions sum to 1 like SNP's unique-variance shares
+and one retained-fraction cut compares heads with channel groups. This is the output projection's
+error, not the model's: later layers can amplify or absorb it.
+
+Cost: every head carries the same MACs (its columns of each projection, its rows of each consumer and
+1/H of every per-head MatMul), so a block keeping k of H heads costs MACs(full) − (H − k)·per_head;
+`WithHeads` adds that to a channel cost model (for a latency model, per-head MACs are turned into
+milliseconds at the model's mean cost per MAC: an estimate, not a measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.analysis.heads import HeadBlock
+from graphopt.calibration.stats import TensorStats
+from graphopt.passes.channels.budget import CostModel
+from graphopt.passes.snp.maths import regularised
+from graphopt.passes.snp.plan import Ordering
+
+
+def head_positions(heads: np.ndarray, width: int) -> np.ndarray:
+    """Feature positions of `heads` in a merged tensor of heads `width` features wide."""
+    return (np.asarray(heads, dtype=np.int64)[:, None] * width + np.arange(width)).reshape(-1)
+
+
+def _readouts(block: HeadBlock, stats: dict[str, TensorStats]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(Σ⁻¹, W with merged features as rows, width) per consumer with statistics."""
+    found = []
+    for consumer in block.consumers:
+        if consumer.tensor not in stats:
+            continue
+        weight = np.moveaxis(np.asarray(consumer.node.inputs[consumer.index].values, dtype=np.float64),
+                             consumer.axis, 0)
+        cov = stats[consumer.tensor].covariance()
+        found.append((cov, np.linalg.inv(regularised(cov)), weight.reshape(weight.shape[0], -1), consumer.width))
+    return found
+
+
+def _error(readouts: list, removed: list[int]) -> float:
+    total = 0.0
+    for _, precision, weight, width in readouts:
+        pruned = head_positions(np.array(removed), width)
+        rows = weight[pruned]
+        total += float(np.trace(rows.T @ np.linalg.solve(precision[np.ix_(pruned, pruned)], rows)))
+    return total
+
+
+def head_ordering(block: HeadBlock, stats: dict[str, TensorStats]) -> Ordering | None:
+    """Heads from most to least important for the consumers' error, with each one's share; None without
+    statistics."""
+    readouts = _readouts(block, stats)
+    if not readouts:
+        return None
+    whole = sum(float(np.trace(w.T @ cov @ w)) for cov, _, w, _ in readouts)
+    removed: list[int] = []
+    added: list[float] = []
+    current = 0.0
+    while len(removed) < block.heads - 1:
+        candidates = [h for h in range(block.heads) if h not in removed]
+        errors = [_error(readouts, removed + [h]) for h in candidates]
+        best = int(np.argmin(errors))
+        removed.append(candidates[best])
+        added.append(max(errors[best] - current, 0.0))
+        current = errors[best]
+    last = next(h for h in range(block.heads) if h not in removed)
+    order = np.array([last, *reversed(removed)], dtype=np.int64)
+    shares = np.array([max(whole - current, 0.0), *reversed(added)])
+    return Ordering(order, shares / max(float(shares.sum()), 1e-300))
+
+
+@dataclass
+class WithHeads:
+    """A channel cost model plus head blocks (keyed by negative roots): head h of a block costs `per_head`."""
+
+    base: CostModel
+    per_head: dict[int, float]
+    heads: dict[int, int]
+
+    def __post_init__(self) -> None:
+        self.total = self.base.total
+
+    def cost(self, counts: dict[int, int]) -> float:
+        channels = {root: count for root, count in counts.items() if root not in self.per_head}
+        saved = sum((self.heads[root] - counts.get(root, self.heads[root])) * cost
+                    for root, cost in self.per_head.items())
+        return self.base.cost(channels) - saved
+
+    def ratio(self, counts: dict[int, int]) -> float:
+        return self.cost(counts) / self.total if self.total else 1.0
+
+    macs = cost

@@ -1,0 +1,128 @@
+"""Remove whole attention heads from a head block (graphopt.analysis.heads), with reconstruction.
+
+For each consumer y = x W (+ b) of the merged heads, the removed heads' features x_P are first replaced
+by their least-squares estimate from the kept ones, x_P ≈ C x_K + c₀ (graphopt.passes.snp.maths, on
+the consumer's input statistics): W_K += C... written as W_K ← W_K + Cᵀ W_P and b ← b + c₀ W_P (bias
+compensation; a consumer without a bias gets one). Then every head slice of the block loses the removed
+heads' entries (projection columns, biases, per-channel and per-head constants, consumer rows), every
+Reshape target entry that counts heads becomes (kept heads) × its per-head size, and every attention
+op's `num_heads` (and `qkv_hidden_sizes`) follows. Without statistics (or with reconstruction off) the
+heads are simply cut. Exact when the removed heads' consumer rows are zero, or when their features are
+affine in the kept heads' on the data the statistics describe.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.heads import HeadBlock, ShapeEntry
+from graphopt.calibration.stats import TensorStats
+from graphopt.errors import GraphoptError
+from graphopt.ir import graph as ir
+from graphopt.passes.channels.consumer_shift import add_bias
+from graphopt.passes.heads.plan import head_positions
+from graphopt.passes.snp.maths import reconstruction
+
+
+def _reconstruct(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, removed: np.ndarray,
+                 stats: dict[str, TensorStats]) -> int:
+    """Fold the removed heads' reconstruction into every consumer with statistics; how many were folded."""
+    folded = 0
+    for consumer in block.consumers:
+        if consumer.tensor not in stats:
+            continue
+        keep_pos, pruned_pos = head_positions(kept, consumer.width), head_positions(removed, consumer.width)
+        tensor_stats = stats[consumer.tensor]
+        coupling, constant = reconstruction(tensor_stats.covariance(), tensor_stats.mean, keep_pos, pruned_pos)
+        weight = np.asarray(consumer.node.inputs[consumer.index].values)
+        rows = np.moveaxis(weight.astype(np.float64), consumer.axis, 0)
+        shift = np.tensordot(constant, rows[pruned_pos], axes=(0, 0))
+        rows[keep_pos] += np.tensordot(coupling, rows[pruned_pos], axes=(0, 0))
+        ir.set_input_array(graph, consumer.node, consumer.index,
+                           np.moveaxis(rows, 0, consumer.axis).astype(weight.dtype))
+        if np.any(shift):
+            add_bias(graph, consumer.node, shift.reshape(-1) * float(consumer.node.attrs.get("alpha", 1.0)))
+        folded += 1
+    return folded
+
+
+def _cut_slices(graph: gs.Graph, block: HeadBlock, removed: np.ndarray) -> None:
+    """Drop the removed heads' entries from every sliced constant (all slices of one input at once)."""
+    drops: dict[tuple[int, int], tuple[gs.Node, int, int, list[np.ndarray]]] = {}
+    for cut in block.slices:
+        key = (id(cut.node), cut.index)
+        entry = drops.setdefault(key, (cut.node, cut.index, cut.axis, []))
+        entry[3].append(cut.offset + head_positions(removed, cut.width))
+    for consumer in block.consumers:
+        key = (id(consumer.node), consumer.index)
+        entry = drops.setdefault(key, (consumer.node, consumer.index, consumer.axis, []))
+        entry[3].append(head_positions(removed, consumer.width))
+    for node, index, axis, positions in drops.values():
+        values = np.asarray(node.inputs[index].values)
+        ir.set_input_array(graph, node, index, np.delete(values, np.unique(np.concatenate(positions)), axis=axis))
+
+
+def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]]) -> tuple[gs.Node, int, int] | None:
+    """(node, input, element) holding Reshape target entry `position`: the target itself when constant, or
+    the Concat piece that covers it (constant, or a one-element run-time piece to replace)."""
+    target = node.inputs[1]
+    if isinstance(target, gs.Constant):
+        return node, 1, position
+    concat = target.inputs[0] if target.inputs else None
+    if concat is None or concat.op != "Concat":
+        return None
+    offset = 0
+    for index, piece in enumerate(concat.inputs):
+        length = int(np.asarray(piece.values).size) if isinstance(piece, gs.Constant) else \
+            (shapes.get(piece.name) or (None,))[0]
+        if length is None:
+            return None
+        if offset <= position < offset + length:
+            return (concat, index, position - offset) if isinstance(piece, gs.Constant) or length == 1 else None
+        offset += length
+    return None
+
+
+def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    located = entry_holder(entry.node, entry.position, shapes)
+    if located is None:
+        raise GraphoptError(f"{entry.node.name}: the reshape target entry counting heads cannot be rewritten")
+    holder, index, element = located
+    if holder is not entry.node:  # a Concat the reshapes of other layers may read too
+        holder = ir.private_producer(graph, entry.node, 1)
+    piece = holder.inputs[index]
+    values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
+        else np.zeros(1, dtype=np.int64)
+    if isinstance(piece, gs.Constant) and values[element] == -1:
+        return
+    values[element] = kept * entry.per_head
+    ir.set_input_array(graph, holder, index, values)
+
+
+def _set_attributes(block: HeadBlock, kept: int) -> None:
+    for node in block.attributes:
+        heads = int(node.attrs["num_heads"])
+        node.attrs["num_heads"] = kept
+        if node.attrs.get("qkv_hidden_sizes"):
+            node.attrs["qkv_hidden_sizes"] = [int(s) // heads * kept for s in node.attrs["qkv_hidden_sizes"]]
+
+
+def cut_heads(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, stats: dict[str, TensorStats],
+              shapes: dict[str, tuple[int, ...]], reconstruct: bool = True) -> int:
+    """Keep heads `kept` (sorted indices) of `block`; returns how many consumers got a reconstruction."""
+    removed = np.setdiff1d(np.arange(block.heads), kept)
+    if removed.size == 0:
+        return 0
+    folded = _reconstruct(graph, block, np.asarray(kept), removed, stats) if reconstruct else 0
+    _cut_slices(graph, block, removed)
+    grouped: dict[int, list[ShapeEntry]] = defaultdict(list)
+    for entry in block.shapes:
+        grouped[id(entry.node)].append(entry)
+    for entries in grouped.values():
+        for entry in entries:
+            _set_entry(graph, entry, int(np.asarray(kept).size), shapes)
+    _set_attributes(block, int(np.asarray(kept).size))
+    return folded

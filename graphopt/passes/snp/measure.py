@@ -1,0 +1,81 @@
+"""What SNP plans from: the channel groups and head blocks of a graph, their consumers' statistics (one
+calibration run for both), each group's unit ordering, and the cost model its budget is spent in.
+
+Channel groups inside a head block (per-head q/k and value channels) are left to the head planning
+(graphopt.passes.heads.select) when heads are pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.calibration.stats import StatRequest, TensorStats, blas_for
+from graphopt.passes.base import PassContext, PassResult
+from graphopt.passes.channels.budget import CostModel, MacModel
+from graphopt.passes.channels.latency import Budget, channel_budget
+from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.heads.select import HeadPlan, head_requests, inside_blocks, plan_heads, usable_blocks
+from graphopt.passes.snp.plan import Ordering, orderings
+
+
+def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
+    usable = []
+    for site in analysis.sites:
+        if site.kind not in ("weight", "reduce") or site.role != "consumer":
+            continue
+        features = analysis.size(site.state) * site.state.factor
+        if site.node.op == "ConvTranspose" or features > max_features:
+            if result is not None:
+                result.skipped.append(f"{site.node.name}: no reconstruction ({site.node.op}, {features} input features)")
+        else:
+            usable.append(site)
+    return usable
+
+
+def consumer_statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site],
+                        extra: list[StatRequest] = ()) -> dict[str, TensorStats]:
+    requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}), s.state.axis)
+                for s in sites}
+    requests.update({r.tensor: r for r in extra if r.tensor not in requests})
+    return ctx.statistics(list(requests.values()), model=graph) if requests else {}
+
+
+@dataclass
+class Measured:
+    analysis: Analysis
+    per_node: dict[str, int]
+    groups: list[Group]
+    prunable: list[Group]      # channel groups SNP may cut (not those inside head blocks)
+    sites: list[Site]
+    stats: dict[str, TensorStats]
+    ranked: dict[int, Ordering]  # channel groups and (negative roots) head blocks
+    heads: HeadPlan
+
+
+def measure(graph: gs.Graph, ctx: PassContext, result: PassResult, criterion: str, max_features: int) -> Measured:
+    """Analyse `graph`, gather the statistics every consumer (and every head block) needs, and order the units."""
+    analysis, per_node = analyse(graph, ctx)
+    groups, prunable = split_groups(analysis, result)
+    blocks = usable_blocks(graph, analysis.shapes, result) if ctx.option("heads", True) else []
+    inside = inside_blocks(analysis, prunable, blocks)
+    prunable = [g for g in prunable if g.root not in inside]
+    sites = linear_consumers(analysis, max_features, result)
+    stats = consumer_statistics(ctx, graph, sites, head_requests(blocks, analysis.shapes))
+    with blas_for(max((g.size for g in prunable), default=0)):  # threads pay on wide groups only
+        ranked = orderings(analysis, prunable, sites, stats, criterion, result)
+    heads = plan_heads(blocks, stats, result)
+    return Measured(analysis, per_node, groups, prunable, sites, stats, {**ranked, **heads.orderings}, heads)
+
+
+def costs(graph: gs.Graph, ctx: PassContext, m: Measured, round_to: dict[int, int],
+          with_target: bool) -> tuple[CostModel, float, Budget | None]:
+    """(the MAC model with heads, the unpruned MACs, the budget of a MAC or latency target or None)."""
+    macs = MacModel(m.analysis, m.per_node, {root for root in m.ranked if root >= 0})
+    cost = m.heads.cost_model(macs, m.per_node, macs.total)
+    budget = channel_budget(graph, ctx, m.analysis, cost, round_to) if with_target else None
+    if budget is not None and budget.model is not cost:
+        budget.model = m.heads.cost_model(budget.model, m.per_node, macs.total)
+    return cost, macs.total, budget

@@ -1,0 +1,236 @@
+"""Whole attention heads (graphopt/analysis/heads.py, graphopt/passes/heads/): found in exports of both torch
+exporters, removed exactly where the removed heads contribute nothing (or are reconstructed exactly), and
+pruned by SNP beside FFN channels under one MAC budget, the written model keeping dynamic batch and
+sequence axes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from graphopt.analysis.heads import find_head_blocks
+from graphopt.api import optimize
+from graphopt.calibration.session import make_session
+from graphopt.calibration.shapes import batch1_shapes
+from graphopt.ir import graph as ir
+from graphopt.passes.heads.prune import cut_heads
+from graphopt.passes.heads.select import usable_blocks
+from graphopt.passes.base import PassResult
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+VOCAB, DIM, HEADS, LAYERS, TOKENS = 40, 32, 4, 2, 10
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-second, first), dim=-1)
+
+
+class Block(nn.Module):
+    """Self-attention with HF's additive mask (optionally rotary q/k), post-LN, GELU FFN."""
+
+    def __init__(self, rotary: bool) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.rotary, self.head_dim = rotary, DIM // HEADS
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], HEADS, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))
+        if self.rotary:
+            angle = torch.arange(x.shape[1], dtype=x.dtype)[:, None] / (10.0 ** (torch.arange(self.head_dim) / self.head_dim))
+            cos, sin = angle.cos(), angle.sin()
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + bias
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], DIM)
+        x = self.norm1(x + self.o(context))
+        return self.norm2(x + self.ffn(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, rotary: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block(rotary) for _ in range(LAYERS))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for block in self.blocks:
+            x = block(x, bias)
+        return x
+
+
+def _export(module: nn.Module, exporter: str, path: Path) -> onnx.ModelProto:
+    ids = torch.randint(1, VOCAB, (2, TOKENS))
+    mask = torch.ones(2, TOKENS, dtype=torch.int64)
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["hidden"]}
+    if exporter == "legacy":
+        axes = {0: "batch", 1: "sequence"}
+        torch.onnx.export(module, (ids, mask), str(path), dynamo=False, opset_version=17, **names,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "hidden": axes})
+    else:
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+        program = torch.onnx.export(module, (ids, mask), dynamo=True, opset_version=18, verbose=False, **names,
+                                    dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}))
+        program.save(str(path))
+    return onnx.load(str(path))
+
+
+def _data(count: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(tokens // 2, tokens + 1, size=count)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": (rng.integers(1, VOCAB, size=(count, tokens)) * mask).astype(np.int64),
+            "attention_mask": mask}
+
+
+def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
+    return make_session(model).run(None, data)[0]
+
+
+def _build(rotary: bool = False, edit=None) -> nn.Module:
+    torch.manual_seed(0)
+    module = Encoder(rotary).eval()
+    if edit is not None:
+        with torch.no_grad():
+            edit(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def exporter(request) -> str:
+    return request.param
+
+
+def _blocks(model: onnx.ModelProto):
+    graph = ir.import_graph(model)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    return graph, shapes, find_head_blocks(graph, shapes)
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_every_attention_layer_is_one_block_of_its_heads(exporter, rotary, tmp_path) -> None:
+    model = _export(_build(rotary), exporter, tmp_path / "m.onnx")
+    graph, shapes, blocks = _blocks(model)
+    result = PassResult(modified=False)
+    usable = usable_blocks(graph, shapes, result)
+    assert len(usable) == LAYERS, result.skipped
+    for block in usable:
+        assert block.heads == HEADS
+        projections = {s.node.name for s in block.slices if s.node.op in ("MatMul", "Gemm")}
+        assert len(projections) == 3  # q, k, v
+        assert len(block.consumers) == 1 and len(block.mixing) == 2  # q·kᵀ and p·v
+
+
+def _zero_head_output(module: Encoder, layer: int, head: int) -> None:
+    rows = slice(head * DIM // HEADS, (head + 1) * DIM // HEADS)
+    module.blocks[layer].o.weight[:, rows] = 0.0
+
+
+def test_removing_heads_the_output_projection_ignores_is_exact(exporter, tmp_path) -> None:
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 1)
+        _zero_head_output(module, 1, 0)
+        _zero_head_output(module, 1, 3)
+
+    model = _export(_build(edit=edit), exporter, tmp_path / "m.onnx")
+    graph, shapes, blocks = _blocks(model)
+    for block, removed in zip(blocks, ([1], [0, 3])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), removed), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, model)
+    data = _data(3, TOKENS + 4, seed=1)  # another batch and sequence length than the analysis used
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
+    weights = {t.name: t for t in pruned.graph.initializer}
+    assert sum(np.prod(t.dims) for t in weights.values()) < sum(np.prod(t.dims) for t in model.graph.initializer)
+    dims = [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim]
+    assert all(dims), "batch and sequence stay dynamic"
+
+
+def test_a_duplicated_head_is_reconstructed_exactly_into_the_output_projection(exporter, tmp_path) -> None:
+    """Head 2 of layer 0 computes exactly what head 0 does: its context is head 0's, so removing it and
+    folding the least-squares reconstruction into the output projection changes nothing."""
+    width = DIM // HEADS
+
+    def edit(module: Encoder) -> None:
+        block = module.blocks[0]
+        for proj in (block.q, block.k, block.v):
+            proj.weight[2 * width:3 * width] = proj.weight[:width]
+            proj.bias[2 * width:3 * width] = proj.bias[:width]
+
+    model = _export(_build(edit=edit), exporter, tmp_path / "m.onnx")
+    result = optimize(model, method="snp", calib=_data(64, TOKENS, seed=2), keep_variance=1.0, round_to=1)
+    heads = [h for h in result.report["passes"][-1]["history"] if "heads" in h]
+    assert [h["kept"] for h in heads] == [3] and heads[0]["removed"] in ([0], [2])  # either copy goes
+    data = _data(4, TOKENS, seed=3)
+    np.testing.assert_allclose(_run(result.model, data), _run(model, data), rtol=1e-3, atol=1e-3)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def test_snp_prunes_heads_and_channels_under_one_mac_target(exporter, tmp_path) -> None:
+    model = _export(_build(), exporter, tmp_path / "m.onnx")
+    calib = _data(128, TOKENS, seed=4)
+    with_heads = optimize(model, method="snp", calib=calib, target_macs=0.6, round_to=1)
+    channels_only = optimize(model, method="snp", calib=calib, target_macs=0.6, round_to=1, heads=False)
+    stats = with_heads.report["passes"][-1]["stats"]
+    assert stats["heads_removed"] >= 1 and stats["channels_removed"] >= 1
+    assert "heads_removed" not in channels_only.report["passes"][-1]["stats"]
+    for result in (with_heads, channels_only):
+        assert result.report["macs_ratio"] <= 0.6 + 1e-9
+    held_out = _data(16, TOKENS + 3, seed=5)
+    reference = _run(model, held_out)
+    assert _cosine(_run(with_heads.model, held_out), reference) > 0.9
+
+
+def _fused(module: nn.Module, tmp_path: Path) -> onnx.ModelProto:
+    """The legacy export run through onnxruntime's transformers optimizer: com.microsoft Attention with a packed
+    QKV weight, SkipLayerNormalization and BiasGelu."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _export(module, "legacy", tmp_path / "plain.onnx")
+    fused = optimize_model(str(tmp_path / "plain.onnx"), model_type="bert", num_heads=HEADS, hidden_size=DIM,
+                           opt_level=0).model
+    assert sum(node.op_type == "Attention" for node in fused.graph.node) == LAYERS
+    return fused
+
+
+def test_fused_attention_heads_are_removed_exactly(tmp_path) -> None:
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 2)
+        _zero_head_output(module, 1, 1)
+
+    model = _fused(_build(edit=edit), tmp_path)
+    graph = ir.import_graph(model)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    blocks = usable_blocks(graph, shapes, PassResult(modified=False))
+    assert [b.heads for b in blocks] == [HEADS] * LAYERS
+    for block, removed in zip(blocks, (2, 1)):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), [removed]), {}, shapes, reconstruct=False)
+    pruned = ir.export_model(graph, model)
+    assert [n.attribute[0].i for n in pruned.graph.node if n.op_type == "Attention"] == [HEADS - 1] * LAYERS
+    data = _data(3, TOKENS + 2, seed=6)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
+
+
+def test_snp_prunes_the_heads_and_ffn_of_a_fused_model(tmp_path) -> None:
+    model = _fused(_build(), tmp_path)
+    result = optimize(model, method="snp", calib=_data(128, TOKENS, seed=4), target_macs=0.5, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["heads_removed"] >= 1 and stats["channels_removed"] >= 1 and result.report["macs_ratio"] <= 0.5 + 1e-9
+    held_out = _data(16, TOKENS + 3, seed=5)
+    assert _cosine(_run(result.model, held_out), _run(model, held_out)) > 0.9
