@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -57,6 +57,14 @@ class HeadBlock:
         producers = sorted({s.node.name for s in self.slices if s.node.op in ("MatMul", "Gemm")} |
                            {n.name for n in self.attributes})
         return producers[0] if producers else (self.consumers[0].node.name if self.consumers else "?")
+
+    def coarsen(self, factor: int) -> None:
+        """Count units of `factor` consecutive heads (grouped-query attention: a key/value head and its query
+        heads go together): every per-head width and count grows by `factor`."""
+        self.heads //= factor
+        self.slices = [replace(s, width=s.width * factor) for s in self.slices]
+        self.shapes = [replace(e, per_head=e.per_head * factor) for e in self.shapes]
+        self.consumers = [replace(c, width=c.width * factor) for c in self.consumers]
 
     def macs_per_head(self, per_node: dict[str, int]) -> float:
         """MACs one head costs per sample: its share of every projection, consumer and mixing op."""

@@ -45,9 +45,13 @@ class _Tracker:
         a, b = self.find(first), self.find(second)
         if a == b:
             return a
+        if self.blocks[a].heads < self.blocks[b].heads:
+            a, b = b, a
         self.parent[b] = a
         kept, merged = self.blocks[a], self.blocks[b]
-        if kept.heads != merged.heads:
+        if kept.heads % merged.heads == 0:  # query heads meet their shared key/value heads
+            kept.coarsen(kept.heads // merged.heads)
+        else:
             kept.declined = kept.declined or f"{kept.heads} and {merged.heads} heads meet"
         kept.declined = kept.declined or merged.declined
         for name in ("slices", "shapes", "attributes", "consumers", "mixing"):
@@ -73,12 +77,13 @@ def _aligned(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: 
     """The head axis of a broadcasting op's output: tracked operands must agree on it after right
     alignment; an untracked operand must broadcast over it, or be a constant with one entry per head
     (sliced with the heads)."""
-    rank = len(t.shapes.get(node.outputs[0].name, ()))
+    out = t.shapes.get(node.outputs[0].name, ())
+    rank = len(out)
     positions = {axis + rank - len(t.shapes.get(node.inputs[i].name, ())) for i, axis in tracked}
     if len(positions) != 1:
         return "operands hold their heads on different axes"
     position = positions.pop()
-    heads = t.blocks[t.find(block)].heads
+    entries, heads = out[position], t.blocks[t.find(block)].heads
     for index, tensor in enumerate(node.inputs):
         if any(index == i for i, _ in tracked) or not tensor.name:
             continue
@@ -88,8 +93,8 @@ def _aligned(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: 
         own = position - (rank - len(shape))
         if own < 0 or shape[own] == 1:
             continue
-        if constant_value(tensor) is not None and shape[own] == heads:
-            t.blocks[t.find(block)].slices.append(HeadSlice(node, index, own, 1))
+        if constant_value(tensor) is not None and shape[own] == entries and entries % heads == 0:
+            t.blocks[t.find(block)].slices.append(HeadSlice(node, index, own, entries // heads))
             continue
         return f"operand {tensor.name} differs per head"
     return position
@@ -145,7 +150,10 @@ def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
     if before is None or after is None or axis != len(before) - 2 or len(after) != len(before) - 1 \
             or tuple(after[:-1]) != tuple(before[:-2]) or after[-1] != before[-2] * before[-1]:
         return "a reshape of the heads that is not their merge into the last axis"
-    width = before[-1]
+    heads = t.blocks[t.find(block)].heads
+    if before[-2] % heads:
+        return "the merged heads are not whole units"
+    width = before[-1] * (before[-2] // heads)
     merged = node.outputs[0]
     if any(merged is out for out in t.graph.outputs):
         return "the merged heads are a graph output"
@@ -162,6 +170,34 @@ def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
     return None
 
 
+def _repeated(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:
+    """A Reshape merging the head axis with the next one, not the last (key/value heads repeated for their
+    query heads: [N, Hkv, g, T, d] -> [N, Hkv·g, T, d]): the heads stay on `axis`, g times as many entries."""
+    before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
+    if before is None or after is None or axis >= len(before) - 2 or len(after) != len(before) - 1:
+        return False
+    if tuple(after[:axis]) != tuple(before[:axis]) or after[axis] != before[axis] * before[axis + 1] \
+            or tuple(after[axis + 1:]) != tuple(before[axis + 2:]):
+        return False
+    found = t.blocks[t.find(block)]
+    found.shapes.append(ShapeEntry(node, axis, after[axis] // found.heads))
+    t.mark(node.outputs[0], axis, block)
+    return True
+
+
+def _expanded(t: _Tracker, node: gs.Node, axis: int, block: int) -> int | str:
+    """Expand along other axes than the heads; an explicit target entry for the heads follows them."""
+    before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
+    if before is None or after is None:
+        return "shapes unknown"
+    position = axis + len(after) - len(before)
+    if after[position] != before[axis]:
+        return "expands the heads"
+    found = t.blocks[t.find(block)]
+    found.shapes.append(ShapeEntry(node, position, after[position] // found.heads))
+    return position
+
+
 def _step(t: _Tracker, node: gs.Node) -> None:
     """Follow the head axis through `node`, which reads at least one tracked tensor."""
     tracked = [(i, t.axis[x.name]) for i, x in enumerate(node.inputs) if x.name in t.axis]
@@ -172,6 +208,8 @@ def _step(t: _Tracker, node: gs.Node) -> None:
         t.decline(node, block, "reads a declined head tensor")
         return
     axis = tracked[0][1]
+    if node.op == "Reshape" and tracked[0][0] == 0 and _repeated(t, node, axis, block):
+        return
     if node.op == "Reshape":
         reason = _merge(t, node, axis, block) if tracked[0][0] == 0 else "a shape computed from the heads"
         if reason is not None:
@@ -199,6 +237,8 @@ def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int
         return _aligned(t, node, tracked, block)
     if node.op == "MatMul":
         return _batched_matmul(t, node, tracked, block)
+    if node.op == "Expand" and tracked[0][0] == 0:
+        return _expanded(t, node, axis, block)
     if node.op in LAYOUT_OPS:
         moved = _layout_axis(t, node, axis)
         if isinstance(moved, str) or node.op != "Concat":

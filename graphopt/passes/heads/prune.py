@@ -86,7 +86,28 @@ def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]
     return None
 
 
+def _broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
+    """Make an Expand's target entry for the heads 1 (broadcast: the output keeps the input's heads), for any
+    target, computed at run time or not: target · (1 − e_p) + e_p."""
+    target = entry.node.inputs[1]
+    keep = np.ones(rank, dtype=np.int64)
+    keep[entry.position] = 0
+    if isinstance(target, gs.Constant):
+        ir.set_input_array(graph, entry.node, 1, np.asarray(target.values, dtype=np.int64) * keep + (1 - keep))
+        return
+    masked = gs.Variable(ir.unique_name(graph, f"{target.name}_heads_masked"), dtype=target.dtype)
+    ones = gs.Variable(ir.unique_name(graph, f"{target.name}_heads"), dtype=target.dtype)
+    graph.nodes.append(gs.Node("Mul", ir.unique_name(graph, f"{entry.node.name}_heads_mask"),
+                               inputs=[target, gs.Constant(ir.unique_name(graph, "heads_mask"), keep)], outputs=[masked]))
+    graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{entry.node.name}_heads_one"),
+                               inputs=[masked, gs.Constant(ir.unique_name(graph, "heads_one"), 1 - keep)], outputs=[ones]))
+    entry.node.inputs[1] = ones
+
+
 def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    if entry.node.op == "Expand":
+        _broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]))
+        return
     located = entry_holder(entry.node, entry.position, shapes)
     if located is None:
         raise GraphoptError(f"{entry.node.name}: the reshape target entry counting heads cannot be rewritten")

@@ -44,8 +44,9 @@ def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: P
     for block in find_head_blocks(graph, shapes):
         reason = block.declined
         if reason is None:
-            stuck = [e.node.name for e in block.shapes if entry_holder(e.node, e.position, shapes) is None]
-            reason = f"{stuck[0]} (Reshape): the target entry counting heads is computed at run time" if stuck else None
+            stuck = [f"{e.node.name} ({e.node.op})" for e in block.shapes
+                     if e.node.op != "Expand" and entry_holder(e.node, e.position, shapes) is None]
+            reason = f"{stuck[0]}: the target entry counting heads is computed at run time" if stuck else None
         if reason is None:
             usable.append(block)
         else:

@@ -33,20 +33,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Self-attention with HF's additive mask (optionally rotary q/k), post-LN, GELU FFN."""
+    """Self-attention with HF's additive mask (optionally rotary q/k, optionally grouped-query: `kv_heads` key and
+    value heads, each repeated for HEADS // kv_heads query heads), post-LN, GELU FFN."""
 
-    def __init__(self, rotary: bool) -> None:
+    def __init__(self, rotary: bool, kv_heads: int = HEADS) -> None:
         super().__init__()
-        self.q, self.k, self.v, self.o = (nn.Linear(DIM, DIM) for _ in range(4))
+        self.kv_heads = kv_heads
+        self.q, self.o = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.k, self.v = (nn.Linear(DIM, kv_heads * DIM // HEADS) for _ in range(2))
         self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         self.rotary, self.head_dim = rotary, DIM // HEADS
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], HEADS, self.head_dim).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
+
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, tokens, _ = x.shape
+        group = HEADS // self.kv_heads
+        return x[:, :, None].expand(batch, self.kv_heads, group, tokens, self.head_dim).reshape(
+            batch, HEADS, tokens, self.head_dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))
+        if self.kv_heads != HEADS:
+            k, v = self._repeat(k), self._repeat(v)
         if self.rotary:
             angle = torch.arange(x.shape[1], dtype=x.dtype)[:, None] / (10.0 ** (torch.arange(self.head_dim) / self.head_dim))
             cos, sin = angle.cos(), angle.sin()
@@ -58,10 +69,10 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, rotary: bool = False) -> None:
+    def __init__(self, rotary: bool = False, kv_heads: int = HEADS) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block(rotary) for _ in range(LAYERS))
+        self.blocks = nn.ModuleList(Block(rotary, kv_heads) for _ in range(LAYERS))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
@@ -99,9 +110,9 @@ def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
     return make_session(model).run(None, data)[0]
 
 
-def _build(rotary: bool = False, edit=None) -> nn.Module:
+def _build(rotary: bool = False, edit=None, kv_heads: int = HEADS) -> nn.Module:
     torch.manual_seed(0)
-    module = Encoder(rotary).eval()
+    module = Encoder(rotary, kv_heads).eval()
     if edit is not None:
         with torch.no_grad():
             edit(module)
@@ -156,6 +167,26 @@ def test_removing_heads_the_output_projection_ignores_is_exact(exporter, tmp_pat
     assert sum(np.prod(t.dims) for t in weights.values()) < sum(np.prod(t.dims) for t in model.graph.initializer)
     dims = [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim]
     assert all(dims), "batch and sequence stay dynamic"
+
+
+def test_grouped_query_heads_go_with_their_key_value_head(exporter, tmp_path) -> None:
+    """Two key/value heads, each shared by two query heads: a unit is one key/value head and its query heads;
+    removing a unit whose query heads the output projection ignores is exact."""
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 2)
+        _zero_head_output(module, 0, 3)
+
+    model = _export(_build(rotary=True, edit=edit, kv_heads=2), exporter, tmp_path / "m.onnx")
+    graph, shapes, blocks = _blocks(model)
+    usable = usable_blocks(graph, shapes, PassResult(modified=False))
+    assert [b.heads for b in usable] == [2] * LAYERS
+    width = DIM // HEADS
+    assert sorted(s.width for s in usable[0].slices if s.node.op == "MatMul") == [width, width, 2 * width]
+    cut_heads(graph, usable[0], np.array([0]), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, model)
+    data = _data(3, TOKENS + 4, seed=7)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
 
 
 def test_a_duplicated_head_is_reconstructed_exactly_into_the_output_projection(exporter, tmp_path) -> None:
