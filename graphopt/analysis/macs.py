@@ -46,7 +46,9 @@ from onnx import numpy_helper
 from graphopt.ir.shapes import input_specs
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
-            "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm")
+            "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "Attention", "MultiHeadAttention")
+# onnxruntime's fused attention (com.microsoft): (inputs whose shapes count, MACs from the shapes and attributes)
+_ATTENTION = ("Attention", "MultiHeadAttention")
 # where the data and weight inputs sit, for the ops whose operands are not inputs 0 and 1
 _OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
 _CONVOLUTIONS = ("Conv", "ExPruneConvRelu", "ConvInteger", "QLinearConv")
@@ -91,6 +93,8 @@ def _needed(node: onnx.NodeProto) -> list[str]:
         names = list(node.input)
     elif node.op_type == "If":
         names = []
+    elif node.op_type in _ATTENTION:
+        names = list(node.input[:3 if node.op_type == "MultiHeadAttention" else 2]) + [node.output[0]]
     else:
         data, weight = _OPERANDS.get(node.op_type, (0, 1))
         names = [node.input[data], node.input[weight], node.output[0]]
@@ -189,8 +193,25 @@ class _MacCounter:
         return lengths.pop() if len(lengths) == 1 else 1
 
 
+def _attention_macs(node: onnx.NodeProto, attrs: dict, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Attention: the packed QKV projection, then q·kᵀ and p·v over every head; MultiHeadAttention (separate
+    [N, T, C] query, key and value): q·kᵀ and p·v. Self-attention without past state."""
+    out = shapes[node.output[0]]
+    rows, value_width = math.prod(out[:-1]), out[-1]
+    if node.op_type == "Attention":
+        tokens, columns = shapes[node.input[0]][-2], shapes[node.input[1]][-1]
+        qk_width = int(attrs["qkv_hidden_sizes"][0]) if attrs.get("qkv_hidden_sizes") else columns // 3
+        return rows * shapes[node.input[0]][-1] * columns + rows * tokens * (qk_width + value_width)
+    query, key = shapes[node.input[0]], shapes[node.input[1]]
+    if len(query) != 3 or len(key) != 3:
+        return 0
+    return rows * key[-2] * (query[-1] + value_width)
+
+
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in _ATTENTION:
+        return _attention_macs(node, attrs, shapes)
     data, weight_index = _OPERANDS.get(node.op_type, (0, 1))
     weight = shapes[node.input[weight_index]]
     if node.op_type in _CONVOLUTIONS:

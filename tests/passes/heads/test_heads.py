@@ -265,3 +265,14 @@ def test_snp_prunes_the_heads_and_ffn_of_a_fused_model(tmp_path) -> None:
     assert stats["heads_removed"] >= 1 and stats["channels_removed"] >= 1 and result.report["macs_ratio"] <= 0.5 + 1e-9
     held_out = _data(16, TOKENS + 3, seed=5)
     assert _cosine(_run(result.model, held_out), _run(model, held_out)) > 0.9
+
+
+def test_fused_attention_counts_the_macs_of_the_ops_it_replaces(tmp_path) -> None:
+    from graphopt.calibration.shapes import count_cost
+
+    fused = _fused(_build(), tmp_path)
+    plain = onnx.load(str(tmp_path / "plain.onnx"))
+    shapes = {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)}
+    counted = count_cost(fused, shapes)
+    assert not counted.uncounted
+    assert counted.macs == count_cost(plain, shapes).macs
