@@ -170,7 +170,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved,
                           cluster=cluster)
         records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
-    optimized = ir.export_model(graph, original)
+    optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
     _check(optimized)
 
     check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
