@@ -10,7 +10,8 @@ element-wise arithmetic and comparisons, Where, Concat, ...), in two states:
   constant nor derived from the input), e.g. scores + bias or Where(mask == 0, −inf, scores).
 A scored tensor read by Softmax/LogSoftmax, or a pure or scored tensor in the mask slot of an attention op
 (com.microsoft Attention's mask_index, MultiHeadAttention's key_padding_mask, ONNX Attention's attn_mask,
-also through EmbedLayerNormalization's mask), makes the input a mask. An input that reaches a Gather's
+also through EmbedLayerNormalization's mask, or as the token counts a ReduceSum of it gives, the
+mask_index onnxruntime's transformers optimizer writes), makes the input a mask. An input that reaches a Gather's
 indices (token ids looked up in an embedding) is not one, whatever else it reaches; nor is one whose
 values stop at an op outside the walk (a MatMul, a Gather of data, a Shape).
 
@@ -193,6 +194,8 @@ def _pure_step(graph: _Graph, node: onnx.NodeProto, hits: dict[int, Trace]) -> T
         return _unary(node, hits[0]) if 0 in hits else None
     if node.op_type == "Concat":
         return Trace(False, _concat(graph, node, hits))
+    if node.op_type == "ReduceSum" and 0 in hits:  # token counts: onnxruntime's fused Attention's mask_index
+        return Trace(False)
     if node.op_type == "Where":
         return _where(graph, node, hits)
     return _binary(graph, node, hits) if node.op_type in BINARY else None

@@ -263,6 +263,7 @@ def test_snp_prunes_the_heads_and_ffn_of_a_fused_model(tmp_path) -> None:
     result = optimize(model, method="snp", calib=_data(128, TOKENS, seed=4), target_macs=0.5, round_to=1)
     stats = result.report["passes"][-1]["stats"]
     assert stats["heads_removed"] >= 1 and stats["channels_removed"] >= 1 and result.report["macs_ratio"] <= 0.5 + 1e-9
+    assert result.report["mask_input"]["name"] == "attention_mask"  # the token counts the fused Attention reads
     held_out = _data(16, TOKENS + 3, seed=5)
     assert _cosine(_run(result.model, held_out), _run(model, held_out)) > 0.9
 
