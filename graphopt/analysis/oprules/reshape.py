@@ -43,10 +43,12 @@ def _length(piece: gs.Tensor, shape_of: ShapeOf | None) -> int | None:
     return int(shape[0])
 
 
-def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None) -> tuple[gs.Node, int, int] | None:
+def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None,
+                replaceable: bool = False) -> tuple[gs.Node, int, int] | None:
     """(node, input index, element index) of the constant holding Reshape shape entry `position`: the
     shape itself, or a constant piece of the Concat that builds it (`shape_of` gives the other pieces'
-    lengths; the tensors' own shapes by default)."""
+    lengths; the tensors' own shapes by default); with `replaceable`, also a one-element piece computed at
+    run time (a caller may replace it by a constant)."""
     shape = node.inputs[1]
     if isinstance(shape, gs.Constant):
         return node, 1, position
@@ -59,7 +61,8 @@ def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None) -
         if length is None:
             return None
         if offset <= position < offset + length:
-            return (concat, index, position - offset) if isinstance(piece, gs.Constant) else None
+            usable = isinstance(piece, gs.Constant) or (replaceable and length == 1)
+            return (concat, index, position - offset) if usable else None
         offset += length
     return None
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads import HeadBlock, ShapeEntry
+from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
@@ -68,22 +69,7 @@ def _cut_slices(graph: gs.Graph, block: HeadBlock, removed: np.ndarray) -> None:
 def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]]) -> tuple[gs.Node, int, int] | None:
     """(node, input, element) holding Reshape target entry `position`: the target itself when constant, or
     the Concat piece that covers it (constant, or a one-element run-time piece to replace)."""
-    target = node.inputs[1]
-    if isinstance(target, gs.Constant):
-        return node, 1, position
-    concat = target.inputs[0] if target.inputs else None
-    if concat is None or concat.op != "Concat":
-        return None
-    offset = 0
-    for index, piece in enumerate(concat.inputs):
-        length = int(np.asarray(piece.values).size) if isinstance(piece, gs.Constant) else \
-            (shapes.get(piece.name) or (None,))[0]
-        if length is None:
-            return None
-        if offset <= position < offset + length:
-            return (concat, index, position - offset) if isinstance(piece, gs.Constant) or length == 1 else None
-        offset += length
-    return None
+    return shape_entry(node, position, lambda tensor: shapes.get(tensor.name), replaceable=True)
 
 
 def _broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
