@@ -25,7 +25,7 @@ class _Tracker:
 
     def __init__(self, graph: gs.Graph, shapes: Shapes) -> None:
         self.graph, self.shapes = graph, shapes
-        self.axis: dict[str, int | None] = {}   # None: in a declined block, still followed to couple readers
+        self.axis: dict[str, int] = {}  # tensor -> its head axis
         self.block_of: dict[str, int] = {}
         self.parent: list[int] = []
         self.blocks: list[HeadBlock] = []
@@ -61,7 +61,7 @@ class _Tracker:
     def block(self, tensor: gs.Tensor) -> HeadBlock:
         return self.blocks[self.find(self.block_of[tensor.name])]
 
-    def mark(self, tensor: gs.Tensor, axis: int | None, block: int) -> None:
+    def mark(self, tensor: gs.Tensor, axis: int, block: int) -> None:
         self.axis[tensor.name] = axis
         self.block_of[tensor.name] = block
 
@@ -154,20 +154,10 @@ def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
     if before[-2] % heads:
         return "the merged heads are not whole units"
     width = before[-1] * (before[-2] // heads)
-    merged = node.outputs[0]
-    if any(merged is out for out in t.graph.outputs):
-        return "the merged heads are a graph output"
-    consumers = []
-    for reader in merged.outputs:
-        weight = weight_slice(reader, width, 0) if reader.inputs[0] is merged else None
-        if weight is None:
-            return f"the merged heads are read by {reader.name} ({reader.op}), not a linear projection"
-        rows = 0 if reader.op == "MatMul" or not reader.attrs.get("transB", 0) else 1
-        consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
-    found = t.blocks[t.find(block)]
-    found.consumers.extend(consumers)
-    found.shapes.append(ShapeEntry(node, len(after) - 1, width))
-    return None
+    reason = _merged_readers(t, node.outputs[0], width, block)
+    if reason is None:
+        t.blocks[t.find(block)].shapes.append(ShapeEntry(node, len(after) - 1, width))
+    return reason
 
 
 def _repeated(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:
@@ -204,9 +194,6 @@ def _step(t: _Tracker, node: gs.Node) -> None:
     block = t.block_of[node.inputs[tracked[0][0]].name]
     for index, _ in tracked[1:]:
         block = t.union(block, t.block_of[node.inputs[index].name])
-    if any(axis is None for _, axis in tracked):
-        t.decline(node, block, "reads a declined head tensor")
-        return
     axis = tracked[0][1]
     if node.op == "Reshape" and tracked[0][0] == 0 and _repeated(t, node, axis, block):
         return
@@ -272,14 +259,18 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
 
 
 def _merged_readers(t: _Tracker, merged: gs.Tensor, width: int, block: int) -> str | None:
+    """Record the linear projections reading the merged heads (`width` rows per head); the reason when
+    something else reads them."""
     if any(merged is out for out in t.graph.outputs):
-        return "its output is a graph output"
+        return "the merged heads are a graph output"
+    consumers = []
     for reader in merged.outputs:
         weight = weight_slice(reader, width, 0) if reader.inputs[0] is merged else None
         if weight is None:
-            return f"its output is read by {reader.name} ({reader.op}), not a linear projection"
+            return f"the merged heads are read by {reader.name} ({reader.op}), not a linear projection"
         rows = 0 if reader.op == "MatMul" or not reader.attrs.get("transB", 0) else 1
-        t.blocks[block].consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
+        consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
+    t.blocks[t.find(block)].consumers.extend(consumers)
     return None
 
 

@@ -96,8 +96,3 @@ class WithHeads:
         saved = sum((self.heads[root] - counts.get(root, self.heads[root])) * cost
                     for root, cost in self.per_head.items())
         return self.base.cost(channels) - saved
-
-    def ratio(self, counts: dict[int, int]) -> float:
-        return self.cost(counts) / self.total if self.total else 1.0
-
-    macs = cost

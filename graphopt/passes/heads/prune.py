@@ -2,18 +2,17 @@
 
 For each consumer y = x W (+ b) of the merged heads, the removed heads' features x_P are first replaced
 by their least-squares estimate from the kept ones, x_P ≈ C x_K + c₀ (graphopt.passes.snp.maths, on
-the consumer's input statistics): W_K += C... written as W_K ← W_K + Cᵀ W_P and b ← b + c₀ W_P (bias
-compensation; a consumer without a bias gets one). Then every head slice of the block loses the removed
+the consumer's input statistics), so the consumer's rows become W_K ← W_K + Cᵀ W_P and its bias
+b ← b + c₀ᵀ W_P (bias compensation; a consumer without a bias gets one). Then every head slice of the block loses the removed
 heads' entries (projection columns, biases, per-channel and per-head constants, consumer rows), every
-Reshape target entry that counts heads becomes (kept heads) × its per-head size, and every attention
+Reshape target entry that counts heads becomes (kept heads) × its per-head size (an Expand's becomes 1:
+it broadcasts, keeping the heads it is given), and every attention
 op's `num_heads` (and `qkv_hidden_sizes`) follows. Without statistics (or with reconstruction off) the
 heads are simply cut. Exact when the removed heads' consumer rows are zero, or when their features are
 affine in the kept heads' on the data the statistics describe.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -120,16 +119,13 @@ def _set_attributes(block: HeadBlock, kept: int) -> None:
 def cut_heads(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, stats: dict[str, TensorStats],
               shapes: dict[str, tuple[int, ...]], reconstruct: bool = True) -> int:
     """Keep heads `kept` (sorted indices) of `block`; returns how many consumers got a reconstruction."""
+    kept = np.asarray(kept)
     removed = np.setdiff1d(np.arange(block.heads), kept)
     if removed.size == 0:
         return 0
-    folded = _reconstruct(graph, block, np.asarray(kept), removed, stats) if reconstruct else 0
+    folded = _reconstruct(graph, block, kept, removed, stats) if reconstruct else 0
     _cut_slices(graph, block, removed)
-    grouped: dict[int, list[ShapeEntry]] = defaultdict(list)
     for entry in block.shapes:
-        grouped[id(entry.node)].append(entry)
-    for entries in grouped.values():
-        for entry in entries:
-            _set_entry(graph, entry, int(np.asarray(kept).size), shapes)
-    _set_attributes(block, int(np.asarray(kept).size))
+        _set_entry(graph, entry, kept.size, shapes)
+    _set_attributes(block, kept.size)
     return folded

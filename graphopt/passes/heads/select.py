@@ -3,8 +3,9 @@
 A pass that prunes heads (SNP) plans them in the same budget as its channel groups: each usable head
 block becomes a pseudo-group with a negative root, whose units are heads (graphopt.passes.heads.plan).
 Channel groups living inside a block (the per-head channels of q/k and of v, coupled across heads) are
-left to the head planning: pruning both would make the MAC count of the block a product, not a sum,
-and heads are what the runtime's attention kernels pay for.
+left to the head planning: pruning both would make the MAC count of the block a product of the two
+counts, not the sum the budget's cost model adds, and the head cut would need the widths the channel cut
+leaves.
 """
 
 from __future__ import annotations

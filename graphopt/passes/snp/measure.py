@@ -71,11 +71,11 @@ def measure(graph: gs.Graph, ctx: PassContext, result: PassResult, criterion: st
 
 
 def costs(graph: gs.Graph, ctx: PassContext, m: Measured, round_to: dict[int, int],
-          with_target: bool) -> tuple[CostModel, float, Budget | None]:
-    """(the MAC model with heads, the unpruned MACs, the budget of a MAC or latency target or None)."""
+          with_target: bool) -> tuple[CostModel, Budget | None]:
+    """(the MAC model with heads, the budget of a MAC or latency target or None)."""
     macs = MacModel(m.analysis, m.per_node, {root for root in m.ranked if root >= 0})
     cost = m.heads.cost_model(macs, m.per_node, macs.total)
     budget = channel_budget(graph, ctx, m.analysis, cost, round_to) if with_target else None
     if budget is not None and budget.model is not cost:
         budget.model = m.heads.cost_model(budget.model, m.per_node, macs.total)
-    return cost, macs.total, budget
+    return cost, budget

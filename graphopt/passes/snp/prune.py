@@ -204,7 +204,7 @@ class SubspaceNodePruning(Pass):
         m = measure(graph, ctx, result, criterion, max_features)
         analysis, prunable, ranked, stats = m.analysis, m.prunable, m.ranked, m.stats
         round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
-        cost, total, budget = costs(graph, ctx, m, round_to, keep is None)
+        cost, budget = costs(graph, ctx, m, round_to, keep is None)
         blocks = round_to  # before any relaxation
         (variance, chosen), round_to = coarsest_meeting(
             ctx.option("round_to") if budget is not None else None, round_to,
@@ -231,7 +231,7 @@ class SubspaceNodePruning(Pass):
             **_head_stats(m.heads, chosen),
             "consumers_reconstructed": int(folded + folded_heads + corrected),
             "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
-            "estimated_macs_ratio": cost.cost(chosen) / total if total else 1.0,
+            "estimated_macs_ratio": cost_ratio(cost, chosen),
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
             **({"groups_probed": len(probed)} if probed else {}),
         }
