@@ -56,9 +56,10 @@ from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
+from graphopt.passes.heads.qk_plan import QKPlan, apply_qk
 from graphopt.passes.heads.select import HeadPlan, apply_heads
 from graphopt.passes.snp.correct import correct, targets
-from graphopt.passes.snp.measure import consumer_statistics, costs, linear_consumers, measure
+from graphopt.passes.snp.measure import QK_DIMS, consumer_statistics, costs, linear_consumers, measure
 from graphopt.passes.snp.maths import reconstruction
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
@@ -186,6 +187,14 @@ def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
             "heads_removed": sum(o.order.size - chosen.get(r, o.order.size) for r, o in heads.orderings.items())}
 
 
+def _qk_stats(qk: QKPlan, chosen: dict[int, int]) -> dict[str, int]:
+    """q/k blocks planned, and per-head q/k dims removed summed over blocks (each head of a block loses as many)."""
+    if not qk.orderings:
+        return {}
+    return {"qk_blocks": len(qk.orderings),
+            "qk_dims_removed": sum(o.order.size - chosen.get(r, o.order.size) for r, o in qk.orderings.items())}
+
+
 @register
 class SubspaceNodePruning(Pass):
     name = "snp"
@@ -203,7 +212,8 @@ class SubspaceNodePruning(Pass):
         result = PassResult(modified=False)
         m = measure(graph, ctx, result, criterion, max_features)
         analysis, prunable, ranked, stats = m.analysis, m.prunable, m.ranked, m.stats
-        round_to = pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked], ctx.option("device"))
+        round_to = {**pass_multiples(ctx.option("round_to"), [g for g in prunable if g.root in ranked],
+                                     ctx.option("device")), **m.qk.multiples()}
         cost, budget = costs(graph, ctx, m, round_to, keep is None)
         blocks = round_to  # before any relaxation
         (variance, chosen), round_to = coarsest_meeting(
@@ -223,12 +233,13 @@ class SubspaceNodePruning(Pass):
             result.history = _history(self.name, m.groups, ranked, cut, criterion, decision, probed)
             folded, corrected = _cut(graph, ctx, (analysis, m.sites, stats), ranked, cut, target, reconstruct)
         folded_heads, head_history = apply_heads(graph, m.heads, chosen, stats, analysis.shapes, reconstruct, decision)
-        result.history.extend(head_history)
-        result.modified = bool(cut) or bool(head_history)
+        qk_history = apply_qk(graph, m.qk, chosen, m.heads, stats, analysis.shapes, decision)
+        result.history.extend(head_history + qk_history)
+        result.modified = bool(cut) or bool(head_history) or bool(qk_history)
         result.stats = {
             "groups": len(m.groups), "prunable_groups": len(prunable), "groups_pruned": len(cut),
             "channels_removed": sum(ranked[r].order.size - c for r, c in chosen.items() if r >= 0),
-            **_head_stats(m.heads, chosen),
+            **_head_stats(m.heads, chosen), **_qk_stats(m.qk, chosen),
             "consumers_reconstructed": int(folded + folded_heads + corrected),
             "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
             "estimated_macs_ratio": cost_ratio(cost, chosen),
@@ -319,6 +330,9 @@ class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
     heads: bool = option(True, flag="--no-heads",
                          help="snp: keep every attention head (by default whole heads compete with channels in the "
                               "budget, ranked by the output projection's error, their loss reconstructed into it)")
+    qk_dims: bool = option(QK_DIMS, help="snp: q/k dims inside attention heads compete in the budget too: each head's "
+                                        "q·kᵀ becomes its best rank-r approximation on the calibration moments, "
+                                        "folded into the q and k projections (off by default)")
     sequential: bool = option(False, help="snp: prune group by group, re-measuring statistics on the partly "
                                           "pruned model")
     reconstruct: bool = option(True, flag="--no-reconstruct",
