@@ -173,10 +173,11 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
     _check(optimized)
 
+    check_batch = ctx.reference_batch_size() or batch_size  # the feeds the kept outputs were cut in
     check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
              "device": resolved.get("device") or "cpu",
-             "reference_outputs": ctx.reference_outputs(original, batch_size)}
-    measured = _measure(original, optimized, shapes, dataset, batch_size, progress, **check)
+             "reference_outputs": ctx.reference_outputs(original, check_batch)}
+    measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
                               **measured, "target_reached": target_reached(resolved["target_macs"],

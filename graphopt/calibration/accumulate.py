@@ -27,7 +27,8 @@ from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
 from graphopt.calibration.reference import KeptOutputs
 from graphopt.calibration.session import make_session
-from graphopt.calibration.stats import TensorStats, chunk_rows, mask_applies, row_blocks, single_threaded_blas
+from graphopt.calibration.blas import single_threaded_blas
+from graphopt.calibration.stats import TensorStats, chunk_rows, mask_applies, row_blocks
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,10 @@
   batch · Σ bytes per sample + the float64 working chunks of each worker (`round_bytes`) ≤ budget. A tensor that
   alone exceeds it gets a round with a smaller batch (at least 1, with a warning if even that exceeds
   the budget). This bounds what calibration holds; onnxruntime's own working memory for the
-  uncaptured intermediates is what plain inference of the cone needs as well.
+  uncaptured intermediates is what plain inference of the cone needs as well. A round's batch is also
+  cut so that one run captures at most CAPTURE_BYTES: onnxruntime fills captured outputs in fresh memory,
+  and on ResNet-50 (36 MB captured per sample) 256 samples ran in 8.1 s in batches of 8 against 14.4 s in
+  batches of 32 (plain inference: 7.3 s), on a 2-core Xeon VM.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from graphopt.errors import OptionError
 from graphopt.ir.shapes import with_fixed_inputs
 
 log = logging.getLogger(__name__)
+
+CAPTURE_BYTES = 256 << 20  # captured bytes per onnxruntime run, at most (one sample more where a sample needs it)
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,7 @@ def plan_rounds(infos: list[TensorInfo], batch_size: int, budget: int, workers: 
             groups.append([info])
     rounds = []
     for group in groups:
-        batch = batch_size
+        batch = max(1, min(batch_size, CAPTURE_BYTES // max(1, sum(info.sample_bytes for info in group))))
         while batch > 1 and round_bytes(group, batch, workers) > budget:
             batch = max(1, min(batch - 1, batch * budget // round_bytes(group, batch, workers)))
         if round_bytes(group, batch, workers) > budget:

@@ -32,7 +32,8 @@ from graphopt.calibration.capture import TensorInfo, describe, exposing_model, r
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
 from graphopt.calibration.session import make_session
-from graphopt.calibration.stats import _syrk_update, _symmetric, chunk_rows, row_blocks, single_threaded_blas
+from graphopt.calibration.blas import single_threaded_blas, symmetric, syrk_update
+from graphopt.calibration.stats import chunk_rows, row_blocks
 from graphopt.errors import OptionError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class PairedStats:
         self.reference_sum += x.sum(axis=0)
         self.shifted_sum += y.sum(axis=0)
         self.cross += x.T @ y
-        _syrk_update(self.square, y)
+        syrk_update(self.square, y)
 
     def _check(self) -> None:
         if self.count == 0:
@@ -119,7 +120,7 @@ class PairedStats:
     def covariance(self) -> np.ndarray:
         """Σ_yy, C_y × C_y."""
         self._check()
-        return (_symmetric(self.square) - np.outer(self.shifted_sum, self.shifted_sum) / self.count) / self.count
+        return (symmetric(self.square) - np.outer(self.shifted_sum, self.shifted_sum) / self.count) / self.count
 
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]

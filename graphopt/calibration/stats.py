@@ -18,13 +18,15 @@ Memory: rows are taken in blocks of at most CHUNK_ELEMENTS values (`row_blocks`,
 whole tensor), so the working set beyond the captured tensor is a few chunks.
 
 Speed: the Gram update is BLAS syrk (the upper triangle only, half a matmul), single-threaded; see
-`single_threaded_blas`.
+graphopt.calibration.blas.
 
-Numerics: rows are converted to float64 in chunks of at most CHUNK_ELEMENTS values and summed about a
-fixed shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x − K)ᵀ (only its diagonal
-unless gram is asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the
-cancellation of Σxxᵀ − nμμᵀ when |μ| ≫ σ. Negative counts (neg_frac) are exact integers, kept as
-`negatives`; |x| sums are float64.
+Numerics: rows are taken in chunks of at most CHUNK_ELEMENTS values and summed in float64 about a fixed
+shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x − K)ᵀ (only its diagonal unless gram is
+asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the cancellation of
+Σxxᵀ − nμμᵀ when |μ| ≫ σ. The products of a Gram update are computed in the rows' own precision, float32
+activations in float32 blocks centred on their own means (graphopt.calibration.blas states the bound, about
+3e-6 relative); everything else is float64: means, diagonal moments, |x| sums, and the sums of the blocks.
+Negative counts (neg_frac) are exact integers, kept as `negatives`.
 
 Merging (`merge`, for statistics of disjoint row sets measured apart, e.g. data shards): rows measured
 about shift K' (sums s', S', count n') enter statistics about K with d = K' − K as
@@ -35,12 +37,13 @@ statistics differ from one pass over all rows by summation order only (float64 r
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any, Iterator
 
 import numpy as np
+
+from graphopt.calibration.blas import add_shifted, chunk_gram, symmetric
 
 KINDS = frozenset({"mean", "var", "gram", "abs_mean", "neg_frac"})
 CHUNK_ELEMENTS = 1 << 21  # values converted to float64 at once: 16 MiB
@@ -161,7 +164,7 @@ class TensorStats:
         if isinstance(self.shifted_square, Spilled) or not self.has_gram:
             return
         path = folder / f"{len(list(folder.iterdir()))}.npy"
-        np.save(path, _symmetric(self.shifted_square))
+        np.save(path, symmetric(self.shifted_square))
         self.shifted_square = Spilled(path, self.shifted_square.shape, self.shifted_square.nbytes)
 
     def _square(self) -> np.ndarray:
@@ -174,31 +177,32 @@ class TensorStats:
         return in_range and request.channel_axis % self.rank == self.channel_axis and request.kinds <= self.kinds
 
     def update(self, rows: np.ndarray) -> None:
-        """Add a (rows, C) block of any float dtype, in float64 chunks."""
+        """Add a (rows, C) block of any float dtype, in chunks (Gram products in the rows' precision, see
+        graphopt.calibration.blas; sums in float64)."""
         if isinstance(self.shifted_square, Spilled):
             raise ValueError(f"statistics of '{self.tensor}' are final (spilled to disk): they take no more rows")
         if rows.ndim != 2 or rows.shape[1] != self.channels:
             raise ValueError(f"'{self.tensor}': expected rows of {self.channels} channels, got {rows.shape}")
         step = chunk_rows(self.channels)
         for start in range(0, rows.shape[0], step):
-            self._update_chunk(np.array(rows[start:start + step], dtype=np.float64, order="C"))  # a copy
+            self._update_chunk(rows[start:start + step])
 
     def _update_chunk(self, chunk: np.ndarray) -> None:
         if chunk.shape[0] == 0:
             return
         if self.abs_sum is not None:
-            self.abs_sum += np.abs(chunk).sum(axis=0)
+            self.abs_sum += np.abs(chunk).sum(axis=0, dtype=np.float64)
         if self.negatives is not None:
             self.negatives += np.count_nonzero(chunk < 0, axis=0)
         if self.shift is None:
-            self.shift = chunk.mean(axis=0)
-        chunk -= self.shift
+            self.shift = chunk.mean(axis=0, dtype=np.float64)
         self.count += chunk.shape[0]
-        self.shifted_sum += chunk.sum(axis=0)
         if self.has_gram:
-            _syrk_update(self.shifted_square, chunk)
-        else:
-            self.shifted_square += np.einsum("ij,ij->j", chunk, chunk)
+            self.shifted_sum += chunk_gram(self.shifted_square, chunk, self.shift)
+            return
+        centred = chunk.astype(np.float64) - self.shift
+        self.shifted_sum += centred.sum(axis=0)
+        self.shifted_square += np.einsum("ij,ij->j", centred, centred)
 
     def merge(self, other: TensorStats) -> None:
         """Add the statistics of other rows of the same tensor, in place (see the module docstring)."""
@@ -217,8 +221,7 @@ class TensorStats:
         weighted = other.count * delta
         if self.has_gram:  # both upper triangles are authoritative: add them, then the rank-2 term
             self.shifted_square += other.shifted_square
-            if np.any(delta):
-                _syr2_update(self.shifted_square, delta, other.shifted_sum + 0.5 * weighted)
+            add_shifted(self.shifted_square, other.shifted_sum, other.count, delta)
         else:
             self.shifted_square += other.shifted_square + 2.0 * other.shifted_sum * delta + weighted * delta
         self.shifted_sum += other.shifted_sum + weighted
@@ -232,7 +235,7 @@ class TensorStats:
         """M = Σ (x − μ)(x − μ)ᵀ (or its diagonal)."""
         if self.count == 0:
             return np.zeros(self.shifted_square.shape)
-        square = _symmetric(self._square()) if self.has_gram else self._square()
+        square = symmetric(self._square()) if self.has_gram else self._square()
         return square - _outer(self.shifted_sum, self.has_gram) / self.count
 
     def _need(self, kind: str) -> None:
@@ -273,7 +276,7 @@ class TensorStats:
         arrays = {"count": np.array(self.count, dtype=np.int64),
                   "shift": self.shift if self.shift is not None else np.zeros(self.channels),
                   "shifted_sum": self.shifted_sum,
-                  "shifted_square": _symmetric(self._square()) if self.has_gram else self._square()}
+                  "shifted_square": symmetric(self._square()) if self.has_gram else self._square()}
         if self.abs_sum is not None:
             arrays["abs_sum"] = self.abs_sum
         if self.negatives is not None:
@@ -310,51 +313,3 @@ def _outer(vector: np.ndarray, full: bool) -> np.ndarray:
     return np.outer(vector, vector) if full else vector * vector
 
 
-def _symmetric(upper: np.ndarray) -> np.ndarray:
-    """The full matrix from an accumulator whose upper triangle is authoritative."""
-    return np.triu(upper) + np.triu(upper, 1).T
-
-
-def _syrk_update(square: np.ndarray, chunk: np.ndarray) -> None:
-    """square += chunkᵀ chunk on the upper triangle, in place (BLAS syrk: half the work of a matmul)."""
-    try:
-        from scipy.linalg.blas import dsyrk
-    except ImportError:  # scipy is optional: numpy's matmul also dispatches AᵀA to syrk, then copies
-        square += chunk.T @ chunk
-        return
-    dsyrk(1.0, chunk.T, beta=1.0, c=square, trans=0, lower=0, overwrite_c=1)
-
-
-def _syr2_update(square: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    """square += x yᵀ + y xᵀ on the upper triangle, in place (BLAS syr2); with y = s' + n'd/2 and x = d
-    this is the merge's s' dᵀ + d s'ᵀ + n' d dᵀ."""
-    try:
-        from scipy.linalg.blas import dsyr2
-    except ImportError:  # scipy is optional
-        cross = np.outer(x, y)
-        square += cross + cross.T
-        return
-    updated = dsyr2(1.0, x, y, lower=0, a=square, overwrite_a=1)
-    if updated is not square:  # not Fortran-ordered: f2py worked on a copy
-        square[...] = updated
-
-
-LARGE_FACTORISATION = 1024  # features from which dense factorisations get every BLAS thread
-
-
-def blas_for(size: int) -> ContextManager[Any]:
-    """BLAS threads for dense factorisations of matrices of `size` features: every thread from
-    LARGE_FACTORISATION up (SNP's ordering of a 1024- or 2048-unit group ran 1.2x and 1.3x to 1.7x faster with
-    two threads than with one on 2 cores), one thread below, where the work is too small to share."""
-    return contextlib.nullcontext() if size >= LARGE_FACTORISATION else single_threaded_blas()
-
-
-def single_threaded_blas() -> ContextManager[Any]:
-    """BLAS limited to one thread while accumulating. OpenBLAS's threaded syrk is slower than its
-    single-threaded one on these tall, narrow blocks (measured 1.1x to 40x on 2 cores), so parallelism
-    comes from accumulating different tensors on different workers instead."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it BLAS keeps its own threading
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -182,12 +183,38 @@ def _restore_annotations(graph: onnx.GraphProto, template: onnx.GraphProto) -> N
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference; a model it cannot handle is returned unchanged (with a debug log)."""
+    """ONNX shape inference, filled into `model` in place (and returned); a model it cannot handle is returned
+    unchanged (with a debug log). Inference runs on a weightless copy (`weightless_copy`): onnx serialises the
+    model it is given, and on ResNet-50 that took most of the 0.24 s a call cost."""
+    light = weightless_copy(model, value_info=True)
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # e.g. > 2 GiB or unknown op
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:  # e.g. an unknown op
         log.debug("shape inference skipped: %s", exc)
         return model
+    for field in ("node", "output", "value_info"):  # nodes: the value_info of their subgraphs
+        del getattr(model.graph, field)[:]
+        getattr(model.graph, field).extend(getattr(inferred.graph, field))
+    return model
+
+
+def weightless_copy(model: onnx.ModelProto, value_info: bool = False) -> onnx.ModelProto:
+    """A copy for shape inference: large floating-point initializers keep their dims but not their data
+    (inference reads only their shapes; copying and scanning hundreds of MB would dominate); the graph's
+    intermediate shapes are copied where `value_info`."""
+    graph = onnx.GraphProto(name=model.graph.name)
+    for field in ("node", "input", "output", "sparse_initializer") + (("value_info",) if value_info else ()):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        large_float = tensor.data_type in _FLOAT_TYPES and math.prod(tensor.dims) > 64
+        graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                                 if large_float else tensor)
+    light = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
+    light.ir_version = max(model.ir_version, 4)
+    return light
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def constant_array(tensor: gs.Tensor) -> np.ndarray | None:

@@ -14,7 +14,6 @@ axis when that is unnamed (an RNN state [2, ?, 128]); otherwise the input has no
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -22,7 +21,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import OptionError
-from graphopt.ir.graph import infer_shapes
+from graphopt.ir.graph import infer_shapes, weightless_copy
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -197,27 +196,9 @@ def _checked_override(spec: InputSpec, shape: tuple[int, ...]) -> tuple[int, ...
     return shape
 
 
-def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: large floating-point initializers keep their dims but not their data
-    (inference reads only their shapes; copying and scanning hundreds of MB would dominate)."""
-    graph = onnx.GraphProto(name=model.graph.name)
-    for field in ("node", "input", "output", "sparse_initializer"):
-        getattr(graph, field).extend(getattr(model.graph, field))
-    for tensor in model.graph.initializer:
-        large_float = tensor.data_type in _FLOAT_TYPES and math.prod(tensor.dims) > 64
-        graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-                                 if large_float else tensor)
-    light = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
-    light.ir_version = max(model.ir_version, 4)
-    return light
-
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-
-
 def with_fixed_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A weightless copy of `model` with input shapes fixed and all intermediate shapes inferred."""
-    fixed = _without_weights(model)
+    fixed = weightless_copy(model)
     for value in fixed.graph.input:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim

@@ -168,6 +168,11 @@ class PassContext:
         model = export_model(graph, self.template)
         self._normalised_outputs = output_cones(model, cone_fingerprints(model)) or {}  # {}: none to keep
 
+    def reference_batch_size(self) -> int | None:
+        """The feed size of the outputs calibration kept (its last round's batch), None where none were kept."""
+        kept = self._calibrator.kept_outputs if self._calibrator is not None else None
+        return kept.batch_size if kept is not None and kept.complete and kept.batch_size else None
+
     def reference_outputs(self, model: onnx.ModelProto, batch_size: int) -> list[dict[str, np.ndarray]] | None:
         """The outputs of `model` (the template) as the normalised graph computed them over the calibration data,
         in feeds of `batch_size` samples, kept by calibration (see `note_normalised`); None where none were kept."""

@@ -31,7 +31,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import StatRequest, single_threaded_blas
+from graphopt.calibration.blas import single_threaded_blas
+from graphopt.calibration.stats import StatRequest
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register

@@ -38,7 +38,8 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.groups import Analysis, Site
 from graphopt.calibration.capture import cone_fingerprints
 from graphopt.calibration.paired import PairedStats, PairRequest
-from graphopt.calibration.stats import TensorStats, single_threaded_blas
+from graphopt.calibration.blas import single_threaded_blas
+from graphopt.calibration.stats import TensorStats
 from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.consumer_shift import add_bias, consumer_shift, output_axis

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import StatRequest, TensorStats, blas_for
+from graphopt.calibration.blas import blas_for
+from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.passes.base import PassContext, PassResult
 from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.channels.latency import Budget, channel_budget

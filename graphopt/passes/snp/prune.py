@@ -44,7 +44,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.calibration.stats import TensorStats, blas_for, single_threaded_blas
+from graphopt.calibration.blas import blas_for, single_threaded_blas
+from graphopt.calibration.stats import TensorStats
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
