@@ -19,6 +19,7 @@ so no method built on them can tell the two apart.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, ContextManager
 
 import numpy as np
@@ -79,21 +80,36 @@ def chunk_gram(square: np.ndarray, rows: np.ndarray, shift: np.ndarray) -> np.nd
     total = np.zeros(rows.shape[1])
     for start in range(0, rows.shape[0], FLOAT32_GRAM_ROWS):
         block = rows[start:start + FLOAT32_GRAM_ROWS]
-        local = block.mean(axis=0, dtype=np.float64).astype(np.float32)
-        centred = np.asarray(block, dtype=np.float32) - local
-        square += _float32_gram(centred)
-        local64, count = local.astype(np.float64), centred.shape[0]
-        block_sum = block.sum(axis=0, dtype=np.float64) - count * local64  # the sums stay float64-exact
+        count = block.shape[0]
+        raw_sum = block.sum(axis=0, dtype=np.float64)
+        local = (raw_sum / count).astype(np.float32)
+        square += _float32_gram(np.subtract(block, local, dtype=np.float32))
+        local64 = local.astype(np.float64)
+        block_sum = raw_sum - count * local64  # Σ (x − local), float64 from the exact sum
         add_shifted(square, block_sum, count, local64 - shift)
-        total += block_sum + count * (local64 - shift)
+        total += raw_sum - count * shift
     return total
 
 
+_buffers = threading.local()
+BUFFER_BYTES = 64 << 20  # float32 Gram buffers each thread keeps, one per width, at most
+
+
 def _float32_gram(centred: np.ndarray) -> np.ndarray:
-    """centredᵀ centred in float32 (upper triangle valid, column-major)."""
+    """centredᵀ centred in float32 (upper triangle valid, column-major), written into this thread's buffer for
+    the width, which the next call overwrites: no C×C allocation per block (syrk never writes the lower
+    triangle, so it stays zero). The buffers are dropped when a new width would pass BUFFER_BYTES."""
     if scipy_blas is None:
         return centred.T @ centred
-    return scipy_blas.ssyrk(1.0, centred.T, trans=0, lower=0)
+    channels = centred.shape[1]
+    held: dict[int, np.ndarray] = getattr(_buffers, "grams", None) or {}
+    buffer = held.get(channels)
+    if buffer is None:
+        if sum(b.nbytes for b in held.values()) + 4 * channels * channels > BUFFER_BYTES:
+            held = {}
+        buffer = held[channels] = np.zeros((channels, channels), dtype=np.float32, order="F")
+        _buffers.grams = held
+    return scipy_blas.ssyrk(1.0, centred.T, beta=0.0, c=buffer, trans=0, lower=0, overwrite_c=1)
 
 
 def blas_for(size: int) -> ContextManager[Any]:
