@@ -63,6 +63,7 @@ from graphopt.torch.export import export_onnx  # noqa: E402
 FNRS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 RULES = ("threshold", "sequential")
 TOLERANCES = (None, "top1=0.98")  # None: the pass's default (top1=0.99)
+ALLOCATIONS = ("layers", "uniform")  # a rate per layer (the default) or one rate for all
 RESULTS = Path(__file__).resolve().parent / "results"
 EXPRUNE_OPS = (linear_op.NAME, conv_op.NAME)
 
@@ -174,7 +175,8 @@ def predictions(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def settings() -> list[dict[str, Any]]:
     out = [{"rule": rule, "fnr": fnr, "tolerance": None} for rule in RULES for fnr in FNRS]
-    out += [{"rule": rule, "fnr": None, "tolerance": tol} for rule in RULES for tol in TOLERANCES]
+    out += [{"rule": rule, "fnr": None, "tolerance": tol, "allocation": allocation}
+            for rule in RULES for tol in TOLERANCES for allocation in ALLOCATIONS]
     return out
 
 
@@ -190,6 +192,8 @@ def sweep(model: str, base_label: str, base: onnx.ModelProto, calib: dict[str, n
             options["exprune_fnr"] = setting["fnr"]
         if setting["tolerance"] is not None:
             options["tolerance"] = setting["tolerance"]
+        if setting.get("allocation"):
+            options["exprune_allocation"] = setting["allocation"]
         start = time.perf_counter()
         result = graphopt.optimize(base, method="exprune", calib=calib, **options)
         seconds = time.perf_counter() - start
@@ -201,7 +205,8 @@ def sweep(model: str, base_label: str, base: onnx.ModelProto, calib: dict[str, n
         skipped = skips["skipped_macs"]
         rows.append({
             "model": model, "base": base_label, **setting,
-            "search": "fixed" if setting["fnr"] is not None else (setting["tolerance"] or "top1=0.99 (default)"),
+            "search": "fixed" if setting["fnr"] is not None else (setting["tolerance"] or "top1=0.99 (default)")
+            + (" uniform" if setting.get("allocation") == "uniform" else ""),
             "fnr_chosen": stats.get("fnr_level", setting["fnr"]),
             "accuracy": acc, "base_accuracy": base_acc, "accuracy_drop": base_acc - acc,
             "test_top1_agreement": agreement,
@@ -241,9 +246,10 @@ def summary(rows: list[dict]) -> list[dict]:
                 best = best_within(sub, 0.01)
                 default = next(r for r in sub if r["search"] == "top1=0.99 (default)")
                 loose = next(r for r in sub if r["search"] == "top1=0.98")
+                uniform = next(r for r in sub if r["search"] == "top1=0.99 (default) uniform")
                 out.append({"model": model, "base": base, "rule": rule, "base_accuracy": sub[0]["base_accuracy"],
                             "base_macs_vs_dense": sub[0]["base_macs"] / sub[0]["dense_macs"],
-                            "best_le1": best, "default": default, "top1_0.98": loose})
+                            "best_le1": best, "default": default, "top1_0.98": loose, "default_uniform": uniform})
     return out
 
 
@@ -274,8 +280,10 @@ def print_tables(rows: list[dict], summaries: list[dict]) -> None:
         b, d = s["best_le1"], s["default"]
         best = (f"{pct(b['macs_skipped_whole'])} ({b['search']}, fnr {b['fnr_chosen']}, drop "
                 f"{100 * b['accuracy_drop']:.2f})" if b else "none")
-        print(f"{s['model']:4} {s['base']:6} {s['rule']:10} best {best}; default: fnr {d['fnr_chosen']}, "
-              f"{pct(d['macs_skipped_whole'])} whole, drop {100 * d['accuracy_drop']:.2f}")
+        u = s["default_uniform"]
+        print(f"{s['model']:4} {s['base']:6} {s['rule']:10} best {best}; default (per layer): fnr {d['fnr_chosen']}, "
+              f"{pct(d['macs_skipped_whole'])} whole, drop {100 * d['accuracy_drop']:.2f}; one rate: fnr "
+              f"{u['fnr_chosen']}, {pct(u['macs_skipped_whole'])} whole, drop {100 * u['accuracy_drop']:.2f}")
 
 
 def plot(rows: list[dict], path: Path) -> None:

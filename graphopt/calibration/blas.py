@@ -1,25 +1,14 @@
 """BLAS kernels behind the statistics: Gram updates of row blocks, and how many BLAS threads to use.
 
 Accumulators keep only the upper triangle of a symmetric C×C matrix (column-major, float64); `symmetric`
-makes the full matrix from it.
-
-Chunk Grams (`chunk_gram`) are computed in the precision of the activations: float64 rows go through
-dsyrk, float32 (and narrower) rows through ssyrk in blocks of at most FLOAT32_GRAM_ROWS rows, each block's
-float32 result added to the float64 accumulator. ssyrk runs 1.8x faster than dsyrk on the 2-core Xeon
-(Sapphire Rapids, OpenBLAS) where graphopt is benchmarked, and the Gram updates are most of calibration's
-arithmetic. Error: each entry of a block's Gram is a float32 dot product of at most FLOAT32_GRAM_ROWS terms,
-so |error| ≤ FLOAT32_GRAM_ROWS · 2⁻²⁴ · Σ|y_i y_j| ≈ 1.2e-4 · Σ|y_i y_j| in the worst case and about
-√FLOAT32_GRAM_ROWS · 2⁻²⁴ ≈ 3e-6 of it for rounding errors of random sign (the blocks' errors are
-independent, so the relative error does not grow with the number of rows); the rows are centred on the
-block's own mean first, so a mean far larger than the spread costs no accuracy. A float32 activation carries
-a relative rounding error of 6e-8 of its own, and the statistics are estimates from a sample of the data,
-so no method built on them can tell the two apart.
+makes the full matrix from it. `chunk_gram` converts rows to float64 and runs dsyrk: float32 products
+(ssyrk, 1.8x faster here) would leave the Gram a rounding error of about 3e-6 relative, enough to blur the
+exactly zero variance of a redundant channel or direction that SNP's and CoB's exact removals detect.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Any, ContextManager
 
 import numpy as np
@@ -31,7 +20,6 @@ try:  # imported here, not where it is used: a BLAS library first loaded inside 
 except ImportError:  # scipy is optional: numpy's matmul computes the same products (the full matrix)
     scipy_blas = None
 
-FLOAT32_GRAM_ROWS = 2048  # rows per float32 block product (bounds the float32 summation length)
 LARGE_FACTORISATION = 1024  # features from which dense factorisations get every BLAS thread
 
 
@@ -70,46 +58,11 @@ def add_shifted(square: np.ndarray, shifted_sum: np.ndarray, count: int, delta: 
 
 
 def chunk_gram(square: np.ndarray, rows: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """Add Σ (x − K)(x − K)ᵀ over `rows` (n, C) to the float64 upper-triangle accumulator `square`, K = `shift`
-    (float64); returns Σ (x − K). float64 rows go through dsyrk; narrower ones through ssyrk block by block,
-    each block centred on its own mean and moved onto K exactly in float64 (`add_shifted`)."""
-    if rows.dtype == np.float64:
-        centred = rows - shift
-        syrk_update(square, centred)
-        return centred.sum(axis=0)
-    total = np.zeros(rows.shape[1])
-    for start in range(0, rows.shape[0], FLOAT32_GRAM_ROWS):
-        block = rows[start:start + FLOAT32_GRAM_ROWS]
-        count = block.shape[0]
-        raw_sum = block.sum(axis=0, dtype=np.float64)
-        local = (raw_sum / count).astype(np.float32)
-        square += _float32_gram(np.subtract(block, local, dtype=np.float32))
-        local64 = local.astype(np.float64)
-        block_sum = raw_sum - count * local64  # Σ (x − local), float64 from the exact sum
-        add_shifted(square, block_sum, count, local64 - shift)
-        total += raw_sum - count * shift
-    return total
-
-
-_buffers = threading.local()
-BUFFER_BYTES = 64 << 20  # float32 Gram buffers each thread keeps, one per width, at most
-
-
-def _float32_gram(centred: np.ndarray) -> np.ndarray:
-    """centredᵀ centred in float32 (upper triangle valid, column-major), written into this thread's buffer for
-    the width, which the next call overwrites: no C×C allocation per block (syrk never writes the lower
-    triangle, so it stays zero). The buffers are dropped when a new width would pass BUFFER_BYTES."""
-    if scipy_blas is None:
-        return centred.T @ centred
-    channels = centred.shape[1]
-    held: dict[int, np.ndarray] = getattr(_buffers, "grams", None) or {}
-    buffer = held.get(channels)
-    if buffer is None:
-        if sum(b.nbytes for b in held.values()) + 4 * channels * channels > BUFFER_BYTES:
-            held = {}
-        buffer = held[channels] = np.zeros((channels, channels), dtype=np.float32, order="F")
-        _buffers.grams = held
-    return scipy_blas.ssyrk(1.0, centred.T, beta=0.0, c=buffer, trans=0, lower=0, overwrite_c=1)
+    """Add Σ (x − K)(x − K)ᵀ over `rows` (n, C, any float dtype) to the float64 upper-triangle accumulator
+    `square`, K = `shift` (float64), in float64; returns Σ (x − K)."""
+    centred = np.subtract(rows, shift, dtype=np.float64)
+    syrk_update(square, centred)
+    return centred.sum(axis=0)
 
 
 def blas_for(size: int) -> ContextManager[Any]:

@@ -20,13 +20,11 @@ whole tensor), so the working set beyond the captured tensor is a few chunks.
 Speed: the Gram update is BLAS syrk (the upper triangle only, half a matmul), single-threaded; see
 graphopt.calibration.blas.
 
-Numerics: rows are taken in chunks of at most CHUNK_ELEMENTS values and summed in float64 about a fixed
-shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x − K)ᵀ (only its diagonal unless gram is
-asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the cancellation of
-Σxxᵀ − nμμᵀ when |μ| ≫ σ. The products of a Gram update are computed in the rows' own precision, float32
-activations in float32 blocks centred on their own means (graphopt.calibration.blas states the bound, about
-3e-6 relative); everything else is float64: means, diagonal moments, |x| sums, and the sums of the blocks.
-Negative counts (neg_frac) are exact integers, kept as `negatives`.
+Numerics: rows are converted to float64 in chunks of at most CHUNK_ELEMENTS values and summed about a
+fixed shift K (the first chunk's mean): s = Σ (x − K), S = Σ (x − K)(x − K)ᵀ (only its diagonal
+unless gram is asked). Then μ = K + s/n and the centred moment is M = S − s sᵀ/n, which avoids the
+cancellation of Σxxᵀ − nμμᵀ when |μ| ≫ σ. Negative counts (neg_frac) are exact integers, kept as
+`negatives`; |x| sums are float64.
 
 Merging (`merge`, for statistics of disjoint row sets measured apart, e.g. data shards): rows measured
 about shift K' (sums s', S', count n') enter statistics about K with d = K' − K as
@@ -177,8 +175,7 @@ class TensorStats:
         return in_range and request.channel_axis % self.rank == self.channel_axis and request.kinds <= self.kinds
 
     def update(self, rows: np.ndarray) -> None:
-        """Add a (rows, C) block of any float dtype, in chunks (Gram products in the rows' precision, see
-        graphopt.calibration.blas; sums in float64)."""
+        """Add a (rows, C) block of any float dtype, in float64 chunks."""
         if isinstance(self.shifted_square, Spilled):
             raise ValueError(f"statistics of '{self.tensor}' are final (spilled to disk): they take no more rows")
         if rows.ndim != 2 or rows.shape[1] != self.channels:

@@ -20,7 +20,6 @@ from graphopt.passes.base import PassContext
 from tests.calibration.helpers import collect
 
 RNG_SEED = 0
-FLOAT32_BLOCKS = 1e-5  # statistics of float32 tensors batched differently agree to the float32 Gram blocks' rounding
 
 
 def _model(text: str, **weights: np.ndarray) -> onnx.ModelProto:
@@ -159,9 +158,8 @@ def test_rounds_under_a_small_memory_limit_give_the_same_statistics(monkeypatch:
     bounded = collect(model, data, requests, batch_size=11, memory_limit=40_000)
     assert len(sessions) == 3  # c, r and y each in a round of their own; x comes from the data
     for name in ["x", "c", "r", "y"]:
-        # smaller batches regroup the float32 Gram blocks: equal to their rounding (graphopt.calibration.blas)
-        np.testing.assert_allclose(bounded[name].gram(), whole[name].gram(), rtol=FLOAT32_BLOCKS)
-        np.testing.assert_allclose(bounded[name].var, whole[name].var, rtol=FLOAT32_BLOCKS)
+        np.testing.assert_allclose(bounded[name].gram(), whole[name].gram(), rtol=1e-12)
+        np.testing.assert_allclose(bounded[name].var, whole[name].var, rtol=1e-10)
 
 
 def test_results_are_deterministic_whatever_the_number_of_threads() -> None:
@@ -300,8 +298,7 @@ def test_statistics_over_the_memory_bound_are_measured_in_parts_and_spilled() ->
     parts = calibrator.statistics(model, requests)
     for name, stats in whole.items():
         assert isinstance(parts[name].shifted_square, Spilled) and parts[name].shifted_square.path.is_file()
-        scale = np.abs(stats.covariance()).max()
-        np.testing.assert_allclose(parts[name].covariance(), stats.covariance(), rtol=0, atol=FLOAT32_BLOCKS * scale)
+        np.testing.assert_allclose(parts[name].covariance(), stats.covariance(), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(parts[name].mean, stats.mean, rtol=1e-12, atol=1e-12)
         assert parts[name].count == stats.count
     with pytest.raises(ValueError, match="final"):

@@ -40,13 +40,16 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.exprune.calib import Calibrated
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
-from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, tolerance_search
+from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, layer_curves
+from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, GRID, tolerance_search
 from graphopt.passes.methods import Method, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
 
 PROBES = (0.0625, 0.125, 0.25, 0.5)
 LAYER_KINDS = ("all", "linear", "conv")
+ALLOCATIONS = ("layers", "uniform")
+ALLOCATION = "layers"
 POSITIONS_PER_ROW = 4  # convolution output positions scored per linear-layer row allowed
 
 Layer = LinearLayer | ConvLayer
@@ -72,11 +75,15 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     for key in ("exprune_rows", "exprune_maps"):
         if int(ctx.option(key, 1)) < 1:
             raise OptionError(f"--{key.replace('_', '-')} must be at least 1, got {ctx.option(key)}")
+    allocation = str(ctx.option("exprune_allocation", ALLOCATION))
+    if allocation not in ALLOCATIONS:
+        raise OptionError(f"--exprune-allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
     kinds = str(ctx.option("exprune_layers", "all"))
     if kinds not in LAYER_KINDS:
         raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
     return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
-            "rule": rule, "held_out": held_out, "kinds": kinds, "confidence": confidence, **_fidelity(ctx)}
+            "rule": rule, "held_out": held_out, "kinds": kinds, "confidence": confidence, "allocation": allocation,
+            **_fidelity(ctx)}
 
 
 def _fidelity(ctx: PassContext) -> dict[str, Any]:
@@ -146,17 +153,25 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     or None."""
     from graphopt.calibration.heldout import HeldOut
 
-    check = HeldOut(model, held, batch_size=int(ctx.option("batch_size", 32)), confidence=options["confidence"],
+    batch_size = int(ctx.option("batch_size", 32))
+    check = HeldOut(model, held, batch_size=batch_size, confidence=options["confidence"],
                     metric=options["metric"], ctc_blank=options["ctc_blank"])
     scorings = _scorings(ctx, model, layers, options, fit)
 
-    def candidate(rate: float) -> tuple[list[Choice], onnx.ModelProto]:
-        choices = [_best(s, rate) for s in scorings]
-        replaced = {layer.output.name: found for layer, (_, found) in zip(layers, choices)}
+    def candidate(rates: tuple[float | None, ...]) -> tuple[list[Choice | None], onnx.ModelProto]:
+        choices = [None if rate is None else _best(s, rate) for s, rate in zip(scorings, rates)]
+        replaced = {layer.output.name: c[1] for layer, c in zip(layers, choices) if c is not None}
         return choices, _candidate(model, options["rule"], replaced)
 
+    steps = [tuple([rate] * len(layers)) for rate in GRID]
+    layered = options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS
+    if layered:
+        curves = layer_curves(model, fit, GRID, [s[0].macs_per_sample for s in scorings], candidate,
+                              lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
+        steps = allocation_path(curves)
+    result.stats["allocation"] = "layers" if layered else "uniform"
     chosen = tolerance_search(check, options["tolerance"] or check.default_tolerance(), candidate, result,
-                              ctx.progress)
+                              ctx.progress, steps=steps, level=max)
     if chosen is not None:
         _report_held_out(ctx, model, layers, chosen, held, result)
     return chosen
@@ -279,6 +294,10 @@ class ExPruneOptions(Seeded):
                                    help="exprune: fidelity to keep on held-out calibration samples (default "
                                         "top1=0.99 for class scores, sequence=0.99 for sequences, else "
                                         "rel_l2=0.01); KEY=V (>= V) or KEY<=V reads a key --metric returns")
+    exprune_allocation: str = option(ALLOCATION, choices=ALLOCATIONS,
+                                     help="exprune: with --tolerance, a false-negative rate per layer (each layer's "
+                                          "error and skipped MACs measured alone, combined along the best ratio, "
+                                          "certified as a whole on the held-out samples) or one rate for all")
     exprune_layers: str = option("all", choices=LAYER_KINDS, help="exprune: which ReLU layers to replace (conv ops "
                                                                   "have no native kernel yet)")
     exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "

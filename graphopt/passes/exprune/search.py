@@ -9,8 +9,9 @@ key of the user's metric (`KEY=V`: >= V, `KEY<=V`), checked against a one-sided 
 disagreements, a normal bound for rel_l2, the held-out value itself for a metric's key), so that it
 holds with probability at least c on new data
 drawn like the held-out samples (calibration data from another distribution, such as the training set
-of an over-fitted model, carries no such promise). The rates are tested in increasing order and the
-search stops at the first that fails (fixed-sequence testing: only the first rate whose true fidelity
+of an over-fitted model, carries no such promise). The steps are one rate for every layer in increasing
+order, or the per-layer allocations of graphopt.passes.exprune.allocate in path order (fixed by the fit
+samples alone); the search stops at the first that fails (fixed-sequence testing: only the first rate whose true fidelity
 misses the tolerance can be wrongly accepted, so one bound at level c covers the whole search, with no
 assumption that fidelity falls as the rate rises); the last rate passed is kept. c = 0 checks the
 held-out value itself, without a margin. With n independent held-out rows and all of them agreeing,
@@ -25,7 +26,7 @@ rejected with its measures (`fnr_rejected`, `rejected_*`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import onnx
 from tqdm.auto import tqdm
@@ -40,28 +41,31 @@ DEFAULT_CONFIDENCE = 0.95
 
 
 def tolerance_search(check: HeldOut, tolerance: Tolerance,
-                     candidate: Callable[[float], tuple[list[Any], onnx.ModelProto]], result: PassResult,
-                     progress: bool) -> list[Any] | None:
-    """The choices `candidate(rate)` returns at the largest grid rate passed in an upward scan stopped at
-    the first failure; None (with the reason in `result.skipped`) when rate 0 fails. A tolerance the check
-    cannot measure is refused (`OptionError`)."""
+                     candidate: Callable[[Any], tuple[list[Any], onnx.ModelProto]], result: PassResult,
+                     progress: bool, steps: Sequence[Any] = GRID,
+                     level: Callable[[Any], float] = float) -> list[Any] | None:
+    """The choices `candidate(step)` returns at the last of `steps` (grid rates, or any sequence fixed before the
+    held-out samples are read) passed in a scan stopped at the first failure; None (with the reason in
+    `result.skipped`) when the first step fails. `level(step)` is the false-negative rate reported for a step.
+    A tolerance the check cannot measure is refused (`OptionError`)."""
     check.require(tolerance)
     _describe_check(check, tolerance, result)
-    passed: tuple[float, dict[str, float | None], list[Any]] | None = None
+    passed: tuple[int, Any, dict[str, float | None], list[Any]] | None = None
     measured: dict[str, float | None] = {}
-    for rate in tqdm(GRID, desc="exprune tolerance", disable=not progress, leave=False):
-        choices, model = candidate(rate)
+    for index, step in enumerate(tqdm(steps, desc="exprune tolerance", disable=not progress, leave=False)):
+        choices, model = candidate(step)
         measured = check.measure(model)
-        log.info("exprune: fnr %g -> %s", rate, measured)
+        log.info("exprune: step %d (fnr %g) -> %s", index, level(step), measured)
         if not tolerance.met(measured):
-            result.stats.update({"fnr_rejected": rate, **{f"rejected_{k}": v for k, v in measured.items()}})
+            result.stats.update({"fnr_rejected": level(step), **{f"rejected_{k}": v for k, v in measured.items()}})
             break
-        passed = (rate, measured, choices)
+        passed = (index, step, measured, choices)
     if passed is None:
         result.skipped.insert(0, _nothing_passed(check, tolerance, measured))  # the reason that decided
         return None
-    rate, measured, choices = passed
-    result.stats.update({"fnr_level": rate, **{f"held_out_{k}": v for k, v in measured.items()}})
+    index, step, measured, choices = passed
+    result.stats.update({"fnr_level": level(step), "steps_passed": index + 1, "steps": len(steps),
+                         **{f"held_out_{k}": v for k, v in measured.items()}})
     return choices
 
 
