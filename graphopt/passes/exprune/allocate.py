@@ -15,8 +15,10 @@ order, and stops at the first one that misses the tolerance. The path depends on
 fixed-sequence argument of the uniform search holds unchanged: one bound at the confidence level covers the
 whole scan.
 
-Cost: one candidate model per layer and grid rate on the curve samples, then one per path step certified
-(the path has at most layers × grid steps); layers beyond MAX_LAYERS fall back to the uniform rate.
+Cost: at most CURVE_CANDIDATES candidate models on the curve samples (fewer grid rates per layer on deeper
+models), then one per path step certified (at most layers × rates steps); more than MAX_LAYERS layers fall
+back to one rate for all, and so does a model whose first step (every layer at rate 0) already misses the
+tolerance (nothing could pass).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from graphopt.calibration.heldout import HeldOut
 
 log = logging.getLogger(__name__)
 
-CURVE_SAMPLES = 256  # fit samples the per-layer error curves are measured on, at most
-MAX_LAYERS = 32      # more layers than this: the uniform rate (curves cost layers x grid candidate models)
+CURVE_SAMPLES = 256     # fit samples the per-layer error curves are measured on, at most
+CURVE_CANDIDATES = 64   # candidate models the curves cost, at most: fewer grid rates per layer on deep models
+MAX_LAYERS = 16         # more layers than this: one rate for all (the curves would hold under 4 rates each)
 
 Rates = tuple[float | None, ...]  # one rate per layer; None leaves a layer dense
 
@@ -44,6 +47,14 @@ class Point:
     rate: float
     error: float    # squared relative L2 of the output with this layer alone at `rate`
     skipped: float  # MACs skipped per sample
+
+
+def curve_grid(grid: Sequence[float], layers: int) -> list[float]:
+    """The grid rates the curves are measured at: all of them while layers × rates stays within CURVE_CANDIDATES,
+    else an evenly spread subset (rate 0 and the largest rate always in)."""
+    count = max(2, min(len(grid), CURVE_CANDIDATES // max(1, layers)))
+    picks = sorted({round(i * (len(grid) - 1) / (count - 1)) for i in range(count)})
+    return [grid[i] for i in picks]
 
 
 def layer_curves(model: onnx.ModelProto, data: Dataset, grid: Sequence[float], macs: Sequence[float],

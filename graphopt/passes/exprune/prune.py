@@ -40,7 +40,7 @@ from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, P
 from graphopt.passes.exprune.calib import Calibrated
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
-from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, layer_curves
+from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, curve_grid, layer_curves
 from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, GRID, tolerance_search
 from graphopt.passes.methods import Method, Seeded, option, register_method
 
@@ -163,15 +163,17 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
         replaced = {layer.output.name: c[1] for layer, c in zip(layers, choices) if c is not None}
         return choices, _candidate(model, options["rule"], replaced)
 
+    tolerance = options["tolerance"] or check.default_tolerance()
     steps = [tuple([rate] * len(layers)) for rate in GRID]
-    layered = options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS
+    # the curves only where the first step (every layer at rate 0) can pass: else nothing would
+    layered = options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS and \
+        tolerance.met(check.measure(candidate(steps[0])[1]))
     if layered:
-        curves = layer_curves(model, fit, GRID, [s[0].macs_per_sample for s in scorings], candidate,
-                              lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
+        curves = layer_curves(model, fit, curve_grid(GRID, len(layers)), [s[0].macs_per_sample for s in scorings],
+                              candidate, lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
         steps = allocation_path(curves)
     result.stats["allocation"] = "layers" if layered else "uniform"
-    chosen = tolerance_search(check, options["tolerance"] or check.default_tolerance(), candidate, result,
-                              ctx.progress, steps=steps, level=max)
+    chosen = tolerance_search(check, tolerance, candidate, result, ctx.progress, steps=steps, level=max)
     if chosen is not None:
         _report_held_out(ctx, model, layers, chosen, held, result)
     return chosen

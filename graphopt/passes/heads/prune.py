@@ -93,18 +93,25 @@ def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, 
     if entry.node.op == "Expand":
         _broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]))
         return
-    located = entry_holder(entry.node, entry.position, shapes)
+    set_target_entry(graph, entry.node, entry.position, kept * entry.per_head, shapes, "counting heads")
+
+
+def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, shapes: dict[str, tuple[int, ...]],
+                     what: str) -> None:
+    """Entry `position` of the Reshape target `node` reads becomes `value` (an inferred -1 stays), written on a
+    private copy where the target is a Concat other reshapes may read too."""
+    located = entry_holder(node, position, shapes)
     if located is None:
-        raise GraphoptError(f"{entry.node.name}: the reshape target entry counting heads cannot be rewritten")
+        raise GraphoptError(f"{node.name}: the reshape target entry {what} cannot be rewritten")
     holder, index, element = located
-    if holder is not entry.node:  # a Concat the reshapes of other layers may read too
-        holder = ir.private_producer(graph, entry.node, 1)
+    if holder is not node:  # a Concat the reshapes of other layers may read too
+        holder = ir.private_producer(graph, node, 1)
     piece = holder.inputs[index]
     values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
         else np.zeros(1, dtype=np.int64)
     if isinstance(piece, gs.Constant) and values[element] == -1:
         return
-    values[element] = kept * entry.per_head
+    values[element] = value
     ir.set_input_array(graph, holder, index, values)
 
 

@@ -21,7 +21,7 @@ Grouped-query attention: a key head's map is shared by its query heads; the quer
 (the error summed over the query heads that read the key), so each query head gets the same A.
 
 Orthogonal alternative (same R on q and k from a per-head PCA of the keys): exact in the same planted case,
-but it ignores where the queries lie; on trained encoders the bilinear fit keeps more of the scores at the
+but it ignores where the queries lie; on the test models the bilinear fit keeps more of the scores at the
 same r (tests/passes/heads/test_qk.py compares them), so only the bilinear map is built.
 """
 
@@ -34,7 +34,7 @@ from graphopt.analysis.heads.qk import QKBlock, QKSide, WidthEntry
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
-from graphopt.passes.heads.prune import _broadcast_heads, entry_holder
+from graphopt.passes.heads.prune import _broadcast_heads, set_target_entry
 from graphopt.analysis.heads import ShapeEntry
 
 RANK_FLOOR = 1e-10
@@ -99,19 +99,7 @@ def _set_width(graph: gs.Graph, entry: WidthEntry, rank: int, shapes: dict[str, 
     if entry.node.op == "Expand":
         _broadcast_heads(graph, ShapeEntry(entry.node, entry.position, 1), len(shapes[entry.node.outputs[0].name]))
         return
-    located = entry_holder(entry.node, entry.position, shapes)
-    if located is None:
-        raise GraphoptError(f"{entry.node.name}: the reshape target entry of the q/k width cannot be rewritten")
-    holder, index, element = located
-    if holder is not entry.node:  # a Concat other reshapes (v, other layers) may read too
-        holder = ir.private_producer(graph, entry.node, 1)
-    piece = holder.inputs[index]
-    values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
-        else np.zeros(1, dtype=np.int64)
-    if isinstance(piece, gs.Constant) and values[element] == -1:
-        return
-    values[element] = rank
-    ir.set_input_array(graph, holder, index, values)
+    set_target_entry(graph, entry.node, entry.position, rank, shapes, "of the q/k width")
 
 
 def fold_maps(graph: gs.Graph, qk: QKBlock, query_maps: np.ndarray, key_maps: np.ndarray,
