@@ -173,10 +173,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
     _check(optimized)
 
-    check_batch = ctx.reference_batch_size() or batch_size  # the feeds the kept outputs were cut in
-    check = {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
-             "device": resolved.get("device") or "cpu",
-             "reference_outputs": ctx.reference_outputs(original, check_batch)}
+    check_batch, check = _check_settings(ctx, original, resolved, batch_size)
     measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
@@ -330,6 +327,15 @@ def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, rep
     if hungry and calib is None and stats is None:
         raise DataError(f"--method {hungry[0]} needs calibration data: give --calib DATA.npz "
                         "(or --stats from graphopt calibrate)")
+
+
+def _check_settings(ctx: PassContext, original: onnx.ModelProto, resolved: dict[str, Any],
+                    batch_size: int) -> tuple[int, dict[str, Any]]:
+    """The fidelity check's batch size (that of the outputs calibration kept, where it kept them) and keywords."""
+    check_batch = ctx.reference_batch_size() or batch_size
+    return check_batch, {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
+                         "device": resolved.get("device") or "cpu",
+                         "reference_outputs": ctx.reference_outputs(original, check_batch)}
 
 
 def _sequence(pipeline: list[str]) -> list[Pass]:

@@ -64,12 +64,7 @@ def _text_type(declared: Option) -> Callable[[str], Any] | None:
 
 
 def _add_option(parser: argparse.ArgumentParser, declared: Option) -> None:
-    """A declared method option as a flag (graphopt.passes.methods); bool options are switches, and one under
-    its own name is a pair (--name turns it on, --no-name off)."""
-    if declared.type is bool and not declared.flag.startswith("--no-"):
-        parser.add_argument(declared.flag, dest=declared.name, help=declared.help,
-                            action=argparse.BooleanOptionalAction, default=declared.default)
-        return
+    """A declared method option as a flag (graphopt.passes.methods); bool options are switches."""
     if declared.type is bool:
         parser.add_argument(declared.flag, dest=declared.name, help=declared.help,
                             action="store_false" if declared.default else "store_true")

@@ -138,22 +138,36 @@ def _step_back(node: gs.Node, axis: int, shapes: Shapes, entries: list[WidthEntr
     if node.op in ("Unsqueeze", "Squeeze"):
         moved = _unsqueezed_back(node, axis, shapes)
         return moved if isinstance(moved, str) else (node.inputs[0], moved)
+    if node.op in ("Expand", "Reshape"):
+        return _repeat_back(node, axis, out, before, entries)
+    if node.op in ("Mul", "Div") and _scalar_operand(node):
+        return node.inputs[0], axis
+    if node.op in _ROTARY_OPS:
+        return ROTARY
+    return f"{node.name} ({node.op}): not a layout op between q/k and the scores"
+
+
+def _repeat_back(node: gs.Node, axis: int, out: tuple[int, ...], before: tuple[int, ...],
+                 entries: list[WidthEntry]) -> tuple[gs.Tensor, int] | str:
+    """Back through the Expand and Reshape that repeat key heads for their queries (d kept whole)."""
     if node.op == "Expand":
         own = axis - (len(out) - len(before))
         if own < 0 or before[own] != out[axis]:
             return f"{node.name} (Expand): expands the per-head width"
         entries.append(WidthEntry(node, axis))
         return node.inputs[0], own
-    if node.op == "Reshape" and axis == len(out) - 1 and before[-1] == out[-1]:  # key heads repeated for queries
+    if axis == len(out) - 1 and before[-1] == out[-1]:  # key heads repeated for queries
         entries.append(WidthEntry(node, axis))
         return node.inputs[0], len(before) - 1
-    if node.op in ("Mul", "Div") and len(node.inputs) == 2:
-        value = constant_value(node.inputs[1])
-        if value is not None and value.size == 1 and constant_value(node.inputs[0]) is None:
-            return node.inputs[0], axis
-    if node.op in _ROTARY_OPS:
-        return ROTARY
-    return f"{node.name} ({node.op}): not a layout op between q/k and the scores"
+    return f"{node.name} (Reshape): not a layout op between q/k and the scores"
+
+
+def _scalar_operand(node: gs.Node) -> bool:
+    """A Mul/Div of the data by one constant value (the attention scale)."""
+    if len(node.inputs) != 2:
+        return False
+    value = constant_value(node.inputs[1])
+    return value is not None and value.size == 1 and constant_value(node.inputs[0]) is None
 
 
 def _side(tensor: gs.Tensor, axis: int, reader: gs.Node, shapes: Shapes) -> QKSide | str:
@@ -200,12 +214,19 @@ def find_qk(block: HeadBlock, shapes: Shapes) -> QKBlock | str:
         return f"{len(scores)} q·kᵀ MatMuls feeding a Softmax"
     score = scores[0]
     rank = len(shapes.get(score.outputs[0].name, ()))
-    sides = [_side(score.inputs[0], rank - 1, score, shapes), _side(score.inputs[1], rank - 2, score, shapes)]
-    for side in sides:
-        if isinstance(side, str):
-            return side
-    query, key = sides
+    query = _side(score.inputs[0], rank - 1, score, shapes)
+    if isinstance(query, str):
+        return query
+    key = _side(score.inputs[1], rank - 2, score, shapes)
+    if isinstance(key, str):
+        return key
     width = int(shapes[query.split.outputs[0].name][-1])
+    reason = _mismatch(block, query, key, width, shapes)
+    return reason if reason is not None else QKBlock(block, width, query, key, score)
+
+
+def _mismatch(block: HeadBlock, query: QKSide, key: QKSide, width: int, shapes: Shapes) -> str | None:
+    """Why the two sides cannot share one per-head map of d (None: they can)."""
     reason = _checked(query) or _checked(key)
     if reason is None and int(shapes[key.split.outputs[0].name][-1]) != width:
         reason = "q and k heads differ in width"
@@ -213,4 +234,4 @@ def find_qk(block: HeadBlock, shapes: Shapes) -> QKBlock | str:
         reason = f"{query.heads} query and {key.heads} key heads do not divide into {block.heads} units"
     if reason is None and {id(s.node) for s in query.slices} & {id(s.node) for s in key.slices}:
         reason = "q and k share a projection"
-    return reason if reason is not None else QKBlock(block, width, query, key, score)
+    return reason
