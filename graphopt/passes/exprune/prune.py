@@ -4,16 +4,18 @@ Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.ex
 `graphopt.ExPruneConvRelu` (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
 (graphopt.passes.exprune.calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
 output positions of the first `exprune_maps` input maps for convolutions (a seeded subset of at most
-POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held). Two modes:
+POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held; graphopt.passes.exprune.layers). Two modes:
 
 - fixed (`exprune_fnr` given): every neuron keeps at most that false-negative rate on the sampled
   calibration rows; the probe length is `exprune_probe`, or chosen per layer as below;
 - tolerance (default): a seeded `exprune_held_out` fraction of the calibration samples is held out;
   thresholds are fitted on the rest for a grid of false-negative rates, and per layer and rate the
-  probe length from PROBES skipping the most MACs on the fitted rows is taken; the largest rate whose
-  model keeps `tolerance` against the unpruned model on the held-out samples, with confidence
-  `exprune_confidence`, is kept (graphopt.passes.exprune.search). When even rate 0 fails, nothing is
-  replaced and the reason is recorded.
+  probe length from PROBES skipping the most MACs on the fitted rows is taken; the last step of a scan
+  whose model keeps `tolerance` against the unpruned model on the held-out samples, with confidence
+  `exprune_confidence`, is kept (graphopt.passes.exprune.search). The steps are per-layer rates along the
+  path of graphopt.passes.exprune.allocate (`exprune_allocation` layers, the default) or one rate for
+  all layers (uniform). When even the first step (rate 0) fails, nothing is replaced and the reason is
+  recorded.
 
 Approximate: an output differs from ReLU(Wx + b) only where a positive neuron was predicted negative,
 and then by exactly its value. Layers are calibrated on the input model's activations (not
@@ -28,19 +30,18 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from tqdm.auto import tqdm
 
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.exprune.calib import Calibrated
-from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
-from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
 from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, curve_grid, layer_curves
+from graphopt.passes.exprune.conv import ConvLayer
+from graphopt.passes.exprune.layers import (Choice, Layer, best, candidate_model, discover, replace, sample,
+                                            scorings)
+from graphopt.passes.exprune.linear import LinearLayer
 from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, GRID, tolerance_search
 from graphopt.passes.methods import Method, Seeded, option, register_method
 
@@ -50,11 +51,6 @@ PROBES = (0.0625, 0.125, 0.25, 0.5)
 LAYER_KINDS = ("all", "linear", "conv")
 ALLOCATIONS = ("layers", "uniform")
 ALLOCATION = "layers"
-POSITIONS_PER_ROW = 4  # convolution output positions scored per linear-layer row allowed
-
-Layer = LinearLayer | ConvLayer
-Scoring = LinearScoring | ConvScoring
-Choice = tuple[Scoring, Calibrated]
 
 
 def _options(ctx: PassContext) -> dict[str, Any]:
@@ -100,53 +96,6 @@ def _fidelity(ctx: PassContext) -> dict[str, Any]:
     return {"tolerance": tolerance, "metric": metric, "ctc_blank": int(ctx.option("ctc_blank", 0))}
 
 
-def _match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
-    if node.op in ("Gemm", "MatMul"):
-        return match_linear(graph, node)
-    if node.op == "Conv":
-        return match_conv(graph, node)
-    return None
-
-
-def _discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
-    layers, skipped = [], []
-    for node in list(graph.nodes):
-        if kinds != "all" and (node.op == "Conv") != (kinds == "conv"):
-            continue
-        found = _match(graph, node)
-        if isinstance(found, str):
-            skipped.append(f"{node.name}: {found}")
-        elif found is not None:
-            layers.append(found)
-    return layers, skipped
-
-
-def _replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> None:
-    if isinstance(layer, ConvLayer):
-        replace_conv(graph, layer, found, rule)
-    else:
-        replace_linear(graph, layer, found, rule)
-
-
-def _best(scorings: list[Scoring], fnr: float) -> Choice:
-    """The probe length skipping the largest fraction of the layer's MACs at this rate."""
-    calibrated = [(s, s.calibrate(fnr)) for s in scorings]
-    return max(calibrated, key=lambda pair: pair[1].macs_skipped)
-
-
-def _candidate(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]) -> onnx.ModelProto:
-    """`model` with the layers whose output is in `choices` replaced (the pass's graph is untouched)."""
-    graph = ir.import_graph(model)
-    for node in list(graph.nodes):
-        found = _match(graph, node)
-        if found is not None and not isinstance(found, str) and found.output.name in choices:
-            _replace(graph, found, choices[found.output.name], rule)
-            if isinstance(found, LinearLayer):
-                ir.add_function(graph, build_exprune_function(graph.opset))
-    ir.cleanup(graph)
-    return ir.export_model(graph, model)
-
-
 def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
             fit: Any, held: Any, result: PassResult) -> list[Choice] | None:
     """Per-layer choices at the largest grid rate within tolerance on `held` (graphopt.passes.exprune.search),
@@ -156,12 +105,12 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     batch_size = int(ctx.option("batch_size", 32))
     check = HeldOut(model, held, batch_size=batch_size, confidence=options["confidence"],
                     metric=options["metric"], ctc_blank=options["ctc_blank"])
-    scorings = _scorings(ctx, model, layers, options, fit)
+    scored = scorings(ctx, model, layers, options, fit)
 
     def candidate(rates: tuple[float | None, ...]) -> tuple[list[Choice | None], onnx.ModelProto]:
-        choices = [None if rate is None else _best(s, rate) for s, rate in zip(scorings, rates)]
+        choices = [None if rate is None else best(s, rate) for s, rate in zip(scored, rates)]
         replaced = {layer.output.name: c[1] for layer, c in zip(layers, choices) if c is not None}
-        return choices, _candidate(model, options["rule"], replaced)
+        return choices, candidate_model(model, options["rule"], replaced)
 
     tolerance = options["tolerance"] or check.default_tolerance()
     steps = [tuple([rate] * len(layers)) for rate in GRID]
@@ -169,7 +118,7 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     layered = options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS and \
         tolerance.met(check.measure(candidate(steps[0])[1]))
     if layered:
-        curves = layer_curves(model, fit, curve_grid(GRID, len(layers)), [s[0].macs_per_sample for s in scorings],
+        curves = layer_curves(model, fit, curve_grid(GRID, len(layers)), [s[0].macs_per_sample for s in scored],
                               candidate, lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
         steps = allocation_path(curves)
     result.stats["allocation"] = "layers" if layered else "uniform"
@@ -179,34 +128,9 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     return chosen
 
 
-def _scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
-              data: Any) -> list[list[Scoring]]:
-    samples = _sample(ctx, model, layers, data)
-    seed, positions = int(ctx.option("seed", 0)), int(ctx.option("exprune_rows", 4096)) * POSITIONS_PER_ROW
-    return [[ConvScoring(samples[layer.source.name], layer, probe, options["rule"], max_positions=positions, seed=seed)
-             if isinstance(layer, ConvLayer) else LinearScoring(samples[layer.source.name], layer, probe, options["rule"])
-             for probe in options["probes"]]
-            for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False)]
-
-
-def _sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data: Any) -> dict[str, np.ndarray]:
-    """Input rows of linear layers and whole input maps of convolutions (float64)."""
-    from graphopt.calibration.distributed import gather_maps, gather_rows
-
-    batch_size, seed = int(ctx.option("batch_size", 32)), int(ctx.option("seed", 0))
-    linear = {layer.source.name: -1 for layer in layers if isinstance(layer, LinearLayer)}
-    conv = [layer.source.name for layer in layers if isinstance(layer, ConvLayer)]
-    # on the run's Ray cluster when it has one (--workers, --ray-address): the same rows and maps
-    rows = gather_rows(ctx.cluster, model, data, linear, max_rows=int(ctx.option("exprune_rows", 4096)),
-                       batch_size=batch_size, seed=seed)
-    maps = gather_maps(ctx.cluster, model, data, conv, max_items=int(ctx.option("exprune_maps", 64)),
-                       batch_size=batch_size)
-    return {**rows, **{name: values.astype(np.float64) for name, values in maps.items()}}
-
-
 def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], chosen: list[Choice], held: Any,
                      result: PassResult) -> None:
-    rows = _sample(ctx, model, layers, held)
+    rows = sample(ctx, model, layers, held)
     total = skipped = 0.0
     for layer, (scoring, found) in zip(layers, chosen):
         skip, false_negative, saved = scoring.measure(rows[layer.source.name], found.tau)
@@ -232,7 +156,7 @@ class ExPrune(Pass):
 
         options = _options(ctx)
         result = PassResult(modified=False)
-        layers, result.skipped = _discover(graph, options["kinds"])
+        layers, result.skipped = discover(graph, options["kinds"])
         if layers and graph.opset < MIN_OPSET:
             result.skipped.extend(f"{layer.name}: model opset {graph.opset} < {MIN_OPSET}" for layer in layers)
             layers = []
@@ -243,7 +167,7 @@ class ExPrune(Pass):
         model = ir.export_model(graph, ctx.template)
         dataset = load_data(ctx.data, model)
         if options["fnr"] is not None:
-            chosen = [_best(s, options["fnr"]) for s in _scorings(ctx, model, layers, options, dataset)]
+            chosen = [best(s, options["fnr"]) for s in scorings(ctx, model, layers, options, dataset)]
         else:
             fit, held = dataset.split(options["held_out"], seed=int(ctx.option("seed", 0)))
             if held.num_samples == 0 or (held.arrays is None and not held.feeds):
@@ -259,7 +183,7 @@ class ExPrune(Pass):
     def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str, result: PassResult) -> None:
         total = skipped = 0.0
         for layer, (scoring, found) in zip(layers, chosen):
-            _replace(graph, layer, found, rule)
+            replace(graph, layer, found, rule)
             macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
