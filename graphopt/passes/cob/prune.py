@@ -49,7 +49,7 @@ from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, Seeded,
                                       StatisticsOptions, option, register_method)
 from graphopt.passes.snp.measure import consumer_statistics, linear_consumers
-from graphopt.passes.snp.prune import prune_reconstructed
+from graphopt.passes.snp.fold import prune_reconstructed
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)

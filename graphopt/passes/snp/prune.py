@@ -50,69 +50,18 @@ from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
-from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
-from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.latency import Budget
 from graphopt.passes.channels.magnitude import analyse
-from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
 from graphopt.passes.heads.qk_plan import QKPlan, apply_qk
 from graphopt.passes.heads.select import HeadPlan, apply_heads
-from graphopt.passes.snp.correct import correct, targets
+from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed
 from graphopt.passes.snp.measure import QK_DIMS, consumer_statistics, costs, linear_consumers, measure
-from graphopt.passes.snp.maths import reconstruction
-from graphopt.passes.snp.padding import inside_fraction, read_moments
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
 from graphopt.passes.snp.sensitivity import PROBE_SAMPLES, damage_counts, damage_for_target, scales, sensitivities
 
 log = logging.getLogger(__name__)
-
-
-def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
-          shifts: Shifts) -> bool:
-    """Fold the least-squares reconstruction of the pruned positions into one consumer's weights."""
-    features = a.size(site.state) * site.state.factor
-    keep_pos = kept_positions(a.atoms, site.state, kept)
-    pruned_pos = np.setdiff1d(np.arange(features), keep_pos)
-    if pruned_pos.size == 0:
-        return False
-    cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
-    coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
-    weight = np.asarray(site.node.inputs[site.index].values)
-    values = np.zeros(features)
-    values[pruned_pos] = constant
-    add_shift(shifts, site.node, consumer_shift(site, values, weight))
-    moved = np.moveaxis(weight.astype(np.float64), site.axis, -1)
-    moved[..., keep_pos] += moved[..., pruned_pos] @ coupling
-    ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(weight.dtype))
-    return True
-
-
-def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
-           kept: dict[int, np.ndarray], reconstruct: bool) -> int:
-    """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
-    shifts: Shifts = {}
-    if reconstruct:  # a reduction over channels that lose units becomes the weighted sum the fit folds into
-        sites = linear_sites(graph, analysis, sites, set(kept))
-    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], shifts) for s in sites) \
-        if reconstruct else 0
-    apply_with_shifts(graph, analysis, kept, shifts)
-    return folded
-
-
-def prune_error_corrected(graph: gs.Graph, ctx: PassContext, analysis: Analysis, sites: list[Site],
-                          stats: dict[str, TensorStats], kept: dict[int, np.ndarray]) -> tuple[int, int]:
-    """Cut with the weight consumers left as they are (reductions get the self fit), then refit every
-    consumer whose input changed to the original model (graphopt.passes.snp.correct); returns
-    (consumers given the self fit, consumers refitted)."""
-    reference = ir.export_model(graph, ctx.template)
-    found = targets(analysis, sites, kept, stats)
-    with single_threaded_blas():
-        folded = prune_reconstructed(graph, analysis, [s for s in sites if s.node.name not in found], stats, kept,
-                                     True)
-    ir.cleanup(graph)
-    return folded, correct(graph, ctx, reference, found)
 
 
 def _cut(graph: gs.Graph, ctx: PassContext, measured: tuple[Analysis, list[Site], dict[str, TensorStats]],

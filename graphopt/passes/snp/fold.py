@@ -1,0 +1,69 @@
+"""SNP's cut: the least-squares reconstruction of the pruned units folded into every consumer's weights, then
+the physical removal (graphopt.passes.channels); or, with the original model as the target, the self fit only
+where no refit applies and then the refit of every consumer whose input changed (graphopt.passes.snp.correct).
+Per consumer, with P the pruned and K the kept positions of its input, (C, c₀) is the least-squares fit
+x_P ≈ C x_K + c₀ on the consumer's statistics (graphopt.passes.snp.maths.reconstruction); W[:, K] += W[:, P] C
+and c₀ reaches the bias through the consumer shifts (see graphopt.passes.snp.prune for exactness)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.analysis.groups import Analysis, Site
+from graphopt.calibration.blas import single_threaded_blas
+from graphopt.calibration.stats import TensorStats
+from graphopt.ir import graph as ir
+from graphopt.passes.base import PassContext
+from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.channels.engine import kept_positions
+from graphopt.passes.channels.reduction import linear_sites
+from graphopt.passes.snp.correct import correct, targets
+from graphopt.passes.snp.maths import reconstruction
+from graphopt.passes.snp.padding import inside_fraction, read_moments
+
+
+def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
+          shifts: Shifts) -> bool:
+    """Fold the least-squares reconstruction of the pruned positions into one consumer's weights."""
+    features = a.size(site.state) * site.state.factor
+    keep_pos = kept_positions(a.atoms, site.state, kept)
+    pruned_pos = np.setdiff1d(np.arange(features), keep_pos)
+    if pruned_pos.size == 0:
+        return False
+    cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
+    coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
+    weight = np.asarray(site.node.inputs[site.index].values)
+    values = np.zeros(features)
+    values[pruned_pos] = constant
+    add_shift(shifts, site.node, consumer_shift(site, values, weight))
+    moved = np.moveaxis(weight.astype(np.float64), site.axis, -1)
+    moved[..., keep_pos] += moved[..., pruned_pos] @ coupling
+    ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(weight.dtype))
+    return True
+
+
+def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
+           kept: dict[int, np.ndarray], reconstruct: bool) -> int:
+    """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
+    shifts: Shifts = {}
+    if reconstruct:  # a reduction over channels that lose units becomes the weighted sum the fit folds into
+        sites = linear_sites(graph, analysis, sites, set(kept))
+    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], shifts) for s in sites) \
+        if reconstruct else 0
+    apply_with_shifts(graph, analysis, kept, shifts)
+    return folded
+
+
+def prune_error_corrected(graph: gs.Graph, ctx: PassContext, analysis: Analysis, sites: list[Site],
+                          stats: dict[str, TensorStats], kept: dict[int, np.ndarray]) -> tuple[int, int]:
+    """Cut with the weight consumers left as they are (reductions get the self fit), then refit every
+    consumer whose input changed to the original model (graphopt.passes.snp.correct); returns
+    (consumers given the self fit, consumers refitted)."""
+    reference = ir.export_model(graph, ctx.template)
+    found = targets(analysis, sites, kept, stats)
+    with single_threaded_blas():
+        folded = prune_reconstructed(graph, analysis, [s for s in sites if s.node.name not in found], stats, kept,
+                                     True)
+    ir.cleanup(graph)
+    return folded, correct(graph, ctx, reference, found)
