@@ -14,8 +14,8 @@ from typing import Any, ContextManager
 import numpy as np
 
 try:  # imported here, not where it is used: a BLAS library first loaded inside `single_threaded_blas` escapes the
-    # limit (threadpoolctl limits the libraries loaded when it is entered), and two accumulation workers each
-    # running a threaded syrk on 2 cores took 35% longer (17 s more CPU on ResNet-50 calibration)
+    # limit (threadpoolctl limits the libraries loaded when it is entered), and two accumulation workers would
+    # each run a threaded syrk
     from scipy.linalg import blas as scipy_blas
 except ImportError:  # scipy is optional: numpy's matmul computes the same products (the full matrix)
     scipy_blas = None
