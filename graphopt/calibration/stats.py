@@ -197,7 +197,7 @@ class TensorStats:
         if self.has_gram:
             self.shifted_sum += chunk_gram(self.shifted_square, chunk, self.shift)
             return
-        centred = chunk.astype(np.float64) - self.shift
+        centred = np.subtract(chunk, self.shift, dtype=np.float64)
         self.shifted_sum += centred.sum(axis=0)
         self.shifted_square += np.einsum("ij,ij->j", centred, centred)
 
