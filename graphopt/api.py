@@ -168,7 +168,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     graph = ir.import_graph(original)
     with open_cluster(resolved["workers"], resolved["ray_address"]) as cluster:  # Ray: only where asked for
         ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved,
-                          cluster=cluster)
+                          cluster=cluster, pipeline=tuple(pipeline))
         records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
     optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
     _check(optimized)

@@ -81,7 +81,7 @@ class PassContext:
     `input_shapes` resolves dynamic input dimensions (batch 1); `data` is calibration data as an
     iterable of feed dicts, or None; `options` holds method options from the CLI or API; `cluster`
     (graphopt.calibration.cluster) runs calibration on Ray when the run was given --workers or
-    --ray-address (None: in this process).
+    --ray-address (None: in this process); `pipeline` names the methods of the run in order.
     """
 
     template: onnx.ModelProto
@@ -90,8 +90,13 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     cluster: Any = None
+    pipeline: tuple[str, ...] = ()
     _calibrator: Any = field(default=None, init=False, repr=False, compare=False)
     _normalised_outputs: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def runs_after(self, method: str) -> tuple[str, ...]:
+        """The methods of the pipeline that run after `method`."""
+        return self.pipeline[self.pipeline.index(method) + 1:] if method in self.pipeline else ()
 
     def option(self, key: str, default: Any = None) -> Any:
         value = self.options.get(key)

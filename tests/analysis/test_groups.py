@@ -412,3 +412,28 @@ def test_inspect_groups_json_lists_what_channel_groups_finds(tmp_path: Path, cap
     assert listed == groups_of(model)
     assert {g["id"] for g in listed if not g["prunable"]} == {group_with(listed, "a:producer")["id"],
                                                               group_with(listed, "b:producer")["id"]}
+
+
+def test_an_embedding_lookup_writes_a_stream_its_readers_share(tmp_path: Path) -> None:
+    # ids -> Gather(table) + a position table -> MatMul: the table's columns, the added positions and the reader's
+    # rows are one group; the Gathers of the run-time shape are shape arithmetic and stay out of it
+    table, positions = weights(10, 6, seed=1), weights(5, 6, seed=2)
+    table[:, 3] = positions[:, 3] = 0.0  # column 3 is zero in both
+    model = build("""
+        e = Gather(table, ids)
+        shape = Shape(ids)
+        count = Gather(shape, last)
+        ranks = Range(zero, count, one)
+        p = Gather(positions, ranks)
+        s = Add(e, p)
+        y = MatMul(s, w)
+    """, {"table": table, "positions": positions, "w": weights(6, 4, seed=3)},
+                  inputs="int64[N, 5] ids", outputs="float[N, 5, 4] y",
+                  extra_inits="int64 last = {1}, int64 zero = {0}, int64 one = {1}")
+    groups = groups_of(model)
+    stream = group_with(groups, "Gather_0:producer")  # the position lookup folds into a constant addend
+    assert stream["size"] == 6 and stream["prunable"] and {"Add_1:param", "MatMul_2:consumer"} <= set(stream["members"])
+    assert len(groups) == 2
+    pruned = assert_exact_prune(model, 5 * 6 * 4, 5 * 5 * 4, tmp_path)
+    tables = [numpy_helper.to_array(t) for t in pruned.graph.initializer]
+    assert {(10, 5), (5, 5), (5, 4)} <= {t.shape for t in tables}

@@ -5,7 +5,8 @@ Concat lays atoms end to end (an untracked input becomes a fixed, blocked segmen
 cut atoms at their bounds and record sites so the engine can recompute sizes and bounds; the others
 carry the channel state to its new axis or block it when they touch the channel axis.
 Rotations: each op states the axes it mixes (cuts, pads, interpolates along, splits) and passes a
-rotation of any other axis; Concat on another axis passes one that all its inputs carry alike.
+rotation of any other axis; Concat on another axis passes one that all its inputs carry alike; Shape and
+Size read only the shape, which a rotation keeps, and carry it nowhere.
 """
 
 from __future__ import annotations
@@ -304,7 +305,12 @@ def _reshaped(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
     return relaid(tensor.shape, node.outputs[0].shape)
 
 
-register("Shape", "Size", channels=shape_of)
+def _shape_rotation(node: gs.Node, tensor: gs.Tensor, axis: int) -> Carried:
+    """A rotation keeps every shape: the op reads nothing the rotation changes and carries it nowhere."""
+    return Carried(axis, outputs=())
+
+
+register("Shape", "Size", channels=shape_of, rotation=_shape_rotation)
 register("Transpose", channels=transpose, layout=True, rotation=linear(_transpose_mixing))
 register("Concat", channels=concat, layout=True, rotation=_concat_rotation)
 register("Split", channels=split, layout=True, rotation=linear(_split_mixing))

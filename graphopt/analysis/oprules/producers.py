@@ -1,10 +1,14 @@
-"""Channel rules of the producers and consumers of channels: Conv, ConvTranspose, Gemm, MatMul.
+"""Channel rules of the producers and consumers of channels: Conv, ConvTranspose, Gemm, MatMul, and
+Gather from a constant embedding table.
 
 A producer with a constant weight creates a new channel state (its output channels) and records the
 weight and bias sites a pruning engine slices; as a consumer it records the weight axis that reads the
 incoming channels. MatMul between two variables (attention) couples the contracted axes and carries
 rows and columns through. Any input state a rule does not handle is blocked with a reason. A layer
 whose weight is dequantized from stored integers (QDQ) is left alone (graphopt.analysis.oprules.quantized).
+An embedding lookup Gather(table [rows, C], ids) along axis 0 produces C channels on its output's last
+axis (the table's columns are its weight site, input 0, axis 1): the first writer of a transformer's
+residual stream. Any other Gather (shape arithmetic, a Gather of data) has no channel rule.
 """
 
 from __future__ import annotations
@@ -192,7 +196,28 @@ def matmul(node: gs.Node, a: Analysis) -> None:
         _matmul_variables(node, a, left_state, contracted, rank_l, rank_y)
 
 
+def embedding_table(node: gs.Node):
+    """The constant table [rows, C] of an embedding lookup Gather(table, ids) along axis 0, else None."""
+    if node.op != "Gather" or not node.inputs:
+        return None
+    table = constant_values(node.inputs[0])
+    if table is None or table.ndim != 2 or int(node.attrs.get("axis", 0)) not in (0, -2):
+        return None
+    return table
+
+
+def gather(node: gs.Node, a: Analysis) -> None:
+    table, rank = embedding_table(node), a.rank(node.outputs[0])
+    if table is None or rank is None or rank < 1 or a.state(node.inputs[1]) is not None:
+        a.block_inputs(node, "not an embedding lookup of a constant table")
+        return
+    out = a.new_state(rank - 1, table.shape[1])
+    a.site("weight", node, out, index=0, axis=1, role="producer")
+    a.set_state(node.outputs[0], out)
+
+
 register("Conv", channels=conv)
 register("ConvTranspose", channels=conv_transpose)
 register("Gemm", channels=gemm)
 register("MatMul", channels=matmul)
+register("Gather", channels=gather)

@@ -1,6 +1,7 @@
 """Where a change of basis is legal: groups writers -> equivariant ops -> linear consumers.
 
-A group starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight) and
+A group starts at a producer (Conv with group 1, Gemm without transA, MatMul; constant weight; an
+embedding lookup Gather(table, ids), whose table's columns are its output channels) and
 follows its output through ops that commute with an orthogonal Q on the channel axis, as each op's
 rule in graphopt.analysis.oprules says (the axes it mixes: average pooling and ReduceMean/ReduceSum
 over other axes, Resize, zero Pad, Slice/Split/Concat on other axes, Transpose and Reshape keeping the
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.oprules import rule_for
+from graphopt.analysis.oprules.producers import embedding_table
 from graphopt.analysis.registry import Carried, opsets_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.heads import head_split, through_heads
@@ -43,6 +46,15 @@ class Writer:
     node: gs.Node
     out_axis: int                                                       # output-channel axis of its weight
     bias: tuple[gs.Node, int] | None = None                             # (Add, index of its constant input)
+
+    @property
+    def index(self) -> int:
+        """The input holding the weight: 0 for an embedding table, else 1."""
+        return weight_index(self.node)
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.asarray(self.node.inputs[self.index].values)
 
 
 @dataclass
@@ -69,8 +81,14 @@ def _constant_weight(node: gs.Node) -> bool:
     return len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant)
 
 
+def weight_index(node: gs.Node) -> int:
+    return 0 if node.op == "Gather" else 1
+
+
 def producer_axis(node: gs.Node) -> int | None:
     """Output-channel axis of the weight of a rotatable producer, else None."""
+    if node.op == "Gather":
+        return 1 if embedding_table(node) is not None and isinstance(node.inputs[0], gs.Constant) else None
     if not _constant_weight(node):
         return None
     weight = node.inputs[1].values
@@ -112,9 +130,9 @@ def _rank(tensor: gs.Tensor) -> int | None:
 
 
 def _data_axis(producer: gs.Node) -> int | None:
-    """The axis of the producer's output that holds its channels (last for MatMul, else 1)."""
+    """The axis of the producer's output that holds its channels (last for MatMul and Gather, else 1)."""
     rank = _rank(producer.outputs[0])
-    return 1 if producer.op != "MatMul" else (None if rank is None else rank - 1)
+    return 1 if producer.op not in ("MatMul", "Gather") else (None if rank is None else rank - 1)
 
 
 def _passes(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> Carried | str:
@@ -160,7 +178,7 @@ def _writer(graph: gs.Graph, tensor: gs.Tensor, axis: int) -> Writer | None:
             out_axis = None if owner is None else producer_axis(owner)
             if out_axis is None or _data_axis(owner) != axis or (len(owner.inputs) > 2 and owner.inputs[2].name):
                 continue
-            bias = bias_add(graph, owner, axis, int(owner.inputs[1].values.shape[out_axis]))
+            bias = bias_add(graph, owner, axis, int(Writer(owner, out_axis).weight.shape[out_axis]))
             if bias is not None and bias[0] is node:
                 return Writer(owner, out_axis, bias)
         return None
@@ -188,7 +206,8 @@ Step = tuple[gs.Tensor, int, bool]  # (tensor, channel axis, whether its writer 
 def _start(graph: gs.Graph, producer: gs.Node, axis_w: int) -> tuple[Chain, gs.Tensor, int]:
     """The group's record, the tensor its walk starts from (after a bias Add it owns) and its channel axis."""
     output = producer.outputs[0]
-    chain = Chain([Writer(producer, axis_w)], int(producer.inputs[1].values.shape[axis_w]))
+    first = Writer(producer, axis_w)
+    chain = Chain([first], int(first.weight.shape[axis_w]))
     start = _data_axis(producer)
     has_bias = len(producer.inputs) > 2 and producer.inputs[2].name
     bias = None if has_bias or start is None else bias_add(graph, producer, start, chain.channels)
@@ -228,7 +247,7 @@ def _source(graph: gs.Graph, chain: Chain, tensor: gs.Tensor, axis: int, opsets:
         return f"{chain.producer.name}: a join reads '{tensor.name}', which no rotatable layer writes"
     writer = _writer(graph, tensor, axis)
     if writer is not None:
-        if int(writer.node.inputs[1].values.shape[writer.out_axis]) != chain.channels:
+        if int(writer.weight.shape[writer.out_axis]) != chain.channels:
             return f"{chain.producer.name}: writer {writer.node.name} has another number of channels"
         chain.writers.append(writer)
         return []
@@ -299,7 +318,9 @@ def find_chains(graph: gs.Graph) -> tuple[list[Chain], list[str]]:
     the producers that start none."""
     chains, reasons, claimed = [], [], set()
     for node in graph.nodes:
-        if node.op not in ("Conv", "Gemm", "MatMul") or id(node) in claimed:
+        if node.op not in ("Conv", "Gemm", "MatMul", "Gather") or id(node) in claimed:
+            continue
+        if node.op == "Gather" and producer_axis(node) is None:  # shape arithmetic, not an embedding
             continue
         found = find_chain(graph, node)
         if isinstance(found, str):

@@ -6,7 +6,9 @@ The per-channel scale is not equivariant to a rotation (Q diag(g) ≠ diag(g) Q)
 change-of-basis group. When every reader of the product is a linear consumer of that channel axis
 (Conv group 1, Gemm, MatMul with a constant weight), W (g ⊙ n) = (W diag(g)) n: the gain is folded
 into each reader's weight along its input-channel axis (in float64, cast back) and the readers read
-the norm directly. Exact up to float rounding; a gain read by anything else is left alone.
+the norm directly; readers of the shape alone (Shape, Size: attention reading batch and sequence length)
+read the norm too, which has the same shape. Exact up to float rounding; a gain read by anything else
+is left alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
 from graphopt.passes.cob.chains import consumer_axis
+
+SHAPE_READERS = ("Shape", "Size")
 
 
 def _gain(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, int] | None:
@@ -38,26 +42,33 @@ def _gain(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, int] | None:
     return None
 
 
+def _fold_one(graph: gs.Graph, node: gs.Node) -> bool:
+    """Fold the gain of `node` (a Mul after a weightless RMS norm) into its readers, where all can take it."""
+    found = _gain(node)
+    product = node.outputs[0]
+    if found is None or ir.is_graph_io(graph, product) or not product.outputs:
+        return False
+    data, gain, axis = found
+    readers = ir.consumers(product)
+    shapes = [reader for reader in readers if reader.op in SHAPE_READERS]
+    readers = [reader for reader in readers if reader.op not in SHAPE_READERS]
+    axes = [consumer_axis(reader, product, axis, len(data.shape)) for reader in readers]
+    if not readers or any(weight_axis is None for weight_axis in axes):
+        return False
+    for reader in shapes:
+        reader.inputs[0] = data
+    for reader, weight_axis in zip(readers, axes):
+        weight = np.asarray(reader.inputs[1].values)
+        shape = [1] * weight.ndim
+        shape[weight_axis] = gain.size
+        ir.set_input_array(graph, reader, 1, (weight.astype(np.float64) * gain.reshape(shape)).astype(weight.dtype))
+        reader.inputs[0] = data
+    return True
+
+
 def fold_gains(graph: gs.Graph) -> int:
     """Fold the gains of weighted RMS norms into their linear readers; returns how many were folded."""
-    folded = 0
-    for node in list(graph.nodes):
-        found = _gain(node)
-        product = node.outputs[0]
-        if found is None or ir.is_graph_io(graph, product) or not product.outputs:
-            continue
-        data, gain, axis = found
-        readers = ir.consumers(product)
-        axes = [consumer_axis(reader, product, axis, len(data.shape)) for reader in readers]
-        if any(weight_axis is None for weight_axis in axes):
-            continue
-        for reader, weight_axis in zip(readers, axes):
-            weight = np.asarray(reader.inputs[1].values)
-            shape = [1] * weight.ndim
-            shape[weight_axis] = gain.size
-            ir.set_input_array(graph, reader, 1, (weight.astype(np.float64) * gain.reshape(shape)).astype(weight.dtype))
-            reader.inputs[0] = data
-        folded += 1
+    folded = sum(_fold_one(graph, node) for node in list(graph.nodes))
     if folded:
         ir.cleanup(graph)
     return folded

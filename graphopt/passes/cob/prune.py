@@ -19,7 +19,10 @@
    no output change); `target_macs` bisects one global energy cut for a MAC target and fills what is
    left of the budget (`target_latency`: the same under predicted latency, graphopt.passes.channels.latency); `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
    their subspace. Pruning is approximate: the error is the energy dropped, as seen by the consumers.
-Without a budget only steps 1-3 run.
+Without a budget only steps 1-3 run. In a pipeline where SNP runs later (`--method cob,snp`), CoB only
+rotates and SNP spends the one budget (MACs, latency or retained variance) across its own groups and the
+rotated ones: ranked by SNP's scores on the rotated coordinates and cut with its least-squares
+reconstruction, so a rotated residual stream competes with FFN units and heads for the same budget.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from graphopt.calibration.stats import StatRequest
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.cob.chains import Chain, find_chains
+from graphopt.passes.cob.chains import Chain, Writer, find_chains
 from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.l1pca import l1pca_basis
@@ -53,6 +56,8 @@ from graphopt.passes.snp.fold import prune_reconstructed
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)
+SHARED_BUDGETS = ("target_macs", "target_latency", "keep_variance")
+SHARES_BUDGET = ("snp",)  # a later method that cuts under the run's budget: cob then only rotates
 
 
 def block_diag(blocks: list[np.ndarray]) -> np.ndarray:
@@ -106,10 +111,10 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
     return found
 
 
-def _producer_site(analysis: Analysis, producer: gs.Node) -> Site | None:
-    """The site where a writer of the chain writes its output channels (its weight, input 1)."""
-    return next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is producer
-                 and s.index == 1), None)
+def _producer_site(analysis: Analysis, writer: Writer) -> Site | None:
+    """The site where a writer of the chain writes its output channels (its weight)."""
+    return next((s for s in analysis.sites if s.kind == "weight" and s.role == "producer" and s.node is writer.node
+                 and s.index == writer.index), None)
 
 
 def _covering_group(analysis: Analysis, groups: dict[int, Group], site: Site, low: int, high: int) -> Group | str:
@@ -124,7 +129,7 @@ def _covering_group(analysis: Analysis, groups: dict[int, Group], site: Site, lo
 
 def _writers_site(analysis: Analysis, chain: Chain) -> Site | str:
     """The first writer's producer site, when every writer's output channels share its channel groups."""
-    sites = [_producer_site(analysis, writer.node) for writer in chain.writers]
+    sites = [_producer_site(analysis, writer) for writer in chain.writers]
     if any(site is None for site in sites):
         return "a writer has no channel group"
     roots = [{analysis.atoms.find(leaf) for leaf in analysis.atoms.leaves(site.state.atoms)} for site in sites]
@@ -240,6 +245,25 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     return removed, model.ratio(counts), {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks)}
 
 
+def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[np.ndarray, list[np.ndarray]]]) -> int:
+    """Fold each chain's rotation (the identity is left out); returns how many were folded."""
+    rotated = 0
+    for chain, (rotation, _) in zip(chains, rotations):
+        if not np.array_equal(rotation, np.eye(rotation.shape[0])):
+            fold(graph, chain, rotation)
+            rotated += 1
+    return rotated
+
+
+def _deferred(ctx: PassContext, name: str, kind: str | None) -> bool:
+    """Whether a later method of the pipeline spends this budget (CoB then only rotates)."""
+    later = ctx.runs_after(name)
+    deferred = kind in SHARED_BUDGETS and any(method in SHARES_BUDGET for method in later)
+    if deferred:
+        log.info("cob: rotations only; the %s budget is spent by %s on the rotated coordinates", kind, ",".join(later))
+    return deferred
+
+
 @register
 class ChangeOfBasisPruning(Pass):
     name = "cob"
@@ -258,21 +282,18 @@ class ChangeOfBasisPruning(Pass):
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
         result = PassResult(modified=bool(rms or tsra or gains), skipped=reasons)
-        rotated = 0
         rotations = _rotations(ctx, graph, chains, method) if chains else []
-        for chain, (rotation, _) in zip(chains, rotations):
-            if not np.array_equal(rotation, np.eye(rotation.shape[0])):
-                fold(graph, chain, rotation)
-                rotated += 1
+        rotated = _fold_rotations(graph, chains, rotations)
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
         removed, ratio, budget_stats = 0, 1.0, {}
-        if kind is not None and chains:
+        deferred = _deferred(ctx, self.name, kind)
+        if kind is not None and chains and not deferred:
             removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
         result.stats = {"rms_norms_recognised": rms, "rms_gains_folded": gains, "tsra_recognised": tsra,
                         "chains": len(chains),
                         "residual_groups": sum(len(chain.writers) > 1 for chain in chains), "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
-                        "estimated_macs_ratio": ratio, **budget_stats}
+                        "estimated_macs_ratio": ratio, "budget_deferred": int(deferred), **budget_stats}
         return result
 
 

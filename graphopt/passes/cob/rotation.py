@@ -9,7 +9,7 @@ L1-PCA (greedy rank-1 components of sample rows, graphopt.passes.cob.l1pca) uses
 importance is also energy.
 Folding (exact in exact arithmetic; weights are rotated in float64 and cast back to their dtype):
 every writer of the group W' = Q W and b' = Q b along the output-channel axis (b also when it is a
-constant Add right after the writer), consumers W' = W Qᵀ along the input-channel axis; both are
+constant Add right after the writer; an embedding table's columns), consumers W' = W Qᵀ along the input-channel axis; both are
 "apply Q along that axis": W'[..d..] = Σ_c Q[d, c] W[..c..].
 """
 
@@ -56,7 +56,7 @@ def apply_along(values: np.ndarray, axis: int, rotation: np.ndarray) -> np.ndarr
 
 def _fold_writer(graph: gs.Graph, writer: Writer, channels: int, rotation: np.ndarray) -> None:
     producer = writer.node
-    ir.set_input_array(graph, producer, 1, apply_along(np.asarray(producer.inputs[1].values), writer.out_axis, rotation))
+    ir.set_input_array(graph, producer, writer.index, apply_along(writer.weight, writer.out_axis, rotation))
     if len(producer.inputs) > 2 and producer.inputs[2].name:
         bias = np.asarray(producer.inputs[2].values)
         full = np.broadcast_to(bias, (*bias.shape[:-1], channels)) if bias.ndim else \

@@ -1,0 +1,176 @@
+"""CoB on a transformer's residual stream: a pre-norm decoder (token embedding, weighted RMSNorm, rotary
+grouped-query attention, SwiGLU, final norm and LM head) from both torch exporters. The embedding table,
+every output and down projection write the stream; every q/k/v, gate/up projection and the head read it
+through the norms, whose gains are folded into them. One rotation of the whole stream is exact; slicing
+it drops hidden dimensions everywhere; `cob,snp` spends one budget on the rotated stream and SNP's groups."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.calibration.session import make_session
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+VOCAB, DIM, HEADS, KV_HEADS, FFN, LAYERS, TOKENS = 40, 32, 4, 2, 48, 2, 12
+
+
+class RMSNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.2 * torch.randn(DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        head_dim = DIM // HEADS
+        self.input_norm, self.ffn_norm = RMSNorm(), RMSNorm()
+        self.q = nn.Linear(DIM, DIM, bias=False)
+        self.k, self.v = (nn.Linear(DIM, KV_HEADS * head_dim, bias=False) for _ in range(2))
+        self.o = nn.Linear(DIM, DIM, bias=False)
+        self.gate, self.up = nn.Linear(DIM, FFN, bias=False), nn.Linear(DIM, FFN, bias=False)
+        self.down = nn.Linear(FFN, DIM, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        head_dim, group = DIM // HEADS, HEADS // KV_HEADS
+        h = self.input_norm(x)
+        q = self.q(h).view(batch, tokens, HEADS, head_dim).transpose(1, 2)
+        k = self.k(h).view(batch, tokens, KV_HEADS, head_dim).transpose(1, 2)
+        v = self.v(h).view(batch, tokens, KV_HEADS, head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k, v = (t[:, :, None].expand(batch, KV_HEADS, group, tokens, head_dim).reshape(batch, HEADS, tokens, head_dim)
+                for t in (k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + bias
+        x = x + self.o(torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, tokens, DIM))
+        h = self.ffn_norm(x)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm, self.head = RMSNorm(), nn.Linear(DIM, VOCAB, bias=False)
+        head_dim = DIM // HEADS
+        self.register_buffer("inverse", 1.0 / 100.0 ** (torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        positions = torch.arange(ids.shape[1])
+        angles = positions[:, None].float() * self.inverse[None, :]
+        angles = torch.cat((angles, angles), dim=-1)
+        bias = torch.where(positions[None, :] > positions[:, None], -1e4, 0.0)
+        for block in self.blocks:
+            x = block(x, angles.cos(), angles.sin(), bias)
+        return self.head(self.norm(x))
+
+
+def _build(rank: int | None = None) -> Decoder:
+    """The decoder; with `rank`, every writer into the stream writes into one `rank`-dimensional subspace
+    (so the stream has exactly DIM - rank rotated coordinates of zero energy)."""
+    torch.manual_seed(0)
+    module = Decoder().eval()
+    if rank is not None:
+        basis, _ = torch.linalg.qr(torch.randn(DIM, rank))
+        projector = basis @ basis.T
+        with torch.no_grad():
+            module.embed.weight.copy_(module.embed.weight @ projector)
+            for block in module.blocks:
+                block.o.weight.copy_(projector @ block.o.weight)
+                block.down.weight.copy_(projector @ block.down.weight)
+    return module
+
+
+def _export(module: nn.Module, exporter: str, path: Path) -> onnx.ModelProto:
+    ids = torch.randint(0, VOCAB, (2, TOKENS))
+    if exporter == "legacy":
+        axes = {0: "batch", 1: "sequence"}
+        torch.onnx.export(module, (ids,), str(path), dynamo=False, opset_version=17, input_names=["input_ids"],
+                          output_names=["logits"], dynamic_axes={"input_ids": axes, "logits": axes})
+    else:
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=64)
+        program = torch.onnx.export(module, (ids,), dynamo=True, opset_version=18, verbose=False,
+                                    input_names=["input_ids"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch, 1: sequence},))
+        program.save(str(path))
+    return onnx.load(str(path))
+
+
+def _ids(count: int, tokens: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, size=(count, tokens)).astype(np.int64)}
+
+
+def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
+    return make_session(model).run(None, data)[0]
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def _table(model: onnx.ModelProto) -> np.ndarray:
+    """The embedding table (the only [VOCAB, *] initializer read by a Gather)."""
+    gathered = {node.input[0] for node in model.graph.node if node.op_type == "Gather"}
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                if t.name in gathered and len(t.dims) == 2 and t.dims[0] == VOCAB)
+
+
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def exporter(request) -> str:
+    return request.param
+
+
+def test_rotating_the_residual_stream_is_exact(exporter, tmp_path) -> None:
+    model = _export(_build(), exporter, tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method="cob", calib=_ids(32, TOKENS, 1))
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["residual_groups"] == 1 and stats["rms_gains_folded"] == 2 * LAYERS + 1
+    assert not np.allclose(_table(result.model), _table(model))  # the embedding writes the rotated stream
+    held_out = _ids(4, 17, 2)  # another batch and sequence length: the axes stay dynamic
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+
+
+def test_a_low_rank_stream_is_sliced_exactly(exporter, tmp_path) -> None:
+    rank = 20
+    model = _export(_build(rank), exporter, tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method="cob", calib=_ids(32, TOKENS, 1), keep_variance=1.0, round_to=1)
+    assert _table(result.model).shape == (VOCAB, rank)
+    matmuls = [onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer if len(t.dims) == 2]
+    assert sum(w.shape[0] == rank for w in matmuls) >= 5 * LAYERS + 1  # q, k, v, gate, up per layer; the head
+    held_out = _ids(3, 9, 2)
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+    assert result.report["macs_ratio"] < 0.8
+
+
+def test_cob_then_snp_spend_one_budget(exporter, tmp_path) -> None:
+    model = _export(_build(), exporter, tmp_path / "m.onnx")
+    calib, held_out = _ids(64, TOKENS, 1), _ids(8, TOKENS, 2)
+    result = graphopt.optimize(model, method="cob,snp", calib=calib, target_macs=0.6, round_to=1)
+    cob, snp = (next(p for p in result.report["passes"] if p["pass"] == name) for name in ("cob", "snp"))
+    assert cob["stats"]["budget_deferred"] == 1 and cob["stats"]["channels_removed"] == 0
+    assert 0.58 <= result.report["macs_ratio"] <= 0.612  # one budget: not 0.6 twice over
+    writers = [sum(str(m).endswith(":producer") for m in entry["members"]) for entry in snp["history"]]
+    assert 1 + 2 * LAYERS in writers, "SNP's budget never reached the rotated stream"  # embedding, o and down
+    assert _table(result.model).shape[1] < DIM
+    alone = graphopt.optimize(model, method="snp", calib=calib, target_macs=0.6, round_to=1)
+    reference = _run(model, held_out)
+    assert _relative(reference, _run(result.model, held_out)) < _relative(reference, _run(alone.model, held_out))
