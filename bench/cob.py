@@ -18,6 +18,8 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 - cob-pca:      graphopt.optimize(method="cob", rotation="pca", target_macs=T) on the TSRA model;
 - cob-l1pca:    the same with rotation="l1pca";
 - cob-pca-snp:  cob-pca followed by SNP's least-squares reconstruction of the cut coordinates (cob_reconstruct);
+- cob,snp:      method="cob,snp": CoB rotates (PCA), then SNP spends the one budget on the rotated model (its
+                groups ranked and cut with its reconstruction, rotated residual streams included);
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
                 pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.channels.function_patterns.
                 canonicalise), exactly the graph `cob` itself prunes, minus the rotation;
@@ -70,6 +72,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
+    "cob,snp": ("tsra", {"method": "cob,snp", "rotation": "pca"}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
     "snp": ("tsra", {"method": "snp"}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
@@ -368,7 +371,7 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "magnitude": "--", "snp": "--",
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob,snp": "-", "magnitude": "--", "snp": "--",
               "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):

@@ -108,6 +108,11 @@ DECODER_CONFIGS = (
     Config("dense", "none", None),
     Config("snp --no-heads", "snp", 0.7, {"heads": False}),
     Config("snp", "snp", 0.7),
+    Config("cob", "cob", 0.7),  # the residual stream alone: rotated (PCA), trailing hidden dimensions dropped
+    Config("cob,snp", "cob,snp", 0.7),  # stream rotated, then one SNP budget over it, FFN units and heads
+    Config("snp", "snp", 0.5),
+    Config("cob", "cob", 0.5),
+    Config("cob,snp", "cob,snp", 0.5),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 

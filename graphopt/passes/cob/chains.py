@@ -168,7 +168,7 @@ def bias_add(graph: gs.Graph, producer: gs.Node, axis: int, channels: int) -> tu
     return add, index
 
 
-def _writer(graph: gs.Graph, tensor: gs.Tensor, axis: int) -> Writer | None:
+def writer_of(graph: gs.Graph, tensor: gs.Tensor, axis: int) -> Writer | None:
     """The rotatable producer writing `tensor` with its channels on `axis` (itself, or through the bias
     Add it owns), else None."""
     node = ir.producer(tensor)
@@ -245,17 +245,17 @@ def _source(graph: gs.Graph, chain: Chain, tensor: gs.Tensor, axis: int, opsets:
     node = ir.producer(tensor)
     if node is None or isinstance(tensor, gs.Constant):
         return f"{chain.producer.name}: a join reads '{tensor.name}', which no rotatable layer writes"
-    writer = _writer(graph, tensor, axis)
+    writer = writer_of(graph, tensor, axis)
     if writer is not None:
         if int(writer.weight.shape[writer.out_axis]) != chain.channels:
             return f"{chain.producer.name}: writer {writer.node.name} has another number of channels"
         chain.writers.append(writer)
         return []
-    found = _back_through(node, tensor, axis, opsets)
+    found = back_through(node, tensor, axis, opsets)
     return found if isinstance(found, list) else f"{chain.producer.name} <- {node.name} ({node.op}) writes a joined tensor: {found}"
 
 
-def _back_through(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> list[Step] | str:
+def back_through(node: gs.Node, tensor: gs.Tensor, axis: int, opsets: dict[str, int]) -> list[Step] | str:
     """The input (and its channel axis) whose rotation `node` carries onto `axis` of `tensor`, or why none."""
     index = next((i for i, t in enumerate(node.outputs) if t is tensor), 0)
     why = "passes no rotation back to its inputs"

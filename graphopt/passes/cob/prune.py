@@ -1,8 +1,10 @@
 """CoB: change-of-basis pruning (Ning and Rangaraju, arXiv 2511.16061) on TSRA / RMS-norm networks.
 
 1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
-   (graphopt.passes.channels.function_patterns); exact up to float rounding. A weighted norm's gain
-   is folded into its linear readers (graphopt.passes.cob.gains), so the norm alone stays in the group.
+   (graphopt.passes.channels.function_patterns); a pre-norm LayerNorm stream is centred in its writers and
+   its LayerNorms become RMS norms with a gain and a shift (graphopt.passes.cob.centre); exact up to float
+   rounding. A weighted norm's gain (and shift) is folded into its linear readers (graphopt.passes.cob.gains),
+   so the norm alone stays in the group.
 2. Legal groups writers -> equivariant ops -> linear consumers are found (graphopt.passes.cob.chains),
    channels on axis 1 or last (token-major), per head through attention (graphopt.passes.cob.heads);
    a residual stream is one group: every writer into its Add joins shares one rotation, folded into all
@@ -39,6 +41,7 @@ from graphopt.calibration.stats import StatRequest
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
+from graphopt.passes.cob.centre import centre_layer_norms
 from graphopt.passes.cob.chains import Chain, Writer, find_chains
 from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
@@ -279,9 +282,10 @@ class ChangeOfBasisPruning(Pass):
         if method not in ("pca", "l1pca"):
             raise OptionError(f"--rotation must be pca or l1pca, got {method}")
         rms, tsra = canonicalise(graph)
+        centred = centre_layer_norms(graph)
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
-        result = PassResult(modified=bool(rms or tsra or gains), skipped=reasons)
+        result = PassResult(modified=bool(rms or tsra or centred or gains), skipped=reasons)
         rotations = _rotations(ctx, graph, chains, method) if chains else []
         rotated = _fold_rotations(graph, chains, rotations)
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
@@ -290,7 +294,8 @@ class ChangeOfBasisPruning(Pass):
         if kind is not None and chains and not deferred:
             removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
-        result.stats = {"rms_norms_recognised": rms, "rms_gains_folded": gains, "tsra_recognised": tsra,
+        result.stats = {"rms_norms_recognised": rms, "layer_norms_centred": centred, "rms_gains_folded": gains,
+                        "tsra_recognised": tsra,
                         "chains": len(chains),
                         "residual_groups": sum(len(chain.writers) > 1 for chain in chains), "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
                         "estimated_macs_ratio": ratio, "budget_deferred": int(deferred), **budget_stats}

@@ -174,3 +174,63 @@ def test_cob_then_snp_spend_one_budget(exporter, tmp_path) -> None:
     alone = graphopt.optimize(model, method="snp", calib=calib, target_macs=0.6, round_to=1)
     reference = _run(model, held_out)
     assert _relative(reference, _run(result.model, held_out)) < _relative(reference, _run(alone.model, held_out))
+
+
+class LayerNormBlock(nn.Module):
+    """GPT-2/ViT style: LayerNorm with scale and shift, attention and GELU FFN with biases; `post` puts the norms
+    after the residual Adds (BERT style), on the stream itself."""
+
+    def __init__(self, post: bool) -> None:
+        super().__init__()
+        self.post = post
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.qkv, self.o = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.up, self.down = nn.Linear(DIM, FFN), nn.Linear(FFN, DIM)
+        with torch.no_grad():
+            for norm in (self.norm1, self.norm2):
+                norm.weight.normal_(1.0, 0.2)
+                norm.bias.normal_(0.0, 0.2)
+
+    def _attend(self, h: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = h.shape
+        q, k, v = (t.view(batch, tokens, HEADS, DIM // HEADS).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(DIM // HEADS)
+        return self.o(torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, tokens, DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post:
+            x = self.norm1(x + self._attend(x))
+            return self.norm2(x + self.down(nn.functional.gelu(self.up(x))))
+        x = x + self._attend(self.norm1(x))
+        return x + self.down(nn.functional.gelu(self.up(self.norm2(x))))
+
+
+class LayerNormModel(nn.Module):
+    def __init__(self, post: bool) -> None:
+        super().__init__()
+        self.embed, self.positions = nn.Embedding(VOCAB, DIM), nn.Embedding(64, DIM)
+        self.blocks = nn.ModuleList(LayerNormBlock(post) for _ in range(LAYERS))
+        self.norm, self.head = (nn.Identity() if post else nn.LayerNorm(DIM)), nn.Linear(DIM, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.positions(torch.arange(ids.shape[1]))[None]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+@pytest.mark.parametrize("post", [False, True], ids=["pre-norm", "post-norm"])
+def test_layer_norm_streams_are_centred_and_rotated_exactly_when_pre_norm(exporter, post, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _export(LayerNormModel(post).eval(), exporter, tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method="cob", calib=_ids(32, TOKENS, 1))
+    stats = result.report["passes"][-1]["stats"]
+    held_out = _ids(4, 17, 2)
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+    if post:  # the norm's output is the stream: nothing to centre, the stream is not rotated
+        assert stats["layer_norms_centred"] == 0 and stats["residual_groups"] == 0
+        return
+    assert stats["layer_norms_centred"] == 2 * LAYERS + 1 and stats["residual_groups"] == 1
+    assert not any(node.op_type == "LayerNormalization" for node in result.model.graph.node)
+    sliced = graphopt.optimize(model, method="cob", calib=_ids(32, TOKENS, 1), target_macs=0.8, round_to=1)
+    assert _table(sliced.model).shape[1] < DIM and sliced.report["macs_ratio"] <= 0.81
