@@ -18,12 +18,14 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 - cob-pca:      graphopt.optimize(method="cob", rotation="pca", target_macs=T) on the TSRA model;
 - cob-l1pca:    the same with rotation="l1pca";
 - cob-pca-snp:  cob-pca followed by SNP's least-squares reconstruction of the cut coordinates (cob_reconstruct);
-- cob,snp:      method="cob,snp": CoB rotates (PCA), then SNP spends the one budget on the rotated model (its
+- cob+snp:      method="cob,snp": CoB rotates (PCA), then SNP spends the one budget on the rotated model (its
                 groups ranked and cut with its reconstruction, rotated residual streams included);
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
                 pre-passes with the RMS norms and TSRAs as graphopt function ops (graphopt.passes.channels.function_patterns.
                 canonicalise), exactly the graph `cob` itself prunes, minus the rotation;
 - snp:          method="snp" (subspace node pruning with its least-squares reconstruction) on the TSRA model;
+- snp-original, cob+snp-original: the same with reconstruct_target="original" (each consumer refitted to the
+                original model's pre-activation from the pruned model's inputs);
 - relu-magnitude: method="magnitude" on the ReLU+BN control.
 
 All six run side by side at each target (the order rotates between repeats; times are medians). Calibration
@@ -72,9 +74,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
-    "cob,snp": ("tsra", {"method": "cob,snp", "rotation": "pca"}),
+    "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca"}),
+    "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", "reconstruct_target": "original"}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
     "snp": ("tsra", {"method": "snp"}),
+    "snp-original": ("tsra", {"method": "snp", "reconstruct_target": "original"}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,6 +157,7 @@ def canonical(model: onnx.ModelProto, calib: dict[str, np.ndarray]) -> onnx.Mode
     """The graph after graphopt's pre-passes with RMS norms and TSRAs as graphopt function ops (no rotation)."""
     base = graphopt.optimize(model, method="none", calib=calib).model
     graph = ir.import_graph(base)
+    ir.apply_inferred_shapes(graph, base)  # the written model keeps only declared shapes; matching reads them all
     rms, tsra = canonicalise(graph)
     if not rms or not tsra:
         raise RuntimeError(f"canonicalise recognised {rms} RMS norms and {tsra} TSRAs")
@@ -371,7 +376,7 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob,snp": "-", "magnitude": "--", "snp": "--",
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob+snp": "-", "cob+snp-original": "-.", "magnitude": "--", "snp": "--", "snp-original": ":",
               "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):
