@@ -189,6 +189,10 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     light = weightless_copy(model, value_info=True)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        for _ in range(_CONTRIB_ROUNDS):  # onnx has no shape rules for onnxruntime's fused ops: seed theirs, again
+            if not _seed_contrib_shapes(inferred):
+                break
+            inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:  # e.g. an unknown op
         log.debug("shape inference skipped: %s", exc)
         return model
@@ -196,6 +200,31 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         del getattr(model.graph, field)[:]
         getattr(model.graph, field).extend(getattr(inferred.graph, field))
     return model
+
+
+# onnxruntime's fused elementwise ops and norms (com.microsoft): output index -> the input whose type it has
+_SAME_TYPE = {"BiasGelu": {0: 0}, "FastGelu": {0: 0}, "Gelu": {0: 0}, "QuickGelu": {0: 0}, "BiasAdd": {0: 0},
+              "SkipLayerNormalization": {0: 0, 3: 0}, "SkipSimplifiedLayerNormalization": {0: 0, 3: 0}}
+_CONTRIB_ROUNDS = 8
+
+
+def _seed_contrib_shapes(model: onnx.ModelProto) -> bool:
+    """Add value_info for the outputs of onnxruntime's shape-preserving fused ops (`_SAME_TYPE`) whose input
+    type is known and whose output has none, so a further round of ONNX inference continues past them;
+    True when any was added."""
+    known = {v.name: v.type for v in itertools.chain(model.graph.input, model.graph.value_info, model.graph.output)}
+    known.update({t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
+                  for t in model.graph.initializer})
+    added = False
+    for node in model.graph.node:
+        rule = _SAME_TYPE.get(node.op_type) if node.domain == "com.microsoft" else None
+        for index, source in (rule or {}).items():
+            name = node.output[index] if index < len(node.output) else ""
+            if name and name not in known and node.input[source] in known:
+                model.graph.value_info.append(onnx.ValueInfoProto(name=name, type=known[node.input[source]]))
+                known[name] = known[node.input[source]]
+                added = True
+    return added
 
 
 def weightless_copy(model: onnx.ModelProto, value_info: bool = False) -> onnx.ModelProto:

@@ -1,6 +1,7 @@
 """CoB: change-of-basis pruning (Ning and Rangaraju, arXiv 2511.16061) on TSRA / RMS-norm networks.
 
-1. Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
+1. onnxruntime's fused (skip) norms are split into the residual Add and the norm (graphopt.passes.cob.unfuse).
+   Decomposed TSRA and weightless RMS norms are replaced by graphopt function ops
    (graphopt.passes.channels.function_patterns); a pre-norm LayerNorm stream is centred in its writers and
    its LayerNorms become RMS norms with a gain and a shift (graphopt.passes.cob.centre); exact up to float
    rounding. A weighted norm's gain (and shift) is folded into its linear readers (graphopt.passes.cob.gains),
@@ -47,6 +48,7 @@ from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.l1pca import l1pca_basis
 from graphopt.passes.cob.rotation import fold, pca_basis
+from graphopt.passes.cob.unfuse import unfuse_norms
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
 from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.channels.latency import channel_budget
@@ -281,11 +283,12 @@ class ChangeOfBasisPruning(Pass):
         method = ctx.option("rotation", "pca")
         if method not in ("pca", "l1pca"):
             raise OptionError(f"--rotation must be pca or l1pca, got {method}")
+        unfused = unfuse_norms(graph)
         rms, tsra = canonicalise(graph)
         centred = centre_layer_norms(graph)
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
-        result = PassResult(modified=bool(rms or tsra or centred or gains), skipped=reasons)
+        result = PassResult(modified=bool(unfused or rms or tsra or centred or gains), skipped=reasons)
         rotations = _rotations(ctx, graph, chains, method) if chains else []
         rotated = _fold_rotations(graph, chains, rotations)
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
@@ -294,7 +297,8 @@ class ChangeOfBasisPruning(Pass):
         if kind is not None and chains and not deferred:
             removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
-        result.stats = {"rms_norms_recognised": rms, "layer_norms_centred": centred, "rms_gains_folded": gains,
+        result.stats = {"fused_norms_split": unfused, "rms_norms_recognised": rms, "layer_norms_centred": centred,
+                        "rms_gains_folded": gains,
                         "tsra_recognised": tsra,
                         "chains": len(chains),
                         "residual_groups": sum(len(chain.writers) > 1 for chain in chains), "chains_rotated": rotated, "chains_illegal": len(reasons), "channels_removed": removed,
