@@ -226,9 +226,20 @@ def _fit_tsra(node: gs.Node, source: gs.Tensor, split: int, rows: np.ndarray, ga
     return None
 
 
+def rms_norm_node(graph: gs.Graph, name: str, source: gs.Tensor, output: gs.Tensor, channels: int, eps: float,
+                  axis: int) -> gs.Node:
+    """A graphopt.RMSNorm node reading `source` and writing `output` (the caller adds it to the graph and makes
+    sure the function is in the model: `ir.add_function(graph, build_rms_norm_function(graph.opset))`)."""
+    from graphopt.ops.rms_norm import make_rms_norm_node
+
+    proto = make_rms_norm_node("x", "y", channels, eps, axis=axis)
+    attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}
+    return gs.Node(proto.op_type, ir.unique_name(graph, name), attrs=attrs, inputs=[source], outputs=[output],
+                   domain=DOMAIN)
+
+
 def canonicalise(graph: gs.Graph) -> tuple[int, int]:
     """Replace every recognised RMS norm and TSRA by a graphopt function node; returns their counts."""
-    from graphopt.ops.rms_norm import make_rms_norm_node
     from graphopt.ops.tsra import make_tsra_node
 
     counts = [0, 0]
@@ -240,15 +251,15 @@ def canonicalise(graph: gs.Graph) -> tuple[int, int]:
             if match is None:
                 continue
             output = node.outputs[0]
-            name = ir.unique_name(graph, f"{node.name}_{'rms' if kind == 0 else 'tsra'}")
+            ir.detach(node)
             if kind == 0:
-                proto = make_rms_norm_node("x", "y", match.channels, match.eps, axis=match.axis)
+                graph.nodes.append(rms_norm_node(graph, f"{node.name}_rms", match.source, output, match.channels,
+                                                 match.eps, match.axis))
             else:
                 proto = make_tsra_node("x", "y", match.split, axis=match.axis, **match.params)
-            attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}
-            ir.detach(node)
-            graph.nodes.append(gs.Node(proto.op_type, name, attrs=attrs, inputs=[match.source], outputs=[output],
-                                       domain=DOMAIN))
+                attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in proto.attribute}
+                graph.nodes.append(gs.Node(proto.op_type, ir.unique_name(graph, f"{node.name}_tsra"), attrs=attrs,
+                                           inputs=[match.source], outputs=[output], domain=DOMAIN))
             counts[kind] += 1
     if counts[0]:
         ir.add_function(graph, build_rms_norm_function(graph.opset))

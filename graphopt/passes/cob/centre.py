@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.registry import opsets_of
+from graphopt.analysis.registry import opsets_of, rank_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.chains import Writer, back_through, bias_add, consumer_axis, writer_of
+from graphopt.passes.channels.function_patterns import rms_norm_node
 from graphopt.passes.cob.gains import SHAPE_READERS
 
 
@@ -39,15 +40,11 @@ class Stream:
     norms: list[gs.Node] = field(default_factory=list)
 
 
-def _rank(tensor: gs.Tensor) -> int | None:
-    return None if tensor.shape is None else len(tensor.shape)
-
-
 def _layer_norm(node: gs.Node, tensor: gs.Tensor) -> bool:
     """A LayerNormalization of `tensor` over its last axis alone with a constant scale and bias."""
     if node.op != "LayerNormalization" or node.inputs[0] is not tensor or len(node.inputs) < 2:
         return False
-    rank = _rank(tensor)
+    rank = rank_of(tensor)
     axis = int(node.attrs.get("axis", -1))
     constant = all(isinstance(t, gs.Constant) for t in node.inputs[1:3] if t.name)
     used = [t for t in node.outputs[1:] if t.name and t.outputs]
@@ -130,15 +127,13 @@ def _centre_writer(graph: gs.Graph, writer: Writer, channels: int) -> None:
 def _rewrite_norm(graph: gs.Graph, norm: gs.Node, channels: int) -> gs.Node | None:
     """LayerNormalization -> graphopt.RMSNorm (last axis, divisor `channels`) -> Mul γ -> Add β; returns
     the Add (None without β)."""
-    from graphopt.ops.functions import DOMAIN
     from graphopt.ops.rms_norm import build_rms_norm_function
 
     x, y = norm.inputs[0], norm.outputs[0]
     eps = float(norm.attrs.get("epsilon", 1e-5))
     normed = gs.Variable(ir.unique_name(graph, f"{norm.name}_rms"), dtype=y.dtype, shape=x.shape)
     scaled = gs.Variable(ir.unique_name(graph, f"{norm.name}_scaled"), dtype=y.dtype, shape=x.shape)
-    nodes = [gs.Node("RMSNorm", ir.unique_name(graph, f"{norm.name}_rms_node"), domain=DOMAIN,
-                     attrs={"channels": channels, "eps": eps, "axis": -1}, inputs=[x], outputs=[normed]),
+    nodes = [rms_norm_node(graph, f"{norm.name}_rms_node", x, normed, channels, eps, -1),
              gs.Node("Mul", ir.unique_name(graph, f"{norm.name}_scale"), inputs=[normed, norm.inputs[1]],
                      outputs=[scaled])]
     if len(norm.inputs) > 2 and norm.inputs[2].name:

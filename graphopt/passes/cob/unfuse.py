@@ -17,7 +17,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.ops.functions import DOMAIN
+from graphopt.passes.channels.function_patterns import rms_norm_node
 
 SKIP_NORMS = {"SkipLayerNormalization": "layer", "SkipSimplifiedLayerNormalization": "rms"}
 
@@ -42,9 +42,7 @@ def _norm(graph: gs.Graph, kind: str, source: gs.Tensor, inputs: list[gs.Tensor]
         return [gs.Node("LayerNormalization", ir.unique_name(graph, name), attrs={"axis": -1, "epsilon": eps},
                         inputs=[source, *inputs], outputs=[output])]
     normed = _variable(graph, output, f"{name}_rms")
-    channels = int(source.shape[-1])
-    return [gs.Node("RMSNorm", ir.unique_name(graph, f"{name}_rms_node"), domain=DOMAIN,
-                    attrs={"channels": channels, "eps": eps, "axis": -1}, inputs=[source], outputs=[normed]),
+    return [rms_norm_node(graph, f"{name}_rms_node", source, normed, int(source.shape[-1]), eps, -1),
             gs.Node("Mul", ir.unique_name(graph, f"{name}_gain"), inputs=[normed, inputs[0]], outputs=[output])]
 
 
