@@ -19,8 +19,7 @@
 // onnxruntime's packed GEMV, instead of a load of x' per FMA; the neurons a checkpoint keeps are continued
 // four at a time from W's own rows, sharing each load of x'. Without a constant W, batch 1 walks the neurons
 // in order, each row from its prefix on, prefetching the probe prefixes a few neurons ahead (a skipped tail
-// breaks the hardware prefetcher's stream). Batch > 1 below kGemmRows rows (any batch without a constant W)
-// takes blocks of up to
+// breaks the hardware prefetcher's stream). Batch > 1 without a constant W takes blocks of up to
 // kRowBlock rows and kTile neurons: register tiles of kTile neurons x kTile rows (8 loads feed 16 FMAs)
 // over the rows and neurons still undecided, so a tail is read only while some row needs it. Neurons are
 // split in chunks over onnxruntime's intra-op thread pool (KernelContext_ParallelFor; serial with one
@@ -115,7 +114,7 @@ constexpr int kTile = 4;        // batch > 1: neurons x rows per micro-kernel ca
 constexpr int kRowBlock = 32;   // batch > 1: rows whose accumulators a block of kTile neurons keeps at once
 constexpr int64_t kPrefetchAhead = 4;  // batch 1, W not constant: neurons ahead whose probe prefix is prefetched
 constexpr int64_t kPanels = 4;         // batch 1: probe panels of kLanes neurons computed together
-constexpr int64_t kGemmRows = 16;      // from this many rows on, a constant W runs as segment GEMMs (SegmentGemm)
+constexpr int64_t kGemmRows = 2;       // from this many rows on, a constant W runs on packed panels (PackedPanels)
 
 // acc[q * kTile + r] += w[q][a:b) . x[r][a:b) for Q neurons and R rows: each weight load feeds R FMAs and
 // each row load Q. With a single row and neuron, four independent accumulators hide the FMA latency (they
@@ -464,36 +463,33 @@ struct ProbePanel {
   }
 };
 
-// kGemmRows rows or more with a constant W: the dense product in segments between checkpoints, [0, k_1),
-// [k_1, k_2), ..., [k_c, d), each one GEMM run by onnxruntime's own MatMul kernel (Ort::Op, MLAS), the
-// running sums tested at every checkpoint. It skips nothing and costs the dense product plus a pass over
-// [rows, n] per checkpoint, and MLAS packs each segment's weight on every call (an invoked MatMul cannot
-// pre-pack it as the session does for an initializer): measured on 768->3072 and 384->1536, one thread, it
-// runs at 0.52-0.64x of onnxruntime's dense MatMul+Add+Relu at batch 32 and 64 whatever the skip rate,
-// where the register tiles ran at 0.17-0.57x; at batch 8 the tiles stay ahead (0.29-0.96x against 0.39-0.51x).
-struct SegmentGemm {
-  std::vector<std::vector<float>> weights;  // W[:, a:b] transposed, [b - a, n], per segment
-  std::vector<int64_t> bounds;              // 0, k_1, ..., k_c, d
-  mutable Ort::Op matmul{nullptr};        // Invoke is not const; the op itself keeps no state between calls
-  const float* source = nullptr;            // W's data: a call on other data does not use the segments
-  int64_t n = 0, d = 0;
+// Batch > 1 (kGemmRows rows or more) with a constant W: a GEMM over weight panels packed once, when the
+// kernel is created (kNr neurons per panel, stored k-major: panel[i][0..kNr) = W[j0.., i], zero-padded past
+// n; d · n floats beside W), with register tiles of up to kMr rows x kNr neurons (per k: two weight loads,
+// kMr broadcasts of x', 2·kMr FMAs). Each tile keeps its sums in registers from k = 0 to d, tests them at
+// every checkpoint (the same float32 score and boundary as the other paths, branch-free) and stops at the
+// first checkpoint where every pair of the tile has fired; survivors get max(sum + B, 0). Panels are split
+// over onnxruntime's intra-op thread pool. Per-pair decisions that differ from row to row cost the register
+// tiles below more in branches than they save, so at batch > 1 the dense product is what pays: one thread,
+// 768->3072 and 384->1536, batch 8 ran at 0.94-1.15x of onnxruntime's MatMul+Add+Relu, batch 32 and 64 at
+// 0.77-0.97x, whatever the skip rate (the register tiles: 0.17-0.96x).
+#if defined(__AVX512F__)
+constexpr int kMr = 12;  // 24 accumulators of 32 registers
+#else
+constexpr int kMr = 6;   // 12 accumulators of 16 registers
+#endif
+constexpr int64_t kNr = 2 * kLanes;
 
-  void prepare(const OrtKernelInfo* info, const float* w, int64_t rows, int64_t columns,
-               const std::vector<int64_t>& checkpoints) {
-    bounds.assign(1, 0);
-    bounds.insert(bounds.end(), checkpoints.begin(), checkpoints.end());
-    bounds.push_back(columns);
-    weights.clear();
-    for (size_t s = 0; s + 1 < bounds.size(); ++s) {
-      const int64_t a = bounds[s], b = bounds[s + 1];
-      std::vector<float> block(static_cast<size_t>((b - a) * rows));
-      for (int64_t j = 0; j < rows; ++j)
-        for (int64_t i = a; i < b; ++i) block[(i - a) * rows + j] = w[j * columns + i];
-      weights.push_back(std::move(block));
-    }
-    const char* names[] = {"T"};
-    const ONNXTensorElementDataType types[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
-    matmul = Ort::Op::Create(info, "MatMul", "", 13, names, types, 1, nullptr, 0, 2, 1);
+struct PackedPanels {
+  std::vector<float> values;  // [panels][d][kNr]
+  const float* source = nullptr;
+  int64_t n = 0, d = 0, panels = 0;
+
+  void pack(const float* w, int64_t rows, int64_t columns) {
+    panels = (rows + kNr - 1) / kNr;
+    values.assign(static_cast<size_t>(panels * columns * kNr), 0.0f);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t i = 0; i < columns; ++i) values[((j / kNr) * columns + i) * kNr + j % kNr] = w[j * columns + i];
     source = w;
     n = rows;
     d = columns;
@@ -502,49 +498,97 @@ struct SegmentGemm {
   bool ready(const float* w, int64_t rows, int64_t columns) const {
     return source != nullptr && w == source && rows == n && columns == d;
   }
-
-  // y[r, j] per the op's definition for `rows` gathered rows x' [rows, d].
-  void run(const OrtKernelContext* context, const float* x, int64_t rows, const float* bias, const float* tau,
-           const float* scale, const float* factor, float* y) const {
-    Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
-    const size_t segments = weights.size();
-    std::vector<float> sums(static_cast<size_t>(rows * n)), part(static_cast<size_t>(rows * n)), slice;
-    std::vector<unsigned char> fired(static_cast<size_t>(rows * n), 0);
-    for (size_t s = 0; s < segments; ++s) {
-      const int64_t a = bounds[s], width = bounds[s + 1] - bounds[s];
-      slice.resize(static_cast<size_t>(rows * width));
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(&slice[r * width], x + r * d + a, sizeof(float) * width);
-      const int64_t x_shape[] = {rows, width}, w_shape[] = {width, n}, y_shape[] = {rows, n};
-      float* out = s == 0 ? sums.data() : part.data();
-      Ort::Value inputs[] = {
-          Ort::Value::CreateTensor<float>(cpu, slice.data(), slice.size(), x_shape, 2),
-          Ort::Value::CreateTensor<float>(cpu, const_cast<float*>(weights[s].data()), weights[s].size(), w_shape, 2)};
-      Ort::Value outputs[] = {Ort::Value::CreateTensor<float>(cpu, out, sums.size(), y_shape, 2)};
-      matmul.Invoke(context, inputs, 2, outputs, 1);
-      if (s > 0)
-        for (size_t k = 0; k < sums.size(); ++k) sums[k] += part[k];
-      if (s + 1 == segments) break;
-      for (int64_t r = 0; r < rows; ++r)  // checkpoint s: the same float32 operations as the body
-        for (int64_t j = 0; j < n; ++j) {
-          float score = sums[r * n + j] * scale[s];
-          score = score + bias[j];
-          const float boundary = tau[j] * factor[s];
-          if (score < boundary) fired[r * n + j] = 1;
-        }
-    }
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < n; ++j) {
-        const float value = sums[r * n + j] + bias[j];
-        y[r * n + j] = fired[r * n + j] || !(value > 0.0f) ? 0.0f : value;
-      }
-  }
 };
+
+struct GemmProblem {
+  const Problem* p;
+  const PackedPanels* panels;
+  int64_t chunk;  // panels per task
+};
+
+template <int R>
+void gemm_tile(const Problem& p, const float* panel, int64_t r0, int64_t j0) {
+  const int64_t valid = std::min<int64_t>(kNr, p.n - j0);
+  vec acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vzero();
+  unsigned char fired[R][kNr] = {};
+  float sums[R][kNr];
+  int64_t a = 0;
+  for (int64_t c = 0; c <= p.count; ++c) {
+    const int64_t b = c < p.count ? p.ks[c] : p.d;
+    for (int64_t i = a; i < b; ++i) {
+      const vec w0 = in_register(vload(panel + i * kNr)), w1 = in_register(vload(panel + i * kNr + kLanes));
+      for (int r = 0; r < R; ++r) {
+        const vec xr = vset1(p.x[(r0 + r) * p.d + i]);
+        acc[r][0] = vfma(w0, xr, acc[r][0]);
+        acc[r][1] = vfma(w1, xr, acc[r][1]);
+      }
+    }
+    a = b;
+    for (int r = 0; r < R; ++r) {
+      vstore(sums[r], acc[r][0]);
+      vstore(sums[r] + kLanes, acc[r][1]);
+    }
+    if (c == p.count) break;
+    const float scale = p.scale[c], factor = p.factor[c];
+    const float* bias = p.bias + j0;
+    const float* tau = p.tau + j0;
+    unsigned char alive = 0;
+    for (int r = 0; r < R; ++r)
+      for (int64_t q = 0; q < valid; ++q) {  // branch-free: as `fires`, one float32 operation at a time
+        const float scaled = sums[r][q] * scale;
+        const float score = scaled + bias[q];
+        const float bound = tau[q] * factor;
+        fired[r][q] |= static_cast<unsigned char>(score < bound);
+        alive |= static_cast<unsigned char>(!fired[r][q]);
+      }
+    if (!alive) break;  // every pair of the tile is zero: the rest of W is not read for it
+  }
+  for (int r = 0; r < R; ++r) {
+    float* out = p.y + (r0 + r) * p.n + j0;
+    for (int64_t q = 0; q < valid; ++q) {
+      const float value = relu_output(sums[r][q], p.bias[j0 + q]);
+      out[q] = fired[r][q] ? 0.0f : value;
+    }
+  }
+}
+
+void gemm_tile_any(int rows, const Problem& p, const float* panel, int64_t r0, int64_t j0) {
+  switch (rows) {
+    case 1: return gemm_tile<1>(p, panel, r0, j0);
+    case 2: return gemm_tile<2>(p, panel, r0, j0);
+    case 3: return gemm_tile<3>(p, panel, r0, j0);
+    case 4: return gemm_tile<4>(p, panel, r0, j0);
+    case 5: return gemm_tile<5>(p, panel, r0, j0);
+#if defined(__AVX512F__)
+    case 6: return gemm_tile<6>(p, panel, r0, j0);
+    case 7: return gemm_tile<7>(p, panel, r0, j0);
+    case 8: return gemm_tile<8>(p, panel, r0, j0);
+    case 9: return gemm_tile<9>(p, panel, r0, j0);
+    case 10: return gemm_tile<10>(p, panel, r0, j0);
+    case 11: return gemm_tile<11>(p, panel, r0, j0);
+#endif
+    default: return gemm_tile<kMr>(p, panel, r0, j0);
+  }
+}
+
+void run_gemm_chunk(void* data, size_t index) {
+  const GemmProblem& g = *static_cast<const GemmProblem*>(data);
+  const Problem& p = *g.p;
+  const int64_t first = static_cast<int64_t>(index) * g.chunk;
+  const int64_t last = std::min(g.panels->panels, first + g.chunk);
+  for (int64_t k = first; k < last; ++k) {
+    const float* panel = g.panels->values.data() + k * p.d * kNr;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += kMr)
+      gemm_tile_any(static_cast<int>(std::min<int64_t>(kMr, p.rows - r0)), p, panel, r0, k * kNr);
+  }
+}
 
 struct ExPruneKernel {
   int64_t m_;
   std::vector<int64_t> checkpoints_;
   ProbePanel panel_;
-  SegmentGemm gemm_;
+  PackedPanels gemm_;
 
   ExPruneKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -569,7 +613,7 @@ struct ExPruneKernel {
       const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 2 && checkpoints_.back() < shape[1]) {
         panel_.pack(weight.GetTensorData<float>(), shape[0], shape[1], m_);
-        gemm_.prepare(info, weight.GetTensorData<float>(), shape[0], shape[1], checkpoints_);
+        gemm_.pack(weight.GetTensorData<float>(), shape[0], shape[1]);
       }
     }
   }
@@ -610,16 +654,23 @@ struct ExPruneKernel {
       factor[c] = std::sqrt(numerator / denominator);
     }
     const float* w = w_value.GetTensorData<float>();
-    if (rows >= kGemmRows && gemm_.ready(w, n, d)) {
-      gemm_.run(raw_context, gathered.data(), rows, context.GetInput(2).GetTensorData<float>(),
-                context.GetInput(3).GetTensorData<float>(), scale.data(), factor.data(), y);
-      return;
-    }
+    const bool tiled = rows >= kGemmRows && gemm_.ready(w, n, d);
     const bool packed = rows == 1 && w == panel_.source && n == panel_.n && d == panel_.d;
     Problem problem{gathered.data(), w, packed ? panel_.values.data() : nullptr,
                     context.GetInput(2).GetTensorData<float>(),
                     context.GetInput(3).GetTensorData<float>(), y, rows, n, d, checkpoints_.data(), scale.data(),
                     factor.data(), static_cast<int64_t>(count), chunk_size(rows, n, d)};
+    if (tiled) {  // panels per task: about as many multiply-adds per task as chunk_size gives
+      const int64_t per_task = std::max<int64_t>(1, problem.chunk / kNr);
+      GemmProblem gemm{&problem, &gemm_, per_task};
+      const size_t tasks = static_cast<size_t>((gemm_.panels + per_task - 1) / per_task);
+      if (tasks == 1) {
+        run_gemm_chunk(&gemm, 0);
+      } else {
+        context.ParallelFor(run_gemm_chunk, tasks, 0, &gemm);
+      }
+      return;
+    }
     const size_t tasks = static_cast<size_t>((n + problem.chunk - 1) / problem.chunk);
     if (tasks == 1) {
       run_chunk(&problem, 0);
