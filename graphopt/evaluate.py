@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.fidelity import OutputKind, compare, output_kinds
 from graphopt.calibration.metric import Metric, MetricMean, as_metric
+from graphopt.calibration.latency import interleaved, spread as latency_spread
 from graphopt.calibration.session import make_session
 from graphopt.errors import DataError, OptionError
 from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
@@ -221,13 +222,6 @@ def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
     return random_feed(model, shapes or resolve_input_shapes(model), batch=batch)
 
 
-def _spread(times: list[float]) -> dict[str, float]:
-    """Median and the 10th/90th percentiles (linear interpolation between order statistics, so that
-    p10 <= median <= p90 for any number of samples)."""
-    p10, median, p90 = np.percentile(np.asarray(times, dtype=np.float64), [10, 50, 90])
-    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
-
-
 def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
           warmup: int = 5, threads: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
     feed = bench_feed(model, data, batch)
@@ -239,7 +233,7 @@ def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int 
         start = time.perf_counter()
         session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)
-    spread = _spread(times)
+    spread = latency_spread(times)
     return {
         "median_ms": spread["median"],
         "p10_ms": spread["p10"],
@@ -249,13 +243,6 @@ def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int 
         "samples_per_s": batch * 1e3 / spread["median"] if spread["median"] > 0 else None,
         "providers": session.get_providers(),
     }
-
-
-def _timed(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        session.run(None, feed)
-    return (time.perf_counter() - start) * 1e3 / runs
 
 
 def compare_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, data: DataSource | None = None,
@@ -274,17 +261,7 @@ def compare_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, d
     sessions = [make_session(model, optimize=True, device=device, threads=threads, spinning=False)
                 for model in (reference, candidate)]
     feeds = [feed, {name: value for name, value in feed.items() if name in cand_inputs}]
-    for session, model_feed in zip(sessions, feeds):
-        _timed(session, model_feed, warmup)
-    times: list[list[float]] = [[], []]
-    for round_index in tqdm(range(rounds), desc=f"latency batch {batch}", unit="round", disable=not progress,
-                            leave=False):
-        order = (0, 1) if round_index % 2 == 0 else (1, 0)
-        for which in order:
-            times[which].append(_timed(sessions[which], feeds[which], runs))
-    ratios = [ref / cand for ref, cand in zip(*times) if cand > 0]
-    reference_ms, candidate_ms, speedup = _spread(times[0]), _spread(times[1]), _spread(ratios)
+    timing = interleaved(sessions, feeds, rounds, runs, warmup, lambda steps: tqdm(
+        steps, desc=f"latency batch {batch}", unit="round", disable=not progress, leave=False))
     return {"batch": batch, "rounds": rounds, "runs_per_round": runs, "threads": threads,
-            "providers": sessions[0].get_providers(),
-            "reference_ms": reference_ms["median"], "candidate_ms": candidate_ms["median"],
-            "speedup": speedup["median"], "speedup_p10": speedup["p10"], "speedup_p90": speedup["p90"]}
+            "providers": sessions[0].get_providers(), **timing}

@@ -96,6 +96,38 @@ def time_runs(run: Callable[[], Any], min_runs: int = MIN_RUNS, min_seconds: flo
     return statistics.median(times)
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and the 10th/90th percentiles (linear interpolation between order statistics, so that
+    p10 <= median <= p90 for any number of samples)."""
+    p10, median, p90 = np.percentile(np.asarray(values, dtype=np.float64), [10, 50, 90])
+    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
+
+
+def _timed(session: Any, feed: dict[str, np.ndarray], runs: int) -> float:
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    return (time.perf_counter() - start) * 1e3 / runs
+
+
+def interleaved(sessions: list[Any], feeds: list[dict[str, np.ndarray]], rounds: int, runs: int, warmup: int,
+                progress: Callable[[range], Any] = lambda r: r) -> dict[str, float]:
+    """Two sessions timed in one run, interleaved: each round times `runs` inferences of each, alternating
+    which goes first. `speedup` is the median over rounds of the first's time / the second's (> 1: the
+    second is faster), with the 10th and 90th percentiles of the per-round ratios; a ratio from the same
+    rounds cancels most of the drift a noisy machine adds to two separate timings."""
+    for session, feed in zip(sessions, feeds):
+        _timed(session, feed, warmup)
+    times: list[list[float]] = [[], []]
+    for round_index in progress(range(rounds)):
+        for which in ((0, 1) if round_index % 2 == 0 else (1, 0)):
+            times[which].append(_timed(sessions[which], feeds[which], runs))
+    ratios = [ref / cand for ref, cand in zip(*times) if cand > 0]
+    first, second, ratio = spread(times[0]), spread(times[1]), spread(ratios)
+    return {"reference_ms": first["median"], "candidate_ms": second["median"], "speedup": ratio["median"],
+            "speedup_p10": ratio["p10"], "speedup_p90": ratio["p90"]}
+
+
 def layer_timer(where: Runtime) -> Timer:
     """Times one layer at (cin, cout) on `where`'s provider and threads."""
 

@@ -43,15 +43,19 @@ class ChainLayer:
         return self.nodes[0].name
 
 
+def layer_arrays(layer: ChainLayer, found: Calibrated) -> dict[str, np.ndarray]:
+    """The op's constant inputs after x, in order: W permuted on its input axis 1, B, Tau, Perm."""
+    return {"W": layer.weight[:, found.perm], "B": layer.bias, "Tau": found.tau, "Perm": found.perm}
+
+
 def swap_in(graph: gs.Graph, layer: ChainLayer, found: Calibrated, op: str, attrs: dict) -> gs.Node:
     """Replace the layer's nodes by one graphopt `op` node reading [source, W permuted on its input axis 1,
     B, Tau, Perm] with `attrs` (new initializers named after the layer)."""
     from graphopt.ops.functions import DOMAIN
 
     base = layer.name or "exprune"
-    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{suffix}"), np.ascontiguousarray(values))
-                 for suffix, values in (("w", layer.weight[:, found.perm]), ("b", layer.bias),
-                                        ("tau", found.tau), ("perm", found.perm))]
+    constants = [gs.Constant(ir.unique_name(graph, f"{base}_{name.lower()}"), np.ascontiguousarray(values))
+                 for name, values in layer_arrays(layer, found).items()]
     for node in layer.nodes:
         ir.detach(node)
     node = gs.Node(op, ir.unique_name(graph, f"{base}_exprune"), attrs=attrs, inputs=[layer.source, *constants],

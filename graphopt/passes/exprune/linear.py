@@ -21,6 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
+from graphopt.passes.exprune.timing import TIMING_ROWS
 from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
@@ -109,6 +110,7 @@ class LinearScoring:
         self.scores = self.score(rows)
         self.positive = (rows @ weight.T + layer.bias) > 0
         self.macs_per_sample = layer.macs_per_sample()
+        self.sample = np.asarray(rows[:TIMING_ROWS], dtype=np.float32)  # to time the layer on (--exprune-timed)
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return checkpoint_scores(rows[:, self.perm], self.layer.weight[:, self.perm], self.layer.bias,

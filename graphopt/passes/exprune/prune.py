@@ -176,6 +176,10 @@ class ExPrune(Pass):
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
                 return result
+        if ctx.option("exprune_timed", False):
+            layers, chosen = _timed(ctx, graph, layers, chosen, options["rule"], result)
+            if not layers:
+                return result
         self._apply(graph, layers, chosen, options["rule"], result)
         return result
 
@@ -198,6 +202,30 @@ class ExPrune(Pass):
         result.stats.update({"layers": len(layers), "conv_layers": sum(isinstance(l, ConvLayer) for l in layers),
                              "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})
+
+
+def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str,
+           result: PassResult) -> tuple[list[Layer], list[Choice]]:
+    """The layers whose op is faster than their dense form, timed alone (graphopt.passes.exprune.timing);
+    each layer's times go into the stats, each layer left dense into `skipped` with the reason."""
+    from graphopt.passes.exprune.timing import time_layer
+
+    kept: list[tuple[Layer, Choice]] = []
+    for layer, (scoring, found) in zip(layers, chosen):
+        if not isinstance(layer, LinearLayer):
+            result.skipped.append(f"{layer.name}: left dense under --exprune-timed (convolutions have no native "
+                                  "kernel: the op's function body runs slower than Conv+Relu)")
+            continue
+        timing = time_layer(layer, found, rule, scoring.sample, int(ctx.option("threads") or 0), graph.opset)
+        result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
+        if timing["speedup"] > 1.0:
+            kept.append((layer, (scoring, found)))
+            continue
+        result.skipped.append(f"{layer.name}: left dense, the op took {timing['op_ms']:.4f} ms against "
+                              f"{timing['dense_ms']:.4f} ms dense at batch 1 (speedup {timing['speedup']:.2f}, "
+                              f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f})")
+    result.stats["layers_left_dense"] = len(layers) - len(kept)
+    return [layer for layer, _ in kept], [choice for _, choice in kept]
 
 
 def tolerance_text(text: str) -> str:
@@ -230,6 +258,9 @@ class ExPruneOptions(Seeded):
                                                        "calibration (default 4096)")
     exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "
                                                      "(default 64)")
+    exprune_timed: bool = option(False, help="exprune: time each linear layer alone, as the op and as its dense form, "
+                                             "at batch 1 on its calibration inputs, and keep it dense where the op "
+                                             "is not faster (convolutions stay dense)")
     exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
                                                              "out for --tolerance (default 0.25)")
     exprune_confidence: float = option(DEFAULT_CONFIDENCE, metavar="C",

@@ -1,0 +1,76 @@
+"""Whether an ExPrune layer pays in time: the layer alone, timed against its dense form.
+
+With `--exprune-timed`, each linear layer the search chose is built twice as a one-layer model, the dense
+MatMul + Add + Relu it replaces and graphopt.ExPruneLinearRelu with its calibrated probe, checkpoints and
+thresholds, and both are timed side by side by onnxruntime (graphopt.calibration.latency.interleaved: interleaved
+rounds, the same threads, full graph optimisation, the native kernel when it is built) at batch 1 on one of
+the layer's own calibration inputs, the one with the median number of skipped neurons, so a typical skip
+rate is what is timed. A layer whose op is not faster than
+its dense form stays dense, and the report says so with both times; a layer left dense computes exactly, so
+the model's error can only lose that layer's false negatives (the tolerance search is not run again).
+Convolutions are not timed: their op has no native kernel and its function body runs slower than Conv+Relu,
+so under `--exprune-timed` they stay dense.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.passes.exprune.calib import Calibrated, ChainLayer, layer_arrays
+
+ROUNDS, RUNS, WARMUP = 9, 20, 5
+TIMING_ROWS = 64  # calibration rows kept per layer, to time it on the one with the median skip count
+
+
+def _model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], d: int, n: int,
+           opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+                              [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def layer_models(layer: ChainLayer, found: Calibrated, rule: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(the dense layer, the layer as graphopt.ExPruneLinearRelu) as one-layer models, input x [N, d]."""
+    from graphopt.ops.exprune import make_exprune_node
+    from graphopt.ops.library import ensure_functions
+
+    n, d = layer.weight.shape
+    dense = _model("dense", [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
+                             helper.make_node("Relu", ["z"], ["y"])],
+                   {"wt": layer.weight.T.astype(np.float32), "b": layer.bias.astype(np.float32)}, d, n, opset)
+    arrays = layer_arrays(layer, found)
+    node = make_exprune_node(["x", *arrays], "y", found.m, rule=rule, checkpoints=list(found.checkpoints))
+    exprune = _model("exprune", [node], arrays, d, n, opset)
+    ensure_functions(exprune)
+    return dense, exprune
+
+
+def typical_row(layer: ChainLayer, found: Calibrated, rows: np.ndarray) -> np.ndarray:
+    """The row of `rows` whose number of skipped neurons is the median one (as a [1, d] batch)."""
+    from graphopt.ops.exprune import exprune_reference
+
+    arrays = layer_arrays(layer, found)
+    _, skipped = exprune_reference(rows, arrays["W"], arrays["B"], arrays["Tau"], arrays["Perm"], found.m,
+                                   list(found.checkpoints))
+    counts = skipped.reshape(rows.shape[0], -1).sum(axis=1)
+    return rows[[int(np.argsort(counts, kind="stable")[rows.shape[0] // 2])]]
+
+
+def time_layer(layer: ChainLayer, found: Calibrated, rule: str, rows: np.ndarray, threads: int,
+               opset: int) -> dict[str, Any]:
+    """The op's and the dense layer's median times (ms) at batch 1 on the typical row of `rows`, and the
+    speedup (dense time / op time) with its 10th and 90th percentiles."""
+    from graphopt.calibration.latency import interleaved
+    from graphopt.calibration.session import make_session
+
+    models = layer_models(layer, found, rule, opset)
+    sessions = [make_session(model, optimize=True, threads=threads, spinning=False) for model in models]
+    feed = {"x": typical_row(layer, found, rows.astype(np.float32))}
+    timing = interleaved(sessions, [feed, feed], ROUNDS, RUNS, WARMUP)
+    return {"dense_ms": timing["reference_ms"], "op_ms": timing["candidate_ms"], "speedup": timing["speedup"],
+            "speedup_p10": timing["speedup_p10"], "speedup_p90": timing["speedup_p90"]}
