@@ -145,6 +145,44 @@ class ResidualCnn(nn.Module):
         return self.head(self.norm(self.blocks(self.stem(x))).mean(dim=(2, 3)))
 
 
+class TokenBlock(nn.Module):
+    """Pre-norm transformer block on token rows [N, T, d]: x + attention(norm(x)), x + FFN(norm(x)); TSRA: weightless
+    RMS norms over the last axis and an FFN up -> RMSNorm -> TSRA -> down; control: LayerNorm and ReLU."""
+
+    def __init__(self, kind: str, width: int, heads: int = 4) -> None:
+        super().__init__()
+        norm = (lambda: RMSNorm(dim=-1)) if kind == "tsra" else (lambda: nn.LayerNorm(width))
+        self.heads, self.norm1, self.norm2 = heads, norm(), norm()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+        self.act = (nn.Sequential(RMSNorm(dim=-1), TSRA(width, dim=-1)) if kind == "tsra" else nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+        h = self.norm1(x)
+        q, k, v = (layer(h).view(batch, tokens, self.heads, -1).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / float(q.shape[-1]) ** 0.5
+        x = x + self.o(torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, tokens, width))
+        return x + self.down(self.act(self.up(self.norm2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """The 8 pixel rows of a digit as 8 tokens (with a one-hot row index), a token projection, pre-norm blocks,
+    a final norm, the mean over tokens and Linear; the residual stream is one change-of-basis group."""
+
+    def __init__(self, kind: str, width: int, blocks: int = 2) -> None:
+        super().__init__()
+        self.register_buffer("rows", torch.eye(8), persistent=False)
+        self.embed = nn.Linear(16, width)
+        self.blocks = nn.Sequential(*[TokenBlock(kind, width) for _ in range(blocks)])
+        self.norm = RMSNorm(dim=-1) if kind == "tsra" else nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat((x, self.rows.expand(x.shape[0], -1, -1)), dim=-1)
+        return self.head(self.norm(self.blocks(self.embed(tokens))).mean(dim=1))
+
+
 def digits_mlp(kind: str, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(64, hidden), *norm_act(kind, hidden, False),
                          nn.Linear(hidden, hidden), *norm_act(kind, hidden, False), nn.Linear(hidden, 10))
@@ -182,6 +220,8 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
     data = load_digits()
     if name in ("cnn", "rescnn"):
         x = (data.images / 16.0).reshape(-1, 1, 8, 8)
+    elif name == "transformer":
+        x = data.images / 16.0  # [N, 8 rows, 8 pixels]
     else:
         x = data.data
     x_train, x_test, y_train, y_test = train_test_split(x, data.target, test_size=0.3, stratify=data.target,
@@ -198,6 +238,10 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         if name in ("cnn", "rescnn"):
             module = digits_cnn(kind, args.width) if name == "cnn" else ResidualCnn(kind, args.width)
             options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3,
+                           weight_decay=1e-4)
+        elif name == "transformer":
+            module = DigitsTransformer(kind, 2 * args.width)
+            options = dict(epochs=max(1, round(args.mlp_epochs * args.epoch_scale)), batch=64, lr=2e-3,
                            weight_decay=1e-4)
         else:
             module = digits_mlp(kind, args.hidden)
@@ -217,6 +261,11 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         description = (f"residual CNN conv{w}, 2 blocks x+conv{w}(act(conv{w}(x))), norm, mean over H,W, fc10 on "
                        f"digits 8x8 (TSRA: RMSNorm+TSRA split C/2, weightless RMSNorm on the stream; "
                        f"control: BN+ReLU), {options['epochs']} epochs")
+    elif name == "transformer":
+        w = 2 * args.width
+        description = (f"transformer on digits: 8 pixel rows as tokens, d={w}, 4 heads, 2 pre-norm blocks, FFN {2 * w}, "
+                       f"mean over tokens, fc10 (TSRA: weightless RMSNorm over the last axis, FFN RMSNorm+TSRA split "
+                       f"{w}; control: LayerNorm, ReLU), {options['epochs']} epochs")
     else:
         h = args.hidden
         description = (f"MLP 64-{h}-{h}-10 on digits features (TSRA: RMSNorm+TSRA split {h // 2}; "
@@ -403,7 +452,8 @@ def plot(families: list[Family], path: Path) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="cnn,rescnn,mlp", help="comma-separated subset of cnn, rescnn, mlp")
+    parser.add_argument("--models", default="cnn,rescnn,mlp", help="comma-separated subset of cnn, rescnn, mlp, "
+                                                                    "transformer")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--corrupt", type=float, default=0.0,

@@ -66,18 +66,24 @@ class HeadBlock:
         self.shapes = [replace(e, per_head=e.per_head * factor) for e in self.shapes]
         self.consumers = [replace(c, width=c.width * factor) for c in self.consumers]
 
-    def macs_per_head(self, per_node: dict[str, int]) -> float:
-        """MACs one head costs per sample: its share of every projection, consumer and mixing op."""
-        total = 0.0
+    def head_shares(self) -> dict[str, float]:
+        """The fraction of each node's MACs that one head costs: its columns of every projection, its rows of
+        every consumer, 1/H of every mixing op."""
+        shares: dict[str, float] = {}
         for cut in self.slices:
             if cut.node.op in ("MatMul", "Gemm") and cut.index == 1:
                 columns = np.asarray(cut.node.inputs[1].values).shape[cut.axis]
-                total += per_node.get(cut.node.name, 0) * cut.width / max(columns, 1)
+                shares[cut.node.name] = shares.get(cut.node.name, 0.0) + cut.width / max(columns, 1)
         for consumer in self.consumers:
             rows = np.asarray(consumer.node.inputs[consumer.index].values).shape[consumer.axis]
-            total += per_node.get(consumer.node.name, 0) * consumer.width / max(rows, 1)
-        total += sum(per_node.get(node.name, 0) / self.heads for node in self.mixing)
-        return total
+            shares[consumer.node.name] = shares.get(consumer.node.name, 0.0) + consumer.width / max(rows, 1)
+        for node in self.mixing:
+            shares[node.name] = shares.get(node.name, 0.0) + 1.0 / self.heads
+        return shares
+
+    def macs_per_head(self, per_node: dict[str, int]) -> float:
+        """MACs one head costs per sample: its share of every projection, consumer and mixing op."""
+        return sum(per_node.get(name, 0) * share for name, share in self.head_shares().items())
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:

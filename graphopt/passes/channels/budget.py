@@ -89,15 +89,26 @@ class MacModel:
         self.total = float(sum(per_node.values()))
         terms = _axes(analysis, prunable)
         counted = {name for name, _ in terms}
-        self.fixed = float(sum(m for name, m in per_node.items() if name not in counted))
-        self.terms = [(float(per_node.get(name, 0)), axes) for name, axes in terms]
+        self.fixed_nodes = {name: float(m) for name, m in per_node.items() if name not in counted}
+        self.fixed = float(sum(self.fixed_nodes.values()))
+        self.terms = [(name, float(per_node.get(name, 0)), axes) for name, axes in terms]
 
     def ratio(self, counts: dict[int, int]) -> float:
         return self.macs(counts) / self.total if self.total else 1.0
 
     def macs(self, counts: dict[int, int]) -> float:
-        result = self.fixed
-        for base, axes in self.terms:
+        return self.scaled(counts, {})
+
+    def removed_cost(self, counts: dict[int, int], removed: dict[str, float]) -> float:
+        """MACs with `counts`, each named node's MACs further reduced by the fraction `removed[name]`."""
+        return self.scaled(counts, {name: max(1.0 - fraction, 0.0) for name, fraction in removed.items()})
+
+    def scaled(self, counts: dict[int, int], factors: dict[str, float]) -> float:
+        """MACs with `counts` kept per group and each named node's MACs further times `factors[name]` (the
+        share of it left by a structure outside the channel groups, such as attention heads)."""
+        result = self.fixed if not factors else sum(m * factors.get(name, 1.0) for name, m in self.fixed_nodes.items())
+        for name, base, axes in self.terms:
+            base *= factors.get(name, 1.0)
             for axis in axes:
                 if axis.total:
                     base *= axis.features(counts) / axis.total

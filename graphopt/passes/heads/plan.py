@@ -12,9 +12,10 @@ and one retained-fraction cut compares heads with channel groups. This is the ou
 error, not the model's: later layers can amplify or absorb it.
 
 Cost: every head carries the same MACs (its columns of each projection, its rows of each consumer and
-1/H of every per-head MatMul), so a block keeping k of H heads costs MACs(full) − (H − k)·per_head;
-`WithHeads` adds that to a channel cost model (for a latency model, per-head MACs are turned into
-milliseconds at the model's mean cost per MAC: an estimate, not a measurement).
+1/H of every per-head MatMul), so a block keeping k of H heads costs its nodes' MACs times 1 − (H − k)·share per node; over a MAC model
+`WithHeads` applies that factor to each node's term, so heads and the channel groups the same nodes read
+(a narrowed residual stream) scale it together (for a latency model, per-head MACs are subtracted, turned
+into milliseconds at the model's mean cost per MAC: an estimate, not a measurement).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from graphopt.analysis.heads import HeadBlock
 from graphopt.calibration.stats import TensorStats
-from graphopt.passes.channels.budget import CostModel
+from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.snp.maths import regularised
 from graphopt.passes.snp.plan import Ordering
 
@@ -82,17 +83,40 @@ def head_ordering(block: HeadBlock, stats: dict[str, TensorStats]) -> Ordering |
 
 @dataclass
 class WithHeads:
-    """A channel cost model plus head blocks (keyed by negative roots): head h of a block costs `per_head`."""
+    """A channel cost model plus head blocks (keyed by negative roots): head h of a block costs `per_head`.
+    Over a MAC model with `shares` (root -> each node's fraction per head), the heads scale each node's MACs
+    together with its channel groups, exactly (a head removed from a narrowed stream saves its narrowed
+    MACs); otherwise (a latency model) the per-head cost is subtracted."""
 
     base: CostModel
     per_head: dict[int, float]
     heads: dict[int, int]
+    shares: dict[int, dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         self.total = self.base.total
 
+    @property
+    def exact(self) -> bool:
+        """Whether costs are computed node by node (over a MAC model), so other node fractions can join."""
+        return self.shares is not None and isinstance(self.base, MacModel)
+
     def cost(self, counts: dict[int, int]) -> float:
+        if self.exact:
+            return self.removed_cost(counts, {})
         channels = {root: count for root, count in counts.items() if root not in self.per_head}
         saved = sum((self.heads[root] - counts.get(root, self.heads[root])) * cost
                     for root, cost in self.per_head.items())
         return self.base.cost(channels) - saved
+
+    def removed_cost(self, counts: dict[int, int], removed: dict[str, float]) -> float:
+        """The MACs with `counts`, each named node's MACs further reduced by the fraction `removed[name]`
+        (q/k dims, graphopt.passes.heads.qk_plan); only when `exact`."""
+        assert self.shares is not None and isinstance(self.base, MacModel)
+        channels = {root: count for root, count in counts.items() if root not in self.per_head}
+        gone = dict(removed)
+        for root, shares in self.shares.items():
+            heads = self.heads[root] - counts.get(root, self.heads[root])
+            for name, share in shares.items():
+                gone[name] = gone.get(name, 0.0) + share * heads
+        return self.base.removed_cost(channels, gone)

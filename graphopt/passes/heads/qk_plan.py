@@ -9,8 +9,9 @@ retained-fraction cut compares dims with channel groups (unique variance) and he
 
 Cost: a unit (a key head and its query heads) spends per dim its q and k projection columns and its share
 of q·kᵀ (`per_dim`). A block keeping k units and r of d dims saves (d − r)·per_dim·k beyond what the head
-plan saves (a removed head takes its whole q and k along): `WithQK` subtracts that from the cost model
-below it, the kept unit count read from the block's head root when heads are planned too.
+plan saves (a removed head takes its whole q and k along): `WithQK` takes that share off each node's MACs in
+the MAC model below it (exact with the heads and the channel groups the same nodes read), or subtracts it
+from a latency model; the kept unit count is read from the block's head root when heads are planned too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from graphopt.analysis.heads import HeadBlock
 from graphopt.analysis.heads.qk import QKBlock, find_qk
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.passes.base import PassResult
-from graphopt.passes.channels.budget import CostModel
+from graphopt.passes.channels.budget import CostModel, MacModel
 from graphopt.passes.heads.qk import block_maps, fold_maps
 from graphopt.passes.heads.select import HeadPlan
 from graphopt.passes.snp.plan import Ordering
@@ -32,15 +33,21 @@ from graphopt.passes.snp.plan import Ordering
 QK_MULTIPLE = 8
 
 
-def _per_dim(qk: QKBlock, per_node: dict[str, int]) -> float:
-    """MACs one q/k dim of one unit costs per sample: its q and k columns and its share of q·kᵀ."""
-    total = 0.0
+def _dim_shares(qk: QKBlock) -> dict[str, float]:
+    """The fraction of each node's MACs one q/k dim of one unit costs: its q and k columns, its share of q·kᵀ."""
+    shares: dict[str, float] = {}
     for side in (qk.query, qk.key):
         for cut in side.slices:
             if cut.node.op in ("MatMul", "Gemm") and cut.index == 1:
                 columns = np.asarray(cut.node.inputs[1].values).shape[cut.axis]
-                total += per_node.get(cut.node.name, 0) / max(columns, 1) * (side.heads // qk.units)
-    return total + per_node.get(qk.score.name, 0) / (qk.width * qk.units)
+                shares[cut.node.name] = shares.get(cut.node.name, 0.0) + (side.heads // qk.units) / max(columns, 1)
+    shares[qk.score.name] = shares.get(qk.score.name, 0.0) + 1.0 / (qk.width * qk.units)
+    return shares
+
+
+def _per_dim(qk: QKBlock, per_node: dict[str, int]) -> float:
+    """MACs one q/k dim of one unit costs per sample."""
+    return sum(per_node.get(name, 0) * share for name, share in _dim_shares(qk).items())
 
 
 @dataclass
@@ -56,13 +63,24 @@ class WithQK:
     def __post_init__(self) -> None:
         self.total = self.base.total
 
+    shares: dict[int, dict[str, float]] | None = None
+
+    def _kept_units(self, root: int, counts: dict[int, int]) -> int:
+        heads = self.head_root[root]
+        return counts.get(heads, self.units[root]) if heads is not None else self.units[root]
+
     def cost(self, counts: dict[int, int]) -> float:
-        saved = 0.0
-        for root, cost in self.per_dim.items():
-            heads = self.head_root[root]
-            kept_units = counts.get(heads, self.units[root]) if heads is not None else self.units[root]
-            saved += (self.dims[root] - counts.get(root, self.dims[root])) * cost * kept_units
-        return self.base.cost({root: count for root, count in counts.items() if root not in self.per_dim}) - saved
+        channels = {root: count for root, count in counts.items() if root not in self.per_dim}
+        if self.shares is not None and (isinstance(self.base, MacModel) or getattr(self.base, "exact", False)):
+            removed: dict[str, float] = {}
+            for root, shares in self.shares.items():
+                dims = (self.dims[root] - counts.get(root, self.dims[root])) * self._kept_units(root, counts)
+                for name, share in shares.items():
+                    removed[name] = removed.get(name, 0.0) + share * dims
+            return self.base.removed_cost(channels, removed)
+        saved = sum((self.dims[root] - counts.get(root, self.dims[root])) * cost * self._kept_units(root, counts)
+                    for root, cost in self.per_dim.items())
+        return self.base.cost(channels) - saved
 
 
 @dataclass
@@ -82,7 +100,8 @@ class QKPlan:
         return WithQK(base, {root: _per_dim(self.blocks[root], per_node) * unit for root in self.orderings},
                       {root: self.blocks[root].width for root in self.orderings},
                       {root: self.blocks[root].units for root in self.orderings},
-                      {root: self.head_root[root] for root in self.orderings})
+                      {root: self.head_root[root] for root in self.orderings},
+                      {root: _dim_shares(self.blocks[root]) for root in self.orderings})
 
 
 def qk_blocks(blocks: list[HeadBlock], shapes: dict[str, tuple[int, ...]], result: PassResult) -> list[QKBlock]:

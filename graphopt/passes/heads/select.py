@@ -36,7 +36,8 @@ class HeadPlan:
             return base
         unit = base.total / mac_total if mac_total else 0.0
         per_head = {root: self.blocks[root].macs_per_head(per_node) * unit for root in self.orderings}
-        return WithHeads(base, per_head, {root: self.blocks[root].heads for root in self.orderings})
+        return WithHeads(base, per_head, {root: self.blocks[root].heads for root in self.orderings},
+                         {root: self.blocks[root].head_shares() for root in self.orderings})
 
 
 def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: PassResult) -> list[HeadBlock]:

@@ -180,11 +180,13 @@ class LayerNormBlock(nn.Module):
     """GPT-2/ViT style: LayerNorm with scale and shift, attention and GELU FFN with biases; `post` puts the norms
     after the residual Adds (BERT style), on the stream itself."""
 
-    def __init__(self, post: bool) -> None:
+    def __init__(self, post: bool, fused: bool = True) -> None:
         super().__init__()
         self.post = post
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.qkv, self.o = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.qkv = nn.Linear(DIM, 3 * DIM) if fused else None
+        self.q, self.k, self.v = (None, None, None) if fused else (nn.Linear(DIM, DIM) for _ in range(3))
+        self.o = nn.Linear(DIM, DIM)
         self.up, self.down = nn.Linear(DIM, FFN), nn.Linear(FFN, DIM)
         with torch.no_grad():
             for norm in (self.norm1, self.norm2):
@@ -193,7 +195,8 @@ class LayerNormBlock(nn.Module):
 
     def _attend(self, h: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = h.shape
-        q, k, v = (t.view(batch, tokens, HEADS, DIM // HEADS).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        parts = self.qkv(h).chunk(3, dim=-1) if self.qkv is not None else (self.q(h), self.k(h), self.v(h))
+        q, k, v = (t.view(batch, tokens, HEADS, DIM // HEADS).transpose(1, 2) for t in parts)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(DIM // HEADS)
         return self.o(torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, tokens, DIM))
 
@@ -206,10 +209,10 @@ class LayerNormBlock(nn.Module):
 
 
 class LayerNormModel(nn.Module):
-    def __init__(self, post: bool) -> None:
+    def __init__(self, post: bool, fused: bool = True) -> None:
         super().__init__()
         self.embed, self.positions = nn.Embedding(VOCAB, DIM), nn.Embedding(64, DIM)
-        self.blocks = nn.ModuleList(LayerNormBlock(post) for _ in range(LAYERS))
+        self.blocks = nn.ModuleList(LayerNormBlock(post, fused) for _ in range(LAYERS))
         self.norm, self.head = (nn.Identity() if post else nn.LayerNorm(DIM)), nn.Linear(DIM, VOCAB)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -249,3 +252,18 @@ def test_a_stream_fused_by_onnxruntimes_optimizer_rotates_exactly(tmp_path) -> N
     assert stats["layer_norms_centred"] == 2 * LAYERS + 1
     held_out = _ids(4, 17, 2)
     assert _relative(_run(fused, held_out), _run(result.model, held_out)) < 1e-4
+
+
+@pytest.mark.parametrize("qk", [False, True], ids=["heads", "heads+qk"])
+def test_the_budget_counts_heads_and_qk_dims_cut_from_a_narrowed_stream_exactly(qk, tmp_path) -> None:
+    # a head (or a q/k dim) removed after the stream it reads was narrowed saves the narrowed MACs only
+    torch.manual_seed(0)
+    model = _export(LayerNormModel(post=False, fused=False).eval(), "legacy", tmp_path / "m.onnx")
+    both = 0
+    for target in (0.6, 0.45, 0.3):
+        result = graphopt.optimize(model, method="cob,snp", calib=_ids(64, TOKENS, 1), target_macs=target,
+                                   round_to=1, qk_dims=qk)
+        stats = next(p for p in result.report["passes"] if p["pass"] == "snp")["stats"]
+        assert stats["estimated_macs_ratio"] == pytest.approx(result.report["macs_ratio"], abs=1e-9)
+        both += stats.get("heads_removed", 0) + stats.get("qk_dims_removed", 0) > 0 and _table(result.model).shape[1] < DIM
+    assert both, "no run cut heads (or q/k dims) and the stream together"
