@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
@@ -196,7 +197,7 @@ def matmul(node: gs.Node, a: Analysis) -> None:
         _matmul_variables(node, a, left_state, contracted, rank_l, rank_y)
 
 
-def embedding_table(node: gs.Node):
+def embedding_table(node: gs.Node) -> np.ndarray | None:
     """The constant table [rows, C] of an embedding lookup Gather(table, ids) along axis 0, else None."""
     if node.op != "Gather" or not node.inputs:
         return None
