@@ -114,7 +114,7 @@ constexpr int kTile = 4;        // batch > 1: neurons x rows per micro-kernel ca
 constexpr int kRowBlock = 32;   // batch > 1: rows whose accumulators a block of kTile neurons keeps at once
 constexpr int64_t kPrefetchAhead = 4;  // batch 1, W not constant: neurons ahead whose probe prefix is prefetched
 constexpr int64_t kPanels = 4;         // batch 1: probe panels of kLanes neurons computed together
-constexpr int64_t kGemmRows = 2;       // from this many rows on, a constant W runs on packed panels (PackedPanels)
+constexpr int64_t kGemmRows = 2;       // from this many rows on, a constant W runs on panels of all of W (Panels)
 
 // acc[q * kTile + r] += w[q][a:b) . x[r][a:b) for Q neurons and R rows: each weight load feeds R FMAs and
 // each row load Q. With a single row and neuron, four independent accumulators hide the FMA latency (they
@@ -196,7 +196,7 @@ inline void prefetch_lines(const float* p, int64_t count) {
 struct Problem {
   const float* x;  // gathered rows x' [rows, d]
   const float* w;
-  const float* panel;  // packed probe prefixes (see ProbePanel), or nullptr
+  const float* panel;  // packed probe prefixes (see Panels), or nullptr
   const float* bias;
   const float* tau;
   float* y;        // [rows, n]
@@ -446,20 +446,27 @@ int64_t chunk_size(int64_t rows, int64_t n, int64_t d) {
   return (chunk + kBlock - 1) / kBlock * kBlock;
 }
 
-// The probe prefixes of a constant W, packed once when the kernel is created (m · n floats beside W).
-struct ProbePanel {
+// The first `depth` columns of a constant W as panels of `width` neurons, packed once when the kernel is
+// created, k-major: values[((j / width) * depth + i) * width + j % width] = W[j, i], zero past n.
+// Batch 1 packs the probe prefixes (depth m, width kLanes; m · n floats beside W), batch > 1 all of W
+// (depth d, width kNr).
+struct Panels {
   std::vector<float> values;
-  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panel
-  int64_t n = 0, d = 0;
+  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panels
+  int64_t n = 0, d = 0, panels = 0;
 
-  void pack(const float* w, int64_t rows, int64_t columns, int64_t m) {
-    const int64_t panels = (rows + kLanes - 1) / kLanes;
-    values.assign(static_cast<size_t>(panels * m * kLanes), 0.0f);
+  void pack(const float* w, int64_t rows, int64_t columns, int64_t depth, int64_t width) {
+    panels = (rows + width - 1) / width;
+    values.assign(static_cast<size_t>(panels * depth * width), 0.0f);
     for (int64_t j = 0; j < rows; ++j)
-      for (int64_t i = 0; i < m; ++i) values[((j / kLanes) * m + i) * kLanes + j % kLanes] = w[j * columns + i];
+      for (int64_t i = 0; i < depth; ++i) values[((j / width) * depth + i) * width + j % width] = w[j * columns + i];
     source = w;
     n = rows;
     d = columns;
+  }
+
+  bool ready(const float* w, int64_t rows, int64_t columns) const {
+    return source != nullptr && w == source && rows == n && columns == d;
   }
 };
 
@@ -480,29 +487,9 @@ constexpr int kMr = 6;   // 12 accumulators of 16 registers
 #endif
 constexpr int64_t kNr = 2 * kLanes;
 
-struct PackedPanels {
-  std::vector<float> values;  // [panels][d][kNr]
-  const float* source = nullptr;
-  int64_t n = 0, d = 0, panels = 0;
-
-  void pack(const float* w, int64_t rows, int64_t columns) {
-    panels = (rows + kNr - 1) / kNr;
-    values.assign(static_cast<size_t>(panels * columns * kNr), 0.0f);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t i = 0; i < columns; ++i) values[((j / kNr) * columns + i) * kNr + j % kNr] = w[j * columns + i];
-    source = w;
-    n = rows;
-    d = columns;
-  }
-
-  bool ready(const float* w, int64_t rows, int64_t columns) const {
-    return source != nullptr && w == source && rows == n && columns == d;
-  }
-};
-
 struct GemmProblem {
   const Problem* p;
-  const PackedPanels* panels;
+  const Panels* panels;
   int64_t chunk;  // panels per task
 };
 
@@ -587,8 +574,8 @@ void run_gemm_chunk(void* data, size_t index) {
 struct ExPruneKernel {
   int64_t m_;
   std::vector<int64_t> checkpoints_;
-  ProbePanel panel_;
-  PackedPanels gemm_;
+  Panels panel_;  // probe prefixes, batch 1
+  Panels gemm_;   // all of W, batch > 1
 
   ExPruneKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -612,8 +599,8 @@ struct ExPruneKernel {
     if (is_constant) {
       const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 2 && checkpoints_.back() < shape[1]) {
-        panel_.pack(weight.GetTensorData<float>(), shape[0], shape[1], m_);
-        gemm_.pack(weight.GetTensorData<float>(), shape[0], shape[1]);
+        panel_.pack(weight.GetTensorData<float>(), shape[0], shape[1], m_, kLanes);
+        gemm_.pack(weight.GetTensorData<float>(), shape[0], shape[1], shape[1], kNr);
       }
     }
   }
@@ -655,7 +642,7 @@ struct ExPruneKernel {
     }
     const float* w = w_value.GetTensorData<float>();
     const bool tiled = rows >= kGemmRows && gemm_.ready(w, n, d);
-    const bool packed = rows == 1 && w == panel_.source && n == panel_.n && d == panel_.d;
+    const bool packed = rows == 1 && panel_.ready(w, n, d);
     Problem problem{gathered.data(), w, packed ? panel_.values.data() : nullptr,
                     context.GetInput(2).GetTensorData<float>(),
                     context.GetInput(3).GetTensorData<float>(), y, rows, n, d, checkpoints_.data(), scale.data(),
