@@ -26,6 +26,8 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
 - snp:          method="snp" (subspace node pruning with its least-squares reconstruction) on the TSRA model;
 - snp-original, cob+snp-original: the same with reconstruct_target="original" (each consumer refitted to the
                 original model's pre-activation from the pruned model's inputs);
+- *-repair:     the same followed by --repair 1000 (distillation of the pruned model's outputs toward the
+                dense model's on the unlabelled calibration samples; no labels, no test data);
 - relu-magnitude: method="magnitude" on the ReLU+BN control.
 
 All six run side by side at each target (the order rotates between repeats; times are medians). Calibration
@@ -76,9 +78,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
     "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca"}),
     "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", "reconstruct_target": "original"}),
+    "cob+snp-original-repair": ("tsra", {"method": "cob,snp", "rotation": "pca", "reconstruct_target": "original",
+                                         "repair": 1000}),
+    "cob-pca-snp-repair": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True, "repair": 1000}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
     "snp": ("tsra", {"method": "snp"}),
     "snp-original": ("tsra", {"method": "snp", "reconstruct_target": "original"}),
+    "snp-original-repair": ("tsra", {"method": "snp", "reconstruct_target": "original", "repair": 1000}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -425,7 +431,7 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob+snp": "-", "cob+snp-original": "-.", "magnitude": "--", "snp": "--", "snp-original": ":",
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob+snp": "-", "cob+snp-original": "-.", "magnitude": "--", "snp": "--", "snp-original": ":", "cob+snp-original-repair": "-", "cob-pca-snp-repair": "-.", "snp-original-repair": ":",
               "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):

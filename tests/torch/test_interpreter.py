@@ -219,3 +219,22 @@ def test_an_attribute_a_rule_cannot_honour_is_refused_naming_the_node() -> None:
     model.graph.node[0].name = "upsample"
     with pytest.raises(UnsupportedOpError, match="cannot run Resize node 'upsample': mode cubic"):
         interpreted(model, random_inputs(model))
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_graphopts_own_functions_match_onnxruntime(axis: int) -> None:
+    # graphopt.RMSNorm (its divisor the attribute, not the axis size) and graphopt.TSRA, as CoB writes them
+    from onnx import TensorProto, helper
+
+    from graphopt.ops.library import ensure_functions
+    from graphopt.ops.rms_norm import make_rms_norm_node
+    from graphopt.ops.tsra import make_tsra_node
+
+    shape = [3, 6, 4, 5] if axis == 1 else [3, 4, 6]
+    nodes = [make_rms_norm_node("x", "n", 9, 1e-5, axis=axis),
+             make_tsra_node("n", "y", 2, axis=axis, alpha_u=3.0, beta_v=0.6)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ensure_functions(model)
+    assert_matches_onnxruntime(model, random_inputs(model, seed=3))

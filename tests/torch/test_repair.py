@@ -151,3 +151,24 @@ def test_a_repair_without_torch_names_the_extra(monkeypatch, tmp_path: Path, cap
                  "--calib", str(tmp_path / "data.npz"), "--repair", "10"])
     _, err = capfd.readouterr()
     assert code == 2 and err.strip().count("\n") == 0 and "pip install 'graphopt[torch]'" in err
+
+
+def test_repair_trains_through_graphopts_own_norms_and_activations(tmp_path: Path) -> None:
+    # change-of-basis pruning writes graphopt.RMSNorm and graphopt.TSRA nodes; repair trains through them
+    from torch import nn
+
+    from graphopt.torch.export import export_onnx
+    from graphopt.torch.tsra import TSRA, RMSNorm
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 24), RMSNorm(), TSRA(12), nn.Linear(24, 24), RMSNorm(), TSRA(12),
+                           nn.Linear(24, 6)).eval()
+    x = np.random.default_rng(0).standard_normal((160, 16)).astype(np.float32)
+    model = onnx.load(str(export_onnx(module, torch.from_numpy(x[:2]), tmp_path / "tsra.onnx")))
+    plain = optimize(model, method="cob", target_macs=0.5, calib={"input": x}, round_to=1)
+    result = optimize(model, method="cob", target_macs=0.5, calib={"input": x}, round_to=1, repair=60,
+                      repair_lr=2e-3)
+    assert {n.op_type for n in result.model.graph.node} >= {"RMSNorm", "TSRA"}
+    entry = result.report["repair"]
+    assert entry["loss_held_out_after"] < entry["loss_held_out_before"]
+    assert result.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]

@@ -25,8 +25,8 @@ from torch import nn
 
 from graphopt.errors import DataError, UnsupportedOpError
 from graphopt.ir import weights
-from graphopt.torch.interpreter import elementwise, linear, shape  # noqa: F401  (register their rules)
-from graphopt.torch.interpreter.registry import RULES, Call, check_domain
+from graphopt.torch.interpreter import elementwise, functions, linear, shape  # noqa: F401  (register their rules)
+from graphopt.torch.interpreter.registry import Call, check_domain, node_rule
 
 # op type -> the input positions that hold its trainable weights
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
@@ -126,7 +126,7 @@ class GraphModule(nn.Module):
         while inputs and inputs[-1] is None:  # trailing optional inputs left out
             inputs.pop()
         try:
-            found = RULES[call.node.op_type](call, inputs)
+            found = node_rule(call.node)(call, inputs)
         except UnsupportedOpError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError) as exc:

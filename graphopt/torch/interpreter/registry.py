@@ -4,7 +4,8 @@ A rule receives a `Call` (the node, its attributes decoded, the model's default-
 node's input tensors (None for an omitted optional input) and returns the node's outputs (a tensor, or a
 list in output order). Rules follow the ONNX operator specification as onnxruntime implements it; an
 attribute value or input a rule cannot honour raises `UnsupportedOpError` naming the node, never a
-silently different result. Only the default ONNX domain is covered.
+silently different result. The default ONNX domain is covered, and graphopt's own differentiable functions
+(graphopt.RMSNorm, graphopt.TSRA: graphopt.torch.interpreter.functions), as their function bodies compute.
 """
 
 from __future__ import annotations
@@ -26,15 +27,26 @@ RULES: dict[str, Rule] = {}
 DOMAINS = ("", "ai.onnx")
 
 
-def rule(*op_types: str) -> Callable[[Rule], Rule]:
-    """Register the decorated function as the rule of `op_types`; a second rule for one op is refused."""
+def rule_key(op_type: str, domain: str = "") -> str:
+    """The registry's key of an op: its type in the ONNX domain, `domain::type` in any other."""
+    return op_type if domain in DOMAINS else f"{domain}::{op_type}"
+
+
+def rule(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
+    """Register the decorated function as the rule of `op_types` (in `domain`); a second rule for one op is
+    refused."""
     def register(function: Rule) -> Rule:
         for op_type in op_types:
-            if op_type in RULES:
-                raise ValueError(f"the torch interpreter already has a rule for {op_type}")
-            RULES[op_type] = function
+            key = rule_key(op_type, domain)
+            if key in RULES:
+                raise ValueError(f"the torch interpreter already has a rule for {key}")
+            RULES[key] = function
         return function
     return register
+
+
+def node_rule(node: onnx.NodeProto) -> Rule | None:
+    return RULES.get(rule_key(node.op_type, node.domain))
 
 
 def tensor_of(proto: onnx.TensorProto) -> torch.Tensor:
@@ -95,9 +107,9 @@ def scalar(value: torch.Tensor | float | None) -> float | None:
 
 def check_domain(node: onnx.NodeProto) -> str | None:
     """Why no rule can run `node`, or None when one can."""
-    if node.domain not in DOMAINS:
+    if node.domain not in DOMAINS and node_rule(node) is None:
         return f"op {node.domain}::{node.op_type} of node '{node.name or '(unnamed)'}' is outside the ONNX domain"
-    if node.op_type not in RULES:
+    if node_rule(node) is None:
         return f"op {node.op_type} of node '{node.name or '(unnamed)'}' has no rule in the torch interpreter"
     return None
 
