@@ -114,6 +114,15 @@ DECODER_CONFIGS = (
     Config("cob", "cob", 0.5),
     Config("cob,snp", "cob,snp", 0.5),
 )
+# --variants: other SNP settings and the CoB pipeline on the encoder (quality; post-norm, so cob,snp = snp)
+ENCODER_VARIANTS = (
+    Config("dense", "none", None),
+    Config("snp --criterion output", "snp", 0.7, {"criterion": "output"}),
+    Config("snp --budget-by sensitivity", "snp", 0.7, {"budget_by": "sensitivity"}),
+    Config("snp --budget-by sensitivity", "snp", 0.5, {"budget_by": "sensitivity"}),
+    Config("snp --reconstruct-target original", "snp", 0.7, {"reconstruct_target": "original"}),
+    Config("cob,snp", "cob,snp", 0.7),
+)
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 
 
@@ -307,7 +316,9 @@ def retarget(configs: tuple[Config, ...], targets: list[float] | None) -> list[C
 
 
 def configs(table: tuple[Config, ...], args: argparse.Namespace) -> list[Config]:
-    """The rows to run: --quick keeps QUICK_LABELS, then --targets applies."""
+    """The rows to run: --variants swaps the encoder's table for ENCODER_VARIANTS, --quick keeps QUICK_LABELS,
+    then --targets applies."""
+    table = ENCODER_VARIANTS if args.variants and table is ENCODER_CONFIGS else table
     chosen = tuple(config for config in table if not args.quick or config.label in QUICK_LABELS)
     return retarget(chosen, args.targets)
 
@@ -320,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "SNP's reconstruction wants several calibration tokens per FFN unit)")
     parser.add_argument("--models", type=_list, default=["encoder", "decoder"], help="encoder, decoder or both")
     parser.add_argument("--exporters", type=_list, default=list(EXPORTERS), help=", ".join(EXPORTERS))
+    parser.add_argument("--variants", action="store_true",
+                        help="the encoder's other SNP settings and cob,snp (ENCODER_VARIANTS) instead of its table")
     parser.add_argument("--targets", type=lambda text: [float(t) for t in _list(text)], default=None,
                         help="MAC fractions for every pruning row (default: the tables' 0.7 and 0.5; decoder 0.7)")
     parser.add_argument("--calib-sentences", type=int, default=None, help="default 1000 (--quick 32)")

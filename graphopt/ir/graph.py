@@ -187,11 +187,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     unchanged (with a debug log). Inference runs on a weightless copy (`weightless_copy`): onnx serialises the
     model it is given, and on ResNet-50 that took most of the 0.24 s a call cost."""
     light = weightless_copy(model, value_info=True)
+    fused = [node for node in model.graph.node if node.domain == "com.microsoft" and node.op_type in _SAME_TYPE]
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
-        for _ in range(_CONTRIB_ROUNDS):  # onnx has no shape rules for onnxruntime's fused ops: seed theirs, again
-            if not _seed_contrib_shapes(inferred):
-                break
+        # onnx has no shape rules for onnxruntime's fused ops: seed their outputs and infer again, as long as a
+        # round seeds one (at most one round per fused op, when they follow each other along one path)
+        while fused and _seed_contrib_shapes(inferred, fused):
             inferred = onnx.shape_inference.infer_shapes(inferred, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:  # e.g. an unknown op
         log.debug("shape inference skipped: %s", exc)
@@ -205,20 +206,16 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 # onnxruntime's fused elementwise ops and norms (com.microsoft): output index -> the input whose type it has
 _SAME_TYPE = {"BiasGelu": {0: 0}, "FastGelu": {0: 0}, "Gelu": {0: 0}, "QuickGelu": {0: 0}, "BiasAdd": {0: 0},
               "SkipLayerNormalization": {0: 0, 3: 0}, "SkipSimplifiedLayerNormalization": {0: 0, 3: 0}}
-_CONTRIB_ROUNDS = 8
 
 
-def _seed_contrib_shapes(model: onnx.ModelProto) -> bool:
-    """Add value_info for the outputs of onnxruntime's shape-preserving fused ops (`_SAME_TYPE`) whose input
-    type is known and whose output has none, so a further round of ONNX inference continues past them;
-    True when any was added."""
+def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) -> bool:
+    """Add value_info for the outputs of the `fused` nodes (onnxruntime's shape-preserving ops, `_SAME_TYPE`)
+    whose input type is known and whose output has none, so a further round of ONNX inference continues past
+    them; True when any was added."""
     known = {v.name: v.type for v in itertools.chain(model.graph.input, model.graph.value_info, model.graph.output)}
-    known.update({t.name: onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims))
-                  for t in model.graph.initializer})
     added = False
-    for node in model.graph.node:
-        rule = _SAME_TYPE.get(node.op_type) if node.domain == "com.microsoft" else None
-        for index, source in (rule or {}).items():
+    for node in fused:
+        for index, source in _SAME_TYPE[node.op_type].items():
             name = node.output[index] if index < len(node.output) else ""
             if name and name not in known and node.input[source] in known:
                 model.graph.value_info.append(onnx.ValueInfoProto(name=name, type=known[node.input[source]]))
