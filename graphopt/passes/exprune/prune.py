@@ -114,15 +114,21 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
 
     tolerance = options["tolerance"] or check.default_tolerance()
     steps = [tuple([rate] * len(layers)) for rate in GRID]
-    # the curves only where the first step (every layer at rate 0) can pass: else nothing would
-    layered = options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS and \
-        tolerance.met(check.measure(candidate(steps[0])[1]))
+    first = None
+    if options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS:
+        check.require(tolerance)
+        choices, zero = candidate(steps[0])
+        first = (choices, check.measure(zero))  # every layer at rate 0: the first step of either path
+    # the curves only where the first step can pass: else nothing would
+    layered = first is not None and tolerance.met(first[1])
     if layered:
         curves = layer_curves(model, fit, curve_grid(GRID, len(layers)), [s[0].macs_per_sample for s in scored],
                               candidate, lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
         steps = allocation_path(curves)
     result.stats["allocation"] = "layers" if layered else "uniform"
-    chosen = tolerance_search(check, tolerance, candidate, result, ctx.progress, steps=steps, level=max)
+    measured_first = first if first is not None and tuple(steps[0]) == tuple(GRID[0] for _ in layers) else None
+    chosen = tolerance_search(check, tolerance, candidate, result, ctx.progress, steps=steps, level=max,
+                              first=measured_first)
     if chosen is not None:
         _report_held_out(ctx, model, layers, chosen, held, result)
     return chosen

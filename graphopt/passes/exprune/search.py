@@ -43,18 +43,23 @@ DEFAULT_CONFIDENCE = 0.95
 def tolerance_search(check: HeldOut, tolerance: Tolerance,
                      candidate: Callable[[Any], tuple[list[Any], onnx.ModelProto]], result: PassResult,
                      progress: bool, steps: Sequence[Any] = GRID,
-                     level: Callable[[Any], float] = float) -> list[Any] | None:
+                     level: Callable[[Any], float] = float,
+                     first: tuple[list[Any], dict[str, float | None]] | None = None) -> list[Any] | None:
     """The choices `candidate(step)` returns at the last of `steps` (grid rates, or any sequence fixed before the
     held-out samples are read) passed in a scan stopped at the first failure; None (with the reason in
-    `result.skipped`) when the first step fails. `level(step)` is the false-negative rate reported for a step.
-    A tolerance the check cannot measure is refused (`OptionError`)."""
+    `result.skipped`) when the first step fails. `level(step)` is the false-negative rate reported for a step;
+    `first`, (choices, measures) of steps[0] when the caller already measured it. A tolerance the check cannot
+    measure is refused (`OptionError`)."""
     check.require(tolerance)
     _describe_check(check, tolerance, result)
     passed: tuple[int, Any, dict[str, float | None], list[Any]] | None = None
     measured: dict[str, float | None] = {}
     for index, step in enumerate(tqdm(steps, desc="exprune tolerance", disable=not progress, leave=False)):
-        choices, model = candidate(step)
-        measured = check.measure(model)
+        if index == 0 and first is not None:
+            choices, measured = first
+        else:
+            choices, model = candidate(step)
+            measured = check.measure(model)
         log.info("exprune: step %d (fnr %g) -> %s", index, level(step), measured)
         if not tolerance.met(measured):
             result.stats.update({"fnr_rejected": level(step), **{f"rejected_{k}": v for k, v in measured.items()}})
