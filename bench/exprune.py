@@ -27,37 +27,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from graphopt.ops.exprune import boundary_factors, checkpoint_scores, doubling_checkpoints, make_exprune_node  # noqa: E402
-from graphopt.ops.library import ensure_functions  # noqa: E402
+from graphopt.ops.exprune import boundary_factors, checkpoint_scores, doubling_checkpoints  # noqa: E402
+from graphopt.passes.exprune.timing import dense_relu_model, exprune_model  # noqa: E402
 from graphopt.ops.native import library_path, register  # noqa: E402
-
-
-def _dense(w: np.ndarray, b: np.ndarray) -> onnx.ModelProto:
-    n, d = w.shape
-    nodes = [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
-             helper.make_node("Relu", ["z"], ["y"])]
-    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
-                              [numpy_helper.from_array(np.ascontiguousarray(w.T), "wt"), numpy_helper.from_array(b, "b")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def _exprune(w: np.ndarray, b: np.ndarray, tau: np.ndarray, ks: list[int]) -> onnx.ModelProto:
-    n, d = w.shape
-    params = {"W": w, "B": b, "Tau": tau, "Perm": np.arange(d, dtype=np.int64)}
-    rule = "threshold" if len(ks) == 1 else "sequential"
-    graph = helper.make_graph([make_exprune_node(["x", *params], "y", ks[0], rule=rule, checkpoints=ks)], "exprune",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
-                              [numpy_helper.from_array(v, k) for k, v in params.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    ensure_functions(model)
-    return model
 
 
 def _session(model: onnx.ModelProto, threads: int, kernel: bool) -> ort.InferenceSession:
@@ -112,8 +88,9 @@ def bench(d: int, n: int, batch: int, rule: str, skip: float, threads: int, args
     scores, factors = checkpoint_scores(x, w, b, ks), boundary_factors(d, ks)
     t = _threshold(scores, factors, skip)
     skipped, read = _work(_decisions(scores, factors, t), ks, d)
-    exprune = _exprune(w, b, np.full(n, t, dtype=np.float32), ks)
-    sessions = {"dense": _session(_dense(w, b), threads, False), "kernel": _session(exprune, threads, True)}
+    arrays = {"W": w, "B": b, "Tau": np.full(n, t, dtype=np.float32), "Perm": np.arange(w.shape[1], dtype=np.int64)}
+    exprune = exprune_model(arrays, ks[0], rule, ks)
+    sessions = {"dense": _session(dense_relu_model(w, b), threads, False), "kernel": _session(exprune, threads, True)}
     if not args.no_body:
         sessions["body"] = _session(exprune, threads, False)
     feed = {"x": x}

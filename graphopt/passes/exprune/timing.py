@@ -34,20 +34,32 @@ def _model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray]
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def layer_models(layer: ChainLayer, found: Calibrated, rule: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(the dense layer, the layer as graphopt.ExPruneLinearRelu) as one-layer models, input x [N, d]."""
+def dense_relu_model(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> onnx.ModelProto:
+    """ReLU(x Wᵀ + b) as a one-layer model, W [n, d] neuron-major, input x [N, d] (MatMul, Add, Relu)."""
+    n, d = weight.shape
+    nodes = [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
+             helper.make_node("Relu", ["z"], ["y"])]
+    return _model("dense", nodes, {"wt": weight.T.astype(np.float32), "b": bias.astype(np.float32)}, d, n, opset)
+
+
+def exprune_model(arrays: dict[str, np.ndarray], m: int, rule: str, checkpoints: list[int],
+                  opset: int = 17) -> onnx.ModelProto:
+    """graphopt.ExPruneLinearRelu as a one-layer model on its constant inputs `arrays` (W, B, Tau, Perm; see
+    graphopt.passes.exprune.calib.layer_arrays), input x [N, d], with its function body."""
     from graphopt.ops.exprune import make_exprune_node
     from graphopt.ops.library import ensure_functions
 
-    n, d = layer.weight.shape
-    dense = _model("dense", [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
-                             helper.make_node("Relu", ["z"], ["y"])],
-                   {"wt": layer.weight.T.astype(np.float32), "b": layer.bias.astype(np.float32)}, d, n, opset)
-    arrays = layer_arrays(layer, found)
-    node = make_exprune_node(["x", *arrays], "y", found.m, rule=rule, checkpoints=list(found.checkpoints))
-    exprune = _model("exprune", [node], arrays, d, n, opset)
-    ensure_functions(exprune)
-    return dense, exprune
+    n, d = arrays["W"].shape
+    node = make_exprune_node(["x", *arrays], "y", m, rule=rule, checkpoints=list(checkpoints))
+    model = _model("exprune", [node], arrays, d, n, opset)
+    ensure_functions(model)
+    return model
+
+
+def layer_models(layer: ChainLayer, found: Calibrated, rule: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(the dense layer, the layer as graphopt.ExPruneLinearRelu) as one-layer models, input x [N, d]."""
+    return (dense_relu_model(layer.weight, layer.bias, opset),
+            exprune_model(layer_arrays(layer, found), found.m, rule, list(found.checkpoints), opset))
 
 
 def typical_row(layer: ChainLayer, found: Calibrated, rows: np.ndarray) -> np.ndarray:
