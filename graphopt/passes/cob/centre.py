@@ -114,16 +114,6 @@ def _centred(values: np.ndarray, axis: int) -> np.ndarray:
     return (wide - wide.mean(axis=axis, keepdims=True)).astype(values.dtype)
 
 
-def _centre_writer(graph: gs.Graph, writer: Writer, channels: int) -> None:
-    ir.set_input_array(graph, writer.node, writer.index, _centred(writer.weight, writer.out_axis))
-    for node, index in [(writer.node, 2)] * (len(writer.node.inputs) > 2 and bool(writer.node.inputs[2].name)) + \
-            ([writer.bias] if writer.bias is not None else []):
-        bias = np.asarray(node.inputs[index].values)
-        full = np.ascontiguousarray(np.broadcast_to(bias, (*bias.shape[:-1], channels)) if bias.ndim
-                                    else np.full(channels, bias, dtype=bias.dtype))
-        ir.set_input_array(graph, node, index, _centred(full, full.ndim - 1))
-
-
 def _rewrite_norm(graph: gs.Graph, norm: gs.Node, channels: int) -> gs.Node | None:
     """LayerNormalization -> graphopt.RMSNorm (last axis, divisor `channels`) -> Mul γ -> Add β; returns
     the Add (None without β)."""
@@ -196,7 +186,7 @@ def centre_layer_norms(graph: gs.Graph) -> int:
             continue
         channels = int(norm.inputs[0].shape[-1])
         for writer in stream.writers:
-            _centre_writer(graph, writer, channels)
+            writer.transform(graph, channels, _centred)
         for member in stream.norms:
             rewritten.add(id(member))
             shifts.append(_rewrite_norm(graph, member, channels))

@@ -31,6 +31,7 @@ the token mixing to the Reshape merging them back; the rotation is then block-di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -55,6 +56,17 @@ class Writer:
     @property
     def weight(self) -> np.ndarray:
         return np.asarray(self.node.inputs[self.index].values)
+
+    def transform(self, graph: gs.Graph, channels: int, along: Callable[[np.ndarray, int], np.ndarray]) -> None:
+        """Apply the same linear map of the output channels to the weight (`along(values, axis)` on its output
+        axis) and to every bias (its own input, or the constant Add it owns), broadcast to all `channels`."""
+        ir.set_input_array(graph, self.node, self.index, along(self.weight, self.out_axis))
+        biases = [(self.node, 2)] if len(self.node.inputs) > 2 and self.node.inputs[2].name else []
+        for node, index in biases + ([self.bias] if self.bias is not None else []):
+            bias = np.asarray(node.inputs[index].values)
+            full = np.ascontiguousarray(np.broadcast_to(bias, (*bias.shape[:-1], channels)) if bias.ndim
+                                        else np.full(channels, bias, dtype=bias.dtype))
+            ir.set_input_array(graph, node, index, along(full, full.ndim - 1))
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.passes.cob.chains import Chain, Writer
+from graphopt.passes.cob.chains import Chain
 
 DIAGONAL = 1e-6
 
@@ -54,26 +54,10 @@ def apply_along(values: np.ndarray, axis: int, rotation: np.ndarray) -> np.ndarr
     return np.moveaxis(rotated, 0, axis).astype(values.dtype)
 
 
-def _fold_writer(graph: gs.Graph, writer: Writer, channels: int, rotation: np.ndarray) -> None:
-    producer = writer.node
-    ir.set_input_array(graph, producer, writer.index, apply_along(writer.weight, writer.out_axis, rotation))
-    if len(producer.inputs) > 2 and producer.inputs[2].name:
-        bias = np.asarray(producer.inputs[2].values)
-        full = np.broadcast_to(bias, (*bias.shape[:-1], channels)) if bias.ndim else \
-            np.full(channels, bias, dtype=bias.dtype)
-        ir.set_input_array(graph, producer, 2, apply_along(np.ascontiguousarray(full), full.ndim - 1, rotation))
-    if writer.bias is not None:  # a bias Add right after the producer: b' = Q b, broadcast to full length
-        add, index = writer.bias
-        bias = np.asarray(add.inputs[index].values)
-        shape = (*bias.shape[:-1], channels) if bias.ndim else (channels,)
-        full = np.ascontiguousarray(np.broadcast_to(bias, shape))
-        ir.set_input_array(graph, add, index, apply_along(full, full.ndim - 1, rotation))
-
-
 def fold(graph: gs.Graph, chain: Chain, rotation: np.ndarray) -> None:
     """Rotate every writer's outputs (weight and bias) and every consumer's inputs by Q."""
-    for writer in chain.writers:
-        _fold_writer(graph, writer, chain.channels, rotation)
+    for writer in chain.writers:  # b' = Q b too, a bias Add right after the producer included
+        writer.transform(graph, chain.channels, lambda values, axis: apply_along(values, axis, rotation))
     for consumer, axis in chain.consumers:
         weight = np.asarray(consumer.inputs[1].values)
         ir.set_input_array(graph, consumer, 1, apply_along(weight, axis, rotation))

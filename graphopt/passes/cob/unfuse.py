@@ -55,7 +55,8 @@ def _skip_norm(graph: gs.Graph, node: gs.Node) -> list[gs.Node]:
     kind = SKIP_NORMS[node.op]
     inputs = [t if t.name else None for t in node.inputs]
     first, skip, gain = inputs[:3]
-    shift, bias = (inputs[3:5] + [None, None])[:2] if kind == "layer" else (None, (inputs[3:4] + [None])[0])
+    optional = inputs[3:] + [None, None]  # β and bias (LayerNorm), bias alone (RMS norm)
+    shift, bias = (optional[0], optional[1]) if kind == "layer" else (None, optional[0])
     nodes: list[gs.Node] = []
     operands = [first, skip]
     if bias is not None:  # back on the layer whose bias it was: the operand a linear layer writes for this node alone

@@ -12,8 +12,9 @@ and one retained-fraction cut compares heads with channel groups. This is the ou
 error, not the model's: later layers can amplify or absorb it.
 
 Cost: every head carries the same MACs (its columns of each projection, its rows of each consumer and
-1/H of every per-head MatMul), so a block keeping k of H heads costs its nodes' MACs times 1 − (H − k)·share per node; over a MAC model
-`WithHeads` applies that factor to each node's term, so heads and the channel groups the same nodes read
+1/H of every per-head MatMul), so a block keeping k of H heads costs its nodes' MACs times 1 − (H − k)·share
+per node; over a MAC model `WithHeads` applies that factor to each node's term, so heads and the channel groups
+the same nodes read
 (a narrowed residual stream) scale it together (for a latency model, per-head MACs are subtracted, turned
 into milliseconds at the model's mean cost per MAC: an estimate, not a measurement).
 """

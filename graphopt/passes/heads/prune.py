@@ -71,7 +71,7 @@ def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]
     return shape_entry(node, position, lambda tensor: shapes.get(tensor.name), replaceable=True)
 
 
-def _broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
+def broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
     """Make an Expand's target entry for the heads 1 (broadcast: the output keeps the input's heads), for any
     target, computed at run time or not: target · (1 − e_p) + e_p."""
     target = entry.node.inputs[1]
@@ -91,7 +91,7 @@ def _broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
 
 def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, tuple[int, ...]]) -> None:
     if entry.node.op == "Expand":
-        _broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]))
+        broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]))
         return
     set_target_entry(graph, entry.node, entry.position, kept * entry.per_head, shapes, "counting heads")
 

@@ -34,7 +34,7 @@ from graphopt.analysis.heads.qk import QKBlock, QKSide, WidthEntry
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
-from graphopt.passes.heads.prune import _broadcast_heads, set_target_entry
+from graphopt.passes.heads.prune import broadcast_heads, set_target_entry
 from graphopt.analysis.heads import ShapeEntry
 
 RANK_FLOOR = 1e-10
@@ -97,7 +97,7 @@ def _fold_columns(values: np.ndarray, axis: int, width: int, maps: np.ndarray) -
 def _set_width(graph: gs.Graph, entry: WidthEntry, rank: int, shapes: dict[str, tuple[int, ...]]) -> None:
     """The width entry of a Reshape target becomes `rank`; an Expand's becomes 1 (it keeps the input's)."""
     if entry.node.op == "Expand":
-        _broadcast_heads(graph, ShapeEntry(entry.node, entry.position, 1), len(shapes[entry.node.outputs[0].name]))
+        broadcast_heads(graph, ShapeEntry(entry.node, entry.position, 1), len(shapes[entry.node.outputs[0].name]))
         return
     set_target_entry(graph, entry.node, entry.position, rank, shapes, "of the q/k width")
 

@@ -44,7 +44,7 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
 
 
 def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
-           kept: dict[int, np.ndarray], reconstruct: bool) -> int:
+                        kept: dict[int, np.ndarray], reconstruct: bool) -> int:
     """Fold reconstructions into every consumer, then cut; returns how many consumers were folded."""
     shifts: Shifts = {}
     if reconstruct:  # a reduction over channels that lose units becomes the weighted sum the fit folds into
