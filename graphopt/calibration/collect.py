@@ -57,6 +57,7 @@ from graphopt.calibration.distributed import gather_statistics
 from graphopt.calibration.mask import MaskChoice, choose_mask
 from graphopt.calibration.paired import PairedStats, PairRequest, paired_statistics
 from graphopt.calibration.reference import KeptOutputs, output_cones
+from graphopt.calibration.staged import Stages
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.errors import DataError, OptionError
 
@@ -186,7 +187,7 @@ class Calibrator:
         return self.kept_outputs
 
     def paired(self, reference: onnx.ModelProto, model: onnx.ModelProto,
-               requests: Iterable[PairRequest]) -> dict[PairRequest, PairedStats]:
+               requests: Iterable[PairRequest], stages: Stages | None = None) -> dict[PairRequest, PairedStats]:
         """Paired statistics of tensors of `reference` beside tensors of `model` (graphopt.calibration.paired),
         measured on this calibrator's data with its batch size, memory bound, device, threads and mask."""
         if self.data is None:
@@ -194,7 +195,7 @@ class Calibrator:
                             "give --calib DATA.npz (a statistics file cannot answer it)")
         return paired_statistics(self.data, reference, model, list(requests), batch_size=self.batch_size,
                                  memory_limit=self.memory_limit, device=self.device, threads=self.threads,
-                                 mask=self.mask if self.mask_input is not None else None)
+                                 mask=self.mask if self.mask_input is not None else None, stages=stages)
 
     def _measure(self, model: onnx.ModelProto, wanted: dict[str, StatRequest]) -> dict[str, TensorStats]:
         if self.data is None:

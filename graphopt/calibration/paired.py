@@ -32,6 +32,7 @@ from graphopt.calibration.capture import TensorInfo, describe, exposing_model, r
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
 from graphopt.calibration.session import make_session
+from graphopt.calibration.staged import Stages
 from graphopt.calibration.blas import single_threaded_blas, symmetric, syrk_update
 from graphopt.calibration.stats import chunk_rows, row_blocks
 from graphopt.errors import OptionError
@@ -172,8 +173,11 @@ def _rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dic
 
 def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.ModelProto,
                       requests: list[PairRequest], *, batch_size: int, memory_limit: int, device: str = "cpu",
-                      threads: int = 0, mask: MaskChoice | None = None) -> dict[PairRequest, PairedStats]:
-    """Paired statistics of every request over all of `data` (see the module docstring)."""
+                      threads: int = 0, mask: MaskChoice | None = None,
+                      stages: Stages | None = None) -> dict[PairRequest, PairedStats]:
+    """Paired statistics of every request over all of `data` (see the module docstring). With `stages`
+    (graphopt.calibration.staged), calls that fit in one round resume each model from what earlier calls
+    with the same `stages` computed."""
     requests = list(dict.fromkeys(requests))
     if not requests:
         return {}
@@ -182,18 +186,32 @@ def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.Mod
              describe(model, sorted({r.tensor for r in requests}), sample))
     found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor]) for r in requests}
     mask_name = mask.name if mask is not None else None
+    rounds = _rounds(requests, infos, {r: s.nbytes for r, s in found.items()}, batch_size, memory_limit)
+    if len(rounds) > 1:
+        stages = None  # a frontier serves only calls that run every batch in one round
     with single_threaded_blas():
-        for pairs, batch_size_used in _rounds(requests, infos, {r: s.nbytes for r, s in found.items()},
-                                              batch_size, memory_limit):
-            run_reference = _runner(reference, sorted({p.reference for p in pairs}), infos[0], device, threads)
-            run_model = _runner(model, sorted({p.tensor for p in pairs}), infos[1], device, threads)
-            for batch in data.batches(batch_size_used):
-                reference_values, values = run_reference(batch), run_model(batch)
+        for pairs, batch_size_used in rounds:
+            names = sorted({p.reference for p in pairs}), sorted({p.tensor for p in pairs})
+            runners = _runners((reference, model), names, infos, batch_size_used, (device, threads), stages)
+            for index, batch in enumerate(data.batches(batch_size_used)):
+                reference_values, values = runners[0](index, batch), runners[1](index, batch)
                 kept = mask.kept(batch[mask_name]) if mask is not None and mask_name is not None else None
                 for pair in pairs:
                     _accumulate(found[pair], reference_values[pair.reference], values[pair.tensor], kept)
     log.info("paired calibration: %d tensor pairs over %s samples", len(requests), data.num_samples)
     return found
+
+
+def _runners(models: tuple[onnx.ModelProto, onnx.ModelProto], names: tuple[list[str], list[str]],
+             infos: tuple[dict[str, TensorInfo], dict[str, TensorInfo]], batch_size: int, where: tuple[str, int],
+             stages: Stages | None) -> list[Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]]:
+    """The reference's and the model's runners from (batch index, batch) to their round's tensors: resuming
+    from `stages` when given, else full cones."""
+    if stages is not None:
+        return [stage.runner(model, wanted, batch_size, *where)
+                for stage, model, wanted in zip((stages.reference, stages.model), models, names)]
+    plain = [_runner(model, wanted, info, *where) for model, wanted, info in zip(models, names, infos)]
+    return [(lambda run: lambda index, batch: run(batch))(run) for run in plain]
 
 
 def _empty(request: PairRequest, reference: TensorInfo, info: TensorInfo) -> PairedStats:

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 if TYPE_CHECKING:
     from graphopt.calibration.paired import PairedStats, PairRequest
+    from graphopt.calibration.staged import Stages
     from graphopt.calibration.stats import StatRequest, TensorStats
 
 log = logging.getLogger(__name__)
@@ -122,15 +123,24 @@ class PassContext:
         return self._calibration().statistics(model if model is not None else self.template, requests)
 
     def paired_statistics(self, requests: Iterable[PairRequest], reference: onnx.ModelProto | gs.Graph,
-                          model: onnx.ModelProto | gs.Graph) -> dict[PairRequest, PairedStats]:
+                          model: onnx.ModelProto | gs.Graph, stages: Stages | None = None
+                          ) -> dict[PairRequest, PairedStats]:
         """Paired statistics (graphopt.calibration.paired) of tensors of `reference` beside tensors of
-        `model`, on the calibration data (never answered from a statistics file)."""
+        `model`, on the calibration data (never answered from a statistics file); `stages`
+        (graphopt.calibration.staged) lets a sequence of calls resume each model where the last stopped."""
         from graphopt.ir.graph import export_model
 
         reference, model = (export_model(m, self.template) if isinstance(m, gs.Graph) else m
                             for m in (reference, model))
-        return self._calibration().paired(reference, model, requests)
+        return self._calibration().paired(reference, model, requests, stages)
 
+
+    def staged_runs(self) -> Stages:
+        """Frontier caches for a sequence of `paired_statistics` calls that go deeper each time, holding at most
+        half the calibration memory bound (graphopt.calibration.staged)."""
+        from graphopt.calibration.staged import Stages
+
+        return Stages(self._calibration().memory_limit // 2)
 
     def output_probe(self, reference: onnx.ModelProto | gs.Graph, samples: int) -> Any:
         """A probe (graphopt.calibration.probe) of how far candidates' outputs move from `reference`'s on the

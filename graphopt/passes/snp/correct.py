@@ -148,6 +148,7 @@ def correct(graph: gs.Graph, ctx: PassContext, reference: onnx.ModelProto, found
     upstream = _upstream(found)
     reference_cones = cone_fingerprints(reference)
     pending, corrected, waves = dict(found), 0, 0
+    stages = ctx.staged_runs()
     while pending:
         model = ir.export_model(graph, ctx.template)
         cones = cone_fingerprints(model)
@@ -160,7 +161,7 @@ def correct(graph: gs.Graph, ctx: PassContext, reference: onnx.ModelProto, found
                 requests[name] = PairRequest(target.reference_input, current, target.site.state.axis)
         if not requests:
             continue
-        paired = ctx.paired_statistics(list(requests.values()), reference, model)
+        paired = ctx.paired_statistics(list(requests.values()), reference, model, stages)
         waves += 1
         with single_threaded_blas():
             refitted = [name for name, request in requests.items() if _refit(graph, found[name], paired[request])]

@@ -1,0 +1,174 @@
+"""Staged runs: a model evaluated a little further at each call, resuming from the tensors already computed.
+
+Error-correcting reconstruction (graphopt.passes.snp.correct) asks, wave after wave, for tensors deeper and
+deeper in two models: the original, which never changes, and the pruned model, whose layers are refitted
+behind each wave. Running each wave's cone from the graph inputs costs about L²/2 layer evaluations for L
+waves; resuming costs about L.
+
+A `Stage` remembers, for one model, which tensors its earlier calls computed and, per calibration batch,
+the values of the *frontier*: the computed tensors that some not yet computed node reads. A call for new
+tensors runs only the nodes between the frontier and them (graphopt.calibration.capture's cone, stopped at
+computed tensors, which become graph inputs), returns the tensors and moves the frontier on. Every frontier
+tensor carries its cone fingerprint (capture.cone_fingerprints): when the model a call brings computes any
+of them differently (a layer upstream of the frontier was rewritten), the stage starts again from the graph
+inputs, so a resumed run always returns what a full run of that model would (up to onnxruntime's
+floating-point reassociation across the cut).
+
+Memory: the frontier of every batch stays in memory. A stage whose frontier would exceed its byte budget
+drops it and runs full cones from then on (logged once), which is the cost it would have had anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from graphopt.calibration.capture import _output, _producers, cone_fingerprints, node_reads
+from graphopt.calibration.session import make_session
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[[int, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _cone(graph: onnx.GraphProto, names: list[str], computed: set[str]) -> set[int]:
+    """Indices of the nodes `names` need, not crossing tensors in `computed`."""
+    produced = _producers(graph)
+    kept: set[int] = set()
+    pending = [produced[name] for name in names if name not in computed]
+    while pending:
+        index = pending.pop()
+        if index in kept:
+            continue
+        kept.add(index)
+        pending.extend(produced[read] for read in node_reads(graph.node[index])
+                       if read in produced and read not in computed)
+    return kept
+
+
+def _computed_names(graph: onnx.GraphProto, names: list[str]) -> list[str]:
+    """`names` without the graph inputs (a batch gives those)."""
+    inputs = {v.name for v in graph.input} - {t.name for t in graph.initializer}
+    return [name for name in names if name not in inputs]
+
+
+def _frontier(graph: onnx.GraphProto, computed: set[str]) -> set[str]:
+    """Computed node outputs that a node outside the computed part reads."""
+    produced = _producers(graph)
+    done = {index for name, index in produced.items() if name in computed}
+    return {read for index, node in enumerate(graph.node) if index not in done
+            for read in node_reads(node) if read in computed and read in produced}
+
+
+def _resumed_model(model: onnx.ModelProto, nodes: set[int], starts: list[tuple[str, int]],
+                   outputs: list[str]) -> onnx.ModelProto:
+    """`nodes` of `model` as a model whose inputs are the graph inputs they read and the computed tensors
+    `starts` (name, elem_type), with `outputs` as outputs."""
+    graph = model.graph
+    read = {name for index in nodes for name in node_reads(graph.node[index])}
+    part = onnx.GraphProto(name=graph.name)
+    part.node.extend(graph.node[index] for index in sorted(nodes))
+    part.initializer.extend(t for t in graph.initializer if t.name in read)
+    part.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
+    part.input.extend(v for v in graph.input if v.name in read)
+    part.input.extend(onnx.helper.make_tensor_value_info(name, elem_type, None) for name, elem_type in starts
+                      if name in read)
+    part.output.extend(_output(name, 0) for name in outputs)
+    resumed = onnx.ModelProto(ir_version=model.ir_version, producer_name="graphopt-calibration")
+    resumed.opset_import.extend(model.opset_import)
+    resumed.functions.extend(model.functions)
+    resumed.graph.CopyFrom(part)
+    return resumed
+
+
+class Stage:
+    """One model's computed tensors and frontier values across calls (see the module docstring)."""
+
+    def __init__(self, memory_limit: int) -> None:
+        self.memory_limit = memory_limit
+        self.enabled = True
+        self.resumed_calls = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._computed: set[str] = set()
+        self._prints: dict[str, str] = {}                     # frontier tensor -> cone fingerprint
+        self._types: dict[str, int] = {}                      # frontier tensor -> elem_type
+        self._values: dict[int, dict[str, np.ndarray]] = {}   # batch index -> frontier values
+        self._batch_size: int | None = None
+        self._overflow = False
+
+    def _disable(self, why: str) -> None:
+        if self.enabled:
+            log.info("staged calibration runs: %s; running full cones from now on", why)
+        self.enabled = False
+        self._reset()
+
+    def _resumable(self, wanted: list[str], batch_size: int, prints: dict[str, str]) -> bool:
+        """Whether the kept frontier serves the model whose cone fingerprints are `prints`: same batches, the frontier computed as `model` computes
+        it, and every wanted tensor that was computed before still at hand."""
+        return (self._batch_size == batch_size and all(prints.get(n) == p for n, p in self._prints.items())
+                and all(name in self._prints for name in wanted if name in self._computed))
+
+    def runner(self, model: onnx.ModelProto, names: list[str], batch_size: int, device: str,
+               threads: int) -> Runner:
+        """A function from (batch index, batch) to the values of `names`, resuming from the frontier; the
+        batches must come in the same order and sizes at every call."""
+        part, outputs, frontier = self._part(model, names, batch_size)
+        session = make_session(part, optimize=True, device=device, threads=threads) if outputs else None
+        feeds = {i.name for i in session.get_inputs()} if session is not None else set()
+
+        def run(index: int, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            available = {**batch, **self._values.get(index, {})}
+            if session is not None:
+                available.update(zip(outputs, session.run(outputs, {k: v for k, v in available.items() if k in feeds}),
+                                     strict=True))
+            if self.enabled:
+                self._keep(index, frontier, available)
+            return {name: available[name] for name in names}
+
+        return run
+
+    def _part(self, model: onnx.ModelProto, names: list[str], batch_size: int
+              ) -> tuple[onnx.ModelProto, list[str], set[str]]:
+        """The part of `model` still to run for `names` (from the kept frontier where it serves, else from
+        the graph inputs), its outputs, and the frontier it leaves; moves the stage on to it."""
+        graph = model.graph
+        wanted = _computed_names(graph, names)
+        if self._overflow:
+            self._disable(f"the frontier held more than its budget of {self.memory_limit} bytes")
+        prints = cone_fingerprints(model) if self.enabled else {}
+        if self._computed and not self._resumable(wanted, batch_size, prints):
+            self._reset()
+        computed, starts = set(self._computed), sorted(self._types.items())
+        nodes = _cone(graph, wanted, computed)
+        reached = computed | {out for index in nodes for out in graph.node[index].output if out}
+        frontier = _frontier(graph, reached) if self.enabled else set()
+        outputs = list(dict.fromkeys([*(n for n in wanted if n not in computed), *sorted(frontier - computed)]))
+        self.resumed_calls += bool(computed)
+        if self.enabled:
+            self._computed, self._batch_size = reached, batch_size
+            self._prints = {name: prints[name] for name in frontier}
+        return _resumed_model(model, nodes, starts, outputs), outputs, frontier
+
+    def _keep(self, index: int, frontier: set[str], values: Mapping[str, np.ndarray]) -> None:
+        """Keep batch `index`'s new frontier; past the budget, stop keeping (the batches still to come in this
+        call keep their old frontier to resume from) and run full cones from the next call."""
+        if self._overflow:
+            return
+        self._values[index] = {name: values[name] for name in frontier}
+        self._types = {name: self._types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype)
+                       for name in frontier}
+        held = sum(v.nbytes for batch in self._values.values() for v in batch.values())
+        self._overflow = held > self.memory_limit
+
+
+class Stages:
+    """A `Stage` for the reference model and one for the model being rewritten, as paired calibration uses them."""
+
+    def __init__(self, memory_limit: int) -> None:
+        self.reference = Stage(memory_limit // 2)
+        self.model = Stage(memory_limit // 2)
