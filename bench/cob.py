@@ -64,7 +64,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import graphopt
-from common import accuracy, add_thread_arguments, predict, start_run, train
+from common import SNP_EARLIER, accuracy, add_thread_arguments, predict, start_run, train
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.torch.export import export_onnx
@@ -76,15 +76,17 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
-    "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca"}),
-    "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", "reconstruct_target": "original"}),
-    "cob+snp-original-repair": ("tsra", {"method": "cob,snp", "rotation": "pca", "reconstruct_target": "original",
-                                         "repair": 1000}),
+    "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER}),
+    "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER,
+                                  "reconstruct_target": "original"}),
+    "cob+snp-original-repair": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER,
+                                         "reconstruct_target": "original", "repair": 1000}),
     "cob-pca-snp-repair": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True, "repair": 1000}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
-    "snp": ("tsra", {"method": "snp"}),
-    "snp-original": ("tsra", {"method": "snp", "reconstruct_target": "original"}),
-    "snp-original-repair": ("tsra", {"method": "snp", "reconstruct_target": "original", "repair": 1000}),
+    "snp": ("tsra", {"method": "snp", **SNP_EARLIER}),
+    "snp-original": ("tsra", {"method": "snp", **SNP_EARLIER, "reconstruct_target": "original"}),
+    "snp-original-repair": ("tsra", {"method": "snp", **SNP_EARLIER, "reconstruct_target": "original",
+                                     "repair": 1000}),
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"

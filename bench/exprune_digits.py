@@ -53,7 +53,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
-from common import accuracy, add_thread_arguments, start_run, train  # noqa: E402
+from common import SNP_EARLIER, accuracy, add_thread_arguments, start_run, train  # noqa: E402
 from graphopt.calibration.shapes import count_cost  # noqa: E402
 from graphopt.ops import exprune as linear_op  # noqa: E402
 from graphopt.ops import exprune_conv as conv_op  # noqa: E402
@@ -344,7 +344,7 @@ def main() -> None:
             calib = {dense.graph.input[0].name: x_train}
             dense_macs, _ = model_macs(dense, x_test)
             snp = graphopt.optimize(dense, method="snp", target_macs=args.snp_target, calib=calib,
-                                    threads=args.ort_threads).model
+                                    threads=args.ort_threads, **SNP_EARLIER).model
             snp_macs, _ = model_macs(snp, x_test)
             trained[name] = {"title": title, "train_seconds": seconds, "train": len(x_train), "test": len(x_test),
                              "training": options, "dense_macs": dense_macs, "snp_macs": snp_macs}

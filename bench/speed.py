@@ -64,7 +64,7 @@ from graphopt.torch.export import EXPORTERS, export_onnx
 from graphopt.torch.zoo import randomize_norm_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import SNP_EARLIER, machine  # noqa: E402
 from zoo_architectures import _cbn, _divisible, _inverted, _Residual, _SqueezeExcite  # noqa: E402  (shared blocks)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -403,7 +403,7 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
     try:
         result = graphopt.optimize(model, method=method, round_to=rounding, **budget,
                                    calib=calib if METHODS[method].needs_data else None, threads=setting.threads,
-                                   device=setting.device)
+                                   device=setting.device, **(SNP_EARLIER if "snp" in method.split(",") else {}))
     except Exception as error:  # a method that fails on an architecture is a result to report, not a crash
         traceback.print_exc()
         return {**record, "error": f"{type(error).__name__}: {error}"}

@@ -76,7 +76,7 @@ from graphopt.evaluate import bench, compare_latency  # noqa: E402
 
 sys.path.insert(0, str(BENCH))
 import decoder_lm  # noqa: E402
-from common import machine  # noqa: E402
+from common import SNP_EARLIER, machine  # noqa: E402
 from text_data import WordPieceTokenizer, english_sentences, split, windows  # noqa: E402
 from text_export import EXPORTERS, Interface, exported_models  # noqa: E402
 from text_models import DecoderConfig, load_sentence_encoder  # noqa: E402
@@ -121,6 +121,11 @@ ENCODER_VARIANTS = (
     Config("snp --budget-by sensitivity", "snp", 0.7, {"budget_by": "sensitivity"}),
     Config("snp --budget-by sensitivity", "snp", 0.5, {"budget_by": "sensitivity"}),
     Config("snp --reconstruct-target original", "snp", 0.7, {"reconstruct_target": "original"}),
+    # SNP's defaults with calibration data
+    Config("snp --criterion output --reconstruct-target original", "snp", 0.7,
+           {"criterion": "output", "reconstruct_target": "original"}),
+    Config("snp --criterion output --reconstruct-target original", "snp", 0.5,
+           {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob,snp", "cob,snp", 0.7),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
@@ -168,8 +173,9 @@ def run_config(model: onnx.ModelProto, config: Config, task: Task, reference: np
                               "options": config.options}
     start = time.perf_counter()
     try:
+        earlier = SNP_EARLIER if "snp" in config.method.split(",") else {}  # unless the row says otherwise
         result = graphopt.optimize(model, method=config.method, target_macs=config.target, calib=task.calib,
-                                   threads=setting.threads, **config.options)  # calib also gives the shapes
+                                   threads=setting.threads, **{**earlier, **config.options})  # calib gives shapes
         record["optimize_s"] = time.perf_counter() - start
         report = result.report
         record.update(macs_before=report["macs_before"], macs_ratio=report["macs_ratio"],

@@ -71,11 +71,12 @@ class Run:
 RUNS = {run.id: run for run in (
     Run("magnitude", "magnitude"),
     Run("random", "random"),
-    Run("snp", "snp"),
+    Run("snp", "snp"),  # the defaults with data: output ordering, error-correcting reconstruction
+    Run("snp-self", "snp", {"criterion": "variance", "reconstruct_target": "self"}),  # the paper's one-shot SNP
     Run("snp-no-reconstruct", "snp", {"reconstruct": False}),
-    Run("snp-output", "snp", {"criterion": "output"}),
+    Run("snp-output", "snp", {"criterion": "output", "reconstruct_target": "self"}),
     Run("snp-sequential", "snp", {"sequential": True}),
-    Run("snp-original", "snp", {"reconstruct_target": "original"}),
+    Run("snp-original", "snp", {"criterion": "variance", "reconstruct_target": "original"}),
     Run("snp-sensitivity", "snp", {"budget_by": "sensitivity"}),
     Run("snp-repair", "snp", {"repair": 20}),
     Run("snp-qk", "snp", {"qk_dims": True}),
@@ -266,8 +267,8 @@ def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> N
 
 EXPORTERS = ("legacy", "dynamo")
 NAMES = list(zoo.ZOO) if zoo is not None else []
-CHANNELS = ("magnitude", "random", "snp", "snp-no-reconstruct", "snp-output", "snp-sequential", "snp-original",
-            "snp-sensitivity", "snp-repair", "snp-qk", "cob,snp", "snp,exprune", "snp,quantize")
+CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp-output", "snp-sequential",
+            "snp-original", "snp-sensitivity", "snp-repair", "snp-qk", "cob,snp", "snp,exprune", "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
             "cob": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},

@@ -22,7 +22,10 @@ consumers whose own input kept every channel. Zero-padded Conv reads use the pad
 (graphopt.passes.snp.padding). Consumers are refitted stage by stage in topological order: a wave is
 every pending consumer whose input depends on no pending consumer, measured in one paired calibration
 run; a consumer whose input is computed exactly as in the original (same cone fingerprint) keeps its
-weights. L waves cost about L²/2 layer evaluations per model over the data, like the sequential mode.
+weights. Each wave resumes both models from the tensors the previous wave computed (their frontier,
+graphopt.calibration.staged), so L waves cost about one run of each model over the data instead of L²/2
+layer evaluations (PP-OCRv4's recogniser, 25 waves over 256 text lines: 53 s against 175 s end to end);
+where the frontier would exceed half the calibration memory bound, the waves run from the inputs.
 A consumer whose paired rows number fewer than `MIN_ROWS_PER_FEATURE` per feature keeps the self fit.
 """
 

@@ -230,7 +230,7 @@ def test_deep_network_duplicates_removed_exactly(sequential: bool) -> None:
     before = count_cost(model, {"x": (1, 64)}).macs
     target = (64 * 20 + 20 * 20 + 20 * 10) / before
     result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential,
-                               round_to=1)
+                               criterion="variance", round_to=1)
     assert result.report["macs_ratio"] == pytest.approx(target)
     error = np.max(np.abs(run_ort(result.model, data)["h2"] - run_ort(model, data)["h2"]))
     assert error < 1e-4
@@ -251,7 +251,7 @@ def test_history_names_the_removed_units_with_their_unique_variance(sequential: 
     data = _digits()
     target = _target(model, 11)
     result = graphopt.optimize(model, method="snp", target_macs=target, calib=data, sequential=sequential,
-                               round_to=1)
+                               criterion="variance", round_to=1)
     (entry,) = json.loads(json.dumps(result.report))["passes"][-1]["history"]
     assert entry["by"] == "snp" and entry["criterion"] == "unique_variance" and entry["ordering"] == "variance"
     assert entry["size"] == 16 and entry["kept"] == 11 and entry["target_macs"] == pytest.approx(target)
