@@ -47,6 +47,8 @@ whole attention heads under one budget); a row that fails records its error and 
     python bench/transformers.py                 # full run; results in bench/results/transformers.json
     python bench/transformers.py --quick         # smoke run: 4 minutes on a busy 2-core machine
     python bench/transformers.py --exporters legacy --targets 0.7 --models encoder
+    python bench/transformers.py --models encoder --exporters legacy --variants --rounds 3 \
+        --rows 'dense;snp --criterion output --reconstruct-target original'   # SNP's defaults with data
 """
 
 from __future__ import annotations
@@ -325,7 +327,8 @@ def configs(table: tuple[Config, ...], args: argparse.Namespace) -> list[Config]
     """The rows to run: --variants swaps the encoder's table for ENCODER_VARIANTS, --quick keeps QUICK_LABELS,
     then --targets applies."""
     table = ENCODER_VARIANTS if args.variants and table is ENCODER_CONFIGS else table
-    chosen = tuple(config for config in table if not args.quick or config.label in QUICK_LABELS)
+    chosen = tuple(config for config in table if (not args.quick or config.label in QUICK_LABELS)
+                   and (args.rows is None or config.label in args.rows))
     return retarget(chosen, args.targets)
 
 
@@ -337,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "SNP's reconstruction wants several calibration tokens per FFN unit)")
     parser.add_argument("--models", type=_list, default=["encoder", "decoder"], help="encoder, decoder or both")
     parser.add_argument("--exporters", type=_list, default=list(EXPORTERS), help=", ".join(EXPORTERS))
+    parser.add_argument("--rows", type=lambda text: [t.strip() for t in text.split(";")], default=None,
+                        help="only the rows with these labels, separated by ';' (e.g. 'dense;snp')")
     parser.add_argument("--variants", action="store_true",
                         help="the encoder's other SNP settings and cob,snp (ENCODER_VARIANTS) instead of its table")
     parser.add_argument("--targets", type=lambda text: [float(t) for t in _list(text)], default=None,

@@ -108,8 +108,9 @@ class Stage:
         self._reset()
 
     def _resumable(self, wanted: list[str], batch_size: int, prints: dict[str, str]) -> bool:
-        """Whether the kept frontier serves the model whose cone fingerprints are `prints`: same batches, the frontier computed as `model` computes
-        it, and every wanted tensor that was computed before still at hand."""
+        """Whether the kept frontier serves the model whose cone fingerprints are `prints`: the same batches,
+        every frontier tensor computed as that model computes it, and every wanted tensor that an earlier call
+        computed still at hand."""
         return (self._batch_size == batch_size and all(prints.get(n) == p for n, p in self._prints.items())
                 and all(name in self._prints for name in wanted if name in self._computed))
 
