@@ -74,7 +74,8 @@ def node_reads(node: onnx.NodeProto) -> list[str]:
     return [*node.input, *_subgraph_reads(node)]
 
 
-def _producers(graph: onnx.GraphProto) -> dict[str, int]:
+def producer_index(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each main-graph node output's producing node, by index."""
     return {output: index for index, node in enumerate(graph.node) for output in node.output if output}
 
 
@@ -101,7 +102,7 @@ def describe(model: onnx.ModelProto, names: list[str], sample_feed: Mapping[str,
 
 
 def _check_names(graph: onnx.GraphProto, names: list[str], weights: set[str], inputs: set[str]) -> None:
-    produced = _producers(graph)
+    produced = producer_index(graph)
     for name in names:
         if name in weights:
             raise OptionError(f"'{name}' is a weight (initializer), not an activation")
@@ -170,25 +171,32 @@ def _probe(model: onnx.ModelProto, names: list[str], sample_feed: Mapping[str, n
 
 def exposing_model(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int]) -> onnx.ModelProto:
     """The ancestor cone of `names` (node outputs of the main graph) with exactly `names` as outputs."""
+    return part_model(model, _cone(model.graph, names),
+                      [output_value(name, elem_types.get(name, 0)) for name in names])
+
+
+def part_model(model: onnx.ModelProto, nodes: set[int], outputs: list[onnx.ValueInfoProto],
+               extra_inputs: list[onnx.ValueInfoProto] = ()) -> onnx.ModelProto:
+    """The main-graph `nodes` of `model` as a model: the graph inputs, `extra_inputs` (tensors given instead
+    of computed) and weights they read, and `outputs`."""
     graph = model.graph
-    kept = _cone(graph, names)
-    read = {name for index in kept for name in node_reads(graph.node[index])}
-    cone = onnx.GraphProto(name=graph.name)
-    cone.node.extend(graph.node[index] for index in sorted(kept))
-    cone.initializer.extend(t for t in graph.initializer if t.name in read)
-    cone.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
-    cone.input.extend(v for v in graph.input if v.name in read)
-    cone.output.extend(_output(name, elem_types.get(name, 0)) for name in names)
+    read = {name for index in nodes for name in node_reads(graph.node[index])}
+    part = onnx.GraphProto(name=graph.name)
+    part.node.extend(graph.node[index] for index in sorted(nodes))
+    part.initializer.extend(t for t in graph.initializer if t.name in read)
+    part.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
+    part.input.extend(v for v in (*graph.input, *extra_inputs) if v.name in read)
+    part.output.extend(outputs)
     exposed = onnx.ModelProto(ir_version=model.ir_version, producer_name="graphopt-calibration")
     exposed.opset_import.extend(model.opset_import)
     exposed.functions.extend(model.functions)
-    exposed.graph.CopyFrom(cone)
+    exposed.graph.CopyFrom(part)
     return exposed
 
 
 def _cone(graph: onnx.GraphProto, names: list[str]) -> set[int]:
     """Indices of the nodes that `names` depend on, reads from inside subgraphs included."""
-    produced = _producers(graph)
+    produced = producer_index(graph)
     kept: set[int] = set()
     pending = [produced[name] for name in names]
     while pending:
@@ -200,7 +208,7 @@ def _cone(graph: onnx.GraphProto, names: list[str]) -> set[int]:
     return kept
 
 
-def _output(name: str, elem_type: int) -> onnx.ValueInfoProto:
+def output_value(name: str, elem_type: int) -> onnx.ValueInfoProto:
     """A graph output typed `elem_type` (untyped where 0: onnxruntime then takes the type it computes)."""
     return onnx.helper.make_tensor_value_info(name, elem_type, None) if elem_type else onnx.ValueInfoProto(name=name)
 

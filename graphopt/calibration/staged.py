@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from graphopt.calibration.capture import _output, _producers, cone_fingerprints, node_reads
+from graphopt.calibration.capture import cone_fingerprints, node_reads, output_value, part_model, producer_index
 from graphopt.calibration.session import make_session
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ Runner = Callable[[int, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
 def _cone(graph: onnx.GraphProto, names: list[str], computed: set[str]) -> set[int]:
     """Indices of the nodes `names` need, not crossing tensors in `computed`."""
-    produced = _producers(graph)
+    produced = producer_index(graph)
     kept: set[int] = set()
     pending = [produced[name] for name in names if name not in computed]
     while pending:
@@ -57,31 +57,10 @@ def _computed_names(graph: onnx.GraphProto, names: list[str]) -> list[str]:
 
 def _frontier(graph: onnx.GraphProto, computed: set[str]) -> set[str]:
     """Computed node outputs that a node outside the computed part reads."""
-    produced = _producers(graph)
+    produced = producer_index(graph)
     done = {index for name, index in produced.items() if name in computed}
     return {read for index, node in enumerate(graph.node) if index not in done
             for read in node_reads(node) if read in computed and read in produced}
-
-
-def _resumed_model(model: onnx.ModelProto, nodes: set[int], starts: list[tuple[str, int]],
-                   outputs: list[str]) -> onnx.ModelProto:
-    """`nodes` of `model` as a model whose inputs are the graph inputs they read and the computed tensors
-    `starts` (name, elem_type), with `outputs` as outputs."""
-    graph = model.graph
-    read = {name for index in nodes for name in node_reads(graph.node[index])}
-    part = onnx.GraphProto(name=graph.name)
-    part.node.extend(graph.node[index] for index in sorted(nodes))
-    part.initializer.extend(t for t in graph.initializer if t.name in read)
-    part.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in read)
-    part.input.extend(v for v in graph.input if v.name in read)
-    part.input.extend(onnx.helper.make_tensor_value_info(name, elem_type, None) for name, elem_type in starts
-                      if name in read)
-    part.output.extend(_output(name, 0) for name in outputs)
-    resumed = onnx.ModelProto(ir_version=model.ir_version, producer_name="graphopt-calibration")
-    resumed.opset_import.extend(model.opset_import)
-    resumed.functions.extend(model.functions)
-    resumed.graph.CopyFrom(part)
-    return resumed
 
 
 class Stage:
@@ -153,7 +132,8 @@ class Stage:
         if self.enabled:
             self._computed, self._batch_size = reached, batch_size
             self._prints = {name: prints[name] for name in frontier}
-        return _resumed_model(model, nodes, starts, outputs), outputs, frontier
+        given = [onnx.helper.make_tensor_value_info(name, elem_type, None) for name, elem_type in starts]
+        return part_model(model, nodes, [output_value(name, 0) for name in outputs], given), outputs, frontier
 
     def _keep(self, index: int, frontier: set[str], values: Mapping[str, np.ndarray]) -> None:
         """Keep batch `index`'s new frontier; past the budget, stop keeping (the batches still to come in this
