@@ -186,9 +186,8 @@ def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.Mod
              describe(model, sorted({r.tensor for r in requests}), sample))
     found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor]) for r in requests}
     mask_name = mask.name if mask is not None else None
-    rounds = _rounds(requests, infos, {r: s.nbytes for r, s in found.items()}, batch_size, memory_limit)
-    if len(rounds) > 1:
-        stages = None  # a frontier serves only calls that run every batch in one round
+    rounds, stages = _staged_rounds(requests, infos, {r: s.nbytes for r, s in found.items()}, batch_size,
+                                    memory_limit, stages)
     with single_threaded_blas():
         for pairs, batch_size_used in rounds:
             names = sorted({p.reference for p in pairs}), sorted({p.tensor for p in pairs})
@@ -200,6 +199,18 @@ def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.Mod
                     _accumulate(found[pair], reference_values[pair.reference], values[pair.tensor], kept)
     log.info("paired calibration: %d tensor pairs over %s samples", len(requests), data.num_samples)
     return found
+
+
+def _staged_rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dict[str, TensorInfo]],
+                   sizes: dict[PairRequest, int], batch_size: int, memory_limit: int, stages: Stages | None
+                   ) -> tuple[list[tuple[list[PairRequest], int]], Stages | None]:
+    """The rounds, and the stages to resume from: kept frontiers share the memory bound and serve only calls
+    that run every batch in one round; otherwise the rounds get the whole bound and no stages."""
+    if stages is not None:
+        rounds = _rounds(requests, infos, sizes, batch_size, memory_limit - stages.memory_limit)
+        if len(rounds) == 1:
+            return rounds, stages
+    return _rounds(requests, infos, sizes, batch_size, memory_limit), None
 
 
 def _runners(models: tuple[onnx.ModelProto, onnx.ModelProto], names: tuple[list[str], list[str]],

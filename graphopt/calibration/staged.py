@@ -15,7 +15,8 @@ inputs, so a resumed run always returns what a full run of that model would (up 
 floating-point reassociation across the cut).
 
 Memory: the frontier of every batch stays in memory. A stage whose frontier would exceed its byte budget
-drops it and runs full cones from then on (logged once), which is the cost it would have had anyway.
+drops it and runs full cones from then on (logged once), which is the cost it would have had anyway. Paired
+calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of its bound.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ class Stage:
 
 
 class Stages:
-    """A `Stage` for the reference model and one for the model being rewritten, as paired calibration uses them."""
+    """A `Stage` for the reference model and one for the model being rewritten, as paired calibration uses them;
+    their frontiers hold at most `memory_limit` bytes together."""
 
     def __init__(self, memory_limit: int) -> None:
+        self.memory_limit = memory_limit
         self.reference = Stage(memory_limit // 2)
         self.model = Stage(memory_limit // 2)
