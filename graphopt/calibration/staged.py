@@ -14,14 +14,19 @@ of them differently (a layer upstream of the frontier was rewritten), the stage 
 inputs, so a resumed run always returns what a full run of that model would (up to onnxruntime's
 floating-point reassociation across the cut).
 
-Memory: the frontier of every batch stays in memory. A stage whose frontier would exceed its byte budget
-drops it and runs full cones from then on (logged once), which is the cost it would have had anyway. Paired
-calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of its bound.
+Memory: the frontier stays in memory up to the stage's byte budget; batches beyond it are written to .npy files
+in a temporary folder and read back memory-mapped (a sentence encoder's residual stream and FFN activations
+over 1000 x 128 tokens hold about 1 GB). A stage whose files would exceed SPILL_FACTOR times its budget
+drops its frontier and runs full cones from then on (logged once), which is the cost it would have had
+anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
+its bound.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
@@ -33,6 +38,8 @@ from graphopt.calibration.session import make_session
 log = logging.getLogger(__name__)
 
 Runner = Callable[[int, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+
+SPILL_FACTOR = 4  # frontier bytes on disk, at most, per byte of a stage's memory budget
 
 
 def _cone(graph: onnx.GraphProto, names: list[str], computed: set[str]) -> set[int]:
@@ -74,12 +81,19 @@ class Stage:
         self._reset()
 
     def _reset(self) -> None:
+        folder = getattr(self, "_folder", None)
+        if folder is not None:
+            folder.cleanup()
         self._computed: set[str] = set()
         self._prints: dict[str, str] = {}                     # frontier tensor -> cone fingerprint
         self._types: dict[str, int] = {}                      # frontier tensor -> elem_type
         self._values: dict[int, dict[str, np.ndarray]] = {}   # batch index -> frontier values
         self._batch_size: int | None = None
         self._overflow = False
+        self._folder: tempfile.TemporaryDirectory | None = None  # spilled frontier batches
+        self._files: dict[int, list[tuple[Path, int]]] = {}  # batch index -> its spilled files and their bytes
+        self._spilled = 0                          # bytes in those files
+        self._written = 0                          # files written, for unique names
 
     def _disable(self, why: str) -> None:
         if self.enabled:
@@ -137,15 +151,48 @@ class Stage:
         return part_model(model, nodes, [output_value(name, 0) for name in outputs], given), outputs, frontier
 
     def _keep(self, index: int, frontier: set[str], values: Mapping[str, np.ndarray]) -> None:
-        """Keep batch `index`'s new frontier; past the budget, stop keeping (the batches still to come in this
-        call keep their old frontier to resume from) and run full cones from the next call."""
+        """Keep batch `index`'s new frontier, in memory within the budget, else on disk; past the disk bound,
+        stop keeping (the batches still to come in this call keep their old frontier to resume from) and run
+        full cones from the next call."""
         if self._overflow:
             return
-        self._values[index] = {name: values[name] for name in frontier}
         self._types = {name: self._types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype)
                        for name in frontier}
-        held = sum(v.nbytes for batch in self._values.values() for v in batch.values())
-        self._overflow = held > self.memory_limit
+        kept = {name: values[name] for name in frontier}
+        self._values.pop(index, None)
+        self._drop_files(index)
+        held = sum(v.nbytes for batch in self._values.values() for v in batch.values() if not _mapped(v))
+        if held + sum(v.nbytes for v in kept.values()) > self.memory_limit:
+            kept = self._spill(index, kept)
+        self._values[index] = kept
+        self._overflow = self._spilled > SPILL_FACTOR * self.memory_limit
+
+    def _spill(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="graphopt-frontier-", ignore_cleanup_errors=True)
+            log.info("staged calibration runs: the frontier exceeds %d bytes; keeping it in %s", self.memory_limit,
+                     self._folder.name)
+        mapped = {}
+        for name, value in values.items():
+            path = Path(self._folder.name) / f"{self._written}.npy"
+            self._written += 1
+            np.save(path, np.ascontiguousarray(value))
+            self._files.setdefault(index, []).append((path, value.nbytes))
+            self._spilled += value.nbytes
+            mapped[name] = np.load(path, mmap_mode="r")
+        return mapped
+
+    def _drop_files(self, index: int) -> None:
+        for path, size in self._files.pop(index, []):
+            self._spilled -= size
+            try:
+                path.unlink()
+            except OSError:  # still mapped where the system forbids removing it: the folder's cleanup takes it
+                pass
+
+
+def _mapped(value: np.ndarray) -> bool:
+    return isinstance(value, np.memmap)
 
 
 class Stages:

@@ -137,7 +137,7 @@ class PassContext:
 
     def staged_runs(self) -> Stages:
         """Frontier caches for a sequence of `paired_statistics` calls that go deeper each time, holding at most
-        half the calibration memory bound (graphopt.calibration.staged)."""
+        half the calibration memory bound in memory, the rest on disk (graphopt.calibration.staged)."""
         from graphopt.calibration.staged import Stages
 
         return Stages(self._calibration().memory_limit // 2)

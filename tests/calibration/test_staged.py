@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -84,9 +86,23 @@ def test_a_layer_rewritten_behind_the_frontier_restarts_from_the_inputs() -> Non
     assert stage.resumed_calls == 0
 
 
-def test_a_frontier_over_its_budget_falls_back_to_full_runs() -> None:
+def test_a_frontier_over_its_memory_budget_is_kept_on_disk() -> None:
     model, batches = _residual(0), _batches()
-    stage = Stage(20_000)  # a batch's frontier is 4 x 8 x 36 floats a tensor: {ra} fits, {ra, b} does not
+    stage = Stage(10_000)  # a batch's frontier is 4 x 8 x 36 floats a tensor: one batch of {ra, b} fits in memory
+    for names in (["ra"], ["b"]):
+        _check(_staged(stage, model, names, batches), model, names, batches)
+        assert any(isinstance(v, np.memmap) for b in stage._values.values() for v in b.values())
+    folder = Path(stage._folder.name)
+    assert folder.is_dir() and len(list(folder.iterdir())) == sum(map(len, stage._files.values())) == 4
+    _check(_staged(stage, model, ["y"], batches), model, ["y"], batches)
+    assert stage.enabled and stage.resumed_calls == 2
+    stage._disable("test")
+    assert not folder.exists()
+
+
+def test_a_frontier_over_its_disk_budget_falls_back_to_full_runs() -> None:
+    model, batches = _residual(0), _batches()
+    stage = Stage(4000)  # every batch spills: {ra} fits SPILL_FACTOR x 4000 bytes on disk, {ra, b} does not
     for names in (["ra"], ["b"], ["y"]):
         _check(_staged(stage, model, names, batches), model, names, batches)
     assert not stage.enabled and stage.resumed_calls == 1  # the second call resumed, then the stage gave up
