@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 import graphopt  # noqa: E402
 from calibration import peak_added  # noqa: E402
-from common import machine  # noqa: E402
+from common import SNP_EARLIER, machine  # noqa: E402
 from graphopt.calibration.session import make_session  # noqa: E402
 from graphopt.torch import export, zoo  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, Outcome, calibration, outcome  # noqa: E402
@@ -141,7 +141,7 @@ def cost(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             session.run(None, {name: value[start:start + 32] for name, value in data.items()})
 
     def prune() -> None:
-        graphopt.optimize(path, method="snp", target_macs=0.5, calib=data, batch_size=32)
+        graphopt.optimize(path, method="snp", target_macs=0.5, calib=data, batch_size=32, **SNP_EARLIER)
 
     timings: dict[str, list[tuple[float, int]]] = {"inference": [], "snp": []}
     for _ in range(args.cost_repeats):
