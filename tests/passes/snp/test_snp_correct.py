@@ -196,6 +196,21 @@ def test_reconstruct_target_is_validated() -> None:
         graphopt.optimize(model, method="snp", target_macs=0.6, stats=stats, reconstruct_target="original")
 
 
+def test_with_data_the_defaults_are_the_output_ordering_and_the_refit() -> None:
+    model, calib = _mlp((48, 48, 48), seed=2), _digits(0, 600)
+    default = graphopt.optimize(model, method="snp", target_macs=0.3, calib=calib, round_to=1)
+    explicit = graphopt.optimize(model, method="snp", target_macs=0.3, calib=calib, round_to=1, criterion="output",
+                                 reconstruct_target="original")
+    assert default.report["passes"][-1]["stats"]["consumers_error_corrected"] == 3
+    assert {entry["ordering"] for entry in default.report["passes"][-1]["history"]} == {"output"}
+    weights = {t.name: numpy_helper.to_array(t) for t in explicit.model.graph.initializer}
+    for tensor in default.model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), weights[tensor.name])
+    for one_shot in ({"sequential": True}, {"reconstruct": False}):  # these cut group by group or refit nothing
+        found = graphopt.optimize(model, method="snp", target_macs=0.3, calib=calib, round_to=1, **one_shot)
+        assert found.report["passes"][-1]["stats"]["consumers_error_corrected"] == 0
+
+
 def test_cli_flag_is_declared_with_its_choices(tmp_path) -> None:
     path, data = tmp_path / "mlp.onnx", tmp_path / "calib.npz"
     onnx.save(_mlp((16,), seed=5), path)
