@@ -57,6 +57,7 @@ import onnx
 import onnxruntime
 
 import graphopt
+from graphopt.calibration.fidelity import ctc_decode
 from graphopt.evaluate import compare_latency
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -170,12 +171,8 @@ def lines(count: int, seed: int) -> tuple[list[str], np.ndarray]:
 
 
 def decode(probabilities: np.ndarray, table: list[str]) -> list[str]:
-    """Greedy CTC decoding of [N, T, classes]."""
-    out = []
-    for row in probabilities.argmax(-1):
-        keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)
-        out.append("".join(table[i] for i in row[keep]))
-    return out
+    """Greedy CTC decoding of [N, T, classes] (graphopt's own, as verify uses it), as text."""
+    return ["".join(table[i] for i in labels) for labels in ctc_decode(probabilities.argmax(-1))]
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -15,8 +15,8 @@ inputs, so a resumed run always returns what a full run of that model would (up 
 floating-point reassociation across the cut).
 
 Memory: the frontier stays in memory up to the stage's byte budget; batches beyond it are written to .npy files
-in a temporary folder and read back memory-mapped (a sentence encoder's residual stream and FFN activations
-over 1000 x 128 tokens hold about 1 GB). A stage whose files would exceed SPILL_FACTOR times its budget
+in a temporary folder and read back memory-mapped (MiniLM's frontier over 1000 x 128 tokens outgrows the
+512 MiB a stage gets from the default bound). A stage whose files would exceed SPILL_FACTOR times its budget
 drops its frontier and runs full cones from then on (logged once), which is the cost it would have had
 anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
 its bound.
