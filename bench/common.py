@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import onnx
@@ -103,6 +103,15 @@ def add_thread_arguments(parser: argparse.ArgumentParser) -> None:
                              "busy machine")
 
 
+def methods_and_targets(methods: str, targets: str, known: Iterable[str]) -> tuple[list[str], list[float]]:
+    """The comma-separated --methods (refused when one is not in `known`) and --targets of a benchmark."""
+    chosen, known = methods.split(","), list(known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown} (choose from {', '.join(known)})")
+    return chosen, [float(t) for t in targets.split(",")]
+
+
 def start_run(args: argparse.Namespace) -> dict[str, Any]:
     """Apply the thread options and print the run header (machine, command, threads); returns the machine."""
     torch.set_num_threads(args.threads)
@@ -149,3 +158,18 @@ def predict(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> np.ndarray
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def interleaved_speed(original: onnx.ModelProto, result: onnx.ModelProto, name: str, x: np.ndarray,
+                      batches: Iterable[int], rounds: int, threads: int) -> dict[str, dict[str, float]]:
+    """`result` against `original` at each batch size, timed in one interleaved run each
+    (graphopt.evaluate.compare_latency) on the first samples of `x` fed as input `name`."""
+    from graphopt.evaluate import compare_latency
+
+    out = {}
+    for batch in batches:
+        timing = compare_latency(original, result, data={name: x[:batch]}, batch=batch, rounds=rounds, threads=threads)
+        out[f"batch_{batch}"] = {k: timing[k] for k in ("reference_ms", "candidate_ms", "speedup", "speedup_p10",
+                                                         "speedup_p90")}
+    return out
+

@@ -71,8 +71,7 @@ import torch
 from torch import nn
 
 import graphopt
-from common import SNP_EARLIER, add_thread_arguments, start_run
-from graphopt.evaluate import compare_latency
+from common import SNP_EARLIER, add_thread_arguments, interleaved_speed, methods_and_targets, start_run
 
 log = logging.getLogger("detector")
 HERE = Path(__file__).resolve().parent
@@ -477,16 +476,6 @@ def agreement(predicted: list[tuple[np.ndarray, ...]], reference: list[tuple[np.
     return {"f1": 2 * precision * recall / max(precision + recall, 1e-12), "precision": precision, "recall": recall}
 
 
-def speed(original: onnx.ModelProto, result: onnx.ModelProto, x: np.ndarray, args: argparse.Namespace) -> dict:
-    out = {}
-    for batch in (1, args.bench_batch):
-        timing = compare_latency(original, result, data={"images": x[:batch]}, batch=batch, rounds=args.rounds,
-                                 threads=args.ort_threads)
-        out[f"batch_{batch}"] = {k: timing[k] for k in ("reference_ms", "candidate_ms", "speedup", "speedup_p10",
-                                                         "speedup_p90")}
-    return out
-
-
 def score(output: np.ndarray, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     found = detections(output, args.conf, args.nms_iou)
     dense = context["dense_output"]
@@ -511,7 +500,8 @@ def run(method: str, target: float, context: dict[str, Any], args: argparse.Name
            "params_ratio": result.report.get("params_ratio"), "seconds": seconds,
            **score(run_model(result.model, context["test"], args.ort_threads), context, args),
            "groups": _groups(result.report)}
-    row["latency"] = speed(context["model"], result.model, context["test"], args)
+    row["latency"] = interleaved_speed(context["model"], result.model, "images", context["test"],
+                                       (1, args.bench_batch), args.rounds, args.ort_threads)
     for timing in row["latency"].values():
         timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
     return row
@@ -577,10 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods, targets = args.methods.split(","), [float(t) for t in args.targets.split(",")]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown} (choose from {', '.join(METHODS)})")
+    methods, targets = methods_and_targets(args.methods, args.targets, METHODS)
     info = start_run(args)
     start = time.perf_counter()
     model, training = trained_detector(args)

@@ -58,7 +58,6 @@ import onnxruntime
 
 import graphopt
 from graphopt.calibration.fidelity import ctc_decode
-from graphopt.evaluate import compare_latency
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WHEEL = "rapidocr_onnxruntime"
@@ -202,16 +201,6 @@ def read(model: onnx.ModelProto, x: np.ndarray, threads: int, batch: int = 50) -
     return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def speed(original: onnx.ModelProto, result: onnx.ModelProto, x: np.ndarray, args: argparse.Namespace) -> dict:
-    out = {}
-    for batch in (1, args.bench_batch):
-        timing = compare_latency(original, result, data={"x": x[:batch]}, batch=batch, rounds=args.rounds,
-                                 threads=args.ort_threads)
-        out[f"batch_{batch}"] = {k: timing[k] for k in ("reference_ms", "candidate_ms", "speedup", "speedup_p10",
-                                                         "speedup_p90")}
-    return out
-
-
 def run(method: str, target: float, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     try:
@@ -223,7 +212,10 @@ def run(method: str, target: float, context: dict[str, Any], args: argparse.Name
     row = {"method": method, "target": target, "macs_ratio": result.report["macs_ratio"],
            "params_ratio": result.report.get("params_ratio"), "seconds": seconds,
            **context["score"](read(result.model, context["test"], args.ort_threads))}
-    row["latency"] = speed(context["model"], result.model, context["test"], args)
+    from common import interleaved_speed
+
+    row["latency"] = interleaved_speed(context["model"], result.model, "x", context["test"],
+                                       (1, args.bench_batch), args.rounds, args.ort_threads)
     for timing in row["latency"].values():
         timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
     return row
@@ -330,12 +322,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods, targets = args.methods.split(","), [float(t) for t in args.targets.split(",")]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown} (choose from {', '.join(METHODS)})")
-    from common import machine
+    from common import machine, methods_and_targets
 
+    methods, targets = methods_and_targets(args.methods, args.targets, METHODS)
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))

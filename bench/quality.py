@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import graphopt
-from common import SNP_EARLIER, accuracy, predict, start_run
+from common import SNP_EARLIER, accuracy, methods_and_targets, predict, start_run
 from snp_curves import RESULTS, Task, add_task_arguments, build_task, quick_training
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -138,11 +138,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    targets = tuple(float(t) for t in args.targets.split(","))
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown methods {unknown} (choose from {', '.join(METHODS)})")
+    methods, listed = methods_and_targets(args.methods, args.targets, METHODS)
+    targets = tuple(listed)
     info = start_run(args)
     start = time.perf_counter()
     tasks = []

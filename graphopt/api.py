@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.cluster import open_cluster
-from graphopt.calibration.collect import DEFAULT_MEMORY, Calibrator
+from graphopt.calibration.collect import DEFAULT_MEMORY, DEFAULT_ROWS_PER_CHANNEL, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.mask import choose_mask
 from graphopt.calibration.metric import Metric
@@ -106,11 +106,13 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
               tensors: list[str] | None = None, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
               device: str = "cpu", threads: int = 0, mask_input: str | None = None,
               input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
-              workers: int | None = None, ray_address: str | None = None) -> StatsFile:
+              workers: int | None = None, ray_address: str | None = None,
+              rows_per_channel: int = DEFAULT_ROWS_PER_CHANNEL) -> StatsFile:
     """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
     with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
     `optimize(..., stats=...)` can reuse them. Saved to `output` when given. `workers` and `ray_address`
-    shard the data over Ray tasks (graphopt.calibration.cluster)."""
+    shard the data over Ray tasks (graphopt.calibration.cluster); Grams of wide maps come from sampled
+    positions, about `rows_per_channel` rows per channel (0: every position; graphopt.calibration.stats)."""
     protected = _protected(model, [data], [Path(output)] if output is not None else [])
     original = as_model(model)
     dataset = load_data(data, original)
@@ -123,7 +125,8 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     mask = choose_mask(original, mask_input)  # None: found in the model; "none": no mask
     with open_cluster(workers, ray_address) as cluster:
         calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
-                                threads=threads, progress=progress, mask_input=mask, cluster=cluster)
+                                threads=threads, progress=progress, mask_input=mask, cluster=cluster,
+                                rows_per_channel=rows_per_channel)
         stats = calibrator.statistics(normalized, requests)
     stats_file = StatsFile.build(normalized, stats, dataset, mask.name)
     if output is not None:

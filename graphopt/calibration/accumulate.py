@@ -114,5 +114,6 @@ def _accumulate(stats: TensorStats, value: np.ndarray, mask: np.ndarray | None) 
         log.info("tensor '%s' (shape %s) has no row per mask entry: all its rows count",
                  stats.tensor, list(value.shape))
         stats.masked = False
-    for rows in row_blocks(value, stats.channel_axis, mask if stats.masked else None, chunk_rows(stats.channels)):
+    for rows in row_blocks(value, stats.channel_axis, mask if stats.masked else None, chunk_rows(stats.channels),
+                           stats.positions):
         stats.update(rows)

@@ -253,12 +253,13 @@ def cone_fingerprints(model: onnx.ModelProto) -> dict[str, str]:
     return prints
 
 
-def round_bytes(group: list[TensorInfo], batch: int, workers: int = 1) -> int:
-    """What a round holds at once: the captured batch, and per worker one chunk of rows with its copy,
-    its float64 conversion and the |x| and sign temporaries (at most 25 bytes per value; see stats.py)."""
+def round_bytes(group: list[TensorInfo], batch: int, workers: int = 1, batches: int = 1) -> int:
+    """What a round holds at once: `batches` captured batches, and per worker one chunk of rows with its
+    copy, its float64 conversion and the |x| and sign temporaries (at most 25 bytes per value; see stats.py)."""
     elements = max(info.sample_bytes // info.dtype.itemsize for info in group)
     chunks = min(workers, len(group))
-    return batch * sum(info.sample_bytes for info in group) + 25 * chunks * min(CHUNK_ELEMENTS, batch * elements)
+    return batches * batch * sum(info.sample_bytes for info in group) \
+        + 25 * chunks * min(CHUNK_ELEMENTS, batch * elements)
 
 
 def plan_rounds(infos: list[TensorInfo], batch_size: int, budget: int, workers: int = 1) -> list[Round]:

@@ -58,7 +58,7 @@ from graphopt.calibration.mask import MaskChoice, choose_mask
 from graphopt.calibration.paired import PairedStats, PairRequest, paired_statistics
 from graphopt.calibration.reference import KeptOutputs, output_cones
 from graphopt.calibration.staged import Stages
-from graphopt.calibration.stats import StatRequest, TensorStats
+from graphopt.calibration.stats import StatRequest, TensorStats, sampled_positions
 from graphopt.errors import DataError, OptionError
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY = 2 * 1024**3
+DEFAULT_ROWS_PER_CHANNEL = 1024  # Grams of wide maps from about this many rows per channel (stats.py)
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
@@ -103,11 +104,14 @@ class Calibrator:
 
     def __init__(self, data: Dataset | None, *, batch_size: int = 32, memory_limit: int | str = DEFAULT_MEMORY,
                  device: str = "cpu", threads: int = 0, progress: bool = False,
-                 mask_input: str | MaskChoice | None = None, cluster: Cluster | None = None) -> None:
+                 mask_input: str | MaskChoice | None = None, cluster: Cluster | None = None,
+                 rows_per_channel: int = DEFAULT_ROWS_PER_CHANNEL) -> None:
         if batch_size < 1:
             raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
         if threads < 0:
             raise OptionError(f"--threads must be 0 (onnxruntime's default) or more, got {threads}")
+        if rows_per_channel < 0:
+            raise OptionError(f"--calib-rows-per-channel must be 0 (every row) or more, got {rows_per_channel}")
         if isinstance(mask_input, str):  # an input named directly: the graph still says which entries count
             mask_input = choose_mask(data.model, mask_input) if data is not None else MaskChoice(mask_input, "given")
         self.mask = mask_input if mask_input is not None else MaskChoice(None, "disabled")
@@ -115,6 +119,7 @@ class Calibrator:
         self.data = data
         self.batch_size, self.memory_limit = batch_size, parse_bytes(memory_limit)
         self.device, self.threads, self.progress = device, threads, progress
+        self.rows_per_channel = rows_per_channel  # Grams from sampled positions of wide maps (stats.py); 0: all
         self.workers = threads or _available_cores()  # accumulation threads, one tensor each
         self.cluster = cluster  # None: measured in this process
         self.cache: dict[str, list[TensorStats]] = {}  # cone fingerprint -> statistics measured on it
@@ -195,7 +200,8 @@ class Calibrator:
                             "give --calib DATA.npz (a statistics file cannot answer it)")
         return paired_statistics(self.data, reference, model, list(requests), batch_size=self.batch_size,
                                  memory_limit=self.memory_limit, device=self.device, threads=self.threads,
-                                 mask=self.mask if self.mask_input is not None else None, stages=stages)
+                                 mask=self.mask if self.mask_input is not None else None, stages=stages,
+                                 rows_per_channel=self.rows_per_channel)
 
     def _measure(self, model: onnx.ModelProto, wanted: dict[str, StatRequest]) -> dict[str, TensorStats]:
         if self.data is None:
@@ -209,7 +215,8 @@ class Calibrator:
                             "(or --stats STATS.npz from `graphopt calibrate` on this model)")
         sample = next(iter(self.data.batches(1)))
         infos = describe(model, list(wanted), sample)
-        stats = {name: _empty(infos[name], wanted[name], self.mask_input is not None) for name in wanted}
+        stats = {name: _empty(infos[name], wanted[name], self.mask_input is not None, self.data.num_samples,
+                              self.rows_per_channel) for name in wanted}
         order = {output: index for index, node in enumerate(model.graph.node) for output in node.output}
         ordered = sorted(infos.values(), key=lambda info: order.get(info.name, -1))
         sizes = {name: s.shifted_square.nbytes + 4 * s.shifted_sum.nbytes for name, s in stats.items()}
@@ -278,13 +285,15 @@ def _available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _empty(info: TensorInfo, request: StatRequest, masked: bool) -> TensorStats:
+def _empty(info: TensorInfo, request: StatRequest, masked: bool, samples: int | None,
+           rows_per_channel: int) -> TensorStats:
     rank = len(info.sample_shape)
     if not -rank <= request.channel_axis < rank:
         raise OptionError(f"channel axis {request.channel_axis} is out of range for tensor '{info.name}' "
                           f"of rank {rank}")
     axis = request.channel_axis % rank
-    return TensorStats.empty(info.name, request.kinds, axis, rank, info.sample_shape[axis], masked)
+    positions = sampled_positions(info.sample_shape, axis, samples, rows_per_channel)
+    return TensorStats.empty(info.name, request.kinds, axis, rank, info.sample_shape[axis], masked, positions)
 
 
 def _merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
@@ -302,7 +311,8 @@ def _merge_requests(requests: Iterable[StatRequest]) -> dict[str, StatRequest]:
 def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelProto, options: dict[str, Any],
                        progress: bool, cluster: Cluster | None = None) -> Calibrator:
     """The calibrator behind a pass context's statistics: `data` (validated against `template`), and
-    `stats`, `calib_memory`, `device`, `threads`, `batch_size` and `mask_input` from the method `options`
+    `stats`, `calib_memory`, `calib_rows_per_channel`, `device`, `threads`, `batch_size` and `mask_input`
+    from the method `options`
     (a None value means the default; for `mask_input`: the statistics file's mask, else the one found in
     the model)."""
     from graphopt.calibration.store import StatsFile, load_stats
@@ -321,7 +331,8 @@ def context_calibrator(data: DataSource | Dataset | None, template: onnx.ModelPr
     calibrator = Calibrator(dataset, batch_size=int(option("batch_size", 32)),
                             memory_limit=option("calib_memory", DEFAULT_MEMORY), device=option("device", "cpu"),
                             threads=int(option("threads", 0)), progress=progress, mask_input=mask,
-                            cluster=cluster)
+                            cluster=cluster,
+                            rows_per_channel=int(option("calib_rows_per_channel", DEFAULT_ROWS_PER_CHANNEL)))
     if stats_file is not None:
         calibrator.preload(stats_file)
     return calibrator

@@ -70,7 +70,8 @@ def _shard_statistics(data: Dataset, shard: Shard, model_bytes: bytes, rounds: l
     """One shard task: the planned rounds over the shard's data, into fresh accumulators."""
     model = onnx.ModelProto.FromString(model_bytes)
     stats = {name: TensorStats.empty(meta["tensor"], frozenset(meta["kinds"]), meta["channel_axis"], meta["rank"],
-                                     meta["channels"], meta["masked"]) for name, meta in empty.items()}
+                                     meta["channels"], meta["masked"], meta["positions"])
+             for name, meta in empty.items()}
     run_rounds(model, data, rounds, infos, stats, settings)
     log.info("calibration %s: %d tensors", shard.describe(), len(stats))
     return stats

@@ -12,18 +12,23 @@ accumulators give
 summed in float64 about fixed shifts (the first chunk's means, as in stats.py), so the centring does not
 cancel when |μ| ≫ σ. Σ_xx is not formed. With an attention mask, both tensors keep the same rows.
 
-Memory: per round, the accumulators of its pairs (C_x·C_y + C_y² float64 each), one batch of both
-models' captured tensors and the float64 working chunks stay within `memory_limit`; pairs are packed into
-rounds greedily in the given order, and a round whose single pair does not fit runs with a smaller batch
-(down to one sample, with a warning). Each round runs only the cones of its tensors, once per model, over
-every batch; results depend only on the models, the data, its order and the batch size.
+Work: batches alternate between `HALVES` accumulators per pair, each filled on a worker thread while
+onnxruntime computes the next batch, and merged in order at the end (shifted sums move onto one shift
+exactly, as in stats.py's merge), so the result does not depend on the threads' timing.
+
+Memory: per round, the accumulators of its pairs (C_x·C_y + C_y² float64 each, per half), two batches of
+both models' captured tensors and the float64 working chunks stay within `memory_limit`; pairs are packed
+into rounds greedily in the given order, and a round whose single pair does not fit runs with a smaller
+batch (down to one sample, with a warning). Each round runs only the cones of its tensors, once per model,
+over every batch; results depend only on the models, the data, its order and the batch size.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -33,11 +38,16 @@ from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
 from graphopt.calibration.session import make_session
 from graphopt.calibration.staged import Stages
-from graphopt.calibration.blas import single_threaded_blas, symmetric, syrk_update
-from graphopt.calibration.stats import chunk_rows, row_blocks
+from graphopt.calibration.blas import add_shifted, single_threaded_blas, symmetric, syrk_update
+from graphopt.calibration.stats import chunk_rows, row_blocks, sampled_positions
 from graphopt.errors import OptionError
 
 log = logging.getLogger(__name__)
+
+# accumulators per pair: batches alternate between them (one accumulating on a worker thread while onnxruntime
+# computes the next batch, or both at once) and they merge in order at the end, so the moments do not depend
+# on the thread timing
+HALVES = 2
 
 
 @dataclass(frozen=True)
@@ -60,14 +70,16 @@ class PairedStats:
     count: int = 0
     reference_shift: np.ndarray | None = None
     shift: np.ndarray | None = None
+    positions: int = 0  # rows kept per item along axis 0 (stats.sampled_positions); 0: every row
     reference_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     shifted_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     cross: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))   # Σ (x − Kx)(y − Ky)ᵀ
     square: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # Σ (y − Ky)(y − Ky)ᵀ, upper triangle
 
     @classmethod
-    def empty(cls, request: PairRequest, reference_channels: int, channels: int) -> PairedStats:
-        return cls(request, reference_channels, channels, reference_sum=np.zeros(reference_channels),
+    def empty(cls, request: PairRequest, reference_channels: int, channels: int, positions: int = 0) -> PairedStats:
+        return cls(request, reference_channels, channels, positions=positions,
+                   reference_sum=np.zeros(reference_channels),
                    shifted_sum=np.zeros(channels), cross=np.zeros((reference_channels, channels)),
                    square=np.zeros((channels, channels), order="F"))
 
@@ -98,6 +110,29 @@ class PairedStats:
         self.shifted_sum += y.sum(axis=0)
         self.cross += x.T @ y
         syrk_update(self.square, y)
+
+    def fresh(self) -> PairedStats:
+        """Empty accumulators for the same pair, channels and sampled positions."""
+        return PairedStats.empty(self.request, self.reference_channels, self.channels, self.positions)
+
+    def merge(self, other: PairedStats) -> None:
+        """Add the moments of other rows of the same pair, in place: with d = K' − K per side,
+        Σ (x − K_x)(y − K_y)ᵀ = S'_xy + s'_x d_yᵀ + d_x s'_yᵀ + n' d_x d_yᵀ, and Σ_yy as in stats.py."""
+        if (other.reference_channels, other.channels, other.positions) != \
+                (self.reference_channels, self.channels, self.positions):
+            raise ValueError(f"paired statistics of '{self.request.tensor}' were taken differently: they do not merge")
+        if other.count == 0:
+            return
+        if self.count == 0 or self.shift is None:
+            self.reference_shift, self.shift = other.reference_shift.copy(), other.shift.copy()
+        delta_x, delta_y = other.reference_shift - self.reference_shift, other.shift - self.shift
+        self.cross += other.cross + np.outer(other.reference_sum, delta_y) + np.outer(delta_x, other.shifted_sum) \
+            + other.count * np.outer(delta_x, delta_y)
+        self.square += other.square
+        add_shifted(self.square, other.shifted_sum, other.count, delta_y)
+        self.reference_sum += other.reference_sum + other.count * delta_x
+        self.shifted_sum += other.shifted_sum + other.count * delta_y
+        self.count += other.count
 
     def _check(self) -> None:
         if self.count == 0:
@@ -134,7 +169,7 @@ def _runner(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInf
     session = None
     if computed:
         exposed = exposing_model(model, computed, {name: infos[name].elem_type for name in computed})
-        session = make_session(exposed, optimize=True, device=device, threads=threads)
+        session = make_session(exposed, optimize=True, device=device, threads=threads, spinning=False)
     feeds = {i.name for i in session.get_inputs()} if session is not None else set()
 
     def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,7 +185,7 @@ def _rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dic
     """Pairs packed in order into rounds (pairs, batch size) that fit `memory_limit`."""
     def cost(pairs: list[PairRequest], batch: int) -> int:
         captured = [info for p in pairs for info in (infos[0][p.reference], infos[1][p.tensor])]
-        return sum(accumulators[p] for p in pairs) + round_bytes(captured, batch)
+        return sum(accumulators[p] * HALVES for p in pairs) + round_bytes(captured, batch, batches=HALVES)
 
     packed: list[list[PairRequest]] = []
     for request in requests:
@@ -174,31 +209,53 @@ def _rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dic
 def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.ModelProto,
                       requests: list[PairRequest], *, batch_size: int, memory_limit: int, device: str = "cpu",
                       threads: int = 0, mask: MaskChoice | None = None,
-                      stages: Stages | None = None) -> dict[PairRequest, PairedStats]:
+                      stages: Stages | None = None, rows_per_channel: int = 0) -> dict[PairRequest, PairedStats]:
     """Paired statistics of every request over all of `data` (see the module docstring). With `stages`
     (graphopt.calibration.staged), calls that fit in one round resume each model from what earlier calls
-    with the same `stages` computed."""
+    with the same `stages` computed. Wide maps pair only sampled positions, the same in both tensors
+    (`rows_per_channel`, as stats.sampled_positions)."""
     requests = list(dict.fromkeys(requests))
     if not requests:
         return {}
     sample = next(iter(data.batches(1)))
     infos = (describe(reference, sorted({r.reference for r in requests}), sample),
              describe(model, sorted({r.tensor for r in requests}), sample))
-    found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor]) for r in requests}
-    mask_name = mask.name if mask is not None else None
+    found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor], data.num_samples, rows_per_channel)
+             for r in requests}
     rounds, stages = _staged_rounds(requests, infos, {r: s.nbytes for r, s in found.items()}, batch_size,
                                     memory_limit, stages)
-    with single_threaded_blas():
+    with single_threaded_blas(), ThreadPoolExecutor(HALVES, thread_name_prefix="paired") as pool:
         for pairs, batch_size_used in rounds:
             names = sorted({p.reference for p in pairs}), sorted({p.tensor for p in pairs})
             runners = _runners((reference, model), names, infos, batch_size_used, (device, threads), stages)
-            for index, batch in enumerate(data.batches(batch_size_used)):
-                reference_values, values = runners[0](index, batch), runners[1](index, batch)
-                kept = mask.kept(batch[mask_name]) if mask is not None and mask_name is not None else None
-                for pair in pairs:
-                    _accumulate(found[pair], reference_values[pair.reference], values[pair.tensor], kept)
+            _measure_round(pool, data.batches(batch_size_used), runners, {pair: found[pair] for pair in pairs}, mask)
     log.info("paired calibration: %d tensor pairs over %s samples", len(requests), data.num_samples)
     return found
+
+
+def _measure_round(pool: ThreadPoolExecutor, batches: Iterable[dict[str, np.ndarray]],
+                   runners: list[Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]]],
+                   found: dict[PairRequest, PairedStats], mask: MaskChoice | None) -> None:
+    """Every batch of one round into `found`: batches alternate between the halves, each half's batches in
+    order on the pool, and the halves merge into `found` in order at the end."""
+    mask_name = mask.name if mask is not None else None
+    halves = {pair: [stats, *(stats.fresh() for _ in range(HALVES - 1))] for pair, stats in found.items()}
+    jobs: list[Future[None] | None] = [None] * HALVES
+    for index, batch in enumerate(batches):
+        half = index % HALVES
+        if jobs[half] is not None:  # this half's previous batch is done: two batches alive at most
+            jobs[half].result()
+        reference_values, values = runners[0](index, batch), runners[1](index, batch)
+        kept = mask.kept(batch[mask_name]) if mask is not None and mask_name is not None else None
+        work = [(halves[pair][half], reference_values[pair.reference], values[pair.tensor]) for pair in found]
+        jobs[half] = pool.submit(_accumulate_all, work, kept)
+        del reference_values, values, work
+    for job in jobs:
+        if job is not None:
+            job.result()
+    for pair, stats in found.items():
+        for other in halves[pair][1:]:
+            stats.merge(other)
 
 
 def _staged_rounds(requests: list[PairRequest], infos: tuple[dict[str, TensorInfo], dict[str, TensorInfo]],
@@ -225,17 +282,27 @@ def _runners(models: tuple[onnx.ModelProto, onnx.ModelProto], names: tuple[list[
     return [(lambda run: lambda index, batch: run(batch))(run) for run in plain]
 
 
-def _empty(request: PairRequest, reference: TensorInfo, info: TensorInfo) -> PairedStats:
+def _empty(request: PairRequest, reference: TensorInfo, info: TensorInfo, samples: int | None,
+           rows_per_channel: int) -> PairedStats:
     rank = len(info.sample_shape)
     if len(reference.sample_shape) != rank or not -rank <= request.channel_axis < rank:
         raise OptionError(f"tensors '{request.reference}' and '{request.tensor}' do not pair along axis "
                           f"{request.channel_axis}")
     axis = request.channel_axis % rank
-    return PairedStats.empty(request, reference.sample_shape[axis], info.sample_shape[axis])
+    wider = max((reference, info), key=lambda i: i.sample_shape[axis])  # enough rows for the wider side
+    positions = sampled_positions(wider.sample_shape, axis, samples, rows_per_channel)
+    return PairedStats.empty(request, reference.sample_shape[axis], info.sample_shape[axis], positions)
+
+
+def _accumulate_all(work: list[tuple[PairedStats, np.ndarray, np.ndarray]], kept: np.ndarray | None) -> None:
+    for stats, reference, values in work:
+        _accumulate(stats, reference, values, kept)
 
 
 def _accumulate(stats: PairedStats, reference: np.ndarray, values: np.ndarray, kept: np.ndarray | None) -> None:
     axis = stats.request.channel_axis
     rows = chunk_rows(stats.reference_channels + stats.channels)
-    for x, y in zip(row_blocks(reference, axis, kept, rows), row_blocks(values, axis, kept, rows), strict=True):
+    blocks = (row_blocks(reference, axis, kept, rows, stats.positions),
+              row_blocks(values, axis, kept, rows, stats.positions))
+    for x, y in zip(*blocks, strict=True):
         stats.update(x, y)

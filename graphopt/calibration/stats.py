@@ -14,6 +14,15 @@ For n rows x_r ∈ R^C the kinds are
   neg_frac  (1/n) #{r : x_r < 0}              per channel
 and the row count n is always kept.
 
+Sampled positions: a tensor with many rows per sample (the positions of a wide feature map) need not
+give all of them to its statistics. With `positions` p > 0, each item along axis 0 (a sample) gives the
+same p of its R rows (`position_subset`: a fixed uniform draw without replacement, seeded by R and p, so
+every batch, run, shard and paired tensor of that shape keeps the same positions), and the statistics are
+those of the kept rows: unbiased estimates of the same moments, and every exact linear relation between
+channels (a zero or duplicated channel) still holds exactly on them. `sampled_positions` chooses p from
+the data's size so that about `rows_per_channel` rows per channel are kept, and keeps every row where
+that is not at least twice fewer; token tensors under an attention mask keep every unmasked row.
+
 Memory: rows are taken in blocks of at most CHUNK_ELEMENTS values (`row_blocks`, never a copy of the
 whole tensor), so the working set beyond the captured tensor is a few chunks.
 
@@ -35,6 +44,7 @@ statistics differ from one pass over all rows by summation order only (float64 r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,14 +78,53 @@ def mask_applies(values: np.ndarray, channel_axis: int, mask: np.ndarray | None)
     return mask is not None and mask.size * values.shape[channel_axis] == values.size
 
 
+def sampled_positions(sample_shape: tuple[int, ...], channel_axis: int, samples: int | None,
+                      rows_per_channel: int) -> int:
+    """How many rows each item along axis 0 keeps (0: every row) for about `rows_per_channel` rows per
+    channel over `samples` samples of shape `sample_shape` (batch 1); see the module docstring."""
+    rank = len(sample_shape)
+    if rows_per_channel <= 0 or not samples or rank < 3 or channel_axis % rank == 0:
+        return 0
+    channels = sample_shape[channel_axis % rank]
+    items = samples * sample_shape[0]
+    per_item = int(np.prod(sample_shape[1:], dtype=np.int64)) // max(channels, 1)
+    wanted = rows_per_channel * max(channels, 1)
+    if items * per_item < 2 * wanted:
+        return 0
+    positions = -(-wanted // items)
+    return positions if 2 * positions <= per_item else 0
+
+
+@functools.lru_cache(maxsize=256)
+def position_subset(per_item: int, positions: int) -> np.ndarray:
+    """The `positions` of an item's `per_item` rows that statistics keep: the same for every batch and run."""
+    rng = np.random.default_rng([per_item, positions])
+    chosen = np.sort(rng.choice(per_item, size=positions, replace=False))
+    chosen.flags.writeable = False
+    return chosen
+
+
+def _sampled(moved: np.ndarray, positions: int) -> np.ndarray:
+    """`moved` ([items, ..., C]) as [items, kept, C] with `positions` kept rows per item, where it has more."""
+    per_item = int(np.prod(moved.shape[1:-1], dtype=np.int64))
+    if moved.ndim < 3 or per_item <= positions:
+        return moved
+    return moved.reshape(moved.shape[0], per_item, moved.shape[-1])[:, position_subset(per_item, positions)]
+
+
 def row_blocks(values: np.ndarray, channel_axis: int, mask: np.ndarray | None,
-               max_rows: int) -> Iterator[np.ndarray]:
+               max_rows: int, positions: int = 0) -> Iterator[np.ndarray]:
     """The (rows, C) matrix of `values`, in row-major blocks of at most `max_rows` rows (one row at
-    least); rows whose mask entry is zero are left out when the mask applies. Each block is a view or
-    a copy of at most its own size, so no copy of the whole tensor is made."""
+    least); rows whose mask entry is zero are left out when the mask applies, and with `positions` > 0
+    (and no mask) each item along axis 0 gives only those of its rows (see the module docstring). Each
+    block is a view or a copy of at most its own size, so no copy of the whole tensor is made (the
+    sampled rows are one copy of what they keep)."""
     keep = mask.reshape(-1) != 0 if mask is not None and mask_applies(values, channel_axis, mask) else None
+    moved = np.moveaxis(values, channel_axis, -1)
+    if positions > 0 and keep is None:
+        moved = _sampled(moved, positions)
     offset = 0
-    for block in _blocks(np.moveaxis(values, channel_axis, -1), max(1, max_rows)):
+    for block in _blocks(moved, max(1, max_rows)):
         if keep is not None:
             selected = keep[offset:offset + block.shape[0]]
             offset += block.shape[0]
@@ -140,15 +189,18 @@ class TensorStats:
     shift: np.ndarray | None = None
     shifted_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
     shifted_square: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    positions: int = 0  # rows kept per item along axis 0 (sampled_positions); 0: every row
     abs_sum: np.ndarray | None = None
     negatives: np.ndarray | None = None
 
     @classmethod
     def empty(cls, tensor: str, kinds: frozenset[str], channel_axis: int, rank: int, channels: int,
-              masked: bool = False) -> TensorStats:
+              masked: bool = False, positions: int = 0) -> TensorStats:
+        """Empty statistics; `positions` applies to Grams only (the other kinds cost one pass over the rows)."""
         square_shape = (channels, channels) if "gram" in kinds else (channels,)
         return cls(tensor, frozenset(kinds), channel_axis, rank, channels, masked,
                    shifted_sum=np.zeros(channels), shifted_square=np.zeros(square_shape, order="F"),
+                   positions=positions if "gram" in kinds else 0,
                    abs_sum=np.zeros(channels) if "abs_mean" in kinds else None,
                    negatives=np.zeros(channels, dtype=np.int64) if "neg_frac" in kinds else None)
 
@@ -205,10 +257,10 @@ class TensorStats:
         """Add the statistics of other rows of the same tensor, in place (see the module docstring)."""
         if isinstance(self.shifted_square, Spilled) or isinstance(other.shifted_square, Spilled):
             raise ValueError(f"statistics of '{self.tensor}' are final (spilled to disk): they merge no more")
-        if (other.kinds, other.channel_axis, other.channels, other.has_gram) != \
-                (self.kinds, self.channel_axis, self.channels, self.has_gram):
+        if (other.kinds, other.channel_axis, other.channels, other.has_gram, other.positions) != \
+                (self.kinds, self.channel_axis, self.channels, self.has_gram, self.positions):
             raise ValueError(f"statistics of '{self.tensor}' and '{other.tensor}' were taken differently: "
-                             "only statistics of the same kinds, axis and channels merge")
+                             "only statistics of the same kinds, axis, channels and sampled positions merge")
         self.masked = self.masked and other.masked
         if other.count == 0:
             return
@@ -283,7 +335,7 @@ class TensorStats:
     @classmethod
     def from_arrays(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TensorStats:
         stats = cls.empty(meta["tensor"], frozenset(meta["kinds"]), int(meta["channel_axis"]), int(meta["rank"]),
-                          int(meta["channels"]), bool(meta["masked"]))
+                          int(meta["channels"]), bool(meta["masked"]), int(meta.get("positions", 0)))
         stats.count = int(arrays["count"])
         stats.shift = np.array(arrays["shift"], dtype=np.float64) if stats.count else None
         stats.shifted_sum = np.array(arrays["shifted_sum"], dtype=np.float64)
@@ -303,7 +355,7 @@ class TensorStats:
 
 def _meta(stats: TensorStats) -> dict[str, Any]:
     return {"tensor": stats.tensor, "kinds": sorted(stats.kinds), "channel_axis": stats.channel_axis,
-            "rank": stats.rank, "channels": stats.channels, "masked": stats.masked}
+            "rank": stats.rank, "channels": stats.channels, "masked": stats.masked, "positions": stats.positions}
 
 
 def _outer(vector: np.ndarray, full: bool) -> np.ndarray:

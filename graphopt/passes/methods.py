@@ -25,7 +25,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, get_type_hints
 
-from graphopt.calibration.collect import parse_bytes
+from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL, parse_bytes
 from graphopt.calibration.metric import Metric, as_metric, load_metric
 from graphopt.calibration.quantize import ACTIVATIONS, CALIBRATIONS
 from graphopt.calibration.store import StatsFile
@@ -112,6 +112,10 @@ class CalibrationOptions(Options):
 
     calib_memory: int | str = option("2GB", metavar="SIZE",
                                      help="bound on what calibration holds at once, e.g. 512MB (default 2GB)")
+    calib_rows_per_channel: int = option(
+        DEFAULT_ROWS_PER_CHANNEL, metavar="K",
+        help="Gram matrices of wide feature maps from a fixed sample of each sample's positions, about K rows per "
+             f"channel in all (default {DEFAULT_ROWS_PER_CHANNEL}; 0: every position)")
     device: str = option("cpu", choices=("cpu", "cuda"), help="onnxruntime device for calibration")
     threads: int = option(0, help="intra-op threads (0: onnxruntime's default)")
     mask_input: str | None = option(None, metavar="NAME|none", help="attention-mask input: token statistics skip "
@@ -126,6 +130,9 @@ class CalibrationOptions(Options):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.calib_memory = parse_bytes(self.calib_memory)  # bytes; a bad size is refused here, in one line
+        if int(self.calib_rows_per_channel) < 0:
+            raise OptionError(f"--calib-rows-per-channel must be 0 (every position) or more, "
+                              f"got {self.calib_rows_per_channel}")
         if self.workers is not None and int(self.workers) < 1:
             raise OptionError(f"--workers must be at least 1, got {self.workers}")
 

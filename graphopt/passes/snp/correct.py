@@ -49,7 +49,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.consumer_shift import add_bias, consumer_shift, output_axis
 from graphopt.passes.channels.engine import kept_positions
-from graphopt.passes.snp.maths import cross_reconstruction, reconstruction
+from graphopt.passes.snp.maths import cross_reconstruction, from_input_rows, input_rows, reconstruction
 from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:
     else:
         coupling, constant = target.self_fit()
     site = target.site
-    moved = np.moveaxis(target.weight.astype(np.float64), site.axis, -1) @ coupling
-    ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(target.weight.dtype))
+    refitted = input_rows(target.weight, site.axis) @ coupling
+    ir.set_input_array(graph, site.node, site.index, from_input_rows(refitted, target.weight, site.axis))
     shift = consumer_shift(site, constant, target.weight)
     if np.any(shift):
         add_bias(graph, site.node, shift)
@@ -154,9 +154,11 @@ def correct(graph: gs.Graph, ctx: PassContext, reference: onnx.ModelProto, found
     reference_cones = cone_fingerprints(reference)
     pending, corrected, waves = dict(found), 0, 0
     stages = ctx.staged_runs()
+    stages.reference.know(reference, reference_cones)
     while pending:
         model = ir.export_model(graph, ctx.template)
         cones = cone_fingerprints(model)
+        stages.model.know(model, cones)
         wave = [name for name in pending if not upstream[name] & pending.keys()] or list(pending)
         requests: dict[str, PairRequest] = {}
         for name in wave:

@@ -19,7 +19,7 @@ from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_wit
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.snp.correct import correct, targets
-from graphopt.passes.snp.maths import reconstruction
+from graphopt.passes.snp.maths import from_input_rows, input_rows, reconstruction
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 
@@ -37,9 +37,9 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     values = np.zeros(features)
     values[pruned_pos] = constant
     add_shift(shifts, site.node, consumer_shift(site, values, weight))
-    moved = np.moveaxis(weight.astype(np.float64), site.axis, -1)
-    moved[..., keep_pos] += moved[..., pruned_pos] @ coupling
-    ir.set_input_array(graph, site.node, site.index, np.moveaxis(moved, -1, site.axis).astype(weight.dtype))
+    rows = input_rows(weight, site.axis)
+    rows[:, keep_pos] += rows[:, pruned_pos] @ coupling
+    ir.set_input_array(graph, site.node, site.index, from_input_rows(rows, weight, site.axis))
     return True
 
 

@@ -152,3 +152,17 @@ def output_order(cov: np.ndarray, readout: np.ndarray) -> np.ndarray:
                     + (r_kept * g_kk) @ r_kept.T)
         units = units[alive]
     return np.array([*units.tolist(), *pruned[::-1]], dtype=np.int64)
+
+
+def input_rows(weight: np.ndarray, axis: int) -> np.ndarray:
+    """`weight` in float64 as a contiguous (rest, inputs) matrix, inputs along `axis`: one GEMM then updates
+    every row (a product on the moved N-d view loops over stacked small matrices)."""
+    moved = np.moveaxis(np.asarray(weight, dtype=np.float64), axis, -1)
+    return np.ascontiguousarray(moved).reshape(-1, moved.shape[-1])
+
+
+def from_input_rows(rows: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """`input_rows` back to `weight`'s layout and dtype, with `rows.shape[1]` inputs along `axis`."""
+    moved_shape = np.moveaxis(np.empty(weight.shape, dtype=np.bool_), axis, -1).shape[:-1]
+    return np.moveaxis(rows.reshape(*moved_shape, rows.shape[1]), -1, axis).astype(weight.dtype)
+
