@@ -30,7 +30,7 @@ On PP-OCRv4's pretrained recogniser (`bench/ocr.py`) "original" with the output 
 maps' error at both targets measured. Where it loses: a ResNet-50 with seeded weights calibrated on 64
 Gaussian samples (held-out rel_l2 0.51 against 0.32, `bench/reconstruct_target.py`) and, slightly, the
 MiniLM sentence encoder (cosine 0.954 against 0.956 at 0.7; with the output ordering 0.958), where it also
-costs three times the self fit's time (151.5 s against 47.9 s, `bench/refit_cost.py`). Layers read with too few rows per feature
+costs three times the self fit's time (130.7 s against 45.8 s, `bench/refit_cost.py`). Layers read with too few rows per feature
 keep the self fit (without that rule the refit reproduced the calibration outputs almost exactly; see
 graphopt.passes.snp.correct).
 
