@@ -173,3 +173,27 @@ def interleaved_speed(original: onnx.ModelProto, result: onnx.ModelProto, name: 
                                                          "speedup_p90")}
     return out
 
+
+def optimized_row(method: str, target: float, model: onnx.ModelProto, calib: dict[str, np.ndarray],
+                  threads: int, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """`graphopt.optimize` of one benchmark row: (the result, its row: method, target, MAC and parameter
+    ratios, seconds), or (None, a row with the error) when it fails, so that the run goes on."""
+    start = time.perf_counter()
+    try:
+        result = graphopt.optimize(model, target_macs=target, calib=calib, threads=threads, progress=False,
+                                   **options)
+    except Exception as error:
+        return None, {"method": method, "target": target, "error": f"{type(error).__name__}: {error}"}
+    return result, {"method": method, "target": target, "macs_ratio": result.report["macs_ratio"],
+                    "params_ratio": result.report.get("params_ratio"), "seconds": time.perf_counter() - start}
+
+
+def add_speed(row: dict[str, Any], original: onnx.ModelProto, result: onnx.ModelProto, name: str, x: np.ndarray,
+              batches: Iterable[int], rounds: int, threads: int) -> dict[str, Any]:
+    """`row` with its interleaved speed against the original (`interleaved_speed`) and, per batch, the
+    efficiency = speedup x MAC ratio."""
+    row["latency"] = interleaved_speed(original, result, name, x, batches, rounds, threads)
+    for timing in row["latency"].values():
+        timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
+    return row
+

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 import graphopt
-from common import SNP_EARLIER, add_thread_arguments, interleaved_speed, methods_and_targets, start_run
+from common import SNP_EARLIER, add_speed, add_thread_arguments, methods_and_targets, optimized_row, start_run
 
 log = logging.getLogger("detector")
 HERE = Path(__file__).resolve().parent
@@ -488,23 +488,15 @@ def score(output: np.ndarray, context: dict[str, Any], args: argparse.Namespace)
 
 
 def run(method: str, target: float, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        result = graphopt.optimize(context["model"], target_macs=target, calib={"images": context["calib"]},
-                                   threads=args.ort_threads, progress=False, **METHODS[method])
-    except Exception as error:  # a row that fails records why, and the run goes on
-        log.exception("%s @ %s failed", method, target)
-        return {"method": method, "target": target, "error": f"{type(error).__name__}: {error}"}
-    seconds = time.perf_counter() - start
-    row = {"method": method, "target": target, "macs_ratio": result.report["macs_ratio"],
-           "params_ratio": result.report.get("params_ratio"), "seconds": seconds,
-           **score(run_model(result.model, context["test"], args.ort_threads), context, args),
-           "groups": _groups(result.report)}
-    row["latency"] = interleaved_speed(context["model"], result.model, "images", context["test"],
-                                       (1, args.bench_batch), args.rounds, args.ort_threads)
-    for timing in row["latency"].values():
-        timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
-    return row
+    result, row = optimized_row(method, target, context["model"], {"images": context["calib"]}, args.ort_threads,
+                                METHODS[method])
+    if result is None:
+        log.error("%s @ %s failed: %s", method, target, row["error"])
+        return row
+    row.update(**score(run_model(result.model, context["test"], args.ort_threads), context, args),
+               groups=_groups(result.report))
+    return add_speed(row, context["model"], result.model, "images", context["test"], (1, args.bench_batch),
+                     args.rounds, args.ort_threads)
 
 
 def _groups(report: dict[str, Any]) -> list[dict[str, Any]]:

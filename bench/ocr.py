@@ -56,7 +56,6 @@ import numpy as np
 import onnx
 import onnxruntime
 
-import graphopt
 from graphopt.calibration.fidelity import ctc_decode
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -202,23 +201,15 @@ def read(model: onnx.ModelProto, x: np.ndarray, threads: int, batch: int = 50) -
 
 
 def run(method: str, target: float, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    start = time.perf_counter()
-    try:
-        result = graphopt.optimize(context["model"], target_macs=target, calib={"x": context["calib"]},
-                                   threads=args.ort_threads, progress=False, **METHODS[method])
-    except Exception as error:  # a row that fails records why, and the run goes on
-        return {"method": method, "target": target, "error": f"{type(error).__name__}: {error}"}
-    seconds = time.perf_counter() - start
-    row = {"method": method, "target": target, "macs_ratio": result.report["macs_ratio"],
-           "params_ratio": result.report.get("params_ratio"), "seconds": seconds,
-           **context["score"](read(result.model, context["test"], args.ort_threads))}
-    from common import interleaved_speed
+    from common import add_speed, optimized_row
 
-    row["latency"] = interleaved_speed(context["model"], result.model, "x", context["test"],
-                                       (1, args.bench_batch), args.rounds, args.ort_threads)
-    for timing in row["latency"].values():
-        timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
-    return row
+    result, row = optimized_row(method, target, context["model"], {"x": context["calib"]}, args.ort_threads,
+                                METHODS[method])
+    if result is None:
+        return row
+    row.update(context["score"](read(result.model, context["test"], args.ort_threads)))
+    return add_speed(row, context["model"], result.model, "x", context["test"], (1, args.bench_batch), args.rounds,
+                     args.ort_threads)
 
 
 def recogniser_context(model: onnx.ModelProto, args: argparse.Namespace) -> dict[str, Any]:
