@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -196,4 +196,12 @@ def add_speed(row: dict[str, Any], original: onnx.ModelProto, result: onnx.Model
     for timing in row["latency"].values():
         timing["efficiency"] = timing["speedup"] * row["macs_ratio"]
     return row
+
+
+def rotation(methods: list[str], targets: list[float]) -> Iterator[tuple[str, float]]:
+    """Every (method, target), each target's methods starting one further along the list, so that no method
+    always runs first (on a machine that warms up or slows down during a run)."""
+    for index, target in enumerate(targets):
+        for method in methods[index % len(methods):] + methods[:index % len(methods)]:
+            yield method, target
 

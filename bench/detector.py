@@ -71,7 +71,8 @@ import torch
 from torch import nn
 
 import graphopt
-from common import SNP_EARLIER, add_speed, add_thread_arguments, methods_and_targets, optimized_row, start_run
+from common import (SNP_EARLIER, add_speed, add_thread_arguments, methods_and_targets, optimized_row, rotation,
+                    start_run)
 
 log = logging.getLogger("detector")
 HERE = Path(__file__).resolve().parent
@@ -578,16 +579,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{dense['truth']['recall']:.3f}), {dense['detections']} detections of {dense['objects']} objects in "
           f"{args.test} test scenes")
     rows = []
-    for index, target in enumerate(targets):
-        for method in methods[index % len(methods):] + methods[:index % len(methods)]:
-            row = run(method, target, context, args)
-            rows.append(row)
-            if "error" in row:
-                print(f"{method} @ {target}: {row['error']}", flush=True)
-                continue
-            print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, F1 vs original {row['f1']:.3f}, vs truth "
-                  f"{row['truth']['f1']:.3f}, rel_l2 {row['rel_l2']:.3f}, speedup "
-                  f"{row['latency']['batch_1']['speedup']:.2f}x, {row['seconds']:.0f} s", flush=True)
+    for method, target in rotation(methods, targets):
+        row = run(method, target, context, args)
+        rows.append(row)
+        if "error" in row:
+            print(f"{method} @ {target}: {row['error']}", flush=True)
+            continue
+        print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, F1 vs original {row['f1']:.3f}, vs truth "
+              f"{row['truth']['f1']:.3f}, rel_l2 {row['rel_l2']:.3f}, speedup "
+              f"{row['latency']['batch_1']['speedup']:.2f}x, {row['seconds']:.0f} s", flush=True)
     rows.sort(key=lambda r: (-r["target"], methods.index(r["method"])))
     text = table(rows, dense, args.bench_batch)
     total = time.perf_counter() - start

@@ -313,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from common import machine, methods_and_targets
+    from common import machine, methods_and_targets, rotation
 
     methods, targets = methods_and_targets(args.methods, args.targets, METHODS)
     info = machine()
@@ -323,17 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     model = shipped(args.model)
     context = (recogniser_context if args.model == "rec" else detector_context)(model, args)
     rows = []
-    for index, target in enumerate(targets):
-        for method in methods[index % len(methods):] + methods[:index % len(methods)]:
-            row = run(method, target, context, args)
-            rows.append(row)
-            if "error" in row:
-                print(f"{method} @ {target}: {row['error']}")
-                continue
-            b1, bn = row["latency"]["batch_1"], row["latency"][f"batch_{args.bench_batch}"]
-            print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, {context['describe'](row)}, speedup "
-                  f"{b1['speedup']:.2f}x (batch {args.bench_batch} {bn['speedup']:.2f}x), {row['seconds']:.0f} s",
-                  flush=True)
+    for method, target in rotation(methods, targets):
+        row = run(method, target, context, args)
+        rows.append(row)
+        if "error" in row:
+            print(f"{method} @ {target}: {row['error']}")
+            continue
+        b1, bn = row["latency"]["batch_1"], row["latency"][f"batch_{args.bench_batch}"]
+        print(f"{method} @ {target}: MACs {row['macs_ratio']:.3f}, {context['describe'](row)}, speedup "
+              f"{b1['speedup']:.2f}x (batch {args.bench_batch} {bn['speedup']:.2f}x), {row['seconds']:.0f} s",
+              flush=True)
     tables = readme_tables(rows, context["quality"], methods, targets, args.bench_batch)
     total = time.perf_counter() - start
     print("\n" + tables + f"\ntotal runtime {total:.0f} s")
