@@ -5,9 +5,10 @@ On ResNet-50 at 224 px (bench/zoo_architectures, as bench/zoo.py's cost measurem
 - capture: plain inference at batch 32 against the session exposing every Conv/Gemm input (what SNP
   requests) at batches 32, 16 and 8, each in a fresh session over all samples (first-batch costs included);
 - threads: 8 dsyrk updates of (8192 x 256) float64 blocks on one worker thread and on two;
-- arithmetic: the Gram multiply-adds Σ rows · C² over the requested tensors, against the network's MACs.
+- arithmetic: the Gram multiply-adds Σ rows · C² over the requested tensors, against the network's MACs, with
+  every position and with the positions `--rows-per-channel` keeps (graphopt.calibration.stats.sampled_positions).
 
-    python bench/calibration_costs.py [--samples 256]
+    python bench/calibration_costs.py [--samples 256] [--rows-per-channel 1024]
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from zoo_architectures import build  # noqa: E402
 from graphopt.calibration.shapes import count_cost  # noqa: E402
 from graphopt.calibration.blas import scipy_blas  # noqa: E402
 from graphopt.calibration.capture import exposing_model, linear_inputs  # noqa: E402
+from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL  # noqa: E402
 from graphopt.calibration.session import make_session  # noqa: E402
+from graphopt.calibration.stats import sampled_positions  # noqa: E402
 from graphopt.ir.shapes import tensor_shapes, with_fixed_inputs  # noqa: E402
 from graphopt.torch import export  # noqa: E402
 
@@ -65,6 +68,8 @@ def thread_scaling() -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--rows-per-channel", type=int, default=DEFAULT_ROWS_PER_CHANNEL,
+                        help="--calib-rows-per-channel of the sampled count")
     args = parser.parse_args()
     module, example = build("resnet50")
     with tempfile.TemporaryDirectory() as folder:
@@ -81,8 +86,11 @@ def main() -> None:
     print(f"threads: 8 dsyrk updates on one worker {scaling[1]:.2f} s, on two workers {scaling[2]:.2f} s")
     shapes = tensor_shapes(with_fixed_inputs(model, {model.graph.input[0].name: (1, 3, 224, 224)}))
     gram = sum(args.samples * int(np.prod(shapes[n][2:])) * shapes[n][1] ** 2 for n in names)
+    sampled = sum(args.samples * (sampled_positions((1, *shapes[n][1:]), 1, args.samples, args.rows_per_channel)
+                                  or int(np.prod(shapes[n][2:]))) * shapes[n][1] ** 2 for n in names)
     macs = count_cost(model, {model.graph.input[0].name: (1, 3, 224, 224)}).macs * args.samples
-    print(f"arithmetic: Gram multiply-adds {gram / 1e9:.0f} G (full C x C) against {macs / 1e9:.0f} G network MACs")
+    print(f"arithmetic: Gram multiply-adds {gram / 1e9:.0f} G (full C x C) against {macs / 1e9:.0f} G network MACs; "
+          f"{sampled / 1e9:.0f} G from the positions --calib-rows-per-channel {args.rows_per_channel} keeps")
 
 
 if __name__ == "__main__":

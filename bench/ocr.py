@@ -56,6 +56,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
+from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL
 from graphopt.calibration.fidelity import ctc_decode
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -204,7 +205,7 @@ def run(method: str, target: float, context: dict[str, Any], args: argparse.Name
     from common import add_speed, optimized_row
 
     result, row = optimized_row(method, target, context["model"], {"x": context["calib"]}, args.ort_threads,
-                                METHODS[method])
+                                {**METHODS[method], "calib_rows_per_channel": args.calib_rows_per_channel})
     if result is None:
         return row
     row.update(context["score"](read(result.model, context["test"], args.ort_threads)))
@@ -297,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bench-batch", type=int, default=6, help="the second timing batch")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds per batch")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime threads (calibration and timing)")
+    parser.add_argument("--calib-rows-per-channel", type=int, default=DEFAULT_ROWS_PER_CHANNEL, metavar="K",
+                        help="optimize's --calib-rows-per-channel (0: Grams from every position, as the README's "
+                             "tables were measured)")
     parser.add_argument("--quick", action="store_true", help="32 calibration and 100 test lines, target 0.7, "
                                                              "snp and magnitude, 3 timing rounds; nothing written")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/ocr.json, "

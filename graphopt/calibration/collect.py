@@ -111,7 +111,7 @@ class Calibrator:
         if threads < 0:
             raise OptionError(f"--threads must be 0 (onnxruntime's default) or more, got {threads}")
         if rows_per_channel < 0:
-            raise OptionError(f"--calib-rows-per-channel must be 0 (every row) or more, got {rows_per_channel}")
+            raise OptionError(f"--calib-rows-per-channel must be 0 (every position) or more, got {rows_per_channel}")
         if isinstance(mask_input, str):  # an input named directly: the graph still says which entries count
             mask_input = choose_mask(data.model, mask_input) if data is not None else MaskChoice(mask_input, "given")
         self.mask = mask_input if mask_input is not None else MaskChoice(None, "disabled")
