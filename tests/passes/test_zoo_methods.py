@@ -80,6 +80,8 @@ RUNS = {run.id: run for run in (
     Run("snp-sensitivity", "snp", {"budget_by": "sensitivity"}),
     Run("snp-repair", "snp", {"repair": 20}),
     Run("snp-qk", "snp", {"qk_dims": True}),
+    # the defaults with Grams and paired moments from sampled positions, over several batches (both halves)
+    Run("snp-sampled", "snp", {"calib_rows_per_channel": 16, "batch_size": 4}),
     Run("cob", "cob"),
     Run("cob,snp", "cob,snp"),
     Run("omp", "omp", target="sparsity"),
@@ -268,7 +270,8 @@ def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> N
 EXPORTERS = ("legacy", "dynamo")
 NAMES = list(zoo.ZOO) if zoo is not None else []
 CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp-output", "snp-sequential",
-            "snp-original", "snp-sensitivity", "snp-repair", "snp-qk", "cob,snp", "snp,exprune", "snp,quantize")
+            "snp-original", "snp-sensitivity", "snp-repair", "snp-qk", "snp-sampled", "cob,snp", "snp,exprune",
+            "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
             "cob": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
