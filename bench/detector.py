@@ -35,7 +35,10 @@ channels alone (the whole tensor's norm is dominated by the box coordinates in p
 Methods (rows of METHODS, each `graphopt.optimize` at --targets of the MACs, default --round-to auto, no
 retraining): magnitude (L1); snp-earlier (bench.common.SNP_EARLIER: --criterion variance
 --reconstruct-target self); snp (today's defaults with data: the output ordering and the error-correcting
-refit to the original); snp-sensitivity (snp with --budget-by sensitivity). Speed: each result against the
+refit to the original); snp-sensitivity (snp with --budget-by sensitivity: the probes weigh the relative
+error of the whole output, dominated by the box coordinates in pixels); snp-sensitivity-scores (the same with
+`--metric detector:score_error`, the relative squared error of the score channels, which the probes then
+weigh; `--metric detector:f1_vs_reference --probe-key f1` makes them weigh this benchmark's F1 instead). Speed: each result against the
 original in one run (graphopt.evaluate.compare_latency: interleaved rounds, onnxruntime CPU with full
 optimisation, --ort-threads threads) at batch 1 and --bench-batch (default 8) on test scenes; speedup is the
 median per-round ratio with its p10-p90 spread, efficiency = speedup x MAC ratio.
@@ -87,7 +90,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "snp-earlier": {"method": "snp", **SNP_EARLIER},
     "snp": {"method": "snp"},
     "snp-sensitivity": {"method": "snp", "budget_by": "sensitivity"},
+    "snp-sensitivity-scores": {"method": "snp", "budget_by": "sensitivity", "metric": "detector:score_error"},
 }
+CONF, NMS_IOU = 0.25, 0.45  # detection score threshold and class-aware NMS IoU (--conf, --nms-iou)
 TARGETS = (0.7, 0.5)
 MODEL = "yolo-shapes"  # the model column of the table
 
@@ -477,6 +482,22 @@ def agreement(predicted: list[tuple[np.ndarray, ...]], reference: list[tuple[np.
     return {"f1": 2 * precision * recall / max(precision + recall, 1e-12), "precision": precision, "recall": recall}
 
 
+def score_error(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """A graphopt metric (`--metric detector:score_error`): Σ (ŝ − s)² / Σ s² over the score channels."""
+    name = next(iter(reference))
+    scores, found = reference[name][:, 4:].astype(np.float64), candidate[name][:, 4:].astype(np.float64)
+    return {"score_error": float(np.square(found - scores).sum() / max(np.square(scores).sum(), 1e-300))}
+
+
+def f1_vs_reference(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+                    inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """The benchmark's measure as a graphopt metric (`--metric detector:f1_vs_reference`): F1, precision and
+    recall of the candidate's detections against the reference's, at the default --conf and --nms-iou."""
+    name = next(iter(reference))
+    return agreement(detections(candidate[name], CONF, NMS_IOU), detections(reference[name], CONF, NMS_IOU))
+
+
 def score(output: np.ndarray, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     found = detections(output, args.conf, args.nms_iou)
     dense = context["dense_output"]
@@ -543,8 +564,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32, help="training batch (fresh scenes each step)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate")
     parser.add_argument("--retrain", action="store_true", help="train even when bench/.cache/ holds the model")
-    parser.add_argument("--conf", type=float, default=0.25, help="score threshold of a detection")
-    parser.add_argument("--nms-iou", type=float, default=0.45, help="class-aware NMS IoU")
+    parser.add_argument("--conf", type=float, default=CONF, help="score threshold of a detection")
+    parser.add_argument("--nms-iou", type=float, default=NMS_IOU, help="class-aware NMS IoU")
     parser.add_argument("--bench-batch", type=int, default=8, help="the second timing batch")
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds per batch")
     add_thread_arguments(parser)

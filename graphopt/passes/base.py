@@ -142,9 +142,9 @@ class PassContext:
 
         return Stages(self._calibration().memory_limit // 2)
 
-    def output_probe(self, reference: onnx.ModelProto | gs.Graph, samples: int) -> Any:
+    def output_probe(self, reference: onnx.ModelProto | gs.Graph, samples: int, key: str | None = None) -> Any:
         """A probe (graphopt.calibration.probe) of how far candidates' outputs move from `reference`'s on the
-        first `samples` calibration samples."""
+        first `samples` calibration samples, and the run's `--metric` (its key `key`) where one is given."""
         from graphopt.calibration.probe import OutputProbe
         from graphopt.errors import DataError
         from graphopt.ir.graph import export_model
@@ -156,7 +156,8 @@ class PassContext:
         if isinstance(reference, gs.Graph):
             reference = export_model(reference, self.template)
         return OutputProbe(reference, calibrator.data, samples=samples, batch_size=calibrator.batch_size,
-                           device=calibrator.device, threads=calibrator.threads)
+                           device=calibrator.device, threads=calibrator.threads, metric=self.option("metric"),
+                           key=key)
 
     def _calibration(self) -> Any:
         """The context's calibrator (graphopt.calibration.collect), made on first use."""

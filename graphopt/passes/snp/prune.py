@@ -220,6 +220,10 @@ class SubspaceNodePruning(Pass):
         sensitivity-weighted plan; otherwise the `uniform` plan's counts and rounding, unprobed."""
         budget, keep, blocks = budgeting
         ranked = planning[2]
+        if ctx.option("probe_key") is not None and (ctx.option("metric") is None
+                                                    or ctx.option("budget_by") != "sensitivity"):
+            raise OptionError("--probe-key names the key of --metric that --budget-by sensitivity's probes weigh: "
+                              "give it with both")
         if budget is None or ctx.option("budget_by") != "sensitivity" or not ranked:
             return {}, None, *uniform
         probed = self._probe(graph, ctx, planning, uniform[0], folding)
@@ -236,10 +240,10 @@ class SubspaceNodePruning(Pass):
         analysis, prunable, ranked = planning
         stats, max_features, reconstruct = folding
         reference = ir.export_model(graph, ctx.template)
-        probe = ctx.output_probe(reference, int(ctx.option("probe_samples", PROBE_SAMPLES)))
+        probe = ctx.output_probe(reference, int(ctx.option("probe_samples", PROBE_SAMPLES)), ctx.option("probe_key"))
         keys = {group.root: _key(analysis, group) for group in prunable if group.root in ranked}
 
-        def error_of_cut(root: int, count: int) -> float:
+        def error_of_cut(root: int, count: int) -> dict[str, float]:
             trial = ir.import_graph(reference)
             fresh, _ = analyse(trial, ctx)
             group = next(g for g in fresh.groups() if g.prunable and _key(fresh, g) == keys[root])
@@ -248,7 +252,7 @@ class SubspaceNodePruning(Pass):
                 prune_reconstructed(trial, fresh, sites, stats, {group.root: np.sort(ranked[root].order[:count])},
                                     reconstruct)
             ir.cleanup(trial)
-            return probe.error(ir.export_model(trial, ctx.template))
+            return probe.measure(ir.export_model(trial, ctx.template))
 
         return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut)
 
@@ -291,6 +295,10 @@ class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
                                  "the model's output (one cut and run per group, needs --calib) and cuts least "
                                  "where the output is most sensitive")
     probe_samples: int = option(PROBE_SAMPLES, cli=False, help="calibration samples each sensitivity probe runs")
+    probe_key: str | None = option(None, metavar="KEY",
+                                   help="with --budget-by sensitivity and --metric: the metric's key the probes weigh, "
+                                        "as the change from the original's value (default: its only key; without "
+                                        "--metric the probes weigh the outputs' relative squared error)")
     heads: bool = option(True, flag="--no-heads",
                          help="snp: keep every attention head (by default whole heads compete with channels in the "
                               "budget, ranked by the output projection's error, their loss reconstructed into it)")

@@ -5,8 +5,9 @@ that variance the output needs (a group deep in a residual stream, or read by th
 whose errors later layers wash out), so `--budget-by sensitivity` probes each prunable group once: the
 group alone is cut to the count the uniform budget gives it (deeper where that removes under
 `MIN_PROBE_LOSS` of its unique variance), reconstructed as SNP does, and the relative squared error of the
-model's outputs on `PROBE_SAMPLES` calibration samples (graphopt.calibration.probe) divided by the fraction
-L of the group's unique variance the cut removed gives s_g, output error per unit of lost variance.
+model's outputs on `PROBE_SAMPLES` calibration samples (graphopt.calibration.probe; with `--metric`, the
+change of the metric's `--probe-key` instead) divided by the fraction L of the group's unique variance the
+cut removed gives s_g, output damage per unit of lost variance.
 
 The allocation then minimises Σ s_g·L_g(k_g) under the MAC or latency target: with τ a global damage
 threshold, group g keeps the shortest prefix of its order whose lost variance satisfies s_g·L_g ≤ τ (the
@@ -41,29 +42,51 @@ def lost_variance(ordering: Ordering, count: int) -> float:
 
 
 def sensitivities(ranked: dict[int, Ordering], planned: dict[int, int],
-                  error_of_cut: Callable[[int, int], float]) -> dict[int, dict[str, float]]:
-    """Per group: the probe's count, lost variance, output error and sensitivity s = error / lost variance.
-    `error_of_cut(root, count)` cuts group `root` alone to `count` units and returns the output error."""
+                  measure_cut: Callable[[int, int], dict[str, float]]) -> dict[int, dict[str, float]]:
+    """Per group: the probe's count, lost variance, what the probe measured (`output_error`, and
+    `metric_change` with a user's metric) and the sensitivity s = damage / lost variance, the damage being the
+    metric's change where measured, else the output error. `measure_cut(root, count)` cuts group `root` alone
+    to `count` units and returns the probe's measures (graphopt.calibration.probe)."""
     found = {}
     for root, ordering in ranked.items():
         if ordering.order.size < 2:
             continue
         count = probe_count(ordering, planned.get(root, ordering.order.size))
         lost = lost_variance(ordering, count)
-        error = float(error_of_cut(root, count))
-        found[root] = {"probe_count": count, "lost_variance": lost, "output_error": error,
-                       "sensitivity": error / max(lost, 1e-12)}
+        measured = {key: float(value) for key, value in measure_cut(root, count).items()}
+        damage = measured.get("metric_change", measured["output_error"])
+        found[root] = {"probe_count": count, "lost_variance": lost, **measured,
+                       "sensitivity": damage / max(lost, 1e-12)}
     return found
 
 
 def scales(found: dict[int, dict[str, float]], ranked: dict[int, Ordering]) -> dict[int, float]:
-    """The weight of each group's lost variance (groups without a probe take the median sensitivity)."""
-    values = [entry["sensitivity"] for entry in found.values()]
-    if not values or max(values) <= 0.0:
+    """The weight of each group's lost variance (groups without a probe take the median sensitivity).
+    Groups whose cut left a user's metric unchanged (a metric counted over few samples moves in steps) rank
+    among themselves by their output error per lost variance, scaled so the most sensitive of them weighs
+    what the least sensitive group that moved the metric weighs; when no cut moved it, the output error
+    ranks every group."""
+    values = _tied_by_output_error(found)
+    if not values or max(values.values()) <= 0.0:
         return {root: 1.0 for root in ranked}
-    floor, median = _FLOOR * max(values), float(np.median(values))
-    return {root: max(found[root]["sensitivity"], floor) if root in found else max(median, floor)
-            for root in ranked}
+    floor, median = _FLOOR * max(values.values()), float(np.median(list(values.values())))
+    return {root: max(values[root], floor) if root in values else max(median, floor) for root in ranked}
+
+
+def _tied_by_output_error(found: dict[int, dict[str, float]]) -> dict[int, float]:
+    """Each probed group's sensitivity, ties at zero metric change broken by the output error (`scales`)."""
+    values = {root: entry["sensitivity"] for root, entry in found.items()}
+    by_output = {root: entry["output_error"] / max(entry["lost_variance"], 1e-12) for root, entry in found.items()}
+    unmoved = [root for root, entry in found.items() if "metric_change" in entry and values[root] <= 0.0]
+    moved = [value for value in values.values() if value > 0.0]
+    if not unmoved:
+        return values
+    if not moved:
+        return by_output
+    top = max(by_output[root] for root in unmoved)
+    for root in unmoved:
+        values[root] = min(moved) * by_output[root] / top if top > 0.0 else 0.0
+    return values
 
 
 def damage_counts(ranked: dict[int, Ordering], scale: dict[int, float], tau: float,
