@@ -1,7 +1,7 @@
 """BLAS kernels behind the statistics: Gram updates of row blocks, and how many BLAS threads to use.
 
 Accumulators keep only the upper triangle of a symmetric C×C matrix (column-major, float64); `symmetric`
-makes the full matrix from it. `chunk_gram` converts rows to float64 and runs dsyrk: float32 products
+makes the full matrix from it. `chunk_gram` converts rows to float64 and runs syrk: float32 products
 (ssyrk, 1.8x faster here) would leave the Gram a rounding error of about 3e-6 relative, enough to blur the
 exactly zero variance of a redundant channel or direction that SNP's and CoB's exact removals detect.
 """
@@ -9,6 +9,7 @@ exactly zero variance of a redundant channel or direction that SNP's and CoB's e
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, ContextManager
 
 import numpy as np
@@ -30,13 +31,32 @@ def symmetric(upper: np.ndarray) -> np.ndarray:
     return full
 
 
+_scratch = threading.local()
+
+
 def syrk_update(square: np.ndarray, chunk: np.ndarray) -> None:
-    """square += chunkᵀ chunk on the upper triangle, in place (BLAS syrk: half the work of a matmul); chunk is
-    float64."""
-    if scipy_blas is None:
-        square += chunk.T @ chunk
+    """square += chunkᵀ chunk on the upper triangle at least, in place; chunk is float64 and square is
+    column-major.
+
+    A block with at least as many rows as channels goes to numpy, which computes a matrix times its own
+    transpose by BLAS syrk and releases the GIL while it runs, so two accumulation workers multiply in
+    parallel (scipy's dsyrk wrapper, as fast on one thread, holds the GIL: two workers took as long as one).
+    numpy writes the whole product into a scratch matrix of the calling thread (one per width, reused),
+    added as its transpose so that both are read in column order. A thinner block goes to scipy's dsyrk,
+    which adds into the upper triangle in place: there the C x C copy and addition would cost more than
+    the product."""
+    width = square.shape[0]
+    if scipy_blas is not None and chunk.shape[0] < width:
+        scipy_blas.dsyrk(1.0, chunk.T, beta=1.0, c=square, trans=0, lower=0, overwrite_c=1)
         return
-    scipy_blas.dsyrk(1.0, chunk.T, beta=1.0, c=square, trans=0, lower=0, overwrite_c=1)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(width)
+    if buffer is None:
+        buffer = buffers[width] = np.empty((width, width))
+    np.matmul(chunk.T, chunk, out=buffer)
+    square += buffer.T  # symmetric: the transpose is the same matrix, read in square's (column) order
 
 
 def syr2_update(square: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
