@@ -4,7 +4,8 @@ whether two BLAS threads run a Gram update faster than one, and how much Gram ar
 On ResNet-50 at 224 px (bench/zoo_architectures, as bench/zoo.py's cost measurement) with `--samples` random images:
 - capture: plain inference at batch 32 against the session exposing every Conv/Gemm input (what SNP
   requests) at batches 32, 16 and 8, each in a fresh session over all samples (first-batch costs included);
-- threads: 8 dsyrk updates of (8192 x 256) float64 blocks on one worker thread and on two;
+- threads: 40 Gram updates of (8192 x 256) float64 blocks on one worker thread and on two, by scipy's dsyrk
+  (which holds the GIL) and by graphopt's syrk_update (numpy's syrk, which releases it);
 - arithmetic: the Gram multiply-adds Σ rows · C² over the requested tensors, against the network's MACs, with
   every position and with the positions `--rows-per-channel` keeps (graphopt.calibration.stats.sampled_positions).
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_architectures import build  # noqa: E402
 from graphopt.calibration.shapes import count_cost  # noqa: E402
-from graphopt.calibration.blas import scipy_blas  # noqa: E402
+from graphopt.calibration.blas import scipy_blas, syrk_update  # noqa: E402
 from graphopt.calibration.capture import exposing_model, linear_inputs  # noqa: E402
 from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL  # noqa: E402
 from graphopt.calibration.session import make_session  # noqa: E402
@@ -46,22 +47,26 @@ def timed_run(model: onnx.ModelProto, names: list[str] | None, x: np.ndarray, ba
     return time.perf_counter() - start
 
 
-def thread_scaling() -> dict[int, float]:
+def thread_scaling() -> dict[str, dict[int, float]]:
+    """Seconds for 8 x 5 Gram updates of (8192 x 256) float64 blocks on one and two worker threads: scipy's
+    dsyrk (holds the GIL) and graphopt's syrk_update (numpy's product, which releases it)."""
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((8192, 256)) for _ in range(8)]
     squares = [np.zeros((256, 256), order="F") for _ in blocks]
-
-    def update(index: int) -> None:
-        for _ in range(5):
-            scipy_blas.dsyrk(1.0, blocks[index].T, beta=1.0, c=squares[index], trans=0, lower=0, overwrite_c=1)
-
-    found = {}
+    kernels = {"scipy dsyrk": lambda i: scipy_blas.dsyrk(1.0, blocks[i].T, beta=1.0, c=squares[i], trans=0, lower=0,
+                                                          overwrite_c=1),
+               "graphopt syrk_update": lambda i: syrk_update(squares[i], blocks[i])}
+    found: dict[str, dict[int, float]] = {}
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
-        for workers in (1, 2):
-            with ThreadPoolExecutor(workers) as pool:
-                start = time.perf_counter()
-                list(pool.map(update, range(len(blocks))))
-                found[workers] = time.perf_counter() - start
+        for name, kernel in kernels.items():
+            if scipy_blas is None and name.startswith("scipy"):
+                continue
+            found[name] = {}
+            for workers in (1, 2):
+                with ThreadPoolExecutor(workers) as pool:
+                    start = time.perf_counter()
+                    list(pool.map(lambda i: [kernel(i) for _ in range(5)], range(len(blocks))))
+                    found[name][workers] = time.perf_counter() - start
     return found
 
 
@@ -82,8 +87,8 @@ def main() -> None:
     print(f"capture, {args.samples} samples: plain inference (batch 32) {timed_run(model, None, x, 32):.2f} s")
     for batch in (32, 16, 8):
         print(f"  exposing {len(names)} consumer inputs, batch {batch}: {timed_run(exposed, names, x, batch):.2f} s")
-    scaling = thread_scaling()
-    print(f"threads: 8 dsyrk updates on one worker {scaling[1]:.2f} s, on two workers {scaling[2]:.2f} s")
+    for kernel, seconds in thread_scaling().items():
+        print(f"threads: 40 {kernel} updates on one worker {seconds[1]:.2f} s, on two workers {seconds[2]:.2f} s")
     shapes = tensor_shapes(with_fixed_inputs(model, {model.graph.input[0].name: (1, 3, 224, 224)}))
     gram = sum(args.samples * int(np.prod(shapes[n][2:])) * shapes[n][1] ** 2 for n in names)
     sampled = sum(args.samples * (sampled_positions((1, *shapes[n][1:]), 1, args.samples, args.rows_per_channel)
