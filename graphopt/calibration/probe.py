@@ -91,10 +91,6 @@ class OutputProbe:
             found["metric_change"] = abs(self._metric_mean(outputs)[self.key] - self.baseline)
         return found
 
-    def error(self, candidate: onnx.ModelProto) -> float:
-        """The mean relative squared error of `candidate`'s outputs (`measure`'s output_error)."""
-        return self.measure(candidate)["output_error"]
-
     def describe(self) -> dict[str, Any]:
         return {"samples": self.samples, "outputs": self.floats,
                 **({"metric": self.metric.name, "key": self.key, "baseline": self.baseline}
