@@ -254,7 +254,7 @@ class SubspaceNodePruning(Pass):
             ir.cleanup(trial)
             return probe.measure(ir.export_model(trial, ctx.template))
 
-        return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut)
+        return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut, ctx.progress)
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext, first: Analysis, cut: dict[int, int],
                     criterion: str, max_features: int, reconstruct: bool,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from graphopt.passes.channels.budget import CostModel, RoundTo
 from graphopt.passes.snp.plan import Ordering, counts
@@ -42,13 +43,15 @@ def lost_variance(ordering: Ordering, count: int) -> float:
 
 
 def sensitivities(ranked: dict[int, Ordering], planned: dict[int, int],
-                  measure_cut: Callable[[int, int], dict[str, float]]) -> dict[int, dict[str, float]]:
+                  measure_cut: Callable[[int, int], dict[str, float]], progress: bool = False
+                  ) -> dict[int, dict[str, float]]:
     """Per group: the probe's count, lost variance, what the probe measured (`output_error`, and
     `metric_change` with a user's metric) and the sensitivity s = damage / lost variance, the damage being the
     metric's change where measured, else the output error. `measure_cut(root, count)` cuts group `root` alone
-    to `count` units and returns the probe's measures (graphopt.calibration.probe)."""
+    to `count` units and returns the probe's measures (graphopt.calibration.probe); `progress` shows a bar."""
     found = {}
-    for root, ordering in ranked.items():
+    for root, ordering in tqdm(ranked.items(), desc="snp sensitivity probes", unit="group", disable=not progress,
+                               leave=False):
         if ordering.order.size < 2:
             continue
         count = probe_count(ordering, planned.get(root, ordering.order.size))
