@@ -16,7 +16,8 @@ floating-point reassociation across the cut).
 
 Memory: the frontier stays in memory up to the stage's byte budget; batches beyond it are written to .npy files
 in a temporary folder and read back memory-mapped (MiniLM's frontier over 1000 x 128 tokens outgrows the
-512 MiB a stage gets from the default bound). A stage whose files would exceed SPILL_FACTOR times its budget
+512 MiB a stage gets from the default bound); a spilled tensor that stays on the frontier (a residual
+stream across the waves of its block) keeps its file and is not written again. A stage whose files would exceed SPILL_FACTOR times its budget
 drops its frontier and runs full cones from then on (logged once), which is the cost it would have had
 anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
 its bound.
@@ -25,6 +26,7 @@ its bound.
 from __future__ import annotations
 
 import logging
+import mmap
 import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -102,7 +104,7 @@ class Stage:
         self._batch_size: int | None = None
         self._overflow = False
         self._folder: tempfile.TemporaryDirectory | None = None  # spilled frontier batches
-        self._files: dict[int, list[tuple[Path, int]]] = {}  # batch index -> its spilled files and their bytes
+        self._files: dict[int, dict[str, tuple[Path, int]]] = {}  # batch index -> tensor -> its spilled file, bytes
         self._spilled = 0                          # bytes in those files
         self._written = 0                          # files written, for unique names
 
@@ -171,12 +173,17 @@ class Stage:
         self._types = {name: self._types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype)
                        for name in frontier}
         kept = {name: values[name] for name in frontier}
-        self._values.pop(index, None)
-        self._drop_files(index)
+        previous = self._values.pop(index, {})
+        # a frontier tensor still on the frontier keeps its file (it is the very mapping read back from it)
+        reused = {name for name in kept if name in previous and _mapped(previous[name]) and kept[name] is previous[name]}
+        self._drop_files(index, keep=reused)
+        for name in reused:  # read by this call: its pages leave the process's memory until the next one
+            _release(kept[name])
+        fresh = {name: value for name, value in kept.items() if name not in reused}
         held = sum(v.nbytes for batch in self._values.values() for v in batch.values() if not _mapped(v))
-        if held + sum(v.nbytes for v in kept.values()) > self.memory_limit:
-            kept = self._spill(index, kept)
-        self._values[index] = kept
+        if held + sum(v.nbytes for v in fresh.values()) > self.memory_limit:
+            fresh = self._spill(index, fresh)
+        self._values[index] = {**{name: kept[name] for name in reused}, **fresh}
         self._overflow = self._spilled > SPILL_FACTOR * self.memory_limit
 
     def _spill(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -189,22 +196,36 @@ class Stage:
             path = Path(self._folder.name) / f"{self._written}.npy"
             self._written += 1
             np.save(path, np.ascontiguousarray(value))
-            self._files.setdefault(index, []).append((path, value.nbytes))
+            self._files.setdefault(index, {})[name] = (path, value.nbytes)
             self._spilled += value.nbytes
             mapped[name] = np.load(path, mmap_mode="r")
         return mapped
 
-    def _drop_files(self, index: int) -> None:
-        for path, size in self._files.pop(index, []):
+    def _drop_files(self, index: int, keep: set[str] = frozenset()) -> None:
+        """Remove batch `index`'s spilled files but those of the tensors in `keep`."""
+        kept = {}
+        for name, (path, size) in self._files.pop(index, {}).items():
+            if name in keep:
+                kept[name] = (path, size)
+                continue
             self._spilled -= size
             try:
                 path.unlink()
             except OSError:  # still mapped where the system forbids removing it: the folder's cleanup takes it
                 pass
+        if kept:
+            self._files[index] = kept
 
 
 def _mapped(value: np.ndarray) -> bool:
     return isinstance(value, np.memmap)
+
+
+def _release(value: np.ndarray) -> None:
+    """Drop the resident pages of a spilled tensor's mapping (madvise DONTNEED; the next read maps them again
+    from the file), so that a tensor kept on the frontier across calls does not stay counted in memory."""
+    if isinstance(value.base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        value.base.madvise(mmap.MADV_DONTNEED)
 
 
 class Stages:

@@ -100,6 +100,21 @@ def test_a_frontier_over_its_memory_budget_is_kept_on_disk() -> None:
     assert not folder.exists()
 
 
+def test_a_spilled_tensor_that_stays_on_the_frontier_keeps_its_file() -> None:
+    model, batches = _residual(0), _batches()
+    stage = Stage(6000)  # one tensor of one batch (4608 bytes) fits in memory, two do not
+    _check(_staged(stage, model, ["ra"], batches), model, ["ra"], batches)
+    spilled = {index: stage._files[index]["ra"][0] for index in (1, 2)}
+    written = stage._written
+    _check(_staged(stage, model, ["b"], batches), model, ["b"], batches)  # ra stays on the frontier beside b
+    assert {index: stage._files[index]["ra"][0] for index in (1, 2)} == spilled
+    assert all(path.exists() for path in spilled.values())
+    assert stage._written == written + 3  # batch 0's ra and b, batch 2's b: ra of batches 1 and 2 not again
+    _check(_staged(stage, model, ["y"], batches), model, ["y"], batches)
+    assert stage.enabled and stage.resumed_calls == 2
+    assert not any(path.exists() for path in spilled.values())  # off the frontier: its files are gone
+
+
 def test_a_frontier_over_its_disk_budget_falls_back_to_full_runs() -> None:
     model, batches = _residual(0), _batches()
     stage = Stage(4000)  # every batch spills: {ra} fits SPILL_FACTOR x 4000 bytes on disk, {ra, b} does not
