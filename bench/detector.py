@@ -38,9 +38,9 @@ retraining): magnitude (L1); snp-earlier (bench.common.SNP_EARLIER: --criterion 
 refit to the original); snp-sensitivity (snp with --budget-by sensitivity: the probes weigh the relative
 error of the whole output, dominated by the box coordinates in pixels); snp-sensitivity-scores (the same with
 `--metric detector:score_error`, the relative squared error of the score channels, which the probes then
-weigh; `--metric detector:f1_vs_reference --probe-key f1` makes them weigh this benchmark's F1 instead). Speed: each result against the
-original in one run (graphopt.evaluate.compare_latency: interleaved rounds, onnxruntime CPU with full
-optimisation, --ort-threads threads) at batch 1 and --bench-batch (default 8) on test scenes; speedup is the
+weigh; `--metric detector:f1_vs_reference --probe-key f1` makes them weigh this benchmark's F1 instead).
+Speed: each result against the original in one run (graphopt.evaluate.compare_latency: interleaved rounds,
+onnxruntime CPU with full optimisation, --ort-threads threads) at batch 1 and --bench-batch (default 8) on test scenes; speedup is the
 median per-round ratio with its p10-p90 spread, efficiency = speedup x MAC ratio.
 
     python bench/detector.py                 # train + every method at 0.7, 0.5: about 7 minutes on 2 cores,

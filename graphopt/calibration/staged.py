@@ -17,9 +17,9 @@ floating-point reassociation across the cut).
 Memory: the frontier stays in memory up to the stage's byte budget; batches beyond it are written to .npy files
 in a temporary folder and read back memory-mapped (MiniLM's frontier over 1000 x 128 tokens outgrows the
 512 MiB a stage gets from the default bound); a spilled tensor that stays on the frontier (a residual
-stream across the waves of its block) keeps its file and is not written again. A stage whose files would exceed SPILL_FACTOR times its budget
-drops its frontier and runs full cones from then on (logged once), which is the cost it would have had
-anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
+stream across the waves of its block) keeps its file and is not written again, its pages released after
+each call. A stage whose files would exceed SPILL_FACTOR times its budget drops its frontier and runs full
+cones from then on (logged once), which is the cost it would have had anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
 its bound.
 """
 
@@ -173,17 +173,15 @@ class Stage:
         self._types = {name: self._types.get(name) or onnx.helper.np_dtype_to_tensor_dtype(values[name].dtype)
                        for name in frontier}
         kept = {name: values[name] for name in frontier}
-        previous = self._values.pop(index, {})
-        # a frontier tensor still on the frontier keeps its file (it is the very mapping read back from it)
-        reused = {name for name in kept if name in previous and _mapped(previous[name]) and kept[name] is previous[name]}
-        self._drop_files(index, keep=reused)
-        for name in reused:  # read by this call: its pages leave the process's memory until the next one
-            _release(kept[name])
+        reused = _still_spilled(self._values.pop(index, {}), kept)
+        self._drop_files(index, keep=set(reused))
+        for value in reused.values():  # read by this call: its pages leave the process's memory until the next one
+            _release(value)
         fresh = {name: value for name, value in kept.items() if name not in reused}
         held = sum(v.nbytes for batch in self._values.values() for v in batch.values() if not _mapped(v))
         if held + sum(v.nbytes for v in fresh.values()) > self.memory_limit:
             fresh = self._spill(index, fresh)
-        self._values[index] = {**{name: kept[name] for name in reused}, **fresh}
+        self._values[index] = {**reused, **fresh}
         self._overflow = self._spilled > SPILL_FACTOR * self.memory_limit
 
     def _spill(self, index: int, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -219,6 +217,13 @@ class Stage:
 
 def _mapped(value: np.ndarray) -> bool:
     return isinstance(value, np.memmap)
+
+
+def _still_spilled(previous: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of the new frontier `kept` that are the very mappings of the previous frontier's spilled
+    files (a tensor that stayed on the frontier): they keep their files."""
+    return {name: value for name, value in kept.items()
+            if _mapped(value) and previous.get(name) is value}
 
 
 def _release(value: np.ndarray) -> None:
