@@ -204,4 +204,3 @@ def rotation(methods: list[str], targets: list[float]) -> Iterator[tuple[str, fl
     for index, target in enumerate(targets):
         for method in methods[index % len(methods):] + methods[:index % len(methods)]:
             yield method, target
-

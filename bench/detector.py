@@ -47,6 +47,9 @@ median per-round ratio with its p10-p90 spread, efficiency = speedup x MAC ratio
                                              # 6 of them training (about 1 minute once bench/.cache/ holds the model)
     python bench/detector.py --methods snp --targets 0.7
     python bench/detector.py --quick         # short training, small sets, one target (a smoke run; nothing written)
+    python bench/detector.py --methods snp,snp-round16 --targets 0.5 --save OUT --out OUT/detector.json
+                                             # rows not run by default (EXTRA), the models written for
+                                             # bench/op_profile.py and `graphopt bench A B`
 
 Two spinning torch threads slow down about twentyfold while another process holds one of two cores: on a busy
 machine train with --threads 1 (a different cache entry; about 0.26 s a step against 0.17 s).
@@ -92,6 +95,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "snp-sensitivity": {"method": "snp", "budget_by": "sensitivity"},
     "snp-sensitivity-scores": {"method": "snp", "budget_by": "sensitivity", "metric": "detector:score_error"},
 }
+# rows run only when --methods names them: the probes weighing F1 itself (32 probe samples, then all 256
+# calibration scenes) and today's defaults with every group in whole 16-channel blocks
+EXTRA: dict[str, dict[str, Any]] = {
+    "snp-sensitivity-f1": {"method": "snp", "budget_by": "sensitivity", "metric": "detector:f1_vs_reference",
+                           "probe_key": "f1"},
+    "snp-sensitivity-f1-256": {"method": "snp", "budget_by": "sensitivity", "metric": "detector:f1_vs_reference",
+                               "probe_key": "f1", "probe_samples": 256},
+    "snp-round16": {"method": "snp", "round_to": 16},
+}
+ALL = {**METHODS, **EXTRA}
 CONF, NMS_IOU = 0.25, 0.45  # detection score threshold and class-aware NMS IoU (--conf, --nms-iou)
 TARGETS = (0.7, 0.5)
 MODEL = "yolo-shapes"  # the model column of the table
@@ -511,10 +524,12 @@ def score(output: np.ndarray, context: dict[str, Any], args: argparse.Namespace)
 
 def run(method: str, target: float, context: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     result, row = optimized_row(method, target, context["model"], {"images": context["calib"]}, args.ort_threads,
-                                METHODS[method])
+                                ALL[method])
     if result is None:
         log.error("%s @ %s failed: %s", method, target, row["error"])
         return row
+    if args.save is not None:
+        onnx.save(result.model, str(args.save / f"{method}-{target}.onnx"))
     row.update(**score(run_model(result.model, context["test"], args.ort_threads), context, args),
                groups=_groups(result.report))
     return add_speed(row, context["model"], result.model, "images", context["test"], (1, args.bench_batch),
@@ -556,7 +571,9 @@ def table(rows: list[dict[str, Any]], dense: dict[str, Any], bench_batch: int) -
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(ALL)}")
+    parser.add_argument("--save", type=Path, default=None, metavar="DIR",
+                        help="also write the original (original.onnx) and every result (METHOD-TARGET.onnx) there")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC fractions")
     parser.add_argument("--calib", type=int, default=256, help="calibration scenes (seed 1)")
     parser.add_argument("--test", type=int, default=200, help="held-out test scenes (seed 2)")
@@ -581,10 +598,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods, targets = methods_and_targets(args.methods, args.targets, METHODS)
+    methods, targets = methods_and_targets(args.methods, args.targets, ALL)
     info = start_run(args)
     start = time.perf_counter()
     model, training = trained_detector(args)
+    if args.save is not None:
+        args.save.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(args.save / "original.onnx"))
     macs = graphopt.optimize(model, method="none").report["macs_before"]
     origin = f"cached {training['cached']}" if training["cached"] else "trained now"
     print(f"detector: {training['train_s']:.0f} s of training ({origin}), {macs / 1e6:.1f} MMACs per image")
@@ -616,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                        "methods": METHODS, "training": training, "dense": dense, "rows": rows,
+                                        "methods": {m: ALL[m] for m in methods}, "training": training, "dense": dense, "rows": rows,
                                         "table": text, "total_seconds": total}, indent=1))
         print(f"wrote {args.out}")
     return 0

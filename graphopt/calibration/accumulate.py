@@ -75,22 +75,11 @@ def _run_round(model: onnx.ModelProto, data: Dataset, planned: Round, infos: dic
         _hand_over(outputs, values, extra, planned.batch_size)
         values.update({name: batch[name] for name in names if infos[name].is_input})
         kept = mask.kept(batch[mask.name]) if mask is not None else None
-        # costliest first (longest-processing-time scheduling: the workers finish together); popped, so
-        # each activation dies with its task
-        order = sorted(names, key=lambda name: -work(stats[name], values[name]))
+        # largest first: the pool balances better; popped, so each activation dies with its task
+        order = sorted(names, key=lambda name: -values[name].size)
         list(pool.map(partial(_accumulate_popped, stats, values, kept), order))
         if bar is not None:
             bar.update(data.feed_samples(batch))
-
-
-def work(stats: TensorStats, value: np.ndarray) -> int:
-    """The multiply-adds accumulating `value` into `stats` costs, roughly: rows x C² for a Gram (over the
-    sampled positions where it samples), rows x C otherwise."""
-    channels = max(1, stats.channels)
-    rows = value.size // channels
-    if stats.positions > 0 and value.ndim >= 3:
-        rows = min(rows, value.shape[0] * stats.positions)
-    return rows * channels * (channels if stats.has_gram else 1)
 
 
 def _hand_over(outputs: KeptOutputs | None, values: dict[str, np.ndarray], extra: list[str], batch_size: int) -> None:

@@ -16,8 +16,6 @@ probe per group. Sessions run without graph optimisations, like every reference 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import onnx
 
@@ -42,7 +40,6 @@ class OutputProbe:
             taken += self.counts[-1]
             if taken >= samples:
                 break
-        self.samples = taken
         if not self.feeds:
             raise DataError("the calibration data holds no samples to probe the model's outputs with")
         session = make_session(reference, device=device, threads=threads)
@@ -85,13 +82,8 @@ class OutputProbe:
         for name in self.floats:
             total = sum(float(np.square(np.asarray(found[name], dtype=np.float64) - reference[name]).sum())
                         for found, reference in zip(outputs, self.reference))
-            errors.append(total / max(self.energy[name], 1e-300) if total > 0.0 else 0.0)
+            errors.append(total / max(self.energy[name], 1e-300))
         found = {"output_error": float(np.mean(errors))}
         if self.metric is not None:
             found["metric_change"] = abs(self._metric_mean(outputs)[self.key] - self.baseline)
         return found
-
-    def describe(self) -> dict[str, Any]:
-        return {"samples": self.samples, "outputs": self.floats,
-                **({"metric": self.metric.name, "key": self.key, "baseline": self.baseline}
-                   if self.metric is not None else {})}

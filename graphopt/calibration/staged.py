@@ -19,8 +19,8 @@ in a temporary folder and read back memory-mapped (MiniLM's frontier over 1000 x
 512 MiB a stage gets from the default bound); a spilled tensor that stays on the frontier (a residual
 stream across the waves of its block) keeps its file and is not written again, its pages released after
 each call. A stage whose files would exceed SPILL_FACTOR times its budget drops its frontier and runs full
-cones from then on (logged once), which is the cost it would have had anyway. Paired calibration (graphopt.calibration.paired) plans its rounds within what the stages leave of
-its bound.
+cones from then on (logged once), which is the cost it would have had anyway. Paired calibration
+(graphopt.calibration.paired) plans its rounds within what the stages leave of its bound.
 """
 
 from __future__ import annotations

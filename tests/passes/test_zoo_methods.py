@@ -68,6 +68,13 @@ class Run:
         return dict(self.options)
 
 
+def output_gap(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
+               inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """A user's metric for any model: the largest absolute difference of the first float output."""
+    name = next(n for n, v in reference.items() if np.issubdtype(np.asarray(v).dtype, np.floating))
+    return {"gap": float(np.max(np.abs(np.asarray(candidate[name], np.float64) - reference[name])))}
+
+
 RUNS = {run.id: run for run in (
     Run("magnitude", "magnitude"),
     Run("random", "random"),
@@ -78,6 +85,7 @@ RUNS = {run.id: run for run in (
     Run("snp-sequential", "snp", {"sequential": True}),
     Run("snp-original", "snp", {"criterion": "variance", "reconstruct_target": "original"}),
     Run("snp-sensitivity", "snp", {"budget_by": "sensitivity"}),
+    Run("snp-sensitivity-metric", "snp", {"budget_by": "sensitivity", "metric": output_gap}),  # probes weigh it
     Run("snp-repair", "snp", {"repair": 20}),
     Run("snp-qk", "snp", {"qk_dims": True}),
     # the defaults with Grams and paired moments from sampled positions, over several batches (both halves)
@@ -270,7 +278,7 @@ def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> N
 EXPORTERS = ("legacy", "dynamo")
 NAMES = list(zoo.ZOO) if zoo is not None else []
 CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp-output", "snp-sequential",
-            "snp-original", "snp-sensitivity", "snp-repair", "snp-qk", "snp-sampled", "cob,snp", "snp,exprune",
+            "snp-original", "snp-sensitivity", "snp-sensitivity-metric", "snp-repair", "snp-qk", "snp-sampled", "cob,snp", "snp,exprune",
             "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},

@@ -24,7 +24,7 @@ every pending consumer whose input depends on no pending consumer, measured in o
 run; a consumer whose input is computed exactly as in the original (same cone fingerprint) keeps its
 weights. Each wave resumes both models from the tensors the previous wave computed (their frontier,
 graphopt.calibration.staged), so L waves cost about one run of each model over the data instead of L²/2
-layer evaluations (MiniLM at 0.7 of the MACs, 11 waves over 1000 x 128 tokens: 130.7 s against 255.2 s end
+layer evaluations (MiniLM at 0.7 of the MACs, 11 waves over 1000 x 128 tokens: 124.8 s against 257.8 s end
 to end, `bench/refit_cost.py`);
 the frontier stays in memory up to half the calibration memory bound and on disk beyond it, up to twice the
 bound; past that the waves run from the inputs.

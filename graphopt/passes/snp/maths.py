@@ -163,6 +163,5 @@ def input_rows(weight: np.ndarray, axis: int) -> np.ndarray:
 
 def from_input_rows(rows: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
     """`input_rows` back to `weight`'s layout and dtype, with `rows.shape[1]` inputs along `axis`."""
-    moved_shape = np.moveaxis(np.empty(weight.shape, dtype=np.bool_), axis, -1).shape[:-1]
-    return np.moveaxis(rows.reshape(*moved_shape, rows.shape[1]), -1, axis).astype(weight.dtype)
-
+    others = [size for index, size in enumerate(weight.shape) if index != axis % weight.ndim]
+    return np.moveaxis(rows.reshape(*others, rows.shape[1]), -1, axis).astype(weight.dtype)
