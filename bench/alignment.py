@@ -4,6 +4,8 @@ Three small graphs, each timed over a sweep of one channel count, every count in
 rounds (one intra-op thread, full graph optimisation, batch 1):
 - conv:      Conv 3x3 64->C (28x28) + Relu + Conv 1x1 C->64: C sweeps the output channels of a dense conv;
 - depthwise: Conv 1x1 32->C + Relu + depthwise 3x3 on C + Relu + Conv 1x1 C->32 (28x28);
+- conv-small, depthwise-small: the same with 16 channels around C at 56x56, C below two blocks (how a
+  small group, a stem or an early MobileNet stage, steps);
 - matmul:    MatMul [T, 384] x [384, C] + Relu + MatMul [C, 384] at T = 1 and 128 tokens.
 Prints, per count, the median latency and its ratio to the next multiple of the block above it.
 
@@ -25,6 +27,8 @@ from graphopt.passes.channels.alignment import cpu_block
 SWEEPS = {
     "conv": [33, 36, 40, 47, 48, 52, 60, 63, 64],
     "depthwise": [81, 84, 90, 92, 94, 95, 96, 100, 112],
+    "conv-small": [8, 12, 16, 20, 24, 28, 32],
+    "depthwise-small": [8, 12, 16, 20, 24, 28, 32],
     "matmul-1": [1000, 1008, 1016, 1020, 1024, 1030, 1040],
     "matmul-128": [1000, 1008, 1016, 1020, 1024, 1030, 1040],
 }
@@ -42,18 +46,22 @@ def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shape: li
 
 def build(kind: str, count: int) -> tuple[onnx.ModelProto, np.ndarray]:
     rng = np.random.default_rng(0)
+    outer, side = (16, 56) if kind.endswith("-small") else (64 if kind == "conv" else 32, 28)
+    kind = kind.removesuffix("-small")
     if kind == "conv":
         nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["b"]),
                  helper.make_node("Conv", ["b", "w2"], ["y"])]
-        inits = [_weight(rng, "w1", count, 64, 3, 3), _weight(rng, "w2", 64, count, 1, 1)]
-        return _model(nodes, inits, [1, 64, 28, 28]), rng.random((1, 64, 28, 28), dtype=np.float32)
+        inits = [_weight(rng, "w1", count, outer, 3, 3), _weight(rng, "w2", outer, count, 1, 1)]
+        shape = [1, outer, side, side]
+        return _model(nodes, inits, shape), rng.random(shape, dtype=np.float32)
     if kind == "depthwise":
         nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
                  helper.make_node("Conv", ["b", "wd"], ["d"], pads=[1] * 4, group=count),
                  helper.make_node("Relu", ["d"], ["e"]), helper.make_node("Conv", ["e", "w2"], ["y"])]
-        inits = [_weight(rng, "w1", count, 32, 1, 1), _weight(rng, "wd", count, 1, 3, 3),
-                 _weight(rng, "w2", 32, count, 1, 1)]
-        return _model(nodes, inits, [1, 32, 28, 28]), rng.random((1, 32, 28, 28), dtype=np.float32)
+        inits = [_weight(rng, "w1", count, outer, 1, 1), _weight(rng, "wd", count, 1, 3, 3),
+                 _weight(rng, "w2", outer, count, 1, 1)]
+        shape = [1, outer, side, side]
+        return _model(nodes, inits, shape), rng.random(shape, dtype=np.float32)
     tokens = int(kind.split("-")[1])
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
              helper.make_node("MatMul", ["b", "w2"], ["y"])]
@@ -85,10 +93,11 @@ def sweep(kind: str, rounds: int) -> dict[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--kinds", default=",".join(SWEEPS), help=f"comma-separated, from {', '.join(SWEEPS)}")
     args = parser.parse_args()
     block = cpu_block()
     print(f"onnxruntime {ort.__version__}, CPU block {block}, 1 thread, batch 1")
-    for kind in SWEEPS:
+    for kind in args.kinds.split(","):
         medians = sweep(kind, args.rounds)
         print(f"\n{kind}: channels  median_ms  ratio to next multiple of {block}")
         for count, median in medians.items():

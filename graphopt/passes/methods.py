@@ -212,7 +212,7 @@ class Rounding(Options):
     round_to: str | int = option("auto", metavar="auto|N", parse=parse_round_to,
                                  help="keep channel counts a multiple of N; auto (default): the block the "
                                       "execution provider computes in (16 on AVX-512 CPUs, 8 on AVX2 and CUDA; "
-                                      "4 for groups under two blocks); 1: exact counts")
+                                      "4 for groups under one block); 1: exact counts")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -7,18 +7,21 @@ What the blocks are, measured with onnxruntime 1.32 on CPU (`python bench/alignm
 - Convolutions on x86 run in the NCHWc layout, blocked by 16 channels with AVX-512 and by 8 with AVX2: a
   convolution's time steps with its output channels rounded up to the block, so kept channels between two
   blocks cost MACs and buy no speed.
-- A convolution (depthwise above all) whose channel count is not a multiple of 4 leaves the blocked layout
-  and gets reorders around it: about 3x slower measured on a depthwise 3x3 with 95 channels against 96.
+- A convolution (depthwise above all) whose channel count is off the block leaves the blocked layout and
+  gets reorders around it: about 3x slower measured on a depthwise 3x3 with 95 channels against 96, and
+  below one block no cut pays: with 16 channels around it (56x56, 14x14 and 8x8 maps alike), 8 or 12
+  channels ran 5-33% slower than 16, and 20-28 as slow as 32.
 - MatMul/Gemm: MLAS packs the weight in panels of 16 columns; time is nearly linear in the width, so the
   block costs little there and keeps widths on the packing boundary.
 - CUDA: multiples of 8 (fp16 tensor cores).
 
-A group smaller than two blocks would have no choice left but all or one block, so it rounds to 4, the
-blocked layout's own requirement, instead: small layers can still be pruned.
+So every group of at least one block rounds to the block (a 24-channel group keeps 16 or 24); a group
+smaller than one block cannot reach the blocked layout and rounds to 4 (or its size).
 
 Rounding never costs the target: under `auto`, when the block-rounded counts miss a MAC or latency target
-by more than `TARGET_TOLERANCE` (coarse steps on a small model cut too far, or cannot cut enough), the multiples are
-capped at 8, 4, 2 and finally 1 and the budget solved again; the coarsest that reaches the target is kept
+by more than `TARGET_TOLERANCE` (coarse steps on a small model cut too far, or cannot cut enough), the groups
+under two blocks (whose only cut is to one block) round to 4 first, then every multiple is capped at 8, 4, 2
+and finally 1, the budget solved again each time; the coarsest that reaches the target is kept
 (`coarsest_meeting`). A forced `--round-to N` is kept as given.
 """
 
@@ -33,7 +36,7 @@ from graphopt.analysis.state import Group
 from graphopt.passes.channels.budget import CostModel
 from graphopt.errors import OptionError
 
-# the blocked layout's own requirement, and the rounding of groups too small for a whole block
+# the rounding of groups smaller than one block
 MIN_BLOCK = 4
 CUDA_BLOCK = 8
 # a MAC or latency target counts as reached within 2% (relative) of it
@@ -83,8 +86,8 @@ def provider_block(device: str) -> int:
 
 
 def group_block(group: Group, block: int) -> int:
-    """The multiple `group` rounds to: the provider's block, or 4 where the group is smaller than two blocks."""
-    return block if group.size >= 2 * block else min(MIN_BLOCK, group.size)
+    """The multiple `group` rounds to: the provider's block, or 4 where the group is smaller than one block."""
+    return block if group.size >= block else min(MIN_BLOCK, group.size)
 
 
 def group_multiples(round_to: str | int, groups: list[Group], device: str = "cpu") -> dict[int, int]:
@@ -102,10 +105,17 @@ def pass_multiples(option: str | int | None, groups: list[Group], device: str | 
     return group_multiples(1 if option is None else option, groups, device or "cpu")
 
 
-def finer_multiples(multiples: dict[int, int]) -> Iterator[dict[int, int]]:
-    """`multiples`, then the same capped at each of `FINER_CAPS` (each distinct step once, down to exact counts)."""
+def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
+    """`multiples`; then, with the groups' `sizes`, the same with groups under two of their multiples
+    rounding to `MIN_BLOCK`; then `multiples` capped at each of `FINER_CAPS` (each distinct step once, down
+    to exact counts)."""
     last = dict(multiples)
     yield last
+    small = {root: min(multiple, MIN_BLOCK) for root, multiple in multiples.items()
+             if sizes is not None and root in sizes and sizes[root] < 2 * multiple}
+    if small:
+        last = {**multiples, **small}
+        yield last
     for cap in FINER_CAPS:
         step = {root: min(multiple, cap) for root, multiple in multiples.items()}
         if step != last:
@@ -114,15 +124,16 @@ def finer_multiples(multiples: dict[int, int]) -> Iterator[dict[int, int]]:
 
 
 def coarsest_meeting(option: str | int | None, multiples: dict[int, int], solve: Callable[[dict[int, int]], Solution],
-                     ratio: Callable[[Solution], float], target: float) -> tuple[Solution, dict[int, int]]:
-    """The budget solved (`solve(multiples)`) under the coarsest multiples whose cost `ratio` lies within
-    `TARGET_TOLERANCE` of `target` (relative, either side: coarse minimum counts can also stay above it),
-    with those multiples; when none does, the closest solution. Only
-    `--round-to auto` is relaxed: a forced N is solved once, as given."""
+                     ratio: Callable[[Solution], float], target: float,
+                     sizes: dict[int, int] | None = None) -> tuple[Solution, dict[int, int]]:
+    """The budget solved (`solve(multiples)`) under the coarsest multiples (`finer_multiples`, with the
+    groups' `sizes`) whose cost `ratio` lies within `TARGET_TOLERANCE` of `target` (relative, either side:
+    coarse minimum counts can also stay above it), with those multiples; when none does, the closest
+    solution. Only `--round-to auto` is relaxed: a forced N is solved once, as given."""
     if option != "auto":
         return solve(multiples), multiples
     closest: tuple[Solution, dict[int, int], float] | None = None
-    for step in finer_multiples(multiples):
+    for step in finer_multiples(multiples, sizes):
         solution = solve(step)
         reached = ratio(solution)
         miss = abs(reached - target) / target if target > 0 else reached

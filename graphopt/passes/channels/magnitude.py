@@ -112,7 +112,7 @@ class _ChannelPruning(Pass):
         blocks = round_to  # before any relaxation
         counts, round_to = coarsest_meeting(
             ctx.option("round_to"), round_to, lambda step: choose_counts(scores, budget.model, budget.target, step),
-            lambda chosen: cost_ratio(budget.model, chosen), budget.target)
+            lambda chosen: cost_ratio(budget.model, chosen), budget.target, {g.root: g.size for g in prunable})
         kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
         result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), budget)
         apply_kept(graph, analysis, kept)

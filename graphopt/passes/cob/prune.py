@@ -237,14 +237,14 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     budget = channel_budget(graph, ctx, analysis, model, round_to) if kind == "target_latency" else None
     cost = budget.model if budget else model
     blocks = round_to  # before any relaxation
+    sizes = {root: o.order.size for root, o in orderings.items()}
     (kept, decision), round_to = coarsest_meeting(
         ctx.option("round_to") if kind in ("target_macs", "target_latency") else None, round_to,
         lambda step: _kept(kind, value, energy_of, orderings, cost, step),
-        lambda planned: cost_ratio(cost, {root: idx.size for root, idx in planned[0].items()}), value)
+        lambda planned: cost_ratio(cost, {root: idx.size for root, idx in planned[0].items()}), value, sizes)
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
     result.history = _history(analysis, kept, orderings, copies, decision)
     _cut(graph, ctx, analysis, kept, result)
-    sizes = {root: o.order.size for root, o in orderings.items()}
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
     return removed, model.ratio(counts), {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks)}

@@ -182,7 +182,8 @@ class SubspaceNodePruning(Pass):
         (variance, chosen), round_to = coarsest_meeting(
             ctx.option("round_to") if budget is not None else None, round_to,
             lambda step: _plan(ranked, budget, keep, step),
-            lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0)
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0,
+            {g.root: g.size for g in prunable})
         planning, folding = (analysis, prunable, ranked), (stats, max_features, reconstruct)
         probed, tau, chosen, round_to = self._by_sensitivity(graph, ctx, planning, folding, (budget, keep, blocks),
                                                              (chosen, round_to))
@@ -230,7 +231,7 @@ class SubspaceNodePruning(Pass):
         scale = scales(probed, ranked)
         (tau, chosen), round_to = coarsest_meeting(
             ctx.option("round_to"), blocks, lambda step: _plan(ranked, budget, keep, step, scale),
-            lambda planned: cost_ratio(budget.model, planned[1]), budget.target)
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target, {g.root: g.size for g in planning[1]})
         return probed, tau, chosen, round_to
 
     def _probe(self, graph: gs.Graph, ctx: PassContext, planning: tuple[Analysis, list[Group], dict[int, Ordering]],

@@ -42,13 +42,13 @@ def test_cpu_block_follows_the_instruction_set(monkeypatch: pytest.MonkeyPatch, 
         alignment.cpu_block.cache_clear()
 
 
-def test_auto_gives_the_block_to_large_groups_and_four_to_small_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_gives_the_block_to_groups_of_one_block_and_four_to_smaller_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(alignment, "cpu_block", lambda: 16)
-    groups = [_group(0, 512), _group(1, 32), _group(2, 31), _group(3, 10), _group(4, 3)]
-    assert alignment.group_multiples("auto", groups) == {0: 16, 1: 16, 2: 4, 3: 4, 4: 3}
-    assert alignment.group_multiples("auto", groups, device="cuda") == {0: 8, 1: 8, 2: 8, 3: 4, 4: 3}
-    assert alignment.group_multiples(8, groups) == {root: 8 for root in range(5)}
-    assert alignment.pass_multiples(None, groups, None) == {root: 1 for root in range(5)}
+    groups = [_group(0, 512), _group(1, 31), _group(2, 16), _group(3, 15), _group(4, 10), _group(5, 3)]
+    assert alignment.group_multiples("auto", groups) == {0: 16, 1: 16, 2: 16, 3: 4, 4: 4, 5: 3}
+    assert alignment.group_multiples("auto", groups, device="cuda") == {0: 8, 1: 8, 2: 8, 3: 8, 4: 8, 5: 3}
+    assert alignment.group_multiples(8, groups) == {root: 8 for root in range(6)}
+    assert alignment.pass_multiples(None, groups, None) == {root: 1 for root in range(6)}
 
 
 def _linear_mac_model(sizes: dict[int, int]):
@@ -146,6 +146,18 @@ def test_finer_multiples_cap_each_group_down_to_exact_counts() -> None:
     assert list(alignment.finer_multiples({1: 1})) == [{1: 1}]
 
 
+def test_groups_under_two_blocks_relax_to_four_before_every_group_is_capped() -> None:
+    """A group whose only cut is to one block is the first to leave it when the target is missed."""
+    steps = list(alignment.finer_multiples({1: 16, 2: 16, 3: 3}, sizes={1: 512, 2: 24, 3: 3}))
+    assert steps[:3] == [{1: 16, 2: 16, 3: 3}, {1: 16, 2: 4, 3: 3}, {1: 8, 2: 8, 3: 3}]
+    assert steps[-1] == {1: 1, 2: 1, 3: 1}
+    assert list(alignment.finer_multiples({1: 16}, sizes={1: 32}))[1] == {1: 8}  # two blocks: no early step
+    tried: list[dict[int, int]] = []
+    solution, step = alignment.coarsest_meeting("auto", {1: 16, 2: 16}, lambda s: tried.append(s) or s[2],
+                                                lambda s: {16: 0.8, 4: 0.7}.get(s, 0.6), 0.7, sizes={1: 512, 2: 24})
+    assert step == {1: 16, 2: 4} and len(tried) == 2
+
+
 def test_auto_rounding_relaxes_only_as_far_as_the_target_needs() -> None:
     """A fake budget whose reachable ratio is the multiple's fraction of a step: coarse steps undershoot."""
     reached = {16: 0.5, 8: 0.6, 4: 0.69, 2: 0.7, 1: 0.7}
@@ -179,6 +191,6 @@ def test_optimize_says_when_auto_rounding_left_the_blocks(tmp_path, capsys: pyte
             "--target-macs", "0.7", "--calib", str(samples / "digits_calib.npz")]
     assert cli.main([*argv, "--round-to", "auto"]) == 0
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: to reach the target")]
-    assert len(note) == 1 and "multiples of 2 instead of the execution provider's blocks" in note[0]
+    assert len(note) == 1 and "multiples of 8 instead of the execution provider's blocks" in note[0]
     assert cli.main([*argv[:3], str(tmp_path / "exact.onnx"), *argv[4:], "--round-to", "1"]) == 0
     assert "note: to reach the target" not in capsys.readouterr().out

@@ -193,7 +193,8 @@ def test_pruning_after_rotation_beats_magnitude_at_the_same_macs() -> None:
 @pytest.mark.parametrize("budget", [{"zscore": 0.0}, {"keep_variance": 0.95}])
 def test_zscore_and_variance_budgets_prune_both_subspaces(budget: dict) -> None:
     model, data = _random_mlp(seed=6), _digits()
-    result = graphopt.optimize(model, method="cob", calib=data, **budget)
+    # exact counts: under auto rounding a 16-channel subspace is one CPU block, which no cut makes faster
+    result = graphopt.optimize(model, method="cob", calib=data, round_to=1, **budget)
     tsra = next(n for n in result.model.graph.node if n.op_type == "TSRA")
     split = next(a.i for a in tsra.attribute if a.name == "split")
     hidden = run_ort(result.model, data)["y"]
