@@ -107,14 +107,14 @@ def pass_multiples(option: str | int | None, groups: list[Group], device: str | 
 
 def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
     """`multiples`; then, with the groups' `sizes`, the same with groups under two of their multiples
-    rounding to `MIN_BLOCK`; then `multiples` capped at each of `FINER_CAPS` (each distinct step once, down
-    to exact counts)."""
+    rounding to `MIN_BLOCK`; then that capped at each of `FINER_CAPS` (each distinct step once, down to
+    exact counts)."""
     last = dict(multiples)
     yield last
     small = {root: min(multiple, MIN_BLOCK) for root, multiple in multiples.items()
              if sizes is not None and root in sizes and sizes[root] < 2 * multiple}
     if small:
-        last = {**multiples, **small}
+        multiples = last = {**multiples, **small}
         yield last
     for cap in FINER_CAPS:
         step = {root: min(multiple, cap) for root, multiple in multiples.items()}
