@@ -8,7 +8,8 @@ parameters and fidelity against the original (on the calibration data, or on see
 (graphopt.passes.methods): unknown names are refused, and the report lists the values the run used.
 Asked for `target_macs`, the report says whether the model reached it (`target_reached`, within
 `TARGET_TOLERANCE`); a missed target is reported, not raised. Asked for `target_latency`, the report's
-`latency_target` holds the target, the latency the method predicted and the one the result measures.
+`latency_target` holds the target, the latency the method predicted and the one the result measures
+(solved once more when the first result misses by over 10%: graphopt.latency_target).
 `calibrate` takes activation statistics on the same pre-passed graph and saves them for
 `optimize(..., stats=path)`.
 """
@@ -34,6 +35,7 @@ from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.errors import DataError, OptionError
+from graphopt import latency_target as latency_fit
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
 from graphopt.evaluate import verify as compare_outputs
 from graphopt.ir import graph as ir
@@ -168,13 +170,25 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
 
-    graph = ir.import_graph(original)
-    with open_cluster(resolved["workers"], resolved["ray_address"]) as cluster:  # Ray: only where asked for
-        ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress, options=resolved,
-                          cluster=cluster, pipeline=tuple(pipeline))
-        records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
-    optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
-    _check(optimized)
+    def run(options: dict[str, Any]) -> _Run:
+        graph = ir.import_graph(original)
+        with open_cluster(options["workers"], options["ray_address"]) as cluster:  # Ray: only where asked for
+            ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
+                              options=options, cluster=cluster, pipeline=tuple(pipeline))
+            records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
+        optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
+        _check(optimized)
+        return _Run(ctx, records, pruned, repaired, optimized)
+
+    attempts = None
+    if resolved["target_latency"] is None:
+        ctx, records, pruned, repaired, optimized = run(resolved).fields()
+    else:  # measured against the target, solved once more when it misses (graphopt.latency_target)
+        timing = latency_fit.timer(original, shapes, resolved, progress)
+        attempts = latency_fit.fit(resolved["target_latency"],
+                                   lambda fraction: run({**resolved, "target_latency": fraction}),
+                                   lambda attempt: timing(attempt.optimized))
+        ctx, records, pruned, repaired, optimized = attempts[0].run.fields()
 
     check_batch, check = _check_settings(ctx, original, resolved, batch_size)
     measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)
@@ -200,9 +214,9 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
     if resolved["bench"]:
         report["latency"] = measure_latency(original, optimized, shapes, resolved, progress)
-    if resolved["target_latency"] is not None:
-        report["latency_target"] = latency_target(original, optimized, shapes, resolved, records,
-                                                  report.get("latency"), progress)
+    if attempts is not None:
+        report["latency_target"] = latency_fit.report(resolved["target_latency"], attempts,
+                                                      lambda attempt: _budget_stats(attempt.records))
     if output is not None:
         report.update(_save(stored, output, protected))
     return OptimizeResult(optimized, report, weights.arrays_of(optimized))
@@ -243,23 +257,22 @@ def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, shape
     return {**timings, "slower": [timing["batch"] for timing in timings.values() if timing["speedup"] < 1.0]}
 
 
-def latency_target(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                   options: dict[str, Any], records: list[PassRecord], latency: dict[str, Any] | None,
-                   progress: bool = False) -> dict[str, Any]:
-    """`--target-latency` against the latency the method predicted (per-layer tables) and the latency the
-    optimized model measures, as fractions of the original's at `bench_batch`: timed side by side with
-    the original (interleaved rounds, the same threads), or taken from `--bench`'s timing when it ran."""
-    batch = fixed_batch(original) or int(options["bench_batch"])
-    timing = (latency or {}).get(f"batch_{batch}") or compare_latency(
-        original, optimized, batch=batch, shapes=shapes, rounds=20, threads=int(options.get("threads") or 0),
-        device=options.get("device") or "cpu", progress=progress)
-    stats = next((r.result.stats for r in reversed(records) if "predicted_latency_ratio" in r.result.stats), {})
-    return {"target": options["target_latency"], "predicted": stats.get("predicted_latency_ratio"),
-            "measured": 1.0 / timing["speedup"] if timing["speedup"] else None, "batch": batch,
-            "reference_ms": timing["reference_ms"], "candidate_ms": timing["candidate_ms"],
-            "table_cache_hits": int(stats.get("latency_table_hits", 0)),
-            "table_entries": int(stats.get("latency_table_entries", 0)),
-            "table_build_s": float(stats.get("latency_table_build_s", 0.0))}
+@dataclass
+class _Run:
+    """One run of a method's steps on a fresh copy of the graph."""
+    ctx: PassContext
+    records: list[PassRecord]
+    pruned: onnx.ModelProto | None
+    repaired: dict[str, Any]
+    optimized: onnx.ModelProto
+
+    def fields(self) -> tuple[PassContext, list[PassRecord], onnx.ModelProto | None, dict[str, Any], onnx.ModelProto]:
+        return self.ctx, self.records, self.pruned, self.repaired, self.optimized
+
+
+def _budget_stats(records: list[PassRecord]) -> dict[str, Any]:
+    """The stats of the pass that budgeted predicted latency (the last one that did)."""
+    return next((r.result.stats for r in reversed(records) if "predicted_latency_ratio" in r.result.stats), {})
 
 
 def _split_quantize(pipeline: list[str]) -> tuple[list[str], list[str]]:

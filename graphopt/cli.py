@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 bad usage or bad input (one line on stderr, nothing written, inputs untouched);
 1 internal error (one line; `--debug` prints the traceback, with the exceptions it was raised from);
-3 `optimize --strict` missed `--target-macs` by more than 2% (relative; the output is still written).
+3 `optimize --strict` missed `--target-macs` by more than 2% (relative), or measured more than 10% above
+`--target-latency` (the output is still written).
 Without `--strict` a missed target is a warning on stderr and exit code 0. Every command that writes
 checks all its outputs against all its inputs, and against each other, before any work
 (`_check_outputs`).
@@ -171,7 +172,8 @@ def _add_optimize(commands: Any) -> None:
     optimize.add_argument("--calib", type=Path, help="calibration .npz (also used to report fidelity)")
     _add_option(optimize, declared["target_macs"])
     optimize.add_argument("--strict", action="store_true",
-                          help="exit with code 3 when the model misses --target-macs by more than 2%% (relative); "
+                          help="exit with code 3 when the model misses --target-macs by more than 2%% "
+                               "(relative), or its measured latency lies more than 10%% above --target-latency; "
                                "the output is still written")
     optimize.add_argument("--report", type=Path, help="write a JSON report here")
     placed = {"target_macs", "batch_size", *options_of(CalibrationOptions)}
@@ -382,7 +384,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def _target_missed(report: dict[str, Any]) -> str | None:
     """Why the written model misses --target-macs (report["target_reached"] is False), in one line with the
-    main reasons the methods gave, or None when the target was reached or none was asked."""
+    main reasons the methods gave, or its measured latency lies more than 10% (relative) above
+    --target-latency; None when the target was reached or none was asked."""
+    latency = report.get("latency_target")
+    if latency is not None and latency.get("reached") is False and latency["measured"] is not None:
+        tried = ", ".join(_percent(a["measured"]) for a in latency["attempts"] if a["measured"] is not None)
+        return (f"--target-latency {latency['target']} not reached: the result measures "
+                f"{_percent(latency['measured'])} of the original's latency at batch {latency['batch']}, more than "
+                f"10% above the {_percent(latency['target'])} asked (measured results: {tried})")
     if report.get("target_reached") is not False:
         return None
     methods_run = report["method"].split(",")
@@ -464,6 +473,11 @@ def _print_latency_target(target: dict[str, Any]) -> None:
     print(f"latency target {_percent(target['target'])} at batch {target['batch']}: predicted "
           f"{_percent(target['predicted']) if target['predicted'] is not None else 'n/a'}, measured "
           f"{_percent(target['measured']) if target['measured'] is not None else 'n/a'} of the original ({cached})")
+    first, *retried = target.get("attempts", [])
+    if retried:
+        measured = [_percent(a["measured"]) if a["measured"] is not None else "n/a" for a in (first, *retried)]
+        print(f"  the first result measured {measured[0]}, so the budget was solved again for a predicted "
+              f"{_percent(retried[0]['solved_for'])} (measured {measured[1]}); kept the one closer to the target")
 
 
 def _print_exprune(report: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ samples, which no run calibrated on.
 
 Targets are fractions of the original's MACs (`target_macs`: reached within `api.TARGET_TOLERANCE`,
 relative) or of its measured latency at `bench_batch` (`target_latency`: reached when the measured
-latency is within `LATENCY_TOLERANCE`, relative, above it). A missed target is a row with
+latency is at most 10%, relative, above it: `graphopt.latency_target.reached`). A missed target is a row with
 `target_reached` false and the reason; a run refused with a `GraphoptError` (the method declines the
 model or an option) is a row with `refused` true and the reason; a pass that fails (`PassFailedError`, a
 bug) is a row with `failed` true too, and the other runs go on. Outputs never overwrite inputs;
@@ -43,12 +43,12 @@ from graphopt.evaluate import verify
 from graphopt.ir.files import check_outputs, same_file, write_atomic
 from graphopt.ir import weights
 from graphopt.ir.io import input_files
+from graphopt.latency_target import reached as latency_reached
 from graphopt.passes import METHODS
 from graphopt.passes.methods import json_value, resolve_options
 
 log = logging.getLogger(__name__)
 
-LATENCY_TOLERANCE = 0.10  # a latency target counts as reached up to 10% (relative) above it
 KINDS = {"macs": "target_macs", "latency": "target_latency"}
 FIDELITY_KEYS = ("cosine", "rel_l2", "top1_agreement", "max_abs", "samples", "kind", "position_agreement",
                  "sequence_agreement", "metric", "metric_name")
@@ -210,8 +210,7 @@ def _run(original: onnx.ModelProto, method: str, target: float, kind: str, optio
 def _reached(kind: str, target: float, report: dict[str, Any]) -> bool:
     if kind == "macs":
         return bool(report["target_reached"])
-    measured = (report.get("latency_target") or {}).get("measured")
-    return measured is not None and measured <= target * (1 + LATENCY_TOLERANCE)
+    return latency_reached(target, (report.get("latency_target") or {}).get("measured"))
 
 
 def _missed(kind: str, target: float, report: dict[str, Any]) -> str:

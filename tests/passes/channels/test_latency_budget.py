@@ -130,13 +130,44 @@ def test_cli_target_latency_writes_the_report(tmp_path: Path, cache_home: Path, 
         report = json.loads(report_path.read_text())
         target = report["latency_target"]
         assert set(target) >= {"target", "predicted", "measured", "table_cache_hits", "table_build_s"}
-        assert target["target"] == 0.6 and target["batch"] == 2 and target["predicted"] <= 0.6 + 1e-9
+        assert target["target"] == 0.6 and target["batch"] == 2 and target["predicted"] <= target["solved_for"] + 1e-9
+        assert target["attempts"][0]["solved_for"] == 0.6 and len(target["attempts"]) in (1, 2)
+        assert target["reached"] == (target["measured"] <= 0.66 + 1e-12)
         assert target["measured"] > 0 and target["table_entries"] == 3
         assert report["options"]["target_latency"] == 0.6 and report["macs_ratio"] < 1.0
         # the second run builds nothing: every table comes from the cache
         assert target["table_cache_hits"] == (0 if run == 1 else 3)
         assert "latency target 60% at batch 2: predicted" in capsys.readouterr().out
     assert len(list(cache_home.glob("*.json"))) == 3
+
+
+def test_a_latency_target_still_missed_after_the_second_solve_warns_and_fails_under_strict(
+        tmp_path: Path, cache_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A result that measures as slow as the original (timing faked): solved twice, reported, exit 3 with --strict."""
+    import onnx
+
+    from graphopt import latency_target
+
+    timed = []
+
+    def as_slow(original, optimized, batch, **_):
+        timed.append(batch)
+        return {"speedup": 1.0, "batch": batch, "reference_ms": 1.0, "candidate_ms": 1.0}
+
+    monkeypatch.setattr(latency_target, "compare_latency", as_slow)
+    source = tmp_path / "convs.onnx"
+    onnx.save(_convs(), source)
+    argv = ["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--method", "magnitude", "--target-latency",
+            "0.6", "--bench-batch", "2", "--threads", "1", "--round-to", "4", "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())["latency_target"]
+    assert not report["reached"] and [a["solved_for"] for a in report["attempts"]] == [0.6, 0.36]
+    assert timed == [2, 2]
+    captured = capsys.readouterr()
+    assert "solved again for a predicted 36%" in captured.out
+    assert "warning: --target-latency 0.6 not reached" in captured.err
+    assert main([*argv, "--strict"]) == 3
+    assert "error: --target-latency 0.6 not reached" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
