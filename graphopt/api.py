@@ -188,7 +188,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         attempts = latency_fit.fit(resolved["target_latency"],
                                    lambda fraction: run({**resolved, "target_latency": fraction}),
                                    lambda attempt: timing(attempt.optimized))
-        ctx, records, pruned, repaired, optimized = attempts[0].run.fields()
+        ctx, records, pruned, repaired, optimized = latency_fit.kept(resolved["target_latency"], attempts).run.fields()
 
     check_batch, check = _check_settings(ctx, original, resolved, batch_size)
     measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)

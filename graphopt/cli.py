@@ -476,8 +476,9 @@ def _print_latency_target(target: dict[str, Any]) -> None:
     first, *retried = target.get("attempts", [])
     if retried:
         measured = [_percent(a["measured"]) if a["measured"] is not None else "n/a" for a in (first, *retried)]
-        print(f"  the first result measured {measured[0]}, so the budget was solved again for a predicted "
-              f"{_percent(retried[0]['solved_for'])} (measured {measured[1]}); kept the one closer to the target")
+        again = ", ".join(f"{_percent(a['solved_for'])} (measured {m})" for a, m in zip(retried, measured[1:]))
+        print(f"  the first result measured {measured[0]}, so the budget was solved again for a predicted {again}; "
+              f"kept the one solved for {_percent(target['solved_for'])}")
 
 
 def _print_exprune(report: dict[str, Any]) -> None:

@@ -31,31 +31,51 @@ def test_a_result_within_ten_percent_is_kept_without_a_second_solve() -> None:
 
 @pytest.mark.parametrize("scale", [0.74, 1.3])
 def test_a_missed_target_is_solved_again_for_the_corrected_prediction(scale: float) -> None:
-    """Measured at 0.74x (or 1.3x) of the prediction: the second solve asks 0.6 / scale and lands on 0.6."""
+    """Measured at 0.74x (or 1.3x) of the prediction: the second solve aims 5% under the target, asking
+    0.57 / scale, and lands there."""
     solved: list[float] = []
     attempts = fit.fit(0.6, *_fake(scale, solved))
-    assert solved == [0.6, pytest.approx(0.6 / scale)]
-    assert attempts[0].solved_for == pytest.approx(0.6 / scale) and attempts[0].measured == pytest.approx(0.6)
+    assert solved == [0.6, pytest.approx(0.57 / scale)]
+    chosen = fit.kept(0.6, attempts)
+    assert chosen.solved_for == pytest.approx(0.57 / scale) and chosen.measured == pytest.approx(0.57)
     report = fit.report(0.6, attempts, lambda run: run)
-    assert report["reached"] and report["predicted"] == pytest.approx(0.6 / scale)
+    assert report["reached"] and report["predicted"] == pytest.approx(0.57 / scale)
     # the tables' cost is the first solve's; the attempts are listed in the order they ran
     assert report["table_build_s"] == 2.0 and report["table_cache_hits"] == 0
-    assert [a["solved_for"] for a in report["attempts"]] == [0.6, pytest.approx(0.6 / scale)]
+    assert [a["solved_for"] for a in report["attempts"]] == [0.6, pytest.approx(0.57 / scale)]
     assert report["attempts"][0]["measured"] == pytest.approx(0.6 * scale)
 
 
-def test_the_attempt_closer_to_the_target_is_kept_when_the_correction_overshoots() -> None:
-    """Latency that does not follow the prediction (a step): the second solve lands further away, so the
-    first result stays (faster than asked: the target counts as reached)."""
+def test_a_stepwise_latency_is_bracketed_by_a_third_solve() -> None:
+    """Latency that jumps past the target at the corrected prediction: the third solve interpolates between
+    the two measured points, and the result within 10% of the target is kept."""
     solved: list[float] = []
-    measured = {0.6: 0.45}
+
+    def measured(fraction: float) -> float:
+        return 0.45 if fraction < 0.66 else 0.70 if fraction > 0.74 else 0.6
 
     def solve(fraction: float) -> dict:
         solved.append(fraction)
         return {"predicted_latency_ratio": fraction}
 
-    attempts = fit.fit(0.6, solve, lambda run: _timed(measured.get(run["predicted_latency_ratio"], 0.9)))
-    assert len(solved) == 2 and attempts[0].solved_for == 0.6
+    attempts = fit.fit(0.6, solve, lambda run: _timed(measured(run["predicted_latency_ratio"])))
+    assert len(solved) == 3 and solved[1] == pytest.approx(0.6 * 0.57 / 0.45)
+    assert 0.66 <= solved[2] <= 0.74
     report = fit.report(0.6, attempts, lambda run: run)
-    assert report["reached"] and report["measured"] == pytest.approx(0.45)
-    assert [a["measured"] for a in report["attempts"]] == [pytest.approx(0.45), pytest.approx(0.9)]
+    assert report["reached"] and report["measured"] == pytest.approx(0.6)
+    assert [a["measured"] for a in report["attempts"]] == [pytest.approx(m) for m in (0.45, 0.70, 0.6)]
+
+
+def test_the_fastest_result_is_kept_when_none_reaches_the_target() -> None:
+    """Every result measures above the target (a floor the method cannot get under): at most three solves,
+    the fastest kept, the report says the target was not reached."""
+    solved: list[float] = []
+
+    def solve(fraction: float) -> dict:
+        solved.append(fraction)
+        return {"predicted_latency_ratio": fraction}
+
+    attempts = fit.fit(0.3, solve, lambda run: _timed(0.5 + 0.1 * run["predicted_latency_ratio"]))
+    assert len(solved) == fit.MAX_SOLVES and fit.kept(0.3, attempts).solved_for == min(solved)
+    report = fit.report(0.3, attempts, lambda run: run)
+    assert not report["reached"] and report["measured"] == pytest.approx(0.5 + 0.1 * min(solved))

@@ -131,7 +131,7 @@ def test_cli_target_latency_writes_the_report(tmp_path: Path, cache_home: Path, 
         target = report["latency_target"]
         assert set(target) >= {"target", "predicted", "measured", "table_cache_hits", "table_build_s"}
         assert target["target"] == 0.6 and target["batch"] == 2 and target["predicted"] <= target["solved_for"] + 1e-9
-        assert target["attempts"][0]["solved_for"] == 0.6 and len(target["attempts"]) in (1, 2)
+        assert target["attempts"][0]["solved_for"] == 0.6 and 1 <= len(target["attempts"]) <= 3
         assert target["reached"] == (target["measured"] <= 0.66 + 1e-12)
         assert target["measured"] > 0 and target["table_entries"] == 3
         assert report["options"]["target_latency"] == 0.6 and report["macs_ratio"] < 1.0
@@ -161,10 +161,12 @@ def test_a_latency_target_still_missed_after_the_second_solve_warns_and_fails_un
             "0.6", "--bench-batch", "2", "--threads", "1", "--round-to", "4", "--report", str(tmp_path / "r.json")]
     assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())["latency_target"]
-    assert not report["reached"] and [a["solved_for"] for a in report["attempts"]] == [0.6, 0.36]
-    assert timed == [2, 2]
+    # measured 1.0 each time: aimed 5% under the target, 0.6 x 0.57 / 1.0, then again (no slope to follow)
+    assert not report["reached"]
+    assert [a["solved_for"] for a in report["attempts"]] == pytest.approx([0.6, 0.342, 0.342 * 0.57])
+    assert timed == [2, 2, 2]
     captured = capsys.readouterr()
-    assert "solved again for a predicted 36%" in captured.out
+    assert "solved again for a predicted 34.2% (measured 100%), 19.5% (measured 100%)" in captured.out
     assert "warning: --target-latency 0.6 not reached" in captured.err
     assert main([*argv, "--strict"]) == 3
     assert "error: --target-latency 0.6 not reached" in capsys.readouterr().err
