@@ -4,8 +4,8 @@ Three small graphs, each timed over a sweep of one channel count, every count in
 rounds (one intra-op thread, full graph optimisation, batch 1):
 - conv:      Conv 3x3 64->C (28x28) + Relu + Conv 1x1 C->64: C sweeps the output channels of a dense conv;
 - depthwise: Conv 1x1 32->C + Relu + depthwise 3x3 on C + Relu + Conv 1x1 C->32 (28x28);
-- conv-small, depthwise-small: the same with 16 channels around C at 56x56, C below two blocks (how a
-  small group, a stem or an early MobileNet stage, steps);
+- conv-small, depthwise-small: the same with 16 channels around C at 56x56 (`--small-side`), C up to two
+  blocks (how a small group, a stem or an early MobileNet stage, steps);
 - matmul:    MatMul [T, 384] x [384, C] + Relu + MatMul [C, 384] at T = 1 and 128 tokens.
 Prints, per count, the median latency and its ratio to the next multiple of the block above it.
 
@@ -44,9 +44,9 @@ def _model(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], shape: li
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def build(kind: str, count: int) -> tuple[onnx.ModelProto, np.ndarray]:
+def build(kind: str, count: int, small_side: int = 56) -> tuple[onnx.ModelProto, np.ndarray]:
     rng = np.random.default_rng(0)
-    outer, side = (16, 56) if kind.endswith("-small") else (64 if kind == "conv" else 32, 28)
+    outer, side = (16, small_side) if kind.endswith("-small") else (64 if kind == "conv" else 32, 28)
     kind = kind.removesuffix("-small")
     if kind == "conv":
         nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["b"]),
@@ -69,13 +69,13 @@ def build(kind: str, count: int) -> tuple[onnx.ModelProto, np.ndarray]:
     return _model(nodes, inits, [1, tokens, 384]), rng.random((1, tokens, 384), dtype=np.float32)
 
 
-def sweep(kind: str, rounds: int) -> dict[int, float]:
+def sweep(kind: str, rounds: int, small_side: int = 56) -> dict[int, float]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sessions, feeds = {}, {}
     for count in SWEEPS[kind]:
-        model, x = build(kind, count)
+        model, x = build(kind, count, small_side)
         sessions[count] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feeds[count] = {"x": x}
         sessions[count].run(None, feeds[count])
@@ -94,11 +94,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--kinds", default=",".join(SWEEPS), help=f"comma-separated, from {', '.join(SWEEPS)}")
+    parser.add_argument("--small-side", type=int, default=56, help="feature map side of the -small sweeps")
     args = parser.parse_args()
     block = cpu_block()
     print(f"onnxruntime {ort.__version__}, CPU block {block}, 1 thread, batch 1")
     for kind in args.kinds.split(","):
-        medians = sweep(kind, args.rounds)
+        medians = sweep(kind, args.rounds, args.small_side)
         print(f"\n{kind}: channels  median_ms  ratio to next multiple of {block}")
         for count, median in medians.items():
             aligned = -(-count // block) * block

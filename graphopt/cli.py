@@ -382,16 +382,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_missed(latency: dict[str, Any] | None) -> str | None:
+    """Why the written model misses --target-latency (measured more than 10% above it), or None."""
+    if latency is None or latency.get("reached") is not False or latency["measured"] is None:
+        return None
+    tried = ", ".join(_percent(a["measured"]) for a in latency["attempts"] if a["measured"] is not None)
+    return (f"--target-latency {latency['target']} not reached: the result measures {_percent(latency['measured'])} "
+            f"of the original's latency at batch {latency['batch']}, more than 10% above the "
+            f"{_percent(latency['target'])} asked (measured results: {tried})")
+
+
 def _target_missed(report: dict[str, Any]) -> str | None:
     """Why the written model misses --target-macs (report["target_reached"] is False), in one line with the
     main reasons the methods gave, or its measured latency lies more than 10% (relative) above
     --target-latency; None when the target was reached or none was asked."""
-    latency = report.get("latency_target")
-    if latency is not None and latency.get("reached") is False and latency["measured"] is not None:
-        tried = ", ".join(_percent(a["measured"]) for a in latency["attempts"] if a["measured"] is not None)
-        return (f"--target-latency {latency['target']} not reached: the result measures "
-                f"{_percent(latency['measured'])} of the original's latency at batch {latency['batch']}, more than "
-                f"10% above the {_percent(latency['target'])} asked (measured results: {tried})")
+    latency = _latency_missed(report.get("latency_target"))
+    if latency is not None:
+        return latency
     if report.get("target_reached") is not False:
         return None
     methods_run = report["method"].split(",")

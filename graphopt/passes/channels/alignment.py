@@ -105,6 +105,11 @@ def pass_multiples(option: str | int | None, groups: list[Group], device: str | 
     return group_multiples(1 if option is None else option, groups, device or "cpu")
 
 
+def sizes_of(groups: list[Group]) -> dict[int, int]:
+    """Each group's channel count, by root: what `coarsest_meeting` relaxes the small groups by."""
+    return {group.root: group.size for group in groups}
+
+
 def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
     """`multiples`; then, with the groups' `sizes`, the same with groups under two of their multiples
     rounding to `MIN_BLOCK`; then that capped at each of `FINER_CAPS` (each distinct step once, down to

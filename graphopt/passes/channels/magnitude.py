@@ -23,7 +23,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
                                   PassResult, register)
-from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
+from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.latency import Budget, channel_budget
@@ -112,7 +112,7 @@ class _ChannelPruning(Pass):
         blocks = round_to  # before any relaxation
         counts, round_to = coarsest_meeting(
             ctx.option("round_to"), round_to, lambda step: choose_counts(scores, budget.model, budget.target, step),
-            lambda chosen: cost_ratio(budget.model, chosen), budget.target, {g.root: g.size for g in prunable})
+            lambda chosen: cost_ratio(budget.model, chosen), budget.target, sizes_of(prunable))
         kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
         result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), budget)
         apply_kept(graph, analysis, kept)

@@ -59,7 +59,7 @@ from graphopt.calibration.stats import TensorStats
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
+from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
 from graphopt.passes.channels.latency import Budget
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
@@ -183,7 +183,7 @@ class SubspaceNodePruning(Pass):
             ctx.option("round_to") if budget is not None else None, round_to,
             lambda step: _plan(ranked, budget, keep, step),
             lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0,
-            {g.root: g.size for g in prunable})
+            sizes_of(prunable))
         planning, folding = (analysis, prunable, ranked), (stats, max_features, reconstruct)
         probed, tau, chosen, round_to = self._by_sensitivity(graph, ctx, planning, folding, (budget, keep, blocks),
                                                              (chosen, round_to))
@@ -231,7 +231,7 @@ class SubspaceNodePruning(Pass):
         scale = scales(probed, ranked)
         (tau, chosen), round_to = coarsest_meeting(
             ctx.option("round_to"), blocks, lambda step: _plan(ranked, budget, keep, step, scale),
-            lambda planned: cost_ratio(budget.model, planned[1]), budget.target, {g.root: g.size for g in planning[1]})
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target, sizes_of(planning[1]))
         return probed, tau, chosen, round_to
 
     def _probe(self, graph: gs.Graph, ctx: PassContext, planning: tuple[Analysis, list[Group], dict[int, Ordering]],
