@@ -9,7 +9,7 @@ parameters and fidelity against the original (on the calibration data, or on see
 Asked for `target_macs`, the report says whether the model reached it (`target_reached`, within
 `TARGET_TOLERANCE`); a missed target is reported, not raised. Asked for `target_latency`, the report's
 `latency_target` holds the target, the latency the method predicted and the one the result measures
-(solved once more when the first result misses by over 10%: graphopt.latency_target).
+(solved again, up to three times in all, while a result misses by over 10%: graphopt.latency_target).
 `calibrate` takes activation statistics on the same pre-passed graph and saves them for
 `optimize(..., stats=path)`.
 """

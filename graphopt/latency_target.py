@@ -78,8 +78,8 @@ def kept(target: float, attempts: list[Attempt[Run]]) -> Attempt[Run]:
 
 
 def _next_fraction(aim: float, attempts: list[Attempt[Any]]) -> float:
-    """The predicted fraction to solve for next: the last one scaled by aim / measured, or, with two measured
-    points on either side of `aim` or apart, the secant between the last two."""
+    """The predicted fraction to solve for next: the last one scaled by aim / measured, or, after two solves
+    whose measured latency rose with the prediction, the secant through the last two aimed at `aim`."""
     last = attempts[-1]
     fraction = last.solved_for * aim / last.measured
     if len(attempts) >= 2:

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "graphopt.inspect": 6,
     "graphopt.api": 6,
     "graphopt.sweep": 6,
+    "graphopt.latency_target": 6,
     "graphopt.cli": 7,
     "graphopt.torch": 7,
     # torch code the API reaches lazily, only when asked for (--repair): it reads ir and calibration alone

@@ -7,10 +7,11 @@ What the blocks are, measured with onnxruntime 1.32 on CPU (`python bench/alignm
 - Convolutions on x86 run in the NCHWc layout, blocked by 16 channels with AVX-512 and by 8 with AVX2: a
   convolution's time steps with its output channels rounded up to the block, so kept channels between two
   blocks cost MACs and buy no speed.
-- A convolution (depthwise above all) whose channel count is off the block leaves the blocked layout and
-  gets reorders around it: about 3x slower measured on a depthwise 3x3 with 95 channels against 96, and
-  below one block no cut pays: with 16 channels around it (56x56, 14x14 and 8x8 maps alike), 8 or 12
-  channels ran 5-33% slower than 16, and 20-28 as slow as 32.
+- A convolution (depthwise above all) whose channel count is not a multiple of 4 leaves the blocked layout
+  and gets reorders around it: a depthwise 3x3 with 81, 90, 94 or 95 channels ran about 2x slower than with
+  84, 92 or 96 (a multiple of 4 is padded to the block and runs at its speed).
+- Below one block no cut pays: with 16 channels around it (56x56, 14x14 and 8x8 maps alike), a convolution
+  with 8 or 12 channels ran 5-33% slower than with 16, and with 20-28 as slow as with 32.
 - MatMul/Gemm: MLAS packs the weight in panels of 16 columns; time is nearly linear in the width, so the
   block costs little there and keeps widths on the packing boundary.
 - CUDA: multiples of 8 (fp16 tensor cores).
