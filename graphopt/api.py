@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import onnx
@@ -180,15 +180,17 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         _check(optimized)
         return _Run(ctx, records, pruned, repaired, optimized)
 
-    attempts = None
+    attempts, timed = None, {}
     if resolved["target_latency"] is None:
-        ctx, records, pruned, repaired, optimized = run(resolved).fields()
-    else:  # measured against the target, solved once more when it misses (graphopt.latency_target)
+        ctx, records, pruned, repaired, optimized = run(resolved)
+    else:  # measured against the target, solved again while it misses (graphopt.latency_target)
         timing = latency_fit.timer(original, shapes, resolved, progress)
         attempts = latency_fit.fit(resolved["target_latency"],
                                    lambda fraction: run({**resolved, "target_latency": fraction}),
                                    lambda attempt: timing(attempt.optimized))
-        ctx, records, pruned, repaired, optimized = latency_fit.kept(resolved["target_latency"], attempts).run.fields()
+        kept = latency_fit.kept(resolved["target_latency"], attempts)
+        ctx, records, pruned, repaired, optimized = kept.run
+        timed = {f"batch_{kept.timing['batch']}": kept.timing}  # --bench does not time that batch again
 
     check_batch, check = _check_settings(ctx, original, resolved, batch_size)
     measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)
@@ -213,7 +215,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     if resolved["sparse_storage"]:
         stored, report["sparse_storage"] = _sparse_storage(original, optimized, shapes)
     if resolved["bench"]:
-        report["latency"] = measure_latency(original, optimized, shapes, resolved, progress)
+        report["latency"] = measure_latency(original, optimized, shapes, resolved, progress, timed=timed)
     if attempts is not None:
         report["latency_target"] = latency_fit.report(resolved["target_latency"], attempts,
                                                       lambda attempt: _budget_stats(attempt.records))
@@ -245,29 +247,28 @@ def target_reached(target: float | None, macs_ratio: float) -> bool | None:
 
 
 def measure_latency(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                    options: dict[str, Any], progress: bool = False, rounds: int = 30) -> dict[str, Any]:
+                    options: dict[str, Any], progress: bool = False, rounds: int = 30,
+                    timed: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The optimized model's speedup over the original, timed side by side (`rounds` interleaved rounds,
-    the same threads and seeded inputs) at batch 1 and at `bench_batch` (where the batch axis is free);
+    the same threads and seeded inputs) at batch 1 and at `bench_batch` (where the batch axis is free),
+    except the batches `timed` already holds (`batch_N`: the latency target's timing of this result);
     `slower` lists the batches where the result is slower than the original."""
     batches = [1] if fixed_batch(original) is not None else sorted({1, int(options["bench_batch"])})
-    timings = {f"batch_{batch}": compare_latency(original, optimized, batch=batch, shapes=shapes, rounds=rounds,
-                                                 threads=int(options.get("threads") or 0),
-                                                 device=options.get("device") or "cpu", progress=progress)
+    timings = {f"batch_{batch}": (timed or {}).get(f"batch_{batch}") or compare_latency(
+                   original, optimized, batch=batch, shapes=shapes, rounds=rounds,
+                   threads=int(options.get("threads") or 0), device=options.get("device") or "cpu",
+                   progress=progress)
                for batch in batches}
     return {**timings, "slower": [timing["batch"] for timing in timings.values() if timing["speedup"] < 1.0]}
 
 
-@dataclass
-class _Run:
+class _Run(NamedTuple):
     """One run of a method's steps on a fresh copy of the graph."""
     ctx: PassContext
     records: list[PassRecord]
     pruned: onnx.ModelProto | None
     repaired: dict[str, Any]
     optimized: onnx.ModelProto
-
-    def fields(self) -> tuple[PassContext, list[PassRecord], onnx.ModelProto | None, dict[str, Any], onnx.ModelProto]:
-        return self.ctx, self.records, self.pruned, self.repaired, self.optimized
 
 
 def _budget_stats(records: list[PassRecord]) -> dict[str, Any]:

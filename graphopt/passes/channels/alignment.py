@@ -119,11 +119,12 @@ def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = No
     yield last
     small = {root: min(multiple, MIN_BLOCK) for root, multiple in multiples.items()
              if sizes is not None and root in sizes and sizes[root] < 2 * multiple}
+    capped = {**multiples, **small}  # what the caps apply to
     if small:
-        multiples = last = {**multiples, **small}
+        last = capped
         yield last
     for cap in FINER_CAPS:
-        step = {root: min(multiple, cap) for root, multiple in multiples.items()}
+        step = {root: min(multiple, cap) for root, multiple in capped.items()}
         if step != last:
             yield step
             last = step

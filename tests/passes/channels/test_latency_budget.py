@@ -172,6 +172,36 @@ def test_a_latency_target_still_missed_after_the_second_solve_warns_and_fails_un
     assert "error: --target-latency 0.6 not reached" in capsys.readouterr().err
 
 
+def test_bench_reuses_the_latency_targets_timing_of_the_written_model(tmp_path: Path, cache_home: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --bench, the batch the latency target timed is not timed again: --bench adds batch 1 alone."""
+    import onnx
+
+    from graphopt import api, latency_target
+
+    timed: dict[str, list[int]] = {"target": [], "bench": []}
+
+    def fake(kind):
+        def compare(original, optimized, batch, **_):
+            timed[kind].append(batch)
+            return {"speedup": 1 / 0.6, "speedup_p10": 1.5, "speedup_p90": 1.8, "batch": batch, "rounds": 1,
+                    "runs_per_round": 1, "threads": 1, "providers": ["CPUExecutionProvider"], "reference_ms": 1.0,
+                    "candidate_ms": 0.6}
+        return compare
+
+    monkeypatch.setattr(latency_target, "compare_latency", fake("target"))
+    monkeypatch.setattr(api, "compare_latency", fake("bench"))
+    source = tmp_path / "convs.onnx"
+    onnx.save(_convs(), source)
+    argv = ["optimize", str(source), "-o", str(tmp_path / "out.onnx"), "--method", "magnitude", "--target-latency",
+            "0.6", "--bench", "--bench-batch", "2", "--threads", "1", "--round-to", "4", "--report",
+            str(tmp_path / "r.json"), "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert timed == {"target": [2], "bench": [1]}
+    assert report["latency"]["batch_2"]["candidate_ms"] == 0.6 and report["latency_target"]["reached"]
+
+
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
 def test_target_latency_must_be_a_fraction(tmp_path: Path, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(OptionError, match="--target-latency must be in"):
