@@ -196,8 +196,17 @@ class _Quiet(logging.Filter):
 
 
 def _check_interface(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None:
-    """The quantizer keeps graph input and output names; a change would break every caller of the model."""
-    before = ([v.name for v in model.graph.input], [v.name for v in model.graph.output])
-    after = ([v.name for v in quantized.graph.input], [v.name for v in quantized.graph.output])
+    """The quantizer keeps graph input and output names; a change would break every caller of the model.
+
+    Graph inputs that are also initializers (every weight, in models of IR version 3) are defaults, not
+    part of what callers feed: their float weights become quantized initializers, so those entries go."""
+    before = (_fed_inputs(model), [v.name for v in model.graph.output])
+    after = (_fed_inputs(quantized), [v.name for v in quantized.graph.output])
     if before != after:
         raise RuntimeError(f"quantization changed the graph interface: {before} -> {after}")
+
+
+def _fed_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs a caller feeds: those without an initializer behind them."""
+    weights = {t.name for t in model.graph.initializer}
+    return [v.name for v in model.graph.input if v.name not in weights]

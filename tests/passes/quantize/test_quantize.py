@@ -129,3 +129,19 @@ def test_an_opset_11_model_is_converted_to_opset_13_not_relabelled() -> None:
     assert result.report["passes"][-1]["stats"]["opset_raised_from"] == 11
     onnx.checker.check_model(result.model, full_check=True)
     assert result.report["fidelity"]["cosine"] > 0.999
+
+
+def test_weights_listed_as_graph_inputs_ir3_are_quantized_and_callers_feed_the_same_inputs() -> None:
+    model = tiny("h = Conv(x, w, b)\ny = Relu(h)", outputs="float[N, 4, 8, 8] y", opset=9,
+                 inits=f"{init('w', weights(4, 3, 1, 1))}, {init('b', weights(4, seed=1))}")
+    for name, shape in (("w", [4, 3, 1, 1]), ("b", [4])):  # IR 3: every initializer is also a graph input
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    model.ir_version = 3
+    onnx.checker.check_model(model, full_check=True)
+    calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    result = optimize(model, method="quantize", calib=calib, progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    initializers = {t.name for t in result.model.graph.initializer}
+    assert [v.name for v in result.model.graph.input if v.name not in initializers] == ["x"]
+    assert quantized_ops(result.model).get("QuantizeLinear", 0) >= 1
+    assert result.report["fidelity"]["cosine"] > 0.999
