@@ -176,6 +176,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
             ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
                               options=options, cluster=cluster, pipeline=tuple(pipeline))
             records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
+            ctx.release_statistics()  # Gram matrices are no longer needed: the fidelity check runs without them
         optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
         _check(optimized)
         return _Run(ctx, records, pruned, repaired, optimized)

@@ -245,6 +245,15 @@ class Calibrator:
             for result in chosen.values() if not whole else ():
                 result.spill(self._spill_folder())
 
+    def release(self) -> None:
+        """Forget every cached statistic and delete those kept on disk; the kept outputs stay. A later request
+        measures again."""
+        self.cache.clear()
+        self.cones.clear()
+        if self._spilled is not None:
+            self._spilled.cleanup()
+            self._spilled = None
+
     def _spill_folder(self) -> Path:
         if self._spilled is None:
             self._spilled = tempfile.TemporaryDirectory(prefix="graphopt-stats-")

@@ -141,6 +141,17 @@ def release(array: np.ndarray) -> None:
         root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def release_mappings() -> None:
+    """Drop the resident pages of every weight file mapped here (madvise DONTNEED), e.g. once an onnxruntime
+    session that read all of them is done: the file's pages stay in the page cache, so a weight read again
+    maps them back cheaply, but pages nobody reads stop counting in the process's memory."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    for whole in list(_mappings.values()):
+        if isinstance(whole.base, mmap.mmap) and len(whole.base):
+            whole.base.madvise(mmap.MADV_DONTNEED)
+
+
 def array_of(tensor: onnx.TensorProto) -> np.ndarray:
     """The values of `tensor`: a reference's array (read-only where it maps a file), else numpy_helper's."""
     if not is_reference(tensor):

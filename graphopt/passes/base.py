@@ -184,6 +184,11 @@ class PassContext:
         model = export_model(graph, self.template)
         self._normalised_outputs = output_cones(model, cone_fingerprints(model)) or {}  # {}: none to keep
 
+    def release_statistics(self) -> None:
+        """Drop the statistics calibration cached (every pass has run); the outputs it kept stay."""
+        if self._calibrator is not None:
+            self._calibrator.release()
+
     def reference_batch_size(self) -> int | None:
         """The feed size of the outputs calibration kept (its last round's batch), None where none were kept."""
         kept = self._calibrator.kept_outputs if self._calibrator is not None else None

@@ -303,3 +303,21 @@ def test_statistics_over_the_memory_bound_are_measured_in_parts_and_spilled() ->
         assert parts[name].count == stats.count
     with pytest.raises(ValueError, match="final"):
         parts["h"].update(np.ones((2, 6)))  # final: spilled statistics take no more rows
+
+
+def test_release_forgets_the_statistics_and_deletes_the_spilled_ones() -> None:
+    """Once every pass has run, optimize releases the statistics: spilled Grams leave the disk, the memory goes,
+    and a later request measures again (with the same values)."""
+    model, data = token_model(), token_data()
+    requests = [StatRequest("h", KINDS, -1), StatRequest("pooled", KINDS, -1)]
+    whole = collect(model, data, requests)
+    sizes = sum(stats.shifted_square.nbytes + 4 * stats.shifted_sum.nbytes for stats in whole.values())
+    calibrator = Calibrator(load_data(data, model), memory_limit=sizes + 64)
+    first = calibrator.statistics(model, requests)
+    files = [first[name].shifted_square.path for name in first]
+    assert all(path.is_file() for path in files) and calibrator.computed == 2
+    calibrator.release()
+    assert not any(path.exists() for path in files) and not calibrator.cache
+    again = calibrator.statistics(model, requests)
+    assert calibrator.computed == 4
+    np.testing.assert_allclose(again["h"].covariance(), whole["h"].covariance(), rtol=1e-12, atol=1e-12)

@@ -186,6 +186,36 @@ def test_released_weights_read_back_unchanged(tmp_path, by_reference):
     assert plain.sum() == 4096
 
 
+def _mapped_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[-1] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="resident pages are read from /proc/self/smaps")
+def test_release_mappings_drops_every_resident_page_of_the_weight_files(tmp_path, by_reference):
+    """After a session read every weight, releasing the mappings leaves none of the file resident, and the
+    weights read back unchanged (from the page cache) and compute the same outputs."""
+    path = mlp(tmp_path)
+    model = load_model(path)
+    arrays = [np.array(a) for a in weights.arrays_of(model)]
+    session = make_session(model)
+    expected = session.run(None, inputs(8))[0]
+    data = (tmp_path / "mlp.data").resolve()
+    assert _mapped_kib(data) > 0
+    weights.release_mappings()
+    assert _mapped_kib(data) == 0
+    for array, kept in zip(weights.arrays_of(model), arrays):
+        np.testing.assert_array_equal(array, kept)
+    np.testing.assert_array_equal(session.run(None, inputs(8))[0], expected)
+
+
 def conv_net(seed: int = 0) -> onnx.ModelProto:
     """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm: BatchNorm folding
     makes new arrays (held by reference in these tests), and onnxruntime's optimisers would fuse the convolutions."""
