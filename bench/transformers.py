@@ -129,6 +129,10 @@ ENCODER_VARIANTS = (
     Config("snp --criterion output --reconstruct-target original", "snp", 0.5,
            {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob,snp", "cob,snp", 0.7),
+    Config("snp --qk-dims", "snp", 0.7, {"qk_dims": True}),  # q/k width inside heads beside units and heads
+    Config("snp --qk-dims", "snp", 0.5, {"qk_dims": True}),
+    Config("snp --qk-dims --budget-by sensitivity", "snp", 0.7, {"qk_dims": True, "budget_by": "sensitivity"}),
+    Config("snp --qk-dims --budget-by sensitivity", "snp", 0.5, {"qk_dims": True, "budget_by": "sensitivity"}),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 

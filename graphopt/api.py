@@ -175,6 +175,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         with open_cluster(options["workers"], options["ray_address"]) as cluster:  # Ray: only where asked for
             ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
                               options=options, cluster=cluster, pipeline=tuple(pipeline))
+            if options.get("repair"):
+                ctx.normalised_checks.append(lambda normalised: _trainable(normalised, original))
             records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
             ctx.release_statistics()  # Gram matrices are no longer needed: the fidelity check runs without them
         optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
@@ -298,6 +300,13 @@ def _run_steps(graph: gs.Graph, ctx: PassContext, pruning: list[str],
     pruned = ir.export_model(graph, ctx.template)
     after = [get_pass("shape_inference")] if pruning else []
     return records + PassManager([*after, get_pass("quantize")]).run(graph, ctx), pruned, repaired
+
+
+def _trainable(graph: gs.Graph, template: onnx.ModelProto) -> None:
+    """--repair's refusal of ops its torch interpreter cannot run, on the normalised graph (pruning adds none)."""
+    from graphopt.torch.interpreter.module import refuse_unsupported
+
+    refuse_unsupported(ir.export_model(graph, template, infer=False))
 
 
 def _repair(graph: gs.Graph, ctx: PassContext) -> dict[str, Any]:

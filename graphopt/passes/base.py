@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, TypeVar
 
 import numpy as np
 import onnx
@@ -92,6 +92,9 @@ class PassContext:
     progress: bool = True
     cluster: Any = None
     pipeline: tuple[str, ...] = ()
+    # run once on the normalised graph, before the first method pass rewrites it: a refusal known from the
+    # graph alone (--repair cannot train through an op) comes before the methods' work, not after it
+    normalised_checks: list[Callable[[gs.Graph], None]] = field(default_factory=list)
     _calibrator: Any = field(default=None, init=False, repr=False, compare=False)
     _normalised_outputs: dict[str, str] | None = field(default=None, init=False, repr=False, compare=False)
 

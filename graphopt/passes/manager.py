@@ -88,6 +88,7 @@ class PassManager:
         records: list[PassRecord] = []
         properties = _Properties(self.assume)
         rewritten = False  # a method pass changed the graph
+        checked = False  # ctx.normalised_checks ran
         for current in tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False):
             before = ", ".join(r.name for r in records) or "none"
             refusal = properties.missing(current, before)
@@ -95,6 +96,10 @@ class PassManager:
                 raise PassFailedError(refusal)
             if current.kind != "prepass" and not rewritten:
                 ctx.note_normalised(graph)  # only normalising passes changed it: calibration may keep its outputs
+            if current.kind != "prepass" and not checked:
+                checked = True
+                for check in ctx.normalised_checks:
+                    check(graph)
             result = self._run_one(current, graph, ctx, before)
             rewritten = rewritten or (current.kind != "prepass" and result.modified)
             properties.update(current, result)

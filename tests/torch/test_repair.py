@@ -20,6 +20,7 @@ from graphopt.api import optimize  # noqa: E402
 from graphopt.calibration.data import load_data  # noqa: E402
 from graphopt.cli import main  # noqa: E402
 from graphopt.errors import DataError, OptionError, UnsupportedOpError  # noqa: E402
+from graphopt.passes.manager import PassManager  # noqa: E402
 from graphopt.ir.weights import array_of  # noqa: E402
 from graphopt.torch.repair import repair, write_back  # noqa: E402
 
@@ -134,6 +135,31 @@ def test_an_op_it_cannot_train_through_is_refused_naming_it(digits) -> None:
     data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
     with pytest.raises(UnsupportedOpError, match="op CumSum of node 'running_total' has no rule"):
         optimize(model, method="none", calib=data, repair=5)
+
+
+def test_the_refusal_comes_before_any_method_pass_runs(monkeypatch) -> None:
+    """An op --repair cannot train through is found on the normalised graph, not after the method's work."""
+    model = parse("""<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+            <float[8, 4] w1 = {1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0, 1.0,
+                               1.0, 0.0, 0.5, 0.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 0.0, 0.0, 0.5, 0.0, 1.0},
+             float[8, 4] w2 = {1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+                               1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0},
+             int64 axis = {1}> {
+            t = Transpose <perm = [1, 0]> (w1)
+            h = MatMul (x, t)
+            a = Relu (h)
+            o = MatMul (a, w2)
+            y = CumSum (o, axis)
+        }""")
+    ran = []
+    run_one = PassManager._run_one
+    monkeypatch.setattr(PassManager, "_run_one", staticmethod(
+        lambda current, *args: ran.append(current.kind) or run_one(current, *args)))
+    data = {"x": np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)}
+    with pytest.raises(UnsupportedOpError, match="op CumSum"):
+        optimize(model, method="snp", calib=data, target_macs=0.5, repair=5)
+    assert ran and set(ran) == {"prepass"}
 
 
 def test_a_repair_without_calibration_data_is_refused_before_any_work(tmp_path: Path) -> None:
