@@ -339,9 +339,6 @@ SEQUENCE = [  # (id, body after the stem, parameters, inputs, outputs, extra ini
      " else_branch = else_g () => (float[N, 4, 8, 8] e) { [e_neg] e = Neg (a) }>\n[b] y = Conv (o, wb, bb)",
      {**CONV_A, **CONV_B, "zero": np.zeros(1, dtype=np.float32)}, IMAGE, "float[N, 4, 8, 8] y", "",
      "tensor 'a' is read inside a subgraph"),
-    ("grouped_conv", "[a] a = Conv <pads = [1, 1, 1, 1]> (r, wa, ba)\n[g] h = Conv <group = 2> (a, wg)\n"
-     "[b] y = Conv (h, wb, bb)", {**CONV_A, **CONV_B, "wg": conv_w(4, 2, 1, seed=19)}, IMAGE, "float[N, 4, 8, 8] y",
-     "", "g (Conv): grouped convolution (groups=2)"),
     ("maxpool_indices_read", "[a] a = Conv <pads = [1, 1, 1, 1]> (r, wa, ba)\n"
      "[mp] p, idx = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (a)\n[b] y = Conv (p, wb, bb)",
      {**CONV_A, **CONV_B}, IMAGE, "float[N, 4, 4, 4] y, int64[N, 4, 4, 4] idx", "", "mp (MaxPool): a second output (flat indices) is read"),

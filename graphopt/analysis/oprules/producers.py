@@ -73,17 +73,43 @@ def conv(node: gs.Node, a: Analysis) -> None:
         a.set_state(y, incoming)
         a.cost(node, incoming)
         return
-    out = a.new_state(1, weight.shape[0])
     if groups > 1:
-        reason = f"{node.name} (Conv): grouped convolution (groups={groups})"
-        a.block(incoming, reason)
-        a.block(out, reason)
-        incoming = None
-    elif incoming is not None:
+        _grouped(node, a, incoming, weight.shape, groups)
+        return
+    out = a.new_state(1, weight.shape[0])
+    if incoming is not None:
         a.site("weight", node, incoming, index=1, axis=1, role="consumer")
     a.site("weight", node, out, index=1, axis=0, role="producer")
     _optional_bias_site(node, a, out)
     a.set_state(y, out)
+    a.cost(node, incoming, out)
+
+
+def _grouped(node: gs.Node, a: Analysis, incoming: ChannelState | None, shape: tuple[int, ...], groups: int) -> None:
+    """A grouped Conv (g groups, not depthwise): every group reads its own C_in/g input channels through the
+    same weight columns and writes its own C_out/g outputs, so each group must keep the same count. Its input
+    is cut into g equal pieces coupled index by index (a unit is one channel of every group, sliced from the
+    weight's axis 1 once), and its output is one new atom of C_out/g channels repeated g times. The input
+    side is a parameter, not a consumer: SNP's reconstruction mixes channels across groups, which a grouped
+    weight cannot hold, so it folds into other readers of the group only."""
+    factor = incoming.factor if incoming is not None else 1  # features per tracked channel (a channel shuffle: g)
+    per_group = shape[1] // factor if shape[1] % factor == 0 else 0
+    if incoming is not None and per_group and a.size(incoming) == per_group * groups and shape[0] % groups == 0:
+        pieces = [a.atoms.slice(incoming.atoms, g * per_group, (g + 1) * per_group) for g in range(groups)]
+        for other in pieces[1:]:
+            a.atoms.unify(pieces[0], other)
+        a.site("weight", node, ChannelState(1, pieces[0], factor), index=1, axis=1, role="param")
+    elif incoming is not None:
+        a.block(incoming, f"{node.name} (Conv): grouped convolution (groups={groups}) whose groups split the "
+                          "channels' coupled units (a channel shuffle of another width)")
+        incoming = None
+    if shape[0] % groups:
+        return
+    unit = a.new_state(1, shape[0] // groups)
+    out = ChannelState(1, unit.atoms * groups)
+    a.site("weight", node, out, index=1, axis=0, role="producer")
+    _optional_bias_site(node, a, out)
+    a.set_state(node.outputs[0], out)
     a.cost(node, incoming, out)
 
 

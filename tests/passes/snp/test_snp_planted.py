@@ -15,7 +15,8 @@ and the output criterion and sequentially. Every pruned model agrees with the or
 onnxruntime (graph optimisations disabled) to 1e-4 on inputs other than the calibration inputs: the
 reconstruction makes copies and combinations exact and the bias compensation constants. A constant
 unit read by a zero-padded conv is not redundant (it is 0 in the padding) and must stay. What SNP
-legitimately leaves alone (groups a grouped convolution or a channel multiplier ties, query/key
+legitimately leaves alone (single channels of a grouped convolution, whose unit is one channel of every
+group; groups read only by a grouped convolution, which cannot hold a reconstruction; query/key
 dimensions read only bilinearly) keeps its planted units, with the reason in the report. CoB removes
 planted zero-variance directions exactly where a rotatable chain exists (value heads, a conv read
 through global pooling by a Gemm) and names the op that ends each chain elsewhere.
@@ -202,11 +203,13 @@ def _grouped() -> Planted:
     module = Grouped().eval()
     planted = Planted(module, (3, 8, 8))
     planted.add(module.first, (Zero(2), Copy(5, 1)))
-    for layer in (module.second, module.grouped, module.multiplier):  # in groups a grouped conv ties
+    # one channel of one group each: a grouped conv prunes a unit (that channel in every group) or nothing
+    for layer in (module.second, module.grouped, module.multiplier):
         plant(layer, (Zero(0), Copy(3, 1)))
-    planted.refused += [((module.grouped,), "grouped convolution (groups=2)"),
-                        ((module.multiplier,), "grouped convolution (groups=8)")]
-    planted.untouched.append(module.second)
+    # read only by a grouped conv, which cannot hold a reconstruction that mixes its groups' channels
+    planted.refused += [((module.second,), "no linear consumer with statistics"),
+                        ((module.grouped,), "no linear consumer with statistics")]
+    planted.untouched.append(module.multiplier)
     return planted
 
 
