@@ -179,6 +179,14 @@ CORNERS = {
                         nearest_mode = "floor"> (x, , sc)
             l = Resize <mode = "linear"> (x, , sc)
         }"""),
+    "one_hot_axes_and_negative_indices": (11, """
+        g (float[2, 3] x) => (float[2, 3, 4] y, float[4, 2, 3] z)
+            <int64[2, 3] i = {0, -1, 3, 5, -4, 2}, float[1] depth = {4.0}, float[2] v = {-0.5, 2.0}> {
+            h = OneHot (i, depth, v)
+            u = Unsqueeze <axes = [2]> (x)
+            y = Add (h, u)
+            z = OneHot <axis = 0> (i, depth, v)
+        }"""),
     "gemm_transposes": (17, """
         g (float[3, 5] x) => (float[5, 2] y) <float[2, 3] w = {SEQ6}, float[2] b = {1.0, -1.0}> {
             y = Gemm <transA = 1, transB = 1, alpha = 0.5, beta = 2.0> (x, w, b)

@@ -106,6 +106,20 @@ def gather(call: Call, inputs: list[Any]) -> torch.Tensor:
     return picked.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1:]))
 
 
+@rule("OneHot")
+def one_hot(call: Call, inputs: list[Any]) -> torch.Tensor:
+    """`values[1]` where an index hits, `values[0]` elsewhere, on a new axis of `depth` entries at `axis`;
+    negative indices count from the end and indices out of [-depth, depth) hit nothing."""
+    indices, depth_value, values = inputs
+    depth = int(depth_value.reshape(-1)[0].item())
+    index = indices.long()
+    index = torch.where(index < 0, index + depth, index)
+    valid = (index >= 0) & (index < depth)
+    hot = F.one_hot(torch.where(valid, index, torch.zeros_like(index)), depth).bool() & valid.unsqueeze(-1)
+    off, on = values.reshape(-1)[0], values.reshape(-1)[1]
+    return torch.where(hot, on, off).movedim(-1, call.attr("axis", -1) % (indices.dim() + 1))
+
+
 @rule("GatherElements")
 def gather_elements(call: Call, inputs: list[Any]) -> torch.Tensor:
     data, index = inputs
