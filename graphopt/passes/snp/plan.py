@@ -112,8 +112,16 @@ def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: di
         if group.root not in found:
             producers = ", ".join(sorted({s.node.name for s in group.sites if s.role == "producer"}))
             result.skipped.append(f"group {group.root} ({group.size} channels, produced by {producers}): "
-                                  "no linear consumer with statistics")
+                                  f"no linear consumer with statistics{_grouped_readers(group)}")
     return {group.root: found[group.root] for group in groups if group.root in found}
+
+
+def _grouped_readers(group: Group) -> str:
+    """Why a group read by grouped convolutions has no consumer: their weights cannot hold a reconstruction."""
+    grouped = sorted({s.node.name for s in group.sites if s.role == "param" and s.axis == 1 and s.node.op == "Conv"
+                      and int(s.node.attrs.get("group", 1)) > 1})
+    return (f" (read by the grouped convolution{'s' if len(grouped) > 1 else ''} {', '.join(grouped)}, whose "
+            "weights cannot hold a reconstruction across groups; magnitude and random prune it)") if grouped else ""
 
 
 def counts(orderings: dict[int, Ordering], keep: float, round_to: RoundTo) -> dict[int, int]:

@@ -102,3 +102,10 @@ def test_a_channel_shuffle_before_the_grouped_conv_couples_whole_units_and_stays
     onnx.checker.check_model(result.model, full_check=True)
     feed = {"x": DATA["x"][:4]}
     np.testing.assert_allclose(run_ort(result.model, feed)["y"], run_ort(model, feed)["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_snp_names_the_grouped_conv_that_leaves_a_group_without_a_consumer() -> None:
+    result = graphopt.optimize(chain(), method="snp", calib=DATA, target_macs=0.7, round_to=1)
+    assert dims(result.model)["wa"][0] == 8  # Conv a's group: read only by the grouped Conv, left whole by SNP
+    skipped = " ".join(result.report["passes"][-1]["skipped"])
+    assert "produced by a): no linear consumer with statistics (read by the grouped convolution g," in skipped
