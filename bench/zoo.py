@@ -7,7 +7,7 @@ snp,exprune) at every target, through `outcome`, which classifies each run as pr
 refused-with-reason, pruned/unchanged (methods without a target) or FAIL:<kind> (see that module).
 Calibration data are seeded Gaussian samples (16 by default). Sets:
 
-- tiny: the torch zoo of graphopt.torch.zoo (12 architectures, 8-64 channels), both exporters, opset 17,
+- tiny: the torch zoo of graphopt.torch.zoo (13 architectures, 8-64 channels), both exporters, opset 17,
   BatchNorm kept as nodes (the pre-passes fold it);
 - light: the onnx package's light model zoo (onnx/backend/test/data/light: ImageNet topologies at 224 px
   with constant-filled weights, opset 9), where the installed wheel ships it;
@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=[*SETS, "none"], default=list(SETS),
                         help="model sets to sweep ('none': only the SNP cost measurement)")
     parser.add_argument("--runs", nargs="+", default=["all"], help=f"run ids ({', '.join(RUNS)}) or all")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="only these models of the sets (names without the exporter, e.g. resnext)")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--large-runs", nargs="+", default=["magnitude", "snp"])
     parser.add_argument("--large-targets", nargs="+", type=float, default=[0.5])
@@ -231,7 +233,9 @@ def main() -> None:
             found["cost"] = cost(args, folder)
         start = time.perf_counter()
         for kind in [kind for kind in args.sets if kind != "none"]:  # one set at a time, exported when it starts
-            sweep(models([kind], folder), args, folder, found)
+            chosen = [entry for entry in models([kind], folder)
+                      if args.models is None or entry[1].split(" (")[0] in args.models]
+            sweep(chosen, args, folder, found)
         found["sweep_s"] = round(time.perf_counter() - start)
     save(found, args)
     print("\n" + tables(found["rows"], args.slow))

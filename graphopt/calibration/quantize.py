@@ -38,6 +38,7 @@ import onnx.version_converter
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.session import runtime
 from graphopt.errors import GraphoptError
+from graphopt.ir.shapes import input_specs
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,7 @@ def _check_interface(model: onnx.ModelProto, quantized: onnx.ModelProto) -> None
 
     Graph inputs that are also initializers (every weight, in models of IR version 3) are defaults, not
     part of what callers feed: their float weights become quantized initializers, so those entries go."""
-    before = (_fed_inputs(model), [v.name for v in model.graph.output])
-    after = (_fed_inputs(quantized), [v.name for v in quantized.graph.output])
+    before = ([s.name for s in input_specs(model)], [v.name for v in model.graph.output])
+    after = ([s.name for s in input_specs(quantized)], [v.name for v in quantized.graph.output])
     if before != after:
         raise RuntimeError(f"quantization changed the graph interface: {before} -> {after}")
-
-
-def _fed_inputs(model: onnx.ModelProto) -> list[str]:
-    """Names of the graph inputs a caller feeds: those without an initializer behind them."""
-    weights = {t.name for t in model.graph.initializer}
-    return [v.name for v in model.graph.input if v.name not in weights]

@@ -148,7 +148,7 @@ def release_mappings() -> None:
     if not hasattr(mmap, "MADV_DONTNEED"):
         return
     for whole in list(_mappings.values()):
-        if isinstance(whole.base, mmap.mmap) and len(whole.base):
+        if isinstance(whole.base, mmap.mmap):
             whole.base.madvise(mmap.MADV_DONTNEED)
 
 

@@ -55,11 +55,12 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck block: 1x1 reduce -> 3x3 -> 1x1 expand, residual add."""
+    """ResNet bottleneck block: 1x1 reduce -> 3x3 -> 1x1 expand, residual add (a grouped 3x3 with `groups` > 1,
+    as in ResNeXt and RegNet)."""
 
-    def __init__(self, cin: int, mid: int, cout: int) -> None:
+    def __init__(self, cin: int, mid: int, cout: int, groups: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(_conv_bn(cin, mid, 1), _conv_bn(mid, mid, 3),
+        self.body = nn.Sequential(_conv_bn(cin, mid, 1), _conv_bn(mid, mid, 3, groups=groups),
                                   _conv_bn(mid, cout, 1, act=None))
         self.shortcut = _conv_bn(cin, cout, 1, act=None) if cin != cout else nn.Identity()
 
@@ -249,6 +250,11 @@ def _resnet_bottleneck() -> nn.Module:
     return nn.Sequential(_conv_bn(3, 16), Bottleneck(16, 8, 32), Bottleneck(32, 8, 32), _classifier(32))
 
 
+def _resnext() -> nn.Module:
+    return nn.Sequential(_conv_bn(3, 16), Bottleneck(16, 32, 32, groups=4), Bottleneck(32, 32, 32, groups=4),
+                         _classifier(32))
+
+
 def _mobilenetv2() -> nn.Module:
     return nn.Sequential(
         _conv_bn(3, 16, act=nn.ReLU6), InvertedResidual(16, 16, 1, 2), InvertedResidual(16, 24, 2, 2),
@@ -343,6 +349,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv_flatten_gemm": (_conv_flatten_gemm, _IMAGE_16),
     "transformer": (_transformer, (8, 32)),
     "mlp": (_mlp, (64,)),
+    "resnext": (_resnext, _IMAGE_16),
 }
 
 ZOO: dict[str, ModelBuilder] = {

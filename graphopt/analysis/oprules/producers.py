@@ -92,9 +92,12 @@ def _grouped(node: gs.Node, a: Analysis, incoming: ChannelState | None, shape: t
     weight's axis 1 once), and its output is one new atom of C_out/g channels repeated g times. The input
     side is a parameter, not a consumer: SNP's reconstruction mixes channels across groups, which a grouped
     weight cannot hold, so it folds into other readers of the group only."""
+    if shape[0] % groups:  # not a valid grouped convolution (onnxruntime refuses it): nothing to track
+        a.block_inputs(node, f"{shape[0]} output channels in {groups} groups")
+        return
     factor = incoming.factor if incoming is not None else 1  # features per tracked channel (a channel shuffle: g)
     per_group = shape[1] // factor if shape[1] % factor == 0 else 0
-    if incoming is not None and per_group and a.size(incoming) == per_group * groups and shape[0] % groups == 0:
+    if incoming is not None and per_group and a.size(incoming) == per_group * groups:
         pieces = [a.atoms.slice(incoming.atoms, g * per_group, (g + 1) * per_group) for g in range(groups)]
         for other in pieces[1:]:
             a.atoms.unify(pieces[0], other)
@@ -103,8 +106,6 @@ def _grouped(node: gs.Node, a: Analysis, incoming: ChannelState | None, shape: t
         a.block(incoming, f"{node.name} (Conv): grouped convolution (groups={groups}) whose groups split the "
                           "channels' coupled units (a channel shuffle of another width)")
         incoming = None
-    if shape[0] % groups:
-        return
     unit = a.new_state(1, shape[0] // groups)
     out = ChannelState(1, unit.atoms * groups)
     a.site("weight", node, out, index=1, axis=0, role="producer")
