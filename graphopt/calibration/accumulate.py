@@ -29,7 +29,6 @@ from graphopt.calibration.reference import KeptOutputs
 from graphopt.calibration.session import make_session
 from graphopt.calibration.blas import single_threaded_blas
 from graphopt.calibration.stats import TensorStats, chunk_rows, mask_applies, row_blocks
-from graphopt.ir import weights
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,6 @@ def run_rounds(model: onnx.ModelProto, data: Dataset, rounds: list[Round], infos
                 bar.set_postfix_str(f"round {index + 1}/{len(rounds)}")
             _run_round(model, data, planned, infos, stats, settings, bar, pool,
                        kept if index == len(rounds) - 1 else None)
-            weights.release_mappings()  # the round's session read every weight of a model held by reference
     if kept is not None and rounds:
         kept.finish()
 

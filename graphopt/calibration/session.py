@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +86,8 @@ def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[A
     """A session of a model held by reference (graphopt.ir.weights): its referenced weights are handed to
     onnxruntime as shared initializers, which it uses in place (no copy, and no pre-packed copy: prepacking
     is off for these sessions), and the model it parses names them as external data in a sparse
-    placeholder file that is never read. Such sessions run without graph optimisation, whatever was asked:
+    placeholder file that is never read; when the session is collected, the mapped files' resident pages are
+released (graphopt.ir.weights.release_mappings). Such sessions run without graph optimisation, whatever was asked:
     onnxruntime's optimisers would fold the placeholders' zeros into the weights they rewrite."""
     ort = runtime()
     light = onnx.ModelProto()
@@ -112,6 +114,9 @@ def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[A
         path.write_bytes(light.SerializeToString())
         session = ort.InferenceSession(str(path), options, providers=chosen)
     session._graphopt_shared_weights = shared  # onnxruntime reads these buffers for the session's lifetime
+    # once the session is gone, the weight file pages it read stop counting in this process's memory (they stay
+    # in the page cache): calibration, paired statistics and the fidelity check each read every weight
+    weakref.finalize(session, weights.release_mappings)
     return session
 
 

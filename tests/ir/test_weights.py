@@ -252,3 +252,16 @@ def test_snp_on_a_cnn_held_by_reference_matches_inline(monkeypatch, options):
     feed = {"x": calib["x"][:8]}
     np.testing.assert_allclose(make_session(held.model).run(None, feed)[0],
                                make_session(inline.model).run(None, feed)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="resident pages are read from /proc/self/smaps")
+def test_a_finished_session_gives_back_the_weight_pages_it_read(tmp_path, by_reference):
+    path = mlp(tmp_path)
+    model = load_model(path)
+    views = weights.arrays_of(model)  # the mapping stays while the graph's arrays do
+    session = make_session(model)
+    session.run(None, inputs(8))
+    data = (tmp_path / "mlp.data").resolve()
+    assert _mapped_kib(data) > 0
+    del session
+    assert _mapped_kib(data) == 0 and float(views[0].sum()) != 0.0
