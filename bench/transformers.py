@@ -133,6 +133,18 @@ ENCODER_VARIANTS = (
     Config("snp --qk-dims", "snp", 0.5, {"qk_dims": True}),
     Config("snp --qk-dims --budget-by sensitivity", "snp", 0.7, {"qk_dims": True, "budget_by": "sensitivity"}),
     Config("snp --qk-dims --budget-by sensitivity", "snp", 0.5, {"qk_dims": True, "budget_by": "sensitivity"}),
+    # distillation toward the original's embeddings after pruning (torch extra)
+    Config("snp --repair 100", "snp", 0.7, {"repair": 100}),  # the default learning rate, 0.001
+    Config("snp --repair 100 --repair-lr 3e-5", "snp", 0.7, {"repair": 100, "repair_lr": 3e-5}),
+    Config("snp --repair 100 --repair-lr 1e-4", "snp", 0.7, {"repair": 100, "repair_lr": 1e-4}),
+    Config("snp --repair 100 --repair-lr 3e-5 --repair-tensors auto", "snp", 0.7,
+           {"repair": 100, "repair_lr": 3e-5, "repair_tensors": "auto"}),
+    Config("snp --repair 100 --repair-lr 1e-4 --repair-tensors auto", "snp", 0.7,
+           {"repair": 100, "repair_lr": 1e-4, "repair_tensors": "auto"}),
+    Config("snp --repair 300 --repair-lr 1e-4 --repair-tensors auto", "snp", 0.7,
+           {"repair": 300, "repair_lr": 1e-4, "repair_tensors": "auto"}),
+    Config("snp --repair 300 --repair-lr 1e-4 --repair-tensors auto", "snp", 0.5,
+           {"repair": 300, "repair_lr": 1e-4, "repair_tensors": "auto"}),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 
@@ -189,6 +201,8 @@ def run_config(model: onnx.ModelProto, config: Config, task: Task, reference: np
                       target_reached=report["target_reached"], mask_input=report.get("mask_input"),
                       passes={entry["pass"]: {"stats": entry["stats"], "skipped": len(entry["skipped"])}
                               for entry in report["passes"]})
+        if "repair" in report:
+            record["repair"] = {key: value for key, value in report["repair"].items() if key != "tensors"}
         record["quality"] = task.quality(reference, task.outputs(result.model))
         record["latency"] = {}
         for batch in setting.batches:

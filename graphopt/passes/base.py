@@ -110,6 +110,15 @@ class PassContext:
         """Which input masked the token statistics and how it was chosen, once statistics were asked for."""
         return self._calibrator.mask.to_json() if self._calibrator is not None else None
 
+    def token_mask(self) -> Any:
+        """The attention-mask choice (graphopt.calibration.mask.MaskChoice) of this run's statistics, or the
+        one `mask_input` gives on the template where no statistics were asked for."""
+        from graphopt.calibration.mask import choose_mask
+
+        if self._calibrator is not None:
+            return self._calibrator.mask
+        return choose_mask(self.template, self.options.get("mask_input"))
+
     def statistics(self, requests: Iterable[StatRequest],
                    model: onnx.ModelProto | gs.Graph | None = None) -> dict[str, TensorStats]:
         """Activation statistics of `model` (a graph, a model, or by default the template).

@@ -189,7 +189,8 @@ class RunOptions(CalibrationOptions):
     repair_lr: float = option(1e-3, metavar="LR", help="--repair's Adam learning rate (default 0.001)")
     repair_tensors: str | None = option(None, metavar="NAME[,NAME...]", parse=parse_tensor_names,
                                         help="--repair also matches these intermediate tensors (by name, where "
-                                             "both models compute them with the same shape)")
+                                             "both models compute them with the same shape); 'auto': the "
+                                             "outputs of the normalisation layers")
 
     def __post_init__(self) -> None:
         super().__post_init__()

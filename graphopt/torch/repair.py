@@ -7,7 +7,10 @@ mini-batches on
 
     L = mean over matched tensors t of  mean((ŷ_t − y_t)²) / mean(y_t²),
 
-each tensor's squared error normalised by the reference's energy on the training part. A seeded fraction
+each tensor's squared error normalised by the reference's energy on the training part. With an attention
+mask (`mask`, the input calibration statistics are masked by), a tensor of rank 3 or more whose leading axes
+are the mask's [batch, sequence] counts only the token rows the mask keeps, in the loss, the energy and the held-out error:
+padding is not distilled. A seeded fraction
 `held_out` of the calibration samples is kept out of training; the relative error on it
 (Σ‖ŷ_t − y_t‖² / Σ‖y_t‖², averaged over t) is measured before training, every `steps // 25` steps and at
 the end, and the parameters with the lowest held-out error are returned, so the result is never worse on
@@ -33,6 +36,7 @@ import torch
 from onnx import numpy_helper
 
 from graphopt.calibration.data import Dataset
+from graphopt.calibration.mask import MaskChoice
 from graphopt.calibration.session import make_session
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import weights
@@ -41,6 +45,12 @@ from graphopt.torch.interpreter.module import GraphModule
 log = logging.getLogger(__name__)
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16})
+# `tensors=("auto",)`: the first output of every normalisation node of the original (the block outputs of a
+# transformer, its residual stream), where the pruned model computes it too with the same shape
+NORMALISATIONS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                            "SkipSimplifiedLayerNormalization", "RMSNormalization", "RMSNorm",
+                            "GroupNormalization", "InstanceNormalization"})
+AUTO = "auto"
 CHECKS = 25  # held-out evaluations over a run (plus the start and the end)
 
 Feed = dict[str, np.ndarray]
@@ -67,7 +77,7 @@ def _produced(model: onnx.ModelProto) -> set[str]:
 def matched_names(original: onnx.ModelProto, pruned: onnx.ModelProto,
                   tensors: Sequence[str]) -> tuple[list[str], list[str]]:
     """(the tensors distilled, by name: float outputs of both models, then `tensors` both compute; why the
-    others were skipped)."""
+    others were skipped). `tensors` ["auto"]: the normalisation nodes' outputs both models compute."""
     pruned_outputs = {o.name for o in pruned.graph.output}
     names, skipped = [], []
     for output in original.graph.output:
@@ -78,6 +88,9 @@ def matched_names(original: onnx.ModelProto, pruned: onnx.ModelProto,
         else:
             names.append(output.name)
     in_original, in_pruned = _produced(original), _produced(pruned)
+    if list(tensors) == [AUTO]:
+        tensors = [node.output[0] for node in original.graph.node
+                   if node.op_type in NORMALISATIONS and node.output and node.output[0] in in_pruned]
     for name in tensors:
         if name in names:
             continue
@@ -99,12 +112,13 @@ def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def _reference(original: onnx.ModelProto, data: Dataset, names: list[str], batch_size: int, device: str,
                threads: int) -> _Targets:
-    """The original's `names` on every feed of `data`, float64."""
+    """The original's `names` on every feed of `data`, as onnxruntime returns them (float32 for a float32
+    model: the references of every normalisation layer of a transformer over the calibration set are large;
+    the losses are computed in float64)."""
     session = make_session(_exposed(original, names), device=device, threads=threads)
     accepted = {i.name for i in session.get_inputs()}
     feeds = [{k: v for k, v in feed.items() if k in accepted} for feed in data.batches(batch_size)]
-    references = [{n: np.asarray(v, dtype=np.float64) for n, v in zip(names, session.run(names, feed))}
-                  for feed in feeds]
+    references = [dict(zip(names, session.run(names, feed))) for feed in feeds]
     return _Targets(feeds, references)
 
 
@@ -123,27 +137,61 @@ def _torch_feed(feed: Feed, device: torch.device) -> dict[str, torch.Tensor]:
 class _Distiller:
     """The pruned module, its targets and the two losses (training batch, held-out evaluation)."""
 
-    def __init__(self, module: GraphModule, names: list[str], train: _Targets, device: torch.device) -> None:
+    def __init__(self, module: GraphModule, names: list[str], train: _Targets, device: torch.device,
+                 mask: MaskChoice | None = None) -> None:
         self.module, self.names, self.train, self.device = module, names, train, device
-        self.energy = {n: max(float(np.mean([np.mean(np.square(r[n])) for r in train.references])), 1e-30)
-                       for n in names}
+        self.mask = mask if mask is not None and mask.name is not None else None
+        energy = dict.fromkeys(names, 0.0)
+        count = dict.fromkeys(names, 0.0)
+        for feed, reference in zip(train.feeds, train.references):
+            for n in names:
+                kept = self.kept_rows(feed, reference[n].shape)
+                rows = reference[n] if kept is None else reference[n][kept]
+                energy[n] += float(np.sum(np.square(rows, dtype=np.float64)))
+                count[n] += rows.size
+        self.energy = {n: max(energy[n] / max(count[n], 1.0), 1e-30) for n in names}
+
+    def kept_rows(self, feed: Feed, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The [batch, sequence] rows of a tensor shaped `shape` that the mask keeps (None: every row)."""
+        if self.mask is None or self.mask.name not in feed:
+            return None
+        values = np.asarray(feed[self.mask.name])
+        # rank 3 or more: a rank-2 tensor whose second axis happens to be as long as the sequence may be a
+        # pooled [batch, hidden] one
+        if values.ndim != 2 or len(shape) < 3 or tuple(shape[:2]) != values.shape:
+            return None
+        return self.mask.kept(values)
+
+    def _squared(self, found: torch.Tensor, reference: np.ndarray, feed: Feed) -> tuple[torch.Tensor, int]:
+        """(Σ (ŷ − y)² over the rows that count, how many entries that is)."""
+        difference = torch.square(found.double() - torch.from_numpy(reference).to(self.device).double())
+        kept = self.kept_rows(feed, reference.shape)
+        if kept is None:
+            return difference.sum(), difference.numel()
+        chosen = difference[torch.from_numpy(kept).to(self.device)]
+        return chosen.sum(), chosen.numel()
 
     def batch_loss(self, index: int) -> torch.Tensor:
-        found = self.module(_torch_feed(self.train.feeds[index], self.device), self.names)
-        losses = [torch.mean(torch.square(found[n].double() - torch.from_numpy(self.train.references[index][n])
-                                          .to(self.device))) / self.energy[n] for n in self.names]
+        feed = self.train.feeds[index]
+        found = self.module(_torch_feed(feed, self.device), self.names)
+        losses = []
+        for n in self.names:
+            squared, count = self._squared(found[n], self.train.references[index][n], feed)
+            losses.append(squared / max(count, 1) / self.energy[n])
         return torch.stack(losses).mean()
 
     @torch.no_grad()
     def error(self, targets: _Targets) -> float:
-        """Σ‖ŷ − y‖² / Σ‖y‖² per tensor over `targets`, averaged over tensors."""
+        """Σ‖ŷ − y‖² / Σ‖y‖² per tensor over `targets` (the rows that count), averaged over tensors."""
         squared = dict.fromkeys(self.names, 0.0)
         energy = dict.fromkeys(self.names, 0.0)
         for feed, reference in zip(targets.feeds, targets.references):
             found = self.module(_torch_feed(feed, self.device), self.names)
             for n in self.names:
-                squared[n] += float(np.sum(np.square(found[n].double().cpu().numpy() - reference[n])))
-                energy[n] += float(np.sum(np.square(reference[n])))
+                squared[n] += float(self._squared(found[n], reference[n], feed)[0])
+                kept = self.kept_rows(feed, reference[n].shape)
+                rows = reference[n] if kept is None else reference[n][kept]
+                energy[n] += float(np.sum(np.square(rows, dtype=np.float64)))
         return float(np.mean([squared[n] / max(energy[n], 1e-30) for n in self.names]))
 
 
@@ -175,7 +223,7 @@ def _device(device: str) -> torch.device:
 
 def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *, steps: int, lr: float = 1e-3,
            tensors: Sequence[str] = (), batch_size: int = 32, held_out: float = 0.1, seed: int = 0,
-           device: str = "cpu", threads: int = 0) -> Repaired:
+           device: str = "cpu", threads: int = 0, mask: MaskChoice | None = None) -> Repaired:
     """Distil `pruned` toward `original` on `data` (see the module docstring)."""
     if int(steps) < 1 or not float(lr) > 0.0:
         raise OptionError(f"--repair needs steps >= 1 and --repair-lr > 0, got {steps} and {lr}")
@@ -196,10 +244,12 @@ def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *,
         raise DataError("--repair has no tensor to match between the original and the pruned model: "
                         + "; ".join(skipped))
     with _torch_threads(threads):
-        report = _train(_Distiller(module, names, train, where), check, int(steps), float(lr), seed)
+        distiller = _Distiller(module, names, train, where, mask)
+        report = _train(distiller, check, int(steps), float(lr), seed)
     trained = module.parameters_by_name().items() if report["best_step"] else ()
     arrays = {n: p.detach().cpu().numpy().astype(_dtype_of(pruned, n)) for n, p in trained}
     report.update(tensors=names, skipped=skipped, parameters=len(module.parameter_names),
+                  masked_by=distiller.mask.name if distiller.mask is not None else None,
                   samples={"train": _count(fit, train), "held_out": _count(held, check)},
                   seconds=time.perf_counter() - start)
     return Repaired(arrays, report)

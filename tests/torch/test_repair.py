@@ -200,3 +200,55 @@ def test_repair_trains_through_graphopts_own_norms_and_activations(tmp_path: Pat
     entry = result.report["repair"]
     assert entry["loss_held_out_after"] < entry["loss_held_out_before"]
     assert result.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+
+
+# ------------------------------------------------------------------------------ token models: masks, norms
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> dict[str, object]:
+    """A two-block post-LN encoder with an attention mask (tests/passes/heads), padded data, and the model
+    pruned by SNP to half its MACs."""
+    from tests.passes.heads.test_heads import _build, _data, _export
+
+    model = _export(_build(), "legacy", tmp_path_factory.mktemp("encoder") / "m.onnx")
+    calib = _data(96, 10, seed=0)
+    pruned = optimize(model, method="snp", target_macs=0.5, calib=calib, criterion="variance",
+                      reconstruct_target="self").model
+    return {"model": model, "calib": calib, "pruned": pruned}
+
+
+def test_padded_token_rows_count_nowhere_in_the_distillation(encoder) -> None:
+    from graphopt.calibration.mask import MaskChoice
+    from graphopt.torch.interpreter.module import GraphModule
+    from graphopt.torch.repair import _Distiller, _Targets
+
+    model, feed = encoder["model"], dict(encoder["calib"])
+    own = run_ort(model, feed)["hidden"].astype(np.float64)
+    kept = feed["attention_mask"] != 0
+    assert 0 < kept.mean() < 1
+    garbage = own.copy()
+    garbage[~kept] = 1e3  # references that differ from the model on padded rows only
+    targets = _Targets([feed], [{"hidden": garbage}])
+    device = torch.device("cpu")
+    masked = _Distiller(GraphModule(model), ["hidden"], targets, device, MaskChoice("attention_mask", "given"))
+    unmasked = _Distiller(GraphModule(model), ["hidden"], targets, device)
+    assert masked.error(targets) < 1e-10 and float(masked.batch_loss(0).detach()) < 1e-10
+    assert unmasked.error(targets) > 0.5
+    # a rank-2 tensor as long as the sequence may be pooled [batch, hidden]: it is not masked
+    assert masked.kept_rows(feed, kept.shape) is None and masked.kept_rows(feed, (*kept.shape, 1)) is not None
+    # the energy normalising the loss is the kept rows' too
+    assert masked.energy["hidden"] == pytest.approx(float(np.mean(np.square(own[kept]))), rel=1e-12)
+
+
+def test_auto_tensors_are_the_normalisation_outputs_and_the_mask_is_found(encoder) -> None:
+    model, pruned = encoder["model"], encoder["pruned"]
+    norms = [n.output[0] for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 4
+    result = optimize(model, method="snp", target_macs=0.5, calib=encoder["calib"], criterion="variance",
+                      reconstruct_target="self", repair=30, repair_lr=3e-3, repair_tensors="auto")
+    report = result.report["repair"]
+    # the last norm is the output itself ("hidden"): matched once, as an output
+    assert report["tensors"] == ["hidden", *[n for n in norms if n != "hidden"]]
+    assert report["masked_by"] == "attention_mask"
+    assert report["loss_held_out_after"] < report["loss_held_out_before"]
+    assert result.report["mask_input"]["name"] == "attention_mask"
+    assert {i.name for i in result.model.graph.initializer} == {i.name for i in pruned.graph.initializer}
