@@ -321,7 +321,7 @@ def _repair(graph: gs.Graph, ctx: PassContext) -> dict[str, Any]:
     found = repair(ctx.template, ir.export_model(graph, ctx.template), ctx.data, steps=int(ctx.options["repair"]),
                    lr=float(ctx.options["repair_lr"]), tensors=tensors.split(",") if tensors else (),
                    batch_size=int(ctx.options["batch_size"]), device=ctx.option("device", "cpu"),
-                   threads=int(ctx.option("threads", 0)), mask=ctx.token_mask())
+                   threads=int(ctx.option("threads", 0)), mask=ctx.token_mask(), progress=ctx.progress)
     constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
     for name, array in found.arrays.items():
         constants[name].values = array  # a new array: the old one may be shared or mapped read-only

@@ -496,7 +496,7 @@ def _print_exprune(report: dict[str, Any]) -> None:
     if convs:
         print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu, which has no native kernel "
               "yet: they skip MACs but run slower than the convolutions they replace "
-              "(--exprune-layers linear leaves them alone)")
+              "(the default, --exprune-layers auto, leaves them dense)")
 
 
 def _print_unchanged(report: dict[str, Any]) -> None:

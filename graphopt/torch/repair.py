@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from tqdm.auto import tqdm
 
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.mask import MaskChoice
@@ -223,7 +224,8 @@ def _device(device: str) -> torch.device:
 
 def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *, steps: int, lr: float = 1e-3,
            tensors: Sequence[str] = (), batch_size: int = 32, held_out: float = 0.1, seed: int = 0,
-           device: str = "cpu", threads: int = 0, mask: MaskChoice | None = None) -> Repaired:
+           device: str = "cpu", threads: int = 0, mask: MaskChoice | None = None,
+           progress: bool = False) -> Repaired:
     """Distil `pruned` toward `original` on `data` (see the module docstring)."""
     if int(steps) < 1 or not float(lr) > 0.0:
         raise OptionError(f"--repair needs steps >= 1 and --repair-lr > 0, got {steps} and {lr}")
@@ -245,7 +247,7 @@ def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *,
                         + "; ".join(skipped))
     with _torch_threads(threads):
         distiller = _Distiller(module, names, train, where, mask)
-        report = _train(distiller, check, int(steps), float(lr), seed)
+        report = _train(distiller, check, int(steps), float(lr), seed, progress)
     trained = module.parameters_by_name().items() if report["best_step"] else ()
     arrays = {n: p.detach().cpu().numpy().astype(_dtype_of(pruned, n)) for n, p in trained}
     report.update(tensors=names, skipped=skipped, parameters=len(module.parameter_names),
@@ -264,7 +266,8 @@ def _dtype_of(model: onnx.ModelProto, name: str) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
-def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int) -> dict[str, Any]:
+def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int,
+           progress: bool = False) -> dict[str, Any]:
     """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module."""
     module = distiller.module
     optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
@@ -274,17 +277,21 @@ def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: 
     kept = [p.detach().clone() for p in module.parameters()]
     every = max(1, steps // CHECKS)
     order: list[int] = []
+    bar = tqdm(total=steps, desc="repair", unit="step", disable=not progress, leave=False)
     for step in range(1, steps + 1):
         if not order:
             order = rng.permutation(len(distiller.train.feeds)).tolist()
         optimizer.zero_grad(set_to_none=True)
         distiller.batch_loss(order.pop()).backward()
         optimizer.step()
+        bar.update()
         if step % every == 0 or step == steps:
             error = distiller.error(check)
             if error < best:
                 best, best_step = error, step
                 kept = [p.detach().clone() for p in module.parameters()]
+            bar.set_postfix(held_out=f"{error:.4g}", best=f"{best:.4g}")
+    bar.close()
     with torch.no_grad():
         for parameter, value in zip(module.parameters(), kept):
             parameter.copy_(value)

@@ -252,7 +252,7 @@ def test_json_values() -> None:
     (["omp"], {}, "--method omp needs --sparsity in \\[0, 1\\), got None"),
     (["omp"], {"sparsity": 0.5, "omp_scope": "tensor"}, "--omp-scope must be global or layer"),
     (["exprune"], {"tolerance": "top1=2"}, "--tolerance must be top1=A"),
-    (["exprune"], {"exprune_layers": "gemm"}, "--exprune-layers must be one of all, linear, conv"),
+    (["exprune"], {"exprune_layers": "gemm"}, "--exprune-layers must be one of auto, all, linear, conv"),
     (["exprune"], {"exprune_rows": 0}, "--exprune-rows must be at least 1, got 0"),
     (["exprune"], {"exprune_held_out": 1.0}, "--exprune-held-out must be in \\(0, 1\\)"),
 ])

@@ -34,14 +34,22 @@ def match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
     return None
 
 
+SLOWER_CONV = ("left dense: graphopt.ExPruneConvRelu has no native kernel, and its function body runs slower than "
+               "the convolution (--exprune-layers all replaces it to skip MACs)")
+
+
 def discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
+    """The layers to replace for `kinds` ("auto": linear layers, the convolutions named as left dense; "all",
+    "linear", "conv"), and why others were not."""
     layers, skipped = [], []
     for node in list(graph.nodes):
-        if kinds != "all" and (node.op == "Conv") != (kinds == "conv"):
+        if kinds in ("linear", "conv") and (node.op == "Conv") != (kinds == "conv"):
             continue
         found = match(graph, node)
         if isinstance(found, str):
             skipped.append(f"{node.name}: {found}")
+        elif found is not None and kinds == "auto" and isinstance(found, ConvLayer):
+            skipped.append(f"{node.name}: Conv+Relu {SLOWER_CONV}")
         elif found is not None:
             layers.append(found)
     return layers, skipped

@@ -48,7 +48,7 @@ from graphopt.passes.methods import Method, Seeded, option, register_method
 log = logging.getLogger(__name__)
 
 PROBES = (0.0625, 0.125, 0.25, 0.5)
-LAYER_KINDS = ("all", "linear", "conv")
+LAYER_KINDS = ("auto", "all", "linear", "conv")
 ALLOCATIONS = ("layers", "uniform")
 ALLOCATION = "layers"
 
@@ -74,7 +74,7 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     allocation = str(ctx.option("exprune_allocation", ALLOCATION))
     if allocation not in ALLOCATIONS:
         raise OptionError(f"--exprune-allocation must be one of {', '.join(ALLOCATIONS)}, got '{allocation}'")
-    kinds = str(ctx.option("exprune_layers", "all"))
+    kinds = str(ctx.option("exprune_layers", "auto"))
     if kinds not in LAYER_KINDS:
         raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
     return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
@@ -258,8 +258,11 @@ class ExPruneOptions(Seeded):
                                      help="exprune: with --tolerance, a false-negative rate per layer (each layer's "
                                           "error and skipped MACs measured alone, combined along the best ratio, "
                                           "certified as a whole on the held-out samples) or one rate for all")
-    exprune_layers: str = option("all", choices=LAYER_KINDS, help="exprune: which ReLU layers to replace (conv ops "
-                                                                  "have no native kernel yet)")
+    exprune_layers: str = option("auto", choices=LAYER_KINDS,
+                                 help="exprune: which ReLU layers to replace; auto (default): those with a native "
+                                      "kernel, the linear ones (the conv op has none yet and runs slower than the "
+                                      "convolution, so convolutions stay dense, named in the report); all; linear; "
+                                      "conv")
     exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "
                                                        "calibration (default 4096)")
     exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "

@@ -262,7 +262,8 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
     # 64 held-out images cannot certify top1=0.99 with a margin: the held-out value itself decides here
-    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential", exprune_confidence=0)
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential", exprune_confidence=0,
+                               exprune_layers="all")
     stats = result.report["passes"][-1]["stats"]
     assert sorted(op_types(result.model)).count("ExPruneConvRelu") == 2  # the 1-channel first conv is declined
     assert op_types(result.model).count("ExPruneLinearRelu") == 1
@@ -276,6 +277,21 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     assert np.mean(np.argmax(want, -1) == np.argmax(got, -1)) >= 0.99
     skipped = result.report["exprune_macs_skipped"]["fraction_of_model"]
     assert 0.05 < skipped == pytest.approx(stats["held_out_macs_skipped_per_sample"] / result.report["macs_after"])
+
+
+def test_by_default_convolutions_stay_dense_and_the_report_says_why() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3] / "samples"
+    model = onnx.load(str(root / "digits_cnn.onnx"))
+    calib = dict(np.load(root / "digits_calib.npz"))
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05)
+    ops = op_types(result.model)
+    assert "ExPruneConvRelu" not in ops and ops.count("Conv") == 3 and ops.count("ExPruneLinearRelu") == 1
+    skipped = result.report["passes"][-1]["skipped"]
+    dense = [reason for reason in skipped if "no native kernel" in reason]
+    assert len(dense) == 2 and all("--exprune-layers all" in reason for reason in dense)  # not the 1-channel one
+    assert result.report["passes"][-1]["stats"].get("conv_layers", 0) == 0
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
