@@ -16,7 +16,8 @@ from graphopt.analysis.channels import AtomTable, ChannelState
 class Site:
     """A place to rewrite when the channels of `state` shrink.
 
-    kinds: "weight" (slice constant input `index` along `axis`; `role` producer/consumer/param),
+    kinds: "weight" (slice constant input `index` along `axis`; `role` producer/consumer/param, or grouped: a
+    grouped Conv's weight, whose axis `axis` holds one group's piece of the input, read by every group),
     "split" (recompute split sizes from `outputs`), "slice" (recompute bounds on `axis`),
     "shape" (entry `axis` of the shape constant at input `index`), "group" (depthwise group count),
     "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split),
@@ -31,6 +32,11 @@ class Site:
     axis: int = 0
     role: str = "param"
     outputs: list[ChannelState] = field(default_factory=list)
+
+    @property
+    def groups(self) -> int:
+        """How many groups read the state's features (a "grouped" consumer: its Conv's groups; else 1)."""
+        return int(self.node.attrs.get("group", 1)) if self.role == "grouped" else 1
 
 
 @dataclass

@@ -90,8 +90,8 @@ def _grouped(node: gs.Node, a: Analysis, incoming: ChannelState | None, shape: t
     same weight columns and writes its own C_out/g outputs, so each group must keep the same count. Its input
     is cut into g equal pieces coupled index by index (a unit is one channel of every group, sliced from the
     weight's axis 1 once), and its output is one new atom of C_out/g channels repeated g times. The input
-    side is a parameter, not a consumer: SNP's reconstruction mixes channels across groups, which a grouped
-    weight cannot hold, so it folds into other readers of the group only."""
+    side is a "grouped" consumer: the weight's axis 1 holds one piece, which group k reads at offset k·C_in/g
+    of the input, so a reconstruction folds group by group (graphopt.passes.snp.fold), never across groups."""
     if shape[0] % groups:  # not a valid grouped convolution (onnxruntime refuses it): nothing to track
         a.block_inputs(node, f"{shape[0]} output channels in {groups} groups")
         return
@@ -101,7 +101,7 @@ def _grouped(node: gs.Node, a: Analysis, incoming: ChannelState | None, shape: t
         pieces = [a.atoms.slice(incoming.atoms, g * per_group, (g + 1) * per_group) for g in range(groups)]
         for other in pieces[1:]:
             a.atoms.unify(pieces[0], other)
-        a.site("weight", node, ChannelState(1, pieces[0], factor), index=1, axis=1, role="param")
+        a.site("weight", node, ChannelState(1, pieces[0], factor), index=1, axis=1, role="grouped")
     elif incoming is not None:
         a.block(incoming, f"{node.name} (Conv): grouped convolution (groups={groups}) whose groups split the "
                           "channels' coupled units (a channel shuffle of another width)")

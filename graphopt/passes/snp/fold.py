@@ -25,20 +25,33 @@ from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
           shifts: Shifts) -> bool:
-    """Fold the least-squares reconstruction of the pruned positions into one consumer's weights."""
+    """Fold the least-squares reconstruction of the pruned positions into one consumer's weights. A grouped
+    Conv gets one fit per group, on that group's block of its input, folded into that group's outputs."""
     features = a.size(site.state) * site.state.factor
     keep_pos = kept_positions(a.atoms, site.state, kept)
     pruned_pos = np.setdiff1d(np.arange(features), keep_pos)
     if pruned_pos.size == 0:
         return False
     cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
-    coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
     weight = np.asarray(site.node.inputs[site.index].values)
-    values = np.zeros(features)
-    values[pruned_pos] = constant
-    add_shift(shifts, site.node, consumer_shift(site, values, weight))
     rows = input_rows(weight, site.axis)
-    rows[:, keep_pos] += rows[:, pruned_pos] @ coupling
+    height = rows.shape[0] // site.groups  # the rows of one group's outputs (all of them: one group)
+    shift = np.zeros(weight.shape[0] if site.groups > 1 else 0)
+    for k in range(site.groups):
+        offset = k * features
+        coupling, constant = reconstruction(cov, mean, keep_pos + offset, pruned_pos + offset)
+        values = np.zeros(features)
+        values[pruned_pos] = constant
+        found = consumer_shift(site, values, weight)
+        if site.groups == 1:
+            add_shift(shifts, site.node, found)
+        else:  # this group's outputs only: the others never read its block
+            outputs = found.size // site.groups
+            shift[k * outputs:(k + 1) * outputs] = found[k * outputs:(k + 1) * outputs]
+        block = rows[k * height:(k + 1) * height]
+        block[:, keep_pos] += block[:, pruned_pos] @ coupling
+    if site.groups > 1:
+        add_shift(shifts, site.node, shift)
     ir.set_input_array(graph, site.node, site.index, from_input_rows(rows, weight, site.axis))
     return True
 

@@ -29,9 +29,9 @@ QK_DIMS = False  # SnpOptions.qk_dims's default (MiniLM: cosine up, top-10 overl
 def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
     usable = []
     for site in analysis.sites:
-        if site.kind not in ("weight", "reduce") or site.role != "consumer":
+        if site.kind not in ("weight", "reduce") or site.role not in ("consumer", "grouped"):
             continue
-        features = analysis.size(site.state) * site.state.factor
+        features = analysis.size(site.state) * site.state.factor * site.groups
         if site.node.op == "ConvTranspose" or features > max_features:
             if result is not None:
                 result.skipped.append(f"{site.node.name}: no reconstruction ({site.node.op}, {features} input features)")

@@ -52,13 +52,28 @@ def occurrences(a: Analysis, state: ChannelState, root: int) -> list[np.ndarray]
 
 
 def _readout(site: Site, features: int) -> np.ndarray:
-    """WᵀW over the consumer's outputs and taps, features x features (a reduction's W is one row)."""
+    """WᵀW over the consumer's outputs and taps, features x features (a reduction's W is one row; a grouped
+    Conv's is block diagonal, group k's outputs reading the k-th block of its input)."""
     if site.kind == "reduce":
         row = weights(site, features)
         return np.outer(row, row)
     weight = np.asarray(site.node.inputs[site.index].values, dtype=np.float64)
     rows = np.moveaxis(weight, site.axis, -1).reshape(-1, weight.shape[site.axis])
-    return rows.T @ rows
+    if site.groups == 1:
+        return rows.T @ rows
+    readout, width, height = np.zeros((features, features)), rows.shape[1], rows.shape[0] // site.groups
+    for k in range(site.groups):
+        block = rows[k * height:(k + 1) * height]
+        readout[k * width:(k + 1) * width, k * width:(k + 1) * width] = block.T @ block
+    return readout
+
+
+def read_places(a: Analysis, site: Site, root: int) -> list[np.ndarray]:
+    """The positions of group `root` in the tensor `site` reads, one array per occurrence; a grouped
+    consumer's weight holds one piece, read by group k at offset k times the piece's width."""
+    found = occurrences(a, site.state, root)
+    width = a.size(site.state) * site.state.factor
+    return [positions + k * width for k in range(site.groups) for positions in found]
 
 
 def _consumer_places(a: Analysis, groups: list[Group], consumers: list[Site],
@@ -67,7 +82,7 @@ def _consumer_places(a: Analysis, groups: list[Group], consumers: list[Site],
     roots = [g.root for g in groups]
     found = []
     for site in consumers:
-        places = [(root, positions) for root in roots for positions in occurrences(a, site.state, root)]
+        places = [(root, positions) for root in roots for positions in read_places(a, site, root)]
         if site.node.inputs[0].name in stats and places:
             found.append((site, places))
     return found
@@ -112,16 +127,8 @@ def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: di
         if group.root not in found:
             producers = ", ".join(sorted({s.node.name for s in group.sites if s.role == "producer"}))
             result.skipped.append(f"group {group.root} ({group.size} channels, produced by {producers}): "
-                                  f"no linear consumer with statistics{_grouped_readers(group)}")
+                                  "no linear consumer with statistics")
     return {group.root: found[group.root] for group in groups if group.root in found}
-
-
-def _grouped_readers(group: Group) -> str:
-    """Why a group read by grouped convolutions has no consumer: their weights cannot hold a reconstruction."""
-    grouped = sorted({s.node.name for s in group.sites if s.role == "param" and s.axis == 1 and s.node.op == "Conv"
-                      and int(s.node.attrs.get("group", 1)) > 1})
-    return (f" (read by the grouped convolution{'s' if len(grouped) > 1 else ''} {', '.join(grouped)}, whose "
-            "weights cannot hold a reconstruction across groups; magnitude and random prune it)") if grouped else ""
 
 
 def counts(orderings: dict[int, Ordering], keep: float, round_to: RoundTo) -> dict[int, int]:

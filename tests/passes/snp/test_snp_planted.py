@@ -16,8 +16,8 @@ onnxruntime (graph optimisations disabled) to 1e-4 on inputs other than the cali
 reconstruction makes copies and combinations exact and the bias compensation constants. A constant
 unit read by a zero-padded conv is not redundant (it is 0 in the padding) and must stay. What SNP
 legitimately leaves alone (single channels of a grouped convolution, whose unit is one channel of every
-group; groups read only by a grouped convolution, which cannot hold a reconstruction; query/key
-dimensions read only bilinearly) keeps its planted units, with the reason in the report. CoB removes
+group; query/key dimensions read only bilinearly) keeps its planted units, with the reason in the report
+where there is one. CoB removes
 planted zero-variance directions exactly where a rotatable chain exists (value heads, a conv read
 through global pooling by a Gemm) and names the op that ends each chain elsewhere.
 """
@@ -203,13 +203,11 @@ def _grouped() -> Planted:
     module = Grouped().eval()
     planted = Planted(module, (3, 8, 8))
     planted.add(module.first, (Zero(2), Copy(5, 1)))
-    # one channel of one group each: a grouped conv prunes a unit (that channel in every group) or nothing
+    # one channel of one group each: a grouped conv prunes a unit (that channel in every group) or nothing, so
+    # these relations remove nothing (the grouped convs read them, each group with its own fit)
     for layer in (module.second, module.grouped, module.multiplier):
         plant(layer, (Zero(0), Copy(3, 1)))
-    # read only by a grouped conv, which cannot hold a reconstruction that mixes its groups' channels
-    planted.refused += [((module.second,), "no linear consumer with statistics"),
-                        ((module.grouped,), "no linear consumer with statistics")]
-    planted.untouched.append(module.multiplier)
+    planted.untouched += [module.second, module.grouped, module.multiplier]
     return planted
 
 
