@@ -53,6 +53,7 @@ NORMALISATIONS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"
                             "GroupNormalization", "InstanceNormalization"})
 AUTO = "auto"
 CHECKS = 25  # held-out evaluations over a run (plus the start and the end)
+LR_RESTARTS = 2  # a first check worse than the start restarts at a tenth of the learning rate, this often at most
 
 Feed = dict[str, np.ndarray]
 
@@ -266,18 +267,28 @@ def _dtype_of(model: onnx.ModelProto, name: str) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
 
 
-def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int,
-           progress: bool = False) -> dict[str, Any]:
-    """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module."""
+def _restore(module: GraphModule, values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for parameter, value in zip(module.parameters(), values):
+            parameter.copy_(value)
+
+
+@dataclass
+class _Run:
+    best: float
+    best_step: int
+    kept: list[torch.Tensor]
+
+
+def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng: np.random.Generator,
+             start: tuple[float, list[torch.Tensor]], give_up: bool, bar: Any) -> _Run | None:
+    """`steps` Adam steps at `lr` from the module's weights, checked on `check` every `steps // CHECKS`
+    steps; None when `give_up` and the first check is worse than the starting error (`start`)."""
     module = distiller.module
     optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
-    rng = np.random.default_rng(seed)
-    train_before, held_before = distiller.error(distiller.train), distiller.error(check)
-    best, best_step = held_before, 0
-    kept = [p.detach().clone() for p in module.parameters()]
+    found = _Run(start[0], 0, start[1])
     every = max(1, steps // CHECKS)
     order: list[int] = []
-    bar = tqdm(total=steps, desc="repair", unit="step", disable=not progress, leave=False)
     for step in range(1, steps + 1):
         if not order:
             order = rng.permutation(len(distiller.train.feeds)).tolist()
@@ -287,18 +298,41 @@ def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: 
         bar.update()
         if step % every == 0 or step == steps:
             error = distiller.error(check)
-            if error < best:
-                best, best_step = error, step
-                kept = [p.detach().clone() for p in module.parameters()]
-            bar.set_postfix(held_out=f"{error:.4g}", best=f"{best:.4g}")
-    bar.close()
-    with torch.no_grad():
-        for parameter, value in zip(module.parameters(), kept):
-            parameter.copy_(value)
-    log.info("repair: held-out error %.4g -> %.4g (best at step %d of %d)", held_before, best, best_step, steps)
-    return {"steps": steps, "lr": lr, "best_step": best_step,
+            if give_up and step == every and error > start[0]:
+                return None
+            if error < found.best:
+                found = _Run(error, step, [p.detach().clone() for p in module.parameters()])
+            bar.set_postfix(held_out=f"{error:.4g}", best=f"{found.best:.4g}", lr=f"{lr:.2g}")
+    return found
+
+
+def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int,
+           progress: bool = False) -> dict[str, Any]:
+    """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module.
+    A first check above the starting error restarts from the starting weights at a tenth of the rate (at
+    most `LR_RESTARTS` times: a pretrained transformer diverges at a rate that suits a network trained from
+    scratch); the report's `lr_used` is the rate of the steps that count."""
+    module = distiller.module
+    rng = np.random.default_rng(seed)
+    train_before, held_before = distiller.error(distiller.train), distiller.error(check)
+    initial = [p.detach().clone() for p in module.parameters()]
+    rate, run = lr, None
+    with tqdm(total=steps, desc="repair", unit="step", disable=not progress, leave=False) as bar:
+        for restart in range(LR_RESTARTS + 1):
+            run = _attempt(distiller, check, steps, rate, rng, (held_before, initial), restart < LR_RESTARTS, bar)
+            if run is not None:
+                break
+            log.info("repair: held-out error rose at the learning rate %.3g; restarting at %.3g", rate, rate / 10)
+            rate /= 10
+            _restore(module, initial)
+            bar.reset()
+    assert run is not None  # the last attempt never gives up
+    _restore(module, run.kept)
+    log.info("repair: held-out error %.4g -> %.4g (best at step %d of %d)", held_before, run.best, run.best_step,
+             steps)
+    return {"steps": steps, "lr": lr, "lr_used": rate, "best_step": run.best_step,
             "loss_train_before": train_before, "loss_train_after": distiller.error(distiller.train),
-            "loss_held_out_before": held_before, "loss_held_out_after": best}
+            "loss_held_out_before": held_before, "loss_held_out_after": run.best}
 
 
 def write_back(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -59,11 +59,14 @@ def test_repair_lowers_the_output_error_on_samples_it_never_saw(digits, pruned) 
     assert report["loss_train_after"] < report["loss_train_before"]
     assert report["samples"] == {"train": 180, "held_out": 20} and report["tensors"] == ["output"]
     assert 0 < report["best_step"] <= 150 and report["parameters"] == 10
+    assert report["lr_used"] == report["lr"] == 1e-3  # the first check improved: no restart
 
 
 def test_weights_worse_on_the_held_out_slice_are_never_returned(digits, pruned) -> None:
     model = digits["model"]
     found = repair(model, pruned, load_data(digits["calib"], model), steps=10, lr=50.0)  # diverges at once
+    # worse at the first check: restarted at 5, then at 0.5, which diverges too
+    assert found.report["lr"] == 50.0 and found.report["lr_used"] == pytest.approx(0.5)
     assert found.report["best_step"] == 0 and found.arrays == {}
     assert found.report["loss_held_out_after"] == found.report["loss_held_out_before"]
     assert write_back(pruned, found.arrays) == pruned
