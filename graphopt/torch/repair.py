@@ -9,8 +9,8 @@ mini-batches on
 
 each tensor's squared error normalised by the reference's energy on the training part. With an attention
 mask (`mask`, the input calibration statistics are masked by), a tensor of rank 3 or more whose leading axes
-are the mask's [batch, sequence] counts only the token rows the mask keeps, in the loss, the energy and the held-out error:
-padding is not distilled. A seeded fraction
+are the mask's [batch, sequence] counts only the token rows the mask keeps, in the loss, the energy and the
+held-out error: padding is not distilled. A seeded fraction
 `held_out` of the calibration samples is kept out of training; the relative error on it
 (Σ‖ŷ_t − y_t‖² / Σ‖y_t‖², averaged over t) is measured before training, every `steps // 25` steps and at
 the end, and the parameters with the lowest held-out error are returned, so the result is never worse on

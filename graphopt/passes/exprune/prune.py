@@ -1,7 +1,9 @@
 """ExPrune: per-input dynamic neuron pruning of linear+ReLU and Conv+ReLU layers (graphopt.ops.exprune*).
 
-Every matched layer becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear) or
-`graphopt.ExPruneConvRelu` (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
+Every matched layer of the kinds `exprune_layers` names ("auto", the default: the linear layers, whose op
+has a native kernel; Conv+ReLU layers are left dense and listed as skipped, since their op's function body
+runs slower than the convolution) becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear)
+or `graphopt.ExPruneConvRelu` (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
 (graphopt.passes.exprune.calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
 output positions of the first `exprune_maps` input maps for convolutions (a seeded subset of at most
 POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held; graphopt.passes.exprune.layers). Two modes:
