@@ -145,6 +145,10 @@ ENCODER_VARIANTS = (
            {"repair": 300, "repair_lr": 1e-4, "repair_tensors": "auto"}),
     Config("snp --repair 300 --repair-lr 1e-4 --repair-tensors auto", "snp", 0.5,
            {"repair": 300, "repair_lr": 1e-4, "repair_tensors": "auto"}),
+    # SNP's defaults with calibration data, then the repair
+    Config("snp --criterion output --reconstruct-target original --repair 300 --repair-lr 1e-4 --repair-tensors auto",
+           "snp", 0.5, {"criterion": "output", "reconstruct_target": "original", "repair": 300, "repair_lr": 1e-4,
+                        "repair_tensors": "auto"}),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 
