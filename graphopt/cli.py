@@ -463,6 +463,10 @@ def _print_repair(report: dict[str, Any]) -> None:
           f"{_fmt(repair['loss_train_before'])} -> {_fmt(repair['loss_train_after'])} "
           f"({repair['samples']['held_out']} / {repair['samples']['train']} samples; matched "
           f"{', '.join(repair['tensors'])})")
+    if repair.get("lr_used") is not None and repair["lr_used"] != repair["lr"]:
+        print(f"  the held-out error rose at learning rate {repair['lr']:g}: trained at {repair['lr_used']:g}")
+    if repair.get("masked_by"):
+        print(f"  padded tokens left out of the distillation (mask input '{repair['masked_by']}')")
 
 
 def _print_relaxed_rounding(report: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ NORMALISATIONS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"
                             "GroupNormalization", "InstanceNormalization"})
 AUTO = "auto"
 CHECKS = 25  # held-out evaluations over a run (plus the start and the end)
-LR_RESTARTS = 2  # a first check worse than the start restarts at a tenth of the learning rate, this often at most
+LR_RESTARTS = 2  # a check worse than the start after a tenth of the steps: restart at a tenth of the rate
 
 Feed = dict[str, np.ndarray]
 
@@ -283,11 +283,13 @@ class _Run:
 def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng: np.random.Generator,
              start: tuple[float, list[torch.Tensor]], give_up: bool, bar: Any) -> _Run | None:
     """`steps` Adam steps at `lr` from the module's weights, checked on `check` every `steps // CHECKS`
-    steps; None when `give_up` and the first check is worse than the starting error (`start`)."""
+    steps; None when `give_up` and the first check from a tenth of the steps on is worse than the starting
+    error (`start`: Adam's first steps may spike before they settle)."""
     module = distiller.module
     optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
     found = _Run(start[0], 0, start[1])
     every = max(1, steps // CHECKS)
+    judge = max(every, steps // 10) if give_up else steps + 1  # the step whose check may give up
     order: list[int] = []
     for step in range(1, steps + 1):
         if not order:
@@ -298,7 +300,7 @@ def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng:
         bar.update()
         if step % every == 0 or step == steps:
             error = distiller.error(check)
-            if give_up and step == every and error > start[0]:
+            if judge <= step < judge + every and error > start[0]:
                 return None
             if error < found.best:
                 found = _Run(error, step, [p.detach().clone() for p in module.parameters()])
@@ -309,9 +311,10 @@ def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng:
 def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int,
            progress: bool = False) -> dict[str, Any]:
     """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module.
-    A first check above the starting error restarts from the starting weights at a tenth of the rate (at
-    most `LR_RESTARTS` times: a pretrained transformer diverges at a rate that suits a network trained from
-    scratch); the report's `lr_used` is the rate of the steps that count."""
+    A held-out error above the starting one at the first check from a tenth of the steps on restarts from the
+    starting weights at a tenth of the rate (at most `LR_RESTARTS` times: a pretrained transformer diverges
+    at a rate that suits a network trained from scratch); the report's `lr_used` is the rate of the steps
+    that count."""
     module = distiller.module
     rng = np.random.default_rng(seed)
     train_before, held_before = distiller.error(distiller.train), distiller.error(check)

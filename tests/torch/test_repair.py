@@ -124,6 +124,14 @@ def test_the_cli_takes_the_repair_flags_and_reports_them(tmp_path: Path, capfd) 
     written = json.loads(report.read_text())
     assert written["options"]["repair"] == 20 and written["options"]["repair_tensors"] == "output"
     assert written["repair"]["tensors"] == ["output"] and written["repair"]["steps"] == 20
+    assert written["repair"]["lr_used"] <= 0.002 and written["repair"]["masked_by"] is None
+    assert "padded tokens" not in out
+    # a rate the first check rejects is lowered, and the output says so
+    code = main(["optimize", str(SAMPLES / "digits_cnn.onnx"), "-o", str(tmp_path / "out2.onnx"), "--method", "snp",
+                 "--target-macs", "0.5", "--calib", str(SAMPLES / "digits_calib.npz"), "--repair", "10",
+                 "--repair-lr", "50", "--report", str(report)])
+    out, _ = capfd.readouterr()
+    assert code == 0 and "the held-out error rose at learning rate 50: trained at 0.5" in out
 
 
 def test_an_op_it_cannot_train_through_is_refused_naming_it(digits) -> None:
