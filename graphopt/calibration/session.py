@@ -86,9 +86,10 @@ def _shared_weights_session(model: onnx.ModelProto, options: Any, chosen: list[A
     """A session of a model held by reference (graphopt.ir.weights): its referenced weights are handed to
     onnxruntime as shared initializers, which it uses in place (no copy, and no pre-packed copy: prepacking
     is off for these sessions), and the model it parses names them as external data in a sparse
-    placeholder file that is never read; when the session is collected, the mapped files' resident pages are
-released (graphopt.ir.weights.release_mappings). Such sessions run without graph optimisation, whatever was asked:
-    onnxruntime's optimisers would fold the placeholders' zeros into the weights they rewrite."""
+    placeholder file that is never read; when the session is collected, the mapped files' resident pages
+    are released (graphopt.ir.weights.release_mappings). Such sessions run without graph optimisation,
+    whatever was asked: onnxruntime's optimisers would fold the placeholders' zeros into the weights they
+    rewrite."""
     ort = runtime()
     light = onnx.ModelProto()
     light.CopyFrom(model)  # the references are small: this copies no weight

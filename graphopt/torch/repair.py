@@ -143,15 +143,22 @@ class _Distiller:
                  mask: MaskChoice | None = None) -> None:
         self.module, self.names, self.train, self.device = module, names, train, device
         self.mask = mask if mask is not None and mask.name is not None else None
-        energy = dict.fromkeys(names, 0.0)
-        count = dict.fromkeys(names, 0.0)
-        for feed, reference in zip(train.feeds, train.references):
-            for n in names:
-                kept = self.kept_rows(feed, reference[n].shape)
-                rows = reference[n] if kept is None else reference[n][kept]
-                energy[n] += float(np.sum(np.square(rows, dtype=np.float64)))
-                count[n] += rows.size
-        self.energy = {n: max(energy[n] / max(count[n], 1.0), 1e-30) for n in names}
+        self._energies: dict[int, tuple[_Targets, dict[str, tuple[float, int]]]] = {}
+        self.energy = {n: max(total / max(count, 1), 1e-30) for n, (total, count) in self.energies(train).items()}
+
+    def energies(self, targets: _Targets) -> dict[str, tuple[float, int]]:
+        """Per tensor, (Σ y² over the rows that count, how many entries that is) over `targets`; computed once
+        per set of targets (the held-out slice is read at every check)."""
+        if id(targets) not in self._energies:
+            found = dict.fromkeys(self.names, (0.0, 0))
+            for feed, reference in zip(targets.feeds, targets.references):
+                for n in self.names:
+                    kept = self.kept_rows(feed, reference[n].shape)
+                    rows = reference[n] if kept is None else reference[n][kept]
+                    total, count = found[n]
+                    found[n] = (total + float(np.sum(np.square(rows, dtype=np.float64))), count + rows.size)
+            self._energies[id(targets)] = (targets, found)  # the targets held: their id stays theirs
+        return self._energies[id(targets)][1]
 
     def kept_rows(self, feed: Feed, shape: tuple[int, ...]) -> np.ndarray | None:
         """The [batch, sequence] rows of a tensor shaped `shape` that the mask keeps (None: every row)."""
@@ -186,15 +193,12 @@ class _Distiller:
     def error(self, targets: _Targets) -> float:
         """Σ‖ŷ − y‖² / Σ‖y‖² per tensor over `targets` (the rows that count), averaged over tensors."""
         squared = dict.fromkeys(self.names, 0.0)
-        energy = dict.fromkeys(self.names, 0.0)
         for feed, reference in zip(targets.feeds, targets.references):
             found = self.module(_torch_feed(feed, self.device), self.names)
             for n in self.names:
                 squared[n] += float(self._squared(found[n], reference[n], feed)[0])
-                kept = self.kept_rows(feed, reference[n].shape)
-                rows = reference[n] if kept is None else reference[n][kept]
-                energy[n] += float(np.sum(np.square(rows, dtype=np.float64)))
-        return float(np.mean([squared[n] / max(energy[n], 1e-30) for n in self.names]))
+        energy = self.energies(targets)
+        return float(np.mean([squared[n] / max(energy[n][0], 1e-30) for n in self.names]))
 
 
 def _shape_mismatches(module: GraphModule, names: list[str], targets: _Targets,

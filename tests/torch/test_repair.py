@@ -214,13 +214,13 @@ def test_repair_trains_through_graphopts_own_norms_and_activations(tmp_path: Pat
 
 
 # ------------------------------------------------------------------------------ token models: masks, norms
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory) -> dict[str, object]:
-    """A two-block post-LN encoder with an attention mask (tests/passes/heads), padded data, and the model
-    pruned by SNP to half its MACs."""
+@pytest.fixture(scope="module", params=["legacy", "dynamo"])
+def encoder(request, tmp_path_factory) -> dict[str, object]:
+    """A two-block post-LN encoder with an attention mask (tests/passes/heads) from either torch exporter,
+    padded data, and the model pruned by SNP to half its MACs."""
     from tests.passes.heads.test_heads import _build, _data, _export
 
-    model = _export(_build(), "legacy", tmp_path_factory.mktemp("encoder") / "m.onnx")
+    model = _export(_build(), request.param, tmp_path_factory.mktemp("encoder") / "m.onnx")
     calib = _data(96, 10, seed=0)
     pruned = optimize(model, method="snp", target_macs=0.5, calib=calib, criterion="variance",
                       reconstruct_target="self").model

@@ -35,23 +35,16 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
     weight = np.asarray(site.node.inputs[site.index].values)
     rows = input_rows(weight, site.axis)
-    height = rows.shape[0] // site.groups  # the rows of one group's outputs (all of them: one group)
-    shift = np.zeros(weight.shape[0] if site.groups > 1 else 0)
-    for k in range(site.groups):
-        offset = k * features
-        coupling, constant = reconstruction(cov, mean, keep_pos + offset, pruned_pos + offset)
+    shifts_by_group = []
+    # group k (one group unless grouped: a Conv, outputs on axis 0) reads block k of the input through its
+    # own output rows; np.split gives views, so the fold writes into `rows`
+    for k, (outputs, block) in enumerate(zip(np.split(weight, site.groups), np.split(rows, site.groups))):
+        coupling, constant = reconstruction(cov, mean, keep_pos + k * features, pruned_pos + k * features)
         values = np.zeros(features)
         values[pruned_pos] = constant
-        found = consumer_shift(site, values, weight)
-        if site.groups == 1:
-            add_shift(shifts, site.node, found)
-        else:  # this group's outputs only: the others never read its block
-            outputs = found.size // site.groups
-            shift[k * outputs:(k + 1) * outputs] = found[k * outputs:(k + 1) * outputs]
-        block = rows[k * height:(k + 1) * height]
+        shifts_by_group.append(consumer_shift(site, values, outputs))
         block[:, keep_pos] += block[:, pruned_pos] @ coupling
-    if site.groups > 1:
-        add_shift(shifts, site.node, shift)
+    add_shift(shifts, site.node, np.concatenate(shifts_by_group))
     ir.set_input_array(graph, site.node, site.index, from_input_rows(rows, weight, site.axis))
     return True
 

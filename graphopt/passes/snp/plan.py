@@ -61,9 +61,8 @@ def _readout(site: Site, features: int) -> np.ndarray:
     rows = np.moveaxis(weight, site.axis, -1).reshape(-1, weight.shape[site.axis])
     if site.groups == 1:
         return rows.T @ rows
-    readout, width, height = np.zeros((features, features)), rows.shape[1], rows.shape[0] // site.groups
-    for k in range(site.groups):
-        block = rows[k * height:(k + 1) * height]
+    readout, width = np.zeros((features, features)), rows.shape[1]
+    for k, block in enumerate(np.split(rows, site.groups)):
         readout[k * width:(k + 1) * width, k * width:(k + 1) * width] = block.T @ block
     return readout
 
