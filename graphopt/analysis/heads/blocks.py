@@ -10,6 +10,15 @@ import onnx_graphsurgeon as gs
 Shapes = dict[str, tuple[int, ...]]
 
 
+@dataclass(frozen=True)
+class PackedCut:
+    """A packed projection's output `tensor`, cut by Split/Slice along its last axis: this block's heads lie
+    in it as blocks of `width` entries from `offset` on. Removing heads moves every cut of the tensor."""
+
+    tensor: gs.Tensor
+    width: int
+    offset: int
+
 
 @dataclass(frozen=True)
 class HeadSlice:
@@ -50,7 +59,13 @@ class HeadBlock:
     attributes: list[gs.Node] = field(default_factory=list)  # ops with a num_heads attribute
     consumers: list[HeadConsumer] = field(default_factory=list)
     mixing: list[gs.Node] = field(default_factory=list)       # batched MatMuls / attention ops, 1/H of MACs per head
+    packed: list[PackedCut] = field(default_factory=list)
     declined: str | None = None
+
+    def add_sources(self, found: list[HeadSlice | PackedCut]) -> None:
+        """What graphopt.analysis.heads.sources found behind a projection: constants and packed cuts."""
+        self.slices.extend(s for s in found if isinstance(s, HeadSlice))
+        self.packed.extend(s for s in found if isinstance(s, PackedCut))
 
     @property
     def name(self) -> str:
@@ -63,6 +78,7 @@ class HeadBlock:
         heads go together): every per-head width and count grows by `factor`."""
         self.heads //= factor
         self.slices = [replace(s, width=s.width * factor) for s in self.slices]
+        self.packed = [replace(s, width=s.width * factor) for s in self.packed]
         self.shapes = [replace(e, per_head=e.per_head * factor) for e in self.shapes]
         self.consumers = [replace(c, width=c.width * factor) for c in self.consumers]
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, Shapes, constant_value
+from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, PackedCut, Shapes, constant_value
 from graphopt.analysis.heads.sources import head_split, producer_slices
 
 ROTARY = "rotary q/k: only rotations commuting with RoPE (2x2 blocks) preserve scores"
+PACKED = "q and k come from one packed projection (Split/Slice): its cut sizes are not rewritten"
 _ROTARY_OPS = {"Add", "Sub", "Mul", "Neg", "Concat", "Slice", "Split", "Sin", "Cos"}
 _TO_SOFTMAX = {"Div", "Mul", "Add", "Sub", "Where", "Cast", "Identity"}
 
@@ -186,6 +187,8 @@ def _side(tensor: gs.Tensor, axis: int, reader: gs.Node, shapes: Shapes) -> QKSi
             source = node.inputs[0]
             reason = _other_reader(source, node, len(shapes.get(source.name, ())) - 1, shapes)
             slices = producer_slices(source, split[1], 0, shapes) if reason is None else reason
+            if not isinstance(slices, str) and any(isinstance(s, PackedCut) for s in slices):
+                return PACKED
             return slices if isinstance(slices, str) else QKSide(node, split[0], slices, entries)
         step = _step_back(node, axis, shapes, entries)
         if isinstance(step, str):
@@ -196,7 +199,7 @@ def _side(tensor: gs.Tensor, axis: int, reader: gs.Node, shapes: Shapes) -> QKSi
 def _checked(side: QKSide) -> str | None:
     """Why a side's projection cannot take a per-head map of its columns."""
     if any(s.offset for s in side.slices):
-        return "q and k come from one packed projection (Split/Slice): its cut sizes are not rewritten"
+        return PACKED
     scales = [s.node for s in side.slices if s.node.op in ("Mul", "Div")]
     if scales:
         return f"{scales[0].name} ({scales[0].op}): a per-channel scale between the projection and the head split"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, Shapes, constant_value, weight_slice
+from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, PackedCut, Shapes, constant_value, weight_slice
 
 PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
 
@@ -21,7 +21,7 @@ def _projection(node: gs.Node, width: int, offset: int) -> list[HeadSlice] | Non
 
 
 def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
-          shapes: Shapes) -> tuple[list[HeadSlice], gs.Tensor, int] | str:
+          shapes: Shapes) -> tuple[list[HeadSlice | PackedCut], gs.Tensor, int] | str:
     """One step back from `tensor` through its producer `node`: (slices, the tensor it reads, new offset)."""
     if node.op in PER_CHANNEL and len(node.inputs) == 2:
         step = _per_channel(node, tensor, width, offset, shapes)
@@ -30,21 +30,25 @@ def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
         start = _split_start(node, tensor, shapes) if node.op == "Split" else _slice_start(node, shapes)
         if start is None:
             return f"{node.name} ({node.op}): not a constant cut of the last axis"
-        return [], node.inputs[0], offset + start
+        return [PackedCut(node.inputs[0], width, offset + start)], node.inputs[0], offset + start
     return f"{node.name} ({node.op}): not a linear projection"
 
 
-def producer_slices(tensor: gs.Tensor, width: int, offset: int, shapes: Shapes) -> list[HeadSlice] | str:
+def producer_slices(tensor: gs.Tensor, width: int, offset: int, shapes: Shapes) -> list[HeadSlice | PackedCut] | str:
     """Walk back from the tensor a split Reshape reads to the linear producer of its columns; the slices of
     the producer's weight, bias and every per-channel constant on the way (`offset`: where the heads start
-    along the producer's columns, after a Split/Slice of a packed projection)."""
-    found: list[HeadSlice] = []
+    along the producer's columns, after a Split/Slice of a packed projection, which is a PackedCut)."""
+    found: list[HeadSlice | PackedCut] = []
     while True:
         node = tensor.inputs[0] if tensor.inputs else None
         if node is None:
             return f"{tensor.name}: not computed by a linear projection"
-        if len([r for r in tensor.outputs if r.op != "Shape"]) != 1:
+        readers = [r for r in tensor.outputs if r.op != "Shape"]
+        packed = bool(found) and isinstance(found[-1], PackedCut) and found[-1].tensor is tensor
+        if len(readers) != 1 and not packed:
             return f"{tensor.name}: read by more than the head split"
+        if packed and not all(_constant_cut(r, shapes) for r in readers):
+            return f"{tensor.name}: a packed projection cut at positions computed at run time"
         projection = _projection(node, width, offset)
         if projection is not None:
             return found + projection
@@ -70,6 +74,14 @@ def _per_channel(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
     if out is None or value.shape[-1] != shapes.get(variables[0].name, (0,))[-1] or value.size != value.shape[-1]:
         return f"{node.name} ({node.op}): its constant is not one value per channel"
     return [HeadSlice(node, index, value.ndim - 1, width, offset)], variables[0]
+
+
+def _constant_cut(node: gs.Node, shapes: Shapes) -> bool:
+    """A Split or Slice of its input's last axis at constant positions (what removing heads can move)."""
+    if node.op == "Split":
+        return all(_split_start(node, out, shapes) is not None for out in node.outputs)
+    ends = constant_value(node.inputs[2]) if node.op == "Slice" and len(node.inputs) > 2 else None
+    return node.op == "Slice" and _slice_start(node, shapes) is not None and ends is not None and ends.size == 1
 
 
 def _split_start(node: gs.Node, tensor: gs.Tensor, shapes: Shapes) -> int | None:
@@ -134,7 +146,7 @@ def separate_projections(shapes: Shapes, found: HeadBlock, node: gs.Node, heads:
         slices = producer_slices(node.inputs[index], columns // heads, 0, shapes)
         if isinstance(slices, str):
             return slices
-        found.slices.extend(slices)
+        found.add_sources(slices)
         if len(node.inputs) > 3 and constant_value(node.inputs[3]) is not None:
             found.slices.append(HeadSlice(node, 3, 0, columns // heads, offset))
         offset += columns

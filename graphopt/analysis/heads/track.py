@@ -54,7 +54,7 @@ class _Tracker:
         else:
             kept.declined = kept.declined or f"{kept.heads} and {merged.heads} heads meet"
         kept.declined = kept.declined or merged.declined
-        for name in ("slices", "shapes", "attributes", "consumers", "mixing"):
+        for name in ("slices", "shapes", "attributes", "consumers", "mixing", "packed"):
             getattr(kept, name).extend(getattr(merged, name))
         return a
 
@@ -281,7 +281,7 @@ def _start(t: _Tracker, node: gs.Node, heads: int, width: int) -> None:
     if isinstance(slices, str):
         t.blocks[block].declined = f"{node.name} (Reshape): {slices}"
     else:
-        t.blocks[block].slices.extend(slices)
+        t.blocks[block].add_sources(slices)
     position = len(t.shapes[node.outputs[0].name]) - 2
     t.blocks[block].shapes.append(ShapeEntry(node, position, 1))
     t.mark(node.outputs[0], position, block)

@@ -18,6 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads import HeadBlock, ShapeEntry
+from graphopt.analysis.heads.blocks import constant_value
 from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
@@ -63,6 +64,55 @@ def _cut_slices(graph: gs.Graph, block: HeadBlock, removed: np.ndarray) -> None:
     for node, index, axis, positions in drops.values():
         values = np.asarray(node.inputs[index].values)
         ir.set_input_array(graph, node, index, np.delete(values, np.unique(np.concatenate(positions)), axis=axis))
+
+
+def _bounds(node: gs.Node, width: int) -> list[tuple[int, int]] | None:
+    """[start, end) of each output of a Split, or of a Slice (step 1, one axis), along its input's last axis."""
+    if node.op == "Split":
+        given = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+        sizes = given if given is not None else node.attrs.get("split")
+        if sizes is None:
+            count = len(node.outputs)
+            sizes = [-(-width // count)] * (count - 1) + [width - -(-width // count) * (count - 1)]
+        ends = np.cumsum([int(size) for size in np.asarray(sizes).reshape(-1)])
+        return list(zip([0, *ends[:-1]], ends))
+    starts, ends = (constant_value(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
+    if starts is None or ends is None or starts.size != 1:
+        return None
+    start, end = (int(v.reshape(-1)[0]) for v in (starts, ends))
+    start, end = (min(v + width if v < 0 else v, width) for v in (start, end))
+    return [(start, end)]
+
+
+def _cut_packed(graph: gs.Graph, block: HeadBlock, removed: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Move every Split/Slice of a packed projection's output past the removed heads' columns: a Split's
+    sizes shrink, a Slice's start and end move left by the removed columns before them."""
+    gone: dict[str, tuple[gs.Tensor, list[np.ndarray]]] = {}
+    for cut in block.packed:
+        gone.setdefault(cut.tensor.name, (cut.tensor, []))[1].append(cut.offset + head_positions(removed, cut.width))
+    for tensor, positions in gone.values():
+        columns = np.unique(np.concatenate(positions))
+        width = shapes[tensor.name][-1]
+        for reader in ir.consumers(tensor):
+            bounds = _bounds(reader, width) if reader.op in ("Split", "Slice") else None
+            if bounds is None:
+                continue
+            moved = [(start - np.count_nonzero(columns < start), end - np.count_nonzero(columns < end))
+                     for start, end in bounds]
+            if reader.op == "Split":
+                sizes = np.array([end - start for start, end in moved], dtype=np.int64)
+                reader.attrs.pop("num_outputs", None)
+                if "split" in reader.attrs or graph.opset < 13:
+                    reader.attrs["split"] = [int(size) for size in sizes]
+                else:
+                    constant = gs.Constant(ir.unique_name(graph, f"{reader.name}_split"), sizes)
+                    if len(reader.inputs) > 1:
+                        reader.inputs[1] = constant
+                    else:
+                        reader.inputs.append(constant)
+            else:
+                for index, value in ((1, moved[0][0]), (2, moved[0][1])):
+                    ir.set_input_array(graph, reader, index, np.array([value], dtype=np.int64))
 
 
 def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]]) -> tuple[gs.Node, int, int] | None:
@@ -132,6 +182,7 @@ def cut_heads(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, stats: dict[s
         return 0
     folded = _reconstruct(graph, block, kept, removed, stats) if reconstruct else 0
     _cut_slices(graph, block, removed)
+    _cut_packed(graph, block, removed, shapes)
     for entry in block.shapes:
         _set_entry(graph, entry, kept.size, shapes)
     _set_attributes(block, kept.size)

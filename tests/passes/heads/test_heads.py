@@ -34,13 +34,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class Block(nn.Module):
     """Self-attention with HF's additive mask (optionally rotary q/k, optionally grouped-query: `kv_heads` key and
-    value heads, each repeated for HEADS // kv_heads query heads), post-LN, GELU FFN."""
+    value heads, each repeated for HEADS // kv_heads query heads; `packed`: one q/k/v projection chunked in three),
+    post-LN, GELU FFN."""
 
-    def __init__(self, rotary: bool, kv_heads: int = HEADS) -> None:
+    def __init__(self, rotary: bool, kv_heads: int = HEADS, packed: bool = False) -> None:
         super().__init__()
         self.kv_heads = kv_heads
         self.q, self.o = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
         self.k, self.v = (nn.Linear(DIM, kv_heads * DIM // HEADS) for _ in range(2))
+        self.qkv = nn.Linear(DIM, 3 * DIM) if packed else None
         self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         self.rotary, self.head_dim = rotary, DIM // HEADS
@@ -55,7 +57,8 @@ class Block(nn.Module):
             batch, HEADS, tokens, self.head_dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))
+        parts = self.qkv(x).chunk(3, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+        q, k, v = (self._split(part) for part in parts)
         if self.kv_heads != HEADS:
             k, v = self._repeat(k), self._repeat(v)
         if self.rotary:
@@ -69,10 +72,10 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, rotary: bool = False, kv_heads: int = HEADS) -> None:
+    def __init__(self, rotary: bool = False, kv_heads: int = HEADS, packed: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
-        self.blocks = nn.ModuleList(Block(rotary, kv_heads) for _ in range(LAYERS))
+        self.blocks = nn.ModuleList(Block(rotary, kv_heads, packed) for _ in range(LAYERS))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
@@ -110,9 +113,9 @@ def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
     return make_session(model).run(None, data)[0]
 
 
-def _build(rotary: bool = False, edit=None, kv_heads: int = HEADS) -> nn.Module:
+def _build(rotary: bool = False, edit=None, kv_heads: int = HEADS, packed: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    module = Encoder(rotary, kv_heads).eval()
+    module = Encoder(rotary, kv_heads, packed).eval()
     if edit is not None:
         with torch.no_grad():
             edit(module)
@@ -167,6 +170,32 @@ def test_removing_heads_the_output_projection_ignores_is_exact(exporter, tmp_pat
     assert sum(np.prod(t.dims) for t in weights.values()) < sum(np.prod(t.dims) for t in model.graph.initializer)
     dims = [d.dim_param for d in pruned.graph.input[0].type.tensor_type.shape.dim]
     assert all(dims), "batch and sequence stay dynamic"
+
+
+def test_heads_leave_a_packed_projection_and_its_split_exactly(exporter, tmp_path) -> None:
+    # one q/k/v projection chunked in three (Split from the dynamo exporter, Slice from the legacy one): removing
+    # heads moves every cut of the packed output, and SNP's head pruning runs on it end to end
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 1)
+        _zero_head_output(module, 1, 0)
+        _zero_head_output(module, 1, 3)
+
+    model = _export(_build(edit=edit, packed=True), exporter, tmp_path / "m.onnx")
+    graph, shapes, blocks = _blocks(model)
+    if exporter == "legacy":  # torch's legacy chunk computes its slice positions from the run-time shape
+        assert all("computed at run time" in (block.declined or "") for block in blocks)
+        return
+    assert len(blocks) == LAYERS and all(len(block.packed) == 3 and not block.declined for block in blocks)
+    for block, removed in zip(blocks, ([1], [0, 3])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), removed), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, model)
+    data = _data(3, TOKENS + 4, seed=1)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
+    result = optimize(model, method="snp", calib=_data(64, TOKENS, 0), target_macs=0.7, round_to=1)
+    stats = next(p for p in result.report["passes"] if p["pass"] == "snp")["stats"]
+    assert stats["heads_removed"] >= 3 and result.report["macs_ratio"] <= 0.71
+    assert np.isfinite(_run(result.model, data)).all()
 
 
 def test_grouped_query_heads_go_with_their_key_value_head(exporter, tmp_path) -> None:
