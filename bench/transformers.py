@@ -116,7 +116,8 @@ DECODER_CONFIGS = (
     Config("cob", "cob", 0.5),
     Config("cob,snp", "cob,snp", 0.5),
 )
-# --variants: other SNP settings and the CoB pipeline on the encoder (quality; post-norm, so cob,snp = snp)
+# --variants: other SNP settings and the CoB pipeline on the encoder (post-norm: CoB opens every residual shortcut
+# as a linear layer so that each segment of the stream between two norms is rotated and sliced)
 ENCODER_VARIANTS = (
     Config("dense", "none", None),
     Config("snp --criterion output", "snp", 0.7, {"criterion": "output"}),
@@ -129,6 +130,8 @@ ENCODER_VARIANTS = (
     Config("snp --criterion output --reconstruct-target original", "snp", 0.5,
            {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob,snp", "cob,snp", 0.7),
+    Config("cob,snp", "cob,snp", 0.5),
+    Config("cob", "cob", 0.7),
     Config("snp --qk-dims", "snp", 0.7, {"qk_dims": True}),  # q/k width inside heads beside units and heads
     Config("snp --qk-dims", "snp", 0.5, {"qk_dims": True}),
     Config("snp --qk-dims --budget-by sensitivity", "snp", 0.7, {"qk_dims": True, "budget_by": "sensitivity"}),

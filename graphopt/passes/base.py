@@ -92,6 +92,9 @@ class PassContext:
     progress: bool = True
     cluster: Any = None
     pipeline: tuple[str, ...] = ()
+    # the given model's MACs over the graph's, where a pass added MACs on the way (cob's opened post-norm
+    # shortcuts): a --target-macs fraction of the model is this times that fraction of the graph
+    macs_scale: float = 1.0
     # run once on the normalised graph, before the first method pass rewrites it: a refusal known from the
     # graph alone (--repair cannot train through an op) comes before the methods' work, not after it
     normalised_checks: list[Callable[[gs.Graph], None]] = field(default_factory=list)

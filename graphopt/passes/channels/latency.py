@@ -96,7 +96,7 @@ def channel_budget(graph: gs.Graph, ctx: PassContext, analysis: Analysis, macs: 
     """`--target-latency`'s latency model when it is given, else `macs` with `--target-macs`."""
     target = ctx.option("target_latency")
     if target is None:
-        return Budget(macs, float(ctx.option("target_macs")), "target_macs", {})
+        return Budget(macs, float(ctx.option("target_macs")) * ctx.macs_scale, "target_macs", {})
     model, info = latency_model(graph, ctx, analysis, set(multiples), multiples)
     return Budget(model, float(target), "target_latency", info)
 

@@ -40,7 +40,7 @@ class Stream:
     norms: list[gs.Node] = field(default_factory=list)
 
 
-def _layer_norm(node: gs.Node, tensor: gs.Tensor) -> bool:
+def layer_norm_of(node: gs.Node, tensor: gs.Tensor) -> bool:
     """A LayerNormalization of `tensor` over its last axis alone with a constant scale and bias."""
     if node.op != "LayerNormalization" or node.inputs[0] is not tensor or len(node.inputs) < 2:
         return False
@@ -51,17 +51,17 @@ def _layer_norm(node: gs.Node, tensor: gs.Tensor) -> bool:
     return rank is not None and axis in (-1, rank - 1) and constant and not used
 
 
-def _residual(node: gs.Node) -> bool:
+def residual_add(node: gs.Node) -> bool:
     return node.op == "Add" and len(node.inputs) == 2 and not any(isinstance(t, gs.Constant) for t in node.inputs)
 
 
 def _read(graph: gs.Graph, tensor: gs.Tensor, stream: Stream, pending: list[gs.Tensor]) -> bool:
     """Record what reads a stream tensor; False when a reader needs the raw (uncentred) values."""
     for reader in ir.consumers(tensor):
-        if _layer_norm(reader, tensor):
+        if layer_norm_of(reader, tensor):
             if reader not in stream.norms:
                 stream.norms.append(reader)
-        elif _residual(reader):
+        elif residual_add(reader):
             pending.append(reader.outputs[0])
         elif reader.op not in SHAPE_READERS:
             return False
@@ -98,7 +98,7 @@ def find_stream(graph: gs.Graph, start: gs.Tensor) -> Stream | None:
         if tensor.name in outputs or tensor.shape is None or not _read(graph, tensor, stream, pending):
             return None
         node = ir.producer(tensor)
-        if node is not None and _residual(node):
+        if node is not None and residual_add(node):
             pending.extend(node.inputs)
             continue
         writer = _source(graph, tensor, opsets)
@@ -179,7 +179,7 @@ def centre_layer_norms(graph: gs.Graph) -> int:
     shifts: list[gs.Node] = []
     rewritten: set[int] = set()
     for norm in [n for n in graph.nodes if n.op == "LayerNormalization"]:
-        if id(norm) in rewritten or not _layer_norm(norm, norm.inputs[0]):
+        if id(norm) in rewritten or not layer_norm_of(norm, norm.inputs[0]):
             continue
         stream = find_stream(graph, norm.inputs[0])
         if stream is None:

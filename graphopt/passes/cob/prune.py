@@ -37,6 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.blas import single_threaded_blas
 from graphopt.calibration.stats import StatRequest
 from graphopt.errors import DataError, OptionError
@@ -47,6 +48,7 @@ from graphopt.passes.cob.chains import Chain, Writer, find_chains
 from graphopt.passes.cob.gains import fold_gains
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.cob.l1pca import l1pca_basis
+from graphopt.passes.cob.postnorm import open_post_norms
 from graphopt.passes.cob.rotation import fold, pca_basis
 from graphopt.passes.cob.unfuse import unfuse_norms
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
@@ -238,6 +240,7 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     cost = budget.model if budget else model
     blocks = round_to  # before any relaxation
     sizes = {root: o.order.size for root, o in orderings.items()}
+    value = _graph_fraction(ctx, kind, value)
     (kept, decision), round_to = coarsest_meeting(
         ctx.option("round_to") if kind in ("target_macs", "target_latency") else None, round_to,
         lambda step: _kept(kind, value, energy_of, orderings, cost, step),
@@ -247,7 +250,8 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     _cut(graph, ctx, analysis, kept, result)
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
-    return removed, model.ratio(counts), {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks)}
+    return (removed, model.ratio(counts) / ctx.macs_scale,
+            {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks)})
 
 
 def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[np.ndarray, list[np.ndarray]]]) -> int:
@@ -258,6 +262,25 @@ def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[
             fold(graph, chain, rotation)
             rotated += 1
     return rotated
+
+
+def _graph_fraction(ctx: PassContext, kind: str, value: float) -> float:
+    """A MAC target (a fraction of the model given) as a fraction of the graph this pass sees."""
+    return value * ctx.macs_scale if kind == "target_macs" else value
+
+
+def _open_post_norms(graph: gs.Graph, ctx: PassContext, kind: str | None) -> int:
+    """With a budget, open post-norm shortcuts (graphopt.passes.cob.postnorm; without one they would only add
+    MACs); the MACs they add lower `ctx.macs_scale`, so every budget after them stays a fraction of the given
+    model."""
+    shortcuts = open_post_norms(graph) if kind is not None else []
+    if shortcuts:
+        per_node = count_cost(ir.export_model(graph, ctx.template), ctx.input_shapes).per_node
+        added = sum(per_node.get(node.name, 0) for node in shortcuts)
+        total = float(sum(per_node.values()))
+        ctx.macs_scale *= (total - added) / total if total else 1.0
+        log.info("cob: %d post-norm shortcuts opened (%.1f%% of the MACs)", len(shortcuts), 100.0 * added / max(total, 1.0))
+    return len(shortcuts)
 
 
 def _deferred(ctx: PassContext, name: str, kind: str | None) -> bool:
@@ -285,10 +308,11 @@ class ChangeOfBasisPruning(Pass):
             raise OptionError(f"--rotation must be pca or l1pca, got {method}")
         unfused = unfuse_norms(graph)
         rms, tsra = canonicalise(graph)
+        opened = _open_post_norms(graph, ctx, kind)
         centred = centre_layer_norms(graph)
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
-        result = PassResult(modified=bool(unfused or rms or tsra or centred or gains), skipped=reasons)
+        result = PassResult(modified=sum((unfused, rms, tsra, opened, centred, gains)) > 0, skipped=reasons)
         rotations = _rotations(ctx, graph, chains, method) if chains else []
         rotated = _fold_rotations(graph, chains, rotations)
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
@@ -298,6 +322,7 @@ class ChangeOfBasisPruning(Pass):
             removed, ratio, budget_stats = _prune(graph, ctx, chains, [e for _, e in rotations], kind, float(value), result)
         result.modified = result.modified or bool(rotated or removed)
         result.stats = {"fused_norms_split": unfused, "rms_norms_recognised": rms, "layer_norms_centred": centred,
+                        "post_norm_shortcuts": opened,
                         "rms_gains_folded": gains,
                         "tsra_recognised": tsra,
                         "chains": len(chains),

@@ -206,7 +206,7 @@ class SubspaceNodePruning(Pass):
             **_head_stats(m.heads, chosen), **_qk_stats(m.qk, chosen),
             "consumers_reconstructed": int(folded + folded_heads + corrected),
             "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
-            "estimated_macs_ratio": cost_ratio(cost, chosen),
+            "estimated_macs_ratio": cost_ratio(cost, chosen) / ctx.macs_scale,
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
             **({"groups_probed": len(probed)} if probed else {}),
         }

@@ -230,8 +230,9 @@ def test_layer_norm_streams_are_centred_and_rotated_exactly_when_pre_norm(export
     stats = result.report["passes"][-1]["stats"]
     held_out = _ids(4, 17, 2)
     assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
-    if post:  # the norm's output is the stream: nothing to centre, the stream is not rotated
+    if post:  # without a budget the post-norm shortcuts are not opened (they would only add MACs)
         assert stats["layer_norms_centred"] == 0 and stats["residual_groups"] == 0
+        assert stats["post_norm_shortcuts"] == 0
         return
     assert stats["layer_norms_centred"] == 2 * LAYERS + 1 and stats["residual_groups"] == 1
     assert not any(node.op_type == "LayerNormalization" for node in result.model.graph.node)
@@ -267,3 +268,58 @@ def test_the_budget_counts_heads_and_qk_dims_cut_from_a_narrowed_stream_exactly(
         assert stats["estimated_macs_ratio"] == pytest.approx(result.report["macs_ratio"], abs=1e-9)
         both += stats.get("heads_removed", 0) + stats.get("qk_dims_removed", 0) > 0 and _table(result.model).shape[1] < DIM
     assert both, "no run cut heads (or q/k dims) and the stream together"
+
+
+def test_post_norm_shortcuts_open_so_every_segment_rotates_exactly(exporter, tmp_path) -> None:
+    # BERT-style blocks LN(x + f(x)): each shortcut becomes a linear layer, each LayerNorm a centred RMS norm, and
+    # each stream segment between two norms a rotated group of its own; nothing is cut at keep_variance 1.0
+    torch.manual_seed(0)
+    model = _export(LayerNormModel(post=True).eval(), exporter, tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method="cob", calib=_ids(64, TOKENS, 1), keep_variance=1.0, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["post_norm_shortcuts"] == 2 * LAYERS and stats["layer_norms_centred"] == 2 * LAYERS
+    assert stats["residual_groups"] == 2 * LAYERS + 1  # the embedding sum and the input of every norm
+    assert not any(node.op_type == "LayerNormalization" for node in result.model.graph.node)
+    held_out = _ids(4, 17, 2)
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+    assert result.report["macs_ratio"] > 1.0  # the shortcuts' MACs, paid back only by slicing
+
+
+@pytest.mark.parametrize("method,target", [("cob", 0.8), ("cob,snp", 0.6)])
+def test_post_norm_budgets_count_the_shortcuts_they_add(method, target, tmp_path) -> None:
+    # the target is a fraction of the given model's MACs, whose shortcuts were no MatMuls
+    torch.manual_seed(0)
+    model = _export(LayerNormModel(post=True).eval(), "legacy", tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method=method, calib=_ids(128, TOKENS, 1), target_macs=target, round_to=1)
+    assert target - 0.02 <= result.report["macs_ratio"] <= target + 0.005
+    estimate = result.report["passes"][-1]["stats"]["estimated_macs_ratio"]
+    assert estimate == pytest.approx(result.report["macs_ratio"], abs=0.01)
+    assert _table(result.model).shape[1] < DIM  # the first segment (the embeddings) was sliced
+
+
+class UnwrittenSum(nn.Module):
+    """Two post-norm blocks: the second residual sum adds a GELU's output, a writer no rotation passes, so its
+    shortcut stays closed; the first shortcut opens (the embedding stream it reads is rotatable), and the first
+    norm, centred, keeps its gain and shift (the closed sum reads its output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.first, self.second = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(self.embed(ids) + self.first(self.embed(ids)))
+        x = self.norm2(x + nn.functional.gelu(self.second(x)))
+        return self.head(x)
+
+
+def test_a_post_norm_sum_with_a_nonlinear_writer_keeps_its_shortcut(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _export(UnwrittenSum().eval(), "legacy", tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method="cob", calib=_ids(64, TOKENS, 1), keep_variance=1.0, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["post_norm_shortcuts"] == 1 and stats["layer_norms_centred"] == 1
+    held_out = _ids(4, 17, 2)
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
