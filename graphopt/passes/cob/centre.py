@@ -16,8 +16,8 @@ A stream is rewritten only when all of it qualifies: every tensor joined to it t
 written by a rotatable writer (graphopt.passes.cob.chains; directly, or through ops that pass the channel
 axis and feed nothing else, such as the Unsqueeze after a position lookup), read only by residual Adds, LayerNorms over
 the last axis with constant scale and bias, and shape readers, and is no graph output. Anything else
-(a post-norm model, where the LayerNorm's output is itself the stream, or a reader of the raw stream)
-leaves the stream as it is.
+(a post-norm model, where the LayerNorm's output is itself the stream, until graphopt.passes.cob.postnorm
+writes its shortcuts as linear layers; a reader of the raw stream) leaves the stream as it is.
 """
 
 from __future__ import annotations

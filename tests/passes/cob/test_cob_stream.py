@@ -240,17 +240,23 @@ def test_layer_norm_streams_are_centred_and_rotated_exactly_when_pre_norm(export
     assert _table(sliced.model).shape[1] < DIM and sliced.report["macs_ratio"] <= 0.81
 
 
-def test_a_stream_fused_by_onnxruntimes_optimizer_rotates_exactly(tmp_path) -> None:
+@pytest.mark.parametrize("post", [False, True], ids=["pre-norm", "post-norm"])
+def test_a_stream_fused_by_onnxruntimes_optimizer_rotates_exactly(post, tmp_path) -> None:
     optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
     torch.manual_seed(0)
-    _export(LayerNormModel(post=False).eval(), "legacy", tmp_path / "m.onnx")
+    _export(LayerNormModel(post=post).eval(), "legacy", tmp_path / "m.onnx")
     fused = optimizer.optimize_model(str(tmp_path / "m.onnx"), model_type="bert", num_heads=HEADS, hidden_size=DIM,
                                      opt_level=0).model
     assert any(node.op_type == "SkipLayerNormalization" for node in fused.graph.node)
-    result = graphopt.optimize(fused, method="cob", calib=_ids(32, TOKENS, 1))
+    budget = {"keep_variance": 1.0, "round_to": 1} if post else {}  # post-norm shortcuts open under a budget
+    result = graphopt.optimize(fused, method="cob", calib=_ids(32, TOKENS, 1), **budget)
     stats = result.report["passes"][-1]["stats"]
-    assert stats["fused_norms_split"] >= LAYERS and stats["residual_groups"] == 1
-    assert stats["layer_norms_centred"] == 2 * LAYERS + 1
+    assert stats["fused_norms_split"] >= LAYERS
+    if post:
+        assert stats["post_norm_shortcuts"] == stats["layer_norms_centred"] == 2 * LAYERS
+        assert stats["residual_groups"] == 2 * LAYERS + 1
+    else:
+        assert stats["residual_groups"] == 1 and stats["layer_norms_centred"] == 2 * LAYERS + 1
     held_out = _ids(4, 17, 2)
     assert _relative(_run(fused, held_out), _run(result.model, held_out)) < 1e-4
 
