@@ -42,11 +42,13 @@ log = logging.getLogger(__name__)
 MAX_ROUNDS = 32
 
 
-def _zero_channels(a: Analysis, groups: dict[int, Group], role: str) -> dict[int, np.ndarray]:
-    """Per root: channels whose every `role` weight slice is zero (roots without such sites absent)."""
+def _zero_channels(a: Analysis, groups: dict[int, Group], roles: tuple[str, ...]) -> dict[int, np.ndarray]:
+    """Per root: channels whose every weight slice of a site in `roles` is zero (roots without such sites
+    absent). A grouped convolution's input piece is read by every group at its own offset, so a channel of
+    the piece is unread only where the weight's column is zero for the outputs of every group."""
     zero: dict[int, np.ndarray] = {}
     for site in a.sites:
-        if site.kind != "weight" or site.role != role:
+        if site.kind != "weight" or site.role not in roles:
             continue
         live = nonzero_rows(np.asarray(site.node.inputs[site.index].values), site.axis)
         for root, positions in leaf_positions(a.atoms, site.state):
@@ -116,13 +118,25 @@ def _why_kept(site: Site, value: np.ndarray, ops: set[str] | None) -> str:
     return "the channels coupled with it (across heads or reshapes) hold different constants"
 
 
+def _foldable(root: int, constant: np.ndarray, dead: np.ndarray, grouped: set[int], result: PassResult) -> np.ndarray:
+    """The constant channels of a group that may be folded into its consumers: none where a grouped
+    convolution reads the group (no per-group bias fold), reported unless they are dead anyway."""
+    if root not in grouped:
+        return constant.copy()
+    if np.any(constant & ~dead):
+        result.skipped.append(f"group {root}: {int(np.sum(constant & ~dead))} constant channels kept: read by a "
+                              f"grouped convolution")
+    return np.zeros_like(constant)
+
+
 Plan = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, Values]]
 
 
 def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
     """Per root: channels to remove, those among them to fold, and the known constants by tensor."""
-    dead_out = _zero_channels(a, groups, "consumer")
-    dead_in = _zero_channels(a, groups, "producer")
+    dead_out = _zero_channels(a, groups, ("consumer", "grouped"))
+    dead_in = _zero_channels(a, groups, ("producer",))
+    grouped = {root for site in a.sites if site.role == "grouped" for root, _ in leaf_positions(a.atoms, site.state)}
     unsupported: dict[int, set[str]] = {}
     known = channel_constants(a, a.graph, _producer_values(a, groups), unsupported)
     weightless = _weightless_readers(a)
@@ -134,8 +148,7 @@ def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
             if np.any(dead_out[root]) or np.any(dead_in.get(root, False)):
                 result.skipped.append(f"group {root}: read by {weightless[root]}, zero units left alone")
             continue
-        constant = np.where(dead_in.get(root, np.zeros(group.size, bool)), 0.0, np.nan)
-        foldable = np.isfinite(constant)
+        foldable = _foldable(root, dead_in.get(root, np.zeros(group.size, bool)), dead_out[root], grouped, result)
         for site, _ in _consumer_sites(a, root):
             value = known.get(site.node.inputs[0].name, {}).get(root, np.full(group.size, np.nan))
             ok = np.isfinite(value) & ((value == 0) | (not _pads_with_zeros(site.node)))

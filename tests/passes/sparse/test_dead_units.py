@@ -238,3 +238,24 @@ def test_torch_exported(exporter: str, fold_bn: bool, tmp_path) -> None:
     new, result = dead_units(model, (1, 3, 8, 8))
     assert_equivalent(model, new, random_inputs(model, batch=3))
     assert result.stats["units_removed"] == 5 and result.stats["constants_folded"] == 3
+
+
+def test_channels_a_grouped_convolution_reads_are_not_dead() -> None:
+    # x -> Conv(2 -> 8) -> t, read by a grouped Conv (2 groups of 4; channel p of group 1 is coupled with p + 4)
+    # and by a plain 1x1 Conv. Pair (1, 5): unread by either, dead. Pair (3, 7): its plain-consumer columns are
+    # zero but the grouped convolution reads it, so it stays (it was once removed, changing the output).
+    w1, b1 = weights(8, 2, 1, 1, seed=1), weights(8, seed=2)
+    grouped, bg = weights(4, 4, 1, 1, seed=3), weights(4, seed=4)
+    plain, bp = weights(3, 8, 1, 1, seed=5), weights(3, seed=6)
+    grouped[:, 1] = 0
+    plain[:, [1, 5, 3, 7]] = 0
+    inits = ", ".join(init(n, v) for n, v in [("w1", w1), ("b1", b1), ("wg", grouped), ("bg", bg), ("wp", plain),
+                                               ("bp", bp)])
+    body = """t = Conv (x, w1, b1)
+g = Conv <group = 2> (t, wg, bg)
+p = Conv (t, wp, bp)
+y = Concat <axis = 1> (g, p)"""
+    model = tiny(body, inputs="float[N, 2, 5, 5] x", outputs="float[N, 7, 5, 5] y", inits=inits)
+    new, result = dead_units(model, (1, 2, 5, 5))
+    assert_equivalent(model, new, random_inputs(model, batch=3))
+    assert shapes_of(new)["w1"][0] == 6 and shapes_of(new)["wg"][1] == 3  # only the unread pair went
