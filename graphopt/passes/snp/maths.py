@@ -135,7 +135,8 @@ def output_order(cov: np.ndarray, readout: np.ndarray) -> np.ndarray:
         r_rows, g_rows, g_kk = np.zeros((size, steps)), np.zeros((size, steps)), np.zeros(steps)
         alive = np.ones(size, dtype=bool)
         for step in range(steps):
-            k = int(np.argmin(np.where(alive, g_diag / np.maximum(s_diag, 1e-300), np.inf)))
+            with np.errstate(over="ignore"):  # a unit the others cannot predict (s near 0): an infinite cost
+                k = int(np.argmin(np.where(alive, g_diag / np.maximum(s_diag, 1e-300), np.inf)))
             s_row = schur[k] - s_rows[:, :step] @ (s_rows[k, :step] / pivots[:step])
             r, g_old = r_rows[:, :step], g_rows[:, :step]
             g_row = residual[k] - (r @ g_old[k] + g_old @ r[k] - r @ (g_kk[:step] * r[k]))
