@@ -242,6 +242,27 @@ class EncoderBlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+class PostNormBlock(nn.Module):
+    """BERT-style post-norm encoder block: one packed q/k/v projection chunked in three, LN(x + attention(x)),
+    then LN(x + FFN(x))."""
+
+    def __init__(self, d_model: int = 32, heads: int = 4, d_ff: int = 64) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.qkv, self.out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        query, key, value = (part.reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+                             for part in self.qkv(x).chunk(3, dim=-1))
+        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        context = torch.matmul(scores.softmax(dim=-1), value).transpose(1, 2).reshape(batch, seq, d_model)
+        x = self.norm1(x + self.out(context))
+        return self.norm2(x + self.ffn(x))
+
+
 def _resnet_basic() -> nn.Module:
     return nn.Sequential(_conv_bn(3, 16), BasicBlock(16, 16), BasicBlock(16, 32, stride=2), _classifier(32))
 
@@ -299,6 +320,10 @@ def _transformer() -> nn.Module:
     return nn.Sequential(EncoderBlock(), nn.LayerNorm(32), nn.Linear(32, 10))
 
 
+def _post_norm_transformer() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 32), PostNormBlock(), PostNormBlock(), nn.Linear(32, 10))
+
+
 def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -348,6 +373,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "yolo_c2f": (_yolo_c2f, (3, 32, 32)),
     "conv_flatten_gemm": (_conv_flatten_gemm, _IMAGE_16),
     "transformer": (_transformer, (8, 32)),
+    "post_norm_transformer": (_post_norm_transformer, (8, 32)),
     "mlp": (_mlp, (64,)),
     "resnext": (_resnext, _IMAGE_16),
 }
