@@ -215,6 +215,16 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat(pooled, dim=1))
 
 
+def _attend(x: torch.Tensor, projections, heads: int, head_dim: int) -> torch.Tensor:
+    """Scaled dot-product self-attention over `x` ([batch, seq, d]) of its query, key and value projections,
+    each split into `heads` heads of `head_dim`, merged back."""
+    batch, seq, d_model = x.shape
+    query, key, value = (p.reshape(p.shape[0], p.shape[1], heads, head_dim).transpose(1, 2) for p in projections)
+    scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(head_dim)
+    context = torch.matmul(scores.softmax(dim=-1), value)
+    return context.transpose(1, 2).reshape(batch, seq, d_model)
+
+
 class EncoderBlock(nn.Module):
     """Pre-norm transformer encoder block with hand-written multi-head self-attention."""
 
@@ -226,16 +236,8 @@ class EncoderBlock(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        return x.reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
-        query, key, value = (self._split_heads(proj(x)) for proj in (self.q, self.k, self.v))
-        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        context = torch.matmul(scores.softmax(dim=-1), value)
-        return self.out(context.transpose(1, 2).reshape(batch, seq, d_model))
+        return self.out(_attend(x, (proj(x) for proj in (self.q, self.k, self.v)), self.heads, self.head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self._attention(self.norm1(x))
@@ -254,12 +256,7 @@ class PostNormBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
-        query, key, value = (part.reshape(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-                             for part in self.qkv(x).chunk(3, dim=-1))
-        scores = torch.matmul(query, key.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        context = torch.matmul(scores.softmax(dim=-1), value).transpose(1, 2).reshape(batch, seq, d_model)
-        x = self.norm1(x + self.out(context))
+        x = self.norm1(x + self.out(_attend(x, self.qkv(x).chunk(3, dim=-1), self.heads, self.head_dim)))
         return self.norm2(x + self.ffn(x))
 
 

@@ -198,8 +198,6 @@ def _side(tensor: gs.Tensor, axis: int, reader: gs.Node, shapes: Shapes) -> QKSi
 
 def _checked(side: QKSide) -> str | None:
     """Why a side's projection cannot take a per-head map of its columns."""
-    if any(s.offset for s in side.slices):
-        return PACKED
     scales = [s.node for s in side.slices if s.node.op in ("Mul", "Div")]
     if scales:
         return f"{scales[0].name} ({scales[0].op}): a per-channel scale between the projection and the head split"

@@ -47,7 +47,7 @@ def producer_slices(tensor: gs.Tensor, width: int, offset: int, shapes: Shapes) 
         packed = bool(found) and isinstance(found[-1], PackedCut) and found[-1].tensor is tensor
         if len(readers) != 1 and not packed:
             return f"{tensor.name}: read by more than the head split"
-        if packed and not all(_constant_cut(r, shapes) for r in readers):
+        if packed and any(cut_bounds(r, shapes) is None for r in readers):
             return f"{tensor.name}: a packed projection cut at positions computed at run time"
         projection = _projection(node, width, offset)
         if projection is not None:
@@ -76,12 +76,19 @@ def _per_channel(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
     return [HeadSlice(node, index, value.ndim - 1, width, offset)], variables[0]
 
 
-def _constant_cut(node: gs.Node, shapes: Shapes) -> bool:
-    """A Split or Slice of its input's last axis at constant positions (what removing heads can move)."""
+def cut_bounds(node: gs.Node, shapes: Shapes) -> list[tuple[int, int]] | None:
+    """[start, end) along its input's last axis of each output of a Split or Slice cutting that axis at
+    constant positions (what removing heads can move), None for anything else."""
     if node.op == "Split":
-        return all(_split_start(node, out, shapes) is not None for out in node.outputs)
-    ends = constant_value(node.inputs[2]) if node.op == "Slice" and len(node.inputs) > 2 else None
-    return node.op == "Slice" and _slice_start(node, shapes) is not None and ends is not None and ends.size == 1
+        starts = [_split_start(node, out, shapes) for out in node.outputs]
+    elif node.op == "Slice" and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None \
+            and constant_value(node.inputs[2]).size == 1:
+        starts = [_slice_start(node, shapes)]
+    else:
+        return None
+    if any(start is None for start in starts) or any(out.name not in shapes for out in node.outputs):
+        return None
+    return [(start, start + shapes[out.name][-1]) for start, out in zip(starts, node.outputs)]
 
 
 def _split_start(node: gs.Node, tensor: gs.Tensor, shapes: Shapes) -> int | None:

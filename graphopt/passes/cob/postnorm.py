@@ -28,14 +28,16 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.registry import rank_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.centre import find_stream, layer_norm_of, residual_add
+from graphopt.passes.cob.chains import consumer_axis
 from graphopt.passes.cob.gains import SHAPE_READERS
 
 FLOATS = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
 
 
 def _linear_reader(node: gs.Node, tensor: gs.Tensor) -> bool:
-    return (node.op in ("MatMul", "Gemm") and node.inputs[0] is tensor and len(node.inputs) > 1
-            and isinstance(node.inputs[1], gs.Constant) and not node.attrs.get("transA", 0))
+    """A linear consumer reading `tensor`'s last axis, as CoB's chains take one."""
+    rank = rank_of(tensor)
+    return rank is not None and consumer_axis(node, tensor, rank - 1, rank) is not None
 
 
 def _opened_operand(graph: gs.Graph, add: gs.Node) -> int | None:
@@ -68,8 +70,7 @@ def _shortcut(graph: gs.Graph, add: gs.Node, index: int) -> gs.Node | None:
 
 def _revert(graph: gs.Graph, node: gs.Node) -> None:
     """Put a shortcut's input back into the Add it feeds."""
-    add = ir.consumers(node.outputs[0])[0]
-    add.inputs[[t is node.outputs[0] for t in add.inputs].index(True)] = node.inputs[0]
+    ir.replace_uses(graph, node.outputs[0], node.inputs[0])
     ir.detach(node)
     graph.nodes.remove(node)
 

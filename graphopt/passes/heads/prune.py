@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads import HeadBlock, ShapeEntry
-from graphopt.analysis.heads.blocks import constant_value
+from graphopt.analysis.heads.sources import cut_bounds
 from graphopt.analysis.oprules.reshape import shape_entry
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
@@ -66,24 +66,6 @@ def _cut_slices(graph: gs.Graph, block: HeadBlock, removed: np.ndarray) -> None:
         ir.set_input_array(graph, node, index, np.delete(values, np.unique(np.concatenate(positions)), axis=axis))
 
 
-def _bounds(node: gs.Node, width: int) -> list[tuple[int, int]] | None:
-    """[start, end) of each output of a Split, or of a Slice (step 1, one axis), along its input's last axis."""
-    if node.op == "Split":
-        given = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
-        sizes = given if given is not None else node.attrs.get("split")
-        if sizes is None:
-            count = len(node.outputs)
-            sizes = [-(-width // count)] * (count - 1) + [width - -(-width // count) * (count - 1)]
-        ends = np.cumsum([int(size) for size in np.asarray(sizes).reshape(-1)])
-        return list(zip([0, *ends[:-1]], ends))
-    starts, ends = (constant_value(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
-    if starts is None or ends is None or starts.size != 1:
-        return None
-    start, end = (int(v.reshape(-1)[0]) for v in (starts, ends))
-    start, end = (min(v + width if v < 0 else v, width) for v in (start, end))
-    return [(start, end)]
-
-
 def _cut_packed(graph: gs.Graph, block: HeadBlock, removed: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> None:
     """Move every Split/Slice of a packed projection's output past the removed heads' columns: a Split's
     sizes shrink, a Slice's start and end move left by the removed columns before them."""
@@ -92,9 +74,8 @@ def _cut_packed(graph: gs.Graph, block: HeadBlock, removed: np.ndarray, shapes: 
         gone.setdefault(cut.tensor.name, (cut.tensor, []))[1].append(cut.offset + head_positions(removed, cut.width))
     for tensor, positions in gone.values():
         columns = np.unique(np.concatenate(positions))
-        width = shapes[tensor.name][-1]
         for reader in ir.consumers(tensor):
-            bounds = _bounds(reader, width) if reader.op in ("Split", "Slice") else None
+            bounds = cut_bounds(reader, shapes)  # every reader but shape reads is one (the analysis checked)
             if bounds is None:
                 continue
             moved = [(start - np.count_nonzero(columns < start), end - np.count_nonzero(columns < end))
