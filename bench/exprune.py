@@ -91,6 +91,8 @@ def bench(d: int, n: int, batch: int, rule: str, skip: float, threads: int, args
     arrays = {"W": w, "B": b, "Tau": np.full(n, t, dtype=np.float32), "Perm": np.arange(w.shape[1], dtype=np.int64)}
     exprune = exprune_model(arrays, ks[0], rule, ks)
     sessions = {"dense": _session(dense_relu_model(w, b), threads, False), "kernel": _session(exprune, threads, True)}
+    if args.dispatch:
+        sessions["dispatch"] = _session(_by_rows(exprune, args.dispatch), threads, True)
     if not args.no_body:
         sessions["body"] = _session(exprune, threads, False)
     feed = {"x": x}
@@ -120,14 +122,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--inner", type=int, default=10)
     parser.add_argument("--no-body", action="store_true", help="leave the function body out (it is slow)")
+    parser.add_argument("--dispatch", type=int, default=0, metavar="N",
+                        help="also time the layer as the exprune pass writes it with --exprune-dense-rows N (an If: "
+                             "the op below N rows, the dense layer from N rows on)")
     args = parser.parse_args()
     if library_path() is None:
         raise SystemExit("the native kernel is not built: run `graphopt ops build` first")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     print(f"probe {args.probe}, median of {args.repeat} rounds x {args.inner} calls, interleaved")
-    print("| d->n | batch | rule | threads | skipped | read | dense ms | body ms | kernel ms | dense/kernel | body/kernel |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    extra = f" dense_rows {args.dispatch} ms | dense/dense_rows {args.dispatch} |" if args.dispatch else ""
+    print("| d->n | batch | rule | threads | skipped | read | dense ms | body ms | kernel ms | dense/kernel | body/kernel |"
+          + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.dispatch else ""))
     for shape in args.shapes:
         d, n = (int(v) for v in shape.lower().split("x"))
         for batch in args.batches:
@@ -139,7 +146,23 @@ def main() -> None:
                         body_ms, body_ratio = body.split(" | ")
                         print(f"| {d}->{n} | {batch} | {rule} | {threads} | {t['skipped']:.2f} | {t['read']:.2f} | "
                               f"{t['dense']:.3f} | {body_ms} | {t['kernel']:.3f} | {t['dense'] / t['kernel']:.2f}x | "
-                              f"{body_ratio} |", flush=True)
+                              f"{body_ratio} |" + _dispatch_cells(t), flush=True)
+
+
+def _by_rows(model: onnx.ModelProto, dense_rows: int) -> onnx.ModelProto:
+    """The one-layer op model as the exprune pass writes it (graphopt.passes.exprune.dispatch)."""
+    from graphopt.ir import graph as ir
+    from graphopt.passes.exprune.dispatch import dispatch_by_rows
+
+    graph = ir.import_graph(model)
+    dispatch_by_rows(graph, graph.nodes[0], dense_rows)
+    return ir.export_model(ir.cleanup(graph), model)
+
+
+def _dispatch_cells(t: dict[str, float]) -> str:
+    if "dispatch" not in t:
+        return ""
+    return f" {t['dispatch']:.3f} | {t['dense'] / t['dispatch']:.2f}x |"
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
         ctx, records, pruned, repaired, optimized = kept.run
         timed = {f"batch_{kept.timing['batch']}": kept.timing}  # --bench does not time that batch again
 
-    check_batch, check = _check_settings(ctx, original, resolved, batch_size)
+    check_batch, check = _check_settings(ctx, original, optimized, resolved, batch_size)
     measured = _measure(original, optimized, shapes, dataset, check_batch, progress, **check)
     report: dict[str, Any] = {"method": ",".join(pipeline) or "none",
                               "options": {name: json_value(value) for name, value in resolved.items()},
@@ -356,10 +356,17 @@ def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, rep
                         "(or --stats from graphopt calibrate)")
 
 
-def _check_settings(ctx: PassContext, original: onnx.ModelProto, resolved: dict[str, Any],
-                    batch_size: int) -> tuple[int, dict[str, Any]]:
-    """The fidelity check's batch size (that of the outputs calibration kept, where it kept them) and keywords."""
+def _check_settings(ctx: PassContext, original: onnx.ModelProto, optimized: onnx.ModelProto,
+                    resolved: dict[str, Any], batch_size: int) -> tuple[int, dict[str, Any]]:
+    """The fidelity check's batch size (that of the outputs calibration kept, where it kept them) and keywords.
+    ExPrune layers that run dense from some row count (graphopt.passes.exprune.dispatch) are checked below it,
+    as a caller sending fewer rows runs them: the op decides per row, so any smaller batch measures the same."""
+    from graphopt.passes.exprune.dispatch import dense_rows_of
+
     check_batch = ctx.reference_batch_size() or batch_size
+    dense_rows = dense_rows_of(optimized)
+    if dense_rows is not None:
+        check_batch = max(1, min(check_batch, dense_rows - 1))
     return check_batch, {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
                          "device": resolved.get("device") or "cpu",
                          "reference_outputs": ctx.reference_outputs(original, check_batch)}
@@ -395,6 +402,7 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
         "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "fidelity": {**fidelity.to_json(), "data": "calibration" if dataset is not None else "random",
+                     "batch_size": batch_size,
                      "reference_outputs": "calibration" if dataset is not None and reference_outputs else "run"},
     }
 
@@ -407,7 +415,8 @@ def _exprune_skipped(records: list[PassRecord], macs_after: int) -> dict[str, An
     stats = dynamic[-1]
     skipped = stats.get("held_out_macs_skipped_per_sample", stats["macs_skipped_per_sample"])
     return {"fraction_of_model": skipped / macs_after,
-            "data": "held-out" if "held_out_macs_skipped_per_sample" in stats else "calibration"}
+            "data": "held-out" if "held_out_macs_skipped_per_sample" in stats else "calibration",
+            "dense_from_rows": stats.get("dense_rows") or None}
 
 
 def _sparse_storage(original: onnx.ModelProto, optimized: onnx.ModelProto,

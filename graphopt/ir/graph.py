@@ -235,9 +235,26 @@ def weightless_copy(model: onnx.ModelProto, value_info: bool = False) -> onnx.Mo
         large_float = tensor.data_type in _FLOAT_TYPES and math.prod(tensor.dims) > 64
         graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
                                  if large_float else tensor)
+    _drop_outer_value_info(graph)
     light = onnx.helper.make_model(graph, opset_imports=model.opset_import, functions=model.functions)
     light.ir_version = max(model.ir_version, 4)
     return light
+
+
+def _drop_outer_value_info(graph: onnx.GraphProto) -> None:
+    """Remove from every control-flow body the value_info of values it reads from an outer scope: a copy of the
+    outer value's type written when the body was, they would override what inference finds for the outer
+    value (a batch axis fixed since, say)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                own = {v.name for v in body.input} | {t.name for t in body.initializer}
+                own |= {name for inner in body.node for name in inner.output}
+                kept = [v for v in body.value_info if v.name in own]
+                if len(kept) != len(body.value_info):
+                    del body.value_info[:]
+                    body.value_info.extend(kept)
+                _drop_outer_value_info(body)
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -309,7 +326,7 @@ def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
 def cleanup(graph: gs.Graph) -> gs.Graph:
     """Remove dead nodes and unused initializers (graph inputs stay), then sort topologically."""
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)
-    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False, mode="nodes")
     return graph
 
 
@@ -337,7 +354,7 @@ def fold_constants(graph: gs.Graph, exclude: Callable[[gs.Node], bool] | None = 
 
     onnxruntime.set_default_logger_severity(3)  # its optimiser's notes on folded subgraphs are noise here
     before = len(graph.nodes)
-    graph.toposort(recurse_subgraphs=False, recurse_functions=False)
+    graph.toposort(recurse_subgraphs=False, recurse_functions=False, mode="nodes")
 
     def excluded(node: gs.Node) -> bool:
         return node.op in _NONDETERMINISTIC or (exclude is not None and exclude(node))

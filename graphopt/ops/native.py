@@ -29,7 +29,13 @@ def library_path() -> Path | None:
 
 
 def uses_graphopt_ops(model: onnx.ModelProto) -> bool:
-    return any(node.domain == DOMAIN for node in model.graph.node)
+    """Whether a node of the graph or of any control-flow body (an If's branch) is a graphopt op."""
+    return _uses(model.graph)
+
+
+def _uses(graph: onnx.GraphProto) -> bool:
+    return any(node.domain == DOMAIN or any(_uses(attr.g) for attr in node.attribute if attr.HasField("g"))
+               or any(_uses(g) for attr in node.attribute for g in attr.graphs) for node in graph.node)
 
 
 _loaded: dict[str, Any] = {}

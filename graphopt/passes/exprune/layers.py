@@ -55,11 +55,11 @@ def discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
     return layers, skipped
 
 
-def replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> None:
+def replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> gs.Node:
+    """The op node now in the layer's place."""
     if isinstance(layer, ConvLayer):
-        replace_conv(graph, layer, found, rule)
-    else:
-        replace_linear(graph, layer, found, rule)
+        return replace_conv(graph, layer, found, rule)
+    return replace_linear(graph, layer, found, rule)
 
 
 def best(scorings: list[Scoring], fnr: float) -> Choice:

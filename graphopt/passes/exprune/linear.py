@@ -35,6 +35,12 @@ class LinearLayer(ChainLayer):
         """Input size d: the exchangeable terms of one neuron."""
         return self.weight.shape[1]
 
+    def rows_per_sample(self) -> int | None:
+        """Rows one sample sends through the layer (positions or tokens), None when a dimension is symbolic."""
+        shape = self.source.shape or []
+        inner = shape[1:-1] if len(shape) > 2 else []
+        return int(np.prod(inner)) if all(isinstance(s, int) for s in inner) else None
+
     def macs_per_sample(self) -> float:
         shape = self.source.shape or []
         positions = np.prod([s for s in shape[1:-1] if isinstance(s, int)]) if len(shape) > 2 else 1
@@ -132,5 +138,5 @@ class LinearScoring:
         return outcome(self.score(rows), self.factors, tau, positive, self.layer.terms, self.checkpoints)
 
 
-def replace_linear(graph: gs.Graph, layer: LinearLayer, found: Calibrated, rule: str) -> None:
-    swap_in(graph, layer, found, NAME, {"m": found.m, "rule": rule, "checkpoints": list(found.checkpoints)})
+def replace_linear(graph: gs.Graph, layer: LinearLayer, found: Calibrated, rule: str) -> gs.Node:
+    return swap_in(graph, layer, found, NAME, {"m": found.m, "rule": rule, "checkpoints": list(found.checkpoints)})

@@ -41,6 +41,7 @@ from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, curve_grid, layer_curves
 from graphopt.passes.exprune.conv import ConvLayer
+from graphopt.passes.exprune.dispatch import DENSE_ROWS, dispatch_by_rows
 from graphopt.passes.exprune.layers import (Choice, Layer, best, candidate_model, discover, replace, sample,
                                             scorings)
 from graphopt.passes.exprune.linear import LinearLayer
@@ -79,7 +80,10 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     kinds = str(ctx.option("exprune_layers", "auto"))
     if kinds not in LAYER_KINDS:
         raise OptionError(f"--exprune-layers must be one of {', '.join(LAYER_KINDS)}, got '{kinds}'")
-    return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
+    dense_rows = int(ctx.option("exprune_dense_rows", DENSE_ROWS))
+    if dense_rows < 0:
+        raise OptionError(f"--exprune-dense-rows must be at least 0, got {dense_rows}")
+    return {"dense_rows": dense_rows, "probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
             "rule": rule, "held_out": held_out, "kinds": kinds, "confidence": confidence, "allocation": allocation,
             **_fidelity(ctx)}
 
@@ -165,6 +169,7 @@ class ExPrune(Pass):
         options = _options(ctx)
         result = PassResult(modified=False)
         layers, result.skipped = discover(graph, options["kinds"])
+        layers = _single_row(layers, options["dense_rows"], result)
         if layers and graph.opset < MIN_OPSET:
             result.skipped.extend(f"{layer.name}: model opset {graph.opset} < {MIN_OPSET}" for layer in layers)
             layers = []
@@ -188,14 +193,17 @@ class ExPrune(Pass):
             layers, chosen = _timed(ctx, graph, layers, chosen, options["rule"], result)
             if not layers:
                 return result
-        self._apply(graph, layers, chosen, options["rule"], result)
+        self._apply(graph, layers, chosen, options, result)
         return result
 
     @staticmethod
-    def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str, result: PassResult) -> None:
+    def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
+               result: PassResult) -> None:
         total = skipped = 0.0
         for layer, (scoring, found) in zip(layers, chosen):
-            replace(graph, layer, found, rule)
+            node = replace(graph, layer, found, options["rule"])
+            if isinstance(layer, LinearLayer) and options["dense_rows"]:
+                dispatch_by_rows(graph, node, options["dense_rows"])
             macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
@@ -208,8 +216,26 @@ class ExPrune(Pass):
         ir.cleanup(graph)
         result.modified = True
         result.stats.update({"layers": len(layers), "conv_layers": sum(isinstance(l, ConvLayer) for l in layers),
+                             "dense_rows": options["dense_rows"],
                              "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})
+
+
+def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> list[Layer]:
+    """The layers kept for replacement: with `dense_rows` > 0, a linear layer that one sample already sends
+    `dense_rows` rows or more through (tokens, positions) would always run dense, so it stays as it is."""
+    if not dense_rows:
+        return layers
+    kept = []
+    for layer in layers:
+        rows = layer.rows_per_sample() if isinstance(layer, LinearLayer) else 1
+        if rows is not None and rows < dense_rows:
+            kept.append(layer)
+            continue
+        count = "a symbolic number of" if rows is None else str(rows)
+        result.skipped.append(f"{layer.name}: left dense, one sample sends {count} rows through it and calls of "
+                              f"{dense_rows} rows or more run dense (--exprune-dense-rows; 0 replaces it anyway)")
+    return kept
 
 
 def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str,
@@ -269,6 +295,10 @@ class ExPruneOptions(Seeded):
                                                        "calibration (default 4096)")
     exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "
                                                      "(default 64)")
+    exprune_dense_rows: int = option(DENSE_ROWS, metavar="N",
+                                     help="exprune: calls of N rows or more (batch x tokens) run the dense layer, "
+                                          "since over several rows a dense GEMM beats any per-row skipping; 0: "
+                                          "the op at every batch (default 2)")
     exprune_timed: bool = option(False, help="exprune: time each linear layer alone, as the op and as its dense form, "
                                              "at batch 1 on its calibration inputs, and keep it dense where the op "
                                              "is not faster (convolutions stay dense)")
@@ -292,6 +322,8 @@ class ExPruneOptions(Seeded):
         for flag, value in (("--exprune-rows", self.exprune_rows), ("--exprune-maps", self.exprune_maps)):
             if int(value) < 1:
                 raise OptionError(f"{flag} must be at least 1, got {value}")
+        if int(self.exprune_dense_rows) < 0:
+            raise OptionError(f"--exprune-dense-rows must be at least 0, got {self.exprune_dense_rows}")
         if self.tolerance is not None:
             self.tolerance = tolerance_text(str(self.tolerance))
 

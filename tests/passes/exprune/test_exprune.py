@@ -1,5 +1,8 @@
 """The exprune pass: replacement of linear+ReLU chains, the calibrated false-negative rate, torch exports,
-the negative case, idempotence and preserved metadata."""
+the negative case, idempotence and preserved metadata.
+
+These tests read the op's decisions over whole batches, so they write it with `exprune_dense_rows` 0 (the op
+at every batch); the default, dense layers from 2 rows on, is tested in test_dispatch.py."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from graphopt.calibration.data import load_data
 from graphopt.ir import graph as ir
 from graphopt.passes import PassContext, get_pass
 from tests.conftest import op_types, run_ort, run_pass
+
+OP = {"exprune_dense_rows": 0}  # the op at every batch size
 
 
 def _gemm_relu(d: int = 32, n: int = 40, relu: bool = True, trans_b: int = 1, seed: int = 0) -> onnx.ModelProto:
@@ -44,7 +49,7 @@ def test_false_negative_rate_on_calibration_data_is_respected(trans_b: int, fnr:
     model = _gemm_relu(trans_b=trans_b)
     data = _data(model)
     rewritten, result = run_pass(model, "exprune", data=load_data(data, model),
-                                 options={"exprune_fnr": fnr, "exprune_probe": 0.25})
+                                 options={"exprune_fnr": fnr, "exprune_probe": 0.25, **OP})
     assert op_types(rewritten) == ["ExPruneLinearRelu"]
     want, got = run_ort(model, data)["y"], run_ort(rewritten, data)["y"]
     positive = want > 0
@@ -104,8 +109,8 @@ def test_torch_mlp_within_the_calibrated_error(tmp_path, exporter: str) -> None:
     export.export_onnx(mlp, torch.from_numpy(digits[:2]), path, exporter=exporter, opset=17)
     model = onnx.load(str(path))
     feeds = {model.graph.input[0].name: digits}
-    exact = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.0)
-    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.01)
+    exact = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.0, exprune_dense_rows=0)
+    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.01, exprune_dense_rows=0)
     assert op_types(exact.model).count("ExPruneLinearRelu") == 2, op_types(exact.model)
     stats = [result.report["passes"][-1]["stats"] for result in (exact, loose)]
     assert [s["layers"] for s in stats] == [2, 2]
@@ -131,7 +136,7 @@ def test_matmul_add_relu_on_token_rows() -> None:
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     data = {"x": _data(model, rows=400, d=d)["x"].reshape(80, 5, d)}
-    rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0})
+    rewritten, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0, **OP})
     assert op_types(rewritten) == ["ExPruneLinearRelu"] and result.stats["mm.skip_rate"] > 0.05
     np.testing.assert_allclose(run_ort(rewritten, data)["y"], run_ort(model, data)["y"], rtol=1e-5, atol=1e-5)
 
@@ -143,7 +148,8 @@ def test_sequential_rule_respects_the_rate_and_skips_more_than_one_test(probe: f
     stats = {}
     for rule in ("threshold", "sequential"):
         rewritten, result = run_pass(model, "exprune", data=load_data(data, model),
-                                     options={"exprune_fnr": 0.05, "exprune_probe": probe, "exprune_rule": rule})
+                                     options={"exprune_fnr": 0.05, "exprune_probe": probe, "exprune_rule": rule,
+                                              **OP})
         want, got = run_ort(model, data)["y"], run_ort(rewritten, data)["y"]
         missed = (want > 1e-6) & (got == 0)
         assert np.all(missed.sum(axis=0) <= np.floor(0.05 * (want > 0).sum(axis=0)))  # per neuron
@@ -221,7 +227,7 @@ def test_too_few_held_out_rows_to_certify_the_tolerance_replace_nothing_and_say_
 def test_relative_error_tolerance_and_one_that_cannot_be_met() -> None:
     model = _gemm_relu(d=48, n=40)
     data = load_data(_data(model, rows=800, d=48), model)
-    loose, found = run_pass(model, "exprune", data=data, options={"tolerance": "rel_l2=0.05"})
+    loose, found = run_pass(model, "exprune", data=data, options={"tolerance": "rel_l2=0.05", **OP})
     assert found.modified and found.stats["tolerance"] == "rel_l2=0.05"
     assert 0 < found.stats["held_out_rel_l2"] <= 0.05 and found.stats["fnr_level"] > 0
     _, held = data.split(0.25, seed=0)
@@ -243,7 +249,8 @@ def test_bad_tolerance_is_refused(text: str) -> None:
 
 def test_pipeline_snp_then_exprune(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path)
-    result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6, exprune_fnr=0.02)
+    result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6, exprune_fnr=0.02,
+                               exprune_dense_rows=0)
     assert result.report["method"] == "snp,exprune"
     ran = [p["pass"] for p in result.report["passes"]]
     assert ran.index("snp") < ran.index("exprune") and all(p["modified"] for p in result.report["passes"]
@@ -263,7 +270,7 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     calib = dict(np.load(root / "digits_calib.npz"))
     # 64 held-out images cannot certify top1=0.99 with a margin: the held-out value itself decides here
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_rule="sequential", exprune_confidence=0,
-                               exprune_layers="all")
+                               exprune_layers="all", exprune_dense_rows=0)
     stats = result.report["passes"][-1]["stats"]
     assert sorted(op_types(result.model)).count("ExPruneConvRelu") == 2  # the 1-channel first conv is declined
     assert op_types(result.model).count("ExPruneLinearRelu") == 1
@@ -285,7 +292,7 @@ def test_by_default_convolutions_stay_dense_and_the_report_says_why() -> None:
     root = Path(__file__).resolve().parents[3] / "samples"
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
-    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05)
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
     ops = op_types(result.model)
     assert "ExPruneConvRelu" not in ops and ops.count("Conv") == 3 and ops.count("ExPruneLinearRelu") == 1
     skipped = result.report["passes"][-1]["skipped"]
@@ -314,7 +321,7 @@ def test_layer_kinds_can_be_chosen(kinds: str, want: dict[str, int]) -> None:
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_layers=kinds, exprune_fnr=0.0,
-                               exprune_maps=len(calib["input"]))  # every calibration map scored
+                               exprune_maps=len(calib["input"]), exprune_dense_rows=0)  # every calibration map scored
     ops = op_types(result.model)
     assert {op: ops.count(op) for op in ("ExPruneLinearRelu", "ExPruneConvRelu") if op in ops} == want
     assert result.report["passes"][-1]["stats"]["conv_layers"] == want.get("ExPruneConvRelu", 0)
@@ -355,7 +362,8 @@ def test_layers_of_a_model_without_node_names_get_unique_op_names() -> None:
     from tests.calibration.test_collect import mlp_model
 
     x = np.random.default_rng(0).standard_normal((64, 5)).astype(np.float32)
-    result = graphopt.optimize(mlp_model(), method="exprune", calib={"x": x}, exprune_fnr=0.05)
+    result = graphopt.optimize(mlp_model(), method="exprune", calib={"x": x}, exprune_fnr=0.05,
+                               exprune_dense_rows=0)
     names = [node.name for node in result.model.graph.node]
     assert sum(node.op_type.startswith("ExPrune") for node in result.model.graph.node) == 2
     assert len(names) == len(set(names))
