@@ -35,11 +35,14 @@ class LinearLayer(ChainLayer):
         """Input size d: the exchangeable terms of one neuron."""
         return self.weight.shape[1]
 
-    def rows_per_sample(self) -> int | None:
-        """Rows one sample sends through the layer (positions or tokens), None when a dimension is symbolic."""
-        shape = self.source.shape or []
-        inner = shape[1:-1] if len(shape) > 2 else []
-        return int(np.prod(inner)) if all(isinstance(s, int) for s in inner) else None
+    def rows_per_call(self) -> int | None:
+        """The fewest rows a call sends through the layer: its leading dimensions (a symbolic batch axis at 1, a
+        static one as it is, positions or tokens), None when another dimension is symbolic."""
+        shape = list(self.source.shape or [])
+        lead = shape[:-1]
+        if lead and not isinstance(lead[0], int):
+            lead[0] = 1
+        return int(np.prod(lead)) if all(isinstance(s, int) for s in lead) else None
 
     def macs_per_sample(self) -> float:
         shape = self.source.shape or []

@@ -83,9 +83,9 @@ def _options(ctx: PassContext) -> dict[str, Any]:
     dense_rows = int(ctx.option("exprune_dense_rows", DENSE_ROWS))
     if dense_rows < 0:
         raise OptionError(f"--exprune-dense-rows must be at least 0, got {dense_rows}")
-    return {"dense_rows": dense_rows, "probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
+    return {"probes": PROBES if probe is None else (float(probe),), "fnr": None if fnr is None else float(fnr),
             "rule": rule, "held_out": held_out, "kinds": kinds, "confidence": confidence, "allocation": allocation,
-            **_fidelity(ctx)}
+            "dense_rows": dense_rows, **_fidelity(ctx)}
 
 
 def _fidelity(ctx: PassContext) -> dict[str, Any]:
@@ -222,18 +222,18 @@ class ExPrune(Pass):
 
 
 def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> list[Layer]:
-    """The layers kept for replacement: with `dense_rows` > 0, a linear layer that one sample already sends
-    `dense_rows` rows or more through (tokens, positions) would always run dense, so it stays as it is."""
+    """The layers kept for replacement: with `dense_rows` > 0, a linear layer that every call sends `dense_rows`
+    rows or more through (tokens, positions, a static batch) would always run dense, so it stays as it is."""
     if not dense_rows:
         return layers
     kept = []
     for layer in layers:
-        rows = layer.rows_per_sample() if isinstance(layer, LinearLayer) else 1
+        rows = layer.rows_per_call() if isinstance(layer, LinearLayer) else 1
         if rows is not None and rows < dense_rows:
             kept.append(layer)
             continue
-        count = "a symbolic number of" if rows is None else str(rows)
-        result.skipped.append(f"{layer.name}: left dense, one sample sends {count} rows through it and calls of "
+        count = "a symbolic number of" if rows is None else f"at least {rows}"
+        result.skipped.append(f"{layer.name}: left dense, each call sends {count} rows through it and calls of "
                               f"{dense_rows} rows or more run dense (--exprune-dense-rows; 0 replaces it anyway)")
     return kept
 

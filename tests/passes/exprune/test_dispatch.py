@@ -1,6 +1,6 @@
 """ExPrune layers that run dense over several rows (graphopt.passes.exprune.dispatch): by default a replaced
-linear layer is the op for single-row calls and the dense layer from 2 rows on; layers that one sample already
-sends several rows through stay dense; the model stores the weight once and counts its MACs in full; the
+linear layer is the op for single-row calls and the dense layer from 2 rows on; layers that every call sends
+several rows through stay dense; the model stores the weight once and counts its MACs in full; the
 fidelity check measures the op's path."""
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def test_layers_with_several_rows_per_sample_stay_dense_by_default() -> None:
     data = load_data({"x": _data(model, rows=400, d=d)["x"].reshape(80, 5, d)}, model)
     _, kept = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0})
     assert not kept.modified
-    assert kept.skipped == ["mm: left dense, one sample sends 5 rows through it and calls of 2 rows or more run "
-                            "dense (--exprune-dense-rows; 0 replaces it anyway)"]
+    assert kept.skipped == ["mm: left dense, each call sends at least 5 rows through it and calls of 2 rows or "
+                            "more run dense (--exprune-dense-rows; 0 replaces it anyway)"]
     _, more = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0, "exprune_dense_rows": 6})
     assert more.modified and more.stats["dense_rows"] == 6
 
