@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from graphopt.ops.exprune import boundary_factors, checkpoint_scores, doubling_checkpoints  # noqa: E402
+from graphopt.passes.exprune.dispatch import written_model  # noqa: E402
 from graphopt.passes.exprune.timing import dense_relu_model, exprune_model  # noqa: E402
 from graphopt.ops.native import library_path, register  # noqa: E402
 
@@ -92,7 +93,7 @@ def bench(d: int, n: int, batch: int, rule: str, skip: float, threads: int, args
     exprune = exprune_model(arrays, ks[0], rule, ks)
     sessions = {"dense": _session(dense_relu_model(w, b), threads, False), "kernel": _session(exprune, threads, True)}
     if args.dispatch:
-        sessions["dispatch"] = _session(_by_rows(exprune, args.dispatch), threads, True)
+        sessions["dispatch"] = _session(written_model(exprune, args.dispatch), threads, True)
     if not args.no_body:
         sessions["body"] = _session(exprune, threads, False)
     feed = {"x": x}
@@ -147,16 +148,6 @@ def main() -> None:
                         print(f"| {d}->{n} | {batch} | {rule} | {threads} | {t['skipped']:.2f} | {t['read']:.2f} | "
                               f"{t['dense']:.3f} | {body_ms} | {t['kernel']:.3f} | {t['dense'] / t['kernel']:.2f}x | "
                               f"{body_ratio} |" + _dispatch_cells(t), flush=True)
-
-
-def _by_rows(model: onnx.ModelProto, dense_rows: int) -> onnx.ModelProto:
-    """The one-layer op model as the exprune pass writes it (graphopt.passes.exprune.dispatch)."""
-    from graphopt.ir import graph as ir
-    from graphopt.passes.exprune.dispatch import dispatch_by_rows
-
-    graph = ir.import_graph(model)
-    dispatch_by_rows(graph, graph.nodes[0], dense_rows)
-    return ir.export_model(ir.cleanup(graph), model)
 
 
 def _dispatch_cells(t: dict[str, float]) -> str:

@@ -90,6 +90,14 @@ def _dense_branch(graph: gs.Graph, base: str, x: gs.Tensor, wt: gs.Variable, b: 
     return gs.Graph(nodes=nodes, outputs=[out], name=f"{base}_dense")
 
 
+def written_model(model: onnx.ModelProto, dense_rows: int) -> onnx.ModelProto:
+    """A one-layer model whose only node is an ExPruneLinearRelu on constant inputs (graphopt.passes.exprune.timing),
+    as the pass writes it: wrapped by `dispatch_by_rows`."""
+    graph = ir.import_graph(model)
+    dispatch_by_rows(graph, graph.nodes[0], dense_rows)
+    return ir.export_model(ir.cleanup(graph), model)
+
+
 def dense_rows_of(model: onnx.ModelProto) -> int | None:
     """The smallest row count from which some ExPrune layer of `model` runs dense (dispatch_by_rows), or None."""
     constants = {t.name: t for t in model.graph.initializer}

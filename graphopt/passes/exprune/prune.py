@@ -189,21 +189,24 @@ class ExPrune(Pass):
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
                 return result
+        thresholds: dict[str, int] = {}
         if ctx.option("exprune_timed", False):
-            layers, chosen = _timed(ctx, graph, layers, chosen, options["rule"], result)
+            layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
             if not layers:
                 return result
-        self._apply(graph, layers, chosen, options, result)
+        self._apply(graph, layers, chosen, options, result, thresholds)
         return result
 
     @staticmethod
     def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
-               result: PassResult) -> None:
+               result: PassResult, thresholds: dict[str, int]) -> None:
+        """Replace the layers; a linear layer runs dense from its measured row count (`thresholds`, from
+        --exprune-timed) or from --exprune-dense-rows."""
         total = skipped = 0.0
         for layer, (scoring, found) in zip(layers, chosen):
             node = replace(graph, layer, found, options["rule"])
             if isinstance(layer, LinearLayer) and options["dense_rows"]:
-                dispatch_by_rows(graph, node, options["dense_rows"])
+                dispatch_by_rows(graph, node, thresholds.get(layer.name, options["dense_rows"]))
             macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
@@ -238,28 +241,34 @@ def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> lis
     return kept
 
 
-def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], rule: str,
-           result: PassResult) -> tuple[list[Layer], list[Choice]]:
-    """The layers whose op is faster than their dense form, timed alone (graphopt.passes.exprune.timing);
-    each layer's times go into the stats, each layer left dense into `skipped` with the reason."""
+def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
+           result: PassResult) -> tuple[list[Layer], list[Choice], dict[str, int]]:
+    """The layers whose op (as written, in its row dispatch) is faster than their dense form at batch 1, timed
+    alone (graphopt.passes.exprune.timing), and for each the row count from which it should run dense; each
+    layer's times go into the stats, each layer left dense into `skipped` with the reason."""
     from graphopt.passes.exprune.timing import time_layer
 
+    rule, dispatch = options["rule"], bool(options["dense_rows"])
     kept: list[tuple[Layer, Choice]] = []
+    thresholds: dict[str, int] = {}
     for layer, (scoring, found) in zip(layers, chosen):
         if not isinstance(layer, LinearLayer):
             result.skipped.append(f"{layer.name}: left dense under --exprune-timed (convolutions have no native "
                                   "kernel: the op's function body runs slower than Conv+Relu)")
             continue
-        timing = time_layer(layer, found, rule, scoring.sample, int(ctx.option("threads") or 0), graph.opset)
+        timing = time_layer(layer, found, rule, scoring.sample, int(ctx.option("threads") or 0), graph.opset,
+                            dispatch=dispatch)
         result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
         if timing["speedup"] > 1.0:
             kept.append((layer, (scoring, found)))
+            if "dense_rows" in timing:
+                thresholds[layer.name] = int(timing["dense_rows"])
             continue
         result.skipped.append(f"{layer.name}: left dense, the op took {timing['op_ms']:.4f} ms against "
                               f"{timing['dense_ms']:.4f} ms dense at batch 1 (speedup {timing['speedup']:.2f}, "
                               f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f})")
     result.stats["layers_left_dense"] = len(layers) - len(kept)
-    return [layer for layer, _ in kept], [choice for _, choice in kept]
+    return [layer for layer, _ in kept], [choice for _, choice in kept], thresholds
 
 
 def tolerance_text(text: str) -> str:
@@ -301,7 +310,9 @@ class ExPruneOptions(Seeded):
                                           "the op at every batch (default 2)")
     exprune_timed: bool = option(False, help="exprune: time each linear layer alone, as the op and as its dense form, "
                                              "at batch 1 on its calibration inputs, and keep it dense where the op "
-                                             "is not faster (convolutions stay dense)")
+                                             "is not faster (convolutions stay dense); the op is then timed at 2, 4, "
+                                             "8, 16, 32 rows, and the layer runs dense from the first count where it "
+                                             "is not faster (unless --exprune-dense-rows 0)")
     exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
                                                              "out for --tolerance (default 0.25)")
     exprune_confidence: float = option(DEFAULT_CONFIDENCE, metavar="C",

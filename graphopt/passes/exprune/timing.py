@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.passes.exprune.calib import Calibrated, ChainLayer, layer_arrays
 
 ROUNDS, RUNS, WARMUP = 9, 20, 5
+ROW_GRID = (2, 4, 8, 16, 32)  # row counts at which the bare op is timed against the dense layer
 TIMING_ROWS = 64  # calibration rows kept per layer, to time it on the one with the median skip count
 
 
@@ -74,15 +75,40 @@ def typical_row(layer: ChainLayer, found: Calibrated, rows: np.ndarray) -> np.nd
 
 
 def time_layer(layer: ChainLayer, found: Calibrated, rule: str, rows: np.ndarray, threads: int,
-               opset: int) -> dict[str, Any]:
+               opset: int, dispatch: bool = True) -> dict[str, Any]:
     """The op's and the dense layer's median times (ms) at batch 1 on the typical row of `rows`, and the
-    speedup (dense time / op time) with its 10th and 90th percentiles."""
+    speedup (dense time / op time) with its 10th and 90th percentiles; the op is timed as the pass writes
+    it, inside the If of graphopt.passes.exprune.dispatch where `dispatch`.
+
+    With `dispatch`, where the op wins at batch 1: `dense_rows`, the row count from which the layer should
+    run dense, the first of ROW_GRID at which the bare op was not faster than the dense layer (on calibration
+    rows, the typical one first), else twice the grid's last; `rows_<r>_speedup` for each count timed."""
+    from graphopt.passes.exprune.dispatch import written_model
+
+    dense, op = layer_models(layer, found, rule, opset)
+    row = typical_row(layer, found, rows.astype(np.float32))
+    timing = _pair(dense, written_model(op, ROW_GRID[0]) if dispatch else op, row, threads)
+    found_times = {"dense_ms": timing["reference_ms"], "op_ms": timing["candidate_ms"], "speedup": timing["speedup"],
+                   "speedup_p10": timing["speedup_p10"], "speedup_p90": timing["speedup_p90"]}
+    if not dispatch or timing["speedup"] <= 1.0:
+        return found_times
+    pool = np.concatenate([row, rows.astype(np.float32)])
+    found_times["dense_rows"] = 2 * ROW_GRID[-1]
+    for count in ROW_GRID:
+        batch = np.resize(pool, (count, pool.shape[1]))
+        speedup = _pair(dense, op, batch, threads)["speedup"]
+        found_times[f"rows_{count}_speedup"] = speedup
+        if speedup <= 1.0:
+            found_times["dense_rows"] = count
+            break
+    return found_times
+
+
+def _pair(dense: onnx.ModelProto, op: onnx.ModelProto, x: np.ndarray, threads: int) -> dict[str, float]:
+    """Interleaved timings of the two one-layer models on the input `x` (graphopt.calibration.latency)."""
     from graphopt.calibration.latency import interleaved
     from graphopt.calibration.session import make_session
 
-    models = layer_models(layer, found, rule, opset)
-    sessions = [make_session(model, optimize=True, threads=threads, spinning=False) for model in models]
-    feed = {"x": typical_row(layer, found, rows.astype(np.float32))}
-    timing = interleaved(sessions, [feed, feed], ROUNDS, RUNS, WARMUP)
-    return {"dense_ms": timing["reference_ms"], "op_ms": timing["candidate_ms"], "speedup": timing["speedup"],
-            "speedup_p10": timing["speedup_p10"], "speedup_p90": timing["speedup_p90"]}
+    sessions = [make_session(model, optimize=True, threads=threads, spinning=False) for model in (dense, op)]
+    feed = {"x": x}
+    return interleaved(sessions, [feed, feed], ROUNDS, RUNS, WARMUP)

@@ -1,5 +1,6 @@
 """--exprune-timed: each linear layer timed alone against its dense form; the one-layer models it times compute
-what the layer computes; the decision follows the measured times (never asserted: only its consistency)."""
+what the layer computes; the decisions (replace or not, the row count from which it runs dense) follow the
+measured times (never asserted: only their consistency)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from graphopt.calibration.data import load_data
 from graphopt.ops.exprune import exprune_reference
 from graphopt.passes.exprune.calib import layer_arrays
 from graphopt.passes.exprune.layers import discover, scorings
-from graphopt.passes.exprune.timing import layer_models, typical_row
+from graphopt.passes.exprune.dispatch import dense_rows_of
+from graphopt.passes.exprune.timing import ROW_GRID, layer_models, typical_row
 from graphopt.ir import graph as ir
 from graphopt.passes import PassContext
 from tests.conftest import op_types, run_ort, run_pass
@@ -62,8 +64,53 @@ def test_every_timed_layer_is_replaced_exactly_when_its_op_was_faster() -> None:
     assert {"fc1.dense_ms", "fc1.op_ms", "fc1.speedup", "fc1.speedup_p10", "fc1.speedup_p90"} <= set(stats)
     assert stats["fc1.dense_ms"] > 0 and stats["fc1.op_ms"] > 0
     assert stats["fc1.speedup_p10"] <= stats["fc1.speedup"] <= stats["fc1.speedup_p90"]
-    replaced = "ExPruneLinearRelu" in op_types(rewritten)
+    replaced = "If" in op_types(rewritten)
     assert replaced == (stats["fc1.speedup"] > 1.0)
     assert replaced == (not any(reason.startswith("fc1: left dense") for reason in result.skipped))
     assert stats["layers_left_dense"] == (0 if replaced else 1)
     np.testing.assert_allclose(run_ort(rewritten, data)["y"], run_ort(model, data)["y"], atol=0.5)
+    assert replaced == ("fc1.dense_rows" in stats)
+    if replaced:  # the layer runs dense from the first row count at which the bare op was not faster
+        timed = [r for r in ROW_GRID if f"fc1.rows_{r}_speedup" in stats]
+        assert timed == list(ROW_GRID[:len(timed)]) and timed
+        assert all(stats[f"fc1.rows_{r}_speedup"] > 1.0 for r in timed[:-1])
+        last = stats[f"fc1.rows_{timed[-1]}_speedup"]
+        assert stats["fc1.dense_rows"] == (timed[-1] if last <= 1.0 else 2 * ROW_GRID[-1])
+        assert dense_rows_of(rewritten) == stats["fc1.dense_rows"]
+
+
+def test_without_the_row_dispatch_the_bare_op_is_timed() -> None:
+    model, data = _mlp(), _data()
+    rewritten, result = run_pass(model, "exprune", data=load_data(data, model),
+                                 options={"exprune_fnr": 0.05, "exprune_probe": 0.25, "exprune_timed": True,
+                                          "exprune_dense_rows": 0})
+    assert "fc1.speedup" in result.stats and "fc1.dense_rows" not in result.stats
+    assert "If" not in op_types(rewritten) and dense_rows_of(rewritten) is None
+
+
+def test_each_layer_runs_dense_from_the_first_row_count_where_its_op_lost(monkeypatch) -> None:
+    """A scripted timer (dense time / op time by the rows timed): the op wins at 1, 2 and 4 rows and loses at 8,
+    so the layer's If switches to the dense layer from 8 rows, and the fidelity check runs at 7."""
+    import graphopt
+    from graphopt.passes.exprune import timing
+
+    wins = {1: 1.5, 2: 1.2, 4: 1.1, 8: 0.9, 16: 0.8, 32: 0.7}
+    seen = []
+
+    def scripted(dense: onnx.ModelProto, op: onnx.ModelProto, x: np.ndarray, threads: int) -> dict[str, float]:
+        seen.append((x.shape[0], "If" in op_types(op)))
+        ratio = wins[x.shape[0]]
+        return {"reference_ms": ratio, "candidate_ms": 1.0, "speedup": ratio, "speedup_p10": ratio,
+                "speedup_p90": ratio}
+
+    monkeypatch.setattr(timing, "_pair", scripted)
+    model, data = _mlp(), _data()
+    result = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05, exprune_probe=0.25,
+                               exprune_timed=True)
+    stats = result.report["passes"][-1]["stats"]
+    assert seen == [(1, True), (2, False), (4, False), (8, False)]  # batch 1 as written, then the bare op
+    assert stats["fc1.dense_rows"] == 8 and stats["fc1.rows_4_speedup"] == 1.1 and "fc1.rows_16_speedup" not in stats
+    assert dense_rows_of(result.model) == 8 and result.report["fidelity"]["batch_size"] == 7
+    x = data["x"][:8]
+    dense, written = run_ort(model, {"x": x})["y"], run_ort(result.model, {"x": x})["y"]
+    np.testing.assert_allclose(written, dense, rtol=1e-5, atol=1e-5)  # 8 rows: the dense layer
