@@ -323,6 +323,17 @@ def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
     return copy
 
 
+def body_reads(graph: gs.Graph) -> set[str]:
+    """Names of the tensors that nodes inside control-flow bodies (If branches, Loop bodies, nested) read: the
+    outer values they capture among them. Names, so the answer holds for a copy of the graph too."""
+    names: set[str] = set()
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                names |= {t.name for inner in attr.nodes for t in inner.inputs} | body_reads(attr)
+    return names
+
+
 def cleanup(graph: gs.Graph) -> gs.Graph:
     """Remove dead nodes and unused initializers (graph inputs stay), then sort topologically."""
     graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False, recurse_functions=False)

@@ -2,7 +2,9 @@
 
 Exact: values are computed by onnxruntime on the node itself. Shapes are inferred first, so that
 `Shape` of a tensor whose queried dimensions are static (channel counts behind a dynamic batch) folds
-too. If/Loop subgraphs are left untouched.
+too. If/Loop subgraphs are left untouched, and so is a node whose output a subgraph reads: folding it would
+write the result into every subgraph that reads it (graphopt.passes.exprune.dispatch derives the op's
+permuted weight from the dense one in the main graph; onnxruntime folds it when it loads the model).
 
 Size limit: a node whose result would take more than `FOLD_LIMIT_BYTES` (64 MiB) and more than
 `GROWTH_LIMIT` (10) times the bytes of the constants it is computed from stays a node, computed at run
@@ -92,7 +94,12 @@ class ConstantFold(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         ir.apply_inferred_shapes(graph, ctx.template)  # static dims let Shape->Gather chains fold
         guard = _SizeGuard()
-        folded = ir.fold_constants(graph, exclude=guard)
+        captured = ir.body_reads(graph)
+
+        def excluded(node: gs.Node) -> bool:  # a value a control-flow body reads stays computed where it is
+            return any(out.name in captured for out in node.outputs) or guard(node)
+
+        folded = ir.fold_constants(graph, exclude=excluded)
         remaining = graph.tensors()
         skipped = [reason for name, reason in guard.refused.items() if name in remaining]
         return PassResult(modified=folded > 0, stats={"nodes_folded": folded}, skipped=skipped)

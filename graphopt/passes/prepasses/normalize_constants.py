@@ -6,7 +6,9 @@ constant to a tensor whose dtype is known: its second input gives only the dtype
 those few op types in numpy and replaces their outputs by initializers, so later passes see one
 representation. Exact: the values are bit-for-bit what the nodes produce. Outputs that are graph outputs
 stay produced by their node (an initializer cannot be renamed into a graph output), and a ConstantOfShape
-whose result is above constant folding's size limit (constant_fold.too_large) stays a node.
+whose result is above constant folding's size limit (constant_fold.too_large) stays a node, and so does
+an Identity whose output a control-flow body reads (it shares one constant between the bodies that read it:
+graphopt.passes.exprune.dispatch).
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ class NormalizeConstants(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = PassResult(modified=False)
         outputs = {t.name for t in graph.outputs}
+        captured = ir.body_reads(graph)
         for node in list(graph.nodes):  # already in topological order (ONNX requires it; the manager keeps it)
             if node.op not in _EVALUATED or len(node.outputs) != 1:
                 continue
             out = node.outputs[0]
-            if out.name in outputs:
+            if out.name in outputs or (node.op == "Identity" and out.name in captured):
                 continue
             value = _evaluate(node)
             if value is None:

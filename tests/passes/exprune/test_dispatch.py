@@ -112,3 +112,17 @@ def test_a_negative_row_count_is_refused() -> None:
     model = _gemm_relu()
     with pytest.raises(graphopt.errors.OptionError, match="--exprune-dense-rows"):
         graphopt.optimize(model, method="exprune", calib=_data(model), exprune_dense_rows=-1)
+
+
+def test_optimizing_a_dispatched_model_again_keeps_one_copy_of_its_weights() -> None:
+    """The normalising pre-passes leave the main-graph values the branches read where they are: folding them
+    would write a copy into each branch (and the op's permuted weight beside the dense one)."""
+    model = _gemm_relu(d=48, n=40)
+    data = _data(model, rows=600, d=48)
+    once = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05).model
+    again = graphopt.optimize(once, method="none").model
+    branches = [attr.g for node in again.graph.node for attr in node.attribute if attr.HasField("g")]
+    assert len(branches) == 2 and all(len(branch.initializer) == 0 for branch in branches)
+    assert _float_count(again) == _float_count(once)
+    x = data["x"][:1]
+    np.testing.assert_allclose(_run(again, x, True), _run(once, x, True), rtol=1e-6, atol=1e-6)
