@@ -137,16 +137,34 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     return stats_file
 
 
-def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, batch_size: int = 32,
+def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, batch_size: int | None = None,
            metric: Metric | Callable[..., Any] | str | None = None, ctc_blank: int = 0,
            progress: bool = False, device: str = "cpu") -> VerifyReport:
     """The candidate's fidelity to the reference on `data` (graphopt.evaluate.verify): per output cosine and
     rel_l2, the agreements its kind makes meaningful, and `metric`'s values (a callable
-    `metric(reference_outputs, candidate_outputs, inputs) -> dict[str, float]`, or 'module:function')."""
+    `metric(reference_outputs, candidate_outputs, inputs) -> dict[str, float]`, or 'module:function').
+
+    `batch_size` defaults to 32, or to one below the row count from which the candidate's ExPrune layers run
+    dense (graphopt.passes.exprune.dispatch): the op decides per row, so a smaller batch measures what a
+    single-row caller gets, where a larger one would measure the dense layers (a given size that large is
+    warned about)."""
+    from graphopt.passes.exprune.dispatch import dense_rows_of, measuring_batch
+
     if int(ctc_blank) < 0:
         raise OptionError(f"--ctc-blank must be >= 0, got {ctc_blank}")
-    return compare_outputs(as_model(reference), as_model(candidate), data, batch_size=batch_size, progress=progress,
-                           metric=metric, ctc_blank=int(ctc_blank), device=device)
+    if batch_size is not None and int(batch_size) < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
+    candidate_model = as_model(candidate)
+    dense_rows = dense_rows_of(candidate_model)
+    if batch_size is None:
+        batch_size = measuring_batch(candidate_model, 32)
+    elif dense_rows is not None and batch_size >= dense_rows:
+        log.warning("the candidate's ExPrune layers run dense from %d rows: at batch %d their skipping is not "
+                    "measured (leave --batch-size out to measure it)", dense_rows, batch_size)
+    report = compare_outputs(as_model(reference), candidate_model, data, batch_size=int(batch_size),
+                             progress=progress, metric=metric, ctc_blank=int(ctc_blank), device=device)
+    report.batch_size = int(batch_size)
+    return report
 
 
 @weights.holding
@@ -361,12 +379,9 @@ def _check_settings(ctx: PassContext, original: onnx.ModelProto, optimized: onnx
     """The fidelity check's batch size (that of the outputs calibration kept, where it kept them) and keywords.
     ExPrune layers that run dense from some row count (graphopt.passes.exprune.dispatch) are checked below it,
     as a caller sending fewer rows runs them: the op decides per row, so any smaller batch measures the same."""
-    from graphopt.passes.exprune.dispatch import dense_rows_of
+    from graphopt.passes.exprune.dispatch import measuring_batch
 
-    check_batch = ctx.reference_batch_size() or batch_size
-    dense_rows = dense_rows_of(optimized)
-    if dense_rows is not None:
-        check_batch = max(1, min(check_batch, dense_rows - 1))
+    check_batch = measuring_batch(optimized, ctx.reference_batch_size() or batch_size)
     return check_batch, {"metric": resolved["metric"], "ctc_blank": int(resolved["ctc_blank"]),
                          "device": resolved.get("device") or "cpu",
                          "reference_outputs": ctx.reference_outputs(original, check_batch)}

@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("reference", type=Path)
     verify.add_argument("candidate", type=Path)
     verify.add_argument("--data", type=Path, required=True, help=".npz with one array per input")
-    verify.add_argument("--batch-size", type=int, default=32)
+    verify.add_argument("--batch-size", type=int, default=None,
+                        help="samples per run (default 32; below the row count from which a candidate's ExPrune "
+                             "layers run dense, so that their skipping is what is measured)")
     verify.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="onnxruntime device both models run on (cuda: onnxruntime-gpu's CUDA provider)")
     _add_fidelity(verify)

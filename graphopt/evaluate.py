@@ -95,9 +95,12 @@ class VerifyReport:
     samples: int = 0
     metric: dict[str, float] | None = None
     metric_name: str | None = None
+    batch_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         found = {**self.first, "samples": self.samples, "outputs": self.outputs}
+        if self.batch_size is not None:
+            found["batch_size"] = self.batch_size
         if self.metric is not None:
             found.update({"metric": self.metric, "metric_name": self.metric_name})
         return found

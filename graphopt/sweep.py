@@ -40,6 +40,7 @@ from graphopt.calibration.metric import as_metric
 from graphopt.calibration.store import StatsFile
 from graphopt.errors import GraphoptError, OptionError, OutputPathError, PassFailedError
 from graphopt.evaluate import verify
+from graphopt.passes.exprune.dispatch import measuring_batch
 from graphopt.ir.files import check_outputs, same_file, write_atomic
 from graphopt.ir import weights
 from graphopt.ir.io import input_files
@@ -193,7 +194,8 @@ def _run(original: onnx.ModelProto, method: str, target: float, kind: str, optio
                 "params_ratio": report["params_after"] / report["params_before"] if report["params_before"] else 1.0,
                 "bytes": weights.model_bytes(optimized),
                 "bytes_ratio": weights.model_bytes(optimized) / weights.model_bytes(original)})
-    fidelity = verify(original, optimized, held, batch_size=int(options["batch_size"]), metric=options.get("metric"),
+    fidelity = verify(original, optimized, held, batch_size=measuring_batch(optimized, int(options["batch_size"])),
+                      metric=options.get("metric"),
                       ctc_blank=int(options.get("ctc_blank") or 0)).to_json()
     row["fidelity"] = {key: fidelity.get(key) for key in FIDELITY_KEYS if key in fidelity}
     if timing is not None:

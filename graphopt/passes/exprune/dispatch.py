@@ -112,6 +112,13 @@ def dense_rows_of(model: onnx.ModelProto) -> int | None:
     return min(found) if found else None
 
 
+def measuring_batch(model: onnx.ModelProto, batch_size: int) -> int:
+    """`batch_size`, lowered below the row count from which `model`'s ExPrune layers run dense: the op decides
+    per row, so any smaller batch measures what a single-row caller gets."""
+    rows = dense_rows_of(model)
+    return batch_size if rows is None else max(1, min(batch_size, rows - 1))
+
+
 def _probes(node: onnx.NodeProto) -> bool:
     """Whether an If node's else branch is a graphopt op."""
     return any(inner.domain == DOMAIN for attr in node.attribute if attr.name == "else_branch"

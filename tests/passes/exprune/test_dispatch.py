@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
+from graphopt import api
 from graphopt.calibration.data import load_data
 from graphopt.calibration.session import make_session
 from graphopt.calibration.shapes import count_cost
@@ -126,3 +127,17 @@ def test_optimizing_a_dispatched_model_again_keeps_one_copy_of_its_weights() -> 
     assert _float_count(again) == _float_count(once)
     x = data["x"][:1]
     np.testing.assert_allclose(_run(again, x, True), _run(once, x, True), rtol=1e-6, atol=1e-6)
+
+
+def test_verify_measures_the_op_unless_told_a_batch_size(caplog) -> None:
+    model = _gemm_relu(d=48, n=40)
+    data = _data(model, rows=600, d=48)
+    written = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05).model
+    held = {"x": data["x"][:96]}
+    default = api.verify(model, written, held).to_json()
+    assert default["batch_size"] == 1 and default["rel_l2"] > 1e-3  # the op's skipped units show
+    with caplog.at_level("WARNING"):
+        dense = api.verify(model, written, held, batch_size=32).to_json()
+    assert dense["batch_size"] == 32 and dense["rel_l2"] < 1e-5  # 32 rows: the dense layer
+    assert "run dense from 2 rows" in caplog.text
+    assert api.verify(model, model, held).to_json()["batch_size"] == 32
