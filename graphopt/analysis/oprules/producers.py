@@ -119,13 +119,24 @@ def conv_transpose(node: gs.Node, a: Analysis) -> None:
         return
     weight = constant_values(node.inputs[1])
     incoming = a.state(node.inputs[0])
-    if weight is None or int(node.attrs.get("group", 1)) != 1 or node.attrs.get("output_shape") \
+    groups = int(node.attrs.get("group", 1))
+    depthwise = weight is not None and groups > 1 and weight.shape[0] == groups and weight.shape[1] == 1
+    if weight is None or (groups != 1 and not depthwise) or node.attrs.get("output_shape") \
             or not constant_or_absent(node, 2):
-        a.block_inputs(node, "ConvTranspose with groups, output_shape or a non-constant weight or bias")
+        a.block_inputs(node, "ConvTranspose with groups (other than depthwise), output_shape or a non-constant "
+                             "weight or bias")
         return
     if incoming is not None and incoming.axis != 1:
         a.block(incoming, f"{node.name} (ConvTranspose): input channels are not on axis 1")
         incoming = None
+    if depthwise:  # weight [C, 1, k...], group C: channel c in writes channel c out, as a depthwise Conv
+        if incoming is not None:
+            a.site("weight", node, incoming, index=1, axis=0, role="param")
+            _optional_bias_site(node, a, incoming)
+            a.site("group", node, incoming)
+            a.set_state(node.outputs[0], incoming)
+            a.cost(node, incoming)
+        return
     if incoming is not None:
         a.site("weight", node, incoming, index=1, axis=0, role="consumer")
     out = a.new_state(1, weight.shape[1])
