@@ -258,6 +258,8 @@ def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[
             continue
         timing = time_layer(layer, found, rule, scoring.sample, int(ctx.option("threads") or 0), graph.opset,
                             dispatch=dispatch)
+        # what time would be if it fell with the MACs the op skips (the probe counted as spent)
+        timing["op_ms_predicted"] = timing["dense_ms"] * (1.0 - found.macs_skipped)
         result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
         if timing["speedup"] > 1.0:
             kept.append((layer, (scoring, found)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.calibration.data import load_data
@@ -63,6 +64,7 @@ def test_every_timed_layer_is_replaced_exactly_when_its_op_was_faster() -> None:
     stats = result.stats
     assert {"fc1.dense_ms", "fc1.op_ms", "fc1.speedup", "fc1.speedup_p10", "fc1.speedup_p90"} <= set(stats)
     assert stats["fc1.dense_ms"] > 0 and stats["fc1.op_ms"] > 0
+    assert 0 < stats["fc1.op_ms_predicted"] < stats["fc1.dense_ms"]
     assert stats["fc1.speedup_p10"] <= stats["fc1.speedup"] <= stats["fc1.speedup_p90"]
     replaced = "If" in op_types(rewritten)
     assert replaced == (stats["fc1.speedup"] > 1.0)
@@ -70,6 +72,8 @@ def test_every_timed_layer_is_replaced_exactly_when_its_op_was_faster() -> None:
     assert stats["layers_left_dense"] == (0 if replaced else 1)
     np.testing.assert_allclose(run_ort(rewritten, data)["y"], run_ort(model, data)["y"], atol=0.5)
     assert replaced == ("fc1.dense_rows" in stats)
+    if replaced:
+        assert stats["fc1.op_ms_predicted"] == pytest.approx(stats["fc1.dense_ms"] * (1 - stats["fc1.macs_skipped"]))
     if replaced:  # the layer runs dense from the first row count at which the bare op was not faster
         timed = [r for r in ROW_GRID if f"fc1.rows_{r}_speedup" in stats]
         assert timed == list(ROW_GRID[:len(timed)]) and timed
