@@ -114,6 +114,7 @@ def test_each_layer_runs_dense_from_the_first_row_count_where_its_op_lost(monkey
     stats = result.report["passes"][-1]["stats"]
     assert seen == [(1, True), (2, False), (4, False), (8, False)]  # batch 1 as written, then the bare op
     assert stats["fc1.dense_rows"] == 8 and stats["fc1.rows_4_speedup"] == 1.1 and "fc1.rows_16_speedup" not in stats
+    assert stats["fc1.op_ms_predicted"] == pytest.approx(1.5 * (1 - stats["fc1.macs_skipped"]))
     assert dense_rows_of(result.model) == 8 and result.report["fidelity"]["batch_size"] == 7
     x = data["x"][:8]
     dense, written = run_ort(model, {"x": x})["y"], run_ort(result.model, {"x": x})["y"]
