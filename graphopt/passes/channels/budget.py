@@ -12,7 +12,9 @@ by their group mean so groups compare. All removable channels (every channel but
 group) are laid in one global removal order: lowest normalised score first; ties go first to the
 channel ranked lowest within its group relative to the group size (so equal scores prune groups
 evenly, whatever their sizes), then by group and index. Removing the first m channels of that order
-(rounding each group's count up to its multiple: `round_to`, one number for all groups or one per group)
+(rounding each group's count up to its multiple: `round_to`, one number for all groups or one per group;
+a rounded group gives up its lowest channels a block at a time, so its channels are ordered by the mean
+score of the block they leave with, and blocks go in order of the importance they take in all)
 gives a cost that never rises with m; the smallest m within the target is found by bisection. What the
 last step left of the budget is then spent greedily: removed channels are put back, most important
 first, wherever they still fit.
@@ -125,6 +127,20 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _block_means(normalised: np.ndarray, ranks: np.ndarray, multiple: int) -> np.ndarray:
+    """Each channel's removal key: with a multiple above 1, the mean score of the block it leaves with (counts
+    round up, so a group gives up its lowest channels a block at a time: first size mod multiple of them, or
+    a whole multiple, then whole multiples), so that blocks go in order of the importance they take."""
+    if multiple <= 1 or normalised.size == 0:
+        return normalised
+    size = normalised.size
+    from_bottom = size - 1 - ranks  # 0 for the lowest-scoring channel
+    first = size % multiple or multiple
+    block = np.where(from_bottom < first, 0, 1 + (from_bottom - first) // multiple)
+    sums = np.bincount(block, weights=normalised)
+    return (sums / np.bincount(block))[block]
+
+
 class _RemovalOrder:
     """Every removable channel of every group, in global removal order."""
 
@@ -139,7 +155,7 @@ class _RemovalOrder:
             ranks = _ranks(normalised)
             removable = ranks > 0  # the best channel of a group always stays
             group.append(np.full(int(removable.sum()), position, dtype=np.int64))
-            score.append(normalised[removable])
+            score.append(_block_means(normalised, ranks, int(self.multiples[position]))[removable])
             spread.append(-ranks[removable] / max(values.size, 1))
         self.group = np.concatenate(group) if group else np.zeros(0, dtype=np.int64)
         score_all = np.concatenate(score) if score else np.zeros(0)

@@ -85,6 +85,15 @@ def test_budget_rounds_each_group_to_its_own_multiple_and_stays_within_the_targe
     assert minimum_counts(scores, multiples) == {0: 16, 1: 8, 2: 4}
 
 
+def test_rounded_groups_give_up_the_block_with_the_least_importance_in_all() -> None:
+    """Blocks go in order of their channels' mean score, not of their best channel: group 0's lowest block
+    (0.1, 0.9) takes less than group 1's (0.6, 0.7) although its best channel is the higher one."""
+    scores = {0: np.array([0.1, 0.9, 1.5, 1.5]), 1: np.array([0.6, 0.7, 1.35, 1.35])}  # both of mean 1
+    model = _linear_mac_model({0: 4, 1: 4})
+    assert choose_counts(scores, model, 0.75, 2) == {0: 2, 1: 4}  # type: ignore[arg-type]
+    assert choose_counts(scores, model, 0.75, 1) == {0: 3, 1: 3}  # type: ignore[arg-type]  # exact: 0.1 and 0.6
+
+
 def test_snp_plan_rounds_each_group_to_its_own_multiple() -> None:
     sizes = {0: 64, 1: 24}
     orderings = {root: Ordering(np.arange(size), np.full(size, 1.0 / size)) for root, size in sizes.items()}
