@@ -203,10 +203,12 @@ class ExPrune(Pass):
         """Replace the layers; a linear layer runs dense from its measured row count (`thresholds`, from
         --exprune-timed) or from --exprune-dense-rows."""
         total = skipped = 0.0
+        dense_from: list[int] = []
         for layer, (scoring, found) in zip(layers, chosen):
             node = replace(graph, layer, found, options["rule"])
             if isinstance(layer, LinearLayer) and options["dense_rows"]:
-                dispatch_by_rows(graph, node, thresholds.get(layer.name, options["dense_rows"]))
+                dense_from.append(thresholds.get(layer.name, options["dense_rows"]))
+                dispatch_by_rows(graph, node, dense_from[-1])
             macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
             result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
@@ -219,7 +221,7 @@ class ExPrune(Pass):
         ir.cleanup(graph)
         result.modified = True
         result.stats.update({"layers": len(layers), "conv_layers": sum(isinstance(l, ConvLayer) for l in layers),
-                             "dense_rows": options["dense_rows"],
+                             "dense_rows": min(dense_from, default=0),  # the first row count any runs dense
                              "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})
 

@@ -116,6 +116,7 @@ def test_each_layer_runs_dense_from_the_first_row_count_where_its_op_lost(monkey
     assert stats["fc1.dense_rows"] == 8 and stats["fc1.rows_4_speedup"] == 1.1 and "fc1.rows_16_speedup" not in stats
     assert stats["fc1.op_ms_predicted"] == pytest.approx(1.5 * (1 - stats["fc1.macs_skipped"]))
     assert dense_rows_of(result.model) == 8 and result.report["fidelity"]["batch_size"] == 7
+    assert stats["dense_rows"] == 8 and result.report["exprune_macs_skipped"]["dense_from_rows"] == 8
     x = data["x"][:8]
     dense, written = run_ort(model, {"x": x})["y"], run_ort(result.model, {"x": x})["y"]
     np.testing.assert_allclose(written, dense, rtol=1e-5, atol=1e-5)  # 8 rows: the dense layer
