@@ -496,8 +496,11 @@ def _print_latency_target(target: dict[str, Any]) -> None:
 
 def _print_exprune(report: dict[str, Any]) -> None:
     dynamic = report["exprune_macs_skipped"]
+    rows = dynamic.get("dense_from_rows")
+    dense = f"; calls of {rows} rows or more run the dense layers and skip nothing (--exprune-dense-rows)" if rows \
+        else ""
     print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
-          f"(measured on the {dynamic['data']} samples)")
+          f"(measured on the {dynamic['data']} samples){dense}")
     convs = next((p["stats"].get("conv_layers", 0) for p in report["passes"] if p["pass"] == "exprune"), 0)
     if convs:
         print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu, which has no native kernel "
