@@ -41,10 +41,12 @@ class Site:
 
 @dataclass
 class CostTerm:
-    """MACs of one node scale with the kept fraction of each listed channel state."""
+    """MACs of one node scale with the kept fraction of each listed channel state; `share` of them do (the
+    rest, such as a fused attention's q·kᵀ over the tokens, stays)."""
 
     node: gs.Node
     states: list[ChannelState]
+    share: float = 1.0
 
 
 @dataclass
@@ -131,8 +133,8 @@ class Analysis:
     def site(self, kind: str, node: gs.Node, state: ChannelState, **extra: Any) -> None:
         self.sites.append(Site(kind, node, state, **extra))
 
-    def cost(self, node: gs.Node, *states: ChannelState | None) -> None:
-        self.costs.append(CostTerm(node, [s for s in states if s is not None]))
+    def cost(self, node: gs.Node, *states: ChannelState | None, share: float = 1.0) -> None:
+        self.costs.append(CostTerm(node, [s for s in states if s is not None], share))
 
     # -- results ------------------------------------------------------------------------------
     def leaf_sites(self) -> dict[int, list[Site]]:

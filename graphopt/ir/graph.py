@@ -187,7 +187,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     unchanged (with a debug log). Inference runs on a weightless copy (`weightless_copy`): onnx serialises the
     model it is given, and on ResNet-50 that took most of the 0.24 s a call cost."""
     light = weightless_copy(model, value_info=True)
-    fused = [node for node in model.graph.node if node.domain == "com.microsoft" and node.op_type in _SAME_TYPE]
+    fused = [node for node in model.graph.node if node.domain == "com.microsoft"
+             and (node.op_type in _SAME_TYPE or node.op_type == "Attention")]
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
         # onnx has no shape rules for onnxruntime's fused ops: seed their outputs and infer again, as long as a
@@ -215,6 +216,9 @@ def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) ->
     known = {v.name: v.type for v in itertools.chain(model.graph.input, model.graph.value_info, model.graph.output)}
     added = False
     for node in fused:
+        if node.op_type == "Attention":
+            added = _seed_attention(model, node, known) or added
+            continue
         for index, source in _SAME_TYPE[node.op_type].items():
             name = node.output[index] if index < len(node.output) else ""
             if name and name not in known and node.input[source] in known:
@@ -222,6 +226,29 @@ def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) ->
                 known[name] = known[node.input[source]]
                 added = True
     return added
+
+
+def _seed_attention(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> bool:
+    """The type of com.microsoft Attention's output 0: its input's [batch, sequence, hidden] with the value
+    width as the last dimension (`qkv_hidden_sizes`' third entry, else a third of the packed weight's columns);
+    True when it was added."""
+    name = node.output[0] if node.output else ""
+    source = known.get(node.input[0]) if node.input else None
+    if not name or name in known or source is None or len(source.tensor_type.shape.dim) != 3:
+        return False
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
+    weight = next((t for t in model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
+    width = sizes[2] if len(sizes) == 3 else (weight.dims[1] // 3 if weight is not None and len(weight.dims) == 2
+                                               else None)
+    if width is None:
+        return False
+    value = onnx.ValueInfoProto(name=name, type=source)
+    last = value.type.tensor_type.shape.dim[2]
+    last.Clear()
+    last.dim_value = int(width)
+    model.graph.value_info.append(value)
+    known[name] = value.type
+    return True
 
 
 def weightless_copy(model: onnx.ModelProto, value_info: bool = False) -> onnx.ModelProto:

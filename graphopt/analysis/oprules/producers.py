@@ -235,6 +235,31 @@ def matmul(node: gs.Node, a: Analysis) -> None:
         _matmul_variables(node, a, left_state, contracted, rank_l, rank_y)
 
 
+def fused_attention(node: gs.Node) -> bool:
+    """onnxruntime's com.microsoft Attention (a packed q/k/v projection of its first input, then attention)."""
+    return node.op == "Attention" and node.domain == "com.microsoft"
+
+
+def attention(node: gs.Node, a: Analysis) -> None:
+    """com.microsoft Attention reads the last axis of its input [batch, tokens, hidden] through the rows of its
+    packed q/k/v weight [hidden, q + k + v]: a linear consumer of those channels. Its output (the heads) is the
+    head analysis's (graphopt.analysis.heads) and carries no channel state. The projection's share of its MACs
+    scales with the input channels kept; q·kᵀ and p·v over the tokens do not."""
+    for tensor in node.inputs[1:]:
+        a.block(a.state(tensor), f"{node.name} (Attention): channels reach an input other than the first")
+    incoming, shape = a.state(node.inputs[0]), a.shape(node.inputs[0])
+    weight = constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
+    if incoming is None:
+        return
+    if weight is None or weight.ndim != 2 or shape is None or len(shape) != 3 or incoming.axis != 2:
+        a.block(incoming, f"{node.name} (Attention): not a constant 2-D weight read along the last of 3 axes")
+        return
+    a.site("weight", node, incoming, index=1, axis=0, role="consumer")
+    sizes = [int(v) for v in node.attrs.get("qkv_hidden_sizes", [])] or [weight.shape[1] // 3] * 3
+    projection = shape[2] * weight.shape[1]
+    a.cost(node, incoming, share=projection / (projection + shape[1] * (sizes[0] + sizes[2])))
+
+
 def embedding_table(node: gs.Node) -> np.ndarray | None:
     """The constant table [rows, C] of an embedding lookup Gather(table, ids) along axis 0, else None."""
     if node.op != "Gather" or not node.inputs:
@@ -260,3 +285,4 @@ register("ConvTranspose", channels=conv_transpose)
 register("Gemm", channels=gemm)
 register("MatMul", channels=matmul)
 register("Gather", channels=gather)
+register("Attention", domain="com.microsoft", channels=attention)

@@ -79,8 +79,8 @@ def channel_axis(analysis: Analysis, state: ChannelState, prunable: set[int]) ->
     return Axis(weights, fixed, fixed + sum(w * atoms.sizes[r] for r, w in weights.items()))
 
 
-def _axes(analysis: Analysis, prunable: set[int]) -> list[tuple[str, list[Axis]]]:
-    return [(term.node.name, [channel_axis(analysis, state, prunable) for state in term.states])
+def _axes(analysis: Analysis, prunable: set[int]) -> list[tuple[str, list[Axis], float]]:
+    return [(term.node.name, [channel_axis(analysis, state, prunable) for state in term.states], term.share)
             for term in analysis.costs]
 
 
@@ -90,10 +90,11 @@ class MacModel:
     def __init__(self, analysis: Analysis, per_node: dict[str, int], prunable: set[int]) -> None:
         self.total = float(sum(per_node.values()))
         terms = _axes(analysis, prunable)
-        counted = {name for name, _ in terms}
-        self.fixed_nodes = {name: float(m) for name, m in per_node.items() if name not in counted}
+        shares = {name: share for name, _, share in terms}
+        self.fixed_nodes = {name: float(m) * (1.0 - shares.get(name, 0.0)) for name, m in per_node.items()
+                            if shares.get(name, 0.0) < 1.0}
         self.fixed = float(sum(self.fixed_nodes.values()))
-        self.terms = [(name, float(per_node.get(name, 0)), axes) for name, axes in terms]
+        self.terms = [(name, float(per_node.get(name, 0)) * share, axes) for name, axes, share in terms]
 
     def ratio(self, counts: dict[int, int]) -> float:
         return self.macs(counts) / self.total if self.total else 1.0

@@ -6,7 +6,7 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 (alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
-(Conv, Gemm) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum); a
+(Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum); a
 MatMul whose only reader is an Add of a per-output constant (a Linear's bias) has the shift folded into
 that constant. For Conv consumers this is exact only without zero padding: at padded positions the
 removed channels were 0, not v_P.
@@ -29,7 +29,7 @@ def output_axis(node: gs.Node) -> int:
     """The output-channel axis of a consumer's weight."""
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
-    return 1 if node.op in ("MatMul", "ConvTranspose") else 0
+    return 1 if node.op in ("MatMul", "ConvTranspose", "Attention") else 0
 
 
 def consumer_shift(site: Site, values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -54,8 +54,10 @@ def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray) -> None:
 def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     """Add a per-output-channel shift to a consumer's output (its bias, created where missing)."""
     weight = np.asarray(node.inputs[1].values)
-    if node.op in ("Conv", "Gemm") and _into_own_bias(graph, node, shift, weight.dtype):
+    if node.op in ("Conv", "Gemm", "Attention") and _into_own_bias(graph, node, shift, weight.dtype):
         return
+    if node.op == "Attention":  # its output is the heads' context, not the projection: only its bias can take it
+        raise ValueError(f"{node.name} (Attention): a shift of {shift.size} values does not fit its packed bias")
     if node.op == "MatMul" and _fold_into_bias_add(graph, node, shift):
         return
     if node.op == "Mul":  # a reduction's row of weights (graphopt.passes.channels.reduction): shift the sum

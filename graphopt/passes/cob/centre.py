@@ -145,11 +145,16 @@ def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
         return False
     rank, beta = len(data.shape), np.asarray(shift.values, dtype=np.float64).reshape(-1)
     readers = [r for r in ir.consumers(product) if r.op not in SHAPE_READERS]
-    if not readers or any(r.op != "MatMul" or consumer_axis(r, product, rank - 1, rank) is None for r in readers):
+    if not readers or any(r.op not in ("MatMul", "Attention") or consumer_axis(r, product, rank - 1, rank) is None
+                          for r in readers):
         return False
     for reader in readers:
         weight = np.asarray(reader.inputs[1].values)
         offset = beta @ weight.astype(np.float64)
+        if reader.op == "Attention":  # its packed bias, input 2
+            _attention_bias(graph, reader, offset)
+            reader.inputs[0] = data
+            continue
         found = bias_add(graph, reader, rank - 1, weight.shape[1])
         if found is None:
             _insert_bias(graph, reader, offset.astype(weight.dtype))
@@ -162,6 +167,21 @@ def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
         if reader.op in SHAPE_READERS:
             reader.inputs[0] = data
     return True
+
+
+def _attention_bias(graph: gs.Graph, node: gs.Node, offset: np.ndarray) -> None:
+    """Add `offset` to a com.microsoft Attention's packed q/k/v bias (input 2), creating it where absent."""
+    dtype = np.asarray(node.inputs[1].values).dtype
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    values = np.zeros(offset.shape) if bias is None else np.asarray(bias.values, dtype=np.float64)
+    updated = (values + offset).astype(dtype)
+    if bias is None:
+        constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), updated)
+        while len(node.inputs) < 3:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[2] = constant
+    else:
+        ir.set_input_array(graph, node, 2, updated)
 
 
 def _insert_bias(graph: gs.Graph, reader: gs.Node, offset: np.ndarray) -> None:
