@@ -251,8 +251,9 @@ def attention(node: gs.Node, a: Analysis) -> None:
     weight = constant_values(node.inputs[1]) if len(node.inputs) > 1 else None
     if incoming is None:
         return
-    if weight is None or weight.ndim != 2 or shape is None or len(shape) != 3 or incoming.axis != 2:
-        a.block(incoming, f"{node.name} (Attention): not a constant 2-D weight read along the last of 3 axes")
+    if weight is None or weight.ndim != 2 or not constant_or_absent(node, 2) or shape is None or len(shape) != 3 \
+            or incoming.axis != 2:
+        a.block(incoming, f"{node.name} (Attention): not a constant 2-D weight and bias read along the last of 3 axes")
         return
     a.site("weight", node, incoming, index=1, axis=0, role="consumer")
     sizes = [int(v) for v in node.attrs.get("qkv_hidden_sizes", [])] or [weight.shape[1] // 3] * 3

@@ -6,9 +6,9 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 (alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
-(Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul; for a reduction's row of weights, an Add after the sum); a
-MatMul whose only reader is an Add of a per-output constant (a Linear's bias) has the shift folded into
-that constant. For Conv consumers this is exact only without zero padding: at padded positions the
+(Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul;
+for a reduction's row of weights, an Add after the sum); a MatMul whose only reader is an Add of a
+per-output constant (a Linear's bias) has the shift folded into that constant. For Conv consumers this is exact only without zero padding: at padded positions the
 removed channels were 0, not v_P.
 """
 

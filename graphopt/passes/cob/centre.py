@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.analysis.oprules.producers import constant_or_absent
 from graphopt.analysis.registry import opsets_of, rank_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.chains import Writer, back_through, bias_add, consumer_axis, writer_of
@@ -146,7 +147,7 @@ def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
     rank, beta = len(data.shape), np.asarray(shift.values, dtype=np.float64).reshape(-1)
     readers = [r for r in ir.consumers(product) if r.op not in SHAPE_READERS]
     if not readers or any(r.op not in ("MatMul", "Attention") or consumer_axis(r, product, rank - 1, rank) is None
-                          for r in readers):
+                          or (r.op == "Attention" and not constant_or_absent(r, 2)) for r in readers):
         return False
     for reader in readers:
         weight = np.asarray(reader.inputs[1].values)
