@@ -228,6 +228,16 @@ def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) ->
     return added
 
 
+def _value_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
+    """The value width of a com.microsoft Attention: `qkv_hidden_sizes`' third entry, else a third of its packed
+    weight's columns; None when neither is known."""
+    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
+    if len(sizes) == 3:
+        return int(sizes[2])
+    weight = next((t for t in model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
+    return int(weight.dims[1]) // 3 if weight is not None and len(weight.dims) == 2 else None
+
+
 def _seed_attention(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> bool:
     """The type of com.microsoft Attention's output 0: its input's [batch, sequence, hidden] with the value
     width as the last dimension (`qkv_hidden_sizes`' third entry, else a third of the packed weight's columns);
@@ -236,10 +246,7 @@ def _seed_attention(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[st
     source = known.get(node.input[0]) if node.input else None
     if not name or name in known or source is None or len(source.tensor_type.shape.dim) != 3:
         return False
-    sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
-    weight = next((t for t in model.graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
-    width = sizes[2] if len(sizes) == 3 else (weight.dims[1] // 3 if weight is not None and len(weight.dims) == 2
-                                               else None)
+    width = _value_width(model, node)
     if width is None:
         return False
     value = onnx.ValueInfoProto(name=name, type=source)

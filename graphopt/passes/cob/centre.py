@@ -138,6 +138,14 @@ def _rewrite_norm(graph: gs.Graph, norm: gs.Node, channels: int) -> gs.Node | No
     return nodes[2] if len(nodes) > 2 else None
 
 
+def _shift_reader(reader: gs.Node, product: gs.Tensor, rank: int) -> bool:
+    """Whether `reader` can take a constant shift of its input into its bias: a MatMul, or a fused Attention with a
+    constant (or no) bias, reading the channels on the last axis as a linear consumer."""
+    if reader.op not in ("MatMul", "Attention") or consumer_axis(reader, product, rank - 1, rank) is None:
+        return False
+    return reader.op == "MatMul" or constant_or_absent(reader, 2)
+
+
 def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
     """Fold the constant β of Add(γ ⊙ n, β) into its linear readers (MatMul/Gemm): bias += βᵀW."""
     data, shift = add.inputs
@@ -146,8 +154,7 @@ def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
         return False
     rank, beta = len(data.shape), np.asarray(shift.values, dtype=np.float64).reshape(-1)
     readers = [r for r in ir.consumers(product) if r.op not in SHAPE_READERS]
-    if not readers or any(r.op not in ("MatMul", "Attention") or consumer_axis(r, product, rank - 1, rank) is None
-                          or (r.op == "Attention" and not constant_or_absent(r, 2)) for r in readers):
+    if not readers or not all(_shift_reader(r, product, rank) for r in readers):
         return False
     for reader in readers:
         weight = np.asarray(reader.inputs[1].values)
