@@ -13,6 +13,7 @@ import pytest
 import graphopt
 from graphopt.inspect import channel_groups
 from tests.conftest import init, run_ort, tiny, weights
+from tests.passes.channels.test_grouped_conv import dims, pruned
 
 DATA = {"x": np.random.default_rng(0).standard_normal((32, 4, 8, 8)).astype(np.float32)}
 
@@ -29,10 +30,6 @@ def chain(wa: np.ndarray | None = None, ba: np.ndarray | None = None, wd: np.nda
                 "[c] y = Conv (s, wc)",
                 inputs="float[N, 4, 8, 8] x", outputs="float[N, 4, 16, 16] y",
                 inits=", ".join(init(name, value) for name, value in values.items()))
-
-
-def dims(model: onnx.ModelProto) -> dict[str, list[int]]:
-    return {t.name: list(t.dims) for t in model.graph.initializer}
 
 
 def group_of(model: onnx.ModelProto) -> int:
@@ -55,10 +52,7 @@ def test_other_groups_still_block_with_the_reason() -> None:
 @pytest.mark.parametrize("method", ["magnitude", "random", "snp"])
 @pytest.mark.parametrize("target", [0.7, 0.5])
 def test_each_method_keeps_the_group_attribute_equal_to_the_kept_channels(method: str, target: float) -> None:
-    original = chain()
-    result = graphopt.optimize(original, method=method, calib=DATA, target_macs=target, round_to=1)
-    onnx.checker.check_model(result.model, full_check=True)
-    shapes = dims(result.model)
+    result, shapes = pruned(chain(), method, target, DATA)
     kept = shapes["wa"][0]
     assert kept < 8 and shapes["wd"] == [kept, 1, 2, 2] and shapes["bd"] == [kept] and group_of(result.model) == kept
     assert shapes["wc"] == [4, kept, 1, 1]

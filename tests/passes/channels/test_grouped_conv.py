@@ -37,6 +37,14 @@ def dims(model: onnx.ModelProto) -> dict[str, list[int]]:
     return {t.name: list(t.dims) for t in model.graph.initializer}
 
 
+def pruned(original: onnx.ModelProto, method: str, target: float,
+           data: dict[str, np.ndarray]) -> tuple[graphopt.OptimizeResult, dict[str, list[int]]]:
+    """`method` at `target` with exact counts; the result passes onnx's full check; its initializers' dims."""
+    result = graphopt.optimize(original, method=method, calib=data, target_macs=target, round_to=1)
+    onnx.checker.check_model(result.model, full_check=True)
+    return result, dims(result.model)
+
+
 def test_the_input_unit_is_one_channel_of_every_group_and_the_output_repeats_per_group() -> None:
     groups = [g for g in channel_groups(chain(), {"x": (1, 4, 8, 8)}) if g["prunable"]]
     # a: 8 channels as 4 units (one channel of each group); g: 4 outputs per group, the same 4 in both groups
@@ -47,10 +55,7 @@ def test_the_input_unit_is_one_channel_of_every_group_and_the_output_repeats_per
 @pytest.mark.parametrize("method", ["magnitude", "random", "snp"])
 @pytest.mark.parametrize("target", [0.7, 0.5])
 def test_each_method_keeps_the_groups_equal_and_the_model_valid(method: str, target: float) -> None:
-    original = chain()
-    result = graphopt.optimize(original, method=method, calib=DATA, target_macs=target, round_to=1)
-    onnx.checker.check_model(result.model, full_check=True)
-    shapes = dims(result.model)
+    result, shapes = pruned(chain(), method, target, DATA)
     assert shapes["wg"][1] * GROUPS == shapes["wa"][0] and shapes["wg"][0] % GROUPS == 0
     assert shapes["wc"][1] == shapes["wg"][0] and shapes["ba"] == [shapes["wa"][0]]
     assert result.report["macs_ratio"] <= target * 1.02 and result.report["macs_ratio"] < 1.0
