@@ -148,19 +148,19 @@ def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, 
     dense (graphopt.passes.exprune.dispatch): the op decides per row, so a smaller batch measures what a
     single-row caller gets, where a larger one would measure the dense layers (a given size that large is
     warned about)."""
-    from graphopt.passes.exprune.dispatch import dense_rows_of, measuring_batch
+    from graphopt.passes.exprune.dispatch import measuring_batch
 
     if int(ctc_blank) < 0:
         raise OptionError(f"--ctc-blank must be >= 0, got {ctc_blank}")
     if batch_size is not None and int(batch_size) < 1:
         raise OptionError(f"--batch-size must be at least 1, got {batch_size}")
     candidate_model = as_model(candidate)
-    dense_rows = dense_rows_of(candidate_model)
+    below = measuring_batch(candidate_model, 32 if batch_size is None else int(batch_size))
     if batch_size is None:
-        batch_size = measuring_batch(candidate_model, 32)
-    elif dense_rows is not None and batch_size >= dense_rows:
+        batch_size = below
+    elif below < batch_size:
         log.warning("the candidate's ExPrune layers run dense from %d rows: at batch %d their skipping is not "
-                    "measured (leave --batch-size out to measure it)", dense_rows, batch_size)
+                    "measured (leave --batch-size out to measure it)", below + 1, batch_size)
     report = compare_outputs(as_model(reference), candidate_model, data, batch_size=int(batch_size),
                              progress=progress, metric=metric, ctc_blank=int(ctc_blank), device=device)
     report.batch_size = int(batch_size)

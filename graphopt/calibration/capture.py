@@ -35,6 +35,7 @@ import onnx
 from graphopt.calibration.session import make_session
 from graphopt.calibration.stats import CHUNK_ELEMENTS, KINDS, StatRequest
 from graphopt.errors import OptionError
+from graphopt.ir.graph import subgraphs
 from graphopt.ir.shapes import with_fixed_inputs
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,10 @@ class Round:
 
 def _subgraph_reads(node: onnx.NodeProto) -> Iterator[str]:
     """Names read by nodes inside `node`'s subgraphs (outer-scope reads included, over-approximated)."""
-    for attr in node.attribute:
-        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            for inner in graph.node:
-                yield from inner.input
-                yield from _subgraph_reads(inner)
+    for graph in subgraphs(node):
+        for inner in graph.node:
+            yield from inner.input
+            yield from _subgraph_reads(inner)
 
 
 def node_reads(node: onnx.NodeProto) -> list[str]:

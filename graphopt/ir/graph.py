@@ -151,19 +151,23 @@ def _inferred(model: onnx.ModelProto, template: onnx.ModelProto, infer: bool, de
     return model
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The control-flow bodies a node holds (an If's branches, a Loop's or Scan's body), in attribute order."""
+    return [body for attr in node.attribute for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
 def _drop_captured_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
     """onnx-graphsurgeon writes every constant a subgraph reads into that subgraph's initializers, even
     when an enclosing graph holds it: drop those copies (names are unique across scopes, so same name,
     same tensor) or each If branch and Loop body would carry its own copy of the outer weights."""
     visible = outer | {t.name for t in graph.initializer}
     for node in graph.node:
-        for attr in node.attribute:
-            for subgraph in [attr.g] if attr.HasField("g") else attr.graphs:
-                own = [t for t in subgraph.initializer if t.name not in visible]
-                if len(own) != len(subgraph.initializer):
-                    del subgraph.initializer[:]
-                    subgraph.initializer.extend(own)
-                _drop_captured_copies(subgraph, visible)
+        for subgraph in subgraphs(node):
+            own = [t for t in subgraph.initializer if t.name not in visible]
+            if len(own) != len(subgraph.initializer):
+                del subgraph.initializer[:]
+                subgraph.initializer.extend(own)
+            _drop_captured_copies(subgraph, visible)
 
 
 def _restore_annotations(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
@@ -239,9 +243,8 @@ def _value_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
 
 
 def _seed_attention(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> bool:
-    """The type of com.microsoft Attention's output 0: its input's [batch, sequence, hidden] with the value
-    width as the last dimension (`qkv_hidden_sizes`' third entry, else a third of the packed weight's columns);
-    True when it was added."""
+    """The type of com.microsoft Attention's output 0, its input's [batch, sequence, hidden] with the value width
+    (`_value_width`) as the last dimension; True when it was added."""
     name = node.output[0] if node.output else ""
     source = known.get(node.input[0]) if node.input else None
     if not name or name in known or source is None or len(source.tensor_type.shape.dim) != 3:
@@ -280,15 +283,14 @@ def _drop_outer_value_info(graph: onnx.GraphProto) -> None:
     outer value's type written when the body was, they would override what inference finds for the outer
     value (a batch axis fixed since, say)."""
     for node in graph.node:
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                own = {v.name for v in body.input} | {t.name for t in body.initializer}
-                own |= {name for inner in body.node for name in inner.output}
-                kept = [v for v in body.value_info if v.name in own]
-                if len(kept) != len(body.value_info):
-                    del body.value_info[:]
-                    body.value_info.extend(kept)
-                _drop_outer_value_info(body)
+        for body in subgraphs(node):
+            own = {v.name for v in body.input} | {t.name for t in body.initializer}
+            own |= {name for inner in body.node for name in inner.output}
+            kept = [v for v in body.value_info if v.name in own]
+            if len(kept) != len(body.value_info):
+                del body.value_info[:]
+                body.value_info.extend(kept)
+            _drop_outer_value_info(body)
 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}

@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx
 
+from graphopt.ir.graph import subgraphs
 from graphopt.ops.functions import DOMAIN
 
 
@@ -34,8 +35,7 @@ def uses_graphopt_ops(model: onnx.ModelProto) -> bool:
 
 
 def _uses(graph: onnx.GraphProto) -> bool:
-    return any(node.domain == DOMAIN or any(_uses(attr.g) for attr in node.attribute if attr.HasField("g"))
-               or any(_uses(g) for attr in node.attribute for g in attr.graphs) for node in graph.node)
+    return any(node.domain == DOMAIN or any(_uses(body) for body in subgraphs(node)) for node in graph.node)
 
 
 _loaded: dict[str, Any] = {}

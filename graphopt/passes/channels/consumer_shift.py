@@ -8,8 +8,8 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
 (Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul;
 for a reduction's row of weights, an Add after the sum); a MatMul whose only reader is an Add of a
-per-output constant (a Linear's bias) has the shift folded into that constant. For Conv consumers this is exact only without zero padding: at padded positions the
-removed channels were 0, not v_P.
+per-output constant (a Linear's bias) has the shift folded into that constant. For Conv consumers this is
+exact only without zero padding: at padded positions the removed channels were 0, not v_P.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
 
 
 def _into_own_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, dtype: np.dtype) -> bool:
-    """Add `shift` to a Conv's or Gemm's bias input, created where absent; False where it cannot (a bias of
-    another shape, or a Gemm with beta 0)."""
+    """Add `shift` to a Conv's, Gemm's or fused Attention's bias input (input 2), created where absent; False
+    where it cannot (a bias of another shape or not constant, or a Gemm with beta 0)."""
     scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
     bias = ir.constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     if bias is not None and bias.size == shift.size and scale != 0.0:
@@ -77,9 +77,10 @@ def _into_own_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, dtype: np.
         return True
     if len(node.inputs) < 3 or not node.inputs[2].name:
         constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), shift.astype(dtype))
-        while len(node.inputs) > 2:  # an empty optional bias; onnx-graphsurgeon's input list cannot slice-delete
-            node.inputs.pop()
-        node.inputs.append(constant)
+        if len(node.inputs) > 2:  # an empty optional bias, perhaps before other inputs (an Attention's mask)
+            node.inputs[2] = constant
+        else:
+            node.inputs.append(constant)
         if node.op == "Gemm":
             node.attrs["beta"] = 1.0
         return True

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.oprules.producers import constant_or_absent
 from graphopt.analysis.registry import opsets_of, rank_of
 from graphopt.ir import graph as ir
+from graphopt.passes.channels.consumer_shift import add_bias
 from graphopt.passes.cob.chains import Writer, back_through, bias_add, consumer_axis, writer_of
 from graphopt.passes.channels.function_patterns import rms_norm_node
 from graphopt.passes.cob.gains import SHAPE_READERS
@@ -138,33 +138,23 @@ def _rewrite_norm(graph: gs.Graph, norm: gs.Node, channels: int) -> gs.Node | No
     return nodes[2] if len(nodes) > 2 else None
 
 
-def _shift_reader(reader: gs.Node, product: gs.Tensor, rank: int) -> bool:
-    """Whether `reader` can take a constant shift of its input into its bias: a MatMul, or a fused Attention with a
-    constant (or no) bias, reading the channels on the last axis as a linear consumer."""
-    if reader.op not in ("MatMul", "Attention") or consumer_axis(reader, product, rank - 1, rank) is None:
-        return False
-    return reader.op == "MatMul" or constant_or_absent(reader, 2)
-
-
 def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
-    """Fold the constant β of Add(γ ⊙ n, β) into its linear readers (MatMul/Gemm): bias += βᵀW."""
+    """Fold the constant β of Add(γ ⊙ n, β) into its linear readers (MatMul, fused Attention): bias += βᵀW."""
     data, shift = add.inputs
     product = add.outputs[0]
     if not isinstance(shift, gs.Constant) or ir.is_graph_io(graph, product) or data.shape is None:
         return False
     rank, beta = len(data.shape), np.asarray(shift.values, dtype=np.float64).reshape(-1)
     readers = [r for r in ir.consumers(product) if r.op not in SHAPE_READERS]
-    if not readers or not all(_shift_reader(r, product, rank) for r in readers):
+    if not readers or any(r.op not in ("MatMul", "Attention") or consumer_axis(r, product, rank - 1, rank) is None
+                          for r in readers):
         return False
     for reader in readers:
         weight = np.asarray(reader.inputs[1].values)
         offset = beta @ weight.astype(np.float64)
-        if reader.op == "Attention":  # its packed bias, input 2
-            _attention_bias(graph, reader, offset)
-            reader.inputs[0] = data
-            continue
-        found = bias_add(graph, reader, rank - 1, weight.shape[1])
-        if found is None:
+        if reader.op == "Attention":  # its packed q/k/v bias (input 2)
+            add_bias(graph, reader, offset)
+        elif (found := bias_add(graph, reader, rank - 1, weight.shape[1])) is None:
             _insert_bias(graph, reader, offset.astype(weight.dtype))
         else:
             node, index = found
@@ -175,21 +165,6 @@ def _fold_shift(graph: gs.Graph, add: gs.Node) -> bool:
         if reader.op in SHAPE_READERS:
             reader.inputs[0] = data
     return True
-
-
-def _attention_bias(graph: gs.Graph, node: gs.Node, offset: np.ndarray) -> None:
-    """Add `offset` to a com.microsoft Attention's packed q/k/v bias (input 2), creating it where absent."""
-    dtype = np.asarray(node.inputs[1].values).dtype
-    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    values = np.zeros(offset.shape) if bias is None else np.asarray(bias.values, dtype=np.float64)
-    updated = (values + offset).astype(dtype)
-    if bias is None:
-        constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), updated)
-        while len(node.inputs) < 3:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs[2] = constant
-    else:
-        ir.set_input_array(graph, node, 2, updated)
 
 
 def _insert_bias(graph: gs.Graph, reader: gs.Node, offset: np.ndarray) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.oprules import rule_for
-from graphopt.analysis.oprules.producers import embedding_table, fused_attention
+from graphopt.analysis.oprules.producers import constant_or_absent, embedding_table, fused_attention
 from graphopt.analysis.registry import Carried, opsets_of
 from graphopt.ir import graph as ir
 from graphopt.passes.cob.heads import head_split, through_heads
@@ -121,8 +121,8 @@ def _weight_input_axis(node: gs.Node) -> tuple[int, str] | None:
         return (1 if node.attrs.get("transB", 0) else 0), "first"
     if node.op == "MatMul" and node.inputs[1].values.ndim == 2:
         return 0, "last"
-    if fused_attention(node) and node.inputs[1].values.ndim == 2:  # its packed q/k/v weight [hidden, 3 hidden]
-        return 0, "last"
+    if fused_attention(node) and node.inputs[1].values.ndim == 2 and constant_or_absent(node, 2):
+        return 0, "last"  # its packed q/k/v weight [hidden, q + k + v]; its bias takes the shifts
     return None
 
 

@@ -49,8 +49,8 @@ def dispatch_by_rows(graph: gs.Graph, node: gs.Node, dense_rows: int) -> gs.Node
     dense_w = gs.Constant(ir.unique_name(graph, f"{base}_dense_w"), np.ascontiguousarray(dense))
     wt, b, t, p = (_carried(graph, base, tag, source)
                    for tag, source in (("wt", dense_w), ("b", bias), ("tau", tau), ("perm", perm)))
-    gathered = gs.Variable(ir.unique_name(graph, f"{base}_wt_perm"), dtype=np.float32, shape=[d, n])
-    permuted = gs.Variable(ir.unique_name(graph, f"{base}_wp"), dtype=np.float32, shape=[n, d])
+    gathered = gs.Variable(ir.unique_name(graph, f"{base}_wt_perm"), dtype=dense.dtype, shape=[d, n])
+    permuted = gs.Variable(ir.unique_name(graph, f"{base}_wp"), dtype=dense.dtype, shape=[n, d])
     lead = gs.Variable(ir.unique_name(graph, f"{base}_lead"), dtype=np.int64)
     rows = gs.Variable(ir.unique_name(graph, f"{base}_rows"), dtype=np.int64, shape=[])
     dense_call = gs.Variable(ir.unique_name(graph, f"{base}_dense_call"), dtype=bool, shape=[])
@@ -81,8 +81,8 @@ def dispatch_by_rows(graph: gs.Graph, node: gs.Node, dense_rows: int) -> gs.Node
 def _dense_branch(graph: gs.Graph, base: str, x: gs.Tensor, wt: gs.Variable, b: gs.Variable,
                   output: gs.Tensor) -> gs.Graph:
     """Relu(X · Wt + B) as an If branch reading main-graph values."""
-    product = gs.Variable(ir.unique_name(graph, f"{base}_dense_mm"), dtype=np.float32)
-    biased = gs.Variable(ir.unique_name(graph, f"{base}_dense_add"), dtype=np.float32)
+    product = gs.Variable(ir.unique_name(graph, f"{base}_dense_mm"), dtype=output.dtype)
+    biased = gs.Variable(ir.unique_name(graph, f"{base}_dense_add"), dtype=output.dtype)
     out = gs.Variable(ir.unique_name(graph, f"{base}_dense"), dtype=output.dtype, shape=output.shape)
     nodes = [gs.Node("MatMul", ir.unique_name(graph, f"{base}_dense_matmul"), inputs=[x, wt], outputs=[product]),
              gs.Node("Add", ir.unique_name(graph, f"{base}_dense_bias"), inputs=[product, b], outputs=[biased]),

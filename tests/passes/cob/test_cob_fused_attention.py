@@ -59,3 +59,21 @@ def test_cob_then_snp_cut_the_stream_and_the_heads_of_a_fused_model(target: floa
         assert rows < DIM and dims[node.input[2]] == [columns]  # the stream narrowed; bias and weight agree
     got = _run(result.model, _data(3, TOKENS + 2, seed=5))
     assert got.shape[:2] == (3, TOKENS + 2) and np.isfinite(got).all()  # batch and sequence stay dynamic
+
+
+def test_an_attention_without_bias_gets_one_and_keeps_its_mask(tmp_path: Path) -> None:
+    """The LayerNorm shift folds into a new packed bias (input 2) written in place: the mask after it stays.
+    (The first block reads the embedding sum, which has no norm: its Attention takes no shift.)"""
+    model = _fused(_build(), tmp_path)
+    for node in _attention(model):
+        node.input[2] = ""  # no bias: the optional input left empty before the mask
+    masks = [node.input[3] for node in _attention(model)]
+    result = graphopt.optimize(model, method="cob", calib=_data(64, TOKENS, seed=2), keep_variance=1.0, round_to=1)
+    written = _attention(result.model)
+    assert [node.input[3] for node in written] == masks and [bool(node.input[2]) for node in written] == [False, True]
+    held_out = _data(4, TOKENS + 3, seed=9)
+    assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+    pruned = graphopt.optimize(model, method="cob,snp", calib=_data(128, TOKENS, seed=2), target_macs=0.7,
+                               round_to=1)
+    onnx.checker.check_model(pruned.model, full_check=True)
+    assert [node.input[3] for node in _attention(pruned.model)] == masks  # SNP's bias compensation keeps it too
