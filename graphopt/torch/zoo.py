@@ -169,6 +169,22 @@ class UNet(nn.Module):
         return self.head(x)
 
 
+class DepthwiseUpsampler(nn.Module):
+    """A learned 2x upsampling by a depthwise ConvTranspose (one group per channel, as light segmentation and
+    text-detection decoders use) with its BatchNorm, between two Conv-BN-ReLU layers and a 1x1 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _conv_bn(3, 16)
+        self.up = nn.ConvTranspose2d(16, 16, 2, stride=2, groups=16)
+        self.norm = nn.BatchNorm2d(16)
+        self.dec = _conv_bn(16, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dec(torch.relu(self.norm(self.up(self.enc(x))))))
+
+
 class YoloBottleneck(nn.Module):
     """Two 3x3 Conv-BN-SiLU layers with an identity shortcut."""
 
@@ -373,6 +389,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "post_norm_transformer": (_post_norm_transformer, (8, 32)),
     "mlp": (_mlp, (64,)),
     "resnext": (_resnext, _IMAGE_16),
+    "depthwise_upsample": (DepthwiseUpsampler, _IMAGE_16),
 }
 
 ZOO: dict[str, ModelBuilder] = {

@@ -19,9 +19,10 @@ reaches its target, or in a clean refusal that names the reason. Nothing else is
   model (``mac-model``), or a target missed without a reason (``missed-target``).
 
 The CI slice: every architecture of the torch zoo (residual, bottleneck, depthwise, SE with hard-swish,
-dense concat, inception, channel shuffle, UNet, C2f split, flatten into Gemm, attention, MLP) runs every
-method from both exporters, the target rotating so that each architecture and each method meets both
-targets; every method on the committed samples at both targets; a few runs on the
+dense concat, inception, channel shuffle, UNet, C2f split, flatten into Gemm, attention, MLP, grouped ResNeXt,
+post-norm attention, depthwise ConvTranspose upsampling) runs every method from both exporters, the target rotating so that each architecture and each method meets both
+targets; every method on the committed samples at both targets; every method on an encoder written by
+onnxruntime's transformers optimizer; a few runs on the
 onnx package's light model zoo. `bench/zoo.py` runs the full sweep (every architecture x method x target,
 the light zoo whole, ImageNet-sized architectures) and prints the table the README holds.
 """
@@ -333,3 +334,21 @@ def test_methods_on_the_light_model_zoo(file: str, run_id: str, tmp_path: Path) 
     if not (LIGHT / file).exists():
         pytest.skip(f"onnx {onnx.__version__} does not ship {file}")
     _assert(outcome(LIGHT / file, RUNS[run_id], 0.5, tmp_path), ACCEPTABLE)
+
+
+@pytest.mark.parametrize("run_id", list(RUNS))
+def test_every_method_on_an_onnxruntime_fused_encoder(run_id: str, tmp_path: Path) -> None:
+    """A post-norm encoder run through onnxruntime's transformers optimizer (com.microsoft Attention with a packed
+    q/k/v weight, SkipLayerNormalization, BiasGelu), the graph a user gets from that optimizer, at 0.7 of the
+    MACs (its fused norms keep the stream from every method but CoB, and FFN units and heads alone stop near
+    0.56). `--repair` refuses it with the reason: torch cannot run onnxruntime's contrib ops."""
+    optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
+    from tests.passes.heads.test_heads import DIM, HEADS, _build, _export
+
+    _export(_build(), "legacy", tmp_path / "plain.onnx")
+    path = tmp_path / "fused.onnx"  # written as the optimizer writes it (its save adds the com.microsoft opset)
+    optimizer.optimize_model(str(tmp_path / "plain.onnx"), model_type="bert", num_heads=HEADS, hidden_size=DIM,
+                             opt_level=0).save_model_to_file(str(path))
+    run = RUNS[run_id]
+    expected = {"refused-with-reason"} if run_id == "snp-repair" else EXPECTED[run_id]
+    _assert(outcome(path, run, None if run.target == "none" else TARGETS[0], tmp_path), expected)
