@@ -1,9 +1,9 @@
 """ExPrune linear layers that run dense over many rows: an If on the call's row count.
 
 Skipping a neuron's tail pays when one row's dot products stream from memory (batch 1). Over several rows a
-packed dense GEMM is faster than any per-(row, neuron) decision: onnxruntime's MLAS ran MatMul+Add+Relu 5-20%
-faster than the op's own packed GEMM at 2 to 64 rows (bench/exprune.py). So each replaced linear layer is
-written as
+packed dense GEMM is what pays: the op's own packed GEMM ran at 0.78-0.98x of onnxruntime's MatMul+Add+Relu
+at 2, 32 and 64 rows, though at 1.03-1.16x at 8 (bench/results/exprune_kernel.txt). So each replaced linear
+layer is written as
 
     rows = prod(shape(X)[:-1])
     Y = If(rows >= dense_rows, then: Relu(X · Wt + B), else: ExPruneLinearRelu(X, Wp, B, Tau, Perm))
@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.functions import DOMAIN
 
-DENSE_ROWS = 2  # the op's packed GEMM lost to MLAS from 2 rows on (0.87-0.96x at 2 and 4 rows, one thread)
+DENSE_ROWS = 2  # at 2 rows the op's packed GEMM already lost to MLAS (0.94-0.98x, one thread)
 
 
 def _carried(graph: gs.Graph, base: str, tag: str, source: gs.Tensor) -> gs.Variable:
