@@ -171,18 +171,18 @@ class UNet(nn.Module):
 
 class DepthwiseUpsampler(nn.Module):
     """A learned 2x upsampling by a depthwise ConvTranspose (one group per channel, as light segmentation and
-    text-detection decoders use) with its BatchNorm, between two Conv-BN-ReLU layers and a 1x1 head."""
+    text-detection decoders use) with a bias and a ReLU, between two Conv-BN-ReLU layers and a 1x1 head (no
+    BatchNorm after it: the legacy exporter folds BatchNorm into convolutions only)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.enc = _conv_bn(3, 16)
         self.up = nn.ConvTranspose2d(16, 16, 2, stride=2, groups=16)
-        self.norm = nn.BatchNorm2d(16)
         self.dec = _conv_bn(16, 8)
         self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dec(torch.relu(self.norm(self.up(self.enc(x))))))
+        return self.head(self.dec(torch.relu(self.up(self.enc(x)))))
 
 
 class YoloBottleneck(nn.Module):
