@@ -45,6 +45,24 @@ class InputSpec:
     shape: tuple[int | str | None, ...]
 
 
+ANONYMOUS_DIMS = frozenset({"?", "-1", "None", "unk", "unknown"})  # written for "any size", not as a shared name
+
+
+def declared_symbol(dim_param: str) -> str | None:
+    """A declared dimension symbol, None for an unnamed dim. Exporters that write every unknown dim with the
+    same placeholder (Paddle2ONNX's '?', '-1' or 'None' from others) do not mean those dims to be equal, so a
+    placeholder is an unnamed dim: a classifier declared [-1, 3, '?', '?'] takes 48 x 192 images."""
+    return None if not dim_param or dim_param.strip() in ANONYMOUS_DIMS else dim_param
+
+
+def declared_dim(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    """A declared dim: its size, its symbol, or None where unnamed (a negative size, as Paddle2ONNX writes
+    -1 for a dynamic batch, is unnamed too)."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value if dim.dim_value >= 0 else None
+    return declared_symbol(dim.dim_param)
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The model's real inputs (initializers that double as inputs are excluded)."""
     initializers = {t.name for t in model.graph.initializer}
@@ -53,7 +71,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         if value.name in initializers:
             continue
         tensor_type = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        dims = tuple(declared_dim(d) for d in tensor_type.shape.dim)
         specs.append(InputSpec(value.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)), dims))
     return specs
 

@@ -387,3 +387,47 @@ def test_samples_are_counted_along_the_batch_axis_where_it_is_not_first():
     dataset = load_data({"x": weights(5, 6, 4)}, model)
     assert [dataset.feed_samples(b) for b in dataset.batches(4)] == [4, 2]
     assert graphopt.optimize(model, calib={"x": weights(5, 6, 4)}).report["fidelity"]["samples"] == 6
+
+
+def _placeholder_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its input declared as Paddle2ONNX writes it: [-1, 3, '?', '?']."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].Clear()
+    dims[0].dim_value = -1
+    for dim in dims[2:]:
+        dim.Clear()
+        dim.dim_param = "?"
+    return model
+
+
+def test_placeholder_dims_are_unnamed_and_a_negative_batch_is_dynamic():
+    """Paddle2ONNX declares every unknown dim '?' and the batch -1: the '?' dims may differ (48 x 192 text
+    lines) and -1 fixes no batch size."""
+    model = _placeholder_dims(tiny("y = Relu (x)", inputs="float[N, 3, H, W] x", outputs="float[N, 3, H, W] y"))
+    assert input_specs(model)[0].shape == (None, 3, None, None)
+    dataset = load_data({"x": weights(5, 3, 4, 6)}, model)
+    assert dataset.num_samples == 5 and dataset.fixed_batch is None
+    assert [b["x"].shape for b in dataset.batches(2)] == [(2, 3, 4, 6), (2, 3, 4, 6), (1, 3, 4, 6)]
+
+
+def test_a_paddle_style_classifier_prunes_and_keeps_its_declared_input(tmp_path):
+    import graphopt
+
+    body = """a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+              r = Relu (a)
+              c = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
+              p = GlobalAveragePool (c)
+              y = Flatten (p)"""
+    model = _placeholder_dims(tiny(body, inputs="float[N, 3, H, W] x", outputs="float[N, 4] y", inits=", ".join([
+        init("w1", weights(16, 3, 3, 3)), init("b1", weights(16, seed=1)), init("w2", weights(4, 16, 3, 3, seed=2)),
+        init("b2", weights(4, seed=3))])))
+    source = tmp_path / "cls.onnx"
+    onnx.save(model, str(source))
+    result = graphopt.optimize(source, method="snp", target_macs=0.7, round_to=1, output=tmp_path / "out.onnx",
+                               calib={"x": weights(16, 3, 6, 20, seed=4)})
+    assert result.report["target_reached"] and result.report["macs_ratio"] <= 0.7 + 0.02
+    written = onnx.load(str(tmp_path / "out.onnx"))
+    declared = written.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value if d.HasField("dim_value") else d.dim_param for d in declared] == [-1, 3, "?", "?"]
+    feed = {"x": weights(2, 3, 6, 20, seed=5)}
+    assert run_ort(written, feed)["y"].shape == (2, 4)
