@@ -439,6 +439,7 @@ def _print_optimized(report: dict[str, Any]) -> None:
     if "latency_target" in report:
         _print_latency_target(report["latency_target"])
     _print_relaxed_rounding(report)
+    _print_half_precision_quantized(report)
     _print_repair(report)
     latency = report.get("latency")
     if latency:
@@ -478,6 +479,13 @@ def _print_relaxed_rounding(report: dict[str, Any]) -> None:
         print(f"note: to reach the target, channel counts were rounded to multiples of "
               f"{min(stats['channel_multiple_min'] for stats in relaxed)} instead of the execution provider's "
               "blocks; such counts can run slower than the original (measure with --bench)")
+
+
+def _print_half_precision_quantized(report: dict[str, Any]) -> None:
+    if any(p.get("stats", {}).get("half_precision") for p in report["passes"] if p["pass"] == "quantize"):
+        print("note: the model computes in float16; onnxruntime's CPU provider has integer kernels for QDQ around "
+              "float32 ops only, so the quantized model can run several times slower there (measure with --bench; "
+              "quantize the float32 model for CPU speed)")
 
 
 def _print_latency_target(target: dict[str, Any]) -> None:

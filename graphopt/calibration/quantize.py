@@ -18,7 +18,9 @@ u8*s8 multiply-add; `reduce_range` (7-bit weights) is the guide's remedy there.
 
 Invariants: a model that already holds quantized ops is refused (`QuantizeError`), never quantized
 twice; a model below opset 13 (per-axis QDQ) is converted to opset 13 by ONNX's version converter, not
-merely relabelled; graph input and output names are those of the model given.
+merely relabelled, and a float16 or bfloat16 model below opset 19 to opset 19 (the quantizer writes its
+scales in the model's float type, which DequantizeLinear reads from opset 19 on); graph input and output
+names are those of the model given.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from graphopt.ir.shapes import input_specs
 log = logging.getLogger(__name__)
 
 QDQ_OPSET = 13  # QuantizeLinear/DequantizeLinear with an `axis` (per-channel scales)
+HALF_QDQ_OPSET = 19  # DequantizeLinear with float16/bfloat16 scales
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
 
@@ -100,16 +103,30 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
+def half_precision(model: onnx.ModelProto) -> bool:
+    """Whether the model computes in float16 or bfloat16 (an initializer or a graph input of that type)."""
+    half = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return any(t.data_type in half for t in model.graph.initializer) or \
+        any(v.type.tensor_type.elem_type in half for v in model.graph.input)
+
+
+def qdq_opset(model: onnx.ModelProto) -> int:
+    """The opset QDQ quantization of `model` needs: 13 (per-axis scales), 19 for half-precision models."""
+    return HALF_QDQ_OPSET if half_precision(model) else QDQ_OPSET
+
+
 def _at_qdq_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model at opset >= 13: converted by ONNX's version converter where it is lower."""
-    if default_opset(model) >= QDQ_OPSET:
+    """The model at the opset `qdq_opset` asks: converted by ONNX's version converter where it is lower."""
+    needed = qdq_opset(model)
+    if default_opset(model) >= needed:
         return model
+    why = "per-channel QDQ quantization" if needed == QDQ_OPSET else "DequantizeLinear with float16 scales"
     try:
-        converted = onnx.version_converter.convert_version(model, QDQ_OPSET)
+        converted = onnx.version_converter.convert_version(model, needed)
     except Exception as exc:  # the converter raises its own types for ops it cannot convert
-        raise QuantizeError(f"the model is at opset {default_opset(model)}; QDQ per-channel quantization needs "
-                            f"opset {QDQ_OPSET} and ONNX's converter refused: {exc}") from exc
-    log.info("opset raised from %d to %d for QDQ quantization", default_opset(model), QDQ_OPSET)
+        raise QuantizeError(f"the model is at opset {default_opset(model)}; {why} needs opset {needed} and "
+                            f"ONNX's converter refused: {exc}") from exc
+    log.info("opset raised from %d to %d for %s", default_opset(model), needed, why)
     return converted
 
 

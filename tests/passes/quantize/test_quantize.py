@@ -131,6 +131,36 @@ def test_an_opset_11_model_is_converted_to_opset_13_not_relabelled() -> None:
     assert result.report["fidelity"]["cosine"] > 0.999
 
 
+def test_a_float16_model_is_quantized_at_opset_19_and_the_cli_notes_the_cpu_cost(tmp_path: Path, capsys) -> None:
+    """The quantizer writes float16 scales for a float16 model; DequantizeLinear reads them from opset 19 on
+    (at opset 17 the written model did not load)."""
+    half, helper = onnx.TensorProto.FLOAT16, onnx.helper
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "half",
+        [helper.make_tensor_value_info("x", half, ["N", 3, 8, 8])], [helper.make_tensor_value_info("y", half, ["N", 4, 8, 8])],
+        [onnx.numpy_helper.from_array(weights(4, 3, 1, 1).astype(np.float16), "w"),
+         onnx.numpy_helper.from_array(weights(4, seed=1).astype(np.float16), "b")]),
+        opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    source = tmp_path / "half.onnx"
+    onnx.save(model, str(source))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float16))
+    assert main(["optimize", str(source), "-o", str(tmp_path / "int8.onnx"), "--method", "quantize", "--calib",
+                 str(calib), "--report", str(tmp_path / "report.json")]) == 0
+    assert "the model computes in float16" in capsys.readouterr().out
+    written = onnx.load(str(tmp_path / "int8.onnx"))
+    onnx.checker.check_model(written, full_check=True)
+    assert {o.domain: o.version for o in written.opset_import}[""] == 19
+    stats = json.loads((tmp_path / "report.json").read_text())["passes"][-1]["stats"]
+    assert stats["opset_raised_from"] == 17 and stats["half_precision"] == 1
+    feed = {"x": np.load(calib)["x"][:4]}  # inside the calibrated ranges
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ort.InferenceSession(str(tmp_path / "int8.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert got.dtype == np.float16
+    error = np.linalg.norm(got.astype(np.float32) - expected) / np.linalg.norm(expected.astype(np.float32))
+    assert error < 0.05
+
+
 def test_weights_listed_as_graph_inputs_ir3_are_quantized_and_callers_feed_the_same_inputs() -> None:
     model = tiny("h = Conv(x, w, b)\ny = Relu(h)", outputs="float[N, 4, 8, 8] y", opset=9,
                  inits=f"{init('w', weights(4, 3, 1, 1))}, {init('b', weights(4, seed=1))}")
