@@ -34,7 +34,7 @@ from graphopt.calibration.mask import choose_mask
 from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
-from graphopt.errors import DataError, OptionError
+from graphopt.errors import CandidateLoadError, DataError, OptionError
 from graphopt import latency_target as latency_fit
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
 from graphopt.evaluate import verify as compare_outputs
@@ -407,9 +407,12 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
     the normalised graph at full optimisation, equal up to float rounding), else it runs again."""
     before, after = count_cost(original, shapes), count_cost(optimized, shapes)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
-    fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
-                               metric=metric, ctc_blank=ctc_blank, device=device,
-                               reference_outputs=reference_outputs if dataset is not None else None)
+    try:
+        fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
+                                   metric=metric, ctc_blank=ctc_blank, device=device,
+                                   reference_outputs=reference_outputs if dataset is not None else None)
+    except CandidateLoadError as exc:  # graphopt wrote it: a bug, not the user's input (exit 1, not 2)
+        raise RuntimeError(f"the rewritten model does not load in onnxruntime ({exc}); nothing was written") from exc
     return {
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,

@@ -16,6 +16,10 @@ class ModelLoadError(GraphoptError):
     """The model file is missing, truncated, invalid or unsafe to load."""
 
 
+class CandidateLoadError(ModelLoadError):
+    """onnxruntime cannot load the candidate of a comparison (under `optimize`, graphopt's own output: a bug)."""
+
+
 class UnsafeExternalDataError(ModelLoadError):
     """External data points outside the model's directory or past the end of its file."""
 

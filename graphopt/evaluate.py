@@ -30,7 +30,7 @@ from graphopt.calibration.fidelity import OutputKind, compare, output_kinds
 from graphopt.calibration.metric import Metric, MetricMean, as_metric
 from graphopt.calibration.latency import interleaved, spread as latency_spread
 from graphopt.calibration.session import make_session
-from graphopt.errors import DataError, OptionError
+from graphopt.errors import CandidateLoadError, DataError, ModelLoadError, OptionError
 from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
 
 
@@ -117,7 +117,10 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
     only the candidate runs, at full graph optimisation."""
     user_metric = as_metric(metric)
     dataset = load_data(data, reference)
-    cand_session = make_session(candidate, device=device, optimize=reference_outputs is not None)
+    try:
+        cand_session = make_session(candidate, device=device, optimize=reference_outputs is not None)
+    except ModelLoadError as exc:
+        raise CandidateLoadError(f"candidate: {exc}") from exc
     ref_names, reference_run = _reference_outputs(reference, reference_outputs, device)
     shared = _shared_outputs(ref_names, cand_session)
     cand_inputs = {i.name for i in cand_session.get_inputs()}

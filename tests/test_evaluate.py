@@ -188,3 +188,28 @@ def test_bench_on_a_fixed_batch_model():
     assert bench(model, batch=1, repeat=2, warmup=0)["batch"] == 1
     with pytest.raises(OptionError, match="fixed to 1; --batch 4 cannot apply"):
         bench(model, batch=4, repeat=2, warmup=0)
+
+
+def test_a_rewritten_model_that_does_not_load_is_an_internal_error_and_nothing_is_written(tmp_path, monkeypatch, capfd):
+    """optimize's fidelity check loads its own output: onnxruntime refusing it is graphopt's bug (exit 1), not a
+    bad input (exit 2), and the output path stays empty. `verify` keeps blaming the candidate it was given."""
+    import onnx
+
+    import graphopt.api
+    from graphopt.cli import main
+    from graphopt.errors import CandidateLoadError
+
+    model = _model(weights(8, 6))
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(CandidateLoadError, match="candidate: onnxruntime cannot load the model"):
+        verify(model, broken, [{"x": weights(4, 8)}])
+    source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    real = graphopt.api.compare_outputs
+    monkeypatch.setattr(graphopt.api, "compare_outputs",
+                        lambda original, optimized, *args, **kwargs: real(original, broken, *args, **kwargs))
+    assert main(["optimize", str(source), "-o", str(output), "--method", "none", "--input-shape", "x=2x8"]) == 1
+    assert "internal error: RuntimeError: the rewritten model does not load in onnxruntime" in capfd.readouterr().err
+    assert not output.exists()
