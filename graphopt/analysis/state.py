@@ -67,6 +67,14 @@ class Group:
                 "members": members}
 
 
+def group_key(atoms: AtomTable, group: Group) -> tuple[tuple[str, int, int], ...]:
+    """A group's name across re-analyses of an edited graph: its producer weights and which of their pieces it
+    holds (a Split or a TSRA cuts one producer's channels into several groups, which share every producer; a
+    group that keeps a channel keeps its piece)."""
+    return tuple(sorted((site.node.name, site.index, piece) for site in group.sites if site.role == "producer"
+                        for piece, leaf in enumerate(atoms.leaves(site.state.atoms)) if atoms.find(leaf) == group.root))
+
+
 class Analysis:
     """State shared by the rules while walking one graph."""
 

@@ -54,6 +54,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.analysis.state import group_key
 from graphopt.calibration.blas import blas_for, single_threaded_blas
 from graphopt.calibration.stats import TensorStats
 from graphopt.errors import OptionError
@@ -85,9 +86,10 @@ def _cut(graph: gs.Graph, ctx: PassContext, measured: tuple[Analysis, list[Site]
         return prune_reconstructed(graph, analysis, sites, stats, kept, reconstruct), 0
 
 
-def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int], ...]:
-    """Names a group across re-analyses of an edited graph: its producer weights."""
-    return tuple(sorted((s.node.name, s.index) for s in group.sites if s.role == "producer"))
+def _key(analysis: Analysis, group: Group) -> tuple[tuple[str, int, int], ...]:
+    """Names a group across re-analyses of an edited graph: its producer weights and its piece of them (the two
+    halves a TSRA splits a stream into share their producers; every group keeps a channel)."""
+    return group_key(analysis.atoms, group)
 
 
 def _checked_options(ctx: PassContext) -> tuple[float | None, str]:
@@ -267,7 +269,7 @@ class SubspaceNodePruning(Pass):
         position = {node.name: index for index, node in enumerate(graph.nodes)}
         by_root = {g.root: g for g in first.groups()}
         plan = sorted(((_key(first, by_root[root]), root, count) for root, count in cut.items()),
-                      key=lambda item: min(position[name] for name, _ in item[0]))
+                      key=lambda item: (min(position[name] for name, _, _ in item[0]), item[0]))
         folded = 0
         for key, root, count in plan:
             analysis, _ = analyse(graph, ctx)

@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable
 from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.analysis.state import group_key
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
@@ -185,16 +186,9 @@ def _shifts(a: Analysis, folded: dict[int, np.ndarray], known: dict[str, Values]
     return shifts
 
 
-def _group_key(atoms: AtomTable, group: Group) -> tuple[tuple[str, int, int], ...]:
-    """A group's name across re-analyses: its producer weights and which of their pieces it holds (a Split
-    cuts one producer's channels into several groups; every piece keeps a channel, so the pieces stay)."""
-    return tuple(sorted((site.node.name, site.index, piece) for site in group.sites if site.role == "producer"
-                        for piece, leaf in enumerate(atoms.leaves(site.state.atoms)) if atoms.find(leaf) == group.root))
-
-
 class _Removals:
     """Channels removed per group over the rounds, numbered as before the pass. A group is named across
-    re-analyses by `_group_key` (a group always keeps a channel, so its producers stay)."""
+    re-analyses by `group_key` (a group always keeps a channel, so its producers stay)."""
 
     def __init__(self) -> None:
         self.first: dict[tuple[tuple[str, int, int], ...], Group] = {}
@@ -204,7 +198,7 @@ class _Removals:
     def add(self, atoms: AtomTable, groups: dict[int, Group], removed: dict[int, np.ndarray],
             folded: dict[int, np.ndarray]) -> None:
         for root, mask in removed.items():
-            key = _group_key(atoms, groups[root])
+            key = group_key(atoms, groups[root])
             if key not in self.first:
                 self.first[key], self.origin[key], self.reasons[key] = groups[root], np.arange(mask.size), {}
             origin = self.origin[key]
