@@ -13,6 +13,9 @@ failing pass and those that ran before it; bad input stays a `GraphoptError` (ex
 else is a `PassFailedError`.
 Before the first method pass, while only normalising passes have changed the graph, the manager notes it on
 the context (`PassContext.note_normalised`), so calibration can keep the outputs the fidelity check needs.
+In a pipeline of several methods under `--target-macs`, the target stays a fraction of the MACs the first
+method saw: before each later method that follows a change, `PassContext.macs_scale` becomes those MACs over
+the current graph's, so `magnitude,snp` or `dead-units,snp` spends only what the earlier methods left.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Iterable
 import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
+from graphopt.calibration.shapes import count_cost
 from graphopt.errors import GraphoptError, PassFailedError, PassInputError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import PROPERTIES, REGISTRY, Pass, PassContext, PassResult
@@ -75,6 +79,31 @@ class _Properties:
             self.invalidated_by.pop(name, None)
 
 
+class _PipelineBudget:
+    """Keeps a MAC target a fraction of the MACs the first method pass saw (see the module docstring)."""
+
+    def __init__(self, passes: list[Pass], ctx: PassContext) -> None:
+        self.active = ctx.option("target_macs") is not None and sum(p.kind == "method" for p in passes) > 1
+        self.first: float | None = None
+        self.changed = False
+
+    def before(self, current: Pass, graph: gs.Graph, ctx: PassContext) -> None:
+        if not self.active or current.kind != "method":
+            return
+        if self.first is None:
+            self.first = _macs(graph, ctx)
+        elif self.changed:
+            ctx.macs_scale = self.first / max(_macs(graph, ctx), 1.0)
+            self.changed = False
+
+    def after(self, current: Pass, result: PassResult) -> None:
+        self.changed = self.changed or (current.kind == "method" and result.modified)
+
+
+def _macs(graph: gs.Graph, ctx: PassContext) -> float:
+    return float(count_cost(ir.export_model(graph, ctx.template, infer=False), ctx.input_shapes).macs)
+
+
 class PassManager:
     def __init__(self, passes: list[Pass], assume: Iterable[str] | None = None) -> None:
         self.passes = passes
@@ -89,6 +118,7 @@ class PassManager:
         properties = _Properties(self.assume)
         rewritten = False  # a method pass changed the graph
         checked = False  # ctx.normalised_checks ran
+        budget = _PipelineBudget(self.passes, ctx)
         for current in tqdm(self.passes, desc="passes", unit="pass", disable=not ctx.progress, leave=False):
             before = ", ".join(r.name for r in records) or "none"
             refusal = properties.missing(current, before)
@@ -100,7 +130,9 @@ class PassManager:
                 checked = True
                 for check in ctx.normalised_checks:
                     check(graph)
+            budget.before(current, graph, ctx)
             result = self._run_one(current, graph, ctx, before)
+            budget.after(current, result)
             rewritten = rewritten or (current.kind != "prepass" and result.modified)
             properties.update(current, result)
             records.append(PassRecord(current.name, result, current.requires, current.ensures))
