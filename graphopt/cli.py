@@ -260,7 +260,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         _print_json(info)
         return
     print(f"{args.model}: opset {info['opsets']}, {info['nodes']} nodes")
-    print(f"  MACs/sample {info['macs']:,}   params {info['params']:,}")
+    macs = f"{info['macs']:,}" if info["macs"] is not None else f"unknown ({info['macs_unknown']})"
+    print(f"  MACs/sample {macs}   params {info['params']:,}")
     for io in ("inputs", "outputs"):
         for entry in info[io]:
             print(f"  {io[:-1]:6s} {entry['name']}: {entry['dtype']} {entry['shape']}")

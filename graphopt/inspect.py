@@ -7,7 +7,9 @@ from typing import Any
 
 import onnx
 
+from graphopt.analysis.macs import op_histogram, parameter_count
 from graphopt.calibration.shapes import count_cost
+from graphopt.errors import OptionError
 from graphopt.ir.io import load_model
 from graphopt.ir.shapes import input_specs, resolve_input_shapes
 
@@ -34,23 +36,39 @@ def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
 
 def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, groups: bool = False) -> dict[str, Any]:
+    """Without shapes for its dynamic axes (no `input_shapes`), MACs per node and channel groups cannot be
+    counted: `macs` is None, `macs_unknown` says which shapes to give, and the rest is reported."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    shapes = resolve_input_shapes(proto, input_shapes)
+    try:
+        shapes = resolve_input_shapes(proto, input_shapes)
+    except OptionError as missing:
+        if groups:
+            raise
+        return {**_described(proto), "macs": None, "params": parameter_count(proto), "input_shapes": {},
+                "op_histogram": op_histogram(proto), "macs_per_node": {}, "macs_uncounted": {},
+                "macs_unknown": str(missing).replace(" or a data file", "")}
     cost = count_cost(proto, shapes)
-    real_inputs = {s.name for s in input_specs(proto)}
     extra = {"groups": channel_groups(proto, shapes)} if groups else {}
     return {
+        **_described(proto),
         "macs": cost.macs,
         "params": cost.params,
-        "nodes": len(proto.graph.node),
-        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
-        "inputs": [_value_info(v) for v in proto.graph.input if v.name in real_inputs],
-        "outputs": [_value_info(v) for v in proto.graph.output],
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "op_histogram": cost.op_histogram,
         "macs_per_node": cost.per_node,
         "macs_uncounted": cost.uncounted,
+        **extra,
+    }
+
+
+def _described(proto: onnx.ModelProto) -> dict[str, Any]:
+    """What a model declares: nodes, opsets, interface, metadata keys, local functions."""
+    real_inputs = {s.name for s in input_specs(proto)}
+    return {
+        "nodes": len(proto.graph.node),
+        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
+        "inputs": [_value_info(v) for v in proto.graph.input if v.name in real_inputs],
+        "outputs": [_value_info(v) for v in proto.graph.output],
         "metadata_props": {p.key: p.value for p in proto.metadata_props},
         "functions": [f"{f.domain}::{f.name}" for f in proto.functions],
-        **extra,
     }

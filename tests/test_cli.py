@@ -261,7 +261,14 @@ def test_inspect_resolves_dynamic_axes_from_input_shape(tmp_path, capfd):
                  inits=init("w", weights(4, 3, 3, 3)))
     path = tmp_path / "dynamic.onnx"
     onnx.save_model(model, str(path))
-    code, _, err = _call(capfd, "inspect", path, "--json")
+    code, out, _ = _call(capfd, "inspect", path, "--json")  # what needs no shapes, and which shapes to give
+    info = json.loads(out)
+    assert code == 0 and info["macs"] is None and info["params"] == 4 * 3 * 3 * 3
+    assert info["op_histogram"] == {"Conv": 1} and info["inputs"][0]["shape"] == ["N", 3, "H", "W"]
+    assert info["macs_unknown"] == "input 'x' has dynamic axis 2 ('H'): give --input-shape H=N or --input-shape x=..."
+    code, out, _ = _call(capfd, "inspect", path)
+    assert code == 0 and "MACs/sample unknown (input 'x' has dynamic axis 2 ('H')" in out
+    code, _, err = _call(capfd, "inspect", path, "--groups")  # channel groups need the shapes
     assert code == 2
     _assert_one_error_line(err, "dynamic axis 2 ('H')")
     code, out, _ = _call(capfd, "inspect", path, "--json", "--input-shape", "x=1x3x16x12")
