@@ -97,6 +97,23 @@ def test_top_component_follows_the_inliers_when_a_few_rows_are_huge_outliers() -
     assert l1_dispersion(rows, l1[0]) >= l1_dispersion(rows, pca[0])
 
 
+def test_past_the_searched_components_the_basis_is_completed_by_pca(monkeypatch) -> None:
+    import graphopt.passes.cob.l1pca as l1pca
+
+    rng = np.random.default_rng(4)
+    rows = rng.laplace(size=(400, 6)) @ rng.standard_normal((6, 6))
+    gram = rows.T @ rows
+    whole, _ = l1pca_basis(rows, gram)
+    monkeypatch.setattr(l1pca, "COMPONENTS", 2)
+    capped, energy = l1pca_basis(rows, gram)
+    assert np.abs(capped @ capped.T - np.eye(6)).max() < 1e-12
+    np.testing.assert_array_equal(capped[:2], whole[:2])  # the searched components are the same
+    rest = capped[2:]  # then PCA of the complement: energies decrease and the Gram is diagonal there
+    assert np.all(np.diff(energy[2:]) <= 1e-9 * energy[2])
+    projected = rest @ gram @ rest.T
+    assert np.abs(projected - np.diag(np.diag(projected))).max() < 1e-9 * energy[2]
+
+
 def test_no_rows_falls_back_to_pca() -> None:
     gram = np.diag([1.0, 3.0, 2.0])
     rotation, energy = l1pca_basis(np.zeros((0, 3)), gram)
