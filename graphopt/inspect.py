@@ -36,13 +36,13 @@ def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ..
 
 def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
                   input_shapes: dict[str, tuple[int, ...]] | None = None, groups: bool = False) -> dict[str, Any]:
-    """Without shapes for its dynamic axes (no `input_shapes`), MACs per node and channel groups cannot be
-    counted: `macs` is None, `macs_unknown` says which shapes to give, and the rest is reported."""
+    """Given no `input_shapes` for a model with dynamic non-batch axes, MACs cannot be counted: `macs` is None,
+    `macs_unknown` says which shapes to give, and the rest is reported (channel groups need the shapes)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     try:
         shapes = resolve_input_shapes(proto, input_shapes)
     except OptionError as missing:
-        if groups:
+        if groups or input_shapes:  # shapes given and wrong, or channel groups asked for: an error
             raise
         return {**_described(proto), "macs": None, "params": parameter_count(proto), "input_shapes": {},
                 "op_histogram": op_histogram(proto), "macs_per_node": {}, "macs_uncounted": {},

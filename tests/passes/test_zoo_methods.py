@@ -93,6 +93,8 @@ RUNS = {run.id: run for run in (
     Run("snp-sampled", "snp", {"calib_rows_per_channel": 16, "batch_size": 4}),
     Run("cob", "cob"),
     Run("cob,snp", "cob,snp"),
+    Run("cob,snp-sequential", "cob,snp", {"sequential": True}),  # groups re-found by their piece of a producer
+    Run("magnitude,snp", "magnitude,snp"),  # the second method spends what the first left of the target
     Run("omp", "omp", target="sparsity"),
     Run("dead-units", "dead-units", target="none"),
     # the default (linear layers only, every Conv+ReLU left dense: its op has no native kernel), and after SNP
@@ -281,8 +283,8 @@ def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> N
 EXPORTERS = ("legacy", "dynamo")
 NAMES = list(zoo.ZOO) if zoo is not None else []
 CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp-output", "snp-sequential",
-            "snp-original", "snp-sensitivity", "snp-sensitivity-metric", "snp-repair", "snp-qk", "snp-sampled", "cob,snp", "snp,exprune",
-            "snp,quantize")
+            "snp-original", "snp-sensitivity", "snp-sensitivity-metric", "snp-repair", "snp-qk", "snp-sampled", "cob,snp",
+            "cob,snp-sequential", "magnitude,snp", "snp,exprune", "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
             "cob": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
