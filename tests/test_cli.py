@@ -389,7 +389,8 @@ def test_input_shape_binds_a_dimension_symbol_across_inputs(tmp_path, capfd):
     path = tmp_path / "bert.onnx"
     onnx.save_model(_bert_like(), str(path))
     code, out, _ = _call(capfd, "inspect", path)  # no MACs without the sequence length, and how to give it
-    assert code == 0 and "unknown (input 'input_ids' has dynamic axis 1 ('sequence'): give --input-shape sequence=N or" in out
+    assert code == 0
+    assert "unknown (input 'input_ids' has dynamic axis 1 ('sequence'): give --input-shape sequence=N or" in out
     code, out, _ = _call(capfd, "inspect", path, "--json", "--input-shape", "sequence=128")
     info = json.loads(out)
     assert code == 0 and info["macs"] == 128 * 2 * 16 * 32

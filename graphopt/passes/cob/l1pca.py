@@ -13,14 +13,13 @@ w. Since max_w ||X w||₁ = max over sign vectors b ∈ {±1}ⁿ of ||Xᵀ b||�
   with the largest ||X w||₁ wins. This is a local optimum, not a certified global one.
 Further components by greedy deflation: X ← X (I - w wᵀ), then the rank-1 problem again in the complement,
 so component k has the largest L1 dispersion orthogonal to components 1..k-1 and the L1 dispersions
-decrease. At most COMPONENTS components are searched this way; the directions after them, and those the sample
-leaves empty (fewer rows than dimensions, dead channels), are completed by PCA of the Gram projected onto
-the complement. A final QR (signs kept) makes the basis orthonormal to
-rounding.
+decrease. At most COMPONENTS components are searched this way; the directions after them, and those the
+sample leaves empty (fewer rows than dimensions, dead channels), are completed by PCA of the Gram projected
+onto the complement. A final QR (signs kept) makes the basis orthonormal to rounding.
 Cost per subspace of width d with n rows: at most d components x RESTARTS x (`iterations` fixed-point
 steps + `iterations` x FLIPS bit flips), each O(n d), plus one O(d³) eigendecomposition per component:
-O(d² n (1 + FLIPS) RESTARTS iterations) in the worst case; the fixed-point steps often run to their cap (19 of
-30 on average for 4096 Gaussian rows of width 96, still flipping about ten signs at the end), so wide
+O(d² n (1 + FLIPS) RESTARTS iterations) in the worst case; the fixed-point steps often run to their cap
+(19 of 30 on average for 4096 Gaussian rows of width 96, still flipping about ten signs at the end), so wide
 subspaces are slow: on all-MiniLM-L6-v2, whose stream segments are 384 wide, CoB took 502 s with every
 component searched, 261 s with COMPONENTS, 8 s with PCA. COMPONENTS bounds the search: the leading
 directions are the ones a cut keeps, and every subspace of the digits benchmarks (at most 128 wide) is

@@ -137,7 +137,8 @@ def test_a_float16_model_is_quantized_at_opset_19_and_the_cli_notes_the_cpu_cost
     half, helper = onnx.TensorProto.FLOAT16, onnx.helper
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Conv", ["x", "w", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "half",
-        [helper.make_tensor_value_info("x", half, ["N", 3, 8, 8])], [helper.make_tensor_value_info("y", half, ["N", 4, 8, 8])],
+        [helper.make_tensor_value_info("x", half, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", half, ["N", 4, 8, 8])],
         [onnx.numpy_helper.from_array(weights(4, 3, 1, 1).astype(np.float16), "w"),
          onnx.numpy_helper.from_array(weights(4, seed=1).astype(np.float16), "b")]),
         opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -305,7 +305,8 @@ def _split_halves_mlp() -> onnx.ModelProto:
         w1[half + 10:half + 12], b1[half + 10:half + 12] = w1[half:half + 2], b1[half:half + 2]
     nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="fc1", transB=1),
              helper.make_node("Split", ["h", "sizes"], ["ha", "hb"], name="split", axis=1),
-             helper.make_node("Relu", ["ha"], ["ra"], name="act_a"), helper.make_node("Relu", ["hb"], ["rb"], name="act_b"),
+             helper.make_node("Relu", ["ha"], ["ra"], name="act_a"),
+             helper.make_node("Relu", ["hb"], ["rb"], name="act_b"),
              helper.make_node("Gemm", ["ra", "wa", "ba"], ["ya"], name="fc_a", transB=1),
              helper.make_node("Gemm", ["rb", "wb", "bb"], ["yb"], name="fc_b", transB=1),
              helper.make_node("Add", ["ya", "yb"], ["y"], name="sum")]
