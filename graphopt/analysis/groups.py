@@ -22,22 +22,9 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.oprules import rule_for
 from graphopt.analysis.registry import opsets_of
 from graphopt.analysis.state import Analysis, CostTerm, Group, Site, constant_values
+from graphopt.ir import graph as ir
 
-__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "name_nodes", "subgraph_reads"]
-
-
-def subgraph_reads(graph: gs.Graph) -> set[str]:
-    """Names of outer tensors read inside If/Loop/Scan bodies (at any depth)."""
-    names: set[str] = set()
-    for node in graph.nodes:
-        for attr in node.attrs.values():
-            bodies = attr if isinstance(attr, list) else [attr]
-            for body in bodies:
-                if isinstance(body, gs.Graph):
-                    inner = {t.name for n in body.nodes for t in n.outputs} | {t.name for t in body.inputs}
-                    names |= {t.name for n in body.nodes for t in n.inputs if t.name not in inner}
-                    names |= subgraph_reads(body)
-    return names
+__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "name_nodes"]
 
 
 def name_nodes(graph: gs.Graph) -> None:
@@ -67,7 +54,7 @@ def _carry_statistics(node: gs.Node, analysis: Analysis) -> None:
 def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis:
     analysis = Analysis(graph, shapes)
     name_nodes(graph)
-    captured = subgraph_reads(graph)
+    captured = ir.body_reads(graph)
     opsets = opsets_of(graph)
     for node in graph.nodes:
         rule_for(node, opsets).channels(node, analysis)

@@ -360,13 +360,16 @@ def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
 
 
 def body_reads(graph: gs.Graph) -> set[str]:
-    """Names of the tensors that nodes inside control-flow bodies (If branches, Loop bodies, nested) read: the
-    outer values they capture among them. Names, so the answer holds for a copy of the graph too."""
+    """Names of the outer values that control-flow bodies (If branches, Loop and Scan bodies, nested) read: what
+    a body neither computes nor takes as its own input. Names, so the answer holds for a copy of the graph too."""
     names: set[str] = set()
     for node in graph.nodes:
         for attr in node.attrs.values():
-            if isinstance(attr, gs.Graph):
-                names |= {t.name for inner in attr.nodes for t in inner.inputs} | body_reads(attr)
+            for body in attr if isinstance(attr, list) else [attr]:
+                if isinstance(body, gs.Graph):
+                    inner = {t.name for n in body.nodes for t in n.outputs} | {t.name for t in body.inputs}
+                    names |= {t.name for n in body.nodes for t in n.inputs if t.name not in inner}
+                    names |= body_reads(body)
     return names
 
 
