@@ -7,7 +7,7 @@ doc strings, producer) come from the template on export; graph input and output 
 opset rises to 13 only where it was lower (per-axis QDQ needs it; 19 for a float16 model, whose scales are
 float16), and the pass says so in its stats. A float16 model is quantized too (stat `half_precision`), but
 onnxruntime's CPU provider fuses QDQ into integer kernels around float32 ops only: the float16 digits CNN
-ran 0.22x as fast quantized at batch 8, so `optimize` prints a note.
+ran 0.22x as fast quantized at batch 8 (bench/half_quantize.py), so `optimize` prints a note.
 A model that already holds quantized ops is refused with the reason. Pruning after quantization is not
 offered: pruning passes leave quantized layers alone (graphopt.analysis.oprules.quantized).
 """
