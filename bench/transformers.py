@@ -132,6 +132,7 @@ ENCODER_VARIANTS = (
     Config("cob,snp", "cob,snp", 0.7),
     Config("cob,snp", "cob,snp", 0.5),
     Config("cob", "cob", 0.7),
+    Config("cob --rotation l1pca", "cob", 0.7, {"rotation": "l1pca"}),  # L1-PCA's cost on 384-wide stream segments
     Config("snp --qk-dims", "snp", 0.7, {"qk_dims": True}),  # q/k width inside heads beside units and heads
     Config("snp --qk-dims", "snp", 0.5, {"qk_dims": True}),
     Config("snp --qk-dims --budget-by sensitivity", "snp", 0.7, {"qk_dims": True, "budget_by": "sensitivity"}),

@@ -92,6 +92,7 @@ RUNS = {run.id: run for run in (
     # the defaults with Grams and paired moments from sampled positions, over several batches (both halves)
     Run("snp-sampled", "snp", {"calib_rows_per_channel": 16, "batch_size": 4}),
     Run("cob", "cob"),
+    Run("cob-l1pca", "cob", {"rotation": "l1pca"}),
     Run("cob,snp", "cob,snp"),
     Run("cob,snp-sequential", "cob,snp", {"sequential": True}),  # groups re-found by their piece of a producer
     Run("magnitude,snp", "magnitude,snp"),  # the second method spends what the first left of the target
@@ -287,7 +288,8 @@ CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp
             "cob,snp", "cob,snp-sequential", "magnitude,snp", "snp,exprune", "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
-            "cob": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
+            "cob": {"pruned-on-target", "refused-with-reason"},
+            "cob-l1pca": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
             "exprune": {"pruned", "unchanged"}, "quantize": {"pruned"}}
 ACCEPTABLE = {"pruned-on-target", "refused-with-reason", "pruned", "unchanged"}
 

@@ -20,10 +20,10 @@ Cost per subspace of width d with n rows: at most d components x RESTARTS x (`it
 steps + `iterations` x FLIPS bit flips), each O(n d), plus one O(d³) eigendecomposition per component:
 O(d² n (1 + FLIPS) RESTARTS iterations) in the worst case; the fixed-point steps often run to their cap
 (19 of 30 on average for 4096 Gaussian rows of width 96, still flipping about ten signs at the end), so wide
-subspaces are slow: on all-MiniLM-L6-v2, whose stream segments are 384 wide, CoB took 502 s with every
-component searched, 261 s with COMPONENTS, 8 s with PCA. COMPONENTS bounds the search: the leading
-directions are the ones a cut keeps, and every subspace of the digits benchmarks (at most 128 wide) is
-searched whole.
+subspaces are slow: on all-MiniLM-L6-v2, whose stream segments are 384 wide, CoB took 281 s with L1-PCA
+(COMPONENTS searched) against 7 s with PCA (README, CoB benchmarks). COMPONENTS bounds the search: the
+leading directions are the ones a cut keeps, and every subspace of the digits benchmarks (at most 128 wide)
+is searched whole.
 Deterministic for given rows, Gram and seed.
 """
 
