@@ -2,7 +2,7 @@
 
 Sweep: every model of the chosen sets runs every method configuration of
 tests/passes/test_zoo_methods.RUNS (magnitude, random, snp with and without reconstruction, with the
-output criterion and sequential, cob, omp with dead-unit elimination, dead-units, exprune, the pipelines
+output criterion and sequential, cob (also with l1pca), omp with dead-unit elimination, dead-units, exprune, the pipelines
 snp,exprune, cob,snp (also sequential) and magnitude,snp) at every target, through `outcome`, which
 classifies each run as pruned-on-target, refused-with-reason, pruned/unchanged (methods without a target)
 or FAIL:<kind> (see that module).
