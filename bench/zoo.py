@@ -2,10 +2,10 @@
 
 Sweep: every model of the chosen sets runs every method configuration of
 tests/passes/test_zoo_methods.RUNS (magnitude, random, snp with and without reconstruction, with the
-output criterion and sequential, cob (also with l1pca), omp with dead-unit elimination, dead-units, exprune, the pipelines
-snp,exprune, cob,snp (also sequential) and magnitude,snp) at every target, through `outcome`, which
-classifies each run as pruned-on-target, refused-with-reason, pruned/unchanged (methods without a target)
-or FAIL:<kind> (see that module).
+output criterion and sequential, cob (also with l1pca), omp with dead-unit elimination, dead-units,
+exprune, the pipelines snp,exprune, cob,snp (also sequential) and magnitude,snp) at every target, through
+`outcome`, which classifies each run as pruned-on-target, refused-with-reason, pruned/unchanged (methods
+without a target) or FAIL:<kind> (see that module).
 Calibration data are seeded Gaussian samples (16 by default). Sets:
 
 - tiny: the torch zoo of graphopt.torch.zoo (13 architectures, 8-64 channels), both exporters, opset 17,
