@@ -19,6 +19,7 @@ import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.ir import weights
+from graphopt.ops import native
 from graphopt.ops.native import register, uses_graphopt_ops
 
 if TYPE_CHECKING:
@@ -146,3 +147,8 @@ def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[st
     session = make_session(exposed)
     values = session.run(names, feed)
     return {name: tuple(value.shape) for name, value in zip(names, values)}
+
+
+def native_conv_kernel() -> bool:
+    """Whether the built kernel library has graphopt.ExPruneConvRelu's kernel (graphopt.ops.native)."""
+    return native.has_kernel(native.CONV_KERNEL)

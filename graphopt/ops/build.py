@@ -50,6 +50,11 @@ def sources() -> list[Path]:
     return sorted(Path(str(folder)).glob("*.cc"))
 
 
+def headers() -> list[Path]:
+    folder = resources.files("graphopt.ops") / "src"
+    return sorted(Path(str(folder)).glob("*.h"))
+
+
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "graphopt"
@@ -57,7 +62,7 @@ def cache_dir() -> Path:
 
 def default_library() -> Path:
     """The cache path of the library for the current kernel sources (a new source gives a new name)."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources())).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*sources(), *headers()])).hexdigest()[:12]
     return cache_dir() / f"libgraphopt_ops-{digest}.so"
 
 

@@ -40,6 +40,21 @@ def _uses(graph: onnx.GraphProto) -> bool:
 
 _loaded: dict[str, Any] = {}
 
+CONV_KERNEL = "graphopt_exprune_conv_calls"  # the call counter graphopt.ExPruneConvRelu's kernel exports
+
+
+def has_kernel(counter: str) -> bool:
+    """Whether the built library has the kernel exporting the call counter `counter` (a library named by
+    $GRAPHOPT_OPS_LIBRARY may come from older sources that lack it)."""
+    library = library_path()
+    if library is None:
+        return False
+    if str(library) not in _loaded:
+        import ctypes
+
+        _loaded[str(library)] = ctypes.CDLL(str(library))
+    return hasattr(_loaded[str(library)], counter)
+
 
 def register(options: Any, library: Path | None = None) -> bool:
     """Register the kernel library (default: `library_path()`) on onnxruntime SessionOptions; whether it was.

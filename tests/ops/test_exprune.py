@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ops.exprune import exprune_reference, make_exprune_node
 from graphopt.ops.library import ensure_functions
 from tests.conftest import run_ort
+from tests.ops.conftest import kernel_session
 
 D, N, M = 48, 24, 12
 
@@ -114,29 +114,6 @@ def test_sequential_boundary_factors_shrink_to_the_standard_error() -> None:
 
 # --- native kernel ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def kernel_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from graphopt.ops.build import build_library, default_library
-
-    if default_library().is_file():
-        return default_library()
-    built = build_library(tmp_path_factory.mktemp("ops") / "libgraphopt_ops.so", download=False)
-    if built.library is None:
-        pytest.skip(f"native kernel not built: {built.reason}")
-    return built.library
-
-
-def _kernel_session(model: onnx.ModelProto, library: Path, optimize: bool, threads: int = 0) -> ort.InferenceSession:
-    from graphopt.calibration.session import session_options
-
-    options = session_options(library)
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("shape", [(1, D), (9, D), (2, 3, D)])
 @pytest.mark.parametrize("kind", ["random", "all_negative", "all_positive", "extreme"])
 def test_kernel_matches_function_body(kernel_library: Path, shape: tuple[int, ...], kind: str) -> None:
@@ -144,7 +121,7 @@ def test_kernel_matches_function_body(kernel_library: Path, shape: tuple[int, ..
     x = np.abs(_inputs(kind, shape)) if kind == "all_positive" else _inputs(kind, shape)
     model = _model(params, ["N", *shape[1:]])
     body = run_ort(model, {"x": x})["y"]
-    kernel = _kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
+    kernel = kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
     assert kernel.shape == body.shape
     np.testing.assert_array_equal(kernel == 0, body == 0)  # the same skip decisions
     scale = max(1.0, float(np.abs(body).max()))
@@ -155,7 +132,7 @@ def test_kernel_matches_function_body(kernel_library: Path, shape: tuple[int, ..
 def test_onnxruntime_runs_the_kernel_over_the_function_body(kernel_library: Path, optimize: bool) -> None:
     library = ctypes.CDLL(str(kernel_library))  # the same handle onnxruntime dlopen()ed: one counter
     library.graphopt_exprune_calls.restype = ctypes.c_int64
-    session = _kernel_session(_model(_layer(), ["N", D]), kernel_library, optimize)
+    session = kernel_session(_model(_layer(), ["N", D]), kernel_library, optimize)
     before = library.graphopt_exprune_calls()
     for _ in range(3):
         session.run(None, {"x": _inputs("random", (2, D))})
@@ -219,7 +196,7 @@ def test_kernel_sequential_decides_as_the_function_body(kernel_library: Path, d:
     body = run_ort(model, {"x": x})["y"]
     want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], ks[0], ks)
     np.testing.assert_array_equal(body == 0, want == 0)
-    outputs = [_kernel_session(model, kernel_library, optimize=True, threads=threads).run(None, {"x": x})[0]
+    outputs = [kernel_session(model, kernel_library, optimize=True, threads=threads).run(None, {"x": x})[0]
                for threads in (1, 2)]
     np.testing.assert_array_equal(outputs[0], outputs[1])  # neuron chunks on the pool change nothing
     np.testing.assert_array_equal(outputs[0] == 0, body == 0)  # the same skip decisions
@@ -240,7 +217,7 @@ def test_kernel_threshold_rule_matches_the_function_body_exactly(kernel_library:
     x = _exact_inputs("random", (rows, 77), unit, seed=rows + 1)
     model = _exact_model(params, 77, [19])
     body = run_ort(model, {"x": x})["y"]
-    kernel = _kernel_session(model, kernel_library, optimize=False, threads=2).run(None, {"x": x})[0]
+    kernel = kernel_session(model, kernel_library, optimize=False, threads=2).run(None, {"x": x})[0]
     assert 0 < np.mean(kernel == 0) < 1
     np.testing.assert_array_equal(kernel == 0, body == 0)
     np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)
@@ -252,7 +229,7 @@ def test_kernel_with_thresholds_that_never_fire_is_dense(kernel_library: Path, r
     params = _layer_with(d, n, tau=np.full(n, -np.inf, dtype=np.float32))
     x = np.random.default_rng(2).standard_normal((rows, d)).astype(np.float32)
     model = _model(params, ["N", d], m=37, checkpoints=[37, 74, 148])
-    kernel = _kernel_session(model, kernel_library, optimize=True, threads=2).run(None, {"x": x})[0]
+    kernel = kernel_session(model, kernel_library, optimize=True, threads=2).run(None, {"x": x})[0]
     original = np.empty_like(params["W"])
     original[:, params["Perm"]] = params["W"]
     np.testing.assert_allclose(kernel, np.maximum(x.astype(np.float64) @ original.T + params["B"], 0),
@@ -265,7 +242,7 @@ def test_kernel_reads_a_model_without_the_checkpoints_attribute_as_threshold(ker
     attributes = model.graph.node[0].attribute
     del attributes[[a.name for a in attributes].index("checkpoints")]  # as written before the attribute existed
     x = _inputs("random", (3, D))
-    kernel = _kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
+    kernel = kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
     want, skipped = exprune_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], M)
     assert 0 < skipped.mean() < 1
     np.testing.assert_array_equal(kernel == 0, want == 0)
@@ -299,7 +276,7 @@ def test_kernel_with_w_fed_at_run_time_decides_as_the_function_body(kernel_libra
     model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [n, d]))
     feed = {"x": _exact_inputs("random", (rows, d), unit, seed=12), "W": params["W"]}
     body = run_ort(model, feed)["y"]
-    kernel = _kernel_session(model, kernel_library, optimize=False, threads=1).run(None, feed)[0]
+    kernel = kernel_session(model, kernel_library, optimize=False, threads=1).run(None, feed)[0]
     assert 0 < np.mean(kernel == 0) < 1
     np.testing.assert_array_equal(kernel == 0, body == 0)
     np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)

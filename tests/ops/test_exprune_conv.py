@@ -3,6 +3,9 @@ convolution geometries, batch sizes, rules and adversarial inputs; never-firing 
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +15,7 @@ from graphopt.ops.exprune import doubling_checkpoints
 from graphopt.ops.exprune_conv import exprune_conv_reference, im2col, make_exprune_conv_node
 from graphopt.ops.library import ensure_functions
 from tests.conftest import run_ort
+from tests.ops.conftest import kernel_session
 
 C, M, K, H, W = 12, 8, 3, 9, 10
 PROBE = 3
@@ -151,25 +155,97 @@ def test_function_needs_opset_15() -> None:
         build_exprune_conv_function(13)
 
 
+# --- native kernel ---------------------------------------------------------------------------------
+# Layers wider than one weight panel (8 output channels, the last one partial), rows longer than one tile of
+# positions, 1x1 and 3x3 kernels, the direct path (stride 1, also dilated) and the gathered one (strides).
+
+KERNEL_GEOMETRIES = {  # (kernel, strides, pads, dilations, H, W)
+    "same": (3, [1, 1], [1, 1, 1, 1], [1, 1], 11, 37),
+    "same_dilated": (3, [1, 1], [2, 1, 2, 1], [2, 1], 9, 20),
+    "pointwise": (1, [1, 1], [0, 0, 0, 0], [1, 1], 7, 7),
+    "strided": (3, [2, 2], [1, 1, 1, 1], [1, 1], 12, 35),
+    "strided_asymmetric": (3, [2, 1], [0, 1, 2, 0], [1, 2], 9, 10),
+}
+KC, KM = 20, 19
+
+
+def _kernel_case(geometry: str, batch: int, exact: bool, seed: int = 4,
+                 checkpoints: list[int] | None = None) -> tuple[onnx.ModelProto, np.ndarray, dict[str, np.ndarray]]:
+    """A layer and its input; `exact`: small integers, so every partial sum is exact in float32 in any order."""
+    k, strides, pads, dilations, h, w = KERNEL_GEOMETRIES[geometry]
+    rng = np.random.default_rng(seed)
+    if exact:
+        weight, x = rng.integers(-4, 5, (KM, KC, k, k)), rng.integers(-4, 5, (batch, KC, h, w))
+        bias, tau = rng.integers(-20, 21, KM), rng.standard_normal(KM) * 4 * np.sqrt(KC * k * k)
+    else:
+        weight, x = rng.standard_normal((KM, KC, k, k)), rng.standard_normal((batch, KC, h, w))
+        bias, tau = rng.standard_normal(KM), rng.standard_normal(KM) * 2
+    params = {"W": weight.astype(np.float32), "B": bias.astype(np.float32), "Tau": tau.astype(np.float32),
+              "Perm": rng.permutation(KC).astype(np.int64)}
+    rule = "threshold" if checkpoints is None else "sequential"
+    node = make_exprune_conv_node(["x", *params], "y", 5, strides, pads, dilations, rule=rule, checkpoints=checkpoints)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", KC, h, w])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, n) for n, v in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    ensure_functions(model)
+    return model, x.astype(np.float32), params
+
+
+@pytest.mark.parametrize("geometry", sorted(KERNEL_GEOMETRIES))
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("checkpoints", [None, [5, 10, 15]])
+def test_kernel_decides_as_the_function_body_on_exact_sums(kernel_library: Path, geometry: str, batch: int,
+                                                           checkpoints: list[int] | None) -> None:
+    model, x, params = _kernel_case(geometry, batch, exact=True, checkpoints=checkpoints)
+    body = run_ort(model, {"x": x})["y"]
+    got = kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})[0]
+    k, strides, pads, dilations, _, _ = KERNEL_GEOMETRIES[geometry]
+    want, skipped = exprune_conv_reference(x, params["W"], params["B"], params["Tau"], params["Perm"], 5, checkpoints,
+                                           strides, pads, dilations)
+    assert 0.1 < skipped.mean() < 0.9  # decisions both ways
+    np.testing.assert_array_equal(got, want)  # integer sums: exact, whatever the order
+    np.testing.assert_array_equal(body, want)
+
+
+@pytest.mark.parametrize("geometry", sorted(KERNEL_GEOMETRIES))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_the_function_body_on_float_data(kernel_library: Path, geometry: str, threads: int) -> None:
+    model, x, _ = _kernel_case(geometry, 3, exact=False)
+    body = run_ort(model, {"x": x})["y"]
+    got = kernel_session(model, kernel_library, optimize=True, threads=threads).run(None, {"x": x})[0]
+    assert got.shape == body.shape
+    assert np.mean((got == 0) != (body == 0)) < 1e-3  # a score within rounding of its boundary may differ
+    same = (got == 0) == (body == 0)
+    np.testing.assert_allclose(got[same], body[same], rtol=1e-5, atol=1e-5 * float(np.abs(body).max()))
+
+
+def test_kernel_never_firing_is_conv_relu(kernel_library: Path) -> None:
+    model, x, params = _kernel_case("same", 2, exact=False)
+    tau = next(t for t in model.graph.initializer if t.name == "Tau")
+    tau.CopyFrom(numpy_helper.from_array(np.full(KM, -np.inf, dtype=np.float32), "Tau"))
+    got = kernel_session(model, kernel_library, optimize=True).run(None, {"x": x})[0]
+    original = np.empty_like(params["W"])
+    original[:, params["Perm"]] = params["W"]
+    cols = im2col(x, (3, 3), [1, 1], [1, 1, 1, 1], [1, 1])
+    want = np.maximum(np.einsum("nyxcab,mcab->nmyx", cols, original.astype(np.float64)) + params["B"][None, :, None,
+                                                                                                     None], 0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("optimize", [False, True])
-def test_function_body_runs_beside_the_native_library(optimize: bool) -> None:
-    """The native library registers the graphopt domain without a conv kernel: onnxruntime must still
-    expand this op's function body."""
-    import onnxruntime as ort
+def test_onnxruntime_runs_the_conv_kernel_over_the_function_body(kernel_library: Path, optimize: bool) -> None:
+    library = ctypes.CDLL(str(kernel_library))  # the handle onnxruntime dlopen()ed: one counter
+    library.graphopt_exprune_conv_calls.restype = ctypes.c_int64
+    model, x, _ = _kernel_case("same", 1, exact=False)
+    session = kernel_session(model, kernel_library, optimize)
+    before = library.graphopt_exprune_conv_calls()
+    for _ in range(3):
+        session.run(None, {"x": x})
+    assert library.graphopt_exprune_conv_calls() - before == 3
 
-    from graphopt.calibration.session import session_options
-    from graphopt.ops.build import default_library
 
-    if not default_library().is_file():
-        pytest.skip("native library not built (graphopt ops build)")
-    options = session_options(default_library())
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.log_severity_level = 3
-    params, x = _layer(), _inputs("random", 2)
-    model = _model(params, "same", SEQUENTIAL)
-    got = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"x": x})[0]
-    want, _ = _reference(x, params, "same", SEQUENTIAL)
-    np.testing.assert_array_equal(got == 0, want == 0)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+def test_kernel_refuses_checkpoints_past_the_channels(kernel_library: Path) -> None:
+    model, x, _ = _kernel_case("same", 1, exact=False, checkpoints=[5, 10, KC])  # the last is not below C
+    with pytest.raises(Exception, match="ExPruneConvRelu: checkpoints must stay below C"):
+        kernel_session(model, kernel_library, optimize=False).run(None, {"x": x})

@@ -98,8 +98,8 @@ RUNS = {run.id: run for run in (
     Run("magnitude,snp", "magnitude,snp"),  # the second method spends what the first left of the target
     Run("omp", "omp", target="sparsity"),
     Run("dead-units", "dead-units", target="none"),
-    # the default (linear layers only, every Conv+ReLU left dense: its op has no native kernel), and after SNP
-    # every Conv+ReLU too
+    # the default (linear layers, and each Conv+ReLU whose op measured faster than the convolution), and after
+    # SNP every Conv+ReLU
     Run("exprune", "exprune", target="none"),
     Run("snp,exprune", "snp,exprune", {"exprune_layers": "all"}),
     Run("quantize", "quantize", target="none"),

@@ -26,89 +26,18 @@
 // thread or little work). x' = X[..., Perm] is gathered once per call.
 //
 // Exposes RegisterCustomOps (the onnxruntime custom-op library entry point) and graphopt_exprune_calls, a
-// counter of Compute calls that lets a test observe whether onnxruntime ran this kernel or the function body.
+// counter of Compute calls that lets a test observe whether onnxruntime ran this kernel or the function body
+// (graphopt_exprune_conv_calls counts the convolution kernel's).
 
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
+#include "exprune_common.h"
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <mutex>
-#include <string>
-#include <vector>
 
 namespace {
 
 std::atomic<int64_t> g_calls{0};
-
-// --- SIMD lanes: AVX-512, else AVX2+FMA, else GCC vector extensions (mul then add) --------------------------
-#if defined(__AVX512F__)
-typedef __m512 vec;
-constexpr int64_t kLanes = 16;
-inline vec vzero() { return _mm512_setzero_ps(); }
-inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vec vload_part(const float* p, int64_t count) {
-  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p);
-}
-inline vec vfma(vec a, vec b, vec acc) { return _mm512_fmadd_ps(a, b, acc); }
-inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
-inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-inline vec vset1(float v) { return _mm512_set1_ps(v); }
-inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
-#elif defined(__AVX2__) && defined(__FMA__)
-typedef __m256 vec;
-constexpr int64_t kLanes = 8;
-inline vec vzero() { return _mm256_setzero_ps(); }
-inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vec vload_part(const float* p, int64_t count) {
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), lanes));
-}
-inline vec vfma(vec a, vec b, vec acc) { return _mm256_fmadd_ps(a, b, acc); }
-inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
-inline float vsum(vec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-inline vec vset1(float v) { return _mm256_set1_ps(v); }
-inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
-#else
-typedef float vec __attribute__((vector_size(32)));
-constexpr int64_t kLanes = 8;
-inline vec vzero() { return vec{0}; }
-inline vec vload(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline vec vload_part(const float* p, int64_t count) {
-  vec v = {0};
-  std::memcpy(&v, p, static_cast<size_t>(count) * sizeof(float));
-  return v;
-}
-inline vec vfma(vec a, vec b, vec acc) { return acc + a * b; }
-inline vec vadd(vec a, vec b) { return a + b; }
-inline float vsum(vec a) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) s += a[i];
-  return s;
-}
-inline vec vset1(float v) {
-  vec r;
-  for (int64_t i = 0; i < kLanes; ++i) r[i] = v;
-  return r;
-}
-inline void vstore(float* p, vec v) { std::memcpy(p, &v, sizeof(v)); }
-#endif
 
 constexpr int kTile = 4;        // batch > 1: neurons x rows per micro-kernel call (8 loads feed 16 FMAs)
 constexpr int kRowBlock = 32;   // batch > 1: rows whose accumulators a block of kTile neurons keeps at once
@@ -119,15 +48,6 @@ constexpr int64_t kGemmRows = 2;       // from this many rows on, a constant W r
 // acc[q * kTile + r] += w[q][a:b) . x[r][a:b) for Q neurons and R rows: each weight load feeds R FMAs and
 // each row load Q. With a single row and neuron, four independent accumulators hide the FMA latency (they
 // are folded into acc at the end of the segment).
-// Loaded once, used by several FMAs: without this GCC folds the load into every FMA as a memory operand and
-// loads it Q times again.
-inline vec in_register(vec v) {
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  asm("" : "+v"(v));
-#endif
-  return v;
-}
-
 template <int Q, int R>
 inline void dot_tile(const float* const* w, const float* const* x, int64_t a, int64_t b, vec* acc) {
   constexpr int U = Q * R == 1 ? 4 : 1;
@@ -580,20 +500,7 @@ struct ExPruneKernel {
   ExPruneKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
     m_ = kernel_info.GetAttribute<int64_t>("m");
-    std::string rule = kernel_info.GetAttribute<std::string>("rule");
-    if (rule != "threshold" && rule != "sequential")
-      ORT_CXX_API_THROW("ExPruneLinearRelu: unknown rule " + rule, ORT_INVALID_ARGUMENT);
-    try {
-      checkpoints_ = kernel_info.GetAttributes<int64_t>("checkpoints");
-    } catch (const Ort::Exception&) {
-      checkpoints_.clear();  // models written before the attribute existed: the single checkpoint [m]
-    }
-    if (checkpoints_.empty()) checkpoints_.push_back(m_);
-    if (rule == "threshold" && checkpoints_.size() != 1)
-      ORT_CXX_API_THROW("ExPruneLinearRelu: the threshold rule has the single checkpoint [m]", ORT_INVALID_ARGUMENT);
-    bool valid = checkpoints_[0] == m_ && m_ >= 1;
-    for (size_t c = 1; c < checkpoints_.size(); ++c) valid = valid && checkpoints_[c] > checkpoints_[c - 1];
-    if (!valid) ORT_CXX_API_THROW("ExPruneLinearRelu: checkpoints must increase strictly from m", ORT_INVALID_ARGUMENT);
+    checkpoints_ = read_checkpoints(kernel_info, m_, "ExPruneLinearRelu");
     int is_constant = 0;
     Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
     if (is_constant) {
@@ -630,16 +537,8 @@ struct ExPruneKernel {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < d; ++i) gathered[r * d + i] = x[r * d + perm[i]];
     const size_t count = checkpoints_.size();
-    std::vector<float> scale(count), factor(count);
-    const float first_rest = static_cast<float>(d - checkpoints_[0]);
-    const float first = static_cast<float>(checkpoints_[0]);
-    for (size_t c = 0; c < count; ++c) {
-      const float k = static_cast<float>(checkpoints_[c]);
-      scale[c] = static_cast<float>(d) / k;
-      const float numerator = static_cast<float>(d - checkpoints_[c]) * first;
-      const float denominator = k * first_rest;
-      factor[c] = std::sqrt(numerator / denominator);
-    }
+    std::vector<float> scale, factor;
+    checkpoint_factors(d, checkpoints_, scale, factor);
     const float* w = w_value.GetTensorData<float>();
     const bool tiled = rows >= kGemmRows && gemm_.ready(w, n, d);
     const bool packed = rows == 1 && panel_.ready(w, n, d);
@@ -694,6 +593,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   try {
     Ort::CustomOpDomain domain("graphopt");
     domain.Add(&op);
+    domain.Add(exprune_conv_op());
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     std::lock_guard<std::mutex> lock(guard);

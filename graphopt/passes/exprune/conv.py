@@ -40,6 +40,7 @@ from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, 
 log = logging.getLogger(__name__)
 
 CHUNK_VALUES = 1 << 24  # float64 receptive-field values held at once during calibration (128 MiB)
+TIMING_MAPS = 8  # sampled input maps kept, to time the layer on the one with the median skip count
 
 
 @dataclass
@@ -164,6 +165,7 @@ class ConvScoring:
         self.factors = boundary_factors(channels, self.checkpoints)
         self.macs_per_sample = float(layer.macs(*maps.shape[2:]))
         self.scores, self.positive = self.score(maps, max_positions, seed)
+        self.sample = np.asarray(maps[:TIMING_MAPS], dtype=np.float32)  # to time the layer on
 
     def score(self, maps: np.ndarray, max_positions: int | None = None,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

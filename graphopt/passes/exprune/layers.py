@@ -34,21 +34,24 @@ def match(graph: gs.Graph, node: gs.Node) -> Layer | str | None:
     return None
 
 
-SLOWER_CONV = ("left dense: graphopt.ExPruneConvRelu has no native kernel, and its function body runs slower than "
-               "the convolution (--exprune-layers all replaces it to skip MACs)")
+SLOWER_CONV = ("left dense: the native kernels are not built (graphopt ops build), and graphopt.ExPruneConvRelu's "
+               "function body runs slower than the convolution (--exprune-layers all replaces it to skip MACs)")
 
 
 def discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
-    """The layers to replace for `kinds` ("auto": linear layers, the convolutions named as left dense; "all",
-    "linear", "conv"), and why others were not."""
+    """The layers to replace for `kinds` ("auto": linear layers, and the convolutions where the native kernel is
+    built, else named as left dense; "all", "linear", "conv"), and why others were not."""
+    from graphopt.calibration.session import native_conv_kernel
+
     layers, skipped = [], []
+    native_conv = kinds == "auto" and native_conv_kernel()
     for node in list(graph.nodes):
         if kinds in ("linear", "conv") and (node.op == "Conv") != (kinds == "conv"):
             continue
         found = match(graph, node)
         if isinstance(found, str):
             skipped.append(f"{node.name}: {found}")
-        elif found is not None and kinds == "auto" and isinstance(found, ConvLayer):
+        elif found is not None and kinds == "auto" and isinstance(found, ConvLayer) and not native_conv:
             skipped.append(f"{node.name}: Conv+Relu {SLOWER_CONV}")
         elif found is not None:
             layers.append(found)

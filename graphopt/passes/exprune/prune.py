@@ -189,12 +189,10 @@ class ExPrune(Pass):
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
                 return result
-        thresholds: dict[str, int] = {}
-        if ctx.option("exprune_timed", False):
-            layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
-            if not layers:
-                return result
-        self._apply(graph, layers, chosen, options, result, thresholds)
+        layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
+        layers, chosen = _in_model(ctx, model, dataset, layers, chosen, options, result)
+        if layers:
+            self._apply(graph, layers, chosen, options, result, thresholds)
         return result
 
     @staticmethod
@@ -245,34 +243,96 @@ def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> lis
 
 def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
            result: PassResult) -> tuple[list[Layer], list[Choice], dict[str, int]]:
-    """The layers whose op (as written, in its row dispatch) is faster than their dense form at batch 1, timed
-    alone (graphopt.passes.exprune.timing), and for each the row count from which it should run dense; each
-    layer's times go into the stats, each layer left dense into `skipped` with the reason."""
-    from graphopt.passes.exprune.timing import time_layer
+    """The layers to replace after timing each alone (graphopt.passes.exprune.timing) against its dense form at
+    batch 1: convolutions under --exprune-layers auto or --exprune-timed where the native kernel is built (else
+    they stay dense), linear layers under --exprune-timed (as written, in their row dispatch, with the row
+    count from which each should run dense). A timed layer is kept where its op is faster; its times go into
+    the stats, each layer left dense into `skipped` with the reason."""
+    from graphopt.calibration.session import native_conv_kernel
 
-    rule, dispatch = options["rule"], bool(options["dense_rows"])
+    every = bool(ctx.option("exprune_timed", False))
+    if not every and (options["kinds"] != "auto" or not any(isinstance(layer, ConvLayer) for layer in layers)):
+        return layers, chosen, {}  # nothing to time
+    native_conv = native_conv_kernel()
     kept: list[tuple[Layer, Choice]] = []
     thresholds: dict[str, int] = {}
     for layer, (scoring, found) in zip(layers, chosen):
-        if not isinstance(layer, LinearLayer):
-            result.skipped.append(f"{layer.name}: left dense under --exprune-timed (convolutions have no native "
-                                  "kernel: the op's function body runs slower than Conv+Relu)")
-            continue
-        timing = time_layer(layer, found, rule, scoring.sample, int(ctx.option("threads") or 0), graph.opset,
-                            dispatch=dispatch)
-        # what time would be if it fell with the MACs the op skips (the probe counted as spent)
-        timing["op_ms_predicted"] = timing["dense_ms"] * (1.0 - found.macs_skipped)
-        result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
-        if timing["speedup"] > 1.0:
+        conv = isinstance(layer, ConvLayer)
+        if not (conv or every):
             kept.append((layer, (scoring, found)))
-            if "dense_rows" in timing:
-                thresholds[layer.name] = int(timing["dense_rows"])
-            continue
-        result.skipped.append(f"{layer.name}: left dense, the op took {timing['op_ms']:.4f} ms against "
-                              f"{timing['dense_ms']:.4f} ms dense at batch 1 (speedup {timing['speedup']:.2f}, "
-                              f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f})")
+        elif conv and not native_conv:
+            result.skipped.append(f"{layer.name}: left dense under --exprune-timed (the native kernels are not built: "
+                                  "the op's function body runs slower than Conv+Relu)")
+        elif _faster(ctx, graph, layer, scoring, found, options, result):
+            kept.append((layer, (scoring, found)))
+            if f"{layer.name}.dense_rows" in result.stats:
+                thresholds[layer.name] = int(result.stats[f"{layer.name}.dense_rows"])
     result.stats["layers_left_dense"] = len(layers) - len(kept)
     return [layer for layer, _ in kept], [choice for _, choice in kept], thresholds
+
+
+def _faster(ctx: PassContext, graph: gs.Graph, layer: Layer, scoring: Any, found: Any, options: dict[str, Any],
+            result: PassResult) -> bool:
+    """Whether the layer's op measured faster than its dense form, each alone; its times go into the stats,
+    and a line into `skipped` when it did not."""
+    from graphopt.passes.exprune.timing import time_conv, time_layer
+
+    threads = int(ctx.option("threads") or 0)
+    timing = (time_conv(layer, found, options["rule"], scoring.sample, threads, graph.opset)
+              if isinstance(layer, ConvLayer) else
+              time_layer(layer, found, options["rule"], scoring.sample, threads, graph.opset,
+                         dispatch=bool(options["dense_rows"])))
+    # what time would be if it fell with the MACs the op skips (the probe counted as spent)
+    timing["op_ms_predicted"] = timing["dense_ms"] * (1.0 - found.macs_skipped)
+    result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
+    if timing["speedup"] > 1.0:
+        return True
+    result.skipped.append(f"{layer.name}: left dense, the op took {timing['op_ms']:.4f} ms against "
+                          f"{timing['dense_ms']:.4f} ms dense at batch 1 (speedup {timing['speedup']:.2f}, "
+                          f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f})")
+    return False
+
+
+def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[Layer], chosen: list[Choice],
+              options: dict[str, Any], result: PassResult) -> tuple[list[Layer], list[Choice]]:
+    """The layers to replace, less the timed convolutions that do not pay in the whole model.
+
+    A convolution's op that was faster alone can still slow the model: onnxruntime runs chains of
+    convolutions in its blocked channel layout, and an op it cannot run that way needs the layout converted
+    before and after it, a cost a one-layer timing does not see. So the model with the timed convolutions
+    replaced is timed against the model without them (both with the other layers replaced), at batch 1 on
+    the first calibration sample; while it is not faster, the convolution with the smallest speedup alone
+    goes back to dense, named in `skipped`. The last timing goes into the stats (`conv_model_*`)."""
+    from graphopt.passes.exprune.timing import time_models
+
+    timed = [index for index, layer in enumerate(layers)
+             if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
+    if not timed:
+        return layers, chosen
+    others = {layer.output.name: found for layer, (_, found) in zip(_without(layers, timed), _without(chosen, timed))}
+    reference = candidate_model(model, options["rule"], others)
+    feed = next(iter(data.batches(1)))
+    timed.sort(key=lambda i: result.stats[f"{layers[i].name}.speedup"], reverse=True)
+    dropped: list[int] = []
+    while timed:
+        replaced = {**others, **{layers[i].output.name: chosen[i][1] for i in timed}}
+        timing = time_models(reference, candidate_model(model, options["rule"], replaced), feed,
+                             int(ctx.option("threads") or 0))
+        result.stats.update({"conv_dense_model_ms": timing["reference_ms"], "conv_model_ms": timing["candidate_ms"],
+                             **{f"conv_model_{key}": timing[key] for key in ("speedup", "speedup_p10", "speedup_p90")}})
+        if timing["speedup"] > 1.0:
+            break
+        dropped.append(timed.pop())
+        result.skipped.append(f"{layers[dropped[-1]].name}: left dense, faster alone but the model with "
+                              f"{len(timed) + 1} convolution op(s) ran {timing['speedup']:.2f}x as fast as without "
+                              f"them (p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}; the "
+                              "blocked layout is converted around each op)")
+    result.stats["layers_left_dense"] = result.stats.get("layers_left_dense", 0) + len(dropped)
+    return _without(layers, dropped), _without(chosen, dropped)
+
+
+def _without(items: list[Any], indices: list[int]) -> list[Any]:
+    return [item for index, item in enumerate(items) if index not in indices]
 
 
 def tolerance_text(text: str) -> str:

@@ -8,12 +8,17 @@ the layer's own calibration inputs, the one with the median number of skipped ne
 rate is what is timed. A layer whose op is not faster than
 its dense form stays dense, and the report says so with both times; a layer left dense computes exactly, so
 the model's error can only lose that layer's false negatives (the tolerance search is not run again).
-Convolutions are not timed: their op has no native kernel and its function body runs slower than Conv+Relu,
-so under `--exprune-timed` they stay dense.
+A convolution is timed the same way, graphopt.ExPruneConvRelu against Conv + Relu, at batch 1 on the
+sampled input map with the median number of skipped output positions (`typical_map`); by default
+(`--exprune-layers auto`) every convolution the search chose is timed, since whether its op wins depends on
+how its zeros cluster (graphopt/ops/src/exprune_conv_kernel.cc), and the layer is kept only where it
+measures faster. Without the native kernel the function body would run, slower than Conv + Relu, so
+convolutions are not timed and stay dense.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -21,8 +26,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.passes.exprune.calib import Calibrated, ChainLayer, layer_arrays
+from graphopt.passes.exprune.conv import ConvLayer
 
 ROUNDS, RUNS, WARMUP = 9, 20, 5
+ROUND_SECONDS = 0.005  # a round runs each model at least this long (more runs than RUNS for small layers)
 ROW_GRID = (2, 4, 8, 16, 32)  # row counts at which the bare op is timed against the dense layer
 TIMING_ROWS = 64  # calibration rows kept per layer, to time it on the one with the median skip count
 
@@ -57,10 +64,58 @@ def exprune_model(arrays: dict[str, np.ndarray], m: int, rule: str, checkpoints:
     return model
 
 
+def _conv_model(name: str, node: onnx.NodeProto, arrays: dict[str, np.ndarray], shape: tuple[int, ...],
+                opset: int) -> onnx.ModelProto:
+    graph = helper.make_graph([node, *([] if node.op_type != "Conv" else [helper.make_node("Relu", ["z"], ["y"])])],
+                              name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def conv_models(layer: ConvLayer, found: Calibrated, rule: str, opset: int,
+                shape: tuple[int, ...]) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(Conv + Relu, graphopt.ExPruneConvRelu) as one-layer models on input x [N, *shape] (C, H, W)."""
+    from graphopt.ops.exprune_conv import make_exprune_conv_node
+    from graphopt.ops.library import ensure_functions
+
+    geometry = {"strides": list(layer.strides), "pads": list(layer.pads), "dilations": list(layer.dilations)}
+    dense = _conv_model("dense", helper.make_node("Conv", ["x", "w", "b"], ["z"], **geometry),
+                        {"w": layer.weight, "b": layer.bias}, shape, opset)
+    arrays = layer_arrays(layer, found)
+    node = make_exprune_conv_node(["x", *arrays], "y", found.m, rule=rule, checkpoints=list(found.checkpoints),
+                                  **geometry)
+    op = _conv_model("exprune", node, arrays, shape, opset)
+    ensure_functions(op)
+    return dense, op
+
+
 def layer_models(layer: ChainLayer, found: Calibrated, rule: str, opset: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """(the dense layer, the layer as graphopt.ExPruneLinearRelu) as one-layer models, input x [N, d]."""
     return (dense_relu_model(layer.weight, layer.bias, opset),
             exprune_model(layer_arrays(layer, found), found.m, rule, list(found.checkpoints), opset))
+
+
+def typical_map(layer: ConvLayer, found: Calibrated, maps: np.ndarray) -> np.ndarray:
+    """The map of `maps` [r, C, H, W] whose number of skipped output positions is the median one ([1, C, H, W])."""
+    from graphopt.ops.exprune_conv import exprune_conv_reference
+
+    arrays = layer_arrays(layer, found)
+    counts = [int(exprune_conv_reference(maps[[i]], arrays["W"], arrays["B"], arrays["Tau"], arrays["Perm"], found.m,
+                                         list(found.checkpoints), layer.strides, layer.pads, layer.dilations)[1].sum())
+              for i in range(maps.shape[0])]
+    return maps[[int(np.argsort(counts, kind="stable")[len(counts) // 2])]].astype(np.float32)
+
+
+def time_conv(layer: ConvLayer, found: Calibrated, rule: str, maps: np.ndarray, threads: int,
+              opset: int) -> dict[str, Any]:
+    """The op's and Conv + Relu's median times (ms) at batch 1 on the typical map of `maps`, and the speedup
+    (dense time / op time) with its 10th and 90th percentiles."""
+    x = typical_map(layer, found, maps)
+    dense, op = conv_models(layer, found, rule, opset, tuple(x.shape[1:]))
+    timing = _pair(dense, op, x, threads)
+    return {"dense_ms": timing["reference_ms"], "op_ms": timing["candidate_ms"], "speedup": timing["speedup"],
+            "speedup_p10": timing["speedup_p10"], "speedup_p90": timing["speedup_p90"]}
 
 
 def typical_row(layer: ChainLayer, found: Calibrated, rows: np.ndarray) -> np.ndarray:
@@ -106,9 +161,20 @@ def time_layer(layer: ChainLayer, found: Calibrated, rule: str, rows: np.ndarray
 
 def _pair(dense: onnx.ModelProto, op: onnx.ModelProto, x: np.ndarray, threads: int) -> dict[str, float]:
     """Interleaved timings of the two one-layer models on the input `x` (graphopt.calibration.latency)."""
+    return time_models(dense, op, {"x": x}, threads)
+
+
+def time_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray],
+                threads: int) -> dict[str, float]:
+    """Interleaved timings of two models on one feed (graphopt.calibration.latency.interleaved), rounds of at
+    least ROUND_SECONDS: `reference_ms`, `candidate_ms`, `speedup` (reference / candidate) and its p10/p90."""
     from graphopt.calibration.latency import interleaved
     from graphopt.calibration.session import make_session
 
-    sessions = [make_session(model, optimize=True, threads=threads, spinning=False) for model in (dense, op)]
-    feed = {"x": x}
-    return interleaved(sessions, [feed, feed], ROUNDS, RUNS, WARMUP)
+    sessions = [make_session(model, optimize=True, threads=threads, spinning=False) for model in (reference, candidate)]
+    start = time.perf_counter()
+    for _ in range(WARMUP):
+        sessions[0].run(None, feed)
+    per_run = max((time.perf_counter() - start) / WARMUP, 1e-7)
+    runs = max(RUNS, min(2000, int(np.ceil(ROUND_SECONDS / per_run))))
+    return interleaved(sessions, [feed, feed], ROUNDS, runs, WARMUP)

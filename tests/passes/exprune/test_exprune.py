@@ -286,19 +286,111 @@ def test_convolutions_and_linear_layers_of_a_cnn_in_one_search() -> None:
     assert 0.05 < skipped == pytest.approx(stats["held_out_macs_skipped_per_sample"] / result.report["macs_after"])
 
 
-def test_by_default_convolutions_stay_dense_and_the_report_says_why() -> None:
+def _digits() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3] / "samples"
-    model = onnx.load(str(root / "digits_cnn.onnx"))
-    calib = dict(np.load(root / "digits_calib.npz"))
+    return onnx.load(str(root / "digits_cnn.onnx")), dict(np.load(root / "digits_calib.npz"))
+
+
+def test_without_the_native_kernels_convolutions_stay_dense_and_the_report_says_why(monkeypatch) -> None:
+    from graphopt.ops import native
+
+    monkeypatch.setattr(native, "has_kernel", lambda counter: False)
+    model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
     ops = op_types(result.model)
     assert "ExPruneConvRelu" not in ops and ops.count("Conv") == 3 and ops.count("ExPruneLinearRelu") == 1
     skipped = result.report["passes"][-1]["skipped"]
-    dense = [reason for reason in skipped if "no native kernel" in reason]
+    dense = [reason for reason in skipped if "native kernels are not built" in reason]
     assert len(dense) == 2 and all("--exprune-layers all" in reason for reason in dense)  # not the 1-channel one
     assert result.report["passes"][-1]["stats"].get("conv_layers", 0) == 0
+
+
+def _scripted_timings(monkeypatch, in_model: list[float]) -> list[int]:
+    """Scripted timings: alone, the 16->32 convolution's op loses (0.8) and the 32->32 one's wins (1.5); the
+    whole model with the winners replaced gets the ratios `in_model` in turn. Returns the number of
+    convolution ops in each whole model timed."""
+    from graphopt.ops import native
+    from graphopt.passes.exprune import timing
+
+    seen: list[int] = []
+
+    def scripted(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray],
+                 threads: int) -> dict[str, float]:
+        if "x" in feed:  # one layer alone
+            ratio = 1.5 if feed["x"].shape[1] == 32 else 0.8
+        else:
+            seen.append(op_types(candidate).count("ExPruneConvRelu") - op_types(reference).count("ExPruneConvRelu"))
+            ratio = in_model[len(seen) - 1]
+        return {"reference_ms": ratio, "candidate_ms": 1.0, "speedup": ratio, "speedup_p10": ratio,
+                "speedup_p90": ratio}
+
+    monkeypatch.setattr(native, "has_kernel", lambda counter: True)
+    monkeypatch.setattr(timing, "time_models", scripted)
+    return seen
+
+
+def test_by_default_each_convolution_is_replaced_exactly_where_its_op_measured_faster(monkeypatch) -> None:
+    seen = _scripted_timings(monkeypatch, in_model=[1.1])
+    model, calib = _digits()
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
+    ops = op_types(result.model)
+    assert ops.count("ExPruneConvRelu") == 1 and ops.count("Conv") == 2 and ops.count("ExPruneLinearRelu") == 1
+    stats, skipped = result.report["passes"][-1]["stats"], result.report["passes"][-1]["skipped"]
+    assert stats["/7/Conv.speedup"] == 1.5 and stats["/3/Conv.speedup"] == 0.8 and stats["layers_left_dense"] == 1
+    assert stats["/7/Conv.op_ms_predicted"] == pytest.approx(1.5 * (1 - stats["/7/Conv.macs_skipped"]))
+    assert [r for r in skipped if "left dense" in r and "Conv" in r] == [
+        "/3/Conv: left dense, the op took 1.0000 ms against 0.8000 ms dense at batch 1 (speedup 0.80, p10-p90 "
+        "0.80-0.80)"]
+    assert seen == [1] and stats["conv_model_speedup"] == 1.1  # the whole model, with and without the winner
+    assert "/12/Gemm.speedup" not in stats  # linear layers are timed under --exprune-timed only
+    assert stats["conv_layers"] == 1
+
+
+def test_a_convolution_faster_alone_that_slows_the_model_stays_dense(monkeypatch) -> None:
+    seen = _scripted_timings(monkeypatch, in_model=[0.83])
+    model, calib = _digits()
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
+    ops = op_types(result.model)
+    assert "ExPruneConvRelu" not in ops and ops.count("ExPruneLinearRelu") == 1
+    stats, skipped = result.report["passes"][-1]["stats"], result.report["passes"][-1]["skipped"]
+    assert seen == [1] and stats["layers_left_dense"] == 2 and stats.get("conv_layers", 0) == 0
+    assert ("/7/Conv: left dense, faster alone but the model with 1 convolution op(s) ran 0.83x as fast as without "
+            "them (p10-p90 0.83-0.83; the blocked layout is converted around each op)") in skipped
+
+
+def test_the_timed_convolution_models_compute_the_layer_and_its_op() -> None:
+    from graphopt.calibration.data import load_data
+    from graphopt.ops.exprune_conv import exprune_conv_reference, im2col
+    from graphopt.passes.exprune.calib import layer_arrays
+    from graphopt.passes.exprune.conv import ConvScoring
+    from graphopt.passes.exprune.layers import discover, sample
+    from graphopt.passes.exprune.timing import conv_models, typical_map
+
+    model, calib = _digits()
+    model = graphopt.optimize(model, method="none").model  # BatchNorm folded into the convolutions
+    graph = ir.import_graph(model)
+    layers, _ = discover(graph, "conv")
+    ctx = PassContext(template=model, data=load_data(calib, model), options={})
+    maps = sample(ctx, model, layers[1:], load_data(calib, model))[layers[1].source.name]
+    layer = layers[1]
+    found = ConvScoring(maps, layer, 0.25, "threshold").calibrate(0.05)
+    x = typical_map(layer, found, maps[:7])
+    arrays = layer_arrays(layer, found)
+    counts = [exprune_conv_reference(maps[[i]], arrays["W"], arrays["B"], arrays["Tau"], arrays["Perm"], found.m, None,
+                                     layer.strides, layer.pads, layer.dilations)[1].sum() for i in range(7)]
+    assert x.shape == (1, *maps.shape[1:])
+    assert exprune_conv_reference(x, arrays["W"], arrays["B"], arrays["Tau"], arrays["Perm"], found.m, None,
+                                  layer.strides, layer.pads, layer.dilations)[1].sum() == np.median(counts)
+    dense, op = conv_models(layer, found, "threshold", 17, tuple(x.shape[1:]))
+    cols = im2col(x, layer.weight.shape[2:], layer.strides, layer.pads, layer.dilations)
+    want = np.maximum(np.einsum("nyxcab,mcab->nmyx", cols, layer.weight.astype(np.float64))
+                      + layer.bias[None, :, None, None], 0)
+    np.testing.assert_allclose(run_ort(dense, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+    reference, _ = exprune_conv_reference(x, arrays["W"], arrays["B"], arrays["Tau"], arrays["Perm"], found.m, None,
+                                          layer.strides, layer.pads, layer.dilations)
+    np.testing.assert_allclose(run_ort(op, {"x": x})["y"], reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
@@ -315,11 +407,7 @@ def test_a_single_input_has_nothing_to_probe(trans_b: int) -> None:
 
 @pytest.mark.parametrize("kinds,want", [("linear", {"ExPruneLinearRelu": 1}), ("conv", {"ExPruneConvRelu": 2})])
 def test_layer_kinds_can_be_chosen(kinds: str, want: dict[str, int]) -> None:
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3] / "samples"
-    model = onnx.load(str(root / "digits_cnn.onnx"))
-    calib = dict(np.load(root / "digits_calib.npz"))
+    model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_layers=kinds, exprune_fnr=0.0,
                                exprune_maps=len(calib["input"]), exprune_dense_rows=0)  # every calibration map scored
     ops = op_types(result.model)
