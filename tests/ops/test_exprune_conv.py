@@ -157,7 +157,9 @@ def test_function_needs_opset_15() -> None:
 
 # --- native kernel ---------------------------------------------------------------------------------
 # Layers wider than one weight panel (8 output channels, the last one partial), rows longer than one tile of
-# positions, 1x1 and 3x3 kernels, the direct path (stride 1, also dilated) and the gathered one (strides).
+# positions, 1x1 and 3x3 kernels, the direct path (stride 1, also dilated) and the gathered one (strides), and
+# each tile shape the kernel picks (AVX-512: square tiles of 3 rows on the 48-wide outputs, strips of 32
+# slots on the others).
 
 KERNEL_GEOMETRIES = {  # (kernel, strides, pads, dilations, H, W)
     "same": (3, [1, 1], [1, 1, 1, 1], [1, 1], 11, 37),
@@ -165,6 +167,8 @@ KERNEL_GEOMETRIES = {  # (kernel, strides, pads, dilations, H, W)
     "pointwise": (1, [1, 1], [0, 0, 0, 0], [1, 1], 7, 7),
     "strided": (3, [2, 2], [1, 1, 1, 1], [1, 1], 12, 35),
     "strided_asymmetric": (3, [2, 1], [0, 1, 2, 0], [1, 2], 9, 10),
+    "wide": (3, [1, 1], [1, 1, 1, 1], [1, 1], 12, 48),
+    "strided_wide": (3, [2, 2], [1, 1, 1, 1], [1, 1], 24, 96),
 }
 KC, KM = 20, 19
 

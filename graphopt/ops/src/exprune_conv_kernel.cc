@@ -35,9 +35,9 @@ namespace {
 std::atomic<int64_t> g_conv_calls{0};
 
 constexpr int kQ = 8;                      // output channels per weight panel
-constexpr int kV = kLanes == 16 ? 2 : 1;   // vectors of slots per tile: kQ · kV sums stay in registers
-constexpr int64_t kT = kV * kLanes;        // slots (output positions) per tile
+constexpr int kMaxV = kLanes == 16 ? 3 : 1;  // vectors per tile: kQ · V sums stay in registers (32 or 16)
 constexpr int64_t kTilesPerTask = 8;       // tiles a task walks for every panel it holds
+constexpr int64_t kBlockTaps = 128;        // taps (input channels x kernel taps) per block of a task's loops
 
 struct ConvGeometry {
   int64_t n, c, h, w;          // input
@@ -46,14 +46,58 @@ struct ConvGeometry {
   int64_t pt, pl, pb, pr;      // pads
   int64_t oh, ow;              // output
   int64_t hp, wp;              // padded buffer plane
-  bool direct;                 // stride 1: slots are positions of the padded plane, y · wp + x
+  bool direct;                 // stride 1: a vector's inputs at a tap are consecutive floats of the buffer
+  bool square;                 // tiles of V rows x kLanes columns (else V · kLanes consecutive slots)
+  int64_t vectors;             // V, vectors of kLanes positions per tile
 
   int64_t taps() const { return c * kh * kw; }
   int64_t plane() const { return hp * wp; }
-  int64_t row_slots() const { return direct ? wp : ow; }  // slots per output row (direct: wp - ow unused)
-  int64_t slots() const { return oh * row_slots(); }
-  int64_t tiles() const { return (slots() + kT - 1) / kT; }
+  // Flat tiles run over slots: output positions y · ow + x (gathered), or positions of the padded plane
+  // y · wp + x (direct: its wp - ow columns hold no output). Square tiles cover V rows of kLanes columns.
+  int64_t row_slots() const { return square ? tiles_x() * kLanes : (direct ? wp : ow); }
+  int64_t tile_slots() const { return vectors * kLanes; }
+  int64_t tiles_x() const { return (ow + kLanes - 1) / kLanes; }
+  int64_t tiles() const {
+    return square ? (oh + vectors - 1) / vectors * tiles_x() : (oh * row_slots() + tile_slots() - 1) / tile_slots();
+  }
+  int64_t staged_plane() const { return tiles() * tile_slots(); }  // outputs, vector v at vector_slot(t, v)
+  int64_t vector_slot(int64_t tile, int64_t v) const {
+    return square ? ((tile / tiles_x()) * vectors + v) * row_slots() + (tile % tiles_x()) * kLanes
+                  : tile * tile_slots() + v * kLanes;
+  }
+  // Lane l of vector v of `tile` as an output position (y, x); false where it is none.
+  bool position(int64_t tile, int64_t v, int64_t l, int64_t* y, int64_t* x) const {
+    const int64_t slot = vector_slot(tile, v) + l;
+    *y = slot / row_slots();
+    *x = slot % row_slots();
+    return *y < oh && *x < ow;
+  }
+  // Direct tiles: the buffer offset of a tile's first input, and between its vectors.
+  int64_t input_offset(int64_t tile) const {
+    return square ? (tile / tiles_x()) * vectors * wp + (tile % tiles_x()) * kLanes : tile * tile_slots();
+  }
+  int64_t input_stride() const { return square ? wp : kLanes; }
 };
+
+// The tile shape that computes the fewest slots, weighted by what its vectors cost: V vectors (kMaxV down to
+// 1), square where rows fill most of a vector (more neighbouring positions per tile than a strip), else flat.
+// Fewer vectors per tile cost more per slot (each broadcast weight feeds fewer FMAs): measured on 3x3 layers
+// at 56x56 to 7x7 (AVX-512), V = 1 ran at half the speed per slot of V = 3, V = 2 at about 0.9.
+void choose_tiles(ConvGeometry& g) {
+  constexpr double kSpeed[4] = {0.0, 0.5, 0.9, 1.0};
+  double best = -1.0;
+  for (int64_t v = kMaxV; v >= 1; --v) {
+    ConvGeometry trial = g;
+    trial.vectors = v;
+    trial.square = v > 1 && 4 * g.ow >= 3 * kLanes;
+    const double cost = static_cast<double>(trial.tiles() * trial.tile_slots()) / (kMaxV == 1 ? 1.0 : kSpeed[v]);
+    if (best < 0.0 || cost < best) {
+      best = cost;
+      g.vectors = v;
+      g.square = trial.square;
+    }
+  }
+}
 
 // W [M, C, kh, kw] as panels of kQ output channels, tap-major: values[(j / kQ) * T * kQ + t * kQ + j % kQ],
 // zero past M.
@@ -81,29 +125,31 @@ struct ConvProblem {
   ConvGeometry g;
   const float* xp;          // X' padded: [N, C, hp, wp]
   const float* panels;
-  const int64_t* offsets;   // per tap t: its offset from a tile's first input (direct), or t · kT (gathered)
+  const int64_t* offsets;   // per tap t: its offset from a tile's first input (direct), or t · V · kLanes
   const int64_t* gather;    // per tap t: its offset in the buffer from an output position's corner
   const float* bias;
   const float* tau;
-  float* staged;            // [N, M, tiles · kT]: each tile's outputs, by slot
+  float* staged;            // [N, M, staged_plane]: each tile's outputs (ConvGeometry::vector_slot)
   const int64_t* stages;    // tap count at each checkpoint (k · kh · kw)
   const float* scale;
   const float* factor;
   int64_t count;            // checkpoints
+  int64_t stride;           // between a tile's vectors of inputs: g.input_stride() (direct) or kLanes
   int64_t tile_chunks, panel_chunks, panels_per_task;
+  std::vector<int64_t> blocks;  // channel_blocks
 };
 
 // acc[live[i]][v] += Σ_t panel[t][live[i]] · x[offsets[t] + v · kLanes] over taps [t0, t1), for the Q channels
 // `live` of a panel. Few channels get several accumulators each (over alternating taps) to hide the FMA latency.
-template <int Q>
-inline void accumulate(const float* panel, const int* live, const float* base, const int64_t* offsets, int64_t t0,
-                       int64_t t1, vec (*acc)[kV]) {
-  constexpr int U = Q * kV >= 8 ? 1 : (Q * kV >= 4 ? 2 : 4);
-  vec s[U][Q][kV];
+template <int Q, int V>
+inline void accumulate(const float* panel, const int* live, const float* base, const int64_t* offsets, int64_t stride,
+                       int64_t t0, int64_t t1, vec (*acc)[V]) {
+  constexpr int U = Q * V >= 8 ? 1 : (Q * V >= 4 ? 2 : 4);
+  vec s[U][Q][V];
   const float* w[Q];
   for (int i = 0; i < Q; ++i) {
     w[i] = panel + live[i];
-    for (int v = 0; v < kV; ++v) {
+    for (int v = 0; v < V; ++v) {
       s[0][i][v] = acc[live[i]][v];
       for (int u = 1; u < U; ++u) s[u][i][v] = vzero();
     }
@@ -111,128 +157,182 @@ inline void accumulate(const float* panel, const int* live, const float* base, c
   int64_t t = t0;
   for (; t + U <= t1; t += U)
     for (int u = 0; u < U; ++u) {
-      vec xv[kV];
-      for (int v = 0; v < kV; ++v) xv[v] = in_register(vload(base + offsets[t + u] + v * kLanes));
+      vec xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = in_register(vload(base + offsets[t + u] + v * stride));
       for (int i = 0; i < Q; ++i) {
         const vec wv = vset1(w[i][(t + u) * kQ]);
-        for (int v = 0; v < kV; ++v) s[u][i][v] = vfma(wv, xv[v], s[u][i][v]);
+        for (int v = 0; v < V; ++v) s[u][i][v] = vfma(wv, xv[v], s[u][i][v]);
       }
     }
   for (; t < t1; ++t) {
-    vec xv[kV];
-    for (int v = 0; v < kV; ++v) xv[v] = in_register(vload(base + offsets[t] + v * kLanes));
+    vec xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = in_register(vload(base + offsets[t] + v * stride));
     for (int i = 0; i < Q; ++i) {
       const vec wv = vset1(w[i][t * kQ]);
-      for (int v = 0; v < kV; ++v) s[0][i][v] = vfma(wv, xv[v], s[0][i][v]);
+      for (int v = 0; v < V; ++v) s[0][i][v] = vfma(wv, xv[v], s[0][i][v]);
     }
   }
   for (int i = 0; i < Q; ++i)
-    for (int v = 0; v < kV; ++v) {
+    for (int v = 0; v < V; ++v) {
       vec total = s[0][i][v];
       for (int u = 1; u < U; ++u) total = vadd(total, s[u][i][v]);
       acc[live[i]][v] = total;
     }
 }
 
+template <int V>
 inline void accumulate_any(int count, const float* panel, const int* live, const float* base, const int64_t* offsets,
-                           int64_t t0, int64_t t1, vec (*acc)[kV]) {
+                           int64_t stride, int64_t t0, int64_t t1, vec (*acc)[V]) {
   switch (count) {
-    case 1: return accumulate<1>(panel, live, base, offsets, t0, t1, acc);
-    case 2: return accumulate<2>(panel, live, base, offsets, t0, t1, acc);
-    case 3: return accumulate<3>(panel, live, base, offsets, t0, t1, acc);
-    case 4: return accumulate<4>(panel, live, base, offsets, t0, t1, acc);
-    case 5: return accumulate<5>(panel, live, base, offsets, t0, t1, acc);
-    case 6: return accumulate<6>(panel, live, base, offsets, t0, t1, acc);
-    case 7: return accumulate<7>(panel, live, base, offsets, t0, t1, acc);
-    default: return accumulate<kQ>(panel, live, base, offsets, t0, t1, acc);
+    case 1: return accumulate<1, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 2: return accumulate<2, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 3: return accumulate<3, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 4: return accumulate<4, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 5: return accumulate<5, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 6: return accumulate<6, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    case 7: return accumulate<7, V>(panel, live, base, offsets, stride, t0, t1, acc);
+    default: return accumulate<kQ, V>(panel, live, base, offsets, stride, t0, t1, acc);
   }
 }
 
-// Which of the kT slots from `first` are output positions (bit l): inside the plane and, for direct tiles,
-// not in the wp - ow columns of a padded row that no output position has.
-uint32_t tile_lanes(const ConvGeometry& g, int64_t first) {
-  uint32_t lanes = 0;
-  for (int64_t l = 0; l < kT && first + l < g.slots(); ++l)
-    if ((first + l) % g.row_slots() < g.ow) lanes |= 1u << l;
+// Which lanes of a tile are output positions: bit v · kLanes + l for lane l of vector v.
+uint64_t tile_lanes(const ConvGeometry& g, int64_t tile) {
+  uint64_t lanes = 0;
+  int64_t y, x;
+  for (int64_t v = 0; v < g.vectors; ++v)
+    for (int64_t l = 0; l < kLanes; ++l)
+      if (g.position(tile, v, l, &y, &x)) lanes |= uint64_t{1} << (v * kLanes + l);
   return lanes;
 }
 
-// The output channels of panel `pb` at one tile of image n; `base` is the tile's first input (direct) or
-// its gathered buffer.
-void conv_tile(const ConvProblem& p, const float* base, uint32_t lanes, int64_t n, int64_t tile, int64_t pb) {
-  const ConvGeometry& g = p.g;
-  const int64_t taps = g.taps();
-  const int64_t j0 = pb * kQ;
-  const int channels = static_cast<int>(std::min<int64_t>(kQ, g.m - j0));
-  const float* panel = p.panels + pb * taps * kQ;
-  vec acc[kQ][kV];
-  uint32_t fired[kQ];
-  int live[kQ];
+// The sums and decisions of one panel's output channels at one tile, kept between blocks of input channels.
+template <int V>
+struct TileState {
+  vec acc[kQ][V];
+  uint64_t fired[kQ];  // lanes decided zero (and lanes that are no output position)
+  int live[kQ];        // the channels with a lane not yet fired, `alive` of them
+  int alive;
+};
+
+template <int V>
+void start_tile(TileState<V>& s, uint64_t lanes, int channels) {
   for (int q = 0; q < kQ; ++q) {
-    for (int v = 0; v < kV; ++v) acc[q][v] = vzero();
-    fired[q] = ~lanes;  // slots that are no output position never count as alive
-    live[q] = q;
+    for (int v = 0; v < V; ++v) s.acc[q][v] = vzero();
+    s.fired[q] = ~lanes;
+    s.live[q] = q;
   }
-  int alive = channels;
-  int64_t t0 = 0;
-  for (int64_t c = 0; c <= p.count && alive > 0; ++c) {
-    const int64_t t1 = c < p.count ? p.stages[c] : taps;
-    accumulate_any(alive, panel, live, base, p.offsets, t0, t1, acc);
-    t0 = t1;
-    if (c == p.count) break;
-    const vec scale = vset1(p.scale[c]);
-    int kept = 0;
-    for (int i = 0; i < alive; ++i) {
-      const int q = live[i];
-      const vec bias = vset1(p.bias[j0 + q]);
-      const vec bound = vset1(p.tau[j0 + q] * p.factor[c]);
-      for (int v = 0; v < kV; ++v) fired[q] |= vless(vadd(vmul(acc[q][v], scale), bias), bound) << (v * kLanes);
-      if ((fired[q] & lanes) != lanes) live[kept++] = q;
-    }
-    alive = kept;
+  s.alive = channels;
+}
+
+// Checkpoint c of the live channels of panel `pb`: the lanes whose score falls below the boundary fire, and a
+// channel whose lanes have all fired leaves the tile.
+template <int V>
+void test_tile(const ConvProblem& p, TileState<V>& s, uint64_t lanes, int64_t pb, int64_t c) {
+  const vec scale = vset1(p.scale[c]);
+  int kept = 0;
+  for (int i = 0; i < s.alive; ++i) {
+    const int q = s.live[i];
+    const int64_t j = pb * kQ + q;
+    const vec bias = vset1(p.bias[j]);
+    const vec bound = vset1(p.tau[j] * p.factor[c]);
+    for (int v = 0; v < V; ++v)
+      s.fired[q] |= static_cast<uint64_t>(vless(vadd(vmul(s.acc[q][v], scale), bias), bound)) << (v * kLanes);
+    if ((s.fired[q] & lanes) != lanes) s.live[kept++] = q;
   }
+  s.alive = kept;
+}
+
+template <int V>
+void finish_tile(const ConvProblem& p, const TileState<V>& s, uint64_t lanes, int64_t n, int64_t tile, int64_t pb) {
+  const ConvGeometry& g = p.g;
+  const int channels = static_cast<int>(std::min<int64_t>(kQ, g.m - pb * kQ));
   for (int q = 0; q < channels; ++q) {
-    float* out = p.staged + (n * g.m + j0 + q) * g.tiles() * kT + tile * kT;
-    const bool all_fired = (fired[q] & lanes) == lanes;
-    const vec bias = vset1(p.bias[j0 + q]);
-    for (int v = 0; v < kV; ++v)
-      vstore(out + v * kLanes, all_fired ? vzero() : vrelu_kept(acc[q][v], bias, ~fired[q] >> (v * kLanes)));
+    float* out = p.staged + (n * g.m + pb * kQ + q) * g.staged_plane();
+    const bool all_fired = (s.fired[q] & lanes) == lanes;
+    const vec bias = vset1(p.bias[pb * kQ + q]);
+    for (int v = 0; v < V; ++v)
+      vstore(out + g.vector_slot(tile, v), all_fired ? vzero()
+             : vrelu_kept(s.acc[q][v], bias, static_cast<uint32_t>(~s.fired[q] >> (v * kLanes))));
   }
 }
 
-// Task `index`: a run of kTilesPerTask tiles of one image, for a run of panels (panels outer, so a panel's
-// weights are read once per run of tiles).
+// The input channels where a task's loops pause: every kBlockTaps taps or so (a block's inputs of one tile and
+// weights of every panel stay in the L1 cache) and at every checkpoint.
+std::vector<int64_t> channel_blocks(const ConvProblem& p) {
+  const ConvGeometry& g = p.g;
+  const int64_t per_tap = g.kh * g.kw;
+  const int64_t step = std::max<int64_t>(1, kBlockTaps / per_tap);
+  std::vector<int64_t> ends;
+  for (int64_t c = step; c < g.c; c += step) ends.push_back(c);
+  for (int64_t c = 0; c < p.count; ++c) ends.push_back(p.stages[c] / per_tap);
+  ends.push_back(g.c);
+  std::sort(ends.begin(), ends.end());
+  ends.erase(std::unique(ends.begin(), ends.end()), ends.end());
+  return ends;
+}
+
+// Gathered tiles (strides): each tile's inputs copied to [taps][V · kLanes], so every tap reads whole vectors.
+std::vector<float> gather_tiles(const ConvProblem& p, const float* image, int64_t first_tile, int64_t last_tile) {
+  const ConvGeometry& g = p.g;
+  const int64_t taps = g.taps();
+  std::vector<float> gathered(static_cast<size_t>((last_tile - first_tile) * taps * g.tile_slots()), 0.0f);
+  int64_t y, x;
+  for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+    float* buffer = gathered.data() + (tile - first_tile) * taps * g.tile_slots();
+    for (int64_t v = 0; v < g.vectors; ++v)
+      for (int64_t l = 0; l < kLanes; ++l) {
+        if (!g.position(tile, v, l, &y, &x)) continue;
+        const float* corner = image + y * g.sh * g.wp + x * g.sw;
+        for (int64_t t = 0; t < taps; ++t) buffer[t * g.tile_slots() + v * kLanes + l] = corner[p.gather[t]];
+      }
+  }
+  return gathered;
+}
+
+// Task `index`: a run of kTilesPerTask tiles of one image, for a run of panels. Input channels are walked in
+// blocks (channel_blocks), each block over every tile and panel, the sums kept in TileStates between blocks
+// and tested where a block ends at a checkpoint.
+template <int V>
 void conv_task(void* data, size_t index) {
   const ConvProblem& p = *static_cast<const ConvProblem*>(data);
   const ConvGeometry& g = p.g;
-  const int64_t taps = g.taps();
+  const int64_t taps = g.taps(), per_tap = g.kh * g.kw;
   const int64_t panel_chunk = static_cast<int64_t>(index) % p.panel_chunks;
   const int64_t tile_chunk = static_cast<int64_t>(index) / p.panel_chunks;
   const int64_t n = tile_chunk / p.tile_chunks;
   const int64_t first_tile = (tile_chunk % p.tile_chunks) * kTilesPerTask;
-  const int64_t last_tile = std::min(g.tiles(), first_tile + kTilesPerTask);
-  const int64_t panels = (g.m + kQ - 1) / kQ;
+  const int64_t tiles = std::min(g.tiles(), first_tile + kTilesPerTask) - first_tile;
   const int64_t first_panel = panel_chunk * p.panels_per_task;
-  const int64_t last_panel = std::min(panels, first_panel + p.panels_per_task);
+  const int64_t panels = std::min((g.m + kQ - 1) / kQ, first_panel + p.panels_per_task) - first_panel;
   const float* image = p.xp + n * g.c * g.plane();
-  uint32_t lanes[kTilesPerTask];
-  std::vector<float> gathered(g.direct ? 0 : static_cast<size_t>((last_tile - first_tile) * taps * kT), 0.0f);
-  for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-    lanes[tile - first_tile] = tile_lanes(g, tile * kT);
-    if (g.direct) continue;
-    float* buffer = gathered.data() + (tile - first_tile) * taps * kT;
-    for (int64_t l = 0; l < kT; ++l) {
-      if (!((lanes[tile - first_tile] >> l) & 1u)) continue;
-      const int64_t y = (tile * kT + l) / g.ow, x = (tile * kT + l) % g.ow;
-      const float* corner = image + y * g.sh * g.wp + x * g.sw;
-      for (int64_t t = 0; t < taps; ++t) buffer[t * kT + l] = corner[p.gather[t]];
-    }
+  const std::vector<float> gathered = g.direct ? std::vector<float>() : gather_tiles(p, image, first_tile,
+                                                                                     first_tile + tiles);
+  uint64_t lanes[kTilesPerTask];
+  const float* base[kTilesPerTask];
+  for (int64_t t = 0; t < tiles; ++t) {
+    lanes[t] = tile_lanes(g, first_tile + t);
+    base[t] = g.direct ? image + g.input_offset(first_tile + t) : gathered.data() + t * taps * g.tile_slots();
   }
-  for (int64_t pb = first_panel; pb < last_panel; ++pb)
-    for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-      const float* base = g.direct ? image + tile * kT : gathered.data() + (tile - first_tile) * taps * kT;
-      conv_tile(p, base, lanes[tile - first_tile], n, tile, pb);
-    }
+  std::vector<TileState<V>> states(static_cast<size_t>(tiles * panels));
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t k = 0; k < panels; ++k)
+      start_tile(states[t * panels + k], lanes[t], static_cast<int>(std::min<int64_t>(kQ, g.m - (first_panel + k) * kQ)));
+  int64_t begin = 0, stage = 0;
+  for (const int64_t end : p.blocks) {
+    const bool checkpoint = stage < p.count && p.stages[stage] == end * per_tap;
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t k = 0; k < panels; ++k) {
+        TileState<V>& s = states[t * panels + k];
+        if (s.alive == 0) continue;
+        accumulate_any<V>(s.alive, p.panels + (first_panel + k) * taps * kQ, s.live, base[t], p.offsets, p.stride,
+                       begin * per_tap, end * per_tap, s.acc);
+        if (checkpoint) test_tile(p, s, lanes[t], first_panel + k, stage);
+      }
+    stage += checkpoint;
+    begin = end;
+  }
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t k = 0; k < panels; ++k) finish_tile(p, states[t * panels + k], lanes[t], n, first_tile + t, first_panel + k);
 }
 
 struct ExPruneConvKernel {
@@ -265,15 +365,17 @@ struct ExPruneConvKernel {
     if (x.size() != 4 || w.size() != 4 || x[1] != w[1])
       ORT_CXX_API_THROW("ExPruneConvRelu: X [N, C, H, W] and W [M, C, kh, kw] disagree", ORT_INVALID_ARGUMENT);
     ConvGeometry g{x[0], x[1], x[2], x[3], w[0], w[2], w[3], strides_[0], strides_[1], dilations_[0], dilations_[1],
-                   pads_[0], pads_[1], pads_[2], pads_[3], 0, 0, 0, 0, strides_[0] == 1 && strides_[1] == 1};
+                   pads_[0], pads_[1], pads_[2], pads_[3], 0, 0, 0, 0, strides_[0] == 1 && strides_[1] == 1, false, 1};
     g.oh = (g.h + g.pt + g.pb - g.dh * (g.kh - 1) - 1) / g.sh + 1;
     g.ow = (g.w + g.pl + g.pr - g.dw * (g.kw - 1) - 1) / g.sw + 1;
     if (g.oh < 1 || g.ow < 1) ORT_CXX_API_THROW("ExPruneConvRelu: empty output", ORT_INVALID_ARGUMENT);
     if (checkpoints_.back() >= g.c)
       ORT_CXX_API_THROW("ExPruneConvRelu: checkpoints must stay below C", ORT_INVALID_ARGUMENT);
     g.wp = g.w + g.pl + g.pr;
-    // a direct tile reads kT consecutive floats at every tap: extra zero rows keep the last tile inside
-    g.hp = g.h + g.pt + g.pb + (g.direct ? (kT + g.wp - 1) / g.wp + 1 : 0);
+    // square tiles where rows fill most of a vector: they hold more neighbouring positions than a strip
+    choose_tiles(g);
+    // direct tiles read whole vectors past the last output row and column: extra zero rows keep them inside
+    g.hp = g.h + g.pt + g.pb + (g.direct ? g.vectors + (g.tile_slots() + g.wp - 1) / g.wp + 1 : 0);
     return g;
   }
 
@@ -309,7 +411,7 @@ struct ExPruneConvKernel {
       for (int64_t a = 0; a < g.kh; ++a)
         for (int64_t b = 0; b < g.kw; ++b, ++t) {
           gather[t] = c * g.plane() + a * g.dh * g.wp + b * g.dw;
-          offsets[t] = g.direct ? gather[t] : t * kT;
+          offsets[t] = g.direct ? gather[t] : t * g.tile_slots();
         }
     const int64_t per_tap = g.kh * g.kw;
     std::vector<int64_t> stages(checkpoints_.size());
@@ -321,21 +423,24 @@ struct ExPruneConvKernel {
     const int64_t tile_chunks = (g.tiles() + kTilesPerTask - 1) / kTilesPerTask;
     const int64_t panel_chunks = std::min(panels_total, std::max<int64_t>(1, 16 / (g.n * tile_chunks)));
     const int64_t panels_per_task = (panels_total + panel_chunks - 1) / panel_chunks;
-    std::vector<float> staged(static_cast<size_t>(g.n * g.m * g.tiles() * kT));
+    std::vector<float> staged(static_cast<size_t>(g.n * g.m * g.staged_plane()));
     ConvProblem problem{g, padded.data(), panels->values.data(), offsets.data(), gather.data(),
                         context.GetInput(2).GetTensorData<float>(), context.GetInput(3).GetTensorData<float>(),
-                        staged.data(),
-                        stages.data(), scale.data(), factor.data(), static_cast<int64_t>(stages.size()),
-                        tile_chunks, (panels_total + panels_per_task - 1) / panels_per_task, panels_per_task};
+                        staged.data(), stages.data(), scale.data(), factor.data(), static_cast<int64_t>(stages.size()),
+                        g.direct ? g.input_stride() : kLanes,
+                        tile_chunks, (panels_total + panels_per_task - 1) / panels_per_task, panels_per_task, {}};
+    problem.blocks = channel_blocks(problem);
     const size_t tasks = static_cast<size_t>(g.n * tile_chunks * problem.panel_chunks);
+    void (*run)(void*, size_t) = g.vectors == 3 ? conv_task<kMaxV == 3 ? 3 : 1>
+                                 : g.vectors == 2 ? conv_task<kMaxV == 3 ? 2 : 1> : conv_task<1>;
     if (tasks == 1 || g.n * g.oh * g.ow * g.m * taps < (int64_t{1} << 18)) {
-      for (size_t task = 0; task < tasks; ++task) conv_task(&problem, task);
+      for (size_t task = 0; task < tasks; ++task) run(&problem, task);
     } else {
-      context.ParallelFor(conv_task, tasks, 0, &problem);
+      context.ParallelFor(run, tasks, 0, &problem);
     }
     for (int64_t plane = 0; plane < g.n * g.m; ++plane)  // slots to output positions
       for (int64_t r = 0; r < g.oh; ++r)
-        std::memcpy(y + (plane * g.oh + r) * g.ow, staged.data() + plane * g.tiles() * kT + r * g.row_slots(),
+        std::memcpy(y + (plane * g.oh + r) * g.ow, staged.data() + plane * g.staged_plane() + r * g.row_slots(),
                     static_cast<size_t>(g.ow) * sizeof(float));
   }
 };

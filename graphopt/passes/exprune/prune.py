@@ -1,9 +1,10 @@
 """ExPrune: per-input dynamic neuron pruning of linear+ReLU and Conv+ReLU layers (graphopt.ops.exprune*).
 
-Every matched layer of the kinds `exprune_layers` names ("auto", the default: the linear layers, whose op
-has a native kernel; Conv+ReLU layers are left dense and listed as skipped, since their op's function body
-runs slower than the convolution) becomes one `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear)
-or `graphopt.ExPruneConvRelu` (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
+Every matched layer of the kinds `exprune_layers` names ("auto", the default: the linear layers, and the
+Conv+ReLU layers whose op measures faster than the convolution, each alone and then in the model, where the
+native kernel is built; "all", "linear", "conv": those layers, untimed) becomes one
+`graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear) or `graphopt.ExPruneConvRelu`
+(graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
 (graphopt.passes.exprune.calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
 output positions of the first `exprune_maps` input maps for convolutions (a seeded subset of at most
 POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held; graphopt.passes.exprune.layers). Two modes:
@@ -18,6 +19,9 @@ POSITIONS_PER_ROW · exprune_rows of them, to bound the scores held; graphopt.pa
   path of graphopt.passes.exprune.allocate (`exprune_allocation` layers, the default) or one rate for
   all layers (uniform). When even the first step (rate 0) fails, nothing is replaced and the reason is
   recorded.
+
+Then the timing (graphopt.passes.exprune.timing), after the search: a layer left dense computes exactly,
+so the certified tolerance still holds (the search is not run again).
 
 Approximate: an output differs from ReLU(Wx + b) only where a positive neuron was predicted negative,
 and then by exactly its value. Layers are calibrated on the input model's activations (not
@@ -360,10 +364,10 @@ class ExPruneOptions(Seeded):
                                           "error and skipped MACs measured alone, combined along the best ratio, "
                                           "certified as a whole on the held-out samples) or one rate for all")
     exprune_layers: str = option("auto", choices=LAYER_KINDS,
-                                 help="exprune: which ReLU layers to replace; auto (default): those with a native "
-                                      "kernel, the linear ones (the conv op has none yet and runs slower than the "
-                                      "convolution, so convolutions stay dense, named in the report); all; linear; "
-                                      "conv")
+                                 help="exprune: which ReLU layers to replace; auto (default): the linear ones, and "
+                                      "each Conv+ReLU whose op measured faster than the convolution alone and in "
+                                      "the model (native kernels built; the others stay dense, named in the "
+                                      "report with their times); all; linear; conv (untimed)")
     exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "
                                                        "calibration (default 4096)")
     exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "
@@ -372,11 +376,12 @@ class ExPruneOptions(Seeded):
                                      help="exprune: calls of N rows or more (batch x tokens) run the dense layer, "
                                           "since over several rows a dense GEMM beats any per-row skipping; 0: "
                                           "the op at every batch (default 2)")
-    exprune_timed: bool = option(False, help="exprune: time each linear layer alone, as the op and as its dense form, "
-                                             "at batch 1 on its calibration inputs, and keep it dense where the op "
-                                             "is not faster (convolutions stay dense); the op is then timed at 2, 4, "
-                                             "8, 16, 32 rows, and the layer runs dense from the first count where it "
-                                             "is not faster (unless --exprune-dense-rows 0)")
+    exprune_timed: bool = option(False, help="exprune: time each linear layer alone too (Conv+ReLU layers are timed "
+                                             "under auto already), as the op and as its dense form, at batch 1 on "
+                                             "its calibration inputs, and keep it dense where the op is not faster; "
+                                             "the op is then timed at 2, 4, 8, 16, 32 rows, and the layer runs dense "
+                                             "from the first count where it is not faster (unless "
+                                             "--exprune-dense-rows 0)")
     exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
                                                              "out for --tolerance (default 0.25)")
     exprune_confidence: float = option(DEFAULT_CONFIDENCE, metavar="C",
