@@ -15,7 +15,8 @@ false-negative rate 0.05 per output channel: graphopt.passes.exprune.conv.ConvSc
 against Conv+Relu alone at batch 1 (graphopt.passes.exprune.timing.time_conv: interleaved rounds, full graph
 optimisation) on the typical map; then the same layer on Gaussian maps of the same shape with one threshold
 per channel set so that the same fraction of positions is skipped (decisions scattered at random rather than
-in regions).
+in regions); then the op's function body (what stock onnxruntime runs) and the kernel with thresholds that
+never fire, on the trained maps.
 
 Part 2, the pass: `graphopt.optimize(method="exprune")` with its defaults (tolerance top1=0.99 on held-out
 calibration crops; each Conv+ReLU timed alone and in the model, kept only where faster) and with
@@ -154,14 +155,18 @@ def per_layer(folded: onnx.ModelProto, x: np.ndarray, threads: int) -> list[dict
         noise, tau = gaussian_like(sample.astype(np.float32), layer, found, seed=0)
         gaussian = time_conv(layer, replaced(found, tau=tau), "threshold", noise[:8].astype(np.float64), threads, 17)
         body = function_body(lambda: time_conv(layer, found, "threshold", sample[:8], threads, 17))
+        never = replaced(found, tau=np.full(len(found.tau), -np.inf, dtype=np.float32))  # nothing skipped
+        dense_path = time_conv(layer, never, "threshold", sample[:8], threads, 17)
         shape = list(sample.shape[1:])
         rows.append({"layer": layer.name, "input": shape, "output_channels": int(layer.weight.shape[0]),
                      "skip_rate": found.skip_rate, "macs_skipped": found.macs_skipped, "fnr": found.fnr,
-                     "trained_maps": real, "gaussian_maps": gaussian, "function_body": body})
+                     "trained_maps": real, "gaussian_maps": gaussian, "function_body": body,
+                     "nothing_skipped": dense_path})
         print(f"{layer.name:>12} {'x'.join(map(str, shape)):>12} -> {layer.weight.shape[0]:>3}: skipped "
               f"{found.skip_rate:.2f}, dense/op {real['speedup']:.2f} ({real['speedup_p10']:.2f}-"
               f"{real['speedup_p90']:.2f}) on trained maps, {gaussian['speedup']:.2f} ({gaussian['speedup_p10']:.2f}-"
-              f"{gaussian['speedup_p90']:.2f}) on Gaussian maps, {body['speedup']:.2f} as the function body; dense "
+              f"{gaussian['speedup_p90']:.2f}) on Gaussian maps, {body['speedup']:.2f} as the function body, "
+              f"{dense_path['speedup']:.2f} with nothing skipped; dense "
               f"{real['dense_ms']:.3f} ms", flush=True)
     return rows
 

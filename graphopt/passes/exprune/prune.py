@@ -168,17 +168,29 @@ class ExPrune(Pass):
     preserves = CHANGES_CHANNELS
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        from graphopt.calibration.data import load_data
-
         options = _options(ctx)
         result = PassResult(modified=False)
+        original, opset = None, int(graph.opset)
+        if opset < MIN_OPSET:  # the ops' function bodies need MIN_OPSET: raised, and put back if unused
+            original = ir.export_model(graph, ctx.template)
+            reason = _raise_opset(graph, original)
+            if reason:
+                result.skipped.append(reason)
+                return result
+        self._replace(graph, ctx, options, result)
+        if original is not None and result.modified:
+            result.stats["opset_raised_from"] = opset
+        elif original is not None:
+            ir.replace_graph(graph, original)
+        return result
+
+    def _replace(self, graph: gs.Graph, ctx: PassContext, options: dict[str, Any], result: PassResult) -> None:
+        from graphopt.calibration.data import load_data
+
         layers, result.skipped = discover(graph, options["kinds"])
         layers = _single_row(layers, options["dense_rows"], result)
-        if layers and graph.opset < MIN_OPSET:
-            result.skipped.extend(f"{layer.name}: model opset {graph.opset} < {MIN_OPSET}" for layer in layers)
-            layers = []
         if not layers:
-            return result
+            return
         if ctx.data is None:
             raise DataError("--method exprune calibrates thresholds on data: give --calib DATA.npz")
         model = ir.export_model(graph, ctx.template)
@@ -192,12 +204,11 @@ class ExPrune(Pass):
                                 "(or give --exprune-fnr)")
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
-                return result
+                return
         layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
         layers, chosen = _in_model(ctx, model, dataset, layers, chosen, options, result)
         if layers:
             self._apply(graph, layers, chosen, options, result, thresholds)
-        return result
 
     @staticmethod
     def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
@@ -226,6 +237,21 @@ class ExPrune(Pass):
                              "dense_rows": min(dense_from, default=0),  # the first row count any runs dense
                              "macs_skipped_fraction": skipped / total if total else 0.0,
                              "macs_skipped_per_sample": skipped})
+
+
+def _raise_opset(graph: gs.Graph, model: onnx.ModelProto) -> str:
+    """Give `graph` the model converted to MIN_OPSET by ONNX's version converter ('' on success), or why not.
+    Model-local functions need IR version 8."""
+    import onnx.version_converter
+
+    try:
+        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises its own types for ops it cannot convert
+        return (f"model opset {graph.opset} < {MIN_OPSET}, which the ExPrune ops' function bodies need, "
+                f"and ONNX's version converter refused: {exc}")
+    converted.ir_version = max(converted.ir_version, 8)
+    ir.replace_graph(graph, converted)
+    return ""
 
 
 def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> list[Layer]:

@@ -455,3 +455,47 @@ def test_layers_of_a_model_without_node_names_get_unique_op_names() -> None:
     names = [node.name for node in result.model.graph.node]
     assert sum(node.op_type.startswith("ExPrune") for node in result.model.graph.node) == 2
     assert len(names) == len(set(names))
+
+
+def _at_opset(model: onnx.ModelProto, opset: int, ir_version: int) -> onnx.ModelProto:
+    model.opset_import[0].version = opset
+    model.ir_version = ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_model_below_opset_15_is_raised_to_it_where_layers_are_replaced() -> None:
+    model = _at_opset(_gemm_relu(), 11, 6)
+    data = _data(model)
+    result = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05, **OP)
+    assert op_types(result.model).count("ExPruneLinearRelu") == 1
+    assert result.report["passes"][-1]["stats"]["opset_raised_from"] == 11
+    assert [o.version for o in result.model.opset_import if o.domain == ""] == [15]
+    assert result.model.ir_version >= 8  # model-local functions
+    onnx.checker.check_model(result.model, full_check=True)
+    assert {p.key: p.value for p in result.model.metadata_props} == {"origin": "tests"}
+    got, want = run_ort(result.model, data)["y"], run_ort(model, data)["y"]
+    assert np.all((got == 0) | np.isclose(got, want, atol=1e-4))  # a unit is exact or skipped
+    assert 0 < np.mean((got == 0) & (want > 0)) < 0.05  # the skipped positives: about the rate asked
+
+
+def test_a_model_below_opset_15_keeps_its_opset_where_nothing_is_replaced() -> None:
+    model = _at_opset(_gemm_relu(relu=False), 11, 6)
+    result = graphopt.optimize(model, method="exprune", calib=_data(model), exprune_fnr=0.05, **OP)
+    assert [o.version for o in result.model.opset_import if o.domain == ""] == [11]
+    assert result.model.ir_version == 6 and "opset_raised_from" not in result.report["passes"][-1]["stats"]
+
+
+def test_a_version_converter_refusal_is_the_reason(monkeypatch) -> None:
+    import onnx.version_converter
+
+    def refuse(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+        raise RuntimeError("No Adapter For Example")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    model = _at_opset(_gemm_relu(), 11, 6)
+    result = graphopt.optimize(model, method="exprune", calib=_data(model), exprune_fnr=0.05, **OP)
+    assert "ExPruneLinearRelu" not in op_types(result.model)
+    assert result.report["passes"][-1]["skipped"] == [
+        "model opset 11 < 15, which the ExPrune ops' function bodies need, and ONNX's version converter refused: "
+        "No Adapter For Example"]
