@@ -23,7 +23,7 @@ calibration crops; each Conv+ReLU timed alone and in the model, kept only where 
 `exprune_layers="all"` (every layer replaced, untimed), each timed against the same CNN through the
 pre-passes (`method="none"`) at batch 1, and scored on held-out crops.
 
-    graphopt ops build && python bench/exprune_conv.py --threads 2    # the README tables, about 12 minutes on 2 cores
+    graphopt ops build && python bench/exprune_conv.py --threads 2    # the README table, about 14 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def end_to_end(model: onnx.ModelProto, folded: onnx.ModelProto, calib: np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", type=int, default=2400, help="training crops")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--calib", type=int, default=1600,
                         help="calibration crops (training region; the pass holds a quarter out to certify top1)")
     parser.add_argument("--test", type=int, default=400, help="held-out crops")

@@ -47,13 +47,16 @@ def has_kernel(counter: str) -> bool:
     """Whether the built library has the kernel exporting the call counter `counter` (a library named by
     $GRAPHOPT_OPS_LIBRARY may come from older sources that lack it)."""
     library = library_path()
-    if library is None:
-        return False
+    return library is not None and hasattr(_opened(library), counter)
+
+
+def _opened(library: Path) -> Any:
+    """The library, opened once and never closed."""
     if str(library) not in _loaded:
         import ctypes
 
         _loaded[str(library)] = ctypes.CDLL(str(library))
-    return hasattr(_loaded[str(library)], counter)
+    return _loaded[str(library)]
 
 
 def register(options: Any, library: Path | None = None) -> bool:
@@ -64,9 +67,6 @@ def register(options: Any, library: Path | None = None) -> bool:
     library = library or library_path()
     if library is None:
         return False
-    if str(library) not in _loaded:
-        import ctypes
-
-        _loaded[str(library)] = ctypes.CDLL(str(library))
+    _opened(library)
     options.register_custom_ops_library(str(library))
     return True

@@ -64,10 +64,9 @@ def exprune_model(arrays: dict[str, np.ndarray], m: int, rule: str, checkpoints:
     return model
 
 
-def _conv_model(name: str, node: onnx.NodeProto, arrays: dict[str, np.ndarray], shape: tuple[int, ...],
+def _conv_model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], shape: tuple[int, ...],
                 opset: int) -> onnx.ModelProto:
-    graph = helper.make_graph([node, *([] if node.op_type != "Conv" else [helper.make_node("Relu", ["z"], ["y"])])],
-                              name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in arrays.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -80,12 +79,13 @@ def conv_models(layer: ConvLayer, found: Calibrated, rule: str, opset: int,
     from graphopt.ops.library import ensure_functions
 
     geometry = {"strides": list(layer.strides), "pads": list(layer.pads), "dilations": list(layer.dilations)}
-    dense = _conv_model("dense", helper.make_node("Conv", ["x", "w", "b"], ["z"], **geometry),
-                        {"w": layer.weight, "b": layer.bias}, shape, opset)
+    dense = _conv_model("dense", [helper.make_node("Conv", ["x", "w", "b"], ["z"], **geometry),
+                                  helper.make_node("Relu", ["z"], ["y"])], {"w": layer.weight, "b": layer.bias}, shape,
+                        opset)
     arrays = layer_arrays(layer, found)
     node = make_exprune_conv_node(["x", *arrays], "y", found.m, rule=rule, checkpoints=list(found.checkpoints),
                                   **geometry)
-    op = _conv_model("exprune", node, arrays, shape, opset)
+    op = _conv_model("exprune", [node], arrays, shape, opset)
     ensure_functions(op)
     return dense, op
 
