@@ -50,6 +50,7 @@ from graphopt.passes.exprune.layers import (Choice, Layer, best, candidate_model
                                             scorings)
 from graphopt.passes.exprune.linear import LinearLayer
 from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, GRID, tolerance_search
+from graphopt.passes.exprune.timing import MIN_SPEEDUP
 from graphopt.passes.methods import Method, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,12 @@ def _faster(ctx: PassContext, graph: gs.Graph, layer: Layer, scoring: Any, found
     # what time would be if it fell with the MACs the op skips (the probe counted as spent)
     timing["op_ms_predicted"] = timing["dense_ms"] * (1.0 - found.macs_skipped)
     result.stats.update({f"{layer.name}.{key}": value for key, value in timing.items()})
-    if timing["speedup"] > 1.0:
+    if timing["speedup"] >= MIN_SPEEDUP:
         return True
     result.skipped.append(f"{layer.name}: left dense, the op took {timing['op_ms']:.4f} ms against "
                           f"{timing['dense_ms']:.4f} ms dense at batch 1 (speedup {timing['speedup']:.2f}, "
-                          f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f})")
+                          f"p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}; kept from "
+                          f"{MIN_SPEEDUP:.2f})")
     return False
 
 
@@ -350,13 +352,13 @@ def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[
                              int(ctx.option("threads") or 0))
         result.stats.update({"conv_dense_model_ms": timing["reference_ms"], "conv_model_ms": timing["candidate_ms"],
                              **{f"conv_model_{key}": timing[key] for key in ("speedup", "speedup_p10", "speedup_p90")}})
-        if timing["speedup"] > 1.0:
+        if timing["speedup"] >= MIN_SPEEDUP:
             break
         dropped.append(timed.pop())
         result.skipped.append(f"{layers[dropped[-1]].name}: left dense, faster alone but the model with "
                               f"{len(timed) + 1} convolution op(s) ran {timing['speedup']:.2f}x as fast as without "
-                              f"them (p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}; the "
-                              "blocked layout is converted around each op)")
+                              f"them (p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}, kept from "
+                              f"{MIN_SPEEDUP:.2f}; the blocked layout is converted around each op)")
     result.stats["layers_left_dense"] = result.stats.get("layers_left_dense", 0) + len(dropped)
     return _without(layers, dropped), _without(chosen, dropped)
 

@@ -342,7 +342,7 @@ def test_by_default_each_convolution_is_replaced_exactly_where_its_op_measured_f
     assert stats["/7/Conv.op_ms_predicted"] == pytest.approx(1.5 * (1 - stats["/7/Conv.macs_skipped"]))
     assert [r for r in skipped if "left dense" in r and "Conv" in r] == [
         "/3/Conv: left dense, the op took 1.0000 ms against 0.8000 ms dense at batch 1 (speedup 0.80, p10-p90 "
-        "0.80-0.80)"]
+        "0.80-0.80; kept from 1.02)"]
     assert seen == [1] and stats["conv_model_speedup"] == 1.1  # the whole model, with and without the winner
     assert "/12/Gemm.speedup" not in stats  # linear layers are timed under --exprune-timed only
     assert stats["conv_layers"] == 1
@@ -357,7 +357,7 @@ def test_a_convolution_faster_alone_that_slows_the_model_stays_dense(monkeypatch
     stats, skipped = result.report["passes"][-1]["stats"], result.report["passes"][-1]["skipped"]
     assert seen == [1] and stats["layers_left_dense"] == 2 and stats.get("conv_layers", 0) == 0
     assert ("/7/Conv: left dense, faster alone but the model with 1 convolution op(s) ran 0.83x as fast as without "
-            "them (p10-p90 0.83-0.83; the blocked layout is converted around each op)") in skipped
+            "them (p10-p90 0.83-0.83, kept from 1.02; the blocked layout is converted around each op)") in skipped
 
 
 def test_the_timed_convolution_models_compute_the_layer_and_its_op() -> None:
@@ -499,3 +499,11 @@ def test_a_version_converter_refusal_is_the_reason(monkeypatch) -> None:
     assert result.report["passes"][-1]["skipped"] == [
         "model opset 11 < 15, which the ExPrune ops' function bodies need, and ONNX's version converter refused: "
         "No Adapter For Example"]
+
+
+def test_a_gain_within_the_timing_noise_keeps_the_convolution_dense(monkeypatch) -> None:
+    seen = _scripted_timings(monkeypatch, in_model=[1.01])  # faster, but by less than MIN_SPEEDUP
+    model, calib = _digits()
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
+    assert seen == [1] and "ExPruneConvRelu" not in op_types(result.model)
+    assert result.report["passes"][-1]["stats"]["conv_model_speedup"] == 1.01
