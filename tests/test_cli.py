@@ -450,3 +450,20 @@ def test_optimize_bench_times_original_and_result_at_batch_one_and_the_bench_bat
     code, _, err = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "out2.onnx", "--method", "none",
                          "--bench-batch", "0", "--quiet")
     assert code == 2 and "--bench-batch" in err
+
+
+@pytest.mark.parametrize("built", [True, False])
+def test_optimize_notes_convolution_ops_written_untimed(capfd, tmp_path: Path, monkeypatch, built: bool) -> None:
+    """`--exprune-layers all` writes the digits sample's Conv+ReLU layers as ops without timing them: optimize
+    says they can run slower, and why (the native kernels not built, or the layers not timed)."""
+    from graphopt.ops import native
+
+    monkeypatch.setattr(native, "has_kernel", lambda counter: built)
+    samples = Path(__file__).resolve().parents[1] / "samples"
+    code, out, _ = _call(capfd, "optimize", samples / "digits_cnn.onnx", "-o", tmp_path / "e.onnx", "--method",
+                         "exprune", "--calib", samples / "digits_calib.npz", "--exprune-fnr", "0.05",
+                         "--exprune-layers", "all", "--quiet")
+    assert code == 0
+    notes = [line for line in out.splitlines() if line.startswith("note: 2 Conv+ReLU layer(s)")]
+    assert len(notes) == 1
+    assert ("native kernels are not built" in notes[0]) != built and ("without being timed" in notes[0]) == built
