@@ -150,6 +150,48 @@ inline void checkpoint_factors(int64_t d, const std::vector<int64_t>& checkpoint
   }
 }
 
+// The first `depth` columns of a constant W [rows, columns] as panels of `width` rows (neurons, output channels),
+// packed once when a kernel is created, k-major: values[((j / width) * depth + i) * width + j % width] = W[j, i],
+// zero past the last row. The linear kernel packs its probe prefixes (depth m, width kLanes) for batch 1 and
+// all of W (depth d, width kNr) for batch > 1; the convolution kernel all of W [M, C · kh · kw] (width kQ).
+struct Panels {
+  std::vector<float> values;
+  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panels
+  int64_t n = 0, d = 0, panels = 0;
+
+  void pack(const float* w, int64_t rows, int64_t columns, int64_t depth, int64_t width) {
+    panels = (rows + width - 1) / width;
+    values.assign(static_cast<size_t>(panels * depth * width), 0.0f);
+    for (int64_t j = 0; j < rows; ++j)
+      for (int64_t i = 0; i < depth; ++i) values[((j / width) * depth + i) * width + j % width] = w[j * columns + i];
+    source = w;
+    n = rows;
+    d = columns;
+  }
+
+  bool ready(const float* w, int64_t rows, int64_t columns) const {
+    return source != nullptr && w == source && rows == n && columns == d;
+  }
+};
+
+// An ExPrune op for onnxruntime's custom-op API: inputs X, W, B, Tau (float) and Perm (int64), one float output,
+// run on the CPU provider by `Kernel`.
+template <typename Kernel>
+struct ExPruneOp : Ort::CustomOpBase<ExPruneOp<Kernel>, Kernel> {
+  explicit ExPruneOp(const char* name) : name_(name) {}
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Kernel(api, info); }
+  const char* GetName() const { return name_; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+  const char* name_;
+};
+
 }  // namespace
 
 // graphopt.ExPruneConvRelu (exprune_conv_kernel.cc), registered beside graphopt.ExPruneLinearRelu.

@@ -99,27 +99,6 @@ void choose_tiles(ConvGeometry& g) {
   }
 }
 
-// W [M, C, kh, kw] as panels of kQ output channels, tap-major: values[(j / kQ) * T * kQ + t * kQ + j % kQ],
-// zero past M.
-struct ConvPanels {
-  std::vector<float> values;
-  const float* source = nullptr;
-  int64_t m = 0, taps = 0;
-
-  void pack(const float* w, int64_t channels, int64_t tap_count) {
-    const int64_t panels = (channels + kQ - 1) / kQ;
-    values.assign(static_cast<size_t>(panels * tap_count * kQ), 0.0f);
-    for (int64_t j = 0; j < channels; ++j)
-      for (int64_t t = 0; t < tap_count; ++t) values[((j / kQ) * tap_count + t) * kQ + j % kQ] = w[j * tap_count + t];
-    source = w;
-    m = channels;
-    taps = tap_count;
-  }
-
-  bool ready(const float* w, int64_t channels, int64_t tap_count) const {
-    return source != nullptr && w == source && channels == m && tap_count == taps;
-  }
-};
 
 struct ConvProblem {
   ConvGeometry g;
@@ -339,7 +318,7 @@ struct ExPruneConvKernel {
   int64_t m_;
   std::vector<int64_t> checkpoints_;
   std::vector<int64_t> strides_, pads_, dilations_;
-  ConvPanels panels_;
+  Panels panels_;  // W [M, C, kh, kw] as panels of kQ output channels, tap-major (depth C · kh · kw)
 
   ExPruneConvKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -357,7 +336,8 @@ struct ExPruneConvKernel {
     Ort::ConstValue weight = kernel_info.GetTensorConstantInput(1, &is_constant);
     if (is_constant) {
       const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
-      if (shape.size() == 4) panels_.pack(weight.GetTensorData<float>(), shape[0], shape[1] * shape[2] * shape[3]);
+      const int64_t taps = shape.size() == 4 ? shape[1] * shape[2] * shape[3] : 0;
+      if (taps > 0) panels_.pack(weight.GetTensorData<float>(), shape[0], taps, taps, kQ);
     }
   }
 
@@ -400,10 +380,10 @@ struct ExPruneConvKernel {
       }
     const int64_t taps = g.taps();
     const float* w = w_value.GetTensorData<float>();
-    ConvPanels local;
-    const ConvPanels* panels = &panels_;
+    Panels local;
+    const Panels* panels = &panels_;
     if (!panels_.ready(w, g.m, taps)) {
-      local.pack(w, g.m, taps);
+      local.pack(w, g.m, taps, taps, kQ);
       panels = &local;
     }
     std::vector<int64_t> offsets(static_cast<size_t>(taps)), gather(static_cast<size_t>(taps));
@@ -445,22 +425,10 @@ struct ExPruneConvKernel {
   }
 };
 
-struct ExPruneConvOp : Ort::CustomOpBase<ExPruneConvOp, ExPruneConvKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new ExPruneConvKernel(api, info); }
-  const char* GetName() const { return "ExPruneConvRelu"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
 }  // namespace
 
 const OrtCustomOp* exprune_conv_op() {
-  static ExPruneConvOp op;
+  static ExPruneOp<ExPruneConvKernel> op("ExPruneConvRelu");
   return &op;
 }
 

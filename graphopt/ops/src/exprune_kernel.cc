@@ -366,29 +366,6 @@ int64_t chunk_size(int64_t rows, int64_t n, int64_t d) {
   return (chunk + kBlock - 1) / kBlock * kBlock;
 }
 
-// The first `depth` columns of a constant W as panels of `width` neurons, packed once when the kernel is
-// created, k-major: values[((j / width) * depth + i) * width + j % width] = W[j, i], zero past n.
-// Batch 1 packs the probe prefixes (depth m, width kLanes; m · n floats beside W), batch > 1 all of W
-// (depth d, width kNr).
-struct Panels {
-  std::vector<float> values;
-  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panels
-  int64_t n = 0, d = 0, panels = 0;
-
-  void pack(const float* w, int64_t rows, int64_t columns, int64_t depth, int64_t width) {
-    panels = (rows + width - 1) / width;
-    values.assign(static_cast<size_t>(panels * depth * width), 0.0f);
-    for (int64_t j = 0; j < rows; ++j)
-      for (int64_t i = 0; i < depth; ++i) values[((j / width) * depth + i) * width + j % width] = w[j * columns + i];
-    source = w;
-    n = rows;
-    d = columns;
-  }
-
-  bool ready(const float* w, int64_t rows, int64_t columns) const {
-    return source != nullptr && w == source && rows == n && columns == d;
-  }
-};
 
 // Batch > 1 (kGemmRows rows or more) with a constant W: a GEMM over weight panels packed once, when the
 // kernel is created (kNr neurons per panel, stored k-major: panel[i][0..kNr) = W[j0.., i], zero-padded past
@@ -566,18 +543,6 @@ struct ExPruneKernel {
   }
 };
 
-struct ExPruneOp : Ort::CustomOpBase<ExPruneOp, ExPruneKernel> {
-  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new ExPruneKernel(api, info); }
-  const char* GetName() const { return "ExPruneLinearRelu"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
 }  // namespace
 
 extern "C" {
@@ -587,7 +552,7 @@ __attribute__((visibility("default"))) int64_t graphopt_exprune_calls() { return
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                 const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  static ExPruneOp op;
+  static ExPruneOp<ExPruneKernel> op("ExPruneLinearRelu");
   static std::mutex guard;
   static std::vector<Ort::CustomOpDomain> domains;
   try {
