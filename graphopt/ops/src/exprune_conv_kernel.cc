@@ -7,18 +7,21 @@
 // score < Tau[j] * f_k zeroes the output and stops its sum. A position that never fires gets
 // max(S_C + B[j], 0).
 //
-// Layout: X' = X[:, Perm] is copied once per call into a zero-padded buffer (pads folded in, rows widened so
-// whole vectors stay inside), and W is packed, once when the kernel is created for a constant W, into panels
-// of kQ output channels, tap-major (panel[t][q] = W[j0 + q, t], t = (c·kh + a)·kw + b). Output rows are
-// cut into tiles of kLanes consecutive positions; with stride 1 along the width a tile's inputs at every tap
-// are kLanes consecutive floats of the buffer (a direct convolution, no im2col), otherwise they are gathered
-// into a small tile buffer first. For each panel a tile keeps one vector of sums per output channel: per tap,
-// one load of the inputs and one broadcast weight per channel feed the FMAs. At a checkpoint each channel's
-// lanes are tested at once (the same float32 score and boundary as the function body, one operation at a
-// time); a channel whose lanes have all fired leaves the tile's later taps, and a tile whose channels have
-// all fired stops. So the saving comes from output channels that are predicted negative over a run of
-// kLanes neighbouring positions, which is how ReLU maps of trained CNNs are zero (in regions), while
-// scattered single positions are computed along and zeroed. Rows of output are split over onnxruntime's
+// Layout: X' = X[:, Perm] is copied once per call into a zero-padded buffer (pads folded in, extra zero rows
+// so whole vectors stay inside), and W is packed, once when the kernel is created for a constant W, into panels
+// of kQ output channels, tap-major (panel[t][q] = W[j0 + q, t], t = (c·kh + a)·kw + b). Output positions are
+// cut into tiles of V vectors of kLanes positions (V = 1..3, chosen per layer by the slots it computes,
+// choose_tiles): square tiles of V rows where output rows fill most of a vector, strips of consecutive
+// positions elsewhere. With stride 1 a vector's inputs at every tap are kLanes consecutive floats of the buffer
+// (a direct convolution, no im2col); strided convolutions gather each tile's inputs first. For each panel a tile
+// keeps kQ · V vectors of sums in registers: per tap, V loads of inputs and one broadcast weight per channel
+// feed the FMAs. A task walks its tiles and panels one block of input channels at a time (about kBlockTaps
+// taps: a block's inputs and weights stay in the L1 cache), keeping each tile's sums between blocks. At a
+// checkpoint each channel's lanes are tested at once (the same float32 score and boundary as the function
+// body, one operation at a time); a channel whose lanes have all fired leaves the tile's later taps. So the
+// saving comes from output channels that are predicted negative over a whole tile of neighbouring positions,
+// which is how ReLU maps of trained CNNs are zero (in regions), while scattered single positions are computed
+// along and zeroed. Tasks (runs of tiles, and of panels where the tiles are few) are split over onnxruntime's
 // intra-op thread pool.
 //
 // Numerics: FMA in SIMD lanes, summed in tap order (onnxruntime's Conv sums in its own order), so a score
