@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import accuracy, add_thread_arguments, predict, start_run, train  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.calibration.data import load_data  # noqa: E402
+from graphopt.calibration.maps import sample_maps  # noqa: E402
 from graphopt.ir import graph as ir  # noqa: E402
 from graphopt.passes.exprune.conv import ConvScoring  # noqa: E402
 from graphopt.passes.exprune.layers import discover  # noqa: E402
@@ -92,20 +94,6 @@ def export(module: nn.Module, path: Path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-def layer_inputs(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
-    """The tensors `names` of `model` on inputs x (onnxruntime, graph optimisations off)."""
-    from graphopt.calibration.session import make_session
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    del exposed.graph.output[:]
-    exposed.graph.output.extend([onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                 for name in names])
-    session = make_session(exposed, optimize=False)
-    outputs = [session.run(None, {"image": x[i:i + 8]}) for i in range(0, len(x), 8)]
-    return {name: np.concatenate([out[k] for out in outputs]) for k, name in enumerate(names)}
-
-
 def gaussian_like(maps: np.ndarray, layer, found, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian maps of the shape of `maps` (scaled to their RMS) and per-channel thresholds that skip each
     channel's share of positions seen on the real maps, so only where the skips fall differs."""
@@ -145,7 +133,9 @@ def per_layer(folded: onnx.ModelProto, x: np.ndarray, threads: int) -> list[dict
 
     graph = ir.import_graph(folded)
     layers, _ = discover(graph, "conv")
-    maps = layer_inputs(folded, [layer.source.name for layer in layers], x)
+    # the pass's own sampler: whole input maps of the first len(x) samples
+    maps = sample_maps(folded, load_data({"image": x}, folded), [layer.source.name for layer in layers],
+                       max_items=len(x), batch_size=8)
     rows = []
     for layer in layers:
         sample = maps[layer.source.name].astype(np.float64)

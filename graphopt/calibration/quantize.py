@@ -35,11 +35,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import onnx
-import onnx.version_converter
 
 from graphopt.calibration.data import Dataset
 from graphopt.calibration.session import runtime
 from graphopt.errors import GraphoptError
+from graphopt.ir.graph import at_opset
 from graphopt.ir.shapes import input_specs
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def _at_qdq_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     why = "per-channel QDQ quantization" if needed == QDQ_OPSET else "DequantizeLinear with float16 scales"
     try:
-        converted = onnx.version_converter.convert_version(model, needed)
-    except Exception as exc:  # the converter raises its own types for ops it cannot convert
+        converted = at_opset(model, needed)
+    except ValueError as exc:
         raise QuantizeError(f"the model is at opset {default_opset(model)}; {why} needs opset {needed} and "
                             f"ONNX's converter refused: {exc}") from exc
     log.info("opset raised from %d to %d for %s", default_opset(model), needed, why)

@@ -134,6 +134,18 @@ def like_template_value_info(model: onnx.ModelProto, template: onnx.ModelProto) 
     return model
 
 
+def at_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """`model` converted to default-domain opset `version` by ONNX's version converter; ValueError with the
+    converter's reason where it cannot convert an op. Passes that need a newer opset (per-axis QDQ, model-local
+    functions with CastLike) convert with it and report `opset_raised_from`."""
+    import onnx.version_converter
+
+    try:
+        return onnx.version_converter.convert_version(model, version)
+    except Exception as exc:  # the converter raises its own types for ops it cannot convert
+        raise ValueError(str(exc)) from exc
+
+
 def _raised_opset(model: onnx.ModelProto, graph: gs.Graph) -> None:
     """The default domain at `graph.opset` where a pass converted the graph to a newer opset, with the IR
     version the converted graph carries."""

@@ -339,6 +339,10 @@ def test_methods_on_the_light_model_zoo(file: str, run_id: str, tmp_path: Path) 
     if not (LIGHT / file).exists():
         pytest.skip(f"onnx {onnx.__version__} does not ship {file}")
     _assert(outcome(LIGHT / file, RUNS[run_id], 0.5, tmp_path), ACCEPTABLE)
+    if run_id == "snp,exprune":  # opset 9: ExPrune raised it to 15 to write its ops
+        written = onnx.load(str(tmp_path / f"{Path(file).stem}-{run_id}-0.5.onnx"))
+        assert any(node.op_type == "ExPruneConvRelu" for node in written.graph.node)
+        assert [o.version for o in written.opset_import if o.domain in ("", "ai.onnx")] == [15]
 
 
 @pytest.mark.parametrize("run_id", list(RUNS))

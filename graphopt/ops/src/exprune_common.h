@@ -57,7 +57,9 @@ inline float vsum(vec a) {
 inline vec vset1(float v) { return _mm256_set1_ps(v); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-inline uint32_t vless(vec a, vec b) { return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ))); }
+inline uint32_t vless(vec a, vec b) {
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LT_OQ)));
+}
 inline vec vrelu_kept(vec a, vec b, uint32_t keep) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256i kept = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(keep)), bits), bits);
@@ -116,7 +118,8 @@ inline vec in_register(vec v) {
 // validated against its rule; `op` names the op in the errors.
 inline std::vector<int64_t> read_checkpoints(const Ort::ConstKernelInfo& info, int64_t m, const std::string& op) {
   const std::string rule = info.GetAttribute<std::string>("rule");
-  if (rule != "threshold" && rule != "sequential") ORT_CXX_API_THROW(op + ": unknown rule " + rule, ORT_INVALID_ARGUMENT);
+  if (rule != "threshold" && rule != "sequential")
+    ORT_CXX_API_THROW(op + ": unknown rule " + rule, ORT_INVALID_ARGUMENT);
   std::vector<int64_t> checkpoints;
   try {
     checkpoints = info.GetAttributes<int64_t>("checkpoints");

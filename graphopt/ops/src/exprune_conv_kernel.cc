@@ -75,11 +75,12 @@ struct ConvGeometry {
     *x = slot % row_slots();
     return *y < oh && *x < ow;
   }
-  // Direct tiles: the buffer offset of a tile's first input, and between its vectors.
+  // Direct tiles: the buffer offset of a tile's first input. Any tile: the offset between its vectors' inputs
+  // (gathered tiles hold [taps][V · kLanes]).
   int64_t input_offset(int64_t tile) const {
     return square ? (tile / tiles_x()) * vectors * wp + (tile % tiles_x()) * kLanes : tile * tile_slots();
   }
-  int64_t input_stride() const { return square ? wp : kLanes; }
+  int64_t input_stride() const { return direct && square ? wp : kLanes; }
 };
 
 // The tile shape that computes the fewest slots, weighted by what its vectors cost: V vectors (kMaxV down to
@@ -116,7 +117,6 @@ struct ConvProblem {
   const float* scale;
   const float* factor;
   int64_t count;            // checkpoints
-  int64_t stride;           // between a tile's vectors of inputs: g.input_stride() (direct) or kLanes
   int64_t tile_chunks, panel_chunks, panels_per_task;
   std::vector<int64_t> blocks;  // channel_blocks
 };
@@ -197,13 +197,13 @@ struct TileState {
 };
 
 template <int V>
-void start_tile(TileState<V>& s, uint64_t lanes, int channels) {
+void start_tile(const ConvGeometry& g, TileState<V>& s, uint64_t lanes, int64_t pb) {
   for (int q = 0; q < kQ; ++q) {
     for (int v = 0; v < V; ++v) s.acc[q][v] = vzero();
     s.fired[q] = ~lanes;
     s.live[q] = q;
   }
-  s.alive = channels;
+  s.alive = static_cast<int>(std::min<int64_t>(kQ, g.m - pb * kQ));  // the panel's channels
 }
 
 // Checkpoint c of the live channels of panel `pb`: the lanes whose score falls below the boundary fire, and a
@@ -298,7 +298,7 @@ void conv_task(void* data, size_t index) {
   std::vector<TileState<V>> states(static_cast<size_t>(tiles * panels));
   for (int64_t t = 0; t < tiles; ++t)
     for (int64_t k = 0; k < panels; ++k)
-      start_tile(states[t * panels + k], lanes[t], static_cast<int>(std::min<int64_t>(kQ, g.m - (first_panel + k) * kQ)));
+      start_tile(g, states[t * panels + k], lanes[t], first_panel + k);
   int64_t begin = 0, stage = 0;
   for (const int64_t end : p.blocks) {
     const bool checkpoint = stage < p.count && p.stages[stage] == end * per_tap;
@@ -306,15 +306,16 @@ void conv_task(void* data, size_t index) {
       for (int64_t k = 0; k < panels; ++k) {
         TileState<V>& s = states[t * panels + k];
         if (s.alive == 0) continue;
-        accumulate_any<V>(s.alive, p.panels + (first_panel + k) * taps * kQ, s.live, base[t], p.offsets, p.stride,
-                       begin * per_tap, end * per_tap, s.acc);
+        accumulate_any<V>(s.alive, p.panels + (first_panel + k) * taps * kQ, s.live, base[t], p.offsets,
+                          g.input_stride(), begin * per_tap, end * per_tap, s.acc);
         if (checkpoint) test_tile(p, s, lanes[t], first_panel + k, stage);
       }
     stage += checkpoint;
     begin = end;
   }
   for (int64_t t = 0; t < tiles; ++t)
-    for (int64_t k = 0; k < panels; ++k) finish_tile(p, states[t * panels + k], lanes[t], n, first_tile + t, first_panel + k);
+    for (int64_t k = 0; k < panels; ++k)
+      finish_tile(p, states[t * panels + k], lanes[t], n, first_tile + t, first_panel + k);
 }
 
 struct ExPruneConvKernel {
@@ -410,7 +411,6 @@ struct ExPruneConvKernel {
     ConvProblem problem{g, padded.data(), panels->values.data(), offsets.data(), gather.data(),
                         context.GetInput(2).GetTensorData<float>(), context.GetInput(3).GetTensorData<float>(),
                         staged.data(), stages.data(), scale.data(), factor.data(), static_cast<int64_t>(stages.size()),
-                        g.direct ? g.input_stride() : kLanes,
                         tile_chunks, (panels_total + panels_per_task - 1) / panels_per_task, panels_per_task, {}};
     problem.blocks = channel_blocks(problem);
     const size_t tasks = static_cast<size_t>(g.n * tile_chunks * problem.panel_chunks);

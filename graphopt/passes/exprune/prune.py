@@ -243,11 +243,9 @@ class ExPrune(Pass):
 def _raise_opset(graph: gs.Graph, model: onnx.ModelProto) -> str:
     """Give `graph` the model converted to MIN_OPSET by ONNX's version converter ('' on success), or why not.
     Model-local functions need IR version 8."""
-    import onnx.version_converter
-
     try:
-        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
-    except Exception as exc:  # the converter raises its own types for ops it cannot convert
+        converted = ir.at_opset(model, MIN_OPSET)
+    except ValueError as exc:
         return (f"model opset {graph.opset} < {MIN_OPSET}, which the ExPrune ops' function bodies need, "
                 f"and ONNX's version converter refused: {exc}")
     converted.ir_version = max(converted.ir_version, 8)

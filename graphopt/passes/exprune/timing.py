@@ -37,10 +37,12 @@ ROW_GRID = (2, 4, 8, 16, 32)  # row counts at which the bare op is timed against
 TIMING_ROWS = 64  # calibration rows kept per layer, to time it on the one with the median skip count
 
 
-def _model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], d: int, n: int,
-           opset: int) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])],
+def _model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], sample: tuple[int, ...],
+           output: tuple[int, ...] | None, opset: int) -> onnx.ModelProto:
+    """A one-layer model x [N, *sample] -> y ([N, *output], or undeclared) on the constants `arrays`."""
+    declared = None if output is None else ["N", *output]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *sample])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, declared)],
                               [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in arrays.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -50,7 +52,8 @@ def dense_relu_model(weight: np.ndarray, bias: np.ndarray, opset: int = 17) -> o
     n, d = weight.shape
     nodes = [helper.make_node("MatMul", ["x", "wt"], ["h"]), helper.make_node("Add", ["h", "b"], ["z"]),
              helper.make_node("Relu", ["z"], ["y"])]
-    return _model("dense", nodes, {"wt": weight.T.astype(np.float32), "b": bias.astype(np.float32)}, d, n, opset)
+    return _model("dense", nodes, {"wt": weight.T.astype(np.float32), "b": bias.astype(np.float32)}, (d,), (n,),
+                  opset)
 
 
 def exprune_model(arrays: dict[str, np.ndarray], m: int, rule: str, checkpoints: list[int],
@@ -62,17 +65,9 @@ def exprune_model(arrays: dict[str, np.ndarray], m: int, rule: str, checkpoints:
 
     n, d = arrays["W"].shape
     node = make_exprune_node(["x", *arrays], "y", m, rule=rule, checkpoints=list(checkpoints))
-    model = _model("exprune", [node], arrays, d, n, opset)
+    model = _model("exprune", [node], arrays, (d,), (n,), opset)
     ensure_functions(model)
     return model
-
-
-def _conv_model(name: str, nodes: list[onnx.NodeProto], arrays: dict[str, np.ndarray], shape: tuple[int, ...],
-                opset: int) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *shape])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in arrays.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 def conv_models(layer: ConvLayer, found: Calibrated, rule: str, opset: int,
@@ -82,13 +77,13 @@ def conv_models(layer: ConvLayer, found: Calibrated, rule: str, opset: int,
     from graphopt.ops.library import ensure_functions
 
     geometry = {"strides": list(layer.strides), "pads": list(layer.pads), "dilations": list(layer.dilations)}
-    dense = _conv_model("dense", [helper.make_node("Conv", ["x", "w", "b"], ["z"], **geometry),
-                                  helper.make_node("Relu", ["z"], ["y"])], {"w": layer.weight, "b": layer.bias}, shape,
-                        opset)
+    dense = _model("dense", [helper.make_node("Conv", ["x", "w", "b"], ["z"], **geometry),
+                             helper.make_node("Relu", ["z"], ["y"])], {"w": layer.weight, "b": layer.bias}, shape, None,
+                   opset)
     arrays = layer_arrays(layer, found)
     node = make_exprune_conv_node(["x", *arrays], "y", found.m, rule=rule, checkpoints=list(found.checkpoints),
                                   **geometry)
-    op = _conv_model("exprune", [node], arrays, shape, opset)
+    op = _model("exprune", [node], arrays, shape, None, opset)
     ensure_functions(op)
     return dense, op
 
