@@ -511,19 +511,21 @@ def _print_exprune(report: dict[str, Any]) -> None:
     print(f"exprune skips {dynamic['fraction_of_model']:.1%} of the remaining MACs per input "
           f"(measured on the {dynamic['data']} samples){dense}")
     stats = next((p["stats"] for p in report["passes"] if p["pass"] == "exprune"), {})
-    convs = stats.get("conv_layers", 0)
-    if not convs:
+    layers, convs = stats.get("layers", 0), stats.get("conv_layers", 0)
+    if not layers:
         return
     from graphopt.calibration.session import native_conv_kernel
 
-    if not native_conv_kernel():
+    if convs and not native_conv_kernel():
         print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu and the native kernels are not "
               "built (graphopt ops build): they skip MACs but run slower than the convolutions they replace "
               "(the default, --exprune-layers auto, leaves them dense)")
     elif not any(key.endswith(".speedup") for key in stats):
-        print(f"note: {convs} Conv+ReLU layer(s) became graphopt.ExPruneConvRelu without being timed "
-              "(--exprune-layers all or conv): where their zeros are scattered they can run slower than the "
-              "convolutions; the default, --exprune-layers auto, keeps only those measured faster")
+        kinds = " and ".join([f"{convs} Conv+ReLU layer(s)"] * bool(convs) +
+                             [f"{layers - convs} linear layer(s)"] * bool(layers - convs))
+        print(f"note: {kinds} became ExPrune ops without being timed (--exprune-layers all, linear or conv): where "
+              "few of their units are skipped, or their zeros scatter, they can run slower than the dense layers; "
+              "the default, --exprune-layers auto, keeps only those measured faster")
 
 
 def _print_unchanged(report: dict[str, Any]) -> None:

@@ -84,7 +84,8 @@ def test_verify_reports_the_metric(folder: Path, capfd: pytest.CaptureFixture[st
 
 def test_the_metric_drives_exprune_tolerance(folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
     code, out, err = _call(capfd, "optimize", "model.onnx", "-o", "out.onnx", "--method", "exprune", "--calib",
-                           "calib.npz", "--metric", "mymetric:score", "--tolerance", "score=0.97", "--json", "--quiet")
+                           "calib.npz", "--metric", "mymetric:score", "--tolerance", "score=0.97",
+                           "--exprune-layers", "all", "--json", "--quiet")
     assert code == 0, err
     report = json.loads(out)
     stats = next(p for p in report["passes"] if p["pass"] == "exprune")["stats"]

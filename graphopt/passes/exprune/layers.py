@@ -39,7 +39,7 @@ SLOWER_CONV = ("left dense: the native kernels are not built (graphopt ops build
 
 
 def discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
-    """The layers to replace for `kinds` ("auto": linear layers, and the convolutions where the native kernel is
+    """The layers to search for `kinds` ("auto": linear layers, and the convolutions where the native kernel is
     built, else named as left dense; "all", "linear", "conv"), and why others were not."""
     from graphopt.calibration.session import native_conv_kernel
 

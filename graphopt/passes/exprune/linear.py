@@ -119,7 +119,7 @@ class LinearScoring:
         self.scores = self.score(rows)
         self.positive = (rows @ weight.T + layer.bias) > 0
         self.macs_per_sample = layer.macs_per_sample()
-        self.sample = np.asarray(rows[:TIMING_ROWS], dtype=np.float32)  # to time the layer on (--exprune-timed)
+        self.sample = np.asarray(rows[:TIMING_ROWS], dtype=np.float32)  # to time the layer on
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         return checkpoint_scores(rows[:, self.perm], self.layer.weight[:, self.perm], self.layer.bias,

@@ -1,8 +1,9 @@
 """ExPrune: per-input dynamic neuron pruning of linear+ReLU and Conv+ReLU layers (graphopt.ops.exprune*).
 
-Every matched layer of the kinds `exprune_layers` names ("auto", the default: the linear layers, and the
-Conv+ReLU layers whose op measures faster than the convolution, each alone and then in the model, where the
-native kernel is built; "all", "linear", "conv": those layers, untimed) becomes one
+Every matched layer of the kinds `exprune_layers` names ("auto", the default: the linear and Conv+ReLU
+layers whose op measures faster than the dense layer, each alone and then in the model, convolutions only
+where the native kernel is built; "all", "linear", "conv": those layers, untimed unless `exprune_timed`)
+becomes one
 `graphopt.ExPruneLinearRelu` (graphopt.passes.exprune.linear) or `graphopt.ExPruneConvRelu`
 (graphopt.passes.exprune.conv) op whose thresholds are calibrated on data
 (graphopt.passes.exprune.calib): rows of sampled layer inputs for linear layers (`exprune_rows`), the
@@ -206,10 +207,14 @@ class ExPrune(Pass):
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
                 return
+        timed = len(layers)
         layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
         layers, chosen = _in_model(ctx, model, dataset, layers, chosen, options, result)
         if layers:
             self._apply(graph, layers, chosen, options, result, thresholds)
+        else:  # the reason to read first: each layer's own line follows
+            result.skipped.insert(0, f"every layer chosen ({timed}) left dense: none measured at least "
+                                     f"{MIN_SPEEDUP:.2f}x as fast as its dense form, alone and in the model")
 
     @staticmethod
     def _apply(graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
@@ -273,23 +278,19 @@ def _single_row(layers: list[Layer], dense_rows: int, result: PassResult) -> lis
 def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[Choice], options: dict[str, Any],
            result: PassResult) -> tuple[list[Layer], list[Choice], dict[str, int]]:
     """The layers to replace after timing each alone (graphopt.passes.exprune.timing) against its dense form at
-    batch 1: convolutions under --exprune-layers auto or --exprune-timed where the native kernel is built (else
-    they stay dense), linear layers under --exprune-timed (as written, in their row dispatch, with the row
-    count from which each should run dense). A timed layer is kept where its op is faster; its times go into
-    the stats, each layer left dense into `skipped` with the reason."""
+    batch 1, under --exprune-layers auto or --exprune-timed: convolutions where the native kernel is built (else
+    they stay dense), linear layers as written, in their row dispatch, with the row count from which each
+    should run dense. A timed layer is kept where its op is faster; its times go into the stats, each layer
+    left dense into `skipped` with the reason."""
     from graphopt.calibration.session import native_conv_kernel
 
-    every = bool(ctx.option("exprune_timed", False))
-    if not every and (options["kinds"] != "auto" or not any(isinstance(layer, ConvLayer) for layer in layers)):
-        return layers, chosen, {}  # nothing to time
+    if not _timing(ctx, options):
+        return layers, chosen, {}
     native_conv = native_conv_kernel()
     kept: list[tuple[Layer, Choice]] = []
     thresholds: dict[str, int] = {}
     for layer, (scoring, found) in zip(layers, chosen):
-        conv = isinstance(layer, ConvLayer)
-        if not (conv or every):
-            kept.append((layer, (scoring, found)))
-        elif conv and not native_conv:
+        if isinstance(layer, ConvLayer) and not native_conv:
             result.skipped.append(f"{layer.name}: left dense under --exprune-timed (the native kernels are not built: "
                                   "the op's function body runs slower than Conv+Relu)")
         elif _faster(ctx, graph, layer, scoring, found, options, result):
@@ -298,6 +299,11 @@ def _timed(ctx: PassContext, graph: gs.Graph, layers: list[Layer], chosen: list[
                 thresholds[layer.name] = int(result.stats[f"{layer.name}.dense_rows"])
     result.stats["layers_left_dense"] = len(layers) - len(kept)
     return [layer for layer, _ in kept], [choice for _, choice in kept], thresholds
+
+
+def _timing(ctx: PassContext, options: dict[str, Any]) -> bool:
+    """Whether the chosen layers are timed: under --exprune-layers auto (the default) or --exprune-timed."""
+    return options["kinds"] == "auto" or bool(ctx.option("exprune_timed", False))
 
 
 def _faster(ctx: PassContext, graph: gs.Graph, layer: Layer, scoring: Any, found: Any, options: dict[str, Any],
@@ -325,38 +331,64 @@ def _faster(ctx: PassContext, graph: gs.Graph, layer: Layer, scoring: Any, found
 
 def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[Layer], chosen: list[Choice],
               options: dict[str, Any], result: PassResult) -> tuple[list[Layer], list[Choice]]:
-    """The layers to replace, less the timed convolutions that do not pay in the whole model.
+    """The layers to replace, less the timed ones that do not pay in the whole model.
 
-    A convolution's op that was faster alone can still slow the model: onnxruntime runs chains of
-    convolutions in its blocked channel layout, and an op it cannot run that way needs the layout converted
-    before and after it, a cost a one-layer timing does not see. So the model with the timed convolutions
-    replaced is timed against the model without them (both with the other layers replaced), at batch 1 on
-    the first calibration sample; while it is not faster, the convolution with the smallest speedup alone
-    goes back to dense, named in `skipped`. The last timing goes into the stats (`conv_model_*`)."""
+    An op that was faster alone can still slow the model: onnxruntime runs chains of convolutions in its
+    blocked channel layout, and an op it cannot run that way needs the layout converted before and after it;
+    a small layer's op saves less than the call costs between fused dense nodes. A one-layer timing sees
+    neither. So, at batch 1 on the first calibration sample, first the model with the timed convolutions
+    replaced is timed against the model without them (both with the other kept layers replaced; stats
+    `conv_*`), then the model with every timed layer kept against the model with none of them (`dense_model_ms`,
+    `model_ms`, `model_speedup` with p10/p90); while a model is not MIN_SPEEDUP faster, the layer with the
+    smallest speedup alone goes back to dense, named in `skipped`."""
+    feed = next(iter(data.batches(1)))
+    conv = [i for i, layer in enumerate(layers)
+            if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
+    layers, chosen = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", options["rule"], result)
+    timed = [i for i, layer in enumerate(layers) if f"{layer.name}.speedup" in result.stats]
+    if not timed:
+        return layers, chosen
+    if len(timed) == len(layers) and all(isinstance(layers[i], ConvLayer) for i in timed):
+        # the convolutions' last timing was already the whole model's, with every timed layer against none
+        result.stats.update({key[len("conv_"):]: result.stats[key] for key in _MODEL_KEYS})
+        return layers, chosen
+    return _drop_slower(ctx, model, feed, layers, chosen, timed, "", options["rule"], result)
+
+
+_MODEL_KEYS = ("conv_dense_model_ms", "conv_model_ms", "conv_model_speedup", "conv_model_speedup_p10",
+               "conv_model_speedup_p90")
+
+
+def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any], layers: list[Layer],
+                 chosen: list[Choice], timed: list[int], prefix: str, rule: str,
+                 result: PassResult) -> tuple[list[Layer], list[Choice]]:
+    """`layers` less those of `timed` dropped, slowest alone first, until the model with the rest of `timed`
+    replaced is MIN_SPEEDUP faster than the model with none of them (the other layers replaced in both); the
+    last timing goes into the stats under `prefix`."""
     from graphopt.passes.exprune.timing import time_models
 
-    timed = [index for index, layer in enumerate(layers)
-             if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
     if not timed:
         return layers, chosen
     others = {layer.output.name: found for layer, (_, found) in zip(_without(layers, timed), _without(chosen, timed))}
-    reference = candidate_model(model, options["rule"], others)
-    feed = next(iter(data.batches(1)))
-    timed.sort(key=lambda i: result.stats[f"{layers[i].name}.speedup"], reverse=True)
+    reference = candidate_model(model, rule, others)
+    timed = sorted(timed, key=lambda i: result.stats[f"{layers[i].name}.speedup"], reverse=True)
+    kind = "convolution op(s)" if prefix else "timed op(s)"
     dropped: list[int] = []
     while timed:
         replaced = {**others, **{layers[i].output.name: chosen[i][1] for i in timed}}
-        timing = time_models(reference, candidate_model(model, options["rule"], replaced), feed,
-                             int(ctx.option("threads") or 0))
-        result.stats.update({"conv_dense_model_ms": timing["reference_ms"], "conv_model_ms": timing["candidate_ms"],
-                             **{f"conv_model_{key}": timing[key] for key in ("speedup", "speedup_p10", "speedup_p90")}})
+        timing = time_models(reference, candidate_model(model, rule, replaced), feed, int(ctx.option("threads") or 0))
+        result.stats.update({f"{prefix}dense_model_ms": timing["reference_ms"],
+                             f"{prefix}model_ms": timing["candidate_ms"],
+                             **{f"{prefix}model_{key}": timing[key]
+                                for key in ("speedup", "speedup_p10", "speedup_p90")}})
         if timing["speedup"] >= MIN_SPEEDUP:
             break
         dropped.append(timed.pop())
+        why = "; the blocked layout is converted around each op" if prefix else ""
         result.skipped.append(f"{layers[dropped[-1]].name}: left dense, faster alone but the model with "
-                              f"{len(timed) + 1} convolution op(s) ran {timing['speedup']:.2f}x as fast as without "
+                              f"{len(timed) + 1} {kind} ran {timing['speedup']:.2f}x as fast as without "
                               f"them (p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}, kept from "
-                              f"{MIN_SPEEDUP:.2f}; the blocked layout is converted around each op)")
+                              f"{MIN_SPEEDUP:.2f}{why})")
     result.stats["layers_left_dense"] = result.stats.get("layers_left_dense", 0) + len(dropped)
     return _without(layers, dropped), _without(chosen, dropped)
 
@@ -390,10 +422,10 @@ class ExPruneOptions(Seeded):
                                           "error and skipped MACs measured alone, combined along the best ratio, "
                                           "certified as a whole on the held-out samples) or one rate for all")
     exprune_layers: str = option("auto", choices=LAYER_KINDS,
-                                 help="exprune: which ReLU layers to replace; auto (default): the linear ones, and "
-                                      "each Conv+ReLU whose op measured faster than the convolution alone and in "
-                                      "the model (native kernels built; the others stay dense, named in the "
-                                      "report with their times); all; linear; conv (untimed)")
+                                 help="exprune: which ReLU layers to replace; auto (default): each linear and "
+                                      "Conv+ReLU layer whose op measured faster than its dense form alone and in "
+                                      "the model (Conv+ReLU only with the native kernels built; the others stay "
+                                      "dense, named in the report with their times); all; linear; conv (untimed)")
     exprune_rows: int = option(4096, metavar="N", help="exprune: sampled input rows per linear layer for "
                                                        "calibration (default 4096)")
     exprune_maps: int = option(64, metavar="N", help="exprune: input maps per convolution scored at every position "
@@ -402,12 +434,12 @@ class ExPruneOptions(Seeded):
                                      help="exprune: calls of N rows or more (batch x tokens) run the dense layer, "
                                           "since over several rows a dense GEMM beats any per-row skipping; 0: "
                                           "the op at every batch (default 2)")
-    exprune_timed: bool = option(False, help="exprune: time each linear layer alone too (Conv+ReLU layers are timed "
-                                             "under auto already), as the op and as its dense form, at batch 1 on "
-                                             "its calibration inputs, and keep it dense where the op is not faster; "
-                                             "the op is then timed at 2, 4, 8, 16, 32 rows, and the layer runs dense "
-                                             "from the first count where it is not faster (unless "
-                                             "--exprune-dense-rows 0)")
+    exprune_timed: bool = option(False, help="exprune: time the layers --exprune-layers all, linear or conv names as "
+                                             "auto times them (auto always does): each alone, as the op and as its "
+                                             "dense form, at batch 1 on its calibration inputs, then in the model, "
+                                             "and keep it dense where the op is not faster; a linear op is then "
+                                             "timed at 2, 4, 8, 16, 32 rows, and the layer runs dense from the first "
+                                             "count where it is not faster (unless --exprune-dense-rows 0)")
     exprune_held_out: float = option(0.25, metavar="F", help="exprune: fraction of the calibration samples held "
                                                              "out for --tolerance (default 0.25)")
     exprune_confidence: float = option(DEFAULT_CONFIDENCE, metavar="C",

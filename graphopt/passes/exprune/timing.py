@@ -1,19 +1,19 @@
 """Whether an ExPrune layer pays in time: the layer alone, timed against its dense form.
 
-With `--exprune-timed`, each linear layer the search chose is built twice as a one-layer model, the dense
-MatMul + Add + Relu it replaces and graphopt.ExPruneLinearRelu with its calibrated probe, checkpoints and
-thresholds, and both are timed side by side by onnxruntime (graphopt.calibration.latency.interleaved: interleaved
-rounds, the same threads, full graph optimisation, the native kernel when it is built) at batch 1 on one of
-the layer's own calibration inputs, the one with the median number of skipped neurons, so a typical skip
-rate is what is timed. A layer whose op is not faster than
-its dense form stays dense, and the report says so with both times; a layer left dense computes exactly, so
-the model's error can only lose that layer's false negatives (the tolerance search is not run again).
+By default (`--exprune-layers auto`, or `--exprune-timed` with the other kinds), each linear layer the search
+chose is built twice as a one-layer model, the dense MatMul + Add + Relu it replaces and
+graphopt.ExPruneLinearRelu with its calibrated probe, checkpoints and thresholds, and both are timed side by
+side by onnxruntime (graphopt.calibration.latency.interleaved: interleaved rounds, the same threads, full graph
+optimisation, the native kernel when it is built) at batch 1 on one of the layer's own calibration inputs, the
+one with the median number of skipped neurons, so a typical skip rate is what is timed. A layer whose op is
+not faster than its dense form stays dense, and the report says so with both times; a layer left dense
+computes exactly, so the model's error can only lose that layer's false negatives (the tolerance search is not
+run again).
 A convolution is timed the same way, graphopt.ExPruneConvRelu against Conv + Relu, at batch 1 on the
-sampled input map with the median number of skipped output positions (`typical_map`); by default
-(`--exprune-layers auto`) every convolution the search chose is timed, since whether its op wins depends on
-how its zeros cluster (graphopt/ops/src/exprune_conv_kernel.cc), and the layer is kept only where it
-measures faster. Without the native kernel the function body would run, slower than Conv + Relu, so
-convolutions are not timed and stay dense.
+sampled input map with the median number of skipped output positions (`typical_map`): whether its op wins
+depends on how its zeros cluster (graphopt/ops/src/exprune_conv_kernel.cc). Without the native kernel the
+function body would run, slower than Conv + Relu, so convolutions are not timed and stay dense. The layers
+kept are then timed in the whole model (`time_models`; graphopt.passes.exprune.prune).
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ def test_the_path_moves_the_layer_with_the_best_ratio_first() -> None:
 
 def test_the_pass_certifies_a_per_layer_allocation_on_the_held_out_samples(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path, samples=1600)
-    layered = graphopt.optimize(model, method="exprune", calib=feeds)
-    uniform = graphopt.optimize(model, method="exprune", calib=feeds, exprune_allocation="uniform")
+    layered = graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all")
+    uniform = graphopt.optimize(model, method="exprune", calib=feeds, exprune_allocation="uniform",
+                                exprune_layers="all")
     stats, one_rate = (r.report["passes"][-1]["stats"] for r in (layered, uniform))
     assert stats["allocation"] == "layers" and one_rate["allocation"] == "uniform"
     assert one_rate["steps"] == len(GRID) and stats["steps"] > len(GRID)  # finer steps than the grid

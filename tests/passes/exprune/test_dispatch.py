@@ -35,7 +35,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
 def test_single_rows_run_the_op_and_batches_the_dense_layer(optimize: bool) -> None:
     model = _gemm_relu(d=48, n=40)
     data = _data(model, rows=600, d=48)
-    options = {"exprune_fnr": 0.05, "exprune_probe": 0.25}
+    options = {"exprune_fnr": 0.05, "exprune_probe": 0.25, "exprune_layers": "all"}
     wrapped, result = run_pass(model, "exprune", data=load_data(data, model), options=options)
     bare, _ = run_pass(model, "exprune", data=load_data(data, model), options={**options, "exprune_dense_rows": 0})
     onnx.checker.check_model(wrapped, full_check=True)
@@ -61,7 +61,8 @@ def test_the_op_inside_the_branch_runs_the_native_kernel() -> None:
 
     model = _gemm_relu(d=48, n=40)
     data = _data(model, rows=600, d=48)
-    wrapped, _ = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.05})
+    wrapped, _ = run_pass(model, "exprune", data=load_data(data, model),
+                          options={"exprune_fnr": 0.05, "exprune_layers": "all"})
     calls = ctypes.CDLL(str(library_path())).graphopt_exprune_calls
     calls.restype = ctypes.c_int64
     session = make_session(wrapped, optimize=True)
@@ -84,11 +85,12 @@ def test_layers_with_several_rows_per_sample_stay_dense_by_default() -> None:
                               [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     data = load_data({"x": _data(model, rows=400, d=d)["x"].reshape(80, 5, d)}, model)
-    _, kept = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0})
+    _, kept = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0, "exprune_layers": "all"})
     assert not kept.modified
     assert kept.skipped == ["mm: left dense, each call sends at least 5 rows through it and calls of 2 rows or "
                             "more run dense (--exprune-dense-rows; 0 replaces it anyway)"]
-    _, more = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0, "exprune_dense_rows": 6})
+    _, more = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.0, "exprune_dense_rows": 6,
+                                                              "exprune_layers": "all"})
     assert more.modified and more.stats["dense_rows"] == 6
 
 
@@ -98,7 +100,8 @@ def test_the_fidelity_check_measures_the_op_not_the_dense_branch() -> None:
     root = Path(__file__).resolve().parents[3] / "samples"
     model = onnx.load(str(root / "digits_cnn.onnx"))
     calib = dict(np.load(root / "digits_calib.npz"))
-    results = [graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.1, exprune_dense_rows=rows)
+    results = [graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.1, exprune_dense_rows=rows,
+                                  exprune_layers="all")
                for rows in (2, 0)]
     (wrapped, bare) = (r.report for r in results)
     assert wrapped["fidelity"]["batch_size"] == 1 and bare["fidelity"]["batch_size"] == 32
@@ -120,7 +123,7 @@ def test_optimizing_a_dispatched_model_again_keeps_one_copy_of_its_weights() -> 
     would write a copy into each branch (and the op's permuted weight beside the dense one)."""
     model = _gemm_relu(d=48, n=40)
     data = _data(model, rows=600, d=48)
-    once = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05).model
+    once = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05, exprune_layers="all").model
     again = graphopt.optimize(once, method="none").model
     branches = [attr.g for node in again.graph.node for attr in node.attribute if attr.HasField("g")]
     assert len(branches) == 2 and all(len(branch.initializer) == 0 for branch in branches)
@@ -132,7 +135,7 @@ def test_optimizing_a_dispatched_model_again_keeps_one_copy_of_its_weights() -> 
 def test_verify_measures_the_op_unless_told_a_batch_size(caplog) -> None:
     model = _gemm_relu(d=48, n=40)
     data = _data(model, rows=600, d=48)
-    written = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05).model
+    written = graphopt.optimize(model, method="exprune", calib=data, exprune_fnr=0.05, exprune_layers="all").model
     held = {"x": data["x"][:96]}
     default = api.verify(model, written, held).to_json()
     assert default["batch_size"] == 1 and default["rel_l2"] > 1e-3  # the op's skipped units show

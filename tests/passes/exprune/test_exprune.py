@@ -17,7 +17,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes import PassContext, get_pass
 from tests.conftest import op_types, run_ort, run_pass
 
-OP = {"exprune_dense_rows": 0}  # the op at every batch size
+OP = {"exprune_dense_rows": 0, "exprune_layers": "all"}  # the op at every batch size, untimed
 
 
 def _gemm_relu(d: int = 32, n: int = 40, relu: bool = True, trans_b: int = 1, seed: int = 0) -> onnx.ModelProto:
@@ -75,8 +75,8 @@ def test_gemm_without_relu_is_left_alone_with_the_reason() -> None:
 def test_second_run_finds_nothing_and_metadata_survives() -> None:
     model = _gemm_relu()
     data = load_data(_data(model), model)
-    once, first = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.01})
-    twice, second = run_pass(once, "exprune", data=data, options={"exprune_fnr": 0.01})
+    once, first = run_pass(model, "exprune", data=data, options={"exprune_fnr": 0.01, "exprune_layers": "all"})
+    twice, second = run_pass(once, "exprune", data=data, options={"exprune_fnr": 0.01, "exprune_layers": "all"})
     assert first.modified and not second.modified
     assert op_types(twice) == op_types(once)
     for name in ("fc_tau", "fc_perm"):
@@ -109,8 +109,8 @@ def test_torch_mlp_within_the_calibrated_error(tmp_path, exporter: str) -> None:
     export.export_onnx(mlp, torch.from_numpy(digits[:2]), path, exporter=exporter, opset=17)
     model = onnx.load(str(path))
     feeds = {model.graph.input[0].name: digits}
-    exact = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.0, exprune_dense_rows=0)
-    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.01, exprune_dense_rows=0)
+    exact = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.0, **OP)
+    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_fnr=0.01, **OP)
     assert op_types(exact.model).count("ExPruneLinearRelu") == 2, op_types(exact.model)
     stats = [result.report["passes"][-1]["stats"] for result in (exact, loose)]
     assert [s["layers"] for s in stats] == [2, 2]
@@ -185,7 +185,7 @@ def _digits_mlp(tmp_path, exporter: str = "legacy", samples: int = 800) -> tuple
 
 def test_tolerance_search_keeps_top1_on_the_held_out_samples_with_a_margin(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path, samples=1600)
-    result = graphopt.optimize(model, method="exprune", calib=feeds)
+    result = graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all")
     stats = result.report["passes"][-1]["stats"]
     assert stats["tolerance"] == "top1=0.99" and stats["held_out_samples"] == 400 and stats["confidence"] == 0.95
     # 400 rows: one disagreement already puts the 95% Clopper-Pearson bound below 0.99 (1 - 0.0118)
@@ -204,7 +204,8 @@ def test_tolerance_search_keeps_top1_on_the_held_out_samples_with_a_margin(tmp_p
     assert result.report["exprune_macs_skipped"]["data"] == "held-out"
     assert 0 < result.report["exprune_macs_skipped"]["fraction_of_model"] < stats["held_out_macs_skipped_fraction"]
     # without the margin the point estimate alone decides: a rate at least as high, with some disagreements
-    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_confidence=0.0)
+    loose = graphopt.optimize(model, method="exprune", calib=feeds, exprune_confidence=0.0,
+                              exprune_layers="all")
     loose_stats = loose.report["passes"][-1]["stats"]
     assert loose_stats["held_out_disagreements_allowed"] == 4
     assert loose_stats["fnr_level"] >= stats["fnr_level"] and loose_stats["held_out_top1"] >= 0.99
@@ -213,14 +214,15 @@ def test_tolerance_search_keeps_top1_on_the_held_out_samples_with_a_margin(tmp_p
 
 def test_too_few_held_out_rows_to_certify_the_tolerance_replace_nothing_and_say_so(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path, samples=800)
-    result = graphopt.optimize(model, method="exprune", calib=feeds)
+    result = graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all")
     record = result.report["passes"][-1]
     assert not record["modified"] and record["stats"]["held_out_rows_needed"] == 299  # 0.99^299 <= 0.05
     assert "held_out_disagreements_allowed" not in record["stats"]
     assert "200 held-out predictions are too few to certify it (at least 299)" in record["skipped"][0]  # first
     assert op_types(result.model).count("ExPruneLinearRelu") == 0
     # a larger held-out share of the same data reaches the 299 rows (400 here)
-    wider = graphopt.optimize(model, method="exprune", calib=feeds, exprune_held_out=0.5)
+    wider = graphopt.optimize(model, method="exprune", calib=feeds, exprune_held_out=0.5,
+                               exprune_layers="all")
     assert wider.report["passes"][-1]["modified"] and wider.report["passes"][-1]["stats"]["held_out_samples"] == 400
 
 
@@ -250,7 +252,7 @@ def test_bad_tolerance_is_refused(text: str) -> None:
 def test_pipeline_snp_then_exprune(tmp_path) -> None:
     model, feeds = _digits_mlp(tmp_path)
     result = graphopt.optimize(model, method="snp,exprune", calib=feeds, target_macs=0.6, exprune_fnr=0.02,
-                               exprune_dense_rows=0)
+                               **OP)
     assert result.report["method"] == "snp,exprune"
     ran = [p["pass"] for p in result.report["passes"]]
     assert ran.index("snp") < ran.index("exprune") and all(p["modified"] for p in result.report["passes"]
@@ -296,6 +298,7 @@ def _digits() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 def test_without_the_native_kernels_convolutions_stay_dense_and_the_report_says_why(monkeypatch) -> None:
     from graphopt.ops import native
 
+    _scripted_timings(monkeypatch, in_model=[1.1])  # the linear layer wins alone and in the model
     monkeypatch.setattr(native, "has_kernel", lambda counter: False)
     model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
@@ -307,21 +310,22 @@ def test_without_the_native_kernels_convolutions_stay_dense_and_the_report_says_
     assert result.report["passes"][-1]["stats"].get("conv_layers", 0) == 0
 
 
-def _scripted_timings(monkeypatch, in_model: list[float]) -> list[int]:
-    """Scripted timings: alone, the 16->32 convolution's op loses (0.8) and the 32->32 one's wins (1.5); the
-    whole model with the winners replaced gets the ratios `in_model` in turn. Returns the number of
-    convolution ops in each whole model timed."""
+def _scripted_timings(monkeypatch, in_model: list[float], linear: float = 1.3) -> list[tuple[int, int]]:
+    """Scripted timings: alone, the 16->32 convolution's op loses (0.8), the 32->32 one's wins (1.5) and the
+    linear layer's gets `linear`; the whole models timed get the ratios `in_model` in turn. Returns, per whole
+    model timed, the number of convolution and of linear ops it has more than its reference."""
     from graphopt.ops import native
     from graphopt.passes.exprune import timing
 
-    seen: list[int] = []
+    seen: list[tuple[int, int]] = []
 
     def scripted(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray],
                  threads: int) -> dict[str, float]:
         if "x" in feed:  # one layer alone
-            ratio = 1.5 if feed["x"].shape[1] == 32 else 0.8
+            ratio = {2: linear, 4: 1.5 if feed["x"].shape[1] == 32 else 0.8}[feed["x"].ndim]
         else:
-            seen.append(op_types(candidate).count("ExPruneConvRelu") - op_types(reference).count("ExPruneConvRelu"))
+            seen.append(tuple(op_types(candidate).count(op) - op_types(reference).count(op)
+                              for op in ("ExPruneConvRelu", "ExPruneLinearRelu")))
             ratio = in_model[len(seen) - 1]
         return {"reference_ms": ratio, "candidate_ms": 1.0, "speedup": ratio, "speedup_p10": ratio,
                 "speedup_p90": ratio}
@@ -332,7 +336,7 @@ def _scripted_timings(monkeypatch, in_model: list[float]) -> list[int]:
 
 
 def test_by_default_each_convolution_is_replaced_exactly_where_its_op_measured_faster(monkeypatch) -> None:
-    seen = _scripted_timings(monkeypatch, in_model=[1.1])
+    seen = _scripted_timings(monkeypatch, in_model=[1.1, 1.2])
     model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
     ops = op_types(result.model)
@@ -343,21 +347,40 @@ def test_by_default_each_convolution_is_replaced_exactly_where_its_op_measured_f
     assert [r for r in skipped if "left dense" in r and "Conv" in r] == [
         "/3/Conv: left dense, the op took 1.0000 ms against 0.8000 ms dense at batch 1 (speedup 0.80, p10-p90 "
         "0.80-0.80; kept from 1.02)"]
-    assert seen == [1] and stats["conv_model_speedup"] == 1.1  # the whole model, with and without the winner
-    assert "/12/Gemm.speedup" not in stats  # linear layers are timed under --exprune-timed only
+    # the winning convolution in the model with the linear op in both, then every kept op against none
+    assert seen == [(1, 0), (1, 1)] and stats["conv_model_speedup"] == 1.1 and stats["model_speedup"] == 1.2
+    assert stats["/12/Gemm.speedup"] == 1.3  # linear layers are timed too
     assert stats["conv_layers"] == 1
 
 
 def test_a_convolution_faster_alone_that_slows_the_model_stays_dense(monkeypatch) -> None:
-    seen = _scripted_timings(monkeypatch, in_model=[0.83])
+    seen = _scripted_timings(monkeypatch, in_model=[0.83, 1.1])
     model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
     ops = op_types(result.model)
     assert "ExPruneConvRelu" not in ops and ops.count("ExPruneLinearRelu") == 1
     stats, skipped = result.report["passes"][-1]["stats"], result.report["passes"][-1]["skipped"]
-    assert seen == [1] and stats["layers_left_dense"] == 2 and stats.get("conv_layers", 0) == 0
+    assert seen == [(1, 0), (0, 1)] and stats["layers_left_dense"] == 2 and stats.get("conv_layers", 0) == 0
     assert ("/7/Conv: left dense, faster alone but the model with 1 convolution op(s) ran 0.83x as fast as without "
             "them (p10-p90 0.83-0.83, kept from 1.02; the blocked layout is converted around each op)") in skipped
+
+
+def test_by_default_a_linear_layer_is_kept_only_where_it_is_faster_alone_and_in_the_model(monkeypatch) -> None:
+    seen = _scripted_timings(monkeypatch, in_model=[1.1, 0.9, 1.05], linear=1.2)
+    model, calib = _digits()
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
+    ops = op_types(result.model)
+    # faster alone (1.2 against the conv's 1.5), the linear op is the first to go when the model is slower
+    assert ops.count("ExPruneConvRelu") == 1 and "ExPruneLinearRelu" not in ops and ops.count("Gemm") == 2
+    stats, skipped = result.report["passes"][-1]["stats"], result.report["passes"][-1]["skipped"]
+    assert seen == [(1, 0), (1, 1), (1, 0)] and stats["model_speedup"] == 1.05 and stats["layers_left_dense"] == 2
+    assert ("/12/Gemm: left dense, faster alone but the model with 2 timed op(s) ran 0.90x as fast as without them "
+            "(p10-p90 0.90-0.90, kept from 1.02)") in skipped
+    slower = _scripted_timings(monkeypatch, in_model=[1.1], linear=0.7)
+    result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
+    assert "ExPruneLinearRelu" not in op_types(result.model) and slower == [(1, 0)]
+    assert any(r.startswith("/12/Gemm: left dense, the op took") for r in result.report["passes"][-1]["skipped"])
+    assert result.report["passes"][-1]["stats"]["model_speedup"] == 1.1  # the conv timing was the whole model's
 
 
 def test_the_timed_convolution_models_compute_the_layer_and_its_op() -> None:
@@ -397,11 +420,11 @@ def test_the_timed_convolution_models_compute_the_layer_and_its_op() -> None:
 def test_a_single_input_has_nothing_to_probe(trans_b: int) -> None:
     model = _gemm_relu(d=1, n=6, trans_b=trans_b)
     data = {"x": np.random.default_rng(0).standard_normal((50, 1)).astype(np.float32)}
-    _, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0})
+    _, result = run_pass(model, "exprune", data=load_data(data, model), options={"exprune_fnr": 0.0, **OP})
     assert not result.modified and result.skipped == ["fc: fewer than 2 inputs: nothing to probe"]
     single = _gemm_relu(d=6, n=1, trans_b=trans_b)
     rows = np.random.default_rng(1).standard_normal((50, 6)).astype(np.float32)
-    _, wide = run_pass(single, "exprune", data=load_data({"x": rows}, single), options={"exprune_fnr": 0.0})
+    _, wide = run_pass(single, "exprune", data=load_data({"x": rows}, single), options={"exprune_fnr": 0.0, **OP})
     assert wide.modified  # one neuron with six inputs is fine
 
 
@@ -450,8 +473,7 @@ def test_layers_of_a_model_without_node_names_get_unique_op_names() -> None:
     from tests.calibration.test_collect import mlp_model
 
     x = np.random.default_rng(0).standard_normal((64, 5)).astype(np.float32)
-    result = graphopt.optimize(mlp_model(), method="exprune", calib={"x": x}, exprune_fnr=0.05,
-                               exprune_dense_rows=0)
+    result = graphopt.optimize(mlp_model(), method="exprune", calib={"x": x}, exprune_fnr=0.05, **OP)
     names = [node.name for node in result.model.graph.node]
     assert sum(node.op_type.startswith("ExPrune") for node in result.model.graph.node) == 2
     assert len(names) == len(set(names))
@@ -502,8 +524,8 @@ def test_a_version_converter_refusal_is_the_reason(monkeypatch) -> None:
 
 
 def test_a_gain_within_the_timing_noise_keeps_the_convolution_dense(monkeypatch) -> None:
-    seen = _scripted_timings(monkeypatch, in_model=[1.01])  # faster, but by less than MIN_SPEEDUP
+    seen = _scripted_timings(monkeypatch, in_model=[1.01], linear=0.9)  # faster, but by less than MIN_SPEEDUP
     model, calib = _digits()
     result = graphopt.optimize(model, method="exprune", calib=calib, exprune_fnr=0.05, exprune_dense_rows=0)
-    assert seen == [1] and "ExPruneConvRelu" not in op_types(result.model)
+    assert seen == [(1, 0)] and "ExPruneConvRelu" not in op_types(result.model)
     assert result.report["passes"][-1]["stats"]["conv_model_speedup"] == 1.01
