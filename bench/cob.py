@@ -15,9 +15,11 @@ Six models are trained in this script, seeded and offline, on scikit-learn's dig
 
 Each is exported with the legacy torch exporter (opset 17) and pruned to each MAC target, no retraining, by:
 
-- cob-pca:      graphopt.optimize(method="cob", rotation="pca", target_macs=T) on the TSRA model;
+- cob-pca:      graphopt.optimize(method="cob", rotation="pca", cob_reconstruct=False, target_macs=T) on the TSRA
+                model: the rotated coordinates cut, nothing reconstructed;
 - cob-l1pca:    the same with rotation="l1pca";
-- cob-pca-snp:  cob-pca followed by SNP's least-squares reconstruction of the cut coordinates (cob_reconstruct);
+- cob-pca-snp:  method="cob" with its defaults: cob-pca followed by SNP's least-squares reconstruction of the cut
+                coordinates folded into their readers (cob_reconstruct, the default);
 - cob+snp:      method="cob,snp": CoB rotates (PCA), then SNP spends the one budget on the rotated model (its
                 groups ranked and cut with its reconstruction, rotated residual streams included);
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
@@ -73,8 +75,8 @@ from graphopt.torch.tsra import TSRA, RMSNorm
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # method -> (which model it prunes, optimize options)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "cob-pca": ("tsra", {"method": "cob", "rotation": "pca"}),
-    "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca"}),
+    "cob-pca": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": False}),
+    "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca", "cob_reconstruct": False}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
     "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER}),
     "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER,

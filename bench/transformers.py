@@ -111,9 +111,13 @@ DECODER_CONFIGS = (
     Config("snp --no-heads", "snp", 0.7, {"heads": False}),
     Config("snp", "snp", 0.7),
     Config("cob", "cob", 0.7),  # the residual stream alone: rotated (PCA), trailing hidden dimensions dropped
+    Config("cob --reconstruct-target self", "cob", 0.7, {"reconstruct_target": "self"}),  # each reader's own fit
+    Config("cob --no-cob-reconstruct", "cob", 0.7, {"cob_reconstruct": False}),  # dropped, nothing reconstructed
     Config("cob,snp", "cob,snp", 0.7),  # stream rotated, then one SNP budget over it, FFN units and heads
     Config("snp", "snp", 0.5),
     Config("cob", "cob", 0.5),
+    Config("cob --reconstruct-target self", "cob", 0.5, {"reconstruct_target": "self"}),
+    Config("cob --no-cob-reconstruct", "cob", 0.5, {"cob_reconstruct": False}),
     Config("cob,snp", "cob,snp", 0.5),
 )
 # --variants: other SNP settings and the CoB pipeline on the encoder (post-norm: CoB opens every residual shortcut
@@ -132,6 +136,11 @@ ENCODER_VARIANTS = (
     Config("cob,snp", "cob,snp", 0.7),
     Config("cob,snp", "cob,snp", 0.5),
     Config("cob", "cob", 0.7),
+    Config("cob", "cob", 0.5),
+    Config("cob --reconstruct-target self", "cob", 0.7, {"reconstruct_target": "self"}),
+    Config("cob --reconstruct-target self", "cob", 0.5, {"reconstruct_target": "self"}),
+    Config("cob --no-cob-reconstruct", "cob", 0.7, {"cob_reconstruct": False}),
+    Config("cob --no-cob-reconstruct", "cob", 0.5, {"cob_reconstruct": False}),
     Config("cob --rotation l1pca", "cob", 0.7, {"rotation": "l1pca"}),  # L1-PCA's cost on 384-wide stream segments
     Config("snp --qk-dims", "snp", 0.7, {"qk_dims": True}),  # q/k width inside heads beside units and heads
     Config("snp --qk-dims", "snp", 0.5, {"qk_dims": True}),

@@ -67,6 +67,9 @@ def _text_type(declared: Option) -> Callable[[str], Any] | None:
 def _add_option(parser: argparse.ArgumentParser, declared: Option) -> None:
     """A declared method option as a flag (graphopt.passes.methods); bool options are switches."""
     if declared.type is bool:
+        if declared.on_flag:  # the earlier spelling of a switch that is now on by default
+            parser.add_argument(declared.on_flag, dest=declared.name, action="store_true", default=declared.default,
+                                help=f"the default; {declared.flag} turns it off")
         parser.add_argument(declared.flag, dest=declared.name, help=declared.help,
                             action="store_false" if declared.default else "store_true")
         return

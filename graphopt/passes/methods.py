@@ -44,15 +44,18 @@ class _Spec:
     metavar: str | None
     parse: Callable[[str], Any] | None
     cli: bool
+    on_flag: str | None = None
 
 
 def option(default: Any, *, help: str | None = None, flag: str | None = None, choices: Iterable[str] | None = None,
-           metavar: str | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True) -> Any:
+           metavar: str | None = None, parse: Callable[[str], Any] | None = None, cli: bool = True,
+           on_flag: str | None = None) -> Any:
     """A field of an options dataclass. `flag` defaults to --the-name. On the command line a bool option is
-    a switch (a True default: the flag turns it off), an int or float one (with None allowed) is converted,
+    a switch (a True default: the flag turns it off, and `on_flag`, where given, turns it on: the switch's
+    spelling from before its default became True), an int or float one (with None allowed) is converted,
     and `parse` turns the text into the value, raising a `GraphoptError` for bad text. `cli=False` keeps a
     tuning knob to the API."""
-    spec = _Spec(help, flag, tuple(choices) if choices is not None else None, metavar, parse, cli)
+    spec = _Spec(help, flag, tuple(choices) if choices is not None else None, metavar, parse, cli, on_flag)
     return field(default=default, metadata={_SPEC: spec})
 
 
@@ -68,6 +71,7 @@ class Option:
     choices: tuple[str, ...] | None
     metavar: str | None
     parse: Callable[[str], Any] | None
+    on_flag: str | None = None  # a True-default switch: the flag that turns it on (see `option`)
 
     @property
     def label(self) -> str:
@@ -81,7 +85,7 @@ def _option(owner: type, spec_field: Field[Any], hints: dict[str, Any]) -> Optio
         raise ValueError(f"option '{spec_field.name}' of {owner.__qualname__} is not declared with option(default, ...)")
     flag = (spec.flag or "--" + spec_field.name.replace("_", "-")) if spec.cli else None
     return Option(spec_field.name, spec_field.default, hints[spec_field.name], spec.help, flag, spec.choices,
-                  spec.metavar, spec.parse)
+                  spec.metavar, spec.parse, spec.on_flag if spec.cli else None)
 
 
 def options_of(cls: type[Options]) -> dict[str, Option]:
@@ -242,7 +246,15 @@ SNP_MAX_FEATURES = 12288  # a Gram of this many features takes 1.1 GiB in float6
 
 @dataclass
 class Reconstruction(Options):
-    """SNP's least-squares reconstruction, which CoB can fold too."""
+    """SNP's least-squares reconstruction, which CoB folds too."""
+
+    reconstruct_target: str | None = option(
+        None, choices=("original", "self"),
+        help="snp, cob: what the reconstruction reproduces. original (the default with --calib, unless "
+             "--sequential, --no-reconstruct or --no-cob-reconstruct): refit every consumer, in topological order, "
+             "to the original model's pre-activation from the pruned model's input, correcting what pruning "
+             "upstream changed (about twice the time); self (the default otherwise): each consumer's own "
+             "activations")
 
     snp_max_features: int = option(SNP_MAX_FEATURES, cli=False,
                                    help="consumers reading more input features than this are pruned without "

@@ -319,3 +319,10 @@ def test_a_mac_target_in_a_pipeline_is_a_fraction_of_the_model_given(pipeline: s
                                calib=samples / "digits_calib.npz", progress=False)
     assert result.report["macs_ratio"] == pytest.approx(0.6, abs=0.02)
     assert result.report["target_reached"]
+
+
+@pytest.mark.parametrize("flags,want", [([], True), (["--cob-reconstruct"], True), (["--no-cob-reconstruct"], False)])
+def test_a_switch_on_by_default_keeps_its_earlier_spelling(flags: list[str], want: bool) -> None:
+    """--cob-reconstruct became the default: the flag is still accepted, and --no-cob-reconstruct turns it off."""
+    args = build_parser().parse_args(["optimize", "m.onnx", "-o", "o.onnx", "--method", "cob", *flags])
+    assert args.cob_reconstruct is want

@@ -21,7 +21,9 @@
    the shortest prefix holding that fraction of its energy (1.0 drops exactly the zero-energy tail, with
    no output change); `target_macs` bisects one global energy cut for a MAC target and fills what is
    left of the budget (`target_latency`: the same under predicted latency, graphopt.passes.channels.latency); `zscore` Z keeps the coordinates whose RMS amplitude has z-score >= Z within
-   their subspace. Pruning is approximate: the error is the energy dropped, as seen by the consumers.
+   their subspace. Pruning is approximate: the error is the energy dropped, as seen by the consumers,
+   less what SNP's least-squares reconstruction of the dropped coordinates from the kept ones, folded into
+   the consumers, recovers (`cob_reconstruct`, the default; graphopt.passes.snp).
 Without a budget only steps 1-3 run. In a pipeline where SNP runs later (`--method cob,snp`), CoB only
 rotates and SNP spends the one budget (MACs, latency or retained variance) across its own groups and the
 rotated ones: ranked by SNP's scores on the rotated coordinates and cut with its least-squares
@@ -59,7 +61,7 @@ from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, Seeded,
                                       StatisticsOptions, option, register_method)
 from graphopt.passes.snp.measure import consumer_statistics, linear_consumers
-from graphopt.passes.snp.fold import prune_reconstructed
+from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)
@@ -205,14 +207,29 @@ def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: 
 
 
 def _cut(graph: gs.Graph, ctx: PassContext, analysis: Analysis, kept: dict[int, np.ndarray],
-         result: PassResult) -> None:
-    if ctx.option("cob_reconstruct", False):  # SNP's least-squares reconstruction of what was cut
-        sites = [site for site in linear_consumers(analysis, int(ctx.option("snp_max_features", SNP_MAX_FEATURES)), result)
-                 if any(analysis.atoms.find(leaf) in kept for leaf in analysis.atoms.leaves(site.state.atoms))]
-        with single_threaded_blas():
-            prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)
-    else:
+         result: PassResult) -> dict[str, int]:
+    """Drop the trailing coordinates `kept` leaves out, with SNP's reconstruction unless --no-cob-reconstruct:
+    refitted to the original model (graphopt.passes.snp.correct) where the run has calibration data, else
+    each reader's own fit; returns how many consumers were folded and refitted."""
+    if not ctx.option("cob_reconstruct", True):
         apply_kept(graph, analysis, kept)
+        return {}
+    sites = linear_consumers(analysis, int(ctx.option("snp_max_features", SNP_MAX_FEATURES)), result)
+    if _reconstruct_target(ctx) == "original":  # every consumer: downstream ones see the cut's error too
+        folded, corrected = prune_error_corrected(graph, ctx, analysis, sites, consumer_statistics(ctx, graph, sites),
+                                                  kept)
+        return {"consumers_reconstructed": folded + corrected, "consumers_error_corrected": corrected}
+    sites = [site for site in sites
+             if any(analysis.atoms.find(leaf) in kept for leaf in analysis.atoms.leaves(site.state.atoms))]
+    with single_threaded_blas():
+        folded = prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)
+    return {"consumers_reconstructed": folded}
+
+
+def _reconstruct_target(ctx: PassContext) -> str:
+    """--reconstruct-target, by default "original" where the run has calibration data (as for SNP)."""
+    given = ctx.option("reconstruct_target")
+    return str(given) if given is not None else ("original" if ctx.data is not None else "self")
 
 
 def _history(analysis: Analysis, kept: dict[int, np.ndarray], orderings: dict[int, Ordering],
@@ -247,11 +264,11 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
         lambda planned: cost_ratio(cost, {root: idx.size for root, idx in planned[0].items()}), value, sizes)
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
     result.history = _history(analysis, kept, orderings, copies, decision)
-    _cut(graph, ctx, analysis, kept, result)
+    folded = _cut(graph, ctx, analysis, kept, result)
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
     return (removed, model.ratio(counts) / ctx.macs_scale,
-            {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks)})
+            {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks), **folded})
 
 
 def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[np.ndarray, list[np.ndarray]]]) -> int:
@@ -334,8 +351,10 @@ class ChangeOfBasisPruning(Pass):
 
 @dataclass
 class CobOptions(Rounding, KeepVariance, Seeded, Reconstruction, StatisticsOptions):
-    cob_reconstruct: bool = option(False, help="cob: fold SNP's least-squares reconstruction of the pruned rotated "
-                                               "coordinates")
+    cob_reconstruct: bool = option(True, flag="--no-cob-reconstruct", on_flag="--cob-reconstruct",
+                                   help="cob: drop the pruned rotated coordinates without folding SNP's "
+                                        "least-squares reconstruction of them into their readers (by default "
+                                        "it is folded)")
     rotation: str = option("pca", choices=("pca", "l1pca"), help="cob: rotation from calibration data (PCA of the "
                                                                  "Gram, or L1-PCA by sign-power iteration)")
     zscore: float | None = option(None, metavar="Z", help="cob: keep rotated coordinates whose amplitude z-score "

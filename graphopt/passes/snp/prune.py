@@ -312,12 +312,6 @@ class SnpOptions(Rounding, KeepVariance, Reconstruction, StatisticsOptions):
                                           "pruned model")
     reconstruct: bool = option(True, flag="--no-reconstruct",
                                help="snp: prune in the SNP order without folding the least-squares reconstruction")
-    reconstruct_target: str | None = option(
-        None, choices=("original", "self"),
-        help="snp: what the reconstruction reproduces. original (the default with --calib, unless --sequential "
-             "or --no-reconstruct): refit every consumer, in topological order, to the original model's "
-             "pre-activation from the pruned model's input, correcting what pruning upstream changed (about "
-             "twice the time); self (the default otherwise): each consumer's own activations")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -270,10 +270,15 @@ def test_snp_reconstruction_after_rotation_lowers_the_error(tmp_path) -> None:
     module, data = _torch_models()["cnn"]
     path = export_onnx(module, data[:2], tmp_path / "cnn.onnx", exporter="legacy", opset=17)
     calib = {"input": data.numpy()}
-    plain = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5)
-    rebuilt = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5, cob_reconstruct=True)
-    assert rebuilt.report["macs_ratio"] == pytest.approx(plain.report["macs_ratio"])
-    assert rebuilt.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
+    plain = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5, cob_reconstruct=False)
+    own = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5, reconstruct_target="self")
+    refit = graphopt.optimize(path, method="cob", calib=calib, target_macs=0.5)  # the default: refit to the original
+    assert refit.report["macs_ratio"] == own.report["macs_ratio"] == pytest.approx(plain.report["macs_ratio"])
+    errors = [result.report["fidelity"]["rel_l2"] for result in (plain, own, refit)]
+    assert errors[1] < errors[0] and errors[2] < errors[0]
+    stats = [_last_pass(result)["stats"] for result in (plain, own, refit)]
+    assert "consumers_reconstructed" not in stats[0] and stats[1]["consumers_reconstructed"] > 0
+    assert "consumers_error_corrected" not in stats[1] and stats[2]["consumers_error_corrected"] > 0
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
