@@ -19,7 +19,9 @@ Each is exported with the legacy torch exporter (opset 17) and pruned to each MA
                 model: the rotated coordinates cut, nothing reconstructed;
 - cob-l1pca:    the same with rotation="l1pca";
 - cob-pca-snp:  method="cob" with its defaults: cob-pca followed by SNP's least-squares reconstruction of the cut
-                coordinates folded into their readers (cob_reconstruct, the default);
+                coordinates folded into their readers (cob_reconstruct, the default), each reader refitted to the
+                original model;
+- cob-pca-snp-self: the same with reconstruct_target="self" (each reader's own fit, the default before);
 - cob+snp:      method="cob,snp": CoB rotates (PCA), then SNP spends the one budget on the rotated model (its
                 groups ranked and cut with its reconstruction, rotated residual streams included);
 - magnitude:    method="magnitude" on the same TSRA model, no rotation, run on the graph after graphopt's
@@ -78,12 +80,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "cob-pca": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": False}),
     "cob-l1pca": ("tsra", {"method": "cob", "rotation": "l1pca", "cob_reconstruct": False}),
     "cob-pca-snp": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True}),
+    "cob-pca-snp-self": ("tsra", {"method": "cob", "rotation": "pca", "reconstruct_target": "self"}),
     "cob+snp": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER}),
     "cob+snp-original": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER,
                                   "reconstruct_target": "original"}),
     "cob+snp-original-repair": ("tsra", {"method": "cob,snp", "rotation": "pca", **SNP_EARLIER,
                                          "reconstruct_target": "original", "repair": 1000}),
     "cob-pca-snp-repair": ("tsra", {"method": "cob", "rotation": "pca", "cob_reconstruct": True, "repair": 1000}),
+    "cob-pca-snp-self-repair": ("tsra", {"method": "cob", "rotation": "pca", "reconstruct_target": "self",
+                                         "repair": 1000}),
     "magnitude": ("tsra-canonical", {"method": "magnitude"}),
     "snp": ("tsra", {"method": "snp", **SNP_EARLIER}),
     "snp-original": ("tsra", {"method": "snp", **SNP_EARLIER, "reconstruct_target": "original"}),
@@ -435,7 +440,7 @@ def plot(families: list[Family], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(families), figsize=(5.0 * len(families), 7.0), squeeze=False)
-    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob+snp": "-", "cob+snp-original": "-.", "magnitude": "--", "snp": "--", "snp-original": ":", "cob+snp-original-repair": "-", "cob-pca-snp-repair": "-.", "snp-original-repair": ":",
+    styles = {"cob-pca": "-", "cob-l1pca": "-.", "cob-pca-snp": "-", "cob-pca-snp-self": ":", "cob+snp": "-", "cob+snp-original": "-.", "magnitude": "--", "snp": "--", "snp-original": ":", "cob+snp-original-repair": "-", "cob-pca-snp-repair": "-.", "cob-pca-snp-self-repair": ":", "snp-original-repair": ":",
               "relu-magnitude": ":"}  # colours tell cob-pca and cob-pca-snp apart
     for column, family in enumerate(families):
         for row, key in enumerate(("macs_ratio", "params_ratio")):

@@ -467,3 +467,4 @@ def test_optimize_notes_convolution_ops_written_untimed(capfd, tmp_path: Path, m
     notes = [line for line in out.splitlines() if line.startswith("note: 2 Conv+ReLU layer(s)")]
     assert len(notes) == 1
     assert ("native kernels are not built" in notes[0]) != built and ("without being timed" in notes[0]) == built
+    assert notes[0].startswith("note: 2 Conv+ReLU layer(s) and 1 linear layer(s) became") == built  # both kinds

@@ -91,15 +91,16 @@ RUNS = {run.id: run for run in (
     Run("snp-qk", "snp", {"qk_dims": True}),
     # the defaults with Grams and paired moments from sampled positions, over several batches (both halves)
     Run("snp-sampled", "snp", {"calib_rows_per_channel": 16, "batch_size": 4}),
-    Run("cob", "cob"),
+    Run("cob", "cob"),  # readers refitted to the original model
+    Run("cob-self", "cob", {"reconstruct_target": "self"}),  # each reader of a cut coordinate fitted on its own
     Run("cob-l1pca", "cob", {"rotation": "l1pca"}),
     Run("cob,snp", "cob,snp"),
     Run("cob,snp-sequential", "cob,snp", {"sequential": True}),  # groups re-found by their piece of a producer
     Run("magnitude,snp", "magnitude,snp"),  # the second method spends what the first left of the target
     Run("omp", "omp", target="sparsity"),
     Run("dead-units", "dead-units", target="none"),
-    # the default (linear layers, and each Conv+ReLU whose op measured faster than the convolution), and after
-    # SNP every Conv+ReLU
+    # the default (each linear and Conv+ReLU layer whose op measured faster alone and in the model), and after
+    # SNP every layer
     Run("exprune", "exprune", target="none"),
     Run("snp,exprune", "snp,exprune", {"exprune_layers": "all"}),
     Run("quantize", "quantize", target="none"),
@@ -288,7 +289,7 @@ CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp
             "cob,snp", "cob,snp-sequential", "magnitude,snp", "snp,exprune", "snp,quantize")
 # what each run may end in on graphs it applies to; FAIL is never acceptable
 EXPECTED = {**{run: {"pruned-on-target"} for run in CHANNELS}, "omp": {"pruned-on-target"},
-            "cob": {"pruned-on-target", "refused-with-reason"},
+            "cob": {"pruned-on-target", "refused-with-reason"}, "cob-self": {"pruned-on-target", "refused-with-reason"},
             "cob-l1pca": {"pruned-on-target", "refused-with-reason"}, "dead-units": {"pruned", "unchanged"},
             "exprune": {"pruned", "unchanged"}, "quantize": {"pruned"}}
 ACCEPTABLE = {"pruned-on-target", "refused-with-reason", "pruned", "unchanged"}

@@ -61,7 +61,7 @@ from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, Seeded,
                                       StatisticsOptions, option, register_method)
 from graphopt.passes.snp.measure import consumer_statistics, linear_consumers
-from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed
+from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed, reconstruct_target
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,7 @@ def _cut(graph: gs.Graph, ctx: PassContext, analysis: Analysis, kept: dict[int, 
         apply_kept(graph, analysis, kept)
         return {}
     sites = linear_consumers(analysis, int(ctx.option("snp_max_features", SNP_MAX_FEATURES)), result)
-    if _reconstruct_target(ctx) == "original":  # every consumer: downstream ones see the cut's error too
+    if reconstruct_target(ctx) == "original":  # every consumer: downstream ones see the cut's error too
         folded, corrected = prune_error_corrected(graph, ctx, analysis, sites, consumer_statistics(ctx, graph, sites),
                                                   kept)
         return {"consumers_reconstructed": folded + corrected, "consumers_error_corrected": corrected}
@@ -224,12 +224,6 @@ def _cut(graph: gs.Graph, ctx: PassContext, analysis: Analysis, kept: dict[int, 
     with single_threaded_blas():
         folded = prune_reconstructed(graph, analysis, sites, consumer_statistics(ctx, graph, sites), kept, True)
     return {"consumers_reconstructed": folded}
-
-
-def _reconstruct_target(ctx: PassContext) -> str:
-    """--reconstruct-target, by default "original" where the run has calibration data (as for SNP)."""
-    given = ctx.option("reconstruct_target")
-    return str(given) if given is not None else ("original" if ctx.data is not None else "self")
 
 
 def _history(analysis: Analysis, kept: dict[int, np.ndarray], orderings: dict[int, Ordering],

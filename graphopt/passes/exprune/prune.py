@@ -207,13 +207,13 @@ class ExPrune(Pass):
             chosen = _search(ctx, model, layers, options, fit, held, result)
             if chosen is None:
                 return
-        timed = len(layers)
+        searched = len(layers)
         layers, chosen, thresholds = _timed(ctx, graph, layers, chosen, options, result)
         layers, chosen = _in_model(ctx, model, dataset, layers, chosen, options, result)
         if layers:
             self._apply(graph, layers, chosen, options, result, thresholds)
         else:  # the reason to read first: each layer's own line follows
-            result.skipped.insert(0, f"every layer chosen ({timed}) left dense: none measured at least "
+            result.skipped.insert(0, f"every layer chosen ({searched}) left dense: none measured at least "
                                      f"{MIN_SPEEDUP:.2f}x as fast as its dense form, alone and in the model")
 
     @staticmethod
@@ -344,31 +344,34 @@ def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[
     feed = next(iter(data.batches(1)))
     conv = [i for i, layer in enumerate(layers)
             if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
-    layers, chosen = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", options["rule"], result)
+    layers, chosen, timing = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", options["rule"], result)
     timed = [i for i, layer in enumerate(layers) if f"{layer.name}.speedup" in result.stats]
     if not timed:
         return layers, chosen
     if len(timed) == len(layers) and all(isinstance(layers[i], ConvLayer) for i in timed):
         # the convolutions' last timing was already the whole model's, with every timed layer against none
-        result.stats.update({key[len("conv_"):]: result.stats[key] for key in _MODEL_KEYS})
+        result.stats.update(_model_stats("", timing))
         return layers, chosen
-    return _drop_slower(ctx, model, feed, layers, chosen, timed, "", options["rule"], result)
+    return _drop_slower(ctx, model, feed, layers, chosen, timed, "", options["rule"], result)[:2]
 
 
-_MODEL_KEYS = ("conv_dense_model_ms", "conv_model_ms", "conv_model_speedup", "conv_model_speedup_p10",
-               "conv_model_speedup_p90")
+def _model_stats(prefix: str, timing: dict[str, float]) -> dict[str, float]:
+    """A whole-model timing (graphopt.passes.exprune.timing.time_models) as the pass reports it."""
+    return {f"{prefix}dense_model_ms": timing["reference_ms"], f"{prefix}model_ms": timing["candidate_ms"],
+            **{f"{prefix}model_{key}": timing[key] for key in ("speedup", "speedup_p10", "speedup_p90")}}
 
 
 def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any], layers: list[Layer],
                  chosen: list[Choice], timed: list[int], prefix: str, rule: str,
-                 result: PassResult) -> tuple[list[Layer], list[Choice]]:
+                 result: PassResult) -> tuple[list[Layer], list[Choice], dict[str, float]]:
     """`layers` less those of `timed` dropped, slowest alone first, until the model with the rest of `timed`
-    replaced is MIN_SPEEDUP faster than the model with none of them (the other layers replaced in both); the
-    last timing goes into the stats under `prefix`."""
+    replaced is MIN_SPEEDUP faster than the model with none of them (the other layers replaced in both), and
+    the last timing, which also goes into the stats under `prefix` (none: nothing was timed)."""
     from graphopt.passes.exprune.timing import time_models
 
+    timing: dict[str, float] = {}
     if not timed:
-        return layers, chosen
+        return layers, chosen, timing
     others = {layer.output.name: found for layer, (_, found) in zip(_without(layers, timed), _without(chosen, timed))}
     reference = candidate_model(model, rule, others)
     timed = sorted(timed, key=lambda i: result.stats[f"{layers[i].name}.speedup"], reverse=True)
@@ -377,10 +380,7 @@ def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any],
     while timed:
         replaced = {**others, **{layers[i].output.name: chosen[i][1] for i in timed}}
         timing = time_models(reference, candidate_model(model, rule, replaced), feed, int(ctx.option("threads") or 0))
-        result.stats.update({f"{prefix}dense_model_ms": timing["reference_ms"],
-                             f"{prefix}model_ms": timing["candidate_ms"],
-                             **{f"{prefix}model_{key}": timing[key]
-                                for key in ("speedup", "speedup_p10", "speedup_p90")}})
+        result.stats.update(_model_stats(prefix, timing))
         if timing["speedup"] >= MIN_SPEEDUP:
             break
         dropped.append(timed.pop())
@@ -390,7 +390,7 @@ def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any],
                               f"them (p10-p90 {timing['speedup_p10']:.2f}-{timing['speedup_p90']:.2f}, kept from "
                               f"{MIN_SPEEDUP:.2f}{why})")
     result.stats["layers_left_dense"] = result.stats.get("layers_left_dense", 0) + len(dropped)
-    return _without(layers, dropped), _without(chosen, dropped)
+    return _without(layers, dropped), _without(chosen, dropped), timing
 
 
 def _without(items: list[Any], indices: list[int]) -> list[Any]:

@@ -73,3 +73,12 @@ def prune_error_corrected(graph: gs.Graph, ctx: PassContext, analysis: Analysis,
                                      True)
     ir.cleanup(graph)
     return folded, correct(graph, ctx, reference, found)
+
+
+def reconstruct_target(ctx: PassContext, reconstruct: bool = True, sequential: bool = False) -> str:
+    """--reconstruct-target (snp and cob): as given, else "original" where the run has calibration data (it runs
+    the pruned model beside the original on it) and cuts in one shot with reconstruction, else "self"."""
+    given = ctx.option("reconstruct_target")
+    if given is not None:
+        return str(given)
+    return "original" if ctx.data is not None and reconstruct and not sequential else "self"

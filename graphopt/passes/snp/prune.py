@@ -67,7 +67,7 @@ from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Rec
                                       register_method)
 from graphopt.passes.heads.qk_plan import QKPlan, apply_qk
 from graphopt.passes.heads.select import HeadPlan, apply_heads
-from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed
+from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed, reconstruct_target
 from graphopt.passes.snp.measure import QK_DIMS, consumer_statistics, costs, linear_consumers, measure
 from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
 from graphopt.passes.snp.sensitivity import PROBE_SAMPLES, damage_counts, damage_for_target, scales, sensitivities
@@ -103,15 +103,6 @@ def _checked_options(ctx: PassContext) -> tuple[float | None, str]:
     if criterion not in ("variance", "output"):
         raise OptionError(f"--criterion must be variance or output, got {criterion}")
     return keep, criterion
-
-
-def _reconstruct_target(ctx: PassContext, reconstruct: bool, sequential: bool) -> str:
-    """--reconstruct-target (checked by `SnpOptions`); by default "original" where the run has calibration
-    data and cuts in one shot with reconstruction, else "self"."""
-    given = ctx.option("reconstruct_target")
-    if given is not None:
-        return str(given)
-    return "original" if ctx.data is not None and reconstruct and not sequential else "self"
 
 
 def _plan(ranked: dict[int, Ordering], budget: Budget | None, keep: float | None,
@@ -172,7 +163,7 @@ class SubspaceNodePruning(Pass):
         keep, criterion = _checked_options(ctx)
         reconstruct = bool(ctx.option("reconstruct", True))
         sequential = bool(ctx.option("sequential", False))
-        target = _reconstruct_target(ctx, reconstruct, sequential)
+        target = reconstruct_target(ctx, reconstruct, sequential)  # checked by `SnpOptions`
         max_features = int(ctx.option("snp_max_features", SNP_MAX_FEATURES))
         result = PassResult(modified=False)
         m = measure(graph, ctx, result, criterion, max_features)
