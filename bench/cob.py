@@ -1,6 +1,7 @@
 """CoB (change-of-basis) pruning against magnitude pruning, without fine-tuning, on TSRA networks trained here.
 
-Six models are trained in this script, seeded and offline, on scikit-learn's digits (70/30 stratified split):
+Models are trained in this script, seeded and offline, on scikit-learn's digits or generated shape images
+(70/30 stratified split):
 
 - tsra-cnn:  Conv(1->C) RMSNorm TSRA, Conv(C->C) RMSNorm TSRA, AvgPool 2, Conv(C->2C) RMSNorm TSRA,
              global average pool, Linear(2C->10), built as the paper's networks are (weightless RMS norm instead
@@ -11,7 +12,11 @@ Six models are trained in this script, seeded and offline, on scikit-learn's dig
 - tsra-rescnn: Conv(1->C) RMSNorm TSRA, two residual blocks x + Conv(TSRA(RMSNorm(Conv(x)))) joined by Add,
              RMSNorm on the stream, global average pooling written as a mean over H and W, Linear(C->10)
              (the residual stream is one change-of-basis group with three writers and three readers);
-- relu-rescnn: the same with BatchNorm + ReLU.
+- relu-rescnn: the same with BatchNorm + ReLU;
+- rescnn-shapes (tsra and relu): the residual CNN with three blocks and AvgPool 2 in the stream after the
+             first two, on a harder set generated offline: 3 x 24 x 24 images of ten shape classes under random
+             colours, position, size, rotation, distractor dots and noise (bench/shape_images.py; not in the
+             default --models).
 
 Each is exported with the legacy torch exporter (opset 17) and pruned to each MAC target, no retraining, by:
 
@@ -43,6 +48,8 @@ parameters; both ratios are reported).
     python bench/cob.py            # full run (~3-5 min on 2 cores), results in bench/results/cob.{json,png}
     python bench/cob.py --quick    # smoke run: targets 0.7,0.5, one repeat, fewer epochs
     python bench/cob.py --models rescnn --targets 0.7,0.5 --repeats 1   # the residual CNN alone
+    python bench/cob.py --models rescnn-shapes --repeats 1 --round-to 1 --name cob-shapes-exact
+                                   # the residual CNN on shape images (about 3 minutes of training)
     python bench/cob.py --methods cob-pca,cob-l1pca --targets 0.7,0.5,0.4,0.3 --repeats 1 --name cob-l1pca
                                    # PCA against L1-PCA; add --corrupt 0.05 to replace 5% of the calibration
                                    # samples by noise (--corrupt-scale 10 standard deviations)
@@ -73,6 +80,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.torch.export import export_onnx
 from graphopt.torch.tsra import TSRA, RMSNorm
+from shape_images import shape_images
 
 TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 # method -> (which model it prunes, optimize options)
@@ -97,6 +105,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "relu-magnitude": ("relu", {"method": "magnitude"}),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES_POOLS = (True, True, False)  # AvgPool 2 after the first two residual blocks of rescnn-shapes
 RELIABLE_DROP = 0.01
 
 
@@ -147,12 +156,19 @@ class ResidualBlock(nn.Module):
 
 
 class ResidualCnn(nn.Module):
-    """stem Conv -> norm+act -> residual blocks -> norm -> mean over H, W -> Linear."""
+    """stem Conv -> norm+act -> residual blocks (each followed by AvgPool 2 where `pools` says so) -> norm ->
+    mean over H, W -> Linear."""
 
-    def __init__(self, kind: str, width: int, blocks: int = 2) -> None:
+    def __init__(self, kind: str, width: int, blocks: int = 2, in_channels: int = 1,
+                 pools: tuple[bool, ...] = ()) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1), *norm_act(kind, width, True))
-        self.blocks = nn.Sequential(*[ResidualBlock(kind, width) for _ in range(blocks)])
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1), *norm_act(kind, width, True))
+        layers: list[nn.Module] = []
+        for index in range(blocks):
+            layers.append(ResidualBlock(kind, width))
+            if index < len(pools) and pools[index]:
+                layers.append(nn.AvgPool2d(2))
+        self.blocks = nn.Sequential(*layers)
         self.norm = RMSNorm() if kind == "tsra" else nn.BatchNorm2d(width)
         self.head = nn.Linear(width, 10)
 
@@ -231,16 +247,22 @@ def corrupted(samples: np.ndarray, fraction: float, scale: float, seed: int) -> 
     return out
 
 
-def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
+def dataset(name: str, args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and labels of family `name`: digits (8x8, one channel, rows as tokens or 64 features) or the
+    shape images of bench/shape_images.py (3 x 24 x 24)."""
+    if name == "rescnn-shapes":
+        return shape_images(args.shape_images, size=24, seed=args.seed)
     data = load_digits()
     if name in ("cnn", "rescnn"):
-        x = (data.images / 16.0).reshape(-1, 1, 8, 8)
-    elif name == "transformer":
-        x = data.images / 16.0  # [N, 8 rows, 8 pixels]
-    else:
-        x = data.data
-    x_train, x_test, y_train, y_test = train_test_split(x, data.target, test_size=0.3, stratify=data.target,
-                                                        random_state=args.seed)
+        return (data.images / 16.0).reshape(-1, 1, 8, 8), data.target
+    if name == "transformer":
+        return data.images / 16.0, data.target  # [N, 8 rows, 8 pixels]
+    return data.data, data.target
+
+
+def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
+    x, y = dataset(name, args)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, stratify=y, random_state=args.seed)
     if name == "mlp":
         mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-8
         x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
@@ -253,6 +275,10 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         if name in ("cnn", "rescnn"):
             module = digits_cnn(kind, args.width) if name == "cnn" else ResidualCnn(kind, args.width)
             options = dict(epochs=max(1, round(args.cnn_epochs * args.epoch_scale)), batch=64, lr=3e-3,
+                           weight_decay=1e-4)
+        elif name == "rescnn-shapes":
+            module = ResidualCnn(kind, args.width, blocks=3, in_channels=3, pools=SHAPES_POOLS)
+            options = dict(epochs=max(1, round(args.shapes_epochs * args.epoch_scale)), batch=64, lr=3e-3,
                            weight_decay=1e-4)
         elif name == "transformer":
             module = DigitsTransformer(kind, 2 * args.width)
@@ -275,6 +301,12 @@ def build_family(name: str, args: argparse.Namespace, workdir: Path) -> Family:
         w = args.width
         description = (f"residual CNN conv{w}, 2 blocks x+conv{w}(act(conv{w}(x))), norm, mean over H,W, fc10 on "
                        f"digits 8x8 (TSRA: RMSNorm+TSRA split C/2, weightless RMSNorm on the stream; "
+                       f"control: BN+ReLU), {options['epochs']} epochs")
+    elif name == "rescnn-shapes":
+        w = args.width
+        description = (f"residual CNN conv{w}, 3 blocks x+conv{w}(act(conv{w}(x))) with AvgPool 2 after the first "
+                       f"two, norm, mean over H,W, fc10 on {args.shape_images} shape images 3x24x24 "
+                       f"(bench/shape_images.py; TSRA: RMSNorm+TSRA split C/2, weightless RMSNorm on the stream; "
                        f"control: BN+ReLU), {options['epochs']} epochs")
     elif name == "transformer":
         w = 2 * args.width
@@ -468,7 +500,7 @@ def plot(families: list[Family], path: Path) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="cnn,rescnn,mlp", help="comma-separated subset of cnn, rescnn, mlp, "
-                                                                    "transformer")
+                                                                    "transformer, rescnn-shapes")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC ratios")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--corrupt", type=float, default=0.0,
@@ -481,6 +513,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=128, help="MLP hidden width")
     parser.add_argument("--cnn-epochs", type=int, default=30)
     parser.add_argument("--mlp-epochs", type=int, default=60)
+    parser.add_argument("--shapes-epochs", type=int, default=15)
+    parser.add_argument("--shape-images", type=int, default=8000, help="images generated for rescnn-shapes "
+                                                                      "(70/30 train/test split)")
     parser.add_argument("--epoch-scale", type=float, default=1.0, help="multiply every model's training epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-to", default="auto", help="channel multiple for every method (auto, or N; 1: exact "
