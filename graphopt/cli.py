@@ -26,6 +26,7 @@ from graphopt.errors import GraphoptError
 from graphopt.passes.methods import CalibrationOptions, Option, options_of
 
 log = logging.getLogger("graphopt")
+BELOW_TARGET = 0.01  # a MAC ratio this far (relative) under --target-macs gets a note saying why
 
 
 class _Parser(argparse.ArgumentParser):
@@ -443,6 +444,7 @@ def _print_optimized(report: dict[str, Any]) -> None:
     if "latency_target" in report:
         _print_latency_target(report["latency_target"])
     _print_relaxed_rounding(report)
+    _print_below_target(report)
     _print_half_precision_quantized(report)
     _print_repair(report)
     latency = report.get("latency")
@@ -483,6 +485,19 @@ def _print_relaxed_rounding(report: dict[str, Any]) -> None:
         print(f"note: to reach the target, channel counts were rounded to multiples of "
               f"{min(stats['channel_multiple_min'] for stats in relaxed)} instead of the execution provider's "
               "blocks; such counts can run slower than the original (measure with --bench)")
+
+
+def _print_below_target(report: dict[str, Any]) -> None:
+    """One note when the model lands more than BELOW_TARGET (relative) under --target-macs because keeping
+    one more unit of any group the budget cut would exceed the target (the passes' `cheapest_restore`)."""
+    target = report["options"].get("target_macs")
+    steps = [p["stats"]["cheapest_restore"] for p in report["passes"] if "cheapest_restore" in p.get("stats", {})]
+    if target is None or not steps or report["macs_ratio"] >= float(target) * (1.0 - BELOW_TARGET):
+        return
+    print(f"note: the model keeps {_percent(report['macs_ratio'])} of its MACs for the {_percent(float(target))} "
+          f"asked: keeping one more unit of any group it cut would exceed the target (the cheapest adds "
+          f"{_percent(min(steps))}), and the budget keeps the most importance within the target rather than "
+          "the ratio nearest to it")
 
 
 def _print_half_precision_quantized(report: dict[str, Any]) -> None:

@@ -337,6 +337,20 @@ def test_target_reached_in_the_report(files, capfd, method, target, reached):
     assert (code, err == "") == ((3, False) if reached is False else (0, True))
 
 
+@pytest.mark.parametrize("target,noted", [("0.9", True), ("0.75", False), ("0.5", False)])
+def test_a_model_well_below_its_target_says_why(files, capfd, target, noted):
+    # each of the Conv's 4 channels carries 25% of the MACs: 0.9 can only land at 0.75
+    code, stdout, _ = _call(capfd, "optimize", files["model"], "-o", files["dir"] / "o.onnx", "--method", "magnitude",
+                            "--target-macs", target, "--round-to", "1", "--report", files["dir"] / "r.json")
+    report = json.loads((files["dir"] / "r.json").read_text())
+    stats = next(p["stats"] for p in report["passes"] if p["pass"] == "magnitude")
+    assert code == 0 and report["target_reached"] is True
+    assert stats["cheapest_restore"] == pytest.approx(0.25)
+    note = ("note: the model keeps 75% of its MACs for the 90% asked: keeping one more unit of any group it cut "
+            "would exceed the target (the cheapest adds 25%)")
+    assert (note in stdout) is noted and ("the ratio nearest to it" in stdout) is noted
+
+
 def _exploding_inner_frame() -> None:
     raise ValueError("inner failure")
 

@@ -215,6 +215,19 @@ def choose_counts(scores: dict[int, np.ndarray], model: CostModel, target: float
     return _fill(removal.counts(low), removal, low, model, budget)
 
 
+def restore_stats(counts: dict[int, int], sizes: Mapping[int, int], round_to: RoundTo, model: CostModel,
+                  scale: float = 1.0) -> dict[str, float]:
+    """`cheapest_restore`: what keeping one more step (the group's multiple) of the cheapest group cut below its
+    size would add to the cost, as a fraction of `model.total` divided by `scale` (a pass that sees more MACs
+    than the model given); nothing when no group is cut. A budget that lands further below its target than
+    this step could not grow any group it cut without exceeding the target: it does not trade the importance
+    it keeps for a ratio nearer the one asked."""
+    base = model.cost(counts)
+    steps = [model.cost({**counts, root: min(sizes[root], count + multiple_of(round_to, root))}) - base
+             for root, count in counts.items() if root in sizes and count < sizes[root]]
+    return {"cheapest_restore": min(steps) / model.total / scale} if steps and model.total else {}
+
+
 def top_indices(scores: np.ndarray, count: int) -> np.ndarray:
     """Indices of the `count` highest scores, in ascending index order (ties: lower index first)."""
     order = np.argsort(-scores, kind="stable")[:count]

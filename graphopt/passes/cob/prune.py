@@ -54,7 +54,7 @@ from graphopt.passes.cob.postnorm import open_post_norms
 from graphopt.passes.cob.rotation import fold, pca_basis
 from graphopt.passes.cob.unfuse import unfuse_norms
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
-from graphopt.passes.channels.budget import CostModel, MacModel
+from graphopt.passes.channels.budget import CostModel, MacModel, restore_stats
 from graphopt.passes.channels.latency import channel_budget
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
@@ -262,7 +262,17 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     removed = sum((sizes[root] - indices.size) * copies[root] for root, indices in kept.items())
     counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
     return (removed, model.ratio(counts) / ctx.macs_scale,
-            {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks), **folded})
+            {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks),
+             **_restore(ctx, kind, cost, counts, sizes, round_to), **folded})
+
+
+def _restore(ctx: PassContext, kind: str, cost: CostModel, counts: dict[int, int], sizes: dict[int, int],
+             round_to: dict[int, int]) -> dict[str, float]:
+    """Under a MAC or latency target, the budget's `cheapest_restore` (graphopt.passes.channels.budget), MACs as
+    a fraction of the model given."""
+    if kind not in ("target_macs", "target_latency"):
+        return {}
+    return restore_stats(counts, sizes, round_to, cost, ctx.macs_scale if kind == "target_macs" else 1.0)
 
 
 def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[np.ndarray, list[np.ndarray]]]) -> int:

@@ -61,6 +61,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
+from graphopt.passes.channels.budget import restore_stats
 from graphopt.passes.channels.latency import Budget
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
@@ -136,6 +137,16 @@ def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dic
             for root, count in sorted(cut.items())]
 
 
+def _restore(ctx: PassContext, budget: Budget | None, ranked: dict[int, Ordering], chosen: dict[int, int],
+             round_to: dict[int, int]) -> dict[str, float]:
+    """The budget's `cheapest_restore` (graphopt.passes.channels.budget.restore_stats), MACs as a fraction of
+    the model given; nothing without a target."""
+    if budget is None:
+        return {}
+    scale = ctx.macs_scale if budget.kind == "target_macs" else 1.0
+    return restore_stats(chosen, {r: o.order.size for r, o in ranked.items()}, round_to, budget.model, scale)
+
+
 def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
     if not heads.orderings:
         return {}
@@ -201,6 +212,7 @@ class SubspaceNodePruning(Pass):
             "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
             "estimated_macs_ratio": cost_ratio(cost, chosen) / ctx.macs_scale,
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
+            **_restore(ctx, budget, ranked, chosen, round_to),
             **({"groups_probed": len(probed)} if probed else {}),
         }
         return result

@@ -12,7 +12,7 @@ import graphopt
 from graphopt.calibration.latency import LayerTable
 from graphopt.cli import main
 from graphopt.errors import OptionError
-from graphopt.passes.channels.budget import Axis, choose_counts
+from graphopt.passes.channels.budget import Axis, choose_counts, restore_stats
 from graphopt.passes.channels.latency import Layer, LatencyModel, grid
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 from tests.conftest import init, tiny, weights
@@ -63,6 +63,20 @@ def test_solver_stays_within_the_predicted_latency_and_keeps_the_important_chann
     assert kept[0] < 32 and kept[1] == 32
     # the leftover was spent: one more block of the pruned group breaks the budget
     assert model.cost({**kept, 0: kept[0] + 8}) > target * model.total
+
+
+def test_restore_stats_give_the_cheapest_step_back_of_a_cut_group() -> None:
+    model = _fake_model()
+    sizes, multiples = {0: 32, 1: 32}, {0: 8, 1: 8}
+    kept = {0: 16, 1: 24}
+    step = min(model.cost({0: 24, 1: 24}), model.cost({0: 16, 1: 32})) - model.cost(kept)
+    assert restore_stats(kept, sizes, multiples, model) == {"cheapest_restore": pytest.approx(step / model.total)}
+    assert restore_stats(kept, sizes, multiples, model, scale=2.0)["cheapest_restore"] == \
+        pytest.approx(step / model.total / 2.0)
+    only = model.cost({0: 16, 1: 32}) - model.cost({0: 8, 1: 32})  # group 1 is whole: only group 0 can grow
+    assert restore_stats({0: 8, 1: 32}, sizes, multiples, model)["cheapest_restore"] == \
+        pytest.approx(only / model.total)
+    assert restore_stats({0: 32, 1: 32}, sizes, multiples, model) == {}  # nothing cut
 
 
 def test_solver_reaches_a_latency_target_below_what_one_group_gives() -> None:
