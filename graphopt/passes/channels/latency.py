@@ -35,7 +35,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.ir.shapes import batch_axes
 from graphopt.passes.base import PassContext
-from graphopt.passes.channels.budget import Axis, CostModel, MacModel, channel_axis
+from graphopt.passes.channels.budget import Axis, CostModel, MacModel, RoundTo, channel_axis, restore_stats
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,13 @@ class Budget:
             return {}
         return {"target_latency": self.target, "predicted_latency_ratio": self.model.cost(counts) / self.model.total,
                 **self.info}
+
+    def restore_stats(self, counts: dict[int, int], sizes: dict[int, int], round_to: RoundTo,
+                      macs_scale: float) -> dict[str, float]:
+        """`cheapest_restore` for the counts chosen (graphopt.passes.channels.budget.restore_stats): a fraction
+        of the given model's MACs (`macs_scale`: the fraction of them the pass's graph holds), or of the
+        predicted latency."""
+        return restore_stats(counts, sizes, round_to, self.model, macs_scale if self.kind == "target_macs" else 1.0)
 
 
 def channel_budget(graph: gs.Graph, ctx: PassContext, analysis: Analysis, macs: MacModel,

@@ -24,7 +24,7 @@ from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
                                   PassResult, register)
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
-from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, restore_stats, top_indices
+from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.latency import Budget, channel_budget
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
@@ -125,7 +125,7 @@ class _ChannelPruning(Pass):
             # the lowest ratio these groups can reach: above the target, the target is out of reach
             "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)), **budget.stats(counts),
             **multiple_stats(round_to, blocks),
-            **restore_stats(counts, {root: s.size for root, s in scores.items()}, round_to, budget.model),
+            **budget.restore_stats(counts, {root: s.size for root, s in scores.items()}, round_to, ctx.macs_scale),
         }
         return result
 

@@ -61,7 +61,6 @@ from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
-from graphopt.passes.channels.budget import restore_stats
 from graphopt.passes.channels.latency import Budget
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
@@ -139,12 +138,10 @@ def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dic
 
 def _restore(ctx: PassContext, budget: Budget | None, ranked: dict[int, Ordering], chosen: dict[int, int],
              round_to: dict[int, int]) -> dict[str, float]:
-    """The budget's `cheapest_restore` (graphopt.passes.channels.budget.restore_stats), MACs as a fraction of
-    the model given; nothing without a target."""
+    """The budget's `cheapest_restore` (Budget.restore_stats); nothing without a target."""
     if budget is None:
         return {}
-    scale = ctx.macs_scale if budget.kind == "target_macs" else 1.0
-    return restore_stats(chosen, {r: o.order.size for r, o in ranked.items()}, round_to, budget.model, scale)
+    return budget.restore_stats(chosen, {r: o.order.size for r, o in ranked.items()}, round_to, ctx.macs_scale)
 
 
 def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
