@@ -45,11 +45,11 @@ data are the first --calib training samples; accuracy is measured with onnxrunti
 aggressive one the accuracy drop against its own dense model is <= 1 point (the paper's frontier is in
 parameters; both ratios are reported).
 
-    python bench/cob.py            # full run (~3-5 min on 2 cores), results in bench/results/cob.{json,png}
+    python bench/cob.py            # every method (about 25 minutes on 2 cores), bench/results/cob.{json,png}
     python bench/cob.py --quick    # smoke run: targets 0.7,0.5, one repeat, fewer epochs
     python bench/cob.py --models rescnn --targets 0.7,0.5 --repeats 1   # the residual CNN alone
     python bench/cob.py --models rescnn-shapes --repeats 1 --round-to 1 --name cob-shapes-exact
-                                   # the residual CNN on shape images (about 3 minutes of training)
+                                   # the residual CNN on shape images (about 3 minutes, 2 of them training)
     python bench/cob.py --methods cob-pca,cob-l1pca --targets 0.7,0.5,0.4,0.3 --repeats 1 --name cob-l1pca
                                    # PCA against L1-PCA; add --corrupt 0.05 to replace 5% of the calibration
                                    # samples by noise (--corrupt-scale 10 standard deviations)
