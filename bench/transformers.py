@@ -135,6 +135,11 @@ ENCODER_VARIANTS = (
            {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob,snp", "cob,snp", 0.7),
     Config("cob,snp", "cob,snp", 0.5),
+    # the rotated stream under SNP's defaults with calibration data
+    Config("cob,snp --criterion output --reconstruct-target original", "cob,snp", 0.7,
+           {"criterion": "output", "reconstruct_target": "original"}),
+    Config("cob,snp --criterion output --reconstruct-target original", "cob,snp", 0.5,
+           {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob", "cob", 0.7),
     Config("cob", "cob", 0.5),
     Config("cob --reconstruct-target self", "cob", 0.7, {"reconstruct_target": "self"}),
