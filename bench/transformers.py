@@ -140,6 +140,10 @@ ENCODER_VARIANTS = (
            {"criterion": "output", "reconstruct_target": "original"}),
     Config("cob,snp --criterion output --reconstruct-target original", "cob,snp", 0.5,
            {"criterion": "output", "reconstruct_target": "original"}),
+    Config("cob,snp --criterion output --reconstruct-target original --repair 300 --repair-lr 1e-4 "
+           "--repair-tensors auto", "cob,snp", 0.5,
+           {"criterion": "output", "reconstruct_target": "original", "repair": 300, "repair_lr": 1e-4,
+            "repair_tensors": "auto"}),
     Config("cob", "cob", 0.7),
     Config("cob", "cob", 0.5),
     Config("cob --reconstruct-target self", "cob", 0.7, {"reconstruct_target": "self"}),
