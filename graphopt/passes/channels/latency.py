@@ -90,12 +90,15 @@ class Budget:
         return {"target_latency": self.target, "predicted_latency_ratio": self.model.cost(counts) / self.model.total,
                 **self.info}
 
-    def restore_stats(self, counts: dict[int, int], sizes: dict[int, int], round_to: RoundTo,
-                      macs_scale: float) -> dict[str, float]:
-        """`cheapest_restore` for the counts chosen (graphopt.passes.channels.budget.restore_stats): a fraction
-        of the given model's MACs (`macs_scale`: the fraction of them the pass's graph holds), or of the
-        predicted latency."""
-        return restore_stats(counts, sizes, round_to, self.model, macs_scale if self.kind == "target_macs" else 1.0)
+
+def budget_restore_stats(budget: Budget | None, counts: dict[int, int], sizes: dict[int, int], round_to: RoundTo,
+                         macs_scale: float) -> dict[str, float]:
+    """`cheapest_restore` for the counts a budget chose (graphopt.passes.channels.budget.restore_stats): a
+    fraction of the given model's MACs (`macs_scale`: the fraction of them the pass's graph holds), or of the
+    predicted latency; nothing without a budget (--keep-variance, --zscore)."""
+    if budget is None:
+        return {}
+    return restore_stats(counts, sizes, round_to, budget.model, macs_scale if budget.kind == "target_macs" else 1.0)
 
 
 def channel_budget(graph: gs.Graph, ctx: PassContext, analysis: Analysis, macs: MacModel,

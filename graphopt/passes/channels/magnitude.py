@@ -26,7 +26,7 @@ from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
 from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
-from graphopt.passes.channels.latency import Budget, channel_budget
+from graphopt.passes.channels.latency import Budget, budget_restore_stats, channel_budget
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class _ChannelPruning(Pass):
             # the lowest ratio these groups can reach: above the target, the target is out of reach
             "min_macs_ratio": mac_model.ratio(minimum_counts(scores, round_to)), **budget.stats(counts),
             **multiple_stats(round_to, blocks),
-            **budget.restore_stats(counts, {root: s.size for root, s in scores.items()}, round_to, ctx.macs_scale),
+            **budget_restore_stats(budget, counts, {root: s.size for root, s in scores.items()}, round_to,
+                                   ctx.macs_scale),
         }
         return result
 

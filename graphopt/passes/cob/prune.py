@@ -54,18 +54,19 @@ from graphopt.passes.cob.postnorm import open_post_norms
 from graphopt.passes.cob.rotation import fold, pca_basis
 from graphopt.passes.cob.unfuse import unfuse_norms
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples
-from graphopt.passes.channels.budget import CostModel, MacModel, restore_stats
-from graphopt.passes.channels.latency import channel_budget
+from graphopt.passes.channels.budget import CostModel, MacModel
+from graphopt.passes.channels.latency import budget_restore_stats, channel_budget
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, Seeded,
                                       StatisticsOptions, option, register_method)
 from graphopt.passes.snp.measure import consumer_statistics, linear_consumers
 from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed, reconstruct_target
-from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
+from graphopt.passes.snp.plan import Ordering, counts, fill, unit_counts, variance_for_target
 
 log = logging.getLogger(__name__)
-SHARED_BUDGETS = ("target_macs", "target_latency", "keep_variance")
+TARGETS = ("target_macs", "target_latency")  # budgets of a graphopt.passes.channels.latency.Budget
+SHARED_BUDGETS = (*TARGETS, "keep_variance")
 SHARES_BUDGET = ("snp",)  # a later method that cuts under the run's budget: cob then only rotates
 
 
@@ -201,7 +202,7 @@ def _kept(kind: str, value: float, energy_of: dict[int, np.ndarray], orderings: 
         return {root: _zscore_kept(energy, value) for root, energy in energy_of.items()}, {kind: value}
     keep = value if kind == "keep_variance" else variance_for_target(orderings, model, value, round_to)
     chosen = counts(orderings, keep, round_to)
-    if kind in ("target_macs", "target_latency"):
+    if kind in TARGETS:
         chosen = fill(chosen, orderings, model, value, round_to)
     return {root: np.arange(count) for root, count in chosen.items()}, {kind: value, "retained_variance_cut": keep}
 
@@ -247,13 +248,13 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     model = MacModel(analysis, per_node, set(orderings))
     round_to = pass_multiples(ctx.option("round_to"), [g for g in analysis.groups() if g.root in orderings],
                               ctx.option("device"))
-    budget = channel_budget(graph, ctx, analysis, model, round_to) if kind == "target_latency" else None
+    budget = channel_budget(graph, ctx, analysis, model, round_to) if kind in TARGETS else None
     cost = budget.model if budget else model
     blocks = round_to  # before any relaxation
-    sizes = {root: o.order.size for root, o in orderings.items()}
+    sizes = unit_counts(orderings)
     value = _graph_fraction(ctx, kind, value)
     (kept, decision), round_to = coarsest_meeting(
-        ctx.option("round_to") if kind in ("target_macs", "target_latency") else None, round_to,
+        ctx.option("round_to") if kind in TARGETS else None, round_to,
         lambda step: _kept(kind, value, energy_of, orderings, cost, step),
         lambda planned: cost_ratio(cost, {root: idx.size for root, idx in planned[0].items()}), value, sizes)
     kept = {root: indices for root, indices in kept.items() if indices.size < orderings[root].order.size}
@@ -263,16 +264,7 @@ def _prune(graph: gs.Graph, ctx: PassContext, chains: list[Chain], energies: lis
     counts = {root: (kept[root].size if root in kept else sizes[root]) for root in sizes}
     return (removed, model.ratio(counts) / ctx.macs_scale,
             {**(budget.stats(counts) if budget else {}), **multiple_stats(round_to, blocks),
-             **_restore(ctx, kind, cost, counts, sizes, round_to), **folded})
-
-
-def _restore(ctx: PassContext, kind: str, cost: CostModel, counts: dict[int, int], sizes: dict[int, int],
-             round_to: dict[int, int]) -> dict[str, float]:
-    """Under a MAC or latency target, the budget's `cheapest_restore` (graphopt.passes.channels.budget), MACs as
-    a fraction of the model given."""
-    if kind not in ("target_macs", "target_latency"):
-        return {}
-    return restore_stats(counts, sizes, round_to, cost, ctx.macs_scale if kind == "target_macs" else 1.0)
+             **budget_restore_stats(budget, counts, sizes, round_to, ctx.macs_scale), **folded})
 
 
 def _fold_rotations(graph: gs.Graph, chains: list[Chain], rotations: list[tuple[np.ndarray, list[np.ndarray]]]) -> int:

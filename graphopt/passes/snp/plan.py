@@ -39,6 +39,11 @@ class Ordering:
     fraction: np.ndarray    # D in that order, normalised to sum 1
 
 
+def unit_counts(orderings: dict[int, Ordering]) -> dict[int, int]:
+    """How many units each ordered group has, by root."""
+    return {root: ordering.order.size for root, ordering in orderings.items()}
+
+
 def occurrences(a: Analysis, state: ChannelState, root: int) -> list[np.ndarray]:
     """Feature positions of group `root` along `state`'s axis, one array per occurrence."""
     found, offset = [], 0

@@ -61,7 +61,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
-from graphopt.passes.channels.latency import Budget
+from graphopt.passes.channels.latency import Budget, budget_restore_stats
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
                                       register_method)
@@ -69,7 +69,8 @@ from graphopt.passes.heads.qk_plan import QKPlan, apply_qk
 from graphopt.passes.heads.select import HeadPlan, apply_heads
 from graphopt.passes.snp.fold import prune_error_corrected, prune_reconstructed, reconstruct_target
 from graphopt.passes.snp.measure import QK_DIMS, consumer_statistics, costs, linear_consumers, measure
-from graphopt.passes.snp.plan import Ordering, counts, fill, history_entry, orderings, variance_for_target
+from graphopt.passes.snp.plan import (Ordering, counts, fill, history_entry, orderings, unit_counts,
+                                      variance_for_target)
 from graphopt.passes.snp.sensitivity import PROBE_SAMPLES, damage_counts, damage_for_target, scales, sensitivities
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,6 @@ def _history(by: str, groups: list[Group], ranked: dict[int, Ordering], cut: dic
     return [history_entry(by, by_root[root], ranked[root], count, criterion, **decision,
                           **({"probe": probed[root]} if probed and root in probed else {}))
             for root, count in sorted(cut.items())]
-
-
-def _restore(ctx: PassContext, budget: Budget | None, ranked: dict[int, Ordering], chosen: dict[int, int],
-             round_to: dict[int, int]) -> dict[str, float]:
-    """The budget's `cheapest_restore` (Budget.restore_stats); nothing without a target."""
-    if budget is None:
-        return {}
-    return budget.restore_stats(chosen, {r: o.order.size for r, o in ranked.items()}, round_to, ctx.macs_scale)
 
 
 def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
@@ -209,7 +202,7 @@ class SubspaceNodePruning(Pass):
             "consumers_error_corrected": int(corrected), "retained_variance_cut": variance,
             "estimated_macs_ratio": cost_ratio(cost, chosen) / ctx.macs_scale,
             **(budget.stats(chosen) if budget is not None else {}), **multiple_stats(round_to, blocks),
-            **_restore(ctx, budget, ranked, chosen, round_to),
+            **budget_restore_stats(budget, chosen, unit_counts(ranked), round_to, ctx.macs_scale),
             **({"groups_probed": len(probed)} if probed else {}),
         }
         return result
