@@ -344,6 +344,7 @@ def run_one(family: Family, method: str, target: float, threads: int,
         "test_rel_l2": float(np.linalg.norm(logits - dense) / np.linalg.norm(dense)),
         "calib_rel_l2": report["fidelity"].get("rel_l2"),
         "channels_removed": stats.get("channels_removed"),
+        "cheapest_restore": stats.get("cheapest_restore"),
         "skipped": report["passes"][-1].get("skipped", []),
     }
     return row, seconds

@@ -3,7 +3,7 @@
 Each image is S x S RGB (float32 in [0, 1] before noise, channels first): a dark background of a random
 colour (each channel in [0, `DARK`]) with a linear gradient, one shape of the image's class drawn
 anti-aliased in a random bright colour (each channel in [`BRIGHT`, 1]) at a random position, size and
-rotation (within ±`MAX_TURN` degrees, so a plus never becomes an x), two small bright distractor dots, and
+rotation (within ±`MAX_TURN` degrees, so a plus never becomes an x), `DOTS` small bright distractor dots, and
 Gaussian pixel noise of a random level. The class is the shape alone:
 
     0 disc, 1 ring, 2 square, 3 square outline, 4 triangle, 5 plus, 6 three parallel bars, 7 two discs,
@@ -23,7 +23,7 @@ CLASSES = ("disc", "ring", "square", "square outline", "triangle", "plus", "bars
            "ellipse")
 MAX_TURN = 20.0  # degrees
 # Shapes are brighter than their background: a network of radial activations (TSRA) computes an odd function
-# of its input up to biases, so it cannot learn classes whose contrast polarity is random.
+# of its input up to biases, which makes classes drawn in either contrast polarity hard for it.
 DARK, BRIGHT = 0.4, 0.5
 DOTS, DOT_RADIUS = 3, 1.5  # distractors: bright dots of this radius (pixels)
 
