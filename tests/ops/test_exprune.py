@@ -223,6 +223,30 @@ def test_kernel_threshold_rule_matches_the_function_body_exactly(kernel_library:
     np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)
 
 
+def test_kernel_packs_its_gemm_panels_on_the_first_multi_row_call(kernel_library: Path) -> None:
+    """Batch 1 reads the probe panels and packed tails made with the kernel; the GEMM panels of batch > 1 are
+    packed by the first call of several rows, also when several threads make that call at once; every call,
+    before and after, decides as the function body."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    params, unit = _exact_layer(77, 45, "random", seed=11)
+    model = _exact_model(params, 77, [19, 38])
+    session = kernel_session(model, kernel_library, optimize=True, threads=2)
+    feeds = [_exact_inputs("random", (rows, 77), unit, seed=20 + i) for i, rows in enumerate([1, 9, 9, 9, 9, 1, 33])]
+
+    def check(x: np.ndarray) -> None:
+        body = run_ort(model, {"x": x})["y"]
+        kernel = session.run(None, {"x": x})[0]
+        np.testing.assert_array_equal(kernel == 0, body == 0)
+        np.testing.assert_allclose(kernel, body, rtol=1e-6, atol=0)
+
+    check(feeds[0])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, feeds[1:5]))
+    check(feeds[5])
+    check(feeds[6])
+
+
 @pytest.mark.parametrize("rows", [1, 13])
 def test_kernel_with_thresholds_that_never_fire_is_dense(kernel_library: Path, rows: int) -> None:
     d, n = 301, 67

@@ -14,10 +14,11 @@
 // -ffp-contract=off, so they round as the function body's Mul, Add and Mul do.
 //
 // Paths: batch 1 with a constant W (an initializer, as the exprune pass writes it) packs the probe prefixes
-// once, when the kernel is created, into panels of kLanes neurons stored transposed (m · n floats beside W):
-// the probes of kPanels panels then cost one broadcast of x' per kPanels FMAs over contiguous memory, like
+// once, when the kernel is created, into panels of kLanes neurons stored transposed (m · n floats), and the
+// rest of each row after it contiguously ((d - m) · n floats, Tails; together one copy of W beside it): the
+// probes of kPanels panels then cost one broadcast of x' per kPanels FMAs over contiguous memory, like
 // onnxruntime's packed GEMV, instead of a load of x' per FMA; the neurons a checkpoint keeps are continued
-// four at a time from W's own rows, sharing each load of x'. Without a constant W, batch 1 walks the neurons
+// four at a time from their packed tails, sharing each load of x'. Without a constant W, batch 1 walks the neurons
 // in order, each row from its prefix on, prefetching the probe prefixes a few neurons ahead (a skipped tail
 // breaks the hardware prefetcher's stream). Batch > 1 without a constant W takes blocks of up to
 // kRowBlock rows and kTile neurons: register tiles of kTile neurons x kTile rows (8 loads feed 16 FMAs)
@@ -112,11 +113,35 @@ inline void prefetch_lines(const float* p, int64_t count) {
     __builtin_prefetch(bytes + offset, 0, 3);
 }
 
+// The rest of each row of a constant W [n, d] after its probe prefix, packed once when the kernel is created:
+// values[j * (d - m) + i - m] = W[j, i] for i >= m. Kept tails are one stream where nothing is skipped and
+// skipped ones leave gaps of whole tails, not of tails and prefixes: at batch 1, 768->3072 with nothing
+// skipped, the kernel ran at 0.93x of dense reading W's own rows and at 0.98x reading these.
+struct Tails {
+  std::vector<float> values;
+  const float* source = nullptr;
+  int64_t n = 0, d = 0;
+
+  void pack(const float* w, int64_t rows, int64_t columns, int64_t m) {
+    const int64_t width = columns - m;
+    values.resize(static_cast<size_t>(rows * width));
+    for (int64_t j = 0; j < rows; ++j) std::memcpy(&values[j * width], w + j * columns + m, width * sizeof(float));
+    source = w;
+    n = rows;
+    d = columns;
+  }
+
+  bool ready(const float* w, int64_t rows, int64_t columns) const {
+    return source != nullptr && w == source && rows == n && columns == d;
+  }
+};
+
 // One call's operands; a chunk of neurons is computed by run_chunk, from a thread of onnxruntime's pool.
 struct Problem {
   const float* x;  // gathered rows x' [rows, d]
   const float* w;
   const float* panel;  // packed probe prefixes (see Panels), or nullptr
+  const float* tails;  // with panel: the rest of each row, packed (see Tails)
   const float* bias;
   const float* tau;
   float* y;        // [rows, n]
@@ -143,7 +168,7 @@ inline float relu_output(float total, float bias) {
 // Batch 1 with packed probes: the probe prefixes of kPanels * kLanes neurons are stored transposed, panel by
 // panel (panel[(j / kLanes) * m + i][j % kLanes] = W[j, i]), so one broadcast of x'[i] feeds kPanels FMAs over
 // contiguous weights, as onnxruntime's packed GEMV does; the rows that survive a checkpoint are then read in
-// groups of four, from W itself, sharing each load of x'.
+// groups of four, from their packed tails (Tails), sharing each load of x'.
 template <int Q>
 inline void panel_probe(const float* panel, const float* x, int64_t m, int64_t panel0, float* out) {
   vec even[Q], odd[Q];
@@ -213,6 +238,7 @@ inline void dot_rows_any(int count, const float* const* w, const float* x, int64
 
 void single_row_packed(const Problem& p, int64_t first, int64_t last) {
   constexpr int64_t kBlock = kPanels * kLanes;
+  const int64_t m = p.ks[0];
   float partial[kBlock];
   int64_t live[kBlock];
   for (int64_t j0 = first; j0 < last; j0 += kBlock) {
@@ -233,8 +259,8 @@ void single_row_packed(const Problem& p, int64_t first, int64_t last) {
         const int group = static_cast<int>(std::min<int64_t>(4, alive - a));
         const float* rows[4];
         float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int k = 0; k < group; ++k) rows[k] = p.w + (j0 + live[a + k]) * p.d;
-        dot_rows_any(group, rows, p.x, done, until, sums);
+        for (int k = 0; k < group; ++k) rows[k] = p.tails + (j0 + live[a + k]) * (p.d - m);
+        dot_rows_any(group, rows, p.x + m, done - m, until - m, sums);
         for (int k = 0; k < group; ++k) partial[live[a + k]] += sums[k];
       }
       done = until;
@@ -254,9 +280,9 @@ void single_row_packed(const Problem& p, int64_t first, int64_t last) {
   }
 }
 
-// Batch 1 without packed probes (W not a constant): neurons in order, each row read from its prefix on, so that a kept neuron's probe and tail and
-// the next neuron's probe are one contiguous stream; the probe prefix kPrefetchAhead neurons ahead is
-// prefetched, since a skipped tail breaks the hardware prefetcher's stream.
+// Batch 1 without packed probes (W not a constant): neurons in order, each row read from its prefix on, so that a kept
+// neuron's probe and tail and the next neuron's probe are one contiguous stream; the probe prefix kPrefetchAhead
+// neurons ahead is prefetched, since a skipped tail breaks the hardware prefetcher's stream.
 void single_row(const Problem& p, int64_t first, int64_t last) {
   const float* x = p.x;
   for (int64_t j = first; j < last; ++j) {
@@ -367,16 +393,16 @@ int64_t chunk_size(int64_t rows, int64_t n, int64_t d) {
 }
 
 
-// Batch > 1 (kGemmRows rows or more) with a constant W: a GEMM over weight panels packed once, when the
-// kernel is created (kNr neurons per panel, stored k-major: panel[i][0..kNr) = W[j0.., i], zero-padded past
-// n; d · n floats beside W), with register tiles of up to kMr rows x kNr neurons (per k: two weight loads,
-// kMr broadcasts of x', 2·kMr FMAs). Each tile keeps its sums in registers from k = 0 to d, tests them at
-// every checkpoint (the same float32 score and boundary as the other paths, branch-free) and stops at the
-// first checkpoint where every pair of the tile has fired; survivors get max(sum + B, 0). Panels are split
-// over onnxruntime's intra-op thread pool. Per-pair decisions that differ from row to row cost the register
-// tiles below more in branches than they save, so at batch > 1 the dense product is what pays: one thread,
-// 768->3072 and 384->1536, batch 8 ran at 0.94-1.15x of onnxruntime's MatMul+Add+Relu, batch 32 and 64 at
-// 0.77-0.97x, whatever the skip rate (the register tiles: 0.17-0.96x).
+// Batch > 1 (kGemmRows rows or more) with a constant W: a GEMM over weight panels packed once, by the first such call
+// (kNr neurons per panel, stored k-major: panel[i][0..kNr) = W[j0.., i], zero-padded past n; d · n floats beside W; a
+// model whose layers run dense from kGemmRows rows never packs them), with register tiles of up to kMr rows x kNr
+// neurons (per k: two weight loads, kMr broadcasts of x', 2·kMr FMAs). Each tile keeps its sums in registers from k = 0
+// to d, tests them at every checkpoint (the same float32 score and boundary as the other paths, branch-free) and stops
+// at the first checkpoint where every pair of the tile has fired; survivors get max(sum + B, 0). Panels are split over
+// onnxruntime's intra-op thread pool. Per-pair decisions that differ from row to row cost the register tiles below more
+// in branches than they save, so at batch > 1 the dense product is what pays: one thread, 768->3072 and 384->1536,
+// batch 8 ran at 0.94-1.15x of onnxruntime's MatMul+Add+Relu, batch 32 and 64 at 0.77-0.97x, whatever the skip rate
+// (the register tiles: 0.17-0.96x).
 #if defined(__AVX512F__)
 constexpr int kMr = 12;  // 24 accumulators of 32 registers
 #else
@@ -472,7 +498,10 @@ struct ExPruneKernel {
   int64_t m_;
   std::vector<int64_t> checkpoints_;
   Panels panel_;  // probe prefixes, batch 1
-  Panels gemm_;   // all of W, batch > 1
+  Tails tails_;   // the rest of W's rows, batch 1
+  Panels gemm_;   // all of W, batch > 1: packed by the first call of kGemmRows rows or more
+  std::once_flag gemm_packed_;
+  const float* constant_w_ = nullptr;  // W's data when it is a constant
 
   ExPruneKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
@@ -483,8 +512,9 @@ struct ExPruneKernel {
     if (is_constant) {
       const std::vector<int64_t> shape = weight.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.size() == 2 && checkpoints_.back() < shape[1]) {
-        panel_.pack(weight.GetTensorData<float>(), shape[0], shape[1], m_, kLanes);
-        gemm_.pack(weight.GetTensorData<float>(), shape[0], shape[1], shape[1], kNr);
+        constant_w_ = weight.GetTensorData<float>();
+        panel_.pack(constant_w_, shape[0], shape[1], m_, kLanes);
+        tails_.pack(constant_w_, shape[0], shape[1], m_);
       }
     }
   }
@@ -517,9 +547,12 @@ struct ExPruneKernel {
     std::vector<float> scale, factor;
     checkpoint_factors(d, checkpoints_, scale, factor);
     const float* w = w_value.GetTensorData<float>();
+    if (rows >= kGemmRows && w == constant_w_ && constant_w_ != nullptr)
+      std::call_once(gemm_packed_, [&] { gemm_.pack(w, n, d, d, kNr); });
     const bool tiled = rows >= kGemmRows && gemm_.ready(w, n, d);
-    const bool packed = rows == 1 && panel_.ready(w, n, d);
+    const bool packed = rows == 1 && panel_.ready(w, n, d) && tails_.ready(w, n, d);
     Problem problem{gathered.data(), w, packed ? panel_.values.data() : nullptr,
+                    packed ? tails_.values.data() : nullptr,
                     context.GetInput(2).GetTensorData<float>(),
                     context.GetInput(3).GetTensorData<float>(), y, rows, n, d, checkpoints_.data(), scale.data(),
                     factor.data(), static_cast<int64_t>(count), chunk_size(rows, n, d)};
