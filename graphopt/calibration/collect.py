@@ -176,6 +176,13 @@ class Calibrator:
             found.update(self._measure(model, wanted))
         return {name: found[name] for name in merged}
 
+    def know(self, model: onnx.ModelProto, stats: dict[str, TensorStats]) -> None:
+        """Record statistics of tensors of `model` known without measuring them (a pass that rotated a
+        tensor knows its rotated statistics exactly): later requests on `model` read them like measured ones."""
+        cones = cone_fingerprints(model)
+        for name, known in stats.items():
+            self.cache.setdefault(cones[name], []).append(replace(known, tensor=name))
+
     def keep_outputs(self, cones: dict[str, str]) -> None:
         """Keep the graph outputs of the first measured model whose outputs have these cone fingerprints."""
         self._keep_cones = dict(cones)

@@ -45,7 +45,7 @@ statistics differ from one pass over all rows by summation order only (float64 r
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -320,6 +320,15 @@ class TensorStats:
         """XᵀX = Σ x xᵀ over all rows, C×C."""
         self._need("gram")
         return self._centred() + self.count * np.outer(self.mean, self.mean)
+
+    def rotated(self, rotation: np.ndarray) -> TensorStats:
+        """The statistics of x' = Q x (Q: `rotation`, C×C) over the same rows, exactly: shift, sums and
+        Gram rotated (Q K, Q s, Q S Qᵀ). Only the linear kinds carry over (mean, var, gram)."""
+        self._need("gram")
+        square = rotation @ symmetric(self._square()) @ rotation.T
+        return replace(self, kinds=self.kinds & {"mean", "var", "gram"}, shift=rotation @ self.shift,
+                       shifted_sum=rotation @ self.shifted_sum, shifted_square=np.asfortranarray(square),
+                       abs_sum=None, negatives=None)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"count": np.array(self.count, dtype=np.int64),

@@ -137,6 +137,13 @@ class PassContext:
             model = export_model(model, self.template)
         return self._calibration().statistics(model if model is not None else self.template, requests)
 
+    def know_statistics(self, graph: gs.Graph, stats: dict[str, TensorStats]) -> None:
+        """Statistics of tensors of `graph` that a pass knows exactly without measuring (rotated ones): later
+        `statistics` calls on this graph read them as if measured."""
+        from graphopt.ir.graph import export_model
+
+        self._calibration().know(export_model(graph, self.template), stats)
+
     def paired_statistics(self, requests: Iterable[PairRequest], reference: onnx.ModelProto | gs.Graph,
                           model: onnx.ModelProto | gs.Graph, stages: Stages | None = None
                           ) -> dict[PairRequest, PairedStats]:

@@ -56,6 +56,19 @@ def test_variance_without_gram_keeps_only_the_diagonal() -> None:
         _ = stats.abs_mean
 
 
+def test_rotated_statistics_are_those_of_the_rotated_rows() -> None:
+    rows = _rows(3)
+    rotation, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((rows.shape[1], rows.shape[1])))
+    rotated = _accumulate(rows, step=71).rotated(rotation)
+    assert rotated.kinds == frozenset({"mean", "var", "gram"}) and rotated.abs_sum is None
+    turned = rows @ rotation.T  # each row x' = Q x
+    np.testing.assert_allclose(rotated.mean, turned.mean(axis=0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(rotated.gram(), turned.T @ turned, rtol=1e-11, atol=1e-4)
+    np.testing.assert_allclose(rotated.covariance(), np.cov(turned.T, bias=True), rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="without 'abs_mean'"):
+        _ = rotated.abs_mean
+
+
 def test_arrays_round_trip_exactly() -> None:
     stats = _accumulate(_rows(5), step=100)
     restored = TensorStats.from_arrays(stats.meta(), stats.to_arrays())

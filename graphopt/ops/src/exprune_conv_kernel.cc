@@ -103,7 +103,6 @@ void choose_tiles(ConvGeometry& g) {
   }
 }
 
-
 struct ConvProblem {
   ConvGeometry g;
   const float* xp;          // X' padded: [N, C, hp, wp]

@@ -392,7 +392,6 @@ int64_t chunk_size(int64_t rows, int64_t n, int64_t d) {
   return (chunk + kBlock - 1) / kBlock * kBlock;
 }
 
-
 // Batch > 1 (kGemmRows rows or more) with a constant W: a GEMM over weight panels packed once, by the first such call
 // (kNr neurons per panel, stored k-major: panel[i][0..kNr) = W[j0.., i], zero-padded past n; d · n floats beside W; a
 // model whose layers run dense from kGemmRows rows never packs them), with register tiles of up to kMr rows x kNr

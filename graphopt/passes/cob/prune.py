@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.groups import Analysis, Group, Site
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.blas import single_threaded_blas
-from graphopt.calibration.stats import StatRequest
+from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
@@ -90,8 +90,10 @@ def _budget(ctx: PassContext) -> tuple[str | None, float | None]:
     return next(iter(given.items()), (None, None))
 
 
-def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: str) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-    """Per chain: Q (blockdiag over its subspaces) and the energies of each subspace's rotated coordinates."""
+def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: str
+               ) -> tuple[list[tuple[np.ndarray, list[np.ndarray]]], dict[str, TensorStats]]:
+    """Per chain: Q (blockdiag over its subspaces) and the energies of each subspace's rotated coordinates;
+    and the statistics of the tensors the chains read, before the rotations."""
     reads = {name: axis for chain in chains for name, axis in chain.reads.items()}
     stats = ctx.statistics([StatRequest(n, frozenset({"mean", "gram"}), a) for n, a in reads.items()], model=graph)
     samples: dict[str, np.ndarray] = {}
@@ -118,7 +120,20 @@ def _rotations(ctx: PassContext, graph: gs.Graph, chains: list[Chain], method: s
             blocks.append(rotation)
             energies.append(energy)
         found.append((block_diag(blocks), energies))
-    return found
+    return found, stats
+
+
+def _know_rotated(ctx: PassContext, graph: gs.Graph, chains: list[Chain],
+                  rotations: list[tuple[np.ndarray, list[np.ndarray]]], stats: dict[str, TensorStats]) -> None:
+    """Without calibration data (statistics from a file), give the context the rotated statistics of every
+    tensor a rotated chain reads (exact: x' = Q x), so that the reconstruction after the cut reads them instead
+    of asking for statistics the file cannot have. With data the rotated graph is measured."""
+    if ctx.data is not None:
+        return
+    known = {name: stats[name].rotated(rotation) for chain, (rotation, _) in zip(chains, rotations)
+             for name in chain.reads}  # an identity too: a rotation upstream changed the tensor's cone, not its values
+    if known:
+        ctx.know_statistics(graph, known)
 
 
 def _producer_site(analysis: Analysis, writer: Writer) -> Site | None:
@@ -327,8 +342,9 @@ class ChangeOfBasisPruning(Pass):
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
         result = PassResult(modified=sum((unfused, rms, tsra, opened, centred, gains)) > 0, skipped=reasons)
-        rotations = _rotations(ctx, graph, chains, method) if chains else []
+        rotations, stats = _rotations(ctx, graph, chains, method) if chains else ([], {})
         rotated = _fold_rotations(graph, chains, rotations)
+        _know_rotated(ctx, graph, chains, rotations, stats)
         log.info("cob: %d chains, %d rotated (%s)", len(chains), rotated, method)
         removed, ratio, budget_stats = 0, 1.0, {}
         deferred = _deferred(ctx, self.name, kind)

@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 
 import graphopt
+from graphopt.api import calibrate
 from graphopt.cli import main
 from graphopt.errors import GraphoptError
 from graphopt.ops.library import ensure_functions
@@ -188,6 +189,25 @@ def test_pruning_after_rotation_beats_magnitude_at_the_same_macs() -> None:
         assert cob.report["macs_ratio"] == pytest.approx(magnitude.report["macs_ratio"], abs=0.05)
         assert cob.report["fidelity"]["rel_l2"] < 0.5 * magnitude.report["fidelity"]["rel_l2"]
         assert run_ort(cob.model, data)["y"].shape == (256, 10)
+
+
+def test_a_statistics_file_alone_serves_the_reconstruction_after_the_rotation(tmp_path) -> None:
+    """The readers of a rotated chain are refitted on the file's statistics rotated exactly (no data given),
+    as on the rotated model's statistics measured from the data."""
+    model, data = _random_mlp(hidden=32, split=20, seed=5), _digits()
+    stats = str(tmp_path / "stats.npz")
+    calibrate(model, data, output=stats)
+    options = dict(method="cob", target_macs=0.6, round_to=1, reconstruct_target="self")
+    from_file = graphopt.optimize(model, stats=stats, **options)
+    measured = graphopt.optimize(model, calib=data, **options)
+    assert _last_pass(from_file)["stats"]["consumers_reconstructed"] == \
+        _last_pass(measured)["stats"]["consumers_reconstructed"] > 0
+    outputs = [run_ort(m, data)["y"] for m in (model, from_file.model, measured.model)]
+    assert np.linalg.norm(outputs[1] - outputs[2]) < 1e-4 * np.linalg.norm(outputs[0])
+    assert np.linalg.norm(outputs[1] - outputs[0]) < np.linalg.norm(
+        run_ort(graphopt.optimize(model, stats=stats, cob_reconstruct=False,
+                                  **{k: v for k, v in options.items() if k != "reconstruct_target"}).model, data)["y"]
+        - outputs[0])  # the refit on the rotated file statistics does recover what the cut dropped
 
 
 @pytest.mark.parametrize("budget", [{"zscore": 0.0}, {"keep_variance": 0.95}])
