@@ -79,14 +79,14 @@ def digits_resnet(width: int) -> nn.Module:
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm block: x + attention(LN(x)), then x + FFN(LN(x)) with a GELU FFN."""
+    """Pre-norm block: x + attention(LN(x)), then x + FFN(LN(x)) with a GELU FFN (or `activation`'s)."""
 
-    def __init__(self, d_model: int, heads: int, d_ff: int) -> None:
+    def __init__(self, d_model: int, heads: int, d_ff: int, activation: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, d_model // heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.q, self.k, self.v, self.out = (nn.Linear(d_model, d_model) for _ in range(4))
-        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), activation(), nn.Linear(d_ff, d_model))
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, d_model = x.shape
