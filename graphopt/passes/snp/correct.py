@@ -47,10 +47,11 @@ from graphopt.calibration.blas import single_threaded_blas
 from graphopt.calibration.stats import TensorStats
 from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
-from graphopt.passes.channels.consumer_shift import add_bias, consumer_shift, output_axis
+from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node, consumer_shift, output_axis
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.snp.maths import cross_reconstruction, from_input_rows, input_rows, reconstruction
-from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
+from graphopt.passes.snp.padding import (inside_fraction, paired_read_moments, paired_without_intercept,
+                                         read_moments, without_intercept)
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +74,21 @@ class Target:
     kept_inputs: np.ndarray
     inside: float
 
-    def prior(self) -> np.ndarray:
+    def prior(self, intercept: bool = True) -> np.ndarray:
         """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features."""
-        return self.self_fit()[0]
+        return self.self_fit(intercept)[0]
 
-    def self_fit(self) -> tuple[np.ndarray, np.ndarray]:
-        """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics."""
+    def self_fit(self, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics
+        (without `intercept`, m₀ = 0 and the fit is on second moments)."""
         features = self.reference_stats.channels
         prior, constant = np.zeros((features, self.kept_inputs.size)), np.zeros(features)
         prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
         pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
         if pruned.size:
             cov, mean = read_moments(self.reference_stats, self.inside)
+            if not intercept:
+                cov, mean = without_intercept(cov, mean)
             prior[pruned], constant[pruned] = reconstruction(cov, mean, self.kept_inputs, pruned)
         return prior, constant
 
@@ -132,13 +136,15 @@ def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:
     """Refit `target` on `paired`; False when the paired rows are too few for the features they fit
     (`MIN_ROWS_PER_FEATURE`): the consumer then gets the one-shot self reconstruction instead."""
     refit = paired.count >= MIN_ROWS_PER_FEATURE * max(paired.channels, 1)
+    intercept = not bias_costs_a_node(graph, target.site.node)  # else no constant term: it would cost an Add
     if refit or target.kept_inputs.size != paired.channels:
-        cross, cov, reference_mean, mean = paired_read_moments(paired, target.inside)
-        prior = target.prior() if target.kept_inputs.size == paired.channels else None
+        moments = paired_read_moments(paired, target.inside)
+        cross, cov, reference_mean, mean = moments if intercept else paired_without_intercept(*moments)
+        prior = target.prior(intercept) if target.kept_inputs.size == paired.channels else None
         coupling, constant = cross_reconstruction(cross, cov, reference_mean, mean, prior)
         refit = True
     else:
-        coupling, constant = target.self_fit()
+        coupling, constant = target.self_fit(intercept)
     site = target.site
     refitted = input_rows(target.weight, site.axis) @ coupling
     ir.set_input_array(graph, site.node, site.index, from_input_rows(refitted, target.weight, site.axis))

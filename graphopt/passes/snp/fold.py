@@ -15,12 +15,13 @@ from graphopt.calibration.blas import single_threaded_blas
 from graphopt.calibration.stats import TensorStats
 from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
-from graphopt.passes.channels.consumer_shift import Shifts, add_shift, apply_with_shifts, consumer_shift
+from graphopt.passes.channels.consumer_shift import (Shifts, add_shift, apply_with_shifts, bias_costs_a_node,
+                                                     consumer_shift)
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.snp.correct import correct, targets
 from graphopt.passes.snp.maths import from_input_rows, input_rows, reconstruction
-from graphopt.passes.snp.padding import inside_fraction, read_moments
+from graphopt.passes.snp.padding import inside_fraction, read_moments, without_intercept
 
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
@@ -33,6 +34,8 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     if pruned_pos.size == 0:
         return False
     cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
+    if bias_costs_a_node(graph, site.node):  # no constant term: a bias would cost an Add of its own
+        cov, mean = without_intercept(cov, mean)
     weight = np.asarray(site.node.inputs[site.index].values)
     rows = input_rows(weight, site.axis)
     shifts_by_group = []
