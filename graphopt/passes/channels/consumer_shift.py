@@ -9,8 +9,9 @@ bias, sliced to the output channels the consumer itself keeps. A consumer withou
 (Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul;
 for a reduction's row of weights, an Add after the sum); a MatMul whose only reader is an Add of a
 per-output constant (a Linear's bias) has the shift folded into that constant. SNP's and CoB's least-squares
-fits give a bias-free MatMul (`bias_costs_a_node`) no constant term, so it stays a bare MatMul: an Add per
-such reader cost a small decoder 3-10% of its speed. For Conv consumers this is
+fits give a bias-free MatMul (`bias_costs_a_node`) no constant term where it is worth at most 1% of their error
+(graphopt.passes.snp.maths.intercept_pays), so it stays a bare MatMul: an Add per such reader cost a small
+decoder 3-10% of its speed. For Conv consumers this is
 exact only without zero padding: at padded positions the removed channels were 0, not v_P.
 """
 

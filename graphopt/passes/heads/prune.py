@@ -3,8 +3,8 @@
 For each consumer y = x W (+ b) of the merged heads, the removed heads' features x_P are first replaced
 by their least-squares estimate from the kept ones, x_P ≈ C x_K + c₀ (graphopt.passes.snp.maths, on
 the consumer's input statistics), so the consumer's rows become W_K ← W_K + Cᵀ W_P and its bias
-b ← b + c₀ᵀ W_P (bias compensation; a bias-free MatMul is fitted without c₀ instead, so that it stays one node,
-graphopt.passes.channels.consumer_shift.bias_costs_a_node). Then every head slice of the block loses the removed
+b ← b + c₀ᵀ W_P (bias compensation; a bias-free MatMul is fitted without c₀ instead where that costs at most 1%
+more error, so that it stays one node: graphopt.passes.snp.maths.intercept_pays). Then every head slice of the block loses the removed
 heads' entries (projection columns, biases, per-channel and per-head constants, consumer rows), every
 Reshape target entry that counts heads becomes (kept heads) × its per-head size (an Expand's becomes 1:
 it broadcasts, keeping the heads it is given), and every attention
@@ -26,8 +26,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node
 from graphopt.passes.heads.plan import head_positions
-from graphopt.passes.snp.maths import reconstruction
-from graphopt.passes.snp.padding import without_intercept
+from graphopt.passes.snp.maths import reconstruction, self_fit_intercept, without_intercept
 
 
 def _reconstruct(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, removed: np.ndarray,
@@ -40,11 +39,12 @@ def _reconstruct(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, removed: n
         keep_pos, pruned_pos = head_positions(kept, consumer.width), head_positions(removed, consumer.width)
         tensor_stats = stats[consumer.tensor]
         cov, mean = tensor_stats.covariance(), tensor_stats.mean
-        if bias_costs_a_node(graph, consumer.node):  # no constant term: a bias would cost an Add of its own
-            cov, mean = without_intercept(cov, mean)
-        coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
         weight = np.asarray(consumer.node.inputs[consumer.index].values)
         rows = np.moveaxis(weight.astype(np.float64), consumer.axis, 0)
+        if bias_costs_a_node(graph, consumer.node) and not self_fit_intercept(
+                cov, mean, keep_pos, pruned_pos, rows[pruned_pos].reshape(pruned_pos.size, -1).T):
+            cov, mean = without_intercept(cov, mean)  # no constant term: the bias would cost an Add of its own
+        coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
         shift = np.tensordot(constant, rows[pruned_pos], axes=(0, 0))
         rows[keep_pos] += np.tensordot(coupling, rows[pruned_pos], axes=(0, 0))
         ir.set_input_array(graph, consumer.node, consumer.index,

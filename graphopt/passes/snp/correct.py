@@ -49,9 +49,10 @@ from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node, consumer_shift, output_axis
 from graphopt.passes.channels.engine import kept_positions
-from graphopt.passes.snp.maths import cross_reconstruction, from_input_rows, input_rows, reconstruction
-from graphopt.passes.snp.padding import (inside_fraction, paired_read_moments, paired_without_intercept,
-                                         read_moments, without_intercept)
+from graphopt.passes.snp.maths import (cross_reconstruction, fit_error, from_input_rows, input_rows, intercept_pays,
+                                       paired_without_intercept, reconstruction, self_fit_intercept,
+                                       without_intercept)
+from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,15 @@ class Target:
     def prior(self, intercept: bool = True) -> np.ndarray:
         """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features."""
         return self.self_fit(intercept)[0]
+
+    def self_intercept(self, rows: np.ndarray) -> bool:
+        """Whether the self fit keeps its constant term on a bias-free consumer (maths.self_fit_intercept),
+        `rows` the consumer's weights over all its input features."""
+        pruned = np.setdiff1d(np.arange(self.reference_stats.channels), self.kept_inputs)
+        if pruned.size == 0:
+            return False
+        cov, mean = read_moments(self.reference_stats, self.inside)
+        return self_fit_intercept(cov, mean, self.kept_inputs, pruned, rows[:, pruned])
 
     def self_fit(self, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics
@@ -132,21 +142,37 @@ def _upstream(found: dict[str, Target]) -> dict[str, set[str]]:
     return upstream
 
 
+def _paired_fit(target: Target, moments: tuple[np.ndarray, ...], rows: np.ndarray, free: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(M, m₀) of the refit on paired `moments` (Σ_xy, Σ_yy, μ_x, μ_y); for a bias-free consumer (`free`) the fit
+    without a constant term (m₀ = 0) where it leaves at most INTERCEPT_SLACK more error (maths.intercept_pays;
+    the error needs Σ_xx, the original model's statistics of x)."""
+    with_prior = target.kept_inputs.size == moments[1].shape[0]
+    centred = cross_reconstruction(*moments, target.prior() if with_prior else None)
+    if not free:
+        return centred
+    bare_moments = paired_without_intercept(*moments)
+    bare = cross_reconstruction(*bare_moments, target.prior(False) if with_prior else None)
+    target_cov, _ = read_moments(target.reference_stats, target.inside)
+    second = target_cov + np.outer(moments[2], moments[2])
+    keep = intercept_pays(fit_error(rows, target_cov, centred[0], moments[0]),
+                          fit_error(rows, second, bare[0], bare_moments[0]), float(np.sum((rows @ second) * rows)))
+    return centred if keep else bare
+
+
 def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:
     """Refit `target` on `paired`; False when the paired rows are too few for the features they fit
     (`MIN_ROWS_PER_FEATURE`): the consumer then gets the one-shot self reconstruction instead."""
     refit = paired.count >= MIN_ROWS_PER_FEATURE * max(paired.channels, 1)
-    intercept = not bias_costs_a_node(graph, target.site.node)  # else no constant term: it would cost an Add
+    site = target.site
+    rows = input_rows(target.weight, site.axis)
+    free = bias_costs_a_node(graph, site.node)  # a constant term would cost an Add of its own
     if refit or target.kept_inputs.size != paired.channels:
-        moments = paired_read_moments(paired, target.inside)
-        cross, cov, reference_mean, mean = moments if intercept else paired_without_intercept(*moments)
-        prior = target.prior(intercept) if target.kept_inputs.size == paired.channels else None
-        coupling, constant = cross_reconstruction(cross, cov, reference_mean, mean, prior)
+        coupling, constant = _paired_fit(target, paired_read_moments(paired, target.inside), rows, free)
         refit = True
     else:
-        coupling, constant = target.self_fit(intercept)
-    site = target.site
-    refitted = input_rows(target.weight, site.axis) @ coupling
+        coupling, constant = target.self_fit(not free or target.self_intercept(rows))
+    refitted = rows @ coupling
     ir.set_input_array(graph, site.node, site.index, from_input_rows(refitted, target.weight, site.axis))
     shift = consumer_shift(site, constant, target.weight)
     if np.any(shift):

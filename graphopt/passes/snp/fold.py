@@ -20,8 +20,9 @@ from graphopt.passes.channels.consumer_shift import (Shifts, add_shift, apply_wi
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.snp.correct import correct, targets
-from graphopt.passes.snp.maths import from_input_rows, input_rows, reconstruction
-from graphopt.passes.snp.padding import inside_fraction, read_moments, without_intercept
+from graphopt.passes.snp.maths import (from_input_rows, input_rows, reconstruction, self_fit_intercept,
+                                       without_intercept)
+from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 
 def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], tensor_stats: TensorStats,
@@ -34,10 +35,11 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     if pruned_pos.size == 0:
         return False
     cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
-    if bias_costs_a_node(graph, site.node):  # no constant term: a bias would cost an Add of its own
-        cov, mean = without_intercept(cov, mean)
     weight = np.asarray(site.node.inputs[site.index].values)
     rows = input_rows(weight, site.axis)
+    if bias_costs_a_node(graph, site.node) and not self_fit_intercept(cov, mean, keep_pos, pruned_pos,
+                                                                      rows[:, pruned_pos]):
+        cov, mean = without_intercept(cov, mean)  # no constant term: the bias would cost an Add of its own
     shifts_by_group = []
     # group k (one group unless grouped: a Conv, outputs on axis 0) reads block k of the input through its
     # own output rows; np.split gives views, so the fold writes into `rows`

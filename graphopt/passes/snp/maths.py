@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 RIDGE = 1e-8
+INTERCEPT_SLACK = 0.01  # a bias-free consumer's fit drops its constant term where that adds at most 1% error
 _BLOCK = 64  # removals per block of `zca_order`
 _MAX_RIDGE = 1e-4  # ldl_diagonal raises the ridge up to this where the factorisation fails at RIDGE
 
@@ -166,3 +167,43 @@ def from_input_rows(rows: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarr
     """`input_rows` back to `weight`'s layout and dtype, with `rows.shape[1]` inputs along `axis`."""
     others = [size for index, size in enumerate(weight.shape) if index != axis % weight.ndim]
     return np.moveaxis(rows.reshape(*others, rows.shape[1]), -1, axis).astype(weight.dtype)
+
+
+def without_intercept(cov: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(E[x xᵀ], 0) from (Σ, μ): the least-squares fits on these have no constant term, for a consumer whose
+    bias would cost a node of its own (graphopt.passes.channels.consumer_shift.bias_costs_a_node)."""
+    return cov + np.outer(mean, mean), np.zeros_like(mean)
+
+
+def fit_error(rows: np.ndarray, target: np.ndarray, coupling: np.ndarray, cross: np.ndarray) -> float:
+    """E‖W (x − C y − c)‖² of a least-squares fit x ≈ C y (+ c): tr(W (A − C Bᵀ) Wᵀ), W the consumer's `rows`
+    over x, A = `target` the moments of x, B = `cross` those of x with y (centred for a fit with a constant
+    term, second moments for one without)."""
+    return float(np.sum((rows @ (target - coupling @ cross.T)) * rows))
+
+
+def intercept_pays(with_constant: float, without: float, scale: float) -> bool:
+    """Whether a fit keeps its constant term (and a bias-free consumer an Add for it): where dropping it leaves
+    more than INTERCEPT_SLACK more error, which keeps every fit that is exact only with it (constant units,
+    affine relations) exact. Errors within 10 ridges of the consumer's output energy `scale` count as none:
+    where both fits are exact up to the ridge (duplicates, dead units) the constant term goes."""
+    return without - with_constant > INTERCEPT_SLACK * with_constant + 10.0 * RIDGE * scale
+
+
+def self_fit_intercept(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, pruned: np.ndarray,
+                       rows: np.ndarray) -> bool:
+    """`intercept_pays` for the self reconstruction of features `pruned` from `kept`, `rows` the consumer's
+    weights over the pruned features (outputs x |P|)."""
+    second, _ = without_intercept(cov, mean)
+    centred = reconstruction(cov, mean, kept, pruned)[0]
+    bare = reconstruction(second, np.zeros_like(mean), kept, pruned)[0]
+    pp, pk = np.ix_(pruned, pruned), np.ix_(pruned, kept)
+    return intercept_pays(fit_error(rows, cov[pp], centred, cov[pk]), fit_error(rows, second[pp], bare, second[pk]),
+                          float(np.sum((rows @ second[pp]) * rows)))
+
+
+def paired_without_intercept(cross: np.ndarray, cov: np.ndarray, reference_mean: np.ndarray, mean: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(E[x yᵀ], E[y yᵀ], 0, 0) from paired centred moments: the refit without a constant term."""
+    return (cross + np.outer(reference_mean, mean), cov + np.outer(mean, mean), np.zeros_like(reference_mean),
+            np.zeros_like(mean))

@@ -86,19 +86,6 @@ def read_moments(stats: TensorStats, inside: float) -> tuple[np.ndarray, np.ndar
     return inside * cov + inside * (1.0 - inside) * np.outer(mean, mean), inside * mean
 
 
-def without_intercept(cov: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(E[x xᵀ], 0) from (Σ, μ): the least-squares fits on these have no constant term, for a consumer whose
-    bias would cost a node of its own (graphopt.passes.channels.consumer_shift.bias_costs_a_node)."""
-    return cov + np.outer(mean, mean), np.zeros_like(mean)
-
-
-def paired_without_intercept(cross: np.ndarray, cov: np.ndarray, reference_mean: np.ndarray, mean: np.ndarray
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(E[x yᵀ], E[y yᵀ], 0, 0) from paired centred moments: the refit without a constant term."""
-    return (cross + np.outer(reference_mean, mean), cov + np.outer(mean, mean), np.zeros_like(reference_mean),
-            np.zeros_like(mean))
-
-
 def paired_read_moments(stats: PairedStats, inside: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(Σ'_xy, Σ'_yy, μ'_x, μ'_y) of paired reads landing inside the input a fraction `inside`."""
     cross, cov, reference_mean, mean = stats.cross_covariance(), stats.covariance(), stats.reference_mean, stats.mean
