@@ -49,9 +49,8 @@ from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node, consumer_shift, output_axis
 from graphopt.passes.channels.engine import kept_positions
-from graphopt.passes.snp.maths import (cross_reconstruction, fit_error, from_input_rows, input_rows, intercept_pays,
-                                       paired_without_intercept, reconstruction, self_fit_intercept,
-                                       without_intercept)
+from graphopt.passes.snp.maths import (bare_fit, constant_pays, cross_reconstruction, from_input_rows, input_rows,
+                                       reconstruction, self_fit_intercept, without_intercept)
 from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
 
 log = logging.getLogger(__name__)
@@ -145,19 +144,19 @@ def _upstream(found: dict[str, Target]) -> dict[str, set[str]]:
 def _paired_fit(target: Target, moments: tuple[np.ndarray, ...], rows: np.ndarray, free: bool
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(M, m₀) of the refit on paired `moments` (Σ_xy, Σ_yy, μ_x, μ_y); for a bias-free consumer (`free`) the fit
-    without a constant term (m₀ = 0) where it leaves at most INTERCEPT_SLACK more error (maths.intercept_pays;
-    the error needs Σ_xx, the original model's statistics of x)."""
-    with_prior = target.kept_inputs.size == moments[1].shape[0]
-    centred = cross_reconstruction(*moments, target.prior() if with_prior else None)
-    if not free:
-        return centred
-    bare_moments = paired_without_intercept(*moments)
-    bare = cross_reconstruction(*bare_moments, target.prior(False) if with_prior else None)
-    target_cov, _ = read_moments(target.reference_stats, target.inside)
-    second = target_cov + np.outer(moments[2], moments[2])
-    keep = intercept_pays(fit_error(rows, target_cov, centred[0], moments[0]),
-                          fit_error(rows, second, bare[0], bare_moments[0]), float(np.sum((rows @ second) * rows)))
-    return centred if keep else bare
+    without a constant term (m₀ = 0) where it leaves at most INTERCEPT_SLACK more error (maths.constant_pays;
+    E[x_j²] from the original model's statistics of x)."""
+    cross, cov, reference_mean, mean = moments
+    with_prior = target.kept_inputs.size == cov.shape[0]
+    if free:
+        second_cross = cross + np.outer(reference_mean, mean)
+        coupling, spare = bare_fit(second_cross, cov + np.outer(mean, mean), mean,
+                                   target.prior(False) if with_prior else None)
+        variance = np.diagonal(read_moments(target.reference_stats, target.inside)[0])
+        if not constant_pays(rows, reference_mean, variance + reference_mean ** 2, coupling, second_cross, mean,
+                             spare):
+            return coupling, np.zeros_like(reference_mean)
+    return cross_reconstruction(*moments, target.prior() if with_prior else None)
 
 
 def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:

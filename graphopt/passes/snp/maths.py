@@ -175,13 +175,6 @@ def without_intercept(cov: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np
     return cov + np.outer(mean, mean), np.zeros_like(mean)
 
 
-def fit_error(rows: np.ndarray, target: np.ndarray, coupling: np.ndarray, cross: np.ndarray) -> float:
-    """E‖W (x − C y − c)‖² of a least-squares fit x ≈ C y (+ c): tr(W (A − C Bᵀ) Wᵀ), W the consumer's `rows`
-    over x, A = `target` the moments of x, B = `cross` those of x with y (centred for a fit with a constant
-    term, second moments for one without)."""
-    return float(np.sum((rows @ (target - coupling @ cross.T)) * rows))
-
-
 def intercept_pays(with_constant: float, without: float, scale: float) -> bool:
     """Whether a fit keeps its constant term (and a bias-free consumer an Add for it): where dropping it leaves
     more than INTERCEPT_SLACK more error, which keeps every fit that is exact only with it (constant units,
@@ -190,20 +183,39 @@ def intercept_pays(with_constant: float, without: float, scale: float) -> bool:
     return without - with_constant > INTERCEPT_SLACK * with_constant + 10.0 * RIDGE * scale
 
 
+def bare_fit(cross: np.ndarray, inputs: np.ndarray, inputs_mean: np.ndarray, prior: np.ndarray | None = None
+             ) -> tuple[np.ndarray, float]:
+    """(M, E[u²]): the least-squares fit x ≈ M y with no constant term, on second moments (`cross` E[x yᵀ],
+    `inputs` E[y yᵀ]; ridge-regularised towards `prior` as `cross_reconstruction`), and what the constant
+    leaves after its own fit on y, E[u²] = 1 − μ_yᵀ E[y yᵀ]⁻¹ μ_y, from the same solve."""
+    if inputs_mean.size == 0:
+        return np.zeros((cross.shape[0], 0)), 1.0
+    ridge = RIDGE * max(float(np.mean(np.diag(inputs))), 1e-30)
+    target = cross if prior is None else cross + ridge * prior
+    solved = np.linalg.solve(inputs + ridge * np.eye(inputs.shape[0]), np.column_stack([target.T, inputs_mean]))
+    return solved[:, :-1].T, float(1.0 - inputs_mean @ solved[:, -1])
+
+
+def constant_pays(rows: np.ndarray, target_mean: np.ndarray, target_second: np.ndarray, coupling: np.ndarray,
+                  cross: np.ndarray, inputs_mean: np.ndarray, spare: float) -> bool:
+    """`intercept_pays` for a consumer with weights `rows` (outputs x features of x) over x ≈ M y, given the fit
+    without a constant (`coupling` M, `cross` E[x yᵀ], `spare` E[u²] from `bare_fit`) and x's mean and second
+    moments' diagonal (`target_second`). The constant term saves exactly ‖W (μ_x − M μ_y)‖² / E[u²] of output
+    error (least squares); the error left without it is estimated from the diagonal,
+    Σ_j ‖w_j‖² (E[x_j²] − Σ_k M_jk E[x_j y_k]), which costs O(outputs · features) where the exact trace would
+    cost a features² product per output."""
+    shortfall = rows @ (target_mean - coupling @ inputs_mean)
+    saved = float(shortfall @ shortfall) / max(spare, 1e-12)
+    weights = np.einsum("ij,ij->j", rows, rows)
+    without = float(weights @ (target_second - np.einsum("jk,jk->j", coupling, cross)))
+    return intercept_pays(max(without - saved, 0.0), without, float(weights @ target_second))
+
+
 def self_fit_intercept(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, pruned: np.ndarray,
                        rows: np.ndarray) -> bool:
-    """`intercept_pays` for the self reconstruction of features `pruned` from `kept`, `rows` the consumer's
-    weights over the pruned features (outputs x |P|)."""
+    """`constant_pays` for the self reconstruction of features `pruned` from `kept` (Σ `cov`, μ `mean`), `rows`
+    the consumer's weights over the pruned features (outputs x |P|)."""
     second, _ = without_intercept(cov, mean)
-    centred = reconstruction(cov, mean, kept, pruned)[0]
-    bare = reconstruction(second, np.zeros_like(mean), kept, pruned)[0]
-    pp, pk = np.ix_(pruned, pruned), np.ix_(pruned, kept)
-    return intercept_pays(fit_error(rows, cov[pp], centred, cov[pk]), fit_error(rows, second[pp], bare, second[pk]),
-                          float(np.sum((rows @ second[pp]) * rows)))
-
-
-def paired_without_intercept(cross: np.ndarray, cov: np.ndarray, reference_mean: np.ndarray, mean: np.ndarray
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(E[x yᵀ], E[y yᵀ], 0, 0) from paired centred moments: the refit without a constant term."""
-    return (cross + np.outer(reference_mean, mean), cov + np.outer(mean, mean), np.zeros_like(reference_mean),
-            np.zeros_like(mean))
+    cross = second[np.ix_(pruned, kept)]
+    coupling, spare = bare_fit(cross, second[np.ix_(kept, kept)], mean[kept])
+    return constant_pays(rows, mean[pruned], np.diag(second)[pruned], coupling, cross, mean[kept], spare)

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.passes.snp.maths import fit_error, intercept_pays, reconstruction, self_fit_intercept, without_intercept
+from graphopt.passes.snp.maths import bare_fit, intercept_pays, self_fit_intercept
 from tests.conftest import run_ort
 
 
@@ -55,12 +55,20 @@ def test_intercept_pays_only_where_dropping_it_adds_error() -> None:
     cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
     kept, pruned, weight = np.arange(4), np.array([4]), np.array([[1.5], [-0.5]])
     assert self_fit_intercept(cov, mean, kept, pruned, weight)
-    second, zero = without_intercept(cov, mean)
-    bare = reconstruction(second, zero, kept, pruned)[0]
-    centred = reconstruction(cov, mean, kept, pruned)[0]
-    assert fit_error(weight, cov[np.ix_(pruned, pruned)], centred, cov[np.ix_(pruned, kept)]) < 1e-6
-    assert fit_error(weight, second[np.ix_(pruned, pruned)], bare, second[np.ix_(pruned, kept)]) > 1e-3
+    # the error the constant saves, ‖W (μ_x − M μ_y)‖² / E[u²], is the difference of the two fits' errors
+    second = cov + np.outer(mean, mean)
+    coupling, spare = bare_fit(second[np.ix_(pruned, kept)], second[np.ix_(kept, kept)], mean[kept])
+    bare_residual = rows[:, pruned] - rows[:, kept] @ coupling.T
+    design = np.hstack([rows[:, kept], np.ones((200, 1))])
+    centred_residual = rows[:, pruned] - design @ np.linalg.lstsq(design, rows[:, pruned], rcond=None)[0]
+    shortfall = weight @ (mean[pruned] - coupling @ mean[kept])
+    saved = float(shortfall @ shortfall) / spare
+    exact = (np.sum((bare_residual @ weight.T) ** 2) - np.sum((centred_residual @ weight.T) ** 2)) / 200
+    assert saved == pytest.approx(exact, rel=1e-6)
     rows[:, 4] = 2.0 * rows[:, 0] - rows[:, 1]  # linear: the fit needs no constant
+    cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
+    assert not self_fit_intercept(cov, mean, kept, pruned, weight)
+    rows[:, 4] += 0.3 * rng.standard_normal(200) + 0.01  # a small offset in a noisy unit: not worth an Add
     cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
     assert not self_fit_intercept(cov, mean, kept, pruned, weight)
     assert not intercept_pays(1.0, 1.005, 10.0) and intercept_pays(1.0, 1.02, 10.0) and intercept_pays(0.0, 1e-6, 1.0)
