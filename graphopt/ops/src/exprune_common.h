@@ -157,10 +157,20 @@ inline void checkpoint_factors(int64_t d, const std::vector<int64_t>& checkpoint
 // packed once when a kernel is created, k-major: values[((j / width) * depth + i) * width + j % width] = W[j, i],
 // zero past the last row. The linear kernel packs its probe prefixes (depth m, width kLanes) for batch 1 and
 // all of W (depth d, width kNr) for batch > 1; the convolution kernel all of W [M, C · kh · kw] (width kQ).
-struct Panels {
+// A layout of a constant W [n, d] packed once (Panels here, the linear kernel's Tails); `ready` says whether a
+// call's W is the one packed.
+struct Packed {
   std::vector<float> values;
-  const float* source = nullptr;  // W's data when packed: a call on other data does not use the panels
-  int64_t n = 0, d = 0, panels = 0;
+  const float* source = nullptr;  // W's data when packed: a call on other data does not use the packing
+  int64_t n = 0, d = 0;
+
+  bool ready(const float* w, int64_t rows, int64_t columns) const {
+    return source != nullptr && w == source && rows == n && columns == d;
+  }
+};
+
+struct Panels : Packed {
+  int64_t panels = 0;
 
   void pack(const float* w, int64_t rows, int64_t columns, int64_t depth, int64_t width) {
     panels = (rows + width - 1) / width;
@@ -170,10 +180,6 @@ struct Panels {
     source = w;
     n = rows;
     d = columns;
-  }
-
-  bool ready(const float* w, int64_t rows, int64_t columns) const {
-    return source != nullptr && w == source && rows == n && columns == d;
   }
 };
 

@@ -117,11 +117,7 @@ inline void prefetch_lines(const float* p, int64_t count) {
 // values[j * (d - m) + i - m] = W[j, i] for i >= m. Kept tails are one stream where nothing is skipped and
 // skipped ones leave gaps of whole tails, not of tails and prefixes: at batch 1, 768->3072 with nothing
 // skipped, the kernel ran at 0.93x of dense reading W's own rows and at 0.98x reading these.
-struct Tails {
-  std::vector<float> values;
-  const float* source = nullptr;
-  int64_t n = 0, d = 0;
-
+struct Tails : Packed {
   void pack(const float* w, int64_t rows, int64_t columns, int64_t m) {
     const int64_t width = columns - m;
     values.resize(static_cast<size_t>(rows * width));
@@ -129,10 +125,6 @@ struct Tails {
     source = w;
     n = rows;
     d = columns;
-  }
-
-  bool ready(const float* w, int64_t rows, int64_t columns) const {
-    return source != nullptr && w == source && rows == n && columns == d;
   }
 };
 

@@ -26,7 +26,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node
 from graphopt.passes.heads.plan import head_positions
-from graphopt.passes.snp.maths import reconstruction, self_fit_intercept, without_intercept
+from graphopt.passes.snp.maths import consumer_reconstruction
 
 
 def _reconstruct(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, removed: np.ndarray,
@@ -38,13 +38,12 @@ def _reconstruct(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, removed: n
             continue
         keep_pos, pruned_pos = head_positions(kept, consumer.width), head_positions(removed, consumer.width)
         tensor_stats = stats[consumer.tensor]
-        cov, mean = tensor_stats.covariance(), tensor_stats.mean
         weight = np.asarray(consumer.node.inputs[consumer.index].values)
         rows = np.moveaxis(weight.astype(np.float64), consumer.axis, 0)
-        if bias_costs_a_node(graph, consumer.node) and not self_fit_intercept(
-                cov, mean, keep_pos, pruned_pos, rows[pruned_pos].reshape(pruned_pos.size, -1).T):
-            cov, mean = without_intercept(cov, mean)  # no constant term: the bias would cost an Add of its own
-        coupling, constant = reconstruction(cov, mean, keep_pos, pruned_pos)
+        bias_free = rows[pruned_pos].reshape(pruned_pos.size, -1).T if bias_costs_a_node(graph, consumer.node) \
+            else None  # a bias-free projection: its fit may go without a constant term, which would cost an Add
+        coupling, constant = consumer_reconstruction(tensor_stats.covariance(), tensor_stats.mean, keep_pos,
+                                                     pruned_pos, bias_free)
         shift = np.tensordot(constant, rows[pruned_pos], axes=(0, 0))
         rows[keep_pos] += np.tensordot(coupling, rows[pruned_pos], axes=(0, 0))
         ir.set_input_array(graph, consumer.node, consumer.index,

@@ -33,6 +33,7 @@ A consumer whose paired rows number fewer than `MIN_ROWS_PER_FEATURE` per featur
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -49,8 +50,8 @@ from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node, consumer_shift, output_axis
 from graphopt.passes.channels.engine import kept_positions
-from graphopt.passes.snp.maths import (bare_fit, constant_pays, cross_reconstruction, from_input_rows, input_rows,
-                                       reconstruction, self_fit_intercept, without_intercept)
+from graphopt.passes.snp.maths import (bare_fit, constant_pays, consumer_reconstruction, cross_reconstruction,
+                                       from_input_rows, input_rows, reconstruction, without_intercept)
 from graphopt.passes.snp.padding import inside_fraction, paired_read_moments, read_moments
 
 log = logging.getLogger(__name__)
@@ -74,31 +75,34 @@ class Target:
     kept_inputs: np.ndarray
     inside: float
 
+    @functools.cached_property
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Σ, μ) of the consumer's reads in the original model (padding.read_moments), formed once."""
+        return read_moments(self.reference_stats, self.inside)
+
     def prior(self, intercept: bool = True) -> np.ndarray:
-        """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features."""
-        return self.self_fit(intercept)[0]
+        """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features
+        (without `intercept`, on second moments with no constant term)."""
+        features = self.reference_stats.channels
+        prior = np.zeros((features, self.kept_inputs.size))
+        prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
+        pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
+        if pruned.size:
+            cov, mean = self.moments if intercept else without_intercept(*self.moments)
+            prior[pruned] = reconstruction(cov, mean, self.kept_inputs, pruned)[0]
+        return prior
 
-    def self_intercept(self, rows: np.ndarray) -> bool:
-        """Whether the self fit keeps its constant term on a bias-free consumer (maths.self_fit_intercept),
-        `rows` the consumer's weights over all its input features."""
-        pruned = np.setdiff1d(np.arange(self.reference_stats.channels), self.kept_inputs)
-        if pruned.size == 0:
-            return False
-        cov, mean = read_moments(self.reference_stats, self.inside)
-        return self_fit_intercept(cov, mean, self.kept_inputs, pruned, rows[:, pruned])
-
-    def self_fit(self, intercept: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics
-        (without `intercept`, m₀ = 0 and the fit is on second moments)."""
+    def self_fit(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics; with
+        `rows`, the weights of a bias-free consumer over all its input features, maths.consumer_reconstruction
+        may fit it without the constant term."""
         features = self.reference_stats.channels
         prior, constant = np.zeros((features, self.kept_inputs.size)), np.zeros(features)
         prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
         pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
         if pruned.size:
-            cov, mean = read_moments(self.reference_stats, self.inside)
-            if not intercept:
-                cov, mean = without_intercept(cov, mean)
-            prior[pruned], constant[pruned] = reconstruction(cov, mean, self.kept_inputs, pruned)
+            prior[pruned], constant[pruned] = consumer_reconstruction(
+                *self.moments, self.kept_inputs, pruned, rows[:, pruned] if rows is not None else None)
         return prior, constant
 
 
@@ -152,7 +156,7 @@ def _paired_fit(target: Target, moments: tuple[np.ndarray, ...], rows: np.ndarra
         second_cross = cross + np.outer(reference_mean, mean)
         coupling, spare = bare_fit(second_cross, cov + np.outer(mean, mean), mean,
                                    target.prior(False) if with_prior else None)
-        variance = np.diagonal(read_moments(target.reference_stats, target.inside)[0])
+        variance = np.diagonal(target.moments[0])
         if not constant_pays(rows, reference_mean, variance + reference_mean ** 2, coupling, second_cross, mean,
                              spare):
             return coupling, np.zeros_like(reference_mean)
@@ -170,7 +174,7 @@ def _refit(graph: gs.Graph, target: Target, paired: PairedStats) -> bool:
         coupling, constant = _paired_fit(target, paired_read_moments(paired, target.inside), rows, free)
         refit = True
     else:
-        coupling, constant = target.self_fit(not free or target.self_intercept(rows))
+        coupling, constant = target.self_fit(rows if free else None)
     refitted = rows @ coupling
     ir.set_input_array(graph, site.node, site.index, from_input_rows(refitted, target.weight, site.axis))
     shift = consumer_shift(site, constant, target.weight)

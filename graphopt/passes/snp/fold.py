@@ -20,8 +20,7 @@ from graphopt.passes.channels.consumer_shift import (Shifts, add_shift, apply_wi
 from graphopt.passes.channels.engine import kept_positions
 from graphopt.passes.channels.reduction import linear_sites
 from graphopt.passes.snp.correct import correct, targets
-from graphopt.passes.snp.maths import (from_input_rows, input_rows, reconstruction, self_fit_intercept,
-                                       without_intercept)
+from graphopt.passes.snp.maths import consumer_reconstruction, from_input_rows, input_rows
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 
@@ -37,14 +36,14 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     cov, mean = read_moments(tensor_stats, inside_fraction(a, site))
     weight = np.asarray(site.node.inputs[site.index].values)
     rows = input_rows(weight, site.axis)
-    if bias_costs_a_node(graph, site.node) and not self_fit_intercept(cov, mean, keep_pos, pruned_pos,
-                                                                      rows[:, pruned_pos]):
-        cov, mean = without_intercept(cov, mean)  # no constant term: the bias would cost an Add of its own
+    # a bias-free MatMul (one group): its fit may go without a constant term, which would cost an Add
+    bias_free = rows[:, pruned_pos] if bias_costs_a_node(graph, site.node) else None
     shifts_by_group = []
     # group k (one group unless grouped: a Conv, outputs on axis 0) reads block k of the input through its
     # own output rows; np.split gives views, so the fold writes into `rows`
     for k, (outputs, block) in enumerate(zip(np.split(weight, site.groups), np.split(rows, site.groups))):
-        coupling, constant = reconstruction(cov, mean, keep_pos + k * features, pruned_pos + k * features)
+        coupling, constant = consumer_reconstruction(cov, mean, keep_pos + k * features, pruned_pos + k * features,
+                                                     bias_free)
         values = np.zeros(features)
         values[pruned_pos] = constant
         shifts_by_group.append(consumer_shift(site, values, outputs))

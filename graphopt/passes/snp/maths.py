@@ -211,11 +211,16 @@ def constant_pays(rows: np.ndarray, target_mean: np.ndarray, target_second: np.n
     return intercept_pays(max(without - saved, 0.0), without, float(weights @ target_second))
 
 
-def self_fit_intercept(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, pruned: np.ndarray,
-                       rows: np.ndarray) -> bool:
-    """`constant_pays` for the self reconstruction of features `pruned` from `kept` (Σ `cov`, μ `mean`), `rows`
-    the consumer's weights over the pruned features (outputs x |P|)."""
-    second, _ = without_intercept(cov, mean)
-    cross = second[np.ix_(pruned, kept)]
-    coupling, spare = bare_fit(cross, second[np.ix_(kept, kept)], mean[kept])
-    return constant_pays(rows, mean[pruned], np.diag(second)[pruned], coupling, cross, mean[kept], spare)
+def consumer_reconstruction(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, pruned: np.ndarray,
+                            bias_free_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`reconstruction` (C, c₀) for one consumer. With `bias_free_rows`, the weights (outputs x |P|) of a
+    consumer whose constant term would cost a node of its own, the fit without one (c₀ = 0, from the same
+    solve that decides) where `constant_pays` says the constant is not worth it."""
+    if bias_free_rows is not None:
+        second, _ = without_intercept(cov, mean)
+        cross = second[np.ix_(pruned, kept)]
+        coupling, spare = bare_fit(cross, second[np.ix_(kept, kept)], mean[kept])
+        if not constant_pays(bias_free_rows, mean[pruned], np.diag(second)[pruned], coupling, cross, mean[kept],
+                             spare):
+            return coupling, np.zeros(pruned.size)
+    return reconstruction(cov, mean, kept, pruned)

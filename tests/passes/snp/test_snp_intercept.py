@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt.passes.snp.maths import bare_fit, intercept_pays, self_fit_intercept
+from graphopt.passes.snp.maths import bare_fit, consumer_reconstruction, intercept_pays
 from tests.conftest import run_ort
 
 
@@ -48,13 +48,19 @@ def _kept_units(original: np.ndarray, pruned: np.ndarray) -> list[int]:
     return [int(np.argmin(np.abs(original - column[:, None]).sum(axis=0))) for column in pruned.T]
 
 
+def _keeps_constant(cov: np.ndarray, mean: np.ndarray, kept: np.ndarray, pruned: np.ndarray,
+                    weight: np.ndarray) -> bool:
+    """Whether a bias-free consumer's reconstruction keeps its constant term."""
+    return bool(np.any(consumer_reconstruction(cov, mean, kept, pruned, weight)[1]))
+
+
 def test_intercept_pays_only_where_dropping_it_adds_error() -> None:
     rng = np.random.default_rng(1)
     rows = rng.standard_normal((200, 5))
     rows[:, 4] = 2.0 * rows[:, 0] - rows[:, 1] + 7.0  # affine in the kept features: exact only with a constant
     cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
     kept, pruned, weight = np.arange(4), np.array([4]), np.array([[1.5], [-0.5]])
-    assert self_fit_intercept(cov, mean, kept, pruned, weight)
+    assert _keeps_constant(cov, mean, kept, pruned, weight)
     # the error the constant saves, ‖W (μ_x − M μ_y)‖² / E[u²], is the difference of the two fits' errors
     second = cov + np.outer(mean, mean)
     coupling, spare = bare_fit(second[np.ix_(pruned, kept)], second[np.ix_(kept, kept)], mean[kept])
@@ -67,10 +73,10 @@ def test_intercept_pays_only_where_dropping_it_adds_error() -> None:
     assert saved == pytest.approx(exact, rel=1e-6)
     rows[:, 4] = 2.0 * rows[:, 0] - rows[:, 1]  # linear: the fit needs no constant
     cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
-    assert not self_fit_intercept(cov, mean, kept, pruned, weight)
+    assert not _keeps_constant(cov, mean, kept, pruned, weight)
     rows[:, 4] += 0.3 * rng.standard_normal(200) + 0.01  # a small offset in a noisy unit: not worth an Add
     cov, mean = np.cov(rows, rowvar=False, bias=True), rows.mean(axis=0)
-    assert not self_fit_intercept(cov, mean, kept, pruned, weight)
+    assert not _keeps_constant(cov, mean, kept, pruned, weight)
     assert not intercept_pays(1.0, 1.005, 10.0) and intercept_pays(1.0, 1.02, 10.0) and intercept_pays(0.0, 1e-6, 1.0)
     assert not intercept_pays(1e-8, 5e-8, 10.0)  # both exact up to the ridge
 
