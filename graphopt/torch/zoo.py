@@ -341,6 +341,12 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+def _bias_free_tokens() -> nn.Module:
+    """Per-token layers without biases, as Llama-style projections are: bare MatMuls on [N, T, C]."""
+    return nn.Sequential(nn.Linear(32, 64, bias=False), nn.ReLU(), nn.Linear(64, 48, bias=False), nn.GELU(),
+                         nn.Linear(48, 10, bias=False))
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -388,6 +394,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "transformer": (_transformer, (8, 32)),
     "post_norm_transformer": (_post_norm_transformer, (8, 32)),
     "mlp": (_mlp, (64,)),
+    "bias_free_tokens": (_bias_free_tokens, (8, 32)),
     "resnext": (_resnext, _IMAGE_16),
     "depthwise_upsample": (DepthwiseUpsampler, _IMAGE_16),
 }
