@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -34,6 +34,7 @@ from graphopt.calibration.mask import choose_mask
 from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
+from graphopt.calibration.trim import TrimPlan, plan_trim
 from graphopt.errors import CandidateLoadError, DataError, OptionError
 from graphopt import latency_target as latency_fit
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
@@ -109,12 +110,13 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
               device: str = "cpu", threads: int = 0, mask_input: str | None = None,
               input_shapes: dict[str, tuple[int, ...]] | None = None, progress: bool = False,
               workers: int | None = None, ray_address: str | None = None,
-              rows_per_channel: int = DEFAULT_ROWS_PER_CHANNEL) -> StatsFile:
+              rows_per_channel: int = DEFAULT_ROWS_PER_CHANNEL, trim_padding: bool = True) -> StatsFile:
     """Statistics (all kinds) of `tensors`, by default the activation input of every Conv/Gemm/MatMul
     with a constant weight, on the model after the pre-passes: the graph `optimize` methods see, so
     `optimize(..., stats=...)` can reuse them. Saved to `output` when given. `workers` and `ray_address`
     shard the data over Ray tasks (graphopt.calibration.cluster); Grams of wide maps come from sampled
-    positions, about `rows_per_channel` rows per channel (0: every position; graphopt.calibration.stats)."""
+    positions, about `rows_per_channel` rows per channel (0: every position; graphopt.calibration.stats).
+    `trim_padding`: token batches run up to their last counted position (graphopt.calibration.trim)."""
     protected = _protected(model, [data], [Path(output)] if output is not None else [])
     original = as_model(model)
     dataset = load_data(data, original)
@@ -125,12 +127,14 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     normalized = ir.export_model(graph, original)
     requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
     mask = choose_mask(original, mask_input)  # None: found in the model; "none": no mask
+    untrimmed = dataset
+    dataset = _trimmed(dataset, _padding(original, dataset, mask_input, trim_padding, batch_size, device))
     with open_cluster(workers, ray_address) as cluster:
         calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
                                 threads=threads, progress=progress, mask_input=mask, cluster=cluster,
                                 rows_per_channel=rows_per_channel)
         stats = calibrator.statistics(normalized, requests)
-    stats_file = StatsFile.build(normalized, stats, dataset, mask.name)
+    stats_file = StatsFile.build(normalized, stats, untrimmed, mask.name)
     if output is not None:
         save_stats(stats_file, output, protected=protected)
         stats_file.source = str(output)
@@ -185,7 +189,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     outputs = model_outputs(output) if output is not None else []
     protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
-    dataset = load_data(calib, original) if calib is not None else None
+    dataset, padding = _calibration_data(original, calib, resolved, batch_size)
     shapes = resolve_shapes(original, dataset, input_shapes)
 
     def run(options: dict[str, Any]) -> _Run:
@@ -222,6 +226,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
                               "passes": [record.to_json() for record in records]}
     if ctx.calibration_mask() is not None:
         report["mask_input"] = ctx.calibration_mask()
+    if padding is not None:
+        report["padding"] = padding.to_json()
     dynamic = _exprune_skipped(records, report["macs_after"])
     if dynamic is not None:
         report["exprune_macs_skipped"] = dynamic
@@ -372,6 +378,35 @@ def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, rep
     if hungry and calib is None and stats is None:
         raise DataError(f"--method {hungry[0]} needs calibration data: give --calib DATA.npz "
                         "(or --stats from graphopt calibrate)")
+
+
+def _calibration_data(original: onnx.ModelProto, calib: DataSource | None, resolved: dict[str, Any],
+                      batch_size: int) -> tuple[Dataset | None, TrimPlan | None]:
+    """`calib` validated against the model, its token batches cut where that changes nothing
+    (graphopt.calibration.trim)."""
+    dataset = load_data(calib, original) if calib is not None else None
+    padding = _padding(original, dataset, resolved["mask_input"], resolved["trim_padding"], batch_size,
+                       resolved.get("device") or "cpu")
+    return _trimmed(dataset, padding), padding
+
+
+def _padding(original: onnx.ModelProto, dataset: Dataset | None, mask_input: str | None, enabled: bool,
+             batch_size: int, device: str) -> TrimPlan | None:
+    """Whether calibration batches run cut after their last counted token (None: no data, or no mask)."""
+    if dataset is None:
+        return None
+    mask = choose_mask(original, mask_input)
+    if mask.name is None:
+        return None
+    if not enabled:
+        return TrimPlan(None, reason="--no-trim-padding")
+    return plan_trim(original, mask, dataset.batches(batch_size, trimmed=False), device)
+
+
+def _trimmed(dataset: Dataset | None, padding: TrimPlan | None) -> Dataset | None:
+    if dataset is None or padding is None or padding.trim is None:
+        return dataset
+    return replace(dataset, trim=padding.trim)
 
 
 def _check_settings(ctx: PassContext, original: onnx.ModelProto, optimized: onnx.ModelProto,

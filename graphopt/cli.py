@@ -569,7 +569,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                            batch_size=args.batch_size, memory_limit=parse_bytes(args.calib_memory),
                            device=args.device, threads=args.threads, mask_input=args.mask_input,
                            input_shapes=_shapes(args), progress=not args.quiet, workers=args.workers,
-                           ray_address=args.ray_address, rows_per_channel=args.calib_rows_per_channel)
+                           ray_address=args.ray_address, rows_per_channel=args.calib_rows_per_channel,
+                           trim_padding=args.trim_padding)
     seconds = time.perf_counter() - start
     report = {"output": str(args.output), "tensors": len(stats_file.stats), "samples": stats_file.samples,
               "seconds": seconds, "model_fingerprint": stats_file.model_fingerprint,

@@ -317,7 +317,7 @@ def tensor_batches(model: onnx.ModelProto, data: Any, names: list[str], batch_si
     computed = [n for n in names if n not in graph_inputs]
     session, feeds = None, set()
     if computed:
-        infos = describe(model, computed, next(iter(data.batches(1))))
+        infos = describe(model, computed, next(iter(data.batches(1, trimmed=False))))
         session = make_session(exposing_model(model, computed, {n: infos[n].elem_type for n in computed}))
         feeds = {i.name for i in session.get_inputs()}
     for batch in data.batches(batch_size):

@@ -220,7 +220,7 @@ class Calibrator:
                                       "above it changed, or other kinds or axis were asked): give --calib to recompute")
             raise DataError(f"statistics of tensor '{name}' need calibration data: give --calib DATA.npz "
                             "(or --stats STATS.npz from `graphopt calibrate` on this model)")
-        sample = next(iter(self.data.batches(1)))
+        sample = next(iter(self.data.batches(1, trimmed=False)))  # shapes at full length
         infos = describe(model, list(wanted), sample)
         stats = {name: _empty(infos[name], wanted[name], self.mask_input is not None, self.data.num_samples,
                               self.rows_per_channel) for name in wanted}

@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from graphopt.calibration.layout import Layout, check_symbols, fixed_unit, layout_of, runs
+from graphopt.calibration.trim import Trim
 from graphopt.errors import DataError
 from graphopt.ir.io import open_regular
 from graphopt.ir.shapes import InputSpec, batch_axes, batch_symbols, input_specs
@@ -146,6 +147,7 @@ class Dataset:
     layouts: dict[str, Layout] = field(default_factory=dict)
     warned: set[str] = field(default_factory=set)  # inputs whose data were cast, warned about once
     unit: int | None = None  # samples per run the model fixes (arrays only)
+    trim: Trim | None = None  # trailing padding cut from every feed (graphopt.calibration.trim)
 
     @property
     def num_samples(self) -> int | None:
@@ -158,9 +160,13 @@ class Dataset:
     def fixed_batch(self) -> int | None:
         return self.unit if self.arrays is not None else fixed_batch(self.model)
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, trimmed: bool = True) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of `batch_size` samples (of the model's fixed batch size, where it has one); a feed of a
-        stream is passed whole (one sample per run where the model fixes that)."""
+        stream is passed whole (one sample per run where the model fixes that). With a `trim` (and `trimmed`),
+        each feed runs only up to its last counted token."""
+        if self.trim is not None and trimmed:
+            yield from map(self.trim.apply, self.batches(batch_size, trimmed=False))
+            return
         if self.arrays is not None:
             total = self.num_samples or 0
             size = self.unit or batch_size
@@ -202,14 +208,16 @@ class Dataset:
             for chosen in (np.sort(order[held:]), np.sort(order[:held])):
                 index = (chosen[:, None] * unit + np.arange(unit)[None]).reshape(-1)
                 arrays = {k: self.layouts[k].take(v, index) for k, v in self.arrays.items()}
-                parts.append(Dataset(arrays, None, self.model, self.layouts, self.warned, self.unit))
+                parts.append(Dataset(arrays, None, self.model, self.layouts, self.warned, self.unit, self.trim))
             return parts[0], parts[1]
         feeds = list(self.feeds or ())
         order = np.random.default_rng(seed).permutation(len(feeds))
         held = min(len(feeds) - 1, max(1, round(fraction * len(feeds)))) if len(feeds) > 1 else 0
         chosen = set(order[:held].tolist())
-        return (Dataset(None, [f for i, f in enumerate(feeds) if i not in chosen], self.model, warned=self.warned),
-                Dataset(None, [f for i, f in enumerate(feeds) if i in chosen], self.model, warned=self.warned))
+        return (Dataset(None, [f for i, f in enumerate(feeds) if i not in chosen], self.model, warned=self.warned,
+                        trim=self.trim),
+                Dataset(None, [f for i, f in enumerate(feeds) if i in chosen], self.model, warned=self.warned,
+                        trim=self.trim))
 
     def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-input shapes of one sample as the model reads it, its batch axis at 1."""

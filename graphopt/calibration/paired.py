@@ -217,7 +217,7 @@ def paired_statistics(data: Dataset, reference: onnx.ModelProto, model: onnx.Mod
     requests = list(dict.fromkeys(requests))
     if not requests:
         return {}
-    sample = next(iter(data.batches(1)))
+    sample = next(iter(data.batches(1, trimmed=False)))  # shapes at full length
     infos = (describe(reference, sorted({r.reference for r in requests}), sample),
              describe(model, sorted({r.tensor for r in requests}), sample))
     found = {r: _empty(r, infos[0][r.reference], infos[1][r.tensor], data.num_samples, rows_per_channel)

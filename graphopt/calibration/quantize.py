@@ -148,7 +148,7 @@ def _reader(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> Any:
 
     class BatchReader(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
-            self.batches = iter(dataset.batches(batch_size))
+            self.batches = iter(dataset.batches(batch_size, trimmed=False))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             feed = next(self.batches, None)

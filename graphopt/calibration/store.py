@@ -97,7 +97,8 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
 
 def data_fingerprint(data: Dataset) -> str:
     hasher = _hasher()
-    batches: Iterable[dict[str, np.ndarray]] = [data.arrays] if data.arrays is not None else data.batches(1)
+    batches: Iterable[dict[str, np.ndarray]] = ([data.arrays] if data.arrays is not None
+                                                else data.batches(1, trimmed=False))
     for batch in batches:
         for name in sorted(batch):
             array = np.ascontiguousarray(batch[name])

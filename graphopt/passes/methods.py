@@ -124,6 +124,10 @@ class CalibrationOptions(Options):
     threads: int = option(0, help="intra-op threads (0: onnxruntime's default)")
     mask_input: str | None = option(None, metavar="NAME|none", help="attention-mask input: token statistics skip "
                                     "padding (default: found in the model; none: no mask)")
+    trim_padding: bool = option(True, flag="--no-trim-padding",
+                                help="run token batches whole: by default each batch runs only up to the last position "
+                                     "the attention mask counts, where the model's outputs show that cutting the "
+                                     "padding after it changes nothing (graphopt.calibration.trim)")
     workers: int | None = option(None, metavar="N", help="shard calibration over N Ray tasks on a local Ray "
                                  "instance graphopt starts and stops (with --ray-address: N shards on that "
                                  "cluster); --calib-memory then bounds each task; needs graphopt[ray]")

@@ -341,7 +341,7 @@ def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[
     `conv_*`), then the model with every timed layer kept against the model with none of them (`dense_model_ms`,
     `model_ms`, `model_speedup` with p10/p90); while a model is not MIN_SPEEDUP faster, the layer with the
     smallest speedup alone goes back to dense, named in `skipped`."""
-    feed = next(iter(data.batches(1)))
+    feed = next(iter(data.batches(1, trimmed=False)))
     conv = [i for i, layer in enumerate(layers)
             if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
     layers, chosen, timing = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", options["rule"], result)
