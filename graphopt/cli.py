@@ -425,6 +425,15 @@ def _target_missed(report: dict[str, Any]) -> str | None:
     return text
 
 
+def _padding_note(report: dict[str, Any]) -> str:
+    padding = report.get("padding")
+    if not padding:
+        return ""
+    if padding["trimmed"]:
+        return f"; batches cut after their last token ({padding['positions_run']:.1%} of positions run)"
+    return f"; batches run whole ({padding['reason']})"
+
+
 def _print_optimized(report: dict[str, Any]) -> None:
     fidelity = report["fidelity"]
     print(f"MACs   {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.1%})")
@@ -440,7 +449,7 @@ def _print_optimized(report: dict[str, Any]) -> None:
         _print_exprune(report)
     mask = report.get("mask_input") or {}
     if mask.get("name") is not None:
-        print(f"token statistics masked by input '{mask['name']}' ({mask['how']})")
+        print(f"token statistics masked by input '{mask['name']}' ({mask['how']})" + _padding_note(report))
     if "latency_target" in report:
         _print_latency_target(report["latency_target"])
     _print_relaxed_rounding(report)

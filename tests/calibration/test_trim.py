@@ -153,3 +153,9 @@ def test_the_command_line_can_run_batches_whole(encoders, tmp_path, capsys: pyte
     report = json.loads(capsys.readouterr().out)
     assert report["padding"] == {"trimmed": False, "reason": "--no-trim-padding"}
     assert report["options"]["trim_padding"] is False
+    code = cli.main(["optimize", str(encoders["masked"]), "-o", str(tmp_path / "cut.onnx"), "--method", "snp",
+                     "--target-macs", "0.7", "--calib", str(data), "--quiet"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "token statistics masked by input 'attention_mask' (found automatically); batches cut after their last " \
+           "token (" in summary and "% of positions run)" in summary
