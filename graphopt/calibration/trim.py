@@ -59,8 +59,8 @@ class Trim:
         if length is None or length >= whole:
             return dict(feed)
         cut = dict(feed)
-        for name, axis in self.axes:
-            value = feed.get(name)
+        for name, axis in self.axes:  # an input may have the symbol on several axes ([batch, sequence, sequence])
+            value = cut.get(name)
             if value is not None and np.ndim(value) > axis and value.shape[axis] == whole:
                 cut[name] = value[(slice(None),) * axis + (slice(0, length),)]
         return cut

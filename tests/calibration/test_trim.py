@@ -116,12 +116,12 @@ def test_a_model_that_pools_over_padding_keeps_its_batches_whole(encoders) -> No
 
 
 def test_only_the_mask_symbol_axes_are_cut_after_the_last_counted_token() -> None:
-    trim = Trim(MaskChoice("mask", "given"), (("ids", 1), ("mask", 1), ("states", 1)))
+    trim = Trim(MaskChoice("mask", "given"), (("ids", 1), ("mask", 1), ("states", 1), ("pairs", 1), ("pairs", 2)))
     mask = np.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
     feed = {"ids": np.arange(10).reshape(2, 5), "mask": mask, "states": np.ones((2, 5, 3)),
-            "other": np.ones((2, 5))}
+            "other": np.ones((2, 5)), "pairs": np.ones((2, 5, 5))}
     cut = trim.apply(feed)
-    assert cut["ids"].tolist() == [[0, 1], [5, 6]] and cut["mask"].shape == (2, 2)
+    assert cut["ids"].tolist() == [[0, 1], [5, 6]] and cut["mask"].shape == (2, 2) and cut["pairs"].shape == (2, 2, 2)
     assert cut["states"].shape == (2, 2, 3) and cut["other"].shape == (2, 5)
     left_padded = {**feed, "mask": mask[:, ::-1].copy()}
     assert all(trim.apply(left_padded)[name].shape == value.shape for name, value in left_padded.items())
