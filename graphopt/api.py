@@ -343,7 +343,8 @@ def _repair(graph: gs.Graph, ctx: PassContext) -> dict[str, Any]:
 
     tensors = ctx.options.get("repair_tensors")
     found = repair(ctx.template, ir.export_model(graph, ctx.template), ctx.data, steps=int(ctx.options["repair"]),
-                   lr=float(ctx.options["repair_lr"]), tensors=tensors.split(",") if tensors else (),
+                   lr=float(ctx.options["repair_lr"]), schedule=str(ctx.options["repair_schedule"]),
+                   tensors=tensors.split(",") if tensors else (),
                    batch_size=int(ctx.options["batch_size"]), device=ctx.option("device", "cpu"),
                    threads=int(ctx.option("threads", 0)), mask=ctx.token_mask(), progress=ctx.progress)
     constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}

@@ -195,6 +195,9 @@ class RunOptions(CalibrationOptions):
                                                   "out picks the weights kept; default 0: off); needs "
                                                   "graphopt[torch]")
     repair_lr: float = option(1e-3, metavar="LR", help="--repair's Adam learning rate (default 0.001)")
+    repair_schedule: str = option("constant", choices=("constant", "cosine"),
+                                  help="--repair's learning rate over the steps: constant (default) or cosine "
+                                       "(from --repair-lr down to 0 at the last step)")
     repair_tensors: str | None = option(None, metavar="NAME[,NAME...]", parse=parse_tensor_names,
                                         help="--repair also matches these intermediate tensors (by name, where "
                                              "both models compute them with the same shape); 'auto': the "

@@ -3,7 +3,7 @@
 `repair(original, pruned, data, steps=...)` runs the original once in onnxruntime (no graph optimisation)
 over the calibration data for its float outputs and the intermediate `tensors` asked for, builds the pruned
 model as a torch module (graphopt.torch.interpreter), and trains its parameters with Adam for `steps`
-mini-batches on
+mini-batches (at a constant rate, or `schedule="cosine"`: decayed along a half cosine to 0 at the last step) on
 
     L = mean over matched tensors t of  mean((ŷ_t − y_t)²) / mean(y_t²),
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -53,6 +54,7 @@ NORMALISATIONS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization"
                             "GroupNormalization", "InstanceNormalization"})
 AUTO = "auto"
 CHECKS = 25  # held-out evaluations over a run (plus the start and the end)
+SCHEDULES = ("constant", "cosine")
 LR_RESTARTS = 2  # a check worse than the start after a tenth of the steps: restart at a tenth of the rate
 
 Feed = dict[str, np.ndarray]
@@ -228,12 +230,13 @@ def _device(device: str) -> torch.device:
 
 
 def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *, steps: int, lr: float = 1e-3,
-           tensors: Sequence[str] = (), batch_size: int = 32, held_out: float = 0.1, seed: int = 0,
-           device: str = "cpu", threads: int = 0, mask: MaskChoice | None = None,
+           schedule: str = "constant", tensors: Sequence[str] = (), batch_size: int = 32, held_out: float = 0.1,
+           seed: int = 0, device: str = "cpu", threads: int = 0, mask: MaskChoice | None = None,
            progress: bool = False) -> Repaired:
     """Distil `pruned` toward `original` on `data` (see the module docstring)."""
     if int(steps) < 1 or not float(lr) > 0.0:
         raise OptionError(f"--repair needs steps >= 1 and --repair-lr > 0, got {steps} and {lr}")
+    rate = _Rate(float(lr), schedule)
     start = time.perf_counter()
     where = _device(device)
     module = GraphModule(pruned).to(where)
@@ -252,7 +255,7 @@ def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *,
                         + "; ".join(skipped))
     with _torch_threads(threads):
         distiller = _Distiller(module, names, train, where, mask)
-        report = _train(distiller, check, int(steps), float(lr), seed, progress)
+        report = _train(distiller, check, int(steps), rate, seed, progress)
     trained = module.parameters_by_name().items() if report["best_step"] else ()
     arrays = {n: p.detach().cpu().numpy().astype(_dtype_of(pruned, n)) for n, p in trained}
     report.update(tensors=names, skipped=skipped, parameters=len(module.parameter_names),
@@ -277,6 +280,28 @@ def _restore(module: GraphModule, values: list[torch.Tensor]) -> None:
             parameter.copy_(value)
 
 
+@dataclass(frozen=True)
+class _Rate:
+    """Adam's learning rate: `start` for every step (`constant`) or decayed along a half cosine to 0 at the
+    last step (`cosine`)."""
+
+    start: float
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise OptionError(f"--repair-schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+
+    def at(self, step: int, steps: int) -> float:
+        """The rate of step `step` (1-based) of `steps`."""
+        if self.schedule == "constant":
+            return self.start
+        return self.start * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / max(steps, 1)))
+
+    def scaled(self, factor: float) -> _Rate:
+        return _Rate(self.start * factor, self.schedule)
+
+
 @dataclass
 class _Run:
     best: float
@@ -284,13 +309,13 @@ class _Run:
     kept: list[torch.Tensor]
 
 
-def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng: np.random.Generator,
+def _attempt(distiller: _Distiller, check: _Targets, steps: int, rate: _Rate, rng: np.random.Generator,
              start: tuple[float, list[torch.Tensor]], give_up: bool, bar: Any) -> _Run | None:
-    """`steps` Adam steps at `lr` from the module's weights, checked on `check` every `steps // CHECKS`
+    """`steps` Adam steps at `rate` from the module's weights, checked on `check` every `steps // CHECKS`
     steps; None when `give_up` and the first check from a tenth of the steps on is worse than the starting
     error (`start`: Adam's first steps may spike before they settle)."""
     module = distiller.module
-    optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
+    optimizer = torch.optim.Adam(list(module.parameters()), lr=rate.start)
     found = _Run(start[0], 0, start[1])
     every = max(1, steps // CHECKS)
     judge = max(every, steps // 10) if give_up else steps + 1  # the step whose check may give up
@@ -298,6 +323,8 @@ def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng:
     for step in range(1, steps + 1):
         if not order:
             order = rng.permutation(len(distiller.train.feeds)).tolist()
+        for group in optimizer.param_groups:
+            group["lr"] = rate.at(step, steps)
         optimizer.zero_grad(set_to_none=True)
         distiller.batch_loss(order.pop()).backward()
         optimizer.step()
@@ -308,11 +335,11 @@ def _attempt(distiller: _Distiller, check: _Targets, steps: int, lr: float, rng:
                 return None
             if error < found.best:
                 found = _Run(error, step, [p.detach().clone() for p in module.parameters()])
-            bar.set_postfix(held_out=f"{error:.4g}", best=f"{found.best:.4g}", lr=f"{lr:.2g}")
+            bar.set_postfix(held_out=f"{error:.4g}", best=f"{found.best:.4g}", lr=f"{rate.at(step, steps):.2g}")
     return found
 
 
-def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: int,
+def _train(distiller: _Distiller, check: _Targets, steps: int, lr: _Rate, seed: int,
            progress: bool = False) -> dict[str, Any]:
     """Adam on the distillation loss; the parameters at the lowest held-out error are left in the module.
     A held-out error above the starting one at the first check from a tenth of the steps on restarts from the
@@ -329,15 +356,16 @@ def _train(distiller: _Distiller, check: _Targets, steps: int, lr: float, seed: 
             run = _attempt(distiller, check, steps, rate, rng, (held_before, initial), restart < LR_RESTARTS, bar)
             if run is not None:
                 break
-            log.info("repair: held-out error rose at the learning rate %.3g; restarting at %.3g", rate, rate / 10)
-            rate /= 10
+            log.info("repair: held-out error rose at the learning rate %.3g; restarting at %.3g", rate.start,
+                     rate.start / 10)
+            rate = rate.scaled(0.1)
             _restore(module, initial)
             bar.reset()
     assert run is not None  # the last attempt never gives up
     _restore(module, run.kept)
     log.info("repair: held-out error %.4g -> %.4g (best at step %d of %d)", held_before, run.best, run.best_step,
              steps)
-    return {"steps": steps, "lr": lr, "lr_used": rate, "best_step": run.best_step,
+    return {"steps": steps, "lr": lr.start, "lr_used": rate.start, "schedule": lr.schedule, "best_step": run.best_step,
             "loss_train_before": train_before, "loss_train_after": distiller.error(distiller.train),
             "loss_held_out_before": held_before, "loss_held_out_after": run.best}
 

@@ -62,6 +62,25 @@ def test_repair_lowers_the_output_error_on_samples_it_never_saw(digits, pruned) 
     assert report["lr_used"] == report["lr"] == 1e-3  # the first check improved: no restart
 
 
+def test_a_cosine_schedule_decays_the_rate_to_zero_at_the_last_step(digits, pruned, monkeypatch) -> None:
+    rates: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording)
+    model = digits["model"]
+    found = repair(model, pruned, load_data(digits["calib"], model), steps=100, lr=1e-3, schedule="cosine")
+    assert len(rates) == 100 and rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:])) and rates[-1] < 1e-6
+    assert found.report["schedule"] == "cosine" and found.report["lr_used"] == 1e-3
+    assert found.report["loss_held_out_after"] < 0.6 * found.report["loss_held_out_before"]
+    with pytest.raises(OptionError, match="--repair-schedule must be one of constant, cosine, got 'linear'"):
+        repair(model, pruned, load_data(digits["calib"], model), steps=2, schedule="linear")
+
+
 def test_weights_worse_on_the_held_out_slice_are_never_returned(digits, pruned) -> None:
     model = digits["model"]
     found = repair(model, pruned, load_data(digits["calib"], model), steps=10, lr=50.0)  # diverges at once
@@ -123,6 +142,7 @@ def test_the_cli_takes_the_repair_flags_and_reports_them(tmp_path: Path, capfd) 
     assert "repair: 20 steps in" in out and "matched output" in out
     written = json.loads(report.read_text())
     assert written["options"]["repair"] == 20 and written["options"]["repair_tensors"] == "output"
+    assert written["options"]["repair_schedule"] == "constant" and written["repair"]["schedule"] == "constant"
     assert written["repair"]["tensors"] == ["output"] and written["repair"]["steps"] == 20
     assert written["repair"]["lr_used"] <= 0.002 and written["repair"]["masked_by"] is None
     assert "padded tokens" not in out
