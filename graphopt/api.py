@@ -386,21 +386,24 @@ def _calibration_data(original: onnx.ModelProto, calib: DataSource | None, resol
     """`calib` validated against the model, its token batches cut where that changes nothing
     (graphopt.calibration.trim)."""
     dataset = load_data(calib, original) if calib is not None else None
-    padding = _padding(original, dataset, resolved["mask_input"], resolved["trim_padding"], batch_size,
-                       resolved.get("device") or "cpu")
+    enabled = resolved["trim_padding"]
+    if enabled and resolved.get("stats") is not None and resolved["mask_input"] is None:
+        enabled = "--stats: its statistics keep the file's own mask"  # a file with no mask counted padded rows
+    padding = _padding(original, dataset, resolved["mask_input"], enabled, batch_size, resolved.get("device") or "cpu")
     return _trimmed(dataset, padding), padding
 
 
-def _padding(original: onnx.ModelProto, dataset: Dataset | None, mask_input: str | None, enabled: bool,
+def _padding(original: onnx.ModelProto, dataset: Dataset | None, mask_input: str | None, enabled: bool | str,
              batch_size: int, device: str) -> TrimPlan | None:
-    """Whether calibration batches run cut after their last counted token (None: no data, or no mask)."""
+    """Whether calibration batches run cut after their last counted token (None: no data, or no mask);
+    `enabled`: True, False (--no-trim-padding) or why not."""
     if dataset is None:
         return None
     mask = choose_mask(original, mask_input)
     if mask.name is None:
         return None
-    if not enabled:
-        return TrimPlan(None, reason="--no-trim-padding")
+    if enabled is not True:
+        return TrimPlan(None, reason=enabled or "--no-trim-padding")
     return plan_trim(original, mask, dataset.batches(batch_size, trimmed=False), device)
 
 

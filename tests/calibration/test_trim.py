@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import graphopt
+from graphopt.api import calibrate
 from graphopt import cli
 from graphopt.calibration.data import load_data
 from graphopt.calibration.mask import MaskChoice
@@ -159,3 +160,22 @@ def test_the_command_line_can_run_batches_whole(encoders, tmp_path, capsys: pyte
     summary = capsys.readouterr().out
     assert "token statistics masked by input 'attention_mask' (found automatically); batches cut after their last " \
            "token (" in summary and "% of positions run)" in summary
+
+
+def test_statistics_measured_cut_equal_those_measured_whole(encoders, tmp_path) -> None:
+    data = _data(1)
+    cut = calibrate(encoders["masked"], data, batch_size=8)
+    whole = calibrate(encoders["masked"], data, batch_size=8, trim_padding=False)
+    assert cut.mask_input == "attention_mask" and cut.data_fingerprint == whole.data_fingerprint
+    assert cut.stats.keys() == whole.stats.keys() and len(cut.stats) == 4
+    for name, stats in whole.stats.items():
+        assert cut.stats[name].count == stats.count == data["attention_mask"].sum(), name
+        np.testing.assert_allclose(cut.stats[name].mean, stats.mean, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(cut.stats[name].covariance(), stats.covariance(), rtol=1e-4, atol=1e-6, err_msg=name)
+    # a statistics file keeps its own mask (it may have counted padded rows): batches then run whole
+    path = tmp_path / "stats.npz"
+    calibrate(encoders["masked"], data, output=path, mask_input="none")
+    result = graphopt.optimize(encoders["masked"], method="snp", target_macs=0.7, calib=data, stats=path,
+                               reconstruct_target="self")
+    assert result.report["padding"] == {"trimmed": False,
+                                        "reason": "--stats: its statistics keep the file's own mask"}
