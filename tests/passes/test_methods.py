@@ -29,9 +29,10 @@ from tests.conftest import init, tiny, weights
 
 # what every run reads, defaults filled in (the "none" method's options)
 RUN = {"target_macs": None, "target_latency": None, "batch_size": 32, "sparse_storage": False, "bench": False, "bench_batch": 8,
-       "calib_memory": 2 * 1024**3, "calib_rows_per_channel": 1024, "device": "cpu", "threads": 0, "mask_input": None, "workers": None,
+       "calib_memory": 2 * 1024**3, "calib_rows_per_channel": 1024, "device": "cpu", "threads": 0, "mask_input": None,
+       "trim_padding": True, "workers": None,
        "ray_address": None, "metric": None,
-       "ctc_blank": 0, "repair": 0, "repair_lr": 1e-3, "repair_tensors": None}
+       "ctc_blank": 0, "repair": 0, "repair_lr": 1e-3, "repair_schedule": "constant", "repair_tensors": None}
 SHARED = (RunOptions, Rounding, Seeded, KeepVariance, Reconstruction, CalibrationOptions, StatisticsOptions)
 
 # the optimize flags in the order --help has always listed them (new options may come in between)
