@@ -30,7 +30,7 @@ from graphopt.calibration.capture import linear_inputs, request_for
 from graphopt.calibration.cluster import open_cluster
 from graphopt.calibration.collect import DEFAULT_MEMORY, DEFAULT_ROWS_PER_CHANNEL, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
-from graphopt.calibration.mask import choose_mask
+from graphopt.calibration.mask import MaskChoice, choose_mask
 from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
@@ -127,14 +127,14 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     normalized = ir.export_model(graph, original)
     requests = linear_inputs(normalized) if tensors is None else [request_for(normalized, t) for t in tensors]
     mask = choose_mask(original, mask_input)  # None: found in the model; "none": no mask
-    untrimmed = dataset
-    dataset = _trimmed(dataset, _padding(original, dataset, mask_input, trim_padding, batch_size, device))
+    whole = None if trim_padding else "--no-trim-padding"
+    dataset = _trimmed(dataset, _padding(original, dataset, mask, whole, batch_size, device))
     with open_cluster(workers, ray_address) as cluster:
         calibrator = Calibrator(dataset, batch_size=batch_size, memory_limit=memory_limit, device=device,
                                 threads=threads, progress=progress, mask_input=mask, cluster=cluster,
                                 rows_per_channel=rows_per_channel)
         stats = calibrator.statistics(normalized, requests)
-    stats_file = StatsFile.build(normalized, stats, untrimmed, mask.name)
+    stats_file = StatsFile.build(normalized, stats, dataset, mask.name)  # its data fingerprint reads whole feeds
     if output is not None:
         save_stats(stats_file, output, protected=protected)
         stats_file.source = str(output)
@@ -385,32 +385,30 @@ def _calibration_data(original: onnx.ModelProto, calib: DataSource | None, resol
                       batch_size: int) -> tuple[Dataset | None, TrimPlan | None]:
     """`calib` validated against the model, its token batches cut where that changes nothing
     (graphopt.calibration.trim)."""
-    dataset = load_data(calib, original) if calib is not None else None
-    enabled = resolved["trim_padding"]
-    if enabled and resolved.get("stats") is not None and resolved["mask_input"] is None:
-        enabled = "--stats: its statistics keep the file's own mask"  # a file with no mask counted padded rows
-    padding = _padding(original, dataset, resolved["mask_input"], enabled, batch_size, resolved.get("device") or "cpu")
+    if calib is None:
+        return None, None
+    dataset = load_data(calib, original)
+    whole = None if resolved["trim_padding"] else "--no-trim-padding"
+    if whole is None and resolved.get("stats") is not None and resolved["mask_input"] is None:
+        whole = "--stats: its statistics keep the file's own mask"  # a file with no mask counted padded rows
+    padding = _padding(original, dataset, choose_mask(original, resolved["mask_input"]), whole, batch_size,
+                       resolved.get("device") or "cpu")
     return _trimmed(dataset, padding), padding
 
 
-def _padding(original: onnx.ModelProto, dataset: Dataset | None, mask_input: str | None, enabled: bool | str,
-             batch_size: int, device: str) -> TrimPlan | None:
-    """Whether calibration batches run cut after their last counted token (None: no data, or no mask);
-    `enabled`: True, False (--no-trim-padding) or why not."""
-    if dataset is None:
-        return None
-    mask = choose_mask(original, mask_input)
+def _padding(original: onnx.ModelProto, dataset: Dataset, mask: MaskChoice, whole: str | None, batch_size: int,
+             device: str) -> TrimPlan | None:
+    """Whether calibration batches run cut after their last counted token (None: the model has no mask);
+    `whole`: why they run whole regardless, None to let graphopt.calibration.trim decide."""
     if mask.name is None:
         return None
-    if enabled is not True:
-        return TrimPlan(None, reason=enabled or "--no-trim-padding")
+    if whole is not None:
+        return TrimPlan(None, reason=whole)
     return plan_trim(original, mask, dataset.batches(batch_size, trimmed=False), device)
 
 
-def _trimmed(dataset: Dataset | None, padding: TrimPlan | None) -> Dataset | None:
-    if dataset is None or padding is None or padding.trim is None:
-        return dataset
-    return replace(dataset, trim=padding.trim)
+def _trimmed(dataset: Dataset, padding: TrimPlan | None) -> Dataset:
+    return dataset if padding is None or padding.trim is None else replace(dataset, trim=padding.trim)
 
 
 def _check_settings(ctx: PassContext, original: onnx.ModelProto, optimized: onnx.ModelProto,

@@ -21,7 +21,7 @@ from graphopt.calibration.trim import Trim, plan_trim, sequence_axes
 VOCAB, TOKENS, SAMPLES = 40, 16, 40
 
 
-def _pooled_encoder(pool: str, path: Path) -> onnx.ModelProto:
+def _pooled_encoder(pool: str, path: Path, exporter: str = "legacy") -> onnx.ModelProto:
     """Embedding plus a learned position, one attention block with HF's additive mask bias, a ReLU FFN and a
     mean over tokens: weighted by the mask (`masked`, as sentence encoders pool) or over every position
     (`every`, which padding changes)."""
@@ -51,10 +51,16 @@ def _pooled_encoder(pool: str, path: Path) -> onnx.ModelProto:
     torch.manual_seed(0)
     module = Encoder().eval()
     ids, mask = torch.randint(1, VOCAB, (2, TOKENS)), torch.ones(2, TOKENS, dtype=torch.int64)
-    axes = {0: "batch", 1: "sequence"}
-    torch.onnx.export(module, (ids, mask), str(path), dynamo=False, opset_version=17,
-                      input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                      dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}})
+    names = {"input_names": ["input_ids", "attention_mask"], "output_names": ["pooled"]}
+    if exporter == "legacy":
+        axes = {0: "batch", 1: "sequence"}
+        torch.onnx.export(module, (ids, mask), str(path), dynamo=False, opset_version=17, **names,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "pooled": {0: "batch"}})
+    else:
+        batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=TOKENS)
+        program = torch.onnx.export(module, (ids, mask), dynamo=True, opset_version=18, verbose=False, **names,
+                                    dynamic_shapes=({0: batch, 1: sequence}, {0: batch, 1: sequence}))
+        program.save(str(path))
     return onnx.load(str(path))
 
 
@@ -70,9 +76,10 @@ def _data(seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("trim")
-    paths = {pool: folder / f"{pool}.onnx" for pool in ("masked", "every")}
-    for pool, path in paths.items():
-        _pooled_encoder(pool, path)
+    paths = {name: folder / f"{name}.onnx" for name in ("masked", "every", "masked_dynamo")}
+    for name, path in paths.items():
+        pool, _, exporter = name.partition("_")
+        _pooled_encoder(pool, path, exporter or "legacy")
     return paths
 
 
@@ -80,11 +87,12 @@ def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-def test_batches_run_cut_and_the_pruned_model_is_the_same(encoders) -> None:
+@pytest.mark.parametrize("exported", ["masked", "masked_dynamo"])
+def test_batches_run_cut_and_the_pruned_model_is_the_same(encoders, exported: str) -> None:
     data = _data()
     options = {"method": "snp", "target_macs": 0.7, "calib": data, "batch_size": 16}
-    cut = graphopt.optimize(encoders["masked"], **options)
-    whole = graphopt.optimize(encoders["masked"], trim_padding=False, **options)
+    cut = graphopt.optimize(encoders[exported], **options)
+    whole = graphopt.optimize(encoders[exported], trim_padding=False, **options)
     lengths = data["attention_mask"].sum(axis=1)
     expected = sum(len(part) * part.max() for part in np.split(lengths, [16, 32])) / (SAMPLES * TOKENS)
     assert cut.report["padding"] == {"trimmed": True, "inputs": ["input_ids", "attention_mask"],
@@ -113,7 +121,7 @@ def test_a_model_that_pools_over_padding_keeps_its_batches_whole(encoders) -> No
     result = graphopt.optimize(encoders["every"], method="snp", target_macs=0.7, calib=_data(), batch_size=16)
     padding = result.report["padding"]
     assert padding["trimmed"] is False
-    assert padding["reason"].startswith("output 'embedding' changes by ")
+    assert padding["reason"].startswith("output 'pooled' changes by ")
 
 
 def test_only_the_mask_symbol_axes_are_cut_after_the_last_counted_token() -> None:

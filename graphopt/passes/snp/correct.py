@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -83,26 +84,25 @@ class Target:
     def prior(self, intercept: bool = True) -> np.ndarray:
         """M₀, features x kept features: the one-shot self reconstruction of the input from its kept features
         (without `intercept`, on second moments with no constant term)."""
-        features = self.reference_stats.channels
-        prior = np.zeros((features, self.kept_inputs.size))
-        prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
-        pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
-        if pruned.size:
-            cov, mean = self.moments if intercept else without_intercept(*self.moments)
-            prior[pruned] = reconstruction(cov, mean, self.kept_inputs, pruned)[0]
-        return prior
+        cov, mean = self.moments if intercept else without_intercept(*self.moments)
+        return self._from_kept(lambda pruned: reconstruction(cov, mean, self.kept_inputs, pruned))[0]
 
     def self_fit(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(M₀, m₀): the one-shot self reconstruction x ≈ M₀ x_K + m₀ on the original model's statistics; with
         `rows`, the weights of a bias-free consumer over all its input features, maths.consumer_reconstruction
         may fit it without the constant term."""
+        return self._from_kept(lambda pruned: consumer_reconstruction(
+            *self.moments, self.kept_inputs, pruned, rows[:, pruned] if rows is not None else None))
+
+    def _from_kept(self, fit: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(M₀, m₀) over every input feature: the identity on the kept ones, `fit(pruned)` on the pruned ones."""
         features = self.reference_stats.channels
         prior, constant = np.zeros((features, self.kept_inputs.size)), np.zeros(features)
         prior[self.kept_inputs, np.arange(self.kept_inputs.size)] = 1.0
         pruned = np.setdiff1d(np.arange(features), self.kept_inputs)
         if pruned.size:
-            prior[pruned], constant[pruned] = consumer_reconstruction(
-                *self.moments, self.kept_inputs, pruned, rows[:, pruned] if rows is not None else None)
+            prior[pruned], constant[pruned] = fit(pruned)
         return prior, constant
 
 
