@@ -14,7 +14,13 @@ held-out error: padding is not distilled. A seeded fraction
 `held_out` of the calibration samples is kept out of training; the relative error on it
 (Σ‖ŷ_t − y_t‖² / Σ‖y_t‖², averaged over t) is measured before training, every `steps // 25` steps and at
 the end, and the parameters with the lowest held-out error are returned, so the result is never worse on
-that slice than the starting weights (when no step improved it, nothing is returned). A tensor is matched
+that slice than the starting weights (when no step improved it, nothing is returned). The references are kept
+in memory in float16 where a batch's tensor fits it (every value within ±60000 and its root mean square at
+least 1e-2, so each value is rounded by at most 2^-11 of itself, or by 2^-25 in float16's subnormal range:
+by the triangle inequality each relative L2 error ‖ŷ − y‖ / ‖y‖, the square root of a tensor's loss, moves by at
+most about 4.9e-4), else as onnxruntime returns them; the losses are computed in float64. The
+references of a transformer's normalisation layers over thousands of sentences are the repair's largest
+memory; the report's `references` says their dtypes and size. A tensor is matched
 by name: an output of both models, or a tensor asked for that nodes of both models produce, with the same
 shape at run time; the others are reported as skipped.
 
@@ -114,16 +120,39 @@ def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     return exposed
 
 
+HALF_MAX = 6.0e4  # below float16's largest finite value, 65504
+HALF_MIN_RMS = 1e-2  # a tensor at this scale loses at most 2^-25 absolutely in float16's subnormal range
+
+
+def stored(reference: np.ndarray) -> np.ndarray:
+    """`reference` as kept for the losses: float16 where every value fits float16's range and the tensor's
+    scale keeps the rounding relative (see the module docstring), else unchanged."""
+    if reference.dtype != np.float32 or reference.size == 0 or not np.isfinite(reference).all():
+        return reference
+    if float(np.max(np.abs(reference))) > HALF_MAX:
+        return reference
+    if math.sqrt(float(np.mean(np.square(reference, dtype=np.float64)))) < HALF_MIN_RMS:
+        return reference
+    return reference.astype(np.float16)
+
+
 def _reference(original: onnx.ModelProto, data: Dataset, names: list[str], batch_size: int, device: str,
                threads: int) -> _Targets:
-    """The original's `names` on every feed of `data`, as onnxruntime returns them (float32 for a float32
-    model: the references of every normalisation layer of a transformer over the calibration set are large;
-    the losses are computed in float64)."""
+    """The original's `names` on every feed of `data`, kept as `stored` says."""
     session = make_session(_exposed(original, names), device=device, threads=threads)
     accepted = {i.name for i in session.get_inputs()}
     feeds = [{k: v for k, v in feed.items() if k in accepted} for feed in data.batches(batch_size)]
-    references = [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    references = [{n: stored(v) for n, v in zip(names, session.run(names, feed))} for feed in feeds]
     return _Targets(feeds, references)
+
+
+def _footprint(*targets: _Targets) -> dict[str, Any]:
+    """The references' size in MB and how many batch tensors each dtype holds."""
+    arrays = [a for t in targets for reference in t.references for a in reference.values()]
+    dtypes: dict[str, int] = {}
+    for a in arrays:
+        dtypes[str(a.dtype)] = dtypes.get(str(a.dtype), 0) + 1
+    return {"mb": round(sum(a.nbytes for a in arrays) / 1e6, 1), "dtypes": dtypes}
 
 
 def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -261,6 +290,7 @@ def repair(original: onnx.ModelProto, pruned: onnx.ModelProto, data: Dataset, *,
     report.update(tensors=names, skipped=skipped, parameters=len(module.parameter_names),
                   masked_by=distiller.mask.name if distiller.mask is not None else None,
                   samples={"train": _count(fit, train), "held_out": _count(held, check)},
+                  references=_footprint(train, check),
                   seconds=time.perf_counter() - start)
     return Repaired(arrays, report)
 

@@ -283,3 +283,31 @@ def test_auto_tensors_are_the_normalisation_outputs_and_the_mask_is_found(encode
     assert report["loss_held_out_after"] < report["loss_held_out_before"]
     assert result.report["mask_input"]["name"] == "attention_mask"
     assert {i.name for i in result.model.graph.initializer} == {i.name for i in pruned.graph.initializer}
+
+
+def test_references_kept_in_half_precision_move_each_error_by_at_most_its_rounding(encoder) -> None:
+    from graphopt.calibration.mask import MaskChoice
+    from graphopt.torch.interpreter.module import GraphModule
+    from graphopt.torch.repair import _Distiller, _Targets, stored
+
+    model, pruned, feed = encoder["model"], encoder["pruned"], dict(encoder["calib"])
+    full = run_ort(model, feed)["hidden"]
+    assert full.dtype == np.float32 and stored(full).dtype == np.float16
+    # out of float16's range, too small a scale for its relative rounding, or not float32: kept as given
+    assert stored(full * 1e5).dtype == np.float32 and stored(full * 1e-6).dtype == np.float32
+    assert stored(full.astype(np.float64)).dtype == np.float64
+    errors = []
+    for reference in (full, stored(full)):
+        targets = _Targets([feed], [{"hidden": reference}])
+        distiller = _Distiller(GraphModule(pruned), ["hidden"], targets, torch.device("cpu"),
+                               MaskChoice("attention_mask", "given"))
+        errors.append(np.sqrt(distiller.error(targets)))
+    assert 0.01 < errors[0] and errors[0] != errors[1]
+    assert abs(errors[0] - errors[1]) <= 2.0**-11  # the triangle inequality's bound on the relative L2 error
+
+
+def test_the_report_says_what_the_references_hold(digits, pruned) -> None:
+    model = digits["model"]
+    found = repair(model, pruned, load_data(digits["calib"], model), steps=2)
+    # the digits logits: 200 samples x 10 classes in batches of 32, every batch in float16
+    assert found.report["references"] == {"mb": round(200 * 10 * 2 / 1e6, 1), "dtypes": {"float16": 7}}
