@@ -46,9 +46,10 @@ from onnx import numpy_helper
 from graphopt.ir.shapes import input_specs
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
-            "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "Attention", "MultiHeadAttention")
+            "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "Attention", "MultiHeadAttention",
+            "GroupQueryAttention")
 # onnxruntime's fused attention (com.microsoft): (inputs whose shapes count, MACs from the shapes and attributes)
-_ATTENTION = ("Attention", "MultiHeadAttention")
+_ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 # where the data and weight inputs sit, for the ops whose operands are not inputs 0 and 1
 _OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
 _CONVOLUTIONS = ("Conv", "ExPruneConvRelu", "ConvInteger", "QLinearConv")
@@ -94,7 +95,7 @@ def _needed(node: onnx.NodeProto) -> list[str]:
     elif node.op_type == "If":
         names = []
     elif node.op_type in _ATTENTION:
-        names = list(node.input[:3 if node.op_type == "MultiHeadAttention" else 2]) + [node.output[0]]
+        names = list(node.input[:2 if node.op_type == "Attention" else 3]) + [node.output[0]]
     else:
         data, weight = _OPERANDS.get(node.op_type, (0, 1))
         names = [node.input[data], node.input[weight], node.output[0]]
@@ -195,13 +196,19 @@ class _MacCounter:
 
 def _attention_macs(node: onnx.NodeProto, attrs: dict, shapes: dict[str, tuple[int, ...]]) -> int:
     """Attention: the packed QKV projection, then q·kᵀ and p·v over every head; MultiHeadAttention (separate
-    [N, T, C] query, key and value): q·kᵀ and p·v. Self-attention without past state."""
+    [N, T, C] query, key and value) and GroupQueryAttention (query heads as wide as its output): q·kᵀ and p·v,
+    every key counted (GroupQueryAttention is causal and may skip the later half). Self-attention without
+    past state."""
     out = shapes[node.output[0]]
     rows, value_width = math.prod(out[:-1]), out[-1]
     if node.op_type == "Attention":
         tokens, columns = shapes[node.input[0]][-2], shapes[node.input[1]][-1]
         qk_width = int(attrs["qkv_hidden_sizes"][0]) if attrs.get("qkv_hidden_sizes") else columns // 3
         return rows * shapes[node.input[0]][-1] * columns + rows * tokens * (qk_width + value_width)
+    if node.op_type == "GroupQueryAttention":  # every query head against its key/value head's keys
+        query = shapes[node.input[0]]
+        key = shapes[node.input[1]] if len(node.input) > 1 and node.input[1] else query
+        return rows * key[-2] * 2 * value_width if len(query) == 3 and len(key) == 3 else 0
     query, key = shapes[node.input[0]], shapes[node.input[1]]
     if len(query) != 3 or len(key) != 3:
         return 0

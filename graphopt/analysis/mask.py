@@ -9,7 +9,8 @@ element-wise arithmetic and comparisons, Where, Concat, ...), in two states:
 - scored: a pure tensor combined with data (Add/Sub/Mul/Div/Where against a tensor that is neither
   constant nor derived from the input), e.g. scores + bias or Where(mask == 0, −inf, scores).
 A scored tensor read by Softmax/LogSoftmax, or a pure or scored tensor in the mask slot of an attention op
-(com.microsoft Attention's mask_index, MultiHeadAttention's key_padding_mask, ONNX Attention's attn_mask,
+(com.microsoft Attention's mask_index, MultiHeadAttention's key_padding_mask, GroupQueryAttention's
+seqlens_k, ONNX Attention's attn_mask,
 also through EmbedLayerNormalization's mask, or as the token counts a ReduceSum of it gives, the
 mask_index onnxruntime's transformers optimizer writes), makes the input a mask. An input that reaches a Gather's
 indices (token ids looked up in an embedding) is not one, whatever else it reaches; nor is one whose
@@ -38,7 +39,7 @@ from graphopt.ir import weights
 
 # (domain, op) -> the input slot that holds an attention mask
 ATTENTION_MASK_SLOTS = {("com.microsoft", "Attention"): 3, ("com.microsoft", "MultiHeadAttention"): 4,
-                        ("", "Attention"): 3}
+                        ("com.microsoft", "GroupQueryAttention"): 5, ("", "Attention"): 3}
 SOFTMAX = {"Softmax", "LogSoftmax"}
 INDEX_SLOTS = {"Gather": 1, "GatherElements": 1, "GatherND": 1}
 # ops that move or copy elements: a scalar per case passes unchanged; only the first input carries

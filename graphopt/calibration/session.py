@@ -145,7 +145,9 @@ def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[st
     present = {o.name for o in exposed.graph.output}
     exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in present)
     session = make_session(exposed)
-    values = session.run(names, feed)
+    quiet = runtime().RunOptions()
+    quiet.log_severity_level = 4  # a refused feed is raised to the caller, not logged as well
+    values = session.run(names, feed, quiet)
     return {name: tuple(value.shape) for name, value in zip(names, values)}
 
 

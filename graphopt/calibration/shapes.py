@@ -30,11 +30,26 @@ def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
     produced = {name for node in fixed.graph.node for name in node.output if name}
     missing = sorted((produced if wanted is None else wanted & produced) - set(shapes))
     if missing:
-        feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in input_specs(model)}
-        shapes.update(observed_shapes(model, feed, missing))
+        shapes.update(_observed(model, input_shapes, missing))
     if any(bodies(node) for node in fixed.graph.node):
         shapes.update(_body_shapes(fixed, shapes))
     return shapes
+
+
+def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+              missing: list[str]) -> dict[str, tuple[int, ...]]:
+    """The shapes of `missing` from one run on zeros, or, where an op refuses zeros (onnxruntime's
+    GroupQueryAttention reads an all-zero attention mask as no token at all), on ones in the integer and
+    boolean inputs (every token counts, token id 1)."""
+    specs = input_specs(model)
+    feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
+    try:
+        return observed_shapes(model, feed, missing)
+    except Exception:  # noqa: BLE001 - retried once on ones; a second failure is raised
+        ones = {s.name: np.ones(input_shapes[s.name], dtype=s.dtype) for s in specs if s.dtype.kind in "iub"}
+        if not ones:
+            raise
+        return observed_shapes(model, {**feed, **ones}, missing)
 
 
 def _static(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:

@@ -204,7 +204,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     model it is given, and on ResNet-50 that took most of the 0.24 s a call cost."""
     light = weightless_copy(model, value_info=True)
     fused = [node for node in model.graph.node if node.domain == "com.microsoft"
-             and (node.op_type in _SAME_TYPE or node.op_type == "Attention")]
+             and (node.op_type in _SAME_TYPE or node.op_type in _ATTENTION_OPS)]
     try:
         inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
         # onnx has no shape rules for onnxruntime's fused ops: seed their outputs and infer again, as long as a
@@ -220,6 +220,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+_ATTENTION_OPS = ("Attention", "GroupQueryAttention")
 # onnxruntime's fused elementwise ops and norms (com.microsoft): output index -> the input whose type it has
 _SAME_TYPE = {"BiasGelu": {0: 0}, "FastGelu": {0: 0}, "Gelu": {0: 0}, "QuickGelu": {0: 0}, "BiasAdd": {0: 0},
               "SkipLayerNormalization": {0: 0, 3: 0}, "SkipSimplifiedLayerNormalization": {0: 0, 3: 0}}
@@ -232,7 +233,7 @@ def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) ->
     known = {v.name: v.type for v in itertools.chain(model.graph.input, model.graph.value_info, model.graph.output)}
     added = False
     for node in fused:
-        if node.op_type == "Attention":
+        if node.op_type in _ATTENTION_OPS:
             added = _seed_attention(model, node, known) or added
             continue
         for index, source in _SAME_TYPE[node.op_type].items():
@@ -244,9 +245,12 @@ def _seed_contrib_shapes(model: onnx.ModelProto, fused: list[onnx.NodeProto]) ->
     return added
 
 
-def _value_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
-    """The value width of a com.microsoft Attention: `qkv_hidden_sizes`' third entry, else a third of its packed
-    weight's columns; None when neither is known."""
+def _value_width(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> int | None:
+    """The width of a com.microsoft attention op's output: Attention's value width (`qkv_hidden_sizes`' third
+    entry, else a third of its packed weight's columns); GroupQueryAttention's num_heads query heads (the
+    query's width, or its share of a packed query/key/value); None when it is not known."""
+    if node.op_type == "GroupQueryAttention":
+        return _grouped_width(node, known)
     sizes = next((list(a.ints) for a in node.attribute if a.name == "qkv_hidden_sizes"), [])
     if len(sizes) == 3:
         return int(sizes[2])
@@ -254,14 +258,23 @@ def _value_width(model: onnx.ModelProto, node: onnx.NodeProto) -> int | None:
     return int(weight.dims[1]) // 3 if weight is not None and len(weight.dims) == 2 else None
 
 
+def _grouped_width(node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> int | None:
+    attrs = {a.name: a.i for a in node.attribute if a.name in ("num_heads", "kv_num_heads")}
+    query = known[node.input[0]].tensor_type.shape.dim[2]
+    if not query.HasField("dim_value") or len(attrs) != 2:
+        return None
+    heads, packed = attrs["num_heads"], len(node.input) < 3 or not node.input[1]
+    return query.dim_value * heads // (heads + 2 * attrs["kv_num_heads"]) if packed else query.dim_value
+
+
 def _seed_attention(model: onnx.ModelProto, node: onnx.NodeProto, known: dict[str, onnx.TypeProto]) -> bool:
-    """The type of com.microsoft Attention's output 0, its input's [batch, sequence, hidden] with the value width
-    (`_value_width`) as the last dimension; True when it was added."""
+    """The type of a com.microsoft attention op's output 0, its input's [batch, sequence, hidden] with the output
+    width (`_value_width`) as the last dimension; True when it was added."""
     name = node.output[0] if node.output else ""
     source = known.get(node.input[0]) if node.input else None
     if not name or name in known or source is None or len(source.tensor_type.shape.dim) != 3:
         return False
-    width = _value_width(model, node)
+    width = _value_width(model, node, known)
     if width is None:
         return False
     value = onnx.ValueInfoProto(name=name, type=source)

@@ -16,8 +16,11 @@ in every Reshape target and per-head constant — is exact when the consumers' r
 zero, and otherwise removes exactly that head's contribution to the consumers' outputs (the pass folds a
 least-squares reconstruction from the kept heads into the consumer, graphopt.passes.heads).
 
-com.microsoft Attention (packed QKV weight and bias, a `num_heads` attribute) and MultiHeadAttention fed
-by separate projections are blocks too: the op is the whole mixing, its output the merged heads.
+com.microsoft Attention (packed QKV weight and bias, a `num_heads` attribute), MultiHeadAttention fed
+by separate projections and GroupQueryAttention (separate or packed query/key/value; a unit is a key/value
+head with its query heads, `num_heads` and `kv_num_heads` follow) are blocks too: the op is the whole mixing,
+its output the merged heads. One carrying state (past key/value inputs, present outputs read) keeps its heads:
+the cache's head axis is the model's interface.
 
 Anything else reading a head tensor (a graph output, a reshape that folds heads into the batch, an
 Expand to more heads, an operand that differs per head and is not a constant) declines the block, with

@@ -1,5 +1,6 @@
 """Where a head block's heads come from: the linear projections behind a head split, through per-channel
-ops and Split/Slice of a packed projection, and the projections of com.microsoft attention ops."""
+ops and Split/Slice of a packed projection, and the projections of com.microsoft attention ops (Attention,
+MultiHeadAttention, GroupQueryAttention)."""
 
 from __future__ import annotations
 
@@ -157,4 +158,33 @@ def separate_projections(shapes: Shapes, found: HeadBlock, node: gs.Node, heads:
         if len(node.inputs) > 3 and constant_value(node.inputs[3]) is not None:
             found.slices.append(HeadSlice(node, 3, 0, columns // heads, offset))
         offset += columns
+    return None
+
+
+def grouped_projections(shapes: Shapes, found: HeadBlock, node: gs.Node, heads: int, units: int) -> str | None:
+    """GroupQueryAttention: query heads h·g … h·g + g − 1 (g = num_heads / kv_num_heads) read key/value head h,
+    so a unit is the query projection's columns of those g heads with the key and value columns of head h,
+    from separate projections or one packed [query | key | value] input."""
+    query = shapes.get(node.inputs[0].name, ())
+    if len(query) != 3:
+        return "query is not [batch, sequence, channels]"
+    group = heads // units
+    if len(node.inputs) < 3 or not node.inputs[1].name or not node.inputs[2].name:
+        if query[-1] % (heads + 2 * units):
+            return f"a packed query/key/value width {query[-1]} not made of {heads} + 2 x {units} heads"
+        width = query[-1] // (heads + 2 * units)
+        parts = [(node.inputs[0], group * width, 0), (node.inputs[0], width, heads * width),
+                 (node.inputs[0], width, (heads + units) * width)]
+    else:
+        key, value = shapes.get(node.inputs[1].name, ()), shapes.get(node.inputs[2].name, ())
+        width = query[-1] // heads
+        if len(key) != 3 or len(value) != 3 or key[-1] != units * width or value[-1] % units:
+            return "key and value are not [batch, sequence, kv_num_heads x head size]"
+        parts = [(node.inputs[0], group * width, 0), (node.inputs[1], width, 0),
+                 (node.inputs[2], value[-1] // units, 0)]
+    for tensor, part, offset in parts:
+        slices = producer_slices(tensor, part, offset, shapes)
+        if isinstance(slices, str):
+            return slices
+        found.add_sources(slices)
     return None

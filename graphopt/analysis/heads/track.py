@@ -6,14 +6,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
-from graphopt.analysis.heads.sources import head_split, packed_projection, producer_slices, separate_projections
+from graphopt.analysis.heads.sources import (grouped_projections, head_split, packed_projection, producer_slices,
+                                             separate_projections)
 
 UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
          "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Greater", "Less", "And", "Or",
           "GreaterOrEqual", "LessOrEqual", "Mod"}
 SOFTMAX = {"Softmax", "LogSoftmax"}
-PACKED_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")}
+PACKED_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+                    ("com.microsoft", "GroupQueryAttention")}
 
 
 def _axis(value: int, rank: int) -> int:
@@ -235,27 +237,50 @@ def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int
 
 
 def _attention_op(t: _Tracker, node: gs.Node) -> None:
-    """com.microsoft Attention / MultiHeadAttention: the op mixes per head; its output holds the merged heads."""
+    """com.microsoft Attention / MultiHeadAttention / GroupQueryAttention: the op mixes per head; its output
+    holds the merged heads. Under GroupQueryAttention a unit is a key/value head and its query heads."""
     heads = int(node.attrs.get("num_heads", 0))
-    block = t.new(max(heads, 1))
+    grouped = node.op == "GroupQueryAttention"
+    units = int(node.attrs.get("kv_num_heads", 0)) if grouped else heads
+    block = t.new(max(units, 1))
     found = t.blocks[block]
     found.attributes.append(node)
     found.mixing.append(node)
-    extra = [i for i, x in enumerate(node.inputs) if x.name and i >= (5 if node.op == "Attention" else 4)]
-    reason = None
-    if heads < 2:
-        reason = "num_heads missing"
-    elif extra or len([o for o in node.outputs if o.name and o.outputs]) > 1:
-        reason = "past state, per-head bias or extra outputs"
-    elif node.op == "Attention":
+    reason = _attention_state(t, node) if heads >= 2 and units >= 1 else "num_heads missing"
+    if reason is None and grouped:
+        reason = grouped_projections(t.shapes, found, node, heads, units)
+    elif reason is None and node.op == "Attention":
         reason = packed_projection(found, node, heads)
-    else:
+    elif reason is None:
         reason = separate_projections(t.shapes, found, node, heads)
     if reason is None:
-        width = t.shapes.get(node.outputs[0].name, (0,))[-1] // heads
+        width = t.shapes.get(node.outputs[0].name, (0,))[-1] // units
         reason = _merged_readers(t, node.outputs[0], width, block)
     if reason is not None:
         found.declined = f"{node.name} ({node.op}): {reason}"
+
+
+def _attention_state(t: _Tracker, node: gs.Node) -> str | None:
+    """Why an attention op's heads cannot go: state carried across calls (past key/value in, present out:
+    the cache's head axis is the model's interface), a per-head bias, or another output read."""
+    extra = _extra_inputs(node)
+    if isinstance(extra, str):
+        return extra
+    outputs = {o.name for o in t.graph.outputs}
+    if extra or any(o.name and (o.outputs or o.name in outputs) for o in node.outputs[1:]):
+        return "past state, per-head bias or extra outputs"
+    return None
+
+
+def _extra_inputs(node: gs.Node) -> list[int] | str:
+    """The inputs given beyond query, key, value and the mask (GroupQueryAttention: past key/value, 3 and 4,
+    and the attention bias and head sink, 10 on); why the op's heads do not pair up."""
+    if node.op != "GroupQueryAttention":
+        return [i for i, x in enumerate(node.inputs) if x.name and i >= (5 if node.op == "Attention" else 4)]
+    heads, units = int(node.attrs["num_heads"]), int(node.attrs.get("kv_num_heads", 0))
+    if units < 1 or heads % units:
+        return f"num_heads {heads} is not a multiple of kv_num_heads {units}"
+    return [i for i, x in enumerate(node.inputs) if x.name and (i in (3, 4) or i >= 10)]
 
 
 def _merged_readers(t: _Tracker, merged: gs.Tensor, width: int, block: int) -> str | None:

@@ -8,7 +8,8 @@ more error, so that it stays one node: graphopt.passes.snp.maths.intercept_pays)
 heads' entries (projection columns, biases, per-channel and per-head constants, consumer rows), every
 Reshape target entry that counts heads becomes (kept heads) × its per-head size (an Expand's becomes 1:
 it broadcasts, keeping the heads it is given), and every attention
-op's `num_heads` (and `qkv_hidden_sizes`) follows. Without statistics (or with reconstruction off) the
+op's `num_heads` (and `qkv_hidden_sizes`, or GroupQueryAttention's `kv_num_heads`)
+follows. Without statistics (or with reconstruction off) the
 heads are simply cut. Exact when the removed heads' consumer rows are zero, or when their features are
 affine in the kept heads' on the data the statistics describe.
 """
@@ -153,6 +154,10 @@ def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, 
 def _set_attributes(block: HeadBlock, kept: int) -> None:
     for node in block.attributes:
         heads = int(node.attrs["num_heads"])
+        if "kv_num_heads" in node.attrs:  # GroupQueryAttention: `kept` key/value heads, each with its group
+            node.attrs["num_heads"] = kept * (heads // int(node.attrs["kv_num_heads"]))
+            node.attrs["kv_num_heads"] = kept
+            continue
         node.attrs["num_heads"] = kept
         if node.attrs.get("qkv_hidden_sizes"):
             node.attrs["qkv_hidden_sizes"] = [int(s) // heads * kept for s in node.attrs["qkv_hidden_sizes"]]

@@ -1,0 +1,196 @@
+"""onnxruntime's GroupQueryAttention (com.microsoft), as its transformers tools write it for Llama-style decoders:
+a unit is one key/value head with its query heads, found behind separate or packed query/key/value
+projections, removed exactly where the output projection ignores it, pruned by SNP under one MAC budget with
+the mask found through seqlens_k, and left alone (with the reason) where a key/value cache is the interface."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.analysis.heads import find_head_blocks
+from graphopt.api import optimize
+from graphopt.calibration.session import make_session
+from graphopt.calibration.shapes import batch1_shapes, count_cost
+from graphopt.ir import graph as ir
+from graphopt.passes.base import PassResult
+from graphopt.passes.heads.prune import cut_heads
+from graphopt.passes.heads.select import usable_blocks
+
+VOCAB, DIM, HEADS, KV_HEADS, SIZE, FFN, LAYERS, TOKENS = 40, 32, 6, 2, 8, 64, 2, 12
+GROUP = HEADS // KV_HEADS
+LAYER_WEIGHTS = ("wq", "bq", "wk", "wv", "wo", "bo", "w1", "b1", "w2", "b2", "ng", "nb", "mg", "mb")
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    found = {"embedding": rng.standard_normal((VOCAB, DIM)).astype(np.float32),
+             "final_g": (1.0 + 0.1 * rng.standard_normal(DIM)).astype(np.float32),
+             "final_b": (0.1 * rng.standard_normal(DIM)).astype(np.float32),
+             "head": (rng.standard_normal((DIM, VOCAB)) / np.sqrt(DIM)).astype(np.float32)}
+    for layer in range(LAYERS):
+        shapes = {"wq": (DIM, HEADS * SIZE), "bq": (HEADS * SIZE,), "wk": (DIM, KV_HEADS * SIZE),
+                  "wv": (DIM, KV_HEADS * SIZE), "wo": (HEADS * SIZE, DIM), "bo": (DIM,), "w1": (DIM, FFN),
+                  "b1": (FFN,), "w2": (FFN, DIM), "b2": (DIM,)}
+        for name, shape in shapes.items():
+            scale = 0.02 if name.startswith("b") else 1.0 / np.sqrt(shape[0])
+            found[f"{name}{layer}"] = (rng.standard_normal(shape) * scale).astype(np.float32)
+        for norm in ("n", "m"):
+            found[f"{norm}g{layer}"] = (1.0 + 0.1 * rng.standard_normal(DIM)).astype(np.float32)
+            found[f"{norm}b{layer}"] = (0.1 * rng.standard_normal(DIM)).astype(np.float32)
+    return found
+
+
+def _model(values: dict[str, np.ndarray], packed: bool = False, cache: bool = False) -> onnx.ModelProto:
+    """Token embeddings, then pre-LN blocks (LayerNorm, q/k/v projections or one packed, GroupQueryAttention
+    reading the token counts of the attention mask, output projection and residual; LayerNorm, ReLU FFN and
+    residual), a final LayerNorm and the logits. `cache`: past key/value inputs and present outputs."""
+    nodes = [helper.make_node("ReduceSum", ["attention_mask", "one"], ["counts"], keepdims=0),
+             helper.make_node("Sub", ["counts", "one"], ["last"]),
+             helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+             helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+             helper.make_node("Gather", ["mask_shape", "one_scalar"], ["total64"], axis=0),
+             helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["embedding", "input_ids"], ["x"], axis=0)]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array(1, np.int64), "one_scalar"),
+             numpy_helper.from_array(values["embedding"], "embedding")]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence", VOCAB])]
+    stream = "x"
+    for layer in range(LAYERS):
+        w = {k[:-1]: v for k, v in values.items() if k[:-1] in LAYER_WEIGHTS and k.endswith(str(layer))}
+        if packed:
+            w = {**w, "wqkv": np.concatenate([w["wq"], w["wk"], w["wv"]], axis=1),
+                 "bqkv": np.concatenate([w["bq"], np.zeros(2 * KV_HEADS * SIZE, np.float32)])}
+        inits += [numpy_helper.from_array(v, f"{k}{layer}") for k, v in w.items()]
+        n = lambda name: f"{name}{layer}"  # noqa: E731
+        nodes.append(helper.make_node("LayerNormalization", [stream, n("ng"), n("nb")], [n("h")], axis=-1))
+        if packed:
+            nodes += [helper.make_node("MatMul", [n("h"), n("wqkv")], [n("qkv_raw")]),
+                      helper.make_node("Add", [n("qkv_raw"), n("bqkv")], [n("qkv")])]
+            qkv = [n("qkv"), "", ""]
+        else:
+            nodes += [helper.make_node("MatMul", [n("h"), n("wq")], [n("q_raw")]),
+                      helper.make_node("Add", [n("q_raw"), n("bq")], [n("q")]),
+                      helper.make_node("MatMul", [n("h"), n("wk")], [n("k")]),
+                      helper.make_node("MatMul", [n("h"), n("wv")], [n("v")])]
+            qkv = [n("q"), n("k"), n("v")]
+        past = [n("past_key"), n("past_value")] if cache else ["", ""]
+        nodes += [helper.make_node("GroupQueryAttention", [*qkv, *past, "seqlens_k", "total"],
+                                   [n("context"), n("present_key"), n("present_value")], domain="com.microsoft",
+                                   num_heads=HEADS, kv_num_heads=KV_HEADS, name=n("gqa")),
+                  helper.make_node("MatMul", [n("context"), n("wo")], [n("o_raw")]),
+                  helper.make_node("Add", [n("o_raw"), n("bo")], [n("o")]),
+                  helper.make_node("Add", [stream, n("o")], [n("y")]),
+                  helper.make_node("LayerNormalization", [n("y"), n("mg"), n("mb")], [n("g")], axis=-1),
+                  helper.make_node("MatMul", [n("g"), n("w1")], [n("f_raw")]),
+                  helper.make_node("Add", [n("f_raw"), n("b1")], [n("f")]),
+                  helper.make_node("Relu", [n("f")], [n("r")]),
+                  helper.make_node("MatMul", [n("r"), n("w2")], [n("d_raw")]),
+                  helper.make_node("Add", [n("d_raw"), n("b2")], [n("d")]),
+                  helper.make_node("Add", [n("y"), n("d")], [n("stream")])]
+        if cache:
+            cache_shape = ["batch", KV_HEADS, "past", SIZE]
+            inputs += [helper.make_tensor_value_info(n(p), TensorProto.FLOAT, cache_shape)
+                       for p in ("past_key", "past_value")]
+            outputs += [helper.make_tensor_value_info(n(p), TensorProto.FLOAT, ["batch", KV_HEADS, "total", SIZE])
+                        for p in ("present_key", "present_value")]
+        stream = n("stream")
+    nodes += [helper.make_node("LayerNormalization", [stream, "final_g", "final_b"], ["final"], axis=-1),
+              helper.make_node("MatMul", ["final", "head"], ["out"])]
+    inits += [numpy_helper.from_array(values[k], k) for k in ("final_g", "final_b", "head")]
+    for index, node in enumerate(nodes):
+        node.name = node.name or f"{node.op_type}_{index}"
+    graph = helper.make_graph(nodes, "gqa_decoder", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _data(count: int, tokens: int, seed: int, padded: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(tokens // 2, tokens + 1, size=count) if padded else np.full(count, tokens)
+    mask = (np.arange(tokens)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": rng.integers(0, VOCAB, size=(count, tokens)).astype(np.int64), "attention_mask": mask}
+
+
+def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
+    return make_session(model).run(["out"], data)[0]
+
+
+def _usable(model: onnx.ModelProto):
+    graph = ir.import_graph(model)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    result = PassResult(modified=False)
+    return graph, shapes, usable_blocks(graph, shapes, result), result
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_a_key_value_head_and_its_query_heads_go_together_exactly(packed) -> None:
+    values = _weights(0)
+    silent = {0: 1, 1: 0}  # layer: the key/value head whose query heads the output projection ignores
+    for layer, unit in silent.items():
+        values[f"wo{layer}"][unit * GROUP * SIZE:(unit + 1) * GROUP * SIZE] = 0.0
+    model = _model(values, packed)
+    graph, shapes, blocks, result = _usable(model)
+    assert [b.heads for b in blocks] == [KV_HEADS] * LAYERS, result.skipped
+    for block, (layer, unit) in zip(blocks, silent.items()):
+        projections = {s.node.name for s in block.slices if s.node.op == "MatMul"}
+        assert len(projections) == (1 if packed else 3) and len(block.consumers) == 1
+        cut_heads(graph, block, np.setdiff1d(np.arange(KV_HEADS), [unit]), {}, shapes, reconstruct=False)
+    pruned = ir.export_model(graph, model)
+    onnx.checker.check_model(pruned, full_check=True)
+    attention = [n for n in pruned.graph.node if n.op_type == "GroupQueryAttention"]
+    found = [{a.name: a.i for a in n.attribute} for n in attention]
+    assert found == [{"num_heads": GROUP, "kv_num_heads": 1}] * LAYERS
+    data = _data(3, TOKENS + 3, seed=1, padded=False)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-5, atol=1e-5)
+    assert count_cost(pruned, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)}).macs < \
+        count_cost(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)}).macs
+
+
+def test_the_op_counts_the_macs_of_every_query_head_against_its_keys() -> None:
+    model = _model(_weights(0))
+    counted = count_cost(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    assert not counted.uncounted
+    projections = DIM * (HEADS + 2 * KV_HEADS) * SIZE + HEADS * SIZE * DIM + 2 * DIM * FFN
+    scores_and_values = 2 * TOKENS * HEADS * SIZE
+    assert counted.macs == LAYERS * TOKENS * (projections + scores_and_values) + TOKENS * DIM * VOCAB
+
+
+def _cosine_kept(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    a, b = a[mask != 0], b[mask != 0]
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+def test_snp_prunes_grouped_heads_and_ffn_units_under_one_budget(packed) -> None:
+    values = _weights(2)
+    values["wo0"][GROUP * SIZE:] *= 1e-3  # layer 0's second key/value head barely reaches the output
+    model = _model(values, packed)
+    result = optimize(model, method="snp", calib=_data(96, TOKENS, seed=3), target_macs=0.6, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["heads_removed"] >= 1 and stats["channels_removed"] >= 1, stats
+    assert result.report["macs_ratio"] <= 0.6 + 0.02 and result.report["target_reached"]
+    assert result.report["mask_input"]["name"] == "attention_mask"  # found through seqlens_k
+    attention = [{a.name: a.i for a in n.attribute} for n in result.model.graph.node
+                 if n.op_type == "GroupQueryAttention"]
+    assert attention[0] == {"num_heads": GROUP, "kv_num_heads": 1}
+    assert all(a["num_heads"] == GROUP * a["kv_num_heads"] for a in attention)
+    held_out = _data(16, TOKENS + 4, seed=5)
+    assert _cosine_kept(_run(result.model, held_out), _run(model, held_out), held_out["attention_mask"]) > 0.9
+    assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
+
+
+def test_a_key_value_cache_keeps_its_heads_with_the_reason() -> None:
+    model = _model(_weights(0), cache=True)
+    graph = ir.import_graph(model)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS),
+                                   **{f"past_{kind}{layer}": (1, KV_HEADS, 0, SIZE)
+                                      for kind in ("key", "value") for layer in range(LAYERS)}})
+    blocks = find_head_blocks(graph, shapes)
+    assert len(blocks) == LAYERS
+    assert all("gqa" in b.declined and "past state" in b.declined for b in blocks), [b.declined for b in blocks]
