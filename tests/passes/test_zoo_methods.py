@@ -157,11 +157,12 @@ def _interface_change(original: onnx.ModelProto, written: onnx.ModelProto) -> st
     return None
 
 
-def _run_difference(original: onnx.ModelProto, written: onnx.ModelProto) -> tuple[str, str] | None:
+def _run_difference(original: onnx.ModelProto, written: onnx.ModelProto,
+                    feeds: dict[str, np.ndarray] | None = None) -> tuple[str, str] | None:
     """(FAIL kind, detail) when `written` does not run like `original` on the same feeds, else None."""
     fixed = any(v.type.tensor_type.shape.dim[:1] and v.type.tensor_type.shape.dim[0].dim_value
                 for v in original.graph.input)
-    feeds = calibration(original, samples=1 if fixed else 2, seed=2)
+    feeds = calibration(original, samples=1 if fixed else 2, seed=2) if feeds is None else feeds
     expected = run_ort(original, feeds)
     try:
         actual = run_ort(written, feeds)
@@ -211,14 +212,17 @@ def _target_outcome(run: Run, target: float | None, report: dict[str, Any]) -> O
 
 
 def outcome(source: Path | str, run: Run, target: float | None, folder: Path,
-            samples: int = CALIBRATION_SAMPLES) -> Outcome:
+            samples: int = CALIBRATION_SAMPLES, calib: dict[str, np.ndarray] | None = None,
+            check_feeds: dict[str, np.ndarray] | None = None) -> Outcome:
     """Run `run` on the model file `source` at `target` (a MAC fraction; None for untargeted runs) with
-    `samples` calibration samples, write the result into `folder` and classify what came out."""
+    `samples` calibration samples (or `calib`, for a model whose inputs need real values), write the result
+    into `folder` and classify what came out (run on `check_feeds` where given)."""
     original = onnx.load(str(source))
     written = folder / f"{Path(source).stem}-{run.id}-{target}.onnx"
     start = time.perf_counter()
     try:
-        result = graphopt.optimize(source, method=run.method, output=written, calib=calibration(original, samples),
+        result = graphopt.optimize(source, method=run.method, output=written,
+                                   calib=calibration(original, samples) if calib is None else calib,
                                    **run.keywords(target))
     except GraphoptError as refusal:
         kind = "refused-with-reason" if str(refusal).strip() else "FAIL:silent-refusal"
@@ -229,14 +233,15 @@ def outcome(source: Path | str, run: Run, target: float | None, folder: Path,
         return Outcome("FAIL:crash", f"{type(cause).__name__}: {str(cause)[:300]} ({Path(where.filename).name}:"
                                      f"{where.lineno})", seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    found = _check_written(original, written)
+    found = _check_written(original, written, check_feeds)
     if found is None:
         found = _target_outcome(run, target, result.report)
     found.macs_ratio, found.seconds = result.report["macs_ratio"], seconds
     return found
 
 
-def _check_written(original: onnx.ModelProto, written: Path) -> Outcome | None:
+def _check_written(original: onnx.ModelProto, written: Path,
+                   feeds: dict[str, np.ndarray] | None = None) -> Outcome | None:
     try:
         onnx.checker.check_model(str(written), full_check=True)
     except Exception as error:  # the checker's own exception types vary
@@ -245,7 +250,7 @@ def _check_written(original: onnx.ModelProto, written: Path) -> Outcome | None:
     change = _interface_change(original, model)
     if change is not None:
         return Outcome("FAIL:interface", change)
-    difference = _run_difference(original, model)
+    difference = _run_difference(original, model, feeds)
     return None if difference is None else Outcome(*difference)
 
 
@@ -363,3 +368,21 @@ def test_every_method_on_an_onnxruntime_fused_encoder(run_id: str, tmp_path: Pat
     run = RUNS[run_id]
     expected = {"refused-with-reason"} if run_id == "snp-repair" else EXPECTED[run_id]
     _assert(outcome(path, run, None if run.target == "none" else TARGETS[0], tmp_path), expected)
+
+
+@pytest.mark.parametrize("run_id", list(RUNS))
+@pytest.mark.parametrize("variant", ["separate", "packed", "cache"])
+def test_every_method_on_onnxruntime_grouped_query_attention(variant: str, run_id: str, tmp_path: Path) -> None:
+    """A pre-LN decoder written with onnxruntime's GroupQueryAttention (separate or packed q/k/v, or with a
+    key/value cache as inputs and outputs), at 0.7 of the MACs, on token data whose masks count tokens from the
+    start (the op reads their counts). `--repair` refuses it with the reason: torch cannot run the op."""
+    from tests.passes.heads.test_grouped_attention import _cache_feeds, _data, _model, _weights
+
+    model = _model(_weights(0), packed=variant == "packed", cache=variant == "cache")
+    path = _saved(model, tmp_path / f"gqa-{variant}.onnx")
+    feeds = (_cache_feeds if variant == "cache" else dict)(_data(CALIBRATION_SAMPLES * 2, 12, seed=1))
+    check = (_cache_feeds if variant == "cache" else dict)(_data(2, 9, seed=2))
+    run = RUNS[run_id]
+    expected = {"refused-with-reason"} if run_id == "snp-repair" else EXPECTED[run_id]
+    _assert(outcome(path, run, None if run.target == "none" else TARGETS[0], tmp_path, calib=feeds,
+                    check_feeds=check), expected)

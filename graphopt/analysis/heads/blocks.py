@@ -61,6 +61,15 @@ class HeadBlock:
     mixing: list[gs.Node] = field(default_factory=list)       # batched MatMuls / attention ops, 1/H of MACs per head
     packed: list[PackedCut] = field(default_factory=list)
     declined: str | None = None
+    # > 1: query heads only, in `groups` consecutive groups sharing a key/value head each, which stay; every
+    # group keeps as many heads, so a unit is one query head of every group (GroupQueryAttention with a
+    # key/value cache)
+    groups: int = 1
+
+    @property
+    def units(self) -> int:
+        """What the budget counts: heads, or with `groups` > 1 the heads of one group."""
+        return self.heads // self.groups
 
     def add_sources(self, found: list[HeadSlice | PackedCut]) -> None:
         """What graphopt.analysis.heads.sources found behind a projection: constants and packed cuts."""
@@ -83,8 +92,8 @@ class HeadBlock:
         self.consumers = [replace(c, width=c.width * factor) for c in self.consumers]
 
     def head_shares(self) -> dict[str, float]:
-        """The fraction of each node's MACs that one head costs: its columns of every projection, its rows of
-        every consumer, 1/H of every mixing op."""
+        """The fraction of each node's MACs that one unit costs: its heads' columns of every projection, their
+        rows of every consumer, their share of every mixing op (1/H a head)."""
         shares: dict[str, float] = {}
         for cut in self.slices:
             if cut.node.op in ("MatMul", "Gemm") and cut.index == 1:
@@ -95,10 +104,10 @@ class HeadBlock:
             shares[consumer.node.name] = shares.get(consumer.node.name, 0.0) + consumer.width / max(rows, 1)
         for node in self.mixing:
             shares[node.name] = shares.get(node.name, 0.0) + 1.0 / self.heads
-        return shares
+        return {name: share * self.groups for name, share in shares.items()}
 
     def macs_per_head(self, per_node: dict[str, int]) -> float:
-        """MACs one head costs per sample: its share of every projection, consumer and mixing op."""
+        """MACs one unit costs per sample: its share of every projection, consumer and mixing op."""
         return sum(per_node.get(name, 0) * share for name, share in self.head_shares().items())
 
 

@@ -14,6 +14,8 @@ UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid",
 BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min", "Equal", "Greater", "Less", "And", "Or",
           "GreaterOrEqual", "LessOrEqual", "Mod"}
 SOFTMAX = {"Softmax", "LogSoftmax"}
+# past key/value in or present out: GroupQueryAttention's query heads may still go (as many from every group)
+CACHE = "a key/value cache: its heads are the model's interface"
 PACKED_ATTENTION = {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
                     ("com.microsoft", "GroupQueryAttention")}
 
@@ -247,6 +249,9 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
     found.attributes.append(node)
     found.mixing.append(node)
     reason = _attention_state(t, node) if heads >= 2 and units >= 1 else "num_heads missing"
+    if reason == CACHE and grouped and heads > units:
+        _query_heads(t, node, heads, units, block)
+        return
     if reason is None and grouped:
         reason = grouped_projections(t.shapes, found, node, heads, units)
     elif reason is None and node.op == "Attention":
@@ -267,9 +272,26 @@ def _attention_state(t: _Tracker, node: gs.Node) -> str | None:
     if isinstance(extra, str):
         return extra
     outputs = {o.name for o in t.graph.outputs}
-    if extra or any(o.name and (o.outputs or o.name in outputs) for o in node.outputs[1:]):
+    cache = any(o.name and (o.outputs or o.name in outputs) for o in node.outputs[1:])
+    if node.op == "GroupQueryAttention" and (cache or extra) and all(i in (3, 4) for i in extra):
+        return CACHE
+    if extra or cache:
         return "past state, per-head bias or extra outputs"
     return None
+
+
+def _query_heads(t: _Tracker, node: gs.Node, heads: int, units: int, block: int) -> None:
+    """GroupQueryAttention with a key/value cache: its key/value heads are the cache's, so only query heads
+    go, as many from every group (`HeadBlock.groups`); the op's `num_heads` follows."""
+    found = t.blocks[block]
+    found.heads, found.groups = heads, units
+    width = t.shapes.get(node.outputs[0].name, (0,))[-1] // heads
+    slices = producer_slices(node.inputs[0], width, 0, t.shapes)  # the query's columns lead a packed input
+    reason = slices if isinstance(slices, str) else _merged_readers(t, node.outputs[0], width, block)
+    if isinstance(slices, list):
+        found.add_sources(slices)
+    if reason is not None:
+        found.declined = f"{node.name} ({node.op}): {reason}"
 
 
 def _extra_inputs(node: gs.Node) -> list[int] | str:

@@ -59,27 +59,50 @@ def _error(readouts: list, removed: list[int]) -> float:
     return total
 
 
-def head_ordering(block: HeadBlock, stats: dict[str, TensorStats]) -> Ordering | None:
-    """Heads from most to least important for the consumers' error, with each one's share; None without
-    statistics."""
+@dataclass
+class UnitOrdering:
+    """The block's units from most to least important (`ordering`, with each one's share), and the heads of
+    each unit: `members[u]` (one head, or one head of every group under `HeadBlock.groups`)."""
+
+    ordering: Ordering
+    members: np.ndarray
+
+    def kept_heads(self, count: int) -> np.ndarray:
+        """The heads of the `count` most important units, sorted."""
+        return np.sort(self.members[self.ordering.order[:count]].reshape(-1))
+
+
+def head_ordering(block: HeadBlock, stats: dict[str, TensorStats]) -> UnitOrdering | None:
+    """Units from most to least important for the consumers' error, with each one's share; None without
+    statistics. With `groups` > 1 each greedy step removes one head from every group (each group's least
+    costly, given what is gone), and a unit is what one step removed."""
     readouts = _readouts(block, stats)
     if not readouts:
         return None
     whole = sum(float(np.trace(w.T @ cov @ w)) for cov, _, w, _ in readouts)
+    group = block.heads // block.groups
     removed: list[int] = []
+    steps: list[list[int]] = []
     added: list[float] = []
     current = 0.0
-    while len(removed) < block.heads - 1:
-        candidates = [h for h in range(block.heads) if h not in removed]
-        errors = [_error(readouts, removed + [h]) for h in candidates]
-        best = int(np.argmin(errors))
-        removed.append(candidates[best])
-        added.append(max(errors[best] - current, 0.0))
-        current = errors[best]
-    last = next(h for h in range(block.heads) if h not in removed)
-    order = np.array([last, *reversed(removed)], dtype=np.int64)
+    while len(steps) < group - 1:
+        step = []
+        for first in range(0, block.heads, group):
+            candidates = [h for h in range(first, first + group) if h not in removed]
+            errors = [_error(readouts, removed + [h]) for h in candidates]
+            step.append(candidates[int(np.argmin(errors))])
+            removed.append(step[-1])
+        error = _error(readouts, removed)
+        steps.append(step)
+        added.append(max(error - current, 0.0))
+        current = error
+    last = [h for h in range(block.heads) if h not in removed]
+    members = np.array([last, *reversed(steps)], dtype=np.int64)
     shares = np.array([max(whole - current, 0.0), *reversed(added)])
-    return Ordering(order, shares / max(float(shares.sum()), 1e-300))
+    fraction = shares / max(float(shares.sum()), 1e-300)
+    if block.groups == 1:  # a unit is a head: the order names the heads themselves
+        return UnitOrdering(Ordering(members[:, 0], fraction), np.arange(block.heads, dtype=np.int64)[:, None])
+    return UnitOrdering(Ordering(np.arange(group, dtype=np.int64), fraction), members)
 
 
 @dataclass

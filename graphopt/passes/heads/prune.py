@@ -154,6 +154,9 @@ def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, 
 def _set_attributes(block: HeadBlock, kept: int) -> None:
     for node in block.attributes:
         heads = int(node.attrs["num_heads"])
+        if block.groups > 1:  # query heads only: the key/value heads stay
+            node.attrs["num_heads"] = kept
+            continue
         if "kv_num_heads" in node.attrs:  # GroupQueryAttention: `kept` key/value heads, each with its group
             node.attrs["num_heads"] = kept * (heads // int(node.attrs["kv_num_heads"]))
             node.attrs["kv_num_heads"] = kept

@@ -153,7 +153,7 @@ def apply_qk(graph: gs.Graph, plan: QKPlan, counts: dict[int, int], heads: HeadP
         kept = np.arange(qk.units)
         head_root = plan.head_root[root]
         if head_root is not None and counts.get(head_root, qk.units) < qk.units:
-            kept = np.sort(heads.orderings[head_root].order[:counts[head_root]])
+            kept = heads.kept_heads(head_root, counts[head_root])
         query_maps, key_maps, energy = block_maps(qk, stats, rank, kept)
         fold_maps(graph, qk, query_maps, key_maps, shapes)
         history.append({"by": "snp", "qk": qk.block.name, "size": qk.width, "kept": int(rank),

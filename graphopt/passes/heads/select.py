@@ -10,7 +10,7 @@ leaves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,7 +20,7 @@ from graphopt.analysis.heads import HeadBlock, find_head_blocks
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.passes.base import PassResult
 from graphopt.passes.channels.budget import CostModel
-from graphopt.passes.heads.plan import WithHeads, head_ordering
+from graphopt.passes.heads.plan import UnitOrdering, WithHeads, head_ordering
 from graphopt.passes.heads.prune import cut_heads, entry_holder
 from graphopt.passes.snp.plan import Ordering
 
@@ -28,15 +28,20 @@ from graphopt.passes.snp.plan import Ordering
 @dataclass
 class HeadPlan:
     blocks: dict[int, HeadBlock]           # negative root -> block
-    orderings: dict[int, Ordering]
+    orderings: dict[int, Ordering]         # over each block's units
+    members: dict[int, np.ndarray] = field(default_factory=dict)  # root -> the heads of each unit
+
+    def kept_heads(self, root: int, count: int) -> np.ndarray:
+        """The heads (sorted) of block `root`'s `count` most important units."""
+        return UnitOrdering(self.orderings[root], self.members[root]).kept_heads(count)
 
     def cost_model(self, base: CostModel, per_node: dict[str, int], mac_total: float) -> CostModel:
-        """`base` with the blocks' heads; per-head MACs are scaled to `base`'s unit (MACs or ms)."""
+        """`base` with the blocks' units; their MACs are scaled to `base`'s unit (MACs or ms)."""
         if not self.orderings:
             return base
         unit = base.total / mac_total if mac_total else 0.0
         per_head = {root: self.blocks[root].macs_per_head(per_node) * unit for root in self.orderings}
-        return WithHeads(base, per_head, {root: self.blocks[root].heads for root in self.orderings},
+        return WithHeads(base, per_head, {root: self.blocks[root].units for root in self.orderings},
                          {root: self.blocks[root].head_shares() for root in self.orderings})
 
 
@@ -79,7 +84,8 @@ def plan_heads(blocks: list[HeadBlock], stats: dict[str, TensorStats], result: P
             result.skipped.append(f"heads of {block.name}: no statistics of the merged heads")
             continue
         plan.blocks[-1 - index] = block
-        plan.orderings[-1 - index] = ordering
+        plan.orderings[-1 - index] = ordering.ordering
+        plan.members[-1 - index] = ordering.members
     return plan
 
 
@@ -92,12 +98,12 @@ def apply_heads(graph: gs.Graph, plan: HeadPlan, counts: dict[int, int], stats: 
         if count >= ordering.order.size:
             continue
         block = plan.blocks[root]
-        kept = np.sort(ordering.order[:count])
+        kept = plan.kept_heads(root, count)
         folded += cut_heads(graph, block, kept, stats, shapes, reconstruct)
-        share = np.empty(ordering.order.size)
-        share[ordering.order] = ordering.fraction
+        share = np.empty(block.heads)  # a unit's share, on each of its heads
+        share[plan.members[root][ordering.order]] = ordering.fraction[:, None]
         removed = np.setdiff1d(np.arange(block.heads), kept)
-        history.append({"by": "snp", "heads": block.name, "size": block.heads, "kept": int(count),
+        history.append({"by": "snp", "heads": block.name, "size": block.heads, "kept": int(kept.size),
                         "removed": [int(h) for h in removed], "criterion": "output_error",
                         "scores": [float(share[h]) for h in removed],
                         "retained": float(ordering.fraction[:count].sum()), **decision})

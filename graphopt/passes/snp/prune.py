@@ -141,7 +141,8 @@ def _head_stats(heads: HeadPlan, chosen: dict[int, int]) -> dict[str, int]:
     if not heads.orderings:
         return {}
     return {"head_blocks": len(heads.orderings),
-            "heads_removed": sum(o.order.size - chosen.get(r, o.order.size) for r, o in heads.orderings.items())}
+            "heads_removed": sum((o.order.size - chosen.get(r, o.order.size)) * heads.blocks[r].groups
+                                 for r, o in heads.orderings.items())}
 
 
 def _qk_stats(qk: QKPlan, chosen: dict[int, int]) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """onnxruntime's GroupQueryAttention (com.microsoft), as its transformers tools write it for Llama-style decoders:
 a unit is one key/value head with its query heads, found behind separate or packed query/key/value
 projections, removed exactly where the output projection ignores it, pruned by SNP under one MAC budget with
-the mask found through seqlens_k, and left alone (with the reason) where a key/value cache is the interface."""
+the mask found through seqlens_k; where a key/value cache is the interface, only query heads go, as many from
+every group, and the cache keeps its shape."""
 
 from __future__ import annotations
 
@@ -185,12 +186,55 @@ def test_snp_prunes_grouped_heads_and_ffn_units_under_one_budget(packed) -> None
     assert [d.dim_param for d in result.model.graph.input[0].type.tensor_type.shape.dim[:2]] == ["batch", "sequence"]
 
 
-def test_a_key_value_cache_keeps_its_heads_with_the_reason() -> None:
-    model = _model(_weights(0), cache=True)
+def _cache_feeds(data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`data` with an empty key/value cache (no past tokens) for every layer."""
+    empty = np.zeros((len(data["input_ids"]), KV_HEADS, 0, SIZE), np.float32)
+    return {**data, **{f"past_{kind}{layer}": empty for kind in ("key", "value") for layer in range(LAYERS)}}
+
+
+def _run_all(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return make_session(model).run(None, data)
+
+
+def test_with_a_key_value_cache_only_query_heads_go_as_many_from_every_group() -> None:
+    values = _weights(0)
+    silent = {0: [1, 5], 1: [0, 3]}  # layer: a query head of each key/value group the output ignores
+    for layer, heads in silent.items():
+        for head in heads:
+            values[f"wo{layer}"][head * SIZE:(head + 1) * SIZE] = 0.0
+    model = _model(values, cache=True)
     graph = ir.import_graph(model)
-    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS),
-                                   **{f"past_{kind}{layer}": (1, KV_HEADS, 0, SIZE)
-                                      for kind in ("key", "value") for layer in range(LAYERS)}})
-    blocks = find_head_blocks(graph, shapes)
-    assert len(blocks) == LAYERS
-    assert all("gqa" in b.declined and "past state" in b.declined for b in blocks), [b.declined for b in blocks]
+    shapes = batch1_shapes(model, {k: v.shape for k, v in _cache_feeds(_data(1, TOKENS, 0)).items()})
+    result = PassResult(modified=False)
+    blocks = usable_blocks(graph, shapes, result)
+    assert [(b.heads, b.groups, b.units) for b in blocks] == [(HEADS, KV_HEADS, GROUP)] * LAYERS, result.skipped
+    for block, heads in zip(blocks, silent.values()):
+        sliced = {s.node.outputs[0].name for s in block.slices}
+        assert sliced and all(name.startswith("q") for name in sliced)  # the query projection: keys and values stay
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), heads), {}, shapes, reconstruct=False)
+    pruned = ir.export_model(graph, model)
+    attention = [{a.name: a.i for a in n.attribute} for n in pruned.graph.node if n.op_type == "GroupQueryAttention"]
+    assert attention == [{"num_heads": HEADS - KV_HEADS, "kv_num_heads": KV_HEADS}] * LAYERS
+    assert [o.type for o in pruned.graph.output] == [o.type for o in model.graph.output]  # the cache's shape stays
+    data = _cache_feeds(_data(3, TOKENS + 2, seed=1, padded=False))
+    for got, want in zip(_run_all(pruned, data), _run_all(model, data)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_snp_spends_query_heads_of_a_cached_model_in_its_budget() -> None:
+    values = _weights(4)
+    for head in (2, 3):  # one query head of each group barely reaches the output in layer 1
+        values["wo1"][head * SIZE:(head + 1) * SIZE] *= 1e-3
+    model = _model(values, cache=True)
+    calib = _cache_feeds(_data(96, TOKENS, seed=3, padded=False))
+    result = optimize(model, method="snp", calib=calib, target_macs=0.7, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["heads_removed"] >= KV_HEADS and stats["heads_removed"] % KV_HEADS == 0, stats
+    attention = [{a.name: a.i for a in n.attribute} for n in result.model.graph.node
+                 if n.op_type == "GroupQueryAttention"]
+    assert attention[1]["num_heads"] < HEADS and all(a["kv_num_heads"] == KV_HEADS for a in attention)
+    assert result.report["target_reached"] and not result.report["interface_changes"]
+    held_out = _cache_feeds(_data(16, TOKENS, seed=5, padded=False))
+    got, want = _run_all(result.model, held_out), _run_all(model, held_out)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    assert _cosine_kept(got[0], want[0], held_out["attention_mask"]) > 0.9
