@@ -45,6 +45,7 @@ from graphopt.ir.interface import interface_changes
 from graphopt.ir.io import check_outputs, input_files, load_model, model_outputs, save_model
 from graphopt.ir.sparse import to_sparse_initializers, weight_sparsity
 from graphopt.ir.shapes import resolve_input_shapes
+from graphopt.ops.lower import lower_rms_norms, rms_norm_names
 from graphopt.passes import METHODS, Pass, PassContext, PassManager, PassRecord, get_pass, normalising_passes
 from graphopt.passes.methods import Option, declared_options, json_value, resolve_options
 
@@ -202,6 +203,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
             records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
             ctx.release_statistics()  # Gram matrices are no longer needed: the fidelity check runs without them
         optimized = ir.like_template_value_info(ir.export_model(graph, original), original)
+        lower_rms_norms(optimized, keep=rms_norm_names(original))  # the norms a pass wrote, as onnxruntime fuses them
         _check(optimized)
         return _Run(ctx, records, pruned, repaired, optimized)
 

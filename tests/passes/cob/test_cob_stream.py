@@ -329,3 +329,24 @@ def test_a_post_norm_sum_with_a_nonlinear_writer_keeps_its_shortcut(tmp_path) ->
     assert stats["post_norm_shortcuts"] == 1 and stats["layer_norms_centred"] == 1
     held_out = _ids(4, 17, 2)
     assert _relative(_run(model, held_out), _run(result.model, held_out)) < 1e-4
+
+
+@pytest.mark.parametrize("method", ["snp", "cob", "cob,snp"])
+def test_the_written_norms_run_as_onnxruntimes_fused_kernel(exporter, method, tmp_path) -> None:
+    """Every RMS norm of the written model reaches onnxruntime as its one fused kernel, also over a sliced
+    stream (graphopt.ops.lower)."""
+    import onnxruntime as ort
+
+    model = _export(_build(), exporter, tmp_path / "m.onnx")
+    result = graphopt.optimize(model, method=method, calib=_ids(32, TOKENS, 1), target_macs=0.7, round_to=1)
+    assert not any(n.domain == "graphopt" for n in result.model.graph.node) and not result.model.functions
+    fused = []
+    for index, written in enumerate((model, result.model)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"optimized{index}.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(written.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+        fused.append(ops.count("SimplifiedLayerNormalization"))
+    # the dynamo export's own norms (a Cast around the squares) are not a pattern onnxruntime fuses
+    assert fused == [2 * LAYERS + 1 if exporter == "legacy" else 0, 2 * LAYERS + 1]
