@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "3 runs of each model per round)")
     bench.add_argument("--threads", type=int, default=0, help="intra-op threads (0: onnxruntime's default)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _add_shapes(bench)
     _add_common(bench)
 
     _add_optimize(commands)
@@ -309,8 +310,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.candidate is not None:
         _bench_pair(args)
         return
-    result = bench(as_model(args.model), data=args.data, batch=args.batch, repeat=args.repeat,
-                   threads=args.threads, device=args.device, progress=not args.quiet)
+    model = as_model(args.model)
+    result = bench(model, data=args.data, batch=args.batch, repeat=args.repeat, threads=args.threads,
+                   device=args.device, shapes=_bench_shapes(args, model), progress=not args.quiet)
     if args.json:
         _print_json(result)
         return
@@ -324,8 +326,10 @@ def _bench_pair(args: argparse.Namespace) -> None:
 
     if args.batch < 1 or args.repeat < 2:
         raise GraphoptError("--batch must be >= 1 and --repeat >= 2")
-    result = compare_latency(as_model(args.model), as_model(args.candidate), data=args.data, batch=args.batch,
-                             rounds=args.repeat, threads=args.threads, device=args.device, progress=not args.quiet)
+    reference = as_model(args.model)
+    result = compare_latency(reference, as_model(args.candidate), data=args.data, batch=args.batch,
+                             rounds=args.repeat, threads=args.threads, device=args.device,
+                             shapes=_bench_shapes(args, reference), progress=not args.quiet)
     result = {"reference": str(args.model), "candidate": str(args.candidate), **result}
     if args.json:
         _print_json(result)
@@ -333,6 +337,13 @@ def _bench_pair(args: argparse.Namespace) -> None:
     print(f"{args.candidate} vs {args.model}: {_speedup(result)}  ({result['candidate_ms']:.3f} ms vs "
           f"{result['reference_ms']:.3f} ms median, batch {result['batch']}, {result['rounds']} interleaved rounds, "
           f"{', '.join(result['providers'])})")
+
+
+def _bench_shapes(args: argparse.Namespace, model: Any) -> dict[str, tuple[int, ...]] | None:
+    """The inputs' batch-1 shapes with the dynamic dims `--input-shape` resolves (None: the model's own)."""
+    from graphopt.ir.shapes import resolve_input_shapes
+
+    return resolve_input_shapes(model, _shapes(args)) if args.input_shape else None
 
 
 def _speedup(timing: dict[str, Any]) -> str:

@@ -229,8 +229,9 @@ def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
 
 
 def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
-          warmup: int = 5, threads: int = 0, device: str = "cpu", progress: bool = False) -> dict[str, Any]:
-    feed = bench_feed(model, data, batch)
+          warmup: int = 5, threads: int = 0, device: str = "cpu", shapes: dict[str, tuple[int, ...]] | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    feed = bench_feed(model, data, batch, shapes)
     session = make_session(model, optimize=True, device=device, threads=threads)
     for _ in range(warmup):
         session.run(None, feed)

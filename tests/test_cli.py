@@ -482,3 +482,21 @@ def test_optimize_notes_convolution_ops_written_untimed(capfd, tmp_path: Path, m
     assert len(notes) == 1
     assert ("native kernels are not built" in notes[0]) != built and ("without being timed" in notes[0]) == built
     assert notes[0].startswith("note: 2 Conv+ReLU layer(s) and 1 linear layer(s) became") == built  # both kinds
+
+
+def test_bench_resolves_dynamic_dims_the_error_names(capfd, tmp_path) -> None:
+    """A model with a dynamic sequence axis: bench asks for --input-shape and takes it, by symbol or by input,
+    alone and with a second model."""
+    model = tiny("y = Relu(x)", inputs="float[N, sequence, 4] x", outputs="float[N, sequence, 4] y")
+    path = tmp_path / "seq.onnx"
+    onnx.save_model(model, str(path))
+    code, _, err = _call(capfd, "bench", path, "--repeat", "3", "--quiet")
+    _assert_one_error_line(err, "give --input-shape sequence=N")
+    assert code == 2
+    for shape in ("sequence=16", "x=1x16x4"):
+        code, out, err = _call(capfd, "bench", path, "--repeat", "3", "--quiet", "--json", "--input-shape", shape)
+        assert code == 0, err
+        assert json.loads(out)["batch"] == 1
+    code, out, err = _call(capfd, "bench", path, path, "--repeat", "3", "--batch", "2", "--quiet", "--json",
+                           "--input-shape", "sequence=16")
+    assert code == 0 and json.loads(out)["batch"] == 2, err
