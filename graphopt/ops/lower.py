@@ -10,6 +10,8 @@ SimplifiedLayerNormalization. Over the last axis, of static width d, the same no
 
 which is Pow(x, 2) → ReduceMean(last axis) → Add(eps·C/d) → Sqrt → Div(x, ·) → Mul(s): the pattern
 onnxruntime's SimplifiedLayerNormFusion turns into one kernel (with C = d, s = 1, the norm torch exports).
+Where the norm's one reader is a Mul by a per-channel constant only it reads (the model's own gain), s goes
+into that constant and the gain Mul is the kernel's scale, as in the exported model.
 `lower_rms_norms` rewrites every graphopt.RMSNorm node of the main graph whose axis is the last one and whose
 input's rank, width and float type are known, and drops the model-local function when no node calls it any
 more; the others (a CNN's channel axis 1, an unknown width, a norm the model came with) keep the function.
@@ -58,8 +60,24 @@ def _attributes(node: onnx.NodeProto) -> dict[str, float | int]:
     return found
 
 
-def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names: set[str]
-                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _gain(model: onnx.ModelProto, tensor: str, width: int, uses: dict[str, int]) -> onnx.TensorProto | None:
+    """The initializer of the one Mul reading `tensor`, where it is a gain per channel of the last axis
+    ([width] or [1, ..., width]) that nothing else reads: the norm's factor can go into it."""
+    readers = [n for n in model.graph.node if tensor in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Mul" or tensor in {o.name for o in model.graph.output}:
+        return None
+    other = [name for name in readers[0].input if name != tensor]
+    found = next((t for t in model.graph.initializer if other and t.name == other[0]), None)
+    if found is None or uses.get(found.name, 0) != 1 or not found.dims or found.dims[-1] != width \
+            or any(d != 1 for d in found.dims[:-1]) or found.data_type not in FLOATS:
+        return None
+    return found
+
+
+def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names: set[str],
+                 gain: onnx.TensorProto | None = None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The norm in standard ops; its factor sqrt(C/d) multiplies `gain` (the gain Mul after it) where given,
+    else a Mul of its own."""
     attrs = _attributes(node)
     channels, eps = int(attrs["channels"]), float(attrs["eps"])
     numpy_type = helper.tensor_dtype_to_np_dtype(dtype)
@@ -87,9 +105,14 @@ def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names
     source, output = node.input[0], node.output[0]
     nodes = [helper.make_node("Pow", [source, two], [squares], name=fresh("Pow")), reduce,
              helper.make_node("Add", [mean, shift], [shifted], name=fresh("Add")),
-             helper.make_node("Sqrt", [shifted], [rms], name=fresh("Sqrt")),
-             helper.make_node("Div", [source, rms], [normed], name=fresh("Div")),
-             helper.make_node("Mul", [normed, scale], [output], name=node.name or fresh("Mul"))]
+             helper.make_node("Sqrt", [shifted], [rms], name=fresh("Sqrt"))]
+    if gain is not None:  # onnxruntime takes the gain Mul as the fused kernel's scale
+        values = numpy_helper.to_array(gain)
+        gain.CopyFrom(numpy_helper.from_array((values * np.sqrt(channels / width)).astype(values.dtype), gain.name))
+        return nodes + [helper.make_node("Div", [source, rms], [output], name=node.name or fresh("Div"))], \
+            constants[:2] + constants[3:]
+    nodes += [helper.make_node("Div", [source, rms], [normed], name=fresh("Div")),
+              helper.make_node("Mul", [normed, scale], [output], name=node.name or fresh("Mul"))]
     return nodes, constants
 
 
@@ -110,13 +133,18 @@ def lower_rms_norms(model: onnx.ModelProto, keep: set[str] | frozenset[str] = fr
         {name for n in model.graph.node for name in (*n.input, *n.output)}
     kept: list[onnx.NodeProto] = []
     lowered = 0
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
     for node in model.graph.node:
         found = _static_last(types.get(node.input[0])) if _is_norm(node) and node.name not in keep else None
         axis = int(_attributes(node)["axis"]) if found is not None else 0
         if found is None or axis not in (-1, found[0] - 1):
             kept.append(node)
             continue
-        nodes, constants = _written_out(node, found[1], found[2], opset, names)
+        gain = _gain(model, node.output[0], found[1], uses)
+        nodes, constants = _written_out(node, found[1], found[2], opset, names, gain)
         kept.extend(nodes)
         model.graph.initializer.extend(constants)
         lowered += 1

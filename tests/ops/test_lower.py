@@ -52,7 +52,11 @@ def test_a_last_axis_norm_becomes_one_fused_kernel_with_the_same_values(channels
     want = rms_norm_reference(x, channels, 1e-3, axis=-1) * np.linspace(0.5, 1.5, 24)
     np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
-    assert _fused_ops(lowered, tmp_path / "fused.onnx").count("SimplifiedLayerNormalization") == 1
+    # the model's own gain Mul takes the factor sqrt(C / d) and is the fused kernel's scale: no Mul is added
+    assert [n.op_type for n in lowered.graph.node].count("Mul") == 1
+    gain = next(onnx.numpy_helper.to_array(t) for t in lowered.graph.initializer if t.name == "g")
+    np.testing.assert_allclose(gain, np.linspace(0.5, 1.5, 24) * np.sqrt(channels / 24), rtol=1e-6)
+    assert _fused_ops(lowered, tmp_path / "fused.onnx") == ["SimplifiedLayerNormalization"]
 
 
 def test_a_channel_axis_norm_and_an_unknown_width_keep_the_function() -> None:
@@ -60,3 +64,17 @@ def test_a_channel_axis_norm_and_an_unknown_width_keep_the_function() -> None:
     assert lower_rms_norms(image)[1] == 0 and image.functions
     unknown = _norm_model(["batch", "tokens", "width"], 6, -1, 17)
     assert lower_rms_norms(unknown)[1] == 0 and unknown.functions
+
+
+def test_a_norm_without_a_gain_of_its_own_gets_one() -> None:
+    """A gain shared with another reader (or none at all) is not touched: the norm writes its own Mul."""
+    model = _norm_model(["batch", "tokens", 24], 40, -1, 17)
+    model.graph.node.append(helper.make_node("Mul", ["x", "g"], ["z"], name="other"))
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "tokens", 24]))
+    x = np.random.default_rng(1).standard_normal((2, 3, 24)).astype(np.float32)
+    before = run_ort(model, {"x": x})
+    lowered, count = lower_rms_norms(model)
+    assert count == 1 and [n.op_type for n in lowered.graph.node].count("Mul") == 3
+    after = run_ort(lowered, {"x": x})
+    for name in ("y", "z"):
+        np.testing.assert_allclose(after[name], before[name], rtol=1e-5, atol=1e-6)
