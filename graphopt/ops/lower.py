@@ -68,10 +68,13 @@ def _gain(model: onnx.ModelProto, tensor: str, width: int, uses: dict[str, int])
         return None
     other = [name for name in readers[0].input if name != tensor]
     found = next((t for t in model.graph.initializer if other and t.name == other[0]), None)
-    if found is None or uses.get(found.name, 0) != 1 or not found.dims or found.dims[-1] != width \
-            or any(d != 1 for d in found.dims[:-1]) or found.data_type not in FLOATS:
-        return None
-    return found
+    return found if found is not None and uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
+
+
+def _per_channel(tensor: onnx.TensorProto, width: int) -> bool:
+    """A float constant of `width` entries along the last axis only."""
+    dims = list(tensor.dims)
+    return bool(dims) and dims[-1] == width and all(d == 1 for d in dims[:-1]) and tensor.data_type in FLOATS
 
 
 def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names: set[str],
@@ -131,20 +134,19 @@ def lower_rms_norms(model: onnx.ModelProto, keep: set[str] | frozenset[str] = fr
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     names = {n.name for n in model.graph.node} | {t.name for t in model.graph.initializer} | \
         {name for n in model.graph.node for name in (*n.input, *n.output)}
-    kept: list[onnx.NodeProto] = []
-    lowered = 0
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
+    kept: list[onnx.NodeProto] = []
+    lowered = 0
     for node in model.graph.node:
-        found = _static_last(types.get(node.input[0])) if _is_norm(node) and node.name not in keep else None
-        axis = int(_attributes(node)["axis"]) if found is not None else 0
-        if found is None or axis not in (-1, found[0] - 1):
+        found = _lowerable(node, keep, types)
+        if found is None:
             kept.append(node)
             continue
-        gain = _gain(model, node.output[0], found[1], uses)
-        nodes, constants = _written_out(node, found[1], found[2], opset, names, gain)
+        nodes, constants = _written_out(node, found[1], found[2], opset, names,
+                                        _gain(model, node.output[0], found[1], uses))
         kept.extend(nodes)
         model.graph.initializer.extend(constants)
         lowered += 1
@@ -153,6 +155,15 @@ def lower_rms_norms(model: onnx.ModelProto, keep: set[str] | frozenset[str] = fr
         model.graph.node.extend(kept)
         _drop_unused_function(model)
     return model, lowered
+
+
+def _lowerable(node: onnx.NodeProto, keep: set[str] | frozenset[str], types: dict[str, onnx.TypeProto]
+               ) -> tuple[int, int, int] | None:
+    """(rank, width, element type) of a graphopt.RMSNorm over the last axis of a known width, not in `keep`."""
+    if not _is_norm(node) or node.name in keep:
+        return None
+    found = _static_last(types.get(node.input[0]))
+    return found if found is not None and int(_attributes(node)["axis"]) in (-1, found[0] - 1) else None
 
 
 def _is_norm(node: onnx.NodeProto) -> bool:

@@ -65,6 +65,12 @@ class HeadBlock:
     # group keeps as many heads, so a unit is one query head of every group (GroupQueryAttention with a
     # key/value cache)
     groups: int = 1
+    # grouped-query attention from a torch export: the Reshapes repeating each key/value head for its query
+    # heads, how many consecutive heads a unit holds (`coarsen`), and, for a block of query heads only, the
+    # Expand entries counting each group's query heads (they become kept / groups)
+    repeats: list[gs.Node] = field(default_factory=list)
+    factor: int = 1
+    group_entries: list[ShapeEntry] = field(default_factory=list)
 
     @property
     def units(self) -> int:
@@ -86,6 +92,7 @@ class HeadBlock:
         """Count units of `factor` consecutive heads (grouped-query attention: a key/value head and its query
         heads go together): every per-head width and count grows by `factor`."""
         self.heads //= factor
+        self.factor *= factor
         self.slices = [replace(s, width=s.width * factor) for s in self.slices]
         self.packed = [replace(s, width=s.width * factor) for s in self.packed]
         self.shapes = [replace(e, per_head=e.per_head * factor) for e in self.shapes]

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
+from graphopt.analysis.heads.grouped import prefers_query_heads
 from graphopt.analysis.heads.sources import (grouped_projections, head_split, packed_projection, producer_slices,
                                              separate_projections)
 
@@ -58,7 +59,7 @@ class _Tracker:
         else:
             kept.declined = kept.declined or f"{kept.heads} and {merged.heads} heads meet"
         kept.declined = kept.declined or merged.declined
-        for name in ("slices", "shapes", "attributes", "consumers", "mixing", "packed"):
+        for name in ("slices", "shapes", "attributes", "consumers", "mixing", "packed", "repeats"):
             getattr(kept, name).extend(getattr(merged, name))
         return a
 
@@ -175,6 +176,7 @@ def _repeated(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:
         return False
     found = t.blocks[t.find(block)]
     found.shapes.append(ShapeEntry(node, axis, after[axis] // found.heads))
+    found.repeats.append(node)
     t.mark(node.outputs[0], axis, block)
     return True
 
@@ -249,7 +251,7 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
     found.attributes.append(node)
     found.mixing.append(node)
     reason = _attention_state(t, node) if heads >= 2 and units >= 1 else "num_heads missing"
-    if reason == CACHE and grouped and heads > units:
+    if grouped and _query_only(reason, heads, units):
         _query_heads(t, node, heads, units, block)
         return
     if reason is None and grouped:
@@ -263,6 +265,12 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
         reason = _merged_readers(t, node.outputs[0], width, block)
     if reason is not None:
         found.declined = f"{node.name} ({node.op}): {reason}"
+
+
+def _query_only(reason: str | None, heads: int, units: int) -> bool:
+    """Whether a GroupQueryAttention gives up query heads alone: its cache's heads are the interface, or the
+    rule of graphopt.analysis.heads.grouped prefers them."""
+    return heads > units and (reason == CACHE or (reason is None and prefers_query_heads(heads, units)))
 
 
 def _attention_state(t: _Tracker, node: gs.Node) -> str | None:
@@ -281,8 +289,9 @@ def _attention_state(t: _Tracker, node: gs.Node) -> str | None:
 
 
 def _query_heads(t: _Tracker, node: gs.Node, heads: int, units: int, block: int) -> None:
-    """GroupQueryAttention with a key/value cache: its key/value heads are the cache's, so only query heads
-    go, as many from every group (`HeadBlock.groups`); the op's `num_heads` follows."""
+    """GroupQueryAttention giving up query heads, as many from every group (`HeadBlock.groups`;
+    graphopt.analysis.heads.grouped says when: always with a key/value cache, whose heads are the model's
+    interface); the op's `num_heads` follows."""
     found = t.blocks[block]
     found.heads, found.groups = heads, units
     width = t.shapes.get(node.outputs[0].name, (0,))[-1] // heads

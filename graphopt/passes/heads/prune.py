@@ -107,21 +107,23 @@ def entry_holder(node: gs.Node, position: int, shapes: dict[str, tuple[int, ...]
     return shape_entry(node, position, lambda tensor: shapes.get(tensor.name), replaceable=True)
 
 
-def broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int) -> None:
-    """Make an Expand's target entry for the heads 1 (broadcast: the output keeps the input's heads), for any
-    target, computed at run time or not: target · (1 − e_p) + e_p."""
+def broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int, value: int = 1) -> None:
+    """Make an Expand's target entry `entry.position` `value` (1 for the heads: broadcast, the output keeps the
+    input's heads; a group's kept query heads for the axis repeating a key/value head), for any target, computed
+    at run time or not: target · (1 − e_p) + value · e_p, on the Expand's own copy."""
     target = entry.node.inputs[1]
     keep = np.ones(rank, dtype=np.int64)
     keep[entry.position] = 0
     if isinstance(target, gs.Constant):
-        ir.set_input_array(graph, entry.node, 1, np.asarray(target.values, dtype=np.int64) * keep + (1 - keep))
+        ir.set_input_array(graph, entry.node, 1, np.asarray(target.values, dtype=np.int64) * keep + value * (1 - keep))
         return
     masked = gs.Variable(ir.unique_name(graph, f"{target.name}_heads_masked"), dtype=target.dtype)
     ones = gs.Variable(ir.unique_name(graph, f"{target.name}_heads"), dtype=target.dtype)
     graph.nodes.append(gs.Node("Mul", ir.unique_name(graph, f"{entry.node.name}_heads_mask"),
                                inputs=[target, gs.Constant(ir.unique_name(graph, "heads_mask"), keep)], outputs=[masked]))
     graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{entry.node.name}_heads_one"),
-                               inputs=[masked, gs.Constant(ir.unique_name(graph, "heads_one"), 1 - keep)], outputs=[ones]))
+                               inputs=[masked, gs.Constant(ir.unique_name(graph, "heads_one"), value * (1 - keep))],
+                               outputs=[ones]))
     entry.node.inputs[1] = ones
 
 
@@ -178,5 +180,7 @@ def cut_heads(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, stats: dict[s
     _cut_packed(graph, block, removed, shapes)
     for entry in block.shapes:
         _set_entry(graph, entry, kept.size, shapes)
+    for entry in block.group_entries:  # query heads only: each key/value head is repeated for its group's kept heads
+        broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]), kept.size // block.groups)
     _set_attributes(block, kept.size)
     return folded

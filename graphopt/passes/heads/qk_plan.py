@@ -108,7 +108,7 @@ def qk_blocks(blocks: list[HeadBlock], shapes: dict[str, tuple[int, ...]], resul
     """The q/k structures of usable head blocks; the others go to `result.skipped` with their reason."""
     found = []
     for block in blocks:
-        qk = find_qk(block, shapes)
+        qk = find_qk(block, shapes) if block.groups == 1 else "query heads pruned group by group"
         if isinstance(qk, str):
             result.skipped.append(f"q/k dims of {block.name}: {qk}")
         else:

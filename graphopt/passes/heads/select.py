@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Group
 from graphopt.analysis.heads import HeadBlock, find_head_blocks
+from graphopt.analysis.heads.grouped import prefers_query_heads, query_heads
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.passes.base import PassResult
 from graphopt.passes.channels.budget import CostModel
@@ -49,6 +50,9 @@ def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: P
     """Head blocks whose every rewrite is possible; the others go to `result.skipped` with their reason."""
     usable = []
     for block in find_head_blocks(graph, shapes):
+        if block.repeats and prefers_query_heads(block.heads * block.factor, block.heads):
+            queries = query_heads(block)
+            block = queries if isinstance(queries, HeadBlock) else block
         reason = block.declined
         if reason is None:
             stuck = [f"{e.node.name} ({e.node.op})" for e in block.shapes
