@@ -66,9 +66,30 @@ def _cut_slices(graph: gs.Graph, block: HeadBlock, removed: np.ndarray) -> None:
         key = (id(consumer.node), consumer.index)
         entry = drops.setdefault(key, (consumer.node, consumer.index, consumer.axis, []))
         entry[3].append(head_positions(removed, consumer.width))
+    for node, index, axis, positions in list(drops.values()):
+        shift = _shift_after(node, drops) if (index, axis) == (1, 1) else None  # a projection's columns
+        if shift is not None:
+            drops[(id(shift[0]), shift[1])] = (*shift, positions)
     for node, index, axis, positions in drops.values():
         values = np.asarray(node.inputs[index].values)
         ir.set_input_array(graph, node, index, np.delete(values, np.unique(np.concatenate(positions)), axis=axis))
+
+
+def _shift_after(node: gs.Node, drops: dict) -> tuple[gs.Node, int, int] | None:
+    """(node, input, axis) of the per-column constant Add a bias-free projection got after the head analysis
+    (a channel group's reconstruction folded its shift there), so that its columns go with the projection's."""
+    if node.op != "MatMul" or len(node.outputs[0].outputs) != 1:
+        return None
+    add = node.outputs[0].outputs[0]
+    columns = np.asarray(node.inputs[1].values).shape[-1] if isinstance(node.inputs[1], gs.Constant) else None
+    if add.op != "Add" or columns is None:
+        return None
+    for index, tensor in enumerate(add.inputs):
+        values = np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+        if values is not None and values.ndim >= 1 and values.shape[-1] == columns and values.size == columns \
+                and (id(add), index) not in drops:
+            return add, index, values.ndim - 1
+    return None
 
 
 def _cut_packed(graph: gs.Graph, block: HeadBlock, removed: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -244,10 +244,10 @@ def test_snp_spends_query_heads_of_a_cached_model_in_its_budget() -> None:
     assert _cosine_kept(got[0], want[0], held_out["attention_mask"]) > 0.9
 
 
-def _torch_decoder(silent: dict[int, list[int]]):
+def _torch_decoder(silent: dict[int, list[int]], bias: bool = True):
     """A torch decoder in the Llama layout: 6 query heads over 2 key/value heads, each repeated for its 3 query
     heads by expand + reshape, rotary q/k, causal mask; the output projection ignores the `silent` query heads
-    (layer: heads)."""
+    (layer: heads); `bias`: the projections' biases."""
     import math
 
     import torch
@@ -256,8 +256,8 @@ def _torch_decoder(silent: dict[int, list[int]]):
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.q, self.o = nn.Linear(DIM, HEADS * SIZE), nn.Linear(HEADS * SIZE, DIM)
-            self.k, self.v = nn.Linear(DIM, KV_HEADS * SIZE), nn.Linear(DIM, KV_HEADS * SIZE)
+            self.q, self.o = nn.Linear(DIM, HEADS * SIZE, bias=bias), nn.Linear(HEADS * SIZE, DIM, bias=bias)
+            self.k, self.v = (nn.Linear(DIM, KV_HEADS * SIZE, bias=bias) for _ in range(2))
             self.ffn = nn.Sequential(nn.Linear(DIM, FFN), nn.ReLU(), nn.Linear(FFN, DIM))
             self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
 
@@ -341,3 +341,27 @@ def test_a_torch_export_gives_up_query_heads_as_many_from_every_group(exporter, 
                    target_macs=0.6, round_to=1)
     assert snp.report["target_reached"] and np.isfinite(_run(snp.model, data)).all()
     assert snp.report["passes"][-1]["stats"]["heads_removed"] % KV_HEADS == 0
+
+
+def test_a_shift_folded_after_a_bias_free_projection_loses_the_removed_heads_columns(tmp_path) -> None:
+    """A channel group's reconstruction folds its constant into a bias-free query projection as an Add after it
+    (graphopt.passes.channels.consumer_shift) once the heads were analysed: cutting heads cuts that Add too."""
+    pytest.importorskip("torch")
+    from graphopt.passes.channels.consumer_shift import add_bias
+
+    silent = {0: [1, 5], 1: [0, 4]}
+    model = _torch_export(_torch_decoder(silent, bias=False), "legacy", tmp_path / "m.onnx")
+    graph = ir.import_graph(model)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS)})
+    blocks = usable_blocks(graph, shapes, PassResult(modified=False))
+    projections = [next(s.node for s in b.slices if s.node.op == "MatMul") for b in blocks]
+    shifts = [np.random.default_rng(layer).standard_normal(HEADS * SIZE) for layer in range(LAYERS)]
+    for node, shift in zip(projections, shifts):
+        add_bias(graph, node, shift.astype(np.float32))
+    shifted = ir.export_model(graph, model)
+    for block, heads in zip(blocks, silent.values()):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), heads), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, model)
+    data = {"input_ids": np.random.default_rng(3).integers(0, VOCAB, (2, TOKENS + 3)).astype(np.int64)}
+    np.testing.assert_allclose(_run(pruned, data), _run(shifted, data), rtol=1e-4, atol=1e-4)
