@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from graphopt.ir.graph import infer_shapes
+from graphopt.ir.graph import infer_shapes, weightless_copy
 from graphopt.ops.functions import DOMAIN
 from graphopt.ops.rms_norm import DEFAULT_AXIS, NAME
 
@@ -33,15 +33,9 @@ FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOU
 
 
 def _types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    inferred = infer_shapes(_copy(model))
-    graph = inferred.graph
+    """Every tensor's inferred type, from a copy without the weights' data (the model itself is not changed)."""
+    graph = infer_shapes(weightless_copy(model, value_info=True)).graph
     return {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    found = onnx.ModelProto()
-    found.CopyFrom(model)
-    return found
 
 
 def _static_last(kind: onnx.TypeProto | None) -> tuple[int, int, int] | None:
@@ -68,7 +62,9 @@ def _gain(model: onnx.ModelProto, tensor: str, width: int, uses: dict[str, int])
         return None
     other = [name for name in readers[0].input if name != tensor]
     found = next((t for t in model.graph.initializer if other and t.name == other[0]), None)
-    return found if found is not None and uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
+    if found is None or found.data_location == onnx.TensorProto.EXTERNAL:  # a weight held by reference: left alone
+        return None
+    return found if uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
 
 
 def _per_channel(tensor: onnx.TensorProto, width: int) -> bool:

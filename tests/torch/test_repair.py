@@ -227,7 +227,10 @@ def test_repair_trains_through_graphopts_own_norms_and_activations(tmp_path: Pat
     plain = optimize(model, method="cob", target_macs=0.5, calib={"input": x}, round_to=1)
     result = optimize(model, method="cob", target_macs=0.5, calib={"input": x}, round_to=1, repair=60,
                       repair_lr=2e-3)
-    assert {n.op_type for n in result.model.graph.node} >= {"RMSNorm", "TSRA"}
+    # the repair trained the graph as cob left it; the written model then has its norms over the last axis
+    # written out as onnxruntime fuses them (graphopt.ops.lower)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "TSRA" in ops and ops.count("ReduceMean") == 2 and "RMSNorm" not in ops
     entry = result.report["repair"]
     assert entry["loss_held_out_after"] < entry["loss_held_out_before"]
     assert result.report["fidelity"]["rel_l2"] < plain.report["fidelity"]["rel_l2"]
