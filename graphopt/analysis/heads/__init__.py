@@ -17,10 +17,12 @@ zero, and otherwise removes exactly that head's contribution to the consumers' o
 least-squares reconstruction from the kept heads into the consumer, graphopt.passes.heads).
 
 com.microsoft Attention (packed QKV weight and bias, a `num_heads` attribute), MultiHeadAttention fed
-by separate projections and GroupQueryAttention (separate or packed query/key/value; a unit is a key/value
-head with its query heads, `num_heads` and `kv_num_heads` follow) are blocks too: the op is the whole mixing,
-its output the merged heads. One carrying state (past key/value inputs, present outputs read) keeps its heads:
-the cache's head axis is the model's interface.
+by separate projections and GroupQueryAttention (separate or packed query/key/value, `num_heads` and
+`kv_num_heads` following) are blocks too: the op is the whole mixing, its output the merged heads. Under
+grouped-query attention, from an export's Expand + Reshape or GroupQueryAttention, a unit is a key/value head
+with its query heads, or query heads alone, as many from every group (graphopt.analysis.heads.grouped says
+which; always the latter for a GroupQueryAttention whose key/value cache is the model's interface). Other
+attention ops carrying state (past inputs, present outputs read) keep their heads.
 
 Anything else reading a head tensor (a graph output, a reshape that folds heads into the batch, an
 Expand to more heads, an operand that differs per head and is not a constant) declines the block, with

@@ -62,8 +62,7 @@ class HeadBlock:
     packed: list[PackedCut] = field(default_factory=list)
     declined: str | None = None
     # > 1: query heads only, in `groups` consecutive groups sharing a key/value head each, which stay; every
-    # group keeps as many heads, so a unit is one query head of every group (GroupQueryAttention with a
-    # key/value cache)
+    # group keeps as many heads, so a unit is one query head of every group (graphopt.analysis.heads.grouped)
     groups: int = 1
     # grouped-query attention from a torch export: the Reshapes repeating each key/value head for its query
     # heads, how many consecutive heads a unit holds (`coarsen`), and, for a block of query heads only, the

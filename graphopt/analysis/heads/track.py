@@ -242,7 +242,8 @@ def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int
 
 def _attention_op(t: _Tracker, node: gs.Node) -> None:
     """com.microsoft Attention / MultiHeadAttention / GroupQueryAttention: the op mixes per head; its output
-    holds the merged heads. Under GroupQueryAttention a unit is a key/value head and its query heads."""
+    holds the merged heads. Under GroupQueryAttention a unit is a key/value head and its query heads, or query
+    heads alone (`_query_only`)."""
     heads = int(node.attrs.get("num_heads", 0))
     grouped = node.op == "GroupQueryAttention"
     units = int(node.attrs.get("kv_num_heads", 0)) if grouped else heads
