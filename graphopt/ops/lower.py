@@ -62,15 +62,15 @@ def _gain(model: onnx.ModelProto, tensor: str, width: int, uses: dict[str, int])
         return None
     other = [name for name in readers[0].input if name != tensor]
     found = next((t for t in model.graph.initializer if other and t.name == other[0]), None)
-    if found is None or found.data_location == onnx.TensorProto.EXTERNAL:  # a weight held by reference: left alone
-        return None
-    return found if uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
+    return found if found is not None and uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
 
 
 def _per_channel(tensor: onnx.TensorProto, width: int) -> bool:
-    """A float constant of `width` entries along the last axis only."""
+    """A float constant held in the model (not a weight held by reference) of `width` entries along the last
+    axis only."""
     dims = list(tensor.dims)
-    return bool(dims) and dims[-1] == width and all(d == 1 for d in dims[:-1]) and tensor.data_type in FLOATS
+    return bool(dims) and dims[-1] == width and all(d == 1 for d in dims[:-1]) and tensor.data_type in FLOATS \
+        and tensor.data_location != onnx.TensorProto.EXTERNAL
 
 
 def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names: set[str],
