@@ -136,7 +136,8 @@ def broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int, value: int = 
     keep = np.ones(rank, dtype=np.int64)
     keep[entry.position] = 0
     if isinstance(target, gs.Constant):
-        ir.set_input_array(graph, entry.node, 1, np.asarray(target.values, dtype=np.int64) * keep + value * (1 - keep))
+        values = np.asarray(target.values, dtype=np.int64) * keep + value * (1 - keep)
+        ir.set_input_array(graph, entry.node, 1, values)
         return
     masked = gs.Variable(ir.unique_name(graph, f"{target.name}_heads_masked"), dtype=target.dtype)
     ones = gs.Variable(ir.unique_name(graph, f"{target.name}_heads"), dtype=target.dtype)

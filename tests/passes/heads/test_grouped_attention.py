@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.analysis.heads import find_head_blocks
 from graphopt.api import optimize
 from graphopt.calibration.session import make_session
 from graphopt.calibration.shapes import batch1_shapes, count_cost
