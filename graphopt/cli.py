@@ -277,6 +277,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         status = "prunable" if group["prunable"] else f"blocked: {group['reason']}"
         print(f"  group {group['id']}: {group['size']} channels, {status}")
         print("    " + ", ".join(group["members"]))
+    for block in info.get("head_blocks", []):
+        status = "prunable" if block["prunable"] else f"blocked: {block['reason']}"
+        print(f"  heads of {block['name']}: {block['heads']} heads in {block['units']} units of {block['unit']}, "
+              f"{status}")
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

@@ -21,17 +21,21 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": dims}
 
 
-def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
-    """The channel groups structured methods see: found after the normalising pre-passes."""
+def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The channel groups structured methods see and the attention head blocks SNP cuts (a head block's q/k/v
+    channel groups are left to its heads): found after the normalising pre-passes."""
     from graphopt.ir import graph as ir
     from graphopt.passes import PassContext, PassManager, normalising_passes
     from graphopt.passes.channels.magnitude import analyse
+    from graphopt.passes.heads.select import describe_block, head_blocks
 
     graph = ir.import_graph(model)
     ctx = PassContext(template=model, input_shapes=input_shapes, progress=False)
     PassManager(normalising_passes()).run(graph, ctx)
     analysis, _ = analyse(graph, ctx)
-    return [group.describe() for group in analysis.groups()]
+    blocks = [describe_block(block, reason) for block, reason in head_blocks(graph, analysis.shapes)]
+    return [group.describe() for group in analysis.groups()], blocks
 
 
 def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
@@ -48,7 +52,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
                 "op_histogram": op_histogram(proto), "macs_per_node": {}, "macs_uncounted": {},
                 "macs_unknown": str(missing).replace(" or a data file", "")}
     cost = count_cost(proto, shapes)
-    extra = {"groups": channel_groups(proto, shapes)} if groups else {}
+    extra = dict(zip(("groups", "head_blocks"), channel_groups(proto, shapes))) if groups else {}
     return {
         **_described(proto),
         "macs": cost.macs,

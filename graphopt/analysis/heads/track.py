@@ -256,6 +256,7 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
         _query_heads(t, node, heads, units, block)
         return
     if reason is None and grouped:
+        found.factor = heads // units  # query heads per unit
         reason = grouped_projections(t.shapes, found, node, heads, units)
     elif reason is None and node.op == "Attention":
         reason = packed_projection(found, node, heads)

@@ -46,9 +46,10 @@ class HeadPlan:
                          {root: self.blocks[root].head_shares() for root in self.orderings})
 
 
-def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: PassResult) -> list[HeadBlock]:
-    """Head blocks whose every rewrite is possible; the others go to `result.skipped` with their reason."""
-    usable = []
+def head_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> list[tuple[HeadBlock, str | None]]:
+    """Every head block as pruning would cut it (grouped-query attention: by key/value groups or by query heads,
+    graphopt.analysis.heads.grouped), with the reason it cannot be cut (None: it can)."""
+    found = []
     for block in find_head_blocks(graph, shapes):
         if block.repeats and prefers_query_heads(block.heads * block.factor, block.heads):
             queries = query_heads(block)
@@ -58,11 +59,28 @@ def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: P
             stuck = [f"{e.node.name} ({e.node.op})" for e in block.shapes
                      if e.node.op != "Expand" and entry_holder(e.node, e.position, shapes) is None]
             reason = f"{stuck[0]}: the target entry counting heads is computed at run time" if stuck else None
+        found.append((block, reason))
+    return found
+
+
+def usable_blocks(graph: gs.Graph, shapes: dict[str, tuple[int, ...]], result: PassResult) -> list[HeadBlock]:
+    """Head blocks whose every rewrite is possible; the others go to `result.skipped` with their reason."""
+    usable = []
+    for block, reason in head_blocks(graph, shapes):
         if reason is None:
             usable.append(block)
         else:
             result.skipped.append(f"heads of {block.name}: {reason}")
     return usable
+
+
+def describe_block(block: HeadBlock, reason: str | None) -> dict[str, object]:
+    """A head block as `graphopt inspect --groups` lists it."""
+    heads = block.heads * block.factor  # query heads
+    kind = ("one query head of each key/value group" if block.groups > 1 else
+            f"a key/value head with its {block.factor} query heads" if block.factor > 1 else "one head")
+    return {"name": block.name, "heads": heads, "units": block.units, "heads_per_unit": heads // block.units,
+            "unit": kind, "prunable": reason is None, "reason": reason}
 
 
 def inside_blocks(analysis: Analysis, groups: list[Group], blocks: list[HeadBlock]) -> set[int]:

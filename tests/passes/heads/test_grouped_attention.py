@@ -365,3 +365,23 @@ def test_a_shift_folded_after_a_bias_free_projection_loses_the_removed_heads_col
     pruned = ir.export_model(graph, model)
     data = {"input_ids": np.random.default_rng(3).integers(0, VOCAB, (2, TOKENS + 3)).astype(np.int64)}
     np.testing.assert_allclose(_run(pruned, data), _run(shifted, data), rtol=1e-4, atol=1e-4)
+
+
+def test_inspect_lists_the_head_blocks_and_their_units(tmp_path, capfd) -> None:
+    """`graphopt inspect --groups` says how heads would be cut: query heads by group here (6 over 2), a key/value
+    head with its query heads where a group does not outnumber the key/value heads (6 over 3)."""
+    from graphopt.cli import main
+    from graphopt.inspect import inspect_model
+
+    shapes = {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)}
+    by_query = inspect_model(_model(_weights(0)), input_shapes=shapes, groups=True)["head_blocks"]
+    assert [(b["heads"], b["units"], b["heads_per_unit"], b["prunable"]) for b in by_query] == [(6, 3, 2, True)] * 2
+    assert by_query[0]["unit"] == "one query head of each key/value group" and by_query[0]["reason"] is None
+    by_group = inspect_model(_model(_weights(0, kv_heads=3)), input_shapes=shapes, groups=True)["head_blocks"]
+    assert [(b["heads"], b["units"], b["heads_per_unit"]) for b in by_group] == [(6, 3, 2)] * 2
+    assert by_group[0]["unit"] == "a key/value head with its 2 query heads"
+    path = tmp_path / "gqa.onnx"
+    onnx.save(_model(_weights(0)), str(path))
+    assert main(["inspect", str(path), "--groups", "--input-shape", f"sequence={TOKENS}"]) == 0
+    out = capfd.readouterr().out
+    assert out.count("6 heads in 3 units of one query head of each key/value group, prunable") == LAYERS
