@@ -67,8 +67,8 @@ def test_a_stepwise_latency_is_bracketed_by_a_third_solve() -> None:
 
 
 def test_the_fastest_result_is_kept_when_none_reaches_the_target() -> None:
-    """Every result measures above the target (a floor the method cannot get under): at most three solves,
-    the fastest kept, the report says the target was not reached."""
+    """Every result measures above the target (a floor the method cannot get under): at most `MAX_SOLVES`
+    solves, the fastest kept, the report says the target was not reached."""
     solved: list[float] = []
 
     def solve(fraction: float) -> dict:
@@ -79,3 +79,25 @@ def test_the_fastest_result_is_kept_when_none_reaches_the_target() -> None:
     assert len(solved) == fit.MAX_SOLVES and fit.kept(0.3, attempts).solved_for == min(solved)
     report = fit.report(0.3, attempts, lambda run: run)
     assert not report["reached"] and report["measured"] == pytest.approx(0.5 + 0.1 * min(solved))
+
+
+def test_a_flat_latency_is_not_extrapolated_far_and_a_bracket_is_interpolated() -> None:
+    """A decoder's measured latency barely follows the prediction near the target (0.84 at 0.70, 0.81 at 0.56)
+    and falls steeply below: the secant through those two would ask for 0.01 (measured 0.29 for a target of
+    0.7); the step is held to half the last prediction, and the fourth solve interpolates between the results
+    on either side of the aim and lands within 10% of the target."""
+    import numpy as np
+
+    def measured(fraction: float) -> float:
+        return float(np.interp(fraction, [0.01, 0.557, 0.7, 1.0], [0.294, 0.81, 0.836, 0.9]))
+
+    solved: list[float] = []
+
+    def solve(fraction: float) -> dict:
+        solved.append(fraction)
+        return {"predicted_latency_ratio": fraction}
+
+    attempts = fit.fit(0.7, solve, lambda run: _timed(measured(run["predicted_latency_ratio"])))
+    assert len(solved) == 4 and solved[2] == pytest.approx(solved[1] / 2)
+    chosen = fit.kept(0.7, attempts)
+    assert chosen.solved_for == solved[3] and fit.miss(0.7, chosen.measured) <= fit.LATENCY_TOLERANCE
