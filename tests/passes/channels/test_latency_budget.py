@@ -175,12 +175,14 @@ def test_a_latency_target_still_missed_after_the_second_solve_warns_and_fails_un
             "0.6", "--bench-batch", "2", "--threads", "1", "--round-to", "4", "--report", str(tmp_path / "r.json")]
     assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())["latency_target"]
-    # measured 1.0 each time: aimed 5% under the target, 0.6 x 0.57 / 1.0, then again (no slope to follow)
+    # measured 1.0 each time: aimed 5% under the target, 0.6 x 0.57 / 1.0, then twice again (no slope to follow)
     assert not report["reached"]
-    assert [a["solved_for"] for a in report["attempts"]] == pytest.approx([0.6, 0.342, 0.342 * 0.57])
-    assert timed == [2, 2, 2]
+    assert [a["solved_for"] for a in report["attempts"]] == pytest.approx([0.6, 0.342, 0.342 * 0.57,
+                                                                           0.342 * 0.57 ** 2])
+    assert timed == [2, 2, 2, 2]
     captured = capsys.readouterr()
-    assert "solved again for a predicted 34.2% (measured 100%), 19.5% (measured 100%)" in captured.out
+    assert "solved again for a predicted 34.2% (measured 100%), 19.5% (measured 100%), 11.1% (measured 100%)" \
+        in captured.out
     assert "warning: --target-latency 0.6 not reached" in captured.err
     assert main([*argv, "--strict"]) == 3
     assert "error: --target-latency 0.6 not reached" in capsys.readouterr().err
