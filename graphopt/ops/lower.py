@@ -2,9 +2,8 @@
 
 Channel analysis and change of basis hold an RMS norm as one `graphopt.RMSNorm` node (graphopt.ops.rms_norm),
 whose divisor `channels` stays the original width once channels are removed. Its function body (a sum of
-squares divided by `channels`) is correct everywhere but is not a pattern onnxruntime recognises, so in the
-written model each such norm ran as six element-wise kernels where the exported model had one fused
-SimplifiedLayerNormalization. Over the last axis, of static width d, the same norm is
+squares divided by `channels`) is correct everywhere but is not a pattern onnxruntime recognises: it runs as
+six element-wise kernels where an exported RMS norm runs as one fused SimplifiedLayerNormalization. Over the last axis, of static width d, the same norm is
 
     x / sqrt(Σx²/C + eps) = s · x / sqrt(mean(x²) + eps·C/d),    s = sqrt(C/d),
 
