@@ -21,8 +21,13 @@ def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": dims}
 
 
-def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
-                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """The channel groups structured methods see: found after the normalising pre-passes."""
+    return structures(model, input_shapes)[0]
+
+
+def structures(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The channel groups structured methods see and the attention head blocks SNP cuts (a head block's q/k/v
     channel groups are left to its heads): found after the normalising pre-passes."""
     from graphopt.ir import graph as ir
@@ -52,7 +57,7 @@ def inspect_model(model: str | os.PathLike[str] | onnx.ModelProto,
                 "op_histogram": op_histogram(proto), "macs_per_node": {}, "macs_uncounted": {},
                 "macs_unknown": str(missing).replace(" or a data file", "")}
     cost = count_cost(proto, shapes)
-    extra = dict(zip(("groups", "head_blocks"), channel_groups(proto, shapes))) if groups else {}
+    extra = dict(zip(("groups", "head_blocks"), structures(proto, shapes))) if groups else {}
     return {
         **_described(proto),
         "macs": cost.macs,
