@@ -276,6 +276,44 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
+class GroupedQueryBlock(nn.Module):
+    """Llama-style pre-norm decoder block without biases: RMS norm with a gain, 6 query heads over 2 key/value
+    heads (each repeated for its 3 query heads by expand + reshape), causal mask, SwiGLU FFN."""
+
+    def __init__(self, d_model: int = 48, heads: int = 6, kv_heads: int = 2, d_ff: int = 96) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
+        self.gain1, self.gain2 = nn.Parameter(torch.ones(d_model)), nn.Parameter(torch.ones(d_model))
+        self.q, self.o = nn.Linear(d_model, d_model, bias=False), nn.Linear(d_model, d_model, bias=False)
+        self.k, self.v = (nn.Linear(d_model, kv_heads * self.head_dim, bias=False) for _ in range(2))
+        self.gate, self.up = (nn.Linear(d_model, d_ff, bias=False) for _ in range(2))
+        self.down = nn.Linear(d_ff, d_model, bias=False)
+        self.register_buffer("causal", torch.full((64, 64), -1e4).triu(1), persistent=False)  # sliced per length
+
+    @staticmethod
+    def _norm(x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * gain
+
+    def _attention(self, h: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = h.shape
+        q = self.q(h).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (p(h).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2) for p in (self.k, self.v))
+        group = self.heads // self.kv_heads
+        k, v = (t[:, :, None].expand(batch, self.kv_heads, group, seq, self.head_dim)
+                .reshape(batch, self.heads, seq, self.head_dim) for t in (k, v))
+        scores = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim) + self.causal[:seq, :seq]
+        return self.o(torch.matmul(scores.softmax(-1), v).transpose(1, 2).reshape(batch, seq, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._attention(self._norm(x, self.gain1))
+        h = self._norm(x, self.gain2)
+        return x + self.down(nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def _grouped_query_decoder() -> nn.Module:
+    return nn.Sequential(nn.Linear(32, 48, bias=False), GroupedQueryBlock(), nn.Linear(48, 10, bias=False))
+
+
 def _resnet_basic() -> nn.Module:
     return nn.Sequential(_conv_bn(3, 16), BasicBlock(16, 16), BasicBlock(16, 32, stride=2), _classifier(32))
 
@@ -397,6 +435,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "bias_free_tokens": (_bias_free_tokens, (8, 32)),
     "resnext": (_resnext, _IMAGE_16),
     "depthwise_upsample": (DepthwiseUpsampler, _IMAGE_16),
+    "grouped_query_decoder": (_grouped_query_decoder, (8, 32)),
 }
 
 ZOO: dict[str, ModelBuilder] = {

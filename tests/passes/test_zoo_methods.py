@@ -20,8 +20,8 @@ reaches its target, or in a clean refusal that names the reason. Nothing else is
 
 The CI slice: every architecture of the torch zoo (residual, bottleneck, depthwise, SE with hard-swish,
 dense concat, inception, channel shuffle, UNet, C2f split, flatten into Gemm, attention, MLP, grouped ResNeXt,
-post-norm attention, depthwise ConvTranspose upsampling, bias-free per-token MatMuls) runs every method
-from both exporters, the target
+post-norm attention, depthwise ConvTranspose upsampling, bias-free per-token MatMuls, a Llama-style
+grouped-query decoder whose heads go query by query) runs every method from both exporters, the target
 rotating so that each architecture and each method meets both targets; every method on the committed samples
 at both targets; every method on an encoder written by onnxruntime's transformers optimizer; a few runs on
 the onnx package's light model zoo. `bench/zoo.py` runs the full sweep (every architecture x method x target,
