@@ -53,15 +53,16 @@ def _attributes(node: onnx.NodeProto) -> dict[str, float | int]:
     return found
 
 
-def _gain(model: onnx.ModelProto, tensor: str, width: int, uses: dict[str, int]) -> onnx.TensorProto | None:
+def _gain(model: onnx.ModelProto, tensor: str, width: int, readers: dict[str, list[onnx.NodeProto]],
+          initializers: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
     """The initializer of the one Mul reading `tensor`, where it is a gain per channel of the last axis
     ([width] or [1, ..., width]) that nothing else reads: the norm's factor can go into it."""
-    readers = [n for n in model.graph.node if tensor in n.input]
-    if len(readers) != 1 or readers[0].op_type != "Mul" or tensor in {o.name for o in model.graph.output}:
+    found = readers.get(tensor, [])
+    if len(found) != 1 or found[0].op_type != "Mul" or tensor in {o.name for o in model.graph.output}:
         return None
-    other = [name for name in readers[0].input if name != tensor]
-    found = next((t for t in model.graph.initializer if other and t.name == other[0]), None)
-    return found if found is not None and uses.get(found.name, 0) == 1 and _per_channel(found, width) else None
+    other = [name for name in found[0].input if name != tensor]
+    gain = initializers.get(other[0]) if other else None
+    return gain if gain is not None and len(readers.get(gain.name, [])) == 1 and _per_channel(gain, width) else None
 
 
 def _per_channel(tensor: onnx.TensorProto, width: int) -> bool:
@@ -89,11 +90,10 @@ def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names
         names.add(name)
         return name
 
-    two, shift, scale = fresh("two"), fresh("eps"), fresh("scale")
+    two, shift = fresh("two"), fresh("eps")
     constants = [numpy_helper.from_array(np.array(2.0, numpy_type), two),
-                 numpy_helper.from_array(np.array(eps * channels / width, numpy_type), shift),
-                 numpy_helper.from_array(np.full(width, np.sqrt(channels / width), numpy_type), scale)]
-    squares, mean, shifted, rms, normed = (fresh(s) for s in ("squares", "mean", "shifted", "rms", "normed"))
+                 numpy_helper.from_array(np.array(eps * channels / width, numpy_type), shift)]
+    squares, mean, shifted, rms = (fresh(s) for s in ("squares", "mean", "shifted", "rms"))
     if opset >= 18:
         axes = fresh("axes")
         constants.append(numpy_helper.from_array(np.array([-1], np.int64), axes))
@@ -104,11 +104,13 @@ def _written_out(node: onnx.NodeProto, width: int, dtype: int, opset: int, names
     nodes = [helper.make_node("Pow", [source, two], [squares], name=fresh("Pow")), reduce,
              helper.make_node("Add", [mean, shift], [shifted], name=fresh("Add")),
              helper.make_node("Sqrt", [shifted], [rms], name=fresh("Sqrt"))]
+    factor = np.sqrt(channels / width)
     if gain is not None:  # onnxruntime takes the gain Mul as the fused kernel's scale
         values = numpy_helper.to_array(gain)
-        gain.CopyFrom(numpy_helper.from_array((values * np.sqrt(channels / width)).astype(values.dtype), gain.name))
-        return nodes + [helper.make_node("Div", [source, rms], [output], name=node.name or fresh("Div"))], \
-            constants[:2] + constants[3:]
+        gain.CopyFrom(numpy_helper.from_array((values * factor).astype(values.dtype), gain.name))
+        return nodes + [helper.make_node("Div", [source, rms], [output], name=node.name or fresh("Div"))], constants
+    scale, normed = fresh("scale"), fresh("normed")
+    constants.append(numpy_helper.from_array(np.full(width, factor, numpy_type), scale))
     nodes += [helper.make_node("Div", [source, rms], [normed], name=fresh("Div")),
               helper.make_node("Mul", [normed, scale], [output], name=node.name or fresh("Mul"))]
     return nodes, constants
@@ -129,10 +131,11 @@ def lower_rms_norms(model: onnx.ModelProto, keep: set[str] | frozenset[str] = fr
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     names = {n.name for n in model.graph.node} | {t.name for t in model.graph.initializer} | \
         {name for n in model.graph.node for name in (*n.input, *n.output)}
-    uses: dict[str, int] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in model.graph.initializer}
     kept: list[onnx.NodeProto] = []
     lowered = 0
     for node in model.graph.node:
@@ -141,7 +144,7 @@ def lower_rms_norms(model: onnx.ModelProto, keep: set[str] | frozenset[str] = fr
             kept.append(node)
             continue
         nodes, constants = _written_out(node, found[1], found[2], opset, names,
-                                        _gain(model, node.output[0], found[1], uses))
+                                        _gain(model, node.output[0], found[1], readers, initializers))
         kept.extend(nodes)
         model.graph.initializer.extend(constants)
         lowered += 1

@@ -272,7 +272,7 @@ def _attention_op(t: _Tracker, node: gs.Node) -> None:
 def _query_only(reason: str | None, heads: int, units: int) -> bool:
     """Whether a GroupQueryAttention gives up query heads alone: its cache's heads are the interface, or the
     rule of graphopt.analysis.heads.grouped prefers them."""
-    return heads > units and (reason == CACHE or (reason is None and prefers_query_heads(heads, units)))
+    return reason in (None, CACHE) and prefers_query_heads(heads, units, cache=reason == CACHE)
 
 
 def _attention_state(t: _Tracker, node: gs.Node) -> str | None:
