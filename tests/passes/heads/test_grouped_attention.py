@@ -340,7 +340,8 @@ def test_a_torch_export_gives_up_query_heads_as_many_from_every_group(exporter, 
     snp = optimize(model, method="snp", calib={"input_ids": data["input_ids"][:, :TOKENS].repeat(20, axis=0)},
                    target_macs=0.6, round_to=1)
     assert snp.report["target_reached"] and np.isfinite(_run(snp.model, data)).all()
-    assert snp.report["passes"][-1]["stats"]["heads_removed"] % KV_HEADS == 0
+    removed = snp.report["passes"][-1]["stats"]["heads_removed"]
+    assert removed % KV_HEADS == 0 and removed >= KV_HEADS  # the silent heads go, one of each group at a time
 
 
 def test_a_shift_folded_after_a_bias_free_projection_loses_the_removed_heads_columns(tmp_path) -> None:
