@@ -66,6 +66,10 @@ def _speed(record: dict[str, Any], batch: int) -> str:
 
 def _notes(record: dict[str, Any], goals: list[str]) -> str:
     notes = [f"goal missed: {', '.join(goals)}"] if goals else []
+    if record.get("latency_target"):
+        aimed = record["latency_target"]
+        notes += [f"latency {aimed['target']} at b{aimed['batch']}: predicted -> measured "
+                  + ", ".join(f"{a['predicted']:.2f} -> {a['measured']:.2f}" for a in aimed["attempts"])]
     notes += ["target missed"] if record.get("target_reached") is False else []
     if record.get("method") != "none":  # the dense row is the control: its ratios are the noise floor
         notes += [f"slower b{t['batch']}" for t in record.get("latency", {}).values() if t["speedup"] < 1.0]

@@ -181,6 +181,12 @@ ENCODER_VARIANTS = (
            "snp", 0.5, {"criterion": "output", "reconstruct_target": "original", "repair": 300, "repair_lr": 1e-4,
                         "repair_tensors": "auto"}),
 )
+# a latency target instead of a MAC target (at batch 8, the tables' second batch), for either model; run only when
+# --rows names them
+LATENCY_CONFIGS = (
+    Config("snp --target-latency 0.7", "snp", None, {"target_latency": 0.7, "bench_batch": 8}),
+    Config("snp --target-latency 0.6", "snp", None, {"target_latency": 0.6, "bench_batch": 8}),
+)
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 
 
@@ -238,6 +244,8 @@ def run_config(model: onnx.ModelProto, config: Config, task: Task, reference: np
                               for entry in report["passes"]})
         if "repair" in report:
             record["repair"] = {key: value for key, value in report["repair"].items() if key != "tensors"}
+        if "latency_target" in report:
+            record["latency_target"] = report["latency_target"]
         record["quality"] = task.quality(reference, task.outputs(result.model))
         record["latency"] = {}
         for batch in setting.batches:
@@ -380,6 +388,7 @@ def configs(table: tuple[Config, ...], args: argparse.Namespace) -> list[Config]
     """The rows to run: --variants swaps the encoder's table for ENCODER_VARIANTS, --quick keeps QUICK_LABELS,
     then --targets applies."""
     table = ENCODER_VARIANTS if args.variants and table is ENCODER_CONFIGS else table
+    table += tuple(config for config in LATENCY_CONFIGS if args.rows is not None and config.label in args.rows)
     chosen = tuple(config for config in table if (not args.quick or config.label in QUICK_LABELS)
                    and (args.rows is None or config.label in args.rows))
     return retarget(chosen, args.targets)

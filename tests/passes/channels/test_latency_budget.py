@@ -239,3 +239,56 @@ def test_target_latency_and_target_macs_exclude_each_other(tmp_path: Path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "not both" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_latency_model_keeps_the_share_the_tables_do_not_follow_fixed() -> None:
+    layers = _fake_model().layers  # tables summing to 18 ms at full width
+    model = LatencyModel(layers, measured_ms=20.0, share=0.5)
+    assert model.cost({0: 32, 1: 32}) == pytest.approx(20.0)
+    assert model.cost({0: 16, 1: 32}) == pytest.approx(10.0 + 10.0 / 18.0 * (6.0 + 2.0 + 2.0))
+    assert model.cost({0: 8, 1: 8}) > 10.0  # however narrow, the untimed half stays
+    assert LatencyModel(layers, 20.0).cost({0: 16, 1: 32}) == pytest.approx(20.0 / 18.0 * 10.0)  # share 1
+
+
+def _probed_run(monkeypatch: pytest.MonkeyPatch, probe_ms: float) -> tuple[dict, list[tuple[int, int]]]:
+    """magnitude to a latency target with the whole-model timings faked: 10 ms at full width, `probe_ms` for
+    any narrower model; (the pass's stats, the widths of both hidden convolutions in each timed model)."""
+    from graphopt.passes.channels import latency
+
+    widths = []
+
+    def fake(model, shapes, where):
+        dims = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
+        widths.append((dims["w1"][0], dims["w2"][0]))
+        return 10.0 if widths[-1] == (32, 32) else probe_ms
+
+    monkeypatch.setattr(latency, "model_latency", fake)
+    result = graphopt.optimize(_convs(), method="magnitude", target_latency=0.6, bench_batch=2, threads=1,
+                               round_to=4)
+    stats = next(entry["stats"] for entry in result.report["passes"] if entry["pass"] == "magnitude")
+    return stats, widths
+
+
+@pytest.mark.parametrize("probe_ms", [8.0, 2.0])
+def test_the_probe_times_the_model_at_half_width_for_the_share_that_follows_the_tables(
+        cache_home: Path, monkeypatch: pytest.MonkeyPatch, probe_ms: float) -> None:
+    stats, widths = _probed_run(monkeypatch, probe_ms)
+    assert widths[:2] == [(32, 32), (16, 16)]  # the original, then every timed group at half its channels
+    assert stats["latency_probe_ms"] == probe_ms
+    ratio = stats["latency_probe_table_ratio"]
+    assert 0.0 < ratio < 1.0
+    # 10 ms -> probe_ms where the tables alone predict 10 ms -> 10 * ratio; more than they predict: share 1
+    assert stats["latency_share_timed"] == pytest.approx(min((10.0 - probe_ms) / (10.0 * (1.0 - ratio)), 1.0))
+
+
+def test_a_probe_that_cannot_be_built_charges_every_untimed_op_in_proportion(
+        cache_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.errors import GraphoptError
+    from graphopt.passes.channels import latency
+
+    def refuse(*_args):
+        raise GraphoptError("not cut")
+
+    monkeypatch.setattr(latency, "_cut_copy", refuse)
+    stats, widths = _probed_run(monkeypatch, 8.0)
+    assert stats["latency_share_timed"] == 1.0 and "latency_probe_ms" not in stats
