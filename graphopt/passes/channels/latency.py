@@ -164,13 +164,9 @@ def timed_share(model: onnx.ModelProto, ctx: PassContext, analysis: Analysis, la
     0.85. Clamped to [0, `MAX_SHARE`]; 1 (every untimed op in proportion) where no group can be cut or the
     probe cannot be built."""
     sizes = {group.root: group.size for group in analysis.groups()}
-    roots = {root for layer in layers for axis in (layer.inputs, layer.outputs) if axis is not None
-             for root in axis.weights}
-    half = {root: round_up(max(1, int(sizes[root] * PROBE_FRACTION)), sizes[root], multiples.get(root, 1))
-            for root in roots}
-    half = {root: count for root, count in half.items() if count < sizes[root]}
+    full, half = _probe_counts(layers, sizes, multiples)
     timed_full = sum(layer.table(layer.cin, layer.cout) for layer in layers)
-    timed_half = sum(layer.time({**{root: sizes[root] for root in roots}, **half}) for layer in layers)
+    timed_half = sum(layer.time({**full, **half}) for layer in layers)
     if not half or timed_full <= 0 or timed_half >= timed_full:
         return 1.0, {}
     try:
@@ -183,6 +179,17 @@ def timed_share(model: onnx.ModelProto, ctx: PassContext, analysis: Analysis, la
     log.info("latency probe: %.3f ms with the groups at half width (%.3f ms whole, the tables' ratio %.3f); "
              "%.0f%% of the time follows the timed layers", probe_ms, measured, ratio, 100 * share)
     return share, {"latency_probe_ms": probe_ms, "latency_probe_table_ratio": ratio}
+
+
+def _probe_counts(layers: list[Layer], sizes: dict[int, int],
+                  multiples: dict[int, int]) -> tuple[dict[int, int], dict[int, int]]:
+    """(every group the layers' axes count at its full size, those of them that can be cut at the probe's
+    count: about `PROBE_FRACTION` of their channels, rounded up to their multiple)."""
+    roots = {root for layer in layers for axis in (layer.inputs, layer.outputs) if axis is not None
+             for root in axis.weights}
+    half = {root: round_up(max(1, int(sizes[root] * PROBE_FRACTION)), sizes[root], multiples.get(root, 1))
+            for root in roots}
+    return {root: sizes[root] for root in roots}, {root: count for root, count in half.items() if count < sizes[root]}
 
 
 def _cut_copy(model: onnx.ModelProto, ctx: PassContext, analysis: Analysis,

@@ -13,6 +13,7 @@ from graphopt.calibration.latency import LayerTable
 from graphopt.cli import main
 from graphopt.errors import OptionError
 from graphopt.passes.channels.budget import Axis, choose_counts, restore_stats
+from graphopt.latency_target import MAX_SOLVES
 from graphopt.passes.channels.latency import Layer, LatencyModel, grid
 from graphopt.passes.snp.plan import Ordering, counts, fill, variance_for_target
 from tests.conftest import init, tiny, weights
@@ -145,7 +146,9 @@ def test_cli_target_latency_writes_the_report(tmp_path: Path, cache_home: Path, 
         target = report["latency_target"]
         assert set(target) >= {"target", "predicted", "measured", "table_cache_hits", "table_build_s"}
         assert target["target"] == 0.6 and target["batch"] == 2 and target["predicted"] <= target["solved_for"] + 1e-9
-        assert target["attempts"][0]["solved_for"] == 0.6 and 1 <= len(target["attempts"]) <= 3
+        # these three small convolutions run at 0.49 of their time at half width where their tables say 0.72:
+        # the measured share is capped (MAX_SHARE), and a second solve or more is usual
+        assert target["attempts"][0]["solved_for"] == 0.6 and 1 <= len(target["attempts"]) <= MAX_SOLVES
         assert target["reached"] == (target["measured"] <= 0.66 + 1e-12)
         assert target["measured"] > 0 and target["table_entries"] == 3
         assert report["options"]["target_latency"] == 0.6 and report["macs_ratio"] < 1.0
@@ -272,13 +275,17 @@ def _probed_run(monkeypatch: pytest.MonkeyPatch, probe_ms: float) -> tuple[dict,
 @pytest.mark.parametrize("probe_ms", [8.0, 2.0])
 def test_the_probe_times_the_model_at_half_width_for_the_share_that_follows_the_tables(
         cache_home: Path, monkeypatch: pytest.MonkeyPatch, probe_ms: float) -> None:
+    from graphopt.passes.channels import latency
+
     stats, widths = _probed_run(monkeypatch, probe_ms)
     assert widths[:2] == [(32, 32), (16, 16)]  # the original, then every timed group at half its channels
     assert stats["latency_probe_ms"] == probe_ms
     ratio = stats["latency_probe_table_ratio"]
     assert 0.0 < ratio < 1.0
-    # 10 ms -> probe_ms where the tables alone predict 10 ms -> 10 * ratio; more than they predict: share 1
-    assert stats["latency_share_timed"] == pytest.approx(min((10.0 - probe_ms) / (10.0 * (1.0 - ratio)), 1.0))
+    # 10 ms -> probe_ms where the tables alone predict 10 ms -> 10 * ratio; a fall beyond what they predict
+    # gives a share above 1, up to MAX_SHARE
+    assert stats["latency_share_timed"] == pytest.approx(min((10.0 - probe_ms) / (10.0 * (1.0 - ratio)),
+                                                             latency.MAX_SHARE))
 
 
 def test_a_probe_that_cannot_be_built_charges_every_untimed_op_in_proportion(
