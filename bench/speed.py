@@ -413,6 +413,9 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
                   target_reached=report["target_reached"])
     if latency:
         record["latency_target"] = report.get("latency_target")
+        # the latency model of the written solve: what share of the time its layer tables follow, and the probe
+        record["latency_model"] = {key: value for entry in report["passes"] for key, value in entry["stats"].items()
+                                   if key.startswith(("latency_share", "latency_probe", "latency_ms"))}
     fidelity = verify(model, result.model, heldout, batch_size=32, device=setting.device).first
     record["fidelity"] = {key: fidelity[key] for key in ("cosine", "rel_l2", "top1_agreement")}
     record["latency"] = {}

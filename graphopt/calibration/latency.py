@@ -128,6 +128,19 @@ def interleaved(sessions: list[Any], feeds: list[dict[str, np.ndarray]], rounds:
             "speedup_p10": ratio["p10"], "speedup_p90": ratio["p90"]}
 
 
+def _runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
+    """One inference of `session` on `feed`; onnxruntime's failure to run it becomes a GraphoptError."""
+
+    def run() -> Any:
+        try:
+            return session.run(None, feed)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphoptError(f"onnxruntime cannot run the model: {first_line}") from exc
+
+    return run
+
+
 def layer_timer(where: Runtime) -> Timer:
     """Times one layer at (cin, cout) on `where`'s provider and threads."""
 
@@ -135,7 +148,7 @@ def layer_timer(where: Runtime) -> Timer:
         model, feed = spec.build(cin, cout)
         session = make_session(model, optimize=True, device=where.device, threads=where.threads_count,
                                spinning=False)
-        return time_runs(lambda: session.run(None, feed))
+        return time_runs(_runner(session, feed))
 
     return measure
 
@@ -149,7 +162,7 @@ def model_latency(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wh
         feed[spec.name] = (rng.standard_normal(shape).astype(spec.dtype) if spec.dtype.kind == "f"
                            else rng.integers(0, 2, size=shape).astype(spec.dtype))
     session = make_session(model, optimize=True, device=where.device, threads=where.threads_count, spinning=False)
-    return time_runs(lambda: session.run(None, feed), min_runs=7, min_seconds=1.0, max_runs=30, warmup=3)
+    return time_runs(_runner(session, feed), min_runs=7, min_seconds=1.0, max_runs=30, warmup=3)
 
 
 @dataclass

@@ -110,3 +110,16 @@ def test_runtime_key_holds_provider_cpu_threads_and_version() -> None:
     assert here.provider == "CPUExecutionProvider" and here.threads == "3" and here.threads_count == 3
     assert here.onnxruntime == ort.__version__ and here.cpu
     assert Runtime.current("cpu", 0).threads.startswith("default:") and Runtime.current("cpu", 0).threads_count == 0
+
+
+def test_a_model_onnxruntime_loads_but_cannot_run_is_a_graphopt_error() -> None:
+    """model_latency (and the layer timer) turn onnxruntime's own run-time exception into a GraphoptError,
+    which --target-latency's probe falls back on."""
+    from graphopt.calibration.latency import model_latency
+    from graphopt.errors import GraphoptError
+    from tests.conftest import init, tiny
+
+    model = tiny("y = Reshape (x, shape)", inputs="float[N, 2] x", outputs="float[7] y",
+                 inits=init("shape", [7], dtype="int64"))
+    with pytest.raises(GraphoptError, match="onnxruntime cannot run the model"):
+        model_latency(model, {"x": (2, 2)}, Runtime.current("cpu", 1))

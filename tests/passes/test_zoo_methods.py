@@ -386,3 +386,34 @@ def test_every_method_on_onnxruntime_grouped_query_attention(variant: str, run_i
     expected = {"refused-with-reason"} if run_id == "snp-repair" else EXPECTED[run_id]
     _assert(outcome(path, run, None if run.target == "none" else TARGETS[0], tmp_path, calib=feeds,
                     check_feeds=check), expected)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", NAMES)
+def test_the_latency_probe_cuts_every_zoo_architecture(name: str, exporter: str, zoo_path) -> None:
+    """--target-latency's probe (graphopt.passes.channels.latency._cut_copy) on every architecture: a copy of
+    the analysed graph, its groups found again by key and each prunable one cut to half its channels, is a
+    valid model with the original outputs' shapes that onnxruntime runs, at fewer MACs."""
+    from graphopt.calibration.shapes import count_cost
+    from graphopt.evaluate import random_feed
+    from graphopt.ir import graph as ir
+    from graphopt.ir.shapes import resolve_input_shapes
+    from graphopt.passes import PassContext, PassManager, normalising_passes
+    from graphopt.passes.channels.latency import _cut_copy
+    from graphopt.passes.channels.magnitude import analyse
+
+    model = onnx.load(str(zoo_path(name, exporter, 17, False)))
+    shapes = resolve_input_shapes(model)
+    graph = ir.import_graph(model)
+    ctx = PassContext(template=model, input_shapes=shapes, progress=False)
+    PassManager(normalising_passes()).run(graph, ctx)
+    analysis, _ = analyse(graph, ctx)
+    counts = {group.root: group.size // 2 for group in analysis.groups() if group.prunable and group.size >= 2}
+    assert counts, "no prunable group"
+    source = ir.export_model(graph, ctx.template, infer=False)
+    cut = _cut_copy(source, ctx, analysis, counts)
+    onnx.checker.check_model(cut, full_check=True)
+    feed = random_feed(source, shapes, batch=2)
+    before, after = run_ort(source, feed), run_ort(cut, feed)
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert count_cost(cut, shapes).macs < count_cost(source, shapes).macs
