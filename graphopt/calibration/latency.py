@@ -153,16 +153,34 @@ def layer_timer(where: Runtime) -> Timer:
     return measure
 
 
-def model_latency(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], where: Runtime) -> float:
-    """Median milliseconds of `model` on seeded inputs of `shapes` (full optimisation, `where`'s threads)."""
+def _seeded_feed(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feed = {}
     for spec in input_specs(model):
         shape = shapes[spec.name]
         feed[spec.name] = (rng.standard_normal(shape).astype(spec.dtype) if spec.dtype.kind == "f"
                            else rng.integers(0, 2, size=shape).astype(spec.dtype))
+    return feed
+
+
+def model_latency(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], where: Runtime) -> float:
+    """Median milliseconds of `model` on seeded inputs of `shapes` (full optimisation, `where`'s threads)."""
+    feed = _seeded_feed(model, shapes)
     session = make_session(model, optimize=True, device=where.device, threads=where.threads_count, spinning=False)
     return time_runs(_runner(session, feed), min_runs=7, min_seconds=1.0, max_runs=30, warmup=3)
+
+
+def paired_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                   where: Runtime, rounds: int = 12, round_ms: float = 20.0) -> dict[str, float]:
+    """Both models on the same seeded inputs, timed in one run (`interleaved`: `speedup` > 1 when the candidate
+    is faster, with its p10 and p90 over rounds), each round about `round_ms` of the reference."""
+    sessions = [make_session(m, optimize=True, device=where.device, threads=where.threads_count, spinning=False)
+                for m in (reference, candidate)]
+    feeds = [_seeded_feed(m, shapes) for m in (reference, candidate)]
+    single = time_runs(_runner(sessions[0], feeds[0]), min_runs=3, min_seconds=0.0, max_runs=3, warmup=1)
+    _runner(sessions[1], feeds[1])()  # a candidate onnxruntime cannot run fails here, as a GraphoptError
+    runs = min(50, max(1, round(round_ms / max(single, 1e-3))))
+    return interleaved(sessions, feeds, rounds, runs, warmup=2)
 
 
 @dataclass

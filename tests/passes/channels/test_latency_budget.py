@@ -255,19 +255,30 @@ def test_latency_model_keeps_the_share_the_tables_do_not_follow_fixed() -> None:
     assert LatencyModel(layers, 20.0).cost({0: 16, 1: 32}) == pytest.approx(20.0 / 18.0 * 10.0)  # share 1
 
 
-def _probed_run(monkeypatch: pytest.MonkeyPatch, probe_ms: float) -> tuple[dict, list[tuple[int, int]]]:
+def _probed_run(monkeypatch: pytest.MonkeyPatch, probe_ms: float,
+                p10: float | None = None) -> tuple[dict, list[tuple[int, int]]]:
     """magnitude to a latency target with the whole-model timings faked: 10 ms at full width, `probe_ms` for
-    any narrower model; (the pass's stats, the widths of both hidden convolutions in each timed model)."""
+    the probe timed against it (per-round p10 of the speedup `p10`, else the median); (the pass's stats, the
+    widths of both hidden convolutions in each timed model)."""
     from graphopt.passes.channels import latency
 
     widths = []
 
-    def fake(model, shapes, where):
+    def width(model):
         dims = {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
         widths.append((dims["w1"][0], dims["w2"][0]))
-        return 10.0 if widths[-1] == (32, 32) else probe_ms
 
-    monkeypatch.setattr(latency, "model_latency", fake)
+    def alone(model, shapes, where):
+        width(model)
+        return 10.0
+
+    def paired(reference, candidate, shapes, where):
+        width(reference)
+        width(candidate)
+        return {"speedup": 10.0 / probe_ms, "speedup_p10": p10 or 10.0 / probe_ms, "speedup_p90": 10.0 / probe_ms}
+
+    monkeypatch.setattr(latency, "model_latency", alone)
+    monkeypatch.setattr(latency, "paired_latency", paired)
     result = graphopt.optimize(_convs(), method="magnitude", target_latency=0.6, bench_batch=2, threads=1,
                                round_to=4)
     stats = next(entry["stats"] for entry in result.report["passes"] if entry["pass"] == "magnitude")
@@ -280,8 +291,9 @@ def test_the_probe_times_the_model_at_half_width_for_the_share_that_follows_the_
     from graphopt.passes.channels import latency
 
     stats, widths = _probed_run(monkeypatch, probe_ms)
-    assert widths[:2] == [(32, 32), (16, 16)]  # the original, then every timed group at half its channels
-    assert stats["latency_probe_ms"] == probe_ms
+    # the original, then the original against the copy with every timed group at half its channels
+    assert widths[:3] == [(32, 32), (32, 32), (16, 16)]
+    assert stats["latency_probe_ms"] == pytest.approx(probe_ms)
     ratio = stats["latency_probe_table_ratio"]
     assert 0.0 < ratio < 1.0
     # 10 ms -> probe_ms where the tables alone predict 10 ms -> 10 * ratio; a fall beyond what they predict
@@ -300,4 +312,11 @@ def test_a_probe_that_cannot_be_built_charges_every_untimed_op_in_proportion(
 
     monkeypatch.setattr(latency, "_cut_copy", refuse)
     stats, widths = _probed_run(monkeypatch, 8.0)
+    assert stats["latency_share_timed"] == 1.0 and "latency_probe_ms" not in stats
+
+
+def test_a_probe_not_clearly_faster_than_the_original_is_noise(cache_home: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A median speedup of 1.25 whose per-round p10 is 0.95 says nothing about the share: it stays 1."""
+    stats, _ = _probed_run(monkeypatch, 8.0, p10=0.95)
     assert stats["latency_share_timed"] == 1.0 and "latency_probe_ms" not in stats
