@@ -426,6 +426,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown += [name for name in args.models if name not in ("encoder", "decoder")]
     if unknown:
         parser.error(f"unknown exporter or model: {', '.join(unknown)}")
+    labels = {c.label for table in (ENCODER_CONFIGS, DECODER_CONFIGS, ENCODER_VARIANTS, LATENCY_CONFIGS) for c in table}
+    if args.rows is not None and set(args.rows) - labels:
+        parser.error(f"no row is labelled {', '.join(repr(r) for r in args.rows if r not in labels)}; the labels: "
+                     f"{'; '.join(sorted(labels))}")
     if args.targets is not None and not all(0.0 < t <= 1.0 for t in args.targets):
         parser.error("--targets must be MAC fractions in (0, 1]")
     _defaults(args)

@@ -14,18 +14,20 @@ the memory traffic between layers) follows the widths of the layers it sits betw
 above and it is charged to the layers in proportion to their time (measured on ResNet-50 at batch 8:
 treating it as constant predicted 42% of the original for a model that ran at 3%); on a transformer the
 attention's softmax and layout ops, the norms and residual adds stay when FFN units go, and s is below
-1. Attention heads are charged at the model's mean time per MAC (graphopt.passes.heads.plan.WithHeads),
-so the prediction is approximate; the written model's measured latency is reported next to it. The grid of an
-axis holds its smallest reachable width, its full width and the widths at 1/4, 1/2 and 3/4 between, in
-steps of the groups' rounding multiples, so the counts the solver picks lie on the grid's lattice.
+1. Attention heads are priced by a probe of their own (graphopt.passes.heads.latency): the time saved per
+head MAC with every head block at half its heads, and the overlap of the two savings by a timing of both
+cuts together. The prediction stays approximate (linear between the timings); the written model's measured
+latency is reported next to it.
+The grid of an axis holds its smallest reachable width, its full width and the widths at 1/4, 1/2 and 3/4
+between, in steps of the groups' rounding multiples, so the counts the solver picks lie on the grid's lattice.
 Timings are at batch `bench_batch`, with `threads` and `device`, as `--bench` measures.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 0.75)
 PROBE_FRACTION = 0.5  # the whole model is timed once with its timed groups cut to this fraction
+CHANNEL_PROBE = "the groups at half width"  # that copy's key in Timing.copies
 # above 1: the untimed ops fall faster than the tables (a MobileNet's reorders, which go when counts land on
 # the blocked layout: its probe ran at 0.38 of the original where the tables said 0.50); the prediction is
 # then linear in the tables' ratio, exact at full width and at the probe, and never below 0
@@ -70,12 +73,46 @@ class Layer:
         return self.table(cin, cout)
 
 
+@dataclass
+class Timing:
+    """How the unpruned model was timed: the model, its input shapes at the timed batch, where, its ms; and
+    the copies probes timed (`copies`: what each probe cut -> the copy)."""
+
+    model: onnx.ModelProto
+    inputs: dict[str, tuple[int, ...]]
+    where: Runtime
+    ms: float
+    copies: dict[str, onnx.ModelProto] = field(default_factory=dict)
+
+    def probe(self, cut: Callable[[], onnx.ModelProto], what: str) -> float | None:
+        """The ms of the copy `cut()` builds, timed interleaved against the model (`paired_latency`); None,
+        logged with the reason, when it cannot be built or run or is not clearly faster (p10 of the per-round
+        speedup at most 1: the machine's noise, not a measurement). A timed copy is kept in `copies[what]`."""
+        try:
+            copy = cut()
+            paired = paired_latency(self.model, copy, self.inputs, self.where)
+        except GraphoptError as exc:  # the copy could not be cut, or onnxruntime could not load or run it
+            log.info("latency probe with %s not timed (%s)", what, exc)
+            return None
+        self.copies[what] = copy
+        if paired["speedup_p10"] <= 1.0:
+            log.info("latency probe with %s within noise (speedup %.2f, p10 %.2f)", what, paired["speedup"],
+                     paired["speedup_p10"])
+            return None
+        return self.ms / paired["speedup"]
+
+
 class LatencyModel:
     """Predicted milliseconds per run (at the timed batch) as a function of the kept count per group: the
-    `share` of the measured time that follows the timed layers, scaled by their tables, plus the rest, fixed."""
+    `share` of the measured time that follows the timed layers, scaled by their tables, plus the rest, fixed.
+    `timing`: how the unpruned model was timed, for other probes (heads); `probe`: the counts of the copy
+    `timing.copies[CHANNEL_PROBE]` when the share was measured on it."""
 
-    def __init__(self, layers: list[Layer], measured_ms: float, share: float = 1.0) -> None:
+    def __init__(self, layers: list[Layer], measured_ms: float, share: float = 1.0,
+                 timing: Timing | None = None, probe: dict[int, int] | None = None) -> None:
         self.layers = layers
+        self.timing = timing
+        self.probe = probe
         self.total = float(measured_ms)
         timed = sum(layer.table(layer.cin, layer.cout) for layer in layers)
         share = share if timed > 0 else 0.0  # nothing timed: the latency cannot change
@@ -142,21 +179,23 @@ def latency_model(graph: gs.Graph, ctx: PassContext, analysis: Analysis, prunabl
         layer = _layer(term, analysis, shapes, prunable, sizes, multiples, cache)
         if layer is not None:
             layers.append(layer)
-    share, probe = timed_share(model, ctx, analysis, (layers, sizes, multiples), measured, inputs, where)
+    timing = Timing(model, inputs, where, measured)
+    share, probe, counts = timed_share(timing, ctx, analysis, (layers, sizes, multiples))
     info = {"latency_ms_before": measured, "latency_layers": len(layers), "latency_share_timed": share, **probe,
             "latency_table_entries": cache.entries_hit + cache.entries_built,
             "latency_table_hits": cache.entries_hit, "latency_points_measured": cache.points_measured,
             "latency_table_build_s": cache.build_seconds}
     log.info("latency tables: %d layers, %d entries from cache, %d points measured in %.1f s",
              len(layers), cache.entries_hit, cache.points_measured, cache.build_seconds)
-    return LatencyModel(layers, measured, share), info
+    return LatencyModel(layers, measured, share, timing, counts), info
 
 
-def timed_share(model: onnx.ModelProto, ctx: PassContext, analysis: Analysis,
-                timed: tuple[list[Layer], dict[int, int], dict[int, int]], measured: float,
-                inputs: dict[str, tuple[int, ...]], where: Runtime) -> tuple[float, dict[str, float]]:
+def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
+                timed: tuple[list[Layer], dict[int, int], dict[int, int]]
+                ) -> tuple[float, dict[str, float], dict[int, int] | None]:
     """(the share of the measured latency that follows the timed layers, the probe's report entries: its
-    measured ms and the tables' predicted ratio for it, `latency_probe_ms` and `latency_probe_table_ratio`):
+    measured ms and the tables' predicted ratio for it, `latency_probe_ms` and `latency_probe_table_ratio`,
+    and the probe's counts, None without one):
     the model with every group the layers' axes count cut to about `PROBE_FRACTION` of its channels is
     timed against the original, interleaved (`paired_latency`), and its fall in time set against the fall the
     tables predict for it; a probe not clearly faster (p10 of the per-round speedup at most 1) is noise. On a
@@ -171,22 +210,17 @@ def timed_share(model: onnx.ModelProto, ctx: PassContext, analysis: Analysis,
     timed_full = sum(layer.table(layer.cin, layer.cout) for layer in layers)
     timed_half = sum(layer.time({**full, **half}) for layer in layers)
     if not half or timed_full <= 0 or timed_half >= timed_full:
-        return 1.0, {}
-    try:
-        paired = paired_latency(model, _cut_copy(model, ctx, analysis, half), inputs, where)
-    except GraphoptError as exc:  # the copy could not be cut, or onnxruntime could not load or run it
-        log.info("latency probe not timed (%s): untimed ops are charged in proportion to the layers", exc)
-        return 1.0, {}
-    if paired["speedup_p10"] <= 1.0:  # not clearly faster than the original: the machine's noise, not a share
-        log.info("latency probe within noise (speedup %.2f, p10 %.2f): untimed ops are charged in proportion "
-                 "to the layers", paired["speedup"], paired["speedup_p10"])
-        return 1.0, {}
-    probe_ms = measured / paired["speedup"]
+        return 1.0, {}, None
+    probe_ms = timing.probe(lambda: _cut_copy(timing.model, ctx, analysis, half), CHANNEL_PROBE)
+    if probe_ms is None:
+        log.info("untimed ops are charged in proportion to the layers")
+        return 1.0, {}, None
+    measured = timing.ms
     ratio = timed_half / timed_full
     share = min(max((measured - probe_ms) / (measured * (1.0 - ratio)), 0.0), MAX_SHARE)
     log.info("latency probe: %.3f ms with the groups at half width (%.3f ms whole, the tables' ratio %.3f); "
              "%.0f%% of the time follows the timed layers", probe_ms, measured, ratio, 100 * share)
-    return share, {"latency_probe_ms": probe_ms, "latency_probe_table_ratio": ratio}
+    return share, {"latency_probe_ms": probe_ms, "latency_probe_table_ratio": ratio}, {**full, **half}
 
 
 def _probe_counts(layers: list[Layer], sizes: dict[int, int],

@@ -36,11 +36,14 @@ class HeadPlan:
         """The heads (sorted) of block `root`'s `count` most important units."""
         return UnitOrdering(self.orderings[root], self.members[root]).kept_heads(count)
 
-    def cost_model(self, base: CostModel, per_node: dict[str, int], mac_total: float) -> CostModel:
-        """`base` with the blocks' units; their MACs are scaled to `base`'s unit (MACs or ms)."""
+    def cost_model(self, base: CostModel, per_node: dict[str, int], mac_total: float,
+                   unit: float | None = None) -> CostModel:
+        """`base` with the blocks' units; their MACs are scaled to `base`'s unit (MACs or ms): by `unit` (ms per
+        head MAC, measured: graphopt.passes.heads.latency) or by `base`'s mean per MAC."""
         if not self.orderings:
             return base
-        unit = base.total / mac_total if mac_total else 0.0
+        if unit is None:
+            unit = base.total / mac_total if mac_total else 0.0
         per_head = {root: self.blocks[root].macs_per_head(per_node) * unit for root in self.orderings}
         return WithHeads(base, per_head, {root: self.blocks[root].units for root in self.orderings},
                          {root: self.blocks[root].head_shares() for root in self.orderings})

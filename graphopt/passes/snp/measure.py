@@ -17,8 +17,9 @@ from graphopt.calibration.blas import blas_for
 from graphopt.calibration.stats import StatRequest, TensorStats
 from graphopt.passes.base import PassContext, PassResult
 from graphopt.passes.channels.budget import CostModel, MacModel
-from graphopt.passes.channels.latency import Budget, channel_budget
+from graphopt.passes.channels.latency import Budget, LatencyModel, channel_budget
 from graphopt.passes.channels.magnitude import analyse, split_groups
+from graphopt.passes.heads.latency import priced_heads
 from graphopt.passes.heads.qk_plan import QKPlan, plan_qk, qk_blocks, qk_requests
 from graphopt.passes.heads.select import HeadPlan, head_requests, inside_blocks, plan_heads, usable_blocks
 from graphopt.passes.snp.plan import Ordering, orderings
@@ -89,6 +90,10 @@ def costs(graph: gs.Graph, ctx: PassContext, m: Measured, round_to: dict[int, in
     cost = m.qk.cost_model(m.heads.cost_model(macs, m.per_node, macs.total), m.per_node, macs.total)
     budget = channel_budget(graph, ctx, m.analysis, cost, round_to) if with_target else None
     if budget is not None and budget.model is not cost:
-        budget.model = m.qk.cost_model(m.heads.cost_model(budget.model, m.per_node, macs.total), m.per_node,
-                                       macs.total)
+        if m.heads.orderings and isinstance(budget.model, LatencyModel):
+            with_heads, info = priced_heads(ctx, m.heads, m.per_node, macs.total, budget.model, m.analysis.shapes)
+            budget.info.update(info)
+        else:
+            with_heads = m.heads.cost_model(budget.model, m.per_node, macs.total)
+        budget.model = m.qk.cost_model(with_heads, m.per_node, macs.total)
     return cost, budget
