@@ -186,6 +186,8 @@ ENCODER_VARIANTS = (
 LATENCY_CONFIGS = (
     Config("snp --target-latency 0.7", "snp", None, {"target_latency": 0.7, "bench_batch": 8}),
     Config("snp --target-latency 0.6", "snp", None, {"target_latency": 0.6, "bench_batch": 8}),
+    Config("cob,snp --target-latency 0.7", "cob,snp", None, {"target_latency": 0.7, "bench_batch": 8}),
+    Config("cob,snp --target-latency 0.6", "cob,snp", None, {"target_latency": 0.6, "bench_batch": 8}),
 )
 QUICK_LABELS = ("dense", "snp")  # the rows --quick keeps
 
