@@ -155,3 +155,23 @@ def test_the_head_probe_cuts_every_zoo_attention(name: str, exporter: str, cache
     stats = _snp_stats(model, calib)
     assert stats["latency_heads_probe_ms"] == pytest.approx(7.0) and stats["latency_head_cost_scale"] > 0
     assert len(timed) == 3 and "latency_joint_probe_ms" in stats and stats["head_blocks"] >= 1
+
+
+def test_the_head_probe_cuts_a_fused_attention(cache_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """onnxruntime's fused com.microsoft Attention (packed QKV, `num_heads`): the probes' copies run, the heads'
+    copy has half the heads of each layer, and the joint copy also the channel probe's FFN."""
+    from tests.passes.heads.test_heads import HEADS, LAYERS, _build, _fused
+    from tests.passes.heads.test_heads import _data as _token_data
+
+    model = _fused(_build(), tmp_path)
+    timed = _fake_timings(monkeypatch, 7.0)
+    stats = _snp_stats(model, _token_data(128, 8, seed=4))
+
+    def heads(copy: onnx.ModelProto) -> list[int]:
+        return [a.i for node in copy.graph.node if node.op_type == "Attention" for a in node.attribute
+                if a.name == "num_heads"]
+
+    assert [heads(copy) for copy in timed] == [[HEADS] * LAYERS, [HEADS - HEADS // 2] * LAYERS,
+                                               [HEADS - HEADS // 2] * LAYERS]
+    assert stats["latency_heads_probe_ms"] == pytest.approx(7.0) and "latency_joint_probe_ms" in stats
