@@ -27,6 +27,8 @@ Sizes of the default run (chosen to keep it near 20 minutes on a 2-core machine)
     python bench/speed.py                                  # full run, legacy exporter
     python bench/speed.py --exporters legacy,dynamo        # both exporters
     python bench/speed.py --quick                          # smoke run: tiny widths, one arch per kind
+    python bench/speed.py --archs vit_s16,bert_base --roundings auto --targets none --latency-kinds vit,encoder \
+        --latency-targets 0.7,0.6                           # --target-latency alone, on the transformers
 
 Defaults: 64 calibration samples (read by snp; magnitude reads none), 16 held-out samples, 12 rounds per
 comparison, each round about 100 ms of the original (--round-ms), onnxruntime's default threads (--threads).
@@ -354,6 +356,7 @@ class Setting:
     round_ms: float
     latency_targets: list[float]
     device: str = "cpu"
+    latency_kinds: tuple[str, ...] = ("cnn", "mobile")
 
 
 def inference_seconds(model: onnx.ModelProto, data: dict[str, np.ndarray], threads: int, batch: int = 32,
@@ -415,7 +418,8 @@ def run_one(model: onnx.ModelProto, calib: dict[str, np.ndarray], heldout: dict[
         record["latency_target"] = report.get("latency_target")
         # the latency model of the written solve: what share of the time its layer tables follow, and the probe
         record["latency_model"] = {key: value for entry in report["passes"] for key, value in entry["stats"].items()
-                                   if key.startswith(("latency_share", "latency_probe", "latency_ms"))}
+                                   if key.startswith(("latency_share", "latency_probe", "latency_ms", "latency_head",
+                                                      "latency_joint"))}
     fidelity = verify(model, result.model, heldout, batch_size=32, device=setting.device).first
     record["fidelity"] = {key: fidelity[key] for key in ("cosine", "rel_l2", "top1_agreement")}
     record["latency"] = {}
@@ -465,7 +469,7 @@ def run_architecture(name: str, exporter: str, setting: Setting, tiny: bool, sam
                 record = run_one(model, calib, heldout, method, target, rounding, setting, entry["runs_per_round"])
                 print(_progress(record), flush=True, file=sys.stderr if record.get("slower") else sys.stdout)
                 entry["runs"].append(record)
-        for target in setting.latency_targets if arch.kind in ("cnn", "mobile") else []:
+        for target in setting.latency_targets if arch.kind in setting.latency_kinds else []:
             record = run_one(model, calib, heldout, method, target, "auto", setting, entry["runs_per_round"],
                              latency=True)
             print(_progress(record), flush=True, file=sys.stderr if record.get("slower") else sys.stdout)
@@ -544,7 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", type=_list, default=None, help=f"comma-separated, from {', '.join(ARCHS)}")
     parser.add_argument("--methods", type=_list, default=["magnitude", "snp"])
-    parser.add_argument("--targets", type=_list, default=None, help="MAC fractions (default 0.7,0.5)")
+    parser.add_argument("--targets", type=_list, default=None,
+                        help="MAC fractions (default 0.7,0.5; none: only the --latency-targets runs)")
     parser.add_argument("--roundings", type=_list, default=["1", "auto"], help="--round-to values (1: exact counts)")
     parser.add_argument("--exporters", type=_list, default=["legacy"], help="legacy, dynamo or both")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (default 12)")
@@ -552,8 +557,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="inferences per round chosen so that a round of the original lasts about this long")
     parser.add_argument("--batch", type=int, default=8, help="the batch timed besides batch 1")
     parser.add_argument("--latency-targets", type=lambda text: [float(t) for t in _list(text)], default=[0.6],
-                        help="--target-latency runs (round auto) on the CNNs, as fractions of the latency at --batch "
+                        help="--target-latency runs (round auto) on --latency-kinds, as fractions of the latency at "
+                             "--batch "
                              "(default 0.6; empty to skip)")
+    parser.add_argument("--latency-kinds", type=_list, default=["cnn", "mobile"],
+                        help="the kinds of architecture --latency-targets runs on (default cnn,mobile; also "
+                             + ", ".join(sorted({a.kind for a in ARCHS.values()} - {"cnn", "mobile"})) + ")")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where calibration, fidelity and timings run (cuda: onnxruntime-gpu's CUDA provider)")
@@ -567,11 +576,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in (args.archs or []) if name not in ARCHS]
     unknown += [name for name in args.methods if name not in METHODS]
     unknown += [name for name in args.exporters if name not in EXPORTERS]
+    unknown += [kind for kind in args.latency_kinds if kind not in {a.kind for a in ARCHS.values()}]
     if unknown:
         parser.error(f"unknown architecture, method or exporter: {', '.join(unknown)}")
     try:
         args.roundings = [str(parse_round_to(value)) for value in args.roundings]
-        args.targets = [float(t) for t in args.targets] if args.targets else None
+        none = args.targets == ["none"]  # latency targets only
+        args.targets = [] if none else [float(t) for t in args.targets] if args.targets else None
     except (graphopt.GraphoptError, ValueError) as error:
         parser.error(str(error))
     if args.targets and not all(0.0 < t <= 1.0 for t in args.targets):
@@ -587,7 +598,7 @@ def _defaults(args: argparse.Namespace) -> None:
         for name, arch in ARCHS.items():
             kinds.setdefault(arch.kind, name)
         args.archs = list(kinds.values()) if quick else list(ARCHS)
-    args.targets = args.targets or ([0.5] if quick else [0.7, 0.5])
+    args.targets = args.targets if args.targets is not None else [0.5] if quick else [0.7, 0.5]
     args.rounds = args.rounds or (3 if quick else 12)
     args.calib_samples = args.calib_samples or (16 if quick else 64)
     args.heldout_samples = max(args.heldout_samples or (8 if quick else 16), args.batch)
@@ -609,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
     setting = Setting(args.targets, args.roundings, args.methods, sorted({1, args.batch}), args.rounds,
-                      args.threads, args.round_ms, args.latency_targets, args.device)
+                      args.threads, args.round_ms, args.latency_targets, args.device, tuple(args.latency_kinds))
     started, entries, total = time.perf_counter(), [], 0.0
     with tempfile.TemporaryDirectory() as folder:
         for name in args.archs:

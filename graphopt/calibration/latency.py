@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # version of the cache files' layout
 MIN_RUNS, MIN_SECONDS, MAX_RUNS, WARMUP = 5, 0.05, 50, 2
+MIN_ROUNDS = 6  # paired_latency's fewest interleaved rounds
 
 Point = tuple[int, int]
 Timer = Callable[[LayerSpec, int, int], float]
@@ -171,15 +172,19 @@ def model_latency(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], wh
 
 
 def paired_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                   where: Runtime, rounds: int = 12, round_ms: float = 20.0) -> dict[str, float]:
+                   where: Runtime, rounds: int = 12, round_ms: float = 20.0,
+                   max_seconds: float = 4.0) -> dict[str, float]:
     """Both models on the same seeded inputs, timed in one run (`interleaved`: `speedup` > 1 when the candidate
-    is faster, with its p10 and p90 over rounds), each round about `round_ms` of the reference."""
+    is faster, with its p10 and p90 over rounds), each round about `round_ms` of the reference; a model whose
+    rounds would take more than `max_seconds` together runs fewer of them, at least MIN_ROUNDS (a BERT-base
+    encoder at batch 8 takes 0.6 s a run: 12 rounds of both cost 15 s, where its timings vary little)."""
     sessions = [make_session(m, optimize=True, device=where.device, threads=where.threads_count, spinning=False)
                 for m in (reference, candidate)]
     feeds = [_seeded_feed(m, shapes) for m in (reference, candidate)]
     single = time_runs(_runner(sessions[0], feeds[0]), min_runs=3, min_seconds=0.0, max_runs=3, warmup=1)
     _runner(sessions[1], feeds[1])()  # a candidate onnxruntime cannot run fails here, as a GraphoptError
     runs = min(50, max(1, round(round_ms / max(single, 1e-3))))
+    rounds = max(min(rounds, MIN_ROUNDS), min(rounds, int(max_seconds * 1000.0 / (2.0 * runs * max(single, 1e-3)))))
     return interleaved(sessions, feeds, rounds, runs, warmup=2)
 
 

@@ -123,3 +123,18 @@ def test_a_model_onnxruntime_loads_but_cannot_run_is_a_graphopt_error() -> None:
                  inits=init("shape", [7], dtype="int64"))
     with pytest.raises(GraphoptError, match="onnxruntime cannot run the model"):
         model_latency(model, {"x": (2, 2)}, Runtime.current("cpu", 1))
+
+
+@pytest.mark.parametrize("single_ms, rounds", [(1.0, 12), (150.0, 12), (400.0, 6), (2000.0, 6)])
+def test_paired_latency_runs_fewer_rounds_of_a_slow_model(monkeypatch: pytest.MonkeyPatch, single_ms: float,
+                                                          rounds: int) -> None:
+    """12 interleaved rounds, fewer when both models' rounds would take more than 4 s, never under MIN_ROUNDS."""
+    from graphopt.calibration import latency
+    from tests.conftest import tiny
+
+    asked = []
+    monkeypatch.setattr(latency, "time_runs", lambda run, **_: single_ms)
+    monkeypatch.setattr(latency, "interleaved", lambda sessions, feeds, rounds, runs, warmup: asked.append(rounds))
+    model = tiny("y = Relu (x)", inputs="float[N, 2] x", outputs="float[N, 2] y")
+    latency.paired_latency(model, model, {"x": (2, 2)}, Runtime.current("cpu", 1))
+    assert asked == [rounds] and latency.MIN_ROUNDS == 6
