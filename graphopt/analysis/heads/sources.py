@@ -125,6 +125,20 @@ def head_split(node: gs.Node, shapes: Shapes) -> tuple[int, int] | None:
     return after[-2], after[-1]
 
 
+def sectioned_split(node: gs.Node, shapes: Shapes) -> tuple[int, int, int] | None:
+    """(sections, heads, width) when Reshape `node` splits its input's last axis into [sections, heads, width]
+    as its last three: one packed q/k/v projection split at once, as timm's attention writes it
+    (reshape(B, T, 3, H, d), a permute, then q, k, v = qkv[0], qkv[1], qkv[2]). Column p·H·d + h·d + j is
+    entry j of head h in section p, whatever the sections are."""
+    before, after = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+    if node.op != "Reshape" or before is None or after is None or len(after) != len(before) + 2 or len(after) < 4:
+        return None
+    if tuple(after[:-3]) != tuple(before[:-1]) or after[-3] * after[-2] * after[-1] != before[-1] \
+            or after[-3] < 2 or after[-2] < 2:
+        return None
+    return after[-3], after[-2], after[-1]
+
+
 def _packed_sizes(node: gs.Node, columns: int) -> list[int]:
     sizes = node.attrs.get("qkv_hidden_sizes")
     return [int(s) for s in sizes] if sizes else [columns // 3] * 3

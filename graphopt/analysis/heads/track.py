@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
 from graphopt.analysis.heads.grouped import prefers_query_heads
 from graphopt.analysis.heads.sources import (grouped_projections, head_split, packed_projection, producer_slices,
-                                             separate_projections)
+                                             sectioned_split, separate_projections)
 
 UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
          "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}
@@ -149,6 +149,19 @@ def _layout_axis(t: _Tracker, node: gs.Node, axis: int) -> int | str:
 LAYOUT_OPS = {"Transpose", "Unsqueeze", "Squeeze", "Slice", "Split", "Concat"}
 
 
+def _gathered_axis(t: _Tracker, node: gs.Node, axis: int) -> int | str:
+    """The head axis after a Gather of constant positions along another axis (q, k, v = qkv[0], qkv[1],
+    qkv[2] of a sectioned split: a scalar index drops its axis)."""
+    indices = constant_value(node.inputs[1])
+    rank = len(t.shapes.get(node.inputs[0].name, ()))
+    gathered = _axis(int(node.attrs.get("axis", 0)), rank)
+    if indices is None:
+        return "gathers at positions computed at run time"
+    if gathered == axis:
+        return "gathers along the heads"
+    return axis if gathered > axis else axis + indices.ndim - 1
+
+
 def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
     """A Reshape merging [H, width] into the last axis, read only by linear consumers; None when recorded."""
     before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
@@ -232,6 +245,8 @@ def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int
         return _batched_matmul(t, node, tracked, block)
     if node.op == "Expand" and tracked[0][0] == 0:
         return _expanded(t, node, axis, block)
+    if node.op == "Gather" and tracked[0][0] == 0:
+        return _gathered_axis(t, node, axis)
     if node.op in LAYOUT_OPS:
         moved = _layout_axis(t, node, axis)
         if isinstance(moved, str) or node.op != "Concat":
@@ -332,13 +347,15 @@ def _merged_readers(t: _Tracker, merged: gs.Tensor, width: int, block: int) -> s
     return None
 
 
-def _start(t: _Tracker, node: gs.Node, heads: int, width: int) -> None:
-    """A head split opens a block: its projection's slices, its target entry counting heads."""
+def _start(t: _Tracker, node: gs.Node, heads: int, width: int, sections: int = 1) -> None:
+    """A head split opens a block: its projection's slices (those of each section of a sectioned split,
+    graphopt.analysis.heads.sources.sectioned_split), its target entry counting heads."""
     block = t.new(heads)
-    slices = producer_slices(node.inputs[0], width, 0, t.shapes)
-    if isinstance(slices, str):
-        t.blocks[block].declined = f"{node.name} (Reshape): {slices}"
-    else:
+    for section in range(sections):
+        slices = producer_slices(node.inputs[0], width, section * heads * width, t.shapes)
+        if isinstance(slices, str):
+            t.blocks[block].declined = f"{node.name} (Reshape): {slices}"
+            break
         t.blocks[block].add_sources(slices)
     position = len(t.shapes[node.outputs[0].name]) - 2
     t.blocks[block].shapes.append(ShapeEntry(node, position, 1))
@@ -367,8 +384,11 @@ def find_head_blocks(graph: gs.Graph, shapes: Shapes) -> list[HeadBlock]:
             continue
         tracked = [x for x in node.inputs if x.name in t.axis]
         split = head_split(node, shapes) if node.op == "Reshape" and not tracked else None
+        sectioned = sectioned_split(node, shapes) if node.op == "Reshape" and not tracked else None
         if split is not None:
             _start(t, node, *split)
+        elif sectioned is not None:
+            _start(t, node, sectioned[1], sectioned[2], sectioned[0])
         elif tracked:
             _step(t, node)
     return _closed(t)

@@ -26,7 +26,7 @@ Timings are at batch `bench_batch`, with `threads` and `device`, as `--bench` me
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 FRACTIONS = (0.25, 0.5, 0.75)
 PROBE_FRACTION = 0.5  # the whole model is timed once with its timed groups cut to this fraction
-CHANNEL_PROBE = "the groups at half width"  # that copy's key in Timing.copies
 # above 1: the untimed ops fall faster than the tables (a MobileNet's reorders, which go when counts land on
 # the blocked layout: its probe ran at 0.38 of the original where the tables said 0.50); the prediction is
 # then linear in the tables' ratio, exact at full width and at the probe, and never below 0
@@ -75,26 +74,22 @@ class Layer:
 
 @dataclass
 class Timing:
-    """How the unpruned model was timed: the model, its input shapes at the timed batch, where, its ms; and
-    the copies probes timed (`copies`: what each probe cut -> the copy)."""
+    """How the unpruned model was timed: the model, its input shapes at the timed batch, where, its ms."""
 
     model: onnx.ModelProto
     inputs: dict[str, tuple[int, ...]]
     where: Runtime
     ms: float
-    copies: dict[str, onnx.ModelProto] = field(default_factory=dict)
 
     def probe(self, cut: Callable[[], onnx.ModelProto], what: str) -> float | None:
         """The ms of the copy `cut()` builds, timed interleaved against the model (`paired_latency`); None,
         logged with the reason, when it cannot be built or run or is not clearly faster (p10 of the per-round
-        speedup at most 1: the machine's noise, not a measurement). A timed copy is kept in `copies[what]`."""
+        speedup at most 1: the machine's noise, not a measurement)."""
         try:
-            copy = cut()
-            paired = paired_latency(self.model, copy, self.inputs, self.where)
+            paired = paired_latency(self.model, cut(), self.inputs, self.where)
         except GraphoptError as exc:  # the copy could not be cut, or onnxruntime could not load or run it
             log.info("latency probe with %s not timed (%s)", what, exc)
             return None
-        self.copies[what] = copy
         if paired["speedup_p10"] <= 1.0:
             log.info("latency probe with %s within noise (speedup %.2f, p10 %.2f)", what, paired["speedup"],
                      paired["speedup_p10"])
@@ -105,11 +100,11 @@ class Timing:
 class LatencyModel:
     """Predicted milliseconds per run (at the timed batch) as a function of the kept count per group: the
     `share` of the measured time that follows the timed layers, scaled by their tables, plus the rest, fixed.
-    `timing`: how the unpruned model was timed, for other probes (heads); `probe`: the counts of the copy
-    `timing.copies[CHANNEL_PROBE]` when the share was measured on it."""
+    `timing`: how the unpruned model was timed, for other probes (heads); `probe`: where the share was measured
+    on a copy, that copy's counts and how to build it again."""
 
-    def __init__(self, layers: list[Layer], measured_ms: float, share: float = 1.0,
-                 timing: Timing | None = None, probe: dict[int, int] | None = None) -> None:
+    def __init__(self, layers: list[Layer], measured_ms: float, share: float = 1.0, timing: Timing | None = None,
+                 probe: tuple[dict[int, int], Callable[[onnx.ModelProto], onnx.ModelProto]] | None = None) -> None:
         self.layers = layers
         self.timing = timing
         self.probe = probe
@@ -180,22 +175,22 @@ def latency_model(graph: gs.Graph, ctx: PassContext, analysis: Analysis, prunabl
         if layer is not None:
             layers.append(layer)
     timing = Timing(model, inputs, where, measured)
-    share, probe, counts = timed_share(timing, ctx, analysis, (layers, sizes, multiples))
+    share, probe, cut = timed_share(timing, ctx, analysis, (layers, sizes, multiples))
     info = {"latency_ms_before": measured, "latency_layers": len(layers), "latency_share_timed": share, **probe,
             "latency_table_entries": cache.entries_hit + cache.entries_built,
             "latency_table_hits": cache.entries_hit, "latency_points_measured": cache.points_measured,
             "latency_table_build_s": cache.build_seconds}
     log.info("latency tables: %d layers, %d entries from cache, %d points measured in %.1f s",
              len(layers), cache.entries_hit, cache.points_measured, cache.build_seconds)
-    return LatencyModel(layers, measured, share, timing, counts), info
+    return LatencyModel(layers, measured, share, timing, cut), info
 
 
 def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
                 timed: tuple[list[Layer], dict[int, int], dict[int, int]]
-                ) -> tuple[float, dict[str, float], dict[int, int] | None]:
+                ) -> tuple[float, dict[str, float], tuple[dict[int, int], Callable] | None]:
     """(the share of the measured latency that follows the timed layers, the probe's report entries: its
     measured ms and the tables' predicted ratio for it, `latency_probe_ms` and `latency_probe_table_ratio`,
-    and the probe's counts, None without one):
+    and (the probe's counts, a function cutting a model like it), None without one):
     the model with every group the layers' axes count cut to about `PROBE_FRACTION` of its channels is
     timed against the original, interleaved (`paired_latency`), and its fall in time set against the fall the
     tables predict for it; a probe not clearly faster (p10 of the per-round speedup at most 1) is noise. On a
@@ -211,7 +206,10 @@ def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
     timed_half = sum(layer.time({**full, **half}) for layer in layers)
     if not half or timed_full <= 0 or timed_half >= timed_full:
         return 1.0, {}, None
-    probe_ms = timing.probe(lambda: _cut_copy(timing.model, ctx, analysis, half), CHANNEL_PROBE)
+    def cut(model: onnx.ModelProto) -> onnx.ModelProto:
+        return _cut_copy(model, ctx, analysis, half)
+
+    probe_ms = timing.probe(lambda: cut(timing.model), "the groups at half width")
     if probe_ms is None:
         log.info("untimed ops are charged in proportion to the layers")
         return 1.0, {}, None
@@ -220,7 +218,7 @@ def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
     share = min(max((measured - probe_ms) / (measured * (1.0 - ratio)), 0.0), MAX_SHARE)
     log.info("latency probe: %.3f ms with the groups at half width (%.3f ms whole, the tables' ratio %.3f); "
              "%.0f%% of the time follows the timed layers", probe_ms, measured, ratio, 100 * share)
-    return share, {"latency_probe_ms": probe_ms, "latency_probe_table_ratio": ratio}, {**full, **half}
+    return share, {"latency_probe_ms": probe_ms, "latency_probe_table_ratio": ratio}, ({**full, **half}, cut)
 
 
 def _probe_counts(layers: list[Layer], sizes: dict[int, int],

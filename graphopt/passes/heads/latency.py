@@ -28,7 +28,7 @@ from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import PassContext
 from graphopt.passes.channels.budget import CostModel
-from graphopt.passes.channels.latency import CHANNEL_PROBE, LatencyModel
+from graphopt.passes.channels.latency import LatencyModel
 from graphopt.passes.heads.plan import WithHeads
 from graphopt.passes.heads.prune import cut_heads
 from graphopt.passes.heads.select import HeadPlan, head_blocks
@@ -83,11 +83,12 @@ def priced_heads(ctx: PassContext, plan: HeadPlan, per_node: dict[str, int], mac
              "model's mean (%.2f charged)", probe_ms, timing.ms, measured, scale)
     model = plan.cost_model(base, per_node, mac_total, scale * mean)
     info = {"latency_heads_probe_ms": probe_ms, "latency_head_cost_scale": scale}
-    channels = timing.copies.get(CHANNEL_PROBE)
-    if channels is None or base.probe is None or not isinstance(model, WithHeads):
+    if base.probe is None or not isinstance(model, WithHeads):
         return model, info
-    channel_saving, head_saving = timing.ms - base.cost(base.probe), scale * mean * removed
-    joint_ms = timing.probe(lambda: _cut_copy(channels, ctx, plan, kept, shapes), "the groups and heads at half")
+    counts, cut_channels = base.probe
+    channel_saving, head_saving = timing.ms - base.cost(counts), scale * mean * removed
+    joint_ms = timing.probe(lambda: _cut_copy(cut_channels(timing.model), ctx, plan, kept, shapes),
+                            "the groups and heads at half")
     if joint_ms is None or channel_saving <= 0:
         return model, info
     additive = timing.ms - channel_saving - head_saving

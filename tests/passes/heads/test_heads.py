@@ -34,10 +34,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class Block(nn.Module):
     """Self-attention with HF's additive mask (optionally rotary q/k, optionally grouped-query: `kv_heads` key and
-    value heads, each repeated for HEADS // kv_heads query heads; `packed`: one q/k/v projection chunked in three),
-    post-LN, GELU FFN."""
+    value heads, each repeated for HEADS // kv_heads query heads; `packed`: one q/k/v projection chunked in three,
+    or "sections": split at once into [3, heads, width] and indexed, as timm's attention does), post-LN, GELU FFN."""
 
-    def __init__(self, rotary: bool, kv_heads: int = HEADS, packed: bool = False) -> None:
+    def __init__(self, rotary: bool, kv_heads: int = HEADS, packed: bool | str = False) -> None:
         super().__init__()
         self.kv_heads = kv_heads
         self.q, self.o = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
@@ -45,7 +45,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(DIM, 3 * DIM) if packed else None
         self.ffn = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
         self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-        self.rotary, self.head_dim = rotary, DIM // HEADS
+        self.rotary, self.head_dim, self.sections = rotary, DIM // HEADS, packed == "sections"
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], -1, self.head_dim).transpose(1, 2)
@@ -57,8 +57,12 @@ class Block(nn.Module):
             batch, HEADS, tokens, self.head_dim)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        parts = self.qkv(x).chunk(3, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
-        q, k, v = (self._split(part) for part in parts)
+        if self.sections:
+            qkv = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, HEADS, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            parts = self.qkv(x).chunk(3, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+            q, k, v = (self._split(part) for part in parts)
         if self.kv_heads != HEADS:
             k, v = self._repeat(k), self._repeat(v)
         if self.rotary:
@@ -72,7 +76,7 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, rotary: bool = False, kv_heads: int = HEADS, packed: bool = False) -> None:
+    def __init__(self, rotary: bool = False, kv_heads: int = HEADS, packed: bool | str = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, DIM)
         self.blocks = nn.ModuleList(Block(rotary, kv_heads, packed) for _ in range(LAYERS))
@@ -113,7 +117,7 @@ def _run(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> np.ndarray:
     return make_session(model).run(None, data)[0]
 
 
-def _build(rotary: bool = False, edit=None, kv_heads: int = HEADS, packed: bool = False) -> nn.Module:
+def _build(rotary: bool = False, edit=None, kv_heads: int = HEADS, packed: bool | str = False) -> nn.Module:
     torch.manual_seed(0)
     module = Encoder(rotary, kv_heads, packed).eval()
     if edit is not None:
@@ -196,6 +200,36 @@ def test_heads_leave_a_packed_projection_and_its_split_exactly(exporter, tmp_pat
     stats = next(p for p in result.report["passes"] if p["pass"] == "snp")["stats"]
     assert stats["heads_removed"] >= 3 and result.report["macs_ratio"] <= 0.71
     assert np.isfinite(_run(result.model, data)).all()
+
+
+def test_heads_of_a_projection_split_into_sections_go_from_every_section_exactly(exporter, tmp_path) -> None:
+    """timm's attention: one q/k/v projection reshaped to [batch, tokens, 3, heads, width], permuted and indexed
+    (Gather): removing a head removes its columns from each of the three sections of the projection."""
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 2)
+        _zero_head_output(module, 1, 0)
+
+    model = _export(_build(edit=edit, packed="sections"), exporter, tmp_path / "m.onnx")
+    data = _data(3, TOKENS + 4, seed=1)
+    # the pre-passes fold the split's run-time target to a constant
+    result = optimize(model, method="none", input_shapes={"sequence": TOKENS})
+    graph = ir.import_graph(result.model)
+    shapes = batch1_shapes(result.model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    blocks = usable_blocks(graph, shapes, PassResult(modified=False))
+    assert [block.heads for block in blocks] == [HEADS] * LAYERS
+    assert all(sum(s.node.op == "MatMul" for s in block.slices) == 3 for block in blocks)  # one per section
+    for block, removed in zip(blocks, ([2], [0])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), removed), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, result.model)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
+    qkv = [t for t in pruned.graph.initializer if len(t.dims) == 2 and t.dims[1] == 3 * (DIM - DIM // HEADS)]
+    assert len(qkv) == LAYERS
+    for qk_dims in (False, True):  # q/k dims decline here with the reason (a Gather before the scores); heads go
+        snp = optimize(model, method="snp", calib=_data(64, TOKENS, 0), target_macs=0.7, round_to=1, qk_dims=qk_dims)
+        stats = next(p for p in snp.report["passes"] if p["pass"] == "snp")["stats"]
+        assert stats["heads_removed"] >= 2 and snp.report["macs_ratio"] <= 0.71
+        assert _cosine(_run(snp.model, data), _run(model, data)) > 0.9
 
 
 def test_grouped_query_heads_go_with_their_key_value_head(exporter, tmp_path) -> None:
