@@ -276,6 +276,26 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
+class SectionedBlock(nn.Module):
+    """ViT-style pre-norm block with timm's attention: one q/k/v projection reshaped to [batch, seq, 3, heads,
+    head_dim], permuted and indexed into query, key and value."""
+
+    def __init__(self, d_model: int = 32, heads: int = 4, d_ff: int = 64) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d_model // heads
+        self.qkv, self.out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, d_model = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(batch, seq, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        scores = torch.matmul(qkv[0], qkv[1].transpose(-2, -1)) / math.sqrt(self.head_dim)
+        context = torch.matmul(scores.softmax(dim=-1), qkv[2]).transpose(1, 2).reshape(batch, seq, d_model)
+        x = x + self.out(context)
+        return x + self.ffn(self.norm2(x))
+
+
 class GroupedQueryBlock(nn.Module):
     """Llama-style pre-norm decoder block without biases: RMS norm with a gain, 6 query heads over 2 key/value
     heads (each repeated for its 3 query heads by expand + reshape), causal mask, SwiGLU FFN."""
@@ -371,6 +391,10 @@ def _transformer() -> nn.Module:
     return nn.Sequential(EncoderBlock(), nn.LayerNorm(32), nn.Linear(32, 10))
 
 
+def _sectioned_transformer() -> nn.Module:
+    return nn.Sequential(SectionedBlock(), SectionedBlock(), nn.LayerNorm(32), nn.Linear(32, 10))
+
+
 def _post_norm_transformer() -> nn.Module:
     return nn.Sequential(nn.Linear(32, 32), PostNormBlock(), PostNormBlock(), nn.Linear(32, 10))
 
@@ -431,6 +455,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "conv_flatten_gemm": (_conv_flatten_gemm, _IMAGE_16),
     "transformer": (_transformer, (8, 32)),
     "post_norm_transformer": (_post_norm_transformer, (8, 32)),
+    "sectioned_transformer": (_sectioned_transformer, (8, 32)),
     "mlp": (_mlp, (64,)),
     "bias_free_tokens": (_bias_free_tokens, (8, 32)),
     "resnext": (_resnext, _IMAGE_16),

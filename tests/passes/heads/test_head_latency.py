@@ -143,7 +143,8 @@ def test_a_head_probe_within_noise_leaves_heads_at_the_mean_time_per_mac(cache_h
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-@pytest.mark.parametrize("name", ["transformer", "post_norm_transformer", "grouped_query_decoder"])
+@pytest.mark.parametrize("name", ["transformer", "post_norm_transformer", "sectioned_transformer",
+                                  "grouped_query_decoder"])
 def test_the_head_probe_cuts_every_zoo_attention(name: str, exporter: str, cache_home: Path,
                                                  monkeypatch: pytest.MonkeyPatch, zoo_path) -> None:  # noqa: F811
     """On the torch zoo's attention from both exporters the head probe's copy is built, runs in onnxruntime, and
