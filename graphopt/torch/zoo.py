@@ -276,16 +276,9 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.ffn(x))
 
 
-class SectionedBlock(nn.Module):
+class SectionedBlock(PostNormBlock):
     """ViT-style pre-norm block with timm's attention: one q/k/v projection reshaped to [batch, seq, 3, heads,
-    head_dim], permuted and indexed into query, key and value."""
-
-    def __init__(self, d_model: int = 32, heads: int = 4, d_ff: int = 64) -> None:
-        super().__init__()
-        self.heads, self.head_dim = heads, d_model // heads
-        self.qkv, self.out = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
+    head_dim], permuted and indexed into query, key and value (the layers of PostNormBlock)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
