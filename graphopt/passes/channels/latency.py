@@ -194,8 +194,8 @@ def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
     the model with every group the layers' axes count cut to about `PROBE_FRACTION` of its channels is
     timed against the original, interleaved (`paired_latency`), and its fall in time set against the fall the
     tables predict for it; a probe not clearly faster (p10 of the per-round speedup at most 1) is noise. On a
-    CNN all of it follows or more (1.01-1.26 on ResNet-50 and the MobileNet/EfficientNet nets at batch 8: the reorders, adds and
-    pooling between the layers narrow with them, reorders go at block counts); on a transformer the
+    CNN all of it follows or more (1.01-1.26 on ResNet-50 and the MobileNet/EfficientNet nets at batch 8: the
+    reorders, adds and pooling between the layers narrow with them, reorders go at block counts); on a transformer the
     softmax, the rotary and head layout ops, the norms and residual adds do not narrow with its FFN units,
     and charging their time to the FFN tables predicted 0.60 of the original for a decoder that ran at
     0.85. Clamped to [0, `MAX_SHARE`]; 1 (every untimed op in proportion) where no group can be cut or the
@@ -206,6 +206,7 @@ def timed_share(timing: Timing, ctx: PassContext, analysis: Analysis,
     timed_half = sum(layer.time({**full, **half}) for layer in layers)
     if not half or timed_full <= 0 or timed_half >= timed_full:
         return 1.0, {}, None
+
     def cut(model: onnx.ModelProto) -> onnx.ModelProto:
         return _cut_copy(model, ctx, analysis, half)
 

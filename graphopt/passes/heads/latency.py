@@ -53,11 +53,10 @@ class WithJoint:
         self.total = self.inner.total
 
     def cost(self, counts: dict[int, int]) -> float:
-        channels = self.inner.base.cost({root: n for root, n in counts.items() if root not in self.inner.per_head})
-        both = self.inner.cost(counts)
+        channels = self.inner.base.cost(self.inner.channels(counts))
+        saved = self.inner.saved(counts)
         x = (self.total - channels) / self.channel_saving
-        y = (channels - both) / self.head_saving
-        return max(both + self.interaction * x * y, 0.0)
+        return max(channels - saved + self.interaction * x * saved / self.head_saving, 0.0)
 
 
 def priced_heads(ctx: PassContext, plan: HeadPlan, per_node: dict[str, int], mac_total: float,
@@ -87,9 +86,11 @@ def priced_heads(ctx: PassContext, plan: HeadPlan, per_node: dict[str, int], mac
         return model, info
     counts, cut_channels = base.probe
     channel_saving, head_saving = timing.ms - base.cost(counts), scale * mean * removed
+    if channel_saving <= 0:
+        return model, info
     joint_ms = timing.probe(lambda: _cut_copy(cut_channels(timing.model), ctx, plan, kept, shapes),
                             "the groups and heads at half")
-    if joint_ms is None or channel_saving <= 0:
+    if joint_ms is None:
         return model, info
     additive = timing.ms - channel_saving - head_saving
     bound = min(channel_saving, head_saving)

@@ -128,16 +128,22 @@ class WithHeads:
     def cost(self, counts: dict[int, int]) -> float:
         if self.exact:
             return self.removed_cost(counts, {})
-        channels = {root: count for root, count in counts.items() if root not in self.per_head}
-        saved = sum((self.heads[root] - counts.get(root, self.heads[root])) * cost
-                    for root, cost in self.per_head.items())
-        return self.base.cost(channels) - saved
+        return self.base.cost(self.channels(counts)) - self.saved(counts)
+
+    def channels(self, counts: dict[int, int]) -> dict[int, int]:
+        """The channel groups' counts of `counts` (without the head blocks')."""
+        return {root: count for root, count in counts.items() if root not in self.per_head}
+
+    def saved(self, counts: dict[int, int]) -> float:
+        """What the heads removed in `counts` save, at `per_head` a unit."""
+        return sum((self.heads[root] - counts.get(root, self.heads[root])) * cost
+                   for root, cost in self.per_head.items())
 
     def removed_cost(self, counts: dict[int, int], removed: dict[str, float]) -> float:
         """The MACs with `counts`, each named node's MACs further reduced by the fraction `removed[name]`
         (q/k dims, graphopt.passes.heads.qk_plan); only when `exact`."""
         assert self.shares is not None and isinstance(self.base, MacModel)
-        channels = {root: count for root, count in counts.items() if root not in self.per_head}
+        channels = self.channels(counts)
         gone = dict(removed)
         for root, shares in self.shares.items():
             heads = self.heads[root] - counts.get(root, self.heads[root])
