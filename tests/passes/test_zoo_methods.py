@@ -20,10 +20,10 @@ reaches its target, or in a clean refusal that names the reason. Nothing else is
 
 The CI slice: every architecture of the torch zoo (residual, bottleneck, depthwise, SE with hard-swish,
 dense concat, inception, channel shuffle, UNet, C2f split, flatten into Gemm, attention, MLP, grouped ResNeXt,
-post-norm attention, depthwise ConvTranspose upsampling, bias-free per-token MatMuls, a Llama-style
-grouped-query decoder whose heads go query by query) runs every method from both exporters, the target rotating
-so that each architecture and each method meets both targets; timm-style attention (its q/k/v split at once
-into sections) runs every method from both exporters at 0.7 (`SECTIONED`); every method on the committed samples
+post-norm attention, timm-style attention with its q/k/v split at once into [3, heads, head_dim], depthwise
+ConvTranspose upsampling, bias-free per-token MatMuls, a Llama-style grouped-query decoder whose heads go query
+by query) runs every method from both exporters, the target rotating so that each architecture and each method
+meets both targets; every method on the committed samples
 at both targets; every method on an encoder written by onnxruntime's transformers optimizer; a few runs on
 the onnx package's light model zoo. `bench/zoo.py` runs the full sweep (every architecture x method x target,
 the light zoo whole, ImageNet-sized architectures) and prints the table the README holds.
@@ -291,10 +291,6 @@ def test_a_target_out_of_reach_is_a_refusal_with_its_reason(tmp_path: Path) -> N
 
 EXPORTERS = ("legacy", "dynamo")
 NAMES = list(zoo.ZOO) if zoo is not None else []
-# a q/k/v projection split at once into [3, heads, width] (timm's attention): the channel analysis does not follow
-# the split, so channel groups alone stop above half the MACs (magnitude and random at 0.545); heads are SNP's.
-# Every method runs it at 0.7 of the MACs
-SECTIONED = ("sectioned_transformer",)
 CHANNELS = ("magnitude", "random", "snp", "snp-self", "snp-no-reconstruct", "snp-output", "snp-sequential",
             "snp-original", "snp-sensitivity", "snp-sensitivity-metric", "snp-repair", "snp-qk", "snp-sampled",
             "cob,snp", "cob,snp-sequential", "magnitude,snp", "snp,exprune", "snp,quantize")
@@ -310,7 +306,7 @@ def _rotation() -> list[Any]:
     """Every architecture runs every method from both exporters; the target rotates with the position, so
     every architecture and every method also meets both targets."""
     cases = []
-    for a, name in enumerate(name for name in NAMES if name not in SECTIONED):
+    for a, name in enumerate(NAMES):
         for r, run in enumerate(RUNS.values()):
             for e, exporter in enumerate(EXPORTERS):
                 target = None if run.target == "none" else TARGETS[(a + r + e) % 2]
@@ -326,16 +322,6 @@ def _assert(found: Outcome, expected: set[str]) -> None:
 def test_every_method_on_every_zoo_architecture(name: str, exporter: str, run_id: str, target: float | None,
                                                 zoo_path, tmp_path: Path) -> None:
     _assert(outcome(zoo_path(name, exporter, 17, False), RUNS[run_id], target, tmp_path), EXPECTED[run_id])
-
-
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("run_id", list(RUNS))
-@pytest.mark.parametrize("name", SECTIONED)
-def test_every_method_on_attention_split_in_sections(name: str, run_id: str, exporter: str, zoo_path,
-                                                     tmp_path: Path) -> None:
-    run = RUNS[run_id]
-    target = None if run.target == "none" else TARGETS[0]
-    _assert(outcome(zoo_path(name, exporter, 17, False), run, target, tmp_path), EXPECTED[run_id])
 
 
 SAMPLES = sorted(glob.glob(str(REPO / "samples" / "*.onnx")))

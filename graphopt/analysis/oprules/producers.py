@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.oprules.quantized import dequantized, left_alone
-from graphopt.analysis.registry import register
+from graphopt.analysis.registry import positive_axis, register
 from graphopt.analysis.state import Analysis, constant_values
 
 
@@ -271,7 +271,23 @@ def embedding_table(node: gs.Node) -> np.ndarray | None:
     return table
 
 
+def _gather_carried(node: gs.Node, a: Analysis, state: ChannelState) -> None:
+    """Gather from a tensor with channels, along another axis by constant indices (a section of a packed
+    q/k/v tensor): the channels go on; a scalar index before the channel axis removes one axis in front."""
+    indices, rank = constant_values(node.inputs[1]), a.rank(node.inputs[0])
+    axis = positive_axis(int(node.attrs.get("axis", 0)), rank) if rank is not None else None
+    if indices is None or axis is None or axis == state.axis:
+        a.block(state, f"{node.name} (Gather): gathers along the channel axis or by computed indices")
+        return
+    shift = indices.ndim - 1 if axis < state.axis else 0
+    a.set_state(node.outputs[0], ChannelState(state.axis + shift, state.atoms, state.factor))
+
+
 def gather(node: gs.Node, a: Analysis) -> None:
+    carried = a.state(node.inputs[0])
+    if carried is not None:
+        _gather_carried(node, a, carried)
+        return
     table, rank = embedding_table(node), a.rank(node.outputs[0])
     if table is None or rank is None or rank < 1 or a.state(node.inputs[1]) is not None:
         a.block_inputs(node, "not an embedding lookup of a constant table")

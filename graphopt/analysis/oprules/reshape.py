@@ -4,7 +4,9 @@ With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod
 - kept:    an output axis j with prod(out[:j]) = pre and out[j] = D carries the channels unchanged;
 - flatten: out[j] = D * prod(in[c+1:c+1+k]) carries each channel as a contiguous block (factor grows);
 - split:   out[j] * out[j+1] = D, heads x head_dim: the head_dim atoms are coupled across heads (the
-           same indices are kept in every head), and axis j+1 carries one head's atoms;
+           same indices are kept in every head), and axis j+1 carries one head's atoms; likewise
+           sections x heads x head_dim (a packed q/k/v projection split as [3, H, d]), every section's heads
+           coupled, the channels on the last of the three axes;
 - merge:   in[c-1] * in[c] = out[j], heads x head_dim back to one axis: the atoms repeat per head.
 The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
 keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
@@ -97,13 +99,37 @@ def _from_runtime_shapes(tensor: gs.Tensor) -> bool:
     return reads_shape
 
 
-def _needs_edit(node: gs.Node, position: int, shape_of: ShapeOf) -> bool | None:
-    """False: entry is -1, copies the input, or is computed from run-time shapes; True: an editable
-    explicit entry; None: not editable."""
-    located = shape_entry(node, position, shape_of)
+def _shapes_read(tensor: gs.Tensor) -> list[gs.Tensor]:
+    """The tensors whose run-time shapes `tensor` (computed only from shapes, see _from_runtime_shapes) reads."""
+    stack, seen, read = [tensor], set(), []
+    while stack:
+        current = stack.pop()
+        if isinstance(current, gs.Constant) or current.name in seen or not current.inputs:
+            continue
+        seen.add(current.name)
+        producer = current.inputs[0]
+        if producer.op == "Shape":
+            read.append(producer.inputs[0])
+        else:
+            stack.extend(producer.inputs)
+    return read
+
+
+def _needs_edit(node: gs.Node, position: int, a: Analysis) -> bool | None:
+    """False: entry is -1, copies the input, or is computed from the run-time shapes of tensors whose
+    channels are pruned with it; True: an editable explicit entry, or a one-element piece computed from
+    shapes that pruning leaves alone (attention's reshape back to [B, T, C] with C read from the block's
+    input: it becomes the constant); None: not editable."""
+    located = shape_entry(node, position, a.shape)
     if located is None:
-        return False if _from_runtime_shapes(node.inputs[1]) else None
-    value = _entry_value(node, position, shape_of)
+        piece = shape_entry(node, position, a.shape, replaceable=True)
+        source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
+        if not _from_runtime_shapes(source):
+            return None
+        if all(a.state(read) is not None for read in _shapes_read(source)):
+            return False
+        return True if piece is not None else None
+    value = _entry_value(node, position, a.shape)
     if value == -1 or (value == 0 and not node.attrs.get("allowzero", 0)):
         return False
     return True
@@ -119,8 +145,12 @@ def _kept_or_flattened(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c:
         block = math.prod(in_shape[c + 1:c + 1 + k])
         if out_shape[j] == dim * block and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1 + k:]):
             return "flatten", j, block
-    if j + 1 < len(out_shape) and out_shape[j] * out_shape[j + 1] == dim and out_shape[j] > 1:
-        return "split", j + 1, out_shape[j]
+    for last in range(j + 1, len(out_shape)):  # heads x head_dim, or sections x heads x head_dim
+        blocks = math.prod(out_shape[j:last])
+        if blocks * out_shape[last] == dim and blocks > 1:
+            return "split", last, blocks
+        if blocks * out_shape[last] > dim:
+            break
     return None
 
 
@@ -173,7 +203,7 @@ def reshape_rule(node: gs.Node, a: Analysis) -> None:
         out = ChannelState(axis, heads[0])
     else:
         out = ChannelState(axis, state.atoms * amount)
-    edit = _needs_edit(node, axis, a.shape)
+    edit = _needs_edit(node, axis, a)
     if edit is None:
         a.block(state, f"{node.name} (Reshape): shape is computed at run time")
         return

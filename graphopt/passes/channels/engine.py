@@ -23,7 +23,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable, ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.analysis.oprules.reshape import shape_entry
+from graphopt.analysis.oprules.reshape import ShapeOf, shape_entry
+from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.reduction import as_linear
 
@@ -91,14 +92,28 @@ def _slice(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
         ir.set_input_array(graph, node, index, values.astype(np.asarray(node.inputs[index].values).dtype))
 
 
+def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, shape_of: ShapeOf, what: str) -> None:
+    """Entry `position` of the Reshape target `node` reads becomes `value` (an inferred -1 stays): in the
+    constant target, or in the Concat piece that holds it (a one-element piece computed at run time becomes
+    the constant), written on a private copy where the Concat is one other reshapes may read too."""
+    located = shape_entry(node, position, shape_of, replaceable=True)
+    if located is None:
+        raise GraphoptError(f"{node.name}: the reshape target entry {what} cannot be rewritten")
+    holder, index, element = located
+    if holder is not node:
+        holder = ir.private_producer(graph, node, 1)
+    piece = holder.inputs[index]
+    values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
+        else np.zeros(1, dtype=np.int64)
+    if isinstance(piece, gs.Constant) and values[element] == -1:
+        return
+    values[element] = value
+    ir.set_input_array(graph, holder, index, values.reshape(np.shape(piece.values)) if isinstance(piece, gs.Constant)
+                       else values)
+
+
 def _shape(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
-    holder, index, element = shape_entry(site.node, site.axis, a.shape)
-    if holder is not site.node:  # a Concat other reshapes may read too: they keep their target
-        holder = ir.private_producer(graph, site.node, 1)
-    values = np.asarray(holder.inputs[index].values).copy()
-    flat = values.reshape(-1)
-    flat[element] = positions.size
-    ir.set_input_array(graph, holder, index, flat.reshape(values.shape))
+    set_target_entry(graph, site.node, site.axis, positions.size, a.shape, "of the channel axis")
 
 
 def _reduce(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from graphopt.calibration.stats import TensorStats
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.consumer_shift import add_bias, bias_costs_a_node
+from graphopt.passes.channels.engine import set_target_entry as set_entry
 from graphopt.passes.heads.plan import head_positions
 from graphopt.passes.snp.maths import consumer_reconstruction
 
@@ -158,21 +159,8 @@ def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, 
 
 def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, shapes: dict[str, tuple[int, ...]],
                      what: str) -> None:
-    """Entry `position` of the Reshape target `node` reads becomes `value` (an inferred -1 stays), written on a
-    private copy where the target is a Concat other reshapes may read too."""
-    located = entry_holder(node, position, shapes)
-    if located is None:
-        raise GraphoptError(f"{node.name}: the reshape target entry {what} cannot be rewritten")
-    holder, index, element = located
-    if holder is not node:  # a Concat the reshapes of other layers may read too
-        holder = ir.private_producer(graph, node, 1)
-    piece = holder.inputs[index]
-    values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
-        else np.zeros(1, dtype=np.int64)
-    if isinstance(piece, gs.Constant) and values[element] == -1:
-        return
-    values[element] = value
-    ir.set_input_array(graph, holder, index, values)
+    """Entry `position` of the Reshape target `node` reads becomes `value` (graphopt.passes.channels.engine)."""
+    set_entry(graph, node, position, value, lambda tensor: shapes.get(tensor.name), what)
 
 
 def _set_attributes(block: HeadBlock, kept: int) -> None:

@@ -199,6 +199,43 @@ def test_planted_zero_channels_are_removed_exactly(planted: Callable, exporter: 
     assert np.max(np.abs(expected - actual)) > 1e-3  # the same budget spent at random does change outputs
 
 
+@needs_torch
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_planted_head_dims_of_attention_split_in_sections_are_removed_exactly(exporter: str, tmp_path: Path) -> None:
+    """timm's attention (q/k/v split at once into [3, heads, head_dim]): head dims 2 and 5, zero in every head's
+    query, key and value and in the output projection's rows, go from all three sections and every head;
+    queries·keys and the context lose only zeros, so the output is unchanged."""
+    model, example = zoo.ZOO["sectioned_transformer"]()
+    block, dims = model[0], [2, 5]
+    heads, width = block.heads, block.head_dim
+    rows = [s * heads * width + h * width + i for s in range(3) for h in range(heads) for i in dims]
+    columns = [h * width + i for h in range(heads) for i in dims]
+    with torch.no_grad():
+        block.qkv.weight[rows] = 0.0
+        block.qkv.bias[rows] = 0.0
+        block.out.weight[:, columns] = 0.0
+    source = export.export_onnx(model, example, tmp_path / "planted.onnx", exporter=exporter, opset=17)
+    original = onnx.load(str(source))
+    tokens, d_model = example.shape[-2:]
+    removed = tokens * d_model * len(rows) + 2 * heads * tokens * tokens * len(dims) + tokens * len(columns) * d_model
+    macs_before = graphopt.optimize(source, method="none").report["macs_before"]
+
+    pruned, report = prune_file(source, tmp_path, method="magnitude", target_macs=1 - removed / macs_before + 1e-9,
+                                round_to=1)
+    assert report["macs_after"] == macs_before - removed
+    expected = _matmul_weight_shapes(original)
+    for before, after in (((d_model, 3 * d_model), (d_model, 3 * d_model - len(rows))),
+                          ((d_model, d_model), (d_model - len(columns), d_model))):
+        expected[expected.index(before)] = after
+    assert sorted(_matmul_weight_shapes(pruned)) == sorted(expected)
+    assert_equivalent(original, pruned, random_inputs(original, batch=3), rtol=1e-5, atol=1e-5)
+
+
+def _matmul_weight_shapes(model: onnx.ModelProto) -> list[tuple[int, ...]]:
+    constants = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    return [constants[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
 # -- 4. options, refusals, idempotence ----------------------------------------------------------
 
 def test_round_to_keeps_multiples(zoo_path: ZooPath, tmp_path: Path) -> None:
