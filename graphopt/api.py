@@ -37,6 +37,7 @@ from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.calibration.trim import TrimPlan, plan_trim
 from graphopt.errors import CandidateLoadError, DataError, OptionError
 from graphopt import latency_target as latency_fit
+from graphopt.batching import batch_that_runs
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
 from graphopt.evaluate import verify as compare_outputs
 from graphopt.ir import graph as ir
@@ -122,6 +123,7 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     original = as_model(model)
     dataset = load_data(data, original)
     shapes = resolve_shapes(original, dataset, input_shapes)
+    batch_size = _batch_that_runs(original, dataset, shapes, batch_size, device)[0]
     graph = ir.import_graph(original)
     ctx = PassContext(template=original, input_shapes=shapes, progress=progress)
     PassManager(normalising_passes()).run(graph, ctx)
@@ -190,8 +192,12 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     outputs = model_outputs(output) if output is not None else []
     protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
-    dataset, padding = _calibration_data(original, calib, resolved, batch_size)
+    dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
+    batch_size, fallback = _batch_that_runs(original, dataset, shapes, batch_size, resolved.get("device") or "cpu")
+    resolved["batch_size"] = batch_size
+    padding = _padding_plan(original, dataset, resolved, batch_size)
+    dataset = _trimmed(dataset, padding) if dataset is not None else None
 
     def run(options: dict[str, Any]) -> _Run:
         graph = ir.import_graph(original)
@@ -226,6 +232,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
                               **measured, "target_reached": target_reached(resolved["target_macs"],
                                                                            measured["macs_ratio"]),
                               "passes": [record.to_json() for record in records]}
+    if fallback is not None:
+        report["batch_fallback"] = {"batch_size": batch_size, "reason": fallback}
     if ctx.calibration_mask() is not None:
         report["mask_input"] = ctx.calibration_mask()
     if padding is not None:
@@ -383,19 +391,26 @@ def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, rep
                         "(or --stats from graphopt calibrate)")
 
 
-def _calibration_data(original: onnx.ModelProto, calib: DataSource | None, resolved: dict[str, Any],
-                      batch_size: int) -> tuple[Dataset | None, TrimPlan | None]:
-    """`calib` validated against the model, its token batches cut where that changes nothing
+def _batch_that_runs(original: onnx.ModelProto, dataset: Dataset | None, shapes: dict[str, tuple[int, ...]],
+                     batch_size: int, device: str) -> tuple[int, str | None]:
+    """`batch_size`, or 1 with the reason where the model runs on one sample only (graphopt.batching)."""
+    used, reason = batch_that_runs(original, dataset, shapes, batch_size, device)
+    if reason is not None:
+        log.warning("%s", reason)
+    return used, reason
+
+
+def _padding_plan(original: onnx.ModelProto, dataset: Dataset | None, resolved: dict[str, Any],
+                  batch_size: int) -> TrimPlan | None:
+    """Where the calibration data's token batches are cut because that changes nothing
     (graphopt.calibration.trim)."""
-    if calib is None:
-        return None, None
-    dataset = load_data(calib, original)
+    if dataset is None:
+        return None
     whole = None if resolved["trim_padding"] else "--no-trim-padding"
     if whole is None and resolved.get("stats") is not None and resolved["mask_input"] is None:
         whole = "--stats: its statistics keep the file's own mask"  # a file with no mask counted padded rows
-    padding = _padding(original, dataset, choose_mask(original, resolved["mask_input"]), whole, batch_size,
-                       resolved.get("device") or "cpu")
-    return _trimmed(dataset, padding), padding
+    return _padding(original, dataset, choose_mask(original, resolved["mask_input"]), whole, batch_size,
+                    resolved.get("device") or "cpu")
 
 
 def _padding(original: onnx.ModelProto, dataset: Dataset, mask: MaskChoice, whole: str | None, batch_size: int,
@@ -445,7 +460,7 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
     outputs on the calibration data are those calibration kept where it did (graphopt.calibration.reference:
     the normalised graph at full optimisation, equal up to float rounding), else it runs again."""
     before, after = count_cost(original, shapes), count_cost(optimized, shapes)
-    fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=8)]
+    fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=min(8, batch_size))]
     try:
         fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
                                    metric=metric, ctc_blank=ctc_blank, device=device,

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "graphopt.api": 6,
     "graphopt.sweep": 6,
     "graphopt.latency_target": 6,
+    "graphopt.batching": 6,
     "graphopt.cli": 7,
     "graphopt.torch": 7,
     # torch code the API reaches lazily, only when asked for (--repair): it reads ir and calibration alone
