@@ -192,12 +192,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     outputs = model_outputs(output) if output is not None else []
     protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
-    dataset = load_data(calib, original) if calib is not None else None
-    shapes = resolve_shapes(original, dataset, input_shapes)
-    batch_size, fallback = _batch_that_runs(original, dataset, shapes, batch_size, resolved.get("device") or "cpu")
-    resolved["batch_size"] = batch_size
-    padding = _padding_plan(original, dataset, resolved, batch_size)
-    dataset = _trimmed(dataset, padding) if dataset is not None else None
+    dataset, shapes, fallback, padding = _prepared_data(original, calib, input_shapes, resolved)
+    batch_size = resolved["batch_size"]
 
     def run(options: dict[str, Any]) -> _Run:
         graph = ir.import_graph(original)
@@ -232,12 +228,7 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
                               **measured, "target_reached": target_reached(resolved["target_macs"],
                                                                            measured["macs_ratio"]),
                               "passes": [record.to_json() for record in records]}
-    if fallback is not None:
-        report["batch_fallback"] = {"batch_size": batch_size, "reason": fallback}
-    if ctx.calibration_mask() is not None:
-        report["mask_input"] = ctx.calibration_mask()
-    if padding is not None:
-        report["padding"] = padding.to_json()
+    report.update(_data_notes(ctx, padding, fallback, batch_size))
     dynamic = _exprune_skipped(records, report["macs_after"])
     if dynamic is not None:
         report["exprune_macs_skipped"] = dynamic
@@ -389,6 +380,33 @@ def _require_data(pipeline: list[str], calib: DataSource | None, stats: Any, rep
     if hungry and calib is None and stats is None:
         raise DataError(f"--method {hungry[0]} needs calibration data: give --calib DATA.npz "
                         "(or --stats from graphopt calibrate)")
+
+
+def _data_notes(ctx: PassContext, padding: TrimPlan | None, fallback: str | None, batch_size: int) -> dict[str, Any]:
+    """The report's keys on how the data ran: the mask input found, the padding cut, the batch size fallback."""
+    notes: dict[str, Any] = {}
+    if fallback is not None:
+        notes["batch_fallback"] = {"batch_size": batch_size, "reason": fallback}
+    if ctx.calibration_mask() is not None:
+        notes["mask_input"] = ctx.calibration_mask()
+    if padding is not None:
+        notes["padding"] = padding.to_json()
+    return notes
+
+
+def _prepared_data(original: onnx.ModelProto, calib: DataSource | None, input_shapes: dict[str, tuple[int, ...]] | None,
+                   resolved: dict[str, Any]) -> tuple[Dataset | None, dict[str, tuple[int, ...]], str | None,
+                                                      TrimPlan | None]:
+    """(the calibration data validated against the model and trimmed of padding where that changes nothing,
+    the resolved input shapes, why the batch size fell to 1 or None, the padding plan); `resolved["batch_size"]`
+    becomes the batch size the model runs at."""
+    dataset = load_data(calib, original) if calib is not None else None
+    shapes = resolve_shapes(original, dataset, input_shapes)
+    batch_size, fallback = _batch_that_runs(original, dataset, shapes, int(resolved["batch_size"]),
+                                            resolved.get("device") or "cpu")
+    resolved["batch_size"] = batch_size
+    padding = _padding_plan(original, dataset, resolved, batch_size)
+    return (_trimmed(dataset, padding) if dataset is not None else None), shapes, fallback, padding
 
 
 def _batch_that_runs(original: onnx.ModelProto, dataset: Dataset | None, shapes: dict[str, tuple[int, ...]],

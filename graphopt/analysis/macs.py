@@ -4,6 +4,8 @@ MACs count the multiply-accumulates of Conv, ConvTranspose (with groups), Gemm a
 - Conv:          prod(output) * Cin/groups * prod(kernel)
 - ConvTranspose: prod(input) * Cout/groups * prod(kernel)
 - Gemm/MatMul:   prod(output) * K
+- LSTM/GRU/RNN:  seq * batch * directions * gates * hidden * (features + hidden), the input and the
+                 recurrent products of every step (W [directions, gates x hidden, features], R [..., hidden])
 - graphopt.ExPruneLinearRelu / ExPruneConvRelu: as MatMul / Conv, their dense cost (what they skip
   depends on the input; the exprune pass reports the fraction skipped on calibration data)
 - the integer forms ConvInteger / QLinearConv and MatMulInteger / QLinearMatMul: as Conv / MatMul (one
@@ -47,12 +49,14 @@ from graphopt.ir.shapes import input_specs
 
 _COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
             "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "Attention", "MultiHeadAttention",
-            "GroupQueryAttention")
+            "GroupQueryAttention", "LSTM", "GRU", "RNN")
 # onnxruntime's fused attention (com.microsoft): (inputs whose shapes count, MACs from the shapes and attributes)
 _ATTENTION = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
 # where the data and weight inputs sit, for the ops whose operands are not inputs 0 and 1
 _OPERANDS = {"QLinearConv": (0, 3), "QLinearMatMul": (0, 3), "QGemm": (0, 3)}
 _CONVOLUTIONS = ("Conv", "ExPruneConvRelu", "ConvInteger", "QLinearConv")
+RECURRENT = ("LSTM", "GRU", "RNN")
+_INTEGER = ("ConvInteger", "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm")
 CONTROL_FLOW = ("If", "Loop", "Scan")
 _UNBOUNDED_TRIPS = 2**31  # torch writes INT64_MAX as the trip count of a while loop
 
@@ -96,6 +100,8 @@ def _needed(node: onnx.NodeProto) -> list[str]:
         names = []
     elif node.op_type in _ATTENTION:
         names = list(node.input[:2 if node.op_type == "Attention" else 3]) + [node.output[0]]
+    elif node.op_type in RECURRENT:
+        names = list(node.input[:3])
     else:
         data, weight = _OPERANDS.get(node.op_type, (0, 1))
         names = [node.input[data], node.input[weight], node.output[0]]
@@ -219,6 +225,9 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type in _ATTENTION:
         return _attention_macs(node, attrs, shapes)
+    if node.op_type in RECURRENT:  # X [seq, batch, features] (or [batch, seq, ...]), W, R
+        x, w, r = (shapes[name] for name in node.input[:3])
+        return math.prod(x[:2]) * w[0] * w[1] * (w[2] + r[2])
     data, weight_index = _OPERANDS.get(node.op_type, (0, 1))
     weight = shapes[node.input[weight_index]]
     if node.op_type in _CONVOLUTIONS:
@@ -237,7 +246,7 @@ def parameter_count(model: onnx.ModelProto) -> int:
     constants = {**{t.name: t for t in model.graph.initializer}, **_constant_nodes(model.graph)}
     quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     quantized |= {n.input[_OPERANDS.get(n.op_type, (0, 1))[1]] for n in model.graph.node
-                  if n.op_type in _COUNTED[6:] and len(n.input) > 1}  # the integer ops' weights
+                  if n.op_type in _INTEGER and len(n.input) > 1}  # the integer ops' weights
     scales = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
               for name in n.input[1:]}
     counted = [t for name, t in constants.items() if name in quantized or name not in scales

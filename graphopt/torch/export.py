@@ -93,11 +93,15 @@ def _export_legacy(model: nn.Module, example: torch.Tensor, opset: int, fold_bn:
     with warnings.catch_warnings():
         # PRESERVE + constant folding is only risky for modules in training mode, refused above
         warnings.filterwarnings("ignore", message="It is recommended that constant folding be turned off")
-        torch.onnx.export(
-            model, (example,), buffer, dynamo=False, opset_version=opset, training=training,
-            do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic_axes,
-        )
+        try:
+            torch.onnx.export(
+                model, (example,), buffer, dynamo=False, opset_version=opset, training=training,
+                do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as error:  # an op the opset cannot express
+            raise ValueError(f"legacy export cannot be expressed in opset {opset}: "
+                             f"{str(error).splitlines()[0]}") from error
     return onnx.load_from_string(buffer.getvalue())
 
 

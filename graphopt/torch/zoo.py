@@ -402,6 +402,38 @@ def _bias_free_tokens() -> nn.Module:
                          nn.Linear(48, 10, bias=False))
 
 
+class TorchEncoder(nn.Module):
+    """torch's own nn.TransformerEncoder (post-norm layers over nn.MultiheadAttention, batch first): its
+    exports fold the heads into the batch axis ([seq, batch x heads, head_dim]) between the projections."""
+
+    def __init__(self, d_model: int = 32, heads: int = 4, d_ff: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, d_ff, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class RecurrentRecognizer(nn.Module):
+    """CRNN text-recogniser layout: two Conv-BN-ReLU stages pool a [1, 16, W] line image to [32, 4, W/2], whose
+    columns (32 channels x 4 rows) a bidirectional LSTM reads in order, then a GRU and a per-column Linear."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_conv_bn(1, 16), nn.MaxPool2d(2), _conv_bn(16, 32), nn.MaxPool2d((2, 1)))
+        self.lstm = nn.LSTM(32 * 4, 24, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(48, 16, batch_first=True)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x)
+        batch, channels, rows, columns = features.shape
+        sequence = features.reshape(batch, channels * rows, columns).permute(0, 2, 1)
+        return self.head(self.gru(self.lstm(sequence)[0])[0])
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -454,6 +486,8 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnext": (_resnext, _IMAGE_16),
     "depthwise_upsample": (DepthwiseUpsampler, _IMAGE_16),
     "grouped_query_decoder": (_grouped_query_decoder, (8, 32)),
+    "recurrent_recognizer": (RecurrentRecognizer, (1, 16, 24)),
+    "torch_encoder": (TorchEncoder, (8, 32)),
 }
 
 ZOO: dict[str, ModelBuilder] = {

@@ -370,11 +370,12 @@ def test_a_recurrent_model_optimizes_on_stacked_state_data():
     from graphopt.ir.shapes import resolve_input_shapes
 
     model, (x, h0) = _gru(), _gru_samples()
-    result = graphopt.optimize(model, method="snp", target_macs=0.7, calib={"x": x, "h0": h0})
+    # the GRU's 882 MACs stay (its input is the graph's), the MatMuls' 176 go with the 16 units: 0.95 keeps 11
+    result = graphopt.optimize(model, method="snp", target_macs=0.95, calib={"x": x, "h0": h0}, round_to=1)
     report = result.report
     assert report["input_shapes"] == {"x": [7, 1, 4], "h0": [2, 1, 3]} and report["fidelity"]["samples"] == 12
     # 12 samples span at most 11 directions around their mean: the kept units reconstruct the rest exactly
-    assert report["macs_ratio"] <= 0.72 and report["fidelity"]["rel_l2"] < 1e-4
+    assert report["macs_after"] == 882 + 11 * (6 + 5) and report["fidelity"]["rel_l2"] < 1e-4
     feed = random_feed(model, resolve_input_shapes(model), batch=8)  # random inputs batch the state's axis 1
     assert feed["x"].shape == (1, 8, 4) and feed["h0"].shape == (2, 8, 3)
     assert graphopt.optimize(model).report["fidelity"]["samples"] == 8

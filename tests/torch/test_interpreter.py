@@ -246,3 +246,50 @@ def test_graphopts_own_functions_match_onnxruntime(axis: int) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     ensure_functions(model)
     assert_matches_onnxruntime(model, random_inputs(model, seed=3))
+
+
+def _recurrent(op: str, direction: str, layout: int, states: bool, peepholes: bool = False,
+               **attrs: int) -> onnx.ModelProto:
+    """One `op` layer (hidden 5 over 4 features, 6 steps) with biases, every output named."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    gates, count, hidden = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 2 if direction == "bidirectional" else 1, 5
+    rng = np.random.default_rng(len(op) + layout)
+    arrays = {"W": rng.standard_normal((count, gates * hidden, 4)), "R": rng.standard_normal((count, gates * hidden, hidden)),
+              "B": rng.standard_normal((count, 2 * gates * hidden))}
+    names = ["x", "W", "R", "B", ""]
+    state_shape = [3, count, hidden] if layout else [count, 3, hidden]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6, 4] if layout else [6, 3, 4])]
+    if states:
+        for state in ["h0", "c0"][:2 if op == "LSTM" else 1]:
+            names.append(state)
+            inputs.append(helper.make_tensor_value_info(state, TensorProto.FLOAT, state_shape))
+    if peepholes:
+        arrays["P"] = rng.standard_normal((count, 3 * hidden))
+        names += [""] * (7 - len(names)) + ["P"]
+    outputs = ["Y", "Y_h", "Y_c"][:3 if op == "LSTM" else 2]
+    node = helper.make_node(op, names, outputs, hidden_size=hidden, direction=direction, layout=layout, **attrs)
+    graph = helper.make_graph([node], op.lower(), inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                                                           for o in outputs],
+                              [numpy_helper.from_array(v.astype(np.float32) * 0.5, k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op,direction,layout,states,peepholes,attrs", [
+    ("LSTM", "bidirectional", 0, True, True, {}), ("LSTM", "reverse", 0, False, False, {}),
+    ("GRU", "forward", 0, True, False, {}), ("GRU", "bidirectional", 0, False, False, {"linear_before_reset": 1}),
+    ("RNN", "reverse", 0, True, False, {}), ("RNN", "bidirectional", 0, True, False, {})],
+    ids=["lstm-bi-peepholes", "lstm-reverse", "gru", "gru-bi-before-reset", "rnn-reverse", "rnn-bi"])
+def test_recurrent_layers_match_onnxruntime(op: str, direction: str, layout: int, states: bool, peepholes: bool,
+                                            attrs: dict) -> None:
+    model = _recurrent(op, direction, layout, states, peepholes, **attrs)
+    assert_matches_onnxruntime(model, random_inputs(model, seed=7))
+
+
+def test_a_recurrent_layer_with_other_activations_or_batch_first_is_refused_naming_them() -> None:
+    model = _recurrent("RNN", "forward", 0, False, activations=["Relu"])
+    with pytest.raises(UnsupportedOpError, match="activations"):
+        interpreted(model, random_inputs(model))
+    model = _recurrent("GRU", "forward", 1, False)
+    with pytest.raises(UnsupportedOpError, match="layout 1"):
+        interpreted(model, random_inputs(model))

@@ -261,6 +261,25 @@ def attention(node: gs.Node, a: Analysis) -> None:
     a.cost(node, incoming, share=projection / (projection + shape[1] * (sizes[0] + sizes[2])))
 
 
+def recurrent(node: gs.Node, a: Analysis) -> None:
+    """LSTM, GRU and RNN read their input X ([seq, batch, features], or [batch, seq, features] with layout 1)
+    through W [directions, gates x hidden, features]: a linear consumer of X's features, whose columns of W
+    go with them. Their hidden units (the recurrence through R) are not pruned: the outputs carry no channel
+    state. Of the MACs, the input products' share scales with the features kept, the recurrent ones stay."""
+    for tensor in node.inputs[1:]:
+        a.block(a.state(tensor), f"{node.name} ({node.op}): channels reach an input other than X")
+    incoming = a.state(node.inputs[0])
+    if incoming is None:
+        return
+    weight, recurrence = (constant_values(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
+    if weight is None or recurrence is None or weight.ndim != 3 or recurrence.ndim != 3 or incoming.axis != 2 \
+            or not constant_or_absent(node, 3):
+        a.block(incoming, f"{node.name} ({node.op}): weights not constant, or features not on the last of 3 axes")
+        return
+    a.site("weight", node, incoming, index=1, axis=2, role="consumer")
+    a.cost(node, incoming, share=weight.shape[2] / (weight.shape[2] + recurrence.shape[2]))
+
+
 def embedding_table(node: gs.Node) -> np.ndarray | None:
     """The constant table [rows, C] of an embedding lookup Gather(table, ids) along axis 0, else None."""
     if node.op != "Gather" or not node.inputs:
@@ -302,4 +321,5 @@ register("ConvTranspose", channels=conv_transpose)
 register("Gemm", channels=gemm)
 register("MatMul", channels=matmul)
 register("Gather", channels=gather)
+register("LSTM", "GRU", "RNN", channels=recurrent)
 register("Attention", domain="com.microsoft", channels=attention)

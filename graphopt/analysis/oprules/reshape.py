@@ -7,7 +7,11 @@ With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod
            same indices are kept in every head), and axis j+1 carries one head's atoms; likewise
            sections x heads x head_dim (a packed q/k/v projection split as [3, H, d]), every section's heads
            coupled, the channels on the last of the three axes;
-- merge:   in[c-1] * in[c] = out[j], heads x head_dim back to one axis: the atoms repeat per head.
+- merge:   in[c-1] * in[c] = out[j], heads x head_dim back to one axis: the atoms repeat per head;
+- folded heads: out[j] * H = D with the H heads folded into the axis in front (prod(out[:j]) = pre * H, as
+           torch's nn.MultiheadAttention lays [seq, batch x heads, head_dim] out): a split.
+The axes in front of the channel axis may also regroup among themselves ([batch x heads, d, T] <->
+[batch, heads, d, T]) while the channel axis and those behind it stay as they are.
 The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
 keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
 back) may fold it into the rows. An explicit shape entry that must change is rewritten by the engine;
@@ -164,18 +168,41 @@ def _merged_heads(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int)
     return None
 
 
-def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: ChannelState) -> tuple[str, int, int] | None:
-    c = state.axis
+def _folded_heads(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int) -> tuple[str, int, int] | None:
+    """Heads x head_dim where the heads fold into the axis in front (torch's nn.MultiheadAttention: [seq, batch,
+    heads x head_dim] -> [seq, batch x heads, head_dim]): a split whose heads leave the channel axis."""
+    pre, behind = math.prod(in_shape[:c]), math.prod(in_shape[c + 1:])
+    for j in range(1, len(out_shape)):
+        width = out_shape[j]
+        if width < in_shape[c] and in_shape[c] % width == 0 and math.prod(out_shape[:j]) == pre * (in_shape[c] // width) \
+                and math.prod(out_shape[j + 1:]) == behind and out_shape[:j - 1] == in_shape[:j - 1]:
+            return "split", j, in_shape[c] // width
+    return None
+
+
+def _in_place(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int) -> tuple[str, int, int] | None:
+    """The channel axis kept, flattened or split on an output axis j whose axes in front hold what the input's
+    did: the batch stays axis 0, or the channels are last in both (the rows re-laid), or the axes in front
+    regroup among themselves while the channel axis and those behind it stay as they are."""
     pre = math.prod(in_shape[:c])
     for j in range(len(out_shape)):
-        rows_only = c == len(in_shape) - 1 and j == len(out_shape) - 1  # channels last in both: rows re-laid
-        batch_kept = out_shape[0] == in_shape[0] or rows_only
+        rows_only = c == len(in_shape) - 1 and j == len(out_shape) - 1
+        regrouped = j > 0 and tuple(out_shape[j:]) == tuple(in_shape[c:])
+        batch_kept = out_shape[0] == in_shape[0] or rows_only or regrouped
         if math.prod(out_shape[:j]) != pre or (c > 0 and (j == 0 or not batch_kept)):
             continue
         found = _kept_or_flattened(in_shape, out_shape, c, j)
         if found is not None:
             return found
-    return _merged_heads(in_shape, out_shape, c) if c > 1 else None
+    return None
+
+
+def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: ChannelState) -> tuple[str, int, int] | None:
+    c = state.axis
+    found = _in_place(in_shape, out_shape, c)
+    if found is not None or state.factor != 1 or c == 0:
+        return found
+    return (_merged_heads(in_shape, out_shape, c) if c > 1 else None) or _folded_heads(in_shape, out_shape, c)
 
 
 def reshape_rule(node: gs.Node, a: Analysis) -> None:

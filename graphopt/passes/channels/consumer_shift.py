@@ -6,7 +6,8 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 (alpha is Gemm's, 1 otherwise). `consumer_shift` computes it from the weights before they are cut;
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
-(Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias) or a following Add (MatMul;
+(Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias; LSTM, GRU and RNN: the input
+half Wb of B, per direction and gate unit) or a following Add (MatMul;
 for a reduction's row of weights, an Add after the sum); a MatMul whose only reader is an Add of a
 per-output constant (a Linear's bias) has the shift folded into that constant. SNP's and CoB's least-squares
 fits give a bias-free MatMul (`bias_costs_a_node`) no constant term where it is worth at most 1% of their error
@@ -21,6 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.groups import Analysis, Site
+from graphopt.analysis.macs import RECURRENT
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.engine import apply_kept, kept_positions
 from graphopt.passes.channels.reduction import reader
@@ -40,6 +42,8 @@ def consumer_shift(site: Site, values: np.ndarray, weight: np.ndarray | None = N
     nothing was removed); `weight` overrides the consumer's current weight."""
     weight = np.asarray(site.node.inputs[site.index].values if weight is None else weight, dtype=np.float64)
     shift = np.moveaxis(weight, site.axis, -1) @ values  # weight shape without the input axis
+    if site.node.op in RECURRENT:  # one value per direction and gate unit, added to the input bias Wb
+        return shift.reshape(-1)
     axis = output_axis(site.node)
     axis -= 1 if axis > site.axis else 0
     per_output = np.moveaxis(shift, axis, 0).reshape(shift.shape[axis], -1).sum(axis=1)
@@ -57,6 +61,9 @@ def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray) -> None:
 def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
     """Add a per-output-channel shift to a consumer's output (its bias, created where missing)."""
     weight = np.asarray(node.inputs[1].values)
+    if node.op in RECURRENT:
+        _into_input_bias(graph, node, shift, weight)
+        return
     if node.op in ("Conv", "Gemm", "Attention") and _into_own_bias(graph, node, shift, weight.dtype):
         return
     if node.op == "Attention":  # its output is the heads' context, not the projection: only its bias can take it
@@ -88,6 +95,25 @@ def _into_own_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, dtype: np.
             node.attrs["beta"] = 1.0
         return True
     return False
+
+
+def _into_input_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, weight: np.ndarray) -> None:
+    """LSTM/GRU/RNN: B is [directions, 2 x gates x hidden], the input products' bias Wb then the recurrent
+    ones' Rb; every gate adds X·Wᵀ and Wb together (GRU's hidden gate too, outside its reset product), so a
+    shift of the input products goes into Wb, exactly. B is created (zeros) where absent."""
+    directions, units = weight.shape[0], weight.shape[1]
+    present = len(node.inputs) > 3 and node.inputs[3].name
+    bias = ir.constant_array(node.inputs[3]) if present else np.zeros((directions, 2 * units), weight.dtype)
+    new_bias = bias.astype(np.float64)
+    new_bias[:, :units] += shift.reshape(directions, units)
+    if present:
+        ir.set_input_array(graph, node, 3, new_bias.astype(bias.dtype))
+        return
+    constant = gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), new_bias.astype(bias.dtype))
+    if len(node.inputs) > 3:  # an empty optional B before sequence_lens or an initial state
+        node.inputs[3] = constant
+    else:
+        node.inputs.append(constant)
 
 
 def bias_costs_a_node(graph: gs.Graph, node: gs.Node) -> bool:

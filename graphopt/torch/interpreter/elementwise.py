@@ -1,6 +1,6 @@
 """Rules for elementwise ops, activations, comparisons, reductions and Softmax (numpy broadcasting, as ONNX).
 
-Integer Div truncates toward zero and Pow keeps the base's element type, as onnxruntime computes them;
+Integer Div truncates toward zero, Mod follows `fmod` (the dividend's sign, or the divisor's) and Pow keeps the base's element type, as onnxruntime computes them;
 Softmax and LogSoftmax below opset 13 normalise over the input flattened to 2-D at `axis` (default 1),
 from opset 13 over `axis` alone (default -1). Reductions read their axes from the attribute (ReduceSum
 before opset 13, the others before 18) or from the optional second input; no axes reduce every axis
@@ -39,6 +39,12 @@ def div(call: Call, inputs: list[Any]) -> torch.Tensor:
     if left.dtype.is_floating_point:
         return left / right
     return torch.div(left, right, rounding_mode="trunc")
+
+
+@rule("Mod")
+def mod(call: Call, inputs: list[Any]) -> torch.Tensor:
+    """`fmod` 1: the sign of the dividend (C's fmod); 0 (integers only): the sign of the divisor (Python's %)."""
+    return (torch.fmod if call.attr("fmod", 0) else torch.remainder)(inputs[0], inputs[1])
 
 
 @rule("Pow")

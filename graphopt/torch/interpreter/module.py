@@ -25,13 +25,14 @@ from torch import nn
 
 from graphopt.errors import DataError, UnsupportedOpError
 from graphopt.ir import weights
-from graphopt.torch.interpreter import elementwise, functions, linear, shape  # noqa: F401  (register their rules)
+from graphopt.torch.interpreter import elementwise, functions, linear, recurrent, shape  # noqa: F401  (their rules)
 from graphopt.torch.interpreter.registry import Call, check_domain, node_rule
 
 # op type -> the input positions that hold its trainable weights
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Einsum": tuple(range(8)),
     "LayerNormalization": (1, 2), "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "Gather": (0,),
+    "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3),  # W, R, B (and LSTM's peepholes)
 }
 LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
 TRAINABLE_DTYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE})
