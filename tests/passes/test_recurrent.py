@@ -38,8 +38,9 @@ def recurrent_model(op: str, bias: bool = True, seed: int = 0, **attrs: int) -> 
                               direction="bidirectional", **attrs),
              helper.make_node("Transpose", ["Y"], ["yt"], perm=[2, 0, 1, 3]),
              helper.make_node("Reshape", ["yt", "back"], ["flat"]), helper.make_node("MatMul", ["flat", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, op.lower(), [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", T, FEATURES])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", T, OUT])], inits)
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", T, FEATURES])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", T, OUT])
+    graph = helper.make_graph(nodes, op.lower(), [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 

@@ -123,6 +123,14 @@ CORNERS = {
             a = AveragePool <kernel_shape = [2, 2], strides = [2, 2], pads = [1, 1, 1, 1]> (x)
             i = AveragePool <kernel_shape = [3, 3], strides = [2, 2], pads = [2, 2, 1, 1], count_include_pad = 1> (x)
         }"""),
+    "depth_space_and_prelu": (17, """
+        g (float[1, 8, 3, 2] x) => (float[1, 2, 6, 4] d, float[1, 2, 6, 4] c, float[1, 8, 3, 2] s, float[1, 8, 3, 2] p)
+            <float[8, 1, 1] slope = {0.1, -0.2, 0.3, 0.0, 0.5, 1.5, -1.0, 0.25}> {
+            d = DepthToSpace <blocksize = 2> (x)
+            c = DepthToSpace <blocksize = 2, mode = "CRD"> (x)
+            s = SpaceToDepth <blocksize = 2> (d)
+            p = PRelu (x, slope)
+        }"""),
     "softmax_opset_11_flattens": (11, """
         g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z) {
             y = Softmax <axis = 1> (x)
@@ -255,7 +263,8 @@ def _recurrent(op: str, direction: str, layout: int, states: bool, peepholes: bo
 
     gates, count, hidden = {"LSTM": 4, "GRU": 3, "RNN": 1}[op], 2 if direction == "bidirectional" else 1, 5
     rng = np.random.default_rng(len(op) + layout)
-    arrays = {"W": rng.standard_normal((count, gates * hidden, 4)), "R": rng.standard_normal((count, gates * hidden, hidden)),
+    arrays = {"W": rng.standard_normal((count, gates * hidden, 4)),
+              "R": rng.standard_normal((count, gates * hidden, hidden)),
               "B": rng.standard_normal((count, 2 * gates * hidden))}
     names = ["x", "W", "R", "B", ""]
     state_shape = [3, count, hidden] if layout else [count, 3, hidden]

@@ -174,9 +174,10 @@ def _folded_heads(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int)
     pre, behind = math.prod(in_shape[:c]), math.prod(in_shape[c + 1:])
     for j in range(1, len(out_shape)):
         width = out_shape[j]
-        if width < in_shape[c] and in_shape[c] % width == 0 and math.prod(out_shape[:j]) == pre * (in_shape[c] // width) \
-                and math.prod(out_shape[j + 1:]) == behind and out_shape[:j - 1] == in_shape[:j - 1]:
-            return "split", j, in_shape[c] // width
+        heads = in_shape[c] // width if 0 < width < in_shape[c] and in_shape[c] % width == 0 else 0
+        if heads and math.prod(out_shape[:j]) == pre * heads and math.prod(out_shape[j + 1:]) == behind \
+                and tuple(out_shape[:j - 1]) == tuple(in_shape[:j - 1]):
+            return "split", j, heads
     return None
 
 

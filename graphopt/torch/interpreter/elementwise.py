@@ -1,10 +1,10 @@
 """Rules for elementwise ops, activations, comparisons, reductions and Softmax (numpy broadcasting, as ONNX).
 
-Integer Div truncates toward zero, Mod follows `fmod` (the dividend's sign, or the divisor's) and Pow keeps the base's element type, as onnxruntime computes them;
-Softmax and LogSoftmax below opset 13 normalise over the input flattened to 2-D at `axis` (default 1),
-from opset 13 over `axis` alone (default -1). Reductions read their axes from the attribute (ReduceSum
-before opset 13, the others before 18) or from the optional second input; no axes reduce every axis
-unless `noop_with_empty_axes` is set.
+Integer Div truncates toward zero, Mod follows `fmod` (the dividend's sign, or the divisor's) and Pow keeps
+the base's element type, as onnxruntime computes them; Softmax and LogSoftmax below opset 13 normalise over
+the input flattened to 2-D at `axis` (default 1), from opset 13 over `axis` alone (default -1). Reductions
+read their axes from the attribute (ReduceSum before opset 13, the others before 18) or from the optional
+second input; no axes reduce every axis unless `noop_with_empty_axes` is set.
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ def unary(call: Call, inputs: list[Any]) -> torch.Tensor:
 @rule("LeakyRelu")
 def leaky_relu(call: Call, inputs: list[Any]) -> torch.Tensor:
     return F.leaky_relu(inputs[0], call.attr("alpha", 0.01))
+
+
+@rule("PRelu")
+def prelu(call: Call, inputs: list[Any]) -> torch.Tensor:
+    x, slope = inputs[0], inputs[1]  # the slope broadcasts to x (one per channel: [C, 1, 1])
+    return torch.where(x < 0, x * slope, x)
 
 
 @rule("Elu")

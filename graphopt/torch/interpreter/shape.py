@@ -32,6 +32,26 @@ def transpose(call: Call, inputs: list[Any]) -> torch.Tensor:
     return x.permute(call.attr("perm", list(range(x.dim()))[::-1]))
 
 
+@rule("DepthToSpace")
+def depth_to_space(call: Call, inputs: list[Any]) -> torch.Tensor:
+    """DCR (the default): depth holds (row offset, column offset, channel); CRD (torch's PixelShuffle):
+    (channel, row offset, column offset)."""
+    x, block = inputs[0], int(call.attr("blocksize"))
+    n, c, h, w = x.shape
+    if call.attr("mode", "DCR") == "CRD":
+        return F.pixel_shuffle(x, block)
+    moved = x.reshape(n, block, block, c // block ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return moved.reshape(n, c // block ** 2, h * block, w * block)
+
+
+@rule("SpaceToDepth")
+def space_to_depth(call: Call, inputs: list[Any]) -> torch.Tensor:
+    x, block = inputs[0], int(call.attr("blocksize"))
+    n, c, h, w = x.shape
+    moved = x.reshape(n, c, h // block, block, w // block, block).permute(0, 3, 5, 1, 2, 4)
+    return moved.reshape(n, c * block ** 2, h // block, w // block)
+
+
 @rule("Flatten")
 def flatten(call: Call, inputs: list[Any]) -> torch.Tensor:
     x = inputs[0]
