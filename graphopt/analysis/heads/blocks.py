@@ -33,11 +33,14 @@ class HeadSlice:
 
 @dataclass(frozen=True)
 class ShapeEntry:
-    """Entry `position` of a Reshape's target counts heads: it becomes (kept heads) * `per_head`."""
+    """Entry `position` of a Reshape's target counts heads: it becomes (kept heads) * `per_head`. A `scaled`
+    entry is computed at run time as the heads times something else (the batch, where torch's
+    nn.MultiheadAttention folds the heads into it): it is multiplied by kept / heads instead."""
 
     node: gs.Node
     position: int
     per_head: int
+    scaled: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,10 +79,12 @@ class HeadBlock:
         """What the budget counts: heads, or with `groups` > 1 the heads of one group."""
         return self.heads // self.groups
 
-    def add_sources(self, found: list[HeadSlice | PackedCut]) -> None:
-        """What graphopt.analysis.heads.sources found behind a projection: constants and packed cuts."""
+    def add_sources(self, found: list[HeadSlice | PackedCut | ShapeEntry]) -> None:
+        """What graphopt.analysis.heads.sources found behind a projection: constants, packed cuts and the
+        target entries of a packed projection's split into sections."""
         self.slices.extend(s for s in found if isinstance(s, HeadSlice))
         self.packed.extend(s for s in found if isinstance(s, PackedCut))
+        self.shapes.extend(s for s in found if isinstance(s, ShapeEntry))
 
     @property
     def name(self) -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.heads.blocks import HeadBlock, HeadSlice, PackedCut, Shapes, constant_value, weight_slice
+from graphopt.analysis.heads.blocks import (HeadBlock, HeadSlice, PackedCut, ShapeEntry, Shapes, constant_value,
+                                            weight_slice)
 
 PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
+SECTION_LAYOUT = {"Unsqueeze", "Squeeze", "Transpose"}
 
 
 def _projection(node: gs.Node, width: int, offset: int) -> list[HeadSlice] | None:
@@ -27,6 +29,12 @@ def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
     if node.op in PER_CHANNEL and len(node.inputs) == 2:
         step = _per_channel(node, tensor, width, offset, shapes)
         return step if isinstance(step, str) else (step[0], step[1], offset)
+    if node.op == "Gather":
+        section = gathered_section(tensor, shapes)
+        if isinstance(section, str):
+            return f"{node.name} (Gather): {section}"
+        reshape, start, width_entry = section
+        return [ShapeEntry(reshape, width_entry, width)], reshape.inputs[0], offset + start
     if node.op in ("Split", "Slice"):
         start = _split_start(node, tensor, shapes) if node.op == "Split" else _slice_start(node, shapes)
         if start is None:
@@ -35,7 +43,66 @@ def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
     return f"{node.name} ({node.op}): not a linear projection"
 
 
-def producer_slices(tensor: gs.Tensor, width: int, offset: int, shapes: Shapes) -> list[HeadSlice | PackedCut] | str:
+def _moved(node: gs.Node, axis: int, shapes: Shapes) -> int | None:
+    """Where input `axis` of a Transpose, Unsqueeze or Squeeze lands in its output (None: squeezed, or unknown)."""
+    rank_in, rank_out = len(shapes.get(node.inputs[0].name, ())), len(shapes.get(node.outputs[0].name, ()))
+    if node.op == "Transpose":
+        return list(node.attrs.get("perm", range(rank_in - 1, -1, -1))).index(axis)
+    given = node.attrs.get("axes") if len(node.inputs) < 2 else constant_value(node.inputs[1])
+    if given is None:
+        return None
+    if node.op == "Squeeze":
+        axes = sorted(int(a) % rank_in for a in np.reshape(given, -1))
+        return None if axis in axes else axis - sum(a < axis for a in axes)
+    position = axis
+    for inserted in sorted(int(a) % rank_out for a in np.reshape(given, -1)):
+        position += inserted <= position
+    return position
+
+
+def gathered_section(tensor: gs.Tensor, shapes: Shapes) -> tuple[gs.Node, int, int] | str:
+    """`tensor` as one section of a packed projection reshaped to [..., sections, width], moved by Unsqueeze,
+    Transpose and Squeeze that keep the width last, and taken by a Gather of a constant position along the
+    sections (torch's nn.MultiheadAttention: [seq, batch, 3, E], then unsqueeze, transpose, squeeze, select):
+    (that Reshape, the section's first column, the position of the width in its target), or why not."""
+    gather = tensor.inputs[0]
+    index = constant_value(gather.inputs[1])
+    if index is None or index.ndim != 0:
+        return "not a constant position"
+    chain, current = [], gather.inputs[0]
+    while current.inputs and current.inputs[0].op in SECTION_LAYOUT:
+        chain.append(current.inputs[0])
+        current = current.inputs[0].inputs[0]
+    split = _sections(current, shapes)
+    if split is None:
+        return "not a section of a packed projection split into [sections, width]"
+    reshape, sections, width = split
+    rank = len(shapes[current.name])
+    section, last = rank - 2, rank - 1
+    for node in reversed(chain):
+        section, last = _moved(node, section, shapes), _moved(node, last, shapes)
+        if section is None or last is None:
+            return f"{node.name} ({node.op}) moves the sections or the width"
+    rank = len(shapes.get(gather.inputs[0].name, ()))
+    if int(gather.attrs.get("axis", 0)) % max(rank, 1) != section or last != rank - 1:
+        return "not a section of a packed projection split into [sections, width]"
+    return reshape, (int(index) % sections) * width, len(shapes[current.name]) - 1
+
+
+def _sections(tensor: gs.Tensor, shapes: Shapes) -> tuple[gs.Node, int, int] | None:
+    """(the Reshape, sections, width) where `tensor` is a Reshape of its input's last axis into [sections, width]."""
+    reshape = tensor.inputs[0] if tensor.inputs else None
+    if reshape is None or reshape.op != "Reshape":
+        return None
+    before, after = shapes.get(reshape.inputs[0].name), shapes.get(tensor.name)
+    if before is None or after is None or len(after) != len(before) + 1 or tuple(after[:-2]) != tuple(before[:-1]) \
+            or after[-2] * after[-1] != before[-1]:
+        return None
+    return reshape, after[-2], after[-1]
+
+
+def producer_slices(tensor: gs.Tensor, width: int, offset: int,
+                    shapes: Shapes) -> list[HeadSlice | PackedCut | ShapeEntry] | str:
     """Walk back from the tensor a split Reshape reads to the linear producer of its columns; the slices of
     the producer's weight, bias and every per-channel constant on the way (`offset`: where the heads start
     along the producer's columns, after a Split/Slice of a packed projection, which is a PackedCut)."""
@@ -121,6 +188,19 @@ def head_split(node: gs.Node, shapes: Shapes) -> tuple[int, int] | None:
     if node.op != "Reshape" or before is None or after is None or len(after) != len(before) + 1 or len(after) < 3:
         return None
     if tuple(after[:-2]) != tuple(before[:-1]) or after[-2] * after[-1] != before[-1] or after[-2] < 2:
+        return None
+    return after[-2], after[-1]
+
+
+def folded_split(node: gs.Node, shapes: Shapes) -> tuple[int, int] | None:
+    """(heads, width) when Reshape `node` splits its input's last axis into [heads, width] with the heads folded
+    into the axis in front, the batch (torch's nn.MultiheadAttention: [seq, batch, E] -> [seq, batch x heads,
+    width]; at the batch of 1 the analysis runs at, [seq, 1, E] -> [seq, heads, width])."""
+    before, after = shapes.get(node.inputs[0].name), shapes.get(node.outputs[0].name)
+    if node.op != "Reshape" or before is None or after is None or len(after) != len(before) or len(after) < 3:
+        return None
+    if tuple(after[:-2]) != tuple(before[:-2]) or before[-2] != 1 or after[-2] * after[-1] != before[-1] \
+            or after[-2] < 2:
         return None
     return after[-2], after[-1]
 

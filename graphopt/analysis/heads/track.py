@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
 from graphopt.analysis.heads.grouped import prefers_query_heads
-from graphopt.analysis.heads.sources import (grouped_projections, head_split, packed_projection, producer_slices,
-                                             sectioned_split, separate_projections)
+from graphopt.analysis.heads.sources import (folded_split, grouped_projections, head_split, packed_projection,
+                                             producer_slices, sectioned_split, separate_projections)
+from graphopt.analysis.oprules.reshape import from_runtime_shapes, shape_entry, shapes_read
 
 UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
          "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}
@@ -163,10 +166,11 @@ def _gathered_axis(t: _Tracker, node: gs.Node, axis: int) -> int | str:
 
 
 def _merge(t: _Tracker, node: gs.Node, axis: int, block: int) -> str | None:
-    """A Reshape merging [H, width] into the last axis, read only by linear consumers; None when recorded."""
+    """A Reshape merging [H, width] into the last axis (the axes in front may merge too: [seq, batch, H, width]
+    -> [seq x batch, H x width]), read only by linear consumers; None when recorded."""
     before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
-    if before is None or after is None or axis != len(before) - 2 or len(after) != len(before) - 1 \
-            or tuple(after[:-1]) != tuple(before[:-2]) or after[-1] != before[-2] * before[-1]:
+    if before is None or after is None or axis != len(before) - 2 or not after \
+            or math.prod(after[:-1]) != math.prod(before[:-2]) or after[-1] != before[-2] * before[-1]:
         return "a reshape of the heads that is not their merge into the last axis"
     heads = t.blocks[t.find(block)].heads
     if before[-2] % heads:
@@ -194,6 +198,52 @@ def _repeated(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:
     return True
 
 
+def _entry(t: _Tracker, node: gs.Node, position: int, per_head: int) -> ShapeEntry | str | None:
+    """How Reshape target entry `position`, which counts heads, follows a cut: a constant becomes (kept heads) x
+    `per_head` (-1 and 0 are inferred or copied: None); one computed at run time from the shapes of head tensors
+    follows by itself (None); one computed from other shapes (the batch times the heads, torch's
+    nn.MultiheadAttention) is scaled by kept / heads; the reason where none applies."""
+    def shape_of(tensor: gs.Tensor) -> tuple[int, ...] | None:
+        return t.shapes.get(tensor.name)
+
+    located = shape_entry(node, position, shape_of)
+    if located is not None:
+        holder, index, element = located
+        value = int(np.asarray(holder.inputs[index].values).reshape(-1)[element])
+        return None if value in (-1, 0) else ShapeEntry(node, position, per_head)
+    piece = shape_entry(node, position, shape_of, replaceable=True)
+    source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
+    if not from_runtime_shapes(source):
+        return "a reshape entry counting the heads is computed from values"
+    if all(read.name in t.axis for read in shapes_read(source)):
+        return None
+    if piece is None:
+        return "a reshape entry counting the heads is computed with other entries from other shapes"
+    return ShapeEntry(node, position, per_head, scaled=True)
+
+
+def _regrouped(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:
+    """A Reshape that keeps the head axis whole while the axes around it regroup (the heads folded into the
+    batch and back: [batch x heads, seq, width] <-> [batch, heads, seq, width]); its entry follows the cut."""
+    before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
+    if before is None or after is None:
+        return False
+    lead, behind = math.prod(before[:axis]), math.prod(before[axis + 1:])
+    position = next((j for j, size in enumerate(after) if size == before[axis] and math.prod(after[:j]) == lead
+                     and math.prod(after[j + 1:]) == behind), None)
+    if position is None:
+        return False
+    found = t.blocks[t.find(block)]
+    entry = _entry(t, node, position, after[position] // found.heads)
+    if isinstance(entry, str):
+        t.decline(node, block, entry)
+        return True
+    if entry is not None:
+        found.shapes.append(entry)
+    t.mark(node.outputs[0], position, block)
+    return True
+
+
 def _expanded(t: _Tracker, node: gs.Node, axis: int, block: int) -> int | str:
     """Expand along other axes than the heads; an explicit target entry for the heads follows them."""
     before, after = t.shapes.get(node.inputs[0].name), t.shapes.get(node.outputs[0].name)
@@ -214,7 +264,8 @@ def _step(t: _Tracker, node: gs.Node) -> None:
     for index, _ in tracked[1:]:
         block = t.union(block, t.block_of[node.inputs[index].name])
     axis = tracked[0][1]
-    if node.op == "Reshape" and tracked[0][0] == 0 and _repeated(t, node, axis, block):
+    if node.op == "Reshape" and tracked[0][0] == 0 and (_repeated(t, node, axis, block)
+                                                         or _regrouped(t, node, axis, block)):
         return
     if node.op == "Reshape":
         reason = _merge(t, node, axis, block) if tracked[0][0] == 0 else "a shape computed from the heads"
@@ -362,6 +413,25 @@ def _start(t: _Tracker, node: gs.Node, heads: int, width: int, sections: int = 1
     t.mark(node.outputs[0], position, block)
 
 
+def _start_folded(t: _Tracker, node: gs.Node, heads: int, width: int) -> None:
+    """A head split whose heads fold into the batch axis in front (graphopt.analysis.heads.sources.folded_split):
+    its projection's slices (one section of a packed one, found behind the Gather that takes it), its target
+    entry counting the batch times the heads."""
+    block = t.new(heads)
+    slices = producer_slices(node.inputs[0], width, 0, t.shapes)
+    if isinstance(slices, str):
+        t.blocks[block].declined = f"{node.name} (Reshape): {slices}"
+    else:
+        t.blocks[block].add_sources(slices)
+    position = len(t.shapes[node.outputs[0].name]) - 2
+    entry = _entry(t, node, position, 1)
+    if isinstance(entry, str):
+        t.blocks[block].declined = t.blocks[block].declined or f"{node.name} (Reshape): {entry}"
+    elif entry is not None:
+        t.blocks[block].shapes.append(entry)
+    t.mark(node.outputs[0], position, block)
+
+
 def _closed(t: _Tracker) -> list[HeadBlock]:
     """The blocks, a block whose head tensor is a graph output or that nothing projects declined."""
     for out in t.graph.outputs:
@@ -372,7 +442,11 @@ def _closed(t: _Tracker) -> list[HeadBlock]:
     for found in blocks:
         if not found.declined and not found.consumers:
             found.declined = "no linear projection reads the merged heads"
-    return blocks
+    # a packed projection split into [sections, width] first looks like a head split, then its sections are
+    # gathered: where blocks of its sections' heads were found behind it, it is no block of its own
+    sections = {entry.node.name for found in blocks if not found.declined for entry in found.shapes}
+    return [found for found in blocks if not (found.declined and found.shapes and found.shapes[0].node.name in sections
+                                              and "gathers along the heads" in found.declined)]
 
 
 def find_head_blocks(graph: gs.Graph, shapes: Shapes) -> list[HeadBlock]:
@@ -385,10 +459,13 @@ def find_head_blocks(graph: gs.Graph, shapes: Shapes) -> list[HeadBlock]:
         tracked = [x for x in node.inputs if x.name in t.axis]
         split = head_split(node, shapes) if node.op == "Reshape" and not tracked else None
         sectioned = sectioned_split(node, shapes) if node.op == "Reshape" and not tracked else None
+        folded = folded_split(node, shapes) if node.op == "Reshape" and not tracked else None
         if split is not None:
             _start(t, node, *split)
         elif sectioned is not None:
             _start(t, node, sectioned[1], sectioned[2], sectioned[0])
+        elif folded is not None:
+            _start_folded(t, node, *folded)
         elif tracked:
             _step(t, node)
     return _closed(t)

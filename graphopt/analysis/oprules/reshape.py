@@ -85,7 +85,7 @@ _SHAPE_ARITHMETIC = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Div", "Mul", "A
                      "Slice", "Concat", "Constant", "Identity"}
 
 
-def _from_runtime_shapes(tensor: gs.Tensor) -> bool:
+def from_runtime_shapes(tensor: gs.Tensor) -> bool:
     """True when `tensor` is computed only from `Shape` outputs and constants (so it follows pruning)."""
     stack, seen, reads_shape = [tensor], set(), False
     while stack:
@@ -103,8 +103,8 @@ def _from_runtime_shapes(tensor: gs.Tensor) -> bool:
     return reads_shape
 
 
-def _shapes_read(tensor: gs.Tensor) -> list[gs.Tensor]:
-    """The tensors whose run-time shapes `tensor` (computed only from shapes, see _from_runtime_shapes) reads."""
+def shapes_read(tensor: gs.Tensor) -> list[gs.Tensor]:
+    """The tensors whose run-time shapes `tensor` (computed only from shapes, see from_runtime_shapes) reads."""
     stack, seen, read = [tensor], set(), []
     while stack:
         current = stack.pop()
@@ -128,9 +128,9 @@ def _needs_edit(node: gs.Node, position: int, a: Analysis) -> bool | None:
     if located is None:
         piece = shape_entry(node, position, a.shape, replaceable=True)
         source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
-        if not _from_runtime_shapes(source):
+        if not from_runtime_shapes(source):
             return None
-        if all(a.state(read) is not None for read in _shapes_read(source)):
+        if all(a.state(read) is not None for read in shapes_read(source)):
             return False
         return True if piece is not None else None
     value = _entry_value(node, position, a.shape)

@@ -150,11 +150,34 @@ def broadcast_heads(graph: gs.Graph, entry: ShapeEntry, rank: int, value: int = 
     entry.node.inputs[1] = ones
 
 
-def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, shapes: dict[str, tuple[int, ...]]) -> None:
+def _set_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, heads: int, shapes: dict[str, tuple[int, ...]]) -> None:
     if entry.node.op == "Expand":
         broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]))
         return
+    if entry.scaled:
+        _scale_entry(graph, entry, kept, heads, shapes)
+        return
     set_target_entry(graph, entry.node, entry.position, kept * entry.per_head, shapes, "counting heads")
+
+
+def _scale_entry(graph: gs.Graph, entry: ShapeEntry, kept: int, heads: int, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A target entry computed at run time as the heads times the batch becomes entry x kept / heads (exact: the
+    entry is a multiple of the heads), on the Reshape's own copy of the Concat that builds its target."""
+    located = entry_holder(entry.node, entry.position, shapes)
+    if located is None:
+        raise GraphoptError(f"{entry.node.name}: the reshape target entry counting heads cannot be rewritten")
+    holder, index, _ = located
+    if holder is not entry.node:
+        holder = ir.private_producer(graph, entry.node, 1)
+    piece = holder.inputs[index]
+    grown, scaled = (gs.Variable(ir.unique_name(graph, f"{piece.name}_{what}"), dtype=piece.dtype)
+                     for what in ("kept", "heads"))
+    for op, source, factor, out in (("Mul", piece, kept, grown), ("Div", grown, heads, scaled)):
+        constant = gs.Constant(ir.unique_name(graph, f"{entry.node.name}_{op.lower()}_heads"),
+                               np.array([factor], dtype=np.int64))
+        graph.nodes.append(gs.Node(op, ir.unique_name(graph, f"{entry.node.name}_{op.lower()}_heads"),
+                                   inputs=[source, constant], outputs=[out]))
+    holder.inputs[index] = scaled
 
 
 def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, shapes: dict[str, tuple[int, ...]],
@@ -189,7 +212,7 @@ def cut_heads(graph: gs.Graph, block: HeadBlock, kept: np.ndarray, stats: dict[s
     _cut_slices(graph, block, removed)
     _cut_packed(graph, block, removed, shapes)
     for entry in block.shapes:
-        _set_entry(graph, entry, kept.size, shapes)
+        _set_entry(graph, entry, kept.size, block.heads, shapes)
     for entry in block.group_entries:  # query heads only: each key/value head is repeated for its group's kept heads
         broadcast_heads(graph, entry, len(shapes[entry.node.outputs[0].name]), kept.size // block.groups)
     _set_attributes(block, kept.size)

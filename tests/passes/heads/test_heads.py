@@ -350,3 +350,40 @@ def test_fused_attention_counts_the_macs_of_the_ops_it_replaces(tmp_path) -> Non
     counted = count_cost(fused, shapes)
     assert not counted.uncounted
     assert counted.macs == count_cost(plain, shapes).macs
+
+
+def test_heads_of_torch_multihead_attention_folded_into_the_batch_go_exactly(exporter, tmp_path) -> None:
+    """torch's nn.MultiheadAttention (in nn.TransformerEncoder): one packed q/k/v projection reshaped to [seq,
+    batch, 3, E] and its sections gathered, each folded to [seq, batch x heads, width] (the batch times the heads
+    computed at run time), scaled dot products, then [seq x batch, E] into the output projection: removing heads
+    whose output projection columns are zero is exact at another batch size than the analysis used."""
+    from graphopt.torch import export, zoo
+
+    module, example = zoo.ZOO["torch_encoder"]()
+    width = 32 // 4
+    with torch.no_grad():
+        for layer, heads in zip(module.encoder.layers, ([1], [0, 3])):
+            for head in heads:
+                layer.self_attn.out_proj.weight[:, head * width:(head + 1) * width] = 0.0
+    model = onnx.load(str(export.export_onnx(module, example, tmp_path / "m.onnx", exporter=exporter, fold_bn=False)))
+    normalised = optimize(model, method="none").model
+    graph = ir.import_graph(normalised)
+    shapes = batch1_shapes(normalised, {"input": (1, 8, 32)})
+    result = PassResult(modified=False)
+    blocks = usable_blocks(graph, shapes, result)
+    assert [block.heads for block in blocks] == [4, 4], result.skipped
+    assert not any("heads of" in reason for reason in result.skipped), result.skipped
+    assert all(sum(s.node.op == "MatMul" for s in block.slices) == 3 for block in blocks)  # q, k and v sections
+    for block, removed in zip(blocks, ([1], [0, 3])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(4), removed), {}, shapes, reconstruct=False)
+    ir.cleanup(graph)
+    pruned = ir.export_model(graph, normalised)
+    data = {"input": np.random.default_rng(3).standard_normal((3, 8, 32)).astype(np.float32)}
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-4, atol=1e-4)
+    packed = sorted(t.dims[1] for t in pruned.graph.initializer if len(t.dims) == 2 and t.dims[1] in (72, 48))
+    assert packed == [48, 72]  # 3 x (4 - 2) x 8 and 3 x (4 - 1) x 8 columns of the two packed projections
+    calib = {"input": np.random.default_rng(0).standard_normal((32, 8, 32)).astype(np.float32)}
+    snp = optimize(model, method="snp", calib=calib, target_macs=0.6)
+    stats = next(p for p in snp.report["passes"] if p["pass"] == "snp")["stats"]
+    assert stats["heads_removed"] >= 3 and snp.report["macs_ratio"] <= 0.6 * 1.02
+    assert np.isfinite(_run(snp.model, data)).all()
