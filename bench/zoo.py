@@ -8,7 +8,7 @@ exprune, the pipelines snp,exprune, cob,snp (also sequential) and magnitude,snp)
 without a target) or FAIL:<kind> (see that module).
 Calibration data are seeded Gaussian samples (16 by default). Sets:
 
-- tiny: the torch zoo of graphopt.torch.zoo (13 architectures, 8-64 channels), both exporters, opset 17,
+- tiny: the torch zoo of graphopt.torch.zoo (20 architectures, 8-64 channels), both exporters, opset 17,
   BatchNorm kept as nodes (the pre-passes fold it);
 - light: the onnx package's light model zoo (onnx/backend/test/data/light: ImageNet topologies at 224 px
   with constant-filled weights, opset 9), where the installed wheel ships it;
@@ -17,7 +17,10 @@ Calibration data are seeded Gaussian samples (16 by default). Sets:
   (NHWC transposes around convolutions, Tensordot reshapes, channel reductions, decomposed LayerNorm);
 - large: ImageNet-sized architectures written in bench/zoo_architectures.py (random init, 224 px), both
   exporters; by default only the runs --large-runs names at --large-targets (magnitude and snp at 0.5 of
-  the MACs), which keeps the whole sweep near half an hour on 2 cores.
+  the MACs), which keeps the whole sweep near half an hour on 2 cores;
+- wild: small models in the forms users write in torch (bench/zoo_wild.py: GRU, ConvNeXt and Mixer blocks,
+  PixelShuffle, GroupNorm, nn.MultiheadAttention, tied embeddings, weight norm, PReLU, ...), both exporters,
+  opset 17.
 
 Per run: the status, the MAC ratio reached, the seconds `graphopt.optimize` took and the peak RSS the
 run added (optimize and the checks of its output). Runs above --slow seconds are listed at the end.
@@ -63,17 +66,20 @@ from graphopt.calibration.session import make_session  # noqa: E402
 from graphopt.torch import export, zoo  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, Outcome, calibration, outcome  # noqa: E402
 from zoo_architectures import ARCHITECTURES, build  # noqa: E402
+import zoo_wild  # noqa: E402
 
 MIB = 1024**2
 RESULTS = REPO / "bench" / "results"
-SETS = ("samples", "tiny", "large", "light", "tf2onnx")
+SETS = ("samples", "tiny", "large", "light", "tf2onnx", "wild")
 
 
 def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
     """(set, label, path) of every model of `sets`, exporting the torch ones into `folder`."""
     found: list[tuple[str, str, Path]] = []
     builders = ([("tiny", name, zoo.ZOO[name]) for name in zoo.ZOO] if "tiny" in sets else []) + \
-               ([("large", name, lambda name=name: build(name)) for name in ARCHITECTURES] if "large" in sets else [])
+               ([("large", name, lambda name=name: build(name)) for name in ARCHITECTURES] if "large" in sets else []) + \
+               ([("wild", name, lambda name=name: zoo_wild.build(name)) for name in zoo_wild.ARCHITECTURES]
+                if "wild" in sets else [])
     for exporter in export.EXPORTERS:
         for kind, name, builder in builders:
             model, example = builder()
