@@ -42,11 +42,18 @@ class ConvNeXtBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
-class ConvNeXt(nn.Module):
-    def __init__(self) -> None:
+class PatchBackbone(nn.Module):
+    """A 4x4 patch stem to 32 channels, two blocks, a LayerNorm and a 10-way head (forward: the subclass's)."""
+
+    def __init__(self, block: Callable[[], nn.Module]) -> None:
         super().__init__()
-        self.stem, self.blocks = nn.Conv2d(3, 32, 4, stride=4), nn.Sequential(ConvNeXtBlock(), ConvNeXtBlock())
+        self.stem, self.blocks = nn.Conv2d(3, 32, 4, stride=4), nn.Sequential(block(), block())
         self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 10)
+
+
+class ConvNeXt(PatchBackbone):
+    def __init__(self) -> None:
+        super().__init__(ConvNeXtBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.blocks(self.stem(x)).mean((2, 3))))
@@ -64,14 +71,12 @@ class MixerBlock(nn.Module):
         return x + self.channel2(F.gelu(self.channel1(self.norm2(x))))
 
 
-class Mixer(nn.Module):
+class Mixer(PatchBackbone):
     def __init__(self) -> None:
-        super().__init__()
-        self.patch, self.blocks = nn.Conv2d(3, 32, 4, stride=4), nn.Sequential(MixerBlock(), MixerBlock())
-        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 10)
+        super().__init__(MixerBlock)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.blocks(self.patch(x).flatten(2).transpose(1, 2))).mean(1))
+        return self.head(self.norm(self.blocks(self.stem(x).flatten(2).transpose(1, 2))).mean(1))
 
 
 class ESPCN(nn.Module):
