@@ -154,7 +154,7 @@ def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, 
     `batch_size` defaults to 32, or to one below the row count from which the candidate's ExPrune layers run
     dense (graphopt.passes.exprune.dispatch): the op decides per row, so a smaller batch measures what a
     single-row caller gets, where a larger one would measure the dense layers (a given size that large is
-    warned about)."""
+    warned about). A reference that runs on one sample only is verified one sample at a time (graphopt.batching)."""
     from graphopt.passes.exprune.dispatch import measuring_batch
 
     if int(ctc_blank) < 0:
@@ -168,7 +168,12 @@ def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, 
     elif below < batch_size:
         log.warning("the candidate's ExPrune layers run dense from %d rows: at batch %d their skipping is not "
                     "measured (leave --batch-size out to measure it)", below + 1, batch_size)
-    report = compare_outputs(as_model(reference), candidate_model, data, batch_size=int(batch_size),
+    reference_model = as_model(reference)
+    dataset = load_data(data, reference_model)
+    batch_size = min(int(batch_size), _batch_that_runs(reference_model, dataset,
+                                                       resolve_shapes(reference_model, dataset, None),
+                                                       int(batch_size), device)[0])
+    report = compare_outputs(reference_model, candidate_model, dataset, batch_size=int(batch_size),
                              progress=progress, metric=metric, ctc_blank=int(ctc_blank), device=device)
     report.batch_size = int(batch_size)
     return report
@@ -405,6 +410,8 @@ def _prepared_data(original: onnx.ModelProto, calib: DataSource | None, input_sh
     batch_size, fallback = _batch_that_runs(original, dataset, shapes, int(resolved["batch_size"]),
                                             resolved.get("device") or "cpu")
     resolved["batch_size"] = batch_size
+    if fallback is not None:  # --bench times it at one sample only
+        resolved["bench_batch"] = 1
     padding = _padding_plan(original, dataset, resolved, batch_size)
     return (_trimmed(dataset, padding) if dataset is not None else None), shapes, fallback, padding
 

@@ -35,6 +35,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from graphopt import api
+from graphopt.batching import batch_that_runs
 from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.metric import as_metric
 from graphopt.calibration.store import StatsFile
@@ -109,7 +110,9 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
     _check_settings(methods, targets, kind, held_out, repeat, options)
     files = output_files(output_dir, model, calib) if output_dir is not None else None
     original = api.as_model(model)
-    fit, held = load_data(calib, original).split(held_out, seed=seed)
+    data = load_data(calib, original)
+    batch_size, bench_batch = _batches(original, data, input_shapes, batch_size, bench_batch)
+    fit, held = data.split(held_out, seed=seed)
     shapes = api.resolve_shapes(original, fit, input_shapes)
     if files is not None:
         files[0].parent.mkdir(exist_ok=True)
@@ -162,6 +165,16 @@ def _check_settings(methods: list[str], targets: list[float], kind: str, held_ou
 
 def _needs_data(method: str) -> bool:
     return any(METHODS[name].needs_data for name in api.parse_methods(method))
+
+
+def _batches(original: onnx.ModelProto, data: Dataset, input_shapes: dict[str, tuple[int, ...]] | None,
+             batch_size: int, bench_batch: int) -> tuple[int, int]:
+    """(batch size, timed batch size): both 1 where the model runs on one sample only (graphopt.batching)."""
+    batch_size, fallback = batch_that_runs(original, data, api.resolve_shapes(original, data, input_shapes), batch_size)
+    if fallback is None:
+        return batch_size, bench_batch
+    log.warning("%s", fallback)
+    return 1, 1
 
 
 def _statistics(original: onnx.ModelProto, fit: Dataset, methods: list[str], shapes: dict[str, tuple[int, ...]],

@@ -75,3 +75,17 @@ def test_calibrate_runs_one_sample_at_a_time_where_the_model_does() -> None:
     data = {"x": np.random.default_rng(1).standard_normal((5, 6)).astype(np.float32)}
     stats = calibrate(one_sample_model(), data)
     assert stats.samples == 5
+
+
+def test_verify_and_sweep_run_a_one_sample_model_one_sample_at_a_time(tmp_path: Path) -> None:
+    from graphopt.api import verify
+    from graphopt.sweep import sweep
+
+    model = one_sample_model()
+    data = {"x": np.random.default_rng(2).standard_normal((6, 6)).astype(np.float32)}
+    report = verify(model, model, data)
+    assert report.batch_size == 1 and report.samples == 6 and report.to_json()["rel_l2"] == 0.0
+    found = sweep(model, data, methods=["magnitude"], targets=[0.8], held_out=0.5)  # timed at one sample only
+    (row,) = found["rows"]
+    assert not row["refused"] and not row["failed"] and row["target_reached"], row
+    assert list(row["latency"]) == ["batch_1", "slower"] and row["fidelity"]["samples"] == 3
