@@ -12,30 +12,15 @@ batch size of 1 are not probed.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import onnx
 
 from graphopt.calibration.data import Dataset
-from graphopt.calibration.session import make_session, runtime
+from graphopt.calibration.session import failure_text, make_session, runtime
 from graphopt.errors import DataError
 from graphopt.evaluate import random_feed
 from graphopt.ir.shapes import batch_axes
-
-_NODE_FAILURE = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", re.S)
-
-
-def failure_text(error: BaseException) -> str:
-    """onnxruntime's run error in one line: the node, its op and the reason, without the source location."""
-    text = str(error).strip()
-    found = _NODE_FAILURE.search(text)
-    if found is None:
-        return text.splitlines()[0] if text else type(error).__name__
-    reason = found.group(3).strip().splitlines()[0].split(" was false. ")[-1].strip()
-    node = f"node '{found.group(2)}' ({found.group(1)})" if found.group(2) else f"a {found.group(1)} node"
-    return f"{node}: {reason}"
-
 
 def _runs(model: onnx.ModelProto, feed: dict[str, Any], device: str) -> str | None:
     """None when `model` runs on `feed`, else why not."""

@@ -29,7 +29,7 @@ from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_dat
 from graphopt.calibration.fidelity import OutputKind, compare, output_kinds
 from graphopt.calibration.metric import Metric, MetricMean, as_metric
 from graphopt.calibration.latency import interleaved, spread as latency_spread
-from graphopt.calibration.session import make_session
+from graphopt.calibration.session import failure_text, make_session, runtime
 from graphopt.errors import CandidateLoadError, DataError, ModelLoadError, OptionError
 from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
 
@@ -228,11 +228,23 @@ def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
     return random_feed(model, shapes or resolve_input_shapes(model), batch=batch)
 
 
+def runs_at(session: Any, feed: dict[str, np.ndarray], batch: int) -> None:
+    """One inference before timing; a model that fails at this batch (one that runs on one sample only,
+    graphopt.batching) is the user's to see, in one line naming the node."""
+    quiet = runtime().RunOptions()
+    quiet.log_severity_level = 4  # the failure is reported once, here
+    try:
+        session.run(None, feed, quiet)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise DataError(f"the model fails in onnxruntime at batch {batch}: {failure_text(exc)}") from exc
+
+
 def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,
           warmup: int = 5, threads: int = 0, device: str = "cpu", shapes: dict[str, tuple[int, ...]] | None = None,
           progress: bool = False) -> dict[str, Any]:
     feed = bench_feed(model, data, batch, shapes)
     session = make_session(model, optimize=True, device=device, threads=threads)
+    runs_at(session, feed, batch)
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -268,6 +280,8 @@ def compare_latency(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, d
     sessions = [make_session(model, optimize=True, device=device, threads=threads, spinning=False)
                 for model in (reference, candidate)]
     feeds = [feed, {name: value for name, value in feed.items() if name in cand_inputs}]
+    for session, one in zip(sessions, feeds):
+        runs_at(session, one, batch)
     timing = interleaved(sessions, feeds, rounds, runs, warmup, lambda steps: tqdm(
         steps, desc=f"latency batch {batch}", unit="round", disable=not progress, leave=False))
     return {"batch": batch, "rounds": rounds, "runs_per_round": runs, "threads": threads,

@@ -89,3 +89,14 @@ def test_verify_and_sweep_run_a_one_sample_model_one_sample_at_a_time(tmp_path: 
     (row,) = found["rows"]
     assert not row["refused"] and not row["failed"] and row["target_reached"], row
     assert list(row["latency"]) == ["batch_1", "slower"] and row["fidelity"]["samples"] == 3
+
+
+def test_bench_at_a_batch_the_model_cannot_run_is_one_line_exit_2(tmp_path: Path, capfd) -> None:
+    source = tmp_path / "m.onnx"
+    onnx.save(one_sample_model(), source)
+    for argv in (["bench", str(source), "--batch", "4", "--repeat", "2"],
+                 ["bench", str(source), str(source), "--batch", "4", "--repeat", "2"]):
+        assert cli.main(argv) == 2
+        lines = capfd.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "fails in onnxruntime at batch 4: a Reshape node" in lines[0], lines
+    assert cli.main(["bench", str(source), "--batch", "1", "--repeat", "2", "--json"]) == 0

@@ -9,6 +9,7 @@ optimisation, as a deployment would. onnxruntime is imported lazily so that `onn
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import weakref
 from pathlib import Path
@@ -136,6 +137,17 @@ def _register_kernels(options: Any, model: onnx.ModelProto | str) -> None:
     proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else model
     if uses_graphopt_ops(proto) and register(options):
         log.info("graphopt native kernels registered")
+
+
+def failure_text(error: BaseException) -> str:
+    """onnxruntime's run error in one line: the node, its op and the reason, without the source location."""
+    text = str(error).strip()
+    found = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", text, re.S)
+    if found is None:
+        return text.splitlines()[0] if text else type(error).__name__
+    reason = found.group(3).strip().splitlines()[0].split(" was false. ")[-1].strip()
+    node = f"node '{found.group(2)}' ({found.group(1)})" if found.group(2) else f"a {found.group(1)} node"
+    return f"{node}: {reason}"
 
 
 def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
