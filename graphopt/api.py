@@ -123,7 +123,7 @@ def calibrate(model: ModelSource, data: DataSource, *, output: str | os.PathLike
     original = as_model(model)
     dataset = load_data(data, original)
     shapes = resolve_shapes(original, dataset, input_shapes)
-    batch_size = _batch_that_runs(original, dataset, shapes, batch_size, device)[0]
+    batch_size = batch_that_runs(original, dataset, shapes, batch_size, device)[0]
     graph = ir.import_graph(original)
     ctx = PassContext(template=original, input_shapes=shapes, progress=progress)
     PassManager(normalising_passes()).run(graph, ctx)
@@ -170,9 +170,8 @@ def verify(reference: ModelSource, candidate: ModelSource, data: DataSource, *, 
                     "measured (leave --batch-size out to measure it)", below + 1, batch_size)
     reference_model = as_model(reference)
     dataset = load_data(data, reference_model)
-    batch_size = min(int(batch_size), _batch_that_runs(reference_model, dataset,
-                                                       resolve_shapes(reference_model, dataset, None),
-                                                       int(batch_size), device)[0])
+    batch_size = batch_that_runs(reference_model, dataset, resolve_shapes(reference_model, dataset, None),
+                                 int(batch_size), device)[0]
     report = compare_outputs(reference_model, candidate_model, dataset, batch_size=int(batch_size),
                              progress=progress, metric=metric, ctc_blank=int(ctc_blank), device=device)
     report.batch_size = int(batch_size)
@@ -407,22 +406,13 @@ def _prepared_data(original: onnx.ModelProto, calib: DataSource | None, input_sh
     becomes the batch size the model runs at."""
     dataset = load_data(calib, original) if calib is not None else None
     shapes = resolve_shapes(original, dataset, input_shapes)
-    batch_size, fallback = _batch_that_runs(original, dataset, shapes, int(resolved["batch_size"]),
-                                            resolved.get("device") or "cpu")
+    batch_size, fallback = batch_that_runs(original, dataset, shapes, int(resolved["batch_size"]),
+                                           resolved.get("device") or "cpu")
     resolved["batch_size"] = batch_size
     if fallback is not None:  # --bench times it at one sample only
         resolved["bench_batch"] = 1
     padding = _padding_plan(original, dataset, resolved, batch_size)
     return (_trimmed(dataset, padding) if dataset is not None else None), shapes, fallback, padding
-
-
-def _batch_that_runs(original: onnx.ModelProto, dataset: Dataset | None, shapes: dict[str, tuple[int, ...]],
-                     batch_size: int, device: str) -> tuple[int, str | None]:
-    """`batch_size`, or 1 with the reason where the model runs on one sample only (graphopt.batching)."""
-    used, reason = batch_that_runs(original, dataset, shapes, batch_size, device)
-    if reason is not None:
-        log.warning("%s", reason)
-    return used, reason
 
 
 def _padding_plan(original: onnx.ModelProto, dataset: Dataset | None, resolved: dict[str, Any],

@@ -12,26 +12,18 @@ batch size of 1 are not probed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import onnx
 
 from graphopt.calibration.data import Dataset
-from graphopt.calibration.session import failure_text, make_session, runtime
+from graphopt.calibration.session import make_session, run_failure
 from graphopt.errors import DataError
 from graphopt.evaluate import random_feed
 from graphopt.ir.shapes import batch_axes
 
-def _runs(model: onnx.ModelProto, feed: dict[str, Any], device: str) -> str | None:
-    """None when `model` runs on `feed`, else why not."""
-    session = make_session(model, device=device)
-    quiet = runtime().RunOptions()
-    quiet.log_severity_level = 4  # the failure is reported to the user once, by the caller
-    try:
-        session.run(None, feed, quiet)
-    except Exception as error:  # onnxruntime raises its own exception types for a failing run
-        return failure_text(error)
-    return None
+log = logging.getLogger(__name__)
 
 
 def _first(feeds: Any) -> dict[str, Any] | None:
@@ -40,20 +32,23 @@ def _first(feeds: Any) -> dict[str, Any] | None:
 
 def batch_that_runs(model: onnx.ModelProto, dataset: Dataset | None, shapes: dict[str, tuple[int, ...]],
                     batch_size: int, device: str = "cpu") -> tuple[int, str | None]:
-    """(batch size to use, why it is smaller than `batch_size` or None). Runs `model` on two samples of
-    `dataset` (seeded random inputs without data) and, where that fails, on one."""
+    """(batch size to use, why it is smaller than `batch_size` or None, also logged as a warning). Runs `model`
+    on two samples of `dataset` (seeded random inputs without data) and, where that fails, on one."""
     if batch_size <= 1 or all(axis is None for axis in batch_axes(model).values()):
         return batch_size, None
     if dataset is not None and (dataset.arrays is None or dataset.unit or (dataset.num_samples or 0) < 2):
         return batch_size, None
     where = "the calibration data" if dataset is not None else "seeded random inputs"
     pair = _first(dataset.batches(2, trimmed=False)) if dataset is not None else random_feed(model, shapes, batch=2)
-    failed = _runs(model, pair, device)
+    session = make_session(model, device=device)
+    failed = run_failure(session, pair)
     if failed is None:
         return batch_size, None
     one = _first(dataset.batches(1, trimmed=False)) if dataset is not None else random_feed(model, shapes, batch=1)
-    alone = _runs(model, one, device)
+    alone = run_failure(session, one)
     if alone is not None:
         raise DataError(f"the model fails in onnxruntime on {where}: {alone}")
-    return 1, (f"the model declares a dynamic batch but fails in onnxruntime on 2 samples at once ({failed}); "
-               f"it runs one sample at a time (--batch-size 1)")
+    reason = (f"the model declares a dynamic batch but fails in onnxruntime on 2 samples at once ({failed}); "
+              f"it runs one sample at a time (--batch-size 1)")
+    log.warning("%s", reason)
+    return 1, reason

@@ -29,7 +29,7 @@ from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_dat
 from graphopt.calibration.fidelity import OutputKind, compare, output_kinds
 from graphopt.calibration.metric import Metric, MetricMean, as_metric
 from graphopt.calibration.latency import interleaved, spread as latency_spread
-from graphopt.calibration.session import failure_text, make_session, runtime
+from graphopt.calibration.session import make_session, run_failure
 from graphopt.errors import CandidateLoadError, DataError, ModelLoadError, OptionError
 from graphopt.ir.shapes import batch_axes, input_specs, resolve_input_shapes
 
@@ -231,12 +231,9 @@ def bench_feed(model: onnx.ModelProto, data: DataSource | None, batch: int,
 def runs_at(session: Any, feed: dict[str, np.ndarray], batch: int) -> None:
     """One inference before timing; a model that fails at this batch (one that runs on one sample only,
     graphopt.batching) is the user's to see, in one line naming the node."""
-    quiet = runtime().RunOptions()
-    quiet.log_severity_level = 4  # the failure is reported once, here
-    try:
-        session.run(None, feed, quiet)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise DataError(f"the model fails in onnxruntime at batch {batch}: {failure_text(exc)}") from exc
+    failed = run_failure(session, feed)
+    if failed is not None:
+        raise DataError(f"the model fails in onnxruntime at batch {batch}: {failed}")
 
 
 def bench(model: onnx.ModelProto, *, data: DataSource | None = None, batch: int = 1, repeat: int = 50,

@@ -111,9 +111,9 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
     files = output_files(output_dir, model, calib) if output_dir is not None else None
     original = api.as_model(model)
     data = load_data(calib, original)
-    batch_size, bench_batch = _batches(original, data, input_shapes, batch_size, bench_batch)
     fit, held = data.split(held_out, seed=seed)
     shapes = api.resolve_shapes(original, fit, input_shapes)
+    batch_size, bench_batch = _batches(original, data, shapes, batch_size, bench_batch)
     if files is not None:
         files[0].parent.mkdir(exist_ok=True)
     stats = _statistics(original, fit, methods, shapes, threads, batch_size, progress)
@@ -167,14 +167,10 @@ def _needs_data(method: str) -> bool:
     return any(METHODS[name].needs_data for name in api.parse_methods(method))
 
 
-def _batches(original: onnx.ModelProto, data: Dataset, input_shapes: dict[str, tuple[int, ...]] | None,
-             batch_size: int, bench_batch: int) -> tuple[int, int]:
+def _batches(original: onnx.ModelProto, data: Dataset, shapes: dict[str, tuple[int, ...]], batch_size: int,
+             bench_batch: int) -> tuple[int, int]:
     """(batch size, timed batch size): both 1 where the model runs on one sample only (graphopt.batching)."""
-    batch_size, fallback = batch_that_runs(original, data, api.resolve_shapes(original, data, input_shapes), batch_size)
-    if fallback is None:
-        return batch_size, bench_batch
-    log.warning("%s", fallback)
-    return 1, 1
+    return (1, 1) if batch_that_runs(original, data, shapes, batch_size)[1] is not None else (batch_size, bench_batch)
 
 
 def _statistics(original: onnx.ModelProto, fit: Dataset, methods: list[str], shapes: dict[str, tuple[int, ...]],

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from graphopt.calibration.layer_models import LayerSpec
-from graphopt.calibration.session import make_session, providers, runtime
+from graphopt.calibration.session import failure_text, make_session, providers, runtime
 from graphopt.errors import GraphoptError
 from graphopt.ir.files import write_atomic
 from graphopt.ir.shapes import input_specs
@@ -136,8 +136,7 @@ def _runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], Any]:
         try:
             return session.run(None, feed)
         except Exception as exc:  # onnxruntime raises its own exception types
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GraphoptError(f"onnxruntime cannot run the model: {first_line}") from exc
+            raise GraphoptError(f"onnxruntime cannot run the model: {failure_text(exc)}") from exc
 
     return run
 

@@ -150,6 +150,18 @@ def failure_text(error: BaseException) -> str:
     return f"{node}: {reason}"
 
 
+def run_failure(session: Any, feed: dict[str, Any]) -> str | None:
+    """None when `session` runs on `feed`, else onnxruntime's reason in one line (`failure_text`); onnxruntime
+    logs nothing of it, so the caller reports it once."""
+    quiet = runtime().RunOptions()
+    quiet.log_severity_level = 4
+    try:
+        session.run(None, feed, quiet)
+    except Exception as error:  # onnxruntime raises its own exception types for a failing run
+        return failure_text(error)
+    return None
+
+
 def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
     """Run `model` once on `feed` with `names` exposed as outputs; return their concrete shapes."""
     exposed = onnx.ModelProto()

@@ -11,7 +11,7 @@ from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, S
 from graphopt.analysis.heads.grouped import prefers_query_heads
 from graphopt.analysis.heads.sources import (folded_split, grouped_projections, head_split, packed_projection,
                                              producer_slices, sectioned_split, separate_projections)
-from graphopt.analysis.oprules.reshape import from_runtime_shapes, shape_entry, shapes_read
+from graphopt.analysis.oprules.reshape import entry_kind
 
 UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
          "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}
@@ -203,23 +203,12 @@ def _entry(t: _Tracker, node: gs.Node, position: int, per_head: int) -> ShapeEnt
     `per_head` (-1 and 0 are inferred or copied: None); one computed at run time from the shapes of head tensors
     follows by itself (None); one computed from other shapes (the batch times the heads, torch's
     nn.MultiheadAttention) is scaled by kept / heads; the reason where none applies."""
-    def shape_of(tensor: gs.Tensor) -> tuple[int, ...] | None:
-        return t.shapes.get(tensor.name)
-
-    located = shape_entry(node, position, shape_of)
-    if located is not None:
-        holder, index, element = located
-        value = int(np.asarray(holder.inputs[index].values).reshape(-1)[element])
-        return None if value in (-1, 0) else ShapeEntry(node, position, per_head)
-    piece = shape_entry(node, position, shape_of, replaceable=True)
-    source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
-    if not from_runtime_shapes(source):
-        return "a reshape entry counting the heads is computed from values"
-    if all(read.name in t.axis for read in shapes_read(source)):
+    kind = entry_kind(node, position, lambda tensor: t.shapes.get(tensor.name), lambda tensor: tensor.name in t.axis)
+    if kind is None:
+        return "a reshape entry counting the heads is computed from values, or with other entries from other shapes"
+    if kind in ("inferred", "follows"):
         return None
-    if piece is None:
-        return "a reshape entry counting the heads is computed with other entries from other shapes"
-    return ShapeEntry(node, position, per_head, scaled=True)
+    return ShapeEntry(node, position, per_head, scaled=kind == "piece")
 
 
 def _regrouped(t: _Tracker, node: gs.Node, axis: int, block: int) -> bool:

@@ -119,24 +119,29 @@ def shapes_read(tensor: gs.Tensor) -> list[gs.Tensor]:
     return read
 
 
+def entry_kind(node: gs.Node, position: int, shape_of: ShapeOf, cut: Callable[[gs.Tensor], bool]) -> str | None:
+    """How Reshape target entry `position` meets a cut of what it counts: "inferred" (-1, or 0 copying the
+    input), "constant" (an explicit constant, to rewrite), "follows" (computed at run time from the shapes of
+    tensors `cut` says are cut with it), "piece" (a one-element Concat piece computed from other shapes: the
+    caller replaces or scales it); None where it cannot be rewritten."""
+    if shape_entry(node, position, shape_of) is not None:
+        value = _entry_value(node, position, shape_of)
+        return "inferred" if value == -1 or (value == 0 and not node.attrs.get("allowzero", 0)) else "constant"
+    piece = shape_entry(node, position, shape_of, replaceable=True)
+    source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
+    if not from_runtime_shapes(source):
+        return None
+    if all(cut(read) for read in shapes_read(source)):
+        return "follows"
+    return "piece" if piece is not None else None
+
+
 def _needs_edit(node: gs.Node, position: int, a: Analysis) -> bool | None:
-    """False: entry is -1, copies the input, or is computed from the run-time shapes of tensors whose
-    channels are pruned with it; True: an editable explicit entry, or a one-element piece computed from
-    shapes that pruning leaves alone (attention's reshape back to [B, T, C] with C read from the block's
-    input: it becomes the constant); None: not editable."""
-    located = shape_entry(node, position, a.shape)
-    if located is None:
-        piece = shape_entry(node, position, a.shape, replaceable=True)
-        source = piece[0].inputs[piece[1]] if piece is not None else node.inputs[1]
-        if not from_runtime_shapes(source):
-            return None
-        if all(a.state(read) is not None for read in shapes_read(source)):
-            return False
-        return True if piece is not None else None
-    value = _entry_value(node, position, a.shape)
-    if value == -1 or (value == 0 and not node.attrs.get("allowzero", 0)):
-        return False
-    return True
+    """False: the entry follows the pruned sizes by itself; True: an explicit entry to rewrite, or a
+    one-element piece computed from shapes that pruning leaves alone (attention's reshape back to [B, T, C]
+    with C read from the block's input: it becomes the constant); None: not editable."""
+    kind = entry_kind(node, position, a.shape, lambda tensor: a.state(tensor) is not None)
+    return None if kind is None else kind in ("constant", "piece")
 
 
 def _kept_or_flattened(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int,
