@@ -275,7 +275,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print("  metadata: " + ", ".join(sorted(info["metadata_props"])))
     for group in info.get("groups", []):
         status = "prunable" if group["prunable"] else f"blocked: {group['reason']}"
-        print(f"  group {group['id']}: {group['size']} channels, {status}")
+        runs = f" (in whole runs of {group['whole_runs_of']})" if "whole_runs_of" in group else ""
+        print(f"  group {group['id']}: {group['size']} channels{runs}, {status}")
         print("    " + ", ".join(group["members"]))
     for block in info.get("head_blocks", []):
         status = "prunable" if block["prunable"] else f"blocked: {block['reason']}"

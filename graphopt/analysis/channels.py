@@ -13,11 +13,15 @@ Two coupling operations keep the description consistent:
   same indices of every member atom.
 
 A class may be blocked (a graph output, an op without a rule, a normalisation over channels, ...);
-the first reason is kept and the class is never pruned.
+the first reason is kept and the class is never pruned. A class may also have a *granule* k: its channels
+go in whole aligned runs of k (GroupNorm's groups, whose statistics would change if a group lost part of
+its channels), so a cut keeps whole runs and counts stay multiples of k. Coupling two classes keeps the
+least common multiple of their granules; a refinement that cuts through a run blocks the pieces.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -35,6 +39,7 @@ class AtomTable:
     parent: dict[int, int] = field(default_factory=dict)
     members: dict[int, list[int]] = field(default_factory=dict)
     blocked: dict[int, str] = field(default_factory=dict)
+    granule: dict[int, int] = field(default_factory=dict)
 
     def new(self, size: int) -> int:
         atom = len(self.sizes)
@@ -82,6 +87,20 @@ class AtomTable:
         reason = self.blocked.pop(rb, None)
         if reason is not None:
             self.blocked.setdefault(ra, reason)
+        granule = self.granule.pop(rb, None)
+        if granule is not None:
+            self.set_granule(ra, granule)
+
+    def set_granule(self, atom: int, granule: int) -> None:
+        """Atom `atom`'s class keeps its channels in whole aligned runs of `granule` (with any it had: their least
+        common multiple); a class whose size is not a multiple of it is blocked."""
+        root = self.find(atom)
+        merged = math.lcm(self.granule.get(root, 1), granule)
+        if merged > 1:
+            self.granule[root] = merged
+        if self.sizes[root] % merged:
+            self.blocked.setdefault(root, f"channel groups in whole runs of {merged} (GroupNorm) do not fit "
+                                          f"{self.sizes[root]} channels")
 
     def refine(self, leaf: int, cuts: list[int]) -> None:
         """Cut a leaf atom (and every atom coupled with it) at the given interior offsets."""
@@ -91,6 +110,7 @@ class AtomTable:
         bounds = [0, *cuts, self.sizes[leaf]]
         root = self.find(leaf)
         reason = self.blocked.pop(root, None)
+        granule = self.granule.pop(root, 1)
         split_members = []
         for member in self.members.pop(root):  # every member becomes internal; its pieces form new classes
             pieces = [self.new(hi - lo) for lo, hi in zip(bounds, bounds[1:])]
@@ -99,9 +119,14 @@ class AtomTable:
         for pieces in split_members[1:]:
             for first, other in zip(split_members[0], pieces):
                 self.union(first, other)
-        if reason is not None:
-            for piece in split_members[0]:
+        if granule > 1 and any(cut % granule for cut in cuts):
+            reason = reason or f"a cut at channel {next(c for c in cuts if c % granule)} splits a run of {granule} " \
+                               f"channels that go together (a GroupNorm group)"
+        for piece in split_members[0]:
+            if reason is not None:
                 self.blocked.setdefault(self.find(piece), reason)
+            elif granule > 1:
+                self.set_granule(piece, granule)
 
     def cut_at(self, atoms: tuple[int, ...] | list[int], positions: list[int]) -> list[int]:
         """Refine so that every position in `positions` falls on a leaf boundary; return the leaves."""

@@ -23,6 +23,8 @@ class Site:
     "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split),
     "reduce" (a ReduceSum/ReduceMean over the channel axis `axis`, role "consumer": a linear consumer whose
     weight is a row of ones, or of 1/n; graphopt.passes.channels.reduction gives it that weight).
+    With `per` > 1 an entry of the site stands for `per` consecutive channels (GroupNorm's per-group scale, its
+    group count, a reshape to [N, groups, -1]): it counts, or slices by, the whole runs kept.
     """
 
     kind: str
@@ -32,6 +34,7 @@ class Site:
     axis: int = 0
     role: str = "param"
     outputs: list[ChannelState] = field(default_factory=list)
+    per: int = 1
 
     @property
     def groups(self) -> int:
@@ -55,6 +58,7 @@ class Group:
     size: int
     sites: list[Site]
     blocked: str | None
+    granule: int = 1  # channels go in whole aligned runs of this many (GroupNorm groups)
 
     @property
     def prunable(self) -> bool:
@@ -62,9 +66,10 @@ class Group:
 
     def describe(self) -> dict[str, Any]:
         members = sorted({f"{s.node.name}:{s.role if s.kind == 'weight' else s.kind}" for s in self.sites})
-        return {"id": self.root, "size": self.size, "prunable": self.prunable,
-                "reason": self.blocked or (None if self.prunable else "no producer weights"),
-                "members": members}
+        described = {"id": self.root, "size": self.size, "prunable": self.prunable,
+                     "reason": self.blocked or (None if self.prunable else "no producer weights"),
+                     "members": members}
+        return {**described, "whole_runs_of": self.granule} if self.granule > 1 else described
 
 
 def group_key(atoms: AtomTable, group: Group) -> tuple[tuple[str, int, int], ...]:
@@ -121,6 +126,20 @@ class Analysis:
         for tensor in node.inputs:
             self.block(self.state(tensor), f"{node.name} ({node.op}): {reason}")
 
+    def in_runs(self, state: ChannelState, run: int, where: gs.Node) -> bool:
+        """Make `state`'s channels go in whole aligned runs of `run` (a normalisation over groups of channels);
+        False, with the group blocked, where an atom boundary falls inside a run."""
+        offset = 0
+        for leaf in self.atoms.leaves(state.atoms):
+            if offset % run or self.atoms.sizes[leaf] % run:
+                self.block(state, f"{where.name} ({where.op}): a group of {run} channels it normalises together "
+                                  f"spans channels pruned independently")
+                return False
+            offset += self.atoms.sizes[leaf]
+        for leaf in self.atoms.leaves(state.atoms):
+            self.atoms.set_granule(leaf, run)
+        return True
+
     def unify(self, first: ChannelState, second: ChannelState, where: gs.Node) -> bool:
         if first.factor != second.factor or not self.atoms.unify(first.atoms, second.atoms):
             reason = f"{where.name} ({where.op}): merges channel layouts that do not line up"
@@ -159,8 +178,8 @@ class Analysis:
         by_root = self.leaf_sites()
         roots = sorted({self.atoms.find(leaf) for state in self.states.values()
                         for leaf in self.atoms.leaves(state.atoms)} | set(by_root))
-        return [Group(root, self.atoms.sizes[root], by_root.get(root, []), self.atoms.blocked.get(root))
-                for root in roots]
+        return [Group(root, self.atoms.sizes[root], by_root.get(root, []), self.atoms.blocked.get(root),
+                      self.atoms.granule.get(root, 1)) for root in roots]
 
 
 

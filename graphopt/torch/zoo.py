@@ -3,7 +3,7 @@
 Every entry of ``ZOO`` builds a randomly initialised model in ``eval()`` mode together with an
 example input of batch size 2. Builds are reproducible: each one seeds its own RNG stream and
 leaves the global torch RNG untouched. BatchNorm running statistics and affine parameters (and
-LayerNorm affine parameters) are randomised so that an unfused or wrongly folded normalisation
+LayerNorm and GroupNorm affine parameters) are randomised so that an unfused or wrongly folded normalisation
 changes the output. Models are tiny (8-64 channels, 8-32 pixels) so a CPU forward takes
 milliseconds; they are for structural tests, not for accuracy.
 """
@@ -434,6 +434,25 @@ class RecurrentRecognizer(nn.Module):
         return self.head(self.gru(self.lstm(sequence)[0])[0])
 
 
+class GroupNormResBlock(nn.Module):
+    """A diffusion-UNet-style residual block: GroupNorm, SiLU and a 3x3 convolution, twice, added to its input
+    (both exporters write each GroupNorm as Reshape to [N, groups, -1], InstanceNormalization, Reshape back)."""
+
+    def __init__(self, channels: int = 48, groups: int = 12) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(groups, channels), nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+
+
+def _groupnorm_resnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), GroupNormResBlock(48, 12), nn.GroupNorm(12, 48), nn.SiLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10))
+
+
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -443,13 +462,13 @@ def _uniform(like: torch.Tensor, low: float, high: float, generator: torch.Gener
 
 def randomize_norm_parameters(model: nn.Module, generator: torch.Generator) -> None:
     """Draw BatchNorm running mean in [-0.5, 0.5) and variance in [0.5, 2), and norm affine terms
-    (BatchNorm and LayerNorm) with scale in [0.5, 1.5) and shift in [-0.3, 0.3)."""
+    (BatchNorm, LayerNorm and GroupNorm) with scale in [0.5, 1.5) and shift in [-0.3, 0.3)."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, _BATCHNORMS):
                 module.running_mean.copy_(_uniform(module.running_mean, -0.5, 0.5, generator))
                 module.running_var.copy_(_uniform(module.running_var, 0.5, 2.0, generator))
-            if isinstance(module, (*_BATCHNORMS, nn.LayerNorm)):
+            if isinstance(module, (*_BATCHNORMS, nn.LayerNorm, nn.GroupNorm)):
                 module.weight.copy_(_uniform(module.weight, 0.5, 1.5, generator))
                 module.bias.copy_(_uniform(module.bias, -0.3, 0.3, generator))
 
@@ -488,6 +507,7 @@ _ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "grouped_query_decoder": (_grouped_query_decoder, (8, 32)),
     "recurrent_recognizer": (RecurrentRecognizer, (1, 16, 24)),
     "torch_encoder": (TorchEncoder, (8, 32)),
+    "groupnorm_resnet": (_groupnorm_resnet, _IMAGE_16),
 }
 
 ZOO: dict[str, ModelBuilder] = {

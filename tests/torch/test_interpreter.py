@@ -181,6 +181,11 @@ CORNERS = {
             th = Tanh (root)
             y = Add (e, th)
         }"""),
+    "group_normalization": (21, """
+        g (float[2, 6, 3, 4] x) => (float[2, 6, 3, 4] y)
+            <float[6] s = {1.0, 0.5, -1.0, 2.0, 0.3, 1.5}, float[6] b = {0.0, 0.1, 0.2, 0.3, -0.4, 0.5}> {
+            y = GroupNormalization <num_groups = 3, epsilon = 0.001> (x, s, b)
+        }"""),
     "resize_nearest_and_linear": (17, """
         g (float[1, 2, 3, 4] x) => (float[1, 2, 6, 8] n, float[1, 2, 6, 8] l) <float[4] sc = {1.0, 1.0, 2.0, 2.0}> {
             n = Resize <mode = "nearest", coordinate_transformation_mode = "asymmetric",

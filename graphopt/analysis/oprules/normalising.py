@@ -2,7 +2,9 @@
 other normalisations, softmaxes, reductions and arg-reductions.
 
 Channels: a per-channel normalisation slices its parameters with the channels; one that normalises
-over the channel axis blocks the group (removing a channel would change every other); a reduction
+over the channel axis blocks the group (removing a channel would change every other), except
+GroupNormalization, whose groups are normalised apart: its channels go in whole groups (the class's
+granule, graphopt.analysis.channels), so removing a group leaves every other as it was; a reduction
 over other axes moves the channel axis as keepdims says. A ReduceSum or ReduceMean over the channel axis
 alone is a linear consumer (a "reduce" site: a row of ones, or of 1/n, over the channels) whose output is a
 statistic over them (graphopt.analysis.groups); any other reduction over the channel axis blocks. Constants:
@@ -36,6 +38,30 @@ def norm_per_channel(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], state)
 
 
+def group_normalization(node: gs.Node, a: Analysis) -> None:
+    """GroupNormalization over axis 1: whole groups go; scale and bias are per group (opset 18) or per channel
+    (opset 21), num_groups counts the groups kept."""
+    for tensor in node.inputs[1:]:
+        a.block(a.state(tensor), f"{node.name} ({node.op}): channels on a parameter input")
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    groups, size = int(node.attrs.get("num_groups", 0)), a.size(state)
+    params = [constant_values(t) for t in node.inputs[1:3]]
+    if state.axis != 1 or state.factor != 1 or groups <= 0 or size % groups or \
+            any(p is None or p.size not in (groups, size) for p in params):
+        a.block(state, f"{node.name} ({node.op}): groups not on axis 1 or parameters neither constant per group "
+                       "nor per channel")
+        return
+    run = size // groups
+    if not a.in_runs(state, run, node):
+        return
+    for index, values in zip((1, 2), params):
+        a.site("weight", node, state, index=index, axis=0, role="param", per=run if values.size == groups else 1)
+    a.site("count", node, state, role="num_groups", per=run)
+    a.set_state(node.outputs[0], state)
+
+
 def normalising(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
     rank = a.rank(node.inputs[0])
@@ -47,7 +73,7 @@ def normalising(node: gs.Node, a: Analysis) -> None:
                                 "LpNormalization", "RMSNormalization") else 1
     start = positive_axis(int(node.attrs.get("axis", default)), rank)
     covered = state.axis >= start if node.op in ("LayerNormalization", "RMSNormalization") else \
-        state.axis == start or node.op in ("MeanVarianceNormalization", "GroupNormalization")
+        state.axis == start or node.op == "MeanVarianceNormalization"
     if covered:
         a.block(state, f"{node.name} ({node.op}): normalises over the channel axis")
         return
@@ -116,7 +142,8 @@ register("BatchNormalization", channels=norm_per_channel, constant=batchnorm,
          rotation=gated("per-channel scale (BatchNorm)"))
 register("InstanceNormalization", channels=norm_per_channel, rotation=gated("per-channel scale"))
 register("LayerNormalization", "Softmax", "LogSoftmax", "Hardmax", "LpNormalization", "MeanVarianceNormalization",
-         "GroupNormalization", "RMSNormalization", channels=normalising)
+         "RMSNormalization", channels=normalising)
+register("GroupNormalization", channels=group_normalization)
 register("ReduceMean", "ReduceSum", channels=reduce, rotation=linear(_reduction_mixing))
 register("ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp",
          "ArgMax", "ArgMin", channels=reduce)

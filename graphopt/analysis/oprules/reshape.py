@@ -12,6 +12,10 @@ With channel axis c of size D in the input (batch-1 static shapes), `pre` = prod
            torch's nn.MultiheadAttention lays [seq, batch x heads, head_dim] out): a split.
 The axes in front of the channel axis may also regroup among themselves ([batch x heads, d, T] <->
 [batch, heads, d, T]) while the channel axis and those behind it stay as they are.
+- groups:  [N, C, ...] -> [N, G, -1] read only by an InstanceNormalization with per-group scale and bias
+           whose output a Reshape lays back to the input's shape: torch's GroupNorm as both exporters write
+           it. The channels go in whole groups (graphopt.analysis.channels' granule); the second reshape's
+           output carries them on, the G entry and the per-group parameters count the groups kept.
 The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
 keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
 back) may fold it into the rows. An explicit shape entry that must change is rewritten by the engine;
@@ -33,7 +37,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.registry import Mixing, linear, register
-from graphopt.analysis.state import Analysis
+from graphopt.analysis.state import Analysis, constant_values
 
 
 ShapeOf = Callable[[gs.Tensor], "tuple[int, ...] | None"]
@@ -211,12 +215,48 @@ def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: Channe
     return (_merged_heads(in_shape, out_shape, c) if c > 1 else None) or _folded_heads(in_shape, out_shape, c)
 
 
+def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
+    readers = tensor.outputs
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
+def _group_norm(node: gs.Node, a: Analysis, state: ChannelState) -> bool:
+    """Record torch's decomposed GroupNorm starting at `node` (see "groups" above); False where it is not one."""
+    in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
+    if state.axis != 1 or state.factor != 1 or not in_shape or not out_shape or len(out_shape) != 3 \
+            or out_shape[0] != in_shape[0] or out_shape[1] <= 0 or in_shape[1] % out_shape[1] \
+            or out_shape[1] * out_shape[2] != math.prod(in_shape[1:]) or a.size(state) != in_shape[1]:
+        return False
+    groups = out_shape[1]
+    norm = _only_reader(node.outputs[0], "InstanceNormalization")
+    back = _only_reader(norm.outputs[0], "Reshape") if norm is not None else None
+    if back is None or a.shape(back.outputs[0]) != in_shape or \
+            any(constant_values(t) is None or constant_values(t).size != groups for t in norm.inputs[1:3]):
+        return False
+    cut = lambda tensor: a.state(tensor) is not None  # noqa: E731
+    entries = entry_kind(node, 1, a.shape, cut), entry_kind(node, 2, a.shape, cut), entry_kind(back, 1, a.shape, cut)
+    if entries[0] not in ("inferred", "constant", "piece") or entries[1] not in ("inferred", "constant") \
+            or entries[2] is None or not a.in_runs(state, in_shape[1] // groups, node):
+        return False
+    run = in_shape[1] // groups
+    if entries[0] != "inferred":
+        a.site("shape", node, state, index=1, axis=1, per=run)
+    for index in (1, 2):
+        a.site("weight", norm, state, index=index, axis=0, role="param", per=run)
+    if entries[2] in ("constant", "piece"):
+        a.site("shape", back, state, index=1, axis=1)
+    a.set_state(back.outputs[0], state)  # the reshape back finds no channels on its input and leaves this alone
+    return True
+
+
 def reshape_rule(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
     if state is None:
         return
     in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
     layout = _layout(in_shape, out_shape, state) if in_shape and out_shape else None
+    if layout is None and _group_norm(node, a, state):
+        return
     if layout is None:
         a.block(state, f"{node.name} (Reshape): channel layout not recognised")
         return

@@ -24,11 +24,16 @@ by more than `TARGET_TOLERANCE` (coarse steps on a small model cut too far, or c
 under two blocks (whose only cut is to one block) round to 4 first, then every multiple is capped at 8, 4, 2
 and finally 1, the budget solved again each time; the coarsest that reaches the target is kept
 (`coarsest_meeting`). A forced `--round-to N` is kept as given.
+
+A group whose channels go in whole runs (GroupNorm's groups: `Group.granule`) always rounds to a multiple of
+its run: the least common multiple of the run and the block where that leaves at least two steps, else the
+run itself; relaxing never goes below the run.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import platform
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -91,14 +96,23 @@ def group_block(group: Group, block: int) -> int:
     return block if group.size >= block else min(MIN_BLOCK, group.size)
 
 
+def with_run(multiple: int, run: int, size: int) -> int:
+    """`multiple` made a multiple of a group's `run` (its granule): their least common multiple where the
+    group's `size` holds two of it, else the run."""
+    if run <= 1:
+        return multiple
+    merged = math.lcm(multiple, run)
+    return merged if 2 * merged <= size else run
+
+
 def group_multiples(round_to: str | int, groups: list[Group], device: str = "cpu") -> dict[int, int]:
     """The multiple each group's kept count is rounded to under `round_to` ('auto' or N)."""
     if round_to == "auto":
         block = provider_block(device)
-        return {group.root: group_block(group, block) for group in groups}
+        return {group.root: with_run(group_block(group, block), group.granule, group.size) for group in groups}
     step = parse_round_to(str(round_to))
     assert isinstance(step, int)
-    return {group.root: step for group in groups}
+    return {group.root: with_run(step, group.granule, group.size) for group in groups}
 
 
 def pass_multiples(option: str | int | None, groups: list[Group], device: str | None) -> dict[int, int]:
@@ -111,36 +125,48 @@ def sizes_of(groups: list[Group]) -> dict[int, int]:
     return {group.root: group.size for group in groups}
 
 
-def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
+def runs_of(groups: list[Group]) -> dict[int, int]:
+    """Each group's run (granule) where it has one above 1, by root: the floor `coarsest_meeting` keeps."""
+    return {group.root: group.granule for group in groups if group.granule > 1}
+
+
+def finer_multiples(multiples: dict[int, int], sizes: dict[int, int] | None = None,
+                    runs: dict[int, int] | None = None) -> Iterator[dict[int, int]]:
     """`multiples`; then, with the groups' `sizes`, the same with groups under two of their multiples
     rounding to `MIN_BLOCK`; then that capped at each of `FINER_CAPS` (each distinct step once, down to
-    exact counts)."""
+    exact counts); a group with a run (`runs`, with its size) never goes below a multiple of it."""
+    runs = runs or {}
+
+    def floored(step: dict[int, int]) -> dict[int, int]:
+        return {root: with_run(m, runs[root], (sizes or {}).get(root, 0)) if root in runs else m
+                for root, m in step.items()}
+
     last = dict(multiples)
     yield last
     small = {root: min(multiple, MIN_BLOCK) for root, multiple in multiples.items()
              if sizes is not None and root in sizes and sizes[root] < 2 * multiple}
     capped = {**multiples, **small}  # what the caps apply to
-    if small:
-        last = capped
+    if small and floored(capped) != last:
+        last = floored(capped)
         yield last
     for cap in FINER_CAPS:
-        step = {root: min(multiple, cap) for root, multiple in capped.items()}
+        step = floored({root: min(multiple, cap) for root, multiple in capped.items()})
         if step != last:
             yield step
             last = step
 
 
 def coarsest_meeting(option: str | int | None, multiples: dict[int, int], solve: Callable[[dict[int, int]], Solution],
-                     ratio: Callable[[Solution], float], target: float,
-                     sizes: dict[int, int] | None = None) -> tuple[Solution, dict[int, int]]:
+                     ratio: Callable[[Solution], float], target: float, sizes: dict[int, int] | None = None,
+                     runs: dict[int, int] | None = None) -> tuple[Solution, dict[int, int]]:
     """The budget solved (`solve(multiples)`) under the coarsest multiples (`finer_multiples`, with the
-    groups' `sizes`) whose cost `ratio` lies within `TARGET_TOLERANCE` of `target` (relative, either side:
+    groups' `sizes` and `runs`) whose cost `ratio` lies within `TARGET_TOLERANCE` of `target` (relative, either side:
     coarse minimum counts can also stay above it), with those multiples; when none does, the closest
     solution. Only `--round-to auto` is relaxed: a forced N is solved once, as given."""
     if option != "auto":
         return solve(multiples), multiples
     closest: tuple[Solution, dict[int, int], float] | None = None
-    for step in finer_multiples(multiples, sizes):
+    for step in finer_multiples(multiples, sizes, runs):
         solution = solve(step)
         reached = ratio(solution)
         miss = abs(reached - target) / target if target > 0 else reached

@@ -18,7 +18,8 @@ score of the block they leave with, and blocks go in order of the importance the
 gives a cost that never rises with m; the smallest m within the target is found by bisection. What the
 last step left of the budget is then spent greedily: removed channels are put back, most important
 first, wherever they still fit.
-Within a group, kept channels are always its highest-scoring ones (ties: lower index first).
+Within a group, kept channels are always its highest-scoring ones (ties: lower index first); a group whose
+channels go in whole runs (GroupNorm's groups) is scored run by run (`run_means`).
 """
 
 from __future__ import annotations
@@ -226,6 +227,14 @@ def restore_stats(counts: dict[int, int], sizes: Mapping[int, int], round_to: Ro
     steps = [model.cost({**counts, root: min(sizes[root], count + multiple_of(round_to, root))}) - base
              for root, count in counts.items() if root in sizes and count < sizes[root]]
     return {"cheapest_restore": min(steps) / model.total / scale} if steps and model.total else {}
+
+
+def run_means(scores: np.ndarray, run: int) -> np.ndarray:
+    """Each channel's score replaced by the mean over its run of `run` channels (a group whose channels go in
+    whole runs: with counts that are multiples of the run, `top_indices` then keeps whole runs)."""
+    if run <= 1:
+        return scores
+    return np.repeat(scores.reshape(-1, run).mean(axis=1), run)
 
 
 def top_indices(scores: np.ndarray, count: int) -> np.ndarray:

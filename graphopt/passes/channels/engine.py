@@ -4,7 +4,8 @@ For each site recorded by the channel analysis (graphopt.analysis.groups) the en
 kept positions along the site's axis (atoms laid end to end, each atom's kept indices shifted by its
 offset, each channel expanded to `factor` features) and rewrites: weight/parameter constants are
 sliced (through `set_input_array`, so shared initializers are copied, never edited for one user),
-depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed, and a
+depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed (a site whose
+entries stand for runs of channels, GroupNorm's groups, by the runs kept), and a
 ReduceMean over the channel axis becomes the weighted sum it is (graphopt.passes.channels.reduction).
 Removing channels whose values are identically zero everywhere they flow is exact; anything else is as
 exact as the importance criterion that chose them.
@@ -130,7 +131,16 @@ def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
     rewrite = _REWRITES.get(site.kind)
     if rewrite is None:
         raise AssertionError(f"unknown site kind {site.kind}")
-    rewrite(graph, site, a, kept, kept_positions(a.atoms, site.state, kept))
+    positions = kept_positions(a.atoms, site.state, kept)
+    rewrite(graph, site, a, kept, whole_runs(positions, site.per) if site.per > 1 else positions)
+
+
+def whole_runs(positions: np.ndarray, run: int) -> np.ndarray:
+    """The runs of `run` consecutive positions that `positions` keeps whole (GroupNorm groups), by run index."""
+    runs = np.unique(positions // run)
+    if runs.size * run != positions.size:
+        raise AssertionError(f"kept channels are not whole runs of {run}")
+    return runs
 
 
 def apply_kept(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.ndarray]) -> None:

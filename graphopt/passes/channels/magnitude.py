@@ -23,8 +23,9 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.function_patterns import canonicalise
 from graphopt.passes.base import (CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, READS_WEIGHTS, Pass, PassContext,
                                   PassResult, register)
-from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
-from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, top_indices
+from graphopt.passes.channels.alignment import (coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, runs_of,
+                                                sizes_of)
+from graphopt.passes.channels.budget import MacModel, choose_counts, minimum_counts, run_means, top_indices
 from graphopt.passes.channels.engine import apply_kept, removal
 from graphopt.passes.channels.latency import Budget, budget_restore_stats, channel_budget
 from graphopt.passes.methods import Method, Rounding, Seeded, option, register_method
@@ -107,12 +108,13 @@ class _ChannelPruning(Pass):
         groups, prunable = split_groups(analysis, result)
         round_to = pass_multiples(ctx.option("round_to"), prunable, ctx.option("device"))
         mac_model = MacModel(analysis, per_node, {g.root for g in prunable})
-        scores = self.scores(analysis, prunable, ctx)
+        runs = runs_of(prunable)
+        scores = {root: run_means(s, runs.get(root, 1)) for root, s in self.scores(analysis, prunable, ctx).items()}
         budget = channel_budget(graph, ctx, analysis, mac_model, round_to)
         blocks = round_to  # before any relaxation
         counts, round_to = coarsest_meeting(
             ctx.option("round_to"), round_to, lambda step: choose_counts(scores, budget.model, budget.target, step),
-            lambda chosen: cost_ratio(budget.model, chosen), budget.target, sizes_of(prunable))
+            lambda chosen: cost_ratio(budget.model, chosen), budget.target, sizes_of(prunable), runs)
         kept = {g.root: top_indices(scores[g.root], counts[g.root]) for g in prunable if counts[g.root] < g.size}
         result.history = budget_history(self.name, prunable, kept, scores, self.criterion(ctx), budget)
         apply_kept(graph, analysis, kept)

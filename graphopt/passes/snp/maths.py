@@ -18,6 +18,8 @@ carries exactly this: regressing on the constant row removes the mean).
 - Output criterion: a consumer with weights W sees, after reconstruction, the error
   trace(W_P S W_Pᵀ) with S = Σ_PP − Σ_PK Σ_KK⁻¹ Σ_KP = ((Σ⁻¹)_PP)⁻¹. `output_order` grows P greedily, each
   step adding the unit that raises this error least (Schur-complement updates, all candidates at once).
+- Runs: a group whose units go in whole runs (GroupNorm's groups) is ordered run by run the same way
+  (`run_order`: backward elimination on the runs' conditional covariances), then weighed by the same D.
 A ridge of `RIDGE` times the mean diagonal keeps rank-deficient Σ (duplicate or dead units) solvable. When
 a group has far more units than calibration rows, Cholesky's rounding (about n² ε ‖Σ‖) can exceed that
 ridge; `ldl_diagonal` then retries with a ridge 100 times larger, up to `_MAX_RIDGE`.
@@ -70,6 +72,37 @@ def zca_order(cov: np.ndarray) -> np.ndarray:
         precision = precision[np.ix_(alive, alive)] - kept @ (kept / pivots).T
         units = units[alive]
     return np.array([*units.tolist(), *eliminated[::-1]], dtype=np.int64)
+
+
+def run_order(cov: np.ndarray, run: int, readout: np.ndarray | None = None) -> np.ndarray:
+    """Unit indices, run by run (runs of `run` consecutive units that go whole: GroupNorm's groups), from the
+    most to the least important run, by backward elimination: the run whose removal leaves the least error
+    given the runs still kept is ranked last, the error being the trace of its conditional covariance
+    S = ((Σ⁻¹)_PP)⁻¹, or with a `readout` R (the consumers' WᵀW) trace(S R_PP), the output criterion's. The
+    precision of the runs left is then the Schur complement Q_RR − Q_RP Q_PP⁻¹ Q_PR. Units of a run stay in
+    index order; ties go to the lower run."""
+    count = cov.shape[0] // run
+    precision = np.linalg.inv(regularised(cov))
+    alive = list(range(count))
+    eliminated: list[int] = []
+    while len(alive) > 1:
+        size = len(alive)
+        blocks = precision.reshape(size, run, size, run)[np.arange(size), :, np.arange(size), :]
+        conditional = np.linalg.inv(blocks)
+        if readout is None:
+            errors = np.trace(conditional, axis1=1, axis2=2)
+        else:
+            units = (np.array(alive)[:, None] * run + np.arange(run))
+            reads = readout[units[:, :, None], units[:, None, :]]
+            errors = np.einsum("gij,gji->g", conditional, reads)
+        worst = int(np.argmin(errors))
+        rows = np.arange(worst * run, (worst + 1) * run)
+        rest = np.setdiff1d(np.arange(size * run), rows)
+        precision = precision[np.ix_(rest, rest)] - precision[np.ix_(rest, rows)] @ (
+            conditional[worst] @ precision[np.ix_(rows, rest)])
+        eliminated.append(alive.pop(worst))
+    runs = np.array([*alive, *eliminated[::-1]], dtype=np.int64)
+    return (runs[:, None] * run + np.arange(run)).reshape(-1)
 
 
 def ldl_diagonal(cov: np.ndarray, order: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ A group's covariance sums, over the tensors where linear consumers read it and o
 group occurs in them (heads, flattened blocks), the covariance of its units as the consumer reads them
 (a zero-padded Conv also reads the padding's zeros: graphopt.passes.snp.padding); its readout (for the
 output criterion) sums WᵀW of those consumers the same way. `orderings` ranks the units
-(graphopt.passes.snp.maths) and normalises the LDLᵀ variances D to fractions of the group's unique
-variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
+(graphopt.passes.snp.maths; a group whose channels go in whole runs, run by run) and normalises the LDLᵀ
+variances D to fractions of the group's unique variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
 (a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
 others); `variance_for_target` bisects V for a MAC or latency target (a budget cost model) and `fill`
 spends what is left of the budget on the groups whose next units add the most variance. `history_entry`
@@ -27,7 +27,7 @@ from graphopt.passes.base import PassResult
 from graphopt.passes.channels.budget import CostModel, RoundTo, multiple_of, round_up
 from graphopt.passes.channels.engine import removal
 from graphopt.passes.channels.reduction import weights
-from graphopt.passes.snp.maths import ldl_diagonal, output_order, zca_order
+from graphopt.passes.snp.maths import ldl_diagonal, output_order, run_order, zca_order
 from graphopt.passes.snp.padding import inside_fraction, read_moments
 
 REDUNDANT = 1e-6  # a tail adding less than this fraction of a group's unique variance is redundant
@@ -121,10 +121,14 @@ def _group_moments(a: Analysis, groups: list[Group], consumers: list[Site], stat
 def orderings(a: Analysis, groups: list[Group], consumers: list[Site], stats: dict[str, TensorStats],
                criterion: str, result: PassResult) -> dict[int, Ordering]:
     found = {}
+    runs = {group.root: group.granule for group in groups if group.granule > 1}
     for root, cov, readout in _group_moments(a, groups, consumers, stats, criterion):
         if not cov.any():
             continue
-        order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
+        if root in runs:
+            order = run_order(cov, runs[root], readout)
+        else:
+            order = output_order(cov, readout) if criterion == "output" else zca_order(cov)
         added = ldl_diagonal(cov, order)
         found[root] = Ordering(order, added / max(float(added.sum()), 1e-300))
     for group in groups:

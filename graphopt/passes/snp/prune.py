@@ -60,7 +60,8 @@ from graphopt.calibration.stats import TensorStats
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.channels.alignment import coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, sizes_of
+from graphopt.passes.channels.alignment import (coarsest_meeting, cost_ratio, multiple_stats, pass_multiples, runs_of,
+                                                sizes_of)
 from graphopt.passes.channels.latency import Budget, budget_restore_stats
 from graphopt.passes.channels.magnitude import analyse
 from graphopt.passes.methods import (SNP_MAX_FEATURES, KeepVariance, Method, Reconstruction, Rounding, StatisticsOptions, option,
@@ -178,7 +179,7 @@ class SubspaceNodePruning(Pass):
             ctx.option("round_to") if budget is not None else None, round_to,
             lambda step: _plan(ranked, budget, keep, step),
             lambda planned: cost_ratio(budget.model, planned[1]), budget.target if budget else 1.0,
-            sizes_of(prunable))
+            sizes_of(prunable), runs_of(prunable))
         planning, folding = (analysis, prunable, ranked), (stats, max_features, reconstruct)
         probed, tau, chosen, round_to = self._by_sensitivity(graph, ctx, planning, folding, (budget, keep, blocks),
                                                              (chosen, round_to))
@@ -227,7 +228,8 @@ class SubspaceNodePruning(Pass):
         scale = scales(probed, ranked)
         (tau, chosen), round_to = coarsest_meeting(
             ctx.option("round_to"), blocks, lambda step: _plan(ranked, budget, keep, step, scale),
-            lambda planned: cost_ratio(budget.model, planned[1]), budget.target, sizes_of(planning[1]))
+            lambda planned: cost_ratio(budget.model, planned[1]), budget.target, sizes_of(planning[1]),
+            runs_of(planning[1]))
         return probed, tau, chosen, round_to
 
     def _probe(self, graph: gs.Graph, ctx: PassContext, planning: tuple[Analysis, list[Group], dict[int, Ordering]],
@@ -251,7 +253,8 @@ class SubspaceNodePruning(Pass):
             ir.cleanup(trial)
             return probe.measure(ir.export_model(trial, ctx.template))
 
-        return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut, ctx.progress)
+        return sensitivities({root: ranked[root] for root in keys}, planned, error_of_cut, ctx.progress,
+                             runs_of(prunable))
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext, first: Analysis, cut: dict[int, int],
                     criterion: str, max_features: int, reconstruct: bool,

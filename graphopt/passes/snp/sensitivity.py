@@ -31,11 +31,13 @@ MIN_PROBE_LOSS = 0.01  # a probe removes at least this fraction of its group's u
 _FLOOR = 1e-9  # relative to the largest sensitivity: a group whose cut changed nothing still ranks
 
 
-def probe_count(ordering: Ordering, planned: int) -> int:
-    """Where group's probe cuts: the planned count, or deeper until it removes MIN_PROBE_LOSS of the variance."""
+def probe_count(ordering: Ordering, planned: int, run: int = 1) -> int:
+    """Where group's probe cuts: the planned count, or deeper until it removes MIN_PROBE_LOSS of the variance;
+    a group whose channels go in whole runs of `run` cuts whole runs (a count that is a multiple of it)."""
     cumulative = np.cumsum(ordering.fraction)
     deepest = int(np.searchsorted(cumulative, 1.0 - MIN_PROBE_LOSS)) + 1
-    return max(1, min(planned, deepest, ordering.order.size - 1))
+    count = min(planned, deepest, ordering.order.size - 1)
+    return max(run, count // run * run)
 
 
 def lost_variance(ordering: Ordering, count: int) -> float:
@@ -43,18 +45,20 @@ def lost_variance(ordering: Ordering, count: int) -> float:
 
 
 def sensitivities(ranked: dict[int, Ordering], planned: dict[int, int],
-                  measure_cut: Callable[[int, int], dict[str, float]], progress: bool = False
-                  ) -> dict[int, dict[str, float]]:
+                  measure_cut: Callable[[int, int], dict[str, float]], progress: bool = False,
+                  runs: dict[int, int] | None = None) -> dict[int, dict[str, float]]:
     """Per group: the probe's count, lost variance, what the probe measured (`output_error`, and
     `metric_change` with a user's metric) and the sensitivity s = damage / lost variance, the damage being the
     metric's change where measured, else the output error. `measure_cut(root, count)` cuts group `root` alone
-    to `count` units and returns the probe's measures (graphopt.calibration.probe); `progress` shows a bar."""
+    to `count` units and returns the probe's measures (graphopt.calibration.probe); `progress` shows a bar;
+    `runs` gives the groups whose channels go in whole runs their run."""
     found = {}
     for root, ordering in tqdm(ranked.items(), desc="snp sensitivity probes", unit="group", disable=not progress,
                                leave=False):
-        if ordering.order.size < 2:
+        run = (runs or {}).get(root, 1)
+        if ordering.order.size < 2 * run:
             continue
-        count = probe_count(ordering, planned.get(root, ordering.order.size))
+        count = probe_count(ordering, planned.get(root, ordering.order.size), run)
         lost = lost_variance(ordering, count)
         measured = {key: float(value) for key, value in measure_cut(root, count).items()}
         damage = measured.get("metric_change", measured["output_error"])

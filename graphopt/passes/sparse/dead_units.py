@@ -12,7 +12,8 @@ residual stream goes only if it is removable in every member):
 
 Channels of a group read by a two-variable MatMul (attention) or by a ReduceSum/ReduceMean over the
 channel axis are never treated as dead: those reads have no weight to inspect (nor a bias to fold into).
-A group keeps at least one channel. The pass repeats until nothing changes (a
+A group keeps at least one channel; a group whose channels go in whole runs (GroupNorm's groups) loses only
+runs removable whole, and keeps at least one. The pass repeats until nothing changes (a
 removal can make units of the next layer constant), so running it twice changes nothing the second time.
 Every constant channel left in place is reported with the reason, every removed one in the history
 ("dead" or "constant", in its group's numbering before the pass: later rounds map back through earlier cuts).
@@ -130,6 +131,11 @@ def _foldable(root: int, constant: np.ndarray, dead: np.ndarray, grouped: set[in
     return np.zeros_like(constant)
 
 
+def _whole_runs(mask: np.ndarray, run: int) -> np.ndarray:
+    """`mask` left with only the whole runs of `run` channels it covers (a group whose channels go in runs)."""
+    return np.repeat(mask.reshape(-1, run).all(axis=1), run) if run > 1 else mask
+
+
 Plan = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, Values]]
 
 
@@ -158,9 +164,10 @@ def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
                 result.skipped.append(f"group {root}: {int(lost.sum())} constant channels kept at "
                                       f"{site.node.name}: {_why_kept(site, value[lost], unsupported.get(root))}")
             foldable &= ok
-        remove = dead_out[root] | foldable
+        remove = _whole_runs(dead_out[root] | foldable, group.granule)
         if remove.all():
-            remove[np.argmax(dead_out[root]) if dead_out[root].any() else 0] = False
+            first = (np.argmax(dead_out[root]) if dead_out[root].any() else 0) // group.granule * group.granule
+            remove[first:first + group.granule] = False
         if remove.any():
             removed[root] = remove
             folded[root] = remove & foldable & ~dead_out[root]

@@ -6,7 +6,7 @@ nothing. Asymmetric pads are applied to the input explicitly (zeros for Conv and
 MaxPool); ConvTranspose computes the full output and crops its pads, so every pad is honoured.
 AveragePool without `count_include_pad` divides by the number of input pixels under each window.
 BatchNormalization runs in inference form (running statistics); LayerNormalization normalises over every
-axis from `axis` on and computes in float32 at least.
+axis from `axis` on and computes in float32 at least, as GroupNormalization does over each group.
 """
 
 from __future__ import annotations
@@ -181,6 +181,18 @@ def batch_norm(call: Call, inputs: list[Any]) -> torch.Tensor:
 @rule("InstanceNormalization")
 def instance_norm(call: Call, inputs: list[Any]) -> torch.Tensor:
     return F.instance_norm(inputs[0], weight=inputs[1], bias=inputs[2], eps=call.attr("epsilon", 1e-5))
+
+
+@rule("GroupNormalization")
+def group_norm(call: Call, inputs: list[Any]) -> torch.Tensor:
+    """Scale and bias per channel (opset 21) or, as opset 18 wrote them, per group."""
+    x, scale, bias = inputs[:3]
+    groups = int(call.attr("num_groups", 1))
+    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    normalised = F.group_norm(wide, groups, eps=call.attr("epsilon", 1e-5)).to(x.dtype)
+    repeat = x.shape[1] // scale.numel()
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return normalised * scale.repeat_interleave(repeat).reshape(shape) + bias.repeat_interleave(repeat).reshape(shape)
 
 
 @rule("LayerNormalization")

@@ -2,7 +2,7 @@
 
 `GraphModule(model)` keeps every initializer of the main graph as a tensor of its own dtype: the float32
 and float64 weights and biases of Conv, ConvTranspose, Gemm, MatMul and Einsum, the scale and bias of
-LayerNormalization, BatchNormalization and InstanceNormalization, the table of a Gather (an embedding), the
+LayerNormalization, BatchNormalization, InstanceNormalization and GroupNormalization, the table of a Gather (an embedding), the
 weights, biases and peepholes of LSTM, GRU and RNN, PRelu's slope and the bias a Conv/Gemm/MatMul output is
 added to become `nn.Parameter`s (`parameters_by_name()`, keyed by
 initializer name); every other initializer is a buffer. `forward(feed, names)` runs the nodes in the
@@ -33,6 +33,7 @@ from graphopt.torch.interpreter.registry import Call, check_domain, node_rule
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "Einsum": tuple(range(8)),
     "LayerNormalization": (1, 2), "BatchNormalization": (1, 2), "InstanceNormalization": (1, 2), "Gather": (0,),
+    "GroupNormalization": (1, 2),
     "LSTM": (1, 2, 3, 7), "GRU": (1, 2, 3), "RNN": (1, 2, 3),  # W, R, B (and LSTM's peepholes)
     "PRelu": (1,),
 }

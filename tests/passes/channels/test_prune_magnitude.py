@@ -92,11 +92,14 @@ def assert_same_interface(reference: onnx.ModelProto, candidate: onnx.ModelProto
 
 
 def assert_reaches(report: dict[str, Any], target: float) -> None:
-    """Within TOLERANCE below the target, or at the floor the prunable groups allow (and the stats say so)."""
+    """Within TOLERANCE below the target (further only where no group could keep one more step within the
+    target: whole GroupNorm groups are coarse steps), or at the floor the prunable groups allow (and the
+    stats say so)."""
     ratio, stats = report["macs_ratio"], stats_of(report)
     assert ratio == pytest.approx(stats["estimated_macs_ratio"], rel=1e-9, abs=1e-12)  # the MAC model is exact
     if stats["min_macs_ratio"] <= target:
-        assert target - TOLERANCE <= ratio <= target + 1e-9, stats
+        assert ratio <= target + 1e-9, stats
+        assert ratio >= target - TOLERANCE or ratio + stats["cheapest_restore"] > target, stats
     else:
         assert ratio == pytest.approx(stats["min_macs_ratio"], rel=1e-9), stats
 
