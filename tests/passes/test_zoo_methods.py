@@ -24,8 +24,8 @@ post-norm attention, timm-style attention with its q/k/v split at once into [3, 
 ConvTranspose upsampling, bias-free per-token MatMuls, a Llama-style grouped-query decoder whose heads go query
 by query, a CRNN whose feature columns a bidirectional LSTM and a GRU read, torch's own nn.TransformerEncoder whose
 nn.MultiheadAttention folds the heads into the batch axis, a diffusion-style GroupNorm residual block whose
-channels go in whole groups) runs every method from both exporters, the target rotating so that each architecture and each method
-meets both targets; every method on the committed samples
+channels go in whole groups) runs every method from both exporters, the target rotating so that each
+architecture and each method meets both targets; every method on the committed samples
 at both targets; every method on an encoder written by onnxruntime's transformers optimizer; a few runs on
 the onnx package's light model zoo. `bench/zoo.py` runs the full sweep (every architecture x method x target,
 the light zoo whole, ImageNet-sized architectures) and prints the table the README holds.

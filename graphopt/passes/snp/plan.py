@@ -5,12 +5,12 @@ group occurs in them (heads, flattened blocks), the covariance of its units as t
 (a zero-padded Conv also reads the padding's zeros: graphopt.passes.snp.padding); its readout (for the
 output criterion) sums WᵀW of those consumers the same way. `orderings` ranks the units
 (graphopt.passes.snp.maths; a group whose channels go in whole runs, run by run) and normalises the LDLᵀ
-variances D to fractions of the group's unique variance. Budgets: `counts(V)` keeps, in every group, the shortest prefix retaining a fraction V
-(a tail adding less than `REDUNDANT` is redundant, so V = 1 drops exactly the units affine in the
-others); `variance_for_target` bisects V for a MAC or latency target (a budget cost model) and `fill`
-spends what is left of the budget on the groups whose next units add the most variance. `history_entry`
-records a group's cut for the report: each removed unit's share of the group's unique variance, and the
-cut that removed it.
+variances D to fractions of the group's unique variance. Budgets: `counts(V)` keeps, in every group, the
+shortest prefix retaining a fraction V (a tail adding less than `REDUNDANT` is redundant, so V = 1 drops
+exactly the units affine in the others); `variance_for_target` bisects V for a MAC or latency target (a
+budget cost model) and `fill` spends what is left of the budget on the groups whose next units add the most
+variance. `history_entry` records a group's cut for the report: each removed unit's share of the group's
+unique variance, and the cut that removed it.
 """
 
 from __future__ import annotations

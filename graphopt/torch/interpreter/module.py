@@ -2,9 +2,9 @@
 
 `GraphModule(model)` keeps every initializer of the main graph as a tensor of its own dtype: the float32
 and float64 weights and biases of Conv, ConvTranspose, Gemm, MatMul and Einsum, the scale and bias of
-LayerNormalization, BatchNormalization, InstanceNormalization and GroupNormalization, the table of a Gather (an embedding), the
-weights, biases and peepholes of LSTM, GRU and RNN, PRelu's slope and the bias a Conv/Gemm/MatMul output is
-added to become `nn.Parameter`s (`parameters_by_name()`, keyed by
+LayerNormalization, BatchNormalization, InstanceNormalization and GroupNormalization, the table of a Gather
+(an embedding), the weights, biases and peepholes of LSTM, GRU and RNN, PRelu's slope and the bias a
+Conv/Gemm/MatMul output is added to become `nn.Parameter`s (`parameters_by_name()`, keyed by
 initializer name); every other initializer is a buffer. `forward(feed, names)` runs the nodes in the
 graph's (topological) order, one rule per op type (graphopt.torch.interpreter.registry), and returns the
 graph outputs, or the tensors `names`. Values no later node or requested name reads are dropped as soon as
