@@ -119,10 +119,15 @@ class AtomTable:
         for pieces in split_members[1:]:
             for first, other in zip(split_members[0], pieces):
                 self.union(first, other)
-        if granule > 1 and any(cut % granule for cut in cuts):
-            reason = reason or f"a cut at channel {next(c for c in cuts if c % granule)} splits a run of {granule} " \
-                               f"channels that go together (a GroupNorm group)"
-        for piece in split_members[0]:
+        self._inherit(split_members[0], reason, granule, cuts)
+
+    def _inherit(self, pieces: list[int], reason: str | None, granule: int, cuts: list[int]) -> None:
+        """The pieces of a refined class take its block reason and its granule; a cut through a run blocks them."""
+        inside = [cut for cut in cuts if cut % granule]
+        if inside and reason is None:
+            reason = f"a cut at channel {inside[0]} splits a run of {granule} channels that go together (a GroupNorm " \
+                     "group)"
+        for piece in pieces:
             if reason is not None:
                 self.blocked.setdefault(self.find(piece), reason)
             elif granule > 1:

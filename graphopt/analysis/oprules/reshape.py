@@ -220,25 +220,41 @@ def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
     return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
 
-def _group_norm(node: gs.Node, a: Analysis, state: ChannelState) -> bool:
-    """Record torch's decomposed GroupNorm starting at `node` (see "groups" above); False where it is not one."""
+def _group_count(node: gs.Node, a: Analysis, state: ChannelState) -> int | None:
+    """G where `node` reshapes [N, C, ...] with the channels on axis 1 to [N, G, C/G x ...], else None."""
     in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
-    if state.axis != 1 or state.factor != 1 or not in_shape or not out_shape or len(out_shape) != 3 \
-            or out_shape[0] != in_shape[0] or out_shape[1] <= 0 or in_shape[1] % out_shape[1] \
-            or out_shape[1] * out_shape[2] != math.prod(in_shape[1:]) or a.size(state) != in_shape[1]:
-        return False
+    if state.axis != 1 or state.factor != 1 or not in_shape or not out_shape or len(out_shape) != 3:
+        return None
     groups = out_shape[1]
+    fits = out_shape[0] == in_shape[0] and groups > 0 and in_shape[1] % groups == 0 \
+        and groups * out_shape[2] == math.prod(in_shape[1:]) and a.size(state) == in_shape[1]
+    return groups if fits else None
+
+
+def _group_norm_nodes(node: gs.Node, a: Analysis, groups: int) -> tuple[gs.Node, gs.Node] | None:
+    """(the InstanceNormalization with per-group constants that alone reads `node`, the Reshape back to the
+    input's shape that alone reads it), else None."""
     norm = _only_reader(node.outputs[0], "InstanceNormalization")
     back = _only_reader(norm.outputs[0], "Reshape") if norm is not None else None
-    if back is None or a.shape(back.outputs[0]) != in_shape or \
-            any(constant_values(t) is None or constant_values(t).size != groups for t in norm.inputs[1:3]):
+    if back is None or a.shape(back.outputs[0]) != a.shape(node.inputs[0]):
+        return None
+    params = [constant_values(t) for t in norm.inputs[1:3]]
+    return (norm, back) if all(p is not None and p.size == groups for p in params) else None
+
+
+def _group_norm(node: gs.Node, a: Analysis, state: ChannelState) -> bool:
+    """Record torch's decomposed GroupNorm starting at `node` (see "groups" above); False where it is not one."""
+    groups = _group_count(node, a, state)
+    found = _group_norm_nodes(node, a, groups) if groups is not None else None
+    if found is None:
         return False
+    norm, back = found
     cut = lambda tensor: a.state(tensor) is not None  # noqa: E731
     entries = entry_kind(node, 1, a.shape, cut), entry_kind(node, 2, a.shape, cut), entry_kind(back, 1, a.shape, cut)
+    run = a.size(state) // groups
     if entries[0] not in ("inferred", "constant", "piece") or entries[1] not in ("inferred", "constant") \
-            or entries[2] is None or not a.in_runs(state, in_shape[1] // groups, node):
+            or entries[2] is None or not a.in_runs(state, run, node):
         return False
-    run = in_shape[1] // groups
     if entries[0] != "inferred":
         a.site("shape", node, state, index=1, axis=1, per=run)
     for index in (1, 2):
@@ -249,16 +265,20 @@ def _group_norm(node: gs.Node, a: Analysis, state: ChannelState) -> bool:
     return True
 
 
+def _unrecognised(node: gs.Node, a: Analysis, state: ChannelState) -> None:
+    """A reshape of none of the layouts above: a decomposed GroupNorm, or the group is blocked."""
+    if not _group_norm(node, a, state):
+        a.block(state, f"{node.name} (Reshape): channel layout not recognised")
+
+
 def reshape_rule(node: gs.Node, a: Analysis) -> None:
     state = a.state(node.inputs[0])
     if state is None:
         return
     in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
     layout = _layout(in_shape, out_shape, state) if in_shape and out_shape else None
-    if layout is None and _group_norm(node, a, state):
-        return
     if layout is None:
-        a.block(state, f"{node.name} (Reshape): channel layout not recognised")
+        _unrecognised(node, a, state)
         return
     kind, axis, amount = layout
     if kind in ("split", "merge") and state.factor != 1:
