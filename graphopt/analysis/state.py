@@ -23,6 +23,9 @@ class Site:
     "count" (integer attribute `role` = number of kept channels of `state`, e.g. TSRA's split),
     "reduce" (a ReduceSum/ReduceMean over the channel axis `axis`, role "consumer": a linear consumer whose
     weight is a row of ones, or of 1/n; graphopt.passes.channels.reduction gives it that weight).
+    "empty" (an optional input `index` that is zero at run time, dropped when the channels shrink: an LSTM's
+    zero initial state). Role "recurrent": a weight axis that reads the channels back into the layer that
+    writes them (R's columns): sliced like a parameter, but a unit it reads is not dead.
     With `per` > 1 an entry of the site stands for `per` consecutive channels (GroupNorm's per-group scale, its
     group count, a reshape to [N, groups, -1]): it counts, or slices by, the whole runs kept.
     """

@@ -6,6 +6,7 @@ weight and bias sites a pruning engine slices; as a consumer it records the weig
 incoming channels. MatMul between two variables (attention) couples the contracted axes and carries
 rows and columns through. Any input state a rule does not handle is blocked with a reason. A layer
 whose weight is dequantized from stored integers (QDQ) is left alone (graphopt.analysis.oprules.quantized).
+LSTM, GRU and RNN consume their input's features through W and produce their hidden units (`recurrent`).
 An embedding lookup Gather(table [rows, C], ids) along axis 0 produces C channels on its output's last
 axis (the table's columns are its weight site, input 0, axis 1): the first writer of a transformer's
 residual stream. Any other Gather (shape arithmetic, a Gather of data) has no channel rule.
@@ -261,23 +262,94 @@ def attention(node: gs.Node, a: Analysis) -> None:
     a.cost(node, incoming, share=projection / (projection + shape[1] * (sizes[0] + sizes[2])))
 
 
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# ops whose output is all zeros when their data inputs are (a recurrent layer's initial state as exporters build it)
+_ZERO_KEEPING = frozenset({"Slice", "Expand", "Reshape", "Transpose", "Cast", "Identity", "Unsqueeze", "Squeeze",
+                           "Tile", "Concat"})
+
+
+def zero_at_run_time(tensor: gs.Tensor) -> bool:
+    """Whether every value of `tensor` is 0 whatever the model's inputs: a zero constant, a ConstantOfShape of
+    0, or that sliced, expanded, re-laid, cast or concatenated (torch's exports of an LSTM's zero initial state)."""
+    values = constant_values(tensor)
+    if values is not None:
+        return values.size > 0 and not np.any(values)
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None:
+        return False
+    if producer.op == "ConstantOfShape":
+        value = producer.attrs.get("value")
+        return value is None or not np.any(np.asarray(getattr(value, "values", value)))
+    if producer.op in _ZERO_KEEPING:
+        data = producer.inputs if producer.op == "Concat" else producer.inputs[:1]
+        return bool(data) and all(zero_at_run_time(t) for t in data)
+    return False
+
+
+def _present(node: gs.Node, index: int) -> bool:
+    return len(node.inputs) > index and bool(node.inputs[index].name)
+
+
+def _hidden_units(node: gs.Node, a: Analysis, weight: np.ndarray, recurrence: np.ndarray) -> ChannelState | None:
+    """The hidden units of an LSTM/GRU/RNN as a channel group: a unit is its row of every gate in W, R, B (both
+    halves) and P, its column of R and its entry of the outputs' last axis (Y [seq, directions, batch, hidden],
+    Y_h and Y_c [directions, batch, hidden]; the same units in every direction) and of constant initial states;
+    a zero initial state computed at run time is dropped (an absent one is zero). None where the layer's
+    shapes do not fit its op; a group blocked with the reason where an initial state or P is not a constant."""
+    gates, hidden = GATES[node.op], recurrence.shape[2]
+    if weight.shape[1] != gates * hidden or recurrence.shape[1] != gates * hidden \
+            or int(node.attrs.get("hidden_size", hidden)) != hidden:
+        return None
+    unit = a.new_state(3, hidden)
+    atoms = unit.atoms
+    a.site("weight", node, ChannelState(1, atoms * gates), index=1, axis=1, role="producer")
+    a.site("weight", node, ChannelState(1, atoms * gates), index=2, axis=1, role="param")
+    a.site("weight", node, ChannelState(2, atoms), index=2, axis=2, role="recurrent")
+    if _present(node, 3):
+        a.site("weight", node, ChannelState(1, atoms * (2 * gates)), index=3, axis=1, role="param")
+    if _present(node, 7):
+        a.site("weight", node, ChannelState(1, atoms * 3), index=7, axis=1, role="param")
+    for index, name in ((5, "initial_h"), (6, "initial_c"), (7, "P")):
+        if not _present(node, index) or constant_values(node.inputs[index]) is not None:
+            if index < 7 and _present(node, index):
+                a.site("weight", node, ChannelState(2, atoms), index=index, axis=2, role="param")
+        elif index < 7 and zero_at_run_time(node.inputs[index]):
+            a.site("empty", node, unit, index=index)
+        else:
+            a.block(unit, f"{node.name} ({node.op}): {name} is neither a constant nor zero")
+    a.site("count", node, unit, role="hidden_size")
+    a.set_state(node.outputs[0], unit)
+    for output in node.outputs[1:]:
+        a.set_state(output, ChannelState(2, atoms))
+    return unit
+
+
 def recurrent(node: gs.Node, a: Analysis) -> None:
     """LSTM, GRU and RNN read their input X ([seq, batch, features], or [batch, seq, features] with layout 1)
     through W [directions, gates x hidden, features]: a linear consumer of X's features, whose columns of W
-    go with them. Their hidden units (the recurrence through R) are not pruned: the outputs carry no channel
-    state. Of the MACs, the input products' share scales with the features kept, the recurrent ones stay."""
+    go with them. Their hidden units are a channel group of their own (`_hidden_units`): R reads them back
+    (a "recurrent" read, which dead-unit elimination honours and SNP does not reconstruct into), so removing
+    a unit is exact only where it is always zero. MACs: the input products scale with the features and the
+    units kept, the recurrent ones with the square of the units kept."""
     for tensor in node.inputs[1:]:
         a.block(a.state(tensor), f"{node.name} ({node.op}): channels reach an input other than X")
     incoming = a.state(node.inputs[0])
-    if incoming is None:
-        return
     weight, recurrence = (constant_values(node.inputs[i]) if len(node.inputs) > i else None for i in (1, 2))
-    if weight is None or recurrence is None or weight.ndim != 3 or recurrence.ndim != 3 or incoming.axis != 2 \
+    if weight is None or recurrence is None or weight.ndim != 3 or recurrence.ndim != 3 \
             or not constant_or_absent(node, 3):
-        a.block(incoming, f"{node.name} ({node.op}): weights not constant, or features not on the last of 3 axes")
+        a.block(incoming, f"{node.name} ({node.op}): weights not constant")
         return
-    a.site("weight", node, incoming, index=1, axis=2, role="consumer")
-    a.cost(node, incoming, share=weight.shape[2] / (weight.shape[2] + recurrence.shape[2]))
+    if incoming is not None and incoming.axis != 2:
+        a.block(incoming, f"{node.name} ({node.op}): features not on the last of 3 axes")
+        incoming = None
+    if incoming is not None:
+        a.site("weight", node, incoming, index=1, axis=2, role="consumer")
+    hidden = _hidden_units(node, a, weight, recurrence)
+    inputs, units = weight.shape[2], recurrence.shape[2]
+    if incoming is not None or hidden is not None:
+        a.cost(node, incoming, hidden, share=inputs / (inputs + units))
+    if hidden is not None:
+        a.cost(node, hidden, hidden, share=units / (inputs + units))
 
 
 def embedding_table(node: gs.Node) -> np.ndarray | None:

@@ -91,7 +91,9 @@ class MacModel:
     def __init__(self, analysis: Analysis, per_node: dict[str, int], prunable: set[int]) -> None:
         self.total = float(sum(per_node.values()))
         terms = _axes(analysis, prunable)
-        shares = {name: share for name, _, share in terms}
+        shares: dict[str, float] = {}
+        for name, _, share in terms:  # a node may have several terms (an LSTM's input and recurrent products)
+            shares[name] = shares.get(name, 0.0) + share
         self.fixed_nodes = {name: float(m) * (1.0 - shares.get(name, 0.0)) for name, m in per_node.items()
                             if shares.get(name, 0.0) < 1.0}
         self.fixed = float(sum(self.fixed_nodes.values()))

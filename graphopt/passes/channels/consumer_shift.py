@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.groups import Analysis, Site
 from graphopt.analysis.macs import RECURRENT
 from graphopt.ir import graph as ir
@@ -34,7 +35,7 @@ def output_axis(node: gs.Node) -> int:
     """The output-channel axis of a consumer's weight."""
     if node.op == "Gemm":
         return 0 if node.attrs.get("transB", 0) else 1
-    return 1 if node.op in ("MatMul", "ConvTranspose", "Attention") else 0
+    return 1 if node.op in ("MatMul", "ConvTranspose", "Attention", *RECURRENT) else 0
 
 
 def consumer_shift(site: Site, values: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
@@ -163,4 +164,14 @@ def apply_with_shifts(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.nd
     apply_kept(graph, analysis, kept)
     for name, (node, shift) in shifts.items():
         state = out_states.get(name)
-        add_bias(graph, node, shift[kept_positions(analysis.atoms, state, kept)] if state is not None else shift)
+        add_bias(graph, node, kept_outputs(analysis, node, state, kept, shift) if state is not None else shift)
+
+
+def kept_outputs(analysis: Analysis, node: gs.Node, state: ChannelState, kept: dict[int, np.ndarray],
+                 shift: np.ndarray) -> np.ndarray:
+    """A consumer's per-output `shift` on the output channels it keeps (its producer `state`); an LSTM/GRU/RNN's
+    holds one value per direction and gate unit, the gate units cut alike in every direction."""
+    positions = kept_positions(analysis.atoms, state, kept)
+    if node.op in RECURRENT:
+        return shift.reshape(-1, analysis.size(state) * state.factor)[:, positions].reshape(-1)
+    return shift[positions]

@@ -4,9 +4,10 @@ For each site recorded by the channel analysis (graphopt.analysis.groups) the en
 kept positions along the site's axis (atoms laid end to end, each atom's kept indices shifted by its
 offset, each channel expanded to `factor` features) and rewrites: weight/parameter constants are
 sliced (through `set_input_array`, so shared initializers are copied, never edited for one user),
-depthwise group counts, Split sizes, Slice bounds and Reshape shape entries are recomputed (a site whose
-entries stand for runs of channels, GroupNorm's groups, by the runs kept), and a
-ReduceMean over the channel axis becomes the weighted sum it is (graphopt.passes.channels.reduction).
+depthwise group counts, Split sizes, Slice bounds, attributes that count channels (an LSTM's hidden_size)
+and Reshape shape entries are recomputed (a site whose entries stand for runs of channels, GroupNorm's
+groups, by the runs kept), an input that is zero at run time is dropped, and a ReduceMean over the channel
+axis becomes the weighted sum it is (graphopt.passes.channels.reduction).
 Removing channels whose values are identically zero everywhere they flow is exact; anything else is as
 exact as the importance criterion that chose them.
 
@@ -123,8 +124,13 @@ def _reduce(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray
     # a ReduceSum of the kept channels is what the sliced row of ones computes: nothing to rewrite
 
 
+def _empty(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
+    if positions.size != a.size(site.state) * site.state.factor:
+        site.node.inputs[site.index] = gs.Variable.empty()  # an absent optional input: zero, as it was
+
+
 _REWRITES = {"weight": _weight, "group": _group, "count": _count, "split": _split, "slice": _slice, "shape": _shape,
-             "reduce": _reduce}
+             "reduce": _reduce, "empty": _empty}
 
 
 def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]) -> None:

@@ -3,7 +3,8 @@
 Over the channel groups of graphopt.analysis.groups (only whole groups shrink, so a channel of a
 residual stream goes only if it is removable in every member):
 
-- dead: every consumer weight slice that reads the channel is zero. Removing it is exact.
+- dead: every consumer weight slice that reads the channel is zero (for an LSTM/GRU/RNN hidden unit, its
+  column of R too). Removing it is exact.
 - constant: every producer weight slice that writes it is zero, so it holds its bias, mapped through the
   per-channel ops between producer and consumer (graphopt.analysis.constant_flow evaluates those it
   can, exactly). Each consumer gets W[:, c] * value (summed over kernel taps; times alpha for Gemm)
@@ -28,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable
 from graphopt.analysis.groups import Analysis, Group, Site
+from graphopt.analysis.macs import RECURRENT
 from graphopt.analysis.state import group_key
 from graphopt.ir import graph as ir
 from graphopt.passes.base import CHANGES_CHANNELS, READS_WEIGHTS, Pass, PassContext, PassResult, register
@@ -50,8 +52,8 @@ def _zero_channels(a: Analysis, groups: dict[int, Group], roles: tuple[str, ...]
     the piece is unread only where the weight's column is zero for the outputs of every group."""
     zero: dict[int, np.ndarray] = {}
     for site in a.sites:
-        if site.kind != "weight" or site.role not in roles:
-            continue
+        if site.kind != "weight" or site.role not in roles or (site.role == "producer" and site.node.op in RECURRENT):
+            continue  # a recurrent layer's zero input rows do not make its units constant
         live = nonzero_rows(np.asarray(site.node.inputs[site.index].values), site.axis)
         for root, positions in leaf_positions(a.atoms, site.state):
             if root in groups:
@@ -64,7 +66,7 @@ def _producer_values(a: Analysis, groups: dict[int, Group]) -> dict[str, Values]
     """The constant each producer writes on channels whose weights it zeroed (NaN where it does not)."""
     values: dict[str, Values] = {}
     for site in a.sites:
-        if site.kind != "weight" or site.role != "producer":
+        if site.kind != "weight" or site.role != "producer" or site.node.op in RECURRENT:
             continue
         node = site.node
         live = nonzero_rows(np.asarray(node.inputs[site.index].values), site.axis)
@@ -141,7 +143,7 @@ Plan = tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, Values]]
 
 def _plan(a: Analysis, groups: dict[int, Group], result: PassResult) -> Plan:
     """Per root: channels to remove, those among them to fold, and the known constants by tensor."""
-    dead_out = _zero_channels(a, groups, ("consumer", "grouped"))
+    dead_out = _zero_channels(a, groups, ("consumer", "grouped", "recurrent"))
     dead_in = _zero_channels(a, groups, ("producer",))
     grouped = {root for site in a.sites if site.role == "grouped" for root, _ in leaf_positions(a.atoms, site.state)}
     unsupported: dict[int, set[str]] = {}
