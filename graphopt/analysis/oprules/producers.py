@@ -294,7 +294,8 @@ def _hidden_units(node: gs.Node, a: Analysis, weight: np.ndarray, recurrence: np
     """The hidden units of an LSTM/GRU/RNN as a channel group: a unit is its row of every gate in W, R, B (both
     halves) and P, its column of R and its entry of the outputs' last axis (Y [seq, directions, batch, hidden],
     Y_h and Y_c [directions, batch, hidden]; the same units in every direction) and of constant initial states;
-    a zero initial state computed at run time is dropped (an absent one is zero). None where the layer's
+    a zero initial state computed at run time is dropped (an absent one is zero). W's and R's rows are the units'
+    incoming weights (both producer sites: magnitude scores a unit by them). None where the layer's
     shapes do not fit its op; a group blocked with the reason where an initial state or P is not a constant."""
     gates, hidden = GATES[node.op], recurrence.shape[2]
     if weight.shape[1] != gates * hidden or recurrence.shape[1] != gates * hidden \
@@ -303,7 +304,7 @@ def _hidden_units(node: gs.Node, a: Analysis, weight: np.ndarray, recurrence: np
     unit = a.new_state(3, hidden)
     atoms = unit.atoms
     a.site("weight", node, ChannelState(1, atoms * gates), index=1, axis=1, role="producer")
-    a.site("weight", node, ChannelState(1, atoms * gates), index=2, axis=1, role="param")
+    a.site("weight", node, ChannelState(1, atoms * gates), index=2, axis=1, role="producer")
     a.site("weight", node, ChannelState(2, atoms), index=2, axis=2, role="recurrent")
     if _present(node, 3):
         a.site("weight", node, ChannelState(1, atoms * (2 * gates)), index=3, axis=1, role="param")
