@@ -66,7 +66,7 @@ from graphopt.passes.exprune.calib import outcome  # noqa: E402
 from graphopt.torch.export import export_onnx  # noqa: E402
 
 FNRS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
-RULES = ("threshold", "sequential")
+RULES = ("threshold", "sequential", "auto")
 TOLERANCES = (None, "top1=0.98")  # None: the pass's default (top1=0.99)
 ALLOCATIONS = ("layers", "uniform")  # a rate per layer (the default) or one rate for all
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -326,7 +326,7 @@ def plot(rows: list[dict], path: Path) -> None:
     models = [m for m in MODELS if any(r["model"] == m for r in rows)]
     for ax, model in zip(axes, models):
         for base, style in (("dense", "-"), ("snp", "--")):
-            for rule, colour in zip(RULES, ("C0", "C1")):
+            for rule, colour in zip(RULES, ("C0", "C1", "C2")):
                 sub = [r for r in rows if r["model"] == model and r["base"] == base and r["rule"] == rule]
                 fixed = sorted((r for r in sub if r["search"] == "fixed"), key=lambda r: r["fnr"])
                 ax.plot([100 * r["macs_skipped_whole"] for r in fixed], [100 * r["accuracy"] for r in fixed],

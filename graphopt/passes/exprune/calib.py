@@ -80,6 +80,11 @@ class Calibrated:
     fnr: float            # fraction of positive (row, neuron) pairs predicted negative
     macs_skipped: float   # fraction of the layer's MACs not computed
 
+    @property
+    def rule(self) -> str:
+        """The op's rule: a sequential rule with one checkpoint decides as the threshold rule does."""
+        return "threshold" if len(self.checkpoints) == 1 else "sequential"
+
 
 def probe_length(probe: float, d: int) -> int:
     """m = round(probe · d), clamped to [1, d − 1]."""

@@ -1,7 +1,7 @@
 """ExPrune's layers: finding the linear+ReLU and Conv+ReLU layers it can take, scoring them on sampled inputs
-for every probe length, choosing the probe that skips most at a false-negative rate, and building the model
-with chosen layers replaced (graphopt.passes.exprune.prune runs the pass; linear.py and conv.py hold each
-kind's maths and surgery)."""
+for every probe length (and rule, under "auto"), choosing the probe that skips most at a false-negative rate,
+and building the model with chosen layers replaced (graphopt.passes.exprune.prune runs the pass; linear.py
+and conv.py hold each kind's maths and surgery)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import onnx_graphsurgeon as gs
 from tqdm.auto import tqdm
 
 from graphopt.ir import graph as ir
-from graphopt.ops.exprune import build_exprune_function
+from graphopt.ops.exprune import RULES, build_exprune_function, doubling_checkpoints
 from graphopt.passes.base import PassContext
-from graphopt.passes.exprune.calib import Calibrated
+from graphopt.passes.exprune.calib import Calibrated, probe_length
 from graphopt.passes.exprune.conv import ConvLayer, ConvScoring, match_conv, replace_conv
 from graphopt.passes.exprune.linear import LinearLayer, LinearScoring, match_linear, replace_linear
 
 POSITIONS_PER_ROW = 4  # convolution output positions scored per linear-layer row allowed
+AUTO = "auto"  # --exprune-rule: each layer's rule chosen with its rate
 
 Layer = LinearLayer | ConvLayer
 Scoring = LinearScoring | ConvScoring
@@ -58,26 +59,27 @@ def discover(graph: gs.Graph, kinds: str) -> tuple[list[Layer], list[str]]:
     return layers, skipped
 
 
-def replace(graph: gs.Graph, layer: Layer, found: Calibrated, rule: str) -> gs.Node:
-    """The op node now in the layer's place."""
+def replace(graph: gs.Graph, layer: Layer, found: Calibrated) -> gs.Node:
+    """The op node now in the layer's place, with the rule `found` was calibrated for."""
     if isinstance(layer, ConvLayer):
-        return replace_conv(graph, layer, found, rule)
-    return replace_linear(graph, layer, found, rule)
+        return replace_conv(graph, layer, found, found.rule)
+    return replace_linear(graph, layer, found, found.rule)
 
 
-def best(scorings: list[Scoring], fnr: float) -> Choice:
-    """The probe length skipping the largest fraction of the layer's MACs at this rate."""
-    calibrated = [(s, s.calibrate(fnr)) for s in scorings]
+def best(scorings: list[Scoring], fnr: float, rule: str | None = None) -> Choice:
+    """The probe length (and, without `rule`, the rule) skipping the largest fraction of the layer's MACs at this
+    rate; with `rule`, among that rule's scorings."""
+    calibrated = [(s, s.calibrate(fnr)) for s in scorings if rule is None or s.rule == rule]
     return max(calibrated, key=lambda pair: pair[1].macs_skipped)
 
 
-def candidate_model(model: onnx.ModelProto, rule: str, choices: dict[str, Calibrated]) -> onnx.ModelProto:
+def candidate_model(model: onnx.ModelProto, choices: dict[str, Calibrated]) -> onnx.ModelProto:
     """`model` with the layers whose output is in `choices` replaced (the pass's graph is untouched)."""
     graph = ir.import_graph(model)
     for node in list(graph.nodes):
         found = match(graph, node)
         if found is not None and not isinstance(found, str) and found.output.name in choices:
-            replace(graph, found, choices[found.output.name], rule)
+            replace(graph, found, choices[found.output.name])
             if isinstance(found, LinearLayer):
                 ir.add_function(graph, build_exprune_function(graph.opset))
     ir.cleanup(graph)
@@ -86,12 +88,23 @@ def candidate_model(model: onnx.ModelProto, rule: str, choices: dict[str, Calibr
 
 def scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], options: dict[str, Any],
               data: Any) -> list[list[Scoring]]:
+    """Per layer, a scoring per probe length and rule (both rules under "auto"; a sequential rule whose probe
+    leaves room for one checkpoint only is the threshold rule and is not scored twice)."""
     samples = sample(ctx, model, layers, data)
     seed, positions = int(ctx.option("seed", 0)), int(ctx.option("exprune_rows", 4096)) * POSITIONS_PER_ROW
-    return [[ConvScoring(samples[layer.source.name], layer, probe, options["rule"], max_positions=positions, seed=seed)
-             if isinstance(layer, ConvLayer) else LinearScoring(samples[layer.source.name], layer, probe, options["rule"])
-             for probe in options["probes"]]
-            for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False)]
+    rules = RULES if options["rule"] == AUTO else (options["rule"],)
+    found = []
+    for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False):
+        scored = []
+        for probe, rule in ((probe, rule) for probe in options["probes"] for rule in rules):
+            single = len(doubling_checkpoints(layer.terms, probe_length(probe, layer.terms))) == 1
+            if rule == "sequential" and len(rules) > 1 and single:
+                continue
+            rows = samples[layer.source.name]
+            scored.append(ConvScoring(rows, layer, probe, rule, max_positions=positions, seed=seed)
+                          if isinstance(layer, ConvLayer) else LinearScoring(rows, layer, probe, rule))
+        found.append(scored)
+    return found
 
 
 def sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data: Any) -> dict[str, np.ndarray]:

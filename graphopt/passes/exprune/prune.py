@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -44,10 +44,10 @@ from graphopt.errors import DataError, OptionError
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import MIN_OPSET, RULES, build_exprune_function
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
-from graphopt.passes.exprune.allocate import MAX_LAYERS, allocation_path, curve_grid, layer_curves
+from graphopt.passes.exprune.allocate import MAX_LAYERS, Rates, allocation_path, curve_grid, layer_curves
 from graphopt.passes.exprune.conv import ConvLayer
 from graphopt.passes.exprune.dispatch import DENSE_ROWS, dispatch_by_rows
-from graphopt.passes.exprune.layers import (Choice, Layer, best, candidate_model, discover, replace, sample,
+from graphopt.passes.exprune.layers import (AUTO, Choice, Layer, best, candidate_model, discover, replace, sample,
                                             scorings)
 from graphopt.passes.exprune.linear import LinearLayer
 from graphopt.passes.exprune.search import DEFAULT_CONFIDENCE, GRID, tolerance_search
@@ -70,8 +70,8 @@ def _options(ctx: PassContext) -> dict[str, Any]:
         raise OptionError(f"--exprune-probe must be in (0, 1), got {probe}")
     if fnr is not None and not 0.0 <= float(fnr) < 1.0:
         raise OptionError(f"--exprune-fnr must be in [0, 1), got {fnr}")
-    if rule not in RULES:
-        raise OptionError(f"--exprune-rule must be one of {', '.join(RULES)}, got '{rule}'")
+    if rule not in (*RULES, AUTO):
+        raise OptionError(f"--exprune-rule must be one of {', '.join((*RULES, AUTO))}, got '{rule}'")
     if not 0.0 < held_out < 1.0:
         raise OptionError(f"--exprune-held-out must be in (0, 1), got {held_out}")
     confidence = float(ctx.option("exprune_confidence", DEFAULT_CONFIDENCE))
@@ -119,13 +119,13 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
                     metric=options["metric"], ctc_blank=options["ctc_blank"])
     scored = scorings(ctx, model, layers, options, fit)
 
-    def candidate(rates: tuple[float | None, ...]) -> tuple[list[Choice | None], onnx.ModelProto]:
-        choices = [None if rate is None else best(s, rate) for s, rate in zip(scored, rates)]
+    def candidate(rates: Rates) -> tuple[list[Choice | None], onnx.ModelProto]:
+        choices = [None if key is None else best(s, *key) for s, key in zip(scored, rates)]
         replaced = {layer.output.name: c[1] for layer, c in zip(layers, choices) if c is not None}
-        return choices, candidate_model(model, options["rule"], replaced)
+        return choices, candidate_model(model, replaced)
 
     tolerance = options["tolerance"] or check.default_tolerance()
-    steps = [tuple([rate] * len(layers)) for rate in GRID]
+    steps: list[Rates] = [tuple([(rate, None)] * len(layers)) for rate in GRID]
     first = None
     if options["allocation"] == "layers" and 1 < len(layers) <= MAX_LAYERS:
         check.require(tolerance)
@@ -134,16 +134,31 @@ def _search(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], optio
     # the curves only where the first step can pass: else nothing would
     layered = first is not None and tolerance.met(first[1])
     if layered:
-        curves = layer_curves(model, fit, curve_grid(GRID, len(layers)), [s[0].macs_per_sample for s in scored],
-                              candidate, lambda choice: choice[1].macs_skipped, batch_size, ctx.progress)
-        steps = allocation_path(curves)
+        steps = _allocation_steps(ctx, model, fit, scored, candidate, options["rule"])
     result.stats["allocation"] = "layers" if layered else "uniform"
-    measured_first = first if first is not None and tuple(steps[0]) == tuple(GRID[0] for _ in layers) else None
-    chosen = tolerance_search(check, tolerance, candidate, result, ctx.progress, steps=steps, level=max,
+    measured_first = first if first is not None and steps[0] == tuple((GRID[0], None) for _ in layers) else None
+    chosen = tolerance_search(check, tolerance, candidate, result, ctx.progress, steps=steps, level=_level,
                               first=measured_first)
     if chosen is not None:
         _report_held_out(ctx, model, layers, chosen, held, result)
     return chosen
+
+
+def _allocation_steps(ctx: PassContext, model: onnx.ModelProto, fit: Any, scored: list[list[Any]],
+                      candidate: Callable[[Rates], tuple[list[Choice | None], onnx.ModelProto]],
+                      rule: str) -> list[Rates]:
+    """The per-layer allocation path (graphopt.passes.exprune.allocate) from the layers' curves on the fit samples,
+    each layer's curve over both rules under "auto"."""
+    rules = RULES if rule == AUTO else (None,)
+    macs = [s[0].macs_per_sample for s in scored]
+    curves = layer_curves(model, fit, curve_grid(GRID, len(scored) * len(rules)), macs, candidate,
+                          lambda choice: choice[1].macs_skipped, int(ctx.option("batch_size", 32)), ctx.progress, rules)
+    return allocation_path(curves)
+
+
+def _level(rates: Rates) -> float:
+    """The false-negative rate a step reports: its largest."""
+    return max(key[0] for key in rates if key is not None)
 
 
 def _report_held_out(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], chosen: list[Choice], held: Any,
@@ -224,13 +239,14 @@ class ExPrune(Pass):
         total = skipped = 0.0
         dense_from: list[int] = []
         for layer, (scoring, found) in zip(layers, chosen):
-            node = replace(graph, layer, found, options["rule"])
+            node = replace(graph, layer, found)
             if isinstance(layer, LinearLayer) and options["dense_rows"]:
                 dense_from.append(thresholds.get(layer.name, options["dense_rows"]))
                 dispatch_by_rows(graph, node, dense_from[-1])
             macs = scoring.macs_per_sample
             total, skipped = total + macs, skipped + macs * found.macs_skipped
-            result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.checkpoints": len(found.checkpoints),
+            result.stats.update({f"{layer.name}.m": found.m, f"{layer.name}.rule": found.rule,
+                                 f"{layer.name}.checkpoints": len(found.checkpoints),
                                  f"{layer.name}.skip_rate": found.skip_rate, f"{layer.name}.fnr": found.fnr,
                                  f"{layer.name}.macs_skipped": found.macs_skipped})
             log.info("exprune %s: m=%d/%d skip %.1f%% fnr %.3f, %.1f%% of its MACs skipped", layer.name, found.m,
@@ -313,9 +329,9 @@ def _faster(ctx: PassContext, graph: gs.Graph, layer: Layer, scoring: Any, found
     from graphopt.passes.exprune.timing import time_conv, time_layer
 
     threads = int(ctx.option("threads") or 0)
-    timing = (time_conv(layer, found, options["rule"], scoring.sample, threads, graph.opset)
+    timing = (time_conv(layer, found, found.rule, scoring.sample, threads, graph.opset)
               if isinstance(layer, ConvLayer) else
-              time_layer(layer, found, options["rule"], scoring.sample, threads, graph.opset,
+              time_layer(layer, found, found.rule, scoring.sample, threads, graph.opset,
                          dispatch=bool(options["dense_rows"])))
     # what time would be if it fell with the MACs the op skips (the probe counted as spent)
     timing["op_ms_predicted"] = timing["dense_ms"] * (1.0 - found.macs_skipped)
@@ -344,7 +360,7 @@ def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[
     feed = next(iter(data.batches(1, trimmed=False)))
     conv = [i for i, layer in enumerate(layers)
             if isinstance(layer, ConvLayer) and f"{layer.name}.speedup" in result.stats]
-    layers, chosen, timing = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", options["rule"], result)
+    layers, chosen, timing = _drop_slower(ctx, model, feed, layers, chosen, conv, "conv_", result)
     timed = [i for i, layer in enumerate(layers) if f"{layer.name}.speedup" in result.stats]
     if not timed:
         return layers, chosen
@@ -352,7 +368,7 @@ def _in_model(ctx: PassContext, model: onnx.ModelProto, data: Any, layers: list[
         # the convolutions' last timing was already the whole model's, with every timed layer against none
         result.stats.update(_model_stats("", timing))
         return layers, chosen
-    return _drop_slower(ctx, model, feed, layers, chosen, timed, "", options["rule"], result)[:2]
+    return _drop_slower(ctx, model, feed, layers, chosen, timed, "", result)[:2]
 
 
 def _model_stats(prefix: str, timing: dict[str, float]) -> dict[str, float]:
@@ -362,7 +378,7 @@ def _model_stats(prefix: str, timing: dict[str, float]) -> dict[str, float]:
 
 
 def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any], layers: list[Layer],
-                 chosen: list[Choice], timed: list[int], prefix: str, rule: str,
+                 chosen: list[Choice], timed: list[int], prefix: str,
                  result: PassResult) -> tuple[list[Layer], list[Choice], dict[str, float]]:
     """`layers` less those of `timed` dropped, slowest alone first, until the model with the rest of `timed`
     replaced is MIN_SPEEDUP faster than the model with none of them (the other layers replaced in both), and
@@ -373,13 +389,13 @@ def _drop_slower(ctx: PassContext, model: onnx.ModelProto, feed: dict[str, Any],
     if not timed:
         return layers, chosen, timing
     others = {layer.output.name: found for layer, (_, found) in zip(_without(layers, timed), _without(chosen, timed))}
-    reference = candidate_model(model, rule, others)
+    reference = candidate_model(model, others)
     timed = sorted(timed, key=lambda i: result.stats[f"{layers[i].name}.speedup"], reverse=True)
     kind = "convolution op(s)" if prefix else "timed op(s)"
     dropped: list[int] = []
     while timed:
         replaced = {**others, **{layers[i].output.name: chosen[i][1] for i in timed}}
-        timing = time_models(reference, candidate_model(model, rule, replaced), feed, int(ctx.option("threads") or 0))
+        timing = time_models(reference, candidate_model(model, replaced), feed, int(ctx.option("threads") or 0))
         result.stats.update(_model_stats(prefix, timing))
         if timing["speedup"] >= MIN_SPEEDUP:
             break
@@ -411,8 +427,9 @@ class ExPruneOptions(Seeded):
     exprune_fnr: float | None = option(None, metavar="R", help="exprune: false-negative rate allowed per neuron on "
                                        "calibration data (default: the largest rate within --tolerance on held-out "
                                        "calibration samples)")
-    exprune_rule: str = option("threshold", choices=RULES,
-                               help="exprune: one test on the probe, or tests at doubling probe lengths")
+    exprune_rule: str = option("threshold", choices=(*RULES, AUTO),
+                               help="exprune: one test on the probe, tests at doubling probe lengths, or auto: "
+                                    "per layer, the rule (with the probe) that skips the most for its error")
     tolerance: str | None = option(None, metavar="top1=A|sequence=A|position=A|rel_l2=E|KEY=V", parse=tolerance_text,
                                    help="exprune: fidelity to keep on held-out calibration samples (default "
                                         "top1=0.99 for class scores, sequence=0.99 for sequences, else "

@@ -3,6 +3,8 @@ from, the order of the allocation path, and the pass choosing a certified alloca
 
 from __future__ import annotations
 
+import pytest
+
 import graphopt
 from graphopt.passes.exprune.allocate import Point, allocation_path, upper_hull
 from graphopt.passes.exprune.search import GRID
@@ -24,7 +26,20 @@ def test_the_path_moves_the_layer_with_the_best_ratio_first() -> None:
     cheap = [Point(0.0, 0.0, 0.0), Point(0.01, 0.1, 50.0), Point(0.1, 1.0, 60.0)]    # 500 then 11 per unit
     costly = [Point(0.0, 0.0, 0.0), Point(0.01, 1.0, 40.0), Point(0.1, 2.0, 70.0)]   # 40 then 30 per unit
     path = allocation_path([cheap, costly])
-    assert path == [(0.0, 0.0), (0.01, 0.0), (0.01, 0.01), (0.01, 0.1), (0.1, 0.1)]
+    assert [tuple(rate for rate, _ in step) for step in path] == [(0.0, 0.0), (0.01, 0.0), (0.01, 0.01), (0.01, 0.1),
+                                                                  (0.1, 0.1)]
+
+
+def test_each_layer_takes_the_rule_whose_points_lie_on_its_hull() -> None:
+    """Under --exprune-rule auto a layer's curve holds both rules' points: the hull mixes them, and each step
+    names the rule its rate is taken with."""
+    first = [Point(0.0, 0.0, 10.0, "threshold"), Point(0.01, 1.0, 30.0, "threshold"),
+             Point(0.1, 3.0, 50.0, "threshold"), Point(0.0, 0.0, 8.0, "sequential"),
+             Point(0.01, 0.5, 31.0, "sequential"), Point(0.1, 4.0, 45.0, "sequential")]
+    hull = upper_hull(first)
+    assert [p.key for p in hull] == [(0.0, "threshold"), (0.01, "sequential"), (0.1, "threshold")]
+    path = allocation_path([first])
+    assert path == [((0.0, "threshold"),), ((0.01, "sequential"),), ((0.1, "threshold"),)]
 
 
 def test_the_pass_certifies_a_per_layer_allocation_on_the_held_out_samples(tmp_path) -> None:
@@ -40,3 +55,29 @@ def test_the_pass_certifies_a_per_layer_allocation_on_the_held_out_samples(tmp_p
     assert len(rates) == 2 and stats["fnr_level"] >= max(rates) - 1e-12  # the level reported is the largest rate
     # the same tolerance, certified the same way, and more of the held-out MACs skipped than with one rate
     assert stats["held_out_macs_skipped_fraction"] >= one_rate["held_out_macs_skipped_fraction"]
+
+
+def test_auto_takes_each_layers_rule_with_its_rate(tmp_path) -> None:
+    """--exprune-rule auto: at a fixed rate each layer takes the rule (and probe) that skips the most of its MACs,
+    so it skips what the better single rule skips, layer by layer; under the tolerance search each layer's rule
+    comes with its rate, and the model keeps the certified tolerance."""
+    model, feeds = _digits_mlp(tmp_path, samples=1600)
+    fixed = {rule: graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all", exprune_fnr=0.1,
+                                     exprune_rule=rule).report["passes"][-1]["stats"]
+             for rule in ("threshold", "sequential", "auto")}
+    layers = sorted(k[:-len(".macs_skipped")] for k in fixed["auto"] if k.endswith(".macs_skipped"))
+    assert len(layers) == 2
+    for layer in layers:
+        better = max(("threshold", "sequential"), key=lambda rule: fixed[rule][f"{layer}.macs_skipped"])
+        assert fixed["auto"][f"{layer}.macs_skipped"] == pytest.approx(fixed[better][f"{layer}.macs_skipped"])
+        assert fixed["auto"][f"{layer}.rule"] == fixed[better][f"{layer}.rule"]
+    searched = graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all", exprune_rule="auto")
+    stats = searched.report["passes"][-1]["stats"]
+    assert stats["allocation"] == "layers" and stats["held_out_top1_lower_bound"] >= 0.99
+    assert {stats[f"{layer}.rule"] for layer in layers} <= {"threshold", "sequential"}
+    nodes = [n for n in searched.model.graph.node if n.op_type.startswith("ExPrune")]
+    assert len(nodes) == 2
+    for node in nodes:  # the op's rule attribute is the layer's
+        rule = next(a.s.decode() for a in node.attribute if a.name == "rule")
+        checkpoints = next(list(a.ints) for a in node.attribute if a.name == "checkpoints")
+        assert rule == ("threshold" if len(checkpoints) == 1 else "sequential")
