@@ -13,11 +13,11 @@ Everything is offline and seeded. Three models are trained here (torch, CPU) on 
 Both are exported with graphopt's legacy exporter (opset 17). Bases: the dense model, and the model pruned
 by method="snp" to `--snp-target` of its MACs. On each base graphopt.optimize(method="exprune") runs with the
 training split as calibration data, in these settings:
-- rule threshold / sequential at fixed false-negative rates (`exprune_fnr` in FNRS; probe length chosen per
-  layer by the pass);
+- rule threshold / sequential / auto (each layer's rule chosen by the pass) at fixed false-negative rates
+  (`exprune_fnr` in FNRS; probe length chosen per layer by the pass);
 - the default tolerance search (no `exprune_fnr`: the largest rate whose model keeps top-1 agreement >= 0.99 on a
   held-out quarter of the calibration data, as a 95% lower confidence bound), and `tolerance="top1=0.98"`, for
-  both rules (bench/exprune_margin.py repeats the default search over 20 seeds).
+  each rule (bench/exprune_margin.py repeats the default search over 20 seeds).
 Measured on the test split (540 samples; one is 0.19 accuracy points): test accuracy and its drop against the
 base, top-1 agreement with the base, and the MACs skipped per input. For that the model is run with every
 ExPrune node's input exposed; per output unit (a neuron of a row, or an output channel at one output position)
@@ -33,7 +33,7 @@ op's decisions may differ where a score is within float32 rounding of its bounda
 estimate is kept next to the test measurement. "Best at <= 1 point" in the summary is chosen on the test set
 itself (optimistic); the default search row is the setting a user would get without looking at test data.
 
-    python bench/exprune_digits.py            # about 5 minutes on a 2-core VM (--seed 1: other split, init)
+    python bench/exprune_digits.py            # about 8 minutes on a 2-core VM (--seed 1: other split, init)
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ ALLOCATION = "layers"
 
 def _options(ctx: PassContext) -> dict[str, Any]:
     probe, fnr = ctx.option("exprune_probe"), ctx.option("exprune_fnr")
-    rule = str(ctx.option("exprune_rule", "threshold"))
+    rule = str(ctx.option("exprune_rule", AUTO))
     held_out = float(ctx.option("exprune_held_out", 0.25))
     if probe is not None and not 0.0 < float(probe) < 1.0:
         raise OptionError(f"--exprune-probe must be in (0, 1), got {probe}")
@@ -427,9 +427,10 @@ class ExPruneOptions(Seeded):
     exprune_fnr: float | None = option(None, metavar="R", help="exprune: false-negative rate allowed per neuron on "
                                        "calibration data (default: the largest rate within --tolerance on held-out "
                                        "calibration samples)")
-    exprune_rule: str = option("threshold", choices=(*RULES, AUTO),
-                               help="exprune: one test on the probe, tests at doubling probe lengths, or auto: "
-                                    "per layer, the rule (with the probe) that skips the most for its error")
+    exprune_rule: str = option(AUTO, choices=(*RULES, AUTO),
+                               help="exprune: one test on the probe, tests at doubling probe lengths, or auto "
+                                    "(default): per layer, the rule (with the probe) that skips the most for its "
+                                    "error")
     tolerance: str | None = option(None, metavar="top1=A|sequence=A|position=A|rel_l2=E|KEY=V", parse=tolerance_text,
                                    help="exprune: fidelity to keep on held-out calibration samples (default "
                                         "top1=0.99 for class scores, sequence=0.99 for sequences, else "
