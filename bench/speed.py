@@ -1,6 +1,6 @@
 """Measured speed of pruned models: does removing MACs buy time in onnxruntime?
 
-Seven architectures built here in torch with realistic widths (random weights, which do not change speed;
+Eight architectures built here in torch with realistic widths (random weights, which do not change speed;
 BatchNorm statistics measured on random samples, so that outputs depend on inputs), exported with
 graphopt.torch.export (legacy exporter by default), are pruned by every method x MAC target x channel
 rounding, and each result is timed against its original side by side (graphopt.evaluate.compare_latency:
@@ -20,6 +20,8 @@ Sizes of the default run (chosen to keep it near 20 minutes on a 2-core machine)
 - mobilenet_v2 (width 1.0), mobilenet_v3_small, efficientnet_b0: the published layer tables, input 3x224x224;
 - text_recogniser: depthwise-separable conv stages (PP-LCNet-like, HardSwish) on 3x32x320 down to 80 time
   steps, a 1x1 neck to 256, two pre-norm transformer blocks (8 heads, MLP 512), a linear CTC-style head (97);
+- crnn_bilstm: the classic CRNN, VGG-style conv stages (64-512 channels) on 3x32x160 down to 40 time steps,
+  two bidirectional LSTM layers of 256 hidden units, a linear CTC-style head (97);
 - vit_s16: dim 384, 6 heads, MLP 1536, fused qkv, 224x224 patches 16: 6 of ViT-S's 12 layers;
 - bert_base: hidden 768, 12 heads, FFN 3072, post-norm, sequence 128, int64 input_ids + attention_mask:
   4 of BERT-base's 12 layers (exported with torch.onnx directly: export_onnx takes one input).
@@ -209,6 +211,26 @@ class TextRecogniser(nn.Module):
         return self.head(self.mixer(steps))
 
 
+class BiLSTMRecogniser(nn.Module):
+    """CRNN (Shi et al.): VGG-style conv stages on a 3x32x160 line image down to a 1-pixel-high map of 40 steps,
+    two bidirectional LSTM layers (256 hidden units each way) over the steps, a per-step linear head (CTC
+    logits). The LSTMs hold about an eighth of the MACs and run step by step."""
+
+    def __init__(self, tiny: bool, classes: int = 97) -> None:
+        super().__init__()
+        c = [_w(n, tiny) for n in (64, 128, 256, 512)]
+        self.convs = nn.Sequential(_cbn(3, c[0]), nn.MaxPool2d(2), _cbn(c[0], c[1]), nn.MaxPool2d(2),
+                                   _cbn(c[1], c[2]), _cbn(c[2], c[2]), nn.MaxPool2d((2, 1)),
+                                   _cbn(c[2], c[3]), _cbn(c[3], c[3]), nn.MaxPool2d((2, 1)), nn.AvgPool2d((2, 1)))
+        hidden = _w(256, tiny)
+        self.rnn = nn.LSTM(c[3], hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = self.convs(x).flatten(2).transpose(1, 2)
+        return self.head(self.rnn(steps)[0])
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, image: int, dim: int, depth: int, heads: int, patch: int = 16, classes: int = 1000) -> None:
         super().__init__()
@@ -294,6 +316,8 @@ ARCHS: dict[str, Arch] = {
     "efficientnet_b0": Arch("mobile", _cnn(efficientnet_b0, 224, 64), "3x224x224"),
     "text_recogniser": Arch("ocr", lambda tiny: (TextRecogniser(tiny), _images((3, 32, 128 if tiny else 320))),
                             "3x32x320, 80 steps, mixer dim 256"),
+    "crnn_bilstm": Arch("rnn", lambda tiny: (BiLSTMRecogniser(tiny), _images((3, 32, 64 if tiny else 160))),
+                        "3x32x160, 40 steps, two BiLSTM layers of 256"),
     "vit_s16": Arch("vit", _vit, "dim 384, 6 heads, MLP 1536, 224x224",
                     f"{VIT_LAYERS} of ViT-S's 12 layers"),
     "bert_base": Arch("encoder", _bert, "hidden 768, 12 heads, FFN 3072, sequence 128",

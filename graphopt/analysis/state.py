@@ -25,7 +25,8 @@ class Site:
     weight is a row of ones, or of 1/n; graphopt.passes.channels.reduction gives it that weight).
     "empty" (an optional input `index` that is zero at run time, dropped when the channels shrink: an LSTM's
     zero initial state). Role "recurrent": a weight axis that reads the channels back into the layer that
-    writes them (R's columns): sliced like a parameter, but a unit it reads is not dead.
+    writes them (an LSTM/GRU/RNN's R columns read the previous step's outputs): a linear consumer of the
+    layer's own output (`reads`), whose unit is not dead while R reads it.
     With `per` > 1 an entry of the site stands for `per` consecutive channels (GroupNorm's per-group scale, its
     group count, a reshape to [N, groups, -1]): it counts, or slices by, the whole runs kept.
     """
@@ -38,6 +39,12 @@ class Site:
     role: str = "param"
     outputs: list[ChannelState] = field(default_factory=list)
     per: int = 1
+
+    @property
+    def reads(self) -> gs.Tensor:
+        """The tensor a consumer's weight reads: its input, or for a recurrent read the layer's output (the
+        previous steps' values, whose statistics the output's are)."""
+        return self.node.outputs[0] if self.role == "recurrent" else self.node.inputs[0]
 
     @property
     def groups(self) -> int:

@@ -209,3 +209,32 @@ def test_dead_units_keep_a_unit_the_recurrence_still_reads() -> None:
     result = graphopt.optimize(unread, method="dead-units")
     assert _hidden_size(result.model, "GRU") == HIDDEN - 1
     assert_equivalent(unread, result.model, _feeds(), rtol=1e-5, atol=1e-5)
+
+
+def _repeated_unit(model: onnx.ModelProto, op: str, copy: int, of: int) -> onnx.ModelProto:
+    """Hidden unit `copy` repeats unit `of` at every step: their rows of every gate are equal in W, R and both
+    biases, in each direction (their columns of R differ: what reads them back)."""
+    weights = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    for gate in range(GATES[op]):
+        for name in ("W", "R"):
+            weights[name][:, gate * HIDDEN + copy] = weights[name][:, gate * HIDDEN + of]
+        for half in range(2):
+            offset = half * GATES[op] * HIDDEN + gate * HIDDEN
+            weights["B"][:, offset + copy] = weights["B"][:, offset + of]
+    repeated = onnx.ModelProto()
+    repeated.CopyFrom(model)
+    del repeated.graph.initializer[:]
+    repeated.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    return repeated
+
+
+@pytest.mark.parametrize("op", ["LSTM", "RNN"])
+def test_snp_removes_a_repeated_hidden_unit_exactly_through_the_recurrence(op: str) -> None:
+    """The reconstruction of a removed unit folds into R's columns too (the layer reads its units back), so a unit
+    that repeats another goes exactly; a GRU's hidden gate reads r ⊙ h and keeps its columns as they were."""
+    model = _repeated_unit(recurrent_model(op), op, copy=6, of=2)
+    calib = {"x": np.random.default_rng(2).standard_normal((64, T, FEATURES)).astype(np.float32)}
+    for options in ({"criterion": "variance", "reconstruct_target": "self"}, {}):  # the self fit, then the refit
+        result = graphopt.optimize(model, method="snp", keep_variance=1.0, calib=calib, round_to=1, **options)
+        assert _hidden_size(result.model, op) == HIDDEN - 1
+        assert_equivalent(model, result.model, _feeds(), rtol=1e-4, atol=1e-4)

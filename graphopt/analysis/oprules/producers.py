@@ -305,7 +305,7 @@ def _hidden_units(node: gs.Node, a: Analysis, weight: np.ndarray, recurrence: np
     atoms = unit.atoms
     a.site("weight", node, ChannelState(1, atoms * gates), index=1, axis=1, role="producer")
     a.site("weight", node, ChannelState(1, atoms * gates), index=2, axis=1, role="producer")
-    a.site("weight", node, ChannelState(2, atoms), index=2, axis=2, role="recurrent")
+    a.site("weight", node, unit, index=2, axis=2, role="recurrent")  # R's columns read Y's units
     if _present(node, 3):
         a.site("weight", node, ChannelState(1, atoms * (2 * gates)), index=3, axis=1, role="param")
     if _present(node, 7):

@@ -113,8 +113,9 @@ def targets(analysis: Analysis, sites: list[Site], kept: dict[int, np.ndarray],
     out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
     found: dict[str, Target] = {}
     for site in sites:
-        if site.kind != "weight" or site.role == "grouped" or site.node.name in found:
-            continue  # a grouped Conv keeps the self fit, group by group (graphopt.passes.snp.fold)
+        if site.kind != "weight" or site.role in ("grouped", "recurrent") or site.node.name in found:
+            continue  # a grouped Conv keeps the self fit, group by group (graphopt.passes.snp.fold), and so does
+            # the recurrent read of an LSTM/GRU/RNN
         weight = np.array(site.node.inputs[site.index].values)
         state = out_states.get(site.node.name)
         if state is not None:

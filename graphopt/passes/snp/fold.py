@@ -41,6 +41,8 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     shifts_by_group = []
     # group k (one group unless grouped: a Conv, outputs on axis 0) reads block k of the input through its
     # own output rows; np.split gives views, so the fold writes into `rows`
+    frozen = _frozen_rows(site, weight.shape)
+    before = rows[frozen].copy()
     for k, (outputs, block) in enumerate(zip(np.split(weight, site.groups), np.split(rows, site.groups))):
         coupling, constant = consumer_reconstruction(cov, mean, keep_pos + k * features, pruned_pos + k * features,
                                                      bias_free)
@@ -48,9 +50,22 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
         values[pruned_pos] = constant
         shifts_by_group.append(consumer_shift(site, values, outputs))
         block[:, keep_pos] += block[:, pruned_pos] @ coupling
-    add_shift(shifts, site.node, np.concatenate(shifts_by_group))
+    rows[frozen] = before
+    shift = np.concatenate(shifts_by_group)
+    shift[frozen] = 0.0
+    add_shift(shifts, site.node, shift)
     ir.set_input_array(graph, site.node, site.index, from_input_rows(rows, weight, site.axis))
     return True
+
+
+def _frozen_rows(site: Site, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of a consumer's weight (as `input_rows` lays them out) the reconstruction must leave alone: a GRU's
+    hidden gate reads its units back as r ⊙ h, and the reset gates of removed units go with them, so R's rows
+    of that gate keep their kept columns as they were (its other gates, and LSTM's and RNN's, are linear in h)."""
+    if site.role != "recurrent" or site.node.op != "GRU":
+        return np.zeros(0, dtype=np.int64)
+    directions, units = shape[0], shape[1] // 3
+    return np.concatenate([d * 3 * units + np.arange(2 * units, 3 * units) for d in range(directions)])
 
 
 def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], stats: dict[str, TensorStats],
@@ -59,7 +74,7 @@ def prune_reconstructed(graph: gs.Graph, analysis: Analysis, sites: list[Site], 
     shifts: Shifts = {}
     if reconstruct:  # a reduction over channels that lose units becomes the weighted sum the fit folds into
         sites = linear_sites(graph, analysis, sites, set(kept))
-    folded = sum(_fold(graph, s, analysis, kept, stats[s.node.inputs[0].name], shifts) for s in sites) \
+    folded = sum(_fold(graph, s, analysis, kept, stats[s.reads.name], shifts) for s in sites) \
         if reconstruct else 0
     apply_with_shifts(graph, analysis, kept, shifts)
     return folded
@@ -72,9 +87,9 @@ def prune_error_corrected(graph: gs.Graph, ctx: PassContext, analysis: Analysis,
     (consumers given the self fit, consumers refitted)."""
     reference = ir.export_model(graph, ctx.template)
     found = targets(analysis, sites, kept, stats)
-    with single_threaded_blas():
-        folded = prune_reconstructed(graph, analysis, [s for s in sites if s.node.name not in found], stats, kept,
-                                     True)
+    with single_threaded_blas():  # a recurrent read keeps the self fit beside its layer's refitted input weights
+        folded = prune_reconstructed(graph, analysis, [s for s in sites if s.node.name not in found
+                                                       or s.role == "recurrent"], stats, kept, True)
     ir.cleanup(graph)
     return folded, correct(graph, ctx, reference, found)
 

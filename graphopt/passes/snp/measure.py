@@ -30,7 +30,7 @@ QK_DIMS = False  # SnpOptions.qk_dims's default (MiniLM: cosine up, top-10 overl
 def linear_consumers(analysis: Analysis, max_features: int, result: PassResult | None) -> list[Site]:
     usable = []
     for site in analysis.sites:
-        if site.kind not in ("weight", "reduce") or site.role not in ("consumer", "grouped"):
+        if site.kind not in ("weight", "reduce") or site.role not in ("consumer", "grouped", "recurrent"):
             continue
         features = analysis.size(site.state) * site.state.factor * site.groups
         if site.node.op == "ConvTranspose" or features > max_features:
@@ -43,8 +43,7 @@ def linear_consumers(analysis: Analysis, max_features: int, result: PassResult |
 
 def consumer_statistics(ctx: PassContext, graph: gs.Graph, sites: list[Site],
                         extra: list[StatRequest] = ()) -> dict[str, TensorStats]:
-    requests = {s.node.inputs[0].name: StatRequest(s.node.inputs[0].name, frozenset({"mean", "gram"}), s.state.axis)
-                for s in sites}
+    requests = {s.reads.name: StatRequest(s.reads.name, frozenset({"mean", "gram"}), s.state.axis) for s in sites}
     requests.update({r.tensor: r for r in extra if r.tensor not in requests})
     return ctx.statistics(list(requests.values()), model=graph) if requests else {}
 

@@ -87,7 +87,7 @@ def _consumer_places(a: Analysis, groups: list[Group], consumers: list[Site],
     found = []
     for site in consumers:
         places = [(root, positions) for root in roots for positions in read_places(a, site, root)]
-        if site.node.inputs[0].name in stats and places:
+        if site.reads.name in stats and places:
             found.append((site, places))
     return found
 
@@ -104,7 +104,7 @@ def _group_moments(a: Analysis, groups: list[Group], consumers: list[Site], stat
     last = {root: index for index, (_, places) in enumerate(reading) for root, _ in places}
     sums: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
     for index, (site, places) in enumerate(reading):
-        full_cov, _ = read_moments(stats[site.node.inputs[0].name], inside_fraction(a, site))
+        full_cov, _ = read_moments(stats[site.reads.name], inside_fraction(a, site))
         full_readout = _readout(site, full_cov.shape[0]) if criterion == "output" else None
         for root, positions in places:
             size = sizes[root]
