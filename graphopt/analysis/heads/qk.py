@@ -14,12 +14,16 @@ touched.
 Declined, with the reason: fused attention ops (q and k inside a packed QKV weight whose op derives its
 scale from the head size), q and k from one packed projection (Split/Slice offsets), a per-channel scale
 between projection and head split, any other reader of q or k on the way (a Shape whose entry for d is
-read counts: the width would be read at run time), and rotary position embeddings (element-wise tables
-and rotate-half Slice/Concat on d: only rotations commuting with RoPE, 2x2 blocks, preserve the scores).
+read counts: the width would be read at run time), a scale computed at run time (torch's legacy export of
+scaled dot-product attention derives it from d), heads folded into the batch axis (torch's
+nn.MultiheadAttention, whose q, k and v also share one packed projection), and rotary position embeddings
+(element-wise tables and rotate-half Slice/Concat on d: only rotations commuting with RoPE, 2x2 blocks,
+preserve the scores).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,13 +143,26 @@ def _step_back(node: gs.Node, axis: int, shapes: Shapes, entries: list[WidthEntr
     if node.op in ("Unsqueeze", "Squeeze"):
         moved = _unsqueezed_back(node, axis, shapes)
         return moved if isinstance(moved, str) else (node.inputs[0], moved)
+    if node.op == "Reshape" and _folds_heads(out, before, axis):
+        return (f"{node.name} (Reshape): folds the heads into the batch axis (nn.MultiheadAttention's layout), "
+                "which the q/k walk does not follow")
     if node.op in ("Expand", "Reshape"):
         return _repeat_back(node, axis, out, before, entries)
     if node.op in ("Mul", "Div") and _scalar_operand(node):
         return node.inputs[0], axis
+    if node.op in ("Mul", "Div") and len(node.inputs) == 2 and shapes.get(node.inputs[1].name) in ((), (1,)):
+        return (f"{node.name} ({node.op}): a scale computed at run time (torch's legacy export reads it from the "
+                "per-head width, which would change with it)")
     if node.op in _ROTARY_OPS:
         return ROTARY
     return f"{node.name} ({node.op}): not a layout op between q/k and the scores"
+
+
+def _folds_heads(out: tuple[int, ...], before: tuple[int, ...], axis: int) -> bool:
+    """Whether a Reshape lays [..., heads·d] out as [..., batch·heads, d] (the same rank, d last)."""
+    if len(out) != len(before) or axis != len(out) - 1 or out[-1] >= before[-1] or before[-1] % out[-1]:
+        return False
+    return math.prod(out[:-1]) == math.prod(before[:-1]) * (before[-1] // out[-1])
 
 
 def _repeat_back(node: gs.Node, axis: int, out: tuple[int, ...], before: tuple[int, ...],

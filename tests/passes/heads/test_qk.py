@@ -162,3 +162,21 @@ def test_snp_with_qk_dims_reaches_its_mac_target(exporter, tmp_path) -> None:
     held_out = _data(16, TOKENS + 3, seed=5)
     reference = _run(model, held_out)
     assert _cosine(_run(result.model, held_out), reference) >= _cosine(_run(without.model, held_out), reference) - 1e-3
+
+
+def test_torch_multihead_attention_declines_q_k_dims_with_its_own_reason(tmp_path) -> None:
+    """torch's nn.MultiheadAttention: the legacy export scales q and k by a factor it computes from the per-head
+    width at run time, the dynamo export folds the heads into the batch axis; either is named, not mistaken for
+    rotary embeddings, and the heads still go."""
+    from graphopt.torch import export, zoo
+
+    module, example = zoo.ZOO["torch_encoder"]()
+    calib = {"input": np.random.default_rng(0).standard_normal((32, 8, 32)).astype(np.float32)}
+    expected = {"legacy": "a scale computed at run time", "dynamo": "folds the heads into the batch axis"}
+    for exporter, reason in expected.items():
+        path = export.export_onnx(module, example, tmp_path / f"{exporter}.onnx", exporter=exporter, fold_bn=False)
+        result = optimize(onnx.load(str(path)), method="snp", calib=calib, target_macs=0.6, qk_dims=True)
+        entry = result.report["passes"][-1]
+        lines = [line for line in entry["skipped"] if line.startswith("q/k dims of")]
+        assert len(lines) == 2 and all(reason in line and ROTARY not in line for line in lines), lines
+        assert entry["stats"]["heads_removed"] >= 3
