@@ -143,19 +143,25 @@ def _step_back(node: gs.Node, axis: int, shapes: Shapes, entries: list[WidthEntr
     if node.op in ("Unsqueeze", "Squeeze"):
         moved = _unsqueezed_back(node, axis, shapes)
         return moved if isinstance(moved, str) else (node.inputs[0], moved)
+    if node.op in ("Mul", "Div") and _scalar_operand(node):
+        return node.inputs[0], axis
+    declined = _declined(node, axis, out, before, shapes)
+    if declined is not None:
+        return declined
+    if node.op in ("Expand", "Reshape"):
+        return _repeat_back(node, axis, out, before, entries)
+    return f"{node.name} ({node.op}): not a layout op between q/k and the scores"
+
+
+def _declined(node: gs.Node, axis: int, out: tuple[int, ...], before: tuple[int, ...], shapes: Shapes) -> str | None:
+    """Why the walk stops at `node`, for the ops that say more than "not a layout op" (None: no such reason)."""
     if node.op == "Reshape" and _folds_heads(out, before, axis):
         return (f"{node.name} (Reshape): folds the heads into the batch axis (nn.MultiheadAttention's layout), "
                 "which the q/k walk does not follow")
-    if node.op in ("Expand", "Reshape"):
-        return _repeat_back(node, axis, out, before, entries)
-    if node.op in ("Mul", "Div") and _scalar_operand(node):
-        return node.inputs[0], axis
     if node.op in ("Mul", "Div") and len(node.inputs) == 2 and shapes.get(node.inputs[1].name) in ((), (1,)):
         return (f"{node.name} ({node.op}): a scale computed at run time (torch's legacy export reads it from the "
                 "per-head width, which would change with it)")
-    if node.op in _ROTARY_OPS:
-        return ROTARY
-    return f"{node.name} ({node.op}): not a layout op between q/k and the scores"
+    return ROTARY if node.op in _ROTARY_OPS else None
 
 
 def _folds_heads(out: tuple[int, ...], before: tuple[int, ...], axis: int) -> bool:
