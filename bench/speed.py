@@ -1,6 +1,6 @@
 """Measured speed of pruned models: does removing MACs buy time in onnxruntime?
 
-Eight architectures built here in torch with realistic widths (random weights, which do not change speed;
+Nine architectures built here in torch with realistic widths (random weights, which do not change speed;
 BatchNorm statistics measured on random samples, so that outputs depend on inputs), exported with
 graphopt.torch.export (legacy exporter by default), are pruned by every method x MAC target x channel
 rounding, and each result is timed against its original side by side (graphopt.evaluate.compare_latency:
@@ -20,6 +20,8 @@ Sizes of the default run (chosen to keep it near 20 minutes on a 2-core machine)
 - mobilenet_v2 (width 1.0), mobilenet_v3_small, efficientnet_b0: the published layer tables, input 3x224x224;
 - text_recogniser: depthwise-separable conv stages (PP-LCNet-like, HardSwish) on 3x32x320 down to 80 time
   steps, a 1x1 neck to 256, two pre-norm transformer blocks (8 heads, MLP 512), a linear CTC-style head (97);
+- unet_groupnorm: a diffusion-UNet-style network of GroupNorm(32) residual blocks at 128 and 256 channels on
+  3x64x64 (its channels go in whole GroupNorm groups);
 - crnn_bilstm: the classic CRNN, VGG-style conv stages (64-512 channels) on 3x32x160 down to 40 time steps,
   two bidirectional LSTM layers of 256 hidden units, a linear CTC-style head (97);
 - vit_s16: dim 384, 6 heads, MLP 1536, fused qkv, 224x224 patches 16: 6 of ViT-S's 12 layers;
@@ -231,6 +233,34 @@ class BiLSTMRecogniser(nn.Module):
         return self.head(self.rnn(steps)[0])
 
 
+class _GroupNormResidual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(32, channels), nn.GroupNorm(32, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(nn.functional.silu(self.norm2(self.conv1(nn.functional.silu(self.norm1(x))))))
+
+
+class GroupNormUNet(nn.Module):
+    """A diffusion-UNet-style network: GroupNorm(32) residual blocks at 128 and 256 channels, a strided
+    convolution down, a transposed one up with a skip connection, GroupNorm, SiLU and a 3x3 output convolution."""
+
+    def __init__(self, tiny: bool) -> None:
+        super().__init__()
+        low, high = (64, 128) if tiny else (128, 256)
+        self.inp, self.block1 = nn.Conv2d(3, low, 3, padding=1), _GroupNormResidual(low)
+        self.down, self.block2 = nn.Conv2d(low, high, 3, 2, 1), _GroupNormResidual(high)
+        self.up, self.block3 = nn.ConvTranspose2d(high, low, 2, 2), _GroupNormResidual(low)
+        self.out = nn.Sequential(nn.GroupNorm(32, low), nn.SiLU(), nn.Conv2d(low, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.block1(self.inp(x))
+        return self.out(self.block3(self.up(self.block2(self.down(skip))) + skip))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, image: int, dim: int, depth: int, heads: int, patch: int = 16, classes: int = 1000) -> None:
         super().__init__()
@@ -316,6 +346,8 @@ ARCHS: dict[str, Arch] = {
     "efficientnet_b0": Arch("mobile", _cnn(efficientnet_b0, 224, 64), "3x224x224"),
     "text_recogniser": Arch("ocr", lambda tiny: (TextRecogniser(tiny), _images((3, 32, 128 if tiny else 320))),
                             "3x32x320, 80 steps, mixer dim 256"),
+    "unet_groupnorm": Arch("unet", _cnn(GroupNormUNet, 64, 32),
+                           "GroupNorm(32) blocks of 128 and 256 channels, 3x64x64"),
     "crnn_bilstm": Arch("rnn", lambda tiny: (BiLSTMRecogniser(tiny), _images((3, 32, 64 if tiny else 160))),
                         "3x32x160, 40 steps, two BiLSTM layers of 256"),
     "vit_s16": Arch("vit", _vit, "dim 384, 6 heads, MLP 1536, 224x224",
