@@ -329,9 +329,9 @@ def recurrent(node: gs.Node, a: Analysis) -> None:
     """LSTM, GRU and RNN read their input X ([seq, batch, features], or [batch, seq, features] with layout 1)
     through W [directions, gates x hidden, features]: a linear consumer of X's features, whose columns of W
     go with them. Their hidden units are a channel group of their own (`_hidden_units`): R reads them back
-    (a "recurrent" read, which dead-unit elimination honours and SNP does not reconstruct into), so removing
-    a unit is exact only where it is always zero. MACs: the input products scale with the features and the
-    units kept, the recurrent ones with the square of the units kept."""
+    (a "recurrent" read of the layer's output, which dead-unit elimination honours and SNP reconstructs removed
+    units into). MACs: the input products scale with the features and the units kept, the recurrent ones
+    with the square of the units kept."""
     for tensor in node.inputs[1:]:
         a.block(a.state(tensor), f"{node.name} ({node.op}): channels reach an input other than X")
     incoming = a.state(node.inputs[0])

@@ -68,8 +68,9 @@ def replace(graph: gs.Graph, layer: Layer, found: Calibrated) -> gs.Node:
 
 def best(scorings: list[Scoring], fnr: float, rule: str | None = None) -> Choice:
     """The probe length (and, without `rule`, the rule) skipping the largest fraction of the layer's MACs at this
-    rate; with `rule`, among that rule's scorings."""
-    calibrated = [(s, s.calibrate(fnr)) for s in scorings if rule is None or s.rule == rule]
+    rate; with `rule`, among that rule's scorings (all of them where a layer too narrow for a second checkpoint
+    has none: its sequential rule is the threshold rule)."""
+    calibrated = [(s, s.calibrate(fnr)) for s in [s for s in scorings if rule is None or s.rule == rule] or scorings]
     return max(calibrated, key=lambda pair: pair[1].macs_skipped)
 
 

@@ -3,6 +3,7 @@ from, the order of the allocation path, and the pass choosing a certified alloca
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import graphopt
@@ -82,3 +83,29 @@ def test_auto_takes_each_layers_rule_with_its_rate(tmp_path) -> None:
         rule = next(a.s.decode() for a in node.attribute if a.name == "rule")
         checkpoints = next(list(a.ints) for a in node.attribute if a.name == "checkpoints")
         assert rule == ("threshold" if len(checkpoints) == 1 else "sequential")
+
+
+def test_auto_on_a_layer_too_narrow_for_a_second_checkpoint(tmp_path) -> None:
+    """A layer of two inputs has one checkpoint at any probe: its sequential rule is the threshold rule, and the
+    per-layer curves under auto take that layer's threshold points for both."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.standard_normal((2, 16)), "b1": rng.standard_normal(16) * 0.1,
+               "w2": rng.standard_normal((16, 32)), "b2": rng.standard_normal(32) * 0.1,
+               "w3": rng.standard_normal((32, 4))}
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="narrow"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], name="wide"),
+             helper.make_node("Relu", ["h2"], ["r2"], name="relu2"), helper.make_node("MatMul", ["r2", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "narrow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((1600, 2)).astype(np.float32)}
+    result = graphopt.optimize(model, method="exprune", calib=feeds, exprune_layers="all", exprune_rule="auto",
+                               tolerance="rel_l2=0.5", exprune_dense_rows=0)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["allocation"] == "layers"
+    assert stats["narrow.checkpoints"] == 1 and stats["narrow.rule"] == "threshold"
+    assert stats["wide.rule"] in ("threshold", "sequential")
