@@ -3,7 +3,7 @@ the confidence margin.
 
 For each seed (a new stratified 70/30 split of scikit-learn's digits and a new initialisation), the digits
 MLP and CNN of bench/exprune_digits.py are trained, exported (legacy exporter, opset 17) and pruned by SNP
-to `--snp-target` of their MACs; on each of the 4 bases, for both rules (threshold, sequential: 8 settings),
+to `--snp-target` of their MACs; on each of the 4 bases, for each rule (threshold, sequential, auto: 12 settings),
 graphopt.optimize(method="exprune") runs with the training split as calibration data and default options
 (tolerance top1=0.99 checked on a seeded held-out quarter, 314 samples) at `exprune_confidence` 0.95 (the
 default: a Clopper-Pearson lower bound on held-out agreement) and at 0 (the held-out value itself, the
@@ -12,7 +12,7 @@ with the base model (the tolerance: >= 0.99 holds), the accuracy drop against th
 practical promise; agreement >= 0.99 implies it), and the MACs skipped per input as a fraction of the whole
 base model (graphopt's reference helpers on the ExPrune nodes' real inputs, as in bench/exprune_digits.py).
 
-    python bench/exprune_margin.py --calibration unseen --held-out 0.5   # 20 seeds x 8 x 2, ~15 min on 2 cores
+    python bench/exprune_margin.py --calibration unseen --held-out 0.5 --models mlp cnn   # 20 seeds x 12 x 2, ~25 min
     python bench/exprune_margin.py --calibration train                   # the training split, ~20 min
     python bench/exprune_margin.py --seeds 3                             # a quick look
     python bench/exprune_margin.py --replot bench/results/exprune_margin_unseen.json   # redraw the PNG
