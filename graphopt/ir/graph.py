@@ -340,6 +340,12 @@ def is_graph_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in itertools.chain(graph.inputs, graph.outputs))
 
 
+def only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The single node reading `tensor` (which is not a graph input or output), else None."""
+    readers = consumers(tensor)
+    return readers[0] if len(readers) == 1 and not is_graph_io(graph, tensor) else None
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     """`base`, or `base_N` with the smallest N that names no tensor and no node of `graph` (one helper for
     both: node names must be unique too, and a fallback base such as "exprune" can be used twice)."""

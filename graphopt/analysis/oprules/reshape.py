@@ -38,6 +38,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.registry import Mixing, linear, register
 from graphopt.analysis.state import Analysis, constant_values
+from graphopt.ir import graph as ir
 
 
 ShapeOf = Callable[[gs.Tensor], "tuple[int, ...] | None"]
@@ -215,9 +216,10 @@ def _layout(in_shape: tuple[int, ...], out_shape: tuple[int, ...], state: Channe
     return (_merged_heads(in_shape, out_shape, c) if c > 1 else None) or _folded_heads(in_shape, out_shape, c)
 
 
-def _only_reader(tensor: gs.Tensor, op: str) -> gs.Node | None:
-    readers = tensor.outputs
-    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+def _only_reader(a: Analysis, tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The single `op` node reading `tensor`, where nothing else reads it and it is not a graph output."""
+    reader = ir.only_reader(a.graph, tensor)
+    return reader if reader is not None and reader.op == op else None
 
 
 def _group_count(node: gs.Node, a: Analysis, state: ChannelState) -> int | None:
@@ -234,8 +236,8 @@ def _group_count(node: gs.Node, a: Analysis, state: ChannelState) -> int | None:
 def _group_norm_nodes(node: gs.Node, a: Analysis, groups: int) -> tuple[gs.Node, gs.Node] | None:
     """(the InstanceNormalization with per-group constants that alone reads `node`, the Reshape back to the
     input's shape that alone reads it), else None."""
-    norm = _only_reader(node.outputs[0], "InstanceNormalization")
-    back = _only_reader(norm.outputs[0], "Reshape") if norm is not None else None
+    norm = _only_reader(a, node.outputs[0], "InstanceNormalization")
+    back = _only_reader(a, norm.outputs[0], "Reshape") if norm is not None else None
     if back is None or a.shape(back.outputs[0]) != a.shape(node.inputs[0]):
         return None
     params = [constant_values(t) for t in norm.inputs[1:3]]

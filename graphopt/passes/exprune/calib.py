@@ -64,12 +64,6 @@ def swap_in(graph: gs.Graph, layer: ChainLayer, found: Calibrated, op: str, attr
     return node
 
 
-def only_reader(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
-    """The single node reading `tensor` (which is not a graph input or output), else None."""
-    readers = ir.consumers(tensor)
-    return readers[0] if len(readers) == 1 and not ir.is_graph_io(graph, tensor) else None
-
-
 @dataclass
 class Calibrated:
     perm: np.ndarray

@@ -34,7 +34,7 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
                                        output_size, prefix_sums)
-from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def match_conv(graph: gs.Graph, node: gs.Node) -> ConvLayer | str:
     geometry = _geometry(node, (int(weight.shape[2]), int(weight.shape[3])))
     if isinstance(geometry, str):
         return geometry
-    reader = only_reader(graph, node.outputs[0])
+    reader = ir.only_reader(graph, node.outputs[0])
     if reader is None or reader.op != "Relu":
         return "output is not read by a Relu alone"
     strides, pads, dilations = geometry

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
 from graphopt.passes.exprune.timing import TIMING_ROWS
-from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, only_reader, outcome, probe_length, ratios,
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
 
@@ -88,7 +88,7 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearLayer | str:
         return found
     weight, bias = found
     nodes, tail = [node], node.outputs[0]
-    reader = only_reader(graph, tail)
+    reader = ir.only_reader(graph, tail)
     if node.op == "MatMul" and reader is not None and reader.op == "Add":
         other = next((t for t in reader.inputs if t is not tail), None)
         added = _vector(ir.constant_array(other), weight.shape[0]) if other is not None else None
@@ -97,7 +97,7 @@ def match_linear(graph: gs.Graph, node: gs.Node) -> LinearLayer | str:
         bias = bias + added
         nodes.append(reader)
         tail = reader.outputs[0]
-        reader = only_reader(graph, tail)
+        reader = ir.only_reader(graph, tail)
     if reader is None or reader.op != "Relu":
         return "output is not read by a Relu alone"
     nodes.append(reader)

@@ -179,3 +179,19 @@ def test_the_inspect_listing_says_groups_go_in_whole_runs(planted, tmp_path: Pat
     onnx.save(planted("legacy", 17), str(path))
     assert main(["inspect", str(path), "--groups"]) == 0
     assert "48 channels (in whole runs of 4), prunable" in capsys.readouterr().out
+
+
+def test_a_group_norm_whose_inside_is_a_graph_output_keeps_it(planted) -> None:
+    """The tensors between the reshapes (per-group, not per-channel) carry no channel state: where one is also
+    a graph output, the pattern is not taken and the output keeps its shape."""
+    model = onnx.ModelProto()
+    model.CopyFrom(planted("legacy", 17))
+    norm = next(n for n in model.graph.node if n.op_type == "InstanceNormalization")
+    model.graph.output.append(helper.make_tensor_value_info(norm.output[0], onnx.TensorProto.FLOAT, None))
+    result = graphopt.optimize(model, method="magnitude", target_macs=0.5, calib=_calibration(8, 3))
+    feeds = _calibration(3, 2)
+    from tests.conftest import run_ort
+
+    before, after = run_ort(model, feeds), run_ort(result.model, feeds)
+    assert after[norm.output[0]].shape == before[norm.output[0]].shape
+    assert result.report["macs_ratio"] < 1.0  # the other GroupNorms' groups still go
