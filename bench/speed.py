@@ -67,7 +67,7 @@ from graphopt.ir.shapes import resolve_input_shapes
 from graphopt.passes import METHODS
 from graphopt.passes.channels.alignment import parse_round_to
 from graphopt.torch.export import EXPORTERS, export_onnx
-from graphopt.torch.zoo import randomize_norm_parameters
+from graphopt.torch.zoo import GroupNormResBlock, randomize_norm_parameters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SNP_EARLIER, machine  # noqa: E402
@@ -233,17 +233,6 @@ class BiLSTMRecogniser(nn.Module):
         return self.head(self.rnn(steps)[0])
 
 
-class _GroupNormResidual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm1, self.norm2 = nn.GroupNorm(32, channels), nn.GroupNorm(32, channels)
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(nn.functional.silu(self.norm2(self.conv1(nn.functional.silu(self.norm1(x))))))
-
-
 class GroupNormUNet(nn.Module):
     """A diffusion-UNet-style network: GroupNorm(32) residual blocks at 128 and 256 channels, a strided
     convolution down, a transposed one up with a skip connection, GroupNorm, SiLU and a 3x3 output convolution."""
@@ -251,9 +240,9 @@ class GroupNormUNet(nn.Module):
     def __init__(self, tiny: bool) -> None:
         super().__init__()
         low, high = (64, 128) if tiny else (128, 256)
-        self.inp, self.block1 = nn.Conv2d(3, low, 3, padding=1), _GroupNormResidual(low)
-        self.down, self.block2 = nn.Conv2d(low, high, 3, 2, 1), _GroupNormResidual(high)
-        self.up, self.block3 = nn.ConvTranspose2d(high, low, 2, 2), _GroupNormResidual(low)
+        self.inp, self.block1 = nn.Conv2d(3, low, 3, padding=1), GroupNormResBlock(low, 32)
+        self.down, self.block2 = nn.Conv2d(low, high, 3, 2, 1), GroupNormResBlock(high, 32)
+        self.up, self.block3 = nn.ConvTranspose2d(high, low, 2, 2), GroupNormResBlock(low, 32)
         self.out = nn.Sequential(nn.GroupNorm(32, low), nn.SiLU(), nn.Conv2d(low, 3, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

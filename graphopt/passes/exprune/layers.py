@@ -98,14 +98,18 @@ def scorings(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], opti
     for layer in tqdm(layers, desc="exprune scores", disable=not ctx.progress, leave=False):
         scored = []
         for probe, rule in ((probe, rule) for probe in options["probes"] for rule in rules):
-            single = len(doubling_checkpoints(layer.terms, probe_length(probe, layer.terms))) == 1
-            if rule == "sequential" and len(rules) > 1 and single:
+            if rule == "sequential" and len(rules) > 1 and _one_checkpoint(layer.terms, probe):
                 continue
             rows = samples[layer.source.name]
             scored.append(ConvScoring(rows, layer, probe, rule, max_positions=positions, seed=seed)
                           if isinstance(layer, ConvLayer) else LinearScoring(rows, layer, probe, rule))
         found.append(scored)
     return found
+
+
+def _one_checkpoint(terms: int, probe: float) -> bool:
+    """Whether the sequential rule at this probe has a single checkpoint (then it is the threshold rule)."""
+    return len(doubling_checkpoints(terms, probe_length(probe, terms))) == 1
 
 
 def sample(ctx: PassContext, model: onnx.ModelProto, layers: list[Layer], data: Any) -> dict[str, np.ndarray]:
