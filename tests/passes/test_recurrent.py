@@ -2,7 +2,8 @@
 weight W (its columns go; SNP's reconstruction and bias shift fold into W and the input half of B). Planted
 zero and duplicate channels in front of each are removed exactly: magnitude drops the zero ones, SNP both.
 Their hidden units prune too (rows of every gate, R's columns, outputs, initial states): a planted silent
-unit goes exactly, the MACs of a cut are counted exactly, a zero initial state computed at run time is
+unit goes exactly, a repeated one and a constant one through the recurrence too (GRU with linear_before_reset:
+its hidden gate as well), the MACs of a cut are counted exactly, a zero initial state computed at run time is
 dropped, one given as a model input blocks with the reason, and a unit R still reads is not dead."""
 
 from __future__ import annotations
@@ -228,13 +229,43 @@ def _repeated_unit(model: onnx.ModelProto, op: str, copy: int, of: int) -> onnx.
     return repeated
 
 
-@pytest.mark.parametrize("op", ["LSTM", "RNN"])
-def test_snp_removes_a_repeated_hidden_unit_exactly_through_the_recurrence(op: str) -> None:
+@pytest.mark.parametrize("op, attrs", [("LSTM", {}), ("RNN", {}), ("GRU", {"linear_before_reset": 1})])
+def test_snp_removes_a_repeated_hidden_unit_exactly_through_the_recurrence(op: str, attrs: dict) -> None:
     """The reconstruction of a removed unit folds into R's columns too (the layer reads its units back), so a unit
-    that repeats another goes exactly; a GRU's hidden gate reads r ⊙ h and keeps its columns as they were."""
-    model = _repeated_unit(recurrent_model(op), op, copy=6, of=2)
+    that repeats another goes exactly; a GRU with linear_before_reset (torch's export) reads r ⊙ (H·Rᵀ + Rb), linear
+    in h, in its hidden gate as well, its shift going into Rb."""
+    model = _repeated_unit(recurrent_model(op, **attrs), op, copy=6, of=2)
     calib = {"x": np.random.default_rng(2).standard_normal((64, T, FEATURES)).astype(np.float32)}
     for options in ({"criterion": "variance", "reconstruct_target": "self"}, {}):  # the self fit, then the refit
         result = graphopt.optimize(model, method="snp", keep_variance=1.0, calib=calib, round_to=1, **options)
         assert _hidden_size(result.model, op) == HIDDEN - 1
+        assert_equivalent(model, result.model, _feeds(), rtol=1e-4, atol=1e-4)
+
+
+def _constant_unit(model: onnx.ModelProto, unit: int) -> onnx.ModelProto:
+    """GRU hidden unit `unit` is the constant tanh(0.5) at every step and in the initial state (a constant: the
+    model's batch becomes 3): its update gate is shut (z = 0), its reset gate open (r = 1), and its hidden gate
+    reads only its biases (0.3 in Wb, 0.2 in Rb)."""
+    model = _with_initial_state(model, "GRU", "constant")
+    weights = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    for gate, (input_bias, recurrent_bias) in enumerate([(-30.0, 0.0), (30.0, 0.0), (0.3, 0.2)]):
+        row = gate * HIDDEN + unit
+        weights["W"][:, row] = weights["R"][:, row] = 0.0
+        weights["B"][:, row], weights["B"][:, 3 * HIDDEN + row] = input_bias, recurrent_bias
+    weights["h0"][:, :, unit] = np.tanh(0.5)
+    constant = onnx.ModelProto()
+    constant.CopyFrom(model)
+    del constant.graph.initializer[:]
+    constant.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in weights.items())
+    return constant
+
+
+def test_snp_folds_a_constant_hidden_unit_into_the_recurrent_bias() -> None:
+    """A constant hidden unit of a GRU with linear_before_reset goes exactly: what R's columns read from it moves
+    into Rb, inside the hidden gate's reset product (Wb, outside it, would be scaled by r no more)."""
+    model = _constant_unit(recurrent_model("GRU", linear_before_reset=1), unit=4)
+    calib = {"x": np.random.default_rng(2).standard_normal((63, T, FEATURES)).astype(np.float32)}
+    for options in ({"criterion": "variance", "reconstruct_target": "self"}, {}):
+        result = graphopt.optimize(model, method="snp", keep_variance=1.0, calib=calib, round_to=1, **options)
+        assert _hidden_size(result.model, "GRU") == HIDDEN - 1
         assert_equivalent(model, result.model, _feeds(), rtol=1e-4, atol=1e-4)

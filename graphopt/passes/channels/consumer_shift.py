@@ -7,7 +7,8 @@ constant, or the constant part of a reconstruction), the consumer loses, per out
 `apply_with_shifts` cuts the graph with the pruning engine and then adds each shift to its consumer's
 bias, sliced to the output channels the consumer itself keeps. A consumer without a bias gets one
 (Conv, Gemm, onnxruntime's com.microsoft Attention: its packed q/k/v bias; LSTM, GRU and RNN: the input
-half Wb of B, per direction and gate unit) or a following Add (MatMul;
+half Wb of B, per direction and gate unit, for what the input products lose, the recurrent half Rb for what the
+recurrent ones lose) or a following Add (MatMul;
 for a reduction's row of weights, an Add after the sum); a MatMul whose only reader is an Add of a
 per-output constant (a Linear's bias) has the shift folded into that constant. SNP's and CoB's least-squares
 fits give a bias-free MatMul (`bias_costs_a_node`) no constant term where it is worth at most 1% of their error
@@ -28,7 +29,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.channels.engine import apply_kept, kept_positions
 from graphopt.passes.channels.reduction import reader
 
-Shifts = dict[str, tuple[gs.Node, np.ndarray]]
+Shifts = dict[tuple[str, bool], tuple[gs.Node, np.ndarray]]  # (consumer, into a recurrent bias): its shift
 
 
 def output_axis(node: gs.Node) -> int:
@@ -53,17 +54,19 @@ def consumer_shift(site: Site, values: np.ndarray, weight: np.ndarray | None = N
     return per_output
 
 
-def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray) -> None:
+def add_shift(shifts: Shifts, node: gs.Node, shift: np.ndarray, recurrent: bool = False) -> None:
+    """Accumulate a consumer's shift; `recurrent`: what an LSTM/GRU/RNN's recurrent products (R) lose."""
     if np.any(shift):
-        previous = shifts.get(node.name, (node, 0.0))[1]
-        shifts[node.name] = (node, previous + shift)
+        previous = shifts.get((node.name, recurrent), (node, 0.0))[1]
+        shifts[node.name, recurrent] = (node, previous + shift)
 
 
-def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray) -> None:
-    """Add a per-output-channel shift to a consumer's output (its bias, created where missing)."""
+def add_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, recurrent: bool = False) -> None:
+    """Add a per-output-channel shift to a consumer's output (its bias, created where missing); `recurrent`: a
+    shift of an LSTM/GRU/RNN's recurrent products."""
     weight = np.asarray(node.inputs[1].values)
     if node.op in RECURRENT:
-        _into_input_bias(graph, node, shift, weight)
+        _into_recurrent_bias(graph, node, shift, weight, 1 if recurrent else 0)
         return
     if node.op in ("Conv", "Gemm", "Attention") and _into_own_bias(graph, node, shift, weight.dtype):
         return
@@ -98,15 +101,16 @@ def _into_own_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, dtype: np.
     return False
 
 
-def _into_input_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, weight: np.ndarray) -> None:
-    """LSTM/GRU/RNN: B is [directions, 2 x gates x hidden], the input products' bias Wb then the recurrent
-    ones' Rb; every gate adds X·Wᵀ and Wb together (GRU's hidden gate too, outside its reset product), so a
-    shift of the input products goes into Wb, exactly. B is created (zeros) where absent."""
+def _into_recurrent_bias(graph: gs.Graph, node: gs.Node, shift: np.ndarray, weight: np.ndarray, half: int) -> None:
+    """LSTM/GRU/RNN: B is [directions, 2 x gates x hidden], the input products' bias Wb (`half` 0) then the
+    recurrent ones' Rb (`half` 1); every gate adds X·Wᵀ and Wb together (GRU's hidden gate too, outside its
+    reset product) and H·Rᵀ and Rb together (inside GRU's reset product with linear_before_reset), so a shift
+    of either product goes into its own half, exactly. B is created (zeros) where absent."""
     directions, units = weight.shape[0], weight.shape[1]
     present = len(node.inputs) > 3 and node.inputs[3].name
     bias = ir.constant_array(node.inputs[3]) if present else np.zeros((directions, 2 * units), weight.dtype)
     new_bias = bias.astype(np.float64)
-    new_bias[:, :units] += shift.reshape(directions, units)
+    new_bias[:, half * units:(half + 1) * units] += shift.reshape(directions, units)
     if present:
         ir.set_input_array(graph, node, 3, new_bias.astype(bias.dtype))
         return
@@ -162,9 +166,10 @@ def apply_with_shifts(graph: gs.Graph, analysis: Analysis, kept: dict[int, np.nd
     """Cut the graph to `kept`, then add each consumer's shift on the output channels it keeps."""
     out_states = {s.node.name: s.state for s in analysis.sites if s.kind == "weight" and s.role == "producer"}
     apply_kept(graph, analysis, kept)
-    for name, (node, shift) in shifts.items():
+    for (name, recurrent), (node, shift) in shifts.items():
         state = out_states.get(name)
-        add_bias(graph, node, kept_outputs(analysis, node, state, kept, shift) if state is not None else shift)
+        add_bias(graph, node, kept_outputs(analysis, node, state, kept, shift) if state is not None else shift,
+                 recurrent)
 
 
 def kept_outputs(analysis: Analysis, node: gs.Node, state: ChannelState, kept: dict[int, np.ndarray],

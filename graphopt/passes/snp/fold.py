@@ -53,16 +53,17 @@ def _fold(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray],
     rows[frozen] = before
     shift = np.concatenate(shifts_by_group)
     shift[frozen] = 0.0
-    add_shift(shifts, site.node, shift)
+    add_shift(shifts, site.node, shift, recurrent=site.role == "recurrent")
     ir.set_input_array(graph, site.node, site.index, from_input_rows(rows, weight, site.axis))
     return True
 
 
 def _frozen_rows(site: Site, shape: tuple[int, ...]) -> np.ndarray:
     """Rows of a consumer's weight (as `input_rows` lays them out) the reconstruction must leave alone: a GRU's
-    hidden gate reads its units back as r ⊙ h, and the reset gates of removed units go with them, so R's rows
-    of that gate keep their kept columns as they were (its other gates, and LSTM's and RNN's, are linear in h)."""
-    if site.role != "recurrent" or site.node.op != "GRU":
+    hidden gate reads its units back as r ⊙ h unless linear_before_reset (torch's export: r ⊙ (H·Rᵀ + Rb), linear
+    in h), and the reset gates of removed units go with them, so there R's rows of that gate keep their kept
+    columns as they were (its other gates, and LSTM's and RNN's, are linear in h)."""
+    if site.role != "recurrent" or site.node.op != "GRU" or site.node.attrs.get("linear_before_reset", 0):
         return np.zeros(0, dtype=np.int64)
     directions, units = shape[0], shape[1] // 3
     return np.concatenate([d * 3 * units + np.arange(2 * units, 3 * units) for d in range(directions)])
