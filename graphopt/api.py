@@ -202,8 +202,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     def run(options: dict[str, Any]) -> _Run:
         graph = ir.import_graph(original)
         with open_cluster(options["workers"], options["ray_address"]) as cluster:  # Ray: only where asked for
-            ctx = PassContext(template=original, input_shapes=shapes, data=dataset, progress=progress,
-                              options=options, cluster=cluster, pipeline=tuple(pipeline))
+            ctx = PassContext(template=original, input_shapes=shapes, data=dataset, sample=_first(dataset),
+                              progress=progress, options=options, cluster=cluster, pipeline=tuple(pipeline))
             if options.get("repair"):
                 ctx.normalised_checks.append(lambda normalised: _trainable(normalised, original))
             records, pruned, repaired = _run_steps(graph, ctx, pruning, quantizing)  # repaired: {"repair": ...} or {}
@@ -398,6 +398,11 @@ def _data_notes(ctx: PassContext, padding: TrimPlan | None, fallback: str | None
     return notes
 
 
+def _first(dataset: Dataset | None) -> dict[str, np.ndarray] | None:
+    """The first calibration sample, what runs that observe shapes are fed (None without data)."""
+    return dataset.first_sample() if dataset is not None else None
+
+
 def _prepared_data(original: onnx.ModelProto, calib: DataSource | None, input_shapes: dict[str, tuple[int, ...]] | None,
                    resolved: dict[str, Any]) -> tuple[Dataset | None, dict[str, tuple[int, ...]], str | None,
                                                       TrimPlan | None]:
@@ -474,7 +479,8 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
     calibration data (else on seeded random inputs), with the user's `metric` where given. The original's
     outputs on the calibration data are those calibration kept where it did (graphopt.calibration.reference:
     the normalised graph at full optimisation, equal up to float rounding), else it runs again."""
-    before, after = count_cost(original, shapes), count_cost(optimized, shapes)
+    sample = _first(dataset)
+    before, after = count_cost(original, shapes, sample=sample), count_cost(optimized, shapes, sample=sample)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=min(8, batch_size))]
     try:
         fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
@@ -485,6 +491,7 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
     return {
         "macs_before": before.macs, "macs_after": after.macs,
         "macs_ratio": after.macs / before.macs if before.macs else 1.0,
+        "macs_uncounted": before.uncounted,
         "params_before": before.params, "params_after": after.params,
         "nodes_before": len(original.graph.node), "nodes_after": len(optimized.graph.node),
         "input_shapes": {k: list(v) for k, v in shapes.items()},

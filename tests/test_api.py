@@ -252,3 +252,43 @@ def test_report_file_sizes_count_the_model_only(tmp_path):
     report = graphopt.optimize(model_path, calib=data_path, output=tmp_path / "out.onnx").report
     assert report["bytes_before"] == model_path.stat().st_size
     assert report["bytes_after"] == (tmp_path / "out.onnx").stat().st_size
+
+
+SWITCH_MODEL = """h0 = MatMul (x, wa)
+                  h = Relu (h0)
+                  rate = Constant <value = int64 {16000}> ()
+                  cond = Equal (sr, rate)
+                  y = If (cond) <then_branch = then_g () => (float[M, 4] t) {
+                        p = MatMul (h, w1)
+                        q = Relu (p)
+                        t = MatMul (q, w2)
+                      }, else_branch = else_g () => (float[M, 4] e) {
+                        pairs = Constant <value = int64[2] {-1, 32}> ()
+                        r = Reshape (h, pairs)
+                        p = MatMul (r, w3)
+                        q = Relu (p)
+                        e = MatMul (q, w2)
+                      }>"""
+
+
+def _switch_model() -> onnx.ModelProto:
+    """Silero VAD's shape: a sample-rate input picks the If branch that holds the layers, both branches read
+    the outer weight w2, and the other branch cannot run one sample (it pairs rows)."""
+    return tiny(SWITCH_MODEL, inputs="float[N, 16] x, int64 sr", outputs="float[M, 4] y",
+                inits=", ".join([init("wa", weights(16, 16)), init("w1", weights(16, 16, seed=1)),
+                                 init("w2", weights(16, 4, seed=2)), init("w3", weights(32, 16, seed=3))]))
+
+
+def test_layers_inside_branches_are_named_and_the_shapes_come_from_the_data() -> None:
+    """The shapes the channel rules need are observed on the first calibration sample (zeros would take the
+    branch that cannot run one sample), the layers inside the branches are named among the skipped reasons,
+    the branches' shared weight stays written once and counts once."""
+    model = _switch_model()
+    calib = {"x": weights(8, 16, seed=4), "sr": np.array(16000, dtype=np.int64)}
+    result = graphopt.optimize(model, method="snp", target_macs=0.7, calib=calib)
+    assert result.report["target_reached"] is False
+    skipped = [line for found in result.report["passes"] for line in found["skipped"]]
+    assert any("(If): 4 layers inside its bodies are not pruned" in line for line in skipped)
+    assert result.report["params_before"] == result.report["params_after"] == 16 * 16 * 2 + 16 * 4 + 32 * 16
+    assert_equivalent(model, result.model, {"x": calib["x"], "sr": calib["sr"]})
+    assert_equivalent(model, result.model, {"x": calib["x"], "sr": np.array(8000, dtype=np.int64)})

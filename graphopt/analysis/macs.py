@@ -10,8 +10,8 @@ MACs count the multiply-accumulates of Conv, ConvTranspose (with groups), Gemm a
   depends on the input; the exprune pass reports the fraction skipped on calibration data)
 - the integer forms ConvInteger / QLinearConv and MatMulInteger / QLinearMatMul: as Conv / MatMul (one
   integer multiply-accumulate counts as one MAC), com.microsoft QGemm as Gemm; in the QDQ format the float
-  Conv/MatMul is counted itself. Parameters: float constants, and the integer weights these ops (or a
-  DequantizeLinear) read; scales and zero points are not parameters
+  Conv/MatMul is counted itself. Parameters: float constants (those of control-flow bodies too), and the
+  integer weights these ops (or a DequantizeLinear) read; scales and zero points are not parameters
 
 What is counted, per sample:
 - The shapes are those of the inputs as resolved (a dynamic batch axis at 1). When every real input and
@@ -47,7 +47,7 @@ from onnx import numpy_helper
 
 from graphopt.ir.shapes import input_specs
 
-_COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
+COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
             "QLinearConv", "MatMulInteger", "QLinearMatMul", "QGemm", "Attention", "MultiHeadAttention",
             "GroupQueryAttention", "LSTM", "GRU", "RNN")
 # onnxruntime's fused attention (com.microsoft): (inputs whose shapes count, MACs from the shapes and attributes)
@@ -130,7 +130,7 @@ def per_sample_batch(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]])
 def needed_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None) -> set[str]:
     """The tensors whose shapes the MAC count reads (the graph outputs too when the inputs given by
     `input_shapes` share a batch above 1, to tell whether the counts divide by it)."""
-    names = {name for node in _all_nodes(model.graph) if node.op_type in _COUNTED + CONTROL_FLOW
+    names = {name for node in _all_nodes(model.graph) if node.op_type in COUNTED_OPS + CONTROL_FLOW
              for name in _needed(node)}
     if input_shapes is not None and input_batch(model, input_shapes) > 1:
         names |= {o.name for o in model.graph.output}
@@ -171,7 +171,7 @@ class _MacCounter:
 
     def graph(self, graph: onnx.GraphProto) -> dict[str, int]:
         return {node.name or f"{node.op_type}_{index}": self.node(node, node.name or f"{node.op_type}_{index}")
-                for index, node in enumerate(graph.node) if node.op_type in _COUNTED + CONTROL_FLOW}
+                for index, node in enumerate(graph.node) if node.op_type in COUNTED_OPS + CONTROL_FLOW}
 
     def body(self, graph: onnx.GraphProto) -> int:
         return sum(self.graph(graph).values())
@@ -242,16 +242,33 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return math.prod(shapes[node.output[0]]) * inner
 
 
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for body in bodies(node).values():
+            yield from _graphs(body)
+
+
 def parameter_count(model: onnx.ModelProto) -> int:
-    constants = {**{t.name: t for t in model.graph.initializer}, **_constant_nodes(model.graph)}
-    quantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    quantized |= {n.input[_OPERANDS.get(n.op_type, (0, 1))[1]] for n in model.graph.node
-                  if n.op_type in _INTEGER and len(n.input) > 1}  # the integer ops' weights
-    scales = {name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-              for name in n.input[1:]}
+    """Float constants of the main graph and of every control-flow body (a weight counted once by name)."""
+    constants = {name: t for g in _graphs(model.graph) for name, t in _constants(g).items()}
+    quantized, scales = _quantized_names(list(_all_nodes(model.graph)))
     counted = [t for name, t in constants.items() if name in quantized or name not in scales
                and onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]
     return int(sum(math.prod(t.dims) for t in counted))
+
+
+def _quantized_names(nodes: list[onnx.NodeProto]) -> tuple[set[str], set[str]]:
+    """(the integer weights quantized ops and DequantizeLinear read, the scales and zero points)."""
+    quantized = {n.input[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    quantized |= {n.input[_OPERANDS.get(n.op_type, (0, 1))[1]] for n in nodes
+                  if n.op_type in _INTEGER and len(n.input) > 1}
+    scales = {name for n in nodes if n.op_type in ("QuantizeLinear", "DequantizeLinear") for name in n.input[1:]}
+    return quantized, scales
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {**{t.name: t for t in graph.initializer}, **_constant_nodes(graph)}
 
 
 def _constant_nodes(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:

@@ -219,15 +219,19 @@ class Dataset:
                 Dataset(None, [f for i, f in enumerate(feeds) if i in chosen], self.model, warned=self.warned,
                         trim=self.trim))
 
+    def first_sample(self) -> dict[str, np.ndarray]:
+        """The first sample as the model reads it (a sample of several rows keeps them; see
+        `first_sample_shapes`)."""
+        if self.arrays is not None:
+            return next(runs(self.arrays, self.layouts, 1))
+        arrays, layouts, _ = next(self._stream())
+        return next(runs(arrays, layouts, 1))
+
     def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-input shapes of one sample as the model reads it, its batch axis at 1."""
-        if self.arrays is not None:
-            arrays, layouts = self.arrays, self.layouts
-        else:
-            arrays, layouts, _ = next(self._stream())
-        first = next(runs(arrays, layouts, 1))
+        layouts = self.layouts if self.arrays is not None else next(self._stream())[1]
         shapes = {}
-        for name, array in first.items():
+        for name, array in self.first_sample().items():
             shape, axis = list(array.shape), layouts[name].model_batch_axis
             if axis is not None:
                 shape[axis] = 1

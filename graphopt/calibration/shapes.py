@@ -1,13 +1,14 @@
 """Every tensor's concrete shape for one batch-1 sample, and the cost counted on those shapes.
 
-ONNX shape inference runs first on a copy with the inputs fixed; shapes it leaves unknown (a Reshape
-whose target is computed from `Shape` at run time, for instance) come from one onnxruntime run on
-zeros with those tensors exposed as outputs. Inside If/Loop/Scan bodies inference sees only what the
-bodies declare, so each body's declared inputs are pinned to the shapes of the outer values they stand
-for (loop-carried values at their initial shape, scanned inputs without the scanned axis) and inference
-runs again, once per nesting level; body tensors it still cannot shape stay unknown (onnxruntime cannot
-expose them). The MAC and parameter formulas live in graphopt.analysis.macs, which reads shapes and
-never runs a model.
+ONNX shape inference runs first on a copy with the inputs fixed; shapes it leaves unknown (a Reshape whose
+target is computed from `Shape` at run time, for instance) come from one onnxruntime run with those tensors
+exposed as outputs, on the user's first calibration sample where there is one (an input such as a sample rate
+can choose the branch an If runs, and zeros may choose one the data never takes), else on zeros. Inside
+If/Loop/Scan bodies inference sees only what the bodies declare, so each body's declared inputs are pinned to
+the shapes of the outer values they stand for (loop-carried values at their initial shape, scanned inputs
+without the scanned axis) and inference runs again, once per nesting level; body tensors it still cannot shape
+stay unknown (onnxruntime cannot expose them). The MAC and parameter formulas live in graphopt.analysis.macs,
+which reads shapes and never runs a model.
 """
 
 from __future__ import annotations
@@ -22,26 +23,31 @@ from graphopt.ir.shapes import input_specs, tensor_shapes, with_fixed_inputs
 
 
 def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-                  wanted: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+                  wanted: set[str] | None = None,
+                  sample: dict[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
     """Shapes of every tensor (or of `wanted` at least) with the inputs at `input_shapes`, those inside
-    control-flow bodies included where inference can reach them."""
+    control-flow bodies included where inference can reach them; `sample` (one calibration sample) is what
+    a run to observe them is fed where its shapes are `input_shapes`."""
     fixed = with_fixed_inputs(model, input_shapes)
     shapes = tensor_shapes(fixed)
     produced = {name for node in fixed.graph.node for name in node.output if name}
     missing = sorted((produced if wanted is None else wanted & produced) - set(shapes))
     if missing:
-        shapes.update(_observed(model, input_shapes, missing))
+        shapes.update(_observed(model, input_shapes, missing, sample))
     if any(bodies(node) for node in fixed.graph.node):
         shapes.update(_body_shapes(fixed, shapes))
     return shapes
 
 
-def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-              missing: list[str]) -> dict[str, tuple[int, ...]]:
-    """The shapes of `missing` from one run on zeros, or, where an op refuses zeros (onnxruntime's
-    GroupQueryAttention reads an all-zero attention mask as no token at all), on ones in the integer and
-    boolean inputs (every token counts, token id 1)."""
+def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], missing: list[str],
+              sample: dict[str, np.ndarray] | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes of `missing` from one run on `sample` where its shapes are `input_shapes`, else on zeros,
+    or, where an op refuses zeros (onnxruntime's GroupQueryAttention reads an all-zero attention mask as no
+    token at all), on ones in the integer and boolean inputs (every token counts, token id 1)."""
     specs = input_specs(model)
+    if sample is not None and all(s.name in sample and np.shape(sample[s.name]) == tuple(input_shapes[s.name])
+                                  for s in specs):
+        return observed_shapes(model, {s.name: sample[s.name] for s in specs}, missing)
     feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
     try:
         return observed_shapes(model, feed, missing)
@@ -130,9 +136,10 @@ def _body_shapes(fixed: onnx.ModelProto, known: dict[str, tuple[int, ...]]) -> d
 
 
 def count_cost(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
-               shapes: dict[str, tuple[int, ...]] | None = None) -> CostReport:
+               shapes: dict[str, tuple[int, ...]] | None = None,
+               sample: dict[str, np.ndarray] | None = None) -> CostReport:
     """MACs and parameters per sample (graphopt.analysis.macs says what is counted); `shapes` (tensor
-    shapes at `input_shapes`) saves a shape inference when known."""
+    shapes at `input_shapes`) saves a shape inference when known; `sample` as for `batch1_shapes`."""
     if shapes is None:
-        shapes = batch1_shapes(model, input_shapes, needed_shapes(model, input_shapes))
+        shapes = batch1_shapes(model, input_shapes, needed_shapes(model, input_shapes), sample)
     return cost_from_shapes(model, shapes)

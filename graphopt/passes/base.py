@@ -80,7 +80,8 @@ class PassContext:
 
     `template` is the model the graph came from (for model-level fields and shape inference);
     `input_shapes` resolves dynamic input dimensions (batch 1); `data` is calibration data as an
-    iterable of feed dicts, or None; `options` holds method options from the CLI or API; `cluster`
+    iterable of feed dicts, or None; `sample` its first sample, what a run to observe shapes is fed;
+    `options` holds method options from the CLI or API; `cluster`
     (graphopt.calibration.cluster) runs calibration on Ray when the run was given --workers or
     --ray-address (None: in this process); `pipeline` names the methods of the run in order.
     """
@@ -88,6 +89,7 @@ class PassContext:
     template: onnx.ModelProto
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     data: Iterable[dict[str, np.ndarray]] | None = None
+    sample: dict[str, np.ndarray] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
     cluster: Any = None

@@ -101,7 +101,8 @@ class _PipelineBudget:
 
 
 def _macs(graph: gs.Graph, ctx: PassContext) -> float:
-    return float(count_cost(ir.export_model(graph, ctx.template, infer=False), ctx.input_shapes).macs)
+    return float(count_cost(ir.export_model(graph, ctx.template, infer=False), ctx.input_shapes,
+                            sample=ctx.sample).macs)
 
 
 class PassManager:

@@ -178,3 +178,26 @@ def test_weights_captured_by_subgraphs_are_stored_once():
     feeds = random_inputs(model)
     assert_equivalent(model, exported, feeds)
     assert_equivalent(model, exported, {"x": -feeds["x"]})
+
+
+def test_weights_only_branches_read_are_stored_once_where_both_see_them():
+    """A weight the main graph does not read but both branches of an If do (Silero VAD's sample-rate switch)
+    is written once, in the main graph; a constant one branch alone reads stays in that branch."""
+    model = tiny("""s = ReduceSum <keepdims = 0> (x)
+                    cond = Greater (s, zero)
+                    y = If (cond) <then_branch = then_g () => (float[N, 64] t) {
+                          t = MatMul (x, w)
+                        }, else_branch = else_g () => (float[N, 64] e) {
+                          p = MatMul (x, w)
+                          e = MatMul (p, v)
+                        }>""", inputs="float[N, 64] x", outputs="float[N, 64] y",
+                 inits=", ".join([init("w", weights(64, 64) / 8), init("v", weights(64, 64, seed=1) / 8),
+                                  "float zero = {0.0}"]))
+    exported = ir.export_model(ir.import_graph(model), model)
+    onnx.checker.check_model(exported, full_check=True)
+    assert sorted(_all_initializers(exported.graph)) == ["v", "w", "zero"]
+    assert "w" in {t.name for t in exported.graph.initializer}
+    assert exported.ByteSize() < 1.1 * model.ByteSize()
+    feeds = random_inputs(model)
+    assert_equivalent(model, exported, feeds)
+    assert_equivalent(model, exported, {"x": -feeds["x"]})

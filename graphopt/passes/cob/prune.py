@@ -304,7 +304,8 @@ def _open_post_norms(graph: gs.Graph, ctx: PassContext, kind: str | None) -> int
     shortcuts = open_post_norms(graph) if kind is not None else []
     if shortcuts:
         # count_cost infers the shapes it needs (with the inputs fixed), as graphopt.passes.channels.magnitude.analyse
-        per_node = count_cost(ir.export_model(graph, ctx.template, infer=False), ctx.input_shapes).per_node
+        per_node = count_cost(ir.export_model(graph, ctx.template, infer=False), ctx.input_shapes,
+                              sample=ctx.sample).per_node
         added = sum(per_node.get(node.name, 0) for node in shortcuts)
         total = float(sum(per_node.values()))
         ctx.macs_scale *= (total - added) / total if total else 1.0
