@@ -94,7 +94,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
         model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # re-inferred below; a stale shape would contradict new weights
     _drop_captured_copies(model.graph, set())
-    _hoist_shared_copies(model.graph)
+    _hoist_shared_copies(model.graph, {t.name for t in template.graph.initializer})
     model.ir_version = template.ir_version
     del model.opset_import[:]
     model.opset_import.extend(template.opset_import)
@@ -183,10 +183,11 @@ def _drop_captured_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
             _drop_captured_copies(subgraph, visible)
 
 
-def _hoist_shared_copies(graph: onnx.GraphProto) -> None:
-    """A constant the main graph does not read but several subgraphs do (the weights both branches of an If
-    share) is written by onnx-graphsurgeon into each of them: keep one copy, in the main graph, where every
-    subgraph sees it. Copies whose contents differ (sibling scopes may reuse a name) stay where they are."""
+def _hoist_shared_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """A constant the main graph does not read but subgraphs do is written by onnx-graphsurgeon into each of
+    them: where several hold it (the weights both branches of an If share) or the template held it in its main
+    graph (`outer`: its initializer names), keep one copy, in the main graph, where every subgraph sees it.
+    Copies whose contents differ (sibling scopes may reuse a name) stay where they are."""
     copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
 
     def collect(scope: onnx.GraphProto) -> None:
@@ -198,7 +199,7 @@ def _hoist_shared_copies(graph: onnx.GraphProto) -> None:
 
     collect(graph)
     shared = {name for name, found in copies.items()
-              if len(found) > 1 and len({t.SerializeToString() for _, t in found}) == 1}
+              if (len(found) > 1 or name in outer) and len({t.SerializeToString() for _, t in found}) == 1}
     for name in sorted(shared):
         graph.initializer.append(copies[name][0][1])
     for scope in {id(s): s for found in copies.values() for s, _ in found}.values():

@@ -182,21 +182,26 @@ def test_weights_captured_by_subgraphs_are_stored_once():
 
 def test_weights_only_branches_read_are_stored_once_where_both_see_them():
     """A weight the main graph does not read but both branches of an If do (Silero VAD's sample-rate switch)
-    is written once, in the main graph; a constant one branch alone reads stays in that branch."""
+    is written once, in the main graph, and one that one branch alone reads stays in the main graph where the
+    model held it; a constant local to a branch stays in it."""
     model = tiny("""s = ReduceSum <keepdims = 0> (x)
                     cond = Greater (s, zero)
                     y = If (cond) <then_branch = then_g () => (float[N, 64] t) {
                           t = MatMul (x, w)
                         }, else_branch = else_g () => (float[N, 64] e) {
                           p = MatMul (x, w)
-                          e = MatMul (p, v)
+                          q = MatMul (p, v)
+                          half = Constant <value = float {0.5}> ()
+                          e = Mul (q, half)
                         }>""", inputs="float[N, 64] x", outputs="float[N, 64] y",
                  inits=", ".join([init("w", weights(64, 64) / 8), init("v", weights(64, 64, seed=1) / 8),
                                   "float zero = {0.0}"]))
     exported = ir.export_model(ir.import_graph(model), model)
     onnx.checker.check_model(exported, full_check=True)
     assert sorted(_all_initializers(exported.graph)) == ["v", "w", "zero"]
-    assert "w" in {t.name for t in exported.graph.initializer}
+    assert sorted(t.name for t in exported.graph.initializer) == ["v", "w", "zero"]
+    branch = next(a.g for a in exported.graph.node[-1].attribute if a.name == "else_branch")
+    assert "half" in {output for node in branch.node for output in node.output}
     assert exported.ByteSize() < 1.1 * model.ByteSize()
     feeds = random_inputs(model)
     assert_equivalent(model, exported, feeds)

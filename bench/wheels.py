@@ -1,0 +1,245 @@
+"""Real ONNX files that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
+
+Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
+silero-vad==6.2.3` installs both without their dependencies):
+- nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
+- silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
+  decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
+  sample-rate input), `silero_vad_op18_ifless` (the same switch, opset 18), `silero_vad_16k_op15` and
+  `silero_vad_half` (the decoder inside Ifs), `silero_vad_openvino_16k` (flat, one 576-sample window),
+  `silero_vad_16k_sequence` (flat, a sequence of windows through one LSTM).
+The wheels ship no images or speech, so the inputs are synthetic: the detector reads images of bright shapes on
+dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced (a
+harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state.
+
+Part 1, every method (tests/passes/test_zoo_methods.py's runs and classifier) at 0.7 and 0.5 of the MACs: a valid
+model with the original interface that runs and reaches its target, or a refusal with the reason; MAC ratio and
+seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0.5: fidelity on held-out inputs
+(not the calibration ones; `graphopt.api.verify`: cosine and rel_l2, for the VAD also the share of chunks whose
+speech decision at 0.5 is unchanged) and speed against the original in one interleaved run
+(`graphopt.evaluate.compare_latency`, onnxruntime CPU, default threads), batch 1 and 8 for the detector, 1 for the
+VAD (it runs one stream at a time).
+
+    python bench/wheels.py                        # both parts (about 15 minutes on 2 cores)
+    python bench/wheels.py --part speed --models nudenet
+Results: bench/results/wheels.json and wheels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import graphopt  # noqa: E402
+from common import machine  # noqa: E402
+from graphopt.api import verify  # noqa: E402
+from graphopt.evaluate import compare_latency  # noqa: E402
+from shape_images import shape_images  # noqa: E402
+from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+RATE, CHUNK = 16000, 512
+
+
+@dataclass
+class Model:
+    label: str
+    path: Path
+    data: Callable[[int, int], dict[str, np.ndarray]]  # (samples, seed) -> feeds in the layout graphopt reads
+    batches: tuple[int, ...] = (1,)
+    vad: bool = False
+
+
+def speech_chunks(count: int, seed: int) -> np.ndarray:
+    """[count, 512] float32 chunks at 16 kHz: even ones voiced (harmonics of a drifting 90-260 Hz pitch under a
+    syllable envelope), odd ones low noise or silence."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(CHUNK) / RATE
+    chunks = np.zeros((count, CHUNK), np.float32)
+    for i in range(count):
+        if i % 2 == 0:
+            f0 = rng.uniform(90, 260) * (1 + rng.uniform(-0.1, 0.1) * t / t[-1])
+            phase = 2 * np.pi * np.cumsum(f0) / RATE
+            wave = sum(rng.uniform(0.2, 1.0) / k * np.sin(k * phase + rng.uniform(0, 2 * np.pi)) for k in range(1, 16))
+            envelope = np.sin(np.pi * np.clip((t + rng.uniform(0, 0.02)) / 0.04, 0, 1)) ** 2
+            chunks[i] = 0.3 * envelope * wave / np.abs(wave).max() + rng.normal(0, 0.003, CHUNK)
+        else:
+            chunks[i] = rng.normal(0, rng.choice([0.0, 0.002, 0.01]), CHUNK)
+    return chunks
+
+
+def _vad_switch(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input": speech_chunks(samples, seed), "state": np.zeros((2, samples, 128), np.float32),
+            "sr": np.array(RATE, dtype=np.int64)}
+
+
+def _vad_plain(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input": speech_chunks(samples, seed), "state": np.zeros((2, samples, 128), np.float32)}
+
+
+def _vad_window(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """One 576-sample window per run (64 samples of context in front of the chunk), stacked."""
+    chunks = speech_chunks(samples, seed)
+    return {"input": np.concatenate([np.zeros((samples, 64), np.float32), chunks], axis=1)[:, None],
+            "state": np.zeros((samples, 2, 1, 128), np.float32)}
+
+
+def _vad_sequence(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Each sample a sequence of 8 consecutive windows of one stream, its LSTM state starting at zero."""
+    chunks = speech_chunks(samples * 8, seed).reshape(samples, 8, CHUNK)
+    context = np.concatenate([np.zeros((samples, 1, 64), np.float32), chunks[:, :-1, -64:]], axis=1)
+    return {"input": np.concatenate([context, chunks], axis=2), "h": np.zeros((samples, 1, 1, 128), np.float32),
+            "c": np.zeros((samples, 1, 1, 128), np.float32)}
+
+
+def _images(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"images": shape_images(samples, size=320, seed=seed)[0]}
+
+
+def installed() -> list[Model]:
+    found = []
+    spec = importlib.util.find_spec("nudenet")
+    if spec is not None and spec.origin:
+        found.append(Model("nudenet 320n (YOLOv8n)", Path(spec.origin).parent / "320n.onnx", _images, (1, 8)))
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is not None and spec.origin:
+        data = Path(spec.origin).parent / "data"
+        for name, builder in (("silero_vad", _vad_switch), ("silero_vad_op18_ifless", _vad_switch),
+                              ("silero_vad_16k_op15", _vad_switch), ("silero_vad_half", _vad_plain),
+                              ("silero_vad_openvino_16k", _vad_window), ("silero_vad_16k_sequence", _vad_sequence)):
+            found.append(Model(name, data / f"{name}.onnx", builder, vad=True))
+    return found
+
+
+def sweep(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    """Every run of the zoo at every target: the classifier's status, MAC ratio and seconds."""
+    rows = []
+    calib = model.data(args.samples, 1)
+    for run in RUNS.values():
+        for target in (args.targets if run.target != "none" else [None]):
+            result = outcome(model.path, run, target, folder, calib=calib, check_feeds=model.data(4, 9))
+            rows.append({"model": model.label, "run": run.id, "target": target, "status": result.kind,
+                         "macs_ratio": result.macs_ratio, "seconds": round(result.seconds, 2),
+                         "detail": result.detail})
+            ratio = "-" if result.macs_ratio is None else f"{result.macs_ratio:.3f}"
+            print(f"{model.label:26s} {run.id:22s} {target or '-':>4} {result.kind:22s} {ratio:>6s} "
+                  f"{result.seconds:6.1f} s  {result.detail[:140]}", flush=True)
+            for written in folder.iterdir():
+                written.unlink()
+    return rows
+
+
+def _decisions(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """The share of speech decisions (probability above 0.5: per chunk, per window of a sequence) the candidate
+    keeps, each held-out sample run alone from a zero state."""
+    from graphopt.calibration.data import load_data
+    from graphopt.calibration.session import make_session
+
+    found = []
+    for model in (reference, candidate):
+        session = make_session(model, optimize=True)
+        found.append(np.concatenate([np.ravel(session.run(None, feed)[0])
+                                     for feed in load_data(feeds, reference).batches(1)]))
+    return float(np.mean((found[0] > 0.5) == (found[1] > 0.5)))
+
+
+def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
+    """snp and magnitude at each target: held-out fidelity and speed side by side with the original."""
+    rows = []
+    calib, heldout = model.data(args.samples, 1), model.data(args.heldout, 2)
+    original = onnx.load(str(model.path))
+    for method in args.methods:
+        for target in args.targets:
+            start = time.perf_counter()
+            result = graphopt.optimize(model.path, method=method, target_macs=target, calib=calib)
+            seconds = time.perf_counter() - start
+            fidelity = verify(original, result.model, heldout).first  # the first output: boxes, speech probability
+            row = {"model": model.label, "method": method, "target": target,
+                   "macs_ratio": round(result.report["macs_ratio"], 4), "optimize_s": round(seconds, 1),
+                   "cosine": round(fidelity["cosine"], 5), "rel_l2": round(fidelity["rel_l2"], 4)}
+            if model.vad:
+                row["decisions_kept"] = round(_decisions(original, result.model, heldout), 4)
+            for batch in model.batches:
+                timing = compare_latency(original, result.model, data=heldout, batch=batch, rounds=args.rounds)
+                row[f"speedup_b{batch}"] = [round(timing["speedup"], 3), round(timing["speedup_p10"], 3),
+                                            round(timing["speedup_p90"], 3)]
+            rows.append(row)
+            speed = "  ".join(f"b{b} {row[f'speedup_b{b}'][0]:.2f}x ({row[f'speedup_b{b}'][1]:.2f}-"
+                              f"{row[f'speedup_b{b}'][2]:.2f})" for b in model.batches)
+            print(f"{model.label:26s} {method:9s} {target}: MACs {row['macs_ratio']:.3f} cosine {row['cosine']:.4f} "
+                  f"rel_l2 {row['rel_l2']:.3f} {speed} decisions {row.get('decisions_kept', '-')} "
+                  f"({seconds:.0f} s)", flush=True)
+    return rows
+
+
+def tables(found: dict[str, Any]) -> str:
+    lines = []
+    if found.get("sweep"):
+        counts: dict[str, int] = {}
+        for row in found["sweep"]:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        lines.append("Every method: " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+                     + f" ({len(found['sweep'])} runs)")
+        for row in found["sweep"]:
+            if row["status"].startswith("FAIL"):
+                lines.append(f"- {row['model']} {row['run']} {row['target']}: {row['status']} {row['detail'][:200]}")
+    if found.get("measured"):
+        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions kept | speedup b1 (p10-p90) | "
+                     "speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
+        for row in found["measured"]:
+            cells = [f"{row[key][0]:.2f} ({row[key][1]:.2f}-{row[key][2]:.2f})" if key in row else "-"
+                     for key in ("speedup_b1", "speedup_b8")]
+            lines.append(f"| {row['model']} | {row['method']} | {row['target']} | {row['macs_ratio']:.3f} | "
+                         f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | {row.get('decisions_kept', '-')} | "
+                         + " | ".join(cells) + f" | {row['optimize_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
+    parser.add_argument("--models", nargs="+", default=None, help="labels starting with these (nudenet, silero_vad)")
+    parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
+    parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"])
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples")
+    parser.add_argument("--heldout", type=int, default=32, help="held-out samples")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
+    parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
+    if not models:
+        raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3")
+    found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = Path(workdir)
+        if args.part in ("all", "sweep"):
+            found["sweep"] = [row for model in models for row in sweep(model, args, folder)]
+        if args.part in ("all", "speed"):
+            found["measured"] = [row for model in models for row in measure(model, args, folder)]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(found, indent=1, default=float) + "\n")
+    text = tables(found)
+    args.output.with_suffix(".md").write_text(text + "\n")
+    print("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
