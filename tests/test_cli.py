@@ -500,3 +500,20 @@ def test_bench_resolves_dynamic_dims_the_error_names(capfd, tmp_path) -> None:
     code, out, err = _call(capfd, "bench", path, path, "--repeat", "3", "--batch", "2", "--quiet", "--json",
                            "--input-shape", "sequence=16")
     assert code == 0 and json.loads(out)["batch"] == 2, err
+
+
+def test_optimize_names_layers_it_could_not_count(tmp_path, capfd) -> None:
+    """A model whose If branch cannot run one sample (Silero VAD's switch, tests/test_api.py): the summary says
+    how many layers its MACs leave out, the report names them, the warning names the If's layers as unpruned."""
+    from tests.test_api import _switch_model
+
+    model = tmp_path / "switch.onnx"
+    onnx.save(_switch_model(), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=weights(8, 16, seed=4), sr=np.array(16000, dtype=np.int64))
+    code, out, err = _call(capfd, "optimize", model, "-o", tmp_path / "out.onnx", "--method", "snp", "--target-macs",
+                           "0.7", "--calib", calib, "--report", tmp_path / "report.json", "--quiet")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0 and report["macs_before"] == 16 * 16 + 16 * 16 + 16 * 4
+    assert f"{len(report['macs_uncounted'])} layers not counted" in out and len(report["macs_uncounted"]) == 2
+    assert "If_3 (If): 4 layers inside its bodies are not pruned" in err

@@ -164,6 +164,11 @@ def run_failure(session: Any, feed: dict[str, Any]) -> str | None:
 
 def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, tuple[int, ...]]:
     """Run `model` once on `feed` with `names` exposed as outputs; return their concrete shapes."""
+    return {name: tuple(value.shape) for name, value in observed_values(model, feed, names).items()}
+
+
+def observed_values(model: onnx.ModelProto, feed: dict[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+    """Run `model` once on `feed` with `names` exposed as outputs; return their values."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}
@@ -171,8 +176,7 @@ def observed_shapes(model: onnx.ModelProto, feed: dict[str, Any], names: list[st
     session = make_session(exposed)
     quiet = runtime().RunOptions()
     quiet.log_severity_level = 4  # a refused feed is raised to the caller, not logged as well
-    values = session.run(names, feed, quiet)
-    return {name: tuple(value.shape) for name, value in zip(names, values)}
+    return dict(zip(names, session.run(names, feed, quiet)))
 
 
 def native_conv_kernel() -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from graphopt.analysis.macs import CostReport, bodies, cost_from_shapes, needed_shapes
-from graphopt.calibration.session import observed_shapes
+from graphopt.calibration.session import observed_shapes, observed_values
 from graphopt.ir.graph import infer_shapes
 from graphopt.ir.shapes import input_specs, tensor_shapes, with_fixed_inputs
 
@@ -36,7 +36,21 @@ def batch1_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
         shapes.update(_observed(model, input_shapes, missing, sample))
     if any(bodies(node) for node in fixed.graph.node):
         shapes.update(_body_shapes(fixed, shapes))
+        inner = _body_outputs(fixed.graph)
+        unknown = sorted((inner if wanted is None else wanted & inner) - set(shapes))
+        if unknown:
+            shapes.update(_taken_branch_shapes(model, _feed(model, input_shapes, sample), unknown))
     return shapes
+
+
+def _feed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]],
+          sample: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """`sample` where its shapes are `input_shapes`, else zeros of those shapes."""
+    specs = input_specs(model)
+    if sample is not None and all(s.name in sample and np.shape(sample[s.name]) == tuple(input_shapes[s.name])
+                                  for s in specs):
+        return {s.name: sample[s.name] for s in specs}
+    return {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
 
 
 def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], missing: list[str],
@@ -45,10 +59,7 @@ def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], 
     or, where an op refuses zeros (onnxruntime's GroupQueryAttention reads an all-zero attention mask as no
     token at all), on ones in the integer and boolean inputs (every token counts, token id 1)."""
     specs = input_specs(model)
-    if sample is not None and all(s.name in sample and np.shape(sample[s.name]) == tuple(input_shapes[s.name])
-                                  for s in specs):
-        return observed_shapes(model, {s.name: sample[s.name] for s in specs}, missing)
-    feed = {s.name: np.zeros(input_shapes[s.name], dtype=s.dtype) for s in specs}
+    feed = _feed(model, input_shapes, sample)
     try:
         return observed_shapes(model, feed, missing)
     except Exception:  # noqa: BLE001 - retried once on ones; a second failure is raised
@@ -56,6 +67,62 @@ def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], 
         if not ones:
             raise
         return observed_shapes(model, {**feed, **ones}, missing)
+
+
+def _body_outputs(graph: onnx.GraphProto) -> set[str]:
+    """Names the nodes of every body of `graph` write, nested ones included."""
+    found: set[str] = set()
+    for node in graph.node:
+        for body in bodies(node).values():
+            found.update(name for inner in body.node for name in inner.output if name)
+            found.update(_body_outputs(body))
+    return found
+
+
+def _taken_branch_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray],
+                         names: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of body tensors `names` in the If branches `feed` takes, which onnxruntime cannot expose: each If
+    of the main graph is replaced by the branch its condition picks (one run per nesting level reads the
+    conditions), then the flattened copy runs once with the names it holds exposed. Tensors of branches not
+    taken, and of Loop and Scan bodies, stay unknown; so does everything where a run fails."""
+    flat = onnx.ModelProto()
+    flat.CopyFrom(model)
+    del flat.graph.value_info[:]
+    try:
+        for _ in range(_MAX_NESTING):
+            branching = [node for node in flat.graph.node if node.op_type == "If"]
+            if not branching:
+                break
+            conditions = observed_values(flat, feed, sorted({node.input[0] for node in branching}))
+            _splice(flat.graph, {id(node): bool(np.all(conditions[node.input[0]])) for node in branching})
+        present = {name for node in flat.graph.node for name in node.output}
+        held = [name for name in names if name in present]
+        return observed_shapes(flat, feed, held) if held else {}
+    except Exception:  # noqa: BLE001 - shapes are best effort: what no run gives stays unknown
+        return {}
+
+
+_MAX_NESTING = 8
+
+
+def _splice(graph: onnx.GraphProto, taken: dict[int, bool]) -> None:
+    """Replace each If node of `graph` in `taken` (by id: its condition's value) by the nodes of that branch,
+    its initializers moved into `graph`, and an Identity from each branch output to the If's output."""
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) not in taken:
+            nodes.append(node)
+            continue
+        branch = bodies(node)["then_branch" if taken[id(node)] else "else_branch"]
+        nodes.extend(branch.node)
+        graph.initializer.extend(branch.initializer)
+        nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer])
+                     for inner, outer in zip(branch.output, node.output) if outer)
+    copied = [onnx.NodeProto() for _ in nodes]
+    for target, node in zip(copied, nodes):
+        target.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copied)
 
 
 def _static(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:

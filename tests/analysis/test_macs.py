@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from graphopt.calibration.shapes import count_cost
@@ -267,6 +268,32 @@ def test_a_body_node_inference_cannot_shape_is_named_as_uncounted():
     report = inspect_model(model)
     assert report["macs"] == 8 * 5  # the else branch, the one whose cost is known
     assert report["macs_uncounted"] == ["MatMul_1: shape of 'r' unknown"]
+
+
+def test_the_branch_the_sample_takes_is_counted_by_running_it():
+    """Inference cannot shape a branch whose Reshape target is a run-time value; the branch the first
+    calibration sample takes (its sample-rate input picks it, as Silero VAD's does) is run spliced into the main
+    graph and counted; the other branch, which cannot run one sample, stays uncounted and named."""
+    model = tiny("""rate = Constant <value = int64 {16000}> ()
+                    cond = Equal (sr, rate)
+                    y = If (cond) <then_branch = then_g () => (float[M, 4] t) {
+                          r = Reshape (x, target)
+                          p = MatMul (r, w1)
+                          t = MatMul (p, w2)
+                        }, else_branch = else_g () => (float[M, 4] e) {
+                          pairs = Constant <value = int64[2] {-1, 32}> ()
+                          q = Reshape (x, pairs)
+                          e = MatMul (q, w3)
+                        }>""", inputs="float[N, 16] x, int64 sr, int64[2] target", outputs="float[M, 4] y",
+                 inits=", ".join([init("w1", weights(16, 16)), init("w2", weights(16, 4, seed=1)),
+                                  init("w3", weights(32, 4, seed=2))]))
+    shapes = {"x": (1, 16), "sr": (), "target": (2,)}
+    by_zeros = count_cost(model, shapes)
+    assert by_zeros.macs == 0 and len(by_zeros.uncounted) == 3  # zeros pick the branch that cannot run
+    sample = {"x": weights(1, 16), "sr": np.array(16000, dtype=np.int64), "target": np.array([1, 16], np.int64)}
+    by_sample = count_cost(model, shapes, sample=sample)
+    assert by_sample.macs == 16 * 16 + 16 * 4
+    assert [line.split(":")[0] for line in by_sample.uncounted] == ["MatMul_2"]
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
