@@ -450,12 +450,16 @@ def _padding_note(report: dict[str, Any]) -> str:
     return f"; batches run whole ({padding['reason']})"
 
 
+def _uncounted(report: dict[str, Any]) -> str:
+    count = len(report.get("macs_uncounted") or ())
+    return f"   {count} layer{'s' if count > 1 else ''} not counted: shapes unknown inside control-flow bodies" \
+        if count else ""
+
+
 def _print_optimized(report: dict[str, Any]) -> None:
     fidelity = report["fidelity"]
-    uncounted = len(report.get("macs_uncounted") or ())
     print(f"MACs   {report['macs_before']:,} -> {report['macs_after']:,} ({report['macs_ratio']:.1%})"
-          + (f"   {uncounted} layer{'s' if uncounted > 1 else ''} not counted: shapes unknown inside control-flow "
-             "bodies" if uncounted else ""))
+          + _uncounted(report))
     print(f"params {report['params_before']:,} -> {report['params_after']:,}")
     print(f"fidelity on {fidelity['samples']} {fidelity['data']} samples: rel_l2 {_fmt(fidelity['rel_l2'])}  "
           f"cosine {_fmt(fidelity['cosine'], '.6f')}  top1_agreement {_fmt(fidelity['top1_agreement'], '.4f')}"
