@@ -6,8 +6,9 @@ exposed as outputs, on the user's first calibration sample where there is one (a
 can choose the branch an If runs, and zeros may choose one the data never takes), else on zeros. Inside
 If/Loop/Scan bodies inference sees only what the bodies declare, so each body's declared inputs are pinned to
 the shapes of the outer values they stand for (loop-carried values at their initial shape, scanned inputs
-without the scanned axis) and inference runs again, once per nesting level; body tensors it still cannot shape
-stay unknown (onnxruntime cannot expose them). The MAC and parameter formulas live in graphopt.analysis.macs,
+without the scanned axis) and inference runs again, once per nesting level; onnxruntime cannot expose body
+tensors, so the If branches the same input takes are spliced into a copy of the main graph and run there;
+what is still unshaped (a branch not taken, a Loop or Scan body) stays unknown. The MAC and parameter formulas live in graphopt.analysis.macs,
 which reads shapes and never runs a model.
 """
 
@@ -90,11 +91,11 @@ def _taken_branch_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray],
     del flat.graph.value_info[:]
     try:
         for _ in range(_MAX_NESTING):
-            branching = [node for node in flat.graph.node if node.op_type == "If"]
+            branching = {index: node.input[0] for index, node in enumerate(flat.graph.node) if node.op_type == "If"}
             if not branching:
                 break
-            conditions = observed_values(flat, feed, sorted({node.input[0] for node in branching}))
-            _splice(flat.graph, {id(node): bool(np.all(conditions[node.input[0]])) for node in branching})
+            conditions = observed_values(flat, feed, sorted(set(branching.values())))
+            _splice(flat.graph, {index: bool(np.all(conditions[name])) for index, name in branching.items()})
         present = {name for node in flat.graph.node for name in node.output}
         held = [name for name in names if name in present]
         return observed_shapes(flat, feed, held) if held else {}
@@ -106,14 +107,14 @@ _MAX_NESTING = 8
 
 
 def _splice(graph: onnx.GraphProto, taken: dict[int, bool]) -> None:
-    """Replace each If node of `graph` in `taken` (by id: its condition's value) by the nodes of that branch,
-    its initializers moved into `graph`, and an Identity from each branch output to the If's output."""
+    """Replace each If node of `graph` in `taken` (by position: its condition's value) by the nodes of that
+    branch, its initializers moved into `graph`, and an Identity from each branch output to the If's output."""
     nodes: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) not in taken:
+    for index, node in enumerate(graph.node):
+        if index not in taken:
             nodes.append(node)
             continue
-        branch = bodies(node)["then_branch" if taken[id(node)] else "else_branch"]
+        branch = bodies(node)["then_branch" if taken[index] else "else_branch"]
         nodes.extend(branch.node)
         graph.initializer.extend(branch.initializer)
         nodes.extend(onnx.helper.make_node("Identity", [inner.name], [outer])
