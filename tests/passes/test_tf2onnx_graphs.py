@@ -10,7 +10,11 @@ The models are written with onnx.helper the way those exporters write Keras and 
 - an NHWC convnet before tf2onnx's transpose optimiser: a Transpose to NCHW and back around every
   Conv, the residual Add and ReLUs in NHWC, global average pooling as ReduceMean over [1, 2];
 - Paddle2ONNX's Conv1D as Unsqueeze/Conv2D/Squeeze pairs, a residual Add, ReduceMean with keepdims
-  and a Reshape to [0, -1], Linear as MatMul + Add.
+  and a Reshape to [0, -1], Linear as MatMul + Add;
+- a JAX byte classifier through jax2tf and tf2onnx, as Magika's model is written: one-hot by Equal, a
+  Reshape laying neighbouring positions side by side on the channel axis, a normalisation over positions
+  broadcast back by Reshape and Expand with shapes built in int32 and cast, a Conv between tf2onnx's
+  Unsqueeze/Transpose/Squeeze, global max pooling, a decomposed LayerNorm over the channels.
 
 magnitude and snp reach 0.7 and 0.5 of the MACs within 2% on each, in a model that passes the ONNX
 checker (full check) with the original's input and output names, dtypes and declared dims and runs in
@@ -148,6 +152,73 @@ def text_classifier(opset: int = 17, length: int = 48, embed: int = 24, filters:
                    [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["unk__9", 4])])
 
 
+def gelu_tanh(w: Writer, x: str, name: str) -> str:
+    """jax.nn.gelu (the tanh form): 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))."""
+    cube = w.op("Mul", [x, w.op("Mul", [x, w.op("Mul", [w.const(f"{name}/c", np.array(0.044715, np.float32)), x],
+                                                     f"{name}/Mul")], f"{name}/Mul_1")], f"{name}/Mul_2")
+    inner = w.op("Mul", [w.const(f"{name}/k", np.array(0.7978846, np.float32)),
+                         w.op("Add", [x, cube], f"{name}/AddV2")], f"{name}/Mul_3")
+    one = w.op("Add", [w.const(f"{name}/one", np.array(1.0, np.float32)), w.op("Tanh", [inner], f"{name}/Tanh")],
+               f"{name}/AddV2_1")
+    return w.op("Mul", [x, w.op("Mul", [w.const(f"{name}/half", np.array(0.5, np.float32)), one], f"{name}/Mul_4")],
+                f"{name}/Mul_5")
+
+
+def _runtime_shape(w: Writer, batch: str, name: str, *sizes: int) -> str:
+    """[N, *sizes] as jax2tf writes it: int32 pieces concatenated after the batch size, cast to int64."""
+    pieces = [w.const(f"{name}/c{i}", np.array([size], np.int32)) for i, size in enumerate(sizes)]
+    return w.op("Cast", [w.op("Concat", [batch, *pieces], f"{name}/Concat", axis=0)], f"{name}/Cast",
+                to=TensorProto.INT64)
+
+
+def byte_classifier(length: int = 64, embed: int = 64, fold: int = 4, filters: int = 32) -> onnx.ModelProto:
+    """A JAX content classifier through jax2tf and tf2onnx, as Magika's model is written (opset 15): one-hot
+    bytes by Equal against a range, Dense + tanh GELU on [N, L, C], a Reshape that lays `fold` neighbouring
+    positions side by side ([N, L, C] -> [N, L / fold, fold x C], shapes concatenated in int32 and cast), a
+    normalisation of each feature over the positions with per-position scale and shift (its moments broadcast
+    back by Reshape and Expand), a Conv over the positions with tf2onnx's Unsqueeze/Transpose/Squeeze, GELU,
+    global max pooling, a decomposed LayerNorm over the channels and a Dense."""
+    w = Writer(4, 15)
+    batch = w.op("Slice", [w.op("Cast", [w.op("Shape", ["bytes"], "Shape")], "Shape__8", to=TensorProto.INT32),
+                           w.const("axes0", np.array([0], np.int64)), w.const("one", np.array([1], np.int64))],
+                 "strided_slice")
+    column = w.op("Reshape", ["bytes", w.const("one_hot/shape", np.array([-1, length, 1], np.int64))], "one_hot/Reshape")
+    hot = w.op("Cast", [w.op("Equal", [column, w.const("one_hot/range", np.arange(257, dtype=np.int32)[None, None])],
+                             "one_hot/Equal")], "one_hot/Cast", to=TensorProto.FLOAT)
+    h = w.op("MatMul", [hot, w.weight("Dense_0/kernel", 257, embed)], "Dense_0/einsum/Einsum")
+    h = gelu_tanh(w, w.op("Add", [h, w.bias("Dense_0/bias", embed)], "Dense_0/AddV2"), "ApplyActivation_0")
+    rows, features = length // fold, fold * embed
+    x = w.op("Reshape", [h, _runtime_shape(w, batch, "Reshape/shape", rows, features)], "Reshape")
+    count = w.const("LayerNorm_0/count", np.array(1.0 / rows, np.float32))
+    mean = w.op("Mul", [w.axes_op("ReduceSum", x, "LayerNorm_0/Sum", [1], keepdims=0), count], "LayerNorm_0/truediv")
+    square = w.op("Mul", [w.axes_op("ReduceSum", w.op("Mul", [x, x], "LayerNorm_0/Square"), "LayerNorm_0/Sum_1", [1],
+                                    keepdims=0), count], "LayerNorm_0/truediv_1")
+    variance = w.op("Max", [w.const("zero", np.array(0.0, np.float32)),
+                            w.op("Sub", [square, w.op("Mul", [mean, mean], "LayerNorm_0/Square_1")],
+                                 "LayerNorm_0/Sub")], "LayerNorm_0/Maximum")
+    shape = _runtime_shape(w, batch, "LayerNorm_0/BroadcastTo/shape", 1, features)
+    spread = w.op("Expand", [w.op("Reshape", [variance, shape], "LayerNorm_0/Reshape_1"), shape],
+                  "LayerNorm_0/BroadcastTo_1")
+    inverse = w.op("Reciprocal", [w.op("Sqrt", [w.op("Add", [spread, w.const("eps", np.array(1e-6, np.float32))],
+                                                     "LayerNorm_0/AddV2")], "LayerNorm_0/Rsqrt")], "LayerNorm_0/Rsqrt__1")
+    scale = w.op("Mul", [inverse, w.const("LayerNorm_0/scale", (1 + 0.1 * w.rng.standard_normal((1, rows, 1)))
+                                          .astype(np.float32))], "LayerNorm_0/Mul")
+    centre = w.op("Expand", [w.op("Reshape", [mean, shape], "LayerNorm_0/Reshape"), shape], "LayerNorm_0/BroadcastTo")
+    y = w.op("Add", [w.op("Mul", [w.op("Sub", [x, centre], "LayerNorm_0/Sub_1"), scale], "LayerNorm_0/Mul_1"),
+                     w.const("LayerNorm_0/shift", (0.1 * w.rng.standard_normal((1, rows, 1))).astype(np.float32))],
+             "LayerNorm_0/AddV2_1")
+    nchw = w.op("Transpose", [w.axes_op("Unsqueeze", y, "Unsqueeze", [3])], "Conv_0/Conv2D__1", perm=[0, 2, 1, 3])
+    c = w.op("Conv", [nchw, w.weight("Conv_0/kernel", filters, features, 5, 1)], "Conv_0/Conv2D", kernel_shape=[5, 1])
+    c = w.op("Add", [w.axes_op("Squeeze", c, "Conv_0/Squeeze", [3]),
+                     w.const("Conv_0/bias", (0.1 * w.rng.standard_normal((1, filters, 1))).astype(np.float32))],
+             "Conv_0/AddV2")
+    pooled = w.axes_op("Squeeze", w.op("GlobalMaxPool", [gelu_tanh(w, c, "ApplyActivation_1")], "Max"), "Max_Squeeze",
+                       [2])
+    dense(w, layer_norm(w, pooled, "LayerNorm_1", filters), "Dense_1", filters, 6)
+    return w.model("target_label", [helper.make_tensor_value_info("bytes", TensorProto.INT32, ["unk__214", length])],
+                   [helper.make_tensor_value_info("target_label", TensorProto.FLOAT, ["unk__215", 6])])
+
+
 def tensordot_tagger(opset: int = 13, length: int = 24, channels: int = 16) -> onnx.ModelProto:
     w = Writer(1, opset)
     x = w.op("Transpose", ["embeddings"], "model/conv1d/conv1d__4", perm=[0, 2, 1])
@@ -215,6 +286,7 @@ GRAPHS: dict[str, Callable[[], onnx.ModelProto]] = {
     "tensordot_tagger": tensordot_tagger,
     "nhwc_convnet": nhwc_convnet,
     "paddle_conv1d": paddle_conv1d,
+    "byte_classifier": byte_classifier,
 }
 # per graph: producers of the groups that must be prunable, and of those a decomposed LayerNorm blocks
 PRUNABLE = {
@@ -223,9 +295,10 @@ PRUNABLE = {
     "tensordot_tagger": ["model/conv1d/conv1d", "model/dense/Tensordot/MatMul"],
     "nhwc_convnet": ["model/conv2d/Conv2D", "model/conv2d_1/Conv2D", "model/conv2d_3/Conv2D"],
     "paddle_conv1d": ["conv1d_0/conv2d", "conv1d_1/conv2d"],
+    "byte_classifier": ["Dense_0/einsum/Einsum"],
 }
 NORMALISED = {"text_classifier": "model/embed/MatMul", "text_classifier_opset13": "model/embed/MatMul",
-              "tensordot_tagger": "model/token/MatMul"}
+              "tensordot_tagger": "model/token/MatMul", "byte_classifier": "Conv_0/Conv2D"}
 
 
 def feeds(model: onnx.ModelProto, samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -397,6 +470,25 @@ def test_snp_removes_planted_zero_and_duplicate_units_exactly(name: str, tmp_pat
     _, second = optimized(again, tmp_path, method="snp", keep_variance=1.0, round_to=1,
                           calib=feeds(original, PLANTED_CALIBRATION, seed=1))
     assert second["passes"][-1]["stats"]["channels_removed"] == 0
+
+
+def test_units_laid_side_by_side_go_exactly_from_every_position(tmp_path: Path) -> None:
+    """A Dense unit of the byte classifier that repeats another reaches the Conv as `fold` channels, one per
+    neighbouring position: snp removes it and folds its reconstruction into all of them, exactly; the Reshape
+    targets and the normalisation's Reshape and Expand shapes follow the kept count."""
+    model = byte_classifier()
+    values = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+    values["Dense_0/kernel"][:, 9], values["Dense_0/bias"][9] = values["Dense_0/kernel"][:, 2], values["Dense_0/bias"][2]
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
+    path = tmp_path / "byte_classifier_planted.onnx"
+    onnx.save(model, str(path))
+    written, report = optimized(path, tmp_path, method="snp", keep_variance=1.0, round_to=1,
+                                calib=feeds(model, PLANTED_CALIBRATION, seed=1))
+    assert report["passes"][-1]["stats"]["channels_removed"] == 1
+    weights = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert next(v for k, v in weights.items() if k.startswith("Conv_0/kernel")).shape[1] == 4 * 63
+    _assert_exact(path, written)
 
 
 def _macs_without_zero_units(name: str, path: Path, tmp_path: Path) -> float:

@@ -57,13 +57,15 @@ def _length(piece: gs.Tensor, shape_of: ShapeOf | None) -> int | None:
 def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None,
                 replaceable: bool = False) -> tuple[gs.Node, int, int] | None:
     """(node, input index, element index) of the constant holding Reshape shape entry `position`: the
-    shape itself, or a constant piece of the Concat that builds it (`shape_of` gives the other pieces'
-    lengths; the tensors' own shapes by default); with `replaceable`, also a one-element piece computed at
-    run time (a caller may replace it by a constant)."""
+    shape itself, or a constant piece of the Concat that builds it, perhaps through a Cast (`shape_of` gives the
+    other pieces' lengths; the tensors' own shapes by default); with `replaceable`, also a one-element piece
+    computed at run time (a caller may replace it by a constant)."""
     shape = node.inputs[1]
     if isinstance(shape, gs.Constant):
         return node, 1, position
     concat = shape.inputs[0] if shape.inputs else None
+    while concat is not None and concat.op in ("Cast", "Identity") and concat.inputs[0].inputs:
+        concat = concat.inputs[0].inputs[0]  # tf2onnx builds shapes in int32 and casts them to int64
     if concat is None or concat.op != "Concat":
         return None
     offset = 0
@@ -169,12 +171,14 @@ def _kept_or_flattened(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c:
 
 
 def _merged_heads(in_shape: tuple[int, ...], out_shape: tuple[int, ...], c: int) -> tuple[str, int, int] | None:
-    """Heads x head_dim (input axes c-1, c) merged back into one output axis."""
-    heads = in_shape[c - 1]
+    """Heads x head_dim (input axes c-1, c) merged back into one output axis; or the last k entries of axis c-1
+    merged with the channels (k consecutive positions side by side: tf2onnx's [N, L, C] -> [N, L/k, k x C]),
+    the channels repeating k times as they do per head."""
     for j in range(1, len(out_shape)):
-        if math.prod(out_shape[:j]) == math.prod(in_shape[:c - 1]) and out_shape[j] == heads * in_shape[c] \
-                and out_shape[0] == in_shape[0]:
-            return "merge", j, heads
+        k = out_shape[j] // in_shape[c] if out_shape[j] % in_shape[c] == 0 else 0
+        if k > 1 and in_shape[c - 1] % k == 0 and math.prod(out_shape[:j]) * k == math.prod(in_shape[:c]) \
+                and math.prod(out_shape[j + 1:]) == math.prod(in_shape[c + 1:]) and out_shape[0] == in_shape[0]:
+            return "merge", j, k
     return None
 
 
@@ -321,6 +325,31 @@ def flatten_rule(node: gs.Node, a: Analysis) -> None:
     a.set_state(node.outputs[0], ChannelState(1, state.atoms, state.factor * block))
 
 
+def expand_rule(node: gs.Node, a: Analysis) -> None:
+    """Expand broadcasts its input to a shape (tf2onnx's BroadcastTo of a statistic back over the rows): the
+    channel axis keeps its place counted from the end; its entry in the target shape, where the target reaches
+    it, is 1 (broadcast: it follows), or the channel count, rewritten as a Reshape's is."""
+    a.block(a.state(node.inputs[1]), f"{node.name} (Expand): channels on the target shape")
+    state = a.state(node.inputs[0])
+    if state is None:
+        return
+    in_shape, out_shape = a.shape(node.inputs[0]), a.shape(node.outputs[0])
+    target = _length(node.inputs[1], a.shape)
+    if in_shape is None or out_shape is None or target is None:
+        a.block(state, f"{node.name} (Expand): shapes unknown")
+        return
+    axis = state.axis + len(out_shape) - len(in_shape)
+    position = axis - (len(out_shape) - target)
+    if position >= 0 and _entry_value(node, position, a.shape) != 1:
+        edit = _needs_edit(node, position, a)
+        if edit is None:
+            a.block(state, f"{node.name} (Expand): target shape computed at run time")
+            return
+        if edit:
+            a.site("shape", node, state, index=1, axis=position)
+    a.set_state(node.outputs[0], ChannelState(axis, state.atoms, state.factor))
+
+
 def _static_product(dims: tuple | list) -> int | None:
     return math.prod(dims) if all(isinstance(d, int) and d >= 0 for d in dims) else None
 
@@ -358,3 +387,4 @@ def _flatten_mixing(node: gs.Node, tensor: gs.Tensor) -> Mixing | str:
 
 register("Reshape", channels=reshape_rule, layout=True, rotation=linear(_reshape_mixing))
 register("Flatten", channels=flatten_rule, layout=True, rotation=linear(_flatten_mixing))
+register("Expand", channels=expand_rule, layout=True)

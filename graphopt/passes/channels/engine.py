@@ -103,15 +103,25 @@ def set_target_entry(graph: gs.Graph, node: gs.Node, position: int, value: int, 
         raise GraphoptError(f"{node.name}: the reshape target entry {what} cannot be rewritten")
     holder, index, element = located
     if holder is not node:
-        holder = ir.private_producer(graph, node, 1)
+        holder = _private_concat(graph, node)
     piece = holder.inputs[index]
-    values = np.array(piece.values, dtype=np.int64).reshape(-1) if isinstance(piece, gs.Constant) \
-        else np.zeros(1, dtype=np.int64)
-    if isinstance(piece, gs.Constant) and values[element] == -1:
+    constant = isinstance(piece, gs.Constant)
+    dtype = np.asarray(piece.values).dtype if constant else np.dtype(piece.dtype or np.int64)
+    values = np.array(piece.values, dtype=np.int64).reshape(-1) if constant else np.zeros(1, dtype=np.int64)
+    if constant and values[element] == -1:
         return
     values[element] = value
-    ir.set_input_array(graph, holder, index, values.reshape(np.shape(piece.values)) if isinstance(piece, gs.Constant)
-                       else values)
+    ir.set_input_array(graph, holder, index, (values.reshape(np.shape(piece.values)) if constant else values)
+                       .astype(dtype))
+
+
+def _private_concat(graph: gs.Graph, reader: gs.Node) -> gs.Node:
+    """The Concat building `reader`'s target shape (through the Casts tf2onnx puts after it), each node on the
+    way copied where others read it too."""
+    node = ir.private_producer(graph, reader, 1)
+    while node.op in ("Cast", "Identity"):
+        node = ir.private_producer(graph, node, 0)
+    return node
 
 
 def _shape(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray], positions: np.ndarray) -> None:
