@@ -69,6 +69,7 @@ class Model:
     data: Callable[[int, int], dict[str, np.ndarray]]  # (samples, seed) -> feeds in the layout graphopt reads
     batches: tuple[int, ...] = (1,)
     vad: bool = False
+    samples: int = 32  # calibration and held-out samples each (--samples overrides)
 
 
 def speech_chunks(count: int, seed: int) -> np.ndarray:
@@ -171,18 +172,18 @@ def installed() -> list[Model]:
         for name, builder in (("silero_vad", _vad_switch), ("silero_vad_op18_ifless", _vad_switch),
                               ("silero_vad_16k_op15", _vad_switch), ("silero_vad_half", _vad_plain),
                               ("silero_vad_openvino_16k", _vad_window), ("silero_vad_16k_sequence", _vad_sequence)):
-            found.append(Model(name, data / f"{name}.onnx", builder, vad=True))
+            found.append(Model(name, data / f"{name}.onnx", builder, vad=True, samples=64))
     spec = importlib.util.find_spec("magika")
     if spec is not None and spec.origin:
         folder = Path(spec.origin).parent / "models" / "standard_v3_3"
-        found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8)))
+        found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8), samples=256))
     return found
 
 
 def sweep(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """Every run of the zoo at every target: the classifier's status, MAC ratio and seconds."""
     rows = []
-    calib = model.data(args.samples, 1)
+    calib = model.data(args.samples or model.samples, 1)
     for run in RUNS.values():
         for target in (args.targets if run.target != "none" else [None]):
             result = outcome(model.path, run, target, folder, calib=calib, check_feeds=model.data(4, 9))
@@ -214,7 +215,7 @@ def _decisions(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: di
 def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """snp and magnitude at each target: held-out fidelity and speed side by side with the original."""
     rows = []
-    calib, heldout = model.data(args.samples, 1), model.data(args.heldout, 2)
+    calib, heldout = model.data(args.samples or model.samples, 1), model.data(args.samples or model.samples, 2)
     original = onnx.load(str(model.path))
     for method in args.methods:
         for target in args.targets:
@@ -271,8 +272,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="labels starting with these (nudenet, silero_vad)")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"])
-    parser.add_argument("--samples", type=int, default=32, help="calibration samples")
-    parser.add_argument("--heldout", type=int, default=32, help="held-out samples")
+    parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
+                        "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()
