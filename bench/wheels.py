@@ -182,11 +182,14 @@ def installed() -> list[Model]:
 
 def sweep(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """Every run of the zoo at every target: the classifier's status, MAC ratio and seconds."""
+    from graphopt.calibration.data import load_data
+
     rows = []
     calib = model.data(args.samples or model.samples, 1)
+    check = next(load_data(model.data(4, 9), onnx.load(str(model.path))).batches(4))  # as the model reads it
     for run in RUNS.values():
         for target in (args.targets if run.target != "none" else [None]):
-            result = outcome(model.path, run, target, folder, calib=calib, check_feeds=model.data(4, 9))
+            result = outcome(model.path, run, target, folder, calib=calib, check_feeds=check)
             rows.append({"model": model.label, "run": run.id, "target": target, "status": result.kind,
                          "macs_ratio": result.macs_ratio, "seconds": round(result.seconds, 2),
                          "detail": result.detail})

@@ -239,8 +239,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     report["interface_changes"] = interface_changes(original, optimized)  # declared dims a pass changed
     report.update(repaired)
     report["weight_sparsity"] = weight_sparsity(optimized)
-    report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,
-                             lambda model: _measure(original, model, shapes, dataset, batch_size, progress, **check))
+    report["steps"] = _steps(pruning, quantizing, [pruned, optimized], measured,  # at the batch of the kept outputs
+                             lambda model: _measure(original, model, shapes, dataset, check_batch, progress, **check))
     report["bytes_before"] = (weights.model_bytes(original) if isinstance(model, onnx.ModelProto)
                               else sum(p.stat().st_size for p in input_files(model)))
     stored = optimized

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from graphopt.analysis.macs import COUNTED_OPS
 from graphopt.analysis.oprules import rule_for
 from graphopt.analysis.registry import opsets_of
 from graphopt.analysis.state import Analysis, CostTerm, Group, Site, constant_values
 from graphopt.ir import graph as ir
 
-__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "name_nodes"]
+__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "layers_in_bodies", "name_nodes"]
 
 
 def name_nodes(graph: gs.Graph) -> None:
@@ -65,3 +66,19 @@ def find_groups(graph: gs.Graph, shapes: dict[str, tuple[int, ...]]) -> Analysis
     for output in graph.outputs:
         analysis.block(analysis.state(output), f"graph output '{output.name}'")
     return analysis
+
+
+def layers_in_bodies(graph: gs.Graph) -> list[str]:
+    """One line per main-graph If/Loop/Scan node whose bodies hold layers (Conv, Gemm, MatMul, recurrent and
+    attention ops: what MACs count), which the methods, reading the main graph, do not reach."""
+    def count(body: gs.Graph) -> int:
+        return sum(node.op in COUNTED_OPS for node in body.nodes) + \
+            sum(count(inner) for node in body.nodes for inner in node.attrs.values() if isinstance(inner, gs.Graph))
+
+    found = []
+    for node in graph.nodes:
+        layers = sum(count(body) for body in node.attrs.values() if isinstance(body, gs.Graph))
+        if layers:
+            found.append(f"{node.name} ({node.op}): {layers} layers inside its bodies are not pruned "
+                         "(the methods prune the main graph only)")
+    return found

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.groups import Analysis, Group, find_groups, name_nodes
-from graphopt.analysis.macs import COUNTED_OPS
+from graphopt.analysis.groups import Analysis, Group, find_groups, layers_in_bodies, name_nodes
 from graphopt.calibration.shapes import batch1_shapes, count_cost
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
@@ -56,22 +55,6 @@ def split_groups(analysis: Analysis, result: PassResult) -> tuple[list[Group], l
                           for g in groups if not g.prunable)
     result.skipped.extend(layers_in_bodies(analysis.graph))
     return groups, [g for g in groups if g.prunable]
-
-
-def layers_in_bodies(graph: gs.Graph) -> list[str]:
-    """One line per main-graph If/Loop/Scan node whose bodies hold layers (Conv, Gemm, MatMul, recurrent and
-    attention ops: what MACs count), which channel pruning does not reach."""
-    def count(body: gs.Graph) -> int:
-        return sum(node.op in COUNTED_OPS for node in body.nodes) + \
-            sum(count(inner) for node in body.nodes for inner in node.attrs.values() if isinstance(inner, gs.Graph))
-
-    found = []
-    for node in graph.nodes:
-        layers = sum(count(body) for body in node.attrs.values() if isinstance(body, gs.Graph))
-        if layers:
-            found.append(f"{node.name} ({node.op}): {layers} layers inside its bodies are not pruned "
-                         "(channels are pruned in the main graph only)")
-    return found
 
 
 def magnitude_scores(analysis: Analysis, groups: list[Group], norm: str) -> dict[int, np.ndarray]:
