@@ -302,12 +302,18 @@ def reshape_rule(node: gs.Node, a: Analysis) -> None:
         out = ChannelState(axis, heads[0])
     else:
         out = ChannelState(axis, state.atoms * amount)
-    edit = _needs_edit(node, axis, a)
+    _target_entry(node, a, state, out, axis)
+
+
+def _target_entry(node: gs.Node, a: Analysis, state: ChannelState, out: ChannelState, position: int) -> None:
+    """Carry `out` to `node`'s output where entry `position` of its target shape follows a cut by itself or can
+    be rewritten (a "shape" site); block `state` where it can do neither."""
+    edit = _needs_edit(node, position, a)
     if edit is None:
-        a.block(state, f"{node.name} (Reshape): shape is computed at run time")
+        a.block(state, f"{node.name} ({node.op}): target shape computed at run time")
         return
     if edit:
-        a.site("shape", node, out, index=1, axis=axis)
+        a.site("shape", node, out, index=1, axis=position)
     a.set_state(node.outputs[0], out)
 
 
@@ -340,14 +346,11 @@ def expand_rule(node: gs.Node, a: Analysis) -> None:
         return
     axis = state.axis + len(out_shape) - len(in_shape)
     position = axis - (len(out_shape) - target)
+    out = ChannelState(axis, state.atoms, state.factor)
     if position >= 0 and _entry_value(node, position, a.shape) != 1:
-        edit = _needs_edit(node, position, a)
-        if edit is None:
-            a.block(state, f"{node.name} (Expand): target shape computed at run time")
-            return
-        if edit:
-            a.site("shape", node, state, index=1, axis=position)
-    a.set_state(node.outputs[0], ChannelState(axis, state.atoms, state.factor))
+        _target_entry(node, a, state, out, position)
+        return
+    a.set_state(node.outputs[0], out)
 
 
 def _static_product(dims: tuple | list) -> int | None:
