@@ -26,9 +26,10 @@ speech decision at 0.5 is unchanged) and speed against the original in one inter
 (`graphopt.evaluate.compare_latency`, onnxruntime CPU, default threads), batch 1 and 8 for the detector, 1 for the
 VAD (it runs one stream at a time).
 
-    python bench/wheels.py                        # both parts (about 15 minutes on 2 cores)
-    python bench/wheels.py --part speed --models nudenet
-Results: bench/results/wheels.json and wheels.md.
+    python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 20 minutes on 2 cores
+    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 2 minutes
+    python bench/wheels.py --part speed --models nudenet                        # one model
+Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
 """
 
 from __future__ import annotations
