@@ -258,8 +258,8 @@ def tables(found: dict[str, Any]) -> str:
             if row["status"].startswith("FAIL"):
                 lines.append(f"- {row['model']} {row['run']} {row['target']}: {row['status']} {row['detail'][:200]}")
     if found.get("measured"):
-        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions / top-1 kept | speedup b1 (p10-p90) "
-                     "| speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions / top-1 kept "
+                     "| speedup b1 (p10-p90) | speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
         for row in found["measured"]:
             cells = [f"{row[key][0]:.2f} ({row[key][1]:.2f}-{row[key][2]:.2f})" if key in row else "-"
                      for key in ("speedup_b1", "speedup_b8")]

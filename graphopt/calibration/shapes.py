@@ -7,9 +7,9 @@ can choose the branch an If runs, and zeros may choose one the data never takes)
 If/Loop/Scan bodies inference sees only what the bodies declare, so each body's declared inputs are pinned to
 the shapes of the outer values they stand for (loop-carried values at their initial shape, scanned inputs
 without the scanned axis) and inference runs again, once per nesting level; onnxruntime cannot expose body
-tensors, so the If branches the same input takes are spliced into a copy of the main graph and run there;
-what is still unshaped (a branch not taken, a Loop or Scan body) stays unknown. The MAC and parameter formulas live in graphopt.analysis.macs,
-which reads shapes and never runs a model.
+tensors, so the If branches the same input takes are spliced into a copy of the main graph and run there; what
+is still unshaped (a branch not taken, a Loop or Scan body) stays unknown. The MAC and parameter formulas live
+in graphopt.analysis.macs, which reads shapes and never runs a model.
 """
 
 from __future__ import annotations

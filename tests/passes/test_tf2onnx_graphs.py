@@ -182,7 +182,8 @@ def byte_classifier(length: int = 64, embed: int = 64, fold: int = 4, filters: i
     batch = w.op("Slice", [w.op("Cast", [w.op("Shape", ["bytes"], "Shape")], "Shape__8", to=TensorProto.INT32),
                            w.const("axes0", np.array([0], np.int64)), w.const("one", np.array([1], np.int64))],
                  "strided_slice")
-    column = w.op("Reshape", ["bytes", w.const("one_hot/shape", np.array([-1, length, 1], np.int64))], "one_hot/Reshape")
+    column = w.op("Reshape", ["bytes", w.const("one_hot/shape", np.array([-1, length, 1], np.int64))],
+                  "one_hot/Reshape")
     hot = w.op("Cast", [w.op("Equal", [column, w.const("one_hot/range", np.arange(257, dtype=np.int32)[None, None])],
                              "one_hot/Equal")], "one_hot/Cast", to=TensorProto.FLOAT)
     h = w.op("MatMul", [hot, w.weight("Dense_0/kernel", 257, embed)], "Dense_0/einsum/Einsum")
@@ -199,8 +200,9 @@ def byte_classifier(length: int = 64, embed: int = 64, fold: int = 4, filters: i
     shape = _runtime_shape(w, batch, "LayerNorm_0/BroadcastTo/shape", 1, features)
     spread = w.op("Expand", [w.op("Reshape", [variance, shape], "LayerNorm_0/Reshape_1"), shape],
                   "LayerNorm_0/BroadcastTo_1")
-    inverse = w.op("Reciprocal", [w.op("Sqrt", [w.op("Add", [spread, w.const("eps", np.array(1e-6, np.float32))],
-                                                     "LayerNorm_0/AddV2")], "LayerNorm_0/Rsqrt")], "LayerNorm_0/Rsqrt__1")
+    root = w.op("Sqrt", [w.op("Add", [spread, w.const("eps", np.array(1e-6, np.float32))], "LayerNorm_0/AddV2")],
+                "LayerNorm_0/Rsqrt")
+    inverse = w.op("Reciprocal", [root], "LayerNorm_0/Rsqrt__1")
     scale = w.op("Mul", [inverse, w.const("LayerNorm_0/scale", (1 + 0.1 * w.rng.standard_normal((1, rows, 1)))
                                           .astype(np.float32))], "LayerNorm_0/Mul")
     centre = w.op("Expand", [w.op("Reshape", [mean, shape], "LayerNorm_0/Reshape"), shape], "LayerNorm_0/BroadcastTo")
@@ -478,7 +480,8 @@ def test_units_laid_side_by_side_go_exactly_from_every_position(tmp_path: Path) 
     targets and the normalisation's Reshape and Expand shapes follow the kept count."""
     model = byte_classifier()
     values = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-    values["Dense_0/kernel"][:, 9], values["Dense_0/bias"][9] = values["Dense_0/kernel"][:, 2], values["Dense_0/bias"][2]
+    kernel, bias = values["Dense_0/kernel"], values["Dense_0/bias"]
+    kernel[:, 9], bias[9] = kernel[:, 2], bias[2]
     for tensor in model.graph.initializer:
         tensor.CopyFrom(numpy_helper.from_array(values[tensor.name], tensor.name))
     path = tmp_path / "byte_classifier_planted.onnx"
