@@ -292,3 +292,17 @@ def test_layers_inside_branches_are_named_and_the_shapes_come_from_the_data() ->
     assert result.report["params_before"] == result.report["params_after"] == 16 * 16 * 2 + 16 * 4 + 32 * 16
     assert_equivalent(model, result.model, {"x": calib["x"], "sr": calib["sr"]})
     assert_equivalent(model, result.model, {"x": calib["x"], "sr": np.array(8000, dtype=np.int64)})
+
+
+def test_every_step_of_a_pipeline_is_checked_at_the_batch_of_the_kept_outputs(monkeypatch) -> None:
+    """Where calibration captured in smaller runs than --batch-size (its outputs kept at that batch, as on a
+    320-px detector), each step of `snp,quantize` is checked at that batch too, so its reference outputs line up."""
+    from graphopt.calibration import capture
+
+    monkeypatch.setattr(capture, "CAPTURE_BYTES", 60_000)  # the digits CNN's consumer inputs: 9 samples a run
+    result = graphopt.optimize("samples/digits_cnn.onnx", method="snp,quantize", target_macs=0.7,
+                               calib="samples/digits_calib.npz", progress=False)
+    assert result.report["fidelity"]["batch_size"] < 32  # the check read the outputs calibration kept
+    steps = result.report["steps"]
+    assert [step["step"] for step in steps] == ["snp", "quantize"]
+    assert steps[0]["fidelity"]["samples"] == steps[1]["fidelity"]["samples"] == 256
