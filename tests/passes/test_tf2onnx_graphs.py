@@ -593,3 +593,29 @@ def test_other_reductions_over_the_channels_block_with_the_reason() -> None:
                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
         prunable, found = _groups(model)["conv"]
         assert not prunable and f"reduce ({op}): reduces over the channel axis" in found
+
+
+def test_an_expand_whose_target_broadcasts_the_channels_follows_the_cut(tmp_path: Path) -> None:
+    """Expand to [2, 1, 1] (1 on the channel axis: a broadcast) keeps the channel axis, counted from the end, and
+    its target as it is; a planted zero unit in front of it goes first and exactly (magnitude)."""
+    from tests.conftest import init, tiny, weights
+
+    kernel = weights(6, 8)
+    kernel[:, 5] = 0.0  # unit 5 is always 0 after the Relu
+    model = tiny("""h = MatMul (x, w1)
+                    r = Relu (h)
+                    e = Expand (r, target)
+                    s = ReduceSum <keepdims = 0> (e, axes)
+                    y = MatMul (s, w2)""", inputs="float[N, 6] x", outputs="float[N, 3] y",
+                 inits=", ".join([init("w1", kernel), init("w2", weights(8, 3, seed=1)),
+                                  init("target", [2, 1, 1], "int64"), init("axes", [0], "int64")]))
+    prunable, reason = _groups(model)["MatMul_0"]
+    assert prunable, reason
+    path = tmp_path / "expand.onnx"
+    onnx.save(model, str(path))
+    result = graphopt.optimize(path, method="magnitude", target_macs=0.9, round_to=1)
+    weights_after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert next(v for k, v in weights_after.items() if k.startswith("w2")).shape == (7, 3)
+    assert next(v for k, v in weights_after.items() if k.startswith("target")).tolist() == [2, 1, 1]
+    check = {"x": np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(result.model, check)["y"], run_ort(model, check)["y"], rtol=1e-5, atol=1e-5)
