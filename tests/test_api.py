@@ -306,3 +306,13 @@ def test_every_step_of_a_pipeline_is_checked_at_the_batch_of_the_kept_outputs(mo
     steps = result.report["steps"]
     assert [step["step"] for step in steps] == ["snp", "quantize"]
     assert steps[0]["fidelity"]["samples"] == steps[1]["fidelity"]["samples"] == 256
+
+
+@pytest.mark.parametrize("method, options", [("cob", {"target_macs": 0.7}), ("omp", {"sparsity": 0.5}),
+                                             ("magnitude", {"target_macs": 0.7})])
+def test_every_method_names_the_layers_it_cannot_reach_inside_branches(method: str, options: dict) -> None:
+    """cob and omp, like the channel methods, list the If whose branches hold layers among what they skipped."""
+    calib = {"x": weights(8, 16, seed=4), "sr": np.array(16000, dtype=np.int64)}
+    result = graphopt.optimize(_switch_model(), method=method, calib=calib, **options)
+    skipped = [line for found in result.report["passes"] for line in found["skipped"]]
+    assert any("(If): 4 layers inside its bodies are not pruned" in line for line in skipped), skipped

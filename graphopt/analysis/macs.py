@@ -45,6 +45,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from graphopt.ir.graph import nested_graphs
 from graphopt.ir.shapes import input_specs
 
 COUNTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "ExPruneLinearRelu", "ExPruneConvRelu", "ConvInteger",
@@ -76,10 +77,8 @@ def bodies(node: onnx.NodeProto) -> dict[str, onnx.GraphProto]:
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for body in bodies(node).values():
-            yield from _all_nodes(body)
+    for scope in nested_graphs(graph):
+        yield from scope.node
 
 
 def _scan_inputs(node: onnx.NodeProto) -> list[tuple[str, int]]:
@@ -242,16 +241,9 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     return math.prod(shapes[node.output[0]]) * inner
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for body in bodies(node).values():
-            yield from _graphs(body)
-
-
 def parameter_count(model: onnx.ModelProto) -> int:
     """Float constants of the main graph and of every control-flow body (a weight counted once by name)."""
-    constants = {name: t for g in _graphs(model.graph) for name, t in _constants(g).items()}
+    constants = {name: t for g in nested_graphs(model.graph) for name, t in _constants(g).items()}
     quantized, scales = _quantized_names(list(_all_nodes(model.graph)))
     counted = [t for name, t in constants.items() if name in quantized or name not in scales
                and onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind == "f"]

@@ -222,16 +222,17 @@ class Dataset:
     def first_sample(self) -> dict[str, np.ndarray]:
         """The first sample as the model reads it (a sample of several rows keeps them; see
         `first_sample_shapes`)."""
-        if self.arrays is not None:
-            return next(runs(self.arrays, self.layouts, 1))
-        arrays, layouts, _ = next(self._stream())
-        return next(runs(arrays, layouts, 1))
+        return self._first()[0]
+
+    def _first(self) -> tuple[dict[str, np.ndarray], dict[str, Layout]]:
+        arrays, layouts = (self.arrays, self.layouts) if self.arrays is not None else next(self._stream())[:2]
+        return next(runs(arrays, layouts, 1)), layouts
 
     def first_sample_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-input shapes of one sample as the model reads it, its batch axis at 1."""
-        layouts = self.layouts if self.arrays is not None else next(self._stream())[1]
+        first, layouts = self._first()
         shapes = {}
-        for name, array in self.first_sample().items():
+        for name, array in first.items():
             shape, axis = list(array.shape), layouts[name].model_batch_axis
             if axis is not None:
                 shape[axis] = 1

@@ -19,7 +19,7 @@ import onnx
 
 from graphopt.analysis.macs import CostReport, bodies, cost_from_shapes, needed_shapes
 from graphopt.calibration.session import observed_shapes, observed_values
-from graphopt.ir.graph import infer_shapes
+from graphopt.ir.graph import infer_shapes, nested_graphs
 from graphopt.ir.shapes import input_specs, tensor_shapes, with_fixed_inputs
 
 
@@ -72,12 +72,8 @@ def _observed(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], 
 
 def _body_outputs(graph: onnx.GraphProto) -> set[str]:
     """Names the nodes of every body of `graph` write, nested ones included."""
-    found: set[str] = set()
-    for node in graph.node:
-        for body in bodies(node).values():
-            found.update(name for inner in body.node for name in inner.output if name)
-            found.update(_body_outputs(body))
-    return found
+    return {name for body in nested_graphs(graph) if body is not graph for node in body.node
+            for name in node.output if name}
 
 
 def _taken_branch_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray],

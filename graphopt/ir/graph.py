@@ -169,6 +169,14 @@ def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return [body for attr in node.attribute for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
 
 
+def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph`, then every control-flow body in it, nested ones included."""
+    yield graph
+    for node in graph.node:
+        for body in subgraphs(node):
+            yield from nested_graphs(body)
+
+
 def _drop_captured_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
     """onnx-graphsurgeon writes every constant a subgraph reads into that subgraph's initializers, even
     when an enclosing graph holds it: drop those copies (names are unique across scopes, so same name,
@@ -188,25 +196,23 @@ def _hoist_shared_copies(graph: onnx.GraphProto, outer: set[str]) -> None:
     them: where several hold it (the weights both branches of an If share) or the template held it in its main
     graph (`outer`: its initializer names), keep one copy, in the main graph, where every subgraph sees it.
     Copies whose contents differ (sibling scopes may reuse a name) stay where they are."""
-    copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
-
-    def collect(scope: onnx.GraphProto) -> None:
-        for node in scope.node:
-            for subgraph in subgraphs(node):
-                for tensor in subgraph.initializer:
-                    copies.setdefault(tensor.name, []).append((subgraph, tensor))
-                collect(subgraph)
-
-    collect(graph)
-    shared = {name for name, found in copies.items()
-              if (len(found) > 1 or name in outer) and len({t.SerializeToString() for _, t in found}) == 1}
-    for name in sorted(shared):
-        graph.initializer.append(copies[name][0][1])
-    for scope in {id(s): s for found in copies.values() for s, _ in found}.values():
+    bodies = [scope for scope in nested_graphs(graph) if scope is not graph]
+    shared = _shared_copies(bodies, outer)
+    graph.initializer.extend(shared[name] for name in sorted(shared))
+    for scope in bodies:
         own = [t for t in scope.initializer if t.name not in shared]
         if len(own) != len(scope.initializer):
             del scope.initializer[:]
             scope.initializer.extend(own)
+
+
+def _shared_copies(bodies: list[onnx.GraphProto], outer: set[str]) -> dict[str, onnx.TensorProto]:
+    """The body initializers to keep once in the main graph (see `_hoist_shared_copies`), by name."""
+    copies: dict[str, list[onnx.TensorProto]] = {}
+    for tensor in (t for scope in bodies for t in scope.initializer):
+        copies.setdefault(tensor.name, []).append(tensor)
+    return {name: found[0] for name, found in copies.items()
+            if (len(found) > 1 or name in outer) and len({t.SerializeToString() for t in found}) == 1}
 
 
 def _restore_annotations(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:

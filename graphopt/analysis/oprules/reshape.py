@@ -42,6 +42,7 @@ from graphopt.ir import graph as ir
 
 
 ShapeOf = Callable[[gs.Tensor], "tuple[int, ...] | None"]
+SHAPE_PASSTHROUGH = ("Cast", "Identity")  # what may stand between a target shape and the Concat building it
 
 
 def _length(piece: gs.Tensor, shape_of: ShapeOf | None) -> int | None:
@@ -64,7 +65,7 @@ def shape_entry(node: gs.Node, position: int, shape_of: ShapeOf | None = None,
     if isinstance(shape, gs.Constant):
         return node, 1, position
     concat = shape.inputs[0] if shape.inputs else None
-    while concat is not None and concat.op in ("Cast", "Identity") and concat.inputs[0].inputs:
+    while concat is not None and concat.op in SHAPE_PASSTHROUGH and concat.inputs[0].inputs:
         concat = concat.inputs[0].inputs[0]  # tf2onnx builds shapes in int32 and casts them to int64
     if concat is None or concat.op != "Concat":
         return None

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.channels import AtomTable, ChannelState
 from graphopt.analysis.groups import Analysis, Group, Site
-from graphopt.analysis.oprules.reshape import ShapeOf, shape_entry
+from graphopt.analysis.oprules.reshape import SHAPE_PASSTHROUGH, ShapeOf, shape_entry
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.passes.channels.reduction import as_linear
@@ -119,7 +119,7 @@ def _private_concat(graph: gs.Graph, reader: gs.Node) -> gs.Node:
     """The Concat building `reader`'s target shape (through the Casts tf2onnx puts after it), each node on the
     way copied where others read it too."""
     node = ir.private_producer(graph, reader, 1)
-    while node.op in ("Cast", "Identity"):
+    while node.op in SHAPE_PASSTHROUGH:
         node = ir.private_producer(graph, node, 0)
     return node
 
