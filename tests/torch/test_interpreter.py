@@ -167,6 +167,15 @@ CORNERS = {
             c = ReduceMean <keepdims = 1> (x, ax)
             d = Clip (x, lo, hi)
         }"""),
+    "border_pads_on_any_axis": (18, """
+        g (float[2, 5, 1] x) => (float[2, 9, 1] r, float[2, 8, 1] e, float[3, 7, 1] w, float[2, 3, 1] c)
+            <int64[6] two = {0, 2, 0, 0, 2, 0}, int64[6] edge = {0, 1, 0, 0, 2, 0}, int64[6] wrap = {1, 0, 0, 0, 2, 0},
+             int64[6] crop = {0, -1, 0, 0, -1, 0}> {
+            r = Pad <mode = "reflect"> (x, two)
+            e = Pad <mode = "edge"> (x, edge)
+            w = Pad <mode = "wrap"> (x, wrap)
+            c = Pad <mode = "reflect"> (x, crop)
+        }"""),
     "normalisations_and_activations": (17, """
         g (float[2, 3, 4] x) => (float[2, 3, 4] y)
             <float[4] s = {1.0, 0.5, -1.0, 2.0}, float[4] b = {0.0, 0.1, 0.2, 0.3}> {

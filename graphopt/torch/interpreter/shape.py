@@ -205,7 +205,7 @@ def arg_extreme(call: Call, inputs: list[Any]) -> torch.Tensor:
     return function(inputs[0], dim=call.attr("axis", 0), keepdim=bool(call.attr("keepdims", 1)))
 
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+_PAD_MODES = ("constant", "reflect", "edge", "wrap")
 
 
 def _pad_amounts(call: Call, x: torch.Tensor, inputs: list[Any]) -> tuple[list[int], list[int], float]:
@@ -223,17 +223,30 @@ def _pad_amounts(call: Call, x: torch.Tensor, inputs: list[Any]) -> tuple[list[i
     return begins, ends, value
 
 
+def _border_index(mode: str, size: int, begin: int, end: int, device: torch.device) -> torch.Tensor:
+    """Which source position each position of a padded axis reads: reflected about the end elements (reflect),
+    the end element repeated (edge) or wrapped around (wrap); negative pads crop."""
+    index = torch.arange(-begin, size + end, device=device)
+    if mode == "reflect":
+        index = index.abs()
+        return torch.where(index >= size, 2 * (size - 1) - index, index)
+    return index.clamp(0, size - 1) if mode == "edge" else index.remainder(size)
+
+
 @rule("Pad")
 def pad(call: Call, inputs: list[Any]) -> torch.Tensor:
     x, mode = inputs[0], call.attr("mode", "constant")
     begins, ends, value = _pad_amounts(call, x, inputs)
+    if mode not in _PAD_MODES:
+        raise call.refuse(f"mode {mode}")
     if mode == "constant":
         return F.pad(x, [p for b, e in zip(reversed(begins), reversed(ends)) for p in (b, e)], value=value)
-    lead = next((i for i in range(x.dim()) if begins[i] or ends[i]), x.dim())
-    if mode not in _PAD_MODES or lead < 2 or not 3 <= x.dim() <= 5:
-        raise call.refuse(f"mode {mode} on these axes (reflect, edge and wrap pad spatial axes of 3-D to 5-D inputs)")
-    spatial = [p for b, e in zip(reversed(begins[2:]), reversed(ends[2:])) for p in (b, e)]
-    return F.pad(x, spatial, mode=_PAD_MODES[mode])
+    for axis, (begin, end) in enumerate(zip(begins, ends)):
+        if begin or end:
+            if mode == "reflect" and max(begin, end) >= x.shape[axis]:
+                raise call.refuse(f"reflect pads of {max(begin, end)} on an axis of {x.shape[axis]}")
+            x = x.index_select(axis, _border_index(mode, x.shape[axis], begin, end, x.device))
+    return x
 
 
 def _present(inputs: list[Any], index: int) -> Any:
