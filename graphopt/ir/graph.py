@@ -398,12 +398,12 @@ def set_input_array(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarr
     )
     if isinstance(current, gs.Constant) and not shared:
         previous = current.values
-        current.values = np.ascontiguousarray(values)
+        current.values = np.asarray(values, order="C")  # contiguous; a 0-d index stays 0-d
         if isinstance(previous, np.memmap):
             weights.release(previous)  # a weight of a model held by reference, now replaced
         return current
     base = current.name if current.name else f"{node.name}_in{index}"
-    replacement = gs.Constant(unique_name(graph, base), np.ascontiguousarray(values))
+    replacement = gs.Constant(unique_name(graph, base), np.asarray(values, order="C"))
     node.inputs[index] = replacement
     return replacement
 

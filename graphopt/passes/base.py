@@ -42,6 +42,7 @@ PROPERTIES: dict[str, str] = {
                         "is folded into it",
     "dead_code_removed": "every node and initializer feeds a graph output",
     "shapes_inferred": "tensors carry the dtypes and shapes ONNX shape inference gives for the current graph",
+    "concat_selections_resolved": "no Gather or Slice picks from a single input of a Concat through the Concat",
 }
 
 

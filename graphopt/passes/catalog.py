@@ -12,7 +12,8 @@ from graphopt.passes.channels import magnitude  # noqa: F401  (magnitude, random
 from graphopt.passes.cob import prune as cob  # noqa: F401
 from graphopt.passes.exprune import prune as exprune  # noqa: F401
 from graphopt.passes.prepasses import (constant_fold, dead_code, fold_batchnorm,  # noqa: F401
-                                       normalize_constants, remove_identity, shape_inference)
+                                       normalize_constants, remove_identity, select_through_concat,
+                                       shape_inference)
 from graphopt.passes.snp import prune as snp  # noqa: F401
 from graphopt.passes.quantize import qdq as quantize  # noqa: F401
 from graphopt.passes.sparse import dead_units, omp  # noqa: F401
@@ -24,6 +25,7 @@ PREPASSES = [
     "fold_batchnorm",
     "dead_code",
     "shape_inference",
+    "select_through_concat",
 ]
 
 
