@@ -70,8 +70,6 @@ from shape_images import shape_images  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
-# the table's agreement column
-AGREEMENTS = ("decisions_kept", "note_f1", "pitch_within_50_cents", "top1_agreement")
 RATE, CHUNK = 16000, 512
 
 
@@ -81,7 +79,8 @@ class Model:
     path: Path
     data: Callable[[int, int], dict[str, np.ndarray]]  # (samples, seed) -> feeds in the layout graphopt reads
     batches: tuple[int, ...] = (1,)
-    agreement: tuple[str, Callable[..., float]] | None = None  # (report key, function(original, result, feeds))
+    # the table's agreement: (row key, function(original, result, held-out feeds)), no function: verify's key
+    agreement: tuple[str, Callable[..., float] | None] | None = None
     samples: int = 32  # calibration and held-out samples each (--samples overrides)
 
 
@@ -228,7 +227,8 @@ def installed() -> list[Model]:
     spec = importlib.util.find_spec("magika")
     if spec is not None and spec.origin:
         folder = Path(spec.origin).parent / "models" / "standard_v3_3"
-        found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8), samples=256))
+        found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8),
+                           agreement=("top1_agreement", None), samples=256))
     spec = importlib.util.find_spec("basic_pitch")
     if spec is not None and spec.origin:
         path = Path(spec.origin).parent / "saved_models" / "icassp_2022" / "nmp.onnx"
@@ -331,13 +331,15 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
                    "top1_agreement": fidelity.get("top1_agreement")}
             if model.agreement is not None:
                 key, function = model.agreement
-                row[key] = round(function(original, result.model, heldout), 4)
+                row["agreement"] = key
+                if function is not None:
+                    row[key] = round(function(original, result.model, heldout), 4)
             for batch in model.batches:
                 timing = compare_latency(original, result.model, data=heldout, batch=batch, rounds=args.rounds)
                 row[f"speedup_b{batch}"] = [round(timing["speedup"], 3), round(timing["speedup_p10"], 3),
                                             round(timing["speedup_p90"], 3)]
             rows.append(row)
-            agreement = model.agreement[0] if model.agreement else "top1_agreement"
+            agreement = model.agreement[0] if model.agreement else "-"
             speed = "  ".join(f"b{b} {row[f'speedup_b{b}'][0]:.2f}x ({row[f'speedup_b{b}'][1]:.2f}-"
                               f"{row[f'speedup_b{b}'][2]:.2f})" for b in model.batches)
             print(f"{model.label:26s} {method:9s} {target}: MACs {row['macs_ratio']:.3f} cosine {row['cosine']:.4f} "
@@ -365,7 +367,7 @@ def tables(found: dict[str, Any]) -> str:
                      for key in ("speedup_b1", "speedup_b8")]
             lines.append(f"| {row['model']} | {row['method']} | {row['target']} | {row['macs_ratio']:.3f} | "
                          f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | "
-                         f"{next((row[k] for k in AGREEMENTS if row.get(k) is not None), '-')} | "
+                         f"{row[row['agreement']] if 'agreement' in row else '-'} | "
                          + " | ".join(cells) + f" | {row['optimize_s']} |")
     return "\n".join(lines)
 
