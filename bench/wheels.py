@@ -395,15 +395,18 @@ def main() -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:
         folder = Path(workdir)
-        if args.part in ("all", "sweep"):
-            found["sweep"] = [row for model in models for row in sweep(model, args, folder)]
-        if args.part in ("all", "speed"):
-            found["measured"] = [row for model in models for row in measure(model, args, folder)]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(found, indent=1, default=float) + "\n")
-    text = tables(found)
-    args.output.with_suffix(".md").write_text(text + "\n")
-    print("\n" + text)
+        for part in {"all": ["sweep", "measured"], "sweep": ["sweep"], "speed": ["measured"]}[args.part]:
+            found[part] = []
+            for model in models:
+                found[part] += sweep(model, args, folder) if part == "sweep" else measure(model, args, folder)
+                write_results(found, args.output)  # after every model: a long run stopped keeps what it measured
+    print("\n" + tables(found))
+
+
+def write_results(found: dict[str, Any], output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".json").write_text(json.dumps(found, indent=1, default=float) + "\n")
+    output.with_suffix(".md").write_text(tables(found) + "\n")
 
 
 if __name__ == "__main__":
