@@ -267,6 +267,8 @@ def sweep(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str
     calib = model.data(args.samples or model.samples, 1)
     check = next(load_data(model.data(4, 9), onnx.load(str(model.path))).batches(4))  # as the model reads it
     for run in RUNS.values():
+        if args.runs and run.id not in args.runs:
+            continue
         for target in (args.targets if run.target != "none" else [None]):
             result = outcome(model.path, run, target, folder, calib=calib, check_feeds=check)
             rows.append({"model": model.label, "run": run.id, "target": target, "status": result.kind,
@@ -320,7 +322,7 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
     calib, heldout = model.data(args.samples or model.samples, 1), model.data(args.samples or model.samples, 2)
     original = onnx.load(str(model.path))
     for method in args.methods:
-        for target in args.targets:
+        for target in ([None] if method == "quantize" else args.targets):  # quantize alone keeps every MAC
             start = time.perf_counter()
             result = graphopt.optimize(model.path, method=method, target_macs=target, calib=calib)
             seconds = time.perf_counter() - start
@@ -365,7 +367,7 @@ def tables(found: dict[str, Any]) -> str:
         for row in found["measured"]:
             cells = [f"{row[key][0]:.2f} ({row[key][1]:.2f}-{row[key][2]:.2f})" if key in row else "-"
                      for key in ("speedup_b1", "speedup_b8")]
-            lines.append(f"| {row['model']} | {row['method']} | {row['target']} | {row['macs_ratio']:.3f} | "
+            lines.append(f"| {row['model']} | {row['method']} | {row['target'] or '-'} | {row['macs_ratio']:.3f} | "
                          f"{row['cosine']:.4f} | {row['rel_l2']:.3f} | "
                          f"{row[row['agreement']] if 'agreement' in row else '-'} | "
                          + " | ".join(cells) + f" | {row['optimize_s']} |")
@@ -378,7 +380,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None,
                         help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, resemblyzer")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
-    parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"])
+    parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
+                        "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
+    parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"],
+                        help="--part speed: methods or pipelines (quantize alone runs once, without a target)")
     parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
                         "windows for basic-pitch, 256 frames for CREPE and 256 utterances for the speaker encoder)")

@@ -35,7 +35,7 @@ from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
 from graphopt.calibration.trim import TrimPlan, plan_trim
-from graphopt.errors import CandidateLoadError, DataError, OptionError
+from graphopt.errors import DataError, ModelLoadError, OptionError
 from graphopt import latency_target as latency_fit
 from graphopt.batching import batch_that_runs
 from graphopt.evaluate import VerifyReport, compare_latency, random_feed
@@ -480,13 +480,14 @@ def _measure(original: onnx.ModelProto, optimized: onnx.ModelProto, shapes: dict
     outputs on the calibration data are those calibration kept where it did (graphopt.calibration.reference:
     the normalised graph at full optimisation, equal up to float rounding), else it runs again."""
     sample = _first(dataset)
-    before, after = count_cost(original, shapes, sample=sample), count_cost(optimized, shapes, sample=sample)
+    before = count_cost(original, shapes, sample=sample)
     fidelity_data = dataset if dataset is not None else [random_feed(original, shapes, batch=min(8, batch_size))]
     try:
+        after = count_cost(optimized, shapes, sample=sample)
         fidelity = compare_outputs(original, optimized, fidelity_data, batch_size=batch_size, progress=progress,
                                    metric=metric, ctc_blank=ctc_blank, device=device,
                                    reference_outputs=reference_outputs if dataset is not None else None)
-    except CandidateLoadError as exc:  # graphopt wrote it: a bug, not the user's input (exit 1, not 2)
+    except ModelLoadError as exc:  # graphopt wrote it: a bug, not the user's input (exit 1, not 2)
         raise RuntimeError(f"the rewritten model does not load in onnxruntime ({exc}); nothing was written") from exc
     return {
         "macs_before": before.macs, "macs_after": after.macs,

@@ -213,3 +213,28 @@ def test_a_rewritten_model_that_does_not_load_is_an_internal_error_and_nothing_i
     assert main(["optimize", str(source), "-o", str(output), "--method", "none", "--input-shape", "x=2x8"]) == 1
     assert "internal error: RuntimeError: the rewritten model does not load in onnxruntime" in capfd.readouterr().err
     assert not output.exists()
+
+
+def test_a_rewritten_model_whose_shapes_onnxruntime_cannot_observe_is_an_internal_error(tmp_path, monkeypatch, capfd):
+    """The report's MAC count may run the rewritten model to observe shapes; onnxruntime refusing it there is
+    graphopt's bug too (exit 1, nothing written), not the input's."""
+    import onnx
+
+    import graphopt.api
+    from graphopt.cli import main
+    from graphopt.errors import ModelLoadError
+
+    source, output = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(_model(weights(8, 6)), str(source))
+    real, counted = graphopt.api.count_cost, []
+
+    def count_cost(model, *args, **kwargs):
+        counted.append(model)
+        if len(counted) == 2:  # the original first, then the rewritten model
+            raise ModelLoadError("onnxruntime cannot load the model: [TypeInferenceError] Invalid attribute perm")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(graphopt.api, "count_cost", count_cost)
+    assert main(["optimize", str(source), "-o", str(output), "--method", "none", "--input-shape", "x=2x8"]) == 1
+    assert "internal error: RuntimeError: the rewritten model does not load in onnxruntime" in capfd.readouterr().err
+    assert not output.exists()

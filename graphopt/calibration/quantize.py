@@ -141,6 +141,45 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return named
 
 
+# ops whose input 2 the quantizer stores as an int32 bias with scale = input scale x weight scale
+_BIASED = {"Conv", "ConvTranspose", "Gemm", "InstanceNormalization", "LayerNormalization"}
+
+
+def _unshared_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its own copy of every bias initializer that more than one node reads.
+
+    Each node's int32 bias has its own scale, so the quantizer copies a shared bias, naming the copy by
+    appending a number to the initializer's name without checking activation names: in tf2onnx exports
+    (one zero bias shared by many convolutions, tensors named after the layer) `conv1d_25` + `2` is an
+    activation's name already, and the written model does not load. Copies named here are unique among
+    every tensor name."""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    shared = [(node, node.input[2]) for node in model.graph.node if node.op_type in _BIASED and len(node.input) > 2
+              and node.input[2] in initializers and readers[node.input[2]] > 1]
+    if not shared:
+        return model
+    unshared = onnx.ModelProto()
+    unshared.CopyFrom(model)
+    taken = {name for node in _all_nodes(model.graph) for name in (*node.input, *node.output)} | set(initializers)
+    taken |= {value.name for value in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
+    position = {id(node): index for index, node in enumerate(model.graph.node)}
+    for node, bias in shared:
+        if readers[bias] == 1:  # the last reader keeps the original
+            continue
+        readers[bias] -= 1
+        name = next(f"{bias}_bias{k}" for k in range(len(taken) + 1) if f"{bias}_bias{k}" not in taken)
+        taken.add(name)
+        copy = unshared.graph.initializer.add()
+        copy.CopyFrom(initializers[bias])
+        copy.name = name
+        unshared.graph.node[position[id(node)]].input[2] = name
+    return unshared
+
+
 def _reader(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> Any:
     """An onnxruntime CalibrationDataReader over the dataset's batches (the inputs `model` reads)."""
     base = runtime().quantization.CalibrationDataReader
@@ -163,7 +202,7 @@ def quantize_qdq(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSet
     import onnxruntime.quantization as quantization  # after runtime(): a missing onnxruntime reads as one line
 
     runtime()
-    prepared = _named(_at_qdq_opset(model))
+    prepared = _unshared_biases(_named(_at_qdq_opset(model)))
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
     activation = quantization.QuantType.QInt8 if settings.activations == "int8" else quantization.QuantType.QUInt8

@@ -14,7 +14,9 @@ reaches its target, or in a clean refusal that names the reason. Nothing else is
   target while the method's passes say why (what they skipped or declined; a pass that reports the floor
   its prunable groups allow, `min_macs_ratio`, must put that floor above the target).
 - ``FAIL:<kind>``: an internal error (``crash``), an empty refusal (``silent-refusal``), a model the
-  checker rejects (``invalid``), onnxruntime cannot run (``ort``), a changed interface (``interface``),
+  checker rejects (``invalid``), onnxruntime cannot run (``ort``) or load while the run measures it
+  (``load``: every model of the zoo loads, so a load error comes from what a pass wrote), a changed
+  interface (``interface``),
   non-finite outputs (``nonfinite``), a pass whose MAC estimate disagrees with the count of the written
   model (``mac-model``), or a target missed without a reason (``missed-target``).
 
@@ -45,7 +47,7 @@ import onnx
 import pytest
 
 import graphopt
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.passes.methods import METHODS
 from tests.conftest import init, run_ort, tiny, weights
 from tests.passes.channels.test_prune_magnitude import zoo, zoo_path  # noqa: F401
@@ -227,6 +229,8 @@ def outcome(source: Path | str, run: Run, target: float | None, folder: Path,
         result = graphopt.optimize(source, method=run.method, output=written,
                                    calib=calibration(original, samples) if calib is None else calib,
                                    **run.keywords(target))
+    except ModelLoadError as error:  # every zoo model loads: a load error comes from what a pass wrote
+        return Outcome("FAIL:load", f"{type(error).__name__}: {str(error)[:300]}", seconds=time.perf_counter() - start)
     except GraphoptError as refusal:
         kind = "refused-with-reason" if str(refusal).strip() else "FAIL:silent-refusal"
         return Outcome(kind, f"{type(refusal).__name__}: {refusal}", seconds=time.perf_counter() - start)

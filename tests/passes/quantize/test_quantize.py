@@ -176,3 +176,18 @@ def test_weights_listed_as_graph_inputs_ir3_are_quantized_and_callers_feed_the_s
     assert [v.name for v in result.model.graph.input if v.name not in initializers] == ["x"]
     assert quantized_ops(result.model).get("QuantizeLinear", 0) >= 1
     assert result.report["fidelity"]["cosine"] > 0.999
+
+
+def test_a_bias_shared_by_several_convolutions_is_quantized_per_reader_without_clashing_names() -> None:
+    """tf2onnx shares one zero bias among convolutions and names tensors after layers; onnxruntime's quantizer
+    names its per-reader copy of a shared bias by appending a number, which here is an activation's name."""
+    model = tiny("b0 = Conv(x, w1, b)\nr = Neg(b0)\nb1 = Conv(r, w2, b)\nh = Neg(b1)\ny = Conv(h, w2, b)",
+                 inits=f"{init('w1', weights(4, 3, 1, 1))}, {init('w2', weights(4, 4, 1, 1, seed=2))}, "
+                       f"{init('b', weights(4, seed=1))}")
+    calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    result = optimize(model, method="quantize", calib=calib, progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    biases = [node.input[2] for node in result.model.graph.node if node.op_type == "Conv"]
+    assert len(set(biases)) == 3  # each convolution reads its own int32 bias
+    assert quantized_ops(result.model).get("QuantizeLinear", 0) >= 3
+    assert result.report["fidelity"]["cosine"] > 0.999
