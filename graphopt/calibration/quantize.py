@@ -158,16 +158,16 @@ def _unshared_biases(model: onnx.ModelProto) -> onnx.ModelProto:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    shared = [(node, node.input[2]) for node in model.graph.node if node.op_type in _BIASED and len(node.input) > 2
-              and node.input[2] in initializers and readers[node.input[2]] > 1]
+    shared = [index for index, node in enumerate(model.graph.node) if node.op_type in _BIASED
+              and len(node.input) > 2 and node.input[2] in initializers and readers[node.input[2]] > 1]
     if not shared:
         return model
     unshared = onnx.ModelProto()
     unshared.CopyFrom(model)
-    taken = {name for node in _all_nodes(model.graph) for name in (*node.input, *node.output)} | set(initializers)
-    taken |= {value.name for value in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
-    position = {id(node): index for index, node in enumerate(model.graph.node)}
-    for node, bias in shared:
+    taken = _tensor_names(model)
+    for index in shared:
+        node = unshared.graph.node[index]
+        bias = node.input[2]
         if readers[bias] == 1:  # the last reader keeps the original
             continue
         readers[bias] -= 1
@@ -176,8 +176,16 @@ def _unshared_biases(model: onnx.ModelProto) -> onnx.ModelProto:
         copy = unshared.graph.initializer.add()
         copy.CopyFrom(initializers[bias])
         copy.name = name
-        unshared.graph.node[position[id(node)]].input[2] = name
+        node.input[2] = name
     return unshared
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name the model uses: node inputs and outputs (subgraphs included), initializers, graph
+    inputs, outputs and value_info."""
+    names = {name for node in _all_nodes(model.graph) for name in (*node.input, *node.output)}
+    names |= {tensor.name for tensor in model.graph.initializer}
+    return names | {value.name for value in (*model.graph.input, *model.graph.output, *model.graph.value_info)}
 
 
 def _reader(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> Any:
