@@ -211,6 +211,9 @@ def quantize_qdq(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSet
 
     runtime()
     prepared = _unshared_biases(_named(_at_qdq_opset(model)))
+    if prepared is model:  # the quantizer rewrites the proto it is given (its weights become external data of a
+        prepared = onnx.ModelProto()  # file it deletes): the caller's model is left as it was
+        prepared.CopyFrom(model)
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
     activation = quantization.QuantType.QInt8 if settings.activations == "int8" else quantization.QuantType.QUInt8

@@ -191,3 +191,35 @@ def test_a_bias_shared_by_several_convolutions_is_quantized_per_reader_without_c
     assert len(set(biases)) == 3  # each convolution reads its own int32 bias
     assert quantized_ops(result.model).get("QuantizeLinear", 0) >= 3
     assert result.report["fidelity"]["cosine"] > 0.999
+
+
+def test_the_quantizer_leaves_the_model_it_is_given_unchanged() -> None:
+    """onnxruntime's quantizer saves the proto it is given with external data in a folder it deletes; the float
+    model graphopt hands it is used after quantization (stats, the side-by-side timing) and must stay whole."""
+    from graphopt.calibration.data import load_data
+    from graphopt.calibration.quantize import QuantizeSettings, quantize_qdq
+
+    model = onnx.load(str(MODEL))
+    before = model.SerializeToString()
+    quantize_qdq(model, load_data(CALIB, model), QuantizeSettings())
+    assert model.SerializeToString() == before
+
+
+def test_the_quantized_model_is_timed_against_the_float_one_and_a_slower_one_is_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import graphopt.passes.quantize.qdq as qdq
+
+    report = optimize(MODEL, method="quantize", calib=CALIB, progress=False).report
+    stats = next(p["stats"] for p in report["passes"] if p["pass"] == "quantize")
+    assert 0 < stats["speedup_b1_p10"] <= stats["speedup_b1"] <= stats["speedup_b1_p90"]
+    timed = []
+
+    def slower(reference, candidate, shapes, where):  # as if the integer kernels lost on this graph
+        timed.append((quantized_ops(reference), quantized_ops(candidate), shapes))
+        return {"speedup": 0.7, "speedup_p10": 0.6, "speedup_p90": 0.8, "reference_ms": 1.0, "candidate_ms": 1.4}
+
+    monkeypatch.setattr(qdq, "paired_latency", slower)
+    assert main(["optimize", str(MODEL), "-o", str(tmp_path / "q.onnx"), "--method", "quantize",
+                 "--calib", str(CALIB), "--quiet"]) == 0
+    assert timed[0][0] == {} and timed[0][1].get("QuantizeLinear", 0) > 0 and timed[0][2] == {"input": (1, 1, 8, 8)}
+    assert "warning: the quantized model ran 0.70x as fast as the float model" in capsys.readouterr().err
