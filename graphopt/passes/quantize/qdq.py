@@ -8,7 +8,9 @@ opset rises to 13 only where it was lower (per-axis QDQ needs it; 19 for a float
 float16), and the pass says so in its stats. A float16 model is quantized too (stat `half_precision`), but
 onnxruntime's CPU provider fuses QDQ into integer kernels around float32 ops only: the float16 digits CNN
 ran 0.22x as fast quantized at batch 8 (bench/half_quantize.py), so `optimize` prints a note.
-A model that already holds quantized ops is refused with the reason. Pruning after quantization is not
+The pass then times the quantized model against the float graph it came from, side by side at batch 1
+(stats `speedup_b1`, p10, p90; `optimize` warns when it is slower). A model that already holds quantized ops
+is refused with the reason. Pruning after quantization is not
 offered: pruning passes leave quantized layers alone (graphopt.analysis.oprules.quantized).
 """
 
