@@ -12,7 +12,9 @@ and its producer:
   Position agreement: the fraction of the N·T positions whose arg-max matches; sequence agreement: the
   fraction of the N samples whose greedy CTC decoding matches exactly (arg-max per position, repeats
   collapsed, the blank label, index 0 unless told, dropped);
-- "values": anything else, [N, 1] included (a single score or regression value), a detector's decoded
+- "values": anything else, [N, 1] included (a single score or regression value), an embedding scaled to
+  unit length (a Div by its L2 norm, or LpNormalization: sentence and speaker encoders, whose arg-max
+  means nothing and flips with float rounding), a detector's decoded
   boxes [N, B, 4 + classes] (Concat of coordinates and scores) and hidden states [N, T, D]: no arg-max
   measure is meaningful, only the distances (cosine, relative L2 error) apply.
 A dynamic dimension takes the size it has in the data. Counts are exact integers, per sample, so that
@@ -69,6 +71,44 @@ def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     return node.op_type in HEAD_OPS
 
 
+NORM_PATH_OPS = LAYOUT_OPS | {"Expand", "Clip", "Max", "Add"}  # between an L2 norm and the Div it feeds
+
+
+def _through(name: str, producers: dict[str, onnx.NodeProto], ops: set[str]) -> onnx.NodeProto | None:
+    """The producer of `name`, followed back through nodes of `ops` (by their first input)."""
+    node = producers.get(name)
+    while node is not None and node.op_type in ops and node.input:
+        node = producers.get(node.input[0])
+    return node
+
+
+def _is_unit_length(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `name` is a vector divided by its own L2 norm (through layout ops): Div(x, norm) with the norm a
+    ReduceL2 of x or the Sqrt of a sum of x's squares (through Expand, an epsilon's Clip, Max or Add), or
+    LpNormalization with p = 2."""
+    node = _through(name, producers, LAYOUT_OPS)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "LpNormalization":
+        return next((a.i for a in node.attribute if a.name == "p"), 2) == 2
+    if node.op_type != "Div" or len(node.input) < 2:
+        return False
+    return _norm_of(node.input[0], _through(node.input[1], producers, NORM_PATH_OPS), producers)
+
+
+def _norm_of(vector: str, norm: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `norm` computes the L2 norm of `vector`: ReduceL2(vector), Sqrt(ReduceSumSquare(vector)) or
+    Sqrt(ReduceSum(vector * vector or vector ^ 2))."""
+    if norm is not None and norm.op_type == "Sqrt":
+        norm = producers.get(norm.input[0])
+        if norm is not None and norm.op_type == "ReduceSum":
+            squared = producers.get(norm.input[0])
+            return squared is not None and squared.op_type in ("Mul", "Pow") and squared.input[0] == vector
+        if norm is None or norm.op_type != "ReduceSumSquare":
+            return False
+    return norm is not None and norm.op_type in ("ReduceL2", "ReduceSumSquare") and norm.input[0] == vector
+
+
 def _declared_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     dims = {}
     for value in model.graph.output:
@@ -83,7 +123,7 @@ def output_kinds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
     batch = batch_symbols(input_specs(model))
     kinds = {}
     for name, shape in shapes.items():
-        if len(shape) == 2 and shape[1] > 1:
+        if len(shape) == 2 and shape[1] > 1 and not _is_unit_length(name, producers):
             kinds[name] = OutputKind("classes")
         elif len(shape) == 3 and shape[2] > 1 and _is_head(name, producers):
             dims = declared.get(name) or [None, None, None]

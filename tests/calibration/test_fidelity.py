@@ -63,6 +63,35 @@ def test_kinds_follow_the_shape_rule_and_the_producer() -> None:
     assert output_kinds(model, {"q": (2, 5, 1)})["q"].kind == "values"  # one class per position: no arg-max
 
 
+def test_an_embedding_scaled_to_unit_length_is_values_not_class_scores() -> None:
+    """Speaker and sentence encoders end in x / ||x||: an arg-max of an embedding means nothing (and flips with
+    float rounding), so agreement there is cosine and rel_l2; a plain Div or a norm over another tensor stays
+    class scores."""
+    model = tiny("""e = Gemm <transB = 1> (v, w)
+                    n = ReduceL2 <keepdims = 1, axes = [1]> (e)
+                    l2 = Div (e, n)
+                    sq = Mul (e, e)
+                    s = ReduceSum <keepdims = 1> (sq, axes)
+                    r = Sqrt (s)
+                    c = Clip (r, eps)
+                    x = Expand (c, shape)
+                    sqrt_div = Div (e, x)
+                    lp = LpNormalization <p = 2, axis = 1> (e)
+                    l1 = LpNormalization <p = 1, axis = 1> (e)
+                    scaled = Div (e, two)
+                    other = ReduceL2 <keepdims = 1, axes = [1]> (v)
+                    by_other = Div (e, other)""",
+                 inputs="float[N, 6] v",
+                 outputs=", ".join(f"float[N, 6] {name}" for name in
+                                   ("l2", "sqrt_div", "lp", "l1", "scaled", "by_other")),
+                 inits=", ".join([init("w", weights(6, 6)), "int64[1] axes = {1}", "float eps = {1e-12}",
+                                  "int64[2] shape = {1, 6}", "float[1] two = {2.0}"]))
+    shapes = {name: (2, 6) for name in ("l2", "sqrt_div", "lp", "l1", "scaled", "by_other")}
+    kinds = {name: found.kind for name, found in output_kinds(model, shapes).items()}
+    assert kinds == {"l2": "values", "sqrt_div": "values", "lp": "values", "l1": "classes", "scaled": "classes",
+                     "by_other": "classes"}
+
+
 def test_a_time_major_sequence_is_read_along_its_batch_axis() -> None:
     reference, _ = sequence_models(time_major=True)
     kind = output_kinds(reference, {"y": (5, 3, 4)})["y"]

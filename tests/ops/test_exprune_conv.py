@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ops.exprune import doubling_checkpoints
-from graphopt.ops.exprune_conv import exprune_conv_reference, im2col, make_exprune_conv_node
+from graphopt.ops.exprune_conv import exprune_conv_reference, im2col, make_exprune_conv_node, receptive_fields
 from graphopt.ops.library import ensure_functions
 from tests.conftest import run_ort
 from tests.ops.conftest import kernel_session
@@ -79,6 +79,18 @@ def _dense(x: np.ndarray, params: dict[str, np.ndarray], geometry: str) -> np.nd
     original[:, params["Perm"]] = params["W"]
     cols = im2col(x, (K, K), strides, pads, dilations)
     return np.einsum("nyxcab,mcab->nmyx", cols, original.astype(np.float64)) + params["B"][None, :, None, None]
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_receptive_fields_at_chosen_positions_are_those_rows_of_im2col(geometry: str) -> None:
+    """Calibration gathers the fields of sampled positions only; they must be exactly im2col's rows."""
+    strides, pads, dilations, _ = GEOMETRIES[geometry]
+    x = np.random.default_rng(3).standard_normal((3, C, H, W)).astype(np.float32)
+    every = receptive_fields(x, (K, 2), strides, pads, dilations)
+    cols = im2col(x, (K, 2), strides, pads, dilations)
+    assert every.shape == (cols.shape[0] * cols.shape[1] * cols.shape[2], C, K, 2)
+    rows = np.sort(np.random.default_rng(4).choice(every.shape[0], 17, replace=False))
+    np.testing.assert_array_equal(receptive_fields(x, (K, 2), strides, pads, dilations, rows), every[rows])
 
 
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))

@@ -32,8 +32,8 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
-from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores, im2col,
-                                       output_size, prefix_sums)
+from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores,
+                                       output_size, prefix_sums, receptive_fields)
 from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, outcome, probe_length, ratios,
                                            swap_in, thresholds)
 
@@ -179,11 +179,10 @@ class ConvScoring:
         rng = np.random.default_rng(seed)
         scores, positive = [], []
         for start in range(0, maps.shape[0], step):
-            cols = im2col(maps[start:start + step][:, self.perm], weight.shape[2:], layer.strides, layer.pads,
-                          layer.dilations)
-            cols = cols.reshape(-1, *cols.shape[3:])
-            if keep < 1.0:
-                cols = cols[np.sort(rng.choice(cols.shape[0], max(1, round(keep * cols.shape[0])), replace=False))]
+            chunk = maps[start:start + step][:, self.perm]
+            total = chunk.shape[0] * positions
+            rows = None if keep >= 1.0 else np.sort(rng.choice(total, max(1, round(keep * total)), replace=False))
+            cols = receptive_fields(chunk, weight.shape[2:], layer.strides, layer.pads, layer.dilations, rows)
             partials = prefix_sums(cols, weight, [*self.checkpoints, channels])
             scores.append(checkpoint_scores(partials, layer.bias, channels, self.checkpoints))
             positive.append(partials[:, :, -1] + layer.bias.astype(np.float64) > 0)
