@@ -92,26 +92,62 @@ def ratios(scores: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 def thresholds(ratio: np.ndarray, positive: np.ndarray, fnr: float) -> np.ndarray:
     """τ [n] (float32) from the ratios [r, n] and positive mask [r, n], as the module docstring says."""
-    n = ratio.shape[1]
-    tau = np.empty(n, dtype=np.float32)
-    for j in range(n):
-        kept_scores = np.sort(ratio[positive[:, j], j])
-        if kept_scores.size == 0:
-            tau[j] = ratio[:, j].max() if ratio.shape[0] else -np.inf
-            continue
-        kept = kept_scores[int(np.floor(fnr * kept_scores.size))]
-        tau[j] = kept - MARGIN * max(abs(float(kept)), float(np.abs(kept_scores).max()), 1e-30)
-    return tau
+    return Thresholds(ratio, positive)(fnr)
+
+
+class Thresholds:
+    """`thresholds` at any false-negative rate, each neuron's positive ratios sorted once (a layer's search
+    asks for many rates)."""
+
+    def __init__(self, ratio: np.ndarray, positive: np.ndarray) -> None:
+        self.kept = [np.sort(ratio[positive[:, j], j]) for j in range(ratio.shape[1])]
+        self.unseen = [float(ratio[:, j].max()) if ratio.shape[0] else -np.inf for j in range(ratio.shape[1])]
+        self.scale = [max(float(np.abs(kept).max()), 1e-30) if kept.size else 0.0 for kept in self.kept]
+
+    def __call__(self, fnr: float) -> np.ndarray:
+        tau = np.empty(len(self.kept), dtype=np.float32)
+        for j, kept_scores in enumerate(self.kept):
+            if kept_scores.size == 0:
+                tau[j] = self.unseen[j]
+                continue
+            kept = kept_scores[int(np.floor(fnr * kept_scores.size))]
+            tau[j] = kept - MARGIN * self.scale[j]  # |kept| is at most the largest |ratio| kept
+        return tau
+
+
+class Curve:
+    """A layer's calibration at any false-negative rate from its scores [r, n, c] (module docstring),
+    computed once per rate asked: the thresholds and what they skip on these rows."""
+
+    def __init__(self, scores: np.ndarray, factors: np.ndarray, positive: np.ndarray, d: int,
+                 checkpoints: list[int], perm: np.ndarray, m: int) -> None:
+        self.scores, self.factors, self.positive, self.d = scores, factors, positive, d
+        self.checkpoints, self.perm, self.m = checkpoints, perm, m
+        self.thresholds = Thresholds(ratios(scores, factors), positive)
+        self.found: dict[float, Calibrated] = {}
+
+    def __call__(self, fnr: float) -> Calibrated:
+        if fnr not in self.found:
+            tau = self.thresholds(fnr)
+            skip, false_negative, saved = outcome(self.scores, self.factors, tau, self.positive, self.d,
+                                                  self.checkpoints)
+            self.found[fnr] = Calibrated(self.perm, self.m, self.checkpoints, tau, skip, false_negative, saved)
+        return self.found[fnr]
 
 
 def outcome(scores: np.ndarray, factors: np.ndarray, tau: np.ndarray, positive: np.ndarray, d: int,
             checkpoints: list[int]) -> tuple[float, float, float]:
-    """(skip rate, false-negative rate, fraction of MACs skipped) of thresholds `tau` on these rows."""
-    fires = scores < (tau[:, None] * factors[None, :])[None]          # [r, n, c]
-    skipped = fires.any(axis=-1)
-    first = np.argmax(fires, axis=-1)                                   # first checkpoint that fires
-    saved = np.where(skipped, (d - np.asarray(checkpoints))[first] / d, 0.0)
+    """(skip rate, false-negative rate, fraction of MACs skipped) of thresholds `tau` on these rows.
+
+    Checkpoint by checkpoint: a (row, neuron) pair that fires first at checkpoint k saves (d - k) / d."""
+    bounds = tau[:, None] * factors[None, :]                            # [n, c]
+    skipped = np.zeros(scores.shape[:2], dtype=bool)
+    saved = 0.0
+    for index, k in enumerate(checkpoints):
+        fires = scores[:, :, index] < bounds[:, index]
+        saved += np.count_nonzero(fires & ~skipped) * (d - k) / d
+        skipped |= fires
     positives = int(positive.sum())
     return (float(skipped.mean()) if skipped.size else 0.0,
-            int(np.sum(skipped & positive)) / max(1, positives),
-            float(saved.mean()) if saved.size else 0.0)
+            int(np.count_nonzero(skipped & positive)) / max(1, positives),
+            float(saved / skipped.size) if skipped.size else 0.0)

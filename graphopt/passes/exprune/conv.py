@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -34,8 +35,7 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores,
                                        output_size, prefix_sums, receptive_fields)
-from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, outcome, probe_length, ratios,
-                                           swap_in, thresholds)
+from graphopt.passes.exprune.calib import Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +188,16 @@ class ConvScoring:
             positive.append(partials[:, :, -1] + layer.bias.astype(np.float64) > 0)
         return np.concatenate(scores), np.concatenate(positive)
 
+    @cached_property
+    def curve(self) -> Curve:
+        return Curve(self.scores, self.factors, self.positive, self.layer.terms, self.checkpoints, self.perm, self.m)
+
     def calibrate(self, fnr: float) -> Calibrated:
-        tau = thresholds(ratios(self.scores, self.factors), self.positive, fnr)
-        skip, false_negative, saved = outcome(self.scores, self.factors, tau, self.positive, self.layer.terms,
-                                              self.checkpoints)
+        found = self.curve(fnr)
+        skip, saved = found.skip_rate, found.macs_skipped
         log.debug("exprune conv %s: m=%d/%d checkpoints %s fnr %g: skip %.1f%%, %.1f%% of MACs", self.layer.name,
                   self.m, self.layer.terms, self.checkpoints, fnr, 100 * skip, 100 * saved)
-        return Calibrated(self.perm, self.m, self.checkpoints, tau, skip, false_negative, saved)
+        return found
 
     def measure(self, maps: np.ndarray, tau: np.ndarray) -> tuple[float, float, float]:
         """(skip rate, false-negative rate, MACs skipped) of thresholds `tau` on other maps."""

@@ -22,8 +22,7 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
 from graphopt.passes.exprune.timing import TIMING_ROWS
-from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, outcome, probe_length, ratios,
-                                           swap_in, thresholds)
+from graphopt.passes.exprune.calib import Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in
 
 
 @dataclass
@@ -126,14 +125,11 @@ class LinearScoring:
                                  self.checkpoints)
 
     @cached_property
-    def ratio(self) -> np.ndarray:
-        return ratios(self.scores, self.factors)
+    def curve(self) -> Curve:
+        return Curve(self.scores, self.factors, self.positive, self.layer.terms, self.checkpoints, self.perm, self.m)
 
     def calibrate(self, fnr: float) -> Calibrated:
-        tau = thresholds(self.ratio, self.positive, fnr)
-        skip, false_negative, saved = outcome(self.scores, self.factors, tau, self.positive, self.layer.terms,
-                                              self.checkpoints)
-        return Calibrated(self.perm, self.m, self.checkpoints, tau, skip, false_negative, saved)
+        return self.curve(fnr)
 
     def measure(self, rows: np.ndarray, tau: np.ndarray) -> tuple[float, float, float]:
         """(skip rate, false-negative rate, MACs skipped) of thresholds `tau` on other rows."""
