@@ -90,14 +90,9 @@ def ratios(scores: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return np.min(scores / factors.astype(np.float32), axis=-1)
 
 
-def thresholds(ratio: np.ndarray, positive: np.ndarray, fnr: float) -> np.ndarray:
-    """τ [n] (float32) from the ratios [r, n] and positive mask [r, n], as the module docstring says."""
-    return Thresholds(ratio, positive)(fnr)
-
-
 class Thresholds:
-    """`thresholds` at any false-negative rate, each neuron's positive ratios sorted once (a layer's search
-    asks for many rates)."""
+    """τ [n] (float32) from the ratios [r, n] and positive mask [r, n], as the module docstring says, at any
+    false-negative rate: each neuron's positive ratios are sorted once (a layer's search asks for many rates)."""
 
     def __init__(self, ratio: np.ndarray, positive: np.ndarray) -> None:
         self.kept = [np.sort(ratio[positive[:, j], j]) for j in range(ratio.shape[1])]
