@@ -6,6 +6,7 @@ the original on exactly the arithmetic each graph states.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -189,6 +190,37 @@ def torch_export(tmp_path_factory: pytest.TempPathFactory) -> TorchExport:
             export.export_onnx(module, example, path, exporter=exporter, opset=17, fold_bn=False)
         cache[key] = onnx.load(str(path))
         return cache[key]
+
+    return get
+
+
+ZooPath = Callable[[str, str, int, bool], Path]
+
+
+@pytest.fixture(scope="session")
+def zoo_path(tmp_path_factory: pytest.TempPathFactory) -> ZooPath:
+    """`zoo_path(name, exporter, opset, fold_bn)`: each model of graphopt.torch.zoo exported once per session,
+    shared by every test module (the pruning, zoo-methods, head-latency and interpreter tests read the same
+    files); an opset the exporter cannot write skips the test with the exporter's reason."""
+    pytest.importorskip("torch")
+    from graphopt.torch import export, zoo
+
+    folder = tmp_path_factory.mktemp("zoo")
+    cache: dict[tuple[str, str, int, bool], object] = {}
+
+    def get(name: str, exporter: str, opset: int, fold_bn: bool) -> Path:
+        key = (name, exporter, opset, fold_bn)
+        if key not in cache:
+            model, example = zoo.ZOO[name]()
+            path = folder / f"{name}_{exporter}_{opset}_{int(fold_bn)}.onnx"
+            try:
+                cache[key] = export.export_onnx(model, example, path, exporter=exporter, opset=opset, fold_bn=fold_bn)
+            except ValueError as error:  # the exporter cannot write this opset (e.g. LayerNormalization < 17)
+                cache[key] = str(error)
+        found = cache[key]
+        if isinstance(found, str):
+            pytest.skip(f"{exporter} exporter, opset {opset}: {found}")
+        return found
 
     return get
 

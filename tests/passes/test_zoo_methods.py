@@ -50,7 +50,7 @@ import graphopt
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.passes.methods import METHODS
 from tests.conftest import init, run_ort, tiny, weights
-from tests.passes.channels.test_prune_magnitude import zoo, zoo_path  # noqa: F401
+from tests.passes.channels.test_prune_magnitude import zoo
 
 TOLERANCE = 0.02  # MACs: relative, above the target; sparsity: absolute, either side
 TARGETS = (0.7, 0.5)

@@ -22,7 +22,6 @@ torch = pytest.importorskip("torch")
 
 from graphopt.api import optimize  # noqa: E402
 from graphopt.errors import GraphoptError, UnsupportedOpError  # noqa: E402
-from graphopt.torch.export import export_onnx  # noqa: E402
 from graphopt.torch.interpreter.module import GraphModule  # noqa: E402
 from graphopt.torch.zoo import ZOO  # noqa: E402
 
@@ -47,15 +46,10 @@ def assert_matches_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarr
 
 
 @pytest.fixture(scope="module")
-def zoo_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], onnx.ModelProto]:
-    folder = tmp_path_factory.mktemp("interpreter_zoo")
-    found = {}
-    for name, build in ZOO.items():
-        for exporter in EXPORTERS:
-            module, example = build()
-            path = export_onnx(module, example, folder / f"{name}_{exporter}.onnx", exporter=exporter, fold_bn=False)
-            found[name, exporter] = onnx.load(str(path))
-    return found
+def zoo_exports(zoo_path) -> dict[tuple[str, str], onnx.ModelProto]:
+    """Every zoo model from both exporters (opset 17, BatchNorm kept), from the session's export cache."""
+    return {(name, exporter): onnx.load(str(zoo_path(name, exporter, 17, False)))
+            for name in ZOO for exporter in EXPORTERS}
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)

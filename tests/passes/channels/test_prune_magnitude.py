@@ -23,7 +23,7 @@ from onnx import numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.errors import GraphoptError
-from tests.conftest import assert_equivalent, init, random_inputs, run_ort, tiny, weights
+from tests.conftest import ZooPath, assert_equivalent, init, random_inputs, run_ort, tiny, weights
 
 try:  # torch is optional: without it the zoo and planted-channel tests skip, the rest still run
     import torch
@@ -41,33 +41,6 @@ NAMES = list(zoo.ZOO) if zoo is not None else []
 CONFIGS = [("legacy", opset, fold) for opset in (13, 17, 20) for fold in (True, False)]
 CONFIGS += [("dynamo", 17, False), ("dynamo", 18, True)]
 SLOW_CONFIGS = [("dynamo", 13, False), ("dynamo", 20, True)]
-
-ZooPath = Callable[[str, str, int, bool], Path]
-
-
-@pytest.fixture(scope="session")
-def zoo_path(tmp_path_factory: pytest.TempPathFactory) -> ZooPath:
-    """`zoo_path(name, exporter, opset, fold_bn)`: each zoo model exported once per session."""
-    if torch is None:
-        pytest.skip("torch is not installed")
-    folder = tmp_path_factory.mktemp("zoo")
-    cache: dict[tuple[str, str, int, bool], Path | str] = {}
-
-    def get(name: str, exporter: str, opset: int, fold_bn: bool) -> Path:
-        key = (name, exporter, opset, fold_bn)
-        if key not in cache:
-            model, example = zoo.ZOO[name]()
-            path = folder / f"{name}_{exporter}_{opset}_{int(fold_bn)}.onnx"
-            try:
-                cache[key] = export.export_onnx(model, example, path, exporter=exporter, opset=opset, fold_bn=fold_bn)
-            except ValueError as error:  # the exporter cannot write this opset (e.g. LayerNormalization < 17)
-                cache[key] = str(error)
-        found = cache[key]
-        if isinstance(found, str):
-            pytest.skip(f"{exporter} exporter, opset {opset}: {found}")
-        return found
-
-    return get
 
 
 def prune_file(source: Path | str, tmp_path: Path, **options: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:

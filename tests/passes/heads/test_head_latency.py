@@ -14,7 +14,6 @@ import graphopt
 from graphopt.calibration.session import make_session
 from graphopt.evaluate import random_feed
 from graphopt.ir.shapes import resolve_input_shapes
-from tests.passes.channels.test_prune_magnitude import zoo_path  # noqa: F401
 from tests.passes.heads.test_grouped_attention import TOKENS, _data, _model, _weights
 
 WHOLE_MS, CHANNELS_MS = 10.0, 8.0  # the original's time, and the channel probe's (groups at half width)
@@ -146,7 +145,7 @@ def test_a_head_probe_within_noise_leaves_heads_at_the_mean_time_per_mac(cache_h
 @pytest.mark.parametrize("name", ["transformer", "post_norm_transformer", "sectioned_transformer",
                                   "grouped_query_decoder"])
 def test_the_head_probe_cuts_every_zoo_attention(name: str, exporter: str, cache_home: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, zoo_path) -> None:  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch, zoo_path) -> None:
     """On the torch zoo's attention from both exporters the head probe's copy is built, runs in onnxruntime, and
     prices the heads."""
     model = onnx.load(str(zoo_path(name, exporter, 17, False)))
