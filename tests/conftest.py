@@ -194,21 +194,22 @@ def torch_export(tmp_path_factory: pytest.TempPathFactory) -> TorchExport:
     return get
 
 
-ZooPath = Callable[[str, str, int, bool], Path]
+ZooPath = Callable[..., Path]  # (name, exporter, opset, fold_bn, strict=False)
 
 
 @pytest.fixture(scope="session")
 def zoo_path(tmp_path_factory: pytest.TempPathFactory) -> ZooPath:
     """`zoo_path(name, exporter, opset, fold_bn)`: each model of graphopt.torch.zoo exported once per session,
     shared by every test module (the pruning, zoo-methods, head-latency and interpreter tests read the same
-    files); an opset the exporter cannot write skips the test with the exporter's reason."""
+    files); an opset the exporter cannot write skips the test with the exporter's reason (fails it with
+    `strict=True`)."""
     pytest.importorskip("torch")
     from graphopt.torch import export, zoo
 
     folder = tmp_path_factory.mktemp("zoo")
     cache: dict[tuple[str, str, int, bool], object] = {}
 
-    def get(name: str, exporter: str, opset: int, fold_bn: bool) -> Path:
+    def get(name: str, exporter: str, opset: int, fold_bn: bool, strict: bool = False) -> Path:
         key = (name, exporter, opset, fold_bn)
         if key not in cache:
             model, example = zoo.ZOO[name]()
@@ -218,6 +219,8 @@ def zoo_path(tmp_path_factory: pytest.TempPathFactory) -> ZooPath:
             except ValueError as error:  # the exporter cannot write this opset (e.g. LayerNormalization < 17)
                 cache[key] = str(error)
         found = cache[key]
+        if isinstance(found, str) and strict:  # a test of the export itself: its failure is the finding
+            pytest.fail(f"{exporter} exporter, opset {opset}: {found}")
         if isinstance(found, str):
             pytest.skip(f"{exporter} exporter, opset {opset}: {found}")
         return found

@@ -25,18 +25,12 @@ DYNAMO_UNSUPPORTED = {("se_hardswish", 13): "HardSwish", ("transformer", 13): "L
 
 
 @pytest.fixture(scope="session")
-def zoo_model(tmp_path_factory: pytest.TempPathFactory) -> ZooExport:
-    """Factory ``zoo_model(name, exporter="legacy", opset=17, fold_bn=True) -> Path``; exports are cached."""
-    root = tmp_path_factory.mktemp("zoo")
-    exported: dict[tuple[str, str, int, bool], Path] = {}
+def zoo_model(zoo_path) -> ZooExport:
+    """Factory ``zoo_model(name, exporter="legacy", opset=17, fold_bn=True) -> Path`` over the session's export
+    cache (tests/conftest.py); an export that raises fails the test."""
 
     def export(name: str, exporter: str = "legacy", opset: int = 17, fold_bn: bool = True) -> Path:
-        key = (name, exporter, opset, fold_bn)
-        if key not in exported:
-            model, example = ZOO[name]()
-            path = root / f"{name}-{exporter}-opset{opset}-{'folded' if fold_bn else 'bn'}.onnx"
-            exported[key] = export_onnx(model, example, path, exporter=exporter, opset=opset, fold_bn=fold_bn)
-        return exported[key]
+        return zoo_path(name, exporter, opset, fold_bn, strict=True)
 
     return export
 

@@ -183,13 +183,12 @@ def test_ldl_diagonal_survives_rounding_below_the_ridge() -> None:
 
 @pytest.mark.parametrize("name", ["resnet_basic", "mobilenetv2", "se_hardswish"])
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_zoo_blocks_reconstruction_beats_plain_pruning(name: str, exporter: str, tmp_path) -> None:
+def test_zoo_blocks_reconstruction_beats_plain_pruning(name: str, exporter: str, zoo_path) -> None:
     torch = pytest.importorskip("torch")
-    from graphopt.torch.export import export_onnx
     from graphopt.torch.zoo import ZOO
 
-    module, example = ZOO[name]()
-    path = export_onnx(module, example, tmp_path / f"{name}.onnx", exporter=exporter, opset=17, fold_bn=False)
+    _, example = ZOO[name]()
+    path = zoo_path(name, exporter, 17, False)
     generator = torch.Generator().manual_seed(0)
     calib = {"input": torch.rand((64, *example.shape[1:]), generator=generator).numpy()}
     with_reconstruction = graphopt.optimize(path, method="snp", target_macs=0.7, calib=calib)
