@@ -59,11 +59,17 @@ def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
     return {output: node for node in model.graph.node for output in node.output if output}
 
 
+def _through(name: str, producers: dict[str, onnx.NodeProto], ops: set[str]) -> onnx.NodeProto | None:
+    """The producer of `name`, followed back through standard-domain nodes of `ops` (by their first input)."""
+    node = producers.get(name)
+    while node is not None and node.op_type in ops and node.domain in ("", "ai.onnx"):
+        node = producers.get(node.input[0]) if node.input else None
+    return node
+
+
 def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     """Whether `name` comes from a classifier head, through layout-only ops (module docstring)."""
-    node = producers.get(name)
-    while node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx"):
-        node = producers.get(node.input[0]) if node.input else None
+    node = _through(name, producers, LAYOUT_OPS)
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Add":
@@ -72,14 +78,6 @@ def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
 
 
 NORM_PATH_OPS = LAYOUT_OPS | {"Expand", "Clip", "Max", "Add"}  # between an L2 norm and the Div it feeds
-
-
-def _through(name: str, producers: dict[str, onnx.NodeProto], ops: set[str]) -> onnx.NodeProto | None:
-    """The producer of `name`, followed back through nodes of `ops` (by their first input)."""
-    node = producers.get(name)
-    while node is not None and node.op_type in ops and node.input:
-        node = producers.get(node.input[0])
-    return node
 
 
 def _is_unit_length(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
