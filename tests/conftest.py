@@ -195,6 +195,8 @@ def torch_export(tmp_path_factory: pytest.TempPathFactory) -> TorchExport:
 
 
 ZooPath = Callable[..., Path]  # (name, exporter, opset, fold_bn, strict=False)
+# the architectures the tests also export at opsets 13 and 20 (the export tests, the magnitude zoo test)
+OPSET_SAMPLE = ("resnet_basic", "mobilenetv2", "shufflenet", "unet", "transformer")
 
 
 @pytest.fixture(scope="session")

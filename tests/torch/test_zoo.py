@@ -15,12 +15,12 @@ ort = pytest.importorskip("onnxruntime")
 
 from graphopt.torch.export import export_onnx  # noqa: E402
 from graphopt.torch.zoo import ZOO, zoo_names  # noqa: E402
+from tests.conftest import OPSET_SAMPLE  # noqa: E402
 
 ZooExport = Callable[..., Path]
 
 CHECK_BATCH = 3  # differs from the export batch (2) so a static batch axis would fail
 EXPORTERS = ("legacy", "dynamo")
-OPSET_SAMPLE = ("resnet_basic", "mobilenetv2", "shufflenet", "unet", "transformer")
 DYNAMO_UNSUPPORTED = {("se_hardswish", 13): "HardSwish", ("transformer", 13): "LayerNormalization"}
 
 
