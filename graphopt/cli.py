@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import traceback
 import typing
 from pathlib import Path
@@ -217,6 +218,9 @@ def _add_sweep(commands: Any) -> None:
                        help="fraction of the calibration samples held out to score fidelity (default 0.25)")
     sweep.add_argument("--repeat", type=int, default=30, help="interleaved timing rounds per batch (default 30)")
     sweep.add_argument("--no-bench", action="store_true", help="skip the timings (a quick sweep)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="keep the runs OUTDIR/sweep.json already holds (it is written after every run) and run "
+                            "only the rest; refused when that file was written with other settings")
     for name in ("bench_batch", "threads", "round_to", *(["tolerance"] if "tolerance" in declared else [])):
         _add_option(sweep, declared[name])
     _add_fidelity(sweep)
@@ -635,15 +639,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from graphopt.sweep import sweep, table
 
     latency = getattr(args, "latency_targets", None)
-    report = sweep(args.model, args.calib, methods=args.method, targets=latency or args.targets,
-                   kind="latency" if latency else "macs", output_dir=args.output, held_out=args.held_out,
-                   bench=not args.no_bench, bench_batch=args.bench_batch, threads=args.threads, repeat=args.repeat,
-                   input_shapes=_shapes(args), progress=not args.quiet, round_to=args.round_to,
-                   **_fidelity_options(args))
+    started = time.time()
+    try:
+        report = sweep(args.model, args.calib, methods=args.method, targets=latency or args.targets,
+                       kind="latency" if latency else "macs", output_dir=args.output, held_out=args.held_out,
+                       bench=not args.no_bench, bench_batch=args.bench_batch, threads=args.threads,
+                       repeat=args.repeat, input_shapes=_shapes(args), progress=not args.quiet,
+                       round_to=args.round_to, resume=args.resume, **_fidelity_options(args))
+    except KeyboardInterrupt:
+        written = args.output / "sweep.json"
+        if written.exists() and written.stat().st_mtime >= started:
+            print(f"graphopt: the runs finished so far are in {written}; the same command with --resume runs "
+                  f"the rest", file=sys.stderr)
+        raise
     if args.json:
         _print_json(report)
     else:
         print("\n".join(table(report)))
+        if report["resumed"]:
+            print(f"resumed: {report['resumed']} of {report['runs']} runs taken from the earlier {report['output']}")
         print(f"wrote {report['output']}" + (f" and {report['plot']}" if report["plot"] else ""))
     if report.get("plot_skipped"):
         print(f"graphopt: warning: plot skipped: {report['plot_skipped']}", file=sys.stderr)

@@ -18,8 +18,13 @@ relative) or of its measured latency at `bench_batch` (`target_latency`: reached
 latency is at most 10%, relative, above it: `graphopt.latency_target.reached`). A missed target is a row with
 `target_reached` false and the reason; a run refused with a `GraphoptError` (the method declines the
 model or an option) is a row with `refused` true and the reason; a pass that fails (`PassFailedError`, a
-bug) is a row with `failed` true too, and the other runs go on. Outputs never overwrite inputs;
-sweep.json (and sweep.png when matplotlib is installed) are written atomically once every run is done.
+bug) is a row with `failed` true too, and the other runs go on. Outputs never overwrite inputs.
+
+sweep.json is written atomically after every run with the rows finished so far (`complete` false, `runs`
+the number planned), so an interrupted sweep keeps what it measured; `resume` (`--resume`) starts from such
+a file, running only the (method, target) pairs it lacks, and refuses a file written with other settings
+(`resumed` counts the rows taken over). The last write adds the rows of every run, `complete` true and the
+plot (sweep.png, when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -101,11 +106,12 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
           kind: str = "macs", output_dir: str | os.PathLike[str] | None = None, held_out: float = 0.25,
           seed: int = 0, bench: bool = True, bench_batch: int = 8, threads: int = 0, repeat: int = 30,
           input_shapes: dict[str, tuple[int, ...]] | None = None, batch_size: int = 32, progress: bool = False,
-          **options: Any) -> dict[str, Any]:
+          resume: bool = False, **options: Any) -> dict[str, Any]:
     """Run every method of `methods` (optimize's comma form) at every target of `kind` ("macs" or
     "latency") and return the report: the settings and one row per run (module docstring). With
-    `output_dir`, sweep.json and the plot (`plot`) are written there. `options` (optimize's keyword
-    options) go to every run."""
+    `output_dir`, sweep.json and the plot (`plot`) are written there, sweep.json also after each run (with
+    `complete` false); with `resume`, the runs a sweep.json there already holds, written with the same
+    settings, are kept and not run again. `options` (optimize's keyword options) go to every run."""
     options = _with_metric(options)
     _check_settings(methods, targets, kind, held_out, repeat, options)
     files = output_files(output_dir, model, calib) if output_dir is not None else None
@@ -114,33 +120,89 @@ def sweep(model: api.ModelSource, calib: DataSource, *, methods: list[str], targ
     fit, held = data.split(held_out, seed=seed)
     shapes = api.resolve_shapes(original, fit, input_shapes)
     batch_size, bench_batch = _batches(original, data, shapes, batch_size, bench_batch)
-    if files is not None:
-        files[0].parent.mkdir(exist_ok=True)
-    stats = _statistics(original, fit, methods, shapes, threads, batch_size, progress)
-    common = {"calib": fit, "input_shapes": shapes, "batch_size": batch_size, "threads": threads,
-              "bench_batch": bench_batch, **options}
     timing = {"bench_batch": bench_batch, "threads": threads} if bench else None
     runs = [(method, target) for method in methods for target in targets]
-    rows = []
-    for method, target in tqdm(runs, desc="sweep", unit="run", disable=not progress):
-        run_options = {**common, KINDS[kind]: target, **({"stats": stats} if _needs_data(method) else {})}
-        rows.append(_run(original, method, target, kind, run_options, held, timing, repeat))
-        log.info("sweep %s at %s: %s", method, target, rows[-1]["reason"] or "reached")
-    report = {"model": str(model) if not isinstance(model, onnx.ModelProto) else None,
-              "calib": str(calib) if isinstance(calib, (str, os.PathLike)) else None, "methods": methods,
-              "targets": targets, "target_kind": kind,
-              "held_out": {"fraction": held_out, "seed": seed, "samples": held.num_samples,
-                           "fit_samples": fit.num_samples},
-              "bench": {**timing, "rounds": repeat} if timing else None,
-              "options": {name: json_value(value) for name, value in options.items()},
-              "bytes_before": weights.model_bytes(original), "rows": rows}
+    report = _header(model, calib, original, methods, targets, kind, (held_out, seed, fit, held), timing, repeat,
+                     options)
+    done = _finished_rows(files[0], report) if files is not None and resume else {}
+    todo = [run for run in runs if run not in done]
+    report["resumed"] = len(runs) - len(todo)
     if files is not None:
-        skipped = plot(report, files[1])
-        report.update({"plot": None if skipped else str(files[1]), "plot_skipped": skipped})
-        report["output"] = str(files[0])
-        text = json.dumps(report, indent=2, default=str).encode()
-        write_atomic(files[0], lambda stream: stream.write(text))
+        files[0].parent.mkdir(exist_ok=True)
+    stats = _statistics(original, fit, [method for method, _ in todo], shapes, threads, batch_size, progress)
+    common = {"calib": fit, "input_shapes": shapes, "batch_size": batch_size, "threads": threads,
+              "bench_batch": bench_batch, **options, **({"stats": stats} if stats is not None else {})}
+    for method, target in tqdm(todo, desc="sweep", unit="run", disable=not progress):
+        done[(method, target)] = _run(original, method, target, kind, common, held, timing, repeat)
+        _write_partial(report, runs, done, files)
+    report.update({"rows": [done[run] for run in runs], "complete": True})
+    if files is not None:
+        _finish(report, files)
     return report
+
+
+def _header(model: api.ModelSource, calib: DataSource, original: onnx.ModelProto, methods: list[str],
+            targets: list[float], kind: str, split: tuple[float, int, Dataset, Dataset],
+            timing: dict[str, Any] | None, repeat: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The report's settings, before any row: `split` is (held-out fraction, seed, fit part, held-out part)."""
+    held_out, seed, fit, held = split
+    return {"model": str(model) if not isinstance(model, onnx.ModelProto) else None,
+            "calib": str(calib) if isinstance(calib, (str, os.PathLike)) else None, "methods": methods,
+            "targets": targets, "target_kind": kind,
+            "held_out": {"fraction": held_out, "seed": seed, "samples": held.num_samples,
+                         "fit_samples": fit.num_samples},
+            "bench": {**timing, "rounds": repeat} if timing else None,
+            "options": {name: json_value(value) for name, value in options.items()},
+            "bytes_before": weights.model_bytes(original), "runs": len(methods) * len(targets), "complete": False,
+            "resumed": 0, "rows": []}
+
+
+def _write_partial(report: dict[str, Any], runs: list[tuple[str, float]], done: dict[tuple[str, float], Any],
+                   files: tuple[Path, Path] | None) -> None:
+    """sweep.json with the rows finished so far, while runs remain: what is finished survives an interrupt."""
+    if files is not None and len(done) < len(runs):
+        _write({**report, "rows": [done[run] for run in runs if run in done]}, files[0])
+
+
+def _finish(report: dict[str, Any], files: tuple[Path, Path]) -> None:
+    """The plot, then the complete report written over the partial one."""
+    skipped = plot(report, files[1])
+    report.update({"plot": None if skipped else str(files[1]), "plot_skipped": skipped, "output": str(files[0])})
+    _write(report, files[0])
+
+
+RESUME_KEYS = ("methods", "targets", "target_kind", "held_out", "bench", "options", "bytes_before")
+
+
+def _finished_rows(path: Path, report: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
+    """The rows of the sweep.json at `path` by (method, target), where it was written by a sweep with the
+    settings of `report` (the same model and calibration files, methods, targets, held-out split, timing and
+    options); none where there is no file. Refused (exit 2) where the settings differ or the file is not a
+    sweep's."""
+    if not path.exists():
+        log.info("--resume: no %s yet, every run starts", path)
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        rows = {(row["method"], row["target"]): row for row in earlier["rows"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OptionError(f"cannot resume from {path}: not a sweep's report ({exc})") from exc
+    changed = [key for key in RESUME_KEYS if json.dumps(earlier.get(key), sort_keys=True, default=str) !=
+               json.dumps(report[key], sort_keys=True, default=str)]
+    changed += [key for key in ("model", "calib") if not _same_path(earlier.get(key), report[key])]
+    if changed:
+        raise OptionError(f"cannot resume from {path}: it was written with other settings ({', '.join(changed)}); "
+                          f"run without --resume to start again, or give another -o")
+    return rows
+
+
+def _same_path(first: str | None, second: str | None) -> bool:
+    return first == second or (first is not None and second is not None and same_file(Path(first), Path(second)))
+
+
+def _write(report: dict[str, Any], path: Path) -> None:
+    text = json.dumps(report, indent=2, default=str).encode()
+    write_atomic(path, lambda stream: stream.write(text))
 
 
 def _with_metric(options: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +249,17 @@ def _statistics(original: onnx.ModelProto, fit: Dataset, methods: list[str], sha
 
 def _run(original: onnx.ModelProto, method: str, target: float, kind: str, options: dict[str, Any],
          held: Dataset, timing: dict[str, Any] | None, repeat: int) -> dict[str, Any]:
-    """One row: the optimized model measured, or the reason the run was refused."""
+    """One row: the optimized model measured, or the reason the run was refused. `options` are the runs'
+    common options (the statistics too, given to the methods that read data)."""
+    options = {**{name: value for name, value in options.items() if name != "stats" or _needs_data(method)},
+               KINDS[kind]: target}
+    row = _measured(original, method, target, kind, options, held, timing, repeat)
+    log.info("sweep %s at %s: %s", method, target, row["reason"] or "reached")
+    return row
+
+
+def _measured(original: onnx.ModelProto, method: str, target: float, kind: str, options: dict[str, Any],
+              held: Dataset, timing: dict[str, Any] | None, repeat: int) -> dict[str, Any]:
     row: dict[str, Any] = {"method": method, "target": target, "target_kind": kind, "refused": False, "failed": False,
                            "target_reached": None, "reason": None, "macs_ratio": None, "params_ratio": None,
                            "bytes": None, "bytes_ratio": None, "latency": None, "fidelity": None}

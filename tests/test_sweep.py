@@ -213,3 +213,64 @@ def test_latency_targets(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert row["latency_target"]["target"] == 0.8 and row["latency_target"]["measured"] > 0
     assert row["target_reached"] == (row["latency_target"]["measured"] <= 0.8 * 1.1)
     assert row["macs_ratio"] < 1.0
+
+
+def test_an_interrupted_sweep_keeps_its_finished_runs_and_resumes(
+        inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    optimize, calls = api.optimize, []
+
+    def interrupted(model: Any, *, method: str, **options: Any) -> Any:
+        calls.append((method, options["target_macs"]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user stops the sweep during its third run
+        return optimize(model, method=method, **options)
+
+    monkeypatch.setattr(api, "optimize", interrupted)
+    settings = ["--method", "magnitude,snp", "--targets", "0.8,0.6", "--no-bench"]
+    assert _cli(inputs, tmp_path / "out", *settings) == 130
+    assert "the same command with --resume runs the rest" in capsys.readouterr().err
+    partial = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert partial["complete"] is False and partial["runs"] == 4
+    assert [(row["method"], row["target"]) for row in partial["rows"]] == [("magnitude", 0.8), ("magnitude", 0.6)]
+
+    calls.clear()
+    monkeypatch.setattr(api, "optimize", lambda model, **options: calls.append(options["method"]) or
+                        optimize(model, **options))
+    assert _cli(inputs, tmp_path / "out", *settings, "--resume") == 0
+    assert calls == ["snp", "snp"]  # only the runs the file lacked
+    final = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert final["complete"] is True and final["resumed"] == 2
+    assert final["rows"][:2] == partial["rows"]
+    assert [(row["method"], row["target"]) for row in final["rows"]][2:] == [("snp", 0.8), ("snp", 0.6)]
+    assert all(row["target_reached"] for row in final["rows"])
+    assert "resumed: 2 of 4 runs" in capsys.readouterr().out
+
+    calls.clear()  # everything is there: nothing runs, nothing is calibrated
+    assert _cli(inputs, tmp_path / "out", *settings, "--resume") == 0
+    assert calls == [] and json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"] == final["rows"]
+
+
+@pytest.mark.parametrize("change", [["--targets", "0.8,0.5"], ["--held-out", "0.5"], ["--round-to", "1"],
+                                    ["--method", "magnitude,random"]])
+def test_resume_refuses_a_sweep_written_with_other_settings(inputs: dict[str, Path], tmp_path: Path,
+                                                            change: list[str], capsys: pytest.CaptureFixture) -> None:
+    settings = {"--method": "magnitude", "--targets": "0.8,0.6", "--held-out": "0.25"}
+    assert _cli(inputs, tmp_path, *[part for item in settings.items() for part in item], "--no-bench") == 0
+    before = (tmp_path / "sweep.json").read_bytes()
+    capsys.readouterr()
+    settings.update(dict(zip(change[::2], change[1::2])))
+    extra = [part for item in settings.items() for part in item]
+    assert _cli(inputs, tmp_path, *extra, "--no-bench", "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot resume" in err and "other settings" in err
+    assert (tmp_path / "sweep.json").read_bytes() == before
+    (tmp_path / "sweep.json").write_text('{"rows": 3}')
+    assert _cli(inputs, tmp_path, *extra, "--no-bench", "--resume") == 2
+    assert "not a sweep's report" in capsys.readouterr().err
+
+
+def test_resume_without_an_earlier_sweep_runs_everything(inputs: dict[str, Path], tmp_path: Path) -> None:
+    assert _cli(inputs, tmp_path / "new", "--method", "magnitude", "--targets", "0.7", "--no-bench", "--resume") == 0
+    report = json.loads((tmp_path / "new" / "sweep.json").read_text())
+    assert report["resumed"] == 0 and report["complete"] is True and len(report["rows"]) == 1
