@@ -659,8 +659,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if report["resumed"]:
             print(f"resumed: {report['resumed']} of {report['runs']} runs taken from the earlier {report['output']}")
         print(f"wrote {report['output']}" + (f" and {report['plot']}" if report["plot"] else ""))
+    return _sweep_warnings(report)
+
+
+def _sweep_warnings(report: dict[str, Any]) -> int:
+    """A sweep's warnings and errors on stderr (a skipped plot, results slower than the original, failed runs);
+    the exit code: 1 where a run failed."""
+    from graphopt.sweep import slower_than_original
+
     if report.get("plot_skipped"):
         print(f"graphopt: warning: plot skipped: {report['plot_skipped']}", file=sys.stderr)
+    for row in report["rows"]:
+        slower = slower_than_original(row)
+        if slower is not None:
+            print(f"graphopt: warning: {row['method']} at {row['target']:g} is {slower}", file=sys.stderr)
     failed = [row for row in report["rows"] if row["failed"]]
     for row in failed:
         print(f"graphopt: error: {row['method']} at {row['target']:g} failed: {row['reason']}", file=sys.stderr)

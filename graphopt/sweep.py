@@ -336,7 +336,15 @@ def table(report: dict[str, Any]) -> list[str]:
                   else "yes" if row["target_reached"] else "no")
         lines.append(line + status)
     lines += [f"  {row['method']} at {row['target']:g}: {row['reason']}" for row in report["rows"] if row["reason"]]
-    return lines
+    return lines + [f"  {row['method']} at {row['target']:g}: {slower}" for row in report["rows"]
+                    if (slower := slower_than_original(row)) is not None]
+
+
+def slower_than_original(row: dict[str, Any]) -> str | None:
+    """Where a row's model ran slower than the original (median speedup below 1), in words, or None."""
+    latency = row["latency"] or {}
+    batches = [f"{batch} ({_speedup(latency[f'batch_{batch}'])})" for batch in latency.get("slower", [])]
+    return f"slower than the original at batch {', '.join(batches)}" if batches else None
 
 
 def _ratio(value: float | None) -> str:

@@ -274,3 +274,28 @@ def test_resume_without_an_earlier_sweep_runs_everything(inputs: dict[str, Path]
     assert _cli(inputs, tmp_path / "new", "--method", "magnitude", "--targets", "0.7", "--no-bench", "--resume") == 0
     report = json.loads((tmp_path / "new" / "sweep.json").read_text())
     assert report["resumed"] == 0 and report["complete"] is True and len(report["rows"]) == 1
+
+
+def test_a_result_slower_than_its_original_is_marked_and_warned(inputs: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    def timed(speedup: float, batch: int) -> dict[str, Any]:
+        return {"batch": batch, "speedup": speedup, "speedup_p10": speedup - 0.1, "speedup_p90": speedup + 0.1,
+                "reference_ms": 1.0, "candidate_ms": 1.0 / speedup, "rounds": 2, "threads": 1}
+
+    calls: list[int] = []
+
+    def latency(original: Any, optimized: Any, shapes: Any, timing: dict[str, Any], rounds: int) -> dict[str, Any]:
+        calls.append(1)
+        slow = len(calls) == 1  # the first run (0.9) came out slower at batch 1
+        measured = {"batch_1": timed(0.8 if slow else 1.3, 1), "batch_4": timed(1.2, 4)}
+        return {**measured, "slower": [1] if slow else []}
+
+    monkeypatch.setattr(api, "measure_latency", latency)
+    assert _cli(inputs, tmp_path / "out", "--method", "magnitude", "--targets", "0.9,0.4", "--repeat", "2",
+                "--bench-batch", "4") == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("slower than the original") == 1
+    assert "magnitude at 0.9: slower than the original at batch 1 (0.80x (0.70-0.90))" in captured.out
+    assert captured.err.count("\n") == 1 and "warning: magnitude at 0.9 is slower than the original at batch 1" \
+        in captured.err
