@@ -68,6 +68,9 @@ def test_version_by_module_and_entry_point():
     assert entry.exists(), f"no graphopt console script next to {sys.executable}: run pip install -e ."
     completed = subprocess.run([str(entry), "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and completed.stdout.strip() == f"graphopt {__version__}", completed.stderr
+    package = subprocess.run([sys.executable, "-m", "graphopt", "inspect", "missing.onnx"], capture_output=True,
+                             text=True)  # `python -m graphopt`, exit codes included
+    assert package.returncode == 2 and package.stderr.strip() == "graphopt: error: model file not found: missing.onnx"
 
 
 def test_inspect_json(files, capfd):
