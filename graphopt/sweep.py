@@ -39,7 +39,7 @@ from typing import Any
 import onnx
 from tqdm.auto import tqdm
 
-from graphopt import api
+from graphopt import __version__, api
 from graphopt.batching import batch_that_runs
 from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.metric import as_metric
@@ -146,7 +146,7 @@ def _header(model: api.ModelSource, calib: DataSource, original: onnx.ModelProto
             timing: dict[str, Any] | None, repeat: int, options: dict[str, Any]) -> dict[str, Any]:
     """The report's settings, before any row: `split` is (held-out fraction, seed, fit part, held-out part)."""
     held_out, seed, fit, held = split
-    return {"model": str(model) if not isinstance(model, onnx.ModelProto) else None,
+    return {"graphopt": __version__, "model": str(model) if not isinstance(model, onnx.ModelProto) else None,
             "calib": str(calib) if isinstance(calib, (str, os.PathLike)) else None, "methods": methods,
             "targets": targets, "target_kind": kind,
             "held_out": {"fraction": held_out, "seed": seed, "samples": held.num_samples,
@@ -171,20 +171,20 @@ def _finish(report: dict[str, Any], files: tuple[Path, Path]) -> None:
     _write(report, files[0])
 
 
-RESUME_KEYS = ("methods", "targets", "target_kind", "held_out", "bench", "options", "bytes_before")
+RESUME_KEYS = ("graphopt", "methods", "targets", "target_kind", "held_out", "bench", "options", "bytes_before")
 
 
 def _finished_rows(path: Path, report: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
     """The rows of the sweep.json at `path` by (method, target), where it was written by a sweep with the
-    settings of `report` (the same model and calibration files, methods, targets, held-out split, timing and
-    options); none where there is no file. Refused (exit 2) where the settings differ or the file is not a
-    sweep's."""
+    settings of `report` (the same graphopt version, model and calibration files, methods, targets, held-out
+    split, timing and options), except runs that failed with an internal error (they run again); none where
+    there is no file. Refused (exit 2) where the settings differ or the file is not a sweep's."""
     if not path.exists():
         log.info("--resume: no %s yet, every run starts", path)
         return {}
     try:
         earlier = json.loads(path.read_text())
-        rows = {(row["method"], row["target"]): row for row in earlier["rows"]}
+        rows = {(row["method"], row["target"]): row for row in earlier["rows"] if not row["failed"]}
     except (ValueError, KeyError, TypeError) as exc:
         raise OptionError(f"cannot resume from {path}: not a sweep's report ({exc})") from exc
     changed = [key for key in RESUME_KEYS if json.dumps(earlier.get(key), sort_keys=True, default=str) !=

@@ -251,12 +251,32 @@ def test_an_interrupted_sweep_keeps_its_finished_runs_and_resumes(
     assert calls == [] and json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"] == final["rows"]
 
 
+def test_resume_runs_a_failed_run_again(inputs: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    optimize = api.optimize
+
+    def failing(model: Any, *, method: str, **options: Any) -> Any:
+        if options["target_macs"] == 0.6:
+            raise PassFailedError("pass 'magnitude' failed: a bug")
+        return optimize(model, method=method, **options)
+
+    monkeypatch.setattr(api, "optimize", failing)
+    settings = ["--method", "magnitude", "--targets", "0.8,0.6", "--no-bench"]
+    assert _cli(inputs, tmp_path, *settings) == 1
+    assert [row["failed"] for row in json.loads((tmp_path / "sweep.json").read_text())["rows"]] == [False, True]
+    monkeypatch.setattr(api, "optimize", optimize)
+    assert _cli(inputs, tmp_path, *settings, "--resume") == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert report["resumed"] == 1 and [row["target_reached"] for row in report["rows"]] == [True, True]
+
+
 @pytest.mark.parametrize("change", [["--targets", "0.8,0.5"], ["--held-out", "0.5"], ["--round-to", "1"],
                                     ["--method", "magnitude,random"]])
 def test_resume_refuses_a_sweep_written_with_other_settings(inputs: dict[str, Path], tmp_path: Path,
                                                             change: list[str], capsys: pytest.CaptureFixture) -> None:
     settings = {"--method": "magnitude", "--targets": "0.8,0.6", "--held-out": "0.25"}
-    assert _cli(inputs, tmp_path, *[part for item in settings.items() for part in item], "--no-bench") == 0
+    same = [part for item in settings.items() for part in item]
+    assert _cli(inputs, tmp_path, *same, "--no-bench") == 0
     before = (tmp_path / "sweep.json").read_bytes()
     capsys.readouterr()
     settings.update(dict(zip(change[::2], change[1::2])))
@@ -265,6 +285,10 @@ def test_resume_refuses_a_sweep_written_with_other_settings(inputs: dict[str, Pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot resume" in err and "other settings" in err
     assert (tmp_path / "sweep.json").read_bytes() == before
+    earlier = json.loads(before)
+    (tmp_path / "sweep.json").write_text(json.dumps({**earlier, "graphopt": "0.0.1"}))  # another version's rows
+    assert _cli(inputs, tmp_path, *same, "--no-bench", "--resume") == 2
+    assert "other settings (graphopt)" in capsys.readouterr().err
     (tmp_path / "sweep.json").write_text('{"rows": 3}')
     assert _cli(inputs, tmp_path, *extra, "--no-bench", "--resume") == 2
     assert "not a sweep's report" in capsys.readouterr().err
