@@ -39,7 +39,8 @@ from typing import Any
 import onnx
 from tqdm.auto import tqdm
 
-from graphopt import __version__, api
+from graphopt import api
+from graphopt._version import __version__
 from graphopt.batching import batch_that_runs
 from graphopt.calibration.data import Dataset, DataSource, load_data
 from graphopt.calibration.metric import as_metric
