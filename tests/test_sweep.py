@@ -247,6 +247,7 @@ def test_an_interrupted_sweep_keeps_its_finished_runs_and_resumes(
     assert "resumed: 2 of 4 runs" in capsys.readouterr().out
 
     calls.clear()  # everything is there: nothing runs, nothing is calibrated
+    monkeypatch.setattr(api, "calibrate", lambda *args, **kwargs: calls.append("calibrate"))
     assert _cli(inputs, tmp_path / "out", *settings, "--resume") == 0
     assert calls == [] and json.loads((tmp_path / "out" / "sweep.json").read_text())["rows"] == final["rows"]
 
