@@ -131,11 +131,11 @@ def verify(reference: onnx.ModelProto, candidate: onnx.ModelProto, data: DataSou
                                       total=_batch_count(dataset, batch_size), leave=False)):
         ref_out = reference_run(index, shared, feed)
         cand_out = cand_session.run(shared, {k: v for k, v in feed.items() if k in cand_inputs})
+        count = dataset.feed_samples(feed)
         if not agreements:
-            kinds = output_kinds(reference, {name: value.shape for name, value in zip(shared, ref_out)})
+            kinds = output_kinds(reference, {name: value.shape for name, value in zip(shared, ref_out)}, count)
             agreements = {name: _Agreement(kinds[name], ctc_blank) for name in shared}
         _add_batch(agreements, ref_out, cand_out)
-        count = dataset.feed_samples(feed)
         if mean is not None:
             mean.add(dict(zip(shared, ref_out)), dict(zip(shared, cand_out)), feed, count)
         samples += count

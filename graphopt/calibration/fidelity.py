@@ -8,7 +8,8 @@ and its producer:
 - "sequence": rank 3 with C > 1 on the last axis, produced by a classifier head: Softmax or LogSoftmax,
   or a linear layer (MatMul, Gemm, Conv, or the Add of its bias), seen through layout-only ops
   (Transpose, Reshape, Squeeze, Unsqueeze, Identity, Cast). Read batch-first [N, T, C], or time-major
-  [T, N, C] when the declared second dimension is the inputs' batch symbol and the first is not.
+  [T, N, C] when the declared second dimension is the inputs' batch symbol and the first is not, or, where
+  neither is declared as the batch, when only the second axis has the batch's size in the data.
   Position agreement: the fraction of the N·T positions whose arg-max matches; sequence agreement: the
   fraction of the N samples whose greedy CTC decoding matches exactly (arg-max per position, repeats
   collapsed, the blank label, index 0 unless told, dropped);
@@ -115,8 +116,10 @@ def _declared_dims(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     return dims
 
 
-def output_kinds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> dict[str, OutputKind]:
-    """The kind of each output in `shapes` (name -> the shape it has in the data), by the rule above."""
+def output_kinds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                 samples: int | None = None) -> dict[str, OutputKind]:
+    """The kind of each output in `shapes` (name -> the shape it has in the data, on a batch of `samples`
+    samples where known), by the rule above."""
     producers, declared = _producers(model), _declared_dims(model)
     batch = batch_symbols(input_specs(model))
     kinds = {}
@@ -124,12 +127,21 @@ def output_kinds(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> 
         if len(shape) == 2 and shape[1] > 1 and not _is_unit_length(name, producers):
             kinds[name] = OutputKind("classes")
         elif len(shape) == 3 and shape[2] > 1 and _is_head(name, producers):
-            dims = declared.get(name) or [None, None, None]
-            time_major = len(dims) == 3 and dims[1] in batch and dims[0] not in batch
-            kinds[name] = OutputKind("sequence", 1 if time_major else 0)
+            kinds[name] = OutputKind("sequence", _sequence_batch_axis(declared.get(name), batch, shape, samples))
         else:
             kinds[name] = OutputKind("values")
     return kinds
+
+
+def _sequence_batch_axis(dims: list[int | str | None] | None, batch: set[str], shape: tuple[int, ...],
+                         samples: int | None) -> int:
+    """0 (batch-first) or 1 (time-major): from the declared dimensions where one of the first two is the inputs'
+    batch symbol; else, with `samples` known, 1 where only the second axis has that size (an export with a
+    fixed batch or a stale declared shape, such as [1, T] declared for a [T, N, C] result); else 0."""
+    dims = dims if dims is not None and len(dims) == 3 else [None, None, None]
+    if dims[0] in batch or dims[1] in batch:
+        return 1 if dims[0] not in batch else 0
+    return 1 if samples is not None and shape[1] == samples != shape[0] else 0
 
 
 def ctc_decode(labels: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:

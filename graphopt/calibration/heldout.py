@@ -190,7 +190,7 @@ class HeldOut:
         self.reference = [outputs[self.output] for outputs in self.outputs]
         self.samples = sum(self.counts)
         shape = self.reference[0].shape if self.reference else ()
-        self.kind = output_kinds(model, {self.output: shape})[self.output]
+        self.kind = output_kinds(model, {self.output: shape}, self.counts[0] if self.counts else None)[self.output]
         compared = [compare(r, r, self.kind, ctc_blank) for r in self.reference]
         rows, sequences = sum(int(c.rows.sum()) for c in compared), sum(c.rows.size for c in compared)
         self.rows = rows if self.kind.kind == "classes" else 0

@@ -10,7 +10,8 @@ from graphopt.calibration.data import load_data
 from graphopt.calibration.fidelity import ctc_decode, output_kinds
 from graphopt.calibration.heldout import HeldOut, Tolerance, binomial_upper
 from graphopt.errors import OptionError
-from tests.conftest import init, tiny, weights
+from graphopt.evaluate import verify
+from tests.conftest import init, parse, tiny, weights
 
 # per-position labels of 5 samples x 5 positions, and a candidate that moves 4 positions: two of the moves
 # leave the greedy CTC decoding as it was (a repeat, a blank next to a repeat), two change it
@@ -24,9 +25,10 @@ def scores(labels: list[list[int]], classes: int = 4) -> np.ndarray:
     return (5.0 * np.eye(classes, dtype=np.float32)[np.asarray(labels)]).astype(np.float32)
 
 
-def sequence_models(time_major: bool = False) -> tuple[object, object]:
-    """Softmax(x) and Softmax(x + e): the perturbation `e` is an input, so the data decides what moves."""
-    shape = "float[5, N, 4]" if time_major else "float[N, 5, 4]"
+def sequence_models(time_major: bool = False, batch: str = "N") -> tuple[object, object]:
+    """Softmax(x) and Softmax(x + e): the perturbation `e` is an input, so the data decides what moves; `batch`
+    is the batch dimension as declared (a symbol, or a fixed size)."""
+    shape = f"float[5, {batch}, 4]" if time_major else f"float[{batch}, 5, 4]"
     io = {"inputs": f"{shape} x, {shape} e", "outputs": f"{shape} y"}
     reference = tiny("s = Mul (e, zero)\n t = Add (x, s)\n y = Softmax <axis = -1> (t)", **io,
                      inits="float[1] zero = {0.0}")
@@ -96,6 +98,31 @@ def test_a_time_major_sequence_is_read_along_its_batch_axis() -> None:
     reference, _ = sequence_models(time_major=True)
     kind = output_kinds(reference, {"y": (5, 3, 4)})["y"]
     assert kind.kind == "sequence" and kind.batch_axis == 1
+
+
+def test_a_time_major_sequence_without_a_declared_batch_is_read_along_the_axis_the_data_gives_the_batch() -> None:
+    # an export with a fixed batch of 1 (or a stale declared shape, as old torch exports of CRNNs write [1, T] for
+    # their [T, N, C] result): the axis whose size is the batch's in the data holds the samples
+    stale = parse('<ir_version: 8, opset_import: ["" : 17]>\ng (float[5, 1, 4] x) => (float[1, T] y) {\n'
+                  'y = Softmax <axis = -1> (x)\n}', check=False)  # the checker rejects the stale rank
+    for model in (stale, sequence_models(time_major=True, batch="1")[0]):
+        assert output_kinds(model, {"y": (5, 1, 4)}, samples=1)["y"].batch_axis == 1
+        assert output_kinds(model, {"y": (5, 1, 4)})["y"].batch_axis == 0  # the batch's size unknown
+        assert output_kinds(model, {"y": (1, 5, 4)}, samples=1)["y"].batch_axis == 0
+        assert output_kinds(model, {"y": (5, 5, 4)}, samples=5)["y"].batch_axis == 0  # ambiguous: batch-first
+
+
+@pytest.mark.parametrize("confidence", [0.0, 0.9])
+def test_a_fixed_batch_time_major_sequence_is_measured_per_sample(confidence: float) -> None:
+    reference, candidate = sequence_models(time_major=True, batch="1")
+    data = {name: value[:, :, None, :] for name, value in sequence_data().items()}  # 5 samples of [T, 1, C]
+    report = verify(reference, candidate, data, batch_size=2)
+    assert report.samples == 5 and report.first["kind"] == "sequence"
+    assert report.first["position_agreement"] == pytest.approx(1 - MOVED_POSITIONS / 25)
+    assert report.first["sequence_agreement"] == pytest.approx(1 - MOVED_SEQUENCES / 5)
+    check = HeldOut(reference, load_data(data, reference), batch_size=2, confidence=confidence)
+    assert check.trials("sequence") == 5 and check.trials("position") == 25
+    assert check.measure(candidate)["sequence"] == pytest.approx(1 - MOVED_SEQUENCES / 5)
 
 
 @pytest.mark.parametrize("confidence", [0.0, 0.9])
