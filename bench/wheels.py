@@ -38,8 +38,10 @@ seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0
 the VAD the share of chunks whose speech decision at 0.5 is unchanged, for basic-pitch the F1 of the active note
 cells (activation above 0.3) against the original's, for CREPE the share of frames whose pitch stays within 50
 cents of the original's, for Magika top-1 agreement of the content type, for ddddocr's recognisers the share of
-captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime
-CPU, default threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time).
+captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed
+against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime CPU, default
+threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time) and ddddocr (its batch is
+fixed at 1).
 
     python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 2 hours on 2 cores
     python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 10 minutes
@@ -423,8 +425,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
-                        help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, resemblyzer, "
-                        "ddddocr")
+                        help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, "
+                        "resemblyzer, ddddocr")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")

@@ -6,10 +6,11 @@ and its producer:
 - "classes": rank 2 [N, C] with C > 1: class scores; top-1 agreement is the fraction of rows whose
   arg-max matches the reference's;
 - "sequence": rank 3 with C > 1 on the last axis, produced by a classifier head: Softmax or LogSoftmax,
-  or a linear layer (MatMul, Gemm, Conv, or the Add of its bias), seen through layout-only ops
-  (Transpose, Reshape, Squeeze, Unsqueeze, Identity, Cast). Read batch-first [N, T, C], or time-major
-  [T, N, C] when the declared second dimension is the inputs' batch symbol and the first is not, or, where
-  neither is declared as the batch, when only the second axis has the batch's size in the data.
+  or a linear layer (MatMul, Gemm, Conv, a quantized one rescaled to float, or the Add of its bias), seen
+  through layout-only ops (Transpose, Reshape, Squeeze, Unsqueeze, Identity, Cast). Read batch-first
+  [N, T, C], or time-major [T, N, C] when the declared second dimension is the inputs' batch symbol and the
+  first is not, or, where neither is declared as the batch, when only the second axis has the batch's size
+  in the data.
   Position agreement: the fraction of the N·T positions whose arg-max matches; sequence agreement: the
   fraction of the N samples whose greedy CTC decoding matches exactly (arg-max per position, repeats
   collapsed, the blank label, index 0 unless told, dropped);
@@ -35,6 +36,7 @@ KINDS = ("classes", "sequence", "values")
 LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast"}
 HEAD_OPS = {"Softmax", "LogSoftmax", "MatMul", "Gemm", "Conv"}
 LINEAR_OPS = {"MatMul", "Gemm", "Conv"}
+QUANTIZED_LINEAR_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,23 @@ def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
     if node is None or node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Add":
-        return any(producers.get(term) is not None and producers[term].op_type in LINEAR_OPS for term in node.input)
-    return node.op_type in HEAD_OPS
+        return any(_is_linear(producers.get(term), producers) for term in node.input)
+    return node.op_type in HEAD_OPS or _is_linear(node, producers)
+
+
+def _is_linear(node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> bool:
+    """Whether `node` is a linear layer: MatMul, Gemm or Conv, or a quantized one's result back in float (a Mul by
+    the scales of a Cast MatMulInteger or ConvInteger, as onnxruntime's dynamic quantization writes it, or a
+    DequantizeLinear of a QLinearMatMul or QLinearConv)."""
+    if node is None:
+        return False
+    if node.op_type in LINEAR_OPS:
+        return True
+    if node.op_type not in ("Mul", "DequantizeLinear"):
+        return False
+    terms = node.input[:1] if node.op_type == "DequantizeLinear" else node.input[:2]
+    sources = (_through(term, producers, {"Cast"}) for term in terms)
+    return any(source is not None and source.op_type in QUANTIZED_LINEAR_OPS for source in sources)
 
 
 NORM_PATH_OPS = LAYOUT_OPS | {"Expand", "Clip", "Max", "Add"}  # between an L2 norm and the Div it feeds

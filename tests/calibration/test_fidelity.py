@@ -112,6 +112,24 @@ def test_a_time_major_sequence_without_a_declared_batch_is_read_along_the_axis_t
         assert output_kinds(model, {"y": (5, 5, 4)}, samples=5)["y"].batch_axis == 0  # ambiguous: batch-first
 
 
+def test_a_quantized_linear_head_gives_a_sequence() -> None:
+    # onnxruntime's dynamic quantization of a CRNN's head: MatMulInteger, Cast, Mul by the scales, Add of the bias
+    head = """q, s, z = DynamicQuantizeLinear (x)
+              i = MatMulInteger (q, wq, z, wz)
+              c = Cast <to = 1> (i)
+              scales = Mul (s, ws)
+              m = Mul (c, scales)
+              y = Add (m, b)
+              plain = Relu (m)"""
+    inits = ", ".join(["uint8[8, 4] wq = {" + ", ".join(str(v) for v in range(100, 132)) + "}", "uint8 wz = {128}",
+                       "float ws = {0.01}", init("b", weights(4))])
+    model = tiny(head, inputs="float[N, 5, 8] x", outputs="float[N, 5, 4] y, float[N, 5, 4] m, float[N, 5, 4] plain",
+                 inits=inits)
+    found = output_kinds(model, {name: (2, 5, 4) for name in ("y", "m", "plain")})
+    kinds = {name: kind.kind for name, kind in found.items()}
+    assert kinds == {"y": "sequence", "m": "sequence", "plain": "values"}
+
+
 @pytest.mark.parametrize("confidence", [0.0, 0.9])
 def test_a_fixed_batch_time_major_sequence_is_measured_per_sample(confidence: float) -> None:
     reference, candidate = sequence_models(time_major=True, batch="1")
