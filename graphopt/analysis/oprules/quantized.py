@@ -50,6 +50,18 @@ def left_alone(node: gs.Node, a: Analysis, channels: int | None, axis: int | Non
         a.set_state(node.outputs[0], out)
 
 
+LAYERS = (*_WEIGHTS, "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm")
+FLOAT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def quantized_layers(graph: gs.Graph) -> list[str]:
+    """One line per quantized layer of `graph` (an integer or fused quantized op, or a float layer whose weight is
+    the DequantizeLinear of a constant), for a method's skipped list: every method leaves them alone."""
+    return [f"{node.name} ({node.op}): {LEFT_ALONE}" for node in graph.nodes
+            if node.op in LAYERS or (node.op in FLOAT_LAYERS and len(node.inputs) > 1
+                                     and dequantized(node.inputs[1]) is not None)]
+
+
 def integer_layer(node: gs.Node, a: Analysis) -> None:
     index, weight_axis = _WEIGHTS[node.op]
     weight = constant_values(node.inputs[index]) if len(node.inputs) > index else None

@@ -8,9 +8,10 @@ around float Conv and MatMul, weights dequantized from int8), and dynamically wi
 quantized (the convolutions stay float and prunable). Each passes `onnx.checker` with the full check.
 
 `--method none` must write a model that passes the full check and computes exactly what the quantized
-model does (onnxruntime, graph optimisations disabled). magnitude and snp exit 0 with a valid model:
-every group a quantized layer touches is blocked with the reason, in `inspect --groups` and in the
-pass's skipped list, and the quantized layers are unchanged; float layers beside them are pruned.
+model does (onnxruntime, graph optimisations disabled). magnitude, snp, cob and omp exit 0 with a valid
+model: every group a quantized layer touches is blocked with the reason, in `inspect --groups`, and every
+quantized layer is in the pass's skipped list with it; the quantized layers are unchanged; float layers
+beside them are pruned.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _quantized_nodes(path: Path) -> set[str]:
             or (n.op_type in ("Conv", "MatMul") and n.input[1] in dequantized)}
 
 
-@pytest.mark.parametrize("method", ["magnitude", "snp"])
+@pytest.mark.parametrize("method", ["magnitude", "snp", "cob", "omp"])
 @pytest.mark.parametrize("name", ["dynamic", "qdq"])
 def test_methods_leave_quantized_layers_alone_with_the_reason(name: str, method: str, quantized: dict[str, Path],
                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -129,7 +130,8 @@ def test_methods_leave_quantized_layers_alone_with_the_reason(name: str, method:
     np.savez(calibration, input=_samples(16, 1))
     output, report = tmp_path / f"{method}.onnx", tmp_path / "report.json"
     argv = ["optimize", str(quantized[name]), "-o", str(output), "--method", method, "--target-macs", "0.5",
-            "--report", str(report), "--quiet"] + (["--calib", str(calibration)] if method == "snp" else [])
+            "--report", str(report), "--quiet"] + (["--calib", str(calibration)] if method in ("snp", "cob") else []) \
+        + (["--sparsity", "0.5"] if method == "omp" else [])
     assert cli.main(argv) == 0
     onnx.checker.check_model(str(output), full_check=True)
     expected, actual = _outputs(quantized[name]), _outputs(output)
