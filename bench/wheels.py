@@ -49,8 +49,9 @@ against the original in one interleaved run (`graphopt.evaluate.compare_latency`
 threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time) and ddddocr (its batch is
 fixed at 1).
 
-    python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # about 2 hours on 2 cores
-    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 10 minutes
+    python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # hours on 2 cores: ~2 for the first
+                                                                              # six wheels, ~1.2 for ddddocr and rapid
+    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes
     python bench/wheels.py --part speed --models nudenet                        # one model
 Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
 """
