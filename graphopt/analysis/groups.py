@@ -21,11 +21,13 @@ import onnx_graphsurgeon as gs
 
 from graphopt.analysis.macs import COUNTED_OPS
 from graphopt.analysis.oprules import rule_for
+from graphopt.analysis.oprules.quantized import quantized_layers
 from graphopt.analysis.registry import opsets_of
 from graphopt.analysis.state import Analysis, CostTerm, Group, Site, constant_values
 from graphopt.ir import graph as ir
 
-__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "layers_in_bodies", "name_nodes"]
+__all__ = ["Analysis", "CostTerm", "Group", "Site", "constant_values", "find_groups", "layers_in_bodies",
+           "layers_left_alone", "name_nodes"]
 
 
 def name_nodes(graph: gs.Graph) -> None:
@@ -82,3 +84,9 @@ def layers_in_bodies(graph: gs.Graph) -> list[str]:
             found.append(f"{node.name} ({node.op}): {layers} layers inside its bodies are not pruned "
                          "(the methods prune the main graph only)")
     return found
+
+
+def layers_left_alone(graph: gs.Graph) -> list[str]:
+    """What a pass that does not read channel groups (whose blocked groups say it already) reports as out of its
+    reach: the layers inside If/Loop/Scan bodies and every quantized layer, one line each."""
+    return layers_in_bodies(graph) + quantized_layers(graph)

@@ -34,7 +34,7 @@ from graphopt.ir.shapes import batch_symbols, input_specs
 
 KINDS = ("classes", "sequence", "values")
 LAYOUT_OPS = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast"}
-HEAD_OPS = {"Softmax", "LogSoftmax", "MatMul", "Gemm", "Conv"}
+SCORE_OPS = {"Softmax", "LogSoftmax"}
 LINEAR_OPS = {"MatMul", "Gemm", "Conv"}
 QUANTIZED_LINEAR_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv"}
 
@@ -77,7 +77,7 @@ def _is_head(name: str, producers: dict[str, onnx.NodeProto]) -> bool:
         return False
     if node.op_type == "Add":
         return any(_is_linear(producers.get(term), producers) for term in node.input)
-    return node.op_type in HEAD_OPS or _is_linear(node, producers)
+    return node.op_type in SCORE_OPS or _is_linear(node, producers)
 
 
 def _is_linear(node: onnx.NodeProto | None, producers: dict[str, onnx.NodeProto]) -> bool:

@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.channels import ChannelState
 from graphopt.analysis.registry import positive_axis, register
 from graphopt.analysis.state import Analysis, constant_values
+from graphopt.ir.sparse import WEIGHTED_OPS
 
 MICROSOFT = "com.microsoft"
 LEFT_ALONE = "quantized layer: its integer weights, scales and zero points are left alone"
@@ -51,14 +52,13 @@ def left_alone(node: gs.Node, a: Analysis, channels: int | None, axis: int | Non
 
 
 LAYERS = (*_WEIGHTS, "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QGemm")
-FLOAT_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def quantized_layers(graph: gs.Graph) -> list[str]:
     """One line per quantized layer of `graph` (an integer or fused quantized op, or a float layer whose weight is
     the DequantizeLinear of a constant), for a method's skipped list: every method leaves them alone."""
     return [f"{node.name} ({node.op}): {LEFT_ALONE}" for node in graph.nodes
-            if node.op in LAYERS or (node.op in FLOAT_LAYERS and len(node.inputs) > 1
+            if node.op in LAYERS or (node.op in WEIGHTED_OPS and len(node.inputs) > 1
                                      and dequantized(node.inputs[1]) is not None)]
 
 

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.groups import Analysis, Group, Site, layers_in_bodies
-from graphopt.analysis.oprules.quantized import quantized_layers
+from graphopt.analysis.groups import Analysis, Group, Site, layers_left_alone
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.blas import single_threaded_blas
 from graphopt.calibration.stats import StatRequest, TensorStats
@@ -344,7 +343,7 @@ class ChangeOfBasisPruning(Pass):
         gains = fold_gains(graph)
         chains, reasons = find_chains(graph)
         result = PassResult(modified=sum((unfused, rms, tsra, opened, centred, gains)) > 0,
-                            skipped=reasons + layers_in_bodies(graph) + quantized_layers(graph))
+                            skipped=reasons + layers_left_alone(graph))
         rotations, stats = _rotations(ctx, graph, chains, method) if chains else ([], {})
         rotated = _fold_rotations(graph, chains, rotations)
         _know_rotated(ctx, graph, chains, rotations, stats)

@@ -19,17 +19,15 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.groups import layers_in_bodies, name_nodes
-from graphopt.analysis.oprules.quantized import quantized_layers
+from graphopt.analysis.groups import layers_left_alone, name_nodes
 from graphopt.errors import OptionError
 from graphopt.ir import graph as ir
+from graphopt.ir.sparse import WEIGHTED_OPS
 from graphopt.passes.base import CHANGES_CHANNELS, READS_FOLDED_WEIGHTS, Pass, PassContext, PassResult, register
 from graphopt.passes.sparse.dead_units import eliminate
 from graphopt.passes.methods import Method, Options, option, register_method
 
 log = logging.getLogger(__name__)
-
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def weighted_layers(graph: gs.Graph, result: PassResult | None = None) -> list[gs.Node]:
@@ -116,7 +114,7 @@ class OneShotMagnitudePruning(Pass):
         layers = weighted_layers(graph, result)
         spared = boundary_layers(graph, layers) if ctx.option("keep_first_last", False) else set()
         result.skipped.extend(f"{name}: first or last layer, spared (--keep-first-last)" for name in sorted(spared))
-        result.skipped.extend(layers_in_bodies(graph) + quantized_layers(graph))
+        result.skipped.extend(layers_left_alone(graph))
         pruned = [node for node in layers if node.name not in spared]
         weights = {node.name: np.asarray(node.inputs[1].values) for node in pruned}
         masks = magnitude_masks(weights, float(sparsity), scope)
