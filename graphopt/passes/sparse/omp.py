@@ -131,8 +131,24 @@ class OneShotMagnitudePruning(Pass):
                         "sparsity_all_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in layers])}
         result.stats.update({f"sparsity:{node.name}": sparsity_of([np.asarray(node.inputs[1].values)])
                              for node in layers})
+        _say_emptied(pruned, weights, masks, scope, result)
         eliminate(graph, ctx, result)
         return result
+
+
+def _say_emptied(pruned: list[gs.Node], weights: dict[str, np.ndarray], masks: dict[str, np.ndarray], scope: str,
+                 result: PassResult) -> None:
+    """Name each layer that had nonzero weights and has none left: its output no longer depends on its input,
+    so everything upstream of it goes dead (under the global scope, a layer whose weights are all smaller than
+    the other layers' goes whole: a mel filterbank of values near 0.01 beside convolutions of values near 1)."""
+    emptied = [node.name for node in pruned if np.any(weights[node.name]) and not np.any(masks[node.name])]
+    result.stats["layers_emptied"] = emptied
+    if emptied:
+        hint = " (--omp-scope layer prunes each layer by its own magnitudes)" if scope == "global" else ""
+        message = (f"every weight of {len(emptied)} layer(s) zeroed: {', '.join(emptied[:5])}"
+                   f"{' ...' if len(emptied) > 5 else ''}; their outputs no longer depend on their inputs{hint}")
+        result.skipped.append(message)
+        log.warning("omp: %s", message)
 
 
 @dataclass

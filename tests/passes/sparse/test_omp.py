@@ -161,6 +161,34 @@ def test_sparse_storage(sparsity: float, used: bool, tmp_path: Path) -> None:
     np.testing.assert_array_equal(session.run(None, feeds)[0], expected["y"])
 
 
+def filterbank() -> onnx.ModelProto:
+    """A wide layer of weights near 1 read by a bias-free layer of weights near 0.01 (an STFT and its mel
+    filterbank): global magnitude pruning at 0.5 takes every weight of the second."""
+    inits = ", ".join([init("w1", weights(32, 16)), init("b1", weights(32, seed=1)),
+                       init("w2", 0.01 * weights(32, 4, seed=2))])
+    return tiny("h = Gemm <transB = 1> (x, w1, b1)\na = Relu (h)\ny = MatMul (a, w2)", inputs="float[N, 16] x",
+                outputs="float[N, 4] y", inits=inits)
+
+
+def test_emptied_layer_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                             caplog: pytest.LogCaptureFixture) -> None:
+    model = filterbank()
+    emptied = stats(optimize(model, sparsity=0.5))
+    assert len(emptied["layers_emptied"]) == 1 and emptied["sparsity_all_layers"] == pytest.approx(0.5, abs=0.01)
+    assert stats(optimize(model, sparsity=0.5, omp_scope="layer"))["layers_emptied"] == []
+    source, calib = tmp_path / "bank.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(source))
+    np.savez(calib, x=weights(16, 16, seed=5))
+    common = ["optimize", str(source), "--method", "omp", "--sparsity", "0.5", "--calib", str(calib), "--quiet"]
+    assert cli.main([*common, "-o", str(tmp_path / "global.onnx")]) == 0
+    said = capsys.readouterr().err
+    assert "every weight of 1 layer(s) zeroed" in caplog.text and "--omp-scope layer" in caplog.text
+    caplog.clear()
+    assert "no longer computes what the original did" in said and "rel_l2 1" in said  # the output is now all zeros
+    assert cli.main([*common, "-o", str(tmp_path / "layer.onnx"), "--omp-scope", "layer"]) == 0
+    assert "zeroed" not in caplog.text and "no longer computes" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_torch_exported(exporter: str, tmp_path: Path) -> None:
