@@ -6,6 +6,10 @@ default, symmetric, z = 0), activations through QuantizeLinear/DequantizeLinear 
 zero point come from the calibration batches (min/max, entropy or percentile of each tensor's values,
 as onnxruntime's calibrators measure them). The rounding error is at most s/2 per element (values inside
 the calibrated range); outside it, values saturate. Nothing here is exact: the caller measures fidelity.
+A quantized tensor also rounds small values to exactly 0, and the quantizer drops a Clip or Relu floor into
+the quantization range: where that sends 0 into a Log (a log-mel front end's Clip(eps) -> Log) or a divisor,
+the outputs turn infinite. `quantize_checked` runs the first calibration batch through both models and, where
+the quantized one is no longer finite, quantizes again with the producers of such inputs left in float.
 
 onnxruntime's CPU provider runs DQ -> Conv/MatMul/Gemm -> Q as integer kernels (QLinearConv,
 MatMulIntegerToFloat, ...), so the saved model is a plain ONNX model any onnxruntime runs.
@@ -204,20 +208,97 @@ def _reader(dataset: Dataset, model: onnx.ModelProto, batch_size: int) -> Any:
     return BatchReader()
 
 
+# ops whose input must stay away from zero, and which input: a quantized tensor rounds small values to exactly 0
+_AWAY_FROM_ZERO = {"Log": 0, "Reciprocal": 0, "Sqrt": 0, "Div": 1}
+# floors the quantizer folds into the quantization range of the tensor they read (and so drops)
+_FLOORS = ("Clip", "Relu", "Max")
+
+
+def guarded_producers(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes whose output reaches a Log, Reciprocal, Sqrt or a Div's divisor, directly or through
+    a floor (Clip, Relu, Max) or a constant added (x + eps), and those guards: a log-mel filterbank's MatMul
+    before Clip(eps) and Log, or before NeMo's guard Add. Quantizing such an output lets exact zeros reach the op (the floor is dropped with the quantization)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    constants = {tensor.name for tensor in model.graph.initializer}
+    constants |= {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
+
+    def guard(node: onnx.NodeProto) -> bool:  # a floor, or a constant guard added (x + eps)
+        return node.op_type in _FLOORS or (node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants)
+
+    found: list[str] = []
+    for node in model.graph.node:
+        index = _AWAY_FROM_ZERO.get(node.op_type)
+        source = producers.get(node.input[index]) if index is not None and index < len(node.input) else None
+        while source is not None:
+            if source.name and source.name not in found:
+                found.append(source.name)
+            source = producers.get(source.input[0]) if guard(source) and source.input else None
+    return found
+
+
 def quantize_qdq(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSettings) -> onnx.ModelProto:
     """`model` with static QDQ quantization calibrated on `dataset` (see the module docstring)."""
-    refuse_quantized(model)
-    import onnxruntime.quantization as quantization  # after runtime(): a missing onnxruntime reads as one line
+    return quantize_checked(model, dataset, settings)[0]
 
+
+def quantize_checked(model: onnx.ModelProto, dataset: Dataset,
+                     settings: QuantizeSettings) -> tuple[onnx.ModelProto, list[str]]:
+    """`quantize_qdq`, then the first calibration batch through both models: where the quantized model's
+    outputs hold NaN or infinity that the float model's do not, the model is quantized again with every
+    `guarded_producers` node left in float, and those nodes ("name (OpType)") are returned beside it. A model still not finite
+    then is refused (QuantizeError)."""
+    quantized = _quantize(model, dataset, settings, [])
+    if _finite_as_before(model, quantized, dataset, settings.batch_size):
+        return quantized, []
+    named = _prepared(model)  # named as the copy the quantizer gets
+    kept = guarded_producers(named)
+    if kept:
+        quantized = _quantize(model, dataset, settings, kept)
+    ops = {node.name: node.op_type for node in named.graph.node}
+    described = [f"{name} ({ops[name]})" for name in kept]
+    if not kept or not _finite_as_before(model, quantized, dataset, settings.batch_size):
+        raise QuantizeError("the quantized model's outputs hold NaN or infinity on the calibration data where the "
+                            "float model's do not" + (f", also with {', '.join(described)} left in float" if kept else "")
+                            + "; leave the op types that cause it in float with --quant-exclude")
+    return quantized, described
+
+
+def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` as the quantizer needs it: at the QDQ opset, every node named, biases unshared."""
+    refuse_quantized(model)
     runtime()
     prepared = _unshared_biases(_named(_at_qdq_opset(model)))
     if prepared is model:  # the quantizer rewrites the proto it is given (its weights become external data of a
         prepared = onnx.ModelProto()  # file it deletes): the caller's model is left as it was
         prepared.CopyFrom(model)
+    return prepared
+
+
+def _finite_as_before(model: onnx.ModelProto, quantized: onnx.ModelProto, dataset: Dataset, batch_size: int) -> bool:
+    """No output of `quantized` on the first batch holds NaN or infinity where `model`'s is finite."""
+    from graphopt.calibration.session import make_session
+
+    feed = next(iter(dataset.batches(batch_size, trimmed=False)), None)
+    if feed is None:
+        return True
+    names = [value.name for value in model.graph.output]
+    sessions = [make_session(m) for m in (model, quantized)]
+    inputs = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
+    before, after = (s.run(names, f) for s, f in zip(sessions, inputs))
+    return all(not (np.issubdtype(a.dtype, np.floating) and np.any(np.isfinite(a) & ~np.isfinite(b)))
+               for a, b in zip(before, after))
+
+
+def _quantize(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSettings,
+              kept: list[str]) -> onnx.ModelProto:
+    """onnxruntime's static QDQ quantization of a prepared copy of `model`, `kept` nodes left in float."""
+    import onnxruntime.quantization as quantization  # after runtime(): a missing onnxruntime reads as one line
+
+    prepared = _prepared(model)
     methods = {"minmax": quantization.CalibrationMethod.MinMax, "entropy": quantization.CalibrationMethod.Entropy,
                "percentile": quantization.CalibrationMethod.Percentile}
     activation = quantization.QuantType.QInt8 if settings.activations == "int8" else quantization.QuantType.QUInt8
-    excluded = [node.name for node in prepared.graph.node if node.op_type in settings.exclude and node.name]
+    excluded = [node.name for node in prepared.graph.node if node.op_type in settings.exclude and node.name] + kept
     with tempfile.TemporaryDirectory(prefix="graphopt-quantize-") as folder, _Quiet():
         output = Path(folder) / "quantized.onnx"
         try:

@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration.data import load_data
 from graphopt.calibration.latency import Runtime, paired_latency
 from graphopt.calibration.quantize import (QuantizeError, QuantizeSettings, default_opset, half_precision,
-                                           quantize_qdq, quantized_ops)
+                                           quantize_checked, quantized_ops)
 from graphopt.errors import GraphoptError
 from graphopt.ir import graph as ir
 from graphopt.ir import weights
@@ -62,7 +62,7 @@ class QuantizeQDQ(Pass):
         dataset = load_data(ctx.data, ctx.template)
         model = weights.materialized(ir.export_model(graph, ctx.template))  # the quantizer reads inline weights
         settings = settings_from(ctx)
-        quantized = quantize_qdq(model, dataset, settings)
+        quantized, kept = quantize_checked(model, dataset, settings)
         ir.replace_graph(graph, quantized)
         ops = quantized_ops(quantized)
         stats: dict[str, int | float] = {"quantize_linear": ops.get("QuantizeLinear", 0),
@@ -73,6 +73,10 @@ class QuantizeQDQ(Pass):
         if half_precision(model):  # no integer kernels for QDQ around float16 ops on onnxruntime's CPU provider
             stats["half_precision"] = 1
         skipped = [f"op type {op} left in float (--quant-exclude)" for op in settings.exclude]
+        skipped += [f"{name} left in float: quantizing its output let zeros reach a Log, Sqrt, Reciprocal or "
+                    "divisor (NaN or infinity in the outputs otherwise)" for name in kept]
+        if kept:
+            stats["kept_float"] = len(kept)
         stats.update(_measured_speedup(model, quantized, ctx))
         return PassResult(modified=True, stats=stats, skipped=skipped)
 

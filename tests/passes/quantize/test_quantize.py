@@ -223,3 +223,35 @@ def test_the_quantized_model_is_timed_against_the_float_one_and_a_slower_one_is_
                  "--calib", str(CALIB), "--quiet"]) == 0
     assert timed[0][0] == {} and timed[0][1].get("QuantizeLinear", 0) > 0 and timed[0][2] == {"input": (1, 1, 8, 8)}
     assert "warning: the quantized model ran 0.70x as fast as the float model" in capsys.readouterr().err
+
+
+def log_mel(floor: str) -> onnx.ModelProto:
+    """A log-mel front end: a power spectrum of wide dynamic range through a filterbank MatMul, then a floor
+    (`Clip` at float32's epsilon, or NeMo's guard `Add`) and Log."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    bank = (np.abs(weights(64, 16, seed=3)) * (np.abs(weights(64, 16, seed=4)) > 1.0) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "bank"], ["mel"]),
+             helper.make_node("Clip" if floor == "clip" else "Add", ["mel", "eps"], ["m"]),
+             helper.make_node("Log", ["m"], ["y"])]
+    graph = helper.make_graph(nodes, "log_mel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              [numpy_helper.from_array(bank, "bank"),
+                               numpy_helper.from_array(np.array(1.1920929e-07, np.float32), "eps")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("floor", ["clip", "add"])
+def test_a_floor_before_log_keeps_the_quantized_model_finite(floor: str) -> None:
+    """Quantizing the filterbank's output rounds quiet frames to exactly 0 and drops the floor with it: the
+    output would be -inf; the producer is kept in float, named, and every output stays finite."""
+    model = log_mel(floor)
+    rng = np.random.default_rng(0)
+    calib = {"x": np.exp(rng.normal(0.0, 4.0, (64, 64))).astype(np.float32)}
+    result = optimize(model, method="quantize", calib=calib, progress=False)
+    record = next(p for p in result.report["passes"] if p["pass"] == "quantize")
+    assert record["stats"]["kept_float"] >= 1
+    assert any("(MatMul) left in float" in reason or "(Add) left in float" in reason for reason in record["skipped"])
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.isfinite(session.run(None, calib)[0]).all()
+    assert result.report["fidelity"]["rel_l2"] < 0.5
