@@ -126,18 +126,22 @@ class OneShotMagnitudePruning(Pass):
                 ir.set_input_array(graph, node, 1, np.where(masks[node.name], weight, 0).astype(weight.dtype))
                 zeroed += newly
         result.modified = zeroed > 0
-        if weights and not zeroed and float(sparsity) > 0:  # every weight the masks drop is zero already
-            already = sparsity_of(list(weights.values()))
-            result.skipped.append(f"the {len(weights)} pruned layer(s) are already {already:.1%} zeros, at least the "
-                                  f"--sparsity {float(sparsity):g} asked: nothing to zero")
         result.stats = {"layers": len(layers), "layers_pruned": len(pruned), "weights_zeroed": zeroed,
                         "sparsity_pruned_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in pruned]),
                         "sparsity_all_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in layers])}
         result.stats.update({f"sparsity:{node.name}": sparsity_of([np.asarray(node.inputs[1].values)])
                              for node in layers})
+        if weights and not zeroed and float(sparsity) > 0:  # every weight the masks drop is zero already
+            result.skipped.append(_already_sparse(weights, float(sparsity)))
         _say_emptied(pruned, weights, masks, scope, result)
         eliminate(graph, ctx, result)
         return result
+
+
+def _already_sparse(weights: dict[str, np.ndarray], sparsity: float) -> str:
+    """Why nothing was zeroed: the layers hold at least the zeros asked (a mel filterbank is mostly zeros)."""
+    return (f"the {len(weights)} pruned layer(s) are already {sparsity_of(list(weights.values())):.1%} zeros, at least "
+            f"the --sparsity {sparsity:g} asked: nothing to zero")
 
 
 def _say_emptied(pruned: list[gs.Node], weights: dict[str, np.ndarray], masks: dict[str, np.ndarray], scope: str,
