@@ -131,17 +131,19 @@ class OneShotMagnitudePruning(Pass):
                         "sparsity_all_layers": sparsity_of([np.asarray(n.inputs[1].values) for n in layers])}
         result.stats.update({f"sparsity:{node.name}": sparsity_of([np.asarray(node.inputs[1].values)])
                              for node in layers})
-        if weights and not zeroed and float(sparsity) > 0:  # every weight the masks drop is zero already
-            result.skipped.append(_already_sparse(weights, float(sparsity)))
+        _say_already_sparse(weights, zeroed, float(sparsity), result)
         _say_emptied(pruned, weights, masks, scope, result)
         eliminate(graph, ctx, result)
         return result
 
 
-def _already_sparse(weights: dict[str, np.ndarray], sparsity: float) -> str:
-    """Why nothing was zeroed: the layers hold at least the zeros asked (a mel filterbank is mostly zeros)."""
-    return (f"the {len(weights)} pruned layer(s) are already {sparsity_of(list(weights.values())):.1%} zeros, at least "
-            f"the --sparsity {sparsity:g} asked: nothing to zero")
+def _say_already_sparse(weights: dict[str, np.ndarray], zeroed: int, sparsity: float, result: PassResult) -> None:
+    """Why nothing was zeroed where every weight the masks drop is zero already: the layers hold at least the
+    zeros asked (a mel filterbank is mostly zeros)."""
+    if weights and not zeroed and sparsity > 0:
+        already = sparsity_of(list(weights.values()))
+        result.skipped.append(f"the {len(weights)} pruned layer(s) are already {already:.1%} zeros, at least the "
+                              f"--sparsity {sparsity:g} asked: nothing to zero")
 
 
 def _say_emptied(pruned: list[gs.Node], weights: dict[str, np.ndarray], masks: dict[str, np.ndarray], scope: str,
