@@ -410,7 +410,8 @@ def set_input_array(graph: gs.Graph, node: gs.Node, index: int, values: np.ndarr
 
 def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
     """The node computing `reader`'s input `index`, copied first when other nodes read its output too, so that
-    editing its inputs changes what `reader` reads alone (exporters share one Reshape target between layers)."""
+    editing its inputs changes what `reader` reads alone (exporters share one Reshape target between layers).
+    The copy goes right after the original, so the node list stays in topological order."""
     node = reader.inputs[index].inputs[0]
     out = node.outputs[0]
     if len(node.outputs) != 1 or len(out.outputs) == 1:
@@ -418,7 +419,7 @@ def private_producer(graph: gs.Graph, reader: gs.Node, index: int) -> gs.Node:
     target = gs.Variable(unique_name(graph, f"{out.name}_own"), dtype=out.dtype, shape=out.shape)
     copy = gs.Node(node.op, unique_name(graph, f"{node.name}_own"), attrs=dict(node.attrs), inputs=list(node.inputs),
                    outputs=[target], domain=node.domain)
-    graph.nodes.append(copy)
+    graph.nodes.insert(next(i for i, n in enumerate(graph.nodes) if n is node) + 1, copy)
     reader.inputs[index] = target
     return copy
 

@@ -111,6 +111,27 @@ def test_set_input_array_on_a_variable_creates_an_initializer():
     assert [t.name for t in graph.inputs] == ["x", "w"]
 
 
+def test_private_producer_keeps_the_nodes_in_topological_order():
+    """Two reshapes share a target built at run time; the first one's private copy of the Concat must come
+    before it (exporters such as torch's dynamo share one target between all the attention reshapes)."""
+    model = tiny("""s = Shape (x)
+        n = Slice (s, zero, one)
+        target = Concat <axis = 0> (n, two)
+        a = Reshape (x, target)
+        b = Reshape (x, target)
+        y = Add (a, b)""", inputs="float[N, 4] x", outputs="float[N, 2, 2] y",
+                 inits=", ".join([init("zero", [0], "int64"), init("one", [1], "int64"), init("two", [2, 2], "int64")]))
+    graph = ir.import_graph(model)
+    first = next(node for node in graph.nodes if node.op == "Reshape")
+    copy = ir.private_producer(graph, first, 1)
+    assert copy.op == "Concat" and first.inputs[1] is copy.outputs[0]
+    order = {id(node): index for index, node in enumerate(graph.nodes)}
+    assert order[id(copy)] < order[id(first)]
+    exported = ir.export_model(graph, model)
+    onnx.checker.check_model(exported, full_check=True)
+    assert_equivalent(model, exported, random_inputs(model))
+
+
 def test_unique_name_avoids_every_tensor_name():
     graph = ir.import_graph(_shared_model())
     assert ir.unique_name(graph, "w") == "w_1"

@@ -147,6 +147,8 @@ def _apply(graph: gs.Graph, site: Site, a: Analysis, kept: dict[int, np.ndarray]
     rewrite = _REWRITES.get(site.kind)
     if rewrite is None:
         raise AssertionError(f"unknown site kind {site.kind}")
+    if not any(a.atoms.find(leaf) in kept for leaf in a.atoms.leaves(site.state.atoms)):
+        return  # every channel the site sees stays: nothing to rewrite (nor to copy out of shared nodes)
     positions = kept_positions(a.atoms, site.state, kept)
     rewrite(graph, site, a, kept, whole_runs(positions, site.per) if site.per > 1 else positions)
 

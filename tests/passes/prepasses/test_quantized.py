@@ -232,3 +232,57 @@ def test_rules_are_registered_for_the_quantized_ops() -> None:
                        ("DynamicQuantizeLinear", ""), ("QuantizeLinear", ""), ("DequantizeLinear", ""),
                        ("DynamicQuantizeLSTM", "com.microsoft"), ("QLinearAdd", "com.microsoft")):
         assert rule_for(gs.Node(op, domain=domain), {"": 17}) is not DEFAULT_RULE, op
+
+
+def _shared_target(float_first: bool) -> onnx.ModelProto:
+    """Two quantized projections (int8 weights behind DequantizeLinear) reshaped into [N, T, 2, 4] by one target
+    built at run time, as torch's dynamo exporter shares it between attention reshapes; `float_first`: a float
+    MLP before them whose hidden units can go."""
+    rng = np.random.default_rng(3)
+    inits = [init("wq", rng.integers(-127, 128, (8, 8)), "int8"), init("vq", rng.integers(-127, 128, (8, 8)), "int8"),
+             "float scale = {0.01}", "int8 zp = {0}", init("out", weights(8, 4, seed=4)),
+             init("start", [0], "int64"), init("stop", [2], "int64"), init("split", [2, 4], "int64"),
+             init("merge", [0, 0, 8], "int64")]
+    head = "x = Identity (input)"
+    if float_first:
+        inits += [init("w0", weights(8, 16, seed=5)), init("w1", weights(16, 8, seed=6))]
+        head = "h0 = MatMul (input, w0)\n a0 = Relu (h0)\n x = MatMul (a0, w1)"
+    return parse(f"""<ir_version: 8, opset_import: ["" : 17]>
+    main (float[N, T, 8] input) => (float[N, T, 4] y) <{", ".join(inits)}> {{
+        {head}
+        w = DequantizeLinear (wq, scale, zp)
+        v = DequantizeLinear (vq, scale, zp)
+        h = MatMul (x, w)
+        g = MatMul (x, v)
+        s = Shape (x)
+        nt = Slice (s, start, stop)
+        target = Concat <axis = 0> (nt, split)
+        r1 = Reshape (h, target)
+        r2 = Reshape (g, target)
+        both = Add (r1, r2)
+        merged = Reshape (both, merge)
+        y = MatMul (merged, out)
+    }}""")
+
+
+@pytest.mark.parametrize("float_first", [False, True], ids=["quantized_only", "float_first"])
+@pytest.mark.parametrize("method", ["magnitude", "snp"])
+def test_a_reshape_target_shared_by_quantized_layers_is_left_as_it_was(float_first: bool, method: str,
+                                                                        tmp_path: Path) -> None:
+    """Groups that keep every channel leave the nodes computing their reshape targets alone: no private copies
+    (with nothing pruned, a copy placed after its reader made the written model invalid)."""
+    model = _shared_target(float_first)
+    source, output, calibration = tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(source))
+    np.savez(calibration, input=np.random.default_rng(1).standard_normal((32, 5, 8)).astype(np.float32))
+    report = tmp_path / "report.json"
+    assert cli.main(["optimize", str(source), "-o", str(output), "--method", method, "--target-macs", "0.8",
+                     "--calib", str(calibration), "--report", str(report), "--quiet"]) == 0
+    onnx.checker.check_model(str(output), full_check=True)
+    written = onnx.load(str(output))
+    assert [n.op_type for n in written.graph.node].count("Concat") == 1
+    feeds = {"input": np.random.default_rng(2).standard_normal((3, 5, 8)).astype(np.float32)}
+    if float_first:
+        assert json.loads(report.read_text())["macs_ratio"] < 1.0  # the float MLP is pruned
+    else:
+        np.testing.assert_array_equal(run_ort(written, feeds)["y"], run_ort(model, feeds)["y"])
