@@ -1,7 +1,8 @@
 """Weight sparsity of a model, and storing sparse weights as ONNX sparse initializers.
 
 `weight_sparsity` measures the fraction of zero entries in the constant weight (input 1) of every
-Conv/ConvTranspose/Gemm/MatMul, per node and overall.
+Conv/ConvTranspose/Gemm/MatMul, per node and overall: a float initializer's zeros, or for a weight stored as
+integers behind a DequantizeLinear (QDQ), the integers equal to their zero point.
 
 `to_sparse_initializers` moves each float initializer whose COO form (values + int64 linear indices,
 as the ONNX checker requires: 4 + 8 bytes per nonzero for float32) is smaller than its dense form into
@@ -23,16 +24,37 @@ from graphopt.ir import weights
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+def _stored_zeros(name: str, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
+                  ) -> tuple[np.ndarray, object] | None:
+    """The stored values of weight `name` and what stands for zero among them: a float initializer and 0, or the
+    integers a DequantizeLinear reads and their zero point (QDQ); None for anything else."""
+    if name in initializers:
+        stored = weights.array_of(initializers[name])
+        return (stored, 0) if stored.dtype.kind == "f" else None
+    node = producers.get(name)
+    if node is None or node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+        return None
+    stored = weights.array_of(initializers[node.input[0]])
+    point = weights.array_of(initializers[node.input[2]]) if len(node.input) > 2 and node.input[2] in initializers \
+        else np.zeros(1, stored.dtype)
+    shape = [1] * stored.ndim
+    if point.size > 1:
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % stored.ndim] = -1
+    return stored, point.reshape(shape)
+
+
 def weight_sparsity(model: onnx.ModelProto) -> dict[str, object]:
+    """Zero weights of every layer: float entries equal to 0, or integers equal to their zero point (QDQ)."""
     initializers = {t.name: t for t in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
     layers: dict[str, float] = {}
     zeros = total = 0
     for node in model.graph.node:
-        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in initializers:
-            weight = weights.array_of(initializers[node.input[1]])
-            if weight.dtype.kind != "f":
-                continue
-            layer_zeros = int(weight.size - np.count_nonzero(weight))
+        found = _stored_zeros(node.input[1], producers, initializers) \
+            if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
+        if found is not None:
+            weight, zero = found
+            layer_zeros = int(np.count_nonzero(weight == zero))
             layers[node.name or node.output[0]] = layer_zeros / weight.size if weight.size else 0.0
             zeros += layer_zeros
             total += weight.size

@@ -234,6 +234,9 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     ensures: ClassVar[frozenset[str]] = frozenset()
     preserves: ClassVar[frozenset[str]] = frozenset()  # when it changes the graph; the rest is invalidated
+    # prunes layers whose weights are stored as integers (QDQ) as float layers, their integers written back
+    # afterwards (graphopt.passes.quantize.through)
+    through_quantized: ClassVar[bool] = False
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError

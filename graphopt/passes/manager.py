@@ -142,7 +142,8 @@ class PassManager:
     @staticmethod
     def _run_one(current: Pass, graph: gs.Graph, ctx: PassContext, before: str) -> PassResult:
         try:
-            result = current.run(graph, ctx)
+            result = _run_through_quantized(current, graph, ctx) if current.through_quantized \
+                else current.run(graph, ctx)
             if result.modified:
                 ir.cleanup(graph)
         except GraphoptError as exc:
@@ -154,3 +155,18 @@ class PassManager:
         for reason in result.skipped:
             log.info("%s: %s", current.name, reason)
         return result
+
+
+def _run_through_quantized(current: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Run `current` with the graph's QDQ weights as the float constants they stand for, then store them as
+    integers again (graphopt.passes.quantize.through); the stats say how many channels kept their integers."""
+    from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
+
+    records = unquantize_weights(graph)
+    if not records:
+        return current.run(graph, ctx)
+    result = current.run(graph, ctx)
+    counts = requantize_weights(graph, records)
+    if result.modified:
+        result.stats.update(counts)
+    return result

@@ -2,12 +2,13 @@
 QOperator static quantization, and its com.microsoft fused kernels), DynamicQuantizeLinear, and
 QuantizeLinear/DequantizeLinear (QDQ).
 
-Pruning a quantized layer would slice its integer weights together with their per-output-channel
-scales and zero points, and SNP's reconstruction would have to be quantized again: graphopt leaves
-quantized layers alone, with the reason. A quantized layer's output channels form a group that is
-blocked with it, and the channels it reads are blocked too, so `inspect --groups` and each pass's
-skipped list say why. A Conv, Gemm or MatMul whose weight is the DequantizeLinear of a constant (QDQ) is
-a quantized layer the same way (graphopt.analysis.oprules.producers asks `dequantized`).
+Integer layers are left alone, with the reason: a quantized layer's output channels form a group that is
+blocked with it, and the channels it reads are blocked too, so `inspect --groups` and each pass's skipped
+list say why. A Conv, Gemm or MatMul whose weight is the DequantizeLinear of a constant (QDQ) is a quantized
+layer the same way (graphopt.analysis.oprules.producers asks `dequantized`) where it is still one when the
+analysis runs: the pruning methods and `inspect` first read such weights as the floats they stand for
+(graphopt.passes.quantize.through), so what remains here is blocked quantization and weights other readers
+share.
 DynamicQuantizeLinear blocks what it quantizes (its scale is a statistic over every channel).
 QuantizeLinear/DequantizeLinear of activations act on each element alone: with a per-tensor scale they
 pass the channels through; with a constant per-axis scale on the channel axis, the scale and zero point

@@ -91,6 +91,7 @@ def budget_history(by: str, groups: list[Group], kept: dict[int, np.ndarray], sc
 
 class _ChannelPruning(Pass):
     kind = "method"
+    through_quantized = True
     # weights are seen only as initializers; RMSNorm/TSRA are matched on inferred shapes
     requires = READS_WEIGHTS
     preserves = CHANGES_CHANNELS

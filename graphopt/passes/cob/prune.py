@@ -326,6 +326,7 @@ def _deferred(ctx: PassContext, name: str, kind: str | None) -> bool:
 class ChangeOfBasisPruning(Pass):
     name = "cob"
     kind = "method"
+    through_quantized = True
     description = "change-of-basis pruning: PCA / L1-PCA rotations folded into weights (TSRA, RMS norm), then pruning"
     # chains are found on inferred shapes; a BatchNorm left between producer and consumers breaks a chain
     requires = READS_FOLDED_WEIGHTS

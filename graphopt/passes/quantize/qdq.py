@@ -10,8 +10,8 @@ onnxruntime's CPU provider fuses QDQ into integer kernels around float32 ops onl
 ran 0.22x as fast quantized at batch 8 (bench/half_quantize.py), so `optimize` prints a note.
 The pass then times the quantized model against the float graph it came from, side by side at batch 1
 (stats `speedup_b1`, p10, p90; `optimize` warns when it is slower). A model that already holds quantized ops
-is refused with the reason. Pruning after quantization is not
-offered: pruning passes leave quantized layers alone (graphopt.analysis.oprules.quantized).
+is refused with the reason. Pruning after quantization goes through the integers of QDQ layers
+(graphopt.passes.quantize.through); integer layers stay as they are (graphopt.analysis.oprules.quantized).
 """
 
 from __future__ import annotations

@@ -158,6 +158,7 @@ def _qk_stats(qk: QKPlan, chosen: dict[int, int]) -> dict[str, int]:
 class SubspaceNodePruning(Pass):
     name = "snp"
     kind = "method"
+    through_quantized = True
     description = "subspace node pruning: LDL ordering on calibration statistics, least-squares reconstruction"
     requires = READS_WEIGHTS
     preserves = CHANGES_CHANNELS

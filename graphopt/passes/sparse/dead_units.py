@@ -253,6 +253,7 @@ def eliminate(graph: gs.Graph, ctx: PassContext, result: PassResult) -> None:
 class DeadUnitElimination(Pass):
     name = "dead-units"
     kind = "method"
+    through_quantized = True
     description = "remove channels with all-zero outgoing weights; fold constant ones (zero incoming) into consumers"
     requires = READS_WEIGHTS
     preserves = CHANGES_CHANNELS

@@ -96,6 +96,7 @@ def sparsity_of(arrays: list[np.ndarray]) -> float:
 class OneShotMagnitudePruning(Pass):
     name = "omp"
     kind = "method"
+    through_quantized = True
     description = "one-shot magnitude pruning of Conv/Gemm/MatMul weights, then dead-unit elimination"
     # |w| judges a weight only once BatchNorm's scale is folded in; the dead-unit step needs what dead-units does
     requires = READS_FOLDED_WEIGHTS

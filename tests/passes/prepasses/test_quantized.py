@@ -8,10 +8,12 @@ around float Conv and MatMul, weights dequantized from int8), and dynamically wi
 quantized (the convolutions stay float and prunable). Each passes `onnx.checker` with the full check.
 
 `--method none` must write a model that passes the full check and computes exactly what the quantized
-model does (onnxruntime, graph optimisations disabled). magnitude, snp, cob and omp exit 0 with a valid
-model: every group a quantized layer touches is blocked with the reason, in `inspect --groups`, and every
-quantized layer is in the pass's skipped list with it; the quantized layers are unchanged; float layers
-beside them are pruned.
+model does (onnxruntime, graph optimisations disabled). On the dynamically quantized model, magnitude, snp,
+cob and omp exit 0 with a valid model: every group a quantized layer touches is blocked with the reason, in
+`inspect --groups`, and every quantized layer is in the pass's skipped list with it; the quantized layers are
+unchanged; float layers beside them are pruned. QDQ weights are pruned through
+(graphopt.passes.quantize.through): read as the floats they stand for, then stored as integers again, a channel
+that was only sliced keeping its very integers and scale, one that SNP rewrote quantized anew within half a step.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def _quantized_nodes(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("method", ["magnitude", "snp", "cob", "omp"])
-@pytest.mark.parametrize("name", ["dynamic", "qdq"])
+@pytest.mark.parametrize("name", ["dynamic"])
 def test_methods_leave_quantized_layers_alone_with_the_reason(name: str, method: str, quantized: dict[str, Path],
                                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     calibration = tmp_path / "calib.npz"
@@ -234,22 +236,20 @@ def test_rules_are_registered_for_the_quantized_ops() -> None:
         assert rule_for(gs.Node(op, domain=domain), {"": 17}) is not DEFAULT_RULE, op
 
 
-def _shared_target(float_first: bool) -> onnx.ModelProto:
-    """Two quantized projections (int8 weights behind DequantizeLinear) reshaped into [N, T, 2, 4] by one target
-    built at run time, as torch's dynamo exporter shares it between attention reshapes; `float_first`: a float
-    MLP before them whose hidden units can go."""
+def _shared_target() -> onnx.ModelProto:
+    """A float MLP, then two quantized projections (int8 weights behind DequantizeLinear) reshaped into
+    [N, T, 2, 4] by one target built at run time, as torch's dynamo exporter shares it between attention
+    reshapes."""
     rng = np.random.default_rng(3)
     inits = [init("wq", rng.integers(-127, 128, (8, 8)), "int8"), init("vq", rng.integers(-127, 128, (8, 8)), "int8"),
              "float scale = {0.01}", "int8 zp = {0}", init("out", weights(8, 4, seed=4)),
              init("start", [0], "int64"), init("stop", [2], "int64"), init("split", [2, 4], "int64"),
-             init("merge", [0, 0, 8], "int64")]
-    head = "x = Identity (input)"
-    if float_first:
-        inits += [init("w0", weights(8, 16, seed=5)), init("w1", weights(16, 8, seed=6))]
-        head = "h0 = MatMul (input, w0)\n a0 = Relu (h0)\n x = MatMul (a0, w1)"
+             init("merge", [0, 0, 8], "int64"), init("w0", weights(8, 16, seed=5)), init("w1", weights(16, 8, seed=6))]
     return parse(f"""<ir_version: 8, opset_import: ["" : 17]>
     main (float[N, T, 8] input) => (float[N, T, 4] y) <{", ".join(inits)}> {{
-        {head}
+        h0 = MatMul (input, w0)
+        a0 = Relu (h0)
+        x = MatMul (a0, w1)
         w = DequantizeLinear (wq, scale, zp)
         v = DequantizeLinear (vq, scale, zp)
         h = MatMul (x, w)
@@ -265,24 +265,158 @@ def _shared_target(float_first: bool) -> onnx.ModelProto:
     }}""")
 
 
-@pytest.mark.parametrize("float_first", [False, True], ids=["quantized_only", "float_first"])
 @pytest.mark.parametrize("method", ["magnitude", "snp"])
-def test_a_reshape_target_shared_by_quantized_layers_is_left_as_it_was(float_first: bool, method: str,
-                                                                        tmp_path: Path) -> None:
+def test_a_shared_reshape_target_stays_as_it_was_when_nothing_is_cut(method: str, tmp_path: Path) -> None:
     """Groups that keep every channel leave the nodes computing their reshape targets alone: no private copies
-    (with nothing pruned, a copy placed after its reader made the written model invalid)."""
-    model = _shared_target(float_first)
+    (a copy placed after its reader, with nothing cut, made the written model invalid: exit 1)."""
+    model = _shared_target()
     source, output, calibration = tmp_path / "model.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
     onnx.save(model, str(source))
     np.savez(calibration, input=np.random.default_rng(1).standard_normal((32, 5, 8)).astype(np.float32))
-    report = tmp_path / "report.json"
-    assert cli.main(["optimize", str(source), "-o", str(output), "--method", method, "--target-macs", "0.8",
-                     "--calib", str(calibration), "--report", str(report), "--quiet"]) == 0
+    assert cli.main(["optimize", str(source), "-o", str(output), "--method", method, "--target-macs", "1.0",
+                     "--calib", str(calibration), "--quiet"]) == 0
     onnx.checker.check_model(str(output), full_check=True)
     written = onnx.load(str(output))
     assert [n.op_type for n in written.graph.node].count("Concat") == 1
     feeds = {"input": np.random.default_rng(2).standard_normal((3, 5, 8)).astype(np.float32)}
-    if float_first:
-        assert json.loads(report.read_text())["macs_ratio"] < 1.0  # the float MLP is pruned
-    else:
-        np.testing.assert_array_equal(run_ort(written, feeds)["y"], run_ort(model, feeds)["y"])
+    np.testing.assert_array_equal(run_ort(written, feeds)["y"], run_ort(model, feeds)["y"])
+
+
+# -- QDQ weights pruned through ----------------------------------------------------------------------
+
+def _weight_quantization(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Each layer's stored integer weight, its scales and their axis, by the layer's output."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    found = {}
+    for node in model.graph.node:
+        source = producers.get(node.input[1]) if node.op_type in ("Conv", "MatMul", "Gemm") else None
+        if source is not None and source.op_type == "DequantizeLinear":
+            axis = next((a.i for a in source.attribute if a.name == "axis"), 1)
+            found[node.output[0]] = (values[source.input[0]], values[source.input[1]].reshape(-1), axis)
+    return found
+
+
+def test_qdq_weights_come_back_as_they_were_when_nothing_changes(quantized: dict[str, Path]) -> None:
+    from graphopt.ir import graph as ir
+    from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
+
+    model = onnx.load(str(quantized["qdq"]))
+    graph = ir.import_graph(model)
+    records = unquantize_weights(graph)
+    floats = ir.export_model(graph, model)
+    assert len(records) == 5 and "DequantizeLinear" in _ops(quantized["qdq"])  # 3 weights, 2 conv biases
+    assert not _weight_quantization(floats)
+    feeds = {"input": _samples(3, 9)}
+    for key, value in run_ort(model, feeds).items():  # the floats are what DequantizeLinear computes
+        np.testing.assert_array_equal(run_ort(floats, feeds)[key], value)
+    stats = requantize_weights(graph, records)
+    assert stats["quantized_channels_requantized"] == 0
+    restored = ir.export_model(graph, model)
+    assert sorted(n.name for n in restored.graph.node) == sorted(n.name for n in model.graph.node)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in restored.graph.initializer}
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value)
+
+
+def _planted_qdq() -> onnx.ModelProto:
+    """x -> QDQ -> Conv (int8 weight per output channel, int32 bias; units 1 and 4 dead) -> Relu -> QDQ -> Conv."""
+    rng = np.random.default_rng(7)
+    first = rng.integers(-127, 128, (6, 3, 3, 3))
+    first[[1, 4]] = 0
+    bias = np.where(np.isin(np.arange(6), [1, 4]), 0, rng.integers(-500, 500, 6))
+    scales = np.linspace(0.002, 0.006, 6).astype(np.float32)
+    inits = ", ".join([init("w1", first, "int8"), init("s1", scales), init("z1", np.zeros(6), "int8"),
+                       init("b1", bias, "int32"), init("bs", scales * np.float32(0.02)),
+                       init("bz", np.zeros(6), "int32"), init("w2", rng.integers(-127, 128, (5, 6, 1, 1)), "int8"),
+                       init("s2", np.full(5, 0.01, np.float32)), init("z2", np.zeros(5), "int8"),
+                       "float sa = {0.02}", "uint8 za = {128}", "float sr = {0.05}", "uint8 zr = {0}"])
+    return parse(f'''<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, 6, 6] x) => (float[N, 5, 6, 6] y) <{inits}> {{
+            xq = QuantizeLinear (x, sa, za)
+            xd = DequantizeLinear (xq, sa, za)
+            w1f = DequantizeLinear <axis = 0> (w1, s1, z1)
+            b1f = DequantizeLinear <axis = 0> (b1, bs, bz)
+            h = Conv <pads = [1, 1, 1, 1]> (xd, w1f, b1f)
+            r = Relu (h)
+            rq = QuantizeLinear (r, sr, zr)
+            rd = DequantizeLinear (rq, sr, zr)
+            w2f = DequantizeLinear <axis = 0> (w2, s2, z2)
+            y = Conv (rd, w2f)
+        }}''')
+
+
+def test_magnitude_prunes_through_qdq_weights_keeping_their_integers(tmp_path: Path) -> None:
+    """The dead units go; every kept channel keeps its integers, scale and bias exactly, so the quantized model
+    computes what it did."""
+    model = _planted_qdq()
+    source, output = tmp_path / "qdq.onnx", tmp_path / "pruned.onnx"
+    onnx.save(model, str(source))
+    report = graphopt.optimize(source, method="magnitude", target_macs=4 / 6, round_to=1, output=output).report
+    stats = report["passes"][-1]["stats"]
+    assert stats["channels_removed"] == 2 and stats["quantized_channels_requantized"] == 0
+    onnx.checker.check_model(str(output), full_check=True)
+    pruned = onnx.load(str(output))
+    assert_equivalent(model, pruned, random_inputs(model, batch=3))
+    kept = [0, 2, 3, 5]
+    before, after = _weight_quantization(model), _weight_quantization(pruned)
+    assert after.keys() == before.keys()
+    (first,) = [name for name, (stored, _, _) in before.items() if stored.shape[0] == 6]
+    (second,) = [name for name in before if name != first]
+    np.testing.assert_array_equal(after[first][0], before[first][0][kept])
+    np.testing.assert_array_equal(after[first][1], before[first][1][kept])
+    np.testing.assert_array_equal(after[second][0], before[second][0][:, kept])
+    np.testing.assert_array_equal(after[second][1], before[second][1])
+    assert all(stored.dtype == np.int8 for stored, _, _ in after.values())
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random", "snp", "omp", "dead-units"])
+def test_methods_prune_qdq_layers_and_store_them_as_integers(method: str, quantized: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    output = tmp_path / f"{method}.onnx"
+    options = {"sparsity": 0.5} if method == "omp" else {} if method == "dead-units" else {"target_macs": 0.5}
+    result = graphopt.optimize(quantized["qdq"], method=method, output=output,
+                               calib={"input": _samples(32, 1)} if method == "snp" else None, **options)
+    onnx.checker.check_model(str(output), full_check=True)
+    pruned = onnx.load(str(output))
+    layers = _weight_quantization(pruned)
+    assert len(layers) == 3 and all(stored.dtype == np.int8 for stored, _, _ in layers.values())
+    assert not any(REASON in line for line in result.report["passes"][-1]["skipped"])
+    if method == "omp":
+        assert result.report["weight_sparsity"]["overall"] >= 0.45  # zero points stored where weights went
+    elif method != "dead-units":
+        assert result.report["macs_ratio"] <= 0.52
+    outputs = _outputs(output)
+    assert outputs["logits"].shape == _outputs(quantized["qdq"])["logits"].shape
+
+
+def test_snp_requantizes_what_it_rewrote_within_half_a_step(quantized: dict[str, Path], tmp_path: Path) -> None:
+    """SNP on the QDQ model against SNP on the same model with its weights as floats (the same statistics, so
+    the same cuts): every weight it wrote back is the float one to within half its channel's step."""
+    from graphopt.ir import graph as ir
+    from graphopt.passes.quantize.through import unquantize_weights
+
+    model = onnx.load(str(quantized["qdq"]))
+    graph = ir.import_graph(model)
+    unquantize_weights(graph)
+    twin = tmp_path / "twin.onnx"
+    onnx.save(ir.export_model(graph, model), str(twin))
+    calib = {"input": _samples(32, 1)}
+    results = {name: graphopt.optimize(path, method="snp", target_macs=0.6, calib=calib,
+                                       output=tmp_path / f"{name}_snp.onnx")
+               for name, path in (("qdq", quantized["qdq"]), ("float", twin))}
+    stats = results["qdq"].report["passes"][-1]["stats"]
+    assert stats["quantized_channels_requantized"] > 0
+    assert results["qdq"].report["macs_ratio"] == pytest.approx(results["float"].report["macs_ratio"])
+    written = _weight_quantization(onnx.load(str(tmp_path / "qdq_snp.onnx")))
+    floats = onnx.load(str(tmp_path / "float_snp.onnx"))
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in floats.graph.initializer}
+    by_layer = {n.output[0]: values[n.input[1]] for n in floats.graph.node if n.op_type in ("Conv", "MatMul")}
+    for name, (stored, scale, axis) in written.items():
+        shape = [1] * stored.ndim
+        shape[axis] = -1
+        step = scale.reshape(shape)
+        assert stored.shape == by_layer[name].shape, name
+        assert np.all(np.abs(stored * step - by_layer[name]) <= step / 2 * (1 + 1e-5) + 1e-7), name

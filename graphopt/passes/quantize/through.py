@@ -1,0 +1,290 @@
+"""Pruning through QDQ weights: a layer whose weight (or bias) is the DequantizeLinear of a stored integer
+constant (onnxruntime's static QDQ quantization writes every Conv, Gemm and MatMul weight this way) is pruned
+like a float layer, and its integers are written back afterwards.
+
+`unquantize_weights` replaces each such DequantizeLinear by the float constant it computes, bit for bit what
+onnxruntime computes ((q - zero_point) x scale in float32), so the graph still computes exactly what it did and
+every channel method sees float weights. Activations keep their QuantizeLinear/DequantizeLinear pairs: the
+channel analysis passes channels through them (graphopt.analysis.oprules.quantized).
+
+`requantize_weights` turns each of those float constants back into an integer constant behind a
+DequantizeLinear with the original's element type, axis and scheme. Channel by channel along the scale's axis,
+the original channels are tried in order (pruning keeps channels in their order): a channel whose values are
+integers times one original channel's scale (plus its zero point) within the type's range keeps that scale and
+zero point, so a channel that was only sliced comes back as the very integers it had. A channel whose values
+changed (SNP's reconstruction, cob's rotation) gets a new scale from its range, symmetric where the original
+zero points were all zero, as onnxruntime quantizes weights; its error is at most half a step. A bias takes
+the scale its weight channel kept, or where the weight was quantized again, the original ratio of bias scale to
+weight scale (onnxruntime's input scale) times the new weight scale.
+
+Blocked quantization (`block_size`), 4-bit and 8-bit float types, and DequantizeLinear outputs that anything
+but a layer's weight or bias reads are left as they are (the channel analysis then leaves those layers alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.ir import graph as ir
+from graphopt.ir.sparse import WEIGHTED_OPS
+
+_INTEGER = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+            for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
+_TOLERANCE = 1e-3  # how far from an integer a stored value divided by a scale may land (float32 rounding)
+
+
+@dataclass
+class Quantized:
+    """One DequantizeLinear of a constant that layers read: its stored integers, scale, zero point and axis."""
+
+    name: str
+    values: np.ndarray  # the integers
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int | None  # None: one scale for the tensor
+    readers: list[tuple[gs.Node, int]] = field(default_factory=list)  # (layer, input index)
+    bias_of: "Quantized | None" = None  # a bias: the weight of its layer, whose channels it follows
+    node: gs.Node | None = None  # the DequantizeLinear itself, put back where nothing changed
+    output: gs.Variable | None = None
+    written_scale: np.ndarray | None = None  # the scales written back, one per channel
+
+    def floats(self) -> np.ndarray:
+        """What DequantizeLinear computes: (q - zero point) x scale in float32, in the scale's type."""
+        zero = 0.0 if self.zero_point is None else self._along(self.zero_point).astype(np.float32)
+        steps = self.values.astype(np.float32) - zero
+        return (steps * self._along(self.scale).astype(np.float32)).astype(self.scale.dtype)
+
+    def _along(self, per_channel: np.ndarray) -> np.ndarray:
+        if self.axis is None or per_channel.size == 1:
+            return per_channel.reshape(())
+        shape = [1] * self.values.ndim
+        shape[self.axis] = -1
+        return per_channel.reshape(shape)
+
+
+def _layer_input(node: gs.Node, index: int) -> bool:
+    """Whether input `index` of `node` is a layer's weight or bias."""
+    return node.op in WEIGHTED_OPS and (index == 1 or (index == 2 and node.op != "MatMul"))
+
+
+def _constants(node: gs.Node) -> tuple[gs.Constant, gs.Constant, gs.Constant | None] | None:
+    """The stored integers, scale and zero point a DequantizeLinear reads, when all are constants it can take
+    back (no blocked quantization)."""
+    if node.op != "DequantizeLinear" or len(node.inputs) < 2 or node.attrs.get("block_size", 0):
+        return None
+    stored, scale = node.inputs[0], node.inputs[1]
+    zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if not all(isinstance(t, gs.Constant) for t in (stored, scale, *([zero] if zero is not None else []))):
+        return None
+    return (stored, scale, zero) if np.asarray(stored.values).dtype in _INTEGER else None
+
+
+def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
+    """The DequantizeLinear `node` as a record, when it dequantizes constants that only layers' weights or biases
+    read, with a per-tensor or per-axis scale this module writes back."""
+    found = _constants(node)
+    out = node.outputs[0] if node.outputs else None
+    if found is None or out is None or out.name in graph_outputs or not out.outputs:
+        return None
+    readers = [(reader, index) for reader in out.outputs for index, t in enumerate(reader.inputs) if t is out]
+    if not all(_layer_input(reader, index) for reader, index in readers):
+        return None
+    stored, scale, zero = found
+    values = np.asarray(stored.values)
+    scale_values = np.asarray(scale.values)
+    axis = None if scale_values.size == 1 and scale_values.ndim <= 1 else \
+        int(node.attrs.get("axis", 1)) % max(values.ndim, 1)
+    zero_values = None if zero is None else np.asarray(zero.values).reshape(-1)
+    return Quantized(out.name, values, scale_values.reshape(-1), zero_values, axis, readers, node=node, output=out)
+
+
+def unquantize_weights(graph: gs.Graph) -> list[Quantized]:
+    """Replace every DequantizeLinear of a constant that only layers' weights and biases read by the float
+    constant it computes (the same values); return what was replaced, for `requantize_weights`."""
+    outputs = {t.name for t in graph.outputs}
+    found = []
+    for node in list(graph.nodes):
+        record = _stored(node, outputs)
+        if record is None:
+            continue
+        constant = gs.Constant(ir.unique_name(graph, f"{record.name}_float"), record.floats())
+        for reader, index in record.readers:
+            reader.inputs[index] = constant
+        node.outputs.clear()
+        graph.nodes.remove(node)
+        found.append(record)
+    weights = {id(reader): record for record in found for reader, index in record.readers if index == 1}
+    for record in found:
+        record.bias_of = next((weights.get(id(r)) for r, index in record.readers if index == 2), None)
+    return found
+
+
+def requantize_weights(graph: gs.Graph, records: list[Quantized]) -> dict[str, int]:
+    """Write every float weight and bias `unquantize_weights` made (where a layer still reads it) back as
+    integers behind a DequantizeLinear; stats: channels restored as they were and channels quantized anew."""
+    stats = {"quantized_channels_kept": 0, "quantized_channels_requantized": 0}
+    present = {id(node) for node in graph.nodes}
+    matches: dict[int, list[int | None]] = {}  # weight record id -> original channel of each written channel
+    written: dict[int, gs.Variable] = {}  # float constant id -> its new DequantizeLinear output
+    restored: set[int] = set()  # records whose own DequantizeLinear is back in the graph
+    for record in sorted(records, key=lambda r: r.bias_of is not None):  # weights first: biases follow them
+        for reader, index in record.readers:
+            constant = reader.inputs[index] if id(reader) in present else None
+            if not isinstance(constant, gs.Constant) or np.asarray(constant.values).dtype.kind != "f":
+                continue
+            if id(constant) not in written and _unchanged(record, constant):
+                written[id(constant)] = _restore(graph, record, restored)
+                matches[id(record)] = list(range(record.scale.size)) if record.axis is not None else [0]
+                record.written_scale = record.scale
+                stats["quantized_channels_kept"] += len(matches[id(record)])
+            if id(constant) not in written:
+                values = np.asarray(constant.values, dtype=np.float32)
+                if record.bias_of is None:
+                    stored, scale, zero, chosen = _quantize_weight(record, values)
+                    matches[id(record)] = chosen
+                else:
+                    stored, scale, zero, chosen = _quantize_bias(record, values, matches.get(id(record.bias_of)))
+                kept = sum(c is not None for c in chosen)
+                stats["quantized_channels_kept"] += kept
+                stats["quantized_channels_requantized"] += len(chosen) - kept
+                written[id(constant)] = _dequantize_node(graph, record, constant.name, stored, scale, zero)
+            reader.inputs[index] = written[id(constant)]
+    ir.cleanup(graph)  # the DequantizeLinear nodes go before their readers
+    return stats
+
+
+def _unchanged(record: Quantized, constant: gs.Constant) -> bool:
+    values = np.asarray(constant.values)
+    return values.shape == record.values.shape and np.array_equal(values, record.floats())
+
+
+def _restore(graph: gs.Graph, record: Quantized, restored: set[int]) -> gs.Variable:
+    """The original DequantizeLinear, its constants and names as they were (put back once)."""
+    if id(record) not in restored:
+        restored.add(id(record))
+        record.node.outputs.append(record.output)
+        graph.nodes.append(record.node)
+    return record.output
+
+
+def _channels(record: Quantized, values: np.ndarray) -> list[np.ndarray]:
+    if record.axis is None:
+        return [values]
+    return [np.take(values, c, axis=record.axis) for c in range(values.shape[record.axis])]
+
+
+def _fits(channel: np.ndarray, scale: float, zero: int, bounds: tuple[int, int]) -> np.ndarray | None:
+    """The integers `channel` is with this scale and zero point, or None where it is not such integers."""
+    if scale <= 0 or not np.isfinite(scale):
+        return None
+    steps = channel.astype(np.float64) / scale + zero
+    stored = np.rint(steps)
+    if np.any(np.abs(steps - stored) > _TOLERANCE * np.maximum(1.0, np.abs(stored) * 1e-3)):
+        return None
+    if stored.size and (stored.min() < bounds[0] or stored.max() > bounds[1]):
+        return None
+    return stored
+
+
+def _fresh(channel: np.ndarray, symmetric: bool, bounds: tuple[int, int]) -> tuple[float, int]:
+    """A scale and zero point for `channel` from its range (symmetric: zero point 0, the range ±max|value|)."""
+    low, high = min(float(channel.min(initial=0.0)), 0.0), max(float(channel.max(initial=0.0)), 0.0)
+    if symmetric:
+        reach = max(-low, high)
+        limit = min(-bounds[0], bounds[1]) if bounds[0] < 0 else bounds[1]
+        return (reach / limit if reach > 0 else 1.0), 0
+    scale = (high - low) / (bounds[1] - bounds[0]) if high > low else 1.0
+    return scale, int(np.clip(np.rint(bounds[0] - low / scale), *bounds))
+
+
+def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                       list[int | None]]:
+    bounds = _INTEGER[record.values.dtype]
+    zeros = record.zero_point if record.zero_point is not None else np.zeros(record.scale.size, dtype=np.int64)
+    symmetric = not np.any(zeros)
+    pieces, scales, points, chosen = [], [], [], []
+    start = 0
+    for channel in _channels(record, values):
+        found = None
+        for original in range(start, record.scale.size):
+            stored = _fits(channel, float(record.scale[original]), int(zeros[original]), bounds)
+            if stored is not None:
+                found = original
+                break
+        if found is not None:
+            start = found + 1
+            scale, zero = float(record.scale[found]), int(zeros[found])
+        else:
+            scale, zero = _fresh(channel, symmetric, bounds)
+            stored = np.clip(np.rint(channel.astype(np.float64) / scale + zero), *bounds)
+        pieces.append(stored)
+        scales.append(scale)
+        points.append(zero)
+        chosen.append(found)
+    return _assemble(record, pieces, scales, points, values.shape) + (chosen,)
+
+
+def _quantize_bias(record: Quantized, values: np.ndarray, weight_channels: list[int | None] | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int | None]]:
+    """A bias follows its weight's channels: the original scale where the weight channel kept its own, else the
+    original ratio of bias scale to weight scale times the weight channel's new scale."""
+    bounds = _INTEGER[record.values.dtype]
+    zeros = record.zero_point if record.zero_point is not None else np.zeros(record.scale.size, dtype=np.int64)
+    weight = record.bias_of
+    ratio = float(np.median(record.scale / weight.scale)) if weight is not None and \
+        weight.scale.size == record.scale.size else None
+    pieces, scales, points, chosen = [], [], [], []
+    channels = _channels(record, values)
+    for position, channel in enumerate(channels):
+        original = weight_channels[position] if weight_channels is not None and \
+            len(weight_channels) == len(channels) else None
+        if original is not None and original < record.scale.size:
+            scale, zero = float(record.scale[original]), int(zeros[original])
+        elif ratio is not None and weight_channels is not None:
+            scale, zero = ratio * _new_weight_scale(weight, position), 0
+        else:
+            scale, zero = _fresh(channel, True, bounds)
+        stored = np.clip(np.rint(channel.astype(np.float64) / scale + zero), *bounds)
+        pieces.append(stored)
+        scales.append(scale)
+        points.append(zero)
+        chosen.append(original)
+    return _assemble(record, pieces, scales, points, values.shape) + (chosen,)
+
+
+def _new_weight_scale(weight: Quantized, position: int) -> float:
+    written = weight.written_scale
+    return float(written[position]) if written is not None and position < written.size \
+        else float(np.median(weight.scale))
+
+
+def _assemble(record: Quantized, pieces: list[np.ndarray], scales: list[float], points: list[int],
+              shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    dtype = record.values.dtype
+    if record.axis is None:
+        stored = pieces[0].reshape(shape).astype(dtype)
+    else:
+        stored = np.stack(pieces, axis=record.axis).reshape(shape).astype(dtype)
+    scale = np.asarray(scales, dtype=record.scale.dtype)
+    zero = None if record.zero_point is None else np.asarray(points, dtype=record.zero_point.dtype)
+    if record.axis is None:
+        scale, zero = scale.reshape(()), (None if zero is None else zero.reshape(()))
+    record.written_scale = scale.reshape(-1)
+    return stored, scale, zero
+
+
+def _dequantize_node(graph: gs.Graph, record: Quantized, name: str, stored: np.ndarray, scale: np.ndarray,
+                     zero: np.ndarray | None) -> gs.Variable:
+    base = name[:-len("_float")] if name.endswith("_float") else name
+    inputs = [gs.Constant(ir.unique_name(graph, f"{base}_quantized"), stored),
+              gs.Constant(ir.unique_name(graph, f"{base}_scale"), scale)]
+    if zero is not None:
+        inputs.append(gs.Constant(ir.unique_name(graph, f"{base}_zero_point"), zero))
+    out = gs.Variable(ir.unique_name(graph, base), dtype=record.scale.dtype, shape=list(stored.shape))
+    attrs = {} if record.axis is None else {"axis": record.axis}
+    graph.nodes.append(gs.Node("DequantizeLinear", ir.unique_name(graph, f"{base}_DequantizeLinear"), attrs=attrs,
+                               inputs=inputs, outputs=[out]))
+    return out
