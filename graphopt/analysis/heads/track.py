@@ -7,7 +7,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.heads.blocks import HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value, weight_slice
+from graphopt.analysis.heads.blocks import (HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value,
+                                            per_tensor_qdq, weight_slice)
 from graphopt.analysis.heads.grouped import prefers_query_heads
 from graphopt.analysis.heads.sources import (folded_split, grouped_projections, head_split, packed_projection,
                                              producer_slices, sectioned_split, separate_projections)
@@ -271,10 +272,15 @@ def _step(t: _Tracker, node: gs.Node) -> None:
         t.mark(out, result, block)
 
 
+def _quantized_element(node: gs.Node, tracked: list[tuple[int, int]]) -> bool:
+    """An activation's per-tensor QuantizeLinear or DequantizeLinear reading the heads: elementwise."""
+    return per_tensor_qdq(node) and tracked[0][0] == 0
+
+
 def _rule(t: _Tracker, node: gs.Node, tracked: list[tuple[int, int]], block: int, axis: int) -> int | str:
     if node.domain not in (None, "", "ai.onnx"):
         return "an op outside the ONNX domain reads the heads"
-    if node.op in UNARY:
+    if node.op in UNARY or _quantized_element(node, tracked):
         return axis
     if node.op in SOFTMAX:
         rank = len(t.shapes.get(node.inputs[0].name, ()))
@@ -377,14 +383,26 @@ def _merged_readers(t: _Tracker, merged: gs.Tensor, width: int, block: int) -> s
     if any(merged is out for out in t.graph.outputs):
         return "the merged heads are a graph output"
     consumers = []
-    for reader in merged.outputs:
-        weight = weight_slice(reader, width, 0) if reader.inputs[0] is merged else None
+    for reader, read in _readers_through_qdq(merged):
+        weight = weight_slice(reader, width, 0) if reader.inputs[0] is read else None
         if weight is None:
             return f"the merged heads are read by {reader.name} ({reader.op}), not a linear projection"
         rows = 0 if reader.op == "MatMul" or not reader.attrs.get("transB", 0) else 1
-        consumers.append(HeadConsumer(reader, 1, rows, width, merged.name))
+        consumers.append(HeadConsumer(reader, 1, rows, width, read.name))
     t.blocks[t.find(block)].consumers.extend(consumers)
     return None
+
+
+def _readers_through_qdq(tensor: gs.Tensor) -> list[tuple[gs.Node, gs.Tensor]]:
+    """The nodes reading `tensor` and the tensor each reads: through an activation's per-tensor
+    QuantizeLinear/DequantizeLinear pair (QDQ models), the readers of what it dequantizes."""
+    found = []
+    for reader in tensor.outputs:
+        if per_tensor_qdq(reader) and reader.inputs[0] is tensor and reader.outputs[0].name:
+            found.extend(_readers_through_qdq(reader.outputs[0]))
+        else:
+            found.append((reader, tensor))
+    return found
 
 
 def _start(t: _Tracker, node: gs.Node, heads: int, width: int, sections: int = 1) -> None:

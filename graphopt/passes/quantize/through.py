@@ -2,7 +2,8 @@
 constant (onnxruntime's static QDQ quantization writes every Conv, Gemm and MatMul weight this way) is pruned
 like a float layer, and its integers are written back afterwards.
 
-`unquantize_weights` replaces each such DequantizeLinear by the float constant it computes, bit for bit what
+`unquantize_weights` replaces each such DequantizeLinear (and those of other constants: onnxruntime quantizes the
+bias a MatMul's Add reads too) by the float constant it computes, bit for bit what
 onnxruntime computes ((q - zero_point) x scale in float32), so the graph still computes exactly what it did and
 every channel method sees float weights. Activations keep their QuantizeLinear/DequantizeLinear pairs: the
 channel analysis passes channels through them (graphopt.analysis.oprules.quantized).
@@ -17,8 +18,8 @@ zero points were all zero, as onnxruntime quantizes weights; its error is at mos
 the scale its weight channel kept, or where the weight was quantized again, the original ratio of bias scale to
 weight scale (onnxruntime's input scale) times the new weight scale.
 
-Blocked quantization (`block_size`), 4-bit and 8-bit float types, and DequantizeLinear outputs that anything
-but a layer's weight or bias reads are left as they are (the channel analysis then leaves those layers alone).
+Blocked quantization (`block_size`), 4-bit and 8-bit float types and graph outputs are left as they are (the
+channel analysis then leaves those layers alone).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.ir import graph as ir
-from graphopt.ir.sparse import WEIGHTED_OPS
 
 _INTEGER = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
             for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
@@ -55,7 +55,7 @@ class Quantized:
         """What DequantizeLinear computes: (q - zero point) x scale in float32, in the scale's type."""
         zero = 0.0 if self.zero_point is None else self._along(self.zero_point).astype(np.float32)
         steps = self.values.astype(np.float32) - zero
-        return (steps * self._along(self.scale).astype(np.float32)).astype(self.scale.dtype)
+        return np.asarray(steps * self._along(self.scale).astype(np.float32)).astype(self.scale.dtype)
 
     def _along(self, per_channel: np.ndarray) -> np.ndarray:
         if self.axis is None or per_channel.size == 1:
@@ -63,11 +63,6 @@ class Quantized:
         shape = [1] * self.values.ndim
         shape[self.axis] = -1
         return per_channel.reshape(shape)
-
-
-def _layer_input(node: gs.Node, index: int) -> bool:
-    """Whether input `index` of `node` is a layer's weight or bias."""
-    return node.op in WEIGHTED_OPS and (index == 1 or (index == 2 and node.op != "MatMul"))
 
 
 def _constants(node: gs.Node) -> tuple[gs.Constant, gs.Constant, gs.Constant | None] | None:
@@ -83,15 +78,13 @@ def _constants(node: gs.Node) -> tuple[gs.Constant, gs.Constant, gs.Constant | N
 
 
 def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
-    """The DequantizeLinear `node` as a record, when it dequantizes constants that only layers' weights or biases
-    read, with a per-tensor or per-axis scale this module writes back."""
+    """The DequantizeLinear `node` as a record, when it dequantizes stored constants with a per-tensor or per-axis
+    scale this module writes back, and its output is no graph output."""
     found = _constants(node)
     out = node.outputs[0] if node.outputs else None
     if found is None or out is None or out.name in graph_outputs or not out.outputs:
         return None
     readers = [(reader, index) for reader in out.outputs for index, t in enumerate(reader.inputs) if t is out]
-    if not all(_layer_input(reader, index) for reader, index in readers):
-        return None
     stored, scale, zero = found
     values = np.asarray(stored.values)
     scale_values = np.asarray(scale.values)
@@ -102,8 +95,8 @@ def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
 
 
 def unquantize_weights(graph: gs.Graph) -> list[Quantized]:
-    """Replace every DequantizeLinear of a constant that only layers' weights and biases read by the float
-    constant it computes (the same values); return what was replaced, for `requantize_weights`."""
+    """Replace every DequantizeLinear of stored constants (a layer's weight or bias, a bias Add's operand) by the
+    float constant it computes (the same values); return what was replaced, for `requantize_weights`."""
     outputs = {t.name for t in graph.outputs}
     found = []
     for node in list(graph.nodes):

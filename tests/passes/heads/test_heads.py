@@ -387,3 +387,59 @@ def test_heads_of_torch_multihead_attention_folded_into_the_batch_go_exactly(exp
     stats = next(p for p in snp.report["passes"] if p["pass"] == "snp")["stats"]
     assert stats["heads_removed"] >= 3 and snp.report["macs_ratio"] <= 0.6 * 1.02
     assert np.isfinite(_run(snp.model, data)).all()
+
+
+def _quantized(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    """`model` statically quantized by onnxruntime in QDQ form (int8 weights per channel, uint8 activations)."""
+    quantization = pytest.importorskip("onnxruntime.quantization")
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([_data(4, TOKENS, seed) for seed in range(4)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    source = path.with_name("float.onnx")
+    onnx.save(model, str(source))
+    quantization.quantize_static(str(source), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True)
+    return onnx.load(str(path))
+
+
+def test_heads_of_a_qdq_model_go_through_its_quantize_pairs_exactly(exporter, tmp_path) -> None:
+    """In a QDQ model (onnxruntime's static quantization) a QuantizeLinear/DequantizeLinear pair sits between
+    every projection and its reshape: heads are found through them, and removing heads the output projection
+    ignores leaves the quantized model computing what it did, its weights stored as integers again."""
+    from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
+
+    def edit(module: Encoder) -> None:
+        _zero_head_output(module, 0, 2)
+        _zero_head_output(module, 1, 1)
+
+    model = _quantized(_export(_build(edit=edit), exporter, tmp_path / "m.onnx"), tmp_path / "qdq.onnx")
+    graph = ir.import_graph(model)
+    records = unquantize_weights(graph)
+    shapes = batch1_shapes(model, {"input_ids": (1, TOKENS), "attention_mask": (1, TOKENS)})
+    result = PassResult(modified=False)
+    blocks = usable_blocks(graph, shapes, result)
+    assert len(blocks) == LAYERS and all(block.heads == HEADS for block in blocks), result.skipped
+    for block, removed in zip(blocks, ([2], [1])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(HEADS), removed), {}, shapes, reconstruct=False)
+    assert requantize_weights(graph, records)["quantized_channels_requantized"] == 0
+    pruned = ir.export_model(graph, model)
+    onnx.checker.check_model(pruned, full_check=True)
+    data = _data(3, TOKENS + 4, seed=1)
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-5, atol=1e-5)
+    stored = {t.name for t in pruned.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert len(stored) == len({t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8})
+
+
+def test_snp_prunes_the_heads_of_a_qdq_model(tmp_path) -> None:
+    model = _quantized(_export(_build(), "dynamo", tmp_path / "m.onnx"), tmp_path / "qdq.onnx")
+    result = optimize(model, method="snp", calib=_data(64, TOKENS, seed=4), target_macs=0.6, round_to=1)
+    stats = result.report["passes"][-1]["stats"]
+    assert stats["head_blocks"] == LAYERS and stats["heads_removed"] >= 1 and result.report["macs_ratio"] <= 0.6
+    onnx.checker.check_model(result.model, full_check=True)
+    held_out = _data(16, TOKENS + 3, seed=5)
+    assert _cosine(_run(result.model, held_out), _run(model, held_out)) > 0.9
