@@ -31,6 +31,7 @@ from graphopt.calibration.cluster import open_cluster
 from graphopt.calibration.collect import DEFAULT_MEMORY, DEFAULT_ROWS_PER_CHANNEL, Calibrator
 from graphopt.calibration.data import Dataset, DataSource, fixed_batch, load_data
 from graphopt.calibration.mask import MaskChoice, choose_mask
+from graphopt.calibration.quantize import refuse_quantized
 from graphopt.calibration.metric import Metric
 from graphopt.calibration.shapes import count_cost
 from graphopt.calibration.store import StatsFile, save_stats
@@ -196,6 +197,8 @@ def optimize(model: ModelSource, *, method: str = "none", calib: DataSource | No
     outputs = model_outputs(output) if output is not None else []
     protected = _protected(model, [calib, resolved.get("stats")], outputs)
     original = as_model(model)
+    if "quantize" in pipeline:
+        refuse_quantized(original)  # before the pruning methods' work, not after it
     dataset, shapes, fallback, padding = _prepared_data(original, calib, input_shapes, resolved)
     batch_size = resolved["batch_size"]
 

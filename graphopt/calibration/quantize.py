@@ -90,7 +90,8 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
     if found:
         listed = ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
         raise QuantizeError(f"the model is already quantized ({listed}): quantizing it again would stack "
-                            "scales on integer weights; quantize the float model instead")
+                            "scales on integer weights; quantize the float model instead (the pruning methods prune a QDQ "
+                            "model as it is)")
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -79,6 +79,19 @@ def test_an_already_quantized_model_is_refused_with_the_reason(quantized: tuple[
         optimize(output, method="quantize", calib=CALIB, progress=False)
 
 
+def test_a_pipeline_ending_in_quantize_refuses_a_quantized_model_before_pruning_it(
+        quantized: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.passes.snp.prune import SubspaceNodePruning
+
+    def pruned(*args: object) -> None:
+        raise AssertionError("SNP ran on a model the pipeline refuses")
+
+    monkeypatch.setattr(SubspaceNodePruning, "run", pruned)
+    output, _ = quantized
+    with pytest.raises(GraphoptError, match="already quantized .*prune a QDQ model as it is"):
+        optimize(output, method="snp,quantize", calib=CALIB, target_macs=0.7, progress=False)
+
+
 def test_quantize_must_be_last_and_needs_data() -> None:
     with pytest.raises(OptionError, match="last method"):
         optimize(MODEL, method="quantize,magnitude", calib=CALIB, target_macs=0.7, progress=False)
