@@ -25,6 +25,7 @@ channel analysis then leaves those layers alone).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -193,31 +194,43 @@ def _fresh(channel: np.ndarray, symmetric: bool, bounds: tuple[int, int]) -> tup
     return scale, int(np.clip(np.rint(bounds[0] - low / scale), *bounds))
 
 
-def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                                       list[int | None]]:
+def _zero_points(record: Quantized) -> np.ndarray:
+    return record.zero_point if record.zero_point is not None else np.zeros(record.scale.size, dtype=np.int64)
+
+
+def _write(record: Quantized, values: np.ndarray, choose: Callable[[int, np.ndarray], tuple[float, int, int | None]]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int | None]]:
+    """`values` as integers, channel by channel with the (scale, zero point, original channel or None) `choose`
+    gives each; also the original channel each written one kept."""
     bounds = _INTEGER[record.values.dtype]
-    zeros = record.zero_point if record.zero_point is not None else np.zeros(record.scale.size, dtype=np.int64)
-    symmetric = not np.any(zeros)
     pieces, scales, points, chosen = [], [], [], []
-    start = 0
-    for channel in _channels(record, values):
-        found = None
-        for original in range(start, record.scale.size):
-            stored = _fits(channel, float(record.scale[original]), int(zeros[original]), bounds)
-            if stored is not None:
-                found = original
-                break
-        if found is not None:
-            start = found + 1
-            scale, zero = float(record.scale[found]), int(zeros[found])
-        else:
-            scale, zero = _fresh(channel, symmetric, bounds)
-            stored = np.clip(np.rint(channel.astype(np.float64) / scale + zero), *bounds)
-        pieces.append(stored)
+    for position, channel in enumerate(_channels(record, values)):
+        scale, zero, original = choose(position, channel)
+        pieces.append(np.clip(np.rint(channel.astype(np.float64) / scale + zero), *bounds))
         scales.append(scale)
         points.append(zero)
-        chosen.append(found)
+        chosen.append(original)
     return _assemble(record, pieces, scales, points, values.shape) + (chosen,)
+
+
+def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                       list[int | None]]:
+    """Each channel keeps the scale of the first original channel (after the last one taken) it is integers of,
+    else gets one from its range."""
+    bounds = _INTEGER[record.values.dtype]
+    zeros = _zero_points(record)
+    symmetric = not np.any(zeros)
+    start = 0
+
+    def choose(position: int, channel: np.ndarray) -> tuple[float, int, int | None]:
+        nonlocal start
+        for original in range(start, record.scale.size):
+            if _fits(channel, float(record.scale[original]), int(zeros[original]), bounds) is not None:
+                start = original + 1
+                return float(record.scale[original]), int(zeros[original]), original
+        return (*_fresh(channel, symmetric, bounds), None)
+
+    return _write(record, values, choose)
 
 
 def _quantize_bias(record: Quantized, values: np.ndarray, weight_channels: list[int | None] | None
@@ -225,27 +238,22 @@ def _quantize_bias(record: Quantized, values: np.ndarray, weight_channels: list[
     """A bias follows its weight's channels: the original scale where the weight channel kept its own, else the
     original ratio of bias scale to weight scale times the weight channel's new scale."""
     bounds = _INTEGER[record.values.dtype]
-    zeros = record.zero_point if record.zero_point is not None else np.zeros(record.scale.size, dtype=np.int64)
+    zeros = _zero_points(record)
     weight = record.bias_of
     ratio = float(np.median(record.scale / weight.scale)) if weight is not None and \
         weight.scale.size == record.scale.size else None
-    pieces, scales, points, chosen = [], [], [], []
-    channels = _channels(record, values)
-    for position, channel in enumerate(channels):
-        original = weight_channels[position] if weight_channels is not None and \
-            len(weight_channels) == len(channels) else None
+    count = values.shape[record.axis] if record.axis is not None else 1
+    followed = weight_channels if weight_channels is not None and len(weight_channels) == count else None
+
+    def choose(position: int, channel: np.ndarray) -> tuple[float, int, int | None]:
+        original = followed[position] if followed is not None else None
         if original is not None and original < record.scale.size:
-            scale, zero = float(record.scale[original]), int(zeros[original])
-        elif ratio is not None and weight_channels is not None:
-            scale, zero = ratio * _new_weight_scale(weight, position), 0
-        else:
-            scale, zero = _fresh(channel, True, bounds)
-        stored = np.clip(np.rint(channel.astype(np.float64) / scale + zero), *bounds)
-        pieces.append(stored)
-        scales.append(scale)
-        points.append(zero)
-        chosen.append(original)
-    return _assemble(record, pieces, scales, points, values.shape) + (chosen,)
+            return float(record.scale[original]), int(zeros[original]), original
+        if ratio is not None and followed is not None:
+            return ratio * _new_weight_scale(weight, position), 0, None
+        return (*_fresh(channel, True, bounds), None)
+
+    return _write(record, values, choose)
 
 
 def _new_weight_scale(weight: Quantized, position: int) -> float:
