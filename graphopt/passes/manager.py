@@ -163,10 +163,9 @@ def _run_through_quantized(current: Pass, graph: gs.Graph, ctx: PassContext) -> 
     from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
 
     records = unquantize_weights(graph)
-    if not records:
-        return current.run(graph, ctx)
     result = current.run(graph, ctx)
-    counts = requantize_weights(graph, records)
-    if result.modified:
-        result.stats.update(counts)
+    if records:
+        counts = requantize_weights(graph, records)
+        if result.modified:
+            result.stats.update(counts)
     return result

@@ -50,7 +50,9 @@ class Quantized:
     bias_of: "Quantized | None" = None  # a bias: the weight of its layer, whose channels it follows
     node: gs.Node | None = None  # the DequantizeLinear itself, put back where nothing changed
     output: gs.Variable | None = None
-    written_scale: np.ndarray | None = None  # the scales written back, one per channel
+    # once written back: the scale of each written channel and the original channel it kept (None: quantized anew)
+    written_scale: np.ndarray | None = None
+    written_channels: list[int | None] | None = None
 
     def floats(self) -> np.ndarray:
         """What DequantizeLinear computes: (q - zero point) x scale in float32, in the scale's type."""
@@ -121,7 +123,6 @@ def requantize_weights(graph: gs.Graph, records: list[Quantized]) -> dict[str, i
     integers behind a DequantizeLinear; stats: channels restored as they were and channels quantized anew."""
     stats = {"quantized_channels_kept": 0, "quantized_channels_requantized": 0}
     present = {id(node) for node in graph.nodes}
-    matches: dict[int, list[int | None]] = {}  # weight record id -> original channel of each written channel
     written: dict[int, gs.Variable] = {}  # float constant id -> its new DequantizeLinear output
     restored: set[int] = set()  # records whose own DequantizeLinear is back in the graph
     for record in sorted(records, key=lambda r: r.bias_of is not None):  # weights first: biases follow them
@@ -129,25 +130,27 @@ def requantize_weights(graph: gs.Graph, records: list[Quantized]) -> dict[str, i
             constant = reader.inputs[index] if id(reader) in present else None
             if not isinstance(constant, gs.Constant) or np.asarray(constant.values).dtype.kind != "f":
                 continue
-            if id(constant) not in written and _unchanged(record, constant):
-                written[id(constant)] = _restore(graph, record, restored)
-                matches[id(record)] = list(range(record.scale.size)) if record.axis is not None else [0]
-                record.written_scale = record.scale
-                stats["quantized_channels_kept"] += len(matches[id(record)])
             if id(constant) not in written:
-                values = np.asarray(constant.values, dtype=np.float32)
-                if record.bias_of is None:
-                    stored, scale, zero, chosen = _quantize_weight(record, values)
-                    matches[id(record)] = chosen
-                else:
-                    stored, scale, zero, chosen = _quantize_bias(record, values, matches.get(id(record.bias_of)))
-                kept = sum(c is not None for c in chosen)
+                written[id(constant)] = _write_back(graph, record, constant, restored)
+                kept = sum(c is not None for c in record.written_channels)
                 stats["quantized_channels_kept"] += kept
-                stats["quantized_channels_requantized"] += len(chosen) - kept
-                written[id(constant)] = _dequantize_node(graph, record, constant.name, stored, scale, zero)
+                stats["quantized_channels_requantized"] += len(record.written_channels) - kept
             reader.inputs[index] = written[id(constant)]
     ir.cleanup(graph)  # the DequantizeLinear nodes go before their readers
     return stats
+
+
+def _write_back(graph: gs.Graph, record: Quantized, constant: gs.Constant, restored: set[int]) -> gs.Variable:
+    """The DequantizeLinear output standing for `constant`: the original one where the values are as they were,
+    else new integers."""
+    if _unchanged(record, constant):
+        record.written_scale = record.scale
+        record.written_channels = list(range(record.scale.size)) if record.axis is not None else [0]
+        return _restore(graph, record, restored)
+    values = np.asarray(constant.values, dtype=np.float32)
+    stored, scale, zero = _quantize_weight(record, values) if record.bias_of is None \
+        else _quantize_bias(record, values)
+    return _dequantize_node(graph, record, constant.name, stored, scale, zero)
 
 
 def _unchanged(record: Quantized, constant: gs.Constant) -> bool:
@@ -170,17 +173,15 @@ def _channels(record: Quantized, values: np.ndarray) -> list[np.ndarray]:
     return [np.take(values, c, axis=record.axis) for c in range(values.shape[record.axis])]
 
 
-def _fits(channel: np.ndarray, scale: float, zero: int, bounds: tuple[int, int]) -> np.ndarray | None:
-    """The integers `channel` is with this scale and zero point, or None where it is not such integers."""
+def _fits(channel: np.ndarray, scale: float, zero: int, bounds: tuple[int, int]) -> bool:
+    """Whether `channel` is integers within `bounds` with this scale and zero point."""
     if scale <= 0 or not np.isfinite(scale):
-        return None
+        return False
     steps = channel.astype(np.float64) / scale + zero
     stored = np.rint(steps)
     if np.any(np.abs(steps - stored) > _TOLERANCE * np.maximum(1.0, np.abs(stored) * 1e-3)):
-        return None
-    if stored.size and (stored.min() < bounds[0] or stored.max() > bounds[1]):
-        return None
-    return stored
+        return False
+    return not stored.size or (stored.min() >= bounds[0] and stored.max() <= bounds[1])
 
 
 def _fresh(channel: np.ndarray, symmetric: bool, bounds: tuple[int, int]) -> tuple[float, int]:
@@ -199,9 +200,9 @@ def _zero_points(record: Quantized) -> np.ndarray:
 
 
 def _write(record: Quantized, values: np.ndarray, choose: Callable[[int, np.ndarray], tuple[float, int, int | None]]
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int | None]]:
-    """`values` as integers, channel by channel with the (scale, zero point, original channel or None) `choose`
-    gives each; also the original channel each written one kept."""
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`values` as (integers, scale, zero point), channel by channel with the (scale, zero point, original channel
+    or None) `choose` gives each, recorded on `record` as written."""
     bounds = _INTEGER[record.values.dtype]
     pieces, scales, points, chosen = [], [], [], []
     for position, channel in enumerate(_channels(record, values)):
@@ -210,11 +211,12 @@ def _write(record: Quantized, values: np.ndarray, choose: Callable[[int, np.ndar
         scales.append(scale)
         points.append(zero)
         chosen.append(original)
-    return _assemble(record, pieces, scales, points, values.shape) + (chosen,)
+    record.written_scale = np.asarray(scales, dtype=np.float64)
+    record.written_channels = chosen
+    return _assemble(record, pieces, scales, points, values.shape)
 
 
-def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
-                                                                       list[int | None]]:
+def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each channel keeps the scale of the first original channel (after the last one taken) it is integers of,
     else gets one from its range."""
     bounds = _INTEGER[record.values.dtype]
@@ -225,7 +227,7 @@ def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray,
     def choose(position: int, channel: np.ndarray) -> tuple[float, int, int | None]:
         nonlocal start
         for original in range(start, record.scale.size):
-            if _fits(channel, float(record.scale[original]), int(zeros[original]), bounds) is not None:
+            if _fits(channel, float(record.scale[original]), int(zeros[original]), bounds):
                 start = original + 1
                 return float(record.scale[original]), int(zeros[original]), original
         return (*_fresh(channel, symmetric, bounds), None)
@@ -233,8 +235,7 @@ def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray,
     return _write(record, values, choose)
 
 
-def _quantize_bias(record: Quantized, values: np.ndarray, weight_channels: list[int | None] | None
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[int | None]]:
+def _quantize_bias(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A bias follows its weight's channels: the original scale where the weight channel kept its own, else the
     original ratio of bias scale to weight scale times the weight channel's new scale."""
     bounds = _INTEGER[record.values.dtype]
@@ -243,6 +244,7 @@ def _quantize_bias(record: Quantized, values: np.ndarray, weight_channels: list[
     ratio = float(np.median(record.scale / weight.scale)) if weight is not None and \
         weight.scale.size == record.scale.size else None
     count = values.shape[record.axis] if record.axis is not None else 1
+    weight_channels = weight.written_channels if weight is not None else None
     followed = weight_channels if weight_channels is not None and len(weight_channels) == count else None
 
     def choose(position: int, channel: np.ndarray) -> tuple[float, int, int | None]:
@@ -273,7 +275,6 @@ def _assemble(record: Quantized, pieces: list[np.ndarray], scales: list[float], 
     zero = None if record.zero_point is None else np.asarray(points, dtype=record.zero_point.dtype)
     if record.axis is None:
         scale, zero = scale.reshape(()), (None if zero is None else zero.reshape(()))
-    record.written_scale = scale.reshape(-1)
     return stored, scale, zero
 
 
