@@ -90,6 +90,7 @@ Results: OUTPUT.json (every run, the machine) and OUTPUT.md (the tables); bench/
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -340,13 +341,20 @@ def _ocr_pages(samples: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": ocr.pages(samples, seed)}
 
 
+@functools.cache
+def _pipecat_features() -> Any:
+    """pipecat's Whisper feature extractor, loaded alone: the pipecat package imports dependencies absent here."""
+    spec = importlib.util.spec_from_file_location(
+        "smart_turn_features", _package("pipecat") / "audio" / "turn" / "smart_turn" / "_whisper_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _turn_features(samples: int, seed: int) -> dict[str, np.ndarray]:
     """smart-turn's input: Whisper log-mel features [N, 80, 800] of 8 seconds of 16 kHz audio ending in speech
     (1.5 to 8 seconds of the VAD's chunks, zeros before), by pipecat's own numpy feature extractor."""
-    spec = importlib.util.spec_from_file_location(
-        "smart_turn_features", _package("pipecat") / "audio" / "turn" / "smart_turn" / "_whisper_features.py")
-    features = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(features)  # loaded alone: the pipecat package imports dependencies absent here
+    features = _pipecat_features()
     window = 8 * RATE
     lengths = np.random.default_rng(seed + 3000).uniform(1.5, 8.0, samples)
     clips = [wake_audio(1, seed * samples + index, length)[0] / 32768.0 for index, length in enumerate(lengths)]
@@ -378,16 +386,6 @@ def _watermarked(samples: int, seed: int) -> dict[str, np.ndarray]:
     """The decoder's input: frames watermarked by the wheel's encoder, clipped to [-1, 1] as imwatermark does."""
     feeds = _to_watermark(samples, seed)
     return {"frame": np.clip(_riva_session("encoder").run(None, feeds)[0], -1.0, 1.0)}
-
-
-def _bits_kept(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    """The share of watermark bits (activation above imwatermark's threshold 0.52) the candidate decodes as the
-    original does."""
-    from graphopt.calibration.session import make_session
-
-    found = [make_session(model, optimize=True).run(None, feeds)[0] > WATERMARK_THRESHOLD
-             for model in (reference, candidate)]
-    return float(np.mean(found[0] == found[1]))
 
 
 def _bits_recovered(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
@@ -511,7 +509,7 @@ def installed() -> list[Model]:
         found += [Model("invisible-watermark RivaGAN encoder", folder / "rivagan_encoder.onnx", _to_watermark,
                         (1, 8), agreement=("bits_recovered", _bits_recovered), samples=32),
                   Model("invisible-watermark RivaGAN decoder", folder / "rivagan_decoder.onnx", _watermarked,
-                        (1, 8), agreement=("bits_kept", _bits_kept), samples=32)]
+                        (1, 8), agreement=("bits_kept", _kept_above(WATERMARK_THRESHOLD)), samples=32)]
     return found + torch_built()
 
 
@@ -561,18 +559,23 @@ def sweep(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str
     return rows
 
 
-def _decisions(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-    """The share of speech decisions (probability above 0.5: per chunk, per window of a sequence) the candidate
-    keeps, each held-out sample run alone from a zero state."""
-    from graphopt.calibration.data import load_data
-    from graphopt.calibration.session import make_session
+def _kept_above(threshold: float) -> Callable[[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]], float]:
+    """The share of decisions (first output above `threshold`, element by element) the candidate keeps, each
+    held-out sample run alone (a recurrent model from its zero state)."""
+    def kept(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
+        from graphopt.calibration.data import load_data
+        from graphopt.calibration.session import make_session
 
-    found = []
-    for model in (reference, candidate):
-        session = make_session(model, optimize=True)
-        found.append(np.concatenate([np.ravel(session.run(None, feed)[0])
-                                     for feed in load_data(feeds, reference).batches(1)]))
-    return float(np.mean((found[0] > 0.5) == (found[1] > 0.5)))
+        found = []
+        for model in (reference, candidate):
+            session = make_session(model, optimize=True)
+            found.append(np.concatenate([np.ravel(session.run(None, feed)[0])
+                                         for feed in load_data(feeds, reference).batches(1)]))
+        return float(np.mean((found[0] > threshold) == (found[1] > threshold)))
+    return kept
+
+
+_decisions = _kept_above(0.5)  # speech per chunk or window, smart-turn's end of turn
 
 
 def _note_f1(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
@@ -595,6 +598,9 @@ def _pitch_kept(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: d
     return float(np.mean(20 * np.abs(bins[0] - bins[1]) <= 50))
 
 
+VARIANTS = {"snp-no-heads": ("snp", {"heads": False})}  # --methods names beside methods and pipelines
+
+
 def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     """snp and magnitude at each target: held-out fidelity and speed side by side with the original."""
     rows = []
@@ -603,7 +609,8 @@ def measure(model: Model, args: argparse.Namespace, folder: Path) -> list[dict[s
     for method in args.methods:
         for target in ([None] if method == "quantize" else args.targets):  # quantize alone keeps every MAC
             start = time.perf_counter()
-            result = graphopt.optimize(model.path, method=method, target_macs=target, calib=calib)
+            name, options = VARIANTS.get(method, (method, {}))
+            result = graphopt.optimize(model.path, method=name, target_macs=target, calib=calib, **options)
             seconds = time.perf_counter() - start
             fidelity = verify(original, result.model, heldout).first  # the first output: boxes, speech probability
             row = {"model": model.label, "method": method, "target": target,
@@ -664,7 +671,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=None, help="--part sweep: only these runs of the zoo "
                         "(ids as tests/passes/test_zoo_methods.py names them: snp-output, quantize, snp,quantize, ...)")
     parser.add_argument("--methods", nargs="+", default=["snp", "magnitude"],
-                        help="--part speed: methods or pipelines (quantize alone runs once, without a target)")
+                        help="--part speed: methods, pipelines (quantize alone runs once, without a target) or "
+                        "snp-no-heads (snp keeping every attention head)")
     parser.add_argument("--samples", type=int, default=None, help="calibration and held-out samples each (default: "
                         "32 images for the detector, 64 chunks or sequences for the VAD, 256 files for Magika, 48 "
                         "windows for basic-pitch, 256 frames for CREPE, 256 utterances for the speaker encoder, 64 "
@@ -677,7 +685,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS / "wheels")
     parser.add_argument("--write-calib", type=Path, default=None, metavar="DIR",
                         help="only write each model's calibration inputs (seed 1, as both parts use them) to "
-                             "DIR/LABEL.npz, for `graphopt optimize MODEL --calib DIR/LABEL.npz`; nothing is run")
+                             "DIR/LABEL.npz, for `graphopt optimize MODEL --calib DIR/LABEL.npz`, and part 2's "
+                             "held-out inputs to DIR/LABEL_heldout.npz, for `graphopt verify`; nothing is run")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
@@ -700,13 +709,15 @@ def main() -> None:
 
 
 def write_calib(models: list[Model], args: argparse.Namespace) -> None:
-    """Each model's calibration inputs as an .npz file named by its label (spaces and brackets to '_')."""
+    """Each model's calibration inputs as an .npz file named by its label (spaces and brackets to '_'), and the
+    held-out inputs part 2 scores on as LABEL_heldout.npz."""
     args.write_calib.mkdir(parents=True, exist_ok=True)
     for model in models:
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in model.label).strip("_")
-        path = args.write_calib / f"{name}.npz"
-        np.savez(path, **model.data(args.samples or model.samples, 1))
-        print(f"{model.path} -> {path}")
+        for suffix, seed in (("", 1), ("_heldout", 2)):
+            path = args.write_calib / f"{name}{suffix}.npz"
+            np.savez(path, **model.data(args.samples or model.samples, seed))
+            print(f"{model.path} -> {path}")
 
 
 def write_results(found: dict[str, Any], output: Path) -> None:
