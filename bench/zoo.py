@@ -20,7 +20,9 @@ Calibration data are seeded Gaussian samples (16 by default). Sets:
   the MACs), which keeps the whole sweep near half an hour on 2 cores;
 - wild: small models in the forms users write in torch (bench/zoo_wild.py: GRU, ConvNeXt and Mixer blocks,
   PixelShuffle, GroupNorm, nn.MultiheadAttention, tied embeddings, weight norm, PReLU, ...), both exporters,
-  opset 17.
+  opset 17;
+- qdq: the tiny zoo from both exporters as users ship it quantized: onnxruntime's `quantize_static` in QDQ
+  form (int8 weights per output channel, uint8 activations), calibrated on 16 Gaussian samples of its own.
 
 Per run: the status, the MAC ratio reached, the seconds `graphopt.optimize` took and the peak RSS the
 run added (optimize and the checks of its output). Runs above --slow seconds are listed at the end.
@@ -70,7 +72,7 @@ import zoo_wild  # noqa: E402
 
 MIB = 1024**2
 RESULTS = REPO / "bench" / "results"
-SETS = ("samples", "tiny", "large", "light", "tf2onnx", "wild")
+SETS = ("samples", "tiny", "large", "light", "tf2onnx", "wild", "qdq")
 
 
 def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
@@ -86,6 +88,8 @@ def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
             path = export.export_onnx(model, example, folder / f"{name}_{exporter}.onnx", exporter=exporter,
                                       opset=17, fold_bn=False)
             found.append((kind, f"{name} ({exporter})", path))
+    if "qdq" in sets:
+        found += [("qdq", f"{label} (qdq)", quantized(path, folder)) for _, label, path in models(["tiny"], folder)]
     if "light" in sets:
         light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
         paths = sorted(light.glob("*.onnx"))
@@ -102,6 +106,20 @@ def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
             onnx.save(builder(), path)
             found.append(("tf2onnx", name, path))
     return found
+
+
+def quantized(path: Path, folder: Path) -> Path:
+    """`path` quantized statically by onnxruntime into QDQ form, as `quantize_static` writes it for users."""
+    from onnxruntime import quantization
+
+    model = onnx.load(str(path))
+    feeds = calibration(model, 16, seed=5)
+    batches = iter([{name: value[i:i + 1] for name, value in feeds.items()} for i in range(16)])
+    reader = type("Reader", (quantization.CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
+    written = folder / f"{path.stem}_qdq.onnx"
+    quantization.quantize_static(str(path), str(written), reader, quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True)
+    return written
 
 
 def sweep(entries: list[tuple[str, str, Path]], args: argparse.Namespace, folder: Path,

@@ -361,6 +361,37 @@ def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def constant_or_node_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or of a Constant node's output; None for computed tensors."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    node = tensor.inputs[0] if tensor.inputs else None
+    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+    return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+
+
+def per_tensor_qdq(node: gs.Node) -> bool:
+    """A QuantizeLinear or DequantizeLinear with one constant scale (and zero point) for the whole tensor: it acts
+    on each element alone, as any elementwise op does."""
+    if node.op not in ("QuantizeLinear", "DequantizeLinear") or len(node.inputs) < 2:
+        return False
+    constants = [constant_or_node_value(t) for t in node.inputs[1:] if t.name]
+    return all(c is not None and c.size == 1 for c in constants)
+
+
+def past_qdq_pairs(graph: gs.Graph, tensor: gs.Tensor) -> gs.Tensor:
+    """`tensor`, or where its only reader is a per-tensor QuantizeLinear read only by a per-tensor
+    DequantizeLinear (an activation's quantization in a QDQ model), that pair's output, pair after pair."""
+    while True:
+        quantize = only_reader(graph, tensor)
+        if quantize is None or quantize.op != "QuantizeLinear" or not per_tensor_qdq(quantize):
+            return tensor
+        dequantize = only_reader(graph, quantize.outputs[0])
+        if dequantize is None or dequantize.op != "DequantizeLinear" or not per_tensor_qdq(dequantize):
+            return tensor
+        tensor = dequantize.outputs[0]
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.ir.graph import constant_or_node_value as constant_value, per_tensor_qdq
+
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -120,24 +122,6 @@ class HeadBlock:
     def macs_per_head(self, per_node: dict[str, int]) -> float:
         """MACs one unit costs per sample: its share of every projection, consumer and mixing op."""
         return sum(per_node.get(name, 0) * share for name, share in self.head_shares().items())
-
-
-def per_tensor_qdq(node: gs.Node) -> bool:
-    """A QuantizeLinear or DequantizeLinear with one constant scale (and zero point) for the whole tensor: it acts
-    on each element alone, so heads pass through it as through any elementwise op."""
-    if node.op not in ("QuantizeLinear", "DequantizeLinear") or len(node.inputs) < 2:
-        return False
-    constants = [constant_value(t) for t in node.inputs[1:] if t.name]
-    return all(c is not None and c.size == 1 for c in constants)
-
-
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output; None for computed tensors."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    node = tensor.inputs[0] if tensor.inputs else None
-    value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
-    return np.asarray(value.values) if isinstance(value, gs.Constant) else None
 
 
 def weight_slice(node: gs.Node, width: int, offset: int) -> HeadSlice | None:

@@ -64,16 +64,17 @@ def _moved(node: gs.Node, axis: int, shapes: Shapes) -> int | None:
 
 def gathered_section(tensor: gs.Tensor, shapes: Shapes) -> tuple[gs.Node, int, int] | str:
     """`tensor` as one section of a packed projection reshaped to [..., sections, width], moved by Unsqueeze,
-    Transpose and Squeeze that keep the width last, and taken by a Gather of a constant position along the
-    sections (torch's nn.MultiheadAttention: [seq, batch, 3, E], then unsqueeze, transpose, squeeze, select):
-    (that Reshape, the section's first column, the position of the width in its target), or why not."""
+    Transpose and Squeeze that keep the width last (per-tensor quantize/dequantize pairs between them), and taken
+    by a Gather of a constant position along the sections (torch's nn.MultiheadAttention: [seq, batch, 3, E],
+    then unsqueeze, transpose, squeeze, select): (that Reshape, the section's first column, the position of the width in its target), or why not."""
     gather = tensor.inputs[0]
     index = constant_value(gather.inputs[1])
     if index is None or index.ndim != 0:
         return "not a constant position"
     chain, current = [], gather.inputs[0]
-    while current.inputs and current.inputs[0].op in SECTION_LAYOUT:
-        chain.append(current.inputs[0])
+    while current.inputs and (current.inputs[0].op in SECTION_LAYOUT or per_tensor_qdq(current.inputs[0])):
+        if current.inputs[0].op in SECTION_LAYOUT:  # a quantize/dequantize pair (QDQ models) moves no axis
+            chain.append(current.inputs[0])
         current = current.inputs[0].inputs[0]
     split = _sections(current, shapes)
     if split is None:

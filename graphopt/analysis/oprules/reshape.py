@@ -14,7 +14,7 @@ The axes in front of the channel axis may also regroup among themselves ([batch 
 [batch, heads, d, T]) while the channel axis and those behind it stay as they are.
 - groups:  [N, C, ...] -> [N, G, -1] read only by an InstanceNormalization with per-group scale and bias
            whose output a Reshape lays back to the input's shape: torch's GroupNorm as both exporters write
-           it. The channels go in whole groups (graphopt.analysis.channels' granule); the second reshape's
+           it (per-tensor QuantizeLinear/DequantizeLinear pairs may stand between the three, as in QDQ models). The channels go in whole groups (graphopt.analysis.channels' granule); the second reshape's
            output carries them on, the G entry and the per-group parameters count the groups kept.
 The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
 keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
@@ -241,8 +241,8 @@ def _group_count(node: gs.Node, a: Analysis, state: ChannelState) -> int | None:
 def _group_norm_nodes(node: gs.Node, a: Analysis, groups: int) -> tuple[gs.Node, gs.Node] | None:
     """(the InstanceNormalization with per-group constants that alone reads `node`, the Reshape back to the
     input's shape that alone reads it), else None."""
-    norm = _only_reader(a, node.outputs[0], "InstanceNormalization")
-    back = _only_reader(a, norm.outputs[0], "Reshape") if norm is not None else None
+    norm = _only_reader(a, ir.past_qdq_pairs(a.graph, node.outputs[0]), "InstanceNormalization")
+    back = _only_reader(a, ir.past_qdq_pairs(a.graph, norm.outputs[0]), "Reshape") if norm is not None else None
     if back is None or a.shape(back.outputs[0]) != a.shape(node.inputs[0]):
         return None
     params = [constant_values(t) for t in norm.inputs[1:3]]

@@ -27,6 +27,15 @@ from graphopt.ir import graph as ir
 MARGIN = 1e-4
 
 
+def weight_refusal(tensor: gs.Tensor, plain: str) -> str:
+    """Why a layer whose weight `tensor` is not a constant of the right rank is not replaced: `plain`, or for the
+    DequantizeLinear of a QDQ model's integers, that the ops compute in float32."""
+    producer = ir.producer(tensor)
+    if producer is not None and producer.op == "DequantizeLinear":
+        return "weight is quantized (QDQ): the ExPrune ops compute in float32; run exprune before quantizing"
+    return plain
+
+
 @dataclass
 class ChainLayer:
     """A linear or convolution layer followed by its Relu: `nodes` are replaced by one ExPrune op reading

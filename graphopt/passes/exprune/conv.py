@@ -35,7 +35,8 @@ from graphopt.ir import graph as ir
 from graphopt.ops.exprune import RULES, boundary_factors, doubling_checkpoints
 from graphopt.ops.exprune_conv import (MIN_OPSET, NAME, build_exprune_conv_function, checkpoint_scores,
                                        output_size, prefix_sums, receptive_fields)
-from graphopt.passes.exprune.calib import Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in,
+                                           weight_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def match_conv(graph: gs.Graph, node: gs.Node) -> ConvLayer | str:
         return f"model opset {graph.opset} < {MIN_OPSET}"
     weight = ir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim != 4:
-        return "weight is not a constant 2-D convolution kernel"
+        return weight_refusal(node.inputs[1], "weight is not a constant 2-D convolution kernel")
     if weight.dtype != np.float32:
         return f"weight dtype {weight.dtype} (the op is float32)"
     if int(node.attrs.get("group", 1)) != 1:

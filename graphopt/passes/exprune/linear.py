@@ -22,7 +22,8 @@ import onnx_graphsurgeon as gs
 from graphopt.ir import graph as ir
 from graphopt.ops.exprune import NAME, boundary_factors, checkpoint_scores, doubling_checkpoints
 from graphopt.passes.exprune.timing import TIMING_ROWS
-from graphopt.passes.exprune.calib import Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in
+from graphopt.passes.exprune.calib import (Calibrated, ChainLayer, Curve, outcome, probe_length, swap_in,
+                                           weight_refusal)
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _linear(node: gs.Node) -> tuple[np.ndarray, np.ndarray] | str:
     """(weight [n, d], bias [n]) of a Gemm/MatMul with a constant weight, or why not."""
     weight = ir.constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or weight.ndim != 2:
-        return "weight is not a constant matrix"
+        return weight_refusal(node.inputs[1], "weight is not a constant matrix")
     if weight.dtype != np.float32:
         return f"weight dtype {weight.dtype} (the op is float32)"
     inputs_axis = 1 if node.op == "Gemm" and node.attrs.get("transB", 0) else 0

@@ -50,6 +50,7 @@ class Quantized:
     bias_of: "Quantized | None" = None  # a bias: the weight of its layer, whose channels it follows
     node: gs.Node | None = None  # the DequantizeLinear itself, put back where nothing changed
     output: gs.Variable | None = None
+    quantize: gs.Node | None = None  # the QuantizeLinear of a float constant only `node` reads, put back with it
     # once written back: the scale of each written channel and the original channel it kept (None: quantized anew)
     written_scale: np.ndarray | None = None
     written_channels: list[int | None] | None = None
@@ -68,16 +69,44 @@ class Quantized:
         return per_channel.reshape(shape)
 
 
-def _constants(node: gs.Node) -> tuple[gs.Constant, gs.Constant, gs.Constant | None] | None:
-    """The stored integers, scale and zero point a DequantizeLinear reads, when all are constants it can take
-    back (no blocked quantization)."""
+def _constants(node: gs.Node) -> tuple[np.ndarray, gs.Constant, gs.Constant | None, gs.Node | None] | None:
+    """(the stored integers, scale, zero point, the QuantizeLinear of a float constant that computes the integers
+    or None) a DequantizeLinear reads, when it can take them back (constants, no blocked quantization)."""
     if node.op != "DequantizeLinear" or len(node.inputs) < 2 or node.attrs.get("block_size", 0):
         return None
     stored, scale = node.inputs[0], node.inputs[1]
     zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-    if not all(isinstance(t, gs.Constant) for t in (stored, scale, *([zero] if zero is not None else []))):
+    if not all(isinstance(t, gs.Constant) for t in (scale, *([zero] if zero is not None else []))):
         return None
-    return (stored, scale, zero) if np.asarray(stored.values).dtype in _INTEGER else None
+    quantize = stored.inputs[0] if isinstance(stored, gs.Variable) and len(stored.inputs) == 1 else None
+    if quantize is not None:
+        values = _quantized_constant(quantize, node)
+        return None if values is None else (values, scale, zero, quantize)
+    if not isinstance(stored, gs.Constant) or np.asarray(stored.values).dtype not in _INTEGER:
+        return None
+    return np.asarray(stored.values), scale, zero, None
+
+
+def _quantized_constant(quantize: gs.Node, dequantize: gs.Node) -> np.ndarray | None:
+    """The integers a QuantizeLinear computes from a float constant, with the very scale and zero point
+    `dequantize` reads (a constant's QDQ pair, as onnxruntime writes it for Constant nodes): round half to even
+    and saturate, as the operator does; None for any other producer."""
+    if quantize.op != "QuantizeLinear" or quantize.attrs.get("block_size", 0) or \
+            quantize.inputs[1:] != dequantize.inputs[1:] or quantize.attrs.get("axis", 1) != dequantize.attrs.get("axis", 1):
+        return None
+    source = quantize.inputs[0]
+    zero = dequantize.inputs[2] if len(dequantize.inputs) > 2 and dequantize.inputs[2].name else None
+    dtype = np.dtype(np.uint8) if zero is None else np.asarray(zero.values).dtype
+    if not isinstance(source, gs.Constant) or np.asarray(source.values).dtype.kind != "f" or dtype not in _INTEGER \
+            or "output_dtype" in quantize.attrs:
+        return None
+    values = np.asarray(source.values, dtype=np.float32)
+    record = Quantized("", values, np.asarray(dequantize.inputs[1].values).reshape(-1),
+                       None if zero is None else np.asarray(zero.values).reshape(-1), None)
+    record.axis = None if record.scale.size == 1 else int(dequantize.attrs.get("axis", 1)) % max(values.ndim, 1)
+    steps = np.rint(values / record._along(record.scale).astype(np.float32))
+    steps = steps + (0 if record.zero_point is None else record._along(record.zero_point).astype(np.float32))
+    return np.clip(steps, *_INTEGER[dtype]).astype(dtype)
 
 
 def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
@@ -88,13 +117,13 @@ def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
     if found is None or out is None or out.name in graph_outputs or not out.outputs:
         return None
     readers = [(reader, index) for reader in out.outputs for index, t in enumerate(reader.inputs) if t is out]
-    stored, scale, zero = found
-    values = np.asarray(stored.values)
+    values, scale, zero, quantize = found
     scale_values = np.asarray(scale.values)
     axis = None if scale_values.size == 1 and scale_values.ndim <= 1 else \
         int(node.attrs.get("axis", 1)) % max(values.ndim, 1)
     zero_values = None if zero is None else np.asarray(zero.values).reshape(-1)
-    return Quantized(out.name, values, scale_values.reshape(-1), zero_values, axis, readers, node=node, output=out)
+    return Quantized(out.name, values, scale_values.reshape(-1), zero_values, axis, readers, node=node, output=out,
+                     quantize=quantize if quantize is not None and len(quantize.outputs[0].outputs) == 1 else None)
 
 
 def unquantize_weights(graph: gs.Graph) -> list[Quantized]:
@@ -111,6 +140,8 @@ def unquantize_weights(graph: gs.Graph) -> list[Quantized]:
             reader.inputs[index] = constant
         node.outputs.clear()
         graph.nodes.remove(node)
+        if record.quantize is not None:
+            graph.nodes.remove(record.quantize)
         found.append(record)
     weights = {id(reader): record for record in found for reader, index in record.readers if index == 1}
     for record in found:
@@ -163,6 +194,8 @@ def _restore(graph: gs.Graph, record: Quantized, restored: set[int]) -> gs.Varia
     if id(record) not in restored:
         restored.add(id(record))
         record.node.outputs.append(record.output)
+        if record.quantize is not None:
+            graph.nodes.append(record.quantize)
         graph.nodes.append(record.node)
     return record.output
 

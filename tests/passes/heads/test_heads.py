@@ -389,13 +389,14 @@ def test_heads_of_torch_multihead_attention_folded_into_the_batch_go_exactly(exp
     assert np.isfinite(_run(snp.model, data)).all()
 
 
-def _quantized(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
-    """`model` statically quantized by onnxruntime in QDQ form (int8 weights per channel, uint8 activations)."""
+def _quantized(model: onnx.ModelProto, path: Path, feeds: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
+    """`model` statically quantized by onnxruntime in QDQ form (int8 weights per channel, uint8 activations),
+    calibrated on `feeds` (default: four batches of token ids)."""
     quantization = pytest.importorskip("onnxruntime.quantization")
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([_data(4, TOKENS, seed) for seed in range(4)])
+            self.batches = iter(feeds if feeds is not None else [_data(4, TOKENS, seed) for seed in range(4)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
@@ -443,3 +444,40 @@ def test_snp_prunes_the_heads_of_a_qdq_model(tmp_path) -> None:
     onnx.checker.check_model(result.model, full_check=True)
     held_out = _data(16, TOKENS + 3, seed=5)
     assert _cosine(_run(result.model, held_out), _run(model, held_out)) > 0.9
+
+
+def test_heads_of_a_quantized_torch_multihead_attention_go_through_its_quantize_pairs(exporter, tmp_path) -> None:
+    """nn.MultiheadAttention quantized by onnxruntime: a quantize/dequantize pair stands between each step from
+    the packed projection's [seq, batch, 3, E] reshape to the gathered sections (unsqueeze, transpose, squeeze);
+    the sections are still found, heads the output projection ignores go exactly with every weight stored as
+    integers again, and SNP reaches a target that needs heads."""
+    from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
+    from graphopt.torch import export, zoo
+
+    module, example = zoo.ZOO["torch_encoder"]()
+    width = 32 // 4
+    with torch.no_grad():
+        for layer, heads in zip(module.encoder.layers, ([2], [1])):
+            for head in heads:
+                layer.self_attn.out_proj.weight[:, head * width:(head + 1) * width] = 0.0
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((4, 8, 32)).astype(np.float32)} for _ in range(4)]
+    model = _quantized(onnx.load(str(export.export_onnx(module, example, tmp_path / "m.onnx", exporter=exporter,
+                                                        fold_bn=False))), tmp_path / "qdq.onnx", feeds)
+    normalised = optimize(model, method="none").model
+    graph = ir.import_graph(normalised)
+    records = unquantize_weights(graph)
+    shapes = batch1_shapes(normalised, {"input": (1, 8, 32)})
+    result = PassResult(modified=False)
+    blocks = usable_blocks(graph, shapes, result)
+    assert [block.heads for block in blocks] == [4, 4], result.skipped
+    for block, removed in zip(blocks, ([2], [1])):
+        cut_heads(graph, block, np.setdiff1d(np.arange(4), removed), {}, shapes, reconstruct=False)
+    assert requantize_weights(graph, records)["quantized_channels_requantized"] == 0
+    pruned = ir.export_model(graph, normalised)
+    data = {"input": rng.standard_normal((3, 8, 32)).astype(np.float32)}
+    np.testing.assert_allclose(_run(pruned, data), _run(model, data), rtol=1e-5, atol=1e-5)
+    snp = optimize(model, method="snp", calib={"input": rng.standard_normal((32, 8, 32)).astype(np.float32)},
+                   target_macs=0.5)
+    stats = next(p for p in snp.report["passes"] if p["pass"] == "snp")["stats"]
+    assert stats["heads_removed"] >= 2 and snp.report["macs_ratio"] <= 0.5 * 1.02

@@ -420,3 +420,66 @@ def test_snp_requantizes_what_it_rewrote_within_half_a_step(quantized: dict[str,
         step = scale.reshape(shape)
         assert stored.shape == by_layer[name].shape, name
         assert np.all(np.abs(stored * step - by_layer[name]) <= step / 2 * (1 + 1e-5) + 1e-7), name
+
+
+def _quantized_zoo(name: str, exporter: str, folder: Path) -> Path:
+    """A torch zoo model exported by `exporter` and quantized statically by onnxruntime in QDQ form."""
+    from graphopt.torch import export, zoo
+
+    module, example = zoo.ZOO[name]()
+    source = export.export_onnx(module, example, folder / f"{name}.onnx", exporter=exporter, fold_bn=False)
+    shape = tuple(example.shape[1:])
+    batches = iter([{"input": np.random.default_rng(seed).standard_normal((4, *shape)).astype(np.float32)}
+                    for seed in range(4)])
+    reader = type("Reader", (quantization.CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
+    path = folder / f"{name}_qdq.onnx"
+    quantization.quantize_static(str(source), str(path), reader, quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True)
+    return path
+
+
+def _group_norm_scales(model: onnx.ModelProto) -> list[np.ndarray]:
+    """What each InstanceNormalization's scale computes, run in onnxruntime."""
+    wanted = [n.input[1] for n in model.graph.node if n.op_type == "InstanceNormalization"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in wanted)
+    found = run_ort(probe, {"input": np.zeros((1, 3, 16, 16), np.float32)})
+    return [found[name] for name in wanted]
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_group_norm_of_a_qdq_model_is_pruned_in_whole_groups(exporter: str, tmp_path: Path) -> None:
+    """torch's GroupNorm quantized by onnxruntime: quantize/dequantize pairs stand between the Reshape to groups,
+    the InstanceNormalization and the Reshape back, and the per-group scale is a QuantizeLinear of a Constant node
+    and its DequantizeLinear (legacy export). Read as floats and written back untouched, the model is as it was, that
+    QuantizeLinear included; magnitude cuts whole groups through it, the kept groups' scales as they were."""
+    from graphopt.ir import graph as ir
+    from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
+
+    source = _quantized_zoo("groupnorm_resnet", exporter, tmp_path)
+    model = graphopt.optimize(source, method="none").model
+    graph = ir.import_graph(model)
+    records = unquantize_weights(graph)
+    # the legacy export's norm scales are Constant nodes, quantized at run time; the dynamo export's one shared
+    # initializer is stored as integers
+    assert sum(r.quantize is not None for r in records) == (3 if exporter == "legacy" else 0)
+    assert requantize_weights(graph, records)["quantized_channels_requantized"] == 0
+    back = ir.export_model(graph, model)
+    assert sorted(n.name for n in back.graph.node) == sorted(n.name for n in model.graph.node)
+    output = tmp_path / "pruned.onnx"
+    report = graphopt.optimize(source, method="magnitude", target_macs=0.5, output=output).report
+    assert report["macs_ratio"] <= 0.51
+    assert not any("channel layout not recognised" in line for line in report["passes"][-1]["skipped"])
+    onnx.checker.check_model(str(output), full_check=True)
+    before, after = _group_norm_scales(model), _group_norm_scales(onnx.load(str(output)))
+    assert all(len(a) < len(b) and np.isin(a, b).all() for a, b in zip(after, before))
+
+
+def test_exprune_names_qdq_weights_as_the_reason_it_leaves_a_layer(tmp_path: Path) -> None:
+    source = tmp_path / "qdq.onnx"
+    onnx.save(_planted_qdq(), str(source))
+    calib = {"x": np.random.default_rng(3).standard_normal((16, 3, 6, 6)).astype(np.float32)}
+    report = graphopt.optimize(source, method="exprune", calib=calib).report
+    skipped = [line for entry in report["passes"] for line in entry["skipped"]]
+    assert any("weight is quantized (QDQ)" in line for line in skipped), skipped
