@@ -66,6 +66,7 @@ from common import SNP_EARLIER, machine  # noqa: E402
 from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL  # noqa: E402
 from graphopt.calibration.session import make_session  # noqa: E402
 from graphopt.torch import export, zoo  # noqa: E402
+from tests.conftest import quantize_qdq  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, Outcome, calibration, outcome  # noqa: E402
 from zoo_architectures import ARCHITECTURES, build  # noqa: E402
 import zoo_wild  # noqa: E402
@@ -109,17 +110,10 @@ def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
 
 
 def quantized(path: Path, folder: Path) -> Path:
-    """`path` quantized statically by onnxruntime into QDQ form, as `quantize_static` writes it for users."""
-    from onnxruntime import quantization
-
-    model = onnx.load(str(path))
-    feeds = calibration(model, 16, seed=5)
-    batches = iter([{name: value[i:i + 1] for name, value in feeds.items()} for i in range(16)])
-    reader = type("Reader", (quantization.CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
-    written = folder / f"{path.stem}_qdq.onnx"
-    quantization.quantize_static(str(path), str(written), reader, quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True)
-    return written
+    """`path` quantized statically by onnxruntime into QDQ form, calibrated on 16 Gaussian samples of its own."""
+    feeds = calibration(onnx.load(str(path)), 16, seed=5)
+    batches = [{name: value[i:i + 1] for name, value in feeds.items()} for i in range(16)]
+    return quantize_qdq(path, folder / f"{path.stem}_qdq.onnx", batches)
 
 
 def sweep(entries: list[tuple[str, str, Path]], args: argparse.Namespace, folder: Path,

@@ -147,6 +147,18 @@ def run_pass(model: onnx.ModelProto, name: str, **ctx_fields: object):
     return result, records[0].result
 
 
+def quantize_qdq(source: Path, path: Path, batches: list[dict[str, np.ndarray]]) -> Path:
+    """`source` quantized statically by onnxruntime in QDQ form, as users ship it (int8 weights per output
+    channel, uint8 activations), calibrated on `batches`; written to `path`."""
+    from onnxruntime import quantization
+
+    feeds = iter(batches)
+    reader = type("Reader", (quantization.CalibrationDataReader,), {"get_next": lambda self: next(feeds, None)})()
+    quantization.quantize_static(str(source), str(path), reader, quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True)
+    return path
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 

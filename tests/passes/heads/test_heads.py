@@ -20,6 +20,7 @@ from graphopt.ir import graph as ir
 from graphopt.passes.heads.prune import cut_heads
 from graphopt.passes.heads.select import usable_blocks
 from graphopt.passes.base import PassResult
+from tests.conftest import quantize_qdq
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -392,20 +393,11 @@ def test_heads_of_torch_multihead_attention_folded_into_the_batch_go_exactly(exp
 def _quantized(model: onnx.ModelProto, path: Path, feeds: list[dict[str, np.ndarray]] | None = None) -> onnx.ModelProto:
     """`model` statically quantized by onnxruntime in QDQ form (int8 weights per channel, uint8 activations),
     calibrated on `feeds` (default: four batches of token ids)."""
-    quantization = pytest.importorskip("onnxruntime.quantization")
-
-    class Reader(quantization.CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(feeds if feeds is not None else [_data(4, TOKENS, seed) for seed in range(4)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
+    pytest.importorskip("onnxruntime.quantization")
     source = path.with_name("float.onnx")
     onnx.save(model, str(source))
-    quantization.quantize_static(str(source), str(path), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True)
-    return onnx.load(str(path))
+    batches = feeds if feeds is not None else [_data(4, TOKENS, seed) for seed in range(4)]
+    return onnx.load(str(quantize_qdq(source, path, batches)))
 
 
 def test_heads_of_a_qdq_model_go_through_its_quantize_pairs_exactly(exporter, tmp_path) -> None:

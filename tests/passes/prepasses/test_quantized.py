@@ -28,7 +28,7 @@ import pytest
 
 import graphopt
 from graphopt import cli
-from tests.conftest import assert_equivalent, init, parse, random_inputs, run_ort, weights
+from tests.conftest import assert_equivalent, init, parse, quantize_qdq, random_inputs, run_ort, weights
 
 torch = pytest.importorskip("torch")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -428,14 +428,9 @@ def _quantized_zoo(name: str, exporter: str, folder: Path) -> Path:
 
     module, example = zoo.ZOO[name]()
     source = export.export_onnx(module, example, folder / f"{name}.onnx", exporter=exporter, fold_bn=False)
-    shape = tuple(example.shape[1:])
-    batches = iter([{"input": np.random.default_rng(seed).standard_normal((4, *shape)).astype(np.float32)}
-                    for seed in range(4)])
-    reader = type("Reader", (quantization.CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
-    path = folder / f"{name}_qdq.onnx"
-    quantization.quantize_static(str(source), str(path), reader, quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True)
-    return path
+    batches = [{"input": np.random.default_rng(seed).standard_normal((4, *example.shape[1:])).astype(np.float32)}
+               for seed in range(4)]
+    return quantize_qdq(source, folder / f"{name}_qdq.onnx", batches)
 
 
 def _group_norm_scales(model: onnx.ModelProto) -> list[np.ndarray]:
