@@ -22,7 +22,9 @@ Calibration data are seeded Gaussian samples (16 by default). Sets:
   PixelShuffle, GroupNorm, nn.MultiheadAttention, tied embeddings, weight norm, PReLU, ...), both exporters,
   opset 17;
 - qdq: the tiny zoo from both exporters as users ship it quantized: onnxruntime's `quantize_static` in QDQ
-  form (int8 weights per output channel, uint8 activations), calibrated on 16 Gaussian samples of its own.
+  form (int8 weights per output channel, uint8 activations), calibrated on 16 Gaussian samples of its own;
+- dynamic: the tiny zoo from both exporters quantized by onnxruntime's `quantize_dynamic` (DynamicQuantizeLinear,
+  ConvInteger and MatMulInteger with int8 weights).
 
 Per run: the status, the MAC ratio reached, the seconds `graphopt.optimize` took and the peak RSS the
 run added (optimize and the checks of its output). Runs above --slow seconds are listed at the end.
@@ -66,14 +68,14 @@ from common import SNP_EARLIER, machine  # noqa: E402
 from graphopt.calibration.collect import DEFAULT_ROWS_PER_CHANNEL  # noqa: E402
 from graphopt.calibration.session import make_session  # noqa: E402
 from graphopt.torch import export, zoo  # noqa: E402
-from tests.conftest import quantize_qdq  # noqa: E402
+from tests.conftest import quantize_dynamic, quantize_qdq  # noqa: E402
 from tests.passes.test_zoo_methods import RUNS, TARGETS, Outcome, calibration, outcome  # noqa: E402
 from zoo_architectures import ARCHITECTURES, build  # noqa: E402
 import zoo_wild  # noqa: E402
 
 MIB = 1024**2
 RESULTS = REPO / "bench" / "results"
-SETS = ("samples", "tiny", "large", "light", "tf2onnx", "wild", "qdq")
+SETS = ("samples", "tiny", "large", "light", "tf2onnx", "wild", "qdq", "dynamic")
 
 
 def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
@@ -91,6 +93,9 @@ def models(sets: list[str], folder: Path) -> list[tuple[str, str, Path]]:
             found.append((kind, f"{name} ({exporter})", path))
     if "qdq" in sets:
         found += [("qdq", f"{label} (qdq)", quantized(path, folder)) for _, label, path in models(["tiny"], folder)]
+    if "dynamic" in sets:
+        found += [("dynamic", f"{label} (dynamic)", quantize_dynamic(path, folder / f"{path.stem}_dynamic.onnx"))
+                  for _, label, path in models(["tiny"], folder)]
     if "light" in sets:
         light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
         paths = sorted(light.glob("*.onnx"))

@@ -30,17 +30,20 @@ def structures(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The channel groups structured methods see and the attention head blocks SNP cuts (a head block's q/k/v
     channel groups are left to its heads): found after the normalising pre-passes, with QDQ weights read as the
-    float values they stand for, as the pruning methods read them (graphopt.passes.quantize.through)."""
+    float values they stand for and dynamically quantized layers as float layers, as the pruning methods read them
+    (graphopt.passes.quantize.through and .dynamic)."""
     from graphopt.ir import graph as ir
     from graphopt.passes import PassContext, PassManager, normalising_passes
     from graphopt.passes.channels.magnitude import analyse
     from graphopt.passes.heads.select import describe_block, head_blocks
+    from graphopt.passes.quantize.dynamic import unquantize_layers
     from graphopt.passes.quantize.through import unquantize_weights
 
     graph = ir.import_graph(model)
     ctx = PassContext(template=model, input_shapes=input_shapes, progress=False)
     PassManager(normalising_passes()).run(graph, ctx)
     unquantize_weights(graph)
+    unquantize_layers(graph)
     analysis, _ = analyse(graph, ctx)
     blocks = [describe_block(block, reason) for block, reason in head_blocks(graph, analysis.shapes)]
     return [group.describe() for group in analysis.groups()], blocks

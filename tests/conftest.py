@@ -159,6 +159,14 @@ def quantize_qdq(source: Path, path: Path, batches: list[dict[str, np.ndarray]])
     return path
 
 
+def quantize_dynamic(source: Path, path: Path) -> Path:
+    """`source` quantized dynamically by onnxruntime (DynamicQuantizeLinear, ConvInteger and MatMulInteger)."""
+    from onnxruntime import quantization
+
+    quantization.quantize_dynamic(str(source), str(path))
+    return path
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 

@@ -43,15 +43,32 @@ def _stored_zeros(name: str, producers: dict[str, onnx.NodeProto], initializers:
     return stored, point.reshape(shape)
 
 
+def _integer_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, object] | None:
+    """The stored weight of a ConvInteger or MatMulInteger and its zero point (input 3; 0 when absent)."""
+    if node.op_type not in ("ConvInteger", "MatMulInteger") or len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    stored = weights.array_of(initializers[node.input[1]])
+    if len(node.input) < 4 or not node.input[3]:
+        return stored, 0
+    if node.input[3] not in initializers:
+        return None
+    point = weights.array_of(initializers[node.input[3]])
+    shape = [1] * stored.ndim
+    if point.size > 1:
+        shape[0 if node.op_type == "ConvInteger" else -1] = -1
+    return stored, point.reshape(shape)
+
+
 def weight_sparsity(model: onnx.ModelProto) -> dict[str, object]:
-    """Zero weights of every layer: float entries equal to 0, or integers equal to their zero point (QDQ)."""
+    """Zero weights of every layer: float entries equal to 0, or integers equal to their zero point (QDQ weights,
+    ConvInteger and MatMulInteger)."""
     initializers = {t.name: t for t in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
     layers: dict[str, float] = {}
     zeros = total = 0
     for node in model.graph.node:
         found = _stored_zeros(node.input[1], producers, initializers) \
-            if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
+            if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else _integer_zeros(node, initializers)
         if found is not None:
             weight, zero = found
             layer_zeros = int(np.count_nonzero(weight == zero))

@@ -158,14 +158,19 @@ class PassManager:
 
 
 def _run_through_quantized(current: Pass, graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Run `current` with the graph's QDQ weights as the float constants they stand for, then store them as
-    integers again (graphopt.passes.quantize.through); the stats say how many channels kept their integers."""
+    """Run `current` with the graph's QDQ weights as the float constants they stand for and its dynamically
+    quantized layers as float layers, then store them as integers again (graphopt.passes.quantize.through and
+    .dynamic); the stats say how many channels kept their integers."""
+    from graphopt.passes.quantize.dynamic import requantize_layers, unquantize_layers
     from graphopt.passes.quantize.through import requantize_weights, unquantize_weights
 
     records = unquantize_weights(graph)
+    layers = unquantize_layers(graph)
     result = current.run(graph, ctx)
-    if records:
+    if records or layers:
         counts = requantize_weights(graph, records)
+        for key, value in requantize_layers(graph, layers).items():
+            counts[key] += value
         if result.modified:
             result.stats.update(counts)
     return result

@@ -50,7 +50,7 @@ import pytest
 import graphopt
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.passes.methods import METHODS
-from tests.conftest import init, quantize_qdq, run_ort, tiny, weights
+from tests.conftest import init, quantize_dynamic, quantize_qdq, run_ort, tiny, weights
 from tests.passes.channels.test_prune_magnitude import zoo
 
 TOLERANCE = 0.02  # MACs: relative, above the target; sparsity: absolute, either side
@@ -333,23 +333,30 @@ def test_every_method_on_every_zoo_architecture(name: str, exporter: str, run_id
     _assert(outcome(zoo_path(name, exporter, 17, False), RUNS[run_id], target, tmp_path), EXPECTED[run_id])
 
 
-def _qdq_slice() -> list[Any]:
-    """Every architecture quantized by onnxruntime (QDQ) once: magnitude and snp alternating, as the exporter and
-    the target do. `bench/zoo.py --sets qdq` runs every method on each."""
+def _quantized_slice() -> list[Any]:
+    """Every architecture quantized by onnxruntime once, statically (QDQ) or dynamically (integer ops): magnitude
+    and snp alternating, as the exporter, the form and the target do. `bench/zoo.py --sets qdq dynamic` runs every
+    method on each."""
     cases = []
     for a, name in enumerate(NAMES):
-        run_id, exporter, target = ("magnitude", "snp")[a % 2], EXPORTERS[(a // 2) % 2], TARGETS[(a // 4) % 2]
-        cases.append(pytest.param(name, exporter, run_id, target, id=f"{name}-{exporter}-qdq-{run_id}-{target}"))
+        run_id, exporter = ("magnitude", "snp")[a % 2], EXPORTERS[(a // 2) % 2]
+        form, target = ("qdq", "dynamic")[(a // 4) % 2], TARGETS[(a // 8 + a) % 2]
+        cases.append(pytest.param(name, exporter, form, run_id, target,
+                                  id=f"{name}-{exporter}-{form}-{run_id}-{target}"))
     return cases
 
 
-@pytest.mark.parametrize("name,exporter,run_id,target", _qdq_slice())
-def test_pruning_methods_on_every_zoo_architecture_quantized(name: str, exporter: str, run_id: str, target: float,
-                                                             zoo_path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name,exporter,form,run_id,target", _quantized_slice())
+def test_pruning_methods_on_every_zoo_architecture_quantized(name: str, exporter: str, form: str, run_id: str,
+                                                             target: float, zoo_path, tmp_path: Path) -> None:
     source = zoo_path(name, exporter, 17, False)
-    feeds = calibration(onnx.load(str(source)), 8, seed=5)
-    batches = [{key: value[i:i + 1] for key, value in feeds.items()} for i in range(8)]
-    found = outcome(quantize_qdq(source, tmp_path / f"{name}_qdq.onnx", batches), RUNS[run_id], target, tmp_path)
+    path = tmp_path / f"{name}_{form}.onnx"
+    if form == "qdq":
+        feeds = calibration(onnx.load(str(source)), 8, seed=5)
+        quantize_qdq(source, path, [{key: value[i:i + 1] for key, value in feeds.items()} for i in range(8)])
+    else:
+        quantize_dynamic(source, path)
+    found = outcome(path, RUNS[run_id], target, tmp_path)
     _assert(found, EXPECTED[run_id])
     assert "left alone" not in found.detail
 

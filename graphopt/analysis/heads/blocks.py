@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir.graph import constant_or_node_value as constant_value, per_tensor_qdq
+from graphopt.ir.graph import constant_or_node_value as constant_value
 
 Shapes = dict[str, tuple[int, ...]]
 

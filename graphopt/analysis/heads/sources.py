@@ -8,7 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import (HeadBlock, HeadSlice, PackedCut, ShapeEntry, Shapes, constant_value,
-                                            per_tensor_qdq, weight_slice)
+                                            weight_slice)
+from graphopt.ir.graph import per_tensor_qdq
 
 PER_CHANNEL = {"Add", "Sub", "Mul", "Div"}
 SECTION_LAYOUT = {"Unsqueeze", "Squeeze", "Transpose"}

@@ -8,11 +8,12 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.analysis.heads.blocks import (HeadBlock, HeadConsumer, HeadSlice, ShapeEntry, Shapes, constant_value,
-                                            per_tensor_qdq, weight_slice)
+                                            weight_slice)
 from graphopt.analysis.heads.grouped import prefers_query_heads
 from graphopt.analysis.heads.sources import (folded_split, grouped_projections, head_split, packed_projection,
                                              producer_slices, sectioned_split, separate_projections)
 from graphopt.analysis.oprules.reshape import entry_kind
+from graphopt.ir.graph import per_tensor_qdq
 
 UNARY = {"Identity", "Dropout", "Cast", "Neg", "Sqrt", "Erf", "Tanh", "Sigmoid", "Relu", "Exp", "Abs", "Reciprocal",
          "Sin", "Cos", "Softplus", "Gelu", "FastGelu", "Not", "IsNaN", "IsInf"}

@@ -179,7 +179,7 @@ def _write_back(graph: gs.Graph, record: Quantized, constant: gs.Constant, resto
         record.written_channels = list(range(record.scale.size)) if record.axis is not None else [0]
         return _restore(graph, record, restored)
     values = np.asarray(constant.values, dtype=np.float32)
-    stored, scale, zero = _quantize_weight(record, values) if record.bias_of is None \
+    stored, scale, zero = quantize_weight(record, values) if record.bias_of is None \
         else _quantize_bias(record, values)
     return _dequantize_node(graph, record, constant.name, stored, scale, zero)
 
@@ -249,7 +249,7 @@ def _write(record: Quantized, values: np.ndarray, choose: Callable[[int, np.ndar
     return _assemble(record, pieces, scales, points, values.shape)
 
 
-def _quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_weight(record: Quantized, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each channel keeps the scale of the first original channel (after the last one taken) it is integers of,
     else gets one from its range."""
     bounds = _INTEGER[record.values.dtype]
