@@ -38,7 +38,7 @@ _FLOAT = 1  # onnx.TensorProto.FLOAT
 class DynamicLayer:
     """One dynamically quantized layer and the float layer standing for it while a method runs."""
 
-    nodes: list[gs.Node]  # the integer op, its Cast and the two Muls, in order
+    nodes: list[gs.Node]  # the integer op, its Cast and the two Muls, then the integer bias's nodes, if any
     inputs: list[list[gs.Tensor]]  # what each of them read, given back with them
     quantizer: gs.Node  # the DynamicQuantizeLinear it reads
     source: gs.Tensor  # what the quantizer reads
@@ -46,6 +46,7 @@ class DynamicLayer:
     weight: Quantized  # the stored weight with its scale and zero point
     layer: gs.Node = field(default=None)  # type: ignore[assignment]  # the float MatMul or Conv
     floats: np.ndarray | None = None  # the float weight it started from
+    bias: np.ndarray | None = None  # the float bias an older form adds to the integer counts
 
 
 def _readers(tensor: gs.Tensor, present: set[int]) -> list[gs.Node]:
@@ -65,15 +66,15 @@ def _match(node: gs.Node, present: set[int]) -> DynamicLayer | None:
     chain = _rescaling(node, quantizer, present) if quantizer is not None and weight is not None else None
     if chain is None:
         return None
-    (stored, zero), (cast, scales, rescale, weight_scale) = weight, chain
+    (stored, zero), (cast, scales, rescale, weight_scale, bias, bias_nodes) = weight, chain
     axis = _axis(node, stored, weight_scale, zero)
     if axis is False:
         return None
     record = Quantized(node.name, stored, weight_scale.reshape(-1).astype(np.float32),
                        None if zero is None else zero.reshape(-1), axis)
-    nodes = [node, cast, scales, rescale]
+    nodes = [node, cast, scales, rescale, *bias_nodes]
     return DynamicLayer(nodes, [list(n.inputs) for n in nodes], quantizer, quantizer.inputs[0], rescale.outputs[0],
-                        record)
+                        record, bias=bias)
 
 
 def _quantizer_read(node: gs.Node) -> gs.Node | None:
@@ -96,12 +97,24 @@ def _stored_weight(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None
     return stored, zero
 
 
-def _rescaling(node: gs.Node, quantizer: gs.Node, present: set[int]
-               ) -> tuple[gs.Node, gs.Node, gs.Node, np.ndarray] | None:
-    """(the Cast to float, the Mul of the two scales, the Mul rescaling the counts, the weight scale)."""
-    cast = _single_reader(node.outputs[0], "Cast", present)
-    if cast is None or cast.attrs.get("to") != _FLOAT:
-        return None
+def _rescaling(node: gs.Node, quantizer: gs.Node, present: set[int]) -> tuple | None:
+    """(the Cast to float, the Mul of the two scales, the Mul rescaling the counts, the weight scale, the float bias
+    added to the counts or None, the nodes computing that bias)."""
+    after = _readers(node.outputs[0], present)
+    bias, bias_nodes = None, []
+    if node.op == "ConvInteger" and len(after) == 1 and after[0].op == "Add":
+        found = _integer_bias(after[0], node.outputs[0], quantizer, present)
+        if found is None:
+            return None
+        bias, bias_nodes = found
+        after = _readers(after[0].outputs[0], present)
+    cast = after[0] if len(after) == 1 and after[0].op == "Cast" and after[0].attrs.get("to") == _FLOAT else None
+    scaling = _scaling(cast, quantizer, present) if cast is not None else None
+    return None if scaling is None else (cast, *scaling, bias, bias_nodes)
+
+
+def _scaling(cast: gs.Node, quantizer: gs.Node, present: set[int]) -> tuple[gs.Node, gs.Node, np.ndarray] | None:
+    """(the Mul of the input's and the weight's scales, the Mul of the counts by it, the weight scale)."""
     rescale = _single_reader(cast.outputs[0], "Mul", present)
     other = next((t for t in rescale.inputs if t is not cast.outputs[0]), None) if rescale is not None else None
     scales = ir.producer(other) if other is not None else None
@@ -109,7 +122,28 @@ def _rescaling(node: gs.Node, quantizer: gs.Node, present: set[int]
             or len(_readers(scales.outputs[0], present)) != 1:
         return None
     weight_scale = next((ir.constant_array(t) for t in scales.inputs if ir.constant_array(t) is not None), None)
-    return None if weight_scale is None else (cast, scales, rescale, weight_scale)
+    return None if weight_scale is None else (scales, rescale, weight_scale)
+
+
+def _integer_bias(add: gs.Node, counts: gs.Tensor, quantizer: gs.Node, present: set[int]
+                  ) -> tuple[np.ndarray, list[gs.Node]] | None:
+    """An older form of onnxruntime's dynamic Conv adds its bias to the integer counts: Reshape(Cast(Floor(Div(bias,
+    Mul(x_scale, W_scale))), int32), [1, C, 1, 1]). (the float bias, those nodes with the Add first), else None."""
+    operand = next((t for t in add.inputs if t is not counts), None)
+    chain, node = [add], ir.producer(operand) if operand is not None else None
+    if node is not None and node.op == "Reshape":
+        chain.append(node)
+        node = ir.producer(node.inputs[0])
+    for op, source in (("Cast", 0), ("Floor", 0), ("Div", 1), ("Mul", None)):
+        if node is None or node.op != op or len(_readers(node.outputs[0], present)) != 1:
+            return None
+        chain.append(node)
+        node = ir.producer(node.inputs[source]) if source is not None else None
+    div, scale = chain[-2], chain[-1]
+    bias = ir.constant_array(div.inputs[0])
+    if bias is None or bias.dtype.kind != "f" or quantizer.outputs[1] not in scale.inputs:
+        return None
+    return bias.reshape(-1), chain
 
 
 def _axis(node: gs.Node, stored: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> int | None | bool:
@@ -136,13 +170,14 @@ def unquantize_layers(graph: gs.Graph) -> list[DynamicLayer]:
         layer.floats = layer.weight.floats()
         weight = gs.Constant(ir.unique_name(graph, f"{node.inputs[1].name}_float"), layer.floats)
         attrs = dict(node.attrs) if node.op == "ConvInteger" else {}
+        bias = [] if layer.bias is None else [gs.Constant(ir.unique_name(graph, f"{node.name}_bias"), layer.bias)]
         layer.layer = gs.Node(INTEGER_LAYERS[node.op], ir.unique_name(graph, f"{node.name}_float"), attrs=attrs,
-                              inputs=[layer.source, weight], outputs=[])
+                              inputs=[layer.source, weight, *bias], outputs=[])
         for old in layer.nodes:
             graph.nodes.remove(old)
             present.discard(id(old))
             old.inputs.clear()
-        layer.nodes[-1].outputs.clear()
+        layer.nodes[3].outputs.clear()  # the rescaling Mul
         layer.layer.outputs.append(layer.output)
         graph.nodes.append(layer.layer)
         found.append(layer)
@@ -166,20 +201,29 @@ def requantize_layers(graph: gs.Graph, layers: list[DynamicLayer]) -> dict[str, 
         if id(layer.layer) not in present:
             continue
         weight = ir.constant_array(layer.layer.inputs[1])
-        if weight is None:
-            continue
-        source = layer.layer.inputs[0]
-        if source is layer.source and weight.shape == layer.floats.shape and np.array_equal(weight, layer.floats) \
-                and (layer.layer.op == "MatMul" or layer.layer.attrs == layer.nodes[0].attrs):
+        has_bias = len(layer.layer.inputs) > 2 and bool(layer.layer.inputs[2].name)
+        bias = ir.constant_array(layer.layer.inputs[2]) if has_bias else None
+        if weight is None or (has_bias and bias is None):
+            continue  # left a float layer: nothing here computes it in integers
+        if _unchanged(layer, weight, bias):
             _restore(graph, layer, quantizers)
             stats["quantized_channels_kept"] += layer.weight.scale.size
             continue
-        _rebuild(graph, layer, weight, _quantizer(graph, source, quantizers, layer))
+        _rebuild(graph, layer, weight, bias, _quantizer(graph, layer.layer.inputs[0], quantizers, layer))
         kept = sum(c is not None for c in layer.weight.written_channels)
         stats["quantized_channels_kept"] += kept
         stats["quantized_channels_requantized"] += len(layer.weight.written_channels) - kept
     ir.cleanup(graph)
     return stats
+
+
+def _unchanged(layer: DynamicLayer, weight: np.ndarray, bias: np.ndarray | None) -> bool:
+    """Whether the float layer reads what it read, with the weight, bias and attributes it started from."""
+    same_bias = (bias is None and layer.bias is None) or (bias is not None and layer.bias is not None and
+                                                          np.array_equal(bias.reshape(-1), layer.bias))
+    same_attrs = layer.layer.op == "MatMul" or layer.layer.attrs == layer.nodes[0].attrs
+    return layer.layer.inputs[0] is layer.source and weight.shape == layer.floats.shape and same_bias \
+        and np.array_equal(weight, layer.floats) and same_attrs
 
 
 def _restore(graph: gs.Graph, layer: DynamicLayer, quantizers: dict[int, gs.Node]) -> None:
@@ -189,7 +233,7 @@ def _restore(graph: gs.Graph, layer: DynamicLayer, quantizers: dict[int, gs.Node
     quantizers.setdefault(id(layer.source), layer.quantizer)
     for node, inputs in zip(layer.nodes, layer.inputs):
         node.inputs.extend(inputs)
-    layer.nodes[-1].outputs.append(layer.output)
+    layer.nodes[3].outputs.append(layer.output)
     graph.nodes.extend(layer.nodes)
 
 
@@ -225,12 +269,16 @@ def _quantizer(graph: gs.Graph, source: gs.Tensor, quantizers: dict[int, gs.Node
     return quantizer
 
 
-def _rebuild(graph: gs.Graph, layer: DynamicLayer, weight: np.ndarray, quantizer: gs.Node) -> None:
-    """The quantized chain around the float layer's new weight, writing the layer's output."""
+def _rebuild(graph: gs.Graph, layer: DynamicLayer, weight: np.ndarray, bias: np.ndarray | None,
+             quantizer: gs.Node) -> None:
+    """The quantized chain around the float layer's new weight, writing the layer's output; a bias is added to the
+    rescaled output in float."""
     stored, scale, zero = quantize_weight(layer.weight, np.asarray(weight, dtype=np.float32))
-    integer, cast, scales, rescale = layer.nodes
+    integer, cast, scales, rescale = layer.nodes[:4]
     attrs = dict(layer.layer.attrs)  # a pruned grouped convolution has fewer groups
-    base = integer.name
+    base = integer.name or f"{integer.op}_quant"
+    names = [ir.unique_name(graph, name) for name in (scales.name or f"{base}_scales_mul", base,
+                                                       cast.name or f"{base}_cast", rescale.name or f"{base}_rescale")]
     inputs = [quantizer.outputs[0], gs.Constant(ir.unique_name(graph, f"{base}_weight_quantized"), stored),
               quantizer.outputs[2]]
     if zero is not None:
@@ -240,10 +288,15 @@ def _rebuild(graph: gs.Graph, layer: DynamicLayer, weight: np.ndarray, quantizer
     floated = gs.Variable(ir.unique_name(graph, f"{base}_output_cast"), dtype=np.float32)
     scale_constant = gs.Constant(ir.unique_name(graph, f"{base}_weight_scale"), np.asarray(scale, np.float32))
     output = layer.output
+    scaled = output if bias is None else gs.Variable(ir.unique_name(graph, f"{base}_scaled"), dtype=np.float32)
     _detach(graph, layer)
     graph.nodes.extend([
-        gs.Node("Mul", ir.unique_name(graph, scales.name), inputs=[quantizer.outputs[1], scale_constant],
-                outputs=[combined]),
-        gs.Node(integer.op, ir.unique_name(graph, base), attrs=attrs, inputs=inputs, outputs=[counted]),
-        gs.Node("Cast", ir.unique_name(graph, cast.name), attrs={"to": _FLOAT}, inputs=[counted], outputs=[floated]),
-        gs.Node("Mul", ir.unique_name(graph, rescale.name), inputs=[floated, combined], outputs=[output])])
+        gs.Node("Mul", names[0], inputs=[quantizer.outputs[1], scale_constant], outputs=[combined]),
+        gs.Node(integer.op, names[1], attrs=attrs, inputs=inputs, outputs=[counted]),
+        gs.Node("Cast", names[2], attrs={"to": _FLOAT}, inputs=[counted], outputs=[floated]),
+        gs.Node("Mul", names[3], inputs=[floated, combined], outputs=[scaled])])
+    if bias is not None:  # [C] onto the channels of [N, C, ...]
+        shaped = np.asarray(bias, np.float32).reshape([1, -1] + [1] * (weight.ndim - 2))
+        graph.nodes.append(gs.Node("Add", ir.unique_name(graph, f"{base}_bias_add"),
+                                   inputs=[scaled, gs.Constant(ir.unique_name(graph, f"{base}_bias"), shaped)],
+                                   outputs=[output]))

@@ -505,3 +505,68 @@ def test_exprune_names_qdq_weights_as_the_reason_it_leaves_a_layer(tmp_path: Pat
     report = graphopt.optimize(source, method="exprune", calib=calib).report
     skipped = [line for entry in report["passes"] for line in entry["skipped"]]
     assert any("weight is quantized (QDQ)" in line for line in skipped), skipped
+
+
+def _older_dynamic_conv() -> onnx.ModelProto:
+    """Two convolutions in an older form of onnxruntime's dynamic quantization (as ddddocr ships its recogniser):
+    uint8 weights, and each bias added to the integer counts, computed at run time as
+    Cast(Floor(bias / (x_scale x W_scale))) reshaped to [1, C, 1, 1]. Units 1 and 4 of the first are dead."""
+    rng = np.random.default_rng(11)
+    first = rng.integers(0, 256, (6, 3, 3, 3))
+    first[[1, 4]] = 128  # the zero point: dead units
+    bias = np.where(np.isin(np.arange(6), [1, 4]), 0.0, rng.uniform(0.1, 0.5, 6)).astype(np.float32)
+    inits = ", ".join([init("w1", first, "uint8"), "float s1 = {0.004}", "uint8 z1 = {128}", init("b1", bias),
+                       init("w2", rng.integers(0, 256, (5, 6, 1, 1)), "uint8"), "float s2 = {0.01}",
+                       "uint8 z2 = {128}", init("b2", np.full(5, 0.05, np.float32)),
+                       init("shape6", [1, 6, 1, 1], "int64"), init("shape5", [1, 5, 1, 1], "int64")])
+    return parse(f'''<ir_version: 8, opset_import: ["" : 12]>
+        g (float[N, 3, 6, 6] x) => (float[N, 5, 6, 6] y) <{inits}> {{
+            xq, xs, xz = DynamicQuantizeLinear (x)
+            bs1 = Mul (xs, s1)
+            bd1 = Div (b1, bs1)
+            bf1 = Floor (bd1)
+            bi1 = Cast <to = 6> (bf1)
+            br1 = Reshape (bi1, shape6)
+            c1 = ConvInteger <pads = [1, 1, 1, 1]> (xq, w1, xz, z1)
+            a1 = Add (c1, br1)
+            f1 = Cast <to = 1> (a1)
+            m1 = Mul (xs, s1)
+            h = Mul (f1, m1)
+            r = Relu (h)
+            rq, rs, rz = DynamicQuantizeLinear (r)
+            bs2 = Mul (rs, s2)
+            bd2 = Div (b2, bs2)
+            bf2 = Floor (bd2)
+            bi2 = Cast <to = 6> (bf2)
+            br2 = Reshape (bi2, shape5)
+            c2 = ConvInteger (rq, w2, rz, z2)
+            a2 = Add (c2, br2)
+            f2 = Cast <to = 1> (a2)
+            m2 = Mul (rs, s2)
+            y = Mul (f2, m2)
+        }}''')
+
+
+def test_an_older_dynamic_form_with_integer_biases_is_pruned_through(tmp_path: Path) -> None:
+    """The dead units go, the kept integers stay as they were, and the bias comes back as a float Add after the
+    rescaling (within the Floor's step of the original's integer bias); untouched, the model is as it was."""
+    from graphopt.ir import graph as ir
+    from graphopt.passes.quantize.dynamic import requantize_layers, unquantize_layers
+
+    model = _older_dynamic_conv()
+    graph = ir.import_graph(model)
+    layers = unquantize_layers(graph)
+    assert len(layers) == 2 and all(layer.bias is not None for layer in layers)
+    assert requantize_layers(graph, layers)["quantized_channels_requantized"] == 0
+    assert sorted(n.name for n in ir.export_model(graph, model).graph.node) == sorted(n.name for n in model.graph.node)
+    source, output = tmp_path / "old.onnx", tmp_path / "pruned.onnx"
+    onnx.save(model, str(source))
+    report = graphopt.optimize(source, method="magnitude", target_macs=4 / 6, round_to=1, output=output).report
+    assert report["passes"][-1]["stats"]["channels_removed"] == 2
+    onnx.checker.check_model(str(output), full_check=True)
+    pruned = onnx.load(str(output))
+    stored = [onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer if t.data_type == onnx.TensorProto.UINT8]
+    assert sorted(w.shape for w in stored if w.ndim == 4) == [(4, 3, 3, 3), (5, 4, 1, 1)]
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 3, 6, 6)).astype(np.float32)}
+    expected, actual = run_ort(model, feeds)["y"], run_ort(pruned, feeds)["y"]
+    assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
