@@ -4,7 +4,10 @@
     y_int = MatMulInteger(x_q, W_q, x_zero, W_zero)      (or ConvInteger, with the Conv's attributes)
     y = Cast(y_int, float) * (x_scale * W_scale)
 
-with stored integer weights W_q and a per-tensor (or per-output-channel) weight scale and zero point.
+with stored integer weights W_q and a per-tensor (or, for MatMul, per-output-column) weight scale and zero point.
+An older form of it (ddddocr ships a recogniser so quantized) also adds a Conv's bias to the integer counts,
+Reshape(Cast(Floor(bias / (x_scale x W_scale)))); the float layer then takes the bias, and a rebuilt chain adds it
+after the rescaling, in float.
 
 `unquantize_layers` replaces each such chain by the float layer it approximates, y = MatMul(x, W) (or Conv) with
 W = (W_q - W_zero) x W_scale, so the channel methods see float layers; while a method runs, the graph computes x
@@ -16,8 +19,9 @@ original integers and scale where it was only sliced and quantized anew from its
 The activation's scale is computed at run time over the whole tensor, so a layer reading fewer channels quantizes
 them on its own range: pruned dynamic models are as close to their float selves as the original was to its own.
 
-Chains of any other form (a bias inside, a weight computed at run time, another reader of the intermediate
-tensors) are left as they are, and the channel analysis leaves those layers alone with the reason.
+Chains of any other form (a weight computed at run time, another reader of an intermediate tensor, a per-channel
+Conv scale) are left as they are, and the channel analysis leaves those layers alone with the reason. A weight
+quantized anew keeps its type and scheme (symmetric where the zero points were all zero).
 """
 
 from __future__ import annotations
@@ -110,7 +114,15 @@ def _rescaling(node: gs.Node, quantizer: gs.Node, present: set[int]) -> tuple | 
         after = _readers(after[0].outputs[0], present)
     cast = after[0] if len(after) == 1 and after[0].op == "Cast" and after[0].attrs.get("to") == _FLOAT else None
     scaling = _scaling(cast, quantizer, present) if cast is not None else None
-    return None if scaling is None else (cast, *scaling, bias, bias_nodes)
+    if scaling is None or (bias_nodes and not _same_scale(bias_nodes[-1], scaling[2])):
+        return None
+    return cast, *scaling, bias, bias_nodes
+
+
+def _same_scale(bias_scale: gs.Node, weight_scale: np.ndarray) -> bool:
+    """Whether the bias was quantized with the weight's scale (the product the counts are rescaled by)."""
+    return any(ir.constant_array(t) is not None and np.array_equal(ir.constant_array(t), weight_scale)
+               for t in bias_scale.inputs)
 
 
 def _scaling(cast: gs.Node, quantizer: gs.Node, present: set[int]) -> tuple[gs.Node, gs.Node, np.ndarray] | None:
