@@ -230,12 +230,12 @@ def requantize_layers(graph: gs.Graph, layers: list[DynamicLayer]) -> dict[str, 
 
 
 def _unchanged(layer: DynamicLayer, weight: np.ndarray, bias: np.ndarray | None) -> bool:
-    """Whether the float layer reads what it read, with the weight, bias and attributes it started from."""
+    """Whether the float layer reads and writes what it did, with the weight, bias and attributes it started from."""
     same_bias = (bias is None and layer.bias is None) or (bias is not None and layer.bias is not None and
                                                           np.array_equal(bias.reshape(-1), layer.bias))
     same_attrs = layer.layer.op == "MatMul" or layer.layer.attrs == layer.nodes[0].attrs
-    return layer.layer.inputs[0] is layer.source and weight.shape == layer.floats.shape and same_bias \
-        and np.array_equal(weight, layer.floats) and same_attrs
+    return layer.layer.inputs[0] is layer.source and layer.layer.outputs[0] is layer.output and same_bias \
+        and weight.shape == layer.floats.shape and np.array_equal(weight, layer.floats) and same_attrs
 
 
 def _restore(graph: gs.Graph, layer: DynamicLayer, quantizers: dict[int, gs.Node]) -> None:
@@ -299,7 +299,7 @@ def _rebuild(graph: gs.Graph, layer: DynamicLayer, weight: np.ndarray, bias: np.
     counted = gs.Variable(ir.unique_name(graph, f"{base}_output_quantized"), dtype=np.int32)
     floated = gs.Variable(ir.unique_name(graph, f"{base}_output_cast"), dtype=np.float32)
     scale_constant = gs.Constant(ir.unique_name(graph, f"{base}_weight_scale"), np.asarray(scale, np.float32))
-    output = layer.output
+    output = layer.layer.outputs[0]  # a method may have put an Add (SNP's bias shift) between it and the original
     scaled = output if bias is None else gs.Variable(ir.unique_name(graph, f"{base}_scaled"), dtype=np.float32)
     _detach(graph, layer)
     graph.nodes.extend([

@@ -28,7 +28,8 @@ import pytest
 import graphopt
 import graphopt.inspect
 from graphopt import cli
-from tests.conftest import assert_equivalent, init, parse, quantize_qdq, random_inputs, run_ort, weights
+from tests.conftest import (assert_equivalent, init, parse, quantize_dynamic, quantize_qdq, random_inputs, run_ort,
+                            weights)
 
 torch = pytest.importorskip("torch")
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -570,3 +571,21 @@ def test_an_older_dynamic_form_with_integer_biases_is_pruned_through(tmp_path: P
     feeds = {"x": np.random.default_rng(2).standard_normal((3, 3, 6, 6)).astype(np.float32)}
     expected, actual = run_ort(model, feeds)["y"], run_ort(pruned, feeds)["y"]
     assert np.abs(actual - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def test_snp_shifts_the_bias_of_a_dynamically_quantized_bias_free_layer(tmp_path: Path) -> None:
+    """SNP puts an Add (its bias shift) after a bias-free projection it refits; the integer chain written back
+    feeds that Add (it wrote the original output before: an unsorted graph, exit 1)."""
+    from graphopt.torch import export, zoo
+
+    module, example = zoo.ZOO["bias_free_tokens"]()
+    source = export.export_onnx(module, example, tmp_path / "m.onnx", exporter="legacy", fold_bn=False)
+    path = quantize_dynamic(source, tmp_path / "dynamic.onnx")
+    calib = {"input": np.random.default_rng(0).standard_normal((32, *example.shape[1:])).astype(np.float32)}
+    output = tmp_path / "snp.onnx"
+    result = graphopt.optimize(path, method="snp", target_macs=0.7, calib=calib, output=output)
+    onnx.checker.check_model(str(output), full_check=True)
+    stats = result.report["passes"][-1]["stats"]
+    assert result.report["macs_ratio"] <= 0.7 * 1.02 and stats["quantized_channels_requantized"] > 0
+    assert _ops(output) >= {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert result.report["fidelity"]["cosine"] > 0.9
