@@ -67,7 +67,8 @@ def gathered_section(tensor: gs.Tensor, shapes: Shapes) -> tuple[gs.Node, int, i
     """`tensor` as one section of a packed projection reshaped to [..., sections, width], moved by Unsqueeze,
     Transpose and Squeeze that keep the width last (per-tensor quantize/dequantize pairs between them), and taken
     by a Gather of a constant position along the sections (torch's nn.MultiheadAttention: [seq, batch, 3, E],
-    then unsqueeze, transpose, squeeze, select): (that Reshape, the section's first column, the position of the width in its target), or why not."""
+    then unsqueeze, transpose, squeeze, select): (that Reshape, the section's first column, the position of the
+    width in its target), or why not."""
     gather = tensor.inputs[0]
     index = constant_value(gather.inputs[1])
     if index is None or index.ndim != 0:

@@ -14,8 +14,9 @@ The axes in front of the channel axis may also regroup among themselves ([batch 
 [batch, heads, d, T]) while the channel axis and those behind it stay as they are.
 - groups:  [N, C, ...] -> [N, G, -1] read only by an InstanceNormalization with per-group scale and bias
            whose output a Reshape lays back to the input's shape: torch's GroupNorm as both exporters write
-           it (per-tensor QuantizeLinear/DequantizeLinear pairs may stand between the three, as in QDQ models). The channels go in whole groups (graphopt.analysis.channels' granule); the second reshape's
-           output carries them on, the G entry and the per-group parameters count the groups kept.
+           it (per-tensor QuantizeLinear/DequantizeLinear pairs may stand between the three, as in QDQ
+           models). The channels go in whole groups (graphopt.analysis.channels' granule); the second
+           reshape's output carries them on, the G entry and the per-group parameters count the groups kept.
 The batch axis must stay axis 0, so a reshape that folds the batch into channels is refused; one that
 keeps the channels as the last axis and only re-lays the rows (tf.tensordot's [N, T, C] -> [-1, C] and
 back) may fold it into the rows. An explicit shape entry that must change is rewritten by the engine;

@@ -3,7 +3,8 @@ constant (onnxruntime's static QDQ quantization writes every Conv, Gemm and MatM
 like a float layer, and its integers are written back afterwards.
 
 `unquantize_weights` replaces each such DequantizeLinear (and those of other constants: onnxruntime quantizes the
-bias a MatMul's Add reads too) by the float constant it computes, bit for bit what
+bias a MatMul's Add reads too, and a Constant node's value as a QuantizeLinear/DequantizeLinear pair, whose
+integers are the QuantizeLinear's rounding of it) by the float constant it computes, bit for bit what
 onnxruntime computes ((q - zero_point) x scale in float32), so the graph still computes exactly what it did and
 every channel method sees float weights. Activations keep their QuantizeLinear/DequantizeLinear pairs: the
 channel analysis passes channels through them (graphopt.analysis.oprules.quantized).
@@ -91,8 +92,9 @@ def _quantized_constant(quantize: gs.Node, dequantize: gs.Node) -> np.ndarray | 
     """The integers a QuantizeLinear computes from a float constant, with the very scale and zero point
     `dequantize` reads (a constant's QDQ pair, as onnxruntime writes it for Constant nodes): round half to even
     and saturate, as the operator does; None for any other producer."""
-    if quantize.op != "QuantizeLinear" or quantize.attrs.get("block_size", 0) or \
-            quantize.inputs[1:] != dequantize.inputs[1:] or quantize.attrs.get("axis", 1) != dequantize.attrs.get("axis", 1):
+    same_axis = quantize.attrs.get("axis", 1) == dequantize.attrs.get("axis", 1)
+    if quantize.op != "QuantizeLinear" or quantize.attrs.get("block_size", 0) or not same_axis \
+            or quantize.inputs[1:] != dequantize.inputs[1:]:
         return None
     source = quantize.inputs[0]
     zero = dequantize.inputs[2] if len(dequantize.inputs) > 2 and dequantize.inputs[2].name else None

@@ -522,30 +522,25 @@ def _older_dynamic_conv() -> onnx.ModelProto:
                        init("shape6", [1, 6, 1, 1], "int64"), init("shape5", [1, 5, 1, 1], "int64")])
     return parse(f'''<ir_version: 8, opset_import: ["" : 12]>
         g (float[N, 3, 6, 6] x) => (float[N, 5, 6, 6] y) <{inits}> {{
-            xq, xs, xz = DynamicQuantizeLinear (x)
-            bs1 = Mul (xs, s1)
-            bd1 = Div (b1, bs1)
-            bf1 = Floor (bd1)
-            bi1 = Cast <to = 6> (bf1)
-            br1 = Reshape (bi1, shape6)
-            c1 = ConvInteger <pads = [1, 1, 1, 1]> (xq, w1, xz, z1)
-            a1 = Add (c1, br1)
-            f1 = Cast <to = 1> (a1)
-            m1 = Mul (xs, s1)
-            h = Mul (f1, m1)
+            {_older_layer(1, "x", "h", 6, " <pads = [1, 1, 1, 1]>")}
             r = Relu (h)
-            rq, rs, rz = DynamicQuantizeLinear (r)
-            bs2 = Mul (rs, s2)
-            bd2 = Div (b2, bs2)
-            bf2 = Floor (bd2)
-            bi2 = Cast <to = 6> (bf2)
-            br2 = Reshape (bi2, shape5)
-            c2 = ConvInteger (rq, w2, rz, z2)
-            a2 = Add (c2, br2)
-            f2 = Cast <to = 1> (a2)
-            m2 = Mul (rs, s2)
-            y = Mul (f2, m2)
+            {_older_layer(2, "r", "y", 5, "")}
         }}''')
+
+
+def _older_layer(k: int, source: str, output: str, channels: int, attrs: str) -> str:
+    """ONNX text of layer k: weight wk, scale sk, zero point zk, bias bk, in the older dynamic form."""
+    return f"""q{k}, xs{k}, xz{k} = DynamicQuantizeLinear ({source})
+            bs{k} = Mul (xs{k}, s{k})
+            bd{k} = Div (b{k}, bs{k})
+            bf{k} = Floor (bd{k})
+            bi{k} = Cast <to = 6> (bf{k})
+            br{k} = Reshape (bi{k}, shape{channels})
+            c{k} = ConvInteger{attrs} (q{k}, w{k}, xz{k}, z{k})
+            a{k} = Add (c{k}, br{k})
+            f{k} = Cast <to = 1> (a{k})
+            m{k} = Mul (xs{k}, s{k})
+            {output} = Mul (f{k}, m{k})"""
 
 
 def test_an_older_dynamic_form_with_integer_biases_is_pruned_through(tmp_path: Path) -> None:
