@@ -4,7 +4,9 @@ Exporters: `legacy` (torch.onnx.export dynamo=False, opset 17, constant folding)
 opset 18, onnxscript's optimiser; the sequence axis bounded by `sequence_max` where the model has a position
 table) and `legacy+ortopt` (the legacy export of a BERT encoder through onnxruntime's transformers optimizer,
 opt_level 0: fusions into com.microsoft Attention, SkipLayerNormalization, BiasGelu, no graph
-optimisations). Each export is checked against torch on the example in onnxruntime without graph
+optimisations); `legacy+int8` (the legacy export quantized by onnxruntime's `quantize_dynamic`, as CPU serving
+often ships an encoder: MatMulInteger with int8 weights behind DynamicQuantizeLinear; not in the default set).
+Each export is checked against torch on the example in onnxruntime without graph
 optimisation (`max_abs_diff`) and saved, so that the CLI can be run on it.
 """
 
@@ -21,7 +23,8 @@ import torch
 
 from graphopt.calibration.session import make_session
 
-EXPORTERS = ("legacy", "dynamo", "legacy+ortopt")
+EXPORTERS = ("legacy", "dynamo", "legacy+ortopt", "legacy+int8")
+DEFAULT_EXPORTERS = ("legacy", "dynamo", "legacy+ortopt")
 
 
 @dataclass
@@ -43,6 +46,8 @@ class Interface:
 def export(module: torch.nn.Module, example: dict[str, np.ndarray], exporter: str,
            interface: Interface) -> onnx.ModelProto:
     """`module` (called with the example's arrays in order, named as its keys) exported by `exporter`."""
+    if exporter == "legacy+int8":
+        return dynamic_int8(export(module, example, "legacy", interface))
     if exporter == "legacy+ortopt":
         if interface.bert_heads is None:
             raise ValueError("onnxruntime's BERT fusions apply to BERT encoders only")
@@ -65,6 +70,17 @@ def export(module: torch.nn.Module, example: dict[str, np.ndarray], exporter: st
                                     output_names=[interface.output], optimize=True, verbose=False,
                                     dynamic_shapes={name: {0: batch, 1: sequence} for name in names})
         return program.model_proto
+
+
+def dynamic_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` quantized by onnxruntime's `quantize_dynamic` (its defaults: int8 weights per tensor)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        onnx.save(model, str(source))
+        quantize_dynamic(str(source), str(target))
+        return onnx.load(str(target))
 
 
 def ort_fused(model: onnx.ModelProto, heads: int) -> onnx.ModelProto:

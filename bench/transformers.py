@@ -15,7 +15,9 @@ sequence], both axes dynamic), output sentence_embedding [batch, 384]. Exporters
 (torch.onnx.export dynamo=False, opset 17), `dynamo` (dynamo=True, opset 18, onnxscript's optimiser), and
 `legacy+ortopt`: the legacy export run through onnxruntime's transformers optimizer (model_type bert,
 opt_level 0: com.microsoft Attention, SkipLayerNormalization, BiasGelu); graphopt counts the fused
-Attention's MACs as those of the ops it replaces, so the three exports count the same MACs.
+Attention's MACs as those of the ops it replaces, so the three exports count the same MACs. `legacy+int8` (asked
+for by --exporters) is the legacy export quantized by onnxruntime's `quantize_dynamic`; its rows compare each
+result with that quantized original.
 
 Text: sentences of the installed Python's documentation (bench/text_data.english_sentences), seeded draws of
 disjoint calibration (--calib-sentences, default 1000) and held-out (--heldout-sentences, default 1000) sets.
@@ -80,7 +82,7 @@ sys.path.insert(0, str(BENCH))
 import decoder_lm  # noqa: E402
 from common import SNP_EARLIER, machine  # noqa: E402
 from text_data import WordPieceTokenizer, english_sentences, split, windows  # noqa: E402
-from text_export import EXPORTERS, Interface, exported_models  # noqa: E402
+from text_export import DEFAULT_EXPORTERS, EXPORTERS, Interface, exported_models  # noqa: E402
 from text_models import DecoderConfig, load_sentence_encoder  # noqa: E402
 from text_report import embedding_quality, language_quality, table  # noqa: E402
 sys.path.remove(str(BENCH))
@@ -403,7 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "3 timing rounds, the decoder trained 100 steps (its quality numbers mean little: "
                              "SNP's reconstruction wants several calibration tokens per FFN unit)")
     parser.add_argument("--models", type=_list, default=["encoder", "decoder"], help="encoder, decoder or both")
-    parser.add_argument("--exporters", type=_list, default=list(EXPORTERS), help=", ".join(EXPORTERS))
+    parser.add_argument("--exporters", type=_list, default=list(DEFAULT_EXPORTERS),
+                        help=f"{', '.join(EXPORTERS)} (default: {', '.join(DEFAULT_EXPORTERS)})")
     parser.add_argument("--rows", type=lambda text: [t.strip() for t in text.split(";")], default=None,
                         help="only the rows with these labels, separated by ';' (e.g. 'dense;snp')")
     parser.add_argument("--variants", action="store_true",
