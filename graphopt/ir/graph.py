@@ -122,17 +122,33 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto, *, infer: bool = Tr
 
 
 def like_template_value_info(model: onnx.ModelProto, template: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the intermediate shapes export_model inferred when `template` declared none (a legacy torch export):
-    onnxruntime's optimiser fuses more where it knows shapes (Add + LayerNormalization into
-    SkipLayerNormalization on such a BERT export, 10% slower at batch 8 on a 2-core Xeon), so what ships should
-    optimise as the original did. Outputs of ops outside the ONNX domain keep theirs (custom ops may need them)."""
-    if template.graph.value_info:
-        return model
+    """Intermediate shapes as `template` declared them, so that what ships optimises as the original did:
+    onnxruntime's optimiser fuses more where it knows more shapes (Add + LayerNormalization into
+    SkipLayerNormalization on a BERT export, 10% slower at batch 8 with the fully inferred shapes, float or
+    dynamically quantized). A tensor the template declared keeps the template's declaration where it still
+    holds (the same type and rank, every fixed dim the same), else takes the inferred one; tensors it did not
+    declare lose theirs, except the outputs of ops outside the ONNX domain (custom ops may need them)."""
+    declared = {value.name: value for value in template.graph.value_info}
     custom = {name for node in model.graph.node if node.domain not in ("", "ai.onnx") for name in node.output}
-    kept = [value for value in model.graph.value_info if value.name in custom]
+    kept = [declared[value.name] if value.name in declared and _still_holds(declared[value.name], value) else value
+            for value in model.graph.value_info if value.name in declared or value.name in custom]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     return model
+
+
+def _still_holds(old: onnx.ValueInfoProto, new: onnx.ValueInfoProto) -> bool:
+    """Whether the declaration `old` is true of the tensor `new` describes: the same element type, and where
+    `old` gives a shape, the same rank with every fixed dim equal."""
+    before, after = old.type.tensor_type, new.type.tensor_type
+    if not old.type.HasField("tensor_type") or before.elem_type != after.elem_type:
+        return False
+    if not before.HasField("shape"):
+        return True
+    if not after.HasField("shape") or len(before.shape.dim) != len(after.shape.dim):
+        return False
+    return all(not a.HasField("dim_value") or (b.HasField("dim_value") and a.dim_value == b.dim_value)
+               for a, b in zip(before.shape.dim, after.shape.dim))
 
 
 def at_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:

@@ -227,3 +227,17 @@ def test_weights_only_branches_read_are_stored_once_where_both_see_them():
     feeds = random_inputs(model)
     assert_equivalent(model, exported, feeds)
     assert_equivalent(model, exported, {"x": -feeds["x"]})
+
+
+def test_shipped_shapes_are_declared_as_the_template_declared_them():
+    """What the template declared and still holds stays as declared (onnxruntime fuses more where it knows more
+    shapes, and those fusions ran slower: see ir.like_template_value_info); a declaration pruning made false takes
+    the inferred shape; tensors the template did not declare carry none."""
+    model = tiny("c = MatMul (x, w)\n d = Relu (c)\n e = Sigmoid (d)\n y = Neg (e)", inputs="float[N, 3] x",
+                 outputs="float[N, 4] y", inits=init("w", weights(3, 4)))
+    model.graph.value_info.extend([onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, ["a", "b"]),
+                                   onnx.helper.make_tensor_value_info("d", onnx.TensorProto.FLOAT, ["N", 5])])
+    exported = ir.like_template_value_info(ir.export_model(ir.import_graph(model), model), model)
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in exported.graph.value_info}
+    assert shapes == {"c": ["a", "b"], "d": ["N", 4]}
