@@ -37,10 +37,15 @@ def _stored_zeros(name: str, producers: dict[str, onnx.NodeProto], initializers:
     stored = weights.array_of(initializers[node.input[0]])
     point = weights.array_of(initializers[node.input[2]]) if len(node.input) > 2 and node.input[2] in initializers \
         else np.zeros(1, stored.dtype)
-    shape = [1] * stored.ndim
+    return stored, _along(point, stored.ndim, next((a.i for a in node.attribute if a.name == "axis"), 1))
+
+
+def _along(point: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """A zero point shaped to broadcast over a weight of `rank` axes: per tensor, or per channel of `axis`."""
+    shape = [1] * rank
     if point.size > 1:
-        shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % stored.ndim] = -1
-    return stored, point.reshape(shape)
+        shape[axis % rank] = -1
+    return point.reshape(shape)
 
 
 def _integer_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, object] | None:
@@ -53,10 +58,7 @@ def _integer_zeros(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProt
     if node.input[3] not in initializers:
         return None
     point = weights.array_of(initializers[node.input[3]])
-    shape = [1] * stored.ndim
-    if point.size > 1:
-        shape[0 if node.op_type == "ConvInteger" else -1] = -1
-    return stored, point.reshape(shape)
+    return stored, _along(point, stored.ndim, 0 if node.op_type == "ConvInteger" else -1)
 
 
 def weight_sparsity(model: onnx.ModelProto) -> dict[str, object]:

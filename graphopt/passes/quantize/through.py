@@ -63,11 +63,7 @@ class Quantized:
         return np.asarray(steps * self._along(self.scale).astype(np.float32)).astype(self.scale.dtype)
 
     def _along(self, per_channel: np.ndarray) -> np.ndarray:
-        if self.axis is None or per_channel.size == 1:
-            return per_channel.reshape(())
-        shape = [1] * self.values.ndim
-        shape[self.axis] = -1
-        return per_channel.reshape(shape)
+        return _broadcast(per_channel, self.values.ndim, self.axis)
 
 
 def _constants(node: gs.Node) -> tuple[np.ndarray, gs.Constant, gs.Constant | None, gs.Node | None] | None:
@@ -103,12 +99,20 @@ def _quantized_constant(quantize: gs.Node, dequantize: gs.Node) -> np.ndarray | 
             or "output_dtype" in quantize.attrs:
         return None
     values = np.asarray(source.values, dtype=np.float32)
-    record = Quantized("", values, np.asarray(dequantize.inputs[1].values).reshape(-1),
-                       None if zero is None else np.asarray(zero.values).reshape(-1), None)
-    record.axis = None if record.scale.size == 1 else int(dequantize.attrs.get("axis", 1)) % max(values.ndim, 1)
-    steps = np.rint(values / record._along(record.scale).astype(np.float32))
-    steps = steps + (0 if record.zero_point is None else record._along(record.zero_point).astype(np.float32))
+    scale = np.asarray(dequantize.inputs[1].values, dtype=np.float32).reshape(-1)
+    axis = None if scale.size == 1 else int(dequantize.attrs.get("axis", 1)) % max(values.ndim, 1)
+    point = np.zeros(1, np.float32) if zero is None else np.asarray(zero.values, dtype=np.float32).reshape(-1)
+    steps = np.rint(values / _broadcast(scale, values.ndim, axis)) + _broadcast(point, values.ndim, axis)
     return np.clip(steps, *_INTEGER[dtype]).astype(dtype)
+
+
+def _broadcast(per_channel: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """One value for the tensor, or one per channel of `axis` shaped to broadcast over `rank` axes."""
+    if axis is None or per_channel.size == 1:
+        return per_channel.reshape(())
+    shape = [1] * rank
+    shape[axis] = -1
+    return per_channel.reshape(shape)
 
 
 def _stored(node: gs.Node, graph_outputs: set[str]) -> Quantized | None:
