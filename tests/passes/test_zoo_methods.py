@@ -333,22 +333,28 @@ def test_every_method_on_every_zoo_architecture(name: str, exporter: str, run_id
     _assert(outcome(zoo_path(name, exporter, 17, False), RUNS[run_id], target, tmp_path), EXPECTED[run_id])
 
 
+QUANTIZED_RUNS = ("magnitude", "snp", "random", "snp-self", "cob,snp", "omp", "dead-units")
+
+
 def _quantized_slice() -> list[Any]:
-    """Every architecture quantized by onnxruntime once, statically (QDQ) or dynamically (integer ops): magnitude
-    and snp alternating, as the exporter, the form and the target do. `bench/zoo.py --sets qdq dynamic` runs every
-    method on each."""
+    """Every architecture quantized by onnxruntime both ways, statically (QDQ) and dynamically (integer ops), each
+    from another exporter; the methods that prune through quantized layers take turns, so every architecture
+    meets both exporters and both forms, and every method each (form, exporter) pair and both targets.
+    `bench/zoo.py --sets qdq dynamic` runs every method on each."""
     cases = []
     for a, name in enumerate(NAMES):
-        run_id, exporter = ("magnitude", "snp")[a % 2], EXPORTERS[(a // 2) % 2]
-        form, target = ("qdq", "dynamic")[(a // 4) % 2], TARGETS[(a // 8 + a) % 2]
-        cases.append(pytest.param(name, exporter, form, run_id, target,
-                                  id=f"{name}-{exporter}-{form}-{run_id}-{target}"))
+        for f, form in enumerate(("qdq", "dynamic")):
+            run_id, exporter = QUANTIZED_RUNS[(2 * a + f) % len(QUANTIZED_RUNS)], EXPORTERS[(a + f) % 2]
+            run = RUNS[run_id]
+            target = None if run.target == "none" else TARGETS[(a // 2 + f) % 2]
+            cases.append(pytest.param(name, exporter, form, run_id, target,
+                                      id=f"{name}-{exporter}-{form}-{run_id}-{target}"))
     return cases
 
 
 @pytest.mark.parametrize("name,exporter,form,run_id,target", _quantized_slice())
 def test_pruning_methods_on_every_zoo_architecture_quantized(name: str, exporter: str, form: str, run_id: str,
-                                                             target: float, zoo_path, tmp_path: Path) -> None:
+                                                             target: float | None, zoo_path, tmp_path: Path) -> None:
     source = zoo_path(name, exporter, 17, False)
     path = tmp_path / f"{name}_{form}.onnx"
     if form == "qdq":
